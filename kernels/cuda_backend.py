@@ -1,0 +1,5 @@
+"""PLACEHOLDER until csrc/ lands."""
+
+
+def unavailable_reason():
+    return "the csrc/ extension is not written yet"

@@ -1,0 +1,62 @@
+"""fuseformer: fused Triton / CUDA C++ kernels for transformer layers.
+
+A plain `pip install -e .` is pure Python. The CUDA C++ backend in csrc/ is JIT-built with
+ninja on first use; set FUSEFORMER_BUILD_CUDA=1 (with --no-build-isolation, so the installed
+torch is used) to compile it ahead of time instead.
+"""
+import os
+
+from setuptools import setup
+
+# Three subpackages of one import namespace: nothing we ship is importable as a bare
+# `kernels` or `models` that could collide with a user's own module.
+PACKAGES = {
+    "fuseformer.kernels": "kernels",
+    "fuseformer.models": "models",
+    "fuseformer.bench": "bench",
+    # Sources only: the JIT build (kernels/cuda_backend.py) compiles them on first use.
+    "fuseformer.csrc": "csrc",
+}
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("FUSEFORMER_BUILD_CUDA") == "1":
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    import glob
+
+    ext_modules = [
+        CUDAExtension(
+            name="fuseformer._C",
+            sources=sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu")),
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        )
+    ]
+    cmdclass = {"build_ext": BuildExtension}
+
+setup(
+    name="fuseformer",
+    version="0.1.0",
+    description="Fused Triton and CUDA C++ kernels for attention, add+LayerNorm and Linear+GELU",
+    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    package_data={"fuseformer.bench": ["*.json"], "fuseformer.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"]},
+    install_requires=["torch>=2.4", "triton>=3.2", "numpy", "rich", "matplotlib", "safetensors"],
+    extras_require={
+        "hf": ["transformers>=5,<6"],
+        "cuda": ["pybind11", "ninja"],
+        "dev": [
+            "pytest>=8",
+            "pytest-benchmark",
+            "hypothesis",
+            "transformers>=5,<6",
+            "pybind11",
+            "ninja",
+        ],
+    },
+    entry_points={"console_scripts": ["fuseformer = fuseformer.bench.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

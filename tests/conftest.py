@@ -1,0 +1,37 @@
+"""Test set-up. Triton's interpreter must be switched on before any @triton.jit function is
+decorated, so this runs before fuseformer is imported, and only where no CUDA device exists
+(on a GPU runner the same tests run the real kernels)."""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+# The interpreter runs on numpy; two cores here, so keep torch from oversubscribing them.
+if not HAS_CUDA:
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords or "benchmark" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
