@@ -1,6 +1,551 @@
-"""PLACEHOLDER until the Triton add+LayerNorm lands: calls the reference."""
-from . import reference
+"""Fused residual add + dropout + LayerNorm in Triton, forward and backward.
+
+    stream = residual + dropout(x)              (residual optional)
+    y      = (stream - mean) * rstd * weight + bias   over the last dim, statistics in fp32
+
+Launcher contract (the "cuda" backend registers launchers with exactly these signatures),
+all tensors 2-D contiguous (M, N), mean/rstd float32 (M,):
+
+    forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream)
+        -> (y, stream or None, mean, rstd)
+        residual/weight/bias may be None; seed is an int64 tensor of 1 element (None when
+        dropout_p == 0); stream (dtype of x) is written only when save_stream is True.
+    backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has_residual)
+        -> (dx, dresidual or None, dweight or None, dbias or None)
+        `stream` is the saved LayerNorm input (x itself when there is neither a residual
+        nor dropout); dstream is the gradient flowing into the prenorm output, or None.
+    unsupported(dtype, hidden, dropout_p, requires_grad) -> None or a reason string.
+
+Gradient maths (xhat = (s - mean) * rstd, g = dy * weight, means over the row of N):
+
+    ds        = rstd * (g - mean(g * xhat) * xhat - mean(g)) + dstream
+    dresidual = ds
+    dx        = ds * keep / (1 - p)          keep regenerated from the seed
+    dweight   = sum over rows of dy * xhat,  dbias = sum over rows of dy
+
+dweight/dbias are reduced in two steps: each backward program accumulates fp32 partial sums
+over its rows, then one torch sum over the (programs, N) partials.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import backends, reference
+from ._util import device_guard, draw_seed, new_output
+from .backends import Impl
+from .checks import check_prob, check_same, check_tensor
+
+# Widest row kept in registers in one piece; wider rows are processed in chunks of this
+# size with extra passes over memory. 16384 fp32 values over 16 warps is 32 per thread.
+MAX_FUSED_BLOCK = 16384
+
+
+@triton.jit
+def _keep(seed, row, cols, dropout_p):
+    # Per-row Philox key (seed + row) and counter = column: int32 counters stay valid for
+    # any M * N, and forward, backward and dropout_mask() all draw the very same bits.
+    return tl.rand(seed + row, cols) >= dropout_p
+
+
+@triton.jit
+def _load_stream_chunk(X, RES, seed, row, row_off, cols, mask, dropout_p, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr):
+    s = tl.load(X + row_off + cols, mask=mask, other=0.0).to(tl.float32)
+    if DROPOUT:
+        s = tl.where(_keep(seed, row, cols, dropout_p), s / (1.0 - dropout_p), 0.0)
+    if HAS_RES:
+        s += tl.load(RES + row_off + cols, mask=mask, other=0.0).to(tl.float32)
+    # Round to the stream's dtype, as the reference does: the statistics must describe the
+    # stream the backward reads back, or xhat there disagrees with the forward's mean/rstd.
+    return s.to(X.dtype.element_ty).to(tl.float32)
+
+
+def _fwd_configs():
+    if backends.interpreting():
+        return [triton.Config({}, num_warps=4)]
+    # Rows are read once and written once: the best warp count trades registers per thread
+    # (big rows) against idle lanes (small rows); let the GPU pick per row length.
+    return [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8, 16)]
+
+
+@triton.autotune(configs=_fwd_configs(), key=["N", "HAS_RES", "HAS_W", "HAS_B", "DROPOUT", "SAVE_STREAM", "BLOCK"])
+@triton.jit
+def _add_ln_fwd(
+    X,  # (M, N) branch input, dropped out
+    RES,  # (M, N) residual, unused without HAS_RES
+    W,  # (N,) weight, unused without HAS_W
+    B,  # (N,) bias, unused without HAS_B
+    Y,  # (M, N) output
+    STREAM,  # (M, N) residual + dropout(x), written only with SAVE_STREAM
+    MEAN,  # (M,) float32
+    RSTD,  # (M,) float32
+    SEED,  # int64[1] Philox seed, read only with DROPOUT
+    N,  # row length
+    eps,
+    dropout_p,
+    HAS_RES: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    SAVE_STREAM: tl.constexpr,
+    BLOCK: tl.constexpr,  # next_pow2(N) when the row fits, else the chunk size
+    SINGLE: tl.constexpr,  # the whole row fits in one BLOCK
+):
+    row = tl.program_id(0)
+    row_off = tl.cast(row, tl.int64) * N
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+    cols = tl.arange(0, BLOCK)
+    if SINGLE:
+        mask = cols < N
+        s = _load_stream_chunk(X, RES, seed, row, row_off, cols, mask, dropout_p, HAS_RES, DROPOUT)
+        if SAVE_STREAM:
+            tl.store(STREAM + row_off + cols, s.to(STREAM.dtype.element_ty), mask=mask)
+        mean = tl.sum(s, axis=0) / N
+        d = tl.where(mask, s - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
+        y = d * rstd
+        if HAS_W:
+            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_B:
+            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row_off + cols, y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        # Three passes (mean, variance, normalise) rather than E[x^2] - mean^2, whose
+        # cancellation in fp32 loses the variance of rows with a large mean.
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, N, BLOCK):
+            c = start + cols
+            s = _load_stream_chunk(X, RES, seed, row, row_off, c, c < N, dropout_p, HAS_RES, DROPOUT)
+            if SAVE_STREAM:
+                tl.store(STREAM + row_off + c, s.to(STREAM.dtype.element_ty), mask=c < N)
+            acc += s
+        mean = tl.sum(acc, axis=0) / N
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, N, BLOCK):
+            c = start + cols
+            s = _load_stream_chunk(X, RES, seed, row, row_off, c, c < N, dropout_p, HAS_RES, DROPOUT)
+            d = tl.where(c < N, s - mean, 0.0)
+            acc += d * d
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        for start in range(0, N, BLOCK):
+            c = start + cols
+            s = _load_stream_chunk(X, RES, seed, row, row_off, c, c < N, dropout_p, HAS_RES, DROPOUT)
+            y = (s - mean) * rstd
+            if HAS_W:
+                y = y * tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)
+            if HAS_B:
+                y = y + tl.load(B + c, mask=c < N, other=0.0).to(tl.float32)
+            tl.store(Y + row_off + c, y.to(Y.dtype.element_ty), mask=c < N)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _add_ln_bwd(
+    DY,  # (M, N) gradient of y
+    DSTREAM,  # (M, N) gradient of the prenorm stream output, read only with HAS_DSTREAM
+    STREAM,  # (M, N) LayerNorm input saved by the forward
+    W,  # (N,) weight
+    MEAN,  # (M,) float32
+    RSTD,  # (M,) float32
+    SEED,  # int64[1], read only with DROPOUT
+    DX,  # (M, N) gradient of x
+    DRES,  # (M, N) gradient of the residual, written only with HAS_RES
+    DW_PART,  # (programs, N) float32 partial sums of dy * xhat
+    DB_PART,  # (programs, N) float32 partial sums of dy
+    M,
+    N,
+    dropout_p,
+    HAS_DSTREAM: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SINGLE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+    cols = tl.arange(0, BLOCK)
+    part_off = pid.to(tl.int64) * N
+    if SINGLE:
+        mask = cols < N
+        w = tl.full([BLOCK], 1.0, tl.float32)
+        if HAS_W:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for row in range(pid, M, programs):
+            row_off = tl.cast(row, tl.int64) * N
+            mean = tl.load(MEAN + row)
+            rstd = tl.load(RSTD + row)
+            s = tl.load(STREAM + row_off + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row_off + cols, mask=mask, other=0.0).to(tl.float32)
+            xhat = tl.where(mask, (s - mean) * rstd, 0.0)
+            g = dy * w
+            c1 = tl.sum(g * xhat, axis=0) / N
+            c2 = tl.sum(g, axis=0) / N
+            ds = (g - (xhat * c1 + c2)) * rstd
+            if HAS_DSTREAM:
+                ds += tl.load(DSTREAM + row_off + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RES:
+                tl.store(DRES + row_off + cols, ds.to(DRES.dtype.element_ty), mask=mask)
+            if DROPOUT:
+                ds = tl.where(_keep(seed, row, cols, dropout_p), ds / (1.0 - dropout_p), 0.0)
+            tl.store(DX + row_off + cols, ds.to(DX.dtype.element_ty), mask=mask)
+            dw_acc += dy * xhat
+            db_acc += dy
+        if HAS_W:
+            tl.store(DW_PART + part_off + cols, dw_acc, mask=mask)
+        if HAS_B:
+            tl.store(DB_PART + part_off + cols, db_acc, mask=mask)
+    else:
+        # Wide rows: one pass for the two row means, a second for the gradients. The
+        # partial-sum rows start at zero (host side) and each belongs to one program only.
+        for row in range(pid, M, programs):
+            row_off = tl.cast(row, tl.int64) * N
+            mean = tl.load(MEAN + row)
+            rstd = tl.load(RSTD + row)
+            acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+            acc2 = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, N, BLOCK):
+                c = start + cols
+                m = c < N
+                s = tl.load(STREAM + row_off + c, mask=m, other=0.0).to(tl.float32)
+                g = tl.load(DY + row_off + c, mask=m, other=0.0).to(tl.float32)
+                if HAS_W:
+                    g = g * tl.load(W + c, mask=m, other=0.0).to(tl.float32)
+                acc1 += g * tl.where(m, (s - mean) * rstd, 0.0)
+                acc2 += g
+            c1 = tl.sum(acc1, axis=0) / N
+            c2 = tl.sum(acc2, axis=0) / N
+            for start in range(0, N, BLOCK):
+                c = start + cols
+                m = c < N
+                s = tl.load(STREAM + row_off + c, mask=m, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row_off + c, mask=m, other=0.0).to(tl.float32)
+                xhat = tl.where(m, (s - mean) * rstd, 0.0)
+                g = dy
+                if HAS_W:
+                    g = dy * tl.load(W + c, mask=m, other=0.0).to(tl.float32)
+                ds = (g - (xhat * c1 + c2)) * rstd
+                if HAS_DSTREAM:
+                    ds += tl.load(DSTREAM + row_off + c, mask=m, other=0.0).to(tl.float32)
+                if HAS_RES:
+                    tl.store(DRES + row_off + c, ds.to(DRES.dtype.element_ty), mask=m)
+                if DROPOUT:
+                    ds = tl.where(_keep(seed, row, c, dropout_p), ds / (1.0 - dropout_p), 0.0)
+                tl.store(DX + row_off + c, ds.to(DX.dtype.element_ty), mask=m)
+                if HAS_W:
+                    p = tl.load(DW_PART + part_off + c, mask=m, other=0.0)
+                    tl.store(DW_PART + part_off + c, p + dy * xhat, mask=m)
+                if HAS_B:
+                    p = tl.load(DB_PART + part_off + c, mask=m, other=0.0)
+                    tl.store(DB_PART + part_off + c, p + dy, mask=m)
+
+
+@triton.jit
+def _keep_mask_kernel(SEED, OUT, N, dropout_p, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    keep = _keep(tl.load(SEED), row, cols, dropout_p)
+    tl.store(OUT + row.to(tl.int64) * N + cols, keep.to(tl.int8), mask=cols < N)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _block(N: int) -> tuple[int, bool]:
+    block = triton.next_power_of_2(max(N, 1))
+    if block <= MAX_FUSED_BLOCK:
+        return block, True
+    return MAX_FUSED_BLOCK, False
+
+
+def _num_warps(block: int) -> int:
+    # One warp per 256 elements of the row (8 fp32 per thread, two 16-byte vectors), 1..16.
+    return min(16, max(1, block // 256))
+
+
+def _backward_programs(M: int, device: torch.device) -> int:
+    if backends.interpreting() or device.type != "cuda":
+        # Under the interpreter a program is as costly as a loop iteration: a few suffice.
+        return max(1, min(M, 4))
+    # A few programs per SM, each summing many rows, keeps the partial buffers small.
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(M, 4 * sms))
+
+
+# An absent tensor is passed as some other valid tensor: its constexpr flag keeps the kernel
+# from ever reading it, and Triton needs a pointer in that slot.
+
+
+def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream):
+    M, N = x.shape
+    y = new_output((M, N), x.dtype, x.device)
+    stream = new_output((M, N), x.dtype, x.device) if save_stream else None
+    mean = new_output((M,), torch.float32, x.device)
+    rstd = new_output((M,), torch.float32, x.device)
+    if M == 0 or N == 0:
+        return y, stream, mean.zero_(), rstd.zero_()
+    block, single = _block(N)
+    dropout = dropout_p > 0.0
+    _add_ln_fwd[(M,)](
+        x,
+        residual if residual is not None else x,
+        weight if weight is not None else x,
+        bias if bias is not None else x,
+        y,
+        stream if stream is not None else y,
+        mean,
+        rstd,
+        seed if dropout else mean,
+        N,
+        float(eps),
+        float(dropout_p),
+        HAS_RES=residual is not None,
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        DROPOUT=dropout,
+        SAVE_STREAM=stream is not None,
+        BLOCK=block,
+        SINGLE=single,
+    )
+    return y, stream, mean, rstd
+
+
+def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has_residual):
+    M, N = dy.shape
+    dx = new_output((M, N), stream.dtype, dy.device)
+    dres = new_output((M, N), stream.dtype, dy.device) if has_residual else None
+    if M == 0 or N == 0:
+        dw = None if weight is None else torch.zeros_like(weight)
+        db = None if bias is None else torch.zeros_like(bias)
+        return dx, dres, dw, db
+    block, single = _block(N)
+    programs = _backward_programs(M, dy.device)
+    alloc = new_output if single else (lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
+    dw_part = alloc((programs, N), torch.float32, dy.device) if weight is not None else None
+    db_part = alloc((programs, N), torch.float32, dy.device) if bias is not None else None
+    dropout = dropout_p > 0.0
+    _add_ln_bwd[(programs,)](
+        dy,
+        dstream if dstream is not None else dy,
+        stream,
+        weight if weight is not None else dy,
+        mean,
+        rstd,
+        seed if dropout else mean,
+        dx,
+        dres if dres is not None else dx,
+        dw_part if dw_part is not None else mean,
+        db_part if db_part is not None else mean,
+        M,
+        N,
+        float(dropout_p),
+        HAS_DSTREAM=dstream is not None,
+        HAS_RES=has_residual,
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        DROPOUT=dropout,
+        BLOCK=block,
+        SINGLE=single,
+        num_warps=_num_warps(block),
+    )
+    dw = None if weight is None else dw_part.sum(0).to(weight.dtype)
+    db = None if bias is None else db_part.sum(0).to(bias.dtype)
+    return dx, dres, dw, db
+
+
+def unsupported(dtype=None, hidden=None, dropout_p=0.0, requires_grad=False, **_):
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} (the kernels take float16, bfloat16, float32)"
+    return None
+
+
+backends.register_impl("add_layer_norm", "triton", Impl(forward, backward, unsupported))
+
+
+def dropout_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
+    """The keep-mask (True = keep) the kernels draw for `seed` over an input of `shape`.
+
+    Built by the same Triton code the kernels use, so tests can hand it to the reference.
+    """
+    N = shape[-1] if len(shape) else 1
+    M = 1
+    for d in shape[:-1]:
+        M *= d
+    out = torch.empty((M, N), dtype=torch.int8, device=seed.device)
+    if M and N:
+        block = min(triton.next_power_of_2(N), 4096)
+        _keep_mask_kernel[(M, triton.cdiv(N, block))](seed, out, N, float(dropout_p), BLOCK=block)
+    return out.bool().reshape(shape)
+
+
+def _rows(t: torch.Tensor) -> int:
+    """Rows of the 2-D (rows, last dim) view; reshape(-1, 0) would be ambiguous."""
+    return math.prod(t.shape[:-1])
+
+
+# ----------------------------------------------------------------------------- custom op
+
+
+@torch.library.custom_op("fuseformer::add_layer_norm", mutates_args=())
+def _add_ln_op(
+    x: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    dropout_p: float,
+    seed: Optional[torch.Tensor],
+    save_stream: bool,
+    prenorm: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape = x.shape
+    N = shape[-1]
+    # The kernels address rows as row * N: one contiguous copy of a strided view costs one
+    # pass over memory, cheaper than strided (uncoalesced) loads in every pass that follows.
+    x2 = x.reshape(_rows(x), N).contiguous()
+    r2 = None if residual is None else residual.reshape(_rows(residual), N).contiguous()
+    with device_guard(x):
+        y, stream, mean, rstd = backends.get_impl("add_layer_norm", backend).forward(
+            x2, r2, weight, bias, eps, dropout_p, seed, save_stream
+        )
+    stream = stream.reshape(shape) if stream is not None else x.new_empty(0)
+    return y.reshape(shape), stream, mean, rstd
+
+
+@_add_ln_op.register_fake
+def _(x, residual, weight, bias, eps, dropout_p, seed, save_stream, prenorm, backend):
+    M = _rows(x)
+    stream = torch.empty_like(x) if save_stream else x.new_empty(0)
+    return torch.empty_like(x), stream, x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32)
+
+
+@torch.library.custom_op("fuseformer::add_layer_norm_backward", mutates_args=())
+def _add_ln_bwd_op(
+    dy: torch.Tensor,
+    dstream: Optional[torch.Tensor],
+    stream: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    dropout_p: float,
+    seed: Optional[torch.Tensor],
+    has_residual: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape = stream.shape
+    N = shape[-1]
+    dy2 = dy.reshape(_rows(dy), N).contiguous()
+    ds2 = None if dstream is None else dstream.reshape(_rows(dstream), N).contiguous()
+    with device_guard(dy):
+        dx, dres, dw, db = backends.get_impl("add_layer_norm", backend).backward(
+            dy2, ds2, stream.reshape(_rows(stream), N).contiguous(), weight, bias, mean, rstd, dropout_p, seed, has_residual
+        )
+    # Custom ops return tensors only: an absent gradient travels as an empty tensor (a
+    # distinct one each time: outputs of a custom op may not alias one another).
+    return (
+        dx.reshape(shape),
+        dres.reshape(shape) if dres is not None else dy.new_empty(0),
+        dw if dw is not None else dy.new_empty(0),
+        db if db is not None else dy.new_empty(0),
+    )
+
+
+@_add_ln_bwd_op.register_fake
+def _(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has_residual, backend):
+    return (
+        torch.empty_like(stream),
+        torch.empty_like(stream) if has_residual else dy.new_empty(0),
+        torch.empty_like(weight) if weight is not None else dy.new_empty(0),
+        torch.empty_like(bias) if bias is not None else dy.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, dropout_p, seed, save_stream, prenorm, backend = inputs
+    _, stream, mean, rstd = output
+    if not save_stream and (residual is not None or dropout_p > 0.0):
+        raise RuntimeError("add_layer_norm: gradients need the stream saved (call it with save_stream=True)")
+    # Without a residual or dropout the LayerNorm input is x itself: nothing was written.
+    saved = stream if save_stream else x
+    ctx.save_for_backward(saved, weight, bias, mean, rstd, seed)
+    ctx.dropout_p, ctx.has_residual, ctx.prenorm, ctx.backend = dropout_p, residual is not None, prenorm, backend
+
+
+def _backward(ctx, dy, dstream, dmean, drstd):
+    stream, weight, bias, mean, rstd, seed = ctx.saved_tensors
+    dx, dres, dw, db = _add_ln_bwd_op(
+        dy, dstream if ctx.prenorm else None, stream, weight, bias, mean, rstd, ctx.dropout_p, seed, ctx.has_residual, ctx.backend
+    )
+    return (
+        dx,
+        dres if ctx.has_residual else None,
+        dw if weight is not None else None,
+        db if bias is not None else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_add_ln_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public op
+
+
+def _check(x, residual, weight, bias, eps, dropout_p):
+    check_tensor("x", x, min_dim=1)
+    N = x.shape[-1]
+    if residual is not None:
+        check_tensor("residual", residual)
+        check_same("residual", residual, "x", x)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_tensor(name, t)
+            check_same(name, t, "x", x)
+            if tuple(t.shape) != (N,):
+                raise ValueError(f"{name} must have shape ({N},) (the last dim of x), got {tuple(t.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a float > 0, got {eps!r}")
+    return check_prob("dropout_p", dropout_p)
 
 
 def add_layer_norm(x, residual, weight, bias, eps=1e-5, dropout_p=0.0, prenorm=False, *, backend=None):
-    return reference.add_layer_norm(x, residual, weight, bias, eps, dropout_p, prenorm)
+    """y = layer_norm(residual + dropout(x)) over the last dim (DESIGN.md).
+
+    residual, weight and bias may each be None. With prenorm=True returns
+    (y, residual + dropout(x)), the pre-LN block's new residual stream.
+    """
+    dropout_p = _check(x, residual, weight, bias, eps, dropout_p)
+    requires_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, residual, weight, bias)
+    )
+    name = backends.resolve(
+        "add_layer_norm", x.device, backend, dtype=x.dtype, hidden=x.shape[-1], dropout_p=dropout_p, requires_grad=requires_grad
+    )
+    if name == "torch":
+        return reference.add_layer_norm(x, residual, weight, bias, eps, dropout_p, prenorm)
+    seed = draw_seed(x.device) if dropout_p > 0.0 else None
+    save_stream = prenorm or (requires_grad and (residual is not None or dropout_p > 0.0))
+    y, stream, _, _ = _add_ln_op(x, residual, weight, bias, float(eps), dropout_p, seed, save_stream, prenorm, name)
+    return (y, stream) if prenorm else y

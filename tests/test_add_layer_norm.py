@@ -1,0 +1,225 @@
+"""add_layer_norm on the triton backend against the float64 reference (parity rule)."""
+import importlib
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fuseformer import kernels as K
+from fuseformer.kernels import reference
+from fuseformer.kernels._util import draw_seed
+from fuseformer.kernels.parity import assert_parity
+
+# The package re-exports the function under the module's name; fetch the module itself.
+aln = importlib.import_module("fuseformer.kernels.add_layer_norm")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("FUSEFORMER_POISON", "1")
+
+
+def _inputs(shape, dtype, device, residual=True, weight=True, bias=True):
+    N = shape[-1]
+    x = torch.randn(shape, dtype=dtype, device=device)
+    r = torch.randn(shape, dtype=dtype, device=device) if residual else None
+    # Weights away from 1 and biases away from 0, so a kernel that skips them fails.
+    w = (1.0 + 0.5 * torch.randn(N, device=device)).to(dtype) if weight else None
+    b = (0.5 * torch.randn(N, device=device)).to(dtype) if bias else None
+    return x, r, w, b
+
+
+def _leaves(tensors, dtype=None):
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        t = t.detach().to(dtype or t.dtype).requires_grad_(True)
+        out.append(t)
+    return out
+
+
+def check_parity(shape, dtype, device, *, residual=True, weight=True, bias=True, p=0.0, prenorm=False, eps=1e-5):
+    """Run kernel, float64 reference and same-dtype reference; compare outputs and every grad."""
+    base = _inputs(shape, dtype, device, residual, weight, bias)
+    torch.manual_seed(1234)
+    seed = draw_seed(device)
+    mask = aln.dropout_mask(seed, shape, p) if p > 0 else None
+
+    results = {}
+    for name, dt in (("impl", dtype), ("ref64", torch.float64), ("torch_d", dtype)):
+        leaves = _leaves(base, dt)
+        if name == "impl":
+            torch.manual_seed(1234)  # the public op draws the same seed as above
+            out = K.add_layer_norm(*leaves, eps=eps, dropout_p=p, prenorm=prenorm, backend="triton")
+        else:
+            out = reference.add_layer_norm(*leaves, eps=eps, dropout_p=p, prenorm=prenorm, dropout_mask=mask)
+        outs = out if prenorm else (out,)
+        results[name] = (outs, leaves)
+
+    gens = torch.Generator(device="cpu").manual_seed(7)
+    grads_out = [torch.randn(o.shape, generator=gens).to(device) for o in results["impl"][0]]
+    for name, (outs, leaves) in results.items():
+        loss = sum((o * g.to(o.dtype)).sum() for o, g in zip(outs, grads_out))
+        present = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad(loss, present)
+        results[name] = (outs, grads)
+
+    labels = ["y", "stream"]
+    for i in range(len(results["impl"][0])):
+        assert_parity(results["impl"][0][i], results["ref64"][0][i], results["torch_d"][0][i], dtype, what=labels[i])
+    names = [n for n, t in zip(("dx", "dresidual", "dweight", "dbias"), base) if t is not None]
+    for i, what in enumerate(names):
+        impl_g, ref_g, td_g = results["impl"][1][i], results["ref64"][1][i], results["torch_d"][1][i]
+        assert impl_g.shape == ref_g.shape and impl_g.dtype == dtype
+        assert_parity(impl_g, ref_g, td_g, dtype, what=what)
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hidden", [1, 100, 768, 1023])
+def test_parity_hidden_sizes(hidden, dtype, device):
+    check_parity((3, 5, hidden), dtype, device)
+
+
+@pytest.mark.parametrize(
+    "residual,weight,bias", [(False, True, True), (True, False, True), (True, True, False), (False, False, False)]
+)
+def test_optional_arguments(residual, weight, bias, device):
+    check_parity((7, 100), torch.float32, device, residual=residual, weight=weight, bias=bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prenorm_gradients_into_both_outputs(dtype, device):
+    check_parity((3, 3, 257), dtype, device, prenorm=True)
+
+
+def test_prenorm_without_residual_returns_stream(device):
+    x = torch.randn(4, 33, device=device)
+    y, stream = K.add_layer_norm(x, None, None, None, prenorm=True, backend="triton")
+    torch.testing.assert_close(stream, x, rtol=0, atol=0)
+    assert stream.data_ptr() != x.data_ptr()
+
+
+def test_chunked_rows_beyond_block_limit(monkeypatch, device):
+    # 5000 > the limit forces the multi-pass path that loops over the row in chunks.
+    monkeypatch.setattr(aln, "MAX_FUSED_BLOCK", 1024)
+    check_parity((3, 5000), torch.float32, device, p=0.2, prenorm=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hidden", [768, 1023, 4096, 16384, 20000])
+def test_bf16_on_gpu(hidden, device):
+    check_parity((6, hidden), torch.bfloat16, device, prenorm=True, p=0.1)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+def test_dropout_exact_parity_with_rebuilt_mask(device):
+    check_parity((5, 300), torch.float32, device, p=0.3, prenorm=True)
+
+
+def test_dropout_keep_fraction_and_scaling(device):
+    p = 0.3
+    x = torch.randn(64, 256, device=device)
+    torch.manual_seed(3)
+    seed = draw_seed(device)
+    torch.manual_seed(3)
+    _, stream = K.add_layer_norm(x, None, None, None, dropout_p=p, prenorm=True, backend="triton")
+    mask = aln.dropout_mask(seed, x.shape, p)
+    assert abs(mask.float().mean().item() - (1 - p)) < 0.02
+    assert torch.equal(stream == 0, ~mask)
+    torch.testing.assert_close(stream[mask], x[mask] / (1 - p))
+
+
+def test_dropout_determinism(device):
+    x, r, w, b = _inputs((6, 128), torch.float32, device)
+    torch.manual_seed(11)
+    a = K.add_layer_norm(x, r, w, b, dropout_p=0.5, backend="triton")
+    torch.manual_seed(11)
+    b2 = K.add_layer_norm(x, r, w, b, dropout_p=0.5, backend="triton")
+    c = K.add_layer_norm(x, r, w, b, dropout_p=0.5, backend="triton")
+    assert torch.equal(a, b2)
+    assert not torch.equal(a, c)
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def test_non_contiguous_inputs(device):
+    base = torch.randn(100, 6, device=device)
+    x = base.t()  # (6, 100), a transposed view
+    r = torch.randn(100, 6, device=device).t()
+    w, b = torch.randn(100, device=device), torch.randn(100, device=device)
+    assert not x.is_contiguous()
+    y = K.add_layer_norm(x, r, w, b, backend="triton")
+    ref = reference.add_layer_norm(x.double(), r.double(), w.double(), b.double())
+    assert_parity(y, ref, reference.add_layer_norm(x, r, w, b), torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (2, 0, 16)])
+def test_empty_rows(shape, device):
+    x, r, w, b = _leaves(_inputs(shape, torch.float32, device))
+    y, stream = K.add_layer_norm(x, r, w, b, prenorm=True, backend="triton")
+    assert y.shape == shape and stream.shape == shape
+    (y.sum() + stream.sum()).backward()
+    assert x.grad.shape == shape and r.grad.shape == shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_no_grad_path_skips_saving(device):
+    x, r, w, b = _inputs((3, 64), torch.float32, device)
+    with torch.no_grad():
+        y = K.add_layer_norm(x, r, w, b, backend="triton")
+    assert_parity(
+        y, reference.add_layer_norm(x.double(), r.double(), w.double(), b.double()), reference.add_layer_norm(x, r, w, b)
+    )
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_bad_inputs_name_the_argument(device):
+    x = torch.randn(4, 8, device=device)
+    w = torch.randn(8, device=device)
+    with pytest.raises(ValueError, match="x"):
+        K.add_layer_norm(torch.tensor(1.0), None, None, None, backend="triton")
+    with pytest.raises(TypeError, match="x"):
+        K.add_layer_norm(torch.ones(4, 8, dtype=torch.int32), None, None, None, backend="triton")
+    with pytest.raises(ValueError, match="residual"):
+        K.add_layer_norm(x, torch.randn(4, 9), None, None, backend="triton")
+    with pytest.raises(TypeError, match="residual"):
+        K.add_layer_norm(x, x.half(), None, None, backend="triton")
+    with pytest.raises(ValueError, match="weight"):
+        K.add_layer_norm(x, None, torch.randn(9), None, backend="triton")
+    with pytest.raises(TypeError, match="bias"):
+        K.add_layer_norm(x, None, w, w.double(), backend="triton")
+    with pytest.raises(ValueError, match="eps"):
+        K.add_layer_norm(x, None, w, None, eps=0.0, backend="triton")
+    with pytest.raises(ValueError, match="dropout_p"):
+        K.add_layer_norm(x, None, w, None, dropout_p=1.0, backend="triton")
+    with pytest.raises(K.BackendUnsupportedError, match="float64"):
+        K.add_layer_norm(x.double(), None, None, None, backend="triton")
+
+
+# ----------------------------------------------------------------------------- fuzz
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.integers(1, 6),
+    hidden=st.integers(1, 300),
+    flags=st.tuples(st.booleans(), st.booleans(), st.booleans()),
+    p=st.sampled_from([0.0, 0.25]),
+    prenorm=st.booleans(),
+    eps=st.sampled_from([1e-5, 1e-12, 0.1]),
+)
+def test_fuzz(rows, hidden, flags, p, prenorm, eps):
+    residual, weight, bias = flags
+    check_parity(
+        (rows, hidden), torch.float32, DEVICE, residual=residual, weight=weight, bias=bias, p=p, prenorm=prenorm, eps=eps
+    )

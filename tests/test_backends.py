@@ -1,0 +1,184 @@
+"""Backend selection: set/get/use_backend, FUSEFORMER_BACKEND, availability and the
+fallback rules of DESIGN.md, exercised through add_layer_norm and linear_gelu."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from fuseformer import kernels as K
+from fuseformer.kernels import backends, reference
+from fuseformer.kernels.backends import Impl
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _restore_default():
+    before = backends._default
+    yield
+    backends._default = before
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Records which implementation ran: 'triton' (the registered impl) or 'torch' (reference)."""
+    seen = []
+    for op in ("linear_gelu", "add_layer_norm"):
+        orig = backends.get_impl(op, "triton")
+
+        def spy(*args, _orig=orig, **kwargs):
+            seen.append("triton")
+            return _orig.forward(*args, **kwargs)
+
+        monkeypatch.setitem(backends._IMPLS, (op, "triton"), Impl(spy, orig.backward, orig.unsupported))
+        ref = getattr(reference, op)
+
+        def ref_spy(*args, _ref=ref, **kwargs):
+            seen.append("torch")
+            return _ref(*args, **kwargs)
+
+        monkeypatch.setattr(reference, op, ref_spy)
+    return seen
+
+
+def _lg_inputs(device="cpu", dtype=torch.float32):
+    return torch.randn(3, 8, device=device, dtype=dtype), torch.randn(5, 8, device=device, dtype=dtype)
+
+
+def test_set_get_backend():
+    K.set_backend("torch")
+    assert K.get_backend() == "torch"
+    K.set_backend("TRITON")  # names are case-insensitive
+    assert K.get_backend() == "triton"
+    K.set_backend("auto")
+    assert K.get_backend() == "auto"
+
+
+def test_use_backend_nests_and_restores():
+    K.set_backend("auto")
+    with K.use_backend("torch"):
+        assert K.get_backend() == "torch"
+        with K.use_backend("triton"):
+            assert K.get_backend() == "triton"
+        assert K.get_backend() == "torch"
+    assert K.get_backend() == "auto"
+    with pytest.raises(RuntimeError, match="boom"):
+        with K.use_backend("torch"):
+            raise RuntimeError("boom")
+    assert K.get_backend() == "auto"
+
+
+@pytest.mark.parametrize("bad", ["fast", "", "cudnn", None, 3])
+def test_invalid_names_rejected(bad):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        K.set_backend(bad)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with K.use_backend(bad):
+            pass
+    if bad is not None:  # backend=None on an op means "the backend in force"
+        x, w = _lg_inputs()
+        with pytest.raises(ValueError, match="backend must be one of"):
+            K.linear_gelu(x, w, backend=bad)
+
+
+def _run_python(code, **env):
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=120)
+
+
+def test_env_var_sets_default_at_import():
+    res = _run_python("from fuseformer import kernels as K; print(K.get_backend())", FUSEFORMER_BACKEND="torch")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "torch"
+
+
+def test_env_var_invalid_value_is_a_clear_error():
+    res = _run_python("import fuseformer.kernels", FUSEFORMER_BACKEND="warp-speed")
+    assert res.returncode != 0
+    assert "FUSEFORMER_BACKEND must be one of" in res.stderr and "warp-speed" in res.stderr
+
+
+def test_available_backends():
+    avail = K.available_backends()
+    assert "torch" in avail
+    assert K.unavailable_reason("torch") is None
+    if not HAS_CUDA:
+        assert backends.interpreting()
+        assert "triton" in avail
+    if "cuda" not in avail:
+        reason = K.unavailable_reason("cuda")
+        assert isinstance(reason, str) and reason
+
+
+@pytest.mark.skipif("cuda" in K.available_backends(), reason="the cuda backend is available here")
+def test_cuda_by_name_raises_with_reason():
+    x, w = _lg_inputs()
+    with pytest.raises(K.BackendUnsupportedError, match="backend 'cuda' cannot run linear_gelu") as err:
+        K.linear_gelu(x, w, backend="cuda")
+    assert K.unavailable_reason("cuda") in str(err.value) or "cuda" in str(err.value)
+    with K.use_backend("cuda"):
+        with pytest.raises(K.BackendUnsupportedError, match="add_layer_norm"):
+            K.add_layer_norm(x, None, None, None)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU rule")
+def test_auto_on_cpu_runs_torch_without_warning(calls):
+    x, w = _lg_inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with K.use_backend("auto"):
+            out = K.linear_gelu(x, w)
+            y = K.add_layer_norm(x, None, None, None)
+    assert calls == ["torch", "torch"]
+    torch.testing.assert_close(out, torch.nn.functional.gelu(x @ w.t()))
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (8,)))
+
+
+def test_explicit_backend_argument_overrides_the_one_in_force(calls, device):
+    x, w = _lg_inputs(device)
+    with K.use_backend("torch"):
+        a = K.linear_gelu(x, w, backend="triton")
+        b = K.linear_gelu(x, w)
+    assert calls == ["triton", "torch"]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_global_triton_runs_triton(calls, device):
+    x, w = _lg_inputs(device)
+    K.set_backend("triton")
+    K.add_layer_norm(x, None, None, None)
+    K.linear_gelu(x, w)
+    assert calls == ["triton", "triton"]
+
+
+def test_unsupported_case_named_explicitly_raises(device):
+    x, w = _lg_inputs(device, torch.float64)
+    with pytest.raises(K.BackendUnsupportedError, match="triton.*float64"):
+        K.linear_gelu(x, w, backend="triton")
+    with pytest.raises(K.BackendUnsupportedError, match="triton.*float64"):
+        K.add_layer_norm(x, None, None, None, backend="triton")
+
+
+def test_auto_falls_back_with_one_warning_on_cuda(monkeypatch):
+    # resolve() only needs the device type, so the CUDA rule can be checked on any machine.
+    monkeypatch.setattr(backends, "_warned", set())
+    case = dict(dtype=torch.float64, in_features=8, out_features=5, approximate="none", requires_grad=False)
+    with pytest.warns(UserWarning, match="linear_gelu falls back to the torch backend.*float64"):
+        assert backends.resolve("linear_gelu", torch.device("cuda"), "auto", **case) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same reason again: no second warning
+        assert backends.resolve("linear_gelu", torch.device("cuda"), "auto", **case) == "torch"
+
+
+def test_auto_picks_triton_on_cuda_for_a_supported_case():
+    case = dict(dtype=torch.float16, hidden=768, dropout_p=0.1, requires_grad=True)
+    if backends.unavailable_reason("triton") is None:
+        assert backends.resolve("add_layer_norm", torch.device("cuda"), "auto", **case) == "triton"
+
+
+def test_registering_for_an_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="'triton' or 'cuda'"):
+        backends.register_impl("linear_gelu", "torch", Impl(lambda *a: None, None))
