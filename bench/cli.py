@@ -1,0 +1,247 @@
+"""The `fuseformer` command.
+
+    fuseformer bench [--suite ops|models|all] [--filter NAMES] [--quick] [--dtype D]
+                     [--device D] [--out DIR] [--check] [--thresholds FILE] [--list]
+    fuseformer bench compare OLD.json NEW.json [--tolerance 0.05]
+
+Nothing from fuseformer.kernels is imported at module level: without a CUDA device the
+Triton kernels can only run in Triton's interpreter, and TRITON_INTERPRET must be set
+before the first @triton.jit function is decorated, which is when kernels/ is imported.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import sys
+import time
+from pathlib import Path
+
+SUITES = ("ops", "models", "all")
+DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
+THRESHOLDS = Path(__file__).with_name("thresholds.json")
+GPU_COMMAND = 'pip install -e ".[dev]" && fuseformer bench'
+
+
+class UsageError(Exception):
+    """A bad argument: printed as one line, exit status 2."""
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fuseformer bench",
+        description="Parity against float64 PyTorch, then speed against PyTorch, torch SDPA, torch.compile, "
+        "cuBLASLt and Hugging Face transformers, side by side. Subcommand: `compare OLD.json NEW.json`.",
+    )
+    p.add_argument("--suite", choices=SUITES, default="all", help="which cases to run (default: all)")
+    p.add_argument("--filter", default=None,
+                   help="comma-separated case names, group names, globs or substrings (see --list)")
+    p.add_argument("--quick", action="store_true",
+                   help="the quick subset of cases (all matches when --filter is given) and shorter timings")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="auto: bf16 for ops on a GPU (fp16 for model inference, as the targets say), fp32 on the CPU")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--out", default=None, help="results folder (default: bench/results/<device>, e.g. h100 or cpu)")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 on any parity failure or error, and on a GPU on any speed under bench/thresholds.json")
+    p.add_argument("--thresholds", default=str(THRESHOLDS), help="threshold rules for --check")
+    p.add_argument("--list", action="store_true", help="list the cases this device would run, and exit")
+    return p
+
+
+def _compare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fuseformer bench compare",
+                                description="Print the regressions of NEW against OLD; exit 1 if there is any.")
+    p.add_argument("old")
+    p.add_argument("new")
+    p.add_argument("--tolerance", type=float, default=0.05, help="allowed slowdown of our times, as a fraction")
+    return p
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"--device: {err}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible to torch here")
+    return device
+
+
+def _prepare_out(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"--out {path}: cannot write results there ({err.strerror or err})") from None
+    return path
+
+
+def _select(cases, filter_text: str | None, quick: bool):
+    if not filter_text:
+        return [c for c in cases if c.quick] if quick else list(cases)
+    tokens = [t.strip() for t in filter_text.split(",") if t.strip()]
+    chosen, unknown = [], []
+    for token in tokens:
+        if any(ch in token for ch in "*?["):
+            hits = [c for c in cases if fnmatch.fnmatchcase(c.name, token)]
+        else:
+            hits = [c for c in cases if token == c.group or token in c.name]
+        if not hits:
+            unknown.append(token)
+        chosen += [c for c in hits if c not in chosen]
+    if unknown:
+        names = "\n  ".join(c.name for c in cases)
+        groups = ", ".join(sorted({c.group for c in cases}))
+        raise UsageError(f"--filter: nothing matches {', '.join(map(repr, unknown))}. Valid case names here:\n  "
+                         f"{names}\nand groups: {groups}")
+    return chosen
+
+
+def _collect(suite: str, device_type: str):
+    cases = []
+    if suite in ("ops", "all"):
+        from . import ops
+
+        cases += ops.cases(device_type)
+    if suite in ("models", "all"):
+        from . import model_cases
+
+        cases += model_cases.cases(device_type)
+    return cases
+
+
+def _notes(device, args) -> list[str]:
+    if device.type == "cuda":
+        return []
+    notes = [
+        "No CUDA device: the ops suite checks parity only, running the fused Triton kernels in Triton's "
+        "interpreter at small shapes (fp32). Kernel speed needs a CUDA GPU; on a machine with one, run: "
+        + GPU_COMMAND,
+    ]
+    if args.suite in ("models", "all"):
+        from . import model_cases
+
+        notes.append(model_cases.CPU_NOTE)
+    if args.check:
+        notes.append("--check on the CPU gates parity (and errors) only; the speed thresholds apply on a GPU.")
+    return notes
+
+
+def _console():
+    from rich.console import Console
+
+    # Piped output (CI logs) would otherwise be cut to 80 columns and fold every cell.
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def run_bench(args, cases=None) -> int:
+    from rich.markup import escape
+
+    console = _console()
+    device = _device(args.device)
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and "fuseformer.kernels" not in sys.modules:
+        # Interpreted kernels on a GPU would be timed as if they were compiled ones.
+        os.environ.pop("TRITON_INTERPRET")
+        console.print("[yellow]note: TRITON_INTERPRET was set; unset for this CUDA run[/yellow]")
+    import torch
+
+    from . import envinfo, report, runner
+
+    if cases is None:
+        cases = _collect(args.suite, device.type)
+    elif args.suite != "all":
+        cases = [c for c in cases if c.suite == args.suite]
+    selected = _select(cases, args.filter, args.quick)
+    if args.list:
+        for c in selected:
+            console.print(f"{c.name:45s} {c.suite:7s} {c.group}{'  (quick)' if c.quick else ''}", highlight=False)
+        return 0
+    out = _prepare_out(Path(args.out) if args.out else Path("bench") / "results" / envinfo.device_slug(device))
+    rules = runner.load_thresholds(Path(args.thresholds)) if args.check else []
+    config = runner.RunConfig(
+        device=device,
+        dtype=None if args.dtype == "auto" else runner.DTYPES[args.dtype],
+        quick=args.quick,
+        results_path=out / "results.json",
+        argv=["fuseformer", "bench", *args.raw_argv],
+        notes=_notes(device, args),
+    )
+    for note in config.notes:
+        console.print(f"[cyan]note:[/cyan] {escape(note)}", highlight=False)
+    if device.type == "cpu":
+        # A run of the interpreter and of small CPU models is faster without oversubscription.
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    start = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task("measuring the roofline", total=len(selected))
+
+        def on_start(case, i, n):
+            progress.update(task, description=f"{case.name}")
+
+        def on_done(result, i, n):
+            mark = {"ok": "[green]ok[/green]", "skipped": "[yellow]skipped[/yellow]"}.get(result["status"],
+                                                                                       f"[red]{result['status']}[/red]")
+            progress.console.print(f"  {result['name']}: {mark} ({result['seconds']:.1f} s)", highlight=False)
+            progress.advance(task)
+
+        doc = runner.run(selected, config, on_start, on_done)
+    written = report.write_all(doc, out)
+    report.print_table(doc, console)
+    console.print(f"results: {config.results_path}, " + ", ".join(str(p) for p in written), highlight=False)
+    console.print(f"{len(selected)} cases in {time.perf_counter() - start:.0f} s on {doc['env']['device_name']}",
+                  highlight=False)
+    if device.type == "cpu":
+        console.print(escape(f"Kernel speed needs a CUDA GPU: on a machine with one, run `{GPU_COMMAND}`."),
+                      highlight=False)
+    if not args.check:
+        return 0
+    failures = runner.gate(doc, rules, gate_speed=device.type == "cuda")
+    for line in failures:
+        console.print(f"[red]check failed:[/red] {escape(line)}", highlight=False)
+    if failures:
+        return 1
+    console.print("[green]check passed[/green]" + (" (parity only: CPU)" if device.type == "cpu" else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None, cases=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        argv = argv[1:]
+    try:
+        if argv and argv[0] == "compare":
+            from . import compare
+
+            args = _compare_parser().parse_args(argv[1:])
+            return compare.main(args.old, args.new, args.tolerance, _console())
+        args = _bench_parser().parse_args(argv)
+        args.raw_argv = argv
+        return run_bench(args, cases)
+    except UsageError as err:
+        print(f"fuseformer bench: error: {err}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:
+        # argparse's own usage errors and compare's unreadable files end here; keep their status.
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            return 2
+        return exc.code or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

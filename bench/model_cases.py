@@ -1,0 +1,269 @@
+"""The `models` suite: BERT, GPT-2 and ALBERT, ours against Hugging Face transformers on the
+same random weights (nothing is downloaded). Declarations plus the one `prepare` that all
+model cases share.
+
+Dropout is 0 in every config, so a training step is deterministic and its loss can be held
+to the parity rule; the step is forward + backward (no optimizer update, which is the same
+code for every implementation).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from .core import BASELINE, OURS, Case, CaseUnavailable, Prepared, Refused
+from fuseformer.kernels.parity import parity
+
+CPU_NOTE = ("Models on the CPU: small configs (hidden 256, 4 layers, 4 heads, vocab 8192, batch 4 x 128 tokens, "
+            "fp32, random weights), our models on the torch backend against transformers eager and sdpa "
+            "(inference for BERT, GPT-2, ALBERT; a BERT MLM training step).")
+
+# family -> (our class, transformers class, config maker)
+FAMILIES = {
+    ("bert", "infer"): ("BertModel", "BertModel"),
+    ("bert", "train"): ("BertForMaskedLM", "BertForMaskedLM"),
+    ("gpt2", "infer"): ("GPT2LMHeadModel", "GPT2LMHeadModel"),
+    ("gpt2", "train"): ("GPT2LMHeadModel", "GPT2LMHeadModel"),
+    ("albert", "infer"): ("AlbertModel", "AlbertModel"),
+    ("albert", "train"): ("AlbertForMaskedLM", "AlbertForMaskedLM"),
+}
+
+SIZES = {
+    # GPU: the public base sizes; CPU: small enough for a 2-core machine.
+    "cuda": dict(hidden=768, layers=12, heads=12, inter=3072, vocab=30522, embed=128),
+    "cpu": dict(hidden=256, layers=4, heads=4, inter=1024, vocab=8192, embed=128),
+}
+
+
+def hf_config(family: str, size: dict):
+    import transformers as T
+
+    h, n, a, i, v = size["hidden"], size["layers"], size["heads"], size["inter"], size["vocab"]
+    if family == "bert":
+        return T.BertConfig(vocab_size=v, hidden_size=h, num_hidden_layers=n, num_attention_heads=a,
+                            intermediate_size=i, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if family == "gpt2":
+        v = 50257 if v == 30522 else v
+        return T.GPT2Config(vocab_size=v, n_embd=h, n_layer=n, n_head=a, n_positions=1024,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=v - 1, eos_token_id=v - 1)
+    return T.AlbertConfig(vocab_size=v, embedding_size=size["embed"], hidden_size=h, num_hidden_layers=n,
+                          num_attention_heads=a, intermediate_size=i, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0)
+
+
+def _unavailable(ours_name: str, hf_name: str) -> str | None:
+    try:
+        import transformers
+    except ImportError as err:
+        return f"transformers is not installed ({err})"
+    try:
+        from fuseformer import models
+    except Exception as err:  # noqa: BLE001 - a half-written models/ must not stop the benchmark
+        return f"fuseformer.models does not import ({type(err).__name__}: {err})"
+    if not hasattr(models, ours_name):
+        return f"fuseformer.models has no {ours_name} yet"
+    if not hasattr(models.__dict__[ours_name], "from_hf"):
+        return f"fuseformer.models.{ours_name} has no from_hf"
+    if not hasattr(transformers, hf_name):
+        return f"transformers has no {hf_name}"
+    return None
+
+
+def _flops(family: str, task: str, size: dict, B: int, L: int) -> float:
+    """Nominal dense matmul FLOPs (padding counted as tokens); a training step is 3x forward."""
+    h, n, i, v, e = size["hidden"], size["layers"], size["inter"], size["vocab"], size["embed"]
+    tokens = B * L
+    per_layer = 2 * tokens * (4 * h * h + 2 * h * i) + 4 * B * L * L * h
+    total = n * per_layer
+    if family == "albert":
+        total += 2 * tokens * e * h
+    if family == "gpt2":
+        total += 2 * tokens * h * (50257 if v == 30522 else v)  # the tied LM head
+    elif task == "train":
+        head_width = e if family == "albert" else h
+        total += 2 * tokens * (h * head_width + head_width * v)
+    return float(total * (3 if task == "train" else 1))
+
+
+@dataclasses.dataclass
+class ModelCase(Case):
+    family: str = "bert"
+    task: str = "infer"
+    B: int = 1
+    L: int = 128
+    pad: float = 0.0
+    size: dict = dataclasses.field(default_factory=dict)
+    device_type: str = "cpu"
+    suite: str = "models"
+    timed_on_cpu: bool = True
+
+    def _inputs(self, device, vocab):
+        gen = torch.Generator().manual_seed(7)
+        ids = torch.randint(1, vocab, (self.B, self.L), generator=gen)
+        mask = torch.ones(self.B, self.L, dtype=torch.long)
+        if self.pad:
+            lo = max(1, int(round(self.L * (1 - 2 * self.pad))))
+            lengths = torch.randint(lo, self.L + 1, (self.B,), generator=gen)
+            mask = (torch.arange(self.L)[None, :] < lengths[:, None]).long()
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if self.family != "gpt2":
+            inputs["token_type_ids"] = (torch.arange(self.L)[None, :] >= self.L // 2).long().expand(self.B, -1).contiguous()
+        if self.task == "train":
+            if self.family == "gpt2":
+                labels = ids.clone()
+            else:
+                chosen = torch.rand(self.B, self.L, generator=gen) < 0.15
+                labels = torch.where(chosen & mask.bool(), ids, torch.full_like(ids, -100))
+            inputs["labels"] = labels
+        return {k: v.to(device) for k, v in inputs.items()}
+
+    def _main_output(self, out) -> torch.Tensor:
+        if self.task == "train":
+            return out.loss
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") and out.last_hidden_state is not None else out.logits
+
+    def prepare(self, device, dtype, l2_bytes):
+        ours_name, hf_name = FAMILIES[(self.family, self.task)]
+        reason = _unavailable(ours_name, hf_name)
+        if reason:
+            raise CaseUnavailable(reason)
+        import transformers
+
+        from fuseformer import models
+
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf32 = getattr(transformers, hf_name)(hf_config(self.family, self.size))
+        hf32.train(self.task == "train")
+        inputs = self._inputs(device, hf32.config.vocab_size)
+        where = None
+        if self.task == "infer" and "attention_mask" in inputs and self.family != "gpt2":
+            where = inputs["attention_mask"].bool()[:, :, None]
+
+        def hf_variant(attn: str, dt: torch.dtype):
+            m = copy.deepcopy(hf32)
+            m.set_attn_implementation(attn)
+            return m.to(device=device, dtype=dt)
+
+        def ours_variant(backend: str, **kwargs):
+            return getattr(models, ours_name).from_hf(hf32, backend=backend, **kwargs).to(device=device, dtype=dtype)
+
+        def call(model):
+            return lambda: self._main_output(model(**inputs))
+
+        def train_step(model):
+            params = [p for p in model.parameters() if p.requires_grad]
+
+            def step():
+                for p in params:
+                    p.grad = None
+                loss = model(**inputs).loss
+                loss.backward()
+                return loss.detach()
+
+            return step
+
+        grad_ctx = torch.enable_grad if self.task == "train" else torch.no_grad
+        with torch.no_grad():  # the loss value is what is compared; no graph needed
+            ref64 = self._main_output(hf_variant("eager", torch.float64)(**inputs)).detach()
+            torch_d = self._main_output(hf_variant("eager", dtype)(**inputs)).detach()
+
+        builders: dict[str, tuple[str, Callable[[], Callable[[], Any]]]] = {
+            "hf-eager": (BASELINE, lambda: (train_step if self.task == "train" else call)(hf_variant("eager", dtype))),
+            "hf-sdpa": (BASELINE, lambda: (train_step if self.task == "train" else call)(hf_variant("sdpa", dtype))),
+            "fuseformer-torch": (OURS, lambda: (train_step if self.task == "train" else call)(ours_variant("torch"))),
+        }
+        if device.type == "cuda":
+            builders["hf-compile"] = (BASELINE, lambda: (train_step if self.task == "train" else call)(
+                torch.compile(hf_variant("sdpa", dtype))))
+            builders["fuseformer-fused"] = (OURS, lambda: (train_step if self.task == "train" else call)(
+                ours_variant("auto")))
+            if self.task == "infer":
+                builders["fuseformer-fused-graphs"] = (OURS, lambda: _graphed(call(ours_variant("auto"))))
+                if self.family == "bert" and self.pad:
+                    builders["fuseformer-fused-unpad"] = (OURS, lambda: call(ours_variant("auto", unpad=True)))
+
+        fns, refused, errors, results, kinds = {}, {}, {}, {}, {}
+        for name, (kind, build) in builders.items():
+            kinds[name] = kind
+            try:
+                with grad_ctx(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fn = build()
+                    out = fn()
+            except Refused as err:
+                refused[name] = str(err)
+                continue
+            except Exception as err:  # noqa: BLE001 - reported per implementation
+                errors[name] = f"{type(err).__name__}: {err}".splitlines()[0]
+                continue
+            results[name] = [("loss" if self.task == "train" else "out", parity(out, ref64, torch_d, dtype, where))]
+
+            def timed(fn=fn):
+                with grad_ctx():
+                    return fn()
+
+            fns[name] = timed
+        return Prepared(fns, refused, errors, results, {}, kinds)
+
+
+def _graphed(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """Capture one inference call in a CUDA graph (static inputs): launches replayed, no
+    Python or kernel-launch overhead per layer."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up outside the graph: autotuning and lazy allocations
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            static_out = fn()
+    except Exception as err:  # noqa: BLE001
+        raise Refused(f"could not capture a CUDA graph: {type(err).__name__}: {err}".splitlines()[0]) from None
+
+    def replay():
+        graph.replay()
+        return static_out
+
+    return replay
+
+
+def _case(family, task, B, L, device_type, pad=0.0, dtype=None, quick=False) -> ModelCase:
+    size = SIZES[device_type]
+    pad_tag = f"_pad{int(pad * 100)}" if pad else ""
+    name = f"{family}_{task}_B{B}_L{L}{pad_tag}"
+    what = "inference" if task == "infer" else ("MLM training step" if family != "gpt2" else "LM training step")
+    return ModelCase(
+        name=name, group=f"{family}_{task}", params={"family": family, "task": task, "B": B, "L": L, "pad": pad, **size},
+        flops=_flops(family, task, size, B, L), x=None, dtype=dtype, quick=quick, note=f"{family} {what}, random weights",
+        family=family, task=task, B=B, L=L, pad=pad, size=size, device_type=device_type,
+    )
+
+
+def cases(device_type: str) -> list[ModelCase]:
+    if device_type == "cuda":
+        fp16, bf16 = torch.float16, torch.bfloat16
+        return [
+            _case("bert", "infer", 32, 128, "cuda", dtype=fp16, quick=True),
+            _case("bert", "infer", 8, 512, "cuda", pad=0.3, dtype=fp16),
+            _case("bert", "train", 32, 128, "cuda", dtype=bf16, quick=True),
+            _case("gpt2", "infer", 8, 512, "cuda", dtype=fp16),
+            _case("gpt2", "train", 8, 512, "cuda", dtype=bf16),
+            _case("albert", "infer", 32, 128, "cuda", dtype=fp16),
+            _case("albert", "train", 32, 128, "cuda", dtype=bf16),
+        ]
+    return [
+        _case("bert", "infer", 4, 128, "cpu", pad=0.3, quick=True),
+        _case("gpt2", "infer", 4, 128, "cpu", quick=True),
+        _case("albert", "infer", 4, 128, "cpu"),
+        # One training step only: the float64 reference of a training step is the slowest
+        # thing a CPU run does, and the GPU run has all three.
+        _case("bert", "train", 4, 128, "cpu"),
+    ]

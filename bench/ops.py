@@ -1,0 +1,372 @@
+"""The `ops` suite: declarations only (runner.py runs them).
+
+GPU shapes follow the performance targets in DESIGN.md (16k tokens per batch, BERT and GPT
+widths); CPU shapes are small and odd, because there the only fused code that runs is the
+Triton interpreter, whose cost grows with programs x loop iterations: the CPU suite is a
+parity suite, not a speed one.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fuseformer import kernels as K
+from fuseformer.kernels import reference
+
+from .core import OURS, Impl, OpCase
+
+CPU_NOTE = "CPU: fused kernels run in Triton's interpreter here; timing them would measure the interpreter"
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _randn(shape, device, dtype, gen, scale=1.0, grad=False):
+    t = torch.randn(shape, device=device, dtype=torch.float32, generator=gen).mul_(scale).to(dtype)
+    return t.requires_grad_(grad)
+
+
+def _fused_backends(device_type: str) -> tuple[str, ...]:
+    # On the CPU only the interpreter can run a fused kernel; the cuda backend cannot.
+    return ("triton", "cuda") if device_type == "cuda" else ("triton",)
+
+
+def _ours(device_type: str, call) -> list[Impl]:
+    return [
+        Impl(
+            f"fuseformer-{b}",
+            (lambda inputs, b=b: call(inputs, b)),
+            kind=OURS,
+            available=(lambda b=b: K.unavailable_reason(b)),
+            timed_on_cpu=False,
+        )
+        for b in _fused_backends(device_type)
+    ]
+
+
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+# --- attention --------------------------------------------------------------------------
+
+
+def _sdpa_backends() -> dict[str, object]:
+    from torch.nn.attention import SDPBackend
+
+    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+    return {short: getattr(SDPBackend, attr) for short, attr in names.items() if hasattr(SDPBackend, attr)}
+
+
+def _sdpa_impls(call) -> list[Impl]:
+    from torch.nn.attention import sdpa_kernel
+
+    impls = []
+    for short, backend in _sdpa_backends().items():
+
+        def fn(inputs, backend=backend):
+            # One backend only: a refusal raises instead of silently running another kernel.
+            with sdpa_kernel([backend]):
+                return call(inputs)
+
+        impls.append(Impl(f"sdpa-{short}", fn))
+    return impls
+
+
+def attention_case(name, *, B, H, L, D, Hk=None, Lk=None, causal=False, pad=0.0, grad=False,
+                   device_type="cuda", quick=False, quadratic_baselines=True, qkv_view=False) -> OpCase:
+    """quadratic_baselines=False leaves out the baselines that hold L x L scores (eager,
+    compile, SDPA math): at L=16384 they need tens of GiB and are not what is measured.
+    qkv_view=True passes q, k, v as the strided views of one fused (B, L, 3, H, D)
+    projection that a model produces, instead of contiguous (B, H, L, D) tensors."""
+    Hk = Hk or H
+    Lk = Lk or L
+    gqa = Hk != H
+    if qkv_view and (gqa or Lk != L or grad):
+        raise ValueError("qkv_view needs self-attention without GQA, forward only")
+
+    def make(device, dtype, gen):
+        if qkv_view:
+            qkv = _randn((B, L, 3, H, D), device, dtype, gen)
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, L, D), strided
+        else:
+            q = _randn((B, H, L, D), device, dtype, gen, grad=grad)
+            k = _randn((B, Hk, Lk, D), device, dtype, gen, grad=grad)
+            v = _randn((B, Hk, Lk, D), device, dtype, gen, grad=grad)
+        inputs = {"q": q, "k": k, "v": v, "mask": None}
+        if pad:
+            # Lengths spread over [1 - 2*pad, 1] of L, so the mean padded fraction is `pad`.
+            lo = max(1, int(round(Lk * (1 - 2 * pad))))
+            lengths = torch.randint(lo, Lk + 1, (B,), device=device, generator=gen)
+            keep = torch.arange(Lk, device=device)[None, :] < lengths[:, None]
+            inputs["mask"] = keep[:, None, None, :]  # (B, 1, 1, Lk): the key-padding fast path
+        if grad:
+            inputs["grad_out"] = _randn((B, H, L, D), device, dtype, gen)
+        return inputs
+
+    def ref(inputs):
+        return reference.scaled_dot_product_attention(
+            inputs["q"], inputs["k"], inputs["v"], attn_mask=inputs["mask"], is_causal=causal, enable_gqa=gqa
+        )
+
+    def ours(inputs, backend):
+        return K.scaled_dot_product_attention(
+            inputs["q"], inputs["k"], inputs["v"], attn_mask=inputs["mask"], is_causal=causal, enable_gqa=gqa,
+            backend=backend,
+        )
+
+    def torch_sdpa(inputs):
+        kwargs = {"enable_gqa": True} if gqa else {}
+        return F.scaled_dot_product_attention(
+            inputs["q"], inputs["k"], inputs["v"], attn_mask=inputs["mask"], is_causal=causal, **kwargs
+        )
+
+    impls = _ours(device_type, ours)
+    if device_type == "cuda":
+        sdpa = _sdpa_impls(torch_sdpa)
+        if quadratic_baselines:
+            impls += [Impl("torch-eager", ref, note="reference.py: matmul, softmax, matmul")]
+            impls += sdpa
+            impls += [Impl("torch-compile", ref, build=_compiled, note="torch.compile of the eager code")]
+        else:
+            impls += [i for i in sdpa if i.name != "sdpa-math"]
+
+    def where(inputs):
+        if inputs["mask"] is None or L != Lk:
+            return None
+        return inputs["mask"][:, :, 0, :, None]  # (B, 1, L, 1): query rows that are real tokens
+
+    fwd_flops = 4.0 * B * H * L * Lk * D * ((L + 1) / (2 * L) if causal else 1.0)
+    qo, kv = B * H * L * D, B * Hk * Lk * D
+    moved = (2 * qo + 2 * kv) if not grad else (4 * qo + 4 * kv)  # fwd: q,k,v,o; +bwd: do,o,dq,dk,dv re-read
+    return OpCase(
+        name=name,
+        suite="ops",
+        group=("attn_fwd_bwd" if grad else "attn_fwd") + ("_causal" if causal else "") + ("_pad" if pad else "")
+        + ("_gqa" if gqa else "") + ("_qkv" if qkv_view else "") + f"_d{D}",
+        params={"B": B, "H": H, "Hk": Hk, "L": L, "Lk": Lk, "D": D, "causal": causal, "pad": pad, "grad": grad,
+                "layout": "qkv-view" if qkv_view else "contiguous"},
+        flops=fwd_flops * (3.5 if grad else 1.0),  # backward = 2.5 x forward (FlashAttention's count)
+        elements=moved,
+        x="L",
+        quick=quick,
+        cpu_note=CPU_NOTE,
+        note="FLOPs are the dense count; a padding mask lets a kernel skip work" if pad else "",
+        make_inputs=make,
+        reference=ref,
+        impls=impls,
+        grad_inputs=("q", "k", "v") if grad else (),
+        where=where,
+        batch_keys=("q", "k", "v", "mask") if device_type == "cuda" else (),
+    )
+
+
+def varlen_case(name, *, lengths, H, D, device_type="cuda", quick=False) -> OpCase:
+    B, Lmax, T = len(lengths), max(lengths), sum(lengths)
+
+    def make(device, dtype, gen):
+        cu = torch.tensor([0] + list(lengths), device=device, dtype=torch.int32).cumsum(0).to(torch.int32)
+        pos = torch.cat([torch.arange(n, device=device) + b * Lmax for b, n in enumerate(lengths)])
+        keep = torch.arange(Lmax, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+        return {
+            "q": _randn((T, H, D), device, dtype, gen),
+            "k": _randn((T, H, D), device, dtype, gen),
+            "v": _randn((T, H, D), device, dtype, gen),
+            "cu": cu,
+            "token_index": pos,
+            "mask": keep[:, None, None, :],
+        }
+
+    def ref(inputs):
+        return reference.varlen_attention(inputs["q"], inputs["k"], inputs["v"], inputs["cu"], inputs["cu"], Lmax, Lmax)
+
+    def ours(inputs, backend):
+        return K.varlen_attention(inputs["q"], inputs["k"], inputs["v"], inputs["cu"], inputs["cu"], Lmax, Lmax,
+                                  backend=backend)
+
+    def padded_sdpa(inputs):
+        # What a padded model does instead: scatter into (B, H, Lmax, D), mask, gather back.
+        idx = inputs["token_index"]
+
+        def pad(t):
+            return t.new_zeros(B * Lmax, H, D).index_copy_(0, idx, t).view(B, Lmax, H, D).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(pad(inputs["q"]), pad(inputs["k"]), pad(inputs["v"]), attn_mask=inputs["mask"])
+        return out.transpose(1, 2).reshape(B * Lmax, H, D)[idx]
+
+    impls = [i for i in _ours(device_type, ours) if i.name == "fuseformer-triton"]
+    if device_type == "cuda":
+        impls += [Impl("sdpa-padded", padded_sdpa, note="pad, torch SDPA with the padding mask, unpad")]
+    moved = 4 * T * H * D
+    return OpCase(
+        name=name, suite="ops", group=f"varlen_fwd_d{D}",
+        params={"B": B, "H": H, "D": D, "Lmax": Lmax, "tokens": T},
+        flops=4.0 * H * D * sum(n * n for n in lengths), elements=moved, quick=quick, cpu_note=CPU_NOTE,
+        make_inputs=make, reference=ref, impls=impls,
+    )
+
+
+# --- add + LayerNorm ------------------------------------------------------------------
+
+
+def _liger_layer_norm():
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None
+    try:
+        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+    except ImportError:
+        return None
+    return LigerLayerNormFunction
+
+
+def add_ln_case(name, *, M, N, grad=False, device_type="cuda", quick=False) -> OpCase:
+    eps = 1e-5
+
+    def make(device, dtype, gen):
+        inputs = {
+            "x": _randn((M, N), device, dtype, gen, grad=grad),
+            "residual": _randn((M, N), device, dtype, gen, grad=grad),
+            "weight": (1 + 0.1 * torch.randn(N, device=device, generator=gen)).to(dtype).requires_grad_(grad),
+            "bias": _randn((N,), device, dtype, gen, 0.1, grad),
+        }
+        if grad:
+            inputs["grad_out"] = _randn((M, N), device, dtype, gen)
+        return inputs
+
+    def ref(i):
+        return reference.add_layer_norm(i["x"], i["residual"], i["weight"], i["bias"], eps)
+
+    def ours(i, backend):
+        return K.add_layer_norm(i["x"], i["residual"], i["weight"], i["bias"], eps, backend=backend)
+
+    def eager(i):
+        return F.layer_norm(i["x"] + i["residual"], (N,), i["weight"], i["bias"], eps)
+
+    impls = _ours(device_type, ours)
+    if device_type == "cuda":
+        impls += [Impl("torch-eager", eager, note="x + residual, then F.layer_norm"),
+                  Impl("torch-compile", eager, build=_compiled)]
+        liger = _liger_layer_norm()
+        if liger is not None:
+            impls.append(Impl("liger", lambda i: liger.apply(i["x"] + i["residual"], i["weight"], i["bias"], eps),
+                              note="torch add, then Liger-Kernel's LayerNorm"))
+    return OpCase(
+        name=name, suite="ops", group="add_ln_fwd_bwd" if grad else "add_ln_fwd",
+        params={"M": M, "N": N, "grad": grad},
+        flops=None,
+        elements=(7 if grad else 3) * M * N,  # fwd: x, residual in, y out; bwd: dy, stream in, dx, dres out
+        x="N", quick=quick, cpu_note=CPU_NOTE, make_inputs=make, reference=ref, impls=impls,
+        grad_inputs=("x", "residual", "weight", "bias") if grad else (),
+    )
+
+
+# --- Linear + GELU --------------------------------------------------------------------
+
+
+def linear_gelu_case(name, *, M, K_in, N, approximate="none", grad=False, device_type="cuda", quick=False) -> OpCase:
+    def make(device, dtype, gen):
+        inputs = {
+            "x": _randn((M, K_in), device, dtype, gen, grad=grad),
+            "weight": _randn((N, K_in), device, dtype, gen, 1 / math.sqrt(K_in), grad),
+            "bias": _randn((N,), device, dtype, gen, 0.1, grad),
+        }
+        if grad:
+            inputs["grad_out"] = _randn((M, N), device, dtype, gen)
+        return inputs
+
+    def ref(i):
+        return reference.linear_gelu(i["x"], i["weight"], i["bias"], approximate)
+
+    def ours(i, backend):
+        return K.linear_gelu(i["x"], i["weight"], i["bias"], approximate, backend=backend)
+
+    def eager(i):
+        return F.gelu(F.linear(i["x"], i["weight"], i["bias"]), approximate=approximate)
+
+    impls = _ours(device_type, ours)
+    if device_type == "cuda":
+        impls += [Impl("torch-eager", eager, note="F.linear, then F.gelu"), Impl("torch-compile", eager, build=_compiled)]
+        if not grad:
+            # cuBLASLt's GELU epilogue is the tanh approximation: checked only where that is the op.
+            impls.append(Impl(
+                "cublaslt-gelu",
+                lambda i: torch._addmm_activation(i["bias"], i["x"], i["weight"].t(), use_gelu=True),
+                check=approximate == "tanh",
+                note="" if approximate == "tanh" else "computes tanh GELU, not erf: timed, not parity-checked",
+            ))
+    return OpCase(
+        name=name, suite="ops", group=("linear_gelu_fwd_bwd" if grad else "linear_gelu_fwd") + f"_{approximate}",
+        params={"M": M, "K": K_in, "N": N, "approximate": approximate, "grad": grad},
+        flops=2.0 * M * N * K_in * (3 if grad else 1),
+        elements=(M * K_in + N * K_in + M * N + N) * (2 if grad else 1),
+        x="N", quick=quick, cpu_note=CPU_NOTE, make_inputs=make, reference=ref, impls=impls,
+        grad_inputs=("x", "weight", "bias") if grad else (),
+    )
+
+
+# --- the suite ----------------------------------------------------------------------------
+
+
+def gpu_cases() -> list[OpCase]:
+    d = "cuda"
+    cases = []
+    for L in (512, 1024, 2048, 4096):
+        B = 16384 // L
+        cases.append(attention_case(f"attn_fwd_d64_L{L}", B=B, H=16, L=L, D=64, device_type=d, quick=L in (512, 4096)))
+    for L in (1024, 2048, 4096):
+        cases.append(attention_case(f"attn_fwd_causal_d64_L{L}", B=16384 // L, H=16, L=L, D=64, causal=True, device_type=d))
+    for L in (1024, 4096):
+        cases.append(attention_case(f"attn_fwd_d128_L{L}", B=16384 // L, H=8, L=L, D=128, device_type=d))
+    # (16, 1, L, D) rather than (1, 16, L, D): the float64 reference runs one batch element at a time.
+    cases.append(attention_case("attn_fwd_mem_L16384", B=16, H=1, L=16384, D=64, device_type=d, quick=True,
+                                quadratic_baselines=False))
+    cases.append(attention_case("attn_fwd_bert_pad_L512", B=32, H=12, L=512, D=64, pad=0.3, device_type=d, quick=True))
+    cases.append(attention_case("attn_fwd_bert_qkv_view_pad_L512", B=32, H=12, L=512, D=64, pad=0.3, qkv_view=True,
+                                device_type=d))
+    cases.append(attention_case("attn_fwd_gqa_causal_L2048", B=4, H=32, Hk=8, L=2048, D=128, causal=True, device_type=d))
+    cases.append(attention_case("attn_fwd_bwd_d64_L2048", B=8, H=16, L=2048, D=64, grad=True, device_type=d, quick=True))
+    cases.append(attention_case("attn_fwd_bwd_causal_d64_L2048", B=8, H=16, L=2048, D=64, causal=True, grad=True, device_type=d))
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(154, 513, (32,), generator=gen).tolist()  # BERT L=512, ~30% padding
+    cases.append(varlen_case("varlen_fwd_bert_L512", lengths=lengths, H=12, D=64, device_type=d))
+    for N in (768, 1024, 2048, 4096):
+        cases.append(add_ln_case(f"add_ln_fwd_16384x{N}", M=16384, N=N, device_type=d, quick=N == 768))
+    for N in (768, 4096):
+        cases.append(add_ln_case(f"add_ln_fwd_bwd_16384x{N}", M=16384, N=N, grad=True, device_type=d, quick=N == 768))
+    cases.append(linear_gelu_case("linear_gelu_fwd_bert_16384x768x3072", M=16384, K_in=768, N=3072, device_type=d, quick=True))
+    cases.append(linear_gelu_case("linear_gelu_fwd_large_16384x1024x4096", M=16384, K_in=1024, N=4096, device_type=d))
+    cases.append(linear_gelu_case("linear_gelu_fwd_gpt2_16384x768x3072", M=16384, K_in=768, N=3072, approximate="tanh",
+                                  device_type=d))
+    cases.append(linear_gelu_case("linear_gelu_fwd_bwd_16384x768x3072", M=16384, K_in=768, N=3072, grad=True, device_type=d))
+    return cases
+
+
+def cpu_cases() -> list[OpCase]:
+    d = "cpu"
+    return [
+        attention_case("attn_fwd_d16_L17", B=2, H=2, L=17, D=16, device_type=d, quick=True),
+        attention_case("attn_fwd_causal_d40_L97", B=1, H=2, L=97, D=40, causal=True, device_type=d),
+        attention_case("attn_fwd_pad_d64_L64", B=3, H=2, L=64, D=64, pad=0.3, device_type=d, quick=True),
+        attention_case("attn_fwd_gqa_d32_L33", B=1, H=4, Hk=2, L=33, D=32, device_type=d),
+        attention_case("attn_fwd_d128_L1", B=3, H=2, L=1, D=128, device_type=d),
+        attention_case("attn_fwd_d80_L257", B=1, H=2, L=257, D=80, device_type=d),
+        attention_case("attn_fwd_qkv_view_d40_L97", B=3, H=2, L=97, D=40, pad=0.3, qkv_view=True, device_type=d),
+        attention_case("attn_fwd_bwd_pad_d40_L33", B=3, H=2, L=33, D=40, pad=0.3, grad=True, device_type=d),
+        attention_case("attn_fwd_bwd_d32_L65", B=1, H=2, L=65, D=32, grad=True, device_type=d, quick=True),
+        varlen_case("varlen_fwd_d32", lengths=[17, 40, 5], H=2, D=32, device_type=d),
+        add_ln_case("add_ln_fwd_51x100", M=51, N=100, device_type=d, quick=True),
+        add_ln_case("add_ln_fwd_8x1023", M=8, N=1023, device_type=d),
+        add_ln_case("add_ln_fwd_3x1", M=3, N=1, device_type=d),
+        add_ln_case("add_ln_fwd_bwd_17x768", M=17, N=768, grad=True, device_type=d, quick=True),
+        linear_gelu_case("linear_gelu_fwd_17x100x257", M=17, K_in=100, N=257, device_type=d, quick=True),
+        linear_gelu_case("linear_gelu_fwd_tanh_33x64x128", M=33, K_in=64, N=128, approximate="tanh", device_type=d),
+        linear_gelu_case("linear_gelu_fwd_bwd_17x40x80", M=17, K_in=40, N=80, grad=True, device_type=d, quick=True),
+    ]
+
+
+def cases(device_type: str) -> list[OpCase]:
+    return gpu_cases() if device_type == "cuda" else cpu_cases()

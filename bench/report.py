@@ -1,0 +1,236 @@
+"""Turning a results document into the terminal table, the markdown file and the plots."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .core import OURS
+
+
+def _ratio(case: dict) -> tuple[float | None, bool | None]:
+    """Worst error/bound over our checked implementations, and whether all of them passed."""
+    worst, ok = None, None
+    for entry in case["impls"].values():
+        if entry.get("kind") != OURS or "parity" not in entry:
+            continue
+        for check in entry["parity"]["checks"]:
+            r = check["error"] / check["bound"] if check["bound"] else float("inf")
+            worst = r if worst is None else max(worst, r)
+        ok = entry["parity"]["ok"] if ok is None else ok and entry["parity"]["ok"]
+    return worst, ok
+
+
+def _fmt(value, spec=".3g", missing="-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def _best_baseline(case: dict) -> tuple[str | None, float | None]:
+    best = None
+    for name, entry in case["impls"].items():
+        if entry.get("kind") != OURS and entry.get("status") == "timed":
+            if best is None or entry["median_ms"] < best[1]:
+                best = (name, entry["median_ms"])
+    return best or (None, None)
+
+
+def _untimed(case: dict) -> str:
+    names = [n for n, e in case["impls"].items() if e.get("kind") == OURS and e.get("status") == "not-timed"]
+    return f"{', '.join(names)}: parity only" if names else "-"
+
+
+def summary_rows(doc: dict) -> list[dict]:
+    rows = []
+    for case in doc["cases"]:
+        ratio, ok = _ratio(case)
+        ours_name = case.get("best_ours")
+        ours = case["impls"].get(ours_name, {}) if ours_name else {}
+        base_name, base_ms = _best_baseline(case)
+        speedup = case.get("speedups", {}).get("fuseformer-best", {}).get(base_name) if base_name else None
+        if ours.get("tflops") is not None:
+            throughput = f"{ours['tflops']:.3g} TFLOP/s"
+        elif ours.get("gbps") is not None:
+            throughput = f"{ours['gbps']:.4g} GB/s"
+        else:
+            throughput = "-"
+        refused = sorted(n for n, e in case["impls"].items() if e.get("status") == "refused")
+        if case["status"] == "skipped":
+            parity = "not available"
+        elif ok is None:
+            parity = case["status"] if case["status"] != "ok" else "-"
+        else:
+            parity = ("ok" if ok else "FAIL") + (f" ({ratio:.2f} of bound)" if ratio is not None else "")
+        rows.append({
+            "case": case["name"],
+            "dtype": case["dtype"],
+            "status": case["status"],
+            "parity": parity,
+            "ours": f"{ours_name} {ours['median_ms']:.4g} ms" if ours.get("median_ms") is not None else _untimed(case),
+            "baseline": f"{base_name} {base_ms:.4g} ms" if base_name else "-",
+            "speedup": _fmt(speedup, ".2f") + ("x" if speedup else ""),
+            "throughput": throughput,
+            "roofline": _fmt(None if ours.get("roofline_fraction") is None else 100 * ours["roofline_fraction"], ".0f")
+            + ("%" if ours.get("roofline_fraction") is not None else ""),
+            "refused": ", ".join(refused) or "-",
+            "reason": case.get("reason") or "",
+        })
+    return rows
+
+
+COLUMNS = ["case", "dtype", "parity", "ours", "baseline", "speedup", "throughput", "roofline", "refused"]
+
+
+def print_table(doc: dict, console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"fuseformer bench - {doc['env']['device_name']}", show_lines=False)
+    for col in COLUMNS:
+        table.add_column(col, overflow="fold")
+    for row in summary_rows(doc):
+        style = {"parity-fail": "red", "error": "red", "skipped": "yellow"}.get(row["status"])
+        cells = [escape(row[c]) for c in COLUMNS]
+        if row["parity"].startswith("FAIL"):
+            cells[2] = f"[red]{row['parity']}[/red]"
+        table.add_row(*cells, style=style)
+    console.print(table)
+    for row in summary_rows(doc):
+        if row["reason"]:
+            console.print(f"[yellow]{escape(row['case'])}[/yellow]: {escape(row['reason'])}", highlight=False)
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def write_markdown(doc: dict, path: Path) -> None:
+    env = doc["env"]
+    roof = doc.get("roofline") or {}
+    lines = [
+        f"# fuseformer bench: {env['device_name']}",
+        "",
+        f"- commit `{env['git_commit'] or 'none'}`" + (" (dirty)" if env.get("git_dirty") else ""),
+        f"- torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, driver {env.get('driver')}, "
+        f"transformers {env.get('transformers')}",
+        f"- measured roofline: copy {roof.get('copy_gbps', 0):.4g} GB/s, matmul {roof.get('matmul_tflops', 0):.4g} "
+        f"TFLOP/s ({roof.get('matmul_dtype')})",
+        f"- run: {' '.join(doc.get('argv') or []) or '(defaults)'}, {env['timestamp']}",
+        "",
+    ]
+    lines += [f"> {note}" for note in doc.get("notes", [])]
+    lines += ["", "## Summary", "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    for row in summary_rows(doc):
+        lines.append("| " + " | ".join(_md_escape(row[c]) for c in COLUMNS) + " |")
+    lines += ["", "## Every implementation", "",
+              "| case | implementation | status | median ms | p20-p80 ms | TFLOP/s | GB/s | roofline | parity error / bound |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for case in doc["cases"]:
+        for name, e in case["impls"].items():
+            parity = "-"
+            if "parity" in e:
+                worst = max(e["parity"]["checks"], key=lambda c: c["error"] / c["bound"] if c["bound"] else 0)
+                parity = ("ok " if e["parity"]["ok"] else "FAIL ") + f"{worst['error']:.3g} / {worst['bound']:.3g}"
+            spread = f"{e['p20_ms']:.4g}-{e['p80_ms']:.4g}" if "p20_ms" in e else "-"
+            frac = e.get("roofline_fraction")
+            status = e.get("status", "-") + (f": {e['reason']}" if e.get("reason") else "")
+            lines.append("| " + " | ".join(_md_escape(v) for v in [
+                case["name"], name, status, _fmt(e.get("median_ms"), ".4g"), spread, _fmt(e.get("tflops")),
+                _fmt(e.get("gbps"), ".4g"), "-" if frac is None else f"{100 * frac:.0f}%", parity]) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_parity(doc: dict, path: Path) -> bool:
+    """error / bound of every checked implementation: below 1 passes the parity rule."""
+    bars = []
+    for case in doc["cases"]:
+        for name, e in case["impls"].items():
+            if "parity" in e:
+                ratio = max((c["error"] / c["bound"] if c["bound"] else 0.0) for c in e["parity"]["checks"])
+                bars.append((f"{case['name']} / {name}", max(ratio, 1e-6), e["parity"]["ok"]))
+    if not bars:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 0.3 * len(bars) + 1.5))
+    ax.barh([b[0] for b in bars], [b[1] for b in bars], color=["tab:green" if b[2] else "tab:red" for b in bars])
+    ax.axvline(1.0, color="black", linestyle="--", label="parity bound")
+    ax.set_xscale("log")
+    ax.set_xlabel("max |impl - ref64| / (2 max |torch - ref64| + floor)")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right")
+    ax.set_title("Parity against the float64 reference")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_speedup(doc: dict, path: Path) -> bool:
+    """Speedup of our best fused implementation against each baseline, along sequence length."""
+    series: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for case in doc["cases"]:
+        x = case.get("x")
+        if case["status"] != "ok" or not x or x not in case["params"]:
+            continue
+        for baseline, value in case.get("speedups", {}).get("fuseformer-best", {}).items():
+            if baseline.startswith("sdpa-") and baseline != "sdpa-best":
+                continue  # one SDPA line (the best backend) keeps the plot readable
+            series.setdefault((f"{case['group']} ({x})", baseline), []).append((case["params"][x], value))
+    series = {k: sorted(v) for k, v in series.items() if len(v) >= 2}
+    if not series:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (group, baseline), points in sorted(series.items()):
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{group} vs {baseline}")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length L (or hidden size N)")
+    ax.set_ylabel("speedup (baseline time / fuseformer time)")
+    ax.set_title(f"fuseformer speedup - {doc['env']['device_name']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_roofline(doc: dict, path: Path) -> bool:
+    """Each timed implementation's throughput as a fraction of the measured roofline
+    (min of the copy bandwidth and matmul rate ceilings for its FLOPs and bytes)."""
+    bars = []
+    for case in doc["cases"]:
+        for name, e in case["impls"].items():
+            if e.get("roofline_fraction") is not None:
+                bars.append((f"{case['name']} / {name}", e["roofline_fraction"], e.get("kind") == OURS))
+    if not bars:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 0.3 * len(bars) + 1.5))
+    ax.barh([b[0] for b in bars], [100 * b[1] for b in bars], color=["tab:blue" if b[2] else "tab:gray" for b in bars])
+    roof = doc.get("roofline") or {}
+    ax.set_xlabel(f"% of roofline (copy {roof.get('copy_gbps', 0):.0f} GB/s, matmul {roof.get('matmul_tflops', 0):.3g} "
+                  f"TFLOP/s {roof.get('matmul_dtype', '')}; blue = fuseformer)")
+    ax.invert_yaxis()
+    ax.set_title(f"Throughput against the measured roofline - {doc['env']['device_name']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_all(doc: dict, out_dir: Path) -> list[Path]:
+    written = []
+    md = out_dir / "results.md"
+    write_markdown(doc, md)
+    written.append(md)
+    for name, plot in (("parity.png", plot_parity), ("speedup_vs_seqlen.png", plot_speedup), ("roofline.png", plot_roofline)):
+        if plot(doc, out_dir / name):
+            written.append(out_dir / name)
+    return written

@@ -1,0 +1,262 @@
+"""The one runner every case goes through: prepare (parity first), time what passed,
+derive throughput, roofline fractions and speedups, and write the results file after every
+case, so a killed run still leaves valid JSON behind."""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import envinfo, timing
+from .core import OURS, Case, CaseUnavailable
+
+SCHEMA_VERSION = 1
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    device: torch.device
+    dtype: torch.dtype | None = None  # None: each case's own default for this device
+    quick: bool = False
+    results_path: Path | None = None
+    argv: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def dtype_for(self, case: Case) -> torch.dtype:
+        if self.dtype is not None:
+            return self.dtype
+        if self.device.type == "cuda":
+            return case.dtype or torch.bfloat16
+        # CPU: fp16/bf16 matmuls are slow and the interpreter's bf16 dot is wrong; fp32 is
+        # what people run on a CPU.
+        return torch.float32
+
+
+class ResultsFile:
+    """The run's JSON document, rewritten atomically after each case."""
+
+    def __init__(self, path: Path | None, doc: dict):
+        self.path = path
+        self.doc = doc
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.doc, indent=1, default=str))
+        os.replace(tmp, self.path)
+
+
+def _parity_dict(checks) -> dict:
+    return {
+        "ok": all(p.ok for _, p in checks),
+        "checks": [
+            {"what": what, "ok": p.ok, "error": p.error, "bound": p.bound, "torch_error": p.torch_error}
+            for what, p in checks
+        ],
+    }
+
+
+def _best(times: dict[str, float], names) -> tuple[str, float] | None:
+    present = [(times[n], n) for n in names if n in times]
+    if not present:
+        return None
+    t, n = min(present)
+    return n, t
+
+
+def run_case(case: Case, config: RunConfig, roofline: timing.Roofline) -> dict:
+    dtype = config.dtype_for(case)
+    result = {
+        "name": case.name,
+        "suite": case.suite,
+        "group": case.group,
+        "params": case.params,
+        "x": case.x,
+        "dtype": dtype_name(dtype),
+        "flops": case.flops,
+        "bytes": None if case.elements is None else case.elements * torch.empty((), dtype=dtype).element_size(),
+        "note": case.note,
+        "status": "ok",
+        "reason": None,
+        "impls": {},
+        "speedups": {},
+        "seconds": None,
+    }
+    start = time.perf_counter()
+    try:
+        prepared = case.prepare(config.device, dtype, roofline.l2_bytes)
+    except CaseUnavailable as err:
+        result.update(status="skipped", reason=f"not available: {err}", seconds=time.perf_counter() - start)
+        return result
+    except Exception as err:  # noqa: BLE001 - reported in the results, never swallowed
+        result["status"] = "error"
+        result["reason"] = f"{type(err).__name__}: {err}".splitlines()[0]
+        result["traceback"] = traceback.format_exc(limit=6)
+        result["seconds"] = time.perf_counter() - start
+        return result
+    kinds = prepared.kinds
+    impls = result["impls"]
+    for name, reason in prepared.refused.items():
+        impls[name] = {"kind": kinds.get(name), "status": "refused", "reason": reason}
+    for name, reason in prepared.errors.items():
+        impls[name] = {"kind": kinds.get(name), "status": "error", "reason": reason}
+    for name, checks in prepared.parity.items():
+        impls.setdefault(name, {"kind": kinds.get(name)})["parity"] = _parity_dict(checks)
+    for name, reason in prepared.not_timed.items():
+        entry = impls.setdefault(name, {"kind": kinds.get(name)})
+        ok = entry.get("parity", {}).get("ok", True)
+        entry.update(status="not-timed" if ok else "parity-fail", reason=reason if ok else "parity failed")
+
+    times = {}
+    for name, fn in prepared.fns.items():
+        entry = impls.setdefault(name, {"kind": kinds.get(name)})
+        if not entry.get("parity", {}).get("ok", True):
+            # A wrong answer is never timed as a success.
+            entry.update(status="parity-fail", reason="parity failed: not timed")
+            continue
+        try:
+            t = timing.time_fn(fn, config.device, config.quick)
+        except Exception as err:  # noqa: BLE001
+            entry.update(status="error", reason=f"{type(err).__name__}: {err}".splitlines()[0])
+            continue
+        entry.update(status="timed", median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
+                     peak_mem_mb=t.peak_mem_mb)
+        seconds = t.median_ms * 1e-3
+        roof_seconds = 0.0
+        if case.flops:
+            entry["tflops"] = case.flops / seconds / 1e12
+            roof_seconds = max(roof_seconds, case.flops / (roofline.matmul_tflops * 1e12))
+        if result["bytes"]:
+            entry["gbps"] = result["bytes"] / seconds / 1e9
+            entry["copy_fraction"] = entry["gbps"] / roofline.copy_gbps
+            roof_seconds = max(roof_seconds, result["bytes"] / (roofline.copy_gbps * 1e9))
+        entry["roofline_fraction"] = roof_seconds / seconds if roof_seconds else None
+        times[name] = t.median_ms
+    del prepared
+
+    ours = [n for n, e in impls.items() if e.get("kind") == OURS]
+    baselines = [n for n, e in impls.items() if e.get("kind") != OURS]
+    failed = [n for n in ours if not impls[n].get("parity", {}).get("ok", True)]
+    if failed:
+        result["status"] = "parity-fail"
+        result["reason"] = "parity failed: " + ", ".join(failed)
+    elif any(impls[n].get("status") == "error" for n in ours):
+        result["status"] = "error"
+        result["reason"] = "; ".join(f"{n}: {impls[n]['reason']}" for n in ours if impls[n].get("status") == "error")
+    # Pseudo-entries: the fastest fused implementation of ours, the fastest SDPA backend.
+    # Where no fused implementation ran (the CPU), our best is the torch backend; the
+    # results name which implementation it was.
+    fused = [n for n in ours if not n.endswith("-torch")]
+    best_ours = _best(times, fused) or _best(times, ours)
+    if best_ours:
+        times["fuseformer-best"] = best_ours[1]
+        result["best_ours"] = best_ours[0]
+    best_sdpa = _best(times, [n for n in baselines if n.startswith("sdpa-")])
+    if best_sdpa:
+        times["sdpa-best"] = best_sdpa[1]
+        result["best_sdpa"] = best_sdpa[0]
+    for mine in [n for n in ours if n in times] + (["fuseformer-best"] if best_ours else []):
+        vs = {b: times[b] / times[mine] for b in baselines + ["sdpa-best"] if b in times}
+        if vs:
+            result["speedups"][mine] = vs
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def new_document(config: RunConfig, roofline: timing.Roofline | None) -> dict:
+    return {
+        "schema": SCHEMA_VERSION,
+        "tool": "fuseformer bench",
+        "argv": config.argv,
+        "env": envinfo.environment(config.device),
+        "config": {
+            "device": str(config.device),
+            "dtype": None if config.dtype is None else dtype_name(config.dtype),
+            "quick": config.quick,
+        },
+        "roofline": roofline.as_dict() if roofline else None,
+        "notes": list(config.notes),
+        "complete": False,
+        "cases": [],
+    }
+
+
+def run(cases: list[Case], config: RunConfig, on_start: Callable | None = None, on_done: Callable | None = None) -> dict:
+    roofline = timing.measure_roofline(config.device, config.quick)
+    results = ResultsFile(config.results_path, new_document(config, roofline))
+    results.write()
+    for i, case in enumerate(cases):
+        if on_start:
+            on_start(case, i, len(cases))
+        result = run_case(case, config, roofline)
+        results.doc["cases"].append(result)
+        results.write()
+        if config.device.type == "cuda":
+            # Compiled closures of one code object share dynamo's cache (and its recompile
+            # limit); starting each case afresh keeps every torch.compile a real compile.
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+        if on_done:
+            on_done(result, i, len(cases))
+    results.doc["complete"] = True
+    results.write()
+    return results.doc
+
+
+# --- gating (--check) -------------------------------------------------------------------
+
+
+def load_thresholds(path: Path) -> list[dict]:
+    doc = json.loads(Path(path).read_text())
+    return doc["rules"]
+
+
+def _metric(case: dict, rule: dict) -> float | None:
+    ours = rule.get("ours", "fuseformer-best")
+    metric = rule.get("metric", "speedup")
+    if metric == "speedup":
+        return case.get("speedups", {}).get(ours, {}).get(rule["vs"])
+    name = case.get("best_ours") if ours == "fuseformer-best" else ours
+    entry = case.get("impls", {}).get(name or "", {})
+    return entry.get(metric)
+
+
+def gate(doc: dict, rules: list[dict], gate_speed: bool) -> list[str]:
+    """Every reason `--check` fails: parity failures and errors of our implementations,
+    and (where speed is gated) each threshold rule a measured case falls short of."""
+    failures = []
+    for case in doc["cases"]:
+        if case["status"] in ("parity-fail", "error"):
+            failures.append(f"{case['name']}: {case['status']}: {case['reason']}")
+    if not gate_speed:
+        return failures
+    for rule in rules:
+        for case in doc["cases"]:
+            if not fnmatch.fnmatchcase(case["name"], rule["case"]) or case["status"] != "ok":
+                continue
+            if rule.get("dtype") and rule["dtype"] != case["dtype"]:
+                continue
+            value = _metric(case, rule)
+            label = f"{case['name']}: {rule.get('metric', 'speedup')}"
+            if rule.get("metric", "speedup") == "speedup":
+                label += f" vs {rule['vs']}"
+            if value is None:
+                failures.append(f"{label}: not measured ({rule.get('target', '')})")
+            elif "min" in rule and value < rule["min"]:
+                failures.append(f"{label} = {value:.3g} < {rule['min']} ({rule.get('target', '')})")
+            elif "max" in rule and value > rule["max"]:
+                failures.append(f"{label} = {value:.3g} > {rule['max']} ({rule.get('target', '')})")
+    return failures

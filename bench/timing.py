@@ -1,0 +1,112 @@
+"""Timers and the roofline measured once per run.
+
+GPU: triton.testing.do_bench (warm-up, CUDA events, L2 flushed between calls by do_bench
+itself), median with the 20th/80th percentiles. CPU: torch.utils.benchmark's Timer, which
+warms up and picks the number of runs per measurement itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Any, Callable
+
+import torch
+
+
+@dataclasses.dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    runs: int
+    peak_mem_mb: float | None = None
+    min_ms: float | None = None
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def time_gpu(fn: Callable[[], Any], quick: bool) -> Timing:
+    import triton.testing
+
+    warmup, rep = (10, 40) if quick else (25, 100)
+    median, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
+    # Peak memory of one call on its own: what a user's model would need for this op.
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    return Timing(median, p20, p80, runs=rep, peak_mem_mb=peak)
+
+
+def time_cpu(fn: Callable[[], Any], quick: bool) -> Timing:
+    from torch.utils import benchmark
+
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    fn()  # warm-up outside the measurement (first-call allocations, lazy inits)
+    measurement = timer.blocked_autorange(min_run_time=0.25 if quick else 0.6)
+    times = sorted(t * 1e3 for t in measurement.times)
+    return Timing(
+        statistics.median(times), _percentile(times, 0.2), _percentile(times, 0.8),
+        runs=measurement.number_per_run * len(times), min_ms=times[0],
+    )
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, quick: bool) -> Timing:
+    return time_gpu(fn, quick) if device.type == "cuda" else time_cpu(fn, quick)
+
+
+@dataclasses.dataclass
+class Roofline:
+    copy_gbps: float  # measured device copy bandwidth (read + write bytes per second)
+    matmul_tflops: float  # measured dense matmul rate in the run's matmul dtype
+    matmul_dtype: str
+    l2_bytes: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def l2_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "L2_cache_size", 50 * 2**20))
+
+
+def measure_roofline(device: torch.device, quick: bool) -> Roofline:
+    """The ceilings every case is a fraction of, measured here rather than taken from a
+    datasheet: the copy a memory-bound kernel cannot beat, the matmul a compute-bound one
+    cannot beat."""
+    if device.type == "cuda":
+        n = 256 * 2**20 // 4
+        src = torch.randn(n, device=device)
+        dst = torch.empty_like(src)
+        t = time_gpu(lambda: dst.copy_(src), quick).median_ms
+        copy = 2 * n * 4 / (t * 1e-3) / 1e9
+        size, dtype = 8192, torch.bfloat16
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        t = time_gpu(lambda: a @ b, quick).median_ms
+        del src, dst, a, b
+        torch.cuda.empty_cache()
+    else:
+        n = 8 * 2**20
+        src = torch.randn(n)
+        dst = torch.empty_like(src)
+        # A shared CPU is noisy: the ceiling is the best rate seen, not the typical one.
+        t = time_cpu(lambda: dst.copy_(src), True).min_ms
+        copy = 2 * n * 4 / (t * 1e-3) / 1e9
+        size, dtype = 1024, torch.float32
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        t = time_cpu(lambda: a @ b, True).min_ms
+    tflops = 2 * size**3 / (t * 1e-3) / 1e12
+    return Roofline(copy, tflops, str(dtype).replace("torch.", ""), l2_bytes(device))

@@ -1,0 +1,108 @@
+"""The `fuseformer bench` command end to end on the CPU, in a subprocess as a user runs it,
+and its argument errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fuseformer.bench import cli
+
+TINY = "add_ln_fwd_51x100"
+
+
+def _run(*args, timeout=240, env_extra=None):
+    env = dict(os.environ)
+    # The command must switch Triton's interpreter on by itself when there is no GPU.
+    env.pop("TRITON_INTERPRET", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "fuseformer.bench", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = _run("--quick", "--filter", TINY, "--out", str(out))
+    return proc, out
+
+
+def test_cli_exits_zero_and_says_what_cpu_cannot_do(quick_run):
+    proc, _ = quick_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "needs a CUDA GPU" in proc.stdout
+    assert 'pip install -e ".[dev]" && fuseformer bench' in proc.stdout
+    assert TINY in proc.stdout
+
+
+def test_cli_json_schema(quick_run):
+    _, out = quick_run
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["schema"] == 1 and doc["complete"] is True
+    env = doc["env"]
+    for key in ("git_commit", "git_dirty", "device", "device_name", "driver", "torch", "triton", "cuda", "timestamp"):
+        assert key in env
+    assert env["device"] == "cpu" and isinstance(env["torch"], str) and isinstance(env["triton"], str)
+    assert env["git_dirty"] in (True, False, None)
+    roof = doc["roofline"]
+    assert roof["copy_gbps"] > 0 and roof["matmul_tflops"] > 0
+    assert any("needs a CUDA GPU" in n for n in doc["notes"])
+    [case] = doc["cases"]
+    assert case["name"] == TINY and case["status"] == "ok"
+    assert case["dtype"] == "float32" and isinstance(case["params"], dict)
+    assert case["bytes"] == 3 * 51 * 100 * 4
+    triton_entry = case["impls"]["fuseformer-triton"]
+    assert triton_entry["kind"] == "ours"
+    # On the CPU the interpreter is checked, never timed.
+    assert triton_entry["status"] == "not-timed" and "median_ms" not in triton_entry
+    parity = triton_entry["parity"]
+    assert parity["ok"] is True
+    for check in parity["checks"]:
+        assert {"what", "ok", "error", "bound", "torch_error"} <= set(check)
+        assert 0 <= check["error"] <= check["bound"]
+
+
+def test_cli_writes_markdown_and_png(quick_run):
+    _, out = quick_run
+    md = (out / "results.md").read_text()
+    assert "| case |" in md and TINY in md and "commit" in md
+    png = (out / "parity.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_suite_lists_valid_ones(capsys):
+    assert cli.main(["--suite", "kernels"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and "ops" in err and "models" in err and "all" in err
+
+
+def test_unknown_filter_lists_valid_names(capsys, tmp_path):
+    assert cli.main(["--filter", "no_such_case", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "'no_such_case'" in err
+    assert TINY in err and "bert_infer_B4_L128_pad30" in err and "groups" in err
+
+
+def test_unwritable_out_is_a_clear_error(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert cli.main(["--filter", TINY, "--out", str(blocker / "results")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "cannot write results there" in err
+
+
+def test_device_cuda_without_gpu_is_a_clear_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert cli.main(["--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_list_shows_quick_cases(capsys):
+    assert cli.main(["--list", "--quick", "--suite", "ops"]) == 0
+    out = capsys.readouterr().out
+    assert TINY in out and "(quick)" in out
+    assert "add_ln_fwd_8x1023" not in out  # not in the quick subset

@@ -1,0 +1,223 @@
+"""The shared runner, --check and compare, driven in-process with fake cases whose answers
+and speeds are known, plus the model suite on tiny configs."""
+import copy
+import json
+import time
+
+import pytest
+import torch
+
+from fuseformer.bench import cli, compare, model_cases, report, runner, timing
+from fuseformer.bench.core import BASELINE, OURS, Impl, OpCase
+
+CPU = torch.device("cpu")
+
+
+def _double(i):
+    return i["x"] * 2
+
+
+def fake_case(name, ours_fn, baseline_fn=_double, timed=True):
+    def make(device, dtype, gen):
+        return {"x": torch.randn(37, 11, device=device, dtype=dtype, generator=gen)}
+
+    return OpCase(
+        name=name, suite="ops", group="fake", params={"L": 37}, flops=37 * 11, elements=2 * 37 * 11, x="L",
+        timed_on_cpu=timed, make_inputs=make, reference=_double,
+        impls=[Impl("fuseformer-fake", ours_fn, kind=OURS), Impl("baseline-fast", baseline_fn, kind=BASELINE)],
+    )
+
+
+def _wrong(i):
+    return i["x"] * 2 + 1e-2  # far outside the fp32 parity bound
+
+
+def _slow(i):
+    time.sleep(0.003)
+    return i["x"] * 2
+
+
+@pytest.fixture(scope="module")
+def roofline():
+    return timing.measure_roofline(CPU, quick=True)
+
+
+def test_parity_failure_is_red_and_never_timed(roofline):
+    result = runner.run_case(fake_case("fake_wrong", _wrong), runner.RunConfig(CPU, quick=True), roofline)
+    assert result["status"] == "parity-fail"
+    entry = result["impls"]["fuseformer-fake"]
+    assert entry["parity"]["ok"] is False and entry["status"] == "parity-fail"
+    assert "median_ms" not in entry  # a wrong answer has no time
+    assert result["speedups"] == {}
+    assert result["impls"]["baseline-fast"]["status"] == "timed"
+
+
+def test_check_exits_nonzero_on_injected_parity_failure(tmp_path, capsys):
+    cases = [fake_case("fake_wrong", _wrong)]
+    args = ["--quick", "--filter", "fake_wrong", "--out", str(tmp_path)]
+    assert cli.main(args + ["--check"], cases=cases) == 1
+    assert "check failed" in capsys.readouterr().out
+    # Without --check the run still succeeds, and the results say the case failed.
+    assert cli.main(args, cases=cases) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["cases"][0]["status"] == "parity-fail"
+
+
+def test_check_passes_a_correct_case(tmp_path):
+    cases = [fake_case("fake_right", _double)]
+    assert cli.main(["--quick", "--check", "--filter", "fake_right", "--out", str(tmp_path)], cases=cases) == 0
+
+
+def test_speed_under_threshold_fails_the_gate(tmp_path, roofline):
+    result = runner.run_case(fake_case("fake_slow", _slow), runner.RunConfig(CPU, quick=True), roofline)
+    assert result["status"] == "ok"
+    speedup = result["speedups"]["fuseformer-best"]["baseline-fast"]
+    assert speedup < 0.5  # 3 ms of sleep against a few microseconds
+    doc = {"cases": [result]}
+    rules = [{"case": "fake_*", "vs": "baseline-fast", "min": 1.0, "target": "test"}]
+    failures = runner.gate(doc, rules, gate_speed=True)
+    assert len(failures) == 1 and "fake_slow" in failures[0] and "< 1.0" in failures[0]
+    # A rule that the measurement meets, and the CPU default of gating parity only.
+    assert runner.gate(doc, [dict(rules[0], min=0.0)], gate_speed=True) == []
+    assert runner.gate(doc, rules, gate_speed=False) == []
+    # A rule whose metric was never measured fails rather than passing silently.
+    missing = runner.gate(doc, [{"case": "fake_slow", "vs": "sdpa-best", "min": 1.0}], gate_speed=True)
+    assert missing and "not measured" in missing[0]
+    # The thresholds file shipped with the package loads and every rule names a case glob.
+    shipped = runner.load_thresholds(cli.THRESHOLDS)
+    assert shipped and all("case" in r and ("min" in r or "max" in r) for r in shipped)
+
+
+def test_results_are_valid_json_after_every_case(tmp_path):
+    path = tmp_path / "results.json"
+    seen = []
+
+    def on_done(result, i, n):
+        seen.append(len(json.loads(path.read_text())["cases"]))
+
+    cases = [fake_case("fake_a", _double), fake_case("fake_b", _double, timed=False)]
+    doc = runner.run(cases, runner.RunConfig(CPU, quick=True, results_path=path), on_done=on_done)
+    assert seen == [1, 2] and doc["complete"]
+    assert doc["cases"][1]["impls"]["fuseformer-fake"]["status"] == "not-timed"
+
+
+def test_timed_run_draws_speedup_and_roofline_plots(tmp_path):
+    cases = [fake_case(f"fake_L{i}", _double) for i in (1, 2)]
+    for c, L in zip(cases, (64, 128)):
+        c.params = {"L": L}
+    doc = runner.run(cases, runner.RunConfig(CPU, quick=True, results_path=tmp_path / "results.json"))
+    entry = doc["cases"][0]["impls"]["fuseformer-fake"]
+    assert entry["status"] == "timed" and entry["p20_ms"] <= entry["median_ms"] <= entry["p80_ms"]
+    assert entry["gbps"] > 0 and entry["tflops"] > 0 and entry["roofline_fraction"] > 0
+    written = {p.name for p in report.write_all(doc, tmp_path)}
+    assert {"results.md", "parity.png", "speedup_vs_seqlen.png", "roofline.png"} <= written
+    for name in ("speedup_vs_seqlen.png", "roofline.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_finds_an_injected_regression(tmp_path, capsys, roofline):
+    result = runner.run_case(fake_case("fake_c", _double), runner.RunConfig(CPU, quick=True), roofline)
+    old = {"env": {"device_name": "x"}, "cases": [result]}
+    new = copy.deepcopy(old)
+    new["cases"][0]["impls"]["fuseformer-fake"]["median_ms"] *= 1.5
+    regressions, _ = compare.compare(old, new, tolerance=0.05)
+    assert len(regressions) == 1 and "fake_c / fuseformer-fake" in regressions[0]
+    # A slower baseline is noise, not a regression of ours.
+    noisy = copy.deepcopy(old)
+    noisy["cases"][0]["impls"]["baseline-fast"]["median_ms"] *= 3
+    assert compare.compare(old, noisy, 0.05)[0] == []
+    broken = copy.deepcopy(old)
+    broken["cases"][0]["impls"]["fuseformer-fake"]["parity"]["ok"] = False
+    assert any("parity" in r for r in compare.compare(old, broken, 0.05)[0])
+
+    paths = {}
+    for label, doc in (("old", old), ("new", new)):
+        paths[label] = tmp_path / f"{label}.json"
+        paths[label].write_text(json.dumps(doc))
+    assert cli.main(["compare", str(paths["old"]), str(paths["new"])]) == 1
+    assert "REGRESSION" in capsys.readouterr().out
+    assert cli.main(["bench", "compare", str(paths["old"]), str(paths["old"])]) == 0
+    assert cli.main(["compare", str(paths["old"]), str(tmp_path / "missing.json")]) == 2
+
+
+def test_filter_selection():
+    cases = [fake_case("attn_a", _double), fake_case("attn_b", _double), fake_case("ln_c", _double)]
+    assert [c.name for c in cli._select(cases, "attn", False)] == ["attn_a", "attn_b"]
+    assert [c.name for c in cli._select(cases, "ln_*,attn_b", False)] == ["ln_c", "attn_b"]
+    assert [c.name for c in cli._select(cases, "fake", False)] == ["attn_a", "attn_b", "ln_c"]  # a group name
+    with pytest.raises(cli.UsageError, match="nothing matches 'zzz'"):
+        cli._select(cases, "attn,zzz", False)
+
+
+TINY = dict(hidden=32, layers=2, heads=2, inter=64, vocab=97, embed=16)
+
+
+@pytest.mark.parametrize("family,task,pad", [("bert", "infer", 0.3), ("gpt2", "train", 0.0), ("albert", "train", 0.0)])
+def test_model_cases_run_on_cpu(family, task, pad, roofline):
+    case = model_cases._case(family, task, 2, 16, "cpu", pad=pad)
+    case.size = TINY
+    case.flops = model_cases._flops(family, task, TINY, 2, 16)
+    result = runner.run_case(case, runner.RunConfig(CPU, quick=True), roofline)
+    if result["status"] == "skipped":
+        pytest.skip(result["reason"])  # models/ not written yet: reported, not an error
+    assert result["status"] == "ok", result
+    for name in ("hf-eager", "hf-sdpa", "fuseformer-torch"):
+        entry = result["impls"][name]
+        assert entry["status"] == "timed" and entry["parity"]["ok"], (name, entry)
+    assert set(result["speedups"]["fuseformer-torch"]) == {"hf-eager", "hf-sdpa"}
+
+
+def test_missing_model_is_skipped_with_the_reason(roofline, monkeypatch):
+    monkeypatch.setitem(model_cases.FAMILIES, ("bert", "infer"), ("BertModelThatDoesNotExist", "BertModel"))
+    case = model_cases._case("bert", "infer", 2, 16, "cpu")
+    result = runner.run_case(case, runner.RunConfig(CPU, quick=True), roofline)
+    assert result["status"] == "skipped"
+    assert "not available" in result["reason"] and "BertModelThatDoesNotExist" in result["reason"]
+    assert runner.gate({"cases": [result]}, [], gate_speed=False) == []
+    assert report.summary_rows({"cases": [result]})[0]["parity"] == "not available"
+
+
+def test_gpu_case_declarations_prepare_on_cpu(roofline):
+    """The GPU cases' baselines (eager, each SDPA backend, cuBLASLt epilogue) and the
+    per-batch float64 reference, at tiny shapes on the CPU: every implementation either
+    passes parity or is refused with a reason; none errors. (torch.compile is left out:
+    compiling for the CPU takes longer than this whole file.)"""
+    from fuseformer.bench import ops
+
+    cases = [
+        ops.attention_case("g_attn_pad", B=2, H=2, L=33, D=16, pad=0.3, device_type="cuda"),
+        ops.attention_case("g_attn_gqa_bwd", B=2, H=4, Hk=2, L=17, D=16, causal=True, grad=True, device_type="cuda"),
+        ops.varlen_case("g_varlen", lengths=[5, 17, 9], H=2, D=16, device_type="cuda"),
+        ops.add_ln_case("g_ln_bwd", M=9, N=40, grad=True, device_type="cuda"),
+        ops.linear_gelu_case("g_lg", M=9, K_in=16, N=24, device_type="cuda"),  # erf: cuBLASLt not compared
+    ]
+    for case in cases:
+        case.impls = [i for i in case.impls if i.name != "torch-compile"]
+        result = runner.run_case(case, runner.RunConfig(CPU, quick=True), roofline)
+        assert result["status"] == "ok", (case.name, result["reason"], result["impls"])
+        seen = set(result["impls"])
+        if case.name != "g_varlen":  # varlen has a triton kernel only
+            assert result["impls"]["fuseformer-cuda"]["status"] == "refused"
+        expected = {"g_attn_pad": {"torch-eager", "sdpa-math", "sdpa-efficient"}, "g_varlen": {"sdpa-padded"},
+                    "g_ln_bwd": {"torch-eager"}, "g_lg": {"torch-eager", "cublaslt-gelu"}}.get(case.name, set())
+        assert expected <= seen, (case.name, seen)
+        for name, entry in result["impls"].items():
+            assert entry.get("status") in ("refused", "not-timed"), (case.name, name, entry)
+            if entry["status"] == "refused":
+                assert entry["reason"], (case.name, name)
+            elif "parity" in entry:
+                assert entry["parity"]["ok"], (case.name, name, entry["parity"])
+    # The attention cases' float64 reference runs one batch element at a time on a GPU.
+    assert cases[0].batch_keys and not cases[3].batch_keys
+
+
+def test_every_threshold_rule_names_a_gpu_case():
+    """A renamed case must not silently drop its gate: each rule matches a GPU case."""
+    import fnmatch
+
+    from fuseformer.bench import ops
+
+    names = [c.name for c in ops.gpu_cases() + model_cases.cases("cuda")]
+    assert len(names) == len(set(names))
+    for rule in runner.load_thresholds(cli.THRESHOLDS):
+        assert any(fnmatch.fnmatchcase(n, rule["case"]) for n in names), rule
