@@ -28,7 +28,9 @@ if os.environ.get("FUSEFORMER_BUILD_CUDA") == "1":
         CUDAExtension(
             name="fuseformer._C",
             sources=sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu")),
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            # No --use_fast_math: it may swap tanhf/expf for approximations that break the fp32
+            # parity of the GELU kernels (kernels/cuda_backend.py's JIT build uses the same flags).
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
         )
     ]
     cmdclass = {"build_ext": BuildExtension}

@@ -30,3 +30,4 @@ __all__ = [
     "unavailable_reason",
     "BackendUnsupportedError",
 ]
+from . import cuda_backend  # noqa: F401,E402  (registers the cuda impls)

@@ -1,0 +1,328 @@
+// Fused residual add + LayerNorm, forward and backward, for (M, N) row-major fp16/bf16/fp32.
+//
+// Forward, per row:  h = round_T(x + residual);  mean = sum(h) / N;
+//                    rstd = 1 / sqrt(sum((h - mean)^2) / N + eps);  y = (h - mean) * rstd * w + b
+// h is rounded to the input dtype before the statistics because that is what the reference
+// (and the prenorm stream it returns) holds.
+//
+// Backward, with xhat = (h - mean) * rstd and g = dy * w:
+//   dh = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dstream
+//   dw = sum_rows(dy * xhat),  db = sum_rows(dy)
+// dx and dresidual are both dh (no dropout here: dropout is left to the other backends); the
+// kernel writes the second copy itself because outputs of a torch custom op may not alias.
+//
+// A row lives in registers between the two reductions, so it is read from memory once. A
+// "row group" of THREADS_PER_ROW threads owns a row: a warp for N up to 1024 (no shared
+// memory, shuffles only), the whole block (256 or 512 threads) above that.
+#include "common.cuh"
+#include "kernels.h"
+
+namespace fuseformer {
+namespace {
+
+constexpr int kWarpBlock = 128;  // four rows per block when a warp owns a row
+
+// Sum over the THREADS_PER_ROW threads of a row group; every thread gets the total.
+template <int THREADS_PER_ROW>
+__device__ __forceinline__ float group_sum(float v, float* scratch) {
+  if constexpr (THREADS_PER_ROW <= 32) {
+    return warp_sum<THREADS_PER_ROW>(v);
+  } else {
+    constexpr int kWarps = THREADS_PER_ROW / 32;
+    v = warp_sum<32>(v);
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += scratch[w];
+    __syncthreads();  // scratch is reused by the next reduction
+    return total;
+  }
+}
+
+// Loads h = round_T(x + residual) for the columns this thread owns; zero outside the row.
+template <typename T, int VW, int THREADS_PER_ROW, int VECS>
+__device__ __forceinline__ void load_stream(const T* __restrict__ x, const T* __restrict__ residual, int64_t row,
+                                            int N, int lane, float (&h)[VECS][VW]) {
+#pragma unroll
+  for (int i = 0; i < VECS; ++i) {
+    const int col = (i * THREADS_PER_ROW + lane) * VW;
+    if (col < N) {
+      load_vec<T, VW>(x + row * N + col, h[i]);
+      if (residual != nullptr) {
+        float r[VW];
+        load_vec<T, VW>(residual + row * N + col, r);
+#pragma unroll
+        for (int j = 0; j < VW; ++j) h[i][j] = to_float(from_float<T>(h[i][j] + r[j]));
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < VW; ++j) h[i][j] = 0.f;
+    }
+  }
+}
+
+template <typename T, int VW, int THREADS_PER_ROW, int VECS>
+__device__ __forceinline__ void load_row(const T* __restrict__ src, int64_t row, int N, int lane,
+                                         float (&dst)[VECS][VW]) {
+#pragma unroll
+  for (int i = 0; i < VECS; ++i) {
+    const int col = (i * THREADS_PER_ROW + lane) * VW;
+    if (col < N) {
+      load_vec<T, VW>(src + row * N + col, dst[i]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VW; ++j) dst[i][j] = 0.f;
+    }
+  }
+}
+
+// The launch bounds let ptxas budget registers for the real block size (a 512-thread block
+// must fit in 128 registers per thread, or the launch fails).
+template <typename T, int VW, int THREADS_PER_ROW, int VECS>
+__global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_PER_ROW) add_layer_norm_forward_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+                                              const T* __restrict__ weight, const T* __restrict__ bias,
+                                              T* __restrict__ y, T* __restrict__ stream_out, float* __restrict__ mean_out,
+                                              float* __restrict__ rstd_out, int64_t M, int N, float eps) {
+  constexpr int kRowsPerBlock = (THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_PER_ROW) / THREADS_PER_ROW;
+  __shared__ float scratch[THREADS_PER_ROW > 32 ? THREADS_PER_ROW / 32 : 1];
+  const int lane = threadIdx.x % THREADS_PER_ROW;
+  const int group = threadIdx.x / THREADS_PER_ROW;
+
+  // Every thread of a group runs the same rows, so the block-wide barriers inside group_sum
+  // (block-per-row case) are reached by all threads together.
+  for (int64_t row = (int64_t)blockIdx.x * kRowsPerBlock + group; row < M; row += (int64_t)gridDim.x * kRowsPerBlock) {
+    float h[VECS][VW];
+    load_stream<T, VW, THREADS_PER_ROW, VECS>(x, residual, row, N, lane, h);
+
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < VECS; ++i)
+#pragma unroll
+      for (int j = 0; j < VW; ++j) sum += h[i][j];
+    const float mean = group_sum<THREADS_PER_ROW>(sum, scratch) / N;
+
+    // Second pass over registers: exact centred variance, no E[x^2] - E[x]^2 cancellation.
+    float sq = 0.f;
+#pragma unroll
+    for (int i = 0; i < VECS; ++i) {
+      const int col = (i * THREADS_PER_ROW + lane) * VW;
+      if (col < N) {
+#pragma unroll
+        for (int j = 0; j < VW; ++j) sq += (h[i][j] - mean) * (h[i][j] - mean);
+      }
+    }
+    const float rstd = rsqrtf(group_sum<THREADS_PER_ROW>(sq, scratch) / N + eps);
+
+#pragma unroll
+    for (int i = 0; i < VECS; ++i) {
+      const int col = (i * THREADS_PER_ROW + lane) * VW;
+      if (col >= N) continue;
+      if (stream_out != nullptr) store_vec<T, VW>(stream_out + row * N + col, h[i]);
+      float w[VW], b[VW], out[VW];
+      if (weight != nullptr) load_vec<T, VW>(weight + col, w);
+      if (bias != nullptr) load_vec<T, VW>(bias + col, b);
+#pragma unroll
+      for (int j = 0; j < VW; ++j) {
+        float v = (h[i][j] - mean) * rstd;
+        if (weight != nullptr) v *= w[j];
+        if (bias != nullptr) v += b[j];
+        out[j] = v;
+      }
+      store_vec<T, VW>(y + row * N + col, out);
+    }
+    if (lane == 0) {
+      mean_out[row] = mean;
+      rstd_out[row] = rstd;
+    }
+  }
+}
+
+template <typename T, int VW, int THREADS_PER_ROW, int VECS>
+__global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_PER_ROW) add_layer_norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ dstream,
+                                               const T* __restrict__ stream_in, const T* __restrict__ weight,
+                                               const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
+                                               T* __restrict__ dh, T* __restrict__ dh_copy, float* __restrict__ dweight_partial,
+                                               float* __restrict__ dbias_partial, int64_t M, int N) {
+  constexpr int kRowsPerBlock = (THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_PER_ROW) / THREADS_PER_ROW;
+  __shared__ float scratch[THREADS_PER_ROW > 32 ? THREADS_PER_ROW / 32 : 1];
+  const int lane = threadIdx.x % THREADS_PER_ROW;
+  const int group = threadIdx.x / THREADS_PER_ROW;
+
+  // Column sums of dy * xhat and dy for the rows this group visits; one partial row per group.
+  float acc_dw[VECS][VW], acc_db[VECS][VW];
+#pragma unroll
+  for (int i = 0; i < VECS; ++i)
+#pragma unroll
+    for (int j = 0; j < VW; ++j) acc_dw[i][j] = acc_db[i][j] = 0.f;
+
+  for (int64_t row = (int64_t)blockIdx.x * kRowsPerBlock + group; row < M; row += (int64_t)gridDim.x * kRowsPerBlock) {
+    float h[VECS][VW], g[VECS][VW];
+    load_row<T, VW, THREADS_PER_ROW, VECS>(stream_in, row, N, lane, h);
+    load_row<T, VW, THREADS_PER_ROW, VECS>(dy, row, N, lane, g);
+    const float mean = mean_in[row];
+    const float rstd = rstd_in[row];
+
+    float sum_g = 0.f, sum_gx = 0.f;
+#pragma unroll
+    for (int i = 0; i < VECS; ++i) {
+      const int col = (i * THREADS_PER_ROW + lane) * VW;
+      if (col >= N) continue;
+      float w[VW];
+      if (weight != nullptr) load_vec<T, VW>(weight + col, w);
+#pragma unroll
+      for (int j = 0; j < VW; ++j) {
+        const float xhat = (h[i][j] - mean) * rstd;
+        acc_dw[i][j] += g[i][j] * xhat;
+        acc_db[i][j] += g[i][j];
+        if (weight != nullptr) g[i][j] *= w[j];
+        h[i][j] = xhat;  // h is not needed any more; keep xhat in its registers
+        sum_g += g[i][j];
+        sum_gx += g[i][j] * xhat;
+      }
+    }
+    const float mean_g = group_sum<THREADS_PER_ROW>(sum_g, scratch) / N;
+    const float mean_gx = group_sum<THREADS_PER_ROW>(sum_gx, scratch) / N;
+
+#pragma unroll
+    for (int i = 0; i < VECS; ++i) {
+      const int col = (i * THREADS_PER_ROW + lane) * VW;
+      if (col >= N) continue;
+      float extra[VW], out[VW];
+      if (dstream != nullptr) load_vec<T, VW>(dstream + row * N + col, extra);
+#pragma unroll
+      for (int j = 0; j < VW; ++j) {
+        out[j] = rstd * (g[i][j] - mean_g - h[i][j] * mean_gx);
+        if (dstream != nullptr) out[j] += extra[j];
+      }
+      store_vec<T, VW>(dh + row * N + col, out);
+      if (dh_copy != nullptr) store_vec<T, VW>(dh_copy + row * N + col, out);
+    }
+  }
+
+  // Every group writes its row, zeros included, so the caller may sum an uninitialised buffer.
+  const int64_t partial_row = (int64_t)blockIdx.x * kRowsPerBlock + group;
+#pragma unroll
+  for (int i = 0; i < VECS; ++i) {
+    const int col = (i * THREADS_PER_ROW + lane) * VW;
+    if (col >= N) continue;
+#pragma unroll
+    for (int j = 0; j < VW; ++j) {
+      if (dweight_partial != nullptr) dweight_partial[partial_row * N + col + j] = acc_dw[i][j];
+      if (dbias_partial != nullptr) dbias_partial[partial_row * N + col + j] = acc_db[i][j];
+    }
+  }
+}
+
+// The (threads per row, vectors per thread) a hidden size N runs with: a warp per row while
+// 4 vectors each suffice, then a block per row, 512 threads for the widest rows so that the
+// backward's four per-element arrays (stream, dy, two column sums) stay in registers
+// (256 threads x 8 vectors spilled).
+struct RowConfig {
+  int threads_per_row;
+  int vecs;
+};
+
+template <typename T>
+RowConfig pick_config(int N, bool aligned) {
+  constexpr int kVW = 16 / sizeof(T);
+  if (aligned) {
+    if (N <= 32 * kVW) return {32, 1};
+    if (N <= 32 * 4 * kVW) return {32, 4};
+    if (N <= 256 * 2 * kVW) return {256, 2};
+    return {512, 4};
+  }
+  if (N <= 32 * 8) return {32, 8};
+  return {256, 32};
+}
+
+int rows_per_block(RowConfig c) { return (c.threads_per_row <= 32 ? kWarpBlock : c.threads_per_row) / c.threads_per_row; }
+int block_threads(RowConfig c) { return c.threads_per_row <= 32 ? kWarpBlock : c.threads_per_row; }
+
+int64_t blocks_for(int64_t M, RowConfig c, int64_t cap) {
+  const int64_t needed = (M + rows_per_block(c) - 1) / rows_per_block(c);
+  return needed < cap ? (needed > 0 ? needed : 1) : cap;
+}
+
+// Every (VW, threads, vecs) instance pick_config can return, in one place.
+#define FUSEFORMER_LN_DISPATCH(T, cfg, aligned, LAUNCH)                  \
+  do {                                                                   \
+    constexpr int kVW = 16 / sizeof(T);                                  \
+    if (aligned) {                                                       \
+      if (cfg.threads_per_row == 32 && cfg.vecs == 1) LAUNCH(T, kVW, 32, 1);       \
+      else if (cfg.threads_per_row == 32) LAUNCH(T, kVW, 32, 4);         \
+      else if (cfg.threads_per_row == 256) LAUNCH(T, kVW, 256, 2);       \
+      else LAUNCH(T, kVW, 512, 4);                                       \
+    } else {                                                             \
+      if (cfg.threads_per_row == 32) LAUNCH(T, 1, 32, 8);                \
+      else LAUNCH(T, 1, 256, 32);                                        \
+    }                                                                    \
+  } while (0)
+
+template <typename T>
+cudaError_t forward_typed(const void* x, const void* residual, const void* weight, const void* bias, void* y,
+                          void* stream_out, float* mean, float* rstd, int64_t M, int N, float eps, bool aligned,
+                          cudaStream_t stream) {
+  const RowConfig cfg = pick_config<T>(N, aligned);
+  const int64_t blocks = blocks_for(M, cfg, int64_t{1} << 20);
+#define LAUNCH(TT, VW, TPR, VECS)                                                                              \
+  add_layer_norm_forward_kernel<TT, VW, TPR, VECS><<<(unsigned)blocks, block_threads(cfg), 0, stream>>>(       \
+      static_cast<const TT*>(x), static_cast<const TT*>(residual), static_cast<const TT*>(weight),             \
+      static_cast<const TT*>(bias), static_cast<TT*>(y), static_cast<TT*>(stream_out), mean, rstd, M, N, eps)
+  FUSEFORMER_LN_DISPATCH(T, cfg, aligned, LAUNCH);
+#undef LAUNCH
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t backward_typed(const void* dy, const void* dstream, const void* stream_in, const void* weight,
+                           const float* mean, const float* rstd, void* dh, void* dh_copy, float* dweight_partial, float* dbias_partial, int64_t M, int N, bool aligned,
+                           int max_blocks, cudaStream_t stream) {
+  const RowConfig cfg = pick_config<T>(N, aligned);
+  const int64_t blocks = blocks_for(M, cfg, max_blocks);
+#define LAUNCH(TT, VW, TPR, VECS)                                                                             \
+  add_layer_norm_backward_kernel<TT, VW, TPR, VECS><<<(unsigned)blocks, block_threads(cfg), 0, stream>>>(     \
+      static_cast<const TT*>(dy), static_cast<const TT*>(dstream), static_cast<const TT*>(stream_in),         \
+      static_cast<const TT*>(weight), mean, rstd, static_cast<TT*>(dh), static_cast<TT*>(dh_copy),           \
+      dweight_partial, dbias_partial, M, N)
+  FUSEFORMER_LN_DISPATCH(T, cfg, aligned, LAUNCH);
+#undef LAUNCH
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t add_layer_norm_forward(DType dtype, const void* x, const void* residual, const void* weight,
+                                   const void* bias, void* y, void* stream_out, float* mean, float* rstd,
+                                   int64_t M, int N, float eps, bool aligned, cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::F16: return forward_typed<__half>(x, residual, weight, bias, y, stream_out, mean, rstd, M, N, eps, aligned, stream);
+    case DType::BF16: return forward_typed<__nv_bfloat16>(x, residual, weight, bias, y, stream_out, mean, rstd, M, N, eps, aligned, stream);
+    case DType::F32: return forward_typed<float>(x, residual, weight, bias, y, stream_out, mean, rstd, M, N, eps, aligned, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+int64_t add_layer_norm_partial_rows(DType dtype, int64_t M, int N, bool aligned, int max_blocks) {
+  if (M == 0) return 0;
+  const RowConfig cfg = dtype == DType::F32 ? pick_config<float>(N, aligned) : pick_config<__half>(N, aligned);
+  return blocks_for(M, cfg, max_blocks) * rows_per_block(cfg);
+}
+
+cudaError_t add_layer_norm_backward(DType dtype, const void* dy, const void* dstream, const void* stream_in,
+                                    const void* weight, const float* mean, const float* rstd, void* dh,
+                                    void* dh_copy, float* dweight_partial,
+                                    float* dbias_partial, int64_t M, int N, bool aligned, int max_blocks,
+                                    cudaStream_t stream) {
+  if (M == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::F16: return backward_typed<__half>(dy, dstream, stream_in, weight, mean, rstd, dh, dh_copy, dweight_partial, dbias_partial, M, N, aligned, max_blocks, stream);
+    case DType::BF16: return backward_typed<__nv_bfloat16>(dy, dstream, stream_in, weight, mean, rstd, dh, dh_copy, dweight_partial, dbias_partial, M, N, aligned, max_blocks, stream);
+    case DType::F32: return backward_typed<float>(dy, dstream, stream_in, weight, mean, rstd, dh, dh_copy, dweight_partial, dbias_partial, M, N, aligned, max_blocks, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace fuseformer

@@ -1,0 +1,67 @@
+// Device helpers shared by the pure-CUDA kernels (no torch headers: nvcc alone compiles them).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdint.h>
+
+namespace fuseformer {
+
+// fp16/bf16/fp32 <-> fp32. Every kernel does its arithmetic in fp32 and rounds once on store.
+template <typename T> struct Convert;
+template <> struct Convert<float> {
+  static __device__ __forceinline__ float to_float(float v) { return v; }
+  static __device__ __forceinline__ float from_float(float v) { return v; }
+};
+template <> struct Convert<__half> {
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+};
+template <> struct Convert<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <typename T> __device__ __forceinline__ float to_float(T v) { return Convert<T>::to_float(v); }
+template <typename T> __device__ __forceinline__ T from_float(float v) { return Convert<T>::from_float(v); }
+
+// A run of VW elements moved as one access: 16 bytes when VW * sizeof(T) == 16, so a warp
+// issues full 512-byte transactions; VW == 1 is the path for sizes or pointers that are not
+// 16-byte aligned (hidden 1023, a sliced view), where a wide access would fault.
+template <typename T, int VW> struct alignas(sizeof(T) * VW) Vec {
+  T v[VW];
+};
+
+template <typename T, int VW>
+__device__ __forceinline__ void load_vec(const T* __restrict__ src, float (&dst)[VW]) {
+  Vec<T, VW> pack = *reinterpret_cast<const Vec<T, VW>*>(src);
+#pragma unroll
+  for (int i = 0; i < VW; ++i) dst[i] = to_float(pack.v[i]);
+}
+
+template <typename T, int VW>
+__device__ __forceinline__ void store_vec(T* __restrict__ dst, const float (&src)[VW]) {
+  Vec<T, VW> pack;
+#pragma unroll
+  for (int i = 0; i < VW; ++i) pack.v[i] = from_float<T>(src[i]);
+  *reinterpret_cast<Vec<T, VW>*>(dst) = pack;
+}
+
+template <int WIDTH = 32>
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = WIDTH / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+__host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+}  // namespace fuseformer

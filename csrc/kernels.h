@@ -1,0 +1,89 @@
+// Host entry points of the pure-CUDA kernels. Plain C++ over void pointers and a dtype tag, so
+// the torch-side bindings include this without the CUDA half/bfloat16 headers and the .cu
+// files compile with nvcc alone. Every function validates nothing: bindings.cpp checks the
+// arguments first. Each returns the launch's cudaError_t (cudaSuccess when all went well).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <stdint.h>
+
+namespace fuseformer {
+
+enum class DType : int { F16 = 0, BF16 = 1, F32 = 2 };
+
+// ---- add + LayerNorm (csrc/add_layer_norm.cu) ----------------------------------------------
+// The widest hidden size the register-resident row kernels take.
+constexpr int kLayerNormMaxHidden = 8192;
+
+// stream = x + residual; y = (stream - mean) * rstd * weight + bias, row by row over (M, N).
+// residual, weight, bias, stream_out may be null. mean/rstd are fp32 (M). `aligned` says that
+// every pointer is 16-byte aligned and N * sizeof(dtype) is a multiple of 16.
+cudaError_t add_layer_norm_forward(DType dtype, const void* x, const void* residual, const void* weight,
+                                   const void* bias, void* y, void* stream_out, float* mean, float* rstd,
+                                   int64_t M, int N, float eps, bool aligned, cudaStream_t stream);
+
+// Gradient of the LayerNorm input h (the saved stream, `stream_in`) given dy, plus dstream
+// (the gradient reaching the returned stream under prenorm; may be null). dh is written in
+// the input dtype, and again to dh_copy when that is not null (dx and dresidual must not
+// alias). Per-row-group partial sums of dy * xhat and dy go to dweight_partial /
+// dbias_partial (fp32, (add_layer_norm_partial_rows(...), N)), or are skipped when those are
+// null; the caller sums them over rows.
+cudaError_t add_layer_norm_backward(DType dtype, const void* dy, const void* dstream, const void* stream_in,
+                                    const void* weight, const float* mean, const float* rstd, void* dh,
+                                    void* dh_copy, float* dweight_partial, float* dbias_partial, int64_t M, int N,
+                                    bool aligned, int max_blocks, cudaStream_t stream);
+
+// Rows of the partial-sum buffers add_layer_norm_backward writes for these arguments (0 when M is 0).
+int64_t add_layer_norm_partial_rows(DType dtype, int64_t M, int N, bool aligned, int max_blocks);
+
+// ---- GELU elementwise (csrc/gelu.cu) ---------------------------------------------------------
+// out = gelu(pre); approximate_tanh picks GPT-2's tanh form over the erf form.
+cudaError_t gelu_forward(DType dtype, const void* pre, void* out, int64_t n, bool approximate_tanh,
+                         cudaStream_t stream);
+// dpre = dout * gelu'(pre).
+cudaError_t gelu_backward(DType dtype, const void* dout, const void* pre, void* dpre, int64_t n,
+                          bool approximate_tanh, cudaStream_t stream);
+
+// ---- attention forward (csrc/attention_forward.cu) -------------------------------------------
+struct AttentionParams {
+  const void* q;  // (B, Hq, Lq, D), last dim contiguous
+  const void* k;  // (B, Hkv, Lk, D)
+  const void* v;
+  void* out;      // (B, Hq, Lq, D), last dim contiguous
+  float* lse;     // (B, Hq, Lq) natural-log logsumexp of the scaled scores; +inf on a fully masked row
+  // Additive fp32 bias per (batch, key), the key-padding fast path (0 attend, -inf masked), or null.
+  const float* key_bias;
+  int64_t key_bias_batch_stride;
+  // Per batch, one past the last key that is not masked (int32, (B,)), or null. Key tiles at or
+  // past it are skipped: with BERT-style right padding that work is never done.
+  const int* key_end;
+  int64_t q_strides[3];  // batch, head, row (elements)
+  int64_t k_strides[3];
+  int64_t v_strides[3];
+  int64_t out_strides[3];
+  int B, Hq, Hkv, Lq, Lk, D;
+  float scale;
+  bool causal;   // key j attends query i only when j <= i (top-left aligned, as torch)
+  bool aligned;  // all row starts 16-byte aligned: the tile loads use 16-byte vectors
+};
+
+bool attention_forward_supports_head_dim(int head_dim);
+cudaError_t attention_forward(DType dtype, const AttentionParams& params, cudaStream_t stream);
+
+// ---- attention backward (csrc/attention_backward.cu) -----------------------------------------
+struct AttentionBackwardParams {
+  // q, k, v, masks, sizes, scale and causal as in the forward; `lse` is the forward's output
+  // (read here); `out` is unused; `aligned` also covers dout.
+  AttentionParams fwd;
+  const void* dout;  // (B, Hq, Lq, D), last dim contiguous
+  int64_t dout_strides[3];
+  const float* delta;  // (B, Hq, Lq) contiguous: rowsum(dout * out) in fp32
+  void* dq;            // (B, Hq, Lq, D) contiguous
+  void* dk;            // (B, Hkv, Lk, D) contiguous; summed over the query heads of a group
+  void* dv;
+};
+
+cudaError_t attention_backward(DType dtype, const AttentionBackwardParams& params, cudaStream_t stream);
+
+}  // namespace fuseformer

@@ -1,0 +1,416 @@
+"""The `cuda` backend (csrc/ through kernels/cuda_backend.py).
+
+CPU part (runs everywhere): the package works without the extension, the backend says why it
+is unavailable, asking for it by name raises a clear error, and `unsupported` refuses what
+the kernels do not do.
+
+GPU part (marked `gpu`, skipped without a CUDA device; NOT YET RUN: written on a machine with
+no GPU): every op forward and backward against the float64 reference by the parity rule on
+odd shapes, outputs poisoned with NaN first; and the CHECK macros of csrc/bindings.cpp
+surfacing as Python exceptions.
+"""
+import math
+import pathlib
+
+import pytest
+import torch
+
+from fuseformer import kernels as K
+from fuseformer.kernels import backends, cuda_backend, reference
+from fuseformer.kernels.parity import assert_parity
+
+HAS_CUDA = torch.cuda.is_available()
+# The gpu tests' device and backend: module constants, so that their logic can be dry-run on
+# the CPU against the torch backend.
+DEV, BACKEND = "cuda", "cuda"
+CUDA_REASON = cuda_backend.unavailable_reason() if not HAS_CUDA else None
+gpu = pytest.mark.gpu
+
+
+# ----------------------------------------------------------------------------- CPU
+
+
+def test_registered_for_the_three_ops_only():
+    for op in ("attention", "add_layer_norm", "linear_gelu"):
+        impl = backends.get_impl(op, "cuda")
+        assert callable(impl.forward) and callable(impl.backward) and callable(impl.unsupported)
+    with pytest.raises(backends.BackendUnsupportedError, match="no implementation of varlen_attention"):
+        backends.get_impl("varlen_attention", "cuda")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour without a CUDA device")
+def test_package_works_without_the_extension():
+    reason = K.unavailable_reason("cuda")
+    assert isinstance(reason, str) and reason
+    assert "cuda" not in K.available_backends()
+    assert "torch" in K.available_backends()
+    if torch.version.cuda is None:
+        assert reason == "torch was built without CUDA"
+    # Nothing was built or even attempted: the reason came from torch alone.
+    assert cuda_backend._module is None and not cuda_backend._tried
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(K.add_layer_norm(x, None, None, None), reference.add_layer_norm(x, None, None, None))
+
+
+def _named_cuda_calls():
+    x = torch.randn(3, 7, 16)
+    w, b = torch.randn(16), torch.randn(16)
+    q = torch.randn(2, 2, 5, 16)
+    return {
+        "add_layer_norm": lambda: K.add_layer_norm(x, None, w, b, backend="cuda"),
+        "linear_gelu": lambda: K.linear_gelu(x, torch.randn(8, 16), None, backend="cuda"),
+        "attention": lambda: K.scaled_dot_product_attention(q, q, q, backend="cuda"),
+    }
+
+
+@pytest.mark.parametrize("op", ["add_layer_norm", "linear_gelu", "attention"])
+def test_named_cuda_backend_raises_a_clear_error(op):
+    # CPU tensors: the cuda backend can never run them, with or without a GPU here.
+    with pytest.raises(backends.BackendUnsupportedError, match="backend 'cuda' cannot run") as info:
+        _named_cuda_calls()[op]()
+    message = str(info.value)
+    if CUDA_REASON is not None:
+        assert CUDA_REASON in message
+    else:
+        assert "tensors are on cpu" in message
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour without a CUDA device")
+def test_set_backend_cuda_then_call_raises():
+    with K.use_backend("cuda"):
+        with pytest.raises(backends.BackendUnsupportedError, match=CUDA_REASON):
+            K.add_layer_norm(torch.randn(2, 8), None, None, None)
+
+
+@pytest.mark.parametrize("float_mask", [False, True])
+def test_key_padding_args(float_mask):
+    lengths = torch.tensor([5, 0, 3, 1])
+    keep = torch.arange(5) < lengths[:, None]
+    keep[2, 0] = False  # a hole before the end does not move the end
+    mask = keep.view(4, 1, 1, 5).expand(4, 3, 7, 5)
+    if float_mask:
+        mask = torch.zeros(4, 1, 1, 5).masked_fill(~keep.view(4, 1, 1, 5), float("-inf")).expand(4, 3, 7, 5)
+    bias, key_end = cuda_backend.key_padding_args(mask)
+    assert bias.dtype == torch.float32 and bias.shape == (4, 5) and bias.is_contiguous()
+    assert torch.equal(torch.isneginf(bias), ~keep)
+    assert not torch.isnan(bias).any()
+    assert key_end.dtype == torch.int32 and key_end.tolist() == [5, 0, 3, 1]
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    """cuda_backend's loader as if nothing had been tried, with no ahead-of-time build."""
+    for name, value in (("_module", None), ("_reason", None), ("_tried", False)):
+        monkeypatch.setattr(cuda_backend, name, value)
+    real_import = cuda_backend.importlib.import_module
+
+    def no_aot(name, *args):
+        if name == "fuseformer._C":
+            raise ImportError("no ahead-of-time build")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(cuda_backend.importlib, "import_module", no_aot)
+    return monkeypatch
+
+
+def test_build_failure_becomes_the_reason(fresh_loader, capsys):
+    from torch.utils import cpp_extension
+
+    def failing_load(**kwargs):
+        assert kwargs["name"] == cuda_backend.EXTENSION_NAME
+        assert [pathlib.Path(s).name for s in kwargs["sources"]] == list(cuda_backend.SOURCES)
+        raise RuntimeError("Error building extension 'fuseformer_cuda'\n[1/6] nvcc ...\nattention_forward.cu(7): error: bad")
+
+    fresh_loader.setattr(cuda_backend, "_nvcc", lambda: "/usr/bin/nvcc")
+    fresh_loader.setattr(cpp_extension, "verify_ninja_availability", lambda: None)
+    fresh_loader.setattr(cpp_extension, "load", failing_load)
+    cuda_backend._load()
+    assert cuda_backend._module is None
+    assert cuda_backend._reason.startswith("the csrc/ extension could not be built: Error building extension")
+    assert "attention_forward.cu(7): error: bad" in cuda_backend._reason
+    err = capsys.readouterr().err
+    assert "the first use compiles csrc/" in err and "[1/6] nvcc" in err
+    cuda_backend._load()  # tried once per process: no second attempt
+    assert capsys.readouterr().err == ""
+
+
+def test_missing_nvcc_becomes_the_reason(fresh_loader):
+    fresh_loader.setattr(cuda_backend, "_nvcc", lambda: None)
+    cuda_backend._load()
+    assert "nvcc not found" in cuda_backend._reason
+
+
+def test_sources_found():
+    folder = cuda_backend.source_dir()
+    assert folder is not None
+    for name in cuda_backend.SOURCES:
+        assert (folder / name).is_file()
+
+
+ATTN_OK = dict(dtype=torch.float16, head_dim=64, mask_kind="key_padding", dropout_p=0.0, requires_grad=False,
+               is_causal=True, gqa=True)
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        ({}, None),
+        ({"dtype": torch.bfloat16, "head_dim": 128, "mask_kind": "none"}, None),
+        ({"dtype": torch.float32}, "float16 and bfloat16"),
+        ({"head_dim": 40}, "head dim 40 has no cuda kernel"),
+        ({"head_dim": 256}, "head dim 256"),
+        ({"mask_kind": "dense"}, "key-padding masks only"),
+        ({"dropout_p": 0.1}, "dropout"),
+        ({"requires_grad": True}, None),
+    ],
+)
+def test_attention_unsupported(change, expected):
+    reason = backends.get_impl("attention", "cuda").unsupported(**{**ATTN_OK, **change})
+    if expected is None:
+        assert reason is None
+    else:
+        assert reason is not None and expected in reason
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        (dict(dtype=torch.float32, hidden=1023, dropout_p=0.0, requires_grad=True), None),
+        (dict(dtype=torch.bfloat16, hidden=8192, dropout_p=0.0, requires_grad=False), None),
+        (dict(dtype=torch.float16, hidden=8193, dropout_p=0.0, requires_grad=False), "hidden size 8193"),
+        (dict(dtype=torch.float64, hidden=64, dropout_p=0.0, requires_grad=False), "float64"),
+        (dict(dtype=torch.float16, hidden=64, dropout_p=0.1, requires_grad=False), "dropout"),
+    ],
+)
+def test_add_layer_norm_unsupported(case, expected):
+    reason = backends.get_impl("add_layer_norm", "cuda").unsupported(**case)
+    assert reason is None if expected is None else expected in reason
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        (dict(dtype=torch.float16, in_features=17, out_features=33, approximate="tanh", requires_grad=True), None),
+        (dict(dtype=torch.float64, in_features=8, out_features=8, approximate="none", requires_grad=False), "float64"),
+        (dict(dtype=torch.float32, in_features=8, out_features=8, approximate="sigmoid", requires_grad=False), "sigmoid"),
+    ],
+)
+def test_linear_gelu_unsupported(case, expected):
+    reason = backends.get_impl("linear_gelu", "cuda").unsupported(**case)
+    assert reason is None if expected is None else expected in reason
+
+
+# ----------------------------------------------------------------------------- GPU helpers
+
+
+@pytest.fixture
+def cuda_ext(monkeypatch):
+    """The built extension (JIT on first use), outputs poisoned with NaN."""
+    monkeypatch.setenv("FUSEFORMER_POISON", "1")
+    reason = cuda_backend.unavailable_reason()
+    if reason is not None:
+        pytest.fail(f"a CUDA device is present but the cuda backend is unavailable: {reason}")
+    return cuda_backend.module()
+
+
+def _leaves(tensors, dtype):
+    return [None if t is None else t.detach().to(dtype).requires_grad_(True) for t in tensors]
+
+
+def _parity_with_grads(run_impl, run_ref, inputs, dtype, names, grad=True):
+    """impl (dtype) vs reference in float64 and in dtype: the outputs, then every input's grad."""
+    results = {}
+    for label, dt in (("impl", dtype), ("ref64", torch.float64), ("torch_d", dtype)):
+        leaves = _leaves(inputs, dt)
+        with torch.set_grad_enabled(grad):
+            out = (run_impl if label == "impl" else run_ref)(*leaves)
+        results[label] = (out if isinstance(out, tuple) else (out,), leaves)
+    impl_outs = results["impl"][0]
+    for i in range(len(impl_outs)):
+        assert_parity(impl_outs[i], results["ref64"][0][i], results["torch_d"][0][i], dtype, what=f"output {i}")
+    if not grad:
+        return
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    douts = [torch.randn(o.shape, generator=gen).to(o.device) for o in impl_outs]
+    grads = {}
+    for label, (outs, leaves) in results.items():
+        loss = sum((o * g.to(o.dtype)).sum() for o, g in zip(outs, douts))
+        present = [t for t in leaves if t is not None]
+        grads[label] = torch.autograd.grad(loss, present)
+    present_names = [n for n, t in zip(names, inputs) if t is not None]
+    for i, what in enumerate(present_names):
+        assert grads["impl"][i].dtype == dtype
+        assert_parity(grads["impl"][i], grads["ref64"][i], grads["torch_d"][i], dtype, what=what)
+
+
+# ----------------------------------------------------------------------------- GPU: add + LayerNorm
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,N", [(3, 1), (17, 100), (5, 1023), (64, 768), (3, 4096), (2, 8192), (257, 40)])
+@pytest.mark.parametrize("prenorm", [False, True])
+def test_gpu_add_layer_norm_parity(cuda_ext, dtype, M, N, prenorm):
+    x, r = torch.randn(M, N, device=DEV), torch.randn(M, N, device=DEV)
+    w, b = 1.0 + 0.5 * torch.randn(N, device=DEV), 0.5 * torch.randn(N, device=DEV)
+    _parity_with_grads(
+        lambda *t: K.add_layer_norm(*t, prenorm=prenorm, backend=BACKEND),
+        lambda *t: reference.add_layer_norm(*t, prenorm=prenorm),
+        (x, r, w, b), dtype, ("dx", "dresidual", "dweight", "dbias"),
+    )
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("residual,weight,bias", [(False, False, False), (False, True, False), (True, False, True)])
+def test_gpu_add_layer_norm_optional_args(cuda_ext, dtype, residual, weight, bias):
+    N = 520  # 3-D input: the op flattens it to (33, N) rows
+    x = torch.randn(3, 11, N, device=DEV)
+    args = (x, torch.randn_like(x) if residual else None, 1.0 + torch.randn(N, device=DEV) if weight else None,
+            torch.randn(N, device=DEV) if bias else None)
+    _parity_with_grads(lambda *t: K.add_layer_norm(*t, backend=BACKEND), reference.add_layer_norm, args, dtype,
+                       ("dx", "dresidual", "dweight", "dbias"))
+
+
+# ----------------------------------------------------------------------------- GPU: Linear + GELU
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("M,Kf,N,bias", [(3, 17, 33, True), (1, 1, 1, True), (50, 100, 70, False), (96, 128, 256, True),
+                                         (96, 128, 256, False)])
+def test_gpu_linear_gelu_parity(cuda_ext, dtype, approximate, M, Kf, N, bias):
+    x = torch.randn(M, Kf, device=DEV)
+    w = torch.randn(N, Kf, device=DEV) / math.sqrt(Kf)
+    b = torch.randn(N, device=DEV) if bias else None
+    _parity_with_grads(
+        lambda *t: K.linear_gelu(*t, approximate=approximate, backend=BACKEND),
+        lambda *t: reference.linear_gelu(*t, approximate=approximate),
+        (x, w, b), dtype, ("dx", "dweight", "dbias"),
+    )
+
+
+# ----------------------------------------------------------------------------- GPU: attention
+
+
+def _key_padding(B, Lk, dtype=torch.bool, empty_batch=False):
+    lengths = torch.randint(1, Lk + 1, (B,), device=DEV)
+    lengths[0] = Lk
+    if empty_batch:
+        lengths[-1] = 0  # every key of the last batch masked: its rows must come out 0
+    keep = torch.arange(Lk, device=DEV) < lengths[:, None]
+    if dtype == torch.bool:
+        return keep.view(B, 1, 1, Lk)
+    return torch.zeros(B, 1, 1, Lk, device=DEV).masked_fill(~keep.view(B, 1, 1, Lk), float("-inf"))
+
+
+ATTN_CASES = [  # (B, Hq, Hkv, Lq, Lk, D, causal, mask)
+    (3, 2, 2, 1, 1, 16, False, None),
+    (3, 2, 2, 17, 17, 32, True, None),
+    (2, 2, 2, 97, 97, 64, False, "bool"),
+    (2, 4, 2, 128, 128, 64, True, "float"),
+    (1, 1, 1, 257, 257, 128, True, None),
+    (2, 2, 1, 97, 17, 80, False, "bool"),
+    (2, 2, 2, 17, 257, 96, True, "bool"),
+    (3, 2, 2, 65, 70, 128, False, "empty"),
+    (1, 2, 2, 1, 257, 64, False, "bool"),
+]
+
+
+def _attention_reference(q, k, v, mask, causal, gqa):
+    return reference.scaled_dot_product_attention(q, k, v, mask, 0.0, causal, None, gqa)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,causal,mask", ATTN_CASES)
+def test_gpu_attention_parity(cuda_ext, dtype, B, Hq, Hkv, Lq, Lk, D, causal, mask):
+    """Forward and dq, dk, dv."""
+    q = torch.randn(B, Hq, Lq, D, device=DEV)
+    k, v = torch.randn(B, Hkv, Lk, D, device=DEV), torch.randn(B, Hkv, Lk, D, device=DEV)
+    m = None
+    if mask is not None:
+        m = _key_padding(B, Lk, torch.bool if mask != "float" else torch.float32, empty_batch=mask == "empty")
+    gqa = Hq != Hkv
+
+    def with_mask_in(dt):
+        return m if m is None or m.dtype == torch.bool else m.to(dt)
+
+    _parity_with_grads(
+        lambda q_, k_, v_: K.scaled_dot_product_attention(q_, k_, v_, with_mask_in(q_.dtype), 0.0, causal, None, gqa,
+                                                          backend=BACKEND),
+        lambda q_, k_, v_: _attention_reference(q_, k_, v_, with_mask_in(q_.dtype), causal, gqa),
+        (q, k, v), dtype, ("dq", "dk", "dv"),
+    )
+
+
+@gpu
+def test_gpu_attention_lse_and_fused_qkv_views(cuda_ext):
+    """q, k, v as strided views of one QKV projection; lse against torch's logsumexp."""
+    B, L, H, D, dtype = 2, 97, 3, 64, torch.float16
+    qkv = torch.randn(B, L, 3, H, D, device=DEV, dtype=dtype)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, D), unit last stride
+    scale = 0.3
+    out, lse = cuda_ext.attention_forward(q, k, v, None, None, True, scale)
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=DEV).triu(1), float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1).float(), atol=2e-3, rtol=2e-3)
+    torch_d = reference.scaled_dot_product_attention(q, k, v, None, 0.0, True, scale)
+    ref64 = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), None, 0.0, True, scale)
+    assert_parity(out, ref64, torch_d, dtype, what="out")
+
+
+@gpu
+def test_gpu_attention_refuses_dropout_by_name(cuda_ext):
+    q = torch.randn(1, 1, 8, 64, device=DEV, dtype=torch.float16)
+    with pytest.raises(backends.BackendUnsupportedError, match="dropout is not implemented in the cuda backend"):
+        K.scaled_dot_product_attention(q, q, q, dropout_p=0.1, backend="cuda")
+
+
+@gpu
+def test_gpu_built_module_matches_python_mirrors(cuda_ext):
+    assert tuple(cuda_ext.attention_head_dims()) == cuda_backend.ATTENTION_HEAD_DIMS
+    assert cuda_ext.layer_norm_max_hidden == cuda_backend.LAYER_NORM_MAX_HIDDEN
+
+
+# ----------------------------------------------------------------------------- GPU: CHECK macros
+
+
+def _bad_calls(ext):
+    h = torch.randn(4, 64, device=DEV, dtype=torch.float16)
+    w = torch.randn(64, device=DEV, dtype=torch.float16)
+    q = torch.randn(1, 2, 8, 64, device=DEV, dtype=torch.float16)
+    return [
+        (lambda: ext.add_layer_norm_forward(h.double(), None, None, None, 1e-5, False), TypeError, "x must be float16"),
+        (lambda: ext.add_layer_norm_forward(h.t(), None, None, None, 1e-5, False), ValueError, "x must be contiguous"),
+        (lambda: ext.add_layer_norm_forward(h.cpu(), None, None, None, 1e-5, False), ValueError, "must be a CUDA tensor"),
+        (lambda: ext.add_layer_norm_forward(h, None, w.float(), None, 1e-5, False), TypeError, "weight has dtype"),
+        (lambda: ext.add_layer_norm_forward(h, None, w[:10], None, 1e-5, False), ValueError, "weight must have shape"),
+        (lambda: ext.add_layer_norm_forward(torch.randn(2, 9000, device=DEV), None, None, None, 1e-5, False),
+         ValueError, "hidden size"),
+        (lambda: ext.linear_gelu_forward(h, w.view(1, 64).repeat(3, 1), None, "relu", False), ValueError, "approximate"),
+        (lambda: ext.linear_gelu_forward(h, torch.randn(3, 65, device=DEV, dtype=torch.float16), None, "none", False),
+         ValueError, "weight must have shape"),
+        (lambda: ext.attention_forward(q, q, q.float(), None, None, False, 1.0), TypeError, "dtype"),
+        (lambda: ext.attention_forward(q.float(), q.float(), q.float(), None, None, False, 1.0), TypeError, "q must be float16"),
+        (lambda: ext.attention_forward(q[..., :40], q[..., :40], q[..., :40], None, None, False, 1.0), ValueError, "head dim 40"),
+        (lambda: ext.attention_forward(q.transpose(-1, -2), q, q, None, None, False, 1.0), ValueError, "last dimension"),
+        (lambda: ext.attention_forward(q, q[:, :1], q, None, None, False, 1.0), ValueError, "v must have shape"),
+        (lambda: ext.attention_forward(q, q, q, torch.zeros(1, 9, device=DEV), None, False, 1.0), ValueError,
+         "key_bias must have shape"),
+        (lambda: ext.attention_forward(q, q, q, None, torch.zeros(1, device=DEV), False, 1.0), TypeError,
+         "key_end must be int32"),
+        (lambda: ext.attention_backward(q, q, q, q, torch.zeros(1, 2, 8, device=DEV, dtype=torch.float16),
+                                        torch.zeros(1, 2, 8, device=DEV), None, None, False, 1.0), TypeError,
+         "lse and delta must be float32"),
+    ]
+
+
+@gpu
+@pytest.mark.parametrize("case", range(16))
+def test_gpu_check_macros_raise_python_errors(cuda_ext, case):
+    call, error, text = _bad_calls(cuda_ext)[case]
+    with pytest.raises(error, match=text):
+        call()
+    torch.cuda.synchronize()  # nothing was launched with a bad pointer: the context is intact
