@@ -1,0 +1,597 @@
+"""Triton kernels of flash attention: forward, backward (preprocess, dK/dV, dQ), dropout mask.
+
+The maths, once (per query row i, key column j, in the natural-log domain):
+
+    s_ij = scale * q_i . k_j + bias_ij          bias: float mask, or -inf where masked/causal
+    p_ij = exp(s_ij - lse_i),  lse_i = log sum_j exp(s_ij)
+    o_i  = sum_j (p_ij * keep_ij / (1 - p_drop)) v_j
+
+    dv_j  = sum_i p~_ij do_i                    p~ = dropped, rescaled p
+    dp_ij = (do_i . v_j) * keep_ij / (1 - p_drop)
+    ds_ij = p_ij * (dp_ij - delta_i),  delta_i = do_i . o_i  (= sum_j p_ij dp_ij)
+    dq_i  = scale * sum_j ds_ij k_j,   dk_j = scale * sum_i ds_ij q_i
+
+The kernels work in base 2: log2(e) is folded into the scale once so the inner loop uses
+exp2. The log-sum-exp is stored in natural log; a row with every key masked stores +inf so
+that exp2(s - lse) is 0 in the backward (its output and gradients are zeros, as torch's).
+
+The same kernels serve padded batches (B, H, L, D) and packed varlen batches: with VARLEN,
+program `b` reads its sequence's start and length from cu_seqlens and every tensor is
+addressed as (1, H, total, D).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .backends import interpreting
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Mask kinds: what the kernels read per tile.
+MASK_NONE, MASK_KEY_PADDING, MASK_DENSE = 0, 1, 2
+
+
+@triton.jit
+def _dot(a, b, acc, EXACT_FP32: tl.constexpr):
+    # fp32 inputs would default to TF32 on tensor cores: 10 mantissa bits, far outside the
+    # parity bound against torch's fp32 matmul. fp16/bf16 use the tensor cores as they are.
+    if EXACT_FP32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _keep(seed, bh, rows, cols, LQ, LK, dropout_p):
+    # One Philox counter per (batch*head, row, col): forward, backward and the mask helper
+    # regenerate the same bits from the seed, so no mask is ever stored.
+    offsets = (bh.to(tl.int64) * LQ + rows[:, None]) * LK + cols[None, :]
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN: tl.constexpr):
+    if VARLEN:
+        # int64 starts: start * stride can pass 2**31 in a large packed batch.
+        q0 = tl.load(CU_Q + b).to(tl.int64)
+        q_len = (tl.load(CU_Q + b + 1) - q0).to(tl.int32)
+        k0 = tl.load(CU_K + b).to(tl.int64)
+        k_len = (tl.load(CU_K + b + 1) - k0).to(tl.int32)
+    else:
+        # Tensors, not Python ints: a length of 1 arrives as a constexpr, and older Triton
+        # versions cannot return constexprs from a @jit function.
+        zero = tl.program_id(0) * 0
+        q0 = zero.to(tl.int64)
+        q_len = zero + LQ
+        k0 = zero.to(tl.int64)
+        k_len = zero + LK
+    return q0, q_len, k0, k_len
+
+
+@triton.jit
+def _key_range(mask_row, stride_mn, k_len, MASK_FLOAT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) covering every attended key of a key-padding row, lo a multiple of BLOCK_N.
+
+    Padded key blocks are then never loaded nor multiplied: a padded BERT batch does only
+    the work of its real tokens. Reading the (Lk,) row costs a few bytes per key block.
+    """
+    first = tl.program_id(0) * 0 + k_len
+    last = tl.program_id(0) * 0 - 1
+    for start in range(0, k_len, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        ok = cols < k_len
+        m = tl.load(mask_row + cols * stride_mn, mask=ok, other=0)
+        if MASK_FLOAT:
+            live = ok & (m != float("-inf"))
+        else:
+            live = m != 0
+        first = tl.minimum(first, tl.min(tl.where(live, cols, k_len), 0))
+        last = tl.maximum(last, tl.max(tl.where(live, cols, -1), 0))
+    return (first // BLOCK_N) * BLOCK_N, last + 1
+
+
+@triton.jit
+def _scores(
+    q,
+    k,
+    rows,
+    cols,
+    row_ok,
+    col_ok,
+    mask_base,
+    stride_mm,
+    stride_mn,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_FLOAT: tl.constexpr,
+    EXACT_FP32: tl.constexpr,
+    BOUNDARY: tl.constexpr,  # the tile may hold keys past the end or above the diagonal
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Base-2 scores of one (BLOCK_M, BLOCK_N) tile, -inf where a key is not attended."""
+    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32) * qk_scale
+    if MASK_KIND == 1:
+        # Key padding: one (Lk,) row per batch, shared by every head and query row.
+        mrow = tl.load(mask_base + cols * stride_mn, mask=col_ok, other=0)
+        if MASK_FLOAT:
+            s = s + mrow.to(tl.float32)[None, :] * 1.4426950408889634
+        else:
+            s = tl.where((mrow != 0)[None, :], s, float("-inf"))
+    if MASK_KIND == 2:
+        mtile = tl.load(
+            mask_base + rows[:, None] * stride_mm + cols[None, :] * stride_mn,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0,
+        )
+        if MASK_FLOAT:
+            s = s + mtile.to(tl.float32) * 1.4426950408889634
+        else:
+            s = tl.where(mtile != 0, s, float("-inf"))
+    if BOUNDARY:
+        # Interior tiles skip this select: it is per element, and the softmax's elementwise
+        # work, not the dots, bounds attention at small head dims.
+        allowed = col_ok[None, :] & (rows[:, None] >= 0)
+        if CAUSAL:
+            allowed = allowed & (cols[None, :] <= rows[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mm, stride_mn,
+    seed, bh, rows, row_ok, d, d_ok, k_len, LQ, LK, qk_scale, dropout_p, lo, hi,
+    CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_FLOAT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    EXACT_FP32: tl.constexpr,
+    BOUNDARY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The online-softmax loop over key blocks [lo, hi) of one query block."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < k_len
+        if BOUNDARY:
+            kv_mask = col_ok[:, None] & d_ok[None, :]
+        else:
+            kv_mask = (cols >= 0)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _scores(q, k, rows, cols, row_ok, col_ok, mask_base, stride_mm, stride_mn, qk_scale,
+                    CAUSAL, MASK_KIND, MASK_FLOAT, EXACT_FP32, BOUNDARY, BLOCK_M, BLOCK_N)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # While a row has seen only masked keys its max is -inf; subtracting 0 instead keeps
+        # exp2 at exactly 0 rather than NaN (-inf - -inf).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            # The softmax normaliser counts every key; dropout only thins what reaches V.
+            p = tl.where(_keep(seed, bh, rows, cols, LQ, LK, dropout_p), p, 0.0)
+        acc = _dot(p.to(v.dtype), v, acc, EXACT_FP32)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE,  # q (B, H, Lq, D); k, v (B, H // GROUP, Lk, D); o like q; lse (B, H, Lq) fp32
+    MASK,  # uint8 (bool) or float, addressed through its (broadcast) strides; unused if MASK_KIND == 0
+    SEED,  # int64[1] Philox seed; unused without DROPOUT
+    CU_Q, CU_K,  # int32 cu_seqlens; only with VARLEN
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H,  # query heads
+    GROUP,  # query heads per key/value head (GQA)
+    LQ, LK,  # lengths (max lengths with VARLEN); also the dropout counter's row/col extents
+    TUNE_BUCKET,  # power-of-two length bucket: the autotune key, so varlen does not retune per batch
+    qk_scale,  # scale * log2(e)
+    dropout_p,
+    HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # HEAD_D padded to a power of two
+    CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_FLOAT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter only: bf16 tl.dot is wrong there, so compute in fp32
+    EXACT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN)
+    if start_m >= q_len:
+        return
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_D
+    row_ok = rows < q_len
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    hk64 = (h // GROUP).to(tl.int64)
+    qrow = (q0 + rows).to(tl.int64)
+
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + qrow[:, None] * stride_qm + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn
+    v_base = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn
+    mask_base = MASK + b64 * stride_mb + h64 * stride_mh
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo = 0
+    hi = k_len
+    if MASK_KIND == 1:
+        lo, hi = _key_range(MASK + b64 * stride_mb, stride_mn, k_len, MASK_FLOAT, BLOCK_N)
+    if CAUSAL:
+        # Blocks wholly above the diagonal (every key j > every row i) are never visited.
+        hi = tl.minimum(hi, start_m + BLOCK_M)
+    # Key blocks below `mid` are whole and (causal) wholly on or below the diagonal: no
+    # bounds or causal select. The rest, at most a few blocks, take the checked path.
+    if CAUSAL:
+        mid = tl.minimum(hi, start_m)
+    else:
+        mid = hi
+    mid = tl.maximum((mid // BLOCK_N) * BLOCK_N, lo)
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mm, stride_mn,
+        seed, bh, rows, row_ok, d, d_ok, k_len, LQ, LK, qk_scale, dropout_p, lo, mid,
+        CAUSAL, MASK_KIND, MASK_FLOAT, DROPOUT, UPCAST, EXACT_FP32, False, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mm, stride_mn,
+        seed, bh, rows, row_ok, d, d_ok, k_len, LQ, LK, qk_scale, dropout_p, mid, hi,
+        CAUSAL, MASK_KIND, MASK_FLOAT, DROPOUT, UPCAST, EXACT_FP32, True, BLOCK_M, BLOCK_N)
+
+    dead = l_i == 0.0
+    l_safe = tl.where(dead, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    lse = tl.where(dead, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(O + b64 * stride_ob + h64 * stride_oh + qrow[:, None] * stride_om + d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + b64 * stride_lb + h64 * stride_lh + qrow, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO, DELTA,  # delta laid out like lse
+    CU_Q, CU_K,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    stride_lb, stride_lh,
+    H, LQ,
+    HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, LQ, LQ, VARLEN)
+    if start_m >= q_len:
+        return
+    rows = start_m + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    ok = (rows < q_len)[:, None] & (d < HEAD_D)[None, :]
+    qrow = (q0 + rows).to(tl.int64)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + qrow[:, None] * stride_om + d[None, :], mask=ok, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + qrow[:, None] * stride_dom + d[None, :], mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + b64 * stride_lb + h64 * stride_lh + qrow, delta, mask=rows < q_len)
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, DK, DV, LSE, DELTA, MASK, SEED, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_lb, stride_lh,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, GROUP, LQ, LK, TUNE_BUCKET,
+    qk_scale, sm_scale, dropout_p,
+    HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_FLOAT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr,
+    EXACT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # One program owns a block of keys of one key/value head and walks every query row of
+    # every query head in its GQA group: dK and dV are summed in registers, no atomics.
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    HK = H // GROUP
+    b = bhk // HK
+    hk = bhk % HK
+    q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN)
+    if start_n >= k_len:
+        return
+
+    cols = start_n + tl.arange(0, BLOCK_N)
+    col_ok = cols < k_len
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_D
+    b64 = b.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    kcol = (k0 + cols).to(tl.int64)
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b64 * stride_kb + hk64 * stride_kh + kcol[:, None] * stride_kn + d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + kcol[:, None] * stride_vn + d[None, :],
+                mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+    inv_keep = 1.0 / (1.0 - dropout_p)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    lo = 0
+    if CAUSAL:
+        # Rows above this key block never see it.
+        lo = (start_n // BLOCK_M) * BLOCK_M
+    q_hi = q_len
+    if MASK_KIND == 1:
+        # A block of padded keys has dK = dV = 0: skip every query row.
+        mrow = tl.load(MASK + b64 * stride_mb + cols * stride_mn, mask=col_ok, other=0)
+        if MASK_FLOAT:
+            live = col_ok & (mrow != float("-inf"))
+        else:
+            live = mrow != 0
+        q_hi = tl.where(tl.max(live.to(tl.int32), 0) > 0, q_len, 0)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        h64 = h.to(tl.int64)
+        mask_base = MASK + b64 * stride_mb + h64 * stride_mh
+        for start_m in range(lo, q_hi, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            row_ok = rows < q_len
+            qrow = (q0 + rows).to(tl.int64)
+            qd_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + qrow[:, None] * stride_qm + d[None, :],
+                        mask=qd_mask, other=0.0)
+            do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + qrow[:, None] * stride_dom + d[None, :],
+                         mask=qd_mask, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse_off = b64 * stride_lb + h64 * stride_lh + qrow
+            # +inf for rows past the end makes their p exactly 0.
+            lse2 = tl.load(LSE + lse_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
+            s = _scores(q, k, rows, cols, row_ok, col_ok, mask_base, stride_mm, stride_mn, qk_scale,
+                        CAUSAL, MASK_KIND, MASK_FLOAT, EXACT_FP32, True, BLOCK_M, BLOCK_N)
+            p = tl.exp2(s - lse2[:, None])
+            dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32)
+            if DROPOUT:
+                keep = _keep(seed, b * H + h, rows, cols, LQ, LK, dropout_p)
+                p_dropped = tl.where(keep, p * inv_keep, 0.0)
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            else:
+                p_dropped = p
+            dv = _dot(tl.trans(p_dropped.to(do.dtype)), do, dv, EXACT_FP32)
+            ds = p * (dp - delta[:, None])
+            dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, EXACT_FP32)
+
+    dk = dk * sm_scale
+    tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + kcol[:, None] * stride_dkn + d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + kcol[:, None] * stride_dvn + d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, DQ, LSE, DELTA, MASK, SEED, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_lb, stride_lh,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, GROUP, LQ, LK, TUNE_BUCKET,
+    qk_scale, sm_scale, dropout_p,
+    HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_FLOAT: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr,
+    EXACT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN)
+    if start_m >= q_len:
+        return
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_D
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    hk64 = (h // GROUP).to(tl.int64)
+    qrow = (q0 + rows).to(tl.int64)
+    qd_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + qrow[:, None] * stride_qm + d[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + qrow[:, None] * stride_dom + d[None, :],
+                 mask=qd_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse_off = b64 * stride_lb + h64 * stride_lh + qrow
+    lse2 = tl.load(LSE + lse_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
+    k_base = K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn
+    v_base = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn
+    mask_base = MASK + b64 * stride_mb + h64 * stride_mh
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+    inv_keep = 1.0 / (1.0 - dropout_p)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo = 0
+    hi = k_len
+    if MASK_KIND == 1:
+        lo, hi = _key_range(MASK + b64 * stride_mb, stride_mn, k_len, MASK_FLOAT, BLOCK_N)
+    if CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < k_len
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _scores(q, k, rows, cols, row_ok, col_ok, mask_base, stride_mm, stride_mn, qk_scale,
+                    CAUSAL, MASK_KIND, MASK_FLOAT, EXACT_FP32, True, BLOCK_M, BLOCK_N)
+        p = tl.exp2(s - lse2[:, None])
+        dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32)
+        if DROPOUT:
+            keep = _keep(seed, bh, rows, cols, LQ, LK, dropout_p)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, EXACT_FP32)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + qrow[:, None] * stride_dqm + d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+@triton.jit
+def _dropout_keep_kernel(
+    OUT,  # uint8 (B*H, LQ, LK), contiguous
+    SEED,
+    LQ, LK, dropout_p,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh = tl.program_id(2)
+    keep = _keep(tl.load(SEED), bh, rows, cols, LQ, LK, dropout_p)
+    offsets = (bh.to(tl.int64) * LQ + rows[:, None]) * LK + cols[None, :]
+    tl.store(OUT + offsets, keep.to(tl.uint8), mask=(rows < LQ)[:, None] & (cols < LK)[None, :])
+
+
+def _configs(gpu_list):
+    # The interpreter cannot autotune over several configs, and big blocks keep its
+    # programs x iterations cost down.
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu_list]
+
+
+# Configs that fail for lack of shared memory (head dim 256 with big tiles) are skipped by
+# the autotuner; the rest are timed once per key.
+_FWD_GPU = [
+    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4),
+    (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (128, 32, 4, 3),
+]
+_BWD_GPU = [
+    (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 3), (64, 32, 4, 3),
+]
+_FWD_GPU += [(64, 32, 4, 2), (32, 32, 4, 2)]  # the only ones that fit fp32 at head dim 256
+_BWD_GPU += [(32, 32, 4, 2)]
+_KEY = ["HEAD_D", "TUNE_BUCKET", "CAUSAL", "MASK_KIND", "DROPOUT", "VARLEN"]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose tiles cannot fit before compiling them: ptxas spends minutes on a
+    128 x 256 fp32 tile that then spills or fails anyway."""
+    args = {**named_args, **kwargs}
+    row_bytes = args["BLOCK_D"] * args["Q"].element_size()
+
+    def fits(c):
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        smem = (m + 2 * n * max(c.num_stages - 1, 1)) * row_bytes
+        acc_bytes_per_thread = max(m, 2 * n) * args["BLOCK_D"] * 4 // (c.num_warps * 32)
+        return smem <= 160 * 1024 and acc_bytes_per_thread <= 512
+
+    kept = [c for c in configs if fits(c)]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _tuned(gpu_list, kernel):
+    return triton.autotune(configs=_configs(gpu_list), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
+        kernel
+    )
+
+
+attn_fwd_tuned = _tuned(_FWD_GPU, _attn_fwd)
+attn_bwd_dkdv_tuned = _tuned(_BWD_GPU, _attn_bwd_dkdv)
+attn_bwd_dq_tuned = _tuned(_BWD_GPU, _attn_bwd_dq)
+attn_fwd = _attn_fwd
+attn_bwd_dkdv = _attn_bwd_dkdv
+attn_bwd_dq = _attn_bwd_dq
+
+
+def default_config(kind: str, block_d: int, itemsize: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) used without autotuning: under the
+    interpreter, and on a GPU with FUSEFORMER_AUTOTUNE=0 (CI, where compiling every config
+    of every case would dominate). Sized to fit H100 shared memory at every head dim."""
+    if interpreting():
+        return 64, 64, 4, 1
+    wide = block_d * itemsize  # bytes of one row of q/k/v
+    if kind == "fwd":
+        return (128, 64, 8, 3) if wide <= 256 else (64, 32, 4, 2)
+    return (64, 64, 4, 2) if wide <= 256 else (32, 32, 4, 1)
+attn_bwd_preprocess = _attn_bwd_preprocess
+dropout_keep_kernel = _dropout_keep_kernel

@@ -1,0 +1,477 @@
+"""Triton flash attention against the float64 reference, by the parity rule (DESIGN.md).
+
+Runs the real kernels through Triton's interpreter on the CPU (conftest.py) and on the GPU
+where there is one. Shapes are small and odd on purpose: the interpreter's cost grows with
+programs x loop iterations, and odd lengths exercise every masked edge.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fuseformer import kernels as K
+from fuseformer.kernels import attention as A
+from fuseformer.kernels import reference as R
+from fuseformer.kernels.backends import BackendUnsupportedError
+from fuseformer.kernels.parity import assert_parity
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    # Every output the launchers allocate starts as NaN: an element no kernel writes fails.
+    monkeypatch.setenv("FUSEFORMER_POISON", "1")
+    # On a GPU, one config per case: autotuning every case would spend the suite compiling.
+    # test_gpu_autotuned covers the tuned path.
+    monkeypatch.setenv("FUSEFORMER_AUTOTUNE", "0")
+
+
+@pytest.fixture
+def seeds(monkeypatch):
+    """Records the dropout seed each call draws, so the test can rebuild the keep-mask."""
+    drawn = []
+    draw = A._draw_seed
+
+    def recording(p, device):
+        seed = draw(p, device)
+        drawn.append(seed)
+        return seed
+
+    monkeypatch.setattr(A, "_draw_seed", recording)
+    return drawn
+
+
+def _leaf(t, dtype):
+    return t.detach().to(dtype).requires_grad_(True)
+
+
+def _grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout, allow_unused=True)
+
+
+def check_sdpa(q, k, v, mask=None, *, causal=False, dropout_p=0.0, scale=None, gqa=False, dtype=torch.float32,
+               seeds=None, grad=True):
+    """Run the triton backend and assert parity of the output and dq, dk, dv."""
+    qd, kd, vd = (_leaf(t, dtype) for t in (q, k, v))
+    out = K.scaled_dot_product_attention(qd, kd, vd, mask, dropout_p, causal, scale, gqa, backend="triton")
+    keep = None
+    if dropout_p > 0:
+        B = math.prod(q.shape[:-3])
+        keep = A.dropout_keep_mask(seeds[-1], B, q.shape[-3], q.shape[-2], k.shape[-2], dropout_p)
+        keep = keep.reshape(*q.shape[:-1], k.shape[-2])
+    assert not torch.isnan(out).any(), "an output element was never written"
+
+    def ref(dt):
+        m = mask if mask is None or mask.dtype == torch.bool else mask.to(dt)
+        ins = [_leaf(t, dt) for t in (q, k, v)]
+        return R.scaled_dot_product_attention(*ins, m, dropout_p, causal, scale, gqa, dropout_mask=keep), ins
+
+    out64, ins64 = ref(torch.float64)
+    outd, insd = ref(dtype)
+    assert_parity(out, out64, outd, dtype, what="out")
+    if not grad:
+        return out
+    dout = torch.randn_like(out64)
+    g = _grads(out, (qd, kd, vd), dout.to(dtype))
+    g64 = _grads(out64, ins64, dout)
+    gd = _grads(outd, insd, dout.to(dtype))
+    for name, a, b, c in zip(("dq", "dk", "dv"), g, g64, gd):
+        assert_parity(a, b, c, dtype, what=name)
+    return out
+
+
+def _qkv(B, Hq, Lq, Lk, D, Hk=None):
+    Hk = Hq if Hk is None else Hk
+    return (torch.randn(B, Hq, Lq, D, device=DEVICE), torch.randn(B, Hk, Lk, D, device=DEVICE),
+            torch.randn(B, Hk, Lk, D, device=DEVICE))
+
+
+def _bool_mask(shape, p_keep=0.7, dead_rows=False):
+    m = torch.rand(shape, device=DEVICE) < p_keep
+    if dead_rows:
+        m[..., 1, :] = False  # every key of query row 1 masked
+    return m
+
+
+# (dtype, B, H, Lq, Lk, D, causal, mask): seq 1, 17, 97, 128, 257; head dim 16, 40, 64, 80, 128.
+CASES = [
+    (torch.float32, 3, 2, 1, 1, 16, False, None),
+    (torch.float16, 3, 2, 17, 17, 40, True, None),
+    (torch.float32, 3, 2, 97, 97, 80, False, "bool"),
+    (torch.float16, 2, 2, 128, 128, 64, False, "key_padding"),
+    (torch.float32, 1, 1, 257, 257, 128, True, None),
+    (torch.float16, 2, 2, 97, 17, 64, False, "float"),
+    (torch.float32, 2, 2, 17, 97, 16, True, "bool"),
+    (torch.float32, 3, 2, 33, 33, 40, False, "dead_rows"),
+    (torch.float16, 2, 3, 40, 40, 80, True, "float_dead_rows"),
+    (torch.float32, 3, 2, 65, 70, 24, False, "float_key_padding"),
+    (torch.float16, 1, 2, 1, 257, 128, False, "key_padding"),
+    (torch.float32, 3, 2, 70, 257, 16, False, "short_padding"),
+    (torch.float16, 3, 1, 150, 150, 40, True, "short_padding"),
+    (torch.float32, 2, 2, 30, 200, 32, False, "left_padding"),
+]
+
+
+def _make_mask(kind, B, H, Lq, Lk, dtype):
+    if kind is None:
+        return None
+    if kind == "bool":
+        return _bool_mask((B, 1, Lq, Lk))  # heads broadcast: read through a stride-0 dim
+    if kind == "dead_rows":
+        return _bool_mask((B, H, Lq, Lk), dead_rows=True)
+    if kind in ("key_padding", "short_padding", "left_padding"):
+        lengths = torch.randint(1, Lk + 1, (B,), device=DEVICE)
+        if kind == "short_padding":
+            # Most key blocks hold only padding and are skipped; the last batch has no keys.
+            lengths = torch.randint(1, min(Lk, 20) + 1, (B,), device=DEVICE)
+            lengths[-1] = 0
+        if B > 1:
+            lengths[0] = Lk  # one batch with no padding at all
+        pos = torch.arange(Lk, device=DEVICE)
+        if kind == "left_padding":
+            return (pos >= Lk - lengths[:, None]).view(B, 1, 1, Lk)
+        return (pos < lengths[:, None]).view(B, 1, 1, Lk)
+    if kind == "float_key_padding":
+        m = torch.randn(B, 1, 1, Lk, device=DEVICE)
+        m[:, :, :, -3:] = float("-inf")
+        return m.to(dtype)
+    m = torch.randn(Lq, Lk, device=DEVICE)  # (Lq, Lk): broadcast over batch and heads
+    if kind == "float_dead_rows":
+        m[2, :] = float("-inf")
+    return m.to(dtype)
+
+
+@pytest.mark.parametrize("dtype,B,H,Lq,Lk,D,causal,mask", CASES)
+def test_parity(dtype, B, H, Lq, Lk, D, causal, mask):
+    q, k, v = _qkv(B, H, Lq, Lk, D)
+    check_sdpa(q, k, v, _make_mask(mask, B, H, Lq, Lk, dtype), causal=causal, dtype=dtype)
+
+
+def test_fully_masked_rows_are_zero_with_zero_grad():
+    q, k, v = _qkv(2, 2, 20, 30, 16)
+    mask = _bool_mask((2, 2, 20, 30), dead_rows=True)
+    q.requires_grad_(True)
+    out = K.scaled_dot_product_attention(q, k, v, mask, backend="triton")
+    assert torch.equal(out[:, :, 1], torch.zeros_like(out[:, :, 1]))
+    out.sum().backward()
+    assert torch.equal(q.grad[:, :, 1], torch.zeros_like(q.grad[:, :, 1]))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa(causal):
+    q, k, v = _qkv(2, 4, 50, 50, 64, Hk=2)
+    mask = None if causal else _bool_mask((2, 4, 50, 50), dead_rows=True)  # per query head
+    check_sdpa(q, k, v, mask, causal=causal, gqa=True, dtype=torch.float16 if causal else torch.float32)
+
+
+def test_bf16_through_interpreter_upcast():
+    # bf16 tl.dot is wrong under the interpreter, so the kernels upcast there; on a GPU this
+    # runs the bf16 tensor-core path instead.
+    q, k, v = _qkv(2, 2, 70, 70, 40)
+    check_sdpa(q, k, v, causal=True, dtype=torch.bfloat16)
+
+
+def test_lse_is_natural_logsumexp():
+    """The saved log-sum-exp is log sum_j exp(s_ij) (+inf on fully masked rows): the value
+    every backend's backward may rely on."""
+    q, k, v = _qkv(1, 2, 20, 30, 16)
+    mask = _bool_mask((1, 2, 20, 30), dead_rows=True)
+    _, lse = A.attention_fwd(q, k, v, mask, False, 0.25, 0.0, None, "triton")
+    scores = (q.double() @ k.double().transpose(-1, -2) * 0.25).masked_fill(~mask, float("-inf"))
+    expected = torch.logsumexp(scores, -1)
+    live = ~torch.isneginf(expected)
+    torch.testing.assert_close(lse.double()[live], expected[live], rtol=1e-5, atol=1e-5)
+    assert torch.isposinf(lse[~live]).all() and (~live).any()
+
+
+def test_scale_and_shapes_2d_3d_5d():
+    q, k, v = (torch.randn(3, 19, 16, device=DEVICE) for _ in range(3))
+    check_sdpa(q, k, v, scale=0.3)  # 3-D: (H, L, E)
+    check_sdpa(q[0], k[0], v[0], causal=True)  # 2-D: (L, E)
+    q5, k5, v5 = (torch.randn(2, 2, 2, 17, 16, device=DEVICE) for _ in range(3))
+    mask = _bool_mask((2, 1, 1, 1, 17))  # key padding broadcast over two leading dims
+    check_sdpa(q5, k5, v5, mask)
+
+
+def test_strided_head_dim():
+    """A last dim with stride != 1 (q built transposed) is copied once, not misread."""
+    q, k, v = (torch.randn(2, 2, 16, 23, device=DEVICE).transpose(-1, -2) for _ in range(3))
+    assert q.stride(-1) != 1
+    check_sdpa(q, k, v, causal=True)
+
+
+def test_fused_qkv_views():
+    """q, k, v as permuted, non-contiguous views of one fused projection output."""
+    B, L, H, D = 2, 37, 3, 40
+    x = torch.randn(B, L, 64, device=DEVICE)
+    w = torch.randn(3 * H * D, 64, device=DEVICE) / 8
+    for dtype in (torch.float32, torch.float16):
+        qkv64 = (x.double() @ w.double().T).view(B, L, 3, H, D).requires_grad_(True)
+        qkvd = qkv64.detach().to(dtype).requires_grad_(True)
+
+        def run(t, backend):
+            q, k, v = t.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, D), strides of (B, L, 3, H, D)
+            return K.scaled_dot_product_attention(q, k, v, is_causal=True, backend=backend)
+
+        q = qkvd.permute(2, 0, 3, 1, 4)[0]
+        assert not q.is_contiguous()
+        qkv = qkvd.detach().clone().requires_grad_(True)
+        out, out64, outd = run(qkv, "triton"), run(qkv64, "torch"), run(qkvd, "torch")
+        assert_parity(out, out64, outd, dtype, what="out")
+        dout = torch.randn_like(out64)
+        (g,), (g64,) = _grads(out, (qkv,), dout.to(dtype)), _grads(out64, (qkv64,), dout)
+        (gd,) = _grads(outd, (qkvd,), dout.to(dtype))
+        assert_parity(g, g64, gd, dtype, what="dqkv")
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+def test_dropout_keep_fraction_and_determinism():
+    seed = torch.tensor([1234], device=DEVICE)
+    keep = A.dropout_keep_mask(seed, 2, 2, 128, 96, 0.3)
+    assert abs(keep.float().mean().item() - 0.7) < 0.02
+    assert torch.equal(keep, A.dropout_keep_mask(seed, 2, 2, 128, 96, 0.3))
+    assert not torch.equal(keep, A.dropout_keep_mask(seed + 1, 2, 2, 128, 96, 0.3))
+    # Rows and heads draw independent bits, not one repeated pattern.
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+
+
+def test_dropout_same_seed_same_output(seeds, monkeypatch):
+    q, k, v = _qkv(1, 2, 40, 40, 16)
+    out1 = K.scaled_dot_product_attention(q, k, v, dropout_p=0.5, backend="triton")
+    fixed = seeds[-1]
+    monkeypatch.setattr(A, "_draw_seed", lambda p, device: fixed)
+    out2 = K.scaled_dot_product_attention(q, k, v, dropout_p=0.5, backend="triton")
+    monkeypatch.setattr(A, "_draw_seed", lambda p, device: fixed + 7)
+    out3 = K.scaled_dot_product_attention(q, k, v, dropout_p=0.5, backend="triton")
+    assert torch.equal(out1, out2)
+    assert not torch.allclose(out1, out3)
+
+
+@pytest.mark.parametrize("causal,gqa,mask", [(False, False, None), (True, True, "key_padding")])
+def test_dropout_parity(seeds, causal, gqa, mask):
+    q, k, v = _qkv(2, 4, 45, 70, 32, Hk=2 if gqa else 4)
+    check_sdpa(q, k, v, _make_mask(mask, 2, 4, 45, 70, torch.float32), causal=causal, dropout_p=0.25,
+               gqa=gqa, seeds=seeds)
+
+
+# ----------------------------------------------------------------------------- varlen
+
+
+def _varlen_case(lens_q, lens_k, Hq, Hk, D):
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), device=DEVICE, dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), device=DEVICE, dtype=torch.int32)
+    q = torch.randn(sum(lens_q), Hq, D, device=DEVICE)
+    k = torch.randn(sum(lens_k), Hk, D, device=DEVICE)
+    v = torch.randn(sum(lens_k), Hk, D, device=DEVICE)
+    return q, k, v, cu_q, cu_k, max(lens_q), max(lens_k)
+
+
+@pytest.mark.parametrize(
+    "lens_q,lens_k,Hq,Hk,D,causal,dropout_p,dtype",
+    [
+        ([17, 0, 33, 1], [17, 0, 33, 1], 2, 2, 40, False, 0.0, torch.float32),
+        ([70, 5], [70, 5], 4, 2, 64, True, 0.0, torch.float16),
+        ([20, 9], [31, 4], 2, 1, 16, False, 0.2, torch.float32),
+    ],
+)
+def test_varlen_parity(seeds, lens_q, lens_k, Hq, Hk, D, causal, dropout_p, dtype):
+    q, k, v, cu_q, cu_k, mq, mk = _varlen_case(lens_q, lens_k, Hq, Hk, D)
+    ins = [_leaf(t, dtype) for t in (q, k, v)]
+    out = K.varlen_attention(*ins, cu_q, cu_k, mq, mk, dropout_p, causal, backend="triton")
+    assert not torch.isnan(out).any()
+    keep = None
+    if dropout_p > 0:
+        keep = A.varlen_dropout_keep_masks(seeds[-1], cu_q, cu_k, Hq, mq, mk, dropout_p)
+
+    def ref(dt):
+        r_ins = [_leaf(t, dt) for t in (q, k, v)]
+        return R.varlen_attention(*r_ins, cu_q, cu_k, mq, mk, dropout_p, causal, dropout_mask=keep), r_ins
+
+    (out64, ins64), (outd, insd) = ref(torch.float64), ref(dtype)
+    assert_parity(out, out64, outd, dtype, what="out")
+    dout = torch.randn_like(out64)
+    for name, a, b, c in zip(("dq", "dk", "dv"), _grads(out, ins, dout.to(dtype)), _grads(out64, ins64, dout),
+                             _grads(outd, insd, dout.to(dtype))):
+        assert_parity(a, b, c, dtype, what=name)
+
+
+def test_varlen_bad_input():
+    q, k, v, cu_q, cu_k, mq, mk = _varlen_case([5, 6], [5, 6], 2, 2, 16)
+    with pytest.raises(TypeError, match="cu_seqlens_q"):
+        K.varlen_attention(q, k, v, cu_q.float(), cu_k, mq, mk, backend="triton")
+    short = cu_k.clone()
+    short[-1] -= 1
+    with pytest.raises(ValueError, match="cu_seqlens_k must end"):
+        K.varlen_attention(q, k, v, cu_q, short, mq, mk, backend="triton")
+    with pytest.raises(ValueError, match="never decrease"):
+        K.varlen_attention(q, k, v, torch.tensor([0, 8, 6, 11], dtype=torch.int32, device=DEVICE),
+                           torch.tensor([0, 5, 5, 11], dtype=torch.int32, device=DEVICE), 6, 6, backend="triton")
+    with pytest.raises(ValueError, match="max_seqlen"):
+        K.varlen_attention(q, k, v, cu_q, cu_k, 3, mk, backend="triton")
+    with pytest.raises(ValueError, match="q heads"):
+        K.varlen_attention(q[:, :1].repeat(1, 3, 1), k, v, cu_q, cu_k, mq, mk, backend="triton")
+    with pytest.raises(ValueError, match="q must have 3"):
+        K.varlen_attention(q[None], k, v, cu_q, cu_k, mq, mk, backend="triton")
+
+
+# ----------------------------------------------------------------------------- API edges
+
+
+def _bad_calls():
+    q, k, v = _qkv(2, 4, 8, 9, 16)
+    sdpa = K.scaled_dot_product_attention
+    return [
+        ("rank", lambda: sdpa(q[0, 0, 0], k, v), ValueError, "query must have at least 2"),
+        ("key rank", lambda: sdpa(q, k[0], v), ValueError, "key must have as many dimensions"),
+        ("batch", lambda: sdpa(q, k[:1], v[:1]), ValueError, "key batch dims"),
+        ("heads", lambda: sdpa(q, k[:, :2], v[:, :2]), ValueError, "enable_gqa"),
+        ("gqa ratio", lambda: sdpa(q, k[:, :3], v[:, :3], enable_gqa=True), ValueError, "multiple"),
+        ("kv heads", lambda: sdpa(q, k, v[:, :2]), ValueError, "key has 4 heads but value has 2"),
+        ("head dim", lambda: sdpa(q, k[..., :8], v), ValueError, "key head dim"),
+        ("kv length", lambda: sdpa(q, k, v[:, :, :5]), ValueError, "value length"),
+        ("dtype", lambda: sdpa(q, k.half(), v), TypeError, "key has dtype"),
+        ("integer", lambda: sdpa(q.long(), k, v), TypeError, "query must have a floating dtype"),
+        ("not tensor", lambda: sdpa(q, k.tolist(), v), TypeError, "key must be a torch.Tensor"),
+        ("mask shape", lambda: sdpa(q, k, v, torch.ones(8, 8, dtype=torch.bool)), ValueError, "attn_mask of shape"),
+        ("mask dtype", lambda: sdpa(q, k, v, torch.ones(8, 9, dtype=torch.int64)), TypeError, "attn_mask must be bool"),
+        ("mask float dtype", lambda: sdpa(q, k, v, torch.ones(8, 9, dtype=torch.float64)), TypeError, "attn_mask"),
+        ("dropout", lambda: sdpa(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
+        ("device", lambda: sdpa(q, k.to("meta"), v), ValueError, "key is on meta"),
+        ("scale", lambda: sdpa(q, k, v, scale="0.5"), TypeError, "scale must be a float"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_bad_input(case):
+    _, call, exc, msg = _bad_calls()[case]
+    with pytest.raises(exc, match=msg):
+        call()
+
+
+def test_unsupported_head_dim_named_backend_raises():
+    q = torch.randn(1, 1, 4, 512, device=DEVICE)
+    with pytest.raises(BackendUnsupportedError, match="head dim 512 > 256"):
+        K.scaled_dot_product_attention(q, q, q, backend="triton")
+    with pytest.raises(BackendUnsupportedError, match="float64"):
+        K.scaled_dot_product_attention(q[..., :16].double(), q[..., :16].double(), q[..., :16].double(),
+                                       backend="triton")
+    # torch runs it; `auto` on the CPU is torch too.
+    assert K.scaled_dot_product_attention(q, q, q, backend="torch").shape == q.shape
+
+
+def test_cases_only_torch_handles():
+    q, k, v = _qkv(1, 2, 6, 7, 16)
+    v32 = torch.randn(1, 2, 7, 32, device=DEVICE)
+    with pytest.raises(BackendUnsupportedError, match="value head dim 32"):
+        K.scaled_dot_product_attention(q, k, v32, backend="triton")
+    with K.use_backend("auto"):  # on a GPU this warns once and falls back; on the CPU auto is torch
+        out = K.scaled_dot_product_attention(q, k, v32)
+    torch.testing.assert_close(out, R.scaled_dot_product_attention(q, k, v32))
+    bias = torch.randn(6, 7, device=DEVICE, requires_grad=True)
+    with pytest.raises(BackendUnsupportedError, match="attn_mask that requires grad"):
+        K.scaled_dot_product_attention(q, k, v, bias, backend="triton")
+
+
+@pytest.mark.parametrize("shape_q,shape_k", [((0, 2, 5, 16), (0, 2, 5, 16)), ((2, 2, 0, 16), (2, 2, 5, 16)),
+                                             ((2, 2, 5, 16), (2, 2, 0, 16))])
+def test_empty(shape_q, shape_k):
+    q = torch.randn(shape_q, device=DEVICE, requires_grad=True)
+    k = torch.randn(shape_k, device=DEVICE, requires_grad=True)
+    v = torch.randn(shape_k, device=DEVICE, requires_grad=True)
+    out = K.scaled_dot_product_attention(q, k, v, backend="triton")
+    assert out.shape == shape_q
+    assert torch.equal(out, torch.zeros_like(out))  # no keys at all: zeros, as torch gives
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = (t.requires_grad_(True) for t in _qkv(2, 2, 33, 33, 16))
+    mask = _bool_mask((2, 1, 1, 33))
+
+    def f(q, k, v, mask):
+        return K.scaled_dot_product_attention(q, k, v, mask, is_causal=True, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v, mask)
+    dout = torch.randn_like(out)
+    g = _grads(out, (q, k, v), dout)
+    out_eager = f(q, k, v, mask)
+    g_eager = _grads(out_eager, (q, k, v), dout)
+    torch.testing.assert_close(out, out_eager, rtol=0, atol=0)
+    for a, b in zip(g, g_eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_torch_compile_fullgraph_dropout_and_varlen():
+    q, k, v, cu_q, cu_k, mq, mk = _varlen_case([9, 24], [9, 24], 2, 1, 16)
+    q.requires_grad_(True)
+
+    def f(q, k, v):
+        return K.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, dropout_p=0.3, is_causal=True, backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    (dq,) = _grads(out, (q,), torch.ones_like(out))
+    assert torch.isfinite(out).all() and torch.isfinite(dq).all()
+    no_drop = K.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, is_causal=True, backend="triton")
+    assert not torch.allclose(out, no_drop)  # dropout happened inside the compiled graph
+
+
+# ----------------------------------------------------------------------------- fuzz
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(
+    B=st.integers(1, 2),
+    Hk=st.integers(1, 2),
+    group=st.integers(1, 2),
+    Lq=st.integers(1, 80),
+    Lk=st.integers(1, 80),
+    D=st.sampled_from([16, 24, 40, 64]),
+    causal=st.booleans(),
+    mask=st.sampled_from([None, "bool", "key_padding", "short_padding", "float"]),
+    half=st.booleans(),
+)
+def test_fuzz(B, Hk, group, Lq, Lk, D, causal, mask, half):
+    torch.manual_seed(Lq * 131 + Lk)
+    dtype = torch.float16 if half else torch.float32
+    q, k, v = _qkv(B, Hk * group, Lq, Lk, D, Hk=Hk)
+    check_sdpa(q, k, v, _make_mask(mask, B, Hk * group, Lq, Lk, dtype), causal=causal, gqa=group > 1, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("L,D,causal,mask", [(1024, 64, False, "key_padding"), (777, 128, True, None),
+                                             (513, 96, False, "float"), (300, 256, True, "bool")])
+def test_gpu_large(dtype, L, D, causal, mask):
+    q, k, v = _qkv(2, 4, L, L, D)
+    check_sdpa(q, k, v, _make_mask(mask, 2, 4, L, L, dtype), causal=causal, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D,dtype", [(64, torch.bfloat16), (256, torch.float32)])
+def test_gpu_autotuned(monkeypatch, D, dtype):
+    monkeypatch.setenv("FUSEFORMER_AUTOTUNE", "1")
+    q, k, v = _qkv(2, 4, 1000, 1000, D)
+    check_sdpa(q, k, v, _make_mask("key_padding", 2, 4, 1000, 1000, dtype), causal=True, dtype=dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_dropout_varlen(seeds):
+    q, k, v = _qkv(2, 4, 300, 300, 64)
+    check_sdpa(q, k, v, causal=True, dropout_p=0.1, dtype=torch.bfloat16, seeds=seeds)
+    q, k, v, cu_q, cu_k, mq, mk = _varlen_case([100, 257, 3], [100, 257, 3], 4, 2, 80)
+    ins = [t.bfloat16() for t in (q, k, v)]
+    out = K.varlen_attention(*ins, cu_q, cu_k, mq, mk, is_causal=True, backend="triton")
+    out64 = R.varlen_attention(q.double(), k.double(), v.double(), cu_q, cu_k, mq, mk, is_causal=True)
+    outd = R.varlen_attention(*ins, cu_q, cu_k, mq, mk, is_causal=True)
+    assert_parity(out, out64, outd, torch.bfloat16)
