@@ -1,0 +1,37 @@
+"""fuseformer.models: BERT, GPT-2 and ALBERT on the fused kernels, interchangeable with
+Hugging Face checkpoints (from_pretrained / from_hf / save_pretrained) and models (patch_hf).
+
+transformers is optional: only from_hf, patch_hf and loading our saved folders back into
+transformers need it.
+"""
+from .layers import AddLayerNorm, FeedForward, MultiHeadSelfAttention, TransformerBlock
+from .checkpoint import CheckpointMismatchError
+from .bert import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForPreTraining,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+)
+from .gpt2 import GPT2Config, GPT2LMHeadModel, GPT2Model
+from .albert import (
+    AlbertConfig,
+    AlbertForMaskedLM,
+    AlbertForPreTraining,
+    AlbertForSequenceClassification,
+    AlbertModel,
+)
+from .hf import patch_hf
+from . import pretraining
+from .speed import cpu_speed_case
+
+__all__ = [
+    "BertConfig", "BertModel", "BertForPreTraining", "BertForMaskedLM", "BertForSequenceClassification",
+    "BertForTokenClassification", "BertForQuestionAnswering",
+    "GPT2Config", "GPT2Model", "GPT2LMHeadModel",
+    "AlbertConfig", "AlbertModel", "AlbertForPreTraining", "AlbertForMaskedLM", "AlbertForSequenceClassification",
+    "patch_hf", "MultiHeadSelfAttention", "AddLayerNorm", "FeedForward", "TransformerBlock",
+    "CheckpointMismatchError", "pretraining", "cpu_speed_case",
+]

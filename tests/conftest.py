@@ -11,6 +11,12 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    # Out-of-bounds loads/stores become errors naming the kernel instead of heap corruption.
+    import interpreter_sanitizer
+
+    interpreter_sanitizer.install()
+
 # The interpreter runs on numpy; two cores here, so keep torch from oversubscribing them.
 if not HAS_CUDA:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -1,0 +1,214 @@
+"""Hugging Face checkpoint interop shared by the model families.
+
+A family maps each of our state-dict keys to the Hugging Face key(s) it comes from
+(`hf_sources`): most are renames, a fused QKV weight is the concatenation of query, key
+and value, and GPT-2's Conv1D weights are stored (in, out) so they are transposed. Loading
+applies the map one way, saving the other way. transformers itself is needed only by
+`from_hf` (it is handed a transformers model) and never imported here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+COPY, CAT, TRANSPOSE = "copy", "cat", "transpose"
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tensors do not fit the model; the message lists every problem."""
+
+    def __init__(self, missing, unexpected, mismatched, where=""):
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        lines = [f"checkpoint{where} does not fit the model:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+        if mismatched:
+            lines.append(f"  mis-shaped keys ({len(mismatched)}): " + "; ".join(mismatched))
+        super().__init__("\n".join(lines))
+
+
+@dataclasses.dataclass
+class HFConfig:
+    """Base of the config dataclasses: fields named as in Hugging Face's config.json."""
+
+    model_type: ClassVar[str] = ""
+    num_labels: int = 2
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HFConfig":
+        d = dict(d)
+        mt = d.get("model_type")
+        if mt is not None and cls.model_type and mt != cls.model_type:
+            raise ValueError(f"config has model_type {mt!r}, expected {cls.model_type!r} for {cls.__name__}")
+        if "id2label" in d and d["id2label"] and "num_labels" not in d:
+            d["num_labels"] = len(d["id2label"])
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_json_file(cls, path: str) -> "HFConfig":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "HFConfig":
+        return cls.from_dict(hf_config.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        n = d.pop("num_labels")
+        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(n)}
+        d["label2id"] = {f"LABEL_{i}": i for i in range(n)}
+        d["model_type"] = self.model_type
+        return d
+
+    def to_json_file(self, path: str, architecture: str | None = None) -> None:
+        d = self.to_dict()
+        if architecture:
+            d["architectures"] = [architecture]
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(d, f, indent=2, sort_keys=True)
+
+
+def _first_float_dtype(state_dict) -> torch.dtype | None:
+    for v in state_dict.values():
+        if torch.is_floating_point(v):
+            return v.dtype
+    return None
+
+
+def read_state_dict(folder: str) -> dict[str, torch.Tensor]:
+    """model.safetensors, else pytorch_model.bin, from a local folder (never the network)."""
+    st = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        return load_file(st)
+    binf = os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(binf):
+        return torch.load(binf, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder!r}")
+
+
+class PreTrainedModel(nn.Module):
+    """from_pretrained / from_hf / save_pretrained for a model with a Hugging Face twin."""
+
+    config_class: ClassVar[type[HFConfig]]
+    base_model_prefix: ClassVar[str] = ""  # "bert", "transformer", "albert"
+    hf_architecture: ClassVar[str] = ""  # the transformers class this model mirrors
+
+    # --- what a family defines -------------------------------------------------------------
+    def hf_sources(self, key: str) -> tuple[list[str], str]:
+        """The Hugging Face key(s) our `key` is built from and how (COPY, CAT, TRANSPOSE)."""
+        return [key], COPY
+
+    def hf_ignored(self, hf_key: str) -> bool:
+        """Checkpoint entries we neither load nor miss: buffers and tied copies."""
+        return hf_key.endswith(".position_ids") or hf_key.endswith("embeddings.token_type_ids")
+
+    def set_backend(self, backend: str | None) -> "PreTrainedModel":
+        """Run every layer on `backend` ('triton', 'cuda', 'torch', 'auto'; None = default)."""
+        for m in self.modules():
+            if hasattr(m, "backend") and m is not self:
+                m.backend = backend
+        return self
+
+    # --- loading ---------------------------------------------------------------------------
+    def load_hf_state_dict(self, hf_state: dict[str, torch.Tensor], strict: bool = True, where: str = "") -> None:
+        ours = self.state_dict()
+        prefix = self.base_model_prefix + "." if self.base_model_prefix else ""
+        model_has_prefix = bool(prefix) and any(k.startswith(prefix) for k in ours)
+        ckpt_has_prefix = bool(prefix) and any(k.startswith(prefix) for k in hf_state)
+        if model_has_prefix and not ckpt_has_prefix:
+            hf_state = {prefix + k: v for k, v in hf_state.items()}  # a base-model checkpoint
+        elif prefix and not model_has_prefix and ckpt_has_prefix:
+            # A task model's checkpoint loaded into the base model: its heads are not ours.
+            hf_state = {k[len(prefix):]: v for k, v in hf_state.items() if k.startswith(prefix)}
+        hf_state = {k: v for k, v in hf_state.items() if not self.hf_ignored(k)}
+
+        new, used, missing, mismatched = {}, set(), [], []
+        for key, param in ours.items():
+            sources, how = self.hf_sources(key)
+            absent = [s for s in sources if s not in hf_state]
+            used.update(s for s in sources if s in hf_state)  # a partial QKV is missing, not unexpected
+            if absent:
+                missing.extend(absent)
+                continue
+            tensors = [hf_state[s] for s in sources]
+            value = torch.cat(tensors, 0) if how == CAT else tensors[0].t() if how == TRANSPOSE else tensors[0]
+            if value.shape != param.shape:
+                mismatched.append(f"{'+'.join(sources)}: checkpoint {tuple(value.shape)} vs model {tuple(param.shape)}")
+                continue
+            new[key] = value
+        unexpected = sorted(k for k in hf_state if k not in used)
+        if strict and (missing or unexpected or mismatched):
+            raise CheckpointMismatchError(missing, unexpected, mismatched, where)
+        if mismatched:
+            raise CheckpointMismatchError([], [], mismatched, where)
+        if missing or unexpected:
+            warnings.warn(str(CheckpointMismatchError(missing, unexpected, [], where)) +
+                          "\n  (missing weights keep their fresh initialisation)", stacklevel=3)
+        self.load_state_dict(new, strict=False)
+
+    @classmethod
+    def from_pretrained(cls, folder: str, *, dtype: torch.dtype | str = torch.float32, strict: bool = True,
+                        backend: str | None = None, **model_kwargs):
+        """Load a Hugging Face format folder (config.json + model.safetensors / pytorch_model.bin).
+
+        dtype="auto" keeps the checkpoint's dtype. strict=False lets task heads missing from a
+        base-model checkpoint start from a fresh initialisation (with a warning)."""
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"from_pretrained needs a local folder, got {folder!r} (never the network)")
+        config = cls.config_class.from_json_file(os.path.join(folder, "config.json"))
+        state = read_state_dict(folder)
+        if dtype == "auto":
+            dtype = _first_float_dtype(state) or torch.float32
+        model = cls(config, **model_kwargs).to(dtype)
+        model.load_hf_state_dict(state, strict=strict, where=f" {folder!r}")
+        if backend is not None:
+            model.set_backend(backend)
+        return model.eval()
+
+    @classmethod
+    def from_hf(cls, hf_model, *, backend: str | None = None, **model_kwargs):
+        """Our model with the weights, dtype, device and train/eval mode of a transformers model."""
+        config = cls.config_class.from_hf(hf_model.config)
+        state = hf_model.state_dict()
+        param = next(hf_model.parameters())
+        model = cls(config, **model_kwargs).to(device=param.device, dtype=param.dtype)
+        model.load_hf_state_dict(state, where=f" of {type(hf_model).__name__}")
+        if backend is not None:
+            model.set_backend(backend)
+        return model.train(hf_model.training)
+
+    # --- saving ----------------------------------------------------------------------------
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, value in self.state_dict().items():
+            sources, how = self.hf_sources(key)
+            if how == CAT:
+                for s, part in zip(sources, value.chunk(len(sources), 0)):
+                    out[s] = part
+            elif how == TRANSPOSE:
+                out[sources[0]] = value.t()
+            else:
+                out[sources[0]] = value
+        # safetensors refuses views that share storage (the split QKV): give each its own.
+        return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+    def save_pretrained(self, folder: str) -> None:
+        """Write config.json + model.safetensors that transformers' from_pretrained loads."""
+        from safetensors.torch import save_file
+
+        os.makedirs(folder, exist_ok=True)
+        self.config.to_json_file(os.path.join(folder, "config.json"), self.hf_architecture)
+        tensors = {k: v.cpu() for k, v in self.hf_state_dict().items()}
+        save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})

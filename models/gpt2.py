@@ -1,0 +1,219 @@
+"""GPT-2 on the fused kernels: pre-LN causal decoder, tied LM head, KV-cached generate().
+
+    x = drop(wte[ids] + wpe[pos])
+    for each block:  x = x + Attn(LN1(x));  x = x + MLP(LN2(x))    (tanh GELU)
+    logits = LN_f(x) @ wte^T
+
+Each residual add is fused with the LayerNorm that follows it (add_layer_norm, prenorm=True),
+so the blocks pass (branch output, residual stream) along. Hugging Face stores the
+projections as Conv1D, weight (in, out): they are transposed on load and save.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import outputs as O
+from .bert import check_heads, check_ids, gelu_approximate
+from .checkpoint import COPY, TRANSPOSE, HFConfig, PreTrainedModel
+from .layers import AddLayerNorm, TransformerBlock, init_weights, key_padding_mask, scale_residual_projections, wide
+
+
+@dataclasses.dataclass
+class GPT2Config(HFConfig):
+    model_type: ClassVar[str] = "gpt2"
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False
+    problem_type: str | None = None
+
+    def __post_init__(self):
+        check_heads(self.n_embd, self.n_head)
+        gelu_approximate(self.activation_function)
+        if not self.scale_attn_weights or self.scale_attn_by_inverse_layer_idx:
+            raise ValueError("GPT2Config: only scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False "
+                             "(the released GPT-2 attention scaling) is supported")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.n_embd
+
+
+class GPT2PreTrainedModel(PreTrainedModel):
+    config_class = GPT2Config
+    base_model_prefix = "transformer"
+
+    # ours -> Hugging Face; the Conv1D weights are stored transposed there.
+    _RENAMES = (
+        (".attn_norm.", ".ln_1.", False),
+        (".attn.qkv.", ".attn.c_attn.", True),
+        (".attn.proj.", ".attn.c_proj.", True),
+        (".ffn_norm.", ".ln_2.", False),
+        (".ffn.fc.", ".mlp.c_fc.", True),
+        (".ffn.proj.", ".mlp.c_proj.", True),
+    )
+
+    def hf_sources(self, key):
+        for ours, theirs, conv1d in self._RENAMES:
+            if ours in key:
+                how = TRANSPOSE if conv1d and key.endswith(".weight") else COPY
+                return [key.replace(ours, theirs)], how
+        return [key], COPY
+
+    def hf_ignored(self, hf_key):
+        # attn.bias / attn.masked_bias: causal-mask buffers older checkpoints carry.
+        tied = self.config.tie_word_embeddings and hf_key == "lm_head.weight"
+        return tied or hf_key.endswith((".attn.bias", ".attn.masked_bias")) or super().hf_ignored(hf_key)
+
+    def _init(self):
+        std = self.config.initializer_range
+        init_weights(self, std)
+        scale_residual_projections(self, std, 2 * self.config.n_layer)
+
+
+class GPT2Model(GPT2PreTrainedModel):
+    hf_architecture = "GPT2Model"
+
+    def __init__(self, config: GPT2Config, backend: str | None = None):
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        self.wte = nn.Embedding(config.vocab_size, C)
+        self.wpe = nn.Embedding(config.n_positions, C)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([
+            TransformerBlock(C, config.n_head, config.n_inner or 4 * C, eps=config.layer_norm_epsilon,
+                             attn_dropout=config.attn_pdrop, hidden_dropout=config.resid_pdrop,
+                             approximate=gelu_approximate(config.activation_function),
+                             prenorm=True, causal=True, backend=backend)
+            for _ in range(config.n_layer)
+        ])
+        self.ln_f = AddLayerNorm(C, config.layer_norm_epsilon, config.resid_pdrop, backend)
+        self._init()
+
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None,
+                use_cache=False, output_hidden_states=False, return_dict=True):
+        """past_key_values: one (k, v) per block, each (B, nh, S_past, hs).
+        attention_mask: (B, S_past + T), 1 = attend."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a (batch, seq_len) tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+        B, T = input_ids.shape
+        c = self.config
+        if past_key_values is not None and len(past_key_values) != c.n_layer:
+            raise ValueError(f"past_key_values must hold one (k, v) per layer ({c.n_layer}), got {len(past_key_values)}")
+        past = past_key_values[0][0].shape[2] if past_key_values is not None else 0
+        if past + T > c.n_positions:
+            raise ValueError(f"input_ids reaches position {past + T}, beyond the position table (n_positions={c.n_positions})")
+        check_ids("input_ids", input_ids, c.vocab_size, "vocab_size")
+        check_ids("position_ids", position_ids, c.n_positions, "n_positions")
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device)[None]  # (1, T)
+        mask = key_padding_mask(attention_mask, B, past + T)  # (B, 1, 1, S) or None
+
+        h = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)
+        residual, presents, states = None, [], []
+        for i, block in enumerate(self.h):
+            if output_hidden_states:
+                states.append(h if residual is None else residual + h)
+            kv = past_key_values[i] if past_key_values is not None else None
+            out = block(h, residual, attn_mask=mask, past_kv=kv, use_cache=use_cache)
+            if use_cache:
+                h, residual, kv = out
+                presents.append(kv)
+            else:
+                h, residual = out
+        x = self.ln_f(h, residual)  # LN(residual + drop(h)): the last block's add, fused
+        if output_hidden_states:
+            states.append(x)
+        out = O.BaseModelOutputWithPast(x, tuple(presents) if use_cache else None,
+                                        tuple(states) if output_hidden_states else None)
+        return out if return_dict else out.to_tuple()
+
+
+class GPT2LMHeadModel(GPT2PreTrainedModel):
+    """GPT-2 with the LM head tied to the token embedding, and generate()."""
+
+    hf_architecture = "GPT2LMHeadModel"
+
+    def __init__(self, config: GPT2Config, backend: str | None = None):
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config, backend)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self._init()
+
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None,
+                labels=None, use_cache=False, output_hidden_states=False, return_dict=True):
+        base = self.transformer(input_ids, past_key_values, attention_mask, position_ids, use_cache,
+                                output_hidden_states)
+        weight = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(base.last_hidden_state, weight)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            # Token t predicts token t + 1.
+            loss = F.cross_entropy(wide(logits[:, :-1].reshape(-1, logits.shape[-1])),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        out = O.CausalLMOutputWithPast(loss, logits, base.past_key_values, base.hidden_states)
+        return out if return_dict else out.to_tuple()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, *, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, use_cache: bool = True,
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Append up to `max_new_tokens` tokens: greedy, or sampled with temperature / top-k.
+
+        With the cache each step feeds only the newest token and attends over the cached
+        keys and values; without it each step reruns the whole prefix (for checking)."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if top_k is not None and top_k <= 0:
+            raise ValueError(f"top_k must be a positive integer, got {top_k}")
+        ids, past = input_ids, None
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            if use_cache:
+                out = self(ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
+                past = out.past_key_values
+            else:
+                out = self(ids)
+            logits = out.logits[:, -1, :].float()  # (B, V)
+            if do_sample:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)  # (B, 1)
+            else:
+                nxt = logits.argmax(-1, keepdim=True)
+            if eos_token_id is not None:
+                nxt = nxt.masked_fill(done[:, None], eos_token_id)
+                done |= nxt.squeeze(1) == eos_token_id
+            ids = torch.cat([ids, nxt], dim=1)
+            if eos_token_id is not None and bool(done.all()):
+                break
+        return ids
+
+
+__all__ = ["GPT2Config", "GPT2Model", "GPT2LMHeadModel"]

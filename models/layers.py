@@ -1,0 +1,235 @@
+"""Transformer layers on the fused ops: attention, add+LayerNorm, GELU feed-forward, blocks.
+
+Every layer takes `backend` (None = the backend in force, see fuseformer.kernels.set_backend)
+and calls only the public ops of fuseformer.kernels, so the same module runs the Triton,
+CUDA or reference kernels. The one exception is attention on the `torch` backend: there the
+reference is readable math (an L x L matrix), slower than PyTorch's own fused SDPA, so the
+torch path calls torch.nn.functional.scaled_dot_product_attention, which computes the same.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import kernels as K
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, nh, S, hs)
+
+
+def runs_torch(backend: str | None, device: torch.device) -> bool:
+    """True when this call would run the torch reference (so PyTorch's fused ops are equal)."""
+    name = K.get_backend() if backend is None else backend
+    return name == "torch" or (name == "auto" and device.type != "cuda")
+
+
+def _backend_repr(backend: str | None) -> str:
+    return f"backend={backend or 'default'}"
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Self-attention with one fused QKV projection and one attention call.
+
+    `qkv` holds [W_q; W_k; W_v] stacked on the output dim, so q, k and v are strided views
+    of a single matmul's result. `proj` is the output projection.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, attn_dropout: float = 0.0,
+                 causal: bool = False, bias: bool = True, backend: str | None = None):
+        super().__init__()
+        if num_heads <= 0 or hidden_size % num_heads != 0:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
+            )
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_dim = hidden_size // num_heads
+        self.attn_dropout = attn_dropout
+        self.causal = causal
+        self.backend = backend
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=bias)
+        self.proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+
+    def extra_repr(self) -> str:
+        return (f"hidden={self.hidden_size}, heads={self.num_heads}, causal={self.causal}, "
+                f"{_backend_repr(self.backend)}")
+
+    def attend(self, q, k, v, attn_mask=None, is_causal=False):
+        """softmax(q k^T / sqrt(hs)) v on (B, nh, T, hs) tensors, by the chosen backend."""
+        p = self.attn_dropout if self.training else 0.0
+        if runs_torch(self.backend, q.device):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
+        return K.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p,
+                                              is_causal=is_causal, backend=self.backend)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                past_kv: KVCache | None = None, use_cache: bool = False):
+        """x (B, T, C). attn_mask: bool, True = attend, (B, 1, 1, S) for key padding or
+        (B, 1, T, S) in general. With `past_kv` the new keys/values are appended to the cache
+        and the queries see the whole cache; with `use_cache` returns (out, (k, v))."""
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        is_causal = self.causal
+        if past_kv is not None:
+            k = torch.cat([past_kv[0], k], dim=2)  # (B, nh, S, hs)
+            v = torch.cat([past_kv[1], v], dim=2)
+            if self.causal:
+                # The cache shifts the diagonal: query i sits at position S - T + i, so a
+                # top-left causal mask would be wrong; build the bottom-right one.
+                S = k.shape[2]
+                diag = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+                attn_mask = diag if attn_mask is None else attn_mask & diag
+                is_causal = False
+        elif self.causal and attn_mask is not None:
+            # torch's SDPA takes a mask or is_causal, not both: fold the causal part in.
+            T_k = k.shape[2]
+            attn_mask = attn_mask & torch.ones(T, T_k, dtype=torch.bool, device=x.device).tril()
+            is_causal = False
+        y = self.attend(q, k, v, attn_mask, is_causal)  # (B, nh, T, hs)
+        y = self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return (y, (k, v)) if use_cache else y
+
+    def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """x (total, C): sequences packed back to back, no padding (varlen attention)."""
+        total, C = x.shape
+        qkv = self.qkv(x).view(total, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(1)  # each (total, nh, hs)
+        p = self.attn_dropout if self.training else 0.0
+        y = K.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                               dropout_p=p, is_causal=self.causal, backend=self.backend)
+        return self.proj(y.reshape(total, C))
+
+
+class AddLayerNorm(nn.Module):
+    """y = LayerNorm(residual + dropout(x)) in one fused op.
+
+    Dropout applies to the branch `x` being added to the residual stream; with no residual
+    there is no branch and no dropout (the embeddings' LayerNorm). `prenorm=True` also
+    returns the new residual stream, for pre-LN blocks.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, dropout: float = 0.0, backend: str | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+        self.eps, self.dropout, self.backend = eps, dropout, backend
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, dropout={self.dropout}, {_backend_repr(self.backend)}"
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, prenorm: bool = False):
+        p = self.dropout if (self.training and residual is not None) else 0.0
+        if runs_torch(self.backend, x.device) and not prenorm:
+            # Same maths as the reference, through PyTorch's own fused LayerNorm kernel.
+            h = F.dropout(x, p, True) if p > 0 else x
+            h = h if residual is None else h + residual
+            return F.layer_norm(h, h.shape[-1:], self.weight, self.bias, self.eps)
+        return K.add_layer_norm(x, residual, self.weight, self.bias, eps=self.eps, dropout_p=p,
+                                prenorm=prenorm, backend=self.backend)
+
+
+class FeedForward(nn.Module):
+    """proj(GELU(fc(x))), the first half fused (linear_gelu). approximate: 'none' or 'tanh'."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, approximate: str = "none",
+                 backend: str | None = None):
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.fc = nn.Linear(hidden_size, intermediate_size)
+        self.proj = nn.Linear(intermediate_size, hidden_size)
+        self.approximate, self.backend = approximate, backend
+
+    def extra_repr(self) -> str:
+        return f"gelu={self.approximate}, {_backend_repr(self.backend)}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if runs_torch(self.backend, x.device):
+            # The reference itself, minus the custom-op dispatch (measurable on CPU).
+            h = F.gelu(F.linear(x, self.fc.weight, self.fc.bias), approximate=self.approximate)
+        else:
+            h = K.linear_gelu(x, self.fc.weight, self.fc.bias, approximate=self.approximate, backend=self.backend)
+        return self.proj(h)
+
+
+class TransformerBlock(nn.Module):
+    """One attention + feed-forward block, post-LN (BERT, ALBERT) or pre-LN (GPT-2).
+
+    post-LN: x = LN(x + Attn(x)); x = LN(x + FFN(x))           forward(x) -> x
+    pre-LN:  the residual add of each branch is fused with the next LayerNorm, across
+             blocks too, so forward(h, residual) -> (branch output, residual stream) and the
+             caller's final LayerNorm adds the last branch. For the first block pass the
+             embeddings as `h` and residual=None.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, *,
+                 eps: float = 1e-5, attn_dropout: float = 0.0, hidden_dropout: float = 0.0,
+                 approximate: str = "none", prenorm: bool = False, causal: bool = False,
+                 backend: str | None = None):
+        super().__init__()
+        self.prenorm = prenorm
+        self.attn = MultiHeadSelfAttention(hidden_size, num_heads, attn_dropout, causal, backend=backend)
+        self.attn_norm = AddLayerNorm(hidden_size, eps, hidden_dropout, backend)
+        self.ffn = FeedForward(hidden_size, intermediate_size, approximate, backend)
+        self.ffn_norm = AddLayerNorm(hidden_size, eps, hidden_dropout, backend)
+
+    def set_backend(self, backend: str | None) -> None:
+        for m in self.modules():
+            if hasattr(m, "backend"):
+                m.backend = backend
+
+    def forward(self, x, residual=None, attn_mask=None, past_kv=None, use_cache=False, packed=None):
+        """`packed` = (cu_seqlens, max_seqlen) runs post-LN attention on packed (total, C) tokens."""
+        if not self.prenorm:
+            if packed is not None:
+                a = self.attn.forward_packed(x, *packed)
+            else:
+                a = self.attn(x, attn_mask)
+            x = self.attn_norm(a, x)
+            return self.ffn_norm(self.ffn(x), x)
+        h, residual = self.attn_norm(x, residual, prenorm=True)  # residual += drop(x); h = LN(residual)
+        out = self.attn(h, attn_mask, past_kv=past_kv, use_cache=use_cache)
+        a, kv = out if use_cache else (out, None)
+        h, residual = self.ffn_norm(a, residual, prenorm=True)
+        y = self.ffn(h)
+        return (y, residual, kv) if use_cache else (y, residual)
+
+
+def key_padding_mask(attention_mask: torch.Tensor | None, batch: int, length: int, name: str = "attention_mask"):
+    """Hugging Face's (B, S) 1/0 mask -> bool (B, 1, 1, S), True = attend; None if no padding."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(attention_mask).__name__}")
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, length):
+        raise ValueError(f"{name} must have shape (batch, key_length) = ({batch}, {length}), "
+                         f"got {tuple(attention_mask.shape)}")
+    return attention_mask.bool()[:, None, None, :]
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """BERT/GPT-2 initialisation: normal(0, std) weights, zero biases, LayerNorm = identity."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)
+        elif isinstance(m, (AddLayerNorm, nn.LayerNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def scale_residual_projections(module: nn.Module, std: float, n_residual_layers: int) -> None:
+    """GPT-2: weights writing into the residual stream get std / sqrt(N), N = 2 per block."""
+    for name, p in module.named_parameters():
+        if name.endswith("attn.proj.weight") or name.endswith("ffn.proj.weight"):
+            nn.init.normal_(p, 0.0, std / math.sqrt(n_residual_layers))
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """Losses in float32 at least, float64 kept (parity tests run whole models in float64)."""
+    return t if t.dtype == torch.float64 else t.float()

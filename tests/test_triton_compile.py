@@ -1,0 +1,121 @@
+"""CI compile check of the Triton kernels without a GPU.
+
+On a CPU runner the kernel tests go through Triton's interpreter, which never lowers a kernel:
+a kernel that breaks in the NVIDIA pipeline (TTGIR/LLVM/ptxas), or that needs more shared
+memory than a block may have on the GPU (a launch failure there), would pass every CPU test.
+tests/triton_compile_check.py compiles each entry kernel ahead of time for sm_90 and sm_80 --
+every GPU autotune config, plus a set of constexpr cases (dtypes, masks, causal, dropout,
+varlen, GQA, head dims 64/80/128, the LayerNorm flags and chunked rows, GELU erf/tanh) --
+in a subprocess, because the interpreter (switched on for this process by conftest.py) must
+not be set when the kernel modules build their autotune config lists.
+
+The default set keeps this near a minute of two cores: every autotune config and the flag
+cases for sm_90; for sm_80 the plain (non-autotuned) launches, where more shared memory than
+the limit is a launch failure rather than a config the autotuner skips.
+FUSEFORMER_TRITON_AOT_FULL=1 compiles every config and case for sm_80 as well (a few minutes).
+
+Registers, spills and shared memory are printed per compile (pytest -s or -rP to see them).
+Spills are reported, not failed on. Skipped, with the reason, where triton's NVIDIA backend or
+ptxas is missing or this triton's ahead-of-time compile API differs from the one used.
+"""
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parent / "triton_compile_check.py"
+SKIP_EXIT = 3
+
+
+def _static_skip_reason():
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        return "triton has no NVIDIA backend"
+    return None
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    reason = _static_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("triton_aot") / "results.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--json", str(out)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    wall = time.perf_counter() - t0
+    if proc.returncode == SKIP_EXIT:
+        pytest.skip(json.loads(out.read_text())["skip"] if out.exists() else proc.stdout[-2000:])
+    assert out.exists(), f"the compile script wrote no results (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    data = json.loads(out.read_text())
+    assert "error" not in data, data["error"]
+    data["subprocess_wall_s"] = wall
+    print(f"\n{SCRIPT.name}: {len(data['results'])} compiles in {wall:.1f}s wall ({data['workers']} workers)")
+    print(_table(data["results"]))
+    return data
+
+
+def _table(results):
+    """One line per compiled kernel: the compact register/spill/shared-memory report."""
+    lines = [f"{'kernel':20s} {'arch':5s} {'case':32s} {'config':40s} {'regs':>4s} {'spill':>6s} {'smem':>7s}"]
+    for r in results:
+        if r["ok"]:
+            spill = "?" if r["spill_bytes"] is None else str(r["spill_bytes"])
+            cells = f"{r['n_regs'] if r['n_regs'] is not None else '?':>4} {spill:>6s} {r['shared']:>7d}"
+        else:
+            cells = "FAILED"
+        lines.append(f"{r['kernel']:20s} sm_{r['arch']:<2d} {r['case']:32s} {r['config']:40s} {cells}")
+    return "\n".join(lines)
+
+
+def _where(r):
+    return f"{r['kernel']} sm_{r['arch']} [{r['case']}] config {r['config']} constexprs {r['constexprs']}"
+
+
+def test_every_kernel_compiles(compiled):
+    failed = [r for r in compiled["results"] if not r["ok"]]
+    assert not failed, f"{len(failed)} of {len(compiled['results'])} compiles failed:\n" + "\n\n".join(
+        f"{_where(r)}\n{r['error']}" for r in failed
+    )
+
+
+def test_shared_memory_fits_the_target(compiled):
+    # Triton's launcher refuses a kernel whose shared memory exceeds the device's opt-in
+    # maximum per block (sm_90 227 KB, sm_80 163 KB). A plain launch over it fails; the
+    # autotuner skips such a config, which only fails when no config of the case fits.
+    skipped = [r for r in compiled["results"] if r["smem_over"] and not r["smem_launch_failure"]]
+    for r in skipped:
+        print(f"autotuner would skip (shared memory {r['shared']} B > {r['smem_limit']} B): {_where(r)}")
+    failing = [r for r in compiled["results"] if r["smem_launch_failure"]]
+    assert not failing, "launch would fail, shared memory over the per-block limit:\n" + "\n".join(
+        f"{_where(r)}: {r['shared']} B > {r['smem_limit']} B" for r in failing
+    )
+
+
+def test_every_entry_kernel_and_config_is_covered(compiled):
+    """A kernel or autotune config added later must not slip through uncompiled."""
+    cov = compiled["coverage"]
+    assert not cov["entry_kernels_not_compiled"], (
+        f"entry kernels that tests/triton_compile_check.py does not compile: {cov['entry_kernels_not_compiled']}"
+    )
+    assert not cov["configs_not_compiled"], f"autotune configs never compiled: {cov['configs_not_compiled']}"
+
+
+def test_spill_report(compiled):
+    """Spills cost speed, not correctness: listed here, never failed on. The ptxas report must
+    have been parsed, though, or the register/spill columns would silently read '?'."""
+    ok = [r for r in compiled["results"] if r["ok"]]
+    assert ok and all(r["n_regs"] is not None and r["spill_bytes"] is not None for r in ok), (
+        "ptxas's -v report was not captured for: " + ", ".join(_where(r) for r in ok if r["n_regs"] is None)
+    )
+    spills = [r for r in ok if r["spill_bytes"]]
+    print(f"\n{len(spills)} of {len(ok)} compiled kernels spill registers:")
+    for r in sorted(spills, key=lambda r: -r["spill_bytes"]):
+        print(f"  {r['spill_bytes']:>7d} B  regs={r['n_regs']}  {r['kernel']} sm_{r['arch']} [{r['case']}] {r['config']}")
