@@ -72,7 +72,20 @@ def _fwd_configs():
     return [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8, 16)]
 
 
-@triton.autotune(configs=_fwd_configs(), key=["N", "HAS_RES", "HAS_W", "HAS_B", "DROPOUT", "SAVE_STREAM", "BLOCK"])
+def _fwd_prune(configs, named_args, **kwargs):
+    """Keep warp counts that give each thread 4..64 elements of the block. Outside that
+    range a config either idles most lanes or spills heavily: one warp over a 16384-wide
+    block spills ~26 KB, and ptxas spent minutes compiling it (tests/test_triton_compile.py)."""
+    block = {**named_args, **kwargs}["BLOCK"]
+    kept = [c for c in configs if 4 <= block // (32 * c.num_warps) <= 64]
+    return kept or [min(configs, key=lambda c: abs(c.num_warps - _num_warps(block)))]
+
+
+@triton.autotune(
+    configs=_fwd_configs(),
+    key=["N", "HAS_RES", "HAS_W", "HAS_B", "DROPOUT", "SAVE_STREAM", "BLOCK"],
+    prune_configs_by={"early_config_prune": _fwd_prune},
+)
 @triton.jit
 def _add_ln_fwd(
     X,  # (M, N) branch input, dropped out
