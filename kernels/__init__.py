@@ -6,17 +6,31 @@
 Every op has the same signature and semantics as its reference in reference.py, runs on
 the backend chosen by set_backend / use_backend / FUSEFORMER_BACKEND, and has autograd.
 """
-from .backends import (
-    BackendUnsupportedError,
-    available_backends,
-    get_backend,
-    set_backend,
-    unavailable_reason,
-    use_backend,
-)
-from .add_layer_norm import add_layer_norm
-from .attention import scaled_dot_product_attention, varlen_attention
-from .linear_gelu import linear_gelu
+import sys as _sys
+
+if __name__ != "fuseformer.kernels":
+    # This folder imported as a bare top-level `kernels`: the repository root is on sys.path
+    # (`python -m ...` run there) and something probed that name -- transformers does, looking
+    # for Hugging Face's `kernels` package. Running this package a second time would define
+    # our torch custom ops again, which frees the first registration while fuseformer.kernels
+    # still calls it: a segfault or a torch internal assert much later. Hand out the real
+    # package instead (it has no __version__, so transformers reads it as "not installed").
+    import importlib as _importlib
+
+    _sys.modules[__name__] = _importlib.import_module("fuseformer.kernels")
+else:
+    from . import cuda_backend  # noqa: F401  (registers the cuda impls)
+    from .add_layer_norm import add_layer_norm
+    from .attention import scaled_dot_product_attention, varlen_attention
+    from .backends import (
+        BackendUnsupportedError,
+        available_backends,
+        get_backend,
+        set_backend,
+        unavailable_reason,
+        use_backend,
+    )
+    from .linear_gelu import linear_gelu
 
 __all__ = [
     "scaled_dot_product_attention",
@@ -30,4 +44,3 @@ __all__ = [
     "unavailable_reason",
     "BackendUnsupportedError",
 ]
-from . import cuda_backend  # noqa: F401,E402  (registers the cuda impls)
