@@ -329,6 +329,12 @@ class BertForMaskedLM(BertPreTrainedModel):
         return out if return_dict else out.to_tuple()
 
 
+def classifier_head(config: BertConfig) -> tuple[nn.Dropout, nn.Linear]:
+    """Dropout + Linear to num_labels, as Hugging Face's BERT classification heads build them."""
+    p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+    return nn.Dropout(p), nn.Linear(config.hidden_size, config.num_labels)
+
+
 class BertForSequenceClassification(BertPreTrainedModel):
     """Single sentence or sentence pair (token_type_ids) classification on the pooled [CLS]."""
 
@@ -338,9 +344,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
         super().__init__()
         self.config = config
         self.bert = BertModel(config, True, backend, unpad)
-        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(p)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.dropout, self.classifier = classifier_head(config)
         self._init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -361,9 +365,7 @@ class BertForTokenClassification(BertPreTrainedModel):
         super().__init__()
         self.config = config
         self.bert = BertModel(config, False, backend, unpad)
-        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(p)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.dropout, self.classifier = classifier_head(config)
         self._init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
