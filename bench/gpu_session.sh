@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The GPU checks no CPU machine can run, in stages that each fit one 10-minute command of a
+# lent H100 (the device tool: torch and triton preinstalled there, never reinstalled):
+#
+#   bash bench/gpu_session.sh tests      # the whole suite on CUDA (bf16, gpu-marked, cuda backend)
+#   bash bench/gpu_session.sh sanitize   # compute-sanitizer memcheck + racecheck, one test per kernel
+#   bash bench/gpu_session.sh bench      # `fuseformer bench` (ops + models), results under $OUT/h100
+#
+# Everything lands under $OUT (the device tool's folder that comes back), or
+# bench/results/gpu-session without it. Commit the bench results under bench/results/h100/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu-session}
+mkdir -p "$OUT"
+stage=${1:?usage: gpu_session.sh tests|sanitize|bench}
+
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.txt" 2>&1
+{
+    nvidia-smi
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+    git rev-parse HEAD 2>/dev/null
+} >"$OUT/environment.txt" 2>&1
+
+case "$stage" in
+tests)
+    # The cuda backend JIT-builds csrc/ on first use (a few minutes with ninja): build it
+    # first, alone, so a compile error reads as one and not as failing tests.
+    python3 -c "from fuseformer.kernels import cuda_backend as c; print(c.unavailable_reason() or 'cuda backend ready')" \
+        >"$OUT/cuda_build.txt" 2>&1
+    timeout 520 python3 -m pytest -q -rfE --durations=15 --junitxml="$OUT/pytest.xml" >"$OUT/pytest.txt" 2>&1
+    tail -n 30 "$OUT/pytest.txt"
+    ;;
+sanitize)
+    # No caching allocator: memcheck sees each tensor's own bounds, not a pooled block.
+    export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+    for target in \
+        "tests/test_attention.py::test_gpu_large" \
+        "tests/test_add_layer_norm.py::test_bf16_on_gpu" \
+        "tests/test_linear_gelu.py::test_bf16_on_gpu" \
+        "tests/test_cuda_backend.py::test_gpu_attention_parity" \
+        "tests/test_cuda_backend.py::test_gpu_add_layer_norm_parity" \
+        "tests/test_cuda_backend.py::test_gpu_linear_gelu_parity"; do
+        # One parametrization each: the sanitizer slows a launch 10-100x.
+        first=$(python3 -m pytest -q --collect-only "$target" 2>/dev/null | grep '::' | head -n 1)
+        for tool in memcheck racecheck; do
+            name=$(echo "$target" | tr '/:.' '___')
+            timeout 150 compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 99 \
+                python3 -m pytest -q -x "$first" >"$OUT/sanitizer_${tool}_${name}.txt" 2>&1
+            echo "$tool $target: exit $?" | tee -a "$OUT/sanitizer_summary.txt"
+        done
+    done
+    ;;
+bench)
+    timeout 560 fuseformer bench --out "$OUT/h100" 2>&1 | tee "$OUT/bench.txt" | tail -n 60
+    ;;
+*)
+    echo "unknown stage $stage: tests, sanitize or bench" >&2
+    exit 2
+    ;;
+esac
