@@ -71,6 +71,11 @@ def _device(name: str):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is visible to torch here")
+    if device.type == "cuda":
+        # Make it current: do_bench's CUDA events and synchronize, the peak-memory counters
+        # and Triton's launches all act on the current device, not on the tensors' one, so
+        # with --device cuda:1 they would time and measure device 0.
+        torch.cuda.set_device(device)
     return device
 
 

@@ -60,15 +60,24 @@ class BertConfig(HFConfig):
         gelu_approximate(self.hidden_act)
 
 
+def _capturing_cuda_graph() -> bool:
+    # Reading a value back to the host is illegal while a CUDA graph is being captured (the
+    # benchmark's fuseformer-fused-graphs case): int(ids.max()) there aborted the capture, so
+    # graphed inference was always reported as refused. is_available() first: the capture
+    # query raises on a CPU-only torch build.
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def check_ids(name: str, ids: torch.Tensor | None, limit: int, what: str, shape=None) -> None:
-    """Token ids in [0, limit); skipped while compiling (the check reads tensor values)."""
+    """Token ids in [0, limit); skipped while compiling or capturing a CUDA graph (the check
+    reads tensor values back to the host)."""
     if ids is None:
         return
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an integer torch.Tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
     if shape is not None and tuple(ids.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(ids.shape)}")
-    if ids.numel() and not torch.compiler.is_compiling():
+    if ids.numel() and not torch.compiler.is_compiling() and not _capturing_cuda_graph():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= limit:
             raise ValueError(f"{name} must lie in [0, {limit}) ({what}), got values in [{lo}, {hi}]")
@@ -277,7 +286,11 @@ def classification_loss(config, logits, labels):
         kind = "regression" if config.num_labels == 1 else (
             "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification")
     if kind == "regression":
-        return F.mse_loss(wide(logits.squeeze(-1)), wide(labels).reshape(logits.shape[:-1]))
+        if config.num_labels == 1:
+            return F.mse_loss(wide(logits.squeeze(-1)), wide(labels).reshape(logits.shape[:-1]))
+        # Several regression targets (problem_type="regression", num_labels > 1): labels are
+        # (B, num_labels) like the logits, as transformers takes them; squeezing to (B,) failed.
+        return F.mse_loss(wide(logits), wide(labels).reshape(logits.shape))
     if kind == "single_label_classification":
         return F.cross_entropy(wide(logits.reshape(-1, config.num_labels)), labels.reshape(-1))
     return F.binary_cross_entropy_with_logits(wide(logits), wide(labels))

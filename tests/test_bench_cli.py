@@ -101,6 +101,18 @@ def test_device_cuda_without_gpu_is_a_clear_error(capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
+def test_device_cuda_n_becomes_the_current_device(monkeypatch):
+    """do_bench's events, the peak-memory counters and Triton's launches use the current
+    CUDA device: --device cuda:1 must make device 1 current, or device 0 is what is timed."""
+    import torch
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
+    assert cli._device("cuda:1") == torch.device("cuda:1")
+    assert current == [torch.device("cuda:1")]
+
+
 def test_list_shows_quick_cases(capsys):
     assert cli.main(["--list", "--quick", "--suite", "ops"]) == 0
     out = capsys.readouterr().out

@@ -75,6 +75,45 @@ def test_losses_match_transformers():
     assert torch.isfinite(b) and abs(a.item() - b.item()) < 1e-10
 
 
+@pytest.mark.parametrize("num_labels,problem_type", [(1, None), (3, "regression"), (3, None)])
+def test_classification_losses_match_transformers(num_labels, problem_type):
+    # (3, "regression"): several regression targets, labels (B, num_labels) as transformers takes them.
+    torch.manual_seed(5)
+    hf = transformers.BertForSequenceClassification(
+        hf_config(num_labels=num_labels, problem_type=problem_type)).double().eval()
+    ours = M.BertForSequenceClassification.from_hf(hf)
+    kw, _ = inputs()
+    if problem_type == "regression" or num_labels == 1:
+        labels = torch.randn(3, num_labels, dtype=torch.float64).squeeze(-1)
+    else:
+        labels = torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        a = hf(**kw, labels=labels).loss
+        b = ours(**kw, labels=labels).loss
+    assert torch.isfinite(b) and abs(a.item() - b.item()) < 1e-10
+
+
+def test_forward_reads_no_tensor_value_while_a_cuda_graph_is_captured(monkeypatch):
+    """The benchmark captures our inference in a CUDA graph (fuseformer-fused-graphs), where
+    any read of a tensor value back to the host aborts the capture. Emulated on the CPU: the
+    capture query answers True and converting a tensor to a Python number raises."""
+    torch.manual_seed(6)
+    bert = M.BertModel(M.BertConfig.from_dict(hf_config().to_dict())).eval()
+    gpt2 = M.GPT2LMHeadModel(M.GPT2Config(vocab_size=VOCAB, n_embd=96, n_layer=2, n_head=6, n_positions=40)).eval()
+    kw, mask = inputs()
+
+    def no_host_read(self, *args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    for method in ("__int__", "__index__", "__bool__", "__float__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, method, no_host_read)
+    with torch.no_grad():
+        assert bert(**kw).last_hidden_state.shape == (3, 17, 96)
+        assert gpt2(kw["input_ids"], attention_mask=mask).logits.shape == (3, 17, VOCAB)
+
+
 def test_save_pretrained_round_trip(tmp_path):
     torch.manual_seed(4)
     ours = M.BertForPreTraining(M.BertConfig.from_dict(hf_config().to_dict())).eval()
