@@ -39,6 +39,7 @@ from .attention_kernels import (
     default_config,
     dropout_keep_kernel,
 )
+from ._util import device_guard
 from .backends import BackendUnsupportedError, Impl, get_backend, get_impl, interpreting, register_impl, resolve
 from .checks import check_prob, check_same, check_tensor
 
@@ -122,7 +123,9 @@ def _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, nbat
     H, group = q.shape[1], q.shape[1] // k.shape[1]
     m, ms, kind, is_float = _mask_args(mask, q)
     dropout = dropout_p > 0.0
-    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), nbatch * H)  # noqa: E731
+    # A flat 1-D grid (the kernels split it back with _flat_pid): CUDA caps grid axes 1 and
+    # 2 at 65535, too few for B * H programs of a big batch or of many packed sequences.
+    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * nbatch * H,)  # noqa: E731
     _run(
         "fwd", attn_fwd_tuned, attn_fwd, grid,
         q, k, v, out, lse, m, seed if dropout else q, cu_q if varlen else lse, cu_k if varlen else lse,
@@ -145,7 +148,7 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
     flags = _flags(q)
     delta = _empty_like(lse)
     cu_q_arg, cu_k_arg = (cu_q, cu_k) if varlen else (lse, lse)
-    attn_bwd_preprocess[(triton.cdiv(lq, 64), nbatch * H)](
+    attn_bwd_preprocess[(triton.cdiv(lq, 64) * nbatch * H,)](
         out, dout, delta, cu_q_arg, cu_k_arg,
         _bs(out, varlen), out.stride(1), out.stride(2),
         _bs(dout, varlen), dout.stride(1), dout.stride(2),
@@ -165,7 +168,7 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
         _bs(dout, varlen), dout.stride(1), dout.stride(2),
     )
     _run(
-        "bwd", attn_bwd_dkdv_tuned, attn_bwd_dkdv, lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), nbatch * Hk),
+        "bwd", attn_bwd_dkdv_tuned, attn_bwd_dkdv, lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * nbatch * Hk,),
         q, k, v, dout, dk, dv, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg,
         *qkv_strides,
         _bs(dk, varlen), dk.stride(1), dk.stride(2),
@@ -174,7 +177,7 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
         *ms, *tail, **common,
     )
     _run(
-        "bwd", attn_bwd_dq_tuned, attn_bwd_dq, lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), nbatch * H),
+        "bwd", attn_bwd_dq_tuned, attn_bwd_dq, lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * nbatch * H,),
         q, k, v, dout, dq, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg,
         *qkv_strides,
         _bs(dq, varlen), dq.stride(1), dq.stride(2),
@@ -249,8 +252,9 @@ def dropout_keep_mask(seed: Tensor, B: int, H: int, Lq: int, Lk: int, p: float, 
     device = seed.device if device is None else torch.device(device)
     out = torch.empty(B * H, Lq, Lk, dtype=torch.uint8, device=device)
     if out.numel():
-        grid = (triton.cdiv(Lq, 64), triton.cdiv(Lk, 64), B * H)
-        dropout_keep_kernel[grid](out, seed.to(device), Lq, Lk, float(p), BLOCK_M=64, BLOCK_N=64)
+        grid = (B * H, triton.cdiv(Lq, 64), triton.cdiv(Lk, 64))  # B*H on axis 0: no 65535 cap
+        with device_guard(out):
+            dropout_keep_kernel[grid](out, seed.to(device), Lq, Lk, float(p), BLOCK_M=64, BLOCK_N=64)
     return out.view(B, H, Lq, Lk).bool()
 
 
@@ -269,7 +273,11 @@ def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
     dropout_p: float, seed: Optional[Tensor], backend: str,
 ) -> Tuple[Tensor, Tensor]:
-    return get_impl("attention", backend).forward(q, k, v, mask, is_causal, scale, dropout_p, seed)
+    # Triton launches on the current CUDA device and its stream, not the tensors' device: on
+    # cuda:1 while cuda:0 is current, the kernels would run on the wrong GPU with foreign
+    # pointers (illegal address). add_layer_norm and linear_gelu guard the same way.
+    with device_guard(q):
+        return get_impl("attention", backend).forward(q, k, v, mask, is_causal, scale, dropout_p, seed)
 
 
 @attention_fwd.register_fake
@@ -283,7 +291,8 @@ def attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
     is_causal: bool, scale: float, dropout_p: float, seed: Optional[Tensor], backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    return get_impl("attention", backend).backward(dout, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed)
+    with device_guard(q):
+        return get_impl("attention", backend).backward(dout, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed)
 
 
 @attention_bwd.register_fake
@@ -312,9 +321,10 @@ def varlen_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
     max_seqlen_k: int, is_causal: bool, scale: float, dropout_p: float, seed: Optional[Tensor], backend: str,
 ) -> Tuple[Tensor, Tensor]:
-    return get_impl("varlen_attention", backend).forward(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p, seed
-    )
+    with device_guard(q):
+        return get_impl("varlen_attention", backend).forward(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p, seed
+        )
 
 
 @varlen_attention_fwd.register_fake
@@ -330,10 +340,11 @@ def varlen_attention_bwd(
     cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, is_causal: bool, scale: float,
     dropout_p: float, seed: Optional[Tensor], backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    return get_impl("varlen_attention", backend).backward(
-        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
-        dropout_p, seed,
-    )
+    with device_guard(q):
+        return get_impl("varlen_attention", backend).backward(
+            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+            dropout_p, seed,
+        )
 
 
 @varlen_attention_bwd.register_fake
@@ -474,6 +485,10 @@ def _check_cu_seqlens(name, cu, total, max_seqlen, device):
         raise ValueError(f"max_seqlen for {name} must be a non-negative int, got {max_seqlen!r}")
     if torch.compiler.is_compiling():
         return  # the checks below read the tensor back to the host
+    if cu.is_cuda and torch.cuda.is_current_stream_capturing():
+        # The read-back below is a device-to-host copy, which is illegal while a CUDA graph
+        # is being captured (it would abort the capture); the checks ran on eager calls.
+        return
     bounds = cu.tolist()
     if bounds[0] != 0 or any(b > a for a, b in zip(bounds[1:], bounds)):
         raise ValueError(f"{name} must start at 0 and never decrease, got {bounds}")

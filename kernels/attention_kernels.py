@@ -53,6 +53,18 @@ def _keep(seed, bh, rows, cols, LQ, LK, dropout_p):
 
 
 @triton.jit
+def _flat_pid(L, BLOCK: tl.constexpr):
+    """(block start, batch*head) of this program on a flat 1-D grid of cdiv(L, BLOCK) * B*H
+    programs, blocks fastest: the order a 2-D grid (blocks, B*H) runs in. B*H is not put on
+    grid axis 1 because CUDA caps grid dims 1 and 2 at 65535: the launch failed once B*H
+    passed that (e.g. varlen over 5462+ packed sequences x 12 heads, or B=4096 x H=16); the
+    interpreter has no such limit. Axis 0 takes up to 2**31 - 1 programs."""
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(L, BLOCK)
+    return (pid % blocks) * BLOCK, pid // blocks
+
+
+@triton.jit
 def _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN: tl.constexpr):
     if VARLEN:
         # int64 starts: start * stride can pass 2**31 in a large packed batch.
@@ -123,8 +135,10 @@ def _scores(
         else:
             s = tl.where((mrow != 0)[None, :], s, float("-inf"))
     if MASK_KIND == 2:
+        # int64: rows * stride_mm is int32 on a GPU and wraps once Lq * Lk >= 2**31 (a dense
+        # (1, 1, L, L) mask at L >= 46341); the interpreter computes it in int64.
         mtile = tl.load(
-            mask_base + rows[:, None] * stride_mm + cols[None, :] * stride_mn,
+            mask_base + rows[:, None].to(tl.int64) * stride_mm + cols[None, :].to(tl.int64) * stride_mn,
             mask=row_ok[:, None] & col_ok[None, :],
             other=0,
         )
@@ -217,8 +231,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    start_m, bh = _flat_pid(LQ, BLOCK_M)
     b = bh // H
     h = bh % H
     q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN)
@@ -295,8 +308,7 @@ def _attn_bwd_preprocess(
     VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    start_m, bh = _flat_pid(LQ, BLOCK_M)
     b = bh // H
     h = bh % H
     q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, LQ, LQ, VARLEN)
@@ -341,8 +353,7 @@ def _attn_bwd_dkdv(
 ):
     # One program owns a block of keys of one key/value head and walks every query row of
     # every query head in its GQA group: dK and dV are summed in registers, no atomics.
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
+    start_n, bhk = _flat_pid(LK, BLOCK_N)
     HK = H // GROUP
     b = bhk // HK
     hk = bhk % HK
@@ -450,8 +461,7 @@ def _attn_bwd_dq(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    start_m, bh = _flat_pid(LQ, BLOCK_M)
     b = bh // H
     h = bh % H
     q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN)
@@ -517,15 +527,16 @@ def _attn_bwd_dq(
 
 @triton.jit
 def _dropout_keep_kernel(
-    OUT,  # uint8 (B*H, LQ, LK), contiguous
+    OUT,  # uint8 (B*H, LQ, LK), contiguous; grid (B*H, cdiv(LQ, BLOCK_M), cdiv(LK, BLOCK_N))
     SEED,
     LQ, LK, dropout_p,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    bh = tl.program_id(2)
+    # B*H on grid axis 0: axes 1 and 2 are capped at 65535 on CUDA.
+    bh = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _keep(tl.load(SEED), bh, rows, cols, LQ, LK, dropout_p)
     offsets = (bh.to(tl.int64) * LQ + rows[:, None]) * LK + cols[None, :]
     tl.store(OUT + offsets, keep.to(tl.uint8), mask=(rows < LQ)[:, None] & (cols < LK)[None, :])

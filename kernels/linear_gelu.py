@@ -127,8 +127,13 @@ def _linear_gelu_fwd(
     # their results are dropped by the masked store.
     rm_safe = rm % M
     rn_safe = rn % N
-    x_ptrs = X + rm_safe[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk
-    w_ptrs = W + rk[:, None] * stride_wk + rn_safe[None, :].to(tl.int64) * stride_wn
+    # int64 on both axes: a transposed view of x has stride_xk = M, and rk * M (or the step
+    # BLOCK_K * M below) is int32 on a GPU, wrapping past M ~ 2**31 / BLOCK_K (33M rows).
+    # Computed once, outside the K loop; the interpreter never shows it (it works in int64).
+    x_ptrs = X + rm_safe[:, None].to(tl.int64) * stride_xm + rk[None, :].to(tl.int64) * stride_xk
+    w_ptrs = W + rk[:, None].to(tl.int64) * stride_wk + rn_safe[None, :].to(tl.int64) * stride_wn
+    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K  # tl.cast: a stride of 1 arrives as a constexpr
+    w_step = tl.cast(stride_wk, tl.int64) * BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
@@ -142,8 +147,8 @@ def _linear_gelu_fwd(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+        x_ptrs += x_step
+        w_ptrs += w_step
 
     if HAS_BIAS:
         acc += tl.load(B + rn_safe).to(tl.float32)[None, :]

@@ -475,3 +475,50 @@ def test_gpu_bf16_dropout_varlen(seeds):
     out64 = R.varlen_attention(q.double(), k.double(), v.double(), cu_q, cu_k, mq, mk, is_causal=True)
     outd = R.varlen_attention(*ins, cu_q, cu_k, mq, mk, is_causal=True)
     assert_parity(out, out64, outd, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- GPU launch limits
+
+
+class _GridRecorder:
+    """Stands in for a Triton kernel: records the grid each launch asks for, runs nothing."""
+
+    def __init__(self, name, grids):
+        self.name, self.grids = name, grids
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            meta = {"BLOCK_M": 64, "BLOCK_N": 64, **kwargs}
+            self.grids.append((self.name, tuple(grid(meta) if callable(grid) else grid)))
+
+        return launch
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_grids_fit_cuda_limits_for_huge_batch_times_heads(monkeypatch, varlen):
+    # CUDA caps grid dims 1 and 2 at 65535 (dim 0 at 2**31 - 1); the interpreter has no such
+    # limit, so a grid of (blocks, B*H) passed every CPU test and failed to launch on a GPU
+    # for B*H > 65535 (e.g. 5462 packed sequences x 12 heads). Meta tensors: nothing runs.
+    grids = []
+    for name in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_preprocess", "dropout_keep_kernel"):
+        monkeypatch.setattr(A, name, _GridRecorder(name, grids))
+    nseq, H, L, D = 6000, 12, 97, 64
+    meta = dict(device="meta", dtype=torch.float16)
+    if varlen:
+        q = torch.empty(nseq * L, H, D, **meta)
+        cu = torch.empty(nseq + 1, device="meta", dtype=torch.int32)
+        out, lse = A._varlen_forward(q, q, q, cu, cu, L, L, True, 0.125, 0.1, torch.empty(1, device="meta", dtype=torch.int64))
+        A._varlen_backward(out, q, q, q, out, lse, cu, cu, L, L, True, 0.125, 0.1, torch.empty(1, device="meta", dtype=torch.int64))
+    else:
+        q = torch.empty(nseq, H, L, D, **meta)
+        out, lse = A._forward(q, q, q, None, False, 0.125, 0.0, None)
+        A._backward(out, q, q, q, out, lse, None, False, 0.125, 0.0, None)
+    A.dropout_keep_mask(torch.empty(1, device="meta", dtype=torch.int64), nseq, H, 2, 2, 0.1)
+    assert {name for name, _ in grids} == {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_preprocess",
+                                           "dropout_keep_kernel"}
+    for name, grid in grids:
+        assert 1 <= len(grid) <= 3, (name, grid)
+        assert grid[0] < 2**31, (name, grid)
+        assert all(g <= 65535 for g in grid[1:]), f"{name}: grid {grid} exceeds CUDA's 65535 on axis 1/2"
+        # Every (block, batch*head) pair still gets a program.
+        assert math.prod(grid) >= nseq * H, (name, grid)
