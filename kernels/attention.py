@@ -18,6 +18,7 @@ kept values scaled by 1/(1-p); `dropout_keep_mask` rebuilds that mask for the re
 import math
 import os
 import warnings
+import weakref
 from typing import List, Optional, Tuple
 
 import torch
@@ -489,6 +490,12 @@ def _check_cu_seqlens(name, cu, total, max_seqlen, device):
         # The read-back below is a device-to-host copy, which is illegal while a CUDA graph
         # is being captured (it would abort the capture); the checks ran on eager calls.
         return
+    # Reading the offsets back costs a device-to-host sync; a packed model passes the same
+    # cu_seqlens to every layer, so remember what was checked for this tensor as it is now.
+    key = (cu._version, total, max_seqlen)
+    seen = _checked_offsets.get(id(cu))
+    if seen is not None and seen[0]() is cu and seen[1] == key:
+        return
     bounds = cu.tolist()
     if bounds[0] != 0 or any(b > a for a, b in zip(bounds[1:], bounds)):
         raise ValueError(f"{name} must start at 0 and never decrease, got {bounds}")
@@ -497,6 +504,13 @@ def _check_cu_seqlens(name, cu, total, max_seqlen, device):
     longest = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
     if longest > max_seqlen:
         raise ValueError(f"a sequence in {name} has {longest} tokens, more than max_seqlen {max_seqlen}")
+    ident = id(cu)
+    _checked_offsets[ident] = (weakref.ref(cu, lambda _: _checked_offsets.pop(ident, None)), key)
+
+
+# id(tensor) -> (weak reference, what was checked). Keyed by identity: a tensor's __eq__ is
+# elementwise, so tensors cannot be dictionary keys themselves.
+_checked_offsets: dict[int, tuple] = {}
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,

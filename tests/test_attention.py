@@ -319,6 +319,21 @@ def test_varlen_bad_input():
         K.varlen_attention(q[None], k, v, cu_q, cu_k, mq, mk, backend="triton")
 
 
+def test_varlen_offsets_read_back_once_per_tensor_state(monkeypatch):
+    """A packed model passes one cu_seqlens to every layer: its host read-back (a sync on a
+    GPU) happens once, and again only after the tensor is modified in place."""
+    q, k, v, cu_q, cu_k, mq, mk = _varlen_case([5, 6], [5, 6], 2, 2, 16)
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t) or tolist(t))
+    for _ in range(3):
+        K.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, backend="triton")
+    assert sum(t is cu_q for t in reads) == 1 and sum(t is cu_k for t in reads) == 1
+    cu_k[-1] -= 1  # in place: the next call must check it again, and refuse it
+    with pytest.raises(ValueError, match="cu_seqlens_k must end"):
+        K.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, backend="triton")
+
+
 # ----------------------------------------------------------------------------- API edges
 
 
