@@ -82,7 +82,9 @@ def _gelu_grad(u, APPROX_TANH: tl.constexpr):
     return cdf + u * 0.3989422804014327 * tl.exp(-0.5 * u * u)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_BIAS", "SAVE_PRE", "APPROX_TANH"])
+# Keyed on TUNE_M (M rounded up to a power of two), not M: with unpadded batches every call
+# has another token count, and a key on M would rerun the whole autotune sweep each time.
+@triton.autotune(configs=_configs(), key=["TUNE_M", "N", "K", "HAS_BIAS", "SAVE_PRE", "APPROX_TANH"])
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _linear_gelu_fwd(
@@ -99,6 +101,7 @@ def _linear_gelu_fwd(
     stride_wn,
     stride_wk,
     stride_om,  # row stride of OUT and PRE (both contiguous (M, N))
+    TUNE_M,  # next_pow2(M): the autotune key only, unused by the kernel
     HAS_BIAS: tl.constexpr,
     SAVE_PRE: tl.constexpr,
     APPROX_TANH: tl.constexpr,
@@ -214,6 +217,7 @@ def forward(x2d, weight, bias, approximate, save_preact):
         weight.stride(0),
         weight.stride(1),
         out.stride(0),
+        triton.next_power_of_2(M),
         HAS_BIAS=bias is not None,
         SAVE_PRE=pre is not None,
         APPROX_TANH=approximate == "tanh",

@@ -346,7 +346,7 @@ def build_jobs():
     def lin(arch, dt, K, configs, bias=True, tanh=False, save=True):
         M, N = B * L, 4 * 768
         v = dict(X=Ptr(dt), W=Ptr(dt), B=Ptr(dt), OUT=Ptr(dt), PRE=Ptr(dt), M=M, N=N, K=K, stride_xm=K, stride_xk=1,
-                 stride_wn=K, stride_wk=1, stride_om=N)
+                 stride_wn=K, stride_wk=1, stride_om=N, TUNE_M=triton_next_pow2(M))
         cx = dict(HAS_BIAS=bias, SAVE_PRE=save, APPROX_TANH=tanh, UPCAST=False,
                   PRECISION="ieee" if dt == "fp32" else "tf32")
         case = f"{dt} K={K} {'tanh' if tanh else 'erf'}{' bias' if bias else ''}{' pre' if save else ''}"
