@@ -2,9 +2,10 @@
 
 Every layer takes `backend` (None = the backend in force, see fuseformer.kernels.set_backend)
 and calls only the public ops of fuseformer.kernels, so the same module runs the Triton,
-CUDA or reference kernels. The one exception is attention on the `torch` backend: there the
-reference is readable math (an L x L matrix), slower than PyTorch's own fused SDPA, so the
-torch path calls torch.nn.functional.scaled_dot_product_attention, which computes the same.
+CUDA or reference kernels. The exception is the `torch` backend: the reference is readable
+math (attention builds an L x L matrix), slower than PyTorch's own fused functions, so there
+the layers call F.scaled_dot_product_attention, F.layer_norm and F.gelu(F.linear(...)),
+which compute the same (the models' tests hold them to the parity rule against transformers).
 """
 from __future__ import annotations
 
