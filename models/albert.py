@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -25,6 +25,7 @@ from .layers import AddLayerNorm, init_weights, key_padding_mask, wide
 @dataclasses.dataclass
 class AlbertConfig(HFConfig):
     model_type: ClassVar[str] = "albert"
+    only: ClassVar[dict[str, Any]] = {"position_embedding_type": "absolute"}
     vocab_size: int = 30000
     embedding_size: int = 128
     hidden_size: int = 4096

@@ -10,7 +10,7 @@ key and value are one fused `qkv` Linear. `hf_sources` maps our keys to theirs.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,8 @@ def check_heads(hidden_size: int, num_heads: int) -> None:
 @dataclasses.dataclass
 class BertConfig(HFConfig):
     model_type: ClassVar[str] = "bert"
+    only: ClassVar[dict[str, Any]] = {
+        "is_decoder": False, "add_cross_attention": False, "position_embedding_type": "absolute"}
     vocab_size: int = 30522
     hidden_size: int = 768
     num_hidden_layers: int = 12

@@ -40,6 +40,10 @@ class HFConfig:
     """Base of the config dataclasses: fields named as in Hugging Face's config.json."""
 
     model_type: ClassVar[str] = ""
+    # Hugging Face options this architecture does not implement, with the one value it does:
+    # a config asking for another (a decoder BERT, relative positions) is refused by name
+    # rather than loaded into a model that would silently compute something else.
+    only: ClassVar[dict[str, Any]] = {}
     num_labels: int = 2
 
     @classmethod
@@ -48,6 +52,9 @@ class HFConfig:
         mt = d.get("model_type")
         if mt is not None and cls.model_type and mt != cls.model_type:
             raise ValueError(f"config has model_type {mt!r}, expected {cls.model_type!r} for {cls.__name__}")
+        for key, supported in cls.only.items():
+            if key in d and d[key] != supported:
+                raise ValueError(f"{cls.__name__}: {key}={d[key]!r} is not supported (only {supported!r})")
         if "id2label" in d and d["id2label"] and "num_labels" not in d:
             d["num_labels"] = len(d["id2label"])
         names = {f.name for f in dataclasses.fields(cls)}

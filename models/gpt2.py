@@ -11,7 +11,7 @@ projections as Conv1D, weight (in, out): they are transposed on load and save.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,8 @@ from .layers import AddLayerNorm, TransformerBlock, init_weights, key_padding_ma
 @dataclasses.dataclass
 class GPT2Config(HFConfig):
     model_type: ClassVar[str] = "gpt2"
+    only: ClassVar[dict[str, Any]] = {
+        "add_cross_attention": False, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False}
     vocab_size: int = 50257
     n_positions: int = 1024
     n_embd: int = 768

@@ -233,3 +233,18 @@ def test_patch_hf_rejects_other_models():
                                         attention_types=[[["global"], 1]])
     with pytest.raises(ValueError, match="model_type='gpt_neo'"):
         M.patch_hf(transformers.GPTNeoModel(gpt_neo))
+
+
+@pytest.mark.parametrize("family,option,value", [
+    ("Bert", "is_decoder", True),
+    ("Bert", "position_embedding_type", "relative_key"),
+    ("GPT2", "scale_attn_by_inverse_layer_idx", True),
+    ("GPT2", "reorder_and_upcast_attn", True),
+    ("Albert", "position_embedding_type", "relative_key_query"),
+])
+def test_configs_with_options_we_do_not_implement_are_refused_by_name(family, option, value):
+    """Loading them would give a model that silently computes something else."""
+    hf_config = getattr(transformers, f"{family}Config")(**{option: value})
+    with pytest.raises(ValueError, match=option):
+        getattr(M, f"{family}Config").from_hf(hf_config)
+    getattr(M, f"{family}Config").from_hf(getattr(transformers, f"{family}Config")())  # the defaults load
