@@ -44,7 +44,10 @@ def time_gpu(fn: Callable[[], Any], quick: bool) -> Timing:
     fn()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-    return Timing(median, p20, p80, runs=rep, peak_mem_mb=peak)
+    # do_bench repeats the call for about `rep` ms and does not return its count: this is
+    # about that count (rep over the median time of one call), not the budget in ms.
+    runs = max(1, int(rep / max(median, 1e-6)))
+    return Timing(median, p20, p80, runs=runs, peak_mem_mb=peak)
 
 
 def time_cpu(fn: Callable[[], Any], quick: bool) -> Timing:
