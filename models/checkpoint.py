@@ -45,6 +45,7 @@ class HFConfig:
     # rather than loaded into a model that would silently compute something else.
     only: ClassVar[dict[str, Any]] = {}
     num_labels: int = 2
+    id2label: dict[int, str] | None = None  # class names; None = LABEL_0, LABEL_1, ...
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HFConfig":
@@ -55,8 +56,9 @@ class HFConfig:
         for key, supported in cls.only.items():
             if key in d and d[key] != supported:
                 raise ValueError(f"{cls.__name__}: {key}={d[key]!r} is not supported (only {supported!r})")
-        if "id2label" in d and d["id2label"] and "num_labels" not in d:
-            d["num_labels"] = len(d["id2label"])
+        if d.get("id2label"):
+            d["id2label"] = {int(i): name for i, name in d["id2label"].items()}  # JSON keys are strings
+            d.setdefault("num_labels", len(d["id2label"]))
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -72,8 +74,9 @@ class HFConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         n = d.pop("num_labels")
-        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(n)}
-        d["label2id"] = {f"LABEL_{i}": i for i in range(n)}
+        names = self.id2label if self.id2label and len(self.id2label) == n else {i: f"LABEL_{i}" for i in range(n)}
+        d["id2label"] = {str(i): names[i] for i in range(n)}
+        d["label2id"] = {names[i]: i for i in range(n)}
         d["model_type"] = self.model_type
         return d
 

@@ -248,3 +248,13 @@ def test_configs_with_options_we_do_not_implement_are_refused_by_name(family, op
     with pytest.raises(ValueError, match=option):
         getattr(M, f"{family}Config").from_hf(hf_config)
     getattr(M, f"{family}Config").from_hf(getattr(transformers, f"{family}Config")())  # the defaults load
+
+
+def test_class_names_survive_from_hf_and_save_pretrained(tmp_path):
+    names = {0: "negative", 1: "neutral", 2: "positive"}
+    hf = transformers.BertForSequenceClassification(hf_config(id2label=names, label2id={v: k for k, v in names.items()}))
+    ours = M.BertForSequenceClassification.from_hf(hf)
+    assert ours.config.num_labels == 3 and ours.config.id2label == names
+    ours.save_pretrained(tmp_path)
+    back = transformers.BertForSequenceClassification.from_pretrained(tmp_path)
+    assert back.config.id2label == names and back.config.label2id == {v: k for k, v in names.items()}
