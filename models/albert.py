@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 from .. import kernels as K
 from . import outputs as O
-from .bert import BertEmbeddings, Unpadder, check_heads, classification_loss, gelu_approximate, mlm_loss, post_ln_block
+from .bert import BertEmbeddings, Unpadder, check_heads, classification_loss, gelu_approximate, post_ln_block
 from .checkpoint import CAT, COPY, HFConfig, PreTrainedModel
-from .layers import AddLayerNorm, init_weights, key_padding_mask, wide
+from .layers import AddLayerNorm, init_weights, key_padding_mask
+from .pretraining import masked_lm_loss, pretraining_loss
 
 
 @dataclasses.dataclass
@@ -190,12 +191,7 @@ class AlbertForPreTraining(AlbertPreTrainedModel):
         base = self.albert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
         logits = self.predictions(base.last_hidden_state, self.albert.embeddings.word_embeddings.weight)
         sop = self.sop_classifier(base.pooler_output)  # (B, 2)
-        loss = None
-        if labels is not None:
-            loss = mlm_loss(logits, labels)
-        if sentence_order_label is not None:
-            sop_loss = F.cross_entropy(wide(sop), sentence_order_label.reshape(-1))
-            loss = sop_loss if loss is None else loss + sop_loss
+        loss = pretraining_loss(logits, labels, sop, sentence_order_label)
         out = O.AlbertForPreTrainingOutput(loss, logits, sop, base.hidden_states)
         return out if return_dict else out.to_tuple()
 
@@ -214,7 +210,7 @@ class AlbertForMaskedLM(AlbertPreTrainedModel):
                 labels=None, output_hidden_states=False, return_dict=True):
         base = self.albert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
         logits = self.predictions(base.last_hidden_state, self.albert.embeddings.word_embeddings.weight)
-        loss = mlm_loss(logits, labels) if labels is not None else None
+        loss = masked_lm_loss(logits, labels) if labels is not None else None
         out = O.MaskedLMOutput(loss, logits, base.hidden_states)
         return out if return_dict else out.to_tuple()
 

@@ -20,6 +20,7 @@ from .. import kernels as K
 from . import outputs as O
 from .checkpoint import CAT, COPY, HFConfig, PreTrainedModel
 from .layers import AddLayerNorm, TransformerBlock, init_weights, key_padding_mask, wide
+from .pretraining import masked_lm_loss, pretraining_loss
 
 
 def gelu_approximate(hidden_act: str) -> str:
@@ -277,10 +278,6 @@ class BertPreTrainingHeads(nn.Module):
         self.seq_relationship = nn.Linear(config.hidden_size, 2)
 
 
-def mlm_loss(logits, labels):
-    return F.cross_entropy(wide(logits.reshape(-1, logits.shape[-1])), labels.reshape(-1), ignore_index=-100)
-
-
 def classification_loss(config, logits, labels):
     """Hugging Face's rule: regression for one label, else single- or multi-label."""
     kind = config.problem_type
@@ -315,12 +312,7 @@ class BertForPreTraining(BertPreTrainedModel):
         base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
         logits = self.cls.predictions(base.last_hidden_state, self.bert.embeddings.word_embeddings.weight)
         nsp = self.cls.seq_relationship(base.pooler_output)  # (B, 2)
-        loss = None
-        if labels is not None:
-            loss = mlm_loss(logits, labels)
-        if next_sentence_label is not None:
-            nsp_loss = F.cross_entropy(wide(nsp), next_sentence_label.reshape(-1))
-            loss = nsp_loss if loss is None else loss + nsp_loss
+        loss = pretraining_loss(logits, labels, nsp, next_sentence_label)
         out = O.BertForPreTrainingOutput(loss, logits, nsp, base.hidden_states)
         return out if return_dict else out.to_tuple()
 
@@ -339,7 +331,7 @@ class BertForMaskedLM(BertPreTrainedModel):
                 labels=None, output_hidden_states=False, return_dict=True):
         base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
         logits = self.cls.predictions(base.last_hidden_state, self.bert.embeddings.word_embeddings.weight)
-        loss = mlm_loss(logits, labels) if labels is not None else None
+        loss = masked_lm_loss(logits, labels) if labels is not None else None
         out = O.MaskedLMOutput(loss, logits, base.hidden_states)
         return out if return_dict else out.to_tuple()
 

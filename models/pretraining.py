@@ -125,9 +125,15 @@ def pair_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(wide(logits), labels.reshape(-1))
 
 
-def pretraining_loss(mlm_logits, mlm_labels, pair_logits, pair_labels) -> torch.Tensor:
-    """BERT / ALBERT pretraining loss: MLM + NSP (or SOP), summed as in the papers."""
-    return masked_lm_loss(mlm_logits, mlm_labels) + pair_loss(pair_logits, pair_labels)
+def pretraining_loss(mlm_logits, mlm_labels, pair_logits, pair_labels) -> torch.Tensor | None:
+    """BERT / ALBERT pretraining loss: MLM + NSP (or SOP), summed as in the papers. A term
+    whose labels are None is left out, as Hugging Face's heads do; None when both are."""
+    terms = []
+    if mlm_labels is not None:
+        terms.append(masked_lm_loss(mlm_logits, mlm_labels))
+    if pair_labels is not None:
+        terms.append(pair_loss(pair_logits, pair_labels))
+    return sum(terms[1:], terms[0]) if terms else None
 
 
 def electra_corrupt(input_ids: torch.Tensor, labels: torch.Tensor, generator_logits: torch.Tensor,
