@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -26,6 +27,14 @@ def maybe_poison(t: torch.Tensor) -> torch.Tensor:
     if poison_enabled() and t.is_floating_point():
         t.fill_(float("nan"))
     return t
+
+
+def as_rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t viewed as (rows, last dim), the layout the row-wise kernels address; None stays None.
+    The row count is spelled out: reshape(-1, N) would be ambiguous when a tensor is empty."""
+    if t is None:
+        return None
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def draw_seed(device) -> torch.Tensor:

@@ -28,7 +28,6 @@ over its rows, then one torch sum over the (programs, N) partials.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -36,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import backends, reference
-from ._util import device_guard, draw_seed, new_output
+from ._util import as_rows, device_guard, draw_seed, new_output
 from .backends import Impl
 from .checks import check_prob, check_same, check_tensor
 
@@ -404,11 +403,6 @@ def dropout_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
     return out.bool().reshape(shape)
 
 
-def _rows(t: torch.Tensor) -> int:
-    """Rows of the 2-D (rows, last dim) view; reshape(-1, 0) would be ambiguous."""
-    return math.prod(t.shape[:-1])
-
-
 # ----------------------------------------------------------------------------- custom op
 
 
@@ -426,11 +420,10 @@ def _add_ln_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     shape = x.shape
-    N = shape[-1]
     # The kernels address rows as row * N: one contiguous copy of a strided view costs one
     # pass over memory, cheaper than strided (uncoalesced) loads in every pass that follows.
-    x2 = x.reshape(_rows(x), N).contiguous()
-    r2 = None if residual is None else residual.reshape(_rows(residual), N).contiguous()
+    x2 = as_rows(x).contiguous()
+    r2 = None if residual is None else as_rows(residual).contiguous()
     with device_guard(x):
         y, stream, mean, rstd = backends.get_impl("add_layer_norm", backend).forward(
             x2, r2, weight, bias, eps, dropout_p, seed, save_stream
@@ -441,7 +434,7 @@ def _add_ln_op(
 
 @_add_ln_op.register_fake
 def _(x, residual, weight, bias, eps, dropout_p, seed, save_stream, prenorm, backend):
-    M = _rows(x)
+    M = as_rows(x).shape[0]
     stream = torch.empty_like(x) if save_stream else x.new_empty(0)
     return torch.empty_like(x), stream, x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32)
 
@@ -461,12 +454,11 @@ def _add_ln_bwd_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     shape = stream.shape
-    N = shape[-1]
-    dy2 = dy.reshape(_rows(dy), N).contiguous()
-    ds2 = None if dstream is None else dstream.reshape(_rows(dstream), N).contiguous()
+    dy2 = as_rows(dy).contiguous()
+    ds2 = None if dstream is None else as_rows(dstream).contiguous()
     with device_guard(dy):
         dx, dres, dw, db = backends.get_impl("add_layer_norm", backend).backward(
-            dy2, ds2, stream.reshape(_rows(stream), N).contiguous(), weight, bias, mean, rstd, dropout_p, seed, has_residual
+            dy2, ds2, as_rows(stream).contiguous(), weight, bias, mean, rstd, dropout_p, seed, has_residual
         )
     # Custom ops return tensors only: an absent gradient travels as an empty tensor (a
     # distinct one each time: outputs of a custom op may not alias one another).

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import backends, reference
-from ._util import device_guard, new_output
+from ._util import as_rows, device_guard, new_output
 from .backends import Impl
 from .checks import check_same, check_tensor
 
@@ -257,11 +257,6 @@ def unsupported(dtype=None, in_features=None, out_features=None, approximate="no
 backends.register_impl("linear_gelu", "triton", Impl(forward, backward, unsupported))
 
 
-def _rows(t: torch.Tensor) -> int:
-    """Rows of the 2-D (rows, last dim) view; reshape(-1, 0) would be ambiguous."""
-    return math.prod(t.shape[:-1])
-
-
 # ----------------------------------------------------------------------------- custom op
 
 
@@ -274,10 +269,9 @@ def _linear_gelu_op(
     save_preact: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    K = x.shape[-1]
     # reshape keeps views where it can; the kernel reads any 2-D strides, so a transposed
     # view of x or W is never copied.
-    x2d = x.reshape(_rows(x), K)
+    x2d = as_rows(x)
     with device_guard(x):
         out, pre = backends.get_impl("linear_gelu", backend).forward(x2d, weight, bias, approximate, save_preact)
     shape = (*x.shape[:-1], weight.shape[0])
@@ -303,7 +297,7 @@ def _linear_gelu_bwd_op(
     N, K = weight.shape
     with device_guard(dout):
         dx, dw, db = backends.get_impl("linear_gelu", backend).backward(
-            dout.reshape(_rows(dout), N), x.reshape(_rows(x), K), weight, preact.reshape(_rows(preact), N), approximate, has_bias
+            as_rows(dout), as_rows(x), weight, as_rows(preact), approximate, has_bias
         )
     return dx.reshape(x.shape), dw, db if db is not None else dout.new_empty(0)
 
