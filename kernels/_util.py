@@ -8,25 +8,75 @@ import os
 import torch
 
 
+# Read once at import; tests switch it with `poison_outputs`, never through the environment
+# per call (a getenv per output buffer was measurable host time on every launch).
+_POISON = os.environ.get("FUSEFORMER_POISON", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def poison_enabled() -> bool:
-    """FUSEFORMER_POISON=1 (set by the tests) makes launchers fill outputs with NaN first,
-    so an element a kernel forgets to write fails the parity check instead of passing as
-    whatever torch.empty happened to hold."""
-    return os.environ.get("FUSEFORMER_POISON", "0") not in ("", "0")
+    """FUSEFORMER_POISON=1 (or `poison_outputs()`, which the tests use) makes launchers fill
+    outputs with NaN first, so an element a kernel forgets to write fails the parity check
+    instead of passing as whatever torch.empty happened to hold."""
+    return _POISON
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True):
+    """Poison every output buffer inside the block (tests; never in production)."""
+    global _POISON
+    before, _POISON = _POISON, bool(enabled)
+    try:
+        yield
+    finally:
+        _POISON = before
 
 
 def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """An output buffer: uninitialised normally, NaN-filled when poisoning is on."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    if poison_enabled() and out.is_floating_point():
+    if _POISON and out.is_floating_point():
         out.fill_(float("nan"))
     return out
 
 
-def maybe_poison(t: torch.Tensor) -> torch.Tensor:
-    if poison_enabled() and t.is_floating_point():
-        t.fill_(float("nan"))
-    return t
+def new_output_like(t: torch.Tensor) -> torch.Tensor:
+    """new_output with t's shape, dtype, device and strides."""
+    out = torch.empty_like(t)
+    if _POISON and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
+# (autotuner, key) -> the winning config's launch arguments (meta-parameters, num_warps, ...).
+_tuned_configs: dict[tuple, dict] = {}
+
+
+def launch_tuned(tuned, plain, key: tuple, grid, *args, **kwargs) -> None:
+    """Launch an autotuned kernel: the first call of `key` runs Triton's autotuner (which
+    times the configs), every later one launches the plain kernel with the winner directly.
+
+    Triton's Autotuner.run rebuilds its key and re-enters JITFunction.run on each call; the
+    lookup here is one dict access. `key` must determine the autotuner's own key (the
+    kernel's tuning arguments and the dtypes of its tensors) so both pick the same config.
+    """
+    config = _tuned_configs.get((tuned, key))
+    if config is None:
+        tuned[grid](*args, **kwargs)
+        best = getattr(tuned, "best_config", None)  # None when the launch was stubbed out
+        if best is not None:
+            _tuned_configs[(tuned, key)] = best.all_kwargs()
+        return
+    plain[grid](*args, **kwargs, **config)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1). triton.next_power_of_2 does the same
+    through Triton's constexpr machinery, several microseconds per call on the hot path."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def as_rows(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -47,7 +97,13 @@ def draw_seed(device) -> torch.Tensor:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
+_NO_GUARD = contextlib.nullcontext()
+
+
 def device_guard(t: torch.Tensor):
     """Make t's GPU the current one while launching: Triton launches on the current device,
-    which is not t's when a process drives several GPUs."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    which is not t's when a process drives several GPUs. When it already is (the usual
+    case), no device switch: entering torch.cuda.device costs microseconds per launch."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _NO_GUARD

@@ -35,9 +35,9 @@ import triton
 import triton.language as tl
 
 from . import backends, reference
-from ._util import as_rows, device_guard, draw_seed, new_output
+from ._util import as_rows, cdiv, device_guard, draw_seed, new_output, next_pow2
 from .backends import Impl
-from .checks import check_prob, check_same, check_tensor
+from .checks import check_prob, check_same, check_tensor, same_floats
 
 # Widest row kept in registers in one piece; wider rows are processed in chunks of this
 # size with extra passes over memory. 16384 fp32 values over 16 warps is 32 per thread.
@@ -63,28 +63,6 @@ def _load_stream_chunk(X, RES, seed, row, row_off, cols, mask, dropout_p, HAS_RE
     return s.to(X.dtype.element_ty).to(tl.float32)
 
 
-def _fwd_configs():
-    if backends.interpreting():
-        return [triton.Config({}, num_warps=4)]
-    # Rows are read once and written once: the best warp count trades registers per thread
-    # (big rows) against idle lanes (small rows); let the GPU pick per row length.
-    return [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8, 16)]
-
-
-def _fwd_prune(configs, named_args, **kwargs):
-    """Keep warp counts that give each thread 4..64 elements of the block. Outside that
-    range a config either idles most lanes or spills heavily: one warp over a 16384-wide
-    block spills ~26 KB, and ptxas spent minutes compiling it (tests/test_triton_compile.py)."""
-    block = {**named_args, **kwargs}["BLOCK"]
-    kept = [c for c in configs if 4 <= block // (32 * c.num_warps) <= 64]
-    return kept or [min(configs, key=lambda c: abs(c.num_warps - _num_warps(block)))]
-
-
-@triton.autotune(
-    configs=_fwd_configs(),
-    key=["N", "HAS_RES", "HAS_W", "HAS_B", "DROPOUT", "SAVE_STREAM", "BLOCK"],
-    prune_configs_by={"early_config_prune": _fwd_prune},
-)
 @triton.jit
 def _add_ln_fwd(
     X,  # (M, N) branch input, dropped out
@@ -277,14 +255,16 @@ def _keep_mask_kernel(SEED, OUT, N, dropout_p, BLOCK: tl.constexpr):
 
 
 def _block(N: int) -> tuple[int, bool]:
-    block = triton.next_power_of_2(max(N, 1))
+    block = next_pow2(N)
     if block <= MAX_FUSED_BLOCK:
         return block, True
     return MAX_FUSED_BLOCK, False
 
 
 def _num_warps(block: int) -> int:
-    # One warp per 256 elements of the row (8 fp32 per thread, two 16-byte vectors), 1..16.
+    # A rule, not an autotuner (as Triton's tutorial 05): one warp per 256 elements of the
+    # row, 8 fp32 values per thread (two 16-byte vectors), 1..16 warps. That stays inside 4..64
+    # elements per thread, where nothing spills (one warp over 16384 spilled ~26 KB).
     return min(16, max(1, block // 256))
 
 
@@ -331,6 +311,7 @@ def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream):
         SAVE_STREAM=stream is not None,
         BLOCK=block,
         SINGLE=single,
+        num_warps=_num_warps(block),
     )
     return y, stream, mean, rstd
 
@@ -398,12 +379,69 @@ def dropout_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
         M *= d
     out = torch.empty((M, N), dtype=torch.int8, device=seed.device)
     if M and N:
-        block = min(triton.next_power_of_2(N), 4096)
-        _keep_mask_kernel[(M, triton.cdiv(N, block))](seed, out, N, float(dropout_p), BLOCK=block)
+        block = min(next_pow2(N), 4096)
+        _keep_mask_kernel[(M, cdiv(N, block))](seed, out, N, float(dropout_p), BLOCK=block)
     return out.bool().reshape(shape)
 
 
-# ----------------------------------------------------------------------------- custom op
+# ----------------------------------------------------------------------------- shared by both paths
+
+
+def _run_forward(backend, x, residual, weight, bias, eps, dropout_p, seed, save_stream):
+    """The launcher of `backend` on (rows, N) views; outputs back in x's shape."""
+    shape = x.shape
+    # The kernels address rows as row * N: one contiguous copy of a strided view costs one
+    # pass over memory, cheaper than strided (uncoalesced) loads in every pass that follows.
+    x2 = as_rows(x).contiguous()
+    r2 = None if residual is None else as_rows(residual).contiguous()
+    with device_guard(x):
+        y, stream, mean, rstd = backends.get_impl("add_layer_norm", backend).forward(
+            x2, r2, weight, bias, eps, dropout_p, seed, save_stream
+        )
+    return y.view(shape), None if stream is None else stream.view(shape), mean, rstd
+
+
+def _run_backward(backend, dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has_residual):
+    shape = stream.shape
+    ds2 = None if dstream is None else as_rows(dstream).contiguous()
+    with device_guard(dy):
+        dx, dres, dw, db = backends.get_impl("add_layer_norm", backend).backward(
+            as_rows(dy).contiguous(), ds2, as_rows(stream).contiguous(), weight, bias, mean, rstd, dropout_p, seed,
+            has_residual,
+        )
+    return dx.view(shape), None if dres is None else dres.view(shape), dw, db
+
+
+# ----------------------------------------------------------------------------- eager path
+
+
+class AddLayerNormFunction(torch.autograd.Function):
+    """Autograd of the eager path: the launchers called directly, no dispatcher in between."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, dropout_p, prenorm, backend):
+        seed = draw_seed(x.device) if dropout_p > 0.0 else None
+        # Without a residual or dropout the LayerNorm input is x itself: nothing to write.
+        save_stream = prenorm or residual is not None or dropout_p > 0.0
+        y, stream, mean, rstd = _run_forward(backend, x, residual, weight, bias, eps, dropout_p, seed, save_stream)
+        ctx.save_for_backward(stream if save_stream else x, weight, bias, mean, rstd, seed)
+        ctx.dropout_p, ctx.has_residual, ctx.prenorm, ctx.backend = dropout_p, residual is not None, prenorm, backend
+        return (y, stream) if prenorm else y
+
+    @staticmethod
+    def backward(ctx, dy, dstream=None):
+        stream, weight, bias, mean, rstd, seed = ctx.saved_tensors
+        dx, dres, dw, db = _run_backward(
+            ctx.backend, dy, dstream if ctx.prenorm else None, stream, weight, bias, mean, rstd, ctx.dropout_p, seed,
+            ctx.has_residual,
+        )
+        return dx, dres, dw, db, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- compiled path
+# torch.compile cannot trace into a launcher; it sees these custom ops, their fake
+# implementations and their autograd, which call the very launchers the eager path calls.
+# Ops return tensors only, so an absent output is a 0-element tensor.
 
 
 @torch.library.custom_op("fuseformer::add_layer_norm", mutates_args=())
@@ -419,17 +457,8 @@ def _add_ln_op(
     prenorm: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    shape = x.shape
-    # The kernels address rows as row * N: one contiguous copy of a strided view costs one
-    # pass over memory, cheaper than strided (uncoalesced) loads in every pass that follows.
-    x2 = as_rows(x).contiguous()
-    r2 = None if residual is None else as_rows(residual).contiguous()
-    with device_guard(x):
-        y, stream, mean, rstd = backends.get_impl("add_layer_norm", backend).forward(
-            x2, r2, weight, bias, eps, dropout_p, seed, save_stream
-        )
-    stream = stream.reshape(shape) if stream is not None else x.new_empty(0)
-    return y.reshape(shape), stream, mean, rstd
+    y, stream, mean, rstd = _run_forward(backend, x, residual, weight, bias, eps, dropout_p, seed, save_stream)
+    return y, stream if stream is not None else x.new_empty(0), mean, rstd
 
 
 @_add_ln_op.register_fake
@@ -453,21 +482,11 @@ def _add_ln_bwd_op(
     has_residual: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    shape = stream.shape
-    dy2 = as_rows(dy).contiguous()
-    ds2 = None if dstream is None else as_rows(dstream).contiguous()
-    with device_guard(dy):
-        dx, dres, dw, db = backends.get_impl("add_layer_norm", backend).backward(
-            dy2, ds2, as_rows(stream).contiguous(), weight, bias, mean, rstd, dropout_p, seed, has_residual
-        )
-    # Custom ops return tensors only: an absent gradient travels as an empty tensor (a
-    # distinct one each time: outputs of a custom op may not alias one another).
-    return (
-        dx.reshape(shape),
-        dres.reshape(shape) if dres is not None else dy.new_empty(0),
-        dw if dw is not None else dy.new_empty(0),
-        db if db is not None else dy.new_empty(0),
-    )
+    dx, dres, dw, db = _run_backward(backend, dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed,
+                                     has_residual)
+    # Distinct empty tensors: outputs of a custom op may not alias one another.
+    empty = dy.new_empty
+    return dx, dres if dres is not None else empty(0), dw if dw is not None else empty(0), db if db is not None else empty(0)
 
 
 @_add_ln_bwd_op.register_fake
@@ -485,72 +504,78 @@ def _setup_context(ctx, inputs, output):
     _, stream, mean, rstd = output
     if not save_stream and (residual is not None or dropout_p > 0.0):
         raise RuntimeError("add_layer_norm: gradients need the stream saved (call it with save_stream=True)")
-    # Without a residual or dropout the LayerNorm input is x itself: nothing was written.
-    saved = stream if save_stream else x
-    ctx.save_for_backward(saved, weight, bias, mean, rstd, seed)
+    ctx.save_for_backward(stream if save_stream else x, weight, bias, mean, rstd, seed)
     ctx.dropout_p, ctx.has_residual, ctx.prenorm, ctx.backend = dropout_p, residual is not None, prenorm, backend
 
 
 def _backward(ctx, dy, dstream, dmean, drstd):
     stream, weight, bias, mean, rstd, seed = ctx.saved_tensors
     dx, dres, dw, db = _add_ln_bwd_op(
-        dy, dstream if ctx.prenorm else None, stream, weight, bias, mean, rstd, ctx.dropout_p, seed, ctx.has_residual, ctx.backend
+        dy, dstream if ctx.prenorm else None, stream, weight, bias, mean, rstd, ctx.dropout_p, seed, ctx.has_residual,
+        ctx.backend,
     )
-    return (
-        dx,
-        dres if ctx.has_residual else None,
-        dw if weight is not None else None,
-        db if bias is not None else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    return (dx, dres if ctx.has_residual else None, dw if weight is not None else None,
+            db if bias is not None else None, None, None, None, None, None, None)
 
 
 _add_ln_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _compiled(x, residual, weight, bias, eps, dropout_p, prenorm, requires_grad, backend):
+    seed = draw_seed(x.device) if dropout_p > 0.0 else None
+    save_stream = prenorm or (requires_grad and (residual is not None or dropout_p > 0.0))
+    y, stream, _, _ = _add_ln_op(x, residual, weight, bias, eps, dropout_p, seed, save_stream, prenorm, backend)
+    return (y, stream) if prenorm else y
 
 
 # ----------------------------------------------------------------------------- public op
 
 
 def _check(x, residual, weight, bias, eps, dropout_p):
-    check_tensor("x", x, min_dim=1)
+    if not (same_floats(x, residual, weight, bias) and x.dim() >= 1):
+        check_tensor("x", x, min_dim=1)
+        for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
+            if t is not None:
+                check_tensor(name, t)
+                check_same(name, t, "x", x)
     N = x.shape[-1]
-    if residual is not None:
-        check_tensor("residual", residual)
-        check_same("residual", residual, "x", x)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None:
-            check_tensor(name, t)
-            check_same(name, t, "x", x)
-            if tuple(t.shape) != (N,):
-                raise ValueError(f"{name} must have shape ({N},) (the last dim of x), got {tuple(t.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        if t is not None and t.shape != (N,):
+            raise ValueError(f"{name} must have shape ({N},) (the last dim of x), got {tuple(t.shape)}")
+    if eps.__class__ is not float and (isinstance(eps, bool) or not isinstance(eps, (int, float))):
+        raise ValueError(f"eps must be a float > 0, got {eps!r}")
+    if not eps > 0:
         raise ValueError(f"eps must be a float > 0, got {eps!r}")
     return check_prob("dropout_p", dropout_p)
 
 
 def add_layer_norm(x, residual, weight, bias, eps=1e-5, dropout_p=0.0, prenorm=False, *, backend=None):
-    """y = layer_norm(residual + dropout(x)) over the last dim (DESIGN.md).
+    """y = layer_norm(residual + dropout(x)) over the last dim (docs/design.md).
 
     residual, weight and bias may each be None. With prenorm=True returns
     (y, residual + dropout(x)), the pre-LN block's new residual stream.
     """
     dropout_p = _check(x, residual, weight, bias, eps, dropout_p)
-    requires_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, residual, weight, bias)
+    requires_grad = torch.is_grad_enabled() and (
+        x.requires_grad
+        or (residual is not None and residual.requires_grad)
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
     )
     name = backends.resolve(
-        "add_layer_norm", x.device, backend, dtype=x.dtype, hidden=x.shape[-1], dropout_p=dropout_p, requires_grad=requires_grad
+        "add_layer_norm", x.device, backend, dtype=x.dtype, hidden=x.shape[-1], dropout_p=dropout_p,
+        requires_grad=requires_grad,
     )
     if name == "torch":
         return reference.add_layer_norm(x, residual, weight, bias, eps, dropout_p, prenorm)
+    eps = float(eps)
+    if torch.compiler.is_compiling():
+        return _compiled(x, residual, weight, bias, eps, dropout_p, prenorm, requires_grad, name)
+    if requires_grad:
+        return AddLayerNormFunction.apply(x, residual, weight, bias, eps, dropout_p, prenorm, name)
+    # Inference: no autograd node, no statistics kept beyond the launch.
     seed = draw_seed(x.device) if dropout_p > 0.0 else None
-    save_stream = prenorm or (requires_grad and (residual is not None or dropout_p > 0.0))
-    y, stream, _, _ = _add_ln_op(x, residual, weight, bias, float(eps), dropout_p, seed, save_stream, prenorm, name)
+    y, stream, _, _ = _run_forward(name, x, residual, weight, bias, eps, dropout_p, seed, prenorm)
     return (y, stream) if prenorm else y

@@ -1,17 +1,18 @@
-"""Flash attention: launchers, torch custom ops with autograd, and the public functions.
+"""Flash attention: launchers, the eager and compiled call paths, and the public functions.
 
-kernel (attention_kernels.py) -> launcher (`_forward`, `_backward`, registered as the
-"triton" Impl) -> custom op `fuseformer::attention_fwd/bwd` (fake + autograd, so
-torch.compile traces it whole) -> `scaled_dot_product_attention`, torch's signature.
+    kernel (attention_kernels.py) -> launcher (`_forward`, `_backward`, registered as the
+    "triton" Impl) -> AttentionFunction (eager autograd) or the custom ops
+    `fuseformer::attention_fwd/bwd` (what torch.compile traces) -> the public functions.
 
-The custom ops take a `backend` string and dispatch through backends.get_impl, so the CUDA
-C++ backend plugs in behind the same ops with the same launcher signature:
+Both paths call the same launchers through backends.get_impl, so the CUDA C++ backend plugs
+in behind them with the same launcher signature:
     forward(q, k, v, mask, is_causal, scale, dropout_p, seed) -> (out, lse)
     backward(dout, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed) -> (dq, dk, dv)
-q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) with unit last stride; mask None or a (B, Hq, Lq, Lk)
-expanded view (bool or q.dtype); seed None or an int64[1] tensor; out (B, Hq, Lq, D) in
-q.dtype, allocated (B, Lq, Hq, D) so merging heads afterwards is free (the fake op promises
-these strides); lse fp32 (B, Hq, Lq) in natural log, +inf on a row with every key masked.
+q (B, Hq, Lq, D), k/v (B, Hkv, Lk, D) with unit last stride (k/v may have batch stride 0);
+mask None or a (B, Hq, Lq, Lk) expanded view (bool or q.dtype); seed None or an int64[1]
+tensor; out (B, Hq, Lq, D) in q.dtype, allocated (B, Lq, Hq, D) so merging heads afterwards
+is free (the fake op promises these strides); lse fp32 (B, Hq, Lq) in natural log, +inf on a
+row with every key masked.
 Dropout keeps element (b, h, i, j) iff Philox(seed, ((b*Hq + h)*Lq + i)*Lk + j) >= p, the
 kept values scaled by 1/(1-p); `dropout_keep_mask` rebuilds that mask for the reference.
 """
@@ -22,7 +23,6 @@ import weakref
 from typing import List, Optional, Tuple
 
 import torch
-import triton
 
 from . import reference
 from .attention_kernels import (
@@ -40,47 +40,47 @@ from .attention_kernels import (
     default_config,
     dropout_keep_kernel,
 )
-from ._util import device_guard
+from ._util import cdiv, device_guard, launch_tuned, new_output, new_output_like, next_pow2
 from .backends import BackendUnsupportedError, Impl, get_backend, get_impl, interpreting, register_impl, resolve
-from .checks import check_prob, check_same, check_tensor
+from .checks import check_prob, check_same, check_tensor, same_floats
 
 Tensor = torch.Tensor
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
+# FUSEFORMER_AUTOTUNE=0 launches every kernel with default_config() instead of timing the
+# configs (GPU CI, where tuning every case would spend the run compiling). Read at import;
+# `set_autotune` changes it.
+AUTOTUNE = os.environ.get("FUSEFORMER_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def set_autotune(enabled: bool) -> None:
+    global AUTOTUNE
+    AUTOTUNE = bool(enabled)
+
 
 # ----------------------------------------------------------------------------- launchers
 
 
-def _empty(*shape, dtype, device):
-    t = torch.empty(*shape, dtype=dtype, device=device)
-    # Tests set FUSEFORMER_POISON=1 so that any element a kernel forgets to write is NaN.
-    if os.environ.get("FUSEFORMER_POISON", "0") not in ("", "0"):
-        t.fill_(float("nan"))
-    return t
-
-
-def _empty_like(t):
-    out = torch.empty_like(t)
-    if os.environ.get("FUSEFORMER_POISON", "0") not in ("", "0"):
-        out.fill_(float("nan"))
-    return out
+def _mask_strides(mask) -> tuple:
+    # Size-1 dims are read at index 0 whatever their stride, so give them stride 0.
+    size, stride = mask.shape, mask.stride()
+    return tuple(0 if size[i] == 1 else stride[i] for i in range(4))
 
 
 def mask_kind(mask: Optional[Tensor]) -> str:
     """"none", "key_padding" (one key row per batch: heads and query rows broadcast) or "dense"."""
     if mask is None:
         return "none"
-    broadcast = [mask.size(i) == 1 or mask.stride(i) == 0 for i in (1, 2)]
-    return "key_padding" if all(broadcast) else "dense"
+    strides = _mask_strides(mask)
+    return "key_padding" if strides[1] == 0 and strides[2] == 0 else "dense"
 
 
 def _mask_args(mask, dummy):
     if mask is None:
         return dummy, (0, 0, 0, 0), MASK_NONE, False
-    kind = MASK_KEY_PADDING if mask_kind(mask) == "key_padding" else MASK_DENSE
-    # Size-1 dims are read at index 0 whatever their stride, so give them stride 0.
-    strides = tuple(0 if mask.size(i) == 1 else mask.stride(i) for i in range(4))
+    strides = _mask_strides(mask)
+    kind = MASK_KEY_PADDING if strides[1] == 0 and strides[2] == 0 else MASK_DENSE
     is_float = mask.dtype != torch.bool
     return (mask if is_float else mask.view(torch.uint8)), strides, kind, is_float
 
@@ -89,33 +89,47 @@ def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+_flag_cache: dict = {}
+
+
 def _flags(q):
-    return dict(
-        UPCAST=interpreting() and q.dtype == torch.bfloat16,
-        EXACT_FP32=q.dtype == torch.float32,
-        HEAD_D=q.shape[-1],
-        BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])),
-    )
+    """The head-dim and dtype constexprs of a launch, computed once per (dtype, head dim)."""
+    key = (q.dtype, q.shape[-1])
+    flags = _flag_cache.get(key)
+    if flags is None:
+        flags = _flag_cache[key] = dict(
+            UPCAST=interpreting() and q.dtype == torch.bfloat16,
+            EXACT_FP32=q.dtype == torch.float32,
+            HEAD_D=q.shape[-1],
+            BLOCK_D=max(16, next_pow2(q.shape[-1])),
+        )
+    return flags
 
 
 def _bucket(lq, lk):
-    return triton.next_power_of_2(max(lq, lk, 1))
+    return next_pow2(max(lq, lk, 1))
 
 
-def _run(kind, tuned, plain, grid, q, *args, **kwargs):
-    """Launch the autotuned kernel, or with FUSEFORMER_AUTOTUNE=0 / the interpreter, the plain
-    kernel with a default config that fits shared memory."""
-    if interpreting() or os.environ.get("FUSEFORMER_AUTOTUNE", "1") == "0":
+def _run(kind, tuned, plain, grid, bucket, q, *args, **kwargs):
+    """Launch the autotuned kernel (tuned once per key, then the winner launched directly),
+    or with autotuning off / the interpreter, the plain kernel with a default config that
+    fits shared memory. `bucket` is the TUNE_BUCKET argument among `args`."""
+    if interpreting() or not AUTOTUNE:
         m, n, w, s = default_config(kind, kwargs["BLOCK_D"], q.element_size())
         plain[grid](q, *args, **kwargs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
     else:
-        tuned[grid](q, *args, **kwargs)
+        # Everything the autotuner keys on: its key arguments and the tensors' dtypes (the
+        # mask's and the dummies' follow from MASK_FLOAT, DROPOUT and VARLEN).
+        key = (q.dtype, kwargs["HEAD_D"], bucket, kwargs["CAUSAL"], kwargs["MASK_KIND"], kwargs["MASK_FLOAT"],
+               kwargs["DROPOUT"], kwargs["VARLEN"])
+        launch_tuned(tuned, plain, key, grid, q, *args, **kwargs)
 
 
-def _bs(t, varlen):
-    # With VARLEN the grid's batch index is the sequence index; the rows are offset by
-    # cu_seqlens instead, so the batch stride must be 0.
-    return 0 if varlen else t.stride(0)
+def _strides(t, varlen):
+    """(batch, head, row) strides of a (B, H, L, D) view. With VARLEN the grid's batch index
+    is the sequence index and rows are offset by cu_seqlens instead: batch stride 0."""
+    s = t.stride()
+    return (0 if varlen else s[0]), s[1], s[2]
 
 
 def _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, nbatch, lq, lk, cu_q=None, cu_k=None):
@@ -124,19 +138,18 @@ def _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, nbat
     H, group = q.shape[1], q.shape[1] // k.shape[1]
     m, ms, kind, is_float = _mask_args(mask, q)
     dropout = dropout_p > 0.0
+    bucket = _bucket(lq, lk)
+    lse_s = lse.stride()
     # A flat 1-D grid (the kernels split it back with _flat_pid): CUDA caps grid axes 1 and
     # 2 at 65535, too few for B * H programs of a big batch or of many packed sequences.
-    grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * nbatch * H,)  # noqa: E731
+    grid = lambda meta: (cdiv(lq, meta["BLOCK_M"]) * nbatch * H,)  # noqa: E731
     _run(
-        "fwd", attn_fwd_tuned, attn_fwd, grid,
+        "fwd", attn_fwd_tuned, attn_fwd, grid, bucket,
         q, k, v, out, lse, m, seed if dropout else q, cu_q if varlen else lse, cu_k if varlen else lse,
-        _bs(q, varlen), q.stride(1), q.stride(2),
-        _bs(k, varlen), k.stride(1), k.stride(2),
-        _bs(v, varlen), v.stride(1), v.stride(2),
-        _bs(out, varlen), out.stride(1), out.stride(2),
-        _bs(lse, varlen), lse.stride(1),
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
+        0 if varlen else lse_s[0], lse_s[1],
         *ms,
-        H, group, lq, lk, _bucket(lq, lk), scale * LOG2E, float(dropout_p),
+        H, group, lq, lk, bucket, scale * LOG2E, float(dropout_p),
         CAUSAL=bool(is_causal), MASK_KIND=kind, MASK_FLOAT=is_float, DROPOUT=dropout, VARLEN=varlen,
         **_flags(q),
     )
@@ -147,63 +160,55 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
     varlen = cu_q is not None
     H, Hk = q.shape[1], k.shape[1]
     flags = _flags(q)
-    delta = _empty_like(lse)
+    delta = new_output_like(lse)
     cu_q_arg, cu_k_arg = (cu_q, cu_k) if varlen else (lse, lse)
-    attn_bwd_preprocess[(triton.cdiv(lq, 64) * nbatch * H,)](
+    lse_s = (0 if varlen else lse.stride(0)), lse.stride(1)
+    attn_bwd_preprocess[(cdiv(lq, 64) * nbatch * H,)](
         out, dout, delta, cu_q_arg, cu_k_arg,
-        _bs(out, varlen), out.stride(1), out.stride(2),
-        _bs(dout, varlen), dout.stride(1), dout.stride(2),
-        _bs(lse, varlen), lse.stride(1),
+        *_strides(out, varlen), *_strides(dout, varlen), *lse_s,
         H, lq,
         HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], VARLEN=varlen, BLOCK_M=64,
     )
     m, ms, kind, is_float = _mask_args(mask, q)
     dropout = dropout_p > 0.0
     seed_arg = seed if dropout else q
+    bucket = _bucket(lq, lk)
     common = dict(CAUSAL=bool(is_causal), MASK_KIND=kind, MASK_FLOAT=is_float, DROPOUT=dropout, VARLEN=varlen, **flags)
-    tail = (H, H // Hk, lq, lk, _bucket(lq, lk), scale * LOG2E, scale, float(dropout_p))
-    qkv_strides = (
-        _bs(q, varlen), q.stride(1), q.stride(2),
-        _bs(k, varlen), k.stride(1), k.stride(2),
-        _bs(v, varlen), v.stride(1), v.stride(2),
-        _bs(dout, varlen), dout.stride(1), dout.stride(2),
-    )
+    tail = (H, H // Hk, lq, lk, bucket, scale * LOG2E, scale, float(dropout_p))
+    qkv_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
     _run(
-        "bwd", attn_bwd_dkdv_tuned, attn_bwd_dkdv, lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]) * nbatch * Hk,),
+        "bwd", attn_bwd_dkdv_tuned, attn_bwd_dkdv, lambda meta: (cdiv(lk, meta["BLOCK_N"]) * nbatch * Hk,), bucket,
         q, k, v, dout, dk, dv, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg,
-        *qkv_strides,
-        _bs(dk, varlen), dk.stride(1), dk.stride(2),
-        _bs(dv, varlen), dv.stride(1), dv.stride(2),
-        _bs(lse, varlen), lse.stride(1),
+        *qkv_strides, *_strides(dk, varlen), *_strides(dv, varlen), *lse_s,
         *ms, *tail, **common,
     )
     _run(
-        "bwd", attn_bwd_dq_tuned, attn_bwd_dq, lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]) * nbatch * H,),
+        "bwd", attn_bwd_dq_tuned, attn_bwd_dq, lambda meta: (cdiv(lq, meta["BLOCK_M"]) * nbatch * H,), bucket,
         q, k, v, dout, dq, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg,
-        *qkv_strides,
-        _bs(dq, varlen), dq.stride(1), dq.stride(2),
-        _bs(lse, varlen), lse.stride(1),
+        *qkv_strides, *_strides(dq, varlen), *lse_s,
         *ms, *tail, **common,
     )
 
 
 def _out_like(q):
     B, H, L, D = q.shape
-    return _empty(B, L, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    return new_output((B, L, H, D), q.dtype, q.device).transpose(1, 2)
 
 
 def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     B, H, Lq, _ = q.shape
     out = _out_like(q)
-    lse = _empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    lse = new_output((B, H, Lq), torch.float32, q.device)
     _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, B, Lq, k.shape[2])
     return out, lse
 
 
 def _backward(dout, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed):
     dout, q, k, v = _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v)
-    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+    # A k/v broadcast over the batch (stride 0) gets a dense gradient, one per batch entry
+    # (empty_like makes overlapping tensors contiguous); autograd of the expand sums them.
+    dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
     _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dropout_p, seed,
                 q.shape[0], q.shape[2], k.shape[2])
     return dq, dk, dv
@@ -217,8 +222,8 @@ def _as4d(t):
 def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout_p, seed):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     total, H, _ = q.shape
-    out = _empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = _empty(H, total, dtype=torch.float32, device=q.device)
+    out = new_output(q.shape, q.dtype, q.device)
+    lse = new_output((H, total), torch.float32, q.device)
     _launch_fwd(_as4d(q), _as4d(k), _as4d(v), _as4d(out), lse.unsqueeze(0), None, is_causal, scale, dropout_p,
                 seed, cu_q.numel() - 1, max_q, max_k, cu_q, cu_k)
     return out, lse
@@ -226,7 +231,7 @@ def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout
 
 def _varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout_p, seed):
     dout, q, k, v = _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v)
-    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+    dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
     _launch_bwd(_as4d(dout), _as4d(q), _as4d(k), _as4d(v), _as4d(out), lse.unsqueeze(0),
                 _as4d(dq), _as4d(dk), _as4d(dv), None, is_causal, scale, dropout_p, seed,
                 cu_q.numel() - 1, max_q, max_k, cu_q, cu_k)
@@ -253,7 +258,7 @@ def dropout_keep_mask(seed: Tensor, B: int, H: int, Lq: int, Lk: int, p: float, 
     device = seed.device if device is None else torch.device(device)
     out = torch.empty(B * H, Lq, Lk, dtype=torch.uint8, device=device)
     if out.numel():
-        grid = (B * H, triton.cdiv(Lq, 64), triton.cdiv(Lk, 64))  # B*H on axis 0: no 65535 cap
+        grid = (B * H, cdiv(Lq, 64), cdiv(Lk, 64))  # B*H on axis 0: no 65535 cap
         with device_guard(out):
             dropout_keep_kernel[grid](out, seed.to(device), Lq, Lk, float(p), BLOCK_M=64, BLOCK_N=64)
     return out.view(B, H, Lq, Lk).bool()
@@ -266,7 +271,60 @@ def varlen_dropout_keep_masks(seed, cu_seqlens_q, cu_seqlens_k, H, max_seqlen_q,
     return [full[i, :, : bq[i + 1] - bq[i], : bk[i + 1] - bk[i]] for i in range(len(bq) - 1)]
 
 
-# ----------------------------------------------------------------------------- custom ops
+# ----------------------------------------------------------------------------- eager path
+
+
+def _draw_seed(p, device):
+    # A tensor, not a Python int: no host sync, and torch.compile traces torch.randint.
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64) if p > 0.0 else None
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Autograd of the eager path: the launchers called directly, no dispatcher in between."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, is_causal, scale, dropout_p, backend):
+        seed = _draw_seed(dropout_p, q.device)
+        with device_guard(q):
+            out, lse = get_impl("attention", backend).forward(q, k, v, mask, is_causal, scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+        ctx.args = (is_causal, scale, dropout_p, backend)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, mask, seed = ctx.saved_tensors
+        is_causal, scale, dropout_p, backend = ctx.args
+        with device_guard(q):
+            dq, dk, dv = get_impl("attention", backend).backward(dout, q, k, v, out, lse, mask, is_causal, scale,
+                                                                 dropout_p, seed)
+        return dq, dk, dv, None, None, None, None, None
+
+
+class VarlenAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout_p, backend):
+        seed = _draw_seed(dropout_p, q.device)
+        with device_guard(q):
+            out, lse = get_impl("varlen_attention", backend).forward(q, k, v, cu_q, cu_k, max_q, max_k, is_causal,
+                                                                     scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
+        ctx.args = (max_q, max_k, is_causal, scale, dropout_p, backend)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
+        max_q, max_k, is_causal, scale, dropout_p, backend = ctx.args
+        with device_guard(q):
+            dq, dk, dv = get_impl("varlen_attention", backend).backward(
+                dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout_p, seed)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- compiled path
+# torch.compile cannot trace into a launcher; it sees these custom ops, their fake
+# implementations and their autograd, which call the very launchers the eager path calls.
 
 
 @torch.library.custom_op("fuseformer::attention_fwd", mutates_args=())
@@ -276,7 +334,7 @@ def attention_fwd(
 ) -> Tuple[Tensor, Tensor]:
     # Triton launches on the current CUDA device and its stream, not the tensors' device: on
     # cuda:1 while cuda:0 is current, the kernels would run on the wrong GPU with foreign
-    # pointers (illegal address). add_layer_norm and linear_gelu guard the same way.
+    # pointers (illegal address). Every launch path guards the same way.
     with device_guard(q):
         return get_impl("attention", backend).forward(q, k, v, mask, is_causal, scale, dropout_p, seed)
 
@@ -386,30 +444,37 @@ def _torch_only(op: str, reason: str, backend: Optional[str]) -> None:
         warnings.warn(f"fuseformer: {op} falls back to the torch backend ({reason})", stacklevel=3)
 
 
-def _draw_seed(p, device):
-    # A tensor, not a Python int: torch.compile traces torch.randint without a graph break.
-    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64) if p > 0.0 else None
+def _broadcasts(shape, target) -> bool:
+    """torch's broadcasting rule, without building a tensor (torch.broadcast_shapes costs
+    ~20 µs): every dim, aligned from the right, equals the target's or is 1."""
+    if len(shape) > len(target):
+        return False
+    return all(s == t or s == 1 for s, t in zip(reversed(shape), reversed(target)))
 
 
-def _check_attention_args(query, key, value, attn_mask, dropout_p, scale, enable_gqa):
-    check_tensor("query", query, min_dim=2)
-    check_tensor("key", key, min_dim=2)
-    check_tensor("value", value, min_dim=2)
-    check_same("key", key, "query", query)
-    check_same("value", value, "query", query)
-    for name, t in (("key", key), ("value", value)):
-        if t.dim() != query.dim():
-            raise ValueError(
-                f"{name} must have as many dimensions as query ({query.dim()}), got shape {tuple(t.shape)}"
-            )
-        if t.shape[:-3] != query.shape[:-3]:
-            raise ValueError(f"{name} batch dims {tuple(t.shape[:-3])} differ from query's {tuple(query.shape[:-3])}")
-    if key.shape[-1] != query.shape[-1]:
-        raise ValueError(f"key head dim {key.shape[-1]} differs from query head dim {query.shape[-1]}")
-    if value.shape[-2] != key.shape[-2]:
-        raise ValueError(f"value length {value.shape[-2]} differs from key length {key.shape[-2]}")
-    if query.dim() >= 3:
-        hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
+def _check_attention_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> float:
+    """Everything torch's SDPA refuses, refused with a message naming the argument; returns
+    dropout_p as a float. The common case passes in a few attribute reads."""
+    if not (same_floats(query, key, value) and 2 <= query.dim() == key.dim() == value.dim()):
+        check_tensor("query", query, min_dim=2)
+        for name, t in (("key", key), ("value", value)):
+            check_tensor(name, t, min_dim=2)
+            check_same(name, t, "query", query)
+            if t.dim() != query.dim():
+                raise ValueError(
+                    f"{name} must have as many dimensions as query ({query.dim()}), got shape {tuple(t.shape)}"
+                )
+    qs, ks, vs = query.shape, key.shape, value.shape
+    if ks[:-3] != qs[:-3] or vs[:-3] != qs[:-3]:
+        for name, s in (("key", ks), ("value", vs)):
+            if s[:-3] != ks[:-3] or not _broadcasts(s[:-3], qs[:-3]):
+                raise ValueError(f"{name} batch dims {tuple(s[:-3])} do not broadcast to query's {tuple(qs[:-3])}")
+    if ks[-1] != qs[-1]:
+        raise ValueError(f"key head dim {ks[-1]} differs from query head dim {qs[-1]}")
+    if vs[-2] != ks[-2]:
+        raise ValueError(f"value length {vs[-2]} differs from key length {ks[-2]}")
+    if len(qs) >= 3:
+        hq, hk, hv = qs[-3], ks[-3], vs[-3]
         if hk != hv:
             raise ValueError(f"key has {hk} heads but value has {hv}; they must match")
         if hq != hk:
@@ -419,8 +484,10 @@ def _check_attention_args(query, key, value, attn_mask, dropout_p, scale, enable
                 )
             if hk == 0 or hq % hk:
                 raise ValueError(f"enable_gqa: query heads ({hq}) must be a multiple of key/value heads ({hk})")
-    check_prob("dropout_p", dropout_p)
-    if scale is not None and not isinstance(scale, (int, float)):
+    dropout_p = check_prob("dropout_p", dropout_p, allow_one=True)
+    if is_causal.__class__ is not bool:
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if attn_mask is not None:
         check_tensor("attn_mask", attn_mask, dtypes=None)
@@ -428,39 +495,53 @@ def _check_attention_args(query, key, value, attn_mask, dropout_p, scale, enable
             raise TypeError(f"attn_mask must be bool or have query's dtype {query.dtype}, got {attn_mask.dtype}")
         if attn_mask.device != query.device:
             raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
-        target = tuple(query.shape[:-2]) + (query.shape[-2], key.shape[-2])
-        try:
-            ok = torch.broadcast_shapes(attn_mask.shape, target) == torch.Size(target)
-        except RuntimeError:
-            ok = False
-        if not ok:
+        target = (*qs[:-2], qs[-2], ks[-2])
+        if not _broadcasts(attn_mask.shape, target):
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}")
+    return dropout_p
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, *, backend=None):
     """torch.nn.functional.scaled_dot_product_attention, fused. Shapes (..., L, E); a bool
     mask is True where a key is attended, a float mask is added; a fully masked row gives
-    zeros. `backend` overrides the backend in force for this call."""
-    _check_attention_args(query, key, value, attn_mask, dropout_p, scale, enable_gqa)
-    args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
-        return reference.scaled_dot_product_attention(*args)
-    Lq, E = query.shape[-2:]
+    zeros. `backend` overrides the backend in force for this call.
+
+    Differences from torch's: key and value must share their batch dims (each may broadcast
+    to query's); a float mask that requires grad, and value head dims unlike query's, run on
+    the torch backend (an error when a fused backend is named); dropout draws its own random
+    numbers (Philox, reproducible under torch.manual_seed, not torch's stream).
+    """
+    dropout_p = _check_attention_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if dropout_p == 1.0 or query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
+        # Nothing for a kernel to do: no keys, no queries, or every weight dropped.
+        return reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                      enable_gqa)
+    qs = query.shape
+    Lq, E = qs[-2], qs[-1]
     Lk, Ev = key.shape[-2], value.shape[-1]
-    hq = query.shape[-3] if query.dim() >= 3 else 1
-    hk = key.shape[-3] if key.dim() >= 3 else 1
-    B = math.prod(query.shape[:-3])
-    q4 = query.reshape(B, hq, Lq, E)
-    k4, v4 = key.reshape(B, hk, Lk, E), value.reshape(B, hk, Lk, Ev)
+    if len(qs) == 4 and key.shape[0] == qs[0]:
+        q4, k4, v4 = query, key, value  # the common case: no reshapes
+    else:
+        hq = qs[-3] if len(qs) >= 3 else 1
+        hk = key.shape[-3] if len(qs) >= 3 else 1
+        B = math.prod(qs[:-3])
+        if key.shape[:-3] != qs[:-3]:
+            # A batch-broadcast k/v: an expanded view (batch stride 0), never copied for 4-D.
+            key = key.expand(*qs[:-3], *key.shape[-3:])
+            value = value.expand(*qs[:-3], *value.shape[-3:])
+        q4 = query.reshape(B, hq, Lq, E)
+        k4, v4 = key.reshape(B, hk, Lk, E), value.reshape(B, hk, Lk, Ev)
     mask4 = None
     if attn_mask is not None:
         # An expanded view: broadcast dims get stride 0 and are never materialised.
-        mask4 = attn_mask.expand(*query.shape[:-2], Lq, Lk).reshape(B, hq, Lq, Lk)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    case = dict(dtype=query.dtype, head_dim=max(E, Ev), mask_kind=mask_kind(mask4), dropout_p=float(dropout_p),
-                requires_grad=grad, is_causal=bool(is_causal), gqa=hq != hk)
-    name = resolve("attention", query.device, backend, **case)
+        mask4 = attn_mask.expand(*qs[:-2], Lq, Lk)
+        if len(qs) != 4:
+            mask4 = mask4.reshape(q4.shape[0], q4.shape[1], Lq, Lk)
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    name = resolve("attention", query.device, backend, dtype=query.dtype, head_dim=E if Ev < E else Ev,
+                   mask_kind=mask_kind(mask4), dropout_p=dropout_p, requires_grad=grad, is_causal=is_causal,
+                   gqa=q4.shape[1] != k4.shape[1])
     if name != "torch":
         if Ev != E:
             _torch_only("attention", f"value head dim {Ev} differs from query head dim {E}", backend)
@@ -469,11 +550,19 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             _torch_only("attention", "a float attn_mask that requires grad", backend)
             name = "torch"
     if name == "torch":
-        return reference.scaled_dot_product_attention(*args)
+        return reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                      enable_gqa)
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
-    seed = _draw_seed(dropout_p, query.device)
-    out, _ = attention_fwd(q4, k4, v4, mask4, bool(is_causal), scale, float(dropout_p), seed, name)
-    return out.reshape(*query.shape[:-1], Ev)
+    if torch.compiler.is_compiling():
+        out, _ = attention_fwd(q4, k4, v4, mask4, is_causal, scale, dropout_p, _draw_seed(dropout_p, query.device),
+                               name)
+    elif grad:
+        out = AttentionFunction.apply(q4, k4, v4, mask4, is_causal, scale, dropout_p, name)
+    else:
+        seed = _draw_seed(dropout_p, query.device)
+        with device_guard(q4):
+            out, _ = get_impl("attention", name).forward(q4, k4, v4, mask4, is_causal, scale, dropout_p, seed)
+    return out if len(qs) == 4 else out.reshape(*qs[:-1], Ev)
 
 
 def _check_cu_seqlens(name, cu, total, max_seqlen, device):
@@ -482,7 +571,7 @@ def _check_cu_seqlens(name, cu, total, max_seqlen, device):
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
     if cu.numel() < 1:
         raise ValueError(f"{name} must hold at least one offset (0), got none")
-    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen for {name} must be a non-negative int, got {max_seqlen!r}")
     if torch.compiler.is_compiling():
         return  # the checks below read the tensor back to the host
@@ -492,7 +581,9 @@ def _check_cu_seqlens(name, cu, total, max_seqlen, device):
         return
     # Reading the offsets back costs a device-to-host sync; a packed model passes the same
     # cu_seqlens to every layer, so remember what was checked for this tensor as it is now.
-    key = (cu._version, total, max_seqlen)
+    # An inference tensor has no version counter: it is checked once per tensor (an in-place
+    # change of it after its first use goes unseen; such tensors are rarely edited in place).
+    key = (None if cu.is_inference() else cu._version, total, max_seqlen)
     seen = _checked_offsets.get(id(cu))
     if seen is not None and seen[0]() is cu and seen[1] == key:
         return
@@ -517,12 +608,13 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                      is_causal=False, scale=None, *, backend=None):
     """Attention over packed sequences: q (total_q, H, D), k/v (total_k, Hk, D), sequence i
     owning rows cu_seqlens[i]:cu_seqlens[i + 1]. No padding tokens are ever computed."""
-    check_tensor("q", q, dim=3)
-    check_tensor("k", k, dim=3)
-    check_tensor("v", v, dim=3)
-    check_same("k", k, "q", q)
-    check_same("v", v, "q", q)
-    if k.shape[1:] != v.shape[1:] or k.shape[0] != v.shape[0]:
+    if not (same_floats(q, k, v) and q.dim() == k.dim() == v.dim() == 3):
+        check_tensor("q", q, dim=3)
+        check_tensor("k", k, dim=3)
+        check_tensor("v", v, dim=3)
+        check_same("k", k, "q", q)
+        check_same("v", v, "q", q)
+    if k.shape != v.shape:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
     if k.shape[2] != q.shape[2]:
         raise ValueError(f"k head dim {k.shape[2]} differs from q head dim {q.shape[2]}")
@@ -532,19 +624,31 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel()} offsets but cu_seqlens_k has {cu_seqlens_k.numel()}")
-    check_prob("dropout_p", dropout_p)
+    dropout_p = check_prob("dropout_p", dropout_p)
+    if is_causal.__class__ is not bool:
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale)
     if q.numel() == 0 or k.numel() == 0:
         return reference.varlen_attention(*args)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    case = dict(dtype=q.dtype, head_dim=q.shape[2], mask_kind="none", dropout_p=float(dropout_p),
-                requires_grad=grad, is_causal=bool(is_causal), gqa=q.shape[1] != k.shape[1])
-    name = resolve("varlen_attention", q.device, backend, **case)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    name = resolve("varlen_attention", q.device, backend, dtype=q.dtype, head_dim=q.shape[2], mask_kind="none",
+                   dropout_p=dropout_p, requires_grad=grad, is_causal=is_causal, gqa=q.shape[1] != k.shape[1])
     if name == "torch":
         return reference.varlen_attention(*args)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+    cu_q = cu_seqlens_q if cu_seqlens_q.dtype == torch.int32 else cu_seqlens_q.to(torch.int32)
+    cu_k = cu_seqlens_k if cu_seqlens_k.dtype == torch.int32 else cu_seqlens_k.to(torch.int32)
+    if torch.compiler.is_compiling():
+        out, _ = varlen_attention_fwd(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, is_causal, scale, dropout_p,
+                                      _draw_seed(dropout_p, q.device), name)
+        return out
+    if grad:
+        return VarlenAttentionFunction.apply(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, is_causal, scale,
+                                             dropout_p, name)
     seed = _draw_seed(dropout_p, q.device)
-    out, _ = varlen_attention_fwd(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
-                                  int(max_seqlen_q), int(max_seqlen_k), bool(is_causal), scale, float(dropout_p),
-                                  seed, name)
+    with device_guard(q):
+        out, _ = get_impl("varlen_attention", name).forward(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
+                                                            is_causal, scale, dropout_p, seed)
     return out

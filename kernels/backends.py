@@ -1,22 +1,29 @@
 """Which implementation runs an op: `triton`, `cuda` (csrc/), `torch` (reference.py) or `auto`.
 
 The op files register their fused implementations here (`register_impl`) and ask `resolve`
-which backend to run for a given call. The rules (DESIGN.md):
+which backend to run for a given call. The rules (docs/design.md):
 
 - `torch` always works: it is the reference, on any device.
 - A backend asked for by name that cannot run the case raises BackendUnsupportedError
-  saying why; nothing is silently swapped.
+  saying why; nothing is silently swapped. A name that is misspelt, or a global choice that
+  can run nothing in this process (`set_backend("cuda")` without CUDA), is refused where it
+  is given.
 - `auto` picks the first fused backend in AUTO_ORDER that can run the case on this device
   and otherwise falls back to `torch`, with one warning per (op, reason) on a CUDA device.
   On the CPU `auto` is always `torch`: the Triton interpreter is a correctness tool, not a
   fast path.
+
+Decisions are made once: the answer for (op, device, backend name, case) is cached, the
+environment is read at import (or when changed through this module's functions), and the
+backend in force is a plain module global, so that an eager call costs a dict lookup and
+torch.compile traces `get_backend()` as a guarded constant (it cannot trace a ContextVar).
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import os
+import sys
 import warnings
 from typing import Callable, Iterator
 
@@ -25,13 +32,15 @@ import torch
 BACKENDS = ("triton", "cuda", "torch")
 _CHOICES = BACKENDS + ("auto",)
 
-# Preference of `auto` among fused backends, per op. The cuda backend is listed only where
-# measurements showed it faster than triton (see kernels/cuda_backend.py for the numbers).
+# Preference of `auto` among fused backends, per op. The cuda backend (csrc/) is in no list:
+# the only GPU run so far (H200, 0ec794f) measured its attention 6-10x slower than the
+# Triton kernels, and `auto` must never start its JIT build from inside a forward. Add it
+# for an op only when committed results under bench/results/ show it faster there.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "attention": ("triton", "cuda"),
+    "attention": ("triton",),
     "varlen_attention": ("triton",),
-    "add_layer_norm": ("triton", "cuda"),
-    "linear_gelu": ("triton", "cuda"),
+    "add_layer_norm": ("triton",),
+    "linear_gelu": ("triton",),
 }
 
 
@@ -43,8 +52,8 @@ class BackendUnsupportedError(RuntimeError):
 class Impl:
     """A fused implementation of one op on one backend.
 
-    forward/backward are the launchers the op's custom op calls; `unsupported(**case)`
-    returns None when the case can run, otherwise a short reason ("head dim 512 > 256").
+    forward/backward are the launchers the op calls; `unsupported(**case)` returns None when
+    the case can run, otherwise a short reason ("head dim 512 > 256").
     """
 
     forward: Callable
@@ -53,12 +62,15 @@ class Impl:
 
 
 _IMPLS: dict[tuple[str, str], Impl] = {}
+# (op, device, requested name or None, backend in force, case items) -> backend name.
+_plans: dict[tuple, str] = {}
 
 
 def register_impl(op: str, backend: str, impl: Impl) -> None:
     if backend not in ("triton", "cuda"):
         raise ValueError(f"backend must be 'triton' or 'cuda' to register an impl, got {backend!r}")
     _IMPLS[(op, backend)] = impl
+    _plans.clear()
 
 
 def get_impl(op: str, backend: str) -> Impl:
@@ -68,58 +80,117 @@ def get_impl(op: str, backend: str) -> Impl:
         raise BackendUnsupportedError(f"backend {backend!r} has no implementation of {op}") from None
 
 
-def _check_name(name: str, what: str = "backend") -> str:
+def check_name(name, what: str = "backend") -> str:
+    """`name` lower-cased if it is one of the backend names, else a ValueError naming `what`."""
     if not isinstance(name, str) or name.lower() not in _CHOICES:
         raise ValueError(f"{what} must be one of {', '.join(map(repr, _CHOICES))}, got {name!r}")
     return name.lower()
 
 
-_default = _check_name(os.environ.get("FUSEFORMER_BACKEND", "auto"), "FUSEFORMER_BACKEND")
-_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("fuseformer_backend", default=None)
+_check_name = check_name  # the name older callers use
+
+
+def _env_flag(name: str) -> bool:
+    # Triton's own reading of a boolean variable (triton.knobs): these words mean on, any
+    # other value (including "false" and "0") means off.
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+def _backend_from_env() -> str:
+    value = os.environ.get("FUSEFORMER_BACKEND", "").strip()
+    return check_name(value, "FUSEFORMER_BACKEND") if value else "auto"  # empty means unset
+
+
+# Read once. Triton reads TRITON_INTERPRET when a kernel is decorated, so a later change of
+# the variable could not switch already-built kernels anyway.
+_INTERPRET = _env_flag("TRITON_INTERPRET")
+_default = _backend_from_env()
+_scoped: list[str] = []  # use_backend's stack, innermost last
+_version = 0
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU through Triton's interpreter."""
+    return _INTERPRET
+
+
+def _changed() -> None:
+    global _version
+    _version += 1
+
+
+def backend_version() -> int:
+    """A counter that moves whenever the backend in force may have changed: modules that
+    cache a decision for backend=None compare it instead of resolving on every call."""
+    return _version
+
+
+def _refuse_unusable(name: str) -> str:
+    reason = None if name in ("auto", "torch") else _global_reason(name)
+    if reason is not None:
+        raise BackendUnsupportedError(f"backend {name!r} cannot run anything here: {reason}")
+    return name
+
+
+def _global_reason(name: str) -> str | None:
+    # Cheap facts only: choosing cuda must not start its JIT build (the first op builds it).
+    if name == "cuda":
+        if torch.version.cuda is None:
+            return "torch was built without CUDA"
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
+    return unavailable_reason(name)
 
 
 def set_backend(name: str) -> None:
     """Set the process-wide default backend ('triton', 'cuda', 'torch' or 'auto')."""
     global _default
-    _default = _check_name(name)
+    _default = _refuse_unusable(check_name(name))
+    _changed()
 
 
 def get_backend() -> str:
     """The backend in force here: the innermost `use_backend`, else the default."""
-    return _scoped.get() or _default
+    return _scoped[-1] if _scoped else _default
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[str]:
-    """Run a block with another backend: `with K.use_backend("torch"): ...`."""
-    token = _scoped.set(_check_name(name))
+    """Run a block with another backend: `with K.use_backend("torch"): ...`.
+
+    Process-wide while the block runs, like torch.backends' own switches (sdpa_kernel)."""
+    _scoped.append(_refuse_unusable(check_name(name)))
+    _changed()
     try:
-        yield name
+        yield _scoped[-1]
     finally:
-        _scoped.reset(token)
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run on the CPU through Triton's interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        _scoped.pop()
+        _changed()
 
 
 def unavailable_reason(backend: str) -> str | None:
-    """Why `backend` cannot run anything in this process, or None when it can."""
-    backend = _check_name(backend)
+    """Why `backend` cannot run anything in this process, or None when it can. For `cuda`
+    this loads (the first time: builds) the csrc/ extension."""
+    backend = check_name(backend)
     if backend in ("torch", "auto"):
         return None
     if backend == "triton":
+        return _triton_reason()
+    from . import cuda_backend
+
+    return cuda_backend.unavailable_reason()
+
+
+def _triton_reason() -> str | None:
+    if "triton" not in sys.modules:
         try:
             import triton  # noqa: F401
         except ImportError as err:
             return f"triton is not importable ({err})"
-        if not (torch.cuda.is_available() or interpreting()):
-            return "no CUDA device and TRITON_INTERPRET is not set"
-        return None
-    from . import cuda_backend
-
-    return cuda_backend.unavailable_reason()
+    if not (torch.cuda.is_available() or _INTERPRET):
+        return "no CUDA device and TRITON_INTERPRET is not set"
+    return None
 
 
 def available_backends() -> list[str]:
@@ -130,7 +201,7 @@ def available_backends() -> list[str]:
 def _device_reason(backend: str, device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
-    if backend == "triton" and device.type == "cpu" and interpreting():
+    if backend == "triton" and device.type == "cpu" and _INTERPRET:
         return None
     return f"tensors are on {device.type}, and the {backend} backend needs CUDA tensors"
 
@@ -142,9 +213,24 @@ def resolve(op: str, device: torch.device, requested: str | None = None, **case)
     """The backend that runs `op` for this call.
 
     `requested` overrides the backend in force (a layer's own `backend=`); `case` is passed
-    to each candidate's `unsupported` check (dtype, head dim, mask kind, ...).
+    to each candidate's `unsupported` check (dtype, head dim, mask kind, ...). The answer is
+    cached, so a repeated call costs one dict lookup; errors and warnings are raised on the
+    first call of a key (errors, never cached, on every call).
     """
-    name = get_backend() if requested is None else _check_name(requested)
+    key = (op, device, requested, _scoped[-1] if _scoped else _default, *case.items())
+    name = _plans.get(key)
+    if name is None:
+        name = _plans[key] = _decide(op, device, requested, case)
+    return name
+
+
+def clear_plans() -> None:
+    """Forget every cached decision (tests that swap implementations call this)."""
+    _plans.clear()
+
+
+def _decide(op: str, device: torch.device, requested: str | None, case: dict) -> str:
+    name = get_backend() if requested is None else check_name(requested)
     if name == "torch":
         return "torch"
     if name == "auto":
@@ -159,7 +245,7 @@ def resolve(op: str, device: torch.device, requested: str | None = None, **case)
         key = (op, "; ".join(reasons))
         if key not in _warned:
             _warned.add(key)
-            warnings.warn(f"fuseformer: {op} falls back to the torch backend ({key[1]})", stacklevel=3)
+            warnings.warn(f"fuseformer: {op} falls back to the torch backend ({key[1]})", stacklevel=4)
         return "torch"
     reason = _why_not(op, name, device, case)
     if reason is not None:

@@ -7,6 +7,19 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def same_floats(ref, *others) -> bool:
+    """True when `ref` is a floating tensor and each of `others` is None or a tensor with
+    ref's dtype and device: the common case, answered in a few attribute reads so that the
+    public ops can run their detailed checks (and build their messages) only when it fails."""
+    if not isinstance(ref, torch.Tensor) or ref.dtype not in FLOAT_DTYPES:
+        return False
+    dtype, device = ref.dtype, ref.device
+    for t in others:
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device != device):
+            return False
+    return True
+
+
 def check_tensor(name: str, t, *, min_dim: int = 0, dim: int | None = None, dtypes=FLOAT_DTYPES) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -28,7 +41,11 @@ def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
 
 
-def check_prob(name: str, p) -> float:
-    if not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
-        raise ValueError(f"{name} must be a float in [0, 1), got {p!r}")
+def check_prob(name: str, p, *, allow_one: bool = False) -> float:
+    """p as a float in [0, 1) (or [0, 1] with allow_one); bools are refused, as torch does."""
+    if p.__class__ is float and 0.0 <= p < 1.0:
+        return p
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p <= 1.0 if allow_one else 0.0 <= p < 1.0):
+        interval = "[0, 1]" if allow_one else "[0, 1)"
+        raise ValueError(f"{name} must be a float in {interval}, got {p!r}")
     return float(p)

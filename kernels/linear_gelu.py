@@ -30,9 +30,9 @@ import triton
 import triton.language as tl
 
 from . import backends, reference
-from ._util import as_rows, device_guard, new_output
+from ._util import as_rows, cdiv, device_guard, launch_tuned, new_output, next_pow2
 from .backends import Impl
-from .checks import check_same, check_tensor
+from .checks import check_same, check_tensor, same_floats
 
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -202,8 +202,13 @@ def forward(x2d, weight, bias, approximate, save_preact):
     # fp32 inputs: exact ("ieee") products as torch computes them, unless torch itself is
     # allowed tf32. 16-bit inputs keep Triton's default; the interpreter ignores the choice.
     exact = x2d.dtype == torch.float32 and not (not interp and torch.backends.cuda.matmul.allow_tf32)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _linear_gelu_fwd[grid](
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    tune_m = next_pow2(M)
+    has_bias, approx_tanh = bias is not None, approximate == "tanh"
+    # Everything Triton's autotuner keys on (its key arguments and the tensors' dtypes).
+    key = (x2d.dtype, tune_m, N, K, has_bias, pre is not None, approx_tanh)
+    launch_tuned(
+        _linear_gelu_fwd, _linear_gelu_fwd.fn, key, grid,
         x2d,
         weight,
         bias if bias is not None else weight,  # any pointer: HAS_BIAS=False never reads it
@@ -217,10 +222,10 @@ def forward(x2d, weight, bias, approximate, save_preact):
         weight.stride(0),
         weight.stride(1),
         out.stride(0),
-        triton.next_power_of_2(M),
-        HAS_BIAS=bias is not None,
+        tune_m,
+        HAS_BIAS=has_bias,
         SAVE_PRE=pre is not None,
-        APPROX_TANH=approximate == "tanh",
+        APPROX_TANH=approx_tanh,
         UPCAST=interp,
         PRECISION="ieee" if exact else "tf32",
     )
@@ -234,7 +239,7 @@ def gelu_backward(dout: torch.Tensor, preact: torch.Tensor, approximate: str) ->
     numel = preact.numel()
     if numel:
         block = 4096
-        _gelu_bwd[(triton.cdiv(numel, block),)](
+        _gelu_bwd[(cdiv(numel, block),)](
             dout, preact, dpre, numel, APPROX_TANH=approximate == "tanh", BLOCK=block, num_warps=8
         )
     return dpre
@@ -257,7 +262,52 @@ def unsupported(dtype=None, in_features=None, out_features=None, approximate="no
 backends.register_impl("linear_gelu", "triton", Impl(forward, backward, unsupported))
 
 
-# ----------------------------------------------------------------------------- custom op
+# ----------------------------------------------------------------------------- shared by both paths
+
+
+def _run_forward(backend, x, weight, bias, approximate, save_preact):
+    # reshape keeps views where it can; the kernel reads any 2-D strides, so a transposed
+    # view of x or W is never copied.
+    x2d = x if x.dim() == 2 else as_rows(x)
+    with device_guard(x):
+        out, pre = backends.get_impl("linear_gelu", backend).forward(x2d, weight, bias, approximate, save_preact)
+    if x.dim() != 2:
+        shape = (*x.shape[:-1], weight.shape[0])
+        out, pre = out.view(shape), None if pre is None else pre.view(shape)
+    return out, pre
+
+
+def _run_backward(backend, dout, x, weight, preact, approximate, has_bias):
+    with device_guard(dout):
+        dx, dw, db = backends.get_impl("linear_gelu", backend).backward(
+            as_rows(dout), as_rows(x), weight, as_rows(preact), approximate, has_bias
+        )
+    return dx.view(x.shape), dw, db
+
+
+# ----------------------------------------------------------------------------- eager path
+
+
+class LinearGeluFunction(torch.autograd.Function):
+    """Autograd of the eager path: the launchers called directly, no dispatcher in between."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, approximate, backend):
+        out, pre = _run_forward(backend, x, weight, bias, approximate, True)
+        ctx.save_for_backward(x, weight, pre)
+        ctx.approximate, ctx.has_bias, ctx.backend = approximate, bias is not None, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, pre = ctx.saved_tensors
+        dx, dw, db = _run_backward(ctx.backend, dout, x, weight, pre, ctx.approximate, ctx.has_bias)
+        return dx, dw, db, None, None
+
+
+# ----------------------------------------------------------------------------- compiled path
+# torch.compile cannot trace into a launcher; it sees these custom ops, their fake
+# implementations and their autograd, which call the very launchers the eager path calls.
 
 
 @torch.library.custom_op("fuseformer::linear_gelu", mutates_args=())
@@ -269,13 +319,8 @@ def _linear_gelu_op(
     save_preact: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # reshape keeps views where it can; the kernel reads any 2-D strides, so a transposed
-    # view of x or W is never copied.
-    x2d = as_rows(x)
-    with device_guard(x):
-        out, pre = backends.get_impl("linear_gelu", backend).forward(x2d, weight, bias, approximate, save_preact)
-    shape = (*x.shape[:-1], weight.shape[0])
-    return out.reshape(shape), pre.reshape(shape) if pre is not None else x.new_empty(0)
+    out, pre = _run_forward(backend, x, weight, bias, approximate, save_preact)
+    return out, pre if pre is not None else x.new_empty(0)
 
 
 @_linear_gelu_op.register_fake
@@ -294,12 +339,8 @@ def _linear_gelu_bwd_op(
     has_bias: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    N, K = weight.shape
-    with device_guard(dout):
-        dx, dw, db = backends.get_impl("linear_gelu", backend).backward(
-            as_rows(dout), as_rows(x), weight, as_rows(preact), approximate, has_bias
-        )
-    return dx.reshape(x.shape), dw, db if db is not None else dout.new_empty(0)
+    dx, dw, db = _run_backward(backend, dout, x, weight, preact, approximate, has_bias)
+    return dx, dw, db if db is not None else dout.new_empty(0)
 
 
 @_linear_gelu_bwd_op.register_fake
@@ -328,37 +369,37 @@ _linear_gelu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check(x, weight, bias, approximate):
-    check_tensor("x", x, min_dim=1)
-    check_tensor("weight", weight, dim=2)
-    check_same("weight", weight, "x", x)
+    if not (same_floats(x, weight, bias) and x.dim() >= 1 and weight.dim() == 2):
+        check_tensor("x", x, min_dim=1)
+        check_tensor("weight", weight, dim=2)
+        check_same("weight", weight, "x", x)
+        if bias is not None:
+            check_tensor("bias", bias, dim=1)
+            check_same("bias", bias, "x", x)
     if weight.shape[1] != x.shape[-1]:
         raise ValueError(
             f"weight must have shape (out_features, {x.shape[-1]}) to match the last dim of x, got {tuple(weight.shape)}"
         )
-    if bias is not None:
-        check_tensor("bias", bias, dim=1)
-        check_same("bias", bias, "x", x)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias must have shape ({weight.shape[0]},) (out_features), got {tuple(bias.shape)}")
-    if approximate not in APPROXIMATIONS:
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) (out_features), got {tuple(bias.shape)}")
+    if approximate != "none" and approximate != "tanh":
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
 def linear_gelu(x, weight, bias=None, approximate="none", *, backend=None):
     """gelu(x @ weight^T + bias) == F.gelu(F.linear(x, weight, bias), approximate=approximate)."""
     _check(x, weight, bias, approximate)
-    requires_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    requires_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
     name = backends.resolve(
-        "linear_gelu",
-        x.device,
-        backend,
-        dtype=x.dtype,
-        in_features=weight.shape[1],
-        out_features=weight.shape[0],
-        approximate=approximate,
-        requires_grad=requires_grad,
+        "linear_gelu", x.device, backend, dtype=x.dtype, in_features=weight.shape[1],
+        out_features=weight.shape[0], approximate=approximate, requires_grad=requires_grad,
     )
     if name == "torch":
         return reference.linear_gelu(x, weight, bias, approximate)
-    out, _ = _linear_gelu_op(x, weight, bias, approximate, requires_grad, name)
-    return out
+    if torch.compiler.is_compiling():
+        return _linear_gelu_op(x, weight, bias, approximate, requires_grad, name)[0]
+    if requires_grad:
+        return LinearGeluFunction.apply(x, weight, bias, approximate, name)
+    return _run_forward(name, x, weight, bias, approximate, False)[0]

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 def _dropout(x: torch.Tensor, p: float, mask: torch.Tensor | None) -> torch.Tensor:
     if p == 0.0:
         return x
+    if p >= 1.0:
+        return x * 0.0  # everything dropped; x / (1 - p) would be 0/0 = NaN
     if mask is None:
         return F.dropout(x, p, training=True)
     return x * mask.to(x.dtype) / (1.0 - p)
@@ -43,7 +45,8 @@ def scaled_dot_product_attention(
     gives zeros, as torch's own SDPA does.
     """
     L, S = query.shape[-2], key.shape[-2]
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    # Head dim 0: every score is 0 whatever the scale (torch gives the mean of the values).
+    scale = (1.0 / math.sqrt(query.shape[-1]) if query.shape[-1] else 1.0) if scale is None else scale
     if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
         group = query.shape[-3] // key.shape[-3]
         key = key.repeat_interleave(group, dim=-3)

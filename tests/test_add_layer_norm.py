@@ -6,6 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuseformer.kernels import _util
 from fuseformer import kernels as K
 from fuseformer.kernels import reference
 from fuseformer.kernels._util import draw_seed
@@ -18,7 +19,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setenv("FUSEFORMER_POISON", "1")
+    monkeypatch.setattr(_util, "_POISON", True)  # what FUSEFORMER_POISON=1 sets at import
 
 
 def _inputs(shape, dtype, device, residual=True, weight=True, bias=True):

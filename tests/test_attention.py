@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fuseformer.kernels import _util
 from fuseformer import kernels as K
 from fuseformer.kernels import attention as A
 from fuseformer.kernels import reference as R
@@ -23,10 +24,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     # Every output the launchers allocate starts as NaN: an element no kernel writes fails.
-    monkeypatch.setenv("FUSEFORMER_POISON", "1")
+    monkeypatch.setattr(_util, "_POISON", True)  # what FUSEFORMER_POISON=1 sets at import
     # On a GPU, one config per case: autotuning every case would spend the suite compiling.
     # test_gpu_autotuned covers the tuned path.
-    monkeypatch.setenv("FUSEFORMER_AUTOTUNE", "0")
+    monkeypatch.setattr(A, "AUTOTUNE", False)
 
 
 @pytest.fixture
@@ -343,7 +344,9 @@ def _bad_calls():
     return [
         ("rank", lambda: sdpa(q[0, 0, 0], k, v), ValueError, "query must have at least 2"),
         ("key rank", lambda: sdpa(q, k[0], v), ValueError, "key must have as many dimensions"),
-        ("batch", lambda: sdpa(q, k[:1], v[:1]), ValueError, "key batch dims"),
+        ("batch", lambda: sdpa(q, torch.cat([k, k[:1]]), torch.cat([v, v[:1]])), ValueError,
+         r"key batch dims \(3,\) do not broadcast"),
+        ("kv batch", lambda: sdpa(q, k, v[:1]), ValueError, "value batch dims"),
         ("heads", lambda: sdpa(q, k[:, :2], v[:, :2]), ValueError, "enable_gqa"),
         ("gqa ratio", lambda: sdpa(q, k[:, :3], v[:, :3], enable_gqa=True), ValueError, "multiple"),
         ("kv heads", lambda: sdpa(q, k, v[:, :2]), ValueError, "key has 4 heads but value has 2"),
@@ -352,10 +355,12 @@ def _bad_calls():
         ("dtype", lambda: sdpa(q, k.half(), v), TypeError, "key has dtype"),
         ("integer", lambda: sdpa(q.long(), k, v), TypeError, "query must have a floating dtype"),
         ("not tensor", lambda: sdpa(q, k.tolist(), v), TypeError, "key must be a torch.Tensor"),
-        ("mask shape", lambda: sdpa(q, k, v, torch.ones(8, 8, dtype=torch.bool)), ValueError, "attn_mask of shape"),
-        ("mask dtype", lambda: sdpa(q, k, v, torch.ones(8, 9, dtype=torch.int64)), TypeError, "attn_mask must be bool"),
-        ("mask float dtype", lambda: sdpa(q, k, v, torch.ones(8, 9, dtype=torch.float64)), TypeError, "attn_mask"),
-        ("dropout", lambda: sdpa(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
+        ("mask shape", lambda: sdpa(q, k, v, torch.ones(8, 8, dtype=torch.bool, device=DEVICE)), ValueError, "attn_mask of shape"),
+        ("mask dtype", lambda: sdpa(q, k, v, torch.ones(8, 9, dtype=torch.int64, device=DEVICE)), TypeError, "attn_mask must be bool"),
+        ("mask float dtype", lambda: sdpa(q, k, v, torch.ones(8, 9, dtype=torch.float64, device=DEVICE)), TypeError, "attn_mask"),
+        ("dropout", lambda: sdpa(q, k, v, dropout_p=1.5), ValueError, "dropout_p"),
+        ("dropout bool", lambda: sdpa(q, k, v, dropout_p=True), ValueError, "dropout_p"),
+        ("causal", lambda: sdpa(q, k, v, is_causal="yes"), TypeError, "is_causal must be a bool"),
         ("device", lambda: sdpa(q, k.to("meta"), v), ValueError, "key is on meta"),
         ("scale", lambda: sdpa(q, k, v, scale="0.5"), TypeError, "scale must be a float"),
     ]
@@ -390,6 +395,39 @@ def test_cases_only_torch_handles():
     bias = torch.randn(6, 7, device=DEVICE, requires_grad=True)
     with pytest.raises(BackendUnsupportedError, match="attn_mask that requires grad"):
         K.scaled_dot_product_attention(q, k, v, bias, backend="triton")
+
+
+def test_key_value_batch_broadcasts_as_in_torch():
+    # torch's SDPA broadcasts k/v batch dims (here batch 1) against q's; so do we, forward
+    # and backward (the gradient of a broadcast k sums over the batch).
+    q = torch.randn(3, 2, 9, 16, device=DEVICE)
+    k, v = torch.randn(1, 2, 7, 16, device=DEVICE), torch.randn(1, 2, 7, 16, device=DEVICE)
+    mask = _bool_mask((3, 1, 1, 7))
+    check_sdpa(q, k, v, mask, causal=False)
+    qd, kd, vd = (t.double().requires_grad_(True) for t in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask)
+    out = K.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, backend="torch")
+    torch.testing.assert_close(out, ref)
+
+
+def test_dropout_one_drops_everything():
+    q, k, v = (t.requires_grad_(True) for t in _qkv(2, 2, 5, 6, 16))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=1.0)
+    for backend in ("triton", "torch"):
+        out = K.scaled_dot_product_attention(q, k, v, dropout_p=1.0, backend=backend)
+        assert torch.equal(out, torch.zeros_like(out)) and torch.equal(out, expected)
+        dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in (dq, dk, dv))
+
+
+def test_head_dim_zero_matches_torch():
+    q, k = torch.randn(2, 3, 5, 0, device=DEVICE), torch.randn(2, 3, 6, 0, device=DEVICE)
+    v = torch.randn(2, 3, 6, 4, device=DEVICE)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # the mean of the values
+    for backend in ("triton", "torch"):
+        torch.testing.assert_close(K.scaled_dot_product_attention(q, k, v, backend=backend), expected)
+    empty = torch.randn(2, 3, 5, 0, device=DEVICE)
+    assert K.scaled_dot_product_attention(empty, empty, empty, backend="triton").shape == (2, 3, 5, 0)
 
 
 @pytest.mark.parametrize("shape_q,shape_k", [((0, 2, 5, 16), (0, 2, 5, 16)), ((2, 2, 0, 16), (2, 2, 5, 16)),
@@ -475,7 +513,7 @@ def test_gpu_large(dtype, L, D, causal, mask):
 @pytest.mark.gpu
 @pytest.mark.parametrize("D,dtype", [(64, torch.bfloat16), (256, torch.float32)])
 def test_gpu_autotuned(monkeypatch, D, dtype):
-    monkeypatch.setenv("FUSEFORMER_AUTOTUNE", "1")
+    monkeypatch.setattr(A, "AUTOTUNE", True)
     q, k, v = _qkv(2, 4, 1000, 1000, D)
     check_sdpa(q, k, v, _make_mask("key_padding", 2, 4, 1000, 1000, dtype), causal=True, dtype=dtype)
 

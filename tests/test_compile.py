@@ -38,3 +38,28 @@ def test_all_three_ops_compile_without_graph_break_and_match_eager(device):
     # fullgraph=True already raises on a break; explain() states it in numbers too.
     explanation = torch._dynamo.explain(block)(*params, pad)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_public_functions_with_default_arguments_trace_fullgraph(backend, device):
+    """No `backend=` argument: the backend in force is read inside the traced region (it was a
+    ContextVar once, which Dynamo cannot trace)."""
+    torch._dynamo.reset()
+
+    def f(q, k, v, x, r, w, b, fc_w):
+        a = K.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = K.add_layer_norm(x, r, w, b)
+        return a.sum() + K.linear_gelu(h, fc_w).sum()
+
+    torch.manual_seed(0)
+    args = [torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(5, 16),
+            torch.randn(5, 16), torch.randn(16), torch.randn(16), torch.randn(24, 16) / 4]
+    args = [a.to(device) for a in args]
+    before = K.get_backend()
+    K.set_backend(backend)
+    try:
+        expected = f(*args)
+        got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    finally:
+        K.set_backend(before)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@ import pathlib
 import pytest
 import torch
 
+from fuseformer.kernels import _util
 from fuseformer import kernels as K
 from fuseformer.kernels import backends, cuda_backend, reference
 from fuseformer.kernels.parity import assert_parity
@@ -206,7 +207,7 @@ def test_linear_gelu_unsupported(case, expected):
 @pytest.fixture
 def cuda_ext(monkeypatch):
     """The built extension (JIT on first use), outputs poisoned with NaN."""
-    monkeypatch.setenv("FUSEFORMER_POISON", "1")
+    monkeypatch.setattr(_util, "_POISON", True)  # what FUSEFORMER_POISON=1 sets at import
     reason = cuda_backend.unavailable_reason()
     if reason is not None:
         pytest.fail(f"a CUDA device is present but the cuda backend is unavailable: {reason}")

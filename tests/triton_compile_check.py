@@ -303,14 +303,15 @@ def build_jobs():
     # row (BLOCK 16384) and a chunked one (N > MAX_FUSED_BLOCK).
     chunked_n = aln.MAX_FUSED_BLOCK + aln.MAX_FUSED_BLOCK // 2
 
-    def ln_fwd(arch, dt, N, configs, res=True, w=True, b=True, drop=False, save=True):
+    def ln_fwd(arch, dt, N, res=True, w=True, b=True, drop=False, save=True):
         block, single = aln._block(N)
         v = dict(X=Ptr(dt), RES=Ptr(dt), W=Ptr(dt), B=Ptr(dt), Y=Ptr(dt), STREAM=Ptr(dt), MEAN=Ptr("fp32"),
                  RSTD=Ptr("fp32"), SEED=Ptr("i64") if drop else Ptr("fp32"), N=N, eps=1e-5,
                  dropout_p=0.1 if drop else 0.0)
         cx = dict(HAS_RES=res, HAS_W=w, HAS_B=b, DROPOUT=drop, SAVE_STREAM=save, BLOCK=block, SINGLE=single)
         flags = "".join(c for c, on in (("r", res), ("w", w), ("b", b), ("d", drop), ("s", save)) if on) or "-"
-        _add(jobs, "add_ln_fwd", aln._add_ln_fwd, arch, f"{dt} N={N} {flags}", v, cx, configs=configs)
+        _add(jobs, "add_ln_fwd", aln._add_ln_fwd, arch, f"{dt} N={N} {flags}", v, cx,
+             options=dict(num_warps=aln._num_warps(block)))
 
     def ln_bwd(arch, dt, N, dstream=False, res=True, w=True, b=True, drop=False):
         block, single = aln._block(N)
@@ -322,23 +323,20 @@ def build_jobs():
         _add(jobs, "add_ln_bwd", aln._add_ln_bwd, arch, f"{dt} N={N} {flags}", v, cx,
              options=dict(num_warps=aln._num_warps(block)))
 
-    # Every warp count compiles at a 4096 row; FULL also at 16384, where one warp holds 512
-    # fp32 values per thread (tens of KB of spills, the slowest compile but one).
+    # The warp count is a rule of the block (no autotuner): 4096, BERT's 768, and below.
     for arch in ARCHS:
-        ln_fwd(arch, "fp16", 4096, "all")
-        ln_fwd(arch, "bf16", 768, "first", res=False, w=False, b=False, save=False)
+        ln_fwd(arch, "fp16", 4096)
+        ln_fwd(arch, "bf16", 768, res=False, w=False, b=False, save=False)
         ln_bwd(arch, "fp16", 768, dstream=True, drop=True)
         _add(jobs, "ln_keep_mask", aln._keep_mask_kernel, arch, "N=768",
              dict(SEED=Ptr("i64"), OUT=Ptr("i8"), N=768, dropout_p=0.1), dict(BLOCK=1024))
         if arch == 90 or FULL:
-            ln_fwd(arch, "fp16", chunked_n, "most_warps", drop=True)
+            ln_fwd(arch, "fp16", chunked_n, drop=True)
             ln_bwd(arch, "bf16", chunked_n, dstream=True, drop=True)
-            ln_fwd(arch, "fp16", 16384, "most_warps", res=False)
+            ln_fwd(arch, "fp16", 16384, res=False)
             ln_bwd(arch, "fp16", 16384)
     if FULL:
-        for arch in ARCHS:
-            ln_fwd(arch, "fp16", 16384, "all")
-        ln_fwd(90, "bf16", 768, "first", drop=True, save=False)
+        ln_fwd(90, "bf16", 768, drop=True, save=False)
         ln_bwd(90, "bf16", 768, res=False, w=False, b=False)
         ln_bwd(90, "fp16", chunked_n, res=False, drop=False)
 

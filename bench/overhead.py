@@ -1,0 +1,204 @@
+"""The `overhead` group: host microseconds per eager call of each public op, next to the
+PyTorch call it replaces, and the host time of one eager BERT-base forward.
+
+What is measured is the time until the call returns, on tiny tensors, so that it is the
+Python and dispatch cost a drop-in layer pays per call, not kernel time:
+- on a CUDA device the kernels really launch (Triton's own launch path included); the GPU
+  work of a tiny case is a few microseconds and runs asynchronously behind the host;
+- on the CPU every Triton launch is replaced by a no-op (Triton's interpreter would
+  otherwise dominate), so CI measures our dispatch - checks, plan lookup, autograd, output
+  allocation - and shows its regressions without a GPU.
+The torch baselines run for real on both (on the CPU that includes their tiny kernels).
+
+    python -m fuseformer.bench.overhead [--device cpu|cuda] [--repeats N]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+from fuseformer import kernels as K
+
+# The targets: an op's host time at most this many times the torch call it replaces.
+TARGET_RATIO = 3.0
+
+
+@dataclass
+class OverheadCase:
+    name: str
+    ours: Callable[[], object]
+    torch: Callable[[], object]
+    torch_name: str
+
+
+@contextlib.contextmanager
+def stubbed_launches():
+    """Every Triton kernel launch (`kernel[grid](...)`, autotuned or not) becomes a no-op."""
+    from triton.runtime.jit import KernelInterface
+
+    def no_launch(self, grid):
+        return lambda *args, **kwargs: None
+
+    with mock.patch.object(KernelInterface, "__getitem__", no_launch):
+        yield
+
+
+def _inputs(device, dtype, grad):
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_(grad)
+
+    B, H, L, D, C = 2, 2, 16, 16, 32
+    pad = torch.ones(B, 1, 1, L, dtype=torch.bool, device=device)
+    pad[1, ..., L // 2:] = False
+    return dict(
+        q=randn(B, H, L, D), k=randn(B, H, L, D), v=randn(B, H, L, D), pad=pad,
+        x=randn(8, C), r=randn(8, C), w=randn(C), b=randn(C),
+        fc_w=randn(4 * C, C, scale=0.2), fc_b=randn(4 * C),
+    )
+
+
+def op_cases(device: torch.device, dtype: torch.dtype, backend: str, grad: bool) -> list[OverheadCase]:
+    t = _inputs(device, dtype, grad)
+
+    def run(fn):
+        if not grad:
+            return fn
+        # forward + backward: the sum's backward is part of both sides.
+        return lambda: fn().float().sum().backward()
+
+    suffix = "fwd+bwd" if grad else "fwd"
+    return [
+        OverheadCase(
+            f"attention_pad_{suffix}",
+            run(lambda: K.scaled_dot_product_attention(t["q"], t["k"], t["v"], attn_mask=t["pad"], backend=backend)),
+            run(lambda: F.scaled_dot_product_attention(t["q"], t["k"], t["v"], attn_mask=t["pad"])),
+            "F.scaled_dot_product_attention",
+        ),
+        OverheadCase(
+            f"attention_causal_{suffix}",
+            run(lambda: K.scaled_dot_product_attention(t["q"], t["k"], t["v"], is_causal=True, backend=backend)),
+            run(lambda: F.scaled_dot_product_attention(t["q"], t["k"], t["v"], is_causal=True)),
+            "F.scaled_dot_product_attention",
+        ),
+        OverheadCase(
+            f"add_layer_norm_{suffix}",
+            run(lambda: K.add_layer_norm(t["x"], t["r"], t["w"], t["b"], backend=backend)),
+            run(lambda: F.layer_norm(t["x"] + t["r"], (t["x"].shape[-1],), t["w"], t["b"])),
+            "F.layer_norm(x + r)",
+        ),
+        OverheadCase(
+            f"linear_gelu_{suffix}",
+            run(lambda: K.linear_gelu(t["x"], t["fc_w"], t["fc_b"], backend=backend)),
+            run(lambda: F.gelu(F.linear(t["x"], t["fc_w"], t["fc_b"]))),
+            "F.gelu(F.linear(...))",
+        ),
+    ]
+
+
+def _host_us(fns: list[Callable[[], object]], device: torch.device, calls: int, repeats: int) -> list[float]:
+    """Host µs per call of each function: the fastest of `repeats` rounds of `calls`
+    back-to-back calls. The functions take turns round by round, so a busy machine slows
+    them alike, and the fastest round is the one least disturbed by other processes."""
+    for fn in fns:
+        for _ in range(max(3, calls // 10)):  # warm-up: autotuning, compiles, plan caches
+            fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best[i] = min(best[i], (time.perf_counter() - start) / calls * 1e6)
+    sync()
+    return best
+
+
+def measure_ops(device: torch.device, dtype: torch.dtype, backend: str = "triton", calls: int = 200,
+                repeats: int = 7) -> list[dict]:
+    rows = []
+    stub = device.type != "cuda"
+    for grad in (False, True):
+        for case in op_cases(device, dtype, backend, grad):
+            # The torch calls launch no Triton kernel: the stub changes nothing for them.
+            with stubbed_launches() if stub else contextlib.nullcontext():
+                ours_us, torch_us = _host_us([case.ours, case.torch], device, calls, repeats)
+            rows.append(dict(case=case.name, ours_us=ours_us, torch_us=torch_us, torch_call=case.torch_name,
+                             ratio=ours_us / torch_us, launch="stubbed" if stub else "real"))
+    return rows
+
+
+def measure_bert_forward(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> dict:
+    """Host time of one eager BERT-base forward (B1 L16), fused backend against the same model
+    on the torch backend. On the CPU the launches are stubbed and the linear layers run for
+    real on both sides, so the difference is what fused dispatch adds per forward."""
+    from fuseformer.models import BertConfig, BertModel
+
+    model = BertModel(BertConfig(), add_pooling_layer=True).to(device=device, dtype=dtype).eval()
+    ids = torch.randint(1000, 20000, (1, 16), device=device)
+    mask = torch.ones(1, 16, dtype=torch.long, device=device)
+    mask[:, 12:] = 0
+    fused_backend = "auto" if device.type == "cuda" else "triton"
+    stub = stubbed_launches() if device.type != "cuda" else contextlib.nullcontext()
+    result = {}
+    for label, backend in (("fused", fused_backend), ("torch", "torch")):
+        model.set_backend(backend)
+        with torch.inference_mode(), stub:
+            for _ in range(3):
+                model(input_ids=ids, attention_mask=mask)
+            samples = []
+            for _ in range(repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()  # host time: the forward returns before the GPU ends
+                model(input_ids=ids, attention_mask=mask)
+                samples.append((time.perf_counter() - start) * 1e6)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        result[f"{label}_us"] = statistics.median(samples)
+    result["backend"] = fused_backend
+    result["extra_us"] = result["fused_us"] - result["torch_us"]
+    return result
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| call | ours µs | torch µs | torch call | ours / torch | launch |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['ours_us']:.1f} | {r['torch_us']:.1f} | {r['torch_call']} | "
+                     f"{r['ratio']:.2f}x | {r['launch']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--no-model", action="store_true", help="skip the BERT-base forward")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    rows = measure_ops(device, dtype, calls=args.calls, repeats=args.repeats)
+    print(table(rows))
+    if not args.no_model:
+        bert = measure_bert_forward(device, dtype)
+        print(f"\nBERT-base eager forward (B1 L16), host µs: fused ({bert['backend']}) {bert['fused_us']:.0f}, "
+              f"torch backend {bert['torch_us']:.0f}, fused dispatch adds {bert['extra_us']:.0f}")
+    worst = max(r["ratio"] for r in rows)
+    print(f"\nworst ratio {worst:.2f}x (target <= {TARGET_RATIO}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
