@@ -1,0 +1,110 @@
+"""The eager call path (issue: eager speed): launchers reached without the torch.library
+dispatcher, no host-device synchronisation, and the `overhead` benchmark group that keeps
+its host cost measurable on a CPU."""
+import importlib
+
+import pytest
+import torch
+
+from fuseformer import kernels as K
+from fuseformer.bench import overhead
+from fuseformer.kernels import _util
+
+aln = importlib.import_module("fuseformer.kernels.add_layer_norm")
+lg = importlib.import_module("fuseformer.kernels.linear_gelu")
+attn = importlib.import_module("fuseformer.kernels.attention")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _forbid(*_args, **_kwargs):
+    raise AssertionError("an eager call went through the torch.library custom op")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_eager_calls_never_enter_the_custom_ops(monkeypatch, grad):
+    # The custom ops are torch.compile's path; eager calls run the same launchers directly.
+    for module, name in ((aln, "_add_ln_op"), (aln, "_add_ln_bwd_op"), (lg, "_linear_gelu_op"),
+                         (lg, "_linear_gelu_bwd_op"), (attn, "attention_fwd"), (attn, "attention_bwd"),
+                         (attn, "varlen_attention_fwd"), (attn, "varlen_attention_bwd")):
+        monkeypatch.setattr(module, name, _forbid)
+    x = torch.randn(6, 16, device=DEVICE, requires_grad=grad)
+    w = torch.randn(16, device=DEVICE, requires_grad=grad)
+    fc = torch.randn(24, 16, device=DEVICE, requires_grad=grad)
+    q = torch.randn(2, 2, 6, 16, device=DEVICE, requires_grad=grad)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32, device=DEVICE)
+    outs = [
+        K.add_layer_norm(x, x, w, w, backend="triton"),
+        K.linear_gelu(x, fc, backend="triton"),
+        K.scaled_dot_product_attention(q, q, q, is_causal=True, backend="triton"),
+        K.varlen_attention(x.view(6, 1, 16), x.view(6, 1, 16), x.view(6, 1, 16), cu, cu, 4, 4, backend="triton"),
+    ]
+    if grad:
+        sum(o.float().sum() for o in outs).backward()
+        assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (x, w, fc, q))
+
+
+def test_stubbed_launches_run_no_kernel():
+    # The overhead group on a CPU replaces every Triton launch with a no-op: with outputs
+    # poisoned, an op under the stub returns NaN (nothing wrote it), and a real one does not.
+    x = torch.randn(4, 8, device=DEVICE)
+    with _util.poison_outputs():
+        with overhead.stubbed_launches():
+            stubbed = K.add_layer_norm(x, None, None, None, backend="triton")
+        real = K.add_layer_norm(x, None, None, None, backend="triton")
+    assert torch.isnan(stubbed).all()
+    assert torch.isfinite(real).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU form of the group (launches stubbed)")
+def test_overhead_group_measures_every_op_on_cpu():
+    rows = overhead.measure_ops(torch.device("cpu"), torch.float32, calls=2, repeats=1)
+    names = {r["case"] for r in rows}
+    for op in ("attention_pad", "attention_causal", "add_layer_norm", "linear_gelu"):
+        assert {f"{op}_fwd", f"{op}_fwd+bwd"} <= names
+    for r in rows:
+        assert r["launch"] == "stubbed" and r["ours_us"] > 0 and r["torch_us"] > 0
+        assert r["ratio"] == pytest.approx(r["ours_us"] / r["torch_us"])
+
+
+def test_poisoning_is_read_once_not_per_call(monkeypatch):
+    # The environment is read at import; changing it later must not cost (or change) a call.
+    monkeypatch.setenv("FUSEFORMER_POISON", "1")
+    monkeypatch.setattr(_util, "_POISON", False)
+    assert not _util.poison_enabled()
+    with _util.poison_outputs():
+        assert torch.isnan(_util.new_output((3,), torch.float32, "cpu")).all()
+    assert not _util.poison_enabled()
+
+
+@pytest.mark.gpu
+def test_no_host_device_sync_in_eager_ops_and_models():
+    """torch raises on any synchronising CUDA call in "error" mode: none may happen in an
+    eager forward or backward of our ops or of BERT (ids checked asynchronously)."""
+    from fuseformer.models import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                     vocab_size=500, max_position_embeddings=64)
+    model = BertForMaskedLM(cfg).cuda().train()
+    ids = torch.randint(5, 500, (3, 40), device="cuda")
+    mask = torch.ones(3, 40, dtype=torch.long, device="cuda")
+    mask[1, 30:] = 0
+    labels = torch.full((3, 40), -100, device="cuda")
+    labels[:, 3] = ids[:, 3]
+    x = torch.randn(64, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q = torch.randn(2, 3, 70, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    pad = mask[:2, None, None, :].bool().expand(2, 1, 1, 40)
+    # Warm-up outside the checked region: autotuning and compiles may synchronise.
+    for _ in range(2):
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        K.add_layer_norm(x, x, w, w).sum().backward()
+        K.scaled_dot_product_attention(q, q[:, :, :40], q[:, :, :40], attn_mask=pad).sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        K.add_layer_norm(x, x, w, w).sum().backward()
+        K.scaled_dot_product_attention(q, q[:, :, :40], q[:, :, :40], attn_mask=pad).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
