@@ -23,7 +23,7 @@ from .albert import (
     AlbertForSequenceClassification,
     AlbertModel,
 )
-from .hf import patch_hf
+from .hf import patch_hf, unpatch
 from . import pretraining
 from .speed import cpu_speed_case
 
@@ -32,6 +32,6 @@ __all__ = [
     "BertForTokenClassification", "BertForQuestionAnswering",
     "GPT2Config", "GPT2Model", "GPT2LMHeadModel",
     "AlbertConfig", "AlbertModel", "AlbertForPreTraining", "AlbertForMaskedLM", "AlbertForSequenceClassification",
-    "patch_hf", "MultiHeadSelfAttention", "AddLayerNorm", "FeedForward", "TransformerBlock",
+    "patch_hf", "unpatch", "MultiHeadSelfAttention", "AddLayerNorm", "FeedForward", "TransformerBlock",
     "CheckpointMismatchError", "pretraining", "cpu_speed_case",
 ]
