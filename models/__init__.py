@@ -24,6 +24,8 @@ from .albert import (
     AlbertModel,
 )
 from .hf import patch_hf, unpatch
+from .graphs import CUDAGraphRunner
+from .checkpoint import CheckpointWarning
 from . import pretraining
 from .speed import cpu_speed_case
 
@@ -33,5 +35,5 @@ __all__ = [
     "GPT2Config", "GPT2Model", "GPT2LMHeadModel",
     "AlbertConfig", "AlbertModel", "AlbertForPreTraining", "AlbertForMaskedLM", "AlbertForSequenceClassification",
     "patch_hf", "unpatch", "MultiHeadSelfAttention", "AddLayerNorm", "FeedForward", "TransformerBlock",
-    "CheckpointMismatchError", "pretraining", "cpu_speed_case",
+    "CheckpointMismatchError", "CheckpointWarning", "CUDAGraphRunner", "pretraining", "cpu_speed_case",
 ]
