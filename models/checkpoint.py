@@ -146,7 +146,8 @@ class PreTrainedModel(nn.Module):
                    if id(p) not in skip and (p.requires_grad or not only_trainable))
 
     # --- loading ---------------------------------------------------------------------------
-    def load_hf_state_dict(self, hf_state: dict[str, torch.Tensor], strict: bool = True, where: str = "") -> None:
+    def load_hf_state_dict(self, hf_state: dict[str, torch.Tensor], strict: bool = True, where: str = "",
+                           ignore_mismatched_sizes: bool = False) -> None:
         ours = self.state_dict()
         prefix = self.base_model_prefix + "." if self.base_model_prefix else ""
         model_has_prefix = bool(prefix) and any(k.startswith(prefix) for k in ours)
@@ -175,6 +176,9 @@ class PreTrainedModel(nn.Module):
                 continue
             new[key] = value
         unexpected = sorted(k for k in dropped + list(hf_state) if k not in used)
+        if ignore_mismatched_sizes and mismatched:  # transformers' keyword: a new head of another size
+            missing, mismatched = missing + [m.split(":")[0] for m in mismatched], []
+            strict = False
         if mismatched or (strict and missing):
             raise CheckpointMismatchError(missing, unexpected, mismatched, where)
         if missing or unexpected:
@@ -192,7 +196,7 @@ class PreTrainedModel(nn.Module):
     def from_pretrained(cls, pretrained_model_name_or_path: str, *, dtype: torch.dtype | str | None = None,
                         torch_dtype: torch.dtype | str | None = None, strict: bool = True,
                         backend: str | None = None, cache_dir: str | None = None, revision: str | None = None,
-                        local_files_only: bool = False, **kwargs):
+                        local_files_only: bool = False, ignore_mismatched_sizes: bool = False, **kwargs):
         """Load a Hugging Face format folder (config.json + model.safetensors / pytorch_model.bin),
         or a hub id ("sentence-transformers/all-MiniLM-L6-v2") from huggingface_hub's cache.
 
@@ -200,7 +204,9 @@ class PreTrainedModel(nn.Module):
         hidden_dropout_prob=0.0); the others go to the model (add_pooling_layer, unpad).
         dtype (or torch_dtype): None / "auto" is the checkpoint's dtype, as in transformers 5.
         Checkpoint weights the model has no place for are skipped with one warning; missing
-        ones are an error unless strict=False (then fresh initialisation, same warning)."""
+        ones are an error unless strict=False (then fresh initialisation, same warning), and so
+        are weights of another shape unless ignore_mismatched_sizes=True (a head resized by
+        num_labels=...)."""
         from .layers import check_backend
 
         backend = check_backend(backend)  # a misspelt name fails before anything is read
@@ -212,7 +218,7 @@ class PreTrainedModel(nn.Module):
         state = read_state_dict(folder)
         dtype = resolve_dtype(dtype, torch_dtype, config_dict, state)
         model = cls(config, **model_kwargs).to(dtype)
-        model.load_hf_state_dict(state, strict=strict, where=f" {folder!r}")
+        model.load_hf_state_dict(state, strict=strict, where=f" {folder!r}", ignore_mismatched_sizes=ignore_mismatched_sizes)
         if backend is not None:
             model.set_backend(backend)
         return model.eval()
