@@ -46,26 +46,29 @@ def fuseformer_attention(module, query, key, value, attention_mask, dropout=0.0,
     if mask is not None and mask.dim() == 4 and mask.shape[-2] > 1 and mask.stride(-2) == 0:
         # Every query row is the same row, expanded: hand the kernel its (B, 1, 1, S) fast path.
         # Decided from the strides alone; comparing the rows' values would synchronise with
-        # the GPU on every call. Key-padding masks arrive as (B, 1, 1, S) already (_mask).
+        # the GPU on every call. Key-padding masks arrive as (B, 1, 1, S) already (_key_padding_mask_interface).
         mask = mask[:, :, :1, :]
     y = L.attention(query, key, value, mask, dropout, causal, scaling, _backend(module), _torch(module, query))
     return y.transpose(1, 2).contiguous(), None
 
 
-def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
-          **kwargs):
-    """transformers' mask interface: its own sdpa_mask (bool, True = attend), except a padded
-    bidirectional mask, given as what it is: key padding (B, 1, 1, S), not a (B, 1, L, S) copy
-    of it per query row."""
+def _key_padding_mask_interface():
+    """transformers' mask interface for "fuseformer": its own sdpa_mask (bool, True = attend),
+    except a padded bidirectional mask, given as what it is: key padding (B, 1, 1, S), not a
+    (B, 1, L, S) copy of it per query row."""
     from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
-    if mask_function is bidirectional_mask_function and attention_mask is not None and attention_mask.dim() == 2:
-        keep = attention_mask.bool()
-        if keep.shape[-1] < kv_offset + kv_length:  # as transformers' prepare_padding_mask
-            keep = torch.nn.functional.pad(keep, (0, kv_offset + kv_length - keep.shape[-1]))
-        return keep[:, None, None, kv_offset:kv_offset + kv_length]
-    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
-                     mask_function or causal_mask_function, attention_mask, **kwargs)
+    def mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
+             attention_mask=None, **kwargs):
+        if mask_function is bidirectional_mask_function and attention_mask is not None and attention_mask.dim() == 2:
+            keep = attention_mask.bool()
+            if keep.shape[-1] < kv_offset + kv_length:  # as transformers' prepare_padding_mask
+                keep = torch.nn.functional.pad(keep, (0, kv_offset + kv_length - keep.shape[-1]))
+            return keep[:, None, None, kv_offset:kv_offset + kv_length]
+        return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                         **kwargs)
+
+    return mask
 
 
 def _register():
@@ -76,7 +79,7 @@ def _register():
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(ATTN_NAME, fuseformer_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, _mask)  # bool masks, True = attend
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, _key_padding_mask_interface())
     _registered = True
 
 
