@@ -61,6 +61,8 @@ def _key_padding_mask_interface():
     def mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
              attention_mask=None, **kwargs):
         if mask_function is bidirectional_mask_function and attention_mask is not None and attention_mask.dim() == 2:
+            # Even an all-ones mask stays a mask: transformers drops it after checking that on
+            # the host, which synchronises with the GPU every forward.
             keep = attention_mask.bool()
             if keep.shape[-1] < kv_offset + kv_length:  # as transformers' prepare_padding_mask
                 keep = torch.nn.functional.pad(keep, (0, kv_offset + kv_length - keep.shape[-1]))
