@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import outputs as O
-from .generation import generate
 from .bert import check_heads, check_ids, check_inputs, gelu_approximate
 from .checkpoint import COPY, TRANSPOSE, HFConfig, PreTrainedModel
+from .generation import generate
 from .layers import AddLayerNorm, TransformerBlock, attention_mask_for, init_weights, scale_residual_projections, wide
 
 

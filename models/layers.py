@@ -137,8 +137,9 @@ class MultiHeadSelfAttention(BackendChoice, nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 past_kv: KVCache | None = None, use_cache: bool = False):
         """x (B, T, C). attn_mask: bool, True = attend, (B, 1, 1, S) for key padding or
-        (B, 1, T, S) in general, or float, added to the scores. With `past_kv` the new keys/values are appended to the cache
-        and the queries see the whole cache; with `use_cache` returns (out, (k, v))."""
+        (B, 1, T, S) in general, or float, added to the scores. With `past_kv` the new
+        keys/values are appended to the cache and the queries see the whole cache; with
+        `use_cache` returns (out, (k, v))."""
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)

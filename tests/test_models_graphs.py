@@ -146,5 +146,7 @@ def test_captured_graphs_equal_eager_on_a_gpu(name):
         with torch.no_grad():
             ref = getattr(model(ids, attention_mask=mask), field)
         keep = mask.bool()
-        torch.testing.assert_close(out[keep], ref[keep], atol=2e-5, rtol=2e-5)
+        # Same kernels both ways; only the bucket's extra (masked) keys and rows differ, and a
+        # different batch may pick another matmul tiling: far below a padding error (O(1)).
+        torch.testing.assert_close(out[keep], ref[keep], atol=1e-4, rtol=1e-4)
     assert runner.last_bucket is None
