@@ -150,3 +150,25 @@ def test_captured_graphs_equal_eager_on_a_gpu(name):
         # different batch may pick another matmul tiling: far below a padding error (O(1)).
         torch.testing.assert_close(out[keep], ref[keep], atol=1e-4, rtol=1e-4)
     assert runner.last_bucket is None
+
+
+@pytest.mark.parametrize("name", ["BertForMaskedLM", "GPT2LMHeadModel"])
+def test_the_captured_call_reads_nothing_back_to_the_host(name, monkeypatch):
+    """A read of a tensor value back to the host aborts a CUDA graph capture. Emulated on the
+    CPU: during the stand-in capture the capture query answers True and reads raise."""
+    model = getattr(M, name)(gpt2_cfg() if name.startswith("GPT2") else bert_cfg()).eval()
+
+    def no_host_read(self, *args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    def capture(fn):
+        with monkeypatch.context() as m:
+            m.setattr(torch.cuda, "is_available", lambda: True)
+            m.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+            for method in ("__int__", "__index__", "__bool__", "__float__", "item", "tolist", "nonzero"):
+                m.setattr(torch.Tensor, method, no_host_read)
+            fn()
+        return fn
+
+    runner = CUDAGraphRunner(model, BUCKETS, capture=capture)
+    assert runner(torch.randint(0, VOCAB, (3, 9))).logits.shape == (3, 9, VOCAB)
