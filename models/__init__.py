@@ -1,5 +1,7 @@
 """fuseformer.models: BERT, GPT-2 and ALBERT on the fused kernels, interchangeable with
-Hugging Face checkpoints (from_pretrained / from_hf / save_pretrained) and models (patch_hf).
+Hugging Face checkpoints (from_pretrained from a folder or a cached hub id / from_hf /
+save_pretrained) and models (patch_hf / unpatch); CUDAGraphRunner replays a model from CUDA
+graphs captured per (batch, length) bucket. docs/models.md has the details.
 
 transformers is optional: only from_hf, patch_hf and loading our saved folders back into
 transformers need it.
