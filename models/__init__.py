@@ -1,5 +1,7 @@
 """fuseformer.models: BERT, GPT-2 and ALBERT on the fused kernels, interchangeable with
-Hugging Face checkpoints (from_pretrained / from_hf / save_pretrained) and models (patch_hf).
+Hugging Face checkpoints (from_pretrained from a folder or a cached hub id / from_hf /
+save_pretrained) and models (patch_hf / unpatch); CUDAGraphRunner replays a model from CUDA
+graphs captured per (batch, length) bucket. docs/models.md has the details.
 
 transformers is optional: only from_hf, patch_hf and loading our saved folders back into
 transformers need it.
@@ -23,7 +25,9 @@ from .albert import (
     AlbertForSequenceClassification,
     AlbertModel,
 )
-from .hf import patch_hf
+from .hf import patch_hf, unpatch
+from .graphs import CUDAGraphRunner
+from .checkpoint import CheckpointWarning
 from . import pretraining
 from .speed import cpu_speed_case
 
@@ -32,6 +36,6 @@ __all__ = [
     "BertForTokenClassification", "BertForQuestionAnswering",
     "GPT2Config", "GPT2Model", "GPT2LMHeadModel",
     "AlbertConfig", "AlbertModel", "AlbertForPreTraining", "AlbertForMaskedLM", "AlbertForSequenceClassification",
-    "patch_hf", "MultiHeadSelfAttention", "AddLayerNorm", "FeedForward", "TransformerBlock",
-    "CheckpointMismatchError", "pretraining", "cpu_speed_case",
+    "patch_hf", "unpatch", "MultiHeadSelfAttention", "AddLayerNorm", "FeedForward", "TransformerBlock",
+    "CheckpointMismatchError", "CheckpointWarning", "CUDAGraphRunner", "pretraining", "cpu_speed_case",
 ]

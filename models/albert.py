@@ -15,11 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import kernels as K
 from . import outputs as O
-from .bert import BertEmbeddings, Unpadder, check_heads, classification_loss, gelu_approximate, post_ln_block
+from .bert import BertEmbeddings, check_heads, classification_loss, gelu_approximate, post_ln_block, run_encoder
 from .checkpoint import CAT, COPY, HFConfig, PreTrainedModel
-from .layers import AddLayerNorm, init_weights, key_padding_mask
+from .layers import AddLayerNorm, BackendChoice, init_weights, linear_gelu
 from .pretraining import masked_lm_loss, pretraining_loss
 
 
@@ -123,30 +122,17 @@ class AlbertModel(AlbertPreTrainedModel):
         self._init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                output_hidden_states=False, return_dict=True):
-        e = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, E)
+                output_hidden_states=False, return_dict=True,
+                inputs_embeds=None):
+        e = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, T, E)
         x = self.encoder.embedding_hidden_mapping_in(e)  # (B, T, H)
-        B, T = x.shape[:2]
-        mask = key_padding_mask(attention_mask, B, T)
-        states = [x] if output_hidden_states else None
-        packer = Unpadder(attention_mask) if self.unpad and attention_mask is not None else None
-        if packer is not None:
-            x = packer.unpad(x)  # (total, H)
-        for block in self.encoder.schedule():
-            if packer is not None:
-                x = block(x, packed=(packer.cu_seqlens, packer.max_seqlen))
-            else:
-                x = block(x, attn_mask=mask)
-            if states is not None:
-                states.append(packer.pad(x) if packer is not None else x)
-        if packer is not None:
-            x = packer.pad(x)
+        x, states = run_encoder(list(self.encoder.schedule()), x, attention_mask, self.unpad, output_hidden_states)
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None
-        out = O.BaseModelOutputWithPooling(x, pooled, tuple(states) if states is not None else None)
+        out = O.BaseModelOutputWithPooling(x, pooled, states)
         return out if return_dict else out.to_tuple()
 
 
-class AlbertMLMHead(nn.Module):
+class AlbertMLMHead(BackendChoice, nn.Module):
     """H -> E (GELU, LN) -> V; the E -> V decoder is the word embedding matrix when tied."""
 
     def __init__(self, config: AlbertConfig, backend=None):
@@ -158,7 +144,7 @@ class AlbertMLMHead(nn.Module):
         self.approximate, self.backend = gelu_approximate(config.hidden_act), backend
 
     def forward(self, h, word_embeddings):
-        h = K.linear_gelu(h, self.dense.weight, self.dense.bias, approximate=self.approximate, backend=self.backend)
+        h = linear_gelu(h, self.dense.weight, self.dense.bias, self.approximate, self._backend, self.uses_torch(h))
         weight = word_embeddings if self.decoder is None else self.decoder.weight
         return F.linear(self.LayerNorm(h), weight, self.bias)  # (B, T, V)
 
@@ -187,8 +173,10 @@ class AlbertForPreTraining(AlbertPreTrainedModel):
         self._init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                labels=None, sentence_order_label=None, output_hidden_states=False, return_dict=True):
-        base = self.albert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+                labels=None, sentence_order_label=None, output_hidden_states=False, return_dict=True,
+                inputs_embeds=None):
+        base = self.albert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
+                           inputs_embeds=inputs_embeds)
         logits = self.predictions(base.last_hidden_state, self.albert.embeddings.word_embeddings.weight)
         sop = self.sop_classifier(base.pooler_output)  # (B, 2)
         loss = pretraining_loss(logits, labels, sop, sentence_order_label)
@@ -207,8 +195,10 @@ class AlbertForMaskedLM(AlbertPreTrainedModel):
         self._init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                labels=None, output_hidden_states=False, return_dict=True):
-        base = self.albert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+                labels=None, output_hidden_states=False, return_dict=True,
+                inputs_embeds=None):
+        base = self.albert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
+                           inputs_embeds=inputs_embeds)
         logits = self.predictions(base.last_hidden_state, self.albert.embeddings.word_embeddings.weight)
         loss = masked_lm_loss(logits, labels) if labels is not None else None
         out = O.MaskedLMOutput(loss, logits, base.hidden_states)
@@ -227,8 +217,10 @@ class AlbertForSequenceClassification(AlbertPreTrainedModel):
         self._init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                labels=None, output_hidden_states=False, return_dict=True):
-        base = self.albert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+                labels=None, output_hidden_states=False, return_dict=True,
+                inputs_embeds=None):
+        base = self.albert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
+                           inputs_embeds=inputs_embeds)
         logits = self.classifier(self.dropout(base.pooler_output))
         loss = classification_loss(self.config, logits, labels) if labels is not None else None
         out = O.SequenceClassifierOutput(loss, logits, base.hidden_states)

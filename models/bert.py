@@ -16,10 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import kernels as K
 from . import outputs as O
 from .checkpoint import CAT, COPY, HFConfig, PreTrainedModel
-from .layers import AddLayerNorm, TransformerBlock, init_weights, key_padding_mask, wide
+from .layers import AddLayerNorm, BackendChoice, TransformerBlock, attention_mask_for, init_weights, linear_gelu, wide
 from .pretraining import masked_lm_loss, pretraining_loss
 
 
@@ -72,18 +71,42 @@ def _capturing_cuda_graph() -> bool:
 
 
 def check_ids(name: str, ids: torch.Tensor | None, limit: int, what: str, shape=None) -> None:
-    """Token ids in [0, limit); skipped while compiling or capturing a CUDA graph (the check
-    reads tensor values back to the host)."""
+    """Token ids in [0, limit).
+
+    On the CPU a bad id gets a Python error naming the argument (reading CPU values costs no
+    synchronisation). On a GPU, reading them back would stall the host until the GPU catches
+    up, every forward: there the GPU checks them itself (torch._assert_async) and a bad id
+    fails as a device-side assert. Skipped while compiling."""
     if ids is None:
         return
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an integer torch.Tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
     if shape is not None and tuple(ids.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(ids.shape)}")
-    if ids.numel() and not torch.compiler.is_compiling() and not _capturing_cuda_graph():
+    if not ids.numel() or torch.compiler.is_compiling():
+        return
+    if ids.device.type != "cpu":
+        torch._assert_async(((ids >= 0) & (ids < limit)).all(), f"{name} must lie in [0, {limit}) ({what})")
+    elif not _capturing_cuda_graph():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= limit:
             raise ValueError(f"{name} must lie in [0, {limit}) ({what}), got values in [{lo}, {hi}]")
+
+
+def check_inputs(input_ids, inputs_embeds, width: int) -> tuple[int, int]:
+    """Exactly one of input_ids (B, T) and inputs_embeds (B, T, width), as Hugging Face takes
+    them; returns (B, T)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds, got "
+                         + ("both" if input_ids is not None else "neither"))
+    if inputs_embeds is not None:
+        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != width:
+            raise ValueError(f"inputs_embeds must be a (batch, seq_len, {width}) tensor, "
+                             f"got {getattr(inputs_embeds, 'shape', type(inputs_embeds))}")
+        return tuple(inputs_embeds.shape[:2])
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a (batch, seq_len) tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+    return tuple(input_ids.shape)
 
 
 class BertEmbeddings(nn.Module):
@@ -97,20 +120,20 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.config = config
 
-    def forward(self, input_ids, token_type_ids=None, position_ids=None):
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be a (batch, seq_len) tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
-        B, T = input_ids.shape
+    def forward(self, input_ids, token_type_ids=None, position_ids=None, inputs_embeds=None):
         c = self.config
+        B, T = check_inputs(input_ids, inputs_embeds, self.word_embeddings.embedding_dim)
         if T > c.max_position_embeddings:
             raise ValueError(f"input_ids has sequence length {T}, longer than the position table "
                              f"(max_position_embeddings={c.max_position_embeddings})")
         check_ids("input_ids", input_ids, c.vocab_size, "vocab_size")
         check_ids("token_type_ids", token_type_ids, c.type_vocab_size, "type_vocab_size", (B, T))
         check_ids("position_ids", position_ids, c.max_position_embeddings, "max_position_embeddings")
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)  # (B, T, E)
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device)[None]  # (1, T)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)  # (B, T, E)
+            position_ids = torch.arange(T, device=inputs_embeds.device)[None]  # (1, T)
+        x = inputs_embeds + self.position_embeddings(position_ids)
         if token_type_ids is None:
             x = x + self.token_type_embeddings.weight[0]
         else:
@@ -130,12 +153,22 @@ class Unpadder:
     """Drops padding tokens once (B, T, C) -> (total, C) and puts them back at the end."""
 
     def __init__(self, attention_mask: torch.Tensor):
+        if _capturing_cuda_graph():
+            raise RuntimeError("unpad=True cannot run inside a CUDA graph capture: the packed length depends on "
+                               "the mask's values. Capture a model built with unpad=False (CUDAGraphRunner pads "
+                               "to static buckets instead)")
         keep = attention_mask.bool()
         self.B, self.T = keep.shape
-        self.index = keep.flatten().nonzero().squeeze(1)  # (total,)
-        lengths = keep.sum(1)
-        self.cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)  # (B + 1,)
-        self.max_seqlen = int(lengths.max()) if lengths.numel() else 0
+        lengths = keep.sum(1, dtype=torch.int32)  # (B,)
+        self.cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))  # (B + 1,)
+        # The one host read of a forward, and only where the device must tell us: varlen
+        # attention takes max_seqlen as a Python int (it sizes the launch grid) and the packed
+        # length sizes the index, so B lengths are copied back once. nonzero() would be a
+        # second synchronisation: a stable sort puts the kept positions first, in order.
+        host = lengths.tolist()
+        self.max_seqlen = max(host, default=0)
+        order = torch.argsort((~keep).flatten().to(torch.uint8), stable=True)
+        self.index = order[:sum(host)]  # (total,)
 
     def unpad(self, x):  # (B, T, C) -> (total, C)
         return x.reshape(self.B * self.T, -1).index_select(0, self.index)
@@ -146,11 +179,12 @@ class Unpadder:
 
 
 def run_encoder(layers, x, attention_mask, unpad, output_hidden_states):
-    """Post-LN blocks over (B, T, C), or over packed tokens when `unpad` and a mask is given."""
+    """Post-LN blocks over (B, T, C), or over packed tokens when `unpad` and a (B, T) mask is
+    given (a 4-D mask may say more than which tokens exist: it runs padded)."""
     B, T = x.shape[:2]
-    mask = key_padding_mask(attention_mask, B, T)
+    mask = attention_mask_for(attention_mask, B, T, x.dtype)
     states = [x] if output_hidden_states else None
-    if unpad and attention_mask is not None:
+    if unpad and attention_mask is not None and attention_mask.dim() == 2:
         packer = Unpadder(attention_mask)
         h = packer.unpad(x)  # (total, C)
         for layer in layers:
@@ -231,15 +265,16 @@ class BertModel(BertPreTrainedModel):
         self._init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                output_hidden_states=False, return_dict=True):
-        x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, C)
+                output_hidden_states=False, return_dict=True,
+                inputs_embeds=None):
+        x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, T, C)
         x, states = run_encoder(self.encoder.layer, x, attention_mask, self.unpad, output_hidden_states)
         pooled = self.pooler(x) if self.pooler is not None else None
         out = O.BaseModelOutputWithPooling(x, pooled, states)
         return out if return_dict else out.to_tuple()
 
 
-class BertPredictionHeadTransform(nn.Module):
+class BertPredictionHeadTransform(BackendChoice, nn.Module):
     def __init__(self, config: BertConfig, backend: str | None = None):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
@@ -247,7 +282,7 @@ class BertPredictionHeadTransform(nn.Module):
         self.approximate, self.backend = gelu_approximate(config.hidden_act), backend
 
     def forward(self, h):
-        h = K.linear_gelu(h, self.dense.weight, self.dense.bias, approximate=self.approximate, backend=self.backend)
+        h = linear_gelu(h, self.dense.weight, self.dense.bias, self.approximate, self._backend, self.uses_torch(h))
         return self.LayerNorm(h)
 
 
@@ -308,8 +343,10 @@ class BertForPreTraining(BertPreTrainedModel):
         self._init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                labels=None, next_sentence_label=None, output_hidden_states=False, return_dict=True):
-        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+                labels=None, next_sentence_label=None, output_hidden_states=False, return_dict=True,
+                inputs_embeds=None):
+        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
+                         inputs_embeds=inputs_embeds)
         logits = self.cls.predictions(base.last_hidden_state, self.bert.embeddings.word_embeddings.weight)
         nsp = self.cls.seq_relationship(base.pooler_output)  # (B, 2)
         loss = pretraining_loss(logits, labels, nsp, next_sentence_label)
@@ -328,8 +365,10 @@ class BertForMaskedLM(BertPreTrainedModel):
         self._init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                labels=None, output_hidden_states=False, return_dict=True):
-        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+                labels=None, output_hidden_states=False, return_dict=True,
+                inputs_embeds=None):
+        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
+                         inputs_embeds=inputs_embeds)
         logits = self.cls.predictions(base.last_hidden_state, self.bert.embeddings.word_embeddings.weight)
         loss = masked_lm_loss(logits, labels) if labels is not None else None
         out = O.MaskedLMOutput(loss, logits, base.hidden_states)
@@ -355,8 +394,10 @@ class BertForSequenceClassification(BertPreTrainedModel):
         self._init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                labels=None, output_hidden_states=False, return_dict=True):
-        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+                labels=None, output_hidden_states=False, return_dict=True,
+                inputs_embeds=None):
+        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
+                         inputs_embeds=inputs_embeds)
         logits = self.classifier(self.dropout(base.pooler_output))  # (B, num_labels)
         loss = classification_loss(self.config, logits, labels) if labels is not None else None
         out = O.SequenceClassifierOutput(loss, logits, base.hidden_states)
@@ -376,8 +417,10 @@ class BertForTokenClassification(BertPreTrainedModel):
         self._init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                labels=None, output_hidden_states=False, return_dict=True):
-        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+                labels=None, output_hidden_states=False, return_dict=True,
+                inputs_embeds=None):
+        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
+                         inputs_embeds=inputs_embeds)
         logits = self.classifier(self.dropout(base.last_hidden_state))  # (B, T, num_labels)
         loss = None
         if labels is not None:
@@ -408,8 +451,10 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         self._init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                start_positions=None, end_positions=None, output_hidden_states=False, return_dict=True):
-        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+                start_positions=None, end_positions=None, output_hidden_states=False, return_dict=True,
+                inputs_embeds=None):
+        base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
+                         inputs_embeds=inputs_embeds)
         logits = self.qa_outputs(base.last_hidden_state)  # (B, T, 2)
         start, end = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
         loss = None

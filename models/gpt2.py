@@ -18,9 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import outputs as O
-from .bert import check_heads, check_ids, gelu_approximate
+from .bert import check_heads, check_ids, check_inputs, gelu_approximate
 from .checkpoint import COPY, TRANSPOSE, HFConfig, PreTrainedModel
-from .layers import AddLayerNorm, TransformerBlock, init_weights, key_padding_mask, scale_residual_projections, wide
+from .generation import generate
+from .layers import AddLayerNorm, TransformerBlock, attention_mask_for, init_weights, scale_residual_projections, wide
 
 
 @dataclasses.dataclass
@@ -114,13 +115,11 @@ class GPT2Model(GPT2PreTrainedModel):
         self._init()
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None,
-                use_cache=False, output_hidden_states=False, return_dict=True):
+                use_cache=False, output_hidden_states=False, return_dict=True, inputs_embeds=None):
         """past_key_values: one (k, v) per block, each (B, nh, S_past, hs).
-        attention_mask: (B, S_past + T), 1 = attend."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be a (batch, seq_len) tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
-        B, T = input_ids.shape
+        attention_mask: (B, S_past + T), 1 = attend, or a 4-D bool / additive float mask."""
         c = self.config
+        B, T = check_inputs(input_ids, inputs_embeds, c.n_embd)
         if past_key_values is not None and len(past_key_values) != c.n_layer:
             raise ValueError(f"past_key_values must hold one (k, v) per layer ({c.n_layer}), got {len(past_key_values)}")
         past = past_key_values[0][0].shape[2] if past_key_values is not None else 0
@@ -128,11 +127,13 @@ class GPT2Model(GPT2PreTrainedModel):
             raise ValueError(f"input_ids reaches position {past + T}, beyond the position table (n_positions={c.n_positions})")
         check_ids("input_ids", input_ids, c.vocab_size, "vocab_size")
         check_ids("position_ids", position_ids, c.n_positions, "n_positions")
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)  # (B, T, C)
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device)[None]  # (1, T)
-        mask = key_padding_mask(attention_mask, B, past + T)  # (B, 1, 1, S) or None
+            position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None]  # (1, T)
+        mask = attention_mask_for(attention_mask, B, past + T, inputs_embeds.dtype)  # (B, 1, 1, S) or None
 
-        h = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)
+        h = self.drop(inputs_embeds + self.wpe(position_ids))  # (B, T, C)
         residual, presents, states = None, [], []
         for i, block in enumerate(self.h):
             if output_hidden_states:
@@ -165,9 +166,9 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         self._init()
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None,
-                labels=None, use_cache=False, output_hidden_states=False, return_dict=True):
+                labels=None, use_cache=False, output_hidden_states=False, return_dict=True, inputs_embeds=None):
         base = self.transformer(input_ids, past_key_values, attention_mask, position_ids, use_cache,
-                                output_hidden_states)
+                                output_hidden_states, inputs_embeds=inputs_embeds)
         weight = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(base.last_hidden_state, weight)  # (B, T, V)
         loss = None
@@ -178,44 +179,11 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         out = O.CausalLMOutputWithPast(loss, logits, base.past_key_values, base.hidden_states)
         return out if return_dict else out.to_tuple()
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, *, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, use_cache: bool = True,
-                 eos_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Append up to `max_new_tokens` tokens: greedy, or sampled with temperature / top-k.
-
-        With the cache each step feeds only the newest token and attends over the cached
-        keys and values; without it each step reruns the whole prefix (for checking)."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        if top_k is not None and top_k <= 0:
-            raise ValueError(f"top_k must be a positive integer, got {top_k}")
-        ids, past = input_ids, None
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for _ in range(max_new_tokens):
-            if use_cache:
-                out = self(ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
-                past = out.past_key_values
-            else:
-                out = self(ids)
-            logits = out.logits[:, -1, :].float()  # (B, V)
-            if do_sample:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)  # (B, 1)
-            else:
-                nxt = logits.argmax(-1, keepdim=True)
-            if eos_token_id is not None:
-                nxt = nxt.masked_fill(done[:, None], eos_token_id)
-                done |= nxt.squeeze(1) == eos_token_id
-            ids = torch.cat([ids, nxt], dim=1)
-            if eos_token_id is not None and bool(done.all()):
-                break
-        return ids
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int | None = None, **kwargs) -> torch.Tensor:
+        """Append up to `max_new_tokens` tokens to each row of `input_ids`; the keywords of
+        fuseformer.models.generation.generate (attention_mask, max_length, do_sample,
+        temperature, top_k, top_p, eos_token_id, pad_token_id, ...)."""
+        return generate(self, input_ids, max_new_tokens, **kwargs)
 
 
 __all__ = ["GPT2Config", "GPT2Model", "GPT2LMHeadModel"]

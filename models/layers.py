@@ -6,6 +6,7 @@ CUDA or reference kernels. The exception is the `torch` backend: the reference i
 math (attention builds an L x L matrix), slower than PyTorch's own fused functions, so there
 the layers call F.scaled_dot_product_attention, F.layer_norm and F.gelu(F.linear(...)),
 which compute the same (the models' tests hold them to the parity rule against transformers).
+Which of the two a module runs is decided once (`torch_path`), not looked up per call.
 """
 from __future__ import annotations
 
@@ -16,8 +17,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels as K
+from ..kernels.backends import _check_name
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, nh, S, hs)
+
+# Any change of the global backend (set_backend, use_backend) changes this token, so a module
+# bound to backend=None notices it with one comparison. K.backend_version() is the kernels'
+# counter; until it exists, the name in force is itself a token that changes with the backend.
+_backend_version = getattr(K, "backend_version", None) or K.get_backend
+
+
+def check_backend(backend: str | None, what: str = "backend") -> str | None:
+    """None (the backend in force) or a valid backend name, refused where it is given."""
+    return None if backend is None else _check_name(backend, what)
 
 
 def runs_torch(backend: str | None, device: torch.device) -> bool:
@@ -26,11 +38,72 @@ def runs_torch(backend: str | None, device: torch.device) -> bool:
     return name == "torch" or (name == "auto" and device.type != "cuda")
 
 
+def torch_path(owner, backend: str | None, x: torch.Tensor) -> bool:
+    """runs_torch, decided once per (backend, device kind, global backend) and kept on `owner`.
+
+    The forward then pays one tuple comparison instead of the backend lookup. While
+    torch.compile traces, the decision is made at trace time and nothing is stored."""
+    if torch.compiler.is_compiling():
+        return runs_torch(backend, x.device)
+    key = (backend, x.is_cuda, _backend_version())
+    plan = owner.__dict__.get("_torch_path_plan")
+    if plan is None or plan[0] != key:
+        plan = (key, runs_torch(backend, x.device))
+        owner.__dict__["_torch_path_plan"] = plan  # not nn.Module.__setattr__: a plain cache
+    return plan[1]
+
+
+class BackendChoice:
+    """Mixin for modules that run the fused ops: `backend` is checked where it is given
+    (a misspelt name fails in the constructor or set_backend, not at the first forward)."""
+
+    _backend: str | None = None
+
+    @property
+    def backend(self) -> str | None:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str | None) -> None:
+        self.__dict__["_backend"] = check_backend(name)
+
+    def uses_torch(self, x: torch.Tensor) -> bool:
+        return torch_path(self, self._backend, x)
+
+
+def attention(q, k, v, attn_mask, dropout_p: float, is_causal: bool, scale, backend, use_torch: bool):
+    """softmax(q k^T * scale + mask) v. On the torch backend PyTorch's SDPA computes the same as
+    the reference without its L x L matrix."""
+    if use_torch:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale)
+    return K.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale, backend=backend)
+
+
+def add_layer_norm(x, residual, weight, bias, eps: float, dropout_p: float, prenorm: bool, backend, use_torch: bool):
+    """K.add_layer_norm; on the torch backend through PyTorch's own fused LayerNorm."""
+    if not use_torch:
+        return K.add_layer_norm(x, residual, weight, bias, eps=eps, dropout_p=dropout_p, prenorm=prenorm,
+                                backend=backend)
+    h = F.dropout(x, dropout_p, True) if dropout_p > 0 else x
+    h = h if residual is None else h + residual
+    y = F.layer_norm(h, h.shape[-1:], weight, bias, eps)
+    return (y, h) if prenorm else y
+
+
+def linear_gelu(x, weight, bias, approximate: str, backend, use_torch: bool):
+    """K.linear_gelu; on the torch backend the reference itself, minus the custom-op dispatch."""
+    if use_torch:
+        return F.gelu(F.linear(x, weight, bias), approximate=approximate)
+    return K.linear_gelu(x, weight, bias, approximate=approximate, backend=backend)
+
+
 def _backend_repr(backend: str | None) -> str:
     return f"backend={backend or 'default'}"
 
 
-class MultiHeadSelfAttention(nn.Module):
+class MultiHeadSelfAttention(BackendChoice, nn.Module):
     """Self-attention with one fused QKV projection and one attention call.
 
     `qkv` holds [W_q; W_k; W_v] stacked on the output dim, so q, k and v are strided views
@@ -59,16 +132,14 @@ class MultiHeadSelfAttention(nn.Module):
     def attend(self, q, k, v, attn_mask=None, is_causal=False):
         """softmax(q k^T / sqrt(hs)) v on (B, nh, T, hs) tensors, by the chosen backend."""
         p = self.attn_dropout if self.training else 0.0
-        if runs_torch(self.backend, q.device):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
-        return K.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p,
-                                              is_causal=is_causal, backend=self.backend)
+        return attention(q, k, v, attn_mask, p, is_causal, None, self._backend, self.uses_torch(q))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 past_kv: KVCache | None = None, use_cache: bool = False):
         """x (B, T, C). attn_mask: bool, True = attend, (B, 1, 1, S) for key padding or
-        (B, 1, T, S) in general. With `past_kv` the new keys/values are appended to the cache
-        and the queries see the whole cache; with `use_cache` returns (out, (k, v))."""
+        (B, 1, T, S) in general, or float, added to the scores. With `past_kv` the new
+        keys/values are appended to the cache and the queries see the whole cache; with
+        `use_cache` returns (out, (k, v))."""
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
@@ -81,12 +152,12 @@ class MultiHeadSelfAttention(nn.Module):
                 # top-left causal mask would be wrong; build the bottom-right one.
                 S = k.shape[2]
                 diag = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-                attn_mask = diag if attn_mask is None else attn_mask & diag
+                attn_mask = and_causal(attn_mask, diag)
                 is_causal = False
         elif self.causal and attn_mask is not None:
             # torch's SDPA takes a mask or is_causal, not both: fold the causal part in.
             T_k = k.shape[2]
-            attn_mask = attn_mask & torch.ones(T, T_k, dtype=torch.bool, device=x.device).tril()
+            attn_mask = and_causal(attn_mask, torch.ones(T, T_k, dtype=torch.bool, device=x.device).tril())
             is_causal = False
         y = self.attend(q, k, v, attn_mask, is_causal)  # (B, nh, T, hs)
         y = self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -103,7 +174,7 @@ class MultiHeadSelfAttention(nn.Module):
         return self.proj(y.reshape(total, C))
 
 
-class AddLayerNorm(nn.Module):
+class AddLayerNorm(BackendChoice, nn.Module):
     """y = LayerNorm(residual + dropout(x)) in one fused op.
 
     Dropout applies to the branch `x` being added to the residual stream; with no residual
@@ -122,16 +193,11 @@ class AddLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, prenorm: bool = False):
         p = self.dropout if (self.training and residual is not None) else 0.0
-        if runs_torch(self.backend, x.device) and not prenorm:
-            # Same maths as the reference, through PyTorch's own fused LayerNorm kernel.
-            h = F.dropout(x, p, True) if p > 0 else x
-            h = h if residual is None else h + residual
-            return F.layer_norm(h, h.shape[-1:], self.weight, self.bias, self.eps)
-        return K.add_layer_norm(x, residual, self.weight, self.bias, eps=self.eps, dropout_p=p,
-                                prenorm=prenorm, backend=self.backend)
+        return add_layer_norm(x, residual, self.weight, self.bias, self.eps, p, prenorm, self._backend,
+                              self.uses_torch(x))
 
 
-class FeedForward(nn.Module):
+class FeedForward(BackendChoice, nn.Module):
     """proj(GELU(fc(x))), the first half fused (linear_gelu). approximate: 'none' or 'tanh'."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, approximate: str = "none",
@@ -147,11 +213,7 @@ class FeedForward(nn.Module):
         return f"gelu={self.approximate}, {_backend_repr(self.backend)}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if runs_torch(self.backend, x.device):
-            # The reference itself, minus the custom-op dispatch (measurable on CPU).
-            h = F.gelu(F.linear(x, self.fc.weight, self.fc.bias), approximate=self.approximate)
-        else:
-            h = K.linear_gelu(x, self.fc.weight, self.fc.bias, approximate=self.approximate, backend=self.backend)
+        h = linear_gelu(x, self.fc.weight, self.fc.bias, self.approximate, self._backend, self.uses_torch(x))
         return self.proj(h)
 
 
@@ -177,8 +239,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = AddLayerNorm(hidden_size, eps, hidden_dropout, backend)
 
     def set_backend(self, backend: str | None) -> None:
+        backend = check_backend(backend)
         for m in self.modules():
-            if hasattr(m, "backend"):
+            if isinstance(m, BackendChoice):
                 m.backend = backend
 
     def forward(self, x, residual=None, attn_mask=None, past_kv=None, use_cache=False, packed=None):
@@ -198,16 +261,36 @@ class TransformerBlock(nn.Module):
         return (y, residual, kv) if use_cache else (y, residual)
 
 
-def key_padding_mask(attention_mask: torch.Tensor | None, batch: int, length: int, name: str = "attention_mask"):
-    """Hugging Face's (B, S) 1/0 mask -> bool (B, 1, 1, S), True = attend; None if no padding."""
+def attention_mask_for(attention_mask: torch.Tensor | None, batch: int, length: int, dtype: torch.dtype,
+                       name: str = "attention_mask"):
+    """Hugging Face's attention_mask -> the attention's mask, or None.
+
+    (B, S) 1/0 -> bool (B, 1, 1, S), True = attend (the kernels' key-padding fast path).
+    A 4-D mask as transformers builds them, (B or 1, 1 or heads, 1 or T, S), passes through:
+    bool (True = attend), or float added to the scores (0 = attend, a large negative number =
+    masked), converted to the model's `dtype` with -inf clamped to its lowest finite value."""
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(attention_mask).__name__}")
-    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, length):
-        raise ValueError(f"{name} must have shape (batch, key_length) = ({batch}, {length}), "
-                         f"got {tuple(attention_mask.shape)}")
-    return attention_mask.bool()[:, None, None, :]
+    shape = tuple(attention_mask.shape)
+    if attention_mask.dim() == 2 and shape == (batch, length):
+        return attention_mask.bool()[:, None, None, :]
+    if attention_mask.dim() == 4 and shape[0] in (1, batch) and shape[-1] == length:
+        if attention_mask.is_floating_point():
+            return attention_mask.to(dtype).clamp(min=torch.finfo(dtype).min)
+        return attention_mask.bool()
+    raise ValueError(f"{name} must have shape (batch, key_length) = ({batch}, {length}), or be a 4-D "
+                     f"(batch, 1, query_length, {length}) mask, got {shape}")
+
+
+def and_causal(attn_mask: torch.Tensor | None, diag: torch.Tensor) -> torch.Tensor:
+    """Combine a bool or additive float mask with a bool causal pattern (True = may attend)."""
+    if attn_mask is None:
+        return diag
+    if attn_mask.is_floating_point():
+        return attn_mask.masked_fill(~diag, torch.finfo(attn_mask.dtype).min)
+    return attn_mask & diag
 
 
 def init_weights(module: nn.Module, std: float) -> None:
