@@ -25,6 +25,7 @@ else:
     from .backends import (
         BackendUnsupportedError,
         available_backends,
+        backend_version,
         get_backend,
         set_backend,
         unavailable_reason,
@@ -41,6 +42,7 @@ __all__ = [
     "get_backend",
     "use_backend",
     "available_backends",
+    "backend_version",
     "unavailable_reason",
     "BackendUnsupportedError",
 ]

@@ -17,19 +17,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels as K
-from ..kernels.backends import _check_name
+from ..kernels.backends import check_name
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, nh, S, hs)
 
-# Any change of the global backend (set_backend, use_backend) changes this token, so a module
-# bound to backend=None notices it with one comparison. K.backend_version() is the kernels'
-# counter; until it exists, the name in force is itself a token that changes with the backend.
-_backend_version = getattr(K, "backend_version", None) or K.get_backend
+# Any change of the global backend (set_backend, use_backend) moves this counter, so a module
+# bound to backend=None notices it with one comparison.
+_backend_version = K.backend_version
 
 
 def check_backend(backend: str | None, what: str = "backend") -> str | None:
     """None (the backend in force) or a valid backend name, refused where it is given."""
-    return None if backend is None else _check_name(backend, what)
+    return None if backend is None else check_name(backend, what)
 
 
 def runs_torch(backend: str | None, device: torch.device) -> bool:

@@ -215,7 +215,7 @@ def test_triton_interpret_is_read_as_triton_reads_it(value, expected):
     assert res.stdout.strip() == str(expected)
 
 
-def test_decisions_are_cached_per_case(monkeypatch):
+def test_decisions_are_cached_per_case(monkeypatch, device):
     """The eager path asks `unsupported` once per (op, device, backend, case), not per call."""
     orig = backends.get_impl("linear_gelu", "triton")
     asked = []
@@ -226,7 +226,7 @@ def test_decisions_are_cached_per_case(monkeypatch):
 
     monkeypatch.setitem(backends._IMPLS, ("linear_gelu", "triton"), Impl(orig.forward, orig.backward, unsupported))
     backends.clear_plans()
-    x, w = _lg_inputs()
+    x, w = _lg_inputs(device)
     for _ in range(3):
         K.linear_gelu(x, w, backend="triton")
     assert len(asked) == 1
