@@ -21,7 +21,8 @@ if __name__ != "fuseformer.kernels":
 else:
     from . import cuda_backend  # noqa: F401  (registers the cuda impls)
     from .add_layer_norm import add_layer_norm
-    from .attention import scaled_dot_product_attention, varlen_attention
+    from .attention import scaled_dot_product_attention
+    from .varlen_attention import varlen_attention
     from .backends import (
         BackendUnsupportedError,
         available_backends,

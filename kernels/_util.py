@@ -82,9 +82,21 @@ def cdiv(a: int, b: int) -> int:
 def as_rows(t: torch.Tensor | None) -> torch.Tensor | None:
     """t viewed as (rows, last dim), the layout the row-wise kernels address; None stays None.
     The row count is spelled out: reshape(-1, N) would be ambiguous when a tensor is empty."""
-    if t is None:
-        return None
+    if t is None or t.dim() == 2:
+        return t
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+_sm_counts: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device, asked once per device (the query costs
+    microseconds; grids sized to the SMs need it on every launch)."""
+    count = _sm_counts.get(device)
+    if count is None:
+        count = _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return count
 
 
 def draw_seed(device) -> torch.Tensor:

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import backends, reference
-from ._util import as_rows, cdiv, device_guard, draw_seed, new_output, next_pow2
+from ._util import as_rows, cdiv, device_guard, draw_seed, new_output, next_pow2, sm_count
 from .backends import Impl
 from .checks import check_prob, check_same, check_tensor, same_floats
 
@@ -273,8 +273,7 @@ def _backward_programs(M: int, device: torch.device) -> int:
         # Under the interpreter a program is as costly as a loop iteration: a few suffice.
         return max(1, min(M, 4))
     # A few programs per SM, each summing many rows, keeps the partial buffers small.
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(M, 4 * sms))
+    return max(1, min(M, 4 * sm_count(device)))
 
 
 # An absent tensor is passed as some other valid tensor: its constexpr flag keeps the kernel

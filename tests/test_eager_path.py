@@ -13,6 +13,7 @@ from fuseformer.kernels import _util
 aln = importlib.import_module("fuseformer.kernels.add_layer_norm")
 lg = importlib.import_module("fuseformer.kernels.linear_gelu")
 attn = importlib.import_module("fuseformer.kernels.attention")
+varlen = importlib.import_module("fuseformer.kernels.varlen_attention")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -25,7 +26,7 @@ def test_eager_calls_never_enter_the_custom_ops(monkeypatch, grad):
     # The custom ops are torch.compile's path; eager calls run the same launchers directly.
     for module, name in ((aln, "_add_ln_op"), (aln, "_add_ln_bwd_op"), (lg, "_linear_gelu_op"),
                          (lg, "_linear_gelu_bwd_op"), (attn, "attention_fwd"), (attn, "attention_bwd"),
-                         (attn, "varlen_attention_fwd"), (attn, "varlen_attention_bwd")):
+                         (varlen, "varlen_attention_fwd"), (varlen, "varlen_attention_bwd")):
         monkeypatch.setattr(module, name, _forbid)
     x = torch.randn(6, 16, device=DEVICE, requires_grad=grad)
     w = torch.randn(16, device=DEVICE, requires_grad=grad)
