@@ -1,7 +1,8 @@
 """The `fuseformer` command.
 
+    fuseformer                       (or --help) lists the subcommands
     fuseformer bench [--suite ops|models|all] [--filter NAMES] [--quick] [--dtype D]
-                     [--device D] [--out DIR] [--check] [--thresholds FILE] [--list]
+                     [--device D] [--out DIR] [--check] [--thresholds FILE] [--list] [--resume]
     fuseformer bench compare OLD.json NEW.json [--tolerance 0.05]
 
 Nothing from fuseformer.kernels is imported at module level: without a CUDA device the
@@ -21,6 +22,18 @@ SUITES = ("ops", "models", "all")
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
 THRESHOLDS = Path(__file__).with_name("thresholds.json")
 GPU_COMMAND = 'pip install -e ".[dev]" && fuseformer bench'
+
+
+TOP_HELP = """usage: fuseformer <command> [options]
+
+commands:
+  bench                            check every kernel and model against float64 PyTorch, then time
+                                   them side by side against PyTorch, torch SDPA, torch.compile and
+                                   Hugging Face transformers (the main job; also python -m fuseformer.bench)
+  bench --list                     the cases this machine would run
+  bench compare OLD.json NEW.json  what got slower or stopped passing between two runs
+
+`fuseformer bench --help` lists the benchmark's options."""
 
 
 class UsageError(Exception):
@@ -111,6 +124,15 @@ def _select(cases, filter_text: str | None, quick: bool):
     return chosen
 
 
+def print_list(cases) -> None:
+    """One row per case under a header; a case's name starts with its group's."""
+    rows = [("case", "suite", "group", "quick")] + [(c.name, c.suite, c.group, "yes" if c.quick else "-") for c in cases]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        # Plain print, not rich: a pipe (`--list | grep`) must get every row whole, unwrapped.
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+
+
 def _collect(suite: str, device_type: str):
     cases = []
     if suite in ("ops", "all"):
@@ -169,8 +191,7 @@ def run_bench(args, cases=None) -> int:
         cases = [c for c in cases if c.suite == args.suite]
     selected = _select(cases, args.filter, args.quick)
     if args.list:
-        for c in selected:
-            console.print(f"{c.name:45s} {c.suite:7s} {c.group}{'  (quick)' if c.quick else ''}", highlight=False)
+        print_list(selected)
         return 0
     out = _prepare_out(Path(args.out) if args.out else Path("bench") / "results" / envinfo.device_slug(device))
     rules = runner.load_thresholds(Path(args.thresholds)) if args.check else []
@@ -225,9 +246,25 @@ def run_bench(args, cases=None) -> int:
 
 
 def main(argv: list[str] | None = None, cases=None) -> int:
+    """`fuseformer ARGV...`: ARGV starts with the subcommand."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":
-        argv = argv[1:]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        # A bare `fuseformer` used to start the full benchmark; now it only explains itself,
+        # with status 2 so that a script still calling it that way notices.
+        print(TOP_HELP)
+        return 0 if argv else 2
+    command, argv = argv[0], argv[1:]
+    if command == "compare":  # `fuseformer compare` reads as `fuseformer bench compare`
+        command, argv = "bench", ["compare", *argv]
+    if command != "bench":
+        hint = f" (did you mean `fuseformer bench {command}`?)" if command.startswith("-") else ""
+        print(f"fuseformer: error: unknown command {command!r}{hint}\n\n{TOP_HELP}", file=sys.stderr)
+        return 2
+    return bench_main(argv, cases)
+
+
+def bench_main(argv: list[str], cases=None) -> int:
+    """`fuseformer bench ARGV...` (and `python -m fuseformer.bench ARGV...`)."""
     try:
         if argv and argv[0] == "compare":
             from . import compare
