@@ -86,7 +86,7 @@ def print_table(doc: dict, console) -> None:
     for col in COLUMNS:
         table.add_column(col, overflow="fold")
     for row in summary_rows(doc):
-        style = {"parity-fail": "red", "error": "red", "skipped": "yellow"}.get(row["status"])
+        style = {"parity-fail": "red", "error": "red", "refused": "red", "skipped": "yellow"}.get(row["status"])
         cells = [escape(row[c]) for c in COLUMNS]
         if row["parity"].startswith("FAIL"):
             cells[2] = f"[red]{row['parity']}[/red]"

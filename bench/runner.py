@@ -156,6 +156,11 @@ def run_case(case: Case, config: RunConfig, roofline: timing.Roofline) -> dict:
     elif any(impls[n].get("status") == "error" for n in ours):
         result["status"] = "error"
         result["reason"] = "; ".join(f"{n}: {impls[n]['reason']}" for n in ours if impls[n].get("status") == "error")
+    elif all(impls[n].get("status") == "refused" for n in ours):
+        # Only baselines ran: the case measured nothing of ours, whatever their numbers say.
+        result["status"] = "refused"
+        result["reason"] = "no implementation of ours ran: " + (
+            "; ".join(f"{n}: {impls[n]['reason']}" for n in ours) or "none is declared")
     # Pseudo-entries: the fastest fused implementation of ours, the fastest SDPA backend.
     # Where no fused implementation ran (the CPU), our best is the torch backend; the
     # results name which implementation it was.
@@ -234,20 +239,31 @@ def _metric(case: dict, rule: dict) -> float | None:
     return entry.get(metric)
 
 
+FAILED = ("parity-fail", "error", "refused")  # case statuses that fail --check wherever they occur
+
+
 def gate(doc: dict, rules: list[dict], gate_speed: bool) -> list[str]:
     """Every reason `--check` fails: parity failures and errors of our implementations,
-    and (where speed is gated) each threshold rule a measured case falls short of."""
+    cases where none of ours ran, and (where speed is gated) each threshold rule a case
+    falls short of or did not run to be measured (skipped: its threshold must not vanish)."""
     failures = []
     for case in doc["cases"]:
-        if case["status"] in ("parity-fail", "error"):
+        if case["status"] in FAILED:
             failures.append(f"{case['name']}: {case['status']}: {case['reason']}")
     if not gate_speed:
         return failures
+    unmeasured = set()
     for rule in rules:
         for case in doc["cases"]:
-            if not fnmatch.fnmatchcase(case["name"], rule["case"]) or case["status"] != "ok":
+            if not fnmatch.fnmatchcase(case["name"], rule["case"]):
                 continue
             if rule.get("dtype") and rule["dtype"] != case["dtype"]:
+                continue
+            if case["status"] != "ok":
+                if case["status"] not in FAILED and case["name"] not in unmeasured:
+                    unmeasured.add(case["name"])
+                    failures.append(f"{case['name']}: gated by bench/thresholds.json but {case['status']}: "
+                                    f"{case['reason']}")
                 continue
             value = _metric(case, rule)
             label = f"{case['name']}: {rule.get('metric', 'speedup')}"
