@@ -29,7 +29,9 @@ def fake_case(name, ours_fn, baseline_fn=_double, timed=True):
 
 
 def _wrong(i):
-    return i["x"] * 2 + 1e-2  # far outside the fp32 parity bound
+    # Far outside the parity bound in every dtype a run may pick: on a CUDA machine the
+    # default dtype is bf16, whose floor (1.6e-2) an error of 1e-2 would pass.
+    return i["x"] * 2 + 0.5
 
 
 def _slow(i):
@@ -55,17 +57,17 @@ def test_parity_failure_is_red_and_never_timed(roofline):
 def test_check_exits_nonzero_on_injected_parity_failure(tmp_path, capsys):
     cases = [fake_case("fake_wrong", _wrong)]
     args = ["--quick", "--filter", "fake_wrong", "--out", str(tmp_path)]
-    assert cli.main(args + ["--check"], cases=cases) == 1
+    assert cli.bench_main(args + ["--check"], cases=cases) == 1
     assert "check failed" in capsys.readouterr().out
     # Without --check the run still succeeds, and the results say the case failed.
-    assert cli.main(args, cases=cases) == 0
+    assert cli.bench_main(args, cases=cases) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["cases"][0]["status"] == "parity-fail"
 
 
 def test_check_passes_a_correct_case(tmp_path):
     cases = [fake_case("fake_right", _double)]
-    assert cli.main(["--quick", "--check", "--filter", "fake_right", "--out", str(tmp_path)], cases=cases) == 0
+    assert cli.bench_main(["--quick", "--check", "--filter", "fake_right", "--out", str(tmp_path)], cases=cases) == 0
 
 
 def test_speed_under_threshold_fails_the_gate(tmp_path, roofline):
@@ -167,14 +169,56 @@ def test_model_cases_run_on_cpu(family, task, pad, roofline):
     assert set(result["speedups"]["fuseformer-torch"]) == {"hf-eager", "hf-sdpa"}
 
 
-def test_missing_model_is_skipped_with_the_reason(roofline, monkeypatch):
+def test_missing_model_of_ours_is_an_error(roofline, monkeypatch):
     monkeypatch.setitem(model_cases.FAMILIES, ("bert", "infer"), ("BertModelThatDoesNotExist", "BertModel"))
     case = model_cases._case("bert", "infer", 2, 16, "cpu")
     result = runner.run_case(case, runner.RunConfig(CPU, quick=True), roofline)
-    assert result["status"] == "skipped"
-    assert "not available" in result["reason"] and "BertModelThatDoesNotExist" in result["reason"]
-    assert runner.gate({"cases": [result]}, [], gate_speed=False) == []
+    assert result["status"] == "error" and "BertModelThatDoesNotExist" in result["reason"]
+    [failure] = runner.gate({"cases": [result]}, [], gate_speed=False)
+    assert "BertModelThatDoesNotExist" in failure
+
+
+def test_import_error_of_our_models_is_an_error_not_a_skip(roofline, monkeypatch):
+    import sys
+
+    import fuseformer
+
+    # `from fuseformer import models` now raises ImportError, as a broken models/ would.
+    monkeypatch.setitem(sys.modules, "fuseformer.models", None)
+    monkeypatch.delattr(fuseformer, "models", raising=False)
+    case = model_cases._case("bert", "infer", 2, 16, "cpu")
+    result = runner.run_case(case, runner.RunConfig(CPU, quick=True), roofline)
+    assert result["status"] == "error" and "fuseformer.models" in result["reason"], result["reason"]
+    assert runner.gate({"cases": [result]}, [], gate_speed=False)
+
+
+def test_missing_transformers_skips_with_the_reason(roofline, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    case = model_cases._case("bert", "infer", 2, 16, "cpu")
+    result = runner.run_case(case, runner.RunConfig(CPU, quick=True), roofline)
+    assert result["status"] == "skipped" and "transformers is not installed" in result["reason"]
     assert report.summary_rows({"cases": [result]})[0]["parity"] == "not available"
+    # Not gated (the CPU, or no rule names it): a skip is reported, not a failure ...
+    assert runner.gate({"cases": [result]}, [], gate_speed=False) == []
+    # ... but a case a threshold gates fails --check when it did not run, with the reason.
+    rule = {"case": case.name, "vs": "hf-sdpa", "min": 1.0, "target": "test"}
+    [failure] = runner.gate({"cases": [result]}, [rule, dict(rule, vs="hf-eager")], gate_speed=True)
+    assert case.name in failure and "transformers is not installed" in failure
+
+
+def test_case_where_all_of_ours_refused_is_not_ok(roofline):
+    from fuseformer.bench.core import Refused
+
+    def refuse(i):
+        raise Refused("no kernel for this shape")
+
+    result = runner.run_case(fake_case("fake_refused", refuse), runner.RunConfig(CPU, quick=True), roofline)
+    assert result["impls"]["baseline-fast"]["status"] == "timed"
+    assert result["status"] == "refused" and "fuseformer-fake: no kernel for this shape" in result["reason"]
+    [failure] = runner.gate({"cases": [result]}, [], gate_speed=False)
+    assert "fake_refused" in failure
 
 
 def test_gpu_case_declarations_prepare_on_cpu(roofline):
@@ -191,10 +235,16 @@ def test_gpu_case_declarations_prepare_on_cpu(roofline):
         ops.add_ln_case("g_ln_bwd", M=9, N=40, grad=True, device_type="cuda"),
         ops.linear_gelu_case("g_lg", M=9, K_in=16, N=24, device_type="cuda"),  # erf: cuBLASLt not compared
     ]
+    # Only Triton's interpreter runs a fused kernel on CPU tensors; on a CUDA machine (no
+    # interpreter, see conftest.py) ours refuse them, so such a case measured nothing of ours.
+    fused_runs_on_cpu = not torch.cuda.is_available()
     for case in cases:
         case.impls = [i for i in case.impls if i.name != "torch-compile"]
         result = runner.run_case(case, runner.RunConfig(CPU, quick=True), roofline)
-        assert result["status"] == "ok", (case.name, result["reason"], result["impls"])
+        if fused_runs_on_cpu:
+            assert result["status"] == "ok", (case.name, result["reason"], result["impls"])
+        else:
+            assert result["status"] == "refused" and "fuseformer-triton" in result["reason"], (case.name, result)
         seen = set(result["impls"])
         if case.name != "g_varlen":  # varlen has a triton kernel only
             assert result["impls"]["fuseformer-cuda"]["status"] == "refused"
