@@ -62,12 +62,24 @@ def _bench_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a fraction >= 0 (0.05 = 5%), got {text!r}")
+    return value
+
+
 def _compare_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fuseformer bench compare",
                                 description="Print the regressions of NEW against OLD; exit 1 if there is any.")
     p.add_argument("old")
     p.add_argument("new")
-    p.add_argument("--tolerance", type=float, default=0.05, help="allowed slowdown of our times, as a fraction")
+    p.add_argument("--tolerance", type=_fraction, default=0.05,
+                   help="allowed slowdown of our times beyond the baselines' own drift between the runs, as a "
+                   "fraction (default 0.05)")
     return p
 
 

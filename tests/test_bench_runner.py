@@ -142,6 +142,37 @@ def test_compare_finds_an_injected_regression(tmp_path, capsys, roofline):
     assert cli.main(["compare", str(paths["old"]), str(tmp_path / "missing.json")]) == 2
 
 
+def _timed_doc(times: dict[str, float]) -> dict:
+    impls = {name: {"kind": "ours" if name.startswith("fuseformer") else "baseline", "status": "timed",
+                    "median_ms": ms} for name, ms in times.items()}
+    return {"env": {"device_name": "cpu"}, "cases": [{"name": "m", "status": "ok", "reason": None, "impls": impls}]}
+
+
+def test_compare_holds_ours_to_the_baselines_drift(tmp_path, capsys):
+    """Two CPU runs of one commit: everything, baselines too, took up to 2.3x longer. Ours
+    moving as much is the machine, not a regression; ours moving past it plus the tolerance is."""
+    old = _timed_doc({"fuseformer-torch": 10.0, "hf-eager": 10.0, "hf-sdpa": 8.0})
+    noisy = _timed_doc({"fuseformer-torch": 22.0, "hf-eager": 23.0, "hf-sdpa": 12.0})
+    assert compare.baseline_drift(old, noisy) == pytest.approx((1.5, 2.3))
+    assert compare.compare(old, noisy, 0.05) == ([], [])
+    worse = _timed_doc({"fuseformer-torch": 25.0, "hf-eager": 23.0, "hf-sdpa": 12.0})
+    [regression] = compare.compare(old, worse, 0.05)[0]
+    assert "m / fuseformer-torch" in regression and "2.50x" in regression
+    assert compare.compare(old, worse, 0.10)[0] == []  # 2.5 <= 2.3 * 1.1
+    # Baselines that got faster do not lower the bar below "no slower than before".
+    quieter = _timed_doc({"fuseformer-torch": 10.2, "hf-eager": 7.0, "hf-sdpa": 6.0})
+    assert compare.compare(old, quieter, 0.05)[0] == []
+
+    paths = [tmp_path / "old.json", tmp_path / "new.json"]
+    for path, doc in zip(paths, (old, noisy)):
+        path.write_text(json.dumps(doc))
+    assert cli.main(["bench", "compare", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert "baseline drift: baselines took 1.50x to 2.30x" in out and "beyond 2.42x" in out
+    assert cli.main(["bench", "compare", *map(str, paths), "--tolerance", "-1"]) == 2
+    assert "--tolerance: must be a fraction >= 0" in capsys.readouterr().err
+
+
 def test_filter_selection():
     cases = [fake_case("attn_a", _double), fake_case("attn_b", _double), fake_case("ln_c", _double)]
     assert [c.name for c in cli._select(cases, "attn", False)] == ["attn_a", "attn_b"]
