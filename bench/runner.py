@@ -141,9 +141,10 @@ def run_case(case: Case, config: RunConfig, roofline: timing.Roofline) -> dict:
             roof_seconds = max(roof_seconds, case.flops / (roofline.matmul_tflops * 1e12))
         if result["bytes"]:
             entry["gbps"] = result["bytes"] / seconds / 1e9
-            entry["copy_fraction"] = entry["gbps"] / roofline.copy_gbps
+            if roofline.is_ceiling:
+                entry["copy_fraction"] = entry["gbps"] / roofline.copy_gbps
             roof_seconds = max(roof_seconds, result["bytes"] / (roofline.copy_gbps * 1e9))
-        entry["roofline_fraction"] = roof_seconds / seconds if roof_seconds else None
+        entry["roofline_fraction"] = roof_seconds / seconds if roof_seconds and roofline.is_ceiling else None
         times[name] = t.median_ms
     del prepared
 

@@ -73,6 +73,10 @@ class Roofline:
     matmul_tflops: float  # measured dense matmul rate in the run's matmul dtype
     matmul_dtype: str
     l2_bytes: int
+    # On a GPU these are ceilings. On a CPU they are not: a small case runs from cache faster
+    # than the measured copy, and a fused op can outrun one 1024^3 matmul's rate. Those are
+    # reference rates only, and nothing is reported as a fraction of them.
+    is_ceiling: bool = True
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -112,4 +116,4 @@ def measure_roofline(device: torch.device, quick: bool) -> Roofline:
         a, b = torch.randn(size, size), torch.randn(size, size)
         t = time_cpu(lambda: a @ b, True).min_ms
     tflops = 2 * size**3 / (t * 1e-3) / 1e12
-    return Roofline(copy, tflops, str(dtype).replace("torch.", ""), l2_bytes(device))
+    return Roofline(copy, tflops, str(dtype).replace("torch.", ""), l2_bytes(device), is_ceiling=device.type == "cuda")

@@ -103,18 +103,36 @@ def test_results_are_valid_json_after_every_case(tmp_path):
     assert doc["cases"][1]["impls"]["fuseformer-fake"]["status"] == "not-timed"
 
 
-def test_timed_run_draws_speedup_and_roofline_plots(tmp_path):
+def test_timed_run_draws_speedup_plot_and_no_roofline_on_the_cpu(tmp_path):
+    """The CPU's measured copy and matmul rates are no ceilings (cached data beats them):
+    throughput is reported, a fraction of them is not."""
     cases = [fake_case(f"fake_L{i}", _double) for i in (1, 2)]
     for c, L in zip(cases, (64, 128)):
         c.params = {"L": L}
     doc = runner.run(cases, runner.RunConfig(CPU, quick=True, results_path=tmp_path / "results.json"))
     entry = doc["cases"][0]["impls"]["fuseformer-fake"]
     assert entry["status"] == "timed" and entry["p20_ms"] <= entry["median_ms"] <= entry["p80_ms"]
-    assert entry["gbps"] > 0 and entry["tflops"] > 0 and entry["roofline_fraction"] > 0
+    assert entry["gbps"] > 0 and entry["tflops"] > 0
+    assert entry["roofline_fraction"] is None and "copy_fraction" not in entry
+    assert doc["roofline"]["is_ceiling"] is False
     written = {p.name for p in report.write_all(doc, tmp_path)}
-    assert {"results.md", "parity.png", "speedup_vs_seqlen.png", "roofline.png"} <= written
-    for name in ("speedup_vs_seqlen.png", "roofline.png"):
-        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert {"results.md", "parity.png", "speedup_vs_seqlen.png"} <= written and "roofline.png" not in written
+    assert (tmp_path / "speedup_vs_seqlen.png").read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "results.md").read_text()
+    assert "not ceilings" in md and "| roofline |" not in md
+
+
+def test_roofline_fraction_and_plot_against_a_ceiling(tmp_path):
+    ceiling = timing.Roofline(copy_gbps=1e5, matmul_tflops=1e3, matmul_dtype="float32", l2_bytes=0, is_ceiling=True)
+    result = runner.run_case(fake_case("fake_roof", _double), runner.RunConfig(CPU, quick=True), ceiling)
+    entry = result["impls"]["fuseformer-fake"]
+    assert 0 < entry["roofline_fraction"] < 1 and 0 < entry["copy_fraction"] < 1
+    doc = {"env": {"device_name": "x", "git_commit": None, "torch": "", "triton": "", "cuda": None, "timestamp": ""},
+           "roofline": ceiling.as_dict(), "cases": [result]}
+    assert report.plot_roofline(doc, tmp_path / "roofline.png")
+    assert (tmp_path / "roofline.png").read_bytes()[:4] == b"\x89PNG"
+    report.write_markdown(doc, tmp_path / "results.md")
+    assert "| roofline |" in (tmp_path / "results.md").read_text()
 
 
 def test_compare_finds_an_injected_regression(tmp_path, capsys, roofline):
