@@ -59,6 +59,9 @@ def _bench_parser() -> argparse.ArgumentParser:
                    help="exit 1 on any parity failure or error, and on a GPU on any speed under bench/thresholds.json")
     p.add_argument("--thresholds", default=str(THRESHOLDS), help="threshold rules for --check")
     p.add_argument("--list", action="store_true", help="list the cases this device would run, and exit")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a cut-off run: keep the cases already in --out's results.json (same commit, "
+                   "device, versions and dtype) and run the rest")
     return p
 
 
@@ -175,6 +178,34 @@ def _notes(device, args) -> list[str]:
     return notes
 
 
+def _resume_source(config, selected, console) -> dict | None:
+    """The results document --resume continues, or None (with the reason printed) when
+    every selected case has to run."""
+    import json
+
+    from rich.markup import escape
+
+    from . import envinfo, runner
+
+    path = config.results_path
+    try:
+        previous = json.loads(path.read_text())
+    except FileNotFoundError:
+        console.print(f"[cyan]note:[/cyan] --resume: no {escape(str(path))} yet; running every case", highlight=False)
+        return None
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"--resume: cannot read {path} ({err})") from None
+    kept, why_not = runner.resumable(previous, config, selected, envinfo.environment(config.device))
+    if why_not:
+        console.print(f"[yellow]note: --resume: not continuing {escape(str(path))}: {escape(why_not)}; "
+                      "running every case[/yellow]", highlight=False)
+        return None
+    dirty = " (the tree is dirty: changes made since that run are not detected)" if previous["env"].get("git_dirty") else ""
+    console.print(f"[cyan]note:[/cyan] --resume: keeping {len(kept)} of {len(selected)} cases from "
+                  f"{escape(str(path))}{dirty}", highlight=False)
+    return previous
+
+
 def _console():
     from rich.console import Console
 
@@ -187,7 +218,9 @@ def run_bench(args, cases=None) -> int:
 
     console = _console()
     device = _device(args.device)
-    if device.type == "cpu":
+    if device.type == "cpu" and "fuseformer.kernels" not in sys.modules:
+        # Too late once the kernels are defined (compiled, in a process that has CUDA): then
+        # setting it would only make fuseformer believe CPU tensors can run them.
         os.environ.setdefault("TRITON_INTERPRET", "1")
     elif os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and "fuseformer.kernels" not in sys.modules:
         # Interpreted kernels on a GPU would be timed as if they were compiled ones.
@@ -215,6 +248,7 @@ def run_bench(args, cases=None) -> int:
         argv=["fuseformer", "bench", *args.raw_argv],
         notes=_notes(device, args),
     )
+    previous = _resume_source(config, selected, console) if args.resume else None
     for note in config.notes:
         console.print(f"[cyan]note:[/cyan] {escape(note)}", highlight=False)
     if device.type == "cpu":
@@ -234,10 +268,11 @@ def run_bench(args, cases=None) -> int:
         def on_done(result, i, n):
             mark = {"ok": "[green]ok[/green]", "skipped": "[yellow]skipped[/yellow]"}.get(result["status"],
                                                                                        f"[red]{result['status']}[/red]")
-            progress.console.print(f"  {result['name']}: {mark} ({result['seconds']:.1f} s)", highlight=False)
+            took = "kept from results.json" if result.get("resumed") else f"{result['seconds']:.1f} s"
+            progress.console.print(f"  {result['name']}: {mark} ({took})", highlight=False)
             progress.advance(task)
 
-        doc = runner.run(selected, config, on_start, on_done)
+        doc = runner.run(selected, config, on_start, on_done, resume_from=previous)
     written = report.write_all(doc, out)
     report.print_table(doc, console)
     console.print(f"results: {config.results_path}, " + ", ".join(str(p) for p in written), highlight=False)

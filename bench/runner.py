@@ -17,7 +17,7 @@ import torch
 from . import envinfo, timing
 from .core import OURS, Case, CaseUnavailable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: case status "refused", roofline.is_ceiling
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
@@ -200,17 +200,57 @@ def new_document(config: RunConfig, roofline: timing.Roofline | None) -> dict:
     }
 
 
-def run(cases: list[Case], config: RunConfig, on_start: Callable | None = None, on_done: Callable | None = None) -> dict:
-    roofline = timing.measure_roofline(config.device, config.quick)
+# What must match for a case's result to be reused by --resume: the code, where it ran, and how.
+RESUME_ENV_KEYS = ("git_commit", "git_dirty", "device_name", "torch", "triton", "transformers")
+
+
+def resumable(previous: dict, config: RunConfig, cases: list[Case], env: dict) -> tuple[dict[str, dict], str | None]:
+    """The results of `previous` (a results document of a cut-off run) that this run can keep:
+    {case name: result} for each case already there in the dtype this run would use, or
+    ({}, why nothing is kept)."""
+    if previous.get("schema") != SCHEMA_VERSION:
+        return {}, f"schema {previous.get('schema')} is not {SCHEMA_VERSION}"
+    old_env = previous.get("env") or {}
+    for key in RESUME_ENV_KEYS:
+        if old_env.get(key) != env.get(key):
+            return {}, f"its {key} is {old_env.get(key)!r}, this run's is {env.get(key)!r}"
+    if bool((previous.get("config") or {}).get("quick")) != config.quick:
+        return {}, "it was run with" + ("" if previous["config"].get("quick") else "out") + " --quick"
+    done = {c["name"]: c for c in previous.get("cases", [])}
+    keep = {}
+    for case in cases:
+        old = done.get(case.name)
+        if old is not None and old.get("dtype") == dtype_name(config.dtype_for(case)):
+            keep[case.name] = old
+    return keep, None
+
+
+def run(cases: list[Case], config: RunConfig, on_start: Callable | None = None, on_done: Callable | None = None,
+        resume_from: dict | None = None) -> dict:
+    """Run `cases` in order. With `resume_from` (a cut-off run's document), the cases whose
+    results `resumable` keeps are not run again, and its roofline is kept with them so that
+    every fraction in the file is of one measurement."""
+    kept = {}
+    if resume_from is not None:
+        kept, _ = resumable(resume_from, config, cases, envinfo.environment(config.device))
+    if kept and resume_from.get("roofline"):
+        roofline = timing.Roofline(**resume_from["roofline"])
+    else:
+        roofline = timing.measure_roofline(config.device, config.quick)
     results = ResultsFile(config.results_path, new_document(config, roofline))
+    if kept:
+        results.doc["resumed"] = {"from": resume_from["env"].get("timestamp"), "cases_kept": len(kept)}
     results.write()
     for i, case in enumerate(cases):
         if on_start:
             on_start(case, i, len(cases))
-        result = run_case(case, config, roofline)
+        if case.name in kept:
+            result = dict(kept[case.name], resumed=True)
+        else:
+            result = run_case(case, config, roofline)
         results.doc["cases"].append(result)
         results.write()
-        if config.device.type == "cuda":
+        if config.device.type == "cuda" and case.name not in kept:
             # Compiled closures of one code object share dynamo's cache (and its recompile
             # limit); starting each case afresh keeps every torch.compile a real compile.
             torch._dynamo.reset()

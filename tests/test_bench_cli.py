@@ -39,7 +39,7 @@ def test_cli_exits_zero_and_says_what_cpu_cannot_do(quick_run):
 def test_cli_json_schema(quick_run):
     _, out = quick_run
     doc = json.loads((out / "results.json").read_text())
-    assert doc["schema"] == 1 and doc["complete"] is True
+    assert doc["schema"] == 2 and doc["complete"] is True
     env = doc["env"]
     for key in ("git_commit", "git_dirty", "device", "device_name", "driver", "torch", "triton", "cuda", "timestamp"):
         assert key in env
@@ -162,4 +162,4 @@ def test_bare_command_and_help_list_the_subcommands(capsys):
 def test_bench_help_is_the_benchmarks_own(capsys):
     assert cli.main(["bench", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "usage: fuseformer bench" in out and "--quick" in out
+    assert "usage: fuseformer bench" in out and "--quick" in out and "--resume" in out

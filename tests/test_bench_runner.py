@@ -191,6 +191,47 @@ def test_compare_holds_ours_to_the_baselines_drift(tmp_path, capsys):
     assert "--tolerance: must be a fraction >= 0" in capsys.readouterr().err
 
 
+def _counted(calls: list, name: str):
+    def fn(i):
+        calls.append(name)
+        return i["x"] * 2
+
+    return fn
+
+
+def test_resume_runs_only_what_a_cut_off_run_left(tmp_path, capsys):
+    calls = []
+    cases = [fake_case(n, _counted(calls, n), timed=False) for n in ("fake_r1", "fake_r2", "fake_r3")]
+    args = ["--quick", "--filter", "fake_r*", "--out", str(tmp_path)]
+    assert cli.bench_main(args, cases=cases) == 0
+    path = tmp_path / "results.json"
+    full = json.loads(path.read_text())
+    # Cut off after the first case: what a killed run leaves behind.
+    cut = dict(full, complete=False, cases=full["cases"][:1])
+    path.write_text(json.dumps(cut))
+    calls.clear()
+    assert cli.bench_main(args + ["--resume"], cases=cases) == 0
+    assert "keeping 1 of 3 cases" in capsys.readouterr().out
+    assert calls == ["fake_r2", "fake_r3"]
+    doc = json.loads(path.read_text())
+    assert doc["complete"] and [c["name"] for c in doc["cases"]] == ["fake_r1", "fake_r2", "fake_r3"]
+    assert doc["cases"][0] == dict(full["cases"][0], resumed=True) and doc["resumed"]["cases_kept"] == 1
+    assert doc["roofline"] == full["roofline"]
+
+    # Another commit (or device, versions, dtype, --quick) measured something else: run everything.
+    cut["env"] = dict(cut["env"], git_commit="0" * 40)
+    path.write_text(json.dumps(cut))
+    calls.clear()
+    assert cli.bench_main(args + ["--resume"], cases=cases) == 0
+    assert "not continuing" in capsys.readouterr().out and calls == ["fake_r1", "fake_r2", "fake_r3"]
+    calls.clear()
+    assert cli.bench_main(args + ["--resume", "--dtype", "fp16"], cases=cases) == 0
+    assert calls == ["fake_r1", "fake_r2", "fake_r3"]  # the file holds results in another dtype
+    path.write_text("{not json")
+    assert cli.bench_main(args + ["--resume"], cases=cases) == 2
+    assert "--resume: cannot read" in capsys.readouterr().err
+
+
 def test_filter_selection():
     cases = [fake_case("attn_a", _double), fake_case("attn_b", _double), fake_case("ln_c", _double)]
     assert [c.name for c in cli._select(cases, "attn", False)] == ["attn_a", "attn_b"]
