@@ -59,6 +59,7 @@ class Prepared:
     parity: dict[str, list[tuple[str, Parity]]]
     not_timed: dict[str, str]  # runs and was checked, but timing it here would mislead
     kinds: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> OURS or BASELINE
+    details: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> extra fields for its results entry
 
 
 @dataclasses.dataclass

@@ -103,6 +103,11 @@ def print_table(doc: dict, console) -> None:
     for row in summary_rows(doc):
         if row["reason"]:
             console.print(f"[yellow]{escape(row['case'])}[/yellow]: {escape(row['reason'])}", highlight=False)
+    for case in doc["cases"]:
+        for name, entry in case["impls"].items():
+            if entry.get("backend_warning"):
+                console.print(f"[yellow]{escape(case['name'])} / {escape(name)}[/yellow]: "
+                              f"{escape(entry['backend_warning'])}", highlight=False)
 
 
 def _md_escape(text: str) -> str:
@@ -144,6 +149,8 @@ def write_markdown(doc: dict, path: Path) -> None:
             spread = f"{e['p20_ms']:.4g}-{e['p80_ms']:.4g}" if "p20_ms" in e else "-"
             frac = e.get("roofline_fraction")
             status = e.get("status", "-") + (f": {e['reason']}" if e.get("reason") else "")
+            if e.get("backend_warning"):
+                status += f" ({e['backend_warning']})"
             cells = [case["name"], name, status, _fmt(e.get("median_ms"), ".4g"), spread, _fmt(e.get("tflops")),
                      _fmt(e.get("gbps"), ".4g")]
             cells += ["-" if frac is None else f"{100 * frac:.0f}%"] * with_roof + [parity]

@@ -115,6 +115,8 @@ def run_case(case: Case, config: RunConfig, roofline: timing.Roofline) -> dict:
         impls[name] = {"kind": kinds.get(name), "status": "error", "reason": reason}
     for name, checks in prepared.parity.items():
         impls.setdefault(name, {"kind": kinds.get(name)})["parity"] = _parity_dict(checks)
+    for name, extra in prepared.details.items():
+        impls.setdefault(name, {"kind": kinds.get(name)}).update(extra)
     for name, reason in prepared.not_timed.items():
         entry = impls.setdefault(name, {"kind": kinds.get(name)})
         ok = entry.get("parity", {}).get("ok", True)

@@ -256,7 +256,71 @@ def test_model_cases_run_on_cpu(family, task, pad, roofline):
     for name in ("hf-eager", "hf-sdpa", "fuseformer-torch"):
         entry = result["impls"][name]
         assert entry["status"] == "timed" and entry["parity"]["ok"], (name, entry)
+        # On the CPU nothing of ours is fused: whatever ops went through fuseformer.kernels ran torch.
+        assert all(set(counts) == {"torch"} for counts in entry["backends"].values()), entry["backends"]
+        assert [c["what"].split()[0] for c in entry["parity"]["checks"]] == (["loss", "grad"] if task == "train" else ["out"])
     assert set(result["speedups"]["fuseformer-torch"]) == {"hf-eager", "hf-sdpa"}
+
+
+def test_training_parity_checks_every_gradient_not_only_the_loss(roofline, monkeypatch):
+    """A backward that gets one parameter's gradient wrong leaves the loss exact: the
+    training case must still fail parity, naming that parameter."""
+    from fuseformer import models
+
+    make = models.BertForMaskedLM.from_hf.__func__
+    broken = {}
+
+    def from_hf_with_a_wrong_gradient(cls, hf_model, **kwargs):
+        model = make(cls, hf_model, **kwargs)
+        name, param = max(model.named_parameters(), key=lambda item: item[1].numel())
+        param.register_hook(lambda g: g * 2)
+        broken["name"] = name
+        return model
+
+    monkeypatch.setattr(models.BertForMaskedLM, "from_hf", classmethod(from_hf_with_a_wrong_gradient))
+    case = model_cases._case("bert", "train", 2, 16, "cpu")
+    case.size = TINY
+    result = runner.run_case(case, runner.RunConfig(CPU, quick=True), roofline)
+    assert broken and result["status"] == "parity-fail", result["reason"]
+    loss, grads = result["impls"]["fuseformer-torch"]["parity"]["checks"]
+    assert loss["what"] == "loss" and loss["ok"]
+    assert grads["what"].startswith("grad ") and "1 fail" in grads["what"] and not grads["ok"]
+    assert result["impls"]["hf-sdpa"]["parity"]["ok"]  # the baselines' gradients still pass
+
+
+def test_op_trace_records_the_backend_each_op_ran(monkeypatch, device):
+    from fuseformer import kernels as K
+    from fuseformer.bench import op_trace
+
+    if device == "cpu":
+        # Off CUDA `auto` is torch by definition and nothing is probed; pretend to be on CUDA
+        # so the probe runs (Triton's interpreter takes the CPU tensors here).
+        monkeypatch.setattr(op_trace, "_device", lambda args, kwargs: torch.device("cuda"))
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    original = K.add_layer_norm
+    x, w, b = torch.randn(4, 8, device=device), torch.randn(8, device=device), torch.randn(8, device=device)
+    monkeypatch.setattr(op_trace, "_auto_order", lambda op: ("triton",))
+    with op_trace.record_backends() as ran:
+        K.add_layer_norm(x, None, w, b, backend="auto")
+        K.add_layer_norm(x, None, w, b, backend="torch")
+        K.add_layer_norm(x, None, w, b, backend="auto")
+    assert ran == {"add_layer_norm": {"triton": 2, "torch": 1}}
+    assert K.add_layer_norm is original
+    if K.unavailable_reason("cuda") is not None:
+        # A backend that refuses the call is passed over, as `auto` passes it over.
+        monkeypatch.setattr(op_trace, "_auto_order", lambda op: ("cuda", "triton"))
+        with op_trace.record_backends() as ran:
+            K.add_layer_norm(x, None, w, b, backend="auto")
+        assert ran == {"add_layer_norm": {"triton": 1}}
+    # No fused backend takes it: `auto` ran torch, and a fused implementation says so.
+    monkeypatch.setattr(op_trace, "_auto_order", lambda op: ())
+    with op_trace.record_backends() as ran:
+        K.add_layer_norm(x, None, w, b, backend="auto")
+    assert ran == {"add_layer_norm": {"torch": 1}}
+    assert "add_layer_norm" in op_trace.summary(ran, fused=True)
+    assert op_trace.summary(ran, fused=False) is None
+    assert "PyTorch only" in op_trace.summary({}, fused=True)
+    assert op_trace.summary({"attention": {"triton": 3}}, fused=True) is None
 
 
 def test_missing_model_of_ours_is_an_error(roofline, monkeypatch):
