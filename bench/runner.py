@@ -107,6 +107,7 @@ def run_case(case: Case, config: RunConfig, roofline: timing.Roofline) -> dict:
         result["traceback"] = traceback.format_exc(limit=6)
         result["seconds"] = time.perf_counter() - start
         return result
+    result["prepare_seconds"] = time.perf_counter() - start
     kinds = prepared.kinds
     impls = result["impls"]
     for name, reason in prepared.refused.items():
@@ -129,13 +130,14 @@ def run_case(case: Case, config: RunConfig, roofline: timing.Roofline) -> dict:
             # A wrong answer is never timed as a success.
             entry.update(status="parity-fail", reason="parity failed: not timed")
             continue
+        timing_started = time.perf_counter()
         try:
             t = timing.time_fn(fn, config.device, config.quick)
         except Exception as err:  # noqa: BLE001
             entry.update(status="error", reason=f"{type(err).__name__}: {err}".splitlines()[0])
             continue
         entry.update(status="timed", median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
-                     peak_mem_mb=t.peak_mem_mb)
+                     peak_mem_mb=t.peak_mem_mb, timing_seconds=time.perf_counter() - timing_started)
         seconds = t.median_ms * 1e-3
         roof_seconds = 0.0
         if case.flops:
