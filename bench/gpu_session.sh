@@ -7,7 +7,7 @@
 #   bash bench/gpu_session.sh bench      # `fuseformer bench` (ops + models), results under $OUT/bench
 #
 # Everything lands under $OUT (the device tool's folder that comes back), or
-# bench/results/gpu-session without it. Commit the bench results under bench/results/h100/.
+# bench/results/gpu-session without it. Commit the bench results under bench/results/<device>/ (h100, h200).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-session}
