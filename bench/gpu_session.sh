@@ -15,13 +15,15 @@ mkdir -p "$OUT"
 stage=${1:?usage: gpu_session.sh tests|sanitize|bench}
 
 # timed NAME CMD...: runs CMD and says how long it took, so a session cut short shows which
-# stage ate the lent time. Also appended to $OUT/timings.txt.
+# stage ate the lent time. Also appended to $OUT/timings.txt. Printed on fd 3 (this script's
+# stdout) so that a caller redirecting CMD's output still sees it.
+exec 3>&1
 timed() {
     local name=$1 start=$SECONDS rc
     shift
     "$@"
     rc=$?
-    echo "[gpu_session] $name: $((SECONDS - start)) s (exit $rc)" | tee -a "$OUT/timings.txt"
+    echo "[gpu_session] $name: $((SECONDS - start)) s (exit $rc)" | tee -a "$OUT/timings.txt" >&3
     return $rc
 }
 
