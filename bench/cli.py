@@ -165,7 +165,7 @@ def _notes(device, args) -> list[str]:
     if device.type == "cuda":
         return []
     notes = [
-        "No CUDA device: the ops suite checks parity only, running the fused Triton kernels in Triton's "
+        "On the CPU the ops suite checks parity only, running the fused Triton kernels in Triton's "
         "interpreter at small shapes (fp32). Kernel speed needs a CUDA GPU; on a machine with one, run: "
         + GPU_COMMAND,
     ]

@@ -212,7 +212,7 @@ def test_resume_runs_only_what_a_cut_off_run_left(tmp_path, capsys):
     calls.clear()
     assert cli.bench_main(args + ["--resume"], cases=cases) == 0
     assert "keeping 1 of 3 cases" in capsys.readouterr().out
-    assert calls == ["fake_r2", "fake_r3"]
+    assert set(calls) == {"fake_r2", "fake_r3"}  # (on a GPU each is called many times: timed)
     doc = json.loads(path.read_text())
     assert doc["complete"] and [c["name"] for c in doc["cases"]] == ["fake_r1", "fake_r2", "fake_r3"]
     assert doc["cases"][0] == dict(full["cases"][0], resumed=True) and doc["resumed"]["cases_kept"] == 1
@@ -223,10 +223,10 @@ def test_resume_runs_only_what_a_cut_off_run_left(tmp_path, capsys):
     path.write_text(json.dumps(cut))
     calls.clear()
     assert cli.bench_main(args + ["--resume"], cases=cases) == 0
-    assert "not continuing" in capsys.readouterr().out and calls == ["fake_r1", "fake_r2", "fake_r3"]
+    assert "not continuing" in capsys.readouterr().out and set(calls) == {"fake_r1", "fake_r2", "fake_r3"}
     calls.clear()
     assert cli.bench_main(args + ["--resume", "--dtype", "fp16"], cases=cases) == 0
-    assert calls == ["fake_r1", "fake_r2", "fake_r3"]  # the file holds results in another dtype
+    assert set(calls) == {"fake_r1", "fake_r2", "fake_r3"}  # the file holds results in another dtype
     path.write_text("{not json")
     assert cli.bench_main(args + ["--resume"], cases=cases) == 2
     assert "--resume: cannot read" in capsys.readouterr().err
