@@ -56,12 +56,13 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--out", default=None, help="results folder (default: bench/results/<device>, e.g. h100 or cpu)")
     p.add_argument("--check", action="store_true",
-                   help="exit 1 on any parity failure or error, and on a GPU on any speed under bench/thresholds.json")
+                   help="exit 1 on any parity failure or error of ours or a case none of ours ran, and on a GPU on "
+                   "any figure under bench/thresholds.json (docs/design.md's targets) or a gated case that did not run")
     p.add_argument("--thresholds", default=str(THRESHOLDS), help="threshold rules for --check")
     p.add_argument("--list", action="store_true", help="list the cases this device would run, and exit")
     p.add_argument("--resume", action="store_true",
                    help="continue a cut-off run: keep the cases already in --out's results.json (same commit, "
-                   "device, versions and dtype) and run the rest")
+                   "device, versions, dtype and --quick) and run the rest")
     return p
 
 
