@@ -165,3 +165,15 @@ def test_bench_help_is_the_benchmarks_own(capsys):
     assert cli.main(["bench", "--help"]) == 0
     out = capsys.readouterr().out
     assert "usage: fuseformer bench" in out and "--quick" in out and "--resume" in out
+
+
+def test_device_cpu_in_process_leaves_triton_interpret_alone_once_kernels_exist(monkeypatch, capsys):
+    """On a CUDA machine the kernels are compiled when they are imported; a later in-process
+    `--device cpu` that set TRITON_INTERPRET would make fuseformer hand CPU tensors to compiled
+    kernels in every test after it."""
+    import fuseformer.kernels  # noqa: F401 - defined before the command runs, as in a test session
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert cli.bench_main(["--list", "--device", "cpu", "--suite", "ops"]) == 0
+    assert "TRITON_INTERPRET" not in os.environ
+    capsys.readouterr()
