@@ -4,6 +4,7 @@ as transformers does when it probes for Hugging Face's `kernels` package."""
 import importlib.util
 import os
 import pathlib
+import site
 import subprocess
 import sys
 
@@ -58,7 +59,12 @@ def test_offline_editable_install_into_a_fresh_venv(tmp_path):
     # --system-site-packages: torch, triton and pip come from this interpreter, nothing is
     # downloaded; --without-pip keeps the venv's creation under a second.
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    site = _venv_site_packages(venv)
+    venv_site = _venv_site_packages(venv)
+    if sys.prefix != sys.base_prefix:
+        # This interpreter is a venv itself (the GPU machines' torch lives in one): the new
+        # venv's "system" packages are the base Python's, not this venv's. Hand it this
+        # interpreter's site-packages too, after its own.
+        (venv_site / "_parent_site_packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     if importlib.util.find_spec("wheel") is None:
         # pip falls back to `setup.py develop` (which setuptools >= 80 turns into a nested,
         # isolated, online `pip install`) only where `wheel` is importable, as on most
@@ -66,14 +72,14 @@ def test_offline_editable_install_into_a_fresh_venv(tmp_path):
         # test fails the way those machines do if the build declaration goes missing.
         vendored = pathlib.Path(importlib.util.find_spec("setuptools").origin).parent / "_vendor" / "wheel"
         if vendored.is_dir():
-            (site / "wheel").symlink_to(vendored, target_is_directory=True)
+            (venv_site / "wheel").symlink_to(vendored, target_is_directory=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL")}
     env.update(PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1", TRITON_INTERPRET="1")
     python = str(venv / "bin" / "python")
     install = subprocess.run([python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", str(ROOT)],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
-    assert list(site.glob("fuseformer-*.dist-info")), "pip reported success but installed nothing into the venv"
+    assert list(venv_site.glob("fuseformer-*.dist-info")), "pip reported success but installed nothing into the venv"
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
