@@ -45,7 +45,7 @@ def _auto_order(op: str) -> tuple[str, ...]:
 
 
 def _which(op: str, fn, args, kwargs) -> str:
-    requested = kwargs.get("backend") or K.get_backend()
+    requested = (kwargs.get("backend") or K.get_backend()).lower()
     if requested != "auto":
         return requested  # by name: it ran, or the call raised
     device = _device(args, kwargs)
