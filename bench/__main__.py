@@ -1,6 +1,6 @@
 """`python -m fuseformer.bench ...` is `fuseformer bench ...`."""
 import sys
 
-from .cli import main
+from .cli import bench_main
 
-sys.exit(main())
+sys.exit(bench_main(sys.argv[1:]))

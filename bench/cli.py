@@ -1,7 +1,8 @@
 """The `fuseformer` command.
 
+    fuseformer                       (or --help) lists the subcommands
     fuseformer bench [--suite ops|models|all] [--filter NAMES] [--quick] [--dtype D]
-                     [--device D] [--out DIR] [--check] [--thresholds FILE] [--list]
+                     [--device D] [--out DIR] [--check] [--thresholds FILE] [--list] [--resume]
     fuseformer bench compare OLD.json NEW.json [--tolerance 0.05]
 
 Nothing from fuseformer.kernels is imported at module level: without a CUDA device the
@@ -21,6 +22,18 @@ SUITES = ("ops", "models", "all")
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
 THRESHOLDS = Path(__file__).with_name("thresholds.json")
 GPU_COMMAND = 'pip install -e ".[dev]" && fuseformer bench'
+
+
+TOP_HELP = """usage: fuseformer <command> [options]
+
+commands:
+  bench                            check every kernel and model against float64 PyTorch, then time
+                                   them side by side against PyTorch, torch SDPA, torch.compile and
+                                   Hugging Face transformers (the main job; also python -m fuseformer.bench)
+  bench --list                     the cases this machine would run
+  bench compare OLD.json NEW.json  what got slower or stopped passing between two runs
+
+`fuseformer bench --help` lists the benchmark's options."""
 
 
 class UsageError(Exception):
@@ -43,10 +56,24 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--out", default=None, help="results folder (default: bench/results/<device>, e.g. h100 or cpu)")
     p.add_argument("--check", action="store_true",
-                   help="exit 1 on any parity failure or error, and on a GPU on any speed under bench/thresholds.json")
+                   help="exit 1 on any parity failure or error of ours or a case none of ours ran, and on a GPU on "
+                   "any figure under bench/thresholds.json (docs/design.md's targets) or a gated case that did not run")
     p.add_argument("--thresholds", default=str(THRESHOLDS), help="threshold rules for --check")
     p.add_argument("--list", action="store_true", help="list the cases this device would run, and exit")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a cut-off run: keep the cases already in --out's results.json (same commit, "
+                   "device, versions, dtype and --quick) and run the rest")
     return p
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a fraction >= 0 (0.05 = 5%), got {text!r}")
+    return value
 
 
 def _compare_parser() -> argparse.ArgumentParser:
@@ -54,7 +81,9 @@ def _compare_parser() -> argparse.ArgumentParser:
                                 description="Print the regressions of NEW against OLD; exit 1 if there is any.")
     p.add_argument("old")
     p.add_argument("new")
-    p.add_argument("--tolerance", type=float, default=0.05, help="allowed slowdown of our times, as a fraction")
+    p.add_argument("--tolerance", type=_fraction, default=0.05,
+                   help="allowed slowdown of our times beyond the baselines' own drift between the runs, as a "
+                   "fraction (default 0.05)")
     return p
 
 
@@ -111,6 +140,15 @@ def _select(cases, filter_text: str | None, quick: bool):
     return chosen
 
 
+def print_list(cases) -> None:
+    """One row per case under a header; a case's name starts with its group's."""
+    rows = [("case", "suite", "group", "quick")] + [(c.name, c.suite, c.group, "yes" if c.quick else "-") for c in cases]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        # Plain print, not rich: a pipe (`--list | grep`) must get every row whole, unwrapped.
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+
+
 def _collect(suite: str, device_type: str):
     cases = []
     if suite in ("ops", "all"):
@@ -128,7 +166,7 @@ def _notes(device, args) -> list[str]:
     if device.type == "cuda":
         return []
     notes = [
-        "No CUDA device: the ops suite checks parity only, running the fused Triton kernels in Triton's "
+        "On the CPU the ops suite checks parity only, running the fused Triton kernels in Triton's "
         "interpreter at small shapes (fp32). Kernel speed needs a CUDA GPU; on a machine with one, run: "
         + GPU_COMMAND,
     ]
@@ -139,6 +177,34 @@ def _notes(device, args) -> list[str]:
     if args.check:
         notes.append("--check on the CPU gates parity (and errors) only; the speed thresholds apply on a GPU.")
     return notes
+
+
+def _resume_source(config, selected, console) -> dict | None:
+    """The results document --resume continues, or None (with the reason printed) when
+    every selected case has to run."""
+    import json
+
+    from rich.markup import escape
+
+    from . import envinfo, runner
+
+    path = config.results_path
+    try:
+        previous = json.loads(path.read_text())
+    except FileNotFoundError:
+        console.print(f"[cyan]note:[/cyan] --resume: no {escape(str(path))} yet; running every case", highlight=False)
+        return None
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"--resume: cannot read {path} ({err})") from None
+    kept, why_not = runner.resumable(previous, config, selected, envinfo.environment(config.device))
+    if why_not:
+        console.print(f"[yellow]note: --resume: not continuing {escape(str(path))}: {escape(why_not)}; "
+                      "running every case[/yellow]", highlight=False)
+        return None
+    dirty = " (the tree is dirty: changes made since that run are not detected)" if previous["env"].get("git_dirty") else ""
+    console.print(f"[cyan]note:[/cyan] --resume: keeping {len(kept)} of {len(selected)} cases from "
+                  f"{escape(str(path))}{dirty}", highlight=False)
+    return previous
 
 
 def _console():
@@ -153,7 +219,9 @@ def run_bench(args, cases=None) -> int:
 
     console = _console()
     device = _device(args.device)
-    if device.type == "cpu":
+    if device.type == "cpu" and "fuseformer.kernels" not in sys.modules:
+        # Too late once the kernels are defined (compiled, in a process that has CUDA): then
+        # setting it would only make fuseformer believe CPU tensors can run them.
         os.environ.setdefault("TRITON_INTERPRET", "1")
     elif os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and "fuseformer.kernels" not in sys.modules:
         # Interpreted kernels on a GPU would be timed as if they were compiled ones.
@@ -169,8 +237,7 @@ def run_bench(args, cases=None) -> int:
         cases = [c for c in cases if c.suite == args.suite]
     selected = _select(cases, args.filter, args.quick)
     if args.list:
-        for c in selected:
-            console.print(f"{c.name:45s} {c.suite:7s} {c.group}{'  (quick)' if c.quick else ''}", highlight=False)
+        print_list(selected)
         return 0
     out = _prepare_out(Path(args.out) if args.out else Path("bench") / "results" / envinfo.device_slug(device))
     rules = runner.load_thresholds(Path(args.thresholds)) if args.check else []
@@ -182,6 +249,7 @@ def run_bench(args, cases=None) -> int:
         argv=["fuseformer", "bench", *args.raw_argv],
         notes=_notes(device, args),
     )
+    previous = _resume_source(config, selected, console) if args.resume else None
     for note in config.notes:
         console.print(f"[cyan]note:[/cyan] {escape(note)}", highlight=False)
     if device.type == "cpu":
@@ -201,10 +269,11 @@ def run_bench(args, cases=None) -> int:
         def on_done(result, i, n):
             mark = {"ok": "[green]ok[/green]", "skipped": "[yellow]skipped[/yellow]"}.get(result["status"],
                                                                                        f"[red]{result['status']}[/red]")
-            progress.console.print(f"  {result['name']}: {mark} ({result['seconds']:.1f} s)", highlight=False)
+            took = "kept from results.json" if result.get("resumed") else f"{result['seconds']:.1f} s"
+            progress.console.print(f"  {result['name']}: {mark} ({took})", highlight=False)
             progress.advance(task)
 
-        doc = runner.run(selected, config, on_start, on_done)
+        doc = runner.run(selected, config, on_start, on_done, resume_from=previous)
     written = report.write_all(doc, out)
     report.print_table(doc, console)
     console.print(f"results: {config.results_path}, " + ", ".join(str(p) for p in written), highlight=False)
@@ -225,9 +294,25 @@ def run_bench(args, cases=None) -> int:
 
 
 def main(argv: list[str] | None = None, cases=None) -> int:
+    """`fuseformer ARGV...`: ARGV starts with the subcommand."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":
-        argv = argv[1:]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        # A bare `fuseformer` used to start the full benchmark; now it only explains itself,
+        # with status 2 so that a script still calling it that way notices.
+        print(TOP_HELP)
+        return 0 if argv else 2
+    command, argv = argv[0], argv[1:]
+    if command == "compare":  # `fuseformer compare` reads as `fuseformer bench compare`
+        command, argv = "bench", ["compare", *argv]
+    if command != "bench":
+        hint = f" (did you mean `fuseformer bench {command}`?)" if command.startswith("-") else ""
+        print(f"fuseformer: error: unknown command {command!r}{hint}\n\n{TOP_HELP}", file=sys.stderr)
+        return 2
+    return bench_main(argv, cases)
+
+
+def bench_main(argv: list[str], cases=None) -> int:
+    """`fuseformer bench ARGV...` (and `python -m fuseformer.bench ARGV...`)."""
     try:
         if argv and argv[0] == "compare":
             from . import compare

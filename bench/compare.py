@@ -17,13 +17,34 @@ def _load(path: Path) -> dict:
     return doc
 
 
+def _timed_pairs(old: dict, new: dict):
+    """(case name, implementation name, old entry, new entry) for every implementation timed in both runs."""
+    old_cases = {c["name"]: c for c in old["cases"]}
+    for case in new["cases"]:
+        before = old_cases.get(case["name"])
+        if before is None:
+            continue
+        for name, entry in case["impls"].items():
+            prev = before["impls"].get(name)
+            if prev is not None and "median_ms" in entry and "median_ms" in prev and prev["median_ms"] > 0:
+                yield case["name"], name, prev, entry
+
+
+def baseline_drift(old: dict, new: dict) -> tuple[float, float] | None:
+    """(lowest, highest) new/old time ratio over every baseline timed in both runs: how far
+    the machine alone moved times that none of our changes can touch. None without any."""
+    ratios = [e["median_ms"] / p["median_ms"] for _, _, p, e in _timed_pairs(old, new) if e.get("kind") != "ours"]
+    return (min(ratios), max(ratios)) if ratios else None
+
+
 def compare(old: dict, new: dict, tolerance: float) -> tuple[list[str], list[str]]:
     """(regressions, improvements) as printable lines.
 
-    A regression: an implementation of ours whose median time grew by more than `tolerance`
-    (a fraction), a parity check that passed before and fails now, or a case that ran
-    before and errors now. Baselines are not judged: their times say how noisy the machine
-    was, and are shown for that.
+    A regression: an implementation of ours whose median time grew by more than the
+    baselines' own drift (the largest slowdown of any baseline between the two runs, or none)
+    and then by `tolerance` (a fraction) on top; a parity check that passed before and fails
+    now; or a case that ran before and errors now. Two runs of one commit on a shared machine
+    differ by far more than a fixed tolerance, and the baselines show by how much.
     """
     regressions, improvements = [], []
     old_cases = {c["name"]: c for c in old["cases"]}
@@ -31,22 +52,23 @@ def compare(old: dict, new: dict, tolerance: float) -> tuple[list[str], list[str
         before = old_cases.get(case["name"])
         if before is None:
             continue
-        if before["status"] == "ok" and case["status"] in ("parity-fail", "error"):
+        if before["status"] == "ok" and case["status"] in ("parity-fail", "error", "refused"):
             regressions.append(f"{case['name']}: was ok, now {case['status']} ({case['reason']})")
         for name, entry in case["impls"].items():
             prev = before["impls"].get(name)
-            if prev is None:
-                continue
-            if prev.get("parity", {}).get("ok") and entry.get("parity", {}).get("ok") is False:
+            if prev and prev.get("parity", {}).get("ok") and entry.get("parity", {}).get("ok") is False:
                 regressions.append(f"{case['name']} / {name}: parity passed before, fails now")
-            if entry.get("kind") != "ours" or "median_ms" not in entry or "median_ms" not in prev:
-                continue
-            ratio = entry["median_ms"] / prev["median_ms"]
-            line = f"{case['name']} / {name}: {prev['median_ms']:.4g} ms -> {entry['median_ms']:.4g} ms ({ratio:.2f}x time)"
-            if ratio > 1 + tolerance:
-                regressions.append(line)
-            elif ratio < 1 / (1 + tolerance):
-                improvements.append(line)
+    lo, hi = baseline_drift(old, new) or (1.0, 1.0)
+    slower, faster = max(1.0, hi) * (1 + tolerance), min(1.0, lo) / (1 + tolerance)
+    for case_name, name, prev, entry in _timed_pairs(old, new):
+        if entry.get("kind") != "ours":
+            continue
+        ratio = entry["median_ms"] / prev["median_ms"]
+        line = f"{case_name} / {name}: {prev['median_ms']:.4g} ms -> {entry['median_ms']:.4g} ms ({ratio:.2f}x time)"
+        if ratio > slower:
+            regressions.append(line + f", beyond the baselines' {hi:.2f}x and the tolerance")
+        elif ratio < faster:
+            improvements.append(line)
     return regressions, improvements
 
 
@@ -59,6 +81,12 @@ def main(old_path: str, new_path: str, tolerance: float, console) -> int:
     regressions, improvements = compare(old, new, tolerance)
     shared = len({c["name"] for c in old["cases"]} & {c["name"] for c in new["cases"]})
     console.print(f"compared {shared} cases, tolerance {tolerance:.0%}")
+    drift = baseline_drift(old, new)
+    if drift is None:
+        console.print("baseline drift: no baseline was timed in both runs, so ours are held to the tolerance alone")
+    else:
+        console.print(f"baseline drift: baselines took {drift[0]:.2f}x to {drift[1]:.2f}x their old time; "
+                      f"ours count as slower only beyond {max(1.0, drift[1]) * (1 + tolerance):.2f}x")
     for line in improvements:
         console.print(f"[green]faster[/green]  {escape(line)}", highlight=False)
     for line in regressions:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import time
 import warnings
 from typing import Any, Callable
 
@@ -59,6 +60,7 @@ class Prepared:
     parity: dict[str, list[tuple[str, Parity]]]
     not_timed: dict[str, str]  # runs and was checked, but timing it here would mislead
     kinds: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> OURS or BASELINE
+    details: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> extra fields for its results entry
 
 
 @dataclasses.dataclass
@@ -175,12 +177,14 @@ class OpCase(Case):
         ref64 = self._reference_on({k: _upcast(v) for k, v in first.items()})
         torch_d = self._reference_on(first)
         where = self.where(first) if self.where else None
-        fns, refused, errors, results, not_timed = {}, {}, {}, {}, {}
+        fns, refused, errors, results, not_timed, details = {}, {}, {}, {}, {}, {}
         for impl in self.impls:
             reason = impl.available()
             if reason:
                 refused[impl.name] = reason
                 continue
+            # The first call's cost (compilation, autotuning) is where a slow run's time goes.
+            started = time.perf_counter()
             base = impl.build(impl.fn) if impl.build else impl.fn
             run = self._wrap(base)
             caught = []
@@ -199,6 +203,7 @@ class OpCase(Case):
                 else:
                     errors[impl.name] = f"{type(err).__name__}: {err}".splitlines()[0]
                 continue
+            details[impl.name] = {"first_call_seconds": time.perf_counter() - started}
             if impl.check:
                 results[impl.name] = _compare(out, ref64, torch_d, dtype, where, self.grad_inputs)
             if device.type == "cpu" and not (self.timed_on_cpu and impl.timed_on_cpu):
@@ -206,7 +211,7 @@ class OpCase(Case):
                 continue
             fns[impl.name] = _rotating(run, copies)
         kinds = {impl.name: impl.kind for impl in self.impls}
-        return Prepared(fns, refused, errors, results, not_timed, kinds)
+        return Prepared(fns, refused, errors, results, not_timed, kinds, details)
 
 
 def _rotating(run: Callable[[dict], Any], copies: list[dict]) -> Callable[[], Any]:

@@ -4,30 +4,56 @@
 #
 #   bash bench/gpu_session.sh tests      # the whole suite on CUDA (bf16, gpu-marked, cuda backend)
 #   bash bench/gpu_session.sh sanitize   # compute-sanitizer memcheck + racecheck, one test per kernel
-#   bash bench/gpu_session.sh bench      # `fuseformer bench` (ops + models), results under $OUT/h100
+#   bash bench/gpu_session.sh bench      # `fuseformer bench` (ops + models), results under $OUT/bench
 #
 # Everything lands under $OUT (the device tool's folder that comes back), or
-# bench/results/gpu-session without it. Commit the bench results under bench/results/h100/.
+# bench/results/gpu-session without it. Commit the bench results under bench/results/<device>/ (h100, h200).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-session}
 mkdir -p "$OUT"
 stage=${1:?usage: gpu_session.sh tests|sanitize|bench}
 
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.txt" 2>&1
+# timed NAME CMD...: runs CMD and says how long it took, so a session cut short shows which
+# stage ate the lent time. Also appended to $OUT/timings.txt. Printed on fd 3 (this script's
+# stdout) so that a caller redirecting CMD's output still sees it.
+exec 3>&1
+timed() {
+    local name=$1 start=$SECONDS rc
+    shift
+    "$@"
+    rc=$?
+    echo "[gpu_session] $name: $((SECONDS - start)) s (exit $rc)" | tee -a "$OUT/timings.txt" >&3
+    return $rc
+}
+
+# Offline and without touching the machine's torch/triton: pyproject.toml makes this a PEP
+# 660 editable install that needs no index and no isolated build environment.
+install() {
+    PIP_NO_INDEX=1 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.txt" 2>&1 || {
+        tail -n 20 "$OUT/install.txt"
+        return 1
+    }
+}
+timed install install || exit 1
 {
     nvidia-smi
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
     git rev-parse HEAD 2>/dev/null
 } >"$OUT/environment.txt" 2>&1
 
+# The cuda backend JIT-builds csrc/ on first use (about 30 s with ninja; later processes load
+# it from torch's extension cache): build it first, alone, so that a compile error reads as
+# one, and its time is not counted in a test's or a benchmark case's.
+cuda_build() {
+    timed cuda-build python3 -c "from fuseformer.kernels import cuda_backend as c; print(c.unavailable_reason() or 'cuda backend ready')" \
+        >"$OUT/cuda_build.txt" 2>&1
+}
+
 case "$stage" in
 tests)
-    # The cuda backend JIT-builds csrc/ on first use (a few minutes with ninja): build it
-    # first, alone, so a compile error reads as one and not as failing tests.
-    python3 -c "from fuseformer.kernels import cuda_backend as c; print(c.unavailable_reason() or 'cuda backend ready')" \
-        >"$OUT/cuda_build.txt" 2>&1
-    timeout 520 python3 -m pytest -q -rfE --durations=15 --junitxml="$OUT/pytest.xml" >"$OUT/pytest.txt" 2>&1
+    cuda_build
+    timed pytest timeout 520 python3 -m pytest -q -rfE --durations=15 --junitxml="$OUT/pytest.xml" >"$OUT/pytest.txt" 2>&1
     tail -n 30 "$OUT/pytest.txt"
     ;;
 sanitize)
@@ -44,14 +70,17 @@ sanitize)
         first=$(python3 -m pytest -q --collect-only "$target" 2>/dev/null | grep '::' | head -n 1)
         for tool in memcheck racecheck; do
             name=$(echo "$target" | tr '/:.' '___')
-            timeout 150 compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 99 \
+            timed "$tool $target" timeout 150 compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 99 \
                 python3 -m pytest -q -x "$first" >"$OUT/sanitizer_${tool}_${name}.txt" 2>&1
             echo "$tool $target: exit $?" | tee -a "$OUT/sanitizer_summary.txt"
         done
     done
     ;;
 bench)
-    timeout 560 fuseformer bench --out "$OUT/h100" 2>&1 | tee "$OUT/bench.txt" | tail -n 60
+    cuda_build
+    # --resume: a second call after a cut-off run continues where the first one stopped.
+    timed bench timeout 540 python3 -m fuseformer.bench --resume --out "$OUT/bench" >"$OUT/bench.txt" 2>&1
+    tail -n 60 "$OUT/bench.txt"
     ;;
 *)
     echo "unknown stage $stage: tests, sanitize or bench" >&2

@@ -1,6 +1,6 @@
 """The `ops` suite: declarations only (runner.py runs them).
 
-GPU shapes follow the performance targets in DESIGN.md (16k tokens per batch, BERT and GPT
+GPU shapes follow the performance targets in docs/design.md (16k tokens per batch, BERT and GPT
 widths); CPU shapes are small and odd, because there the only fused code that runs is the
 Triton interpreter, whose cost grows with programs x loop iterations: the CPU suite is a
 parity suite, not a speed one.
@@ -147,7 +147,7 @@ def attention_case(name, *, B, H, L, D, Hk=None, Lk=None, causal=False, pad=0.0,
         name=name,
         suite="ops",
         group=("attn_fwd_bwd" if grad else "attn_fwd") + ("_causal" if causal else "") + ("_pad" if pad else "")
-        + ("_gqa" if gqa else "") + ("_qkv" if qkv_view else "") + f"_d{D}",
+        + ("_gqa" if gqa else "") + ("_qkv_view" if qkv_view else "") + f"_d{D}",
         params={"B": B, "H": H, "Hk": Hk, "L": L, "Lk": Lk, "D": D, "causal": causal, "pad": pad, "grad": grad,
                 "layout": "qkv-view" if qkv_view else "contiguous"},
         flops=fwd_flops * (3.5 if grad else 1.0),  # backward = 2.5 x forward (FlashAttention's count)
@@ -299,7 +299,8 @@ def linear_gelu_case(name, *, M, K_in, N, approximate="none", grad=False, device
                 note="" if approximate == "tanh" else "computes tanh GELU, not erf: timed, not parity-checked",
             ))
     return OpCase(
-        name=name, suite="ops", group=("linear_gelu_fwd_bwd" if grad else "linear_gelu_fwd") + f"_{approximate}",
+        name=name, suite="ops",
+        group=("linear_gelu_fwd_bwd" if grad else "linear_gelu_fwd") + ("_erf" if approximate == "none" else "_tanh"),
         params={"M": M, "K": K_in, "N": N, "approximate": approximate, "grad": grad},
         flops=2.0 * M * N * K_in * (3 if grad else 1),
         elements=(M * K_in + N * K_in + M * N + N) * (2 if grad else 1),
@@ -312,36 +313,39 @@ def linear_gelu_case(name, *, M, K_in, N, approximate="none", grad=False, device
 
 
 def gpu_cases() -> list[OpCase]:
+    """The full run; `quick=True` marks the subset `--quick` runs (CI's gate, <= 3 minutes on
+    an H100 with the model suite's quick case): one case for each kind of kernel."""
     d = "cuda"
     cases = []
     for L in (512, 1024, 2048, 4096):
         B = 16384 // L
-        cases.append(attention_case(f"attn_fwd_d64_L{L}", B=B, H=16, L=L, D=64, device_type=d, quick=L in (512, 4096)))
+        cases.append(attention_case(f"attn_fwd_d64_L{L}", B=B, H=16, L=L, D=64, device_type=d, quick=L == 4096))
     for L in (1024, 2048, 4096):
         cases.append(attention_case(f"attn_fwd_causal_d64_L{L}", B=16384 // L, H=16, L=L, D=64, causal=True, device_type=d))
     for L in (1024, 4096):
         cases.append(attention_case(f"attn_fwd_d128_L{L}", B=16384 // L, H=8, L=L, D=128, device_type=d))
-    # (16, 1, L, D) rather than (1, 16, L, D): the float64 reference runs one batch element at a time.
-    cases.append(attention_case("attn_fwd_mem_L16384", B=16, H=1, L=16384, D=64, device_type=d, quick=True,
+    # The same work as the series above at L=16384 (16 x 1 heads rather than 1 x 16: the float64
+    # reference runs one batch element at a time), and the O(L) memory check.
+    cases.append(attention_case("attn_fwd_d64_L16384", B=16, H=1, L=16384, D=64, device_type=d,
                                 quadratic_baselines=False))
-    cases.append(attention_case("attn_fwd_bert_pad_L512", B=32, H=12, L=512, D=64, pad=0.3, device_type=d, quick=True))
-    cases.append(attention_case("attn_fwd_bert_qkv_view_pad_L512", B=32, H=12, L=512, D=64, pad=0.3, qkv_view=True,
+    cases.append(attention_case("attn_fwd_pad_d64_L512", B=32, H=12, L=512, D=64, pad=0.3, device_type=d, quick=True))
+    cases.append(attention_case("attn_fwd_pad_qkv_view_d64_L512", B=32, H=12, L=512, D=64, pad=0.3, qkv_view=True,
                                 device_type=d))
-    cases.append(attention_case("attn_fwd_gqa_causal_L2048", B=4, H=32, Hk=8, L=2048, D=128, causal=True, device_type=d))
+    cases.append(attention_case("attn_fwd_causal_gqa_d128_L2048", B=4, H=32, Hk=8, L=2048, D=128, causal=True, device_type=d))
     cases.append(attention_case("attn_fwd_bwd_d64_L2048", B=8, H=16, L=2048, D=64, grad=True, device_type=d, quick=True))
     cases.append(attention_case("attn_fwd_bwd_causal_d64_L2048", B=8, H=16, L=2048, D=64, causal=True, grad=True, device_type=d))
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(154, 513, (32,), generator=gen).tolist()  # BERT L=512, ~30% padding
-    cases.append(varlen_case("varlen_fwd_bert_L512", lengths=lengths, H=12, D=64, device_type=d))
+    cases.append(varlen_case("varlen_fwd_d64_L512", lengths=lengths, H=12, D=64, device_type=d))
     for N in (768, 1024, 2048, 4096):
         cases.append(add_ln_case(f"add_ln_fwd_16384x{N}", M=16384, N=N, device_type=d, quick=N == 768))
     for N in (768, 4096):
         cases.append(add_ln_case(f"add_ln_fwd_bwd_16384x{N}", M=16384, N=N, grad=True, device_type=d, quick=N == 768))
-    cases.append(linear_gelu_case("linear_gelu_fwd_bert_16384x768x3072", M=16384, K_in=768, N=3072, device_type=d, quick=True))
-    cases.append(linear_gelu_case("linear_gelu_fwd_large_16384x1024x4096", M=16384, K_in=1024, N=4096, device_type=d))
-    cases.append(linear_gelu_case("linear_gelu_fwd_gpt2_16384x768x3072", M=16384, K_in=768, N=3072, approximate="tanh",
+    cases.append(linear_gelu_case("linear_gelu_fwd_erf_16384x768x3072", M=16384, K_in=768, N=3072, device_type=d, quick=True))
+    cases.append(linear_gelu_case("linear_gelu_fwd_erf_16384x1024x4096", M=16384, K_in=1024, N=4096, device_type=d))
+    cases.append(linear_gelu_case("linear_gelu_fwd_tanh_16384x768x3072", M=16384, K_in=768, N=3072, approximate="tanh",
                                   device_type=d))
-    cases.append(linear_gelu_case("linear_gelu_fwd_bwd_16384x768x3072", M=16384, K_in=768, N=3072, grad=True, device_type=d))
+    cases.append(linear_gelu_case("linear_gelu_fwd_bwd_erf_16384x768x3072", M=16384, K_in=768, N=3072, grad=True, device_type=d))
     return cases
 
 
@@ -354,17 +358,17 @@ def cpu_cases() -> list[OpCase]:
         attention_case("attn_fwd_gqa_d32_L33", B=1, H=4, Hk=2, L=33, D=32, device_type=d),
         attention_case("attn_fwd_d128_L1", B=3, H=2, L=1, D=128, device_type=d),
         attention_case("attn_fwd_d80_L257", B=1, H=2, L=257, D=80, device_type=d),
-        attention_case("attn_fwd_qkv_view_d40_L97", B=3, H=2, L=97, D=40, pad=0.3, qkv_view=True, device_type=d),
+        attention_case("attn_fwd_pad_qkv_view_d40_L97", B=3, H=2, L=97, D=40, pad=0.3, qkv_view=True, device_type=d),
         attention_case("attn_fwd_bwd_pad_d40_L33", B=3, H=2, L=33, D=40, pad=0.3, grad=True, device_type=d),
         attention_case("attn_fwd_bwd_d32_L65", B=1, H=2, L=65, D=32, grad=True, device_type=d, quick=True),
-        varlen_case("varlen_fwd_d32", lengths=[17, 40, 5], H=2, D=32, device_type=d),
+        varlen_case("varlen_fwd_d32_L40", lengths=[17, 40, 5], H=2, D=32, device_type=d),
         add_ln_case("add_ln_fwd_51x100", M=51, N=100, device_type=d, quick=True),
         add_ln_case("add_ln_fwd_8x1023", M=8, N=1023, device_type=d),
         add_ln_case("add_ln_fwd_3x1", M=3, N=1, device_type=d),
         add_ln_case("add_ln_fwd_bwd_17x768", M=17, N=768, grad=True, device_type=d, quick=True),
-        linear_gelu_case("linear_gelu_fwd_17x100x257", M=17, K_in=100, N=257, device_type=d, quick=True),
+        linear_gelu_case("linear_gelu_fwd_erf_17x100x257", M=17, K_in=100, N=257, device_type=d, quick=True),
         linear_gelu_case("linear_gelu_fwd_tanh_33x64x128", M=33, K_in=64, N=128, approximate="tanh", device_type=d),
-        linear_gelu_case("linear_gelu_fwd_bwd_17x40x80", M=17, K_in=40, N=80, grad=True, device_type=d, quick=True),
+        linear_gelu_case("linear_gelu_fwd_bwd_erf_17x40x80", M=17, K_in=40, N=80, grad=True, device_type=d, quick=True),
     ]
 
 

@@ -78,16 +78,24 @@ def summary_rows(doc: dict) -> list[dict]:
 COLUMNS = ["case", "dtype", "parity", "ours", "baseline", "speedup", "throughput", "roofline", "refused"]
 
 
+def columns(doc: dict) -> list[str]:
+    """The summary's columns: no "roofline" where the run measured no ceiling (the CPU)."""
+    if (doc.get("roofline") or {}).get("is_ceiling", True):
+        return COLUMNS
+    return [c for c in COLUMNS if c != "roofline"]
+
+
 def print_table(doc: dict, console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"fuseformer bench - {doc['env']['device_name']}", show_lines=False)
-    for col in COLUMNS:
+    cols = columns(doc)
+    for col in cols:
         table.add_column(col, overflow="fold")
     for row in summary_rows(doc):
-        style = {"parity-fail": "red", "error": "red", "skipped": "yellow"}.get(row["status"])
-        cells = [escape(row[c]) for c in COLUMNS]
+        style = {"parity-fail": "red", "error": "red", "refused": "red", "skipped": "yellow"}.get(row["status"])
+        cells = [escape(row[c]) for c in cols]
         if row["parity"].startswith("FAIL"):
             cells[2] = f"[red]{row['parity']}[/red]"
         table.add_row(*cells, style=style)
@@ -95,6 +103,11 @@ def print_table(doc: dict, console) -> None:
     for row in summary_rows(doc):
         if row["reason"]:
             console.print(f"[yellow]{escape(row['case'])}[/yellow]: {escape(row['reason'])}", highlight=False)
+    for case in doc["cases"]:
+        for name, entry in case["impls"].items():
+            if entry.get("backend_warning"):
+                console.print(f"[yellow]{escape(case['name'])} / {escape(name)}[/yellow]: "
+                              f"{escape(entry['backend_warning'])}", highlight=False)
 
 
 def _md_escape(text: str) -> str:
@@ -110,18 +123,23 @@ def write_markdown(doc: dict, path: Path) -> None:
         f"- commit `{env['git_commit'] or 'none'}`" + (" (dirty)" if env.get("git_dirty") else ""),
         f"- torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, driver {env.get('driver')}, "
         f"transformers {env.get('transformers')}",
-        f"- measured roofline: copy {roof.get('copy_gbps', 0):.4g} GB/s, matmul {roof.get('matmul_tflops', 0):.4g} "
-        f"TFLOP/s ({roof.get('matmul_dtype')})",
+        (f"- measured roofline: copy {roof.get('copy_gbps', 0):.4g} GB/s, matmul {roof.get('matmul_tflops', 0):.4g} "
+         f"TFLOP/s ({roof.get('matmul_dtype')})" if roof.get("is_ceiling", True) else
+         f"- CPU reference rates, not ceilings (cached data beats them; no roofline fractions): copy "
+         f"{roof.get('copy_gbps', 0):.4g} GB/s, matmul {roof.get('matmul_tflops', 0):.4g} TFLOP/s "
+         f"({roof.get('matmul_dtype')})"),
         f"- run: {' '.join(doc.get('argv') or []) or '(defaults)'}, {env['timestamp']}",
         "",
     ]
     lines += [f"> {note}" for note in doc.get("notes", [])]
-    lines += ["", "## Summary", "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    cols = columns(doc)
+    lines += ["", "## Summary", "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for row in summary_rows(doc):
-        lines.append("| " + " | ".join(_md_escape(row[c]) for c in COLUMNS) + " |")
-    lines += ["", "## Every implementation", "",
-              "| case | implementation | status | median ms | p20-p80 ms | TFLOP/s | GB/s | roofline | parity error / bound |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines.append("| " + " | ".join(_md_escape(row[c]) for c in cols) + " |")
+    with_roof = "roofline" in cols
+    header = ["case", "implementation", "status", "median ms", "p20-p80 ms", "TFLOP/s", "GB/s"]
+    header += ["roofline"] * with_roof + ["parity error / bound"]
+    lines += ["", "## Every implementation", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for case in doc["cases"]:
         for name, e in case["impls"].items():
             parity = "-"
@@ -131,9 +149,12 @@ def write_markdown(doc: dict, path: Path) -> None:
             spread = f"{e['p20_ms']:.4g}-{e['p80_ms']:.4g}" if "p20_ms" in e else "-"
             frac = e.get("roofline_fraction")
             status = e.get("status", "-") + (f": {e['reason']}" if e.get("reason") else "")
-            lines.append("| " + " | ".join(_md_escape(v) for v in [
-                case["name"], name, status, _fmt(e.get("median_ms"), ".4g"), spread, _fmt(e.get("tflops")),
-                _fmt(e.get("gbps"), ".4g"), "-" if frac is None else f"{100 * frac:.0f}%", parity]) + " |")
+            if e.get("backend_warning"):
+                status += f" ({e['backend_warning']})"
+            cells = [case["name"], name, status, _fmt(e.get("median_ms"), ".4g"), spread, _fmt(e.get("tflops")),
+                     _fmt(e.get("gbps"), ".4g")]
+            cells += ["-" if frac is None else f"{100 * frac:.0f}%"] * with_roof + [parity]
+            lines.append("| " + " | ".join(_md_escape(v) for v in cells) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 

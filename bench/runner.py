@@ -17,7 +17,7 @@ import torch
 from . import envinfo, timing
 from .core import OURS, Case, CaseUnavailable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: case status "refused", roofline.is_ceiling
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
@@ -107,6 +107,7 @@ def run_case(case: Case, config: RunConfig, roofline: timing.Roofline) -> dict:
         result["traceback"] = traceback.format_exc(limit=6)
         result["seconds"] = time.perf_counter() - start
         return result
+    result["prepare_seconds"] = time.perf_counter() - start
     kinds = prepared.kinds
     impls = result["impls"]
     for name, reason in prepared.refused.items():
@@ -115,6 +116,8 @@ def run_case(case: Case, config: RunConfig, roofline: timing.Roofline) -> dict:
         impls[name] = {"kind": kinds.get(name), "status": "error", "reason": reason}
     for name, checks in prepared.parity.items():
         impls.setdefault(name, {"kind": kinds.get(name)})["parity"] = _parity_dict(checks)
+    for name, extra in prepared.details.items():
+        impls.setdefault(name, {"kind": kinds.get(name)}).update(extra)
     for name, reason in prepared.not_timed.items():
         entry = impls.setdefault(name, {"kind": kinds.get(name)})
         ok = entry.get("parity", {}).get("ok", True)
@@ -127,13 +130,14 @@ def run_case(case: Case, config: RunConfig, roofline: timing.Roofline) -> dict:
             # A wrong answer is never timed as a success.
             entry.update(status="parity-fail", reason="parity failed: not timed")
             continue
+        timing_started = time.perf_counter()
         try:
             t = timing.time_fn(fn, config.device, config.quick)
         except Exception as err:  # noqa: BLE001
             entry.update(status="error", reason=f"{type(err).__name__}: {err}".splitlines()[0])
             continue
         entry.update(status="timed", median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs,
-                     peak_mem_mb=t.peak_mem_mb)
+                     peak_mem_mb=t.peak_mem_mb, timing_seconds=time.perf_counter() - timing_started)
         seconds = t.median_ms * 1e-3
         roof_seconds = 0.0
         if case.flops:
@@ -141,9 +145,10 @@ def run_case(case: Case, config: RunConfig, roofline: timing.Roofline) -> dict:
             roof_seconds = max(roof_seconds, case.flops / (roofline.matmul_tflops * 1e12))
         if result["bytes"]:
             entry["gbps"] = result["bytes"] / seconds / 1e9
-            entry["copy_fraction"] = entry["gbps"] / roofline.copy_gbps
+            if roofline.is_ceiling:
+                entry["copy_fraction"] = entry["gbps"] / roofline.copy_gbps
             roof_seconds = max(roof_seconds, result["bytes"] / (roofline.copy_gbps * 1e9))
-        entry["roofline_fraction"] = roof_seconds / seconds if roof_seconds else None
+        entry["roofline_fraction"] = roof_seconds / seconds if roof_seconds and roofline.is_ceiling else None
         times[name] = t.median_ms
     del prepared
 
@@ -156,6 +161,11 @@ def run_case(case: Case, config: RunConfig, roofline: timing.Roofline) -> dict:
     elif any(impls[n].get("status") == "error" for n in ours):
         result["status"] = "error"
         result["reason"] = "; ".join(f"{n}: {impls[n]['reason']}" for n in ours if impls[n].get("status") == "error")
+    elif all(impls[n].get("status") == "refused" for n in ours):
+        # Only baselines ran: the case measured nothing of ours, whatever their numbers say.
+        result["status"] = "refused"
+        result["reason"] = "no implementation of ours ran: " + (
+            "; ".join(f"{n}: {impls[n]['reason']}" for n in ours) or "none is declared")
     # Pseudo-entries: the fastest fused implementation of ours, the fastest SDPA backend.
     # Where no fused implementation ran (the CPU), our best is the torch backend; the
     # results name which implementation it was.
@@ -194,17 +204,57 @@ def new_document(config: RunConfig, roofline: timing.Roofline | None) -> dict:
     }
 
 
-def run(cases: list[Case], config: RunConfig, on_start: Callable | None = None, on_done: Callable | None = None) -> dict:
-    roofline = timing.measure_roofline(config.device, config.quick)
+# What must match for a case's result to be reused by --resume: the code, where it ran, and how.
+RESUME_ENV_KEYS = ("git_commit", "git_dirty", "device_name", "torch", "triton", "transformers")
+
+
+def resumable(previous: dict, config: RunConfig, cases: list[Case], env: dict) -> tuple[dict[str, dict], str | None]:
+    """The results of `previous` (a results document of a cut-off run) that this run can keep:
+    {case name: result} for each case already there in the dtype this run would use, or
+    ({}, why nothing is kept)."""
+    if previous.get("schema") != SCHEMA_VERSION:
+        return {}, f"schema {previous.get('schema')} is not {SCHEMA_VERSION}"
+    old_env = previous.get("env") or {}
+    for key in RESUME_ENV_KEYS:
+        if old_env.get(key) != env.get(key):
+            return {}, f"its {key} is {old_env.get(key)!r}, this run's is {env.get(key)!r}"
+    if bool((previous.get("config") or {}).get("quick")) != config.quick:
+        return {}, "it was run with" + ("" if previous["config"].get("quick") else "out") + " --quick"
+    done = {c["name"]: c for c in previous.get("cases", [])}
+    keep = {}
+    for case in cases:
+        old = done.get(case.name)
+        if old is not None and old.get("dtype") == dtype_name(config.dtype_for(case)):
+            keep[case.name] = old
+    return keep, None
+
+
+def run(cases: list[Case], config: RunConfig, on_start: Callable | None = None, on_done: Callable | None = None,
+        resume_from: dict | None = None) -> dict:
+    """Run `cases` in order. With `resume_from` (a cut-off run's document), the cases whose
+    results `resumable` keeps are not run again, and its roofline is kept with them so that
+    every fraction in the file is of one measurement."""
+    kept = {}
+    if resume_from is not None:
+        kept, _ = resumable(resume_from, config, cases, envinfo.environment(config.device))
+    if kept and resume_from.get("roofline"):
+        roofline = timing.Roofline(**resume_from["roofline"])
+    else:
+        roofline = timing.measure_roofline(config.device, config.quick)
     results = ResultsFile(config.results_path, new_document(config, roofline))
+    if kept:
+        results.doc["resumed"] = {"from": resume_from["env"].get("timestamp"), "cases_kept": len(kept)}
     results.write()
     for i, case in enumerate(cases):
         if on_start:
             on_start(case, i, len(cases))
-        result = run_case(case, config, roofline)
+        if case.name in kept:
+            result = dict(kept[case.name], resumed=True)
+        else:
+            result = run_case(case, config, roofline)
         results.doc["cases"].append(result)
         results.write()
-        if config.device.type == "cuda":
+        if config.device.type == "cuda" and case.name not in kept:
             # Compiled closures of one code object share dynamo's cache (and its recompile
             # limit); starting each case afresh keeps every torch.compile a real compile.
             torch._dynamo.reset()
@@ -234,20 +284,31 @@ def _metric(case: dict, rule: dict) -> float | None:
     return entry.get(metric)
 
 
+FAILED = ("parity-fail", "error", "refused")  # case statuses that fail --check wherever they occur
+
+
 def gate(doc: dict, rules: list[dict], gate_speed: bool) -> list[str]:
     """Every reason `--check` fails: parity failures and errors of our implementations,
-    and (where speed is gated) each threshold rule a measured case falls short of."""
+    cases where none of ours ran, and (where speed is gated) each threshold rule a case
+    falls short of or did not run to be measured (skipped: its threshold must not vanish)."""
     failures = []
     for case in doc["cases"]:
-        if case["status"] in ("parity-fail", "error"):
+        if case["status"] in FAILED:
             failures.append(f"{case['name']}: {case['status']}: {case['reason']}")
     if not gate_speed:
         return failures
+    unmeasured = set()
     for rule in rules:
         for case in doc["cases"]:
-            if not fnmatch.fnmatchcase(case["name"], rule["case"]) or case["status"] != "ok":
+            if not fnmatch.fnmatchcase(case["name"], rule["case"]):
                 continue
             if rule.get("dtype") and rule["dtype"] != case["dtype"]:
+                continue
+            if case["status"] != "ok":
+                if case["status"] not in FAILED and case["name"] not in unmeasured:
+                    unmeasured.add(case["name"])
+                    failures.append(f"{case['name']}: gated by bench/thresholds.json but {case['status']}: "
+                                    f"{case['reason']}")
                 continue
             value = _metric(case, rule)
             label = f"{case['name']}: {rule.get('metric', 'speedup')}"

@@ -1,4 +1,4 @@
-"""Triton flash attention against the float64 reference, by the parity rule (DESIGN.md).
+"""Triton flash attention against the float64 reference, by the parity rule (docs/design.md).
 
 Runs the real kernels through Triton's interpreter on the CPU (conftest.py) and on the GPU
 where there is one. Shapes are small and odd on purpose: the interpreter's cost grows with

@@ -1,5 +1,5 @@
 """Backend selection: set/get/use_backend, FUSEFORMER_BACKEND, availability and the
-fallback rules of DESIGN.md, exercised through add_layer_norm and linear_gelu."""
+fallback rules of docs/design.md ("Backends"), exercised through add_layer_norm and linear_gelu."""
 import os
 import subprocess
 import sys

@@ -24,7 +24,8 @@ def _run(*args, timeout=240, env_extra=None):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    proc = _run("--quick", "--filter", TINY, "--out", str(out))
+    # --device cpu: what these tests check is the CPU run, which a CUDA machine would not pick.
+    proc = _run("--quick", "--device", "cpu", "--filter", TINY, "--out", str(out))
     return proc, out
 
 
@@ -39,7 +40,7 @@ def test_cli_exits_zero_and_says_what_cpu_cannot_do(quick_run):
 def test_cli_json_schema(quick_run):
     _, out = quick_run
     doc = json.loads((out / "results.json").read_text())
-    assert doc["schema"] == 1 and doc["complete"] is True
+    assert doc["schema"] == 2 and doc["complete"] is True
     env = doc["env"]
     for key in ("git_commit", "git_dirty", "device", "device_name", "driver", "torch", "triton", "cuda", "timestamp"):
         assert key in env
@@ -72,22 +73,35 @@ def test_cli_writes_markdown_and_png(quick_run):
 
 
 def test_unknown_suite_lists_valid_ones(capsys):
-    assert cli.main(["--suite", "kernels"]) == 2
+    assert cli.bench_main(["--suite", "kernels"]) == 2
     err = capsys.readouterr().err
     assert "invalid choice" in err and "ops" in err and "models" in err and "all" in err
 
 
+def _here_cases():
+    """The cases the command picks on this machine: with CUDA present its default device is
+    CUDA and it declares the GPU cases, not the small CPU ones."""
+    import torch
+
+    from fuseformer.bench import model_cases, ops
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return ops.cases(device), model_cases.cases(device)
+
+
 def test_unknown_filter_lists_valid_names(capsys, tmp_path):
-    assert cli.main(["--filter", "no_such_case", "--out", str(tmp_path)]) == 2
+    assert cli.bench_main(["--filter", "no_such_case", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "'no_such_case'" in err
-    assert TINY in err and "bert_infer_B4_L128_pad30" in err and "groups" in err
+    assert "'no_such_case'" in err and "groups" in err
+    ops_cases, models = _here_cases()
+    assert ops_cases[0].name in err and models[0].name in err
 
 
 def test_unwritable_out_is_a_clear_error(capsys, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    assert cli.main(["--filter", TINY, "--out", str(blocker / "results")]) == 2
+    some_case = _here_cases()[0][0].name
+    assert cli.bench_main(["--filter", some_case, "--out", str(blocker / "results")]) == 2
     err = capsys.readouterr().err
     assert "--out" in err and "cannot write results there" in err
 
@@ -97,7 +111,7 @@ def test_device_cuda_without_gpu_is_a_clear_error(capsys):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert cli.main(["--device", "cuda"]) == 2
+    assert cli.bench_main(["--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
 
 
@@ -114,7 +128,52 @@ def test_device_cuda_n_becomes_the_current_device(monkeypatch):
 
 
 def test_list_shows_quick_cases(capsys):
-    assert cli.main(["--list", "--quick", "--suite", "ops"]) == 0
+    assert cli.bench_main(["--list", "--quick", "--suite", "ops"]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["case", "suite", "group", "quick"]
+    ops_cases, _ = _here_cases()
+    quick = [c.name for c in ops_cases if c.quick]
+    assert quick and len(quick) < len(ops_cases)
+    assert [row.split()[0] for row in rows] == quick
+    assert all(row.split()[1:] == [c.suite, c.group, "yes"] for row, c in zip(rows, [c for c in ops_cases if c.quick]))
+
+
+def test_case_names_start_with_their_group():
+    """--filter takes a group or a name: a case must read as a member of its group."""
+    from fuseformer.bench import model_cases, ops
+
+    for device in ("cpu", "cuda"):
+        for case in ops.cases(device) + model_cases.cases(device):
+            assert case.name.startswith(case.group + "_"), (device, case.name, case.group)
+
+
+def test_bare_command_and_help_list_the_subcommands(capsys):
+    assert cli.main([]) == 2  # nothing was asked for: a script calling it bare must notice
+    bare = capsys.readouterr().out
+    assert cli.main(["--help"]) == 0
+    helped = capsys.readouterr().out
+    assert bare == helped
+    for line in ("bench ", "bench --list", "bench compare OLD.json NEW.json", "fuseformer bench --help"):
+        assert line in helped, line
+    assert cli.main(["--quick"]) == 2
+    assert "fuseformer bench --quick" in capsys.readouterr().err
+    assert cli.main(["benchh"]) == 2
+    assert "unknown command 'benchh'" in capsys.readouterr().err
+
+
+def test_bench_help_is_the_benchmarks_own(capsys):
+    assert cli.main(["bench", "--help"]) == 0
     out = capsys.readouterr().out
-    assert TINY in out and "(quick)" in out
-    assert "add_ln_fwd_8x1023" not in out  # not in the quick subset
+    assert "usage: fuseformer bench" in out and "--quick" in out and "--resume" in out
+
+
+def test_device_cpu_in_process_leaves_triton_interpret_alone_once_kernels_exist(monkeypatch, capsys):
+    """On a CUDA machine the kernels are compiled when they are imported; a later in-process
+    `--device cpu` that set TRITON_INTERPRET would make fuseformer hand CPU tensors to compiled
+    kernels in every test after it."""
+    import fuseformer.kernels  # noqa: F401 - defined before the command runs, as in a test session
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert cli.bench_main(["--list", "--device", "cpu", "--suite", "ops"]) == 0
+    assert "TRITON_INTERPRET" not in os.environ
+    capsys.readouterr()

@@ -14,7 +14,7 @@ import torch
 
 pytestmark = pytest.mark.benchmark
 
-CASES = ["attn_fwd_d64_L2048", "attn_fwd_bert_pad_L512", "add_ln_fwd_16384x768", "linear_gelu_fwd_bert_16384x768x3072"]
+CASES = ["attn_fwd_d64_L2048", "attn_fwd_pad_d64_L512", "add_ln_fwd_16384x768", "linear_gelu_fwd_erf_16384x768x3072"]
 IMPLS = ["fuseformer-triton", "sdpa-best-or-eager"]
 
 

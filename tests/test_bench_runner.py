@@ -29,7 +29,9 @@ def fake_case(name, ours_fn, baseline_fn=_double, timed=True):
 
 
 def _wrong(i):
-    return i["x"] * 2 + 1e-2  # far outside the fp32 parity bound
+    # Far outside the parity bound in every dtype a run may pick: on a CUDA machine the
+    # default dtype is bf16, whose floor (1.6e-2) an error of 1e-2 would pass.
+    return i["x"] * 2 + 0.5
 
 
 def _slow(i):
@@ -55,17 +57,17 @@ def test_parity_failure_is_red_and_never_timed(roofline):
 def test_check_exits_nonzero_on_injected_parity_failure(tmp_path, capsys):
     cases = [fake_case("fake_wrong", _wrong)]
     args = ["--quick", "--filter", "fake_wrong", "--out", str(tmp_path)]
-    assert cli.main(args + ["--check"], cases=cases) == 1
+    assert cli.bench_main(args + ["--check"], cases=cases) == 1
     assert "check failed" in capsys.readouterr().out
     # Without --check the run still succeeds, and the results say the case failed.
-    assert cli.main(args, cases=cases) == 0
+    assert cli.bench_main(args, cases=cases) == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["cases"][0]["status"] == "parity-fail"
 
 
 def test_check_passes_a_correct_case(tmp_path):
     cases = [fake_case("fake_right", _double)]
-    assert cli.main(["--quick", "--check", "--filter", "fake_right", "--out", str(tmp_path)], cases=cases) == 0
+    assert cli.bench_main(["--quick", "--check", "--filter", "fake_right", "--out", str(tmp_path)], cases=cases) == 0
 
 
 def test_speed_under_threshold_fails_the_gate(tmp_path, roofline):
@@ -101,18 +103,36 @@ def test_results_are_valid_json_after_every_case(tmp_path):
     assert doc["cases"][1]["impls"]["fuseformer-fake"]["status"] == "not-timed"
 
 
-def test_timed_run_draws_speedup_and_roofline_plots(tmp_path):
+def test_timed_run_draws_speedup_plot_and_no_roofline_on_the_cpu(tmp_path):
+    """The CPU's measured copy and matmul rates are no ceilings (cached data beats them):
+    throughput is reported, a fraction of them is not."""
     cases = [fake_case(f"fake_L{i}", _double) for i in (1, 2)]
     for c, L in zip(cases, (64, 128)):
         c.params = {"L": L}
     doc = runner.run(cases, runner.RunConfig(CPU, quick=True, results_path=tmp_path / "results.json"))
     entry = doc["cases"][0]["impls"]["fuseformer-fake"]
     assert entry["status"] == "timed" and entry["p20_ms"] <= entry["median_ms"] <= entry["p80_ms"]
-    assert entry["gbps"] > 0 and entry["tflops"] > 0 and entry["roofline_fraction"] > 0
+    assert entry["gbps"] > 0 and entry["tflops"] > 0
+    assert entry["roofline_fraction"] is None and "copy_fraction" not in entry
+    assert doc["roofline"]["is_ceiling"] is False
     written = {p.name for p in report.write_all(doc, tmp_path)}
-    assert {"results.md", "parity.png", "speedup_vs_seqlen.png", "roofline.png"} <= written
-    for name in ("speedup_vs_seqlen.png", "roofline.png"):
-        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert {"results.md", "parity.png", "speedup_vs_seqlen.png"} <= written and "roofline.png" not in written
+    assert (tmp_path / "speedup_vs_seqlen.png").read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "results.md").read_text()
+    assert "not ceilings" in md and "| roofline |" not in md
+
+
+def test_roofline_fraction_and_plot_against_a_ceiling(tmp_path):
+    ceiling = timing.Roofline(copy_gbps=1e5, matmul_tflops=1e3, matmul_dtype="float32", l2_bytes=0, is_ceiling=True)
+    result = runner.run_case(fake_case("fake_roof", _double), runner.RunConfig(CPU, quick=True), ceiling)
+    entry = result["impls"]["fuseformer-fake"]
+    assert 0 < entry["roofline_fraction"] < 1 and 0 < entry["copy_fraction"] < 1
+    doc = {"env": {"device_name": "x", "git_commit": None, "torch": "", "triton": "", "cuda": None, "timestamp": ""},
+           "roofline": ceiling.as_dict(), "cases": [result]}
+    assert report.plot_roofline(doc, tmp_path / "roofline.png")
+    assert (tmp_path / "roofline.png").read_bytes()[:4] == b"\x89PNG"
+    report.write_markdown(doc, tmp_path / "results.md")
+    assert "| roofline |" in (tmp_path / "results.md").read_text()
 
 
 def test_compare_finds_an_injected_regression(tmp_path, capsys, roofline):
@@ -140,6 +160,78 @@ def test_compare_finds_an_injected_regression(tmp_path, capsys, roofline):
     assert cli.main(["compare", str(paths["old"]), str(tmp_path / "missing.json")]) == 2
 
 
+def _timed_doc(times: dict[str, float]) -> dict:
+    impls = {name: {"kind": "ours" if name.startswith("fuseformer") else "baseline", "status": "timed",
+                    "median_ms": ms} for name, ms in times.items()}
+    return {"env": {"device_name": "cpu"}, "cases": [{"name": "m", "status": "ok", "reason": None, "impls": impls}]}
+
+
+def test_compare_holds_ours_to_the_baselines_drift(tmp_path, capsys):
+    """Two CPU runs of one commit: everything, baselines too, took up to 2.3x longer. Ours
+    moving as much is the machine, not a regression; ours moving past it plus the tolerance is."""
+    old = _timed_doc({"fuseformer-torch": 10.0, "hf-eager": 10.0, "hf-sdpa": 8.0})
+    noisy = _timed_doc({"fuseformer-torch": 22.0, "hf-eager": 23.0, "hf-sdpa": 12.0})
+    assert compare.baseline_drift(old, noisy) == pytest.approx((1.5, 2.3))
+    assert compare.compare(old, noisy, 0.05) == ([], [])
+    worse = _timed_doc({"fuseformer-torch": 25.0, "hf-eager": 23.0, "hf-sdpa": 12.0})
+    [regression] = compare.compare(old, worse, 0.05)[0]
+    assert "m / fuseformer-torch" in regression and "2.50x" in regression
+    assert compare.compare(old, worse, 0.10)[0] == []  # 2.5 <= 2.3 * 1.1
+    # Baselines that got faster do not lower the bar below "no slower than before".
+    quieter = _timed_doc({"fuseformer-torch": 10.2, "hf-eager": 7.0, "hf-sdpa": 6.0})
+    assert compare.compare(old, quieter, 0.05)[0] == []
+
+    paths = [tmp_path / "old.json", tmp_path / "new.json"]
+    for path, doc in zip(paths, (old, noisy)):
+        path.write_text(json.dumps(doc))
+    assert cli.main(["bench", "compare", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert "baseline drift: baselines took 1.50x to 2.30x" in out and "beyond 2.42x" in out
+    assert cli.main(["bench", "compare", *map(str, paths), "--tolerance", "-1"]) == 2
+    assert "--tolerance: must be a fraction >= 0" in capsys.readouterr().err
+
+
+def _counted(calls: list, name: str):
+    def fn(i):
+        calls.append(name)
+        return i["x"] * 2
+
+    return fn
+
+
+def test_resume_runs_only_what_a_cut_off_run_left(tmp_path, capsys):
+    calls = []
+    cases = [fake_case(n, _counted(calls, n), timed=False) for n in ("fake_r1", "fake_r2", "fake_r3")]
+    args = ["--quick", "--filter", "fake_r*", "--out", str(tmp_path)]
+    assert cli.bench_main(args, cases=cases) == 0
+    path = tmp_path / "results.json"
+    full = json.loads(path.read_text())
+    # Cut off after the first case: what a killed run leaves behind.
+    cut = dict(full, complete=False, cases=full["cases"][:1])
+    path.write_text(json.dumps(cut))
+    calls.clear()
+    assert cli.bench_main(args + ["--resume"], cases=cases) == 0
+    assert "keeping 1 of 3 cases" in capsys.readouterr().out
+    assert set(calls) == {"fake_r2", "fake_r3"}  # (on a GPU each is called many times: timed)
+    doc = json.loads(path.read_text())
+    assert doc["complete"] and [c["name"] for c in doc["cases"]] == ["fake_r1", "fake_r2", "fake_r3"]
+    assert doc["cases"][0] == dict(full["cases"][0], resumed=True) and doc["resumed"]["cases_kept"] == 1
+    assert doc["roofline"] == full["roofline"]
+
+    # Another commit (or device, versions, dtype, --quick) measured something else: run everything.
+    cut["env"] = dict(cut["env"], git_commit="0" * 40)
+    path.write_text(json.dumps(cut))
+    calls.clear()
+    assert cli.bench_main(args + ["--resume"], cases=cases) == 0
+    assert "not continuing" in capsys.readouterr().out and set(calls) == {"fake_r1", "fake_r2", "fake_r3"}
+    calls.clear()
+    assert cli.bench_main(args + ["--resume", "--dtype", "fp16"], cases=cases) == 0
+    assert set(calls) == {"fake_r1", "fake_r2", "fake_r3"}  # the file holds results in another dtype
+    path.write_text("{not json")
+    assert cli.bench_main(args + ["--resume"], cases=cases) == 2
+    assert "--resume: cannot read" in capsys.readouterr().err
+
+
 def test_filter_selection():
     cases = [fake_case("attn_a", _double), fake_case("attn_b", _double), fake_case("ln_c", _double)]
     assert [c.name for c in cli._select(cases, "attn", False)] == ["attn_a", "attn_b"]
@@ -164,17 +256,123 @@ def test_model_cases_run_on_cpu(family, task, pad, roofline):
     for name in ("hf-eager", "hf-sdpa", "fuseformer-torch"):
         entry = result["impls"][name]
         assert entry["status"] == "timed" and entry["parity"]["ok"], (name, entry)
+        # On the CPU nothing of ours is fused: whatever ops went through fuseformer.kernels ran torch.
+        assert all(set(counts) == {"torch"} for counts in entry["backends"].values()), entry["backends"]
+        assert [c["what"].split()[0] for c in entry["parity"]["checks"]] == (["loss", "grad"] if task == "train" else ["out"])
     assert set(result["speedups"]["fuseformer-torch"]) == {"hf-eager", "hf-sdpa"}
 
 
-def test_missing_model_is_skipped_with_the_reason(roofline, monkeypatch):
+def test_training_parity_checks_every_gradient_not_only_the_loss(roofline, monkeypatch):
+    """A backward that gets one parameter's gradient wrong leaves the loss exact: the
+    training case must still fail parity, naming that parameter."""
+    from fuseformer import models
+
+    make = models.BertForMaskedLM.from_hf.__func__
+    broken = {}
+
+    def from_hf_with_a_wrong_gradient(cls, hf_model, **kwargs):
+        model = make(cls, hf_model, **kwargs)
+        name, param = max(model.named_parameters(), key=lambda item: item[1].numel())
+        param.register_hook(lambda g: g * 2)
+        broken["name"] = name
+        return model
+
+    monkeypatch.setattr(models.BertForMaskedLM, "from_hf", classmethod(from_hf_with_a_wrong_gradient))
+    case = model_cases._case("bert", "train", 2, 16, "cpu")
+    case.size = TINY
+    result = runner.run_case(case, runner.RunConfig(CPU, quick=True), roofline)
+    assert broken and result["status"] == "parity-fail", result["reason"]
+    loss, grads = result["impls"]["fuseformer-torch"]["parity"]["checks"]
+    assert loss["what"] == "loss" and loss["ok"]
+    assert grads["what"].startswith("grad ") and "1 fail" in grads["what"] and not grads["ok"]
+    assert result["impls"]["hf-sdpa"]["parity"]["ok"]  # the baselines' gradients still pass
+
+
+def test_op_trace_records_the_backend_each_op_ran(monkeypatch, device):
+    from fuseformer import kernels as K
+    from fuseformer.bench import op_trace
+
+    if device == "cpu":
+        # Off CUDA `auto` is torch by definition and nothing is probed; pretend to be on CUDA
+        # so the probe runs (Triton's interpreter takes the CPU tensors here).
+        monkeypatch.setattr(op_trace, "_device", lambda args, kwargs: torch.device("cuda"))
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    original = K.add_layer_norm
+    x, w, b = torch.randn(4, 8, device=device), torch.randn(8, device=device), torch.randn(8, device=device)
+    monkeypatch.setattr(op_trace, "_auto_order", lambda op: ("triton",))
+    with op_trace.record_backends() as ran:
+        K.add_layer_norm(x, None, w, b, backend="auto")
+        K.add_layer_norm(x, None, w, b, backend="torch")
+        K.add_layer_norm(x, None, w, b, backend="auto")
+    assert ran == {"add_layer_norm": {"triton": 2, "torch": 1}}
+    assert K.add_layer_norm is original
+    if K.unavailable_reason("cuda") is not None:
+        # A backend that refuses the call is passed over, as `auto` passes it over.
+        monkeypatch.setattr(op_trace, "_auto_order", lambda op: ("cuda", "triton"))
+        with op_trace.record_backends() as ran:
+            K.add_layer_norm(x, None, w, b, backend="auto")
+        assert ran == {"add_layer_norm": {"triton": 1}}
+    # No fused backend takes it: `auto` ran torch, and a fused implementation says so.
+    monkeypatch.setattr(op_trace, "_auto_order", lambda op: ())
+    with op_trace.record_backends() as ran:
+        K.add_layer_norm(x, None, w, b, backend="auto")
+    assert ran == {"add_layer_norm": {"torch": 1}}
+    assert "add_layer_norm" in op_trace.summary(ran, fused=True)
+    assert op_trace.summary(ran, fused=False) is None
+    assert "PyTorch only" in op_trace.summary({}, fused=True)
+    assert op_trace.summary({"attention": {"triton": 3}}, fused=True) is None
+
+
+def test_missing_model_of_ours_is_an_error(roofline, monkeypatch):
     monkeypatch.setitem(model_cases.FAMILIES, ("bert", "infer"), ("BertModelThatDoesNotExist", "BertModel"))
     case = model_cases._case("bert", "infer", 2, 16, "cpu")
     result = runner.run_case(case, runner.RunConfig(CPU, quick=True), roofline)
-    assert result["status"] == "skipped"
-    assert "not available" in result["reason"] and "BertModelThatDoesNotExist" in result["reason"]
-    assert runner.gate({"cases": [result]}, [], gate_speed=False) == []
+    assert result["status"] == "error" and "BertModelThatDoesNotExist" in result["reason"]
+    [failure] = runner.gate({"cases": [result]}, [], gate_speed=False)
+    assert "BertModelThatDoesNotExist" in failure
+
+
+def test_import_error_of_our_models_is_an_error_not_a_skip(roofline, monkeypatch):
+    import sys
+
+    import fuseformer
+
+    # `from fuseformer import models` now raises ImportError, as a broken models/ would.
+    monkeypatch.setitem(sys.modules, "fuseformer.models", None)
+    monkeypatch.delattr(fuseformer, "models", raising=False)
+    case = model_cases._case("bert", "infer", 2, 16, "cpu")
+    result = runner.run_case(case, runner.RunConfig(CPU, quick=True), roofline)
+    assert result["status"] == "error" and "fuseformer.models" in result["reason"], result["reason"]
+    assert runner.gate({"cases": [result]}, [], gate_speed=False)
+
+
+def test_missing_transformers_skips_with_the_reason(roofline, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    case = model_cases._case("bert", "infer", 2, 16, "cpu")
+    result = runner.run_case(case, runner.RunConfig(CPU, quick=True), roofline)
+    assert result["status"] == "skipped" and "transformers is not installed" in result["reason"]
     assert report.summary_rows({"cases": [result]})[0]["parity"] == "not available"
+    # Not gated (the CPU, or no rule names it): a skip is reported, not a failure ...
+    assert runner.gate({"cases": [result]}, [], gate_speed=False) == []
+    # ... but a case a threshold gates fails --check when it did not run, with the reason.
+    rule = {"case": case.name, "vs": "hf-sdpa", "min": 1.0, "target": "test"}
+    [failure] = runner.gate({"cases": [result]}, [rule, dict(rule, vs="hf-eager")], gate_speed=True)
+    assert case.name in failure and "transformers is not installed" in failure
+
+
+def test_case_where_all_of_ours_refused_is_not_ok(roofline):
+    from fuseformer.bench.core import Refused
+
+    def refuse(i):
+        raise Refused("no kernel for this shape")
+
+    result = runner.run_case(fake_case("fake_refused", refuse), runner.RunConfig(CPU, quick=True), roofline)
+    assert result["impls"]["baseline-fast"]["status"] == "timed"
+    assert result["status"] == "refused" and "fuseformer-fake: no kernel for this shape" in result["reason"]
+    [failure] = runner.gate({"cases": [result]}, [], gate_speed=False)
+    assert "fake_refused" in failure
 
 
 def test_gpu_case_declarations_prepare_on_cpu(roofline):
@@ -191,10 +389,16 @@ def test_gpu_case_declarations_prepare_on_cpu(roofline):
         ops.add_ln_case("g_ln_bwd", M=9, N=40, grad=True, device_type="cuda"),
         ops.linear_gelu_case("g_lg", M=9, K_in=16, N=24, device_type="cuda"),  # erf: cuBLASLt not compared
     ]
+    # Only Triton's interpreter runs a fused kernel on CPU tensors; on a CUDA machine (no
+    # interpreter, see conftest.py) ours refuse them, so such a case measured nothing of ours.
+    fused_runs_on_cpu = not torch.cuda.is_available()
     for case in cases:
         case.impls = [i for i in case.impls if i.name != "torch-compile"]
         result = runner.run_case(case, runner.RunConfig(CPU, quick=True), roofline)
-        assert result["status"] == "ok", (case.name, result["reason"], result["impls"])
+        if fused_runs_on_cpu:
+            assert result["status"] == "ok", (case.name, result["reason"], result["impls"])
+        else:
+            assert result["status"] == "refused" and "fuseformer-triton" in result["reason"], (case.name, result)
         seen = set(result["impls"])
         if case.name != "g_varlen":  # varlen has a triton kernel only
             assert result["impls"]["fuseformer-cuda"]["status"] == "refused"

@@ -1,0 +1,96 @@
+"""Which backend each fused op of a model really ran.
+
+A model on the `auto` backend falls back to `torch` where no fused backend can run an op,
+with one warning per process (and the model cases silence warnings). Without this record, a
+"fused" timing could be plain PyTorch and nobody would see it. It works through the public
+API only. While a block runs, the public ops of fuseformer.kernels (which the models call as
+`K.<op>`) are wrapped. For each call that was left to `auto`, the wrapper asks each fused
+backend by name whether it runs those exact arguments. A backend named explicitly raises
+BackendUnsupportedError rather than falling back, so the first one that does not raise is
+what `auto` ran; if none runs them, it was `torch`.
+
+The probe runs the op once more per call. Use it on one call of a model (the parity call),
+never on a timed one. It stays off during CUDA-graph capture, which must not record it.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from fuseformer import kernels as K
+
+# Public name -> the op name the backend registry uses.
+OPS = {
+    "scaled_dot_product_attention": "attention",
+    "varlen_attention": "varlen_attention",
+    "add_layer_norm": "add_layer_norm",
+    "linear_gelu": "linear_gelu",
+}
+FUSED = ("triton", "cuda")
+
+
+def _device(args, kwargs) -> torch.device | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
+
+
+def _auto_order(op: str) -> tuple[str, ...]:
+    from fuseformer.kernels import backends
+
+    return tuple(getattr(backends, "AUTO_ORDER", {}).get(op, FUSED))
+
+
+def _which(op: str, fn, args, kwargs) -> str:
+    requested = (kwargs.get("backend") or K.get_backend()).lower()
+    if requested != "auto":
+        return requested  # by name: it ran, or the call raised
+    device = _device(args, kwargs)
+    if device is None or device.type != "cuda":
+        return "torch"  # `auto` off CUDA is torch by definition
+    if torch.cuda.is_current_stream_capturing():
+        return "auto (not probed during CUDA-graph capture)"
+    for candidate in _auto_order(op):
+        try:
+            fn(*args, **dict(kwargs, backend=candidate))
+        except K.BackendUnsupportedError:
+            continue
+        return candidate
+    return "torch"
+
+
+@contextlib.contextmanager
+def record_backends() -> Iterator[dict[str, dict[str, int]]]:
+    """Yields {op: {backend that ran: number of calls}}, filled while the block runs."""
+    seen: dict[str, dict[str, int]] = {}
+    originals = {name: getattr(K, name) for name in OPS if hasattr(K, name)}
+
+    def traced(name, fn):
+        def call(*args, **kwargs):
+            ran = _which(OPS[name], fn, args, kwargs)
+            counts = seen.setdefault(OPS[name], {})
+            counts[ran] = counts.get(ran, 0) + 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    for name, fn in originals.items():
+        setattr(K, name, traced(name, fn))
+    try:
+        yield seen
+    finally:
+        for name, fn in originals.items():
+            setattr(K, name, fn)
+
+
+def summary(seen: dict[str, dict[str, int]], fused: bool) -> str | None:
+    """A one-line warning when a fused implementation did not run fused ops only, else None."""
+    if fused and not seen:
+        return "no call of a fused op was seen: this ran PyTorch only"
+    fallbacks = sorted(op for op, counts in seen.items() if "torch" in counts)
+    if fused and fallbacks:
+        return "fell back to torch for: " + ", ".join(fallbacks)
+    return None
