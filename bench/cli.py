@@ -21,6 +21,7 @@ from pathlib import Path
 SUITES = ("ops", "models", "all")
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
 THRESHOLDS = Path(__file__).with_name("thresholds.json")
+OVERHEAD_GROUP = "overhead"  # host µs per eager op call (bench/overhead.py), not a timed case
 GPU_COMMAND = 'pip install -e ".[dev]" && fuseformer bench'
 
 
@@ -140,9 +141,23 @@ def _select(cases, filter_text: str | None, quick: bool):
     return chosen
 
 
-def print_list(cases) -> None:
+def _overhead_wanted(args) -> tuple[bool, str | None]:
+    """Whether the `overhead` group runs (it belongs to the ops suite; `--filter overhead`
+    asks for it alone), and the --filter left for the cases."""
+    if args.suite not in ("ops", "all"):
+        return False, args.filter
+    if not args.filter:
+        return True, None
+    tokens = [t.strip() for t in args.filter.split(",") if t.strip()]
+    rest = [t for t in tokens if t != OVERHEAD_GROUP]
+    return len(rest) < len(tokens), ",".join(rest) or None
+
+
+def print_list(cases, with_overhead: bool = False) -> None:
     """One row per case under a header; a case's name starts with its group's."""
     rows = [("case", "suite", "group", "quick")] + [(c.name, c.suite, c.group, "yes" if c.quick else "-") for c in cases]
+    if with_overhead:
+        rows.append((OVERHEAD_GROUP, "ops", OVERHEAD_GROUP, "yes"))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         # Plain print, not rich: a pipe (`--list | grep`) must get every row whole, unwrapped.
@@ -235,9 +250,10 @@ def run_bench(args, cases=None) -> int:
         cases = _collect(args.suite, device.type)
     elif args.suite != "all":
         cases = [c for c in cases if c.suite == args.suite]
-    selected = _select(cases, args.filter, args.quick)
+    with_overhead, case_filter = _overhead_wanted(args)
+    selected = _select(cases, case_filter, args.quick) if (case_filter or not with_overhead or not args.filter) else []
     if args.list:
-        print_list(selected)
+        print_list(selected, with_overhead)
         return 0
     out = _prepare_out(Path(args.out) if args.out else Path("bench") / "results" / envinfo.device_slug(device))
     rules = runner.load_thresholds(Path(args.thresholds)) if args.check else []
@@ -274,8 +290,17 @@ def run_bench(args, cases=None) -> int:
             progress.advance(task)
 
         doc = runner.run(selected, config, on_start, on_done, resume_from=previous)
+        if with_overhead:
+            from . import overhead
+
+            progress.update(task, description="overhead: host time per eager call")
+            doc["overhead"] = overhead.run_group(device, quick=args.quick)
+            runner.ResultsFile(config.results_path, doc).write()
     written = report.write_all(doc, out)
-    report.print_table(doc, console)
+    if doc["cases"]:
+        report.print_table(doc, console)
+    if with_overhead:
+        report.print_overhead(doc, console)
     console.print(f"results: {config.results_path}, " + ", ".join(str(p) for p in written), highlight=False)
     console.print(f"{len(selected)} cases in {time.perf_counter() - start:.0f} s on {doc['env']['device_name']}",
                   highlight=False)
@@ -325,6 +350,12 @@ def bench_main(argv: list[str], cases=None) -> int:
     except UsageError as err:
         print(f"fuseformer bench: error: {err}", file=sys.stderr)
         return 2
+    except ValueError as err:
+        # A bad FUSEFORMER_BACKEND is refused when the kernels are imported: one line, status 2.
+        if str(err).startswith("FUSEFORMER_BACKEND"):
+            print(f"fuseformer bench: error: {err}", file=sys.stderr)
+            return 2
+        raise
     except SystemExit as exc:
         # argparse's own usage errors and compare's unreadable files end here; keep their status.
         if isinstance(exc.code, str):

@@ -154,7 +154,8 @@ def measure_launch_floor(device: torch.device, dtype: torch.dtype, calls: int = 
 
     def raw():
         aln._add_ln_fwd[(M,)](x, r, w, b, y, y, mean, rstd, mean, N, 1e-5, 0.0, HAS_RES=True, HAS_W=True,
-                              HAS_B=True, DROPOUT=False, SAVE_STREAM=False, BLOCK=block, SINGLE=single,
+                              HAS_B=True, DROPOUT=False, SAVE_STREAM=False, SAVE_STATS=False, BLOCK=block,
+                              SINGLE=single,
                               num_warps=aln._num_warps(block))
 
     ours = lambda: aln.add_layer_norm(x, r, w, b, backend="triton")  # noqa: E731
@@ -231,6 +232,35 @@ def measure_bert_forward(device: torch.device, dtype: torch.dtype, repeats: int 
             torch.cuda.synchronize()
             result[f"{label}_us"] = min(samples)
         return result
+
+
+def run_group(device: torch.device, quick: bool = False) -> dict:
+    """The `overhead` group of `fuseformer bench`: every row, the BERT-base forward and the
+    launch floor, as one JSON-ready dict."""
+    from fuseformer.kernels import backends
+
+    if device.type != "cuda" and not backends.interpreting():
+        # The kernels were compiled for a GPU in this process: no Triton launch takes CPU tensors.
+        return {"skipped": "CPU tensors need Triton's interpreter, and the kernels here are compiled for CUDA"}
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    calls, repeats = (50, 3) if quick else (200, 7)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny tensors: intra-op threads only add noise to the baselines
+    try:
+        rows = measure_ops(device, dtype, calls=calls, repeats=repeats)
+        bert = measure_bert_forward(device, dtype, repeats=3 if quick else 5)
+        floor = measure_launch_floor(device, dtype, calls=calls, repeats=repeats)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "dtype": str(dtype).replace("torch.", ""),
+        "launch": "stubbed (no kernel runs)" if device.type != "cuda" else "real",
+        "target_ratio": TARGET_RATIO,
+        "rows": rows,
+        "bert_base_forward": bert,
+        "launch_floor": floor,
+    }
 
 
 def table(rows: list[dict]) -> str:

@@ -155,6 +155,7 @@ def write_markdown(doc: dict, path: Path) -> None:
                      _fmt(e.get("gbps"), ".4g")]
             cells += ["-" if frac is None else f"{100 * frac:.0f}%"] * with_roof + [parity]
             lines.append("| " + " | ".join(_md_escape(v) for v in cells) + " |")
+    lines += overhead_lines(doc)
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -255,3 +256,38 @@ def write_all(doc: dict, out_dir: Path) -> list[Path]:
         if plot(doc, out_dir / name):
             written.append(out_dir / name)
     return written
+
+
+def overhead_lines(doc: dict) -> list[str]:
+    """The `overhead` group as markdown: host µs per eager call next to the torch call."""
+    group = doc.get("overhead")
+    if not group:
+        return []
+    if "skipped" in group:
+        return ["", "## Host overhead per eager call", "", f"Not measured: {group['skipped']}."]
+    lines = ["", "## Host overhead per eager call", "",
+             f"Launches: {group['launch']}; {group['dtype']}; target: at most {group['target_ratio']}x the "
+             "torch call each op replaces.", "",
+             "| call | ours µs | torch µs | torch call | ours / torch |", "| --- | --- | --- | --- | --- |"]
+    for r in group["rows"]:
+        lines.append(f"| {r['case']} | {r['ours_us']:.1f} | {r['torch_us']:.1f} | {r['torch_call']} | "
+                     f"{r['ratio']:.2f}x |")
+    bert = group.get("bert_base_forward") or {}
+    if "fused_ops_us" in bert:
+        lines += ["", f"BERT-base eager forward (B1 L16): {bert['fused_calls']} fused-op calls, "
+                      f"{bert['fused_ops_us']:.0f} µs of host time inside them ({bert['backend']})."]
+    elif bert:
+        lines += ["", f"BERT-base eager forward (B1 L16), host µs until it returns: fused (auto) "
+                      f"{bert['fused_us']:.0f}, torch backend {bert['torch_us']:.0f}."]
+    floor = group.get("launch_floor")
+    if floor:
+        lines += ["", f"add_layer_norm: ours {floor['ours_us']:.1f} µs; Triton's own launch of the same kernel "
+                      f"{floor['triton_launch_us']:.1f} µs; torch.add {floor['torch_add_us']:.1f} µs."]
+    return lines
+
+
+def print_overhead(doc: dict, console) -> None:
+    from rich.markup import escape
+
+    for line in overhead_lines(doc):
+        console.print(escape(line), highlight=False)

@@ -6,10 +6,11 @@
 Launcher contract (the "cuda" backend registers launchers with exactly these signatures),
 all tensors 2-D contiguous (M, N), mean/rstd float32 (M,):
 
-    forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream)
-        -> (y, stream or None, mean, rstd)
+    forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream, save_stats=True)
+        -> (y, stream or None, mean or None, rstd or None)
         residual/weight/bias may be None; seed is an int64 tensor of 1 element (None when
-        dropout_p == 0); stream (dtype of x) is written only when save_stream is True.
+        dropout_p == 0); stream (dtype of x) is written only when save_stream is True, and
+        mean/rstd only when save_stats is True (a launcher may return them regardless).
     backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has_residual)
         -> (dx, dresidual or None, dweight or None, dbias or None)
         `stream` is the saved LayerNorm input (x itself when there is neither a residual
@@ -82,6 +83,7 @@ def _add_ln_fwd(
     HAS_B: tl.constexpr,
     DROPOUT: tl.constexpr,
     SAVE_STREAM: tl.constexpr,
+    SAVE_STATS: tl.constexpr,  # write MEAN/RSTD (the backward needs them; inference does not)
     BLOCK: tl.constexpr,  # next_pow2(N) when the row fits, else the chunk size
     SINGLE: tl.constexpr,  # the whole row fits in one BLOCK
 ):
@@ -132,8 +134,9 @@ def _add_ln_fwd(
             if HAS_B:
                 y = y + tl.load(B + c, mask=c < N, other=0.0).to(tl.float32)
             tl.store(Y + row_off + c, y.to(Y.dtype.element_ty), mask=c < N)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+    if SAVE_STATS:
+        tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
 
 
 @triton.jit
@@ -280,14 +283,15 @@ def _backward_programs(M: int, device: torch.device) -> int:
 # from ever reading it, and Triton needs a pointer in that slot.
 
 
-def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream):
+def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream, save_stats=True):
     M, N = x.shape
     y = new_output((M, N), x.dtype, x.device)
     stream = new_output((M, N), x.dtype, x.device) if save_stream else None
-    mean = new_output((M,), torch.float32, x.device)
-    rstd = new_output((M,), torch.float32, x.device)
+    # Two allocations fewer per inference call: only the backward reads the statistics.
+    mean = new_output((M,), torch.float32, x.device) if save_stats else None
+    rstd = new_output((M,), torch.float32, x.device) if save_stats else None
     if M == 0 or N == 0:
-        return y, stream, mean.zero_(), rstd.zero_()
+        return y, stream, None if mean is None else mean.zero_(), None if rstd is None else rstd.zero_()
     block, single = _block(N)
     dropout = dropout_p > 0.0
     _add_ln_fwd[(M,)](
@@ -297,9 +301,9 @@ def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream):
         bias if bias is not None else x,
         y,
         stream if stream is not None else y,
-        mean,
-        rstd,
-        seed if dropout else mean,
+        mean if save_stats else y,
+        rstd if save_stats else y,
+        seed if dropout else y,
         N,
         float(eps),
         float(dropout_p),
@@ -308,6 +312,7 @@ def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream):
         HAS_B=bias is not None,
         DROPOUT=dropout,
         SAVE_STREAM=stream is not None,
+        SAVE_STATS=save_stats,
         BLOCK=block,
         SINGLE=single,
         num_warps=_num_warps(block),
@@ -386,7 +391,7 @@ def dropout_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
 # ----------------------------------------------------------------------------- shared by both paths
 
 
-def _run_forward(backend, x, residual, weight, bias, eps, dropout_p, seed, save_stream):
+def _run_forward(backend, x, residual, weight, bias, eps, dropout_p, seed, save_stream, save_stats=True):
     """The launcher of `backend` on (rows, N) views; outputs back in x's shape."""
     shape = x.shape
     # The kernels address rows as row * N: one contiguous copy of a strided view costs one
@@ -395,7 +400,7 @@ def _run_forward(backend, x, residual, weight, bias, eps, dropout_p, seed, save_
     r2 = None if residual is None else as_rows(residual).contiguous()
     with device_guard(x):
         y, stream, mean, rstd = backends.get_impl("add_layer_norm", backend).forward(
-            x2, r2, weight, bias, eps, dropout_p, seed, save_stream
+            x2, r2, weight, bias, eps, dropout_p, seed, save_stream, save_stats
         )
     return y.view(shape), None if stream is None else stream.view(shape), mean, rstd
 
@@ -576,5 +581,5 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-5, dropout_p=0.0, prenorm=F
         return AddLayerNormFunction.apply(x, residual, weight, bias, eps, dropout_p, prenorm, name)
     # Inference: no autograd node, no statistics kept beyond the launch.
     seed = draw_seed(x.device) if dropout_p > 0.0 else None
-    y, stream, _, _ = _run_forward(name, x, residual, weight, bias, eps, dropout_p, seed, prenorm)
+    y, stream, _, _ = _run_forward(name, x, residual, weight, bias, eps, dropout_p, seed, prenorm, False)
     return (y, stream) if prenorm else y

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fuseformer.bench import cli
 
@@ -134,8 +135,25 @@ def test_list_shows_quick_cases(capsys):
     ops_cases, _ = _here_cases()
     quick = [c.name for c in ops_cases if c.quick]
     assert quick and len(quick) < len(ops_cases)
-    assert [row.split()[0] for row in rows] == quick
+    # The ops suite ends with the `overhead` group (host µs per eager call, no timed case).
+    assert [row.split()[0] for row in rows] == quick + ["overhead"]
     assert all(row.split()[1:] == [c.suite, c.group, "yes"] for row, c in zip(rows, [c for c in ops_cases if c.quick]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU form of the group needs the interpreter")
+def test_overhead_group_alone_runs_and_is_written(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "res"
+    assert cli.bench_main(["--filter", "overhead", "--device", "cpu", "--quick", "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["cases"] == []
+    group = doc["overhead"]
+    assert group["launch"].startswith("stubbed")
+    assert {r["case"] for r in group["rows"]} >= {"add_layer_norm_fwd", "attention_pad_fwd+bwd", "linear_gelu_fwd"}
+    assert group["bert_base_forward"]["fused_calls"] > 0
+    assert "## Host overhead per eager call" in (out / "results.md").read_text()
+    assert "add_layer_norm_fwd" in capsys.readouterr().out
 
 
 def test_case_names_start_with_their_group():

@@ -77,10 +77,14 @@ def test_named_cuda_backend_raises_a_clear_error(op):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the behaviour without a CUDA device")
-def test_set_backend_cuda_then_call_raises():
-    with K.use_backend("cuda"):
-        with pytest.raises(backends.BackendUnsupportedError, match=CUDA_REASON):
-            K.add_layer_norm(torch.randn(2, 8), None, None, None)
+def test_set_backend_cuda_is_refused_where_it_is_chosen():
+    # A global choice that can run nothing here fails at once, not at the first op.
+    with pytest.raises(backends.BackendUnsupportedError, match=f"backend 'cuda' cannot run anything here: {CUDA_REASON}"):
+        with K.use_backend("cuda"):
+            pass
+    with pytest.raises(backends.BackendUnsupportedError, match=CUDA_REASON):
+        K.set_backend("cuda")
+    assert K.get_backend() != "cuda"
 
 
 @pytest.mark.parametrize("float_mask", [False, True])

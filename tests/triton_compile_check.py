@@ -303,12 +303,13 @@ def build_jobs():
     # row (BLOCK 16384) and a chunked one (N > MAX_FUSED_BLOCK).
     chunked_n = aln.MAX_FUSED_BLOCK + aln.MAX_FUSED_BLOCK // 2
 
-    def ln_fwd(arch, dt, N, res=True, w=True, b=True, drop=False, save=True):
+    def ln_fwd(arch, dt, N, res=True, w=True, b=True, drop=False, save=True, stats=True):
         block, single = aln._block(N)
         v = dict(X=Ptr(dt), RES=Ptr(dt), W=Ptr(dt), B=Ptr(dt), Y=Ptr(dt), STREAM=Ptr(dt), MEAN=Ptr("fp32"),
                  RSTD=Ptr("fp32"), SEED=Ptr("i64") if drop else Ptr("fp32"), N=N, eps=1e-5,
                  dropout_p=0.1 if drop else 0.0)
-        cx = dict(HAS_RES=res, HAS_W=w, HAS_B=b, DROPOUT=drop, SAVE_STREAM=save, BLOCK=block, SINGLE=single)
+        cx = dict(HAS_RES=res, HAS_W=w, HAS_B=b, DROPOUT=drop, SAVE_STREAM=save, SAVE_STATS=stats, BLOCK=block,
+                  SINGLE=single)
         flags = "".join(c for c, on in (("r", res), ("w", w), ("b", b), ("d", drop), ("s", save)) if on) or "-"
         _add(jobs, "add_ln_fwd", aln._add_ln_fwd, arch, f"{dt} N={N} {flags}", v, cx,
              options=dict(num_warps=aln._num_warps(block)))
@@ -326,7 +327,7 @@ def build_jobs():
     # The warp count is a rule of the block (no autotuner): 4096, BERT's 768, and below.
     for arch in ARCHS:
         ln_fwd(arch, "fp16", 4096)
-        ln_fwd(arch, "bf16", 768, res=False, w=False, b=False, save=False)
+        ln_fwd(arch, "bf16", 768, res=False, w=False, b=False, save=False, stats=False)
         ln_bwd(arch, "fp16", 768, dstream=True, drop=True)
         _add(jobs, "ln_keep_mask", aln._keep_mask_kernel, arch, "N=768",
              dict(SEED=Ptr("i64"), OUT=Ptr("i8"), N=768, dropout_p=0.1), dict(BLOCK=1024))
