@@ -209,7 +209,7 @@ def test_bad_inputs_name_the_argument(device):
 # ----------------------------------------------------------------------------- fuzz
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     rows=st.integers(1, 6),
     hidden=st.integers(1, 300),
