@@ -83,9 +83,16 @@ void check_optional_matrix(const std::optional<at::Tensor>& t, const at::Tensor&
   if (t.has_value()) TORCH_CHECK_VALUE(t->sizes() == x.sizes(), name, " must have shape ", x.sizes(), ", got ", t->sizes());
 }
 
+// The two shape messages below stream the expected shape as an IntArrayRef, the form CHECK_SHAPE
+// uses. Streamed as a bare int64 followed by the tensor's sizes(), building the message
+// segfaulted on the H200 (torch 2.11, g++ 13) inside these functions' cold paths, killing
+// the Python process instead of raising ValueError (test_gpu_check_macros_raise_python_errors[4], [7]).
 void check_optional_vector(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
   check_optional_row_tensor(t, x, name);
-  if (t.has_value()) TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(1), name, " must have shape (", x.size(1), "), got ", t->sizes());
+  if (!t.has_value()) return;
+  const int64_t want[] = {x.size(1)};
+  TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(want), name, " must have shape ", at::IntArrayRef(want), ", got ",
+                    t->sizes());
 }
 
 // ---- add + LayerNorm ------------------------------------------------------------------------
@@ -191,8 +198,9 @@ void check_linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   CHECK_LIKE(weight, x);
   CHECK_DIM(weight, 2);
   CHECK_CONTIGUOUS(weight);
-  TORCH_CHECK_VALUE(weight.size(1) == x.size(1), "weight must have shape (out_features, ", x.size(1),
-                    ") to match x's in_features, got ", weight.sizes());
+  const int64_t want[] = {weight.size(0), x.size(1)};
+  TORCH_CHECK_VALUE(weight.size(1) == x.size(1), "weight must have shape ", at::IntArrayRef(want),
+                    " (out_features, x's in_features), got ", weight.sizes());
   if (bias.has_value()) {
     CHECK_LIKE(*bias, x);
     CHECK_CONTIGUOUS(*bias);

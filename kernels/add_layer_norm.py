@@ -53,6 +53,16 @@ def _keep(seed, row, cols, dropout_p):
 
 
 @triton.jit
+def _mul_rounded(a, b):
+    # g = dy * w feeds both mean(g) and the elementwise g - mean(g). On a GPU, LLVM contracts
+    # a plain product into the subtraction (an fma with the unrounded product), so the two
+    # disagree by half an ulp of g; times rstd (1/sqrt(eps) ~ 316 for a constant row, e.g.
+    # hidden 1) that left dx ~3e-5 where the exact answer is 0. An fma with a +0.0 addend
+    # rounds the product once and is not folded back into a multiply.
+    return tl.fma(a, b, 0.0)
+
+
+@triton.jit
 def _load_stream_chunk(X, RES, seed, row, row_off, cols, mask, dropout_p, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr):
     s = tl.load(X + row_off + cols, mask=mask, other=0.0).to(tl.float32)
     if DROPOUT:
@@ -184,7 +194,7 @@ def _add_ln_bwd(
             s = tl.load(STREAM + row_off + cols, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + row_off + cols, mask=mask, other=0.0).to(tl.float32)
             xhat = tl.where(mask, (s - mean) * rstd, 0.0)
-            g = dy * w
+            g = _mul_rounded(dy, w)
             c1 = tl.sum(g * xhat, axis=0) / N
             c2 = tl.sum(g, axis=0) / N
             ds = (g - (xhat * c1 + c2)) * rstd
@@ -216,7 +226,7 @@ def _add_ln_bwd(
                 s = tl.load(STREAM + row_off + c, mask=m, other=0.0).to(tl.float32)
                 g = tl.load(DY + row_off + c, mask=m, other=0.0).to(tl.float32)
                 if HAS_W:
-                    g = g * tl.load(W + c, mask=m, other=0.0).to(tl.float32)
+                    g = _mul_rounded(g, tl.load(W + c, mask=m, other=0.0).to(tl.float32))
                 acc1 += g * tl.where(m, (s - mean) * rstd, 0.0)
                 acc2 += g
             c1 = tl.sum(acc1, axis=0) / N
@@ -229,7 +239,7 @@ def _add_ln_bwd(
                 xhat = tl.where(m, (s - mean) * rstd, 0.0)
                 g = dy
                 if HAS_W:
-                    g = dy * tl.load(W + c, mask=m, other=0.0).to(tl.float32)
+                    g = _mul_rounded(dy, tl.load(W + c, mask=m, other=0.0).to(tl.float32))
                 ds = (g - (xhat * c1 + c2)) * rstd
                 if HAS_DSTREAM:
                     ds += tl.load(DSTREAM + row_off + c, mask=m, other=0.0).to(tl.float32)

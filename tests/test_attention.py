@@ -284,13 +284,20 @@ def test_varlen_parity(seeds, lens_q, lens_k, Hq, Hk, D, causal, dropout_p, dtyp
     q, k, v, cu_q, cu_k, mq, mk = _varlen_case(lens_q, lens_k, Hq, Hk, D)
     ins = [_leaf(t, dtype) for t in (q, k, v)]
     out = K.varlen_attention(*ins, cu_q, cu_k, mq, mk, dropout_p, causal, backend="triton")
-    assert not torch.isnan(out).any()
     keep = None
     if dropout_p > 0:
         keep = A.varlen_dropout_keep_masks(seeds[-1], cu_q, cu_k, Hq, mq, mk, dropout_p)
+    assert_varlen_parity(out, ins, (q, k, v), cu_q, cu_k, mq, mk, causal, dropout_p, keep)
+
+
+def assert_varlen_parity(out, ins, qkv, cu_q, cu_k, mq, mk, causal, dropout_p, keep):
+    """out = varlen_attention(*ins, ...) against the reference in float64 and in ins' dtype,
+    given the same keep-masks; then dq, dk, dv. qkv: the float32 tensors ins were made from."""
+    dtype = out.dtype
+    assert not torch.isnan(out).any(), "an output element was never written"
 
     def ref(dt):
-        r_ins = [_leaf(t, dt) for t in (q, k, v)]
+        r_ins = [_leaf(t, dt) for t in qkv]
         return R.varlen_attention(*r_ins, cu_q, cu_k, mq, mk, dropout_p, causal, dropout_mask=keep), r_ins
 
     (out64, ins64), (outd, insd) = ref(torch.float64), ref(dtype)
@@ -355,9 +362,15 @@ def _bad_calls():
         ("dtype", lambda: sdpa(q, k.half(), v), TypeError, "key has dtype"),
         ("integer", lambda: sdpa(q.long(), k, v), TypeError, "query must have a floating dtype"),
         ("not tensor", lambda: sdpa(q, k.tolist(), v), TypeError, "key must be a torch.Tensor"),
-        ("mask shape", lambda: sdpa(q, k, v, torch.ones(8, 8, dtype=torch.bool, device=DEVICE)), ValueError, "attn_mask of shape"),
-        ("mask dtype", lambda: sdpa(q, k, v, torch.ones(8, 9, dtype=torch.int64, device=DEVICE)), TypeError, "attn_mask must be bool"),
-        ("mask float dtype", lambda: sdpa(q, k, v, torch.ones(8, 9, dtype=torch.float64, device=DEVICE)), TypeError, "attn_mask"),
+        # Masks on q's device: a CPU mask next to CUDA q is refused for its device first.
+        ("mask shape", lambda: sdpa(q, k, v, torch.ones(8, 8, dtype=torch.bool, device=DEVICE)), ValueError,
+         "attn_mask of shape"),
+        ("mask dtype", lambda: sdpa(q, k, v, torch.ones(8, 9, dtype=torch.int64, device=DEVICE)), TypeError,
+         "attn_mask must be bool"),
+        ("mask float dtype", lambda: sdpa(q, k, v, torch.ones(8, 9, dtype=torch.float64, device=DEVICE)), TypeError,
+         "attn_mask"),
+        ("mask device", lambda: sdpa(q, k, v, torch.ones(8, 9, dtype=torch.bool, device="meta")), ValueError,
+         "attn_mask is on meta"),
         ("dropout", lambda: sdpa(q, k, v, dropout_p=1.5), ValueError, "dropout_p"),
         ("dropout bool", lambda: sdpa(q, k, v, dropout_p=True), ValueError, "dropout_p"),
         ("causal", lambda: sdpa(q, k, v, is_causal="yes"), TypeError, "is_causal must be a bool"),
@@ -462,18 +475,25 @@ def test_torch_compile_fullgraph():
 
 
 def test_torch_compile_fullgraph_dropout_and_varlen():
-    q, k, v, cu_q, cu_k, mq, mk = _varlen_case([9, 24], [9, 24], 2, 1, 16)
-    q.requires_grad_(True)
+    """Dropout inside a compiled graph: the output and dq, dk, dv match the reference given
+    the kernel's own keep-mask, and that mask keeps 1 - p of the scores."""
+    p, H = 0.3, 2
+    q, k, v, cu_q, cu_k, mq, mk = _varlen_case([9, 24], [9, 24], H, 1, 16)
 
     def f(q, k, v):
-        return K.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, dropout_p=0.3, is_causal=True, backend="triton")
+        return K.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, dropout_p=p, is_causal=True, backend="triton")
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    out = compiled(q, k, v)
-    (dq,) = _grads(out, (q,), torch.ones_like(out))
-    assert torch.isfinite(out).all() and torch.isfinite(dq).all()
-    no_drop = K.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, is_causal=True, backend="triton")
-    assert not torch.allclose(out, no_drop)  # dropout happened inside the compiled graph
+    ins = [_leaf(t, torch.float32) for t in (q, k, v)]
+    torch.manual_seed(21)
+    out = compiled(*ins)
+    # The graph drew its seed from torch's generator: the same draw, made again, gives the
+    # seed, and the seed the mask.
+    torch.manual_seed(21)
+    keep = A.varlen_dropout_keep_masks(A._draw_seed(p, q.device), cu_q, cu_k, H, mq, mk, p)
+    kept = torch.cat([m.flatten() for m in keep]).float().mean().item()
+    assert abs(kept - (1 - p)) < 0.05, f"keep fraction {kept:.3f} for p = {p}"  # 1314 draws: 4 sigma
+    assert_varlen_parity(out, ins, (q, k, v), cu_q, cu_k, mq, mk, True, p, keep)
 
 
 # ----------------------------------------------------------------------------- fuzz
@@ -523,11 +543,11 @@ def test_gpu_bf16_dropout_varlen(seeds):
     q, k, v = _qkv(2, 4, 300, 300, 64)
     check_sdpa(q, k, v, causal=True, dropout_p=0.1, dtype=torch.bfloat16, seeds=seeds)
     q, k, v, cu_q, cu_k, mq, mk = _varlen_case([100, 257, 3], [100, 257, 3], 4, 2, 80)
-    ins = [t.bfloat16() for t in (q, k, v)]
-    out = K.varlen_attention(*ins, cu_q, cu_k, mq, mk, is_causal=True, backend="triton")
-    out64 = R.varlen_attention(q.double(), k.double(), v.double(), cu_q, cu_k, mq, mk, is_causal=True)
-    outd = R.varlen_attention(*ins, cu_q, cu_k, mq, mk, is_causal=True)
-    assert_parity(out, out64, outd, torch.bfloat16)
+    for dropout_p in (0.0, 0.1):
+        ins = [_leaf(t, torch.bfloat16) for t in (q, k, v)]
+        out = K.varlen_attention(*ins, cu_q, cu_k, mq, mk, dropout_p, True, backend="triton")
+        keep = A.varlen_dropout_keep_masks(seeds[-1], cu_q, cu_k, 4, mq, mk, dropout_p) if dropout_p else None
+        assert_varlen_parity(out, ins, (q, k, v), cu_q, cu_k, mq, mk, True, dropout_p, keep)
 
 
 # ----------------------------------------------------------------------------- GPU launch limits
