@@ -51,6 +51,7 @@ setup(
         "cuda": ["pybind11", "ninja"],
         "dev": [
             "pytest>=8",
+            "pytest-xdist",
             "pytest-benchmark",
             "hypothesis",
             "transformers>=5,<6",

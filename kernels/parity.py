@@ -1,4 +1,4 @@
-"""The parity rule (DESIGN.md), shared by the tests and the benchmark harness.
+"""The parity rule (docs/design.md), shared by the tests and the benchmark harness.
 
 For an output or gradient in dtype d, with ref64 the reference evaluated in float64 and
 torch_d plain PyTorch run in dtype d:

@@ -342,6 +342,22 @@ def test_varlen_offsets_read_back_once_per_tensor_state(monkeypatch):
         K.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, backend="triton")
 
 
+def test_varlen_under_inference_mode():
+    # Inference tensors have no version counter (reading it raised); their offsets are
+    # checked once per tensor instead, and the result is the same as outside the mode.
+    q, k, v, cu_q, cu_k, mq, mk = _varlen_case([5, 6, 1], [5, 6, 1], 2, 2, 16)
+    expected = K.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, backend="triton")
+    with torch.inference_mode():
+        cu_qi, cu_ki = cu_q.clone(), cu_k.clone()
+        for _ in range(2):
+            out = K.varlen_attention(q, k, v, cu_qi, cu_ki, mq, mk, backend="triton")
+        bad = cu_ki.clone()
+        bad[-1] -= 1
+        with pytest.raises(ValueError, match="cu_seqlens_k must end"):
+            K.varlen_attention(q, k, v, cu_qi, bad, mq, mk, backend="triton")
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- API edges
 
 

@@ -195,3 +195,11 @@ def test_device_cpu_in_process_leaves_triton_interpret_alone_once_kernels_exist(
     assert cli.bench_main(["--list", "--device", "cpu", "--suite", "ops"]) == 0
     assert "TRITON_INTERPRET" not in os.environ
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("value", ["nonsense", "trtion"])
+def test_bad_backend_variable_is_one_line_and_status_2(value):
+    proc = _run("--list", env_extra={"FUSEFORMER_BACKEND": value}, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "FUSEFORMER_BACKEND must be one of" in lines[0] and value in lines[0], proc.stderr

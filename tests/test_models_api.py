@@ -202,3 +202,24 @@ def test_4d_masks_as_transformers_builds_them(family):
             torch.testing.assert_close(out[keep], ref[keep])
     with pytest.raises(ValueError, match="attention_mask must have shape"):
         m(input_ids=ids, attention_mask=keep[:, None, :])
+
+
+def test_unpadded_bert_runs_under_inference_mode():
+    # Regression: varlen_attention read the version counter of cu_seqlens, which inference
+    # tensors do not have, so BertModel(unpad=True) failed under torch.inference_mode().
+    from fuseformer.models import BertConfig, BertModel
+
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=100, max_position_embeddings=32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    packed = BertModel(cfg, unpad=True, backend="triton").to(device).eval()
+    padded = BertModel(cfg, backend="torch").to(device).eval()
+    padded.load_state_dict(packed.state_dict())
+    ids = torch.randint(0, 100, (2, 9), device=device)
+    mask = torch.ones(2, 9, dtype=torch.long, device=device)
+    mask[1, 5:] = 0
+    with torch.inference_mode():
+        got = packed(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = padded(input_ids=ids, attention_mask=mask).last_hidden_state
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], expected[keep], rtol=1e-4, atol=1e-4)
