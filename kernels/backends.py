@@ -217,6 +217,10 @@ def resolve(op: str, device: torch.device, requested: str | None = None, **case)
     cached, so a repeated call costs one dict lookup; errors and warnings are raised on the
     first call of a key (errors, never cached, on every call).
     """
+    if torch.compiler.is_compiling():
+        # Decided at trace time, into the graph's guards; the cache (a global dict keyed by
+        # devices and dtypes) stays out of what Dynamo has to trace.
+        return _decide(op, device, requested, case)
     key = (op, device, requested, _scoped[-1] if _scoped else _default, *case.items())
     name = _plans.get(key)
     if name is None:
