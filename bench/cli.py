@@ -238,7 +238,8 @@ def run_bench(args, cases=None) -> int:
         # Too late once the kernels are defined (compiled, in a process that has CUDA): then
         # setting it would only make fuseformer believe CPU tensors can run them.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    elif os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and "fuseformer.kernels" not in sys.modules:
+    elif (os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y")
+          and "fuseformer.kernels" not in sys.modules):
         # Interpreted kernels on a GPU would be timed as if they were compiled ones.
         os.environ.pop("TRITON_INTERPRET")
         console.print("[yellow]note: TRITON_INTERPRET was set; unset for this CUDA run[/yellow]")

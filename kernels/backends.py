@@ -87,7 +87,6 @@ def check_name(name, what: str = "backend") -> str:
     return name.lower()
 
 
-_check_name = check_name  # the name older callers use
 
 
 def _env_flag(name: str) -> bool:

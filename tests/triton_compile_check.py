@@ -521,7 +521,7 @@ def main(argv=None):
                 json.dump(payload, f, indent=1)
         return status
 
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y"):  # as Triton reads it
         print("TRITON_INTERPRET is set: the kernels would get the interpreter's configs", file=sys.stderr)
         return finish({"skip": "TRITON_INTERPRET is set in the compile subprocess"}, SKIP_EXIT)
     # A private cache: every run really compiles (and prints ptxas's report), and thousands
