@@ -244,15 +244,23 @@ def run_group(device: torch.device, quick: bool = False) -> dict:
         return {"skipped": "CPU tensors need Triton's interpreter, and the kernels here are compiled for CUDA"}
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     calls, repeats = (50, 3) if quick else (200, 7)
-    threads = torch.get_num_threads()
+    import importlib
+
+    attention = importlib.import_module("fuseformer.kernels.attention")
+    threads, autotune = torch.get_num_threads(), attention.AUTOTUNE
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny tensors: intra-op threads only add noise to the baselines
+    # Attention's default configs instead of tuning each tiny case: once tuned, a call takes
+    # the very same host path (the plain kernel launched with a cached config), and tuning
+    # three kernels for every case here cost about a minute of compiles on an H200.
+    attention.set_autotune(False)
     try:
         rows = measure_ops(device, dtype, calls=calls, repeats=repeats)
         bert = measure_bert_forward(device, dtype, repeats=3 if quick else 5)
         floor = measure_launch_floor(device, dtype, calls=calls, repeats=repeats)
     finally:
         torch.set_num_threads(threads)
+        attention.set_autotune(autotune)
     return {
         "dtype": str(dtype).replace("torch.", ""),
         "launch": "stubbed (no kernel runs)" if device.type != "cuda" else "real",
