@@ -225,6 +225,8 @@ def build_jobs():
 
     # import_module: the package re-exports functions under the same names as these modules.
     aln = importlib.import_module("fuseformer.kernels.add_layer_norm")
+    alnk = importlib.import_module("fuseformer.kernels.add_layer_norm_kernels")
+    red = importlib.import_module("fuseformer.kernels.reduce")
     ak = importlib.import_module("fuseformer.kernels.attention_kernels")
     lg = importlib.import_module("fuseformer.kernels.linear_gelu")
 
@@ -303,25 +305,36 @@ def build_jobs():
     # row (BLOCK 16384) and a chunked one (N > MAX_FUSED_BLOCK).
     chunked_n = aln.MAX_FUSED_BLOCK + aln.MAX_FUSED_BLOCK // 2
 
+    def ln_values(dt, drop, **extra):
+        return dict(X=Ptr(dt), RES=Ptr(dt), W=Ptr(dt), B=Ptr(dt), Y=Ptr(dt), STREAM=Ptr(dt), MEAN=Ptr("fp32"),
+                    RSTD=Ptr("fp32"), SEED=Ptr("i64") if drop else Ptr("fp32"), eps=1e-5,
+                    dropout_p=0.1 if drop else 0.0, **extra)
+
+    def ln_flags(res, w, b, drop, save):
+        return "".join(c for c, on in (("r", res), ("w", w), ("b", b), ("d", drop), ("s", save)) if on) or "-"
+
     def ln_fwd(arch, dt, N, res=True, w=True, b=True, drop=False, save=True, stats=True):
         block, single = aln._block(N)
-        v = dict(X=Ptr(dt), RES=Ptr(dt), W=Ptr(dt), B=Ptr(dt), Y=Ptr(dt), STREAM=Ptr(dt), MEAN=Ptr("fp32"),
-                 RSTD=Ptr("fp32"), SEED=Ptr("i64") if drop else Ptr("fp32"), N=N, eps=1e-5,
-                 dropout_p=0.1 if drop else 0.0)
         cx = dict(HAS_RES=res, HAS_W=w, HAS_B=b, DROPOUT=drop, SAVE_STREAM=save, SAVE_STATS=stats, BLOCK=block,
                   SINGLE=single)
-        flags = "".join(c for c, on in (("r", res), ("w", w), ("b", b), ("d", drop), ("s", save)) if on) or "-"
-        _add(jobs, "add_ln_fwd", aln._add_ln_fwd, arch, f"{dt} N={N} {flags}", v, cx,
-             options=dict(num_warps=aln._num_warps(block)))
+        _add(jobs, "add_ln_fwd", alnk._add_ln_fwd, arch, f"{dt} N={N} {ln_flags(res, w, b, drop, save)}",
+             ln_values(dt, drop, N=N), cx, options=dict(num_warps=aln._num_warps(block)))
+
+    def ln_fwd_rows(arch, dt, N, res=True, w=True, b=True, drop=False, save=True, stats=True):
+        rows, block, align, _ = aln.rows_plan(B * L, N, "rows", None)
+        cx = dict(HAS_RES=res, HAS_W=w, HAS_B=b, DROPOUT=drop, SAVE_STREAM=save, SAVE_STATS=stats, ROWS=rows,
+                  BLOCK=block, ALIGN=align)
+        _add(jobs, "add_ln_fwd_rows", alnk._add_ln_fwd_rows, arch, f"{dt} N={N} {ln_flags(res, w, b, drop, save)}",
+             ln_values(dt, drop, M=B * L, N=N), cx, options=dict(num_warps=aln._num_warps(rows * block)))
 
     def ln_bwd(arch, dt, N, dstream=False, res=True, w=True, b=True, drop=False):
-        block, single = aln._block(N)
+        block, single = aln._bwd_block(N)
         v = dict(DY=Ptr(dt), DSTREAM=Ptr(dt), STREAM=Ptr(dt), W=Ptr(dt), MEAN=Ptr("fp32"), RSTD=Ptr("fp32"),
                  SEED=Ptr("i64") if drop else Ptr("fp32"), DX=Ptr(dt), DRES=Ptr(dt), DW_PART=Ptr("fp32"),
                  DB_PART=Ptr("fp32"), M=B * L, N=N, dropout_p=0.1 if drop else 0.0)
         cx = dict(HAS_DSTREAM=dstream, HAS_RES=res, HAS_W=w, HAS_B=b, DROPOUT=drop, BLOCK=block, SINGLE=single)
         flags = "".join(c for c, on in (("t", dstream), ("r", res), ("w", w), ("b", b), ("d", drop)) if on) or "-"
-        _add(jobs, "add_ln_bwd", aln._add_ln_bwd, arch, f"{dt} N={N} {flags}", v, cx,
+        _add(jobs, "add_ln_bwd", alnk._add_ln_bwd, arch, f"{dt} N={N} {flags}", v, cx,
              options=dict(num_warps=aln._num_warps(block)))
 
     # The warp count is a rule of the block (no autotuner): 4096, BERT's 768, and below.
@@ -329,13 +342,22 @@ def build_jobs():
         ln_fwd(arch, "fp16", 4096)
         ln_fwd(arch, "bf16", 768, res=False, w=False, b=False, save=False, stats=False)
         ln_bwd(arch, "fp16", 768, dstream=True, drop=True)
-        _add(jobs, "ln_keep_mask", aln._keep_mask_kernel, arch, "N=768",
+        _add(jobs, "ln_keep_mask", alnk._keep_mask_kernel, arch, "N=768",
              dict(SEED=Ptr("i64"), OUT=Ptr("i8"), N=768, dropout_p=0.1), dict(BLOCK=1024))
+        # The multi-row kernel: BERT's 768 in bf16 (the 16-byte vector case the compile test
+        # inspects), with dropout and the stream, and a row length of odd alignment (1000).
+        ln_fwd_rows(arch, "bf16", 768, save=False, stats=False)
+        _add(jobs, "sum_rows", red._sum_rows, arch, "fp32->bf16",
+             dict(PART=Ptr("fp32"), OUT=Ptr("bf16"), P=528, N=768), dict(BLOCK_P=red._BLOCK_P, BLOCK_N=red._BLOCK_N),
+             options=dict(num_warps=4))
         if arch == 90 or FULL:
+            ln_fwd_rows(arch, "bf16", 768, drop=True)
+            ln_fwd_rows(arch, "fp16", 1000, res=False)
             ln_fwd(arch, "fp16", chunked_n, drop=True)
             ln_bwd(arch, "bf16", chunked_n, dstream=True, drop=True)
             ln_fwd(arch, "fp16", 16384, res=False)
-            ln_bwd(arch, "fp16", 16384)
+            ln_bwd(arch, "fp16", 16384)  # chunked in the backward (aln.CHUNK)
+            ln_bwd(arch, "fp32", aln.CHUNK, drop=True)  # the widest single-block backward
     if FULL:
         ln_fwd(90, "bf16", 768, drop=True, save=False)
         ln_bwd(90, "bf16", 768, res=False, w=False, b=False)
@@ -372,8 +394,16 @@ _REGS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-KERNEL_MODULES = ("fuseformer.kernels.add_layer_norm", "fuseformer.kernels.attention_kernels",
-                  "fuseformer.kernels.linear_gelu")
+KERNEL_MODULES = ("fuseformer.kernels.add_layer_norm_kernels", "fuseformer.kernels.attention_kernels",
+                  "fuseformer.kernels.linear_gelu", "fuseformer.kernels.reduce")
+# PTX instructions counted per compile, so tests can require them: Hopper tensor-core MMAs,
+# TMA copies (global <-> shared through a tensor map), 16-byte vector global loads/stores.
+PTX_FEATURES = {
+    "wgmma": re.compile(r"\bwgmma\.mma_async"),
+    "tma": re.compile(r"\bcp\.async\.bulk\.tensor"),
+    "ld_v4": re.compile(r"\bld\.global(?:\.[a-z0-9_]+)*\.v4\.(?:b32|f32|u32)"),
+    "st_v4": re.compile(r"\bst\.global(?:\.[a-z0-9_]+)*\.v4\.(?:b32|f32|u32)"),
+}
 
 
 def coverage(jobs):
@@ -415,7 +445,7 @@ def _compile_job(index):
     job = _JOBS[index]
     out = {k: job[k] for k in ("kernel", "arch", "case", "config", "autotuned")}
     out["constexprs"] = {k: v for k, v in job["constexprs"].items()}
-    out.update(ok=False, error=None, n_regs=None, spill_bytes=None, shared=None)
+    out.update(ok=False, error=None, n_regs=None, spill_bytes=None, shared=None, ptx=None)
     t0 = time.perf_counter()
     log = io.StringIO()
     try:
@@ -426,6 +456,8 @@ def _compile_job(index):
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=job["options"])
         out["shared"] = int(compiled.metadata.shared)
+        ptx = compiled.asm.get("ptx", "")
+        out["ptx"] = {name: len(rx.findall(ptx)) for name, rx in PTX_FEATURES.items()}
         out["ok"] = True
     except Exception as e:  # noqa: BLE001 - every failure is a result to report
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
