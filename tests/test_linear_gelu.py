@@ -209,3 +209,104 @@ def test_torch_compile_fullgraph_both_ops(device):
     h = reference.linear_gelu(*params[:3], approximate="tanh")
     _, ref_stream = reference.add_layer_norm(h, *params[3:], dropout_p=0.1, prenorm=True, dropout_mask=mask)
     torch.testing.assert_close(runs[1][1], ref_stream, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- variants
+
+lg = importlib.import_module("fuseformer.kernels.linear_gelu")
+
+
+class _Recorder:
+    """Wraps a kernel attribute of linear_gelu (autotuned or plain) and logs its launches."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+        self.fn = _Recorder(kernel.fn, name, log) if hasattr(kernel, "fn") and hasattr(kernel, "configs") else None
+        self.configs = getattr(kernel, "configs", None)
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+    def __getattr__(self, attr):
+        return getattr(self.kernel, attr)
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    log = []
+    for name in ("_linear_gelu_fwd", "_linear_gelu_tma", "_gelu_bwd", "_gelu_bwd_db"):
+        monkeypatch.setattr(lg, name, _Recorder(getattr(lg, name), name, log))
+    return log
+
+
+@pytest.mark.parametrize(
+    "M,Kf,N,dtype",
+    [
+        (17, 100, 257, torch.float32),  # 400-byte rows: TMA loads; 257 columns: pointer stores
+        (1, 768, 257, torch.float16),  # one row, several K steps
+        (17, 768, 256, torch.float16),  # 512-byte output rows: stores through descriptors too
+        (17, 100, 64, torch.float16),  # 200-byte rows: TMA cannot describe them, portable
+    ],
+)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_tma_forward(M, Kf, N, dtype, approximate, launched, device):
+    tma = (Kf * torch.empty((), dtype=dtype).element_size()) % 16 == 0
+    with lg.variant(forward="tma"):
+        check_parity(*_make(M, Kf, N, device), approximate, dtype)
+    assert launched[0] == ("_linear_gelu_tma" if tma else "_linear_gelu_fwd")
+
+
+@pytest.mark.parametrize("forward", ["tma", "portable"])
+@pytest.mark.parametrize("M,Kf,N,bias", [(17, 100, 257, True), (1, 768, 257, True), (17, 100, 64, False)])
+def test_recompute_backward(forward, M, Kf, N, bias, launched, device):
+    """preact="recompute": nothing (M, N)-shaped is kept for the backward, which rebuilds pre
+    with the forward GEMM (the TMA kernel's dgelu epilogue, or the portable kernel)."""
+    x, w, b = _make(M, Kf, N, device, bias=bias)
+    with lg.variant(forward=forward, preact="recompute"):
+        check_parity(x, w, b, "none", torch.float32)
+        calls = list(launched)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            K.linear_gelu(x.requires_grad_(True), w, b, backend="triton")
+    assert saved and (M, N) not in saved, saved
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        K.linear_gelu(x, w, b, backend="triton")  # "store" (the default) does keep pre
+    assert (M, N) in saved
+    if forward == "tma":
+        assert calls == ["_linear_gelu_tma"] * 2  # the forward, then the GEMM again with the dgelu epilogue
+    else:
+        assert calls == ["_linear_gelu_fwd", "_linear_gelu_fwd", "_gelu_bwd"]
+
+
+@pytest.mark.parametrize("M,N,bias", [(70, 257, True), (1, 257, True), (17, 100, False)])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_fused_dgelu_db(M, N, bias, approximate, launched, device):
+    """dgelu="fused_db": dpre and db in one pass (M 70 = 3 row blocks over 2 programs: the
+    row-block loop and the per-program partials both run)."""
+    with lg.variant(dgelu="fused_db"):
+        check_parity(*_make(M, 40, N, device, bias=bias), approximate, torch.float16)
+    assert "_gelu_bwd_db" in launched and "_gelu_bwd" not in launched
+
+
+def test_variant_setting_is_checked():
+    with pytest.raises(ValueError, match="tma"):
+        lg.set_variant(forward="cutlass")
+    with pytest.raises(ValueError, match="unknown setting"):
+        lg.set_variant(backward="x")
+    assert lg.VARIANT == {"forward": "portable", "dgelu": "elementwise", "preact": "store"}  # the measured paths
+
+
+def test_tma_whole_tile_epilogue(monkeypatch, launched, device):
+    """The interpreter's one TMA config splits the epilogue in column halves (SPLIT_N=2, as the
+    128 x 256 GPU config does); the GPU's SPLIT_N=1 configs run the whole tile at once."""
+    import triton
+
+    tuned = lg._linear_gelu_tma.kernel  # the autotuner under the recorder
+    config = tuned.configs[0]
+    whole = triton.Config({**config.kwargs, "SPLIT_N": 1}, num_warps=config.num_warps, num_stages=config.num_stages)
+    monkeypatch.setattr(tuned, "configs", [whole])
+    monkeypatch.setattr(_util, "_tuned_configs", {})
+    with lg.variant(forward="tma", preact="recompute"):
+        check_parity(*_make(17, 768, 256, device), "tanh", torch.float32)
+    assert launched == ["_linear_gelu_tma"] * 2

@@ -158,7 +158,8 @@ def _add(jobs, kernel_name, kernel, arch, case, values, constexprs, configs="all
     else:
         idx = {"all": list(range(len(tune))), "first": [0],
                # the most warps: the config a wide row runs (fewer warps spill)
-               "most_warps": [max(range(len(tune)), key=lambda i: tune[i].num_warps)]}.get(configs, configs)
+               "most_warps": [max(range(len(tune)), key=lambda i: tune[i].num_warps)]}.get(configs, configs) \
+            if isinstance(configs, str) else list(configs)
         chosen = [(tune[i], dict(tune[i].kwargs), _options(tune[i])) for i in idx]
     for index, (config, kw, opts) in zip(idx, chosen):
         cx = {**constexprs, **kw}
@@ -228,7 +229,7 @@ def build_jobs():
     alnk = importlib.import_module("fuseformer.kernels.add_layer_norm_kernels")
     red = importlib.import_module("fuseformer.kernels.reduce")
     ak = importlib.import_module("fuseformer.kernels.attention_kernels")
-    lg = importlib.import_module("fuseformer.kernels.linear_gelu")
+    lg = importlib.import_module("fuseformer.kernels.linear_gelu_kernels")
 
     jobs = []
 
@@ -381,6 +382,26 @@ def build_jobs():
             _add(jobs, "gelu_bwd", lg._gelu_bwd, arch, "bf16 " + ("tanh" if tanh else "erf"),
                  dict(DOUT=Ptr("bf16"), PRE=Ptr("bf16"), DPRE=Ptr("bf16"), numel=B * L * 3072),
                  dict(APPROX_TANH=tanh, BLOCK=4096), options=dict(num_warps=8))
+        _add(jobs, "gelu_bwd_db", lg._gelu_bwd_db, arch, "bf16 erf bias",
+             dict(DOUT=Ptr("bf16"), PRE=Ptr("bf16"), DPRE=Ptr("bf16"), DB_PART=Ptr("fp32"), M=B * L, N=3072),
+             dict(APPROX_TANH=False, HAS_BIAS=True, BLOCK_M=32, BLOCK_N=128), options=dict(num_warps=8))
+
+    # The persistent TMA GEMM runs on sm_90+ only (_tma_ok): every config for the BERT FFN
+    # forward in training (bias, pre saved, stored through descriptors), the backward's dgelu
+    # recompute epilogue, and a ragged case (K = 1000, N = 1000 * 2 bytes: pointer stores).
+    def lin_tma(dt, K, N, configs, bias=True, tanh=False, save=True, dgelu=False):
+        M = B * L
+        v = dict(X=Ptr(dt), W=Ptr(dt), B=Ptr(dt), OUT=Ptr(dt), PRE=Ptr(dt), DOUT=Ptr(dt), DB_PART=Ptr("fp32"), M=M,
+                 N=N, K=K, stride_xm=K, stride_wn=K, TUNE_M=triton_next_pow2(M))
+        cx = dict(HAS_BIAS=bias, SAVE_PRE=save, APPROX_TANH=tanh, DGELU=dgelu, TMA_STORE=(N * 2) % 16 == 0,
+                  UPCAST=False, PRECISION="ieee" if dt == "fp32" else "tf32")
+        case = (f"{dt} K={K} N={N} {'tanh' if tanh else 'erf'}{' bias' if bias else ''}{' pre' if save else ''}"
+                f"{' dgelu' if dgelu else ''}")
+        _add(jobs, "linear_gelu_tma", lg._linear_gelu_tma, 90, case, v, cx, configs=configs)
+
+    lin_tma("bf16", 768, 3072, "all")
+    lin_tma("bf16", 768, 3072, [1], save=False, dgelu=True)
+    lin_tma("fp16", 1000, 1000, [1], bias=False, tanh=True, save=False)
     if FULL:
         lin(90, "bf16", 768, "first", tanh=True)
         for arch in ARCHS:
@@ -395,7 +416,7 @@ _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 KERNEL_MODULES = ("fuseformer.kernels.add_layer_norm_kernels", "fuseformer.kernels.attention_kernels",
-                  "fuseformer.kernels.linear_gelu", "fuseformer.kernels.reduce")
+                  "fuseformer.kernels.linear_gelu_kernels", "fuseformer.kernels.reduce")
 # PTX instructions counted per compile, so tests can require them: Hopper tensor-core MMAs,
 # TMA copies (global <-> shared through a tensor map), 16-byte vector global loads/stores.
 PTX_FEATURES = {
@@ -586,7 +607,7 @@ def main(argv=None):
         return 0
 
     # Slowest first (attention backward, big tiles) so the pool does not end on a long tail.
-    weight = {"attn_bwd_dkdv": 4, "attn_bwd_dq": 3, "attn_fwd": 3, "linear_gelu_fwd": 2}
+    weight = {"attn_bwd_dkdv": 4, "attn_bwd_dq": 3, "attn_fwd": 3, "linear_gelu_fwd": 2, "linear_gelu_tma": 3}
     order = sorted(range(len(_JOBS)), key=lambda i: -weight.get(_JOBS[i]["kernel"], 1))
     if args.workers > 1:
         ctx = multiprocessing.get_context("fork")
