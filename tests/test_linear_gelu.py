@@ -14,6 +14,7 @@ from fuseformer.kernels._util import draw_seed
 from fuseformer.kernels.parity import assert_parity
 
 aln = importlib.import_module("fuseformer.kernels.add_layer_norm")
+lg = importlib.import_module("fuseformer.kernels.linear_gelu")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -181,6 +182,14 @@ def _block(x, w1, b1, res, lw, lb):
     return y, stream
 
 
+def test_torch_compile_fullgraph_new_variants(launched, device):
+    """The same with every new variant: TMA GEMM, recompute instead of a saved pre (the
+    compiled backward op gets bias and no pre), persistent multi-row LayerNorm."""
+    with lg.variant(forward="tma", preact="recompute", dgelu="fused_db"), aln.forward_variant("persistent"):
+        test_torch_compile_fullgraph_both_ops(device)
+    assert launched == ["_linear_gelu_tma"] * 4  # forward and dgelu recompute, eager then compiled
+
+
 def test_torch_compile_fullgraph_both_ops(device):
     torch._dynamo.reset()
     params = [
@@ -212,8 +221,6 @@ def test_torch_compile_fullgraph_both_ops(device):
 
 
 # ----------------------------------------------------------------------------- variants
-
-lg = importlib.import_module("fuseformer.kernels.linear_gelu")
 
 
 class _Recorder:
@@ -310,3 +317,18 @@ def test_tma_whole_tile_epilogue(monkeypatch, launched, device):
     with lg.variant(forward="tma", preact="recompute"):
         check_parity(*_make(17, 768, 256, device), "tanh", torch.float32)
     assert launched == ["_linear_gelu_tma"] * 2
+
+
+def test_bench_variant_impls_run_their_variant_forward_and_backward(launched):
+    """`fuseformer bench` times each variant beside fuseformer-triton: the variant must be in
+    force for the backward too (bench.core.Impl.context spans forward and backward)."""
+    from fuseformer.bench import ops
+
+    case = ops.linear_gelu_case("lg", M=17, K_in=40, N=80, grad=True, device_type="cpu")
+    names = [i.name for i in case.impls]
+    assert names[:2] == ["fuseformer-triton", "fuseformer-triton-tma"]
+    case.impls = [i for i in case.impls if i.name == "fuseformer-triton-fused-db"]
+    prepared = case.prepare(torch.device("cpu"), torch.float32, 0)
+    assert not prepared.errors and all(p.ok for _, p in prepared.parity["fuseformer-triton-fused-db"])
+    assert launched == ["_linear_gelu_fwd", "_gelu_bwd_db"]
+    assert lg.VARIANT["dgelu"] == "elementwise"  # restored after the call
