@@ -17,8 +17,8 @@ set_variant / the `variant` context manager). The defaults are the paths the H20
 the others are built, parity-tested and compile-checked for sm_90a but not yet timed:
     forward  "portable" (FUSEFORMER_LINEAR_GELU_FWD)  `_linear_gelu_fwd`, one program per tile.
              "tma"      `_linear_gelu_tma`, persistent + TMA + wgmma, on sm_90+ (and in the
-                        interpreter) when x and W have unit column strides and 16-byte
-                        aligned rows; anything else takes "portable".
+                        interpreter) for fp16/bf16 when x and W have unit column strides and
+                        16-byte aligned rows; anything else takes "portable".
     dgelu    "elementwise" (FUSEFORMER_LINEAR_GELU_DGELU)  dpre by `_gelu_bwd`, db by torch.
              "fused_db"    `_gelu_bwd_db`: dpre and db's partials in one pass, summed by
                            kernels/reduce.py (one read of dpre fewer: 2 bytes per element).
@@ -119,6 +119,10 @@ def _tma_ok(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
             dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9)
     if not capable:
         return False
+    if x2d.dtype == torch.float32 and not backends.interpreting():
+        # fp32 products as exact as torch's ("ieee") cannot use wgmma: the portable kernel.
+        # (The interpreter runs the TMA kernel in fp32 too: its bf16 dot is wrong there.)
+        return False
     size = x2d.element_size()
     return all(t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (x2d, weight))
 
@@ -165,7 +169,7 @@ def _launch_tma(x2d, weight, bias, out, pre, dout, db_part, approximate):
         out,
         pre if pre is not None else out,
         dout if dgelu else out,
-        db_part if db_part is not None else out,
+        db_part if db_part is not None else out,  # (the autotuner zeroes this slot: out is written after)
         M,
         N,
         K,

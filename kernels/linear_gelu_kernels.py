@@ -205,7 +205,11 @@ def _tile_coords(tile, per_group, tiles_m, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.autotune(configs=_tma_configs(), key=["TUNE_M", "N", "K", "HAS_BIAS", "SAVE_PRE", "APPROX_TANH", "DGELU"])
+# reset_to_zero: configs differ in BLOCK_M, so in how many rows of DB_PART they write (the
+# buffer has rows for the smallest); the autotuner zeroes it before each trial and before the
+# final launch, so rows a trial of a smaller tile wrote cannot linger into db.
+@triton.autotune(configs=_tma_configs(), key=["TUNE_M", "N", "K", "HAS_BIAS", "SAVE_PRE", "APPROX_TANH", "DGELU"],
+                 reset_to_zero=["DB_PART"])
 @triton.jit
 def _linear_gelu_tma(
     X,  # (M, K) input, unit column stride, row stride a multiple of 16 bytes

@@ -318,3 +318,11 @@ def test_sum_rows_reduces_every_partial_row(P, N, device):
     out = sum_rows(part, torch.float16)
     assert out.dtype == torch.float16 and out.shape == (N,)
     torch.testing.assert_close(out, part.double().sum(0).half(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["rows", "persistent"])
+@pytest.mark.parametrize("M,N", [(8192, 768), (17, 1000), (4099, 1024)])
+def test_forward_variants_on_gpu(variant, M, N, monkeypatch, device):
+    monkeypatch.setattr(aln, "FORWARD_VARIANT", variant)
+    check_parity((M, N), torch.bfloat16, device, prenorm=True, p=0.1)

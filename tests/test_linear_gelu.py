@@ -332,3 +332,16 @@ def test_bench_variant_impls_run_their_variant_forward_and_backward(launched):
     assert not prepared.errors and all(p.ok for _, p in prepared.parity["fuseformer-triton-fused-db"])
     assert launched == ["_linear_gelu_fwd", "_gelu_bwd_db"]
     assert lg.VARIANT["dgelu"] == "elementwise"  # restored after the call
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("choice", [dict(forward="tma"), dict(forward="tma", preact="recompute"),
+                                    dict(dgelu="fused_db"), dict(forward="tma", preact="recompute", dgelu="fused_db")])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_bf16_variants_on_gpu(choice, approximate, launched, device):
+    """On a GPU the TMA kernel autotunes over configs of different BLOCK_M: the recompute
+    path's db partial rows must not keep what a losing config wrote (reset_to_zero)."""
+    with lg.variant(**choice):
+        check_parity(*_make(300, 768, 1000, device), approximate, torch.bfloat16)
+    if choice.get("forward") == "tma" and torch.cuda.get_device_capability()[0] >= 9:
+        assert "_linear_gelu_tma" in launched
