@@ -44,7 +44,7 @@ import triton
 
 try:  # where Triton keeps the allocator of triton.set_allocator (3.6 and 3.9)
     from triton.runtime import _allocation
-except ImportError:  # pragma: no cover - a Triton without device-side descriptors
+except ImportError:  # pragma: no cover - another layout: _ensure_allocator then always sets ours
     _allocation = None
 
 from . import backends, reference
@@ -136,7 +136,11 @@ def _ensure_allocator() -> None:
     # asks of the allocator given to triton.set_allocator. That setting is a ContextVar: a
     # thread that never set it (the autograd engine's backward threads, say) has none, so
     # check on every TMA launch (one ContextVar read) and never replace the user's own.
-    if _allocation is not None and isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+    try:
+        missing = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except AttributeError:  # another Triton's layout of that module: set ours rather than fail
+        missing = True
+    if missing:
         triton.set_allocator(_scratch)
 
 

@@ -345,3 +345,22 @@ def test_bf16_variants_on_gpu(choice, approximate, launched, device):
         check_parity(*_make(300, 768, 1000, device), approximate, torch.bfloat16)
     if choice.get("forward") == "tma" and torch.cuda.get_device_capability()[0] >= 9:
         assert "_linear_gelu_tma" in launched
+
+
+def test_allocator_for_device_side_descriptors_is_set_once_and_never_replaced(monkeypatch):
+    """The TMA kernel's tensor maps live in scratch from triton.set_allocator: set ours where a
+    thread has none, keep a user's own."""
+    import triton
+    from triton.runtime import _allocation
+
+    calls = []
+    monkeypatch.setattr(triton, "set_allocator", lambda fn: calls.append(fn))
+    token = _allocation._allocator.set(_allocation.NullAllocator())
+    try:
+        lg._ensure_allocator()
+        assert calls == [lg._scratch]
+        _allocation._allocator.set(lambda size, alignment, stream: None)  # a user's allocator
+        lg._ensure_allocator()
+        assert calls == [lg._scratch]
+    finally:
+        _allocation._allocator.reset(token)
