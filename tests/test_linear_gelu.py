@@ -304,14 +304,17 @@ def test_variant_setting_is_checked():
     assert lg.VARIANT == {"forward": "portable", "dgelu": "elementwise", "preact": "store"}  # the measured paths
 
 
-def test_tma_whole_tile_epilogue(monkeypatch, launched, device):
-    """The interpreter's one TMA config splits the epilogue in column halves (SPLIT_N=2, as the
-    128 x 256 GPU config does); the GPU's SPLIT_N=1 configs run the whole tile at once."""
+@pytest.mark.parametrize("split", [1, 2])
+def test_tma_epilogue_slices(split, monkeypatch, launched, device):
+    """The interpreter's one TMA config runs the epilogue in column quarters (SPLIT_N=4, as the
+    GPU's 128 x 256 config does); the GPU's other configs use halves or the whole tile."""
     import triton
 
     tuned = lg._linear_gelu_tma.kernel  # the autotuner under the recorder
     config = tuned.configs[0]
-    whole = triton.Config({**config.kwargs, "SPLIT_N": 1}, num_warps=config.num_warps, num_stages=config.num_stages)
+    assert config.kwargs["SPLIT_N"] == 4
+    whole = triton.Config({**config.kwargs, "SPLIT_N": split}, num_warps=config.num_warps,
+                          num_stages=config.num_stages)
     monkeypatch.setattr(tuned, "configs", [whole])
     monkeypatch.setattr(_util, "_tuned_configs", {})
     with lg.variant(forward="tma", preact="recompute"):
