@@ -261,6 +261,8 @@ def _dgelu_fused_db(dout, preact, approximate, has_bias):
     """(dpre, db or None) by `_gelu_bwd_db`: one pass over dout and pre."""
     M, N = preact.shape
     dpre = new_output((M, N), preact.dtype, preact.device)
+    if M == 0 or N == 0:
+        return dpre, torch.zeros(N, dtype=preact.dtype, device=preact.device) if has_bias else None
     block_m, block_n = 32, 128  # 4096 elements a step; 128 columns = 256-byte rows in 16 bits
     tiles_n = cdiv(N, block_n)
     if backends.interpreting() or not preact.is_cuda:
@@ -279,14 +281,15 @@ def _dgelu(dout, x2d, weight, preact, approximate, has_bias, bias):
     """dpre = dout * gelu'(pre) and db, by the variant in force; pre None: recompute it."""
     if preact is None:
         M, N = dout.shape
-        if VARIANT["forward"] == "tma" and _tma_ok(x2d, weight) and x2d.shape[1] > 0:
+        if VARIANT["forward"] == "tma" and M and N and x2d.shape[1] and _tma_ok(x2d, weight):
             # The GEMM again, its epilogue writing dpre and db's per-tile partials.
             dpre = new_output((M, N), dout.dtype, dout.device)
             db_part = torch.zeros((cdiv(M, _TMA_MIN_BLOCK_M), N), dtype=torch.float32, device=dout.device) \
                 if has_bias else None
             _launch_tma(x2d, weight, bias, dpre, None, dout, db_part, approximate)
             return dpre, sum_rows(db_part, dout.dtype) if has_bias else None
-        # Elsewhere: the forward kernel rebuilds pre into a temporary, then as when stored.
+        # Elsewhere (and for empty shapes): the forward launcher rebuilds pre into a
+        # temporary, then as when stored.
         preact = forward(x2d, weight, bias, approximate, True)[1]
     if VARIANT["dgelu"] == "fused_db":
         return _dgelu_fused_db(dout, preact, approximate, has_bias)

@@ -367,3 +367,19 @@ def test_allocator_for_device_side_descriptors_is_set_once_and_never_replaced(mo
         assert calls == [lg._scratch]
     finally:
         _allocation._allocator.reset(token)
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 5), (4, 0, 6), (3, 8, 0)])
+def test_new_variants_on_empty_shapes(shape, device):
+    M, Kf, N = shape
+    with lg.variant(forward="tma", preact="recompute", dgelu="fused_db"):
+        x = torch.randn(M, Kf, device=device, requires_grad=True)
+        w = torch.randn(N, Kf, device=device, requires_grad=True)
+        b = torch.randn(N, device=device, requires_grad=True)
+        out = K.linear_gelu(x, w, b, backend="triton")
+        out.sum().backward()
+    ref = reference.linear_gelu(x.detach(), w.detach(), b.detach())
+    torch.testing.assert_close(out.detach(), ref)
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape and b.grad.shape == b.shape
+    if M == 0 or N == 0:
+        assert torch.equal(b.grad, torch.zeros_like(b))
