@@ -50,6 +50,9 @@ class Impl:
     available: Callable[[], str | None] = lambda: None
     build: Callable[[Callable], Callable] | None = None
     timed_on_cpu: bool = True
+    # Entered around every call, forward and backward together: a kernel variant chosen by
+    # a module switch (fuseformer's not-yet-default kernels) is in force for the whole step.
+    context: Callable[[], Any] | None = None
 
 
 @dataclasses.dataclass
@@ -187,6 +190,8 @@ class OpCase(Case):
             started = time.perf_counter()
             base = impl.build(impl.fn) if impl.build else impl.fn
             run = self._wrap(base)
+            if impl.context is not None:
+                run = _within(impl.context, run)
             caught = []
             try:
                 with warnings.catch_warnings(record=True) as caught:
@@ -212,6 +217,14 @@ class OpCase(Case):
             fns[impl.name] = _rotating(run, copies)
         kinds = {impl.name: impl.kind for impl in self.impls}
         return Prepared(fns, refused, errors, results, not_timed, kinds, details)
+
+
+def _within(context: Callable[[], Any], run: Callable[[dict], Any]) -> Callable[[dict], Any]:
+    def call(inputs):
+        with context():
+            return run(inputs)
+
+    return call
 
 
 def _rotating(run: Callable[[dict], Any], copies: list[dict]) -> Callable[[], Any]:

@@ -223,6 +223,28 @@ def _liger_layer_norm():
     return LigerLayerNormFunction
 
 
+def _quack_layer_norm():
+    """QuACK's (quack-kernels) CuTe-DSL LayerNorm where installed: layernorm(x, weight_fp32,
+    eps), no bias, in the versions seen (its API moves; anything else is left out)."""
+    if importlib.util.find_spec("quack") is None:
+        return None
+    try:
+        from quack.layernorm import layernorm
+    except Exception:  # noqa: BLE001 - an import that needs a GPU stack it lacks is "not installed"
+        return None
+    return layernorm
+
+
+def _variant_impls(call, variants) -> list[Impl]:
+    """Our not-yet-default kernels beside `fuseformer-triton`, so one GPU run times both:
+    (suffix, context factory that selects the variant, note) -> fuseformer-triton-<suffix>."""
+    return [
+        Impl(f"fuseformer-triton-{suffix}", (lambda inputs: call(inputs, "triton")), kind=OURS,
+             available=(lambda: K.unavailable_reason("triton")), timed_on_cpu=False, context=context, note=note)
+        for suffix, context, note in variants
+    ]
+
+
 def add_ln_case(name, *, M, N, grad=False, device_type="cuda", quick=False) -> OpCase:
     eps = 1e-5
 
@@ -246,7 +268,11 @@ def add_ln_case(name, *, M, N, grad=False, device_type="cuda", quick=False) -> O
     def eager(i):
         return F.layer_norm(i["x"] + i["residual"], (N,), i["weight"], i["bias"], eps)
 
-    impls = _ours(device_type, ours)
+    aln = importlib.import_module("fuseformer.kernels.add_layer_norm")
+    impls = _ours(device_type, ours) + _variant_impls(ours, [
+        ("rows", lambda: aln.forward_variant("rows"), "forward: several rows per program"),
+        ("persistent", lambda: aln.forward_variant("persistent"), "forward: several rows per program, grid of a few programs per SM"),
+    ])
     if device_type == "cuda":
         impls += [Impl("torch-eager", eager, note="x + residual, then F.layer_norm"),
                   Impl("torch-compile", eager, build=_compiled)]
@@ -254,6 +280,11 @@ def add_ln_case(name, *, M, N, grad=False, device_type="cuda", quick=False) -> O
         if liger is not None:
             impls.append(Impl("liger", lambda i: liger.apply(i["x"] + i["residual"], i["weight"], i["bias"], eps),
                               note="torch add, then Liger-Kernel's LayerNorm"))
+        quack = _quack_layer_norm()
+        if quack is not None:
+            impls.append(Impl(
+                "quack", lambda i: quack(i["x"] + i["residual"], i["weight"].float(), eps) + i["bias"],
+                note="torch add, QuACK's LayerNorm (fp32 weight, no bias: the bias is a torch add)"))
     return OpCase(
         name=name, suite="ops", group="add_ln_fwd_bwd" if grad else "add_ln_fwd",
         params={"M": M, "N": N, "grad": grad},
@@ -287,7 +318,17 @@ def linear_gelu_case(name, *, M, K_in, N, approximate="none", grad=False, device
     def eager(i):
         return F.gelu(F.linear(i["x"], i["weight"], i["bias"]), approximate=approximate)
 
-    impls = _ours(device_type, ours)
+    lg = importlib.import_module("fuseformer.kernels.linear_gelu")
+    variants = [("tma", lambda: lg.variant(forward="tma"), "persistent TMA + wgmma GEMM (sm_90)")]
+    if grad:
+        variants = [
+            ("tma", lambda: lg.variant(forward="tma", dgelu="fused_db"),
+             "persistent TMA GEMM; dgelu and db in one pass"),
+            ("fused-db", lambda: lg.variant(dgelu="fused_db"), "portable GEMM; dgelu and db in one pass"),
+            ("tma-recompute", lambda: lg.variant(forward="tma", preact="recompute"),
+             "pre not saved (N * 2 bytes per token less in bf16): the backward runs the GEMM again"),
+        ]
+    impls = _ours(device_type, ours) + _variant_impls(ours, variants)
     if device_type == "cuda":
         impls += [Impl("torch-eager", eager, note="F.linear, then F.gelu"), Impl("torch-compile", eager, build=_compiled)]
         if not grad:

@@ -17,251 +17,81 @@ all tensors 2-D contiguous (M, N), mean/rstd float32 (M,):
         nor dropout); dstream is the gradient flowing into the prenorm output, or None.
     unsupported(dtype, hidden, dropout_p, requires_grad) -> None or a reason string.
 
-Gradient maths (xhat = (s - mean) * rstd, g = dy * weight, means over the row of N):
+The kernels and their gradient maths: kernels/add_layer_norm_kernels.py.
 
-    ds        = rstd * (g - mean(g * xhat) * xhat - mean(g)) + dstream
-    dresidual = ds
-    dx        = ds * keep / (1 - p)          keep regenerated from the seed
-    dweight   = sum over rows of dy * xhat,  dbias = sum over rows of dy
+Forward variants (FORWARD_VARIANT, read from FUSEFORMER_ADD_LN_FWD at import, changed with
+set_forward_variant; all run the same maths and pass the same parity tests):
+    "row"         one program per row (`_add_ln_fwd`): the kernel the H200 measured
+                  (16384 x 768 bf16: 0.0253 ms, 72% of copy bandwidth). The default, until a
+                  GPU run shows another variant faster.
+    "rows"        `_add_ln_fwd_rows`: several rows per program (ROWS x next_pow2(N) tile) for
+                  rows of at most MAX_ROWS_BLOCK, weight/bias loaded once per program, one
+                  program per tile.
+    "persistent"  the same kernel on a grid of a few programs per SM, each looping over tiles.
+Rows wider than MAX_ROWS_BLOCK always take "row" (a tile of one row gains nothing).
 
-dweight/dbias are reduced in two steps: each backward program accumulates fp32 partial sums
-over its rows, then one torch sum over the (programs, N) partials.
+The backward reduces its dweight/dbias partials with kernels/reduce.py (deterministic).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from . import backends, reference
 from ._util import as_rows, cdiv, device_guard, draw_seed, new_output, next_pow2, sm_count
+from .add_layer_norm_kernels import _add_ln_bwd, _add_ln_fwd, _add_ln_fwd_rows, _keep_mask_kernel  # noqa: F401
 from .backends import Impl
 from .checks import check_prob, check_same, check_tensor, same_floats
+from .reduce import sum_rows
 
 # Widest row kept in registers in one piece; wider rows are processed in chunks of this
 # size with extra passes over memory. 16384 fp32 values over 16 warps is 32 per thread.
 MAX_FUSED_BLOCK = 16384
+# Chunk of the multi-pass paths, and the widest row the backward keeps in registers in one
+# piece. The backward's single-block body holds ~7 fp32 values per element (weight, two
+# partial sums, stream, dy, xhat, g): at 16384 over 16 warps ptxas spilled 2 KB, at 8192 in
+# fp32 with dropout 296 B; the forward's chunk loop at 16384 with dropout spilled 28 B. At
+# 4096 nothing spills (tests/test_triton_compile.py fails on any add+LN spill).
+CHUNK = 4096
+# Widest row the multi-row kernel takes: up to BERT-large's 1024 several rows share a program;
+# wider rows already give one program enough work.
+MAX_ROWS_BLOCK = 1024
+# Elements per multi-row tile (ROWS = TILE_ELEMENTS // next_pow2(N)): 4 rows of 768.
+TILE_ELEMENTS = 4096
+FORWARD_VARIANTS = ("row", "rows", "persistent")
 
 
-@triton.jit
-def _keep(seed, row, cols, dropout_p):
-    # Per-row Philox key (seed + row) and counter = column: int32 counters stay valid for
-    # any M * N, and forward, backward and dropout_mask() all draw the very same bits.
-    return tl.rand(seed + row, cols) >= dropout_p
+def _variant_from_env() -> str:
+    value = os.environ.get("FUSEFORMER_ADD_LN_FWD", "").strip().lower() or "row"
+    if value not in FORWARD_VARIANTS:
+        raise ValueError(f"FUSEFORMER_ADD_LN_FWD must be one of {', '.join(FORWARD_VARIANTS)}, got {value!r}")
+    return value
 
 
-@triton.jit
-def _mul_rounded(a, b):
-    # g = dy * w feeds both mean(g) and the elementwise g - mean(g). On a GPU, LLVM contracts
-    # a plain product into the subtraction (an fma with the unrounded product), so the two
-    # disagree by half an ulp of g; times rstd (1/sqrt(eps) ~ 316 for a constant row, e.g.
-    # hidden 1) that left dx ~3e-5 where the exact answer is 0. An fma with a +0.0 addend
-    # rounds the product once and is not folded back into a multiply.
-    return tl.fma(a, b, 0.0)
+FORWARD_VARIANT = _variant_from_env()  # read once; the launcher reads this global per call
 
 
-@triton.jit
-def _load_stream_chunk(X, RES, seed, row, row_off, cols, mask, dropout_p, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr):
-    s = tl.load(X + row_off + cols, mask=mask, other=0.0).to(tl.float32)
-    if DROPOUT:
-        s = tl.where(_keep(seed, row, cols, dropout_p), s / (1.0 - dropout_p), 0.0)
-    if HAS_RES:
-        s += tl.load(RES + row_off + cols, mask=mask, other=0.0).to(tl.float32)
-    # Round to the stream's dtype, as the reference does: the statistics must describe the
-    # stream the backward reads back, or xhat there disagrees with the forward's mean/rstd.
-    return s.to(X.dtype.element_ty).to(tl.float32)
+def set_forward_variant(name: str) -> str:
+    """Choose the forward kernel ("row", "rows", "persistent"; see the module docstring).
+    Returns the previous choice."""
+    global FORWARD_VARIANT
+    if name not in FORWARD_VARIANTS:
+        raise ValueError(f"add_layer_norm forward variant must be one of {', '.join(FORWARD_VARIANTS)}, got {name!r}")
+    before, FORWARD_VARIANT = FORWARD_VARIANT, name
+    return before
 
 
-@triton.jit
-def _add_ln_fwd(
-    X,  # (M, N) branch input, dropped out
-    RES,  # (M, N) residual, unused without HAS_RES
-    W,  # (N,) weight, unused without HAS_W
-    B,  # (N,) bias, unused without HAS_B
-    Y,  # (M, N) output
-    STREAM,  # (M, N) residual + dropout(x), written only with SAVE_STREAM
-    MEAN,  # (M,) float32
-    RSTD,  # (M,) float32
-    SEED,  # int64[1] Philox seed, read only with DROPOUT
-    N,  # row length
-    eps,
-    dropout_p,
-    HAS_RES: tl.constexpr,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    SAVE_STREAM: tl.constexpr,
-    SAVE_STATS: tl.constexpr,  # write MEAN/RSTD (the backward needs them; inference does not)
-    BLOCK: tl.constexpr,  # next_pow2(N) when the row fits, else the chunk size
-    SINGLE: tl.constexpr,  # the whole row fits in one BLOCK
-):
-    row = tl.program_id(0)
-    row_off = tl.cast(row, tl.int64) * N
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)
-    cols = tl.arange(0, BLOCK)
-    if SINGLE:
-        mask = cols < N
-        s = _load_stream_chunk(X, RES, seed, row, row_off, cols, mask, dropout_p, HAS_RES, DROPOUT)
-        if SAVE_STREAM:
-            tl.store(STREAM + row_off + cols, s.to(STREAM.dtype.element_ty), mask=mask)
-        mean = tl.sum(s, axis=0) / N
-        d = tl.where(mask, s - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
-        y = d * rstd
-        if HAS_W:
-            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_B:
-            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + row_off + cols, y.to(Y.dtype.element_ty), mask=mask)
-    else:
-        # Three passes (mean, variance, normalise) rather than E[x^2] - mean^2, whose
-        # cancellation in fp32 loses the variance of rows with a large mean.
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, N, BLOCK):
-            c = start + cols
-            s = _load_stream_chunk(X, RES, seed, row, row_off, c, c < N, dropout_p, HAS_RES, DROPOUT)
-            if SAVE_STREAM:
-                tl.store(STREAM + row_off + c, s.to(STREAM.dtype.element_ty), mask=c < N)
-            acc += s
-        mean = tl.sum(acc, axis=0) / N
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, N, BLOCK):
-            c = start + cols
-            s = _load_stream_chunk(X, RES, seed, row, row_off, c, c < N, dropout_p, HAS_RES, DROPOUT)
-            d = tl.where(c < N, s - mean, 0.0)
-            acc += d * d
-        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
-        for start in range(0, N, BLOCK):
-            c = start + cols
-            s = _load_stream_chunk(X, RES, seed, row, row_off, c, c < N, dropout_p, HAS_RES, DROPOUT)
-            y = (s - mean) * rstd
-            if HAS_W:
-                y = y * tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)
-            if HAS_B:
-                y = y + tl.load(B + c, mask=c < N, other=0.0).to(tl.float32)
-            tl.store(Y + row_off + c, y.to(Y.dtype.element_ty), mask=c < N)
-    if SAVE_STATS:
-        tl.store(MEAN + row, mean)
-        tl.store(RSTD + row, rstd)
-
-
-@triton.jit
-def _add_ln_bwd(
-    DY,  # (M, N) gradient of y
-    DSTREAM,  # (M, N) gradient of the prenorm stream output, read only with HAS_DSTREAM
-    STREAM,  # (M, N) LayerNorm input saved by the forward
-    W,  # (N,) weight
-    MEAN,  # (M,) float32
-    RSTD,  # (M,) float32
-    SEED,  # int64[1], read only with DROPOUT
-    DX,  # (M, N) gradient of x
-    DRES,  # (M, N) gradient of the residual, written only with HAS_RES
-    DW_PART,  # (programs, N) float32 partial sums of dy * xhat
-    DB_PART,  # (programs, N) float32 partial sums of dy
-    M,
-    N,
-    dropout_p,
-    HAS_DSTREAM: tl.constexpr,
-    HAS_RES: tl.constexpr,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    BLOCK: tl.constexpr,
-    SINGLE: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    programs = tl.num_programs(0)
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)
-    cols = tl.arange(0, BLOCK)
-    part_off = pid.to(tl.int64) * N
-    if SINGLE:
-        mask = cols < N
-        w = tl.full([BLOCK], 1.0, tl.float32)
-        if HAS_W:
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
-        db_acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for row in range(pid, M, programs):
-            row_off = tl.cast(row, tl.int64) * N
-            mean = tl.load(MEAN + row)
-            rstd = tl.load(RSTD + row)
-            s = tl.load(STREAM + row_off + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row_off + cols, mask=mask, other=0.0).to(tl.float32)
-            xhat = tl.where(mask, (s - mean) * rstd, 0.0)
-            g = _mul_rounded(dy, w)
-            c1 = tl.sum(g * xhat, axis=0) / N
-            c2 = tl.sum(g, axis=0) / N
-            ds = (g - (xhat * c1 + c2)) * rstd
-            if HAS_DSTREAM:
-                ds += tl.load(DSTREAM + row_off + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RES:
-                tl.store(DRES + row_off + cols, ds.to(DRES.dtype.element_ty), mask=mask)
-            if DROPOUT:
-                ds = tl.where(_keep(seed, row, cols, dropout_p), ds / (1.0 - dropout_p), 0.0)
-            tl.store(DX + row_off + cols, ds.to(DX.dtype.element_ty), mask=mask)
-            dw_acc += dy * xhat
-            db_acc += dy
-        if HAS_W:
-            tl.store(DW_PART + part_off + cols, dw_acc, mask=mask)
-        if HAS_B:
-            tl.store(DB_PART + part_off + cols, db_acc, mask=mask)
-    else:
-        # Wide rows: one pass for the two row means, a second for the gradients. The
-        # partial-sum rows start at zero (host side) and each belongs to one program only.
-        for row in range(pid, M, programs):
-            row_off = tl.cast(row, tl.int64) * N
-            mean = tl.load(MEAN + row)
-            rstd = tl.load(RSTD + row)
-            acc1 = tl.zeros([BLOCK], dtype=tl.float32)
-            acc2 = tl.zeros([BLOCK], dtype=tl.float32)
-            for start in range(0, N, BLOCK):
-                c = start + cols
-                m = c < N
-                s = tl.load(STREAM + row_off + c, mask=m, other=0.0).to(tl.float32)
-                g = tl.load(DY + row_off + c, mask=m, other=0.0).to(tl.float32)
-                if HAS_W:
-                    g = _mul_rounded(g, tl.load(W + c, mask=m, other=0.0).to(tl.float32))
-                acc1 += g * tl.where(m, (s - mean) * rstd, 0.0)
-                acc2 += g
-            c1 = tl.sum(acc1, axis=0) / N
-            c2 = tl.sum(acc2, axis=0) / N
-            for start in range(0, N, BLOCK):
-                c = start + cols
-                m = c < N
-                s = tl.load(STREAM + row_off + c, mask=m, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row_off + c, mask=m, other=0.0).to(tl.float32)
-                xhat = tl.where(m, (s - mean) * rstd, 0.0)
-                g = dy
-                if HAS_W:
-                    g = _mul_rounded(dy, tl.load(W + c, mask=m, other=0.0).to(tl.float32))
-                ds = (g - (xhat * c1 + c2)) * rstd
-                if HAS_DSTREAM:
-                    ds += tl.load(DSTREAM + row_off + c, mask=m, other=0.0).to(tl.float32)
-                if HAS_RES:
-                    tl.store(DRES + row_off + c, ds.to(DRES.dtype.element_ty), mask=m)
-                if DROPOUT:
-                    ds = tl.where(_keep(seed, row, c, dropout_p), ds / (1.0 - dropout_p), 0.0)
-                tl.store(DX + row_off + c, ds.to(DX.dtype.element_ty), mask=m)
-                if HAS_W:
-                    p = tl.load(DW_PART + part_off + c, mask=m, other=0.0)
-                    tl.store(DW_PART + part_off + c, p + dy * xhat, mask=m)
-                if HAS_B:
-                    p = tl.load(DB_PART + part_off + c, mask=m, other=0.0)
-                    tl.store(DB_PART + part_off + c, p + dy, mask=m)
-
-
-@triton.jit
-def _keep_mask_kernel(SEED, OUT, N, dropout_p, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    keep = _keep(tl.load(SEED), row, cols, dropout_p)
-    tl.store(OUT + row.to(tl.int64) * N + cols, keep.to(tl.int8), mask=cols < N)
+@contextlib.contextmanager
+def forward_variant(name: str):
+    """set_forward_variant inside a block (the benchmark times the variants side by side)."""
+    before = set_forward_variant(name)
+    try:
+        yield
+    finally:
+        set_forward_variant(before)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -271,7 +101,13 @@ def _block(N: int) -> tuple[int, bool]:
     block = next_pow2(N)
     if block <= MAX_FUSED_BLOCK:
         return block, True
-    return MAX_FUSED_BLOCK, False
+    return min(MAX_FUSED_BLOCK, CHUNK), False
+
+
+def _bwd_block(N: int) -> tuple[int, bool]:
+    block = next_pow2(N)
+    limit = min(MAX_FUSED_BLOCK, CHUNK)
+    return (block, True) if block <= limit else (limit, False)
 
 
 def _num_warps(block: int) -> int:
@@ -289,6 +125,24 @@ def _backward_programs(M: int, device: torch.device) -> int:
     return max(1, min(M, 4 * sm_count(device)))
 
 
+def rows_plan(M: int, N: int, variant: str, device: torch.device) -> tuple[int, int, int, int]:
+    """(ROWS, BLOCK, ALIGN, programs) of `_add_ln_fwd_rows` for an (M, N) forward."""
+    block = next_pow2(N)
+    rows = max(1, min(128, TILE_ELEMENTS // block))
+    tiles = cdiv(M, rows)
+    align = 1
+    while align < 16 and N % (align * 2) == 0:
+        align *= 2
+    if variant != "persistent":
+        return rows, block, align, tiles
+    if backends.interpreting() or device.type != "cuda":
+        return rows, block, align, max(1, min(tiles, 4))
+    # As many programs as fit on the SMs at once (64 resident warps per SM on sm_80/sm_90):
+    # each loops over tiles, so a 16384-row batch launches ~1k programs instead of 4k.
+    per_sm = max(1, 64 // _num_warps(rows * block))
+    return rows, block, align, max(1, min(tiles, per_sm * sm_count(device)))
+
+
 # An absent tensor is passed as some other valid tensor: its constexpr flag keeps the kernel
 # from ever reading it, and Triton needs a pointer in that slot.
 
@@ -302,8 +156,37 @@ def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream, save_s
     rstd = new_output((M,), torch.float32, x.device) if save_stats else None
     if M == 0 or N == 0:
         return y, stream, None if mean is None else mean.zero_(), None if rstd is None else rstd.zero_()
-    block, single = _block(N)
     dropout = dropout_p > 0.0
+    variant = FORWARD_VARIANT
+    if variant != "row" and N <= MAX_ROWS_BLOCK:
+        rows, block, align, programs = rows_plan(M, N, variant, x.device)
+        _add_ln_fwd_rows[(programs,)](
+            x,
+            residual if residual is not None else x,
+            weight if weight is not None else x,
+            bias if bias is not None else x,
+            y,
+            stream if stream is not None else y,
+            mean if save_stats else y,
+            rstd if save_stats else y,
+            seed if dropout else y,
+            M,
+            N,
+            float(eps),
+            float(dropout_p),
+            HAS_RES=residual is not None,
+            HAS_W=weight is not None,
+            HAS_B=bias is not None,
+            DROPOUT=dropout,
+            SAVE_STREAM=stream is not None,
+            SAVE_STATS=save_stats,
+            ROWS=rows,
+            BLOCK=block,
+            ALIGN=align,
+            num_warps=_num_warps(rows * block),
+        )
+        return y, stream, mean, rstd
+    block, single = _block(N)
     _add_ln_fwd[(M,)](
         x,
         residual if residual is not None else x,
@@ -338,7 +221,7 @@ def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has
         dw = None if weight is None else torch.zeros_like(weight)
         db = None if bias is None else torch.zeros_like(bias)
         return dx, dres, dw, db
-    block, single = _block(N)
+    block, single = _bwd_block(N)
     programs = _backward_programs(M, dy.device)
     alloc = new_output if single else (lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
     dw_part = alloc((programs, N), torch.float32, dy.device) if weight is not None else None
@@ -368,8 +251,8 @@ def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has
         SINGLE=single,
         num_warps=_num_warps(block),
     )
-    dw = None if weight is None else dw_part.sum(0).to(weight.dtype)
-    db = None if bias is None else db_part.sum(0).to(bias.dtype)
+    dw = None if weight is None else sum_rows(dw_part, weight.dtype)
+    db = None if bias is None else sum_rows(db_part, bias.dtype)
     return dx, dres, dw, db
 
 

@@ -10,178 +10,189 @@ Launcher contract (the "cuda" backend registers launchers with exactly these sig
     backward(dout, x2d, weight, preact, approximate, has_bias) -> (dx, dweight, dbias or None)
     unsupported(dtype, in_features, out_features, approximate, requires_grad) -> None or reason
 
-Gradient maths, with pre = x @ W^T + b and dpre = dout * gelu'(pre):
+The kernels and the gradient maths: kernels/linear_gelu_kernels.py.
 
-    gelu(u)  = u * Phi(u)                     Phi(u) = (1 + erf(u / sqrt 2)) / 2
-    gelu'(u) = Phi(u) + u * exp(-u^2 / 2) / sqrt(2 pi)
-    tanh:  gelu(u) = u * sigmoid(2 z),  z = sqrt(2/pi) * (u + 0.044715 u^3)   (as 1 + tanh z = 2 sigmoid(2 z))
-           gelu'(u) = s + 2 u s (1 - s) z',   s = sigmoid(2 z),  z' = sqrt(2/pi) * (1 + 3 * 0.044715 u^2)
-    dx = dpre @ W,   dW = dpre^T @ x,   db = sum over rows of dpre
-
-dpre comes from one fused elementwise kernel; the two backward matmuls are cuBLAS.
+Variants (VARIANT; each read at import from an environment variable, changed with
+set_variant / the `variant` context manager). The defaults are the paths the H200 measured;
+the others are built, parity-tested and compile-checked for sm_90a but not yet timed:
+    forward  "portable" (FUSEFORMER_LINEAR_GELU_FWD)  `_linear_gelu_fwd`, one program per tile.
+             "tma"      `_linear_gelu_tma`, persistent + TMA + wgmma, on sm_90+ (and in the
+                        interpreter) for fp16/bf16 when x and W have unit column strides and
+                        16-byte aligned rows; anything else takes "portable".
+    dgelu    "elementwise" (FUSEFORMER_LINEAR_GELU_DGELU)  dpre by `_gelu_bwd`, db by torch.
+             "fused_db"    `_gelu_bwd_db`: dpre and db's partials in one pass, summed by
+                           kernels/reduce.py (one read of dpre fewer: 2 bytes per element).
+    preact   "store" (FUSEFORMER_LINEAR_GELU_PREACT)  the forward saves pre = x W^T + b for the
+                        backward: N * itemsize bytes per token kept from forward to backward
+                        (BERT-base FFN, N = 3072, bf16: 6144 B per token, 96 MiB at 16384
+                        tokens; 1024 -> 4096: 8192 B per token), plus its write and read.
+             "recompute" nothing saved but x (which dW needs anyway); the backward runs the
+                        forward GEMM again (2 * N * K FLOPs per token, +50% of the backward's
+                        4 * N * K) with the dgelu epilogue: `_linear_gelu_tma` with DGELU when
+                        the TMA path applies, else the portable GEMM into a temporary pre.
+                        Triton backend only (the cuda backend's launchers need pre).
+In every variant the two backward GEMMs are cuBLAS (torch.mm): dx = dpre W, dW = dpre^T x.
 """
 from __future__ import annotations
 
-import math
+import contextlib
+import os
 from typing import Optional
 
 import torch
 import triton
-import triton.language as tl
+
+try:  # where Triton keeps the allocator of triton.set_allocator (3.6 and 3.9)
+    from triton.runtime import _allocation
+except ImportError:  # pragma: no cover - another layout: _ensure_allocator then always sets ours
+    _allocation = None
 
 from . import backends, reference
-from ._util import as_rows, cdiv, device_guard, launch_tuned, new_output, next_pow2
+from ._util import as_rows, cdiv, device_guard, launch_tuned, new_output, next_pow2, sm_count
 from .backends import Impl
 from .checks import check_same, check_tensor, same_floats
+from .linear_gelu_kernels import _gelu_bwd, _gelu_bwd_db, _linear_gelu_fwd, _linear_gelu_tma  # noqa: F401
+from .reduce import sum_rows
 
-_SQRT1_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_SQRT_2_PI = math.sqrt(2.0 / math.pi)
 APPROXIMATIONS = ("none", "tanh")
 
+# ----------------------------------------------------------------------------- variants
 
-def _configs():
-    if backends.interpreting():
-        # The interpreter rejects several configs, and its cost grows with the number of
-        # programs and loop iterations: one config of big blocks.
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=1)]
-    # H100: 128x256 / 128x128 tiles feed the tensor cores; the smaller ones cover skinny
-    # problems (small M or N) where big tiles would leave SMs idle.
-    shapes = [
-        (128, 256, 64, 3, 8),
-        (256, 128, 64, 3, 8),
-        (128, 128, 64, 4, 8),
-        (128, 128, 64, 3, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (128, 128, 32, 4, 4),
-    ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, s, w in shapes
-    ]
+VARIANTS = {"forward": ("portable", "tma"), "dgelu": ("elementwise", "fused_db"), "preact": ("store", "recompute")}
+_ENV = {"forward": "FUSEFORMER_LINEAR_GELU_FWD", "dgelu": "FUSEFORMER_LINEAR_GELU_DGELU",
+        "preact": "FUSEFORMER_LINEAR_GELU_PREACT"}
 
 
-@triton.jit
-def _gelu(u, APPROX_TANH: tl.constexpr):
-    if APPROX_TANH:
-        z = 0.7978845608028654 * (u + 0.044715 * u * u * u)
-        return u * tl.sigmoid(2.0 * z)
-    return 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
+def _check_variant(choices: dict, where: str) -> None:
+    """`where` names the setting in the message, formatted with the setting's name."""
+    for what, value in choices.items():
+        if what not in VARIANTS:
+            raise ValueError(f"linear_gelu variant: unknown setting {what!r} (one of {', '.join(VARIANTS)})")
+        if value not in VARIANTS[what]:
+            raise ValueError(f"{where.format(what)} must be one of {', '.join(VARIANTS[what])}, got {value!r}")
 
 
-@triton.jit
-def _gelu_grad(u, APPROX_TANH: tl.constexpr):
-    if APPROX_TANH:
-        z = 0.7978845608028654 * (u + 0.044715 * u * u * u)
-        s = tl.sigmoid(2.0 * z)
-        dz = 0.7978845608028654 * (1.0 + 0.134145 * u * u)
-        return s + 2.0 * u * s * (1.0 - s) * dz
-    cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
-    return cdf + u * 0.3989422804014327 * tl.exp(-0.5 * u * u)
+def _variant_from_env() -> dict:
+    chosen = {}
+    for what, options in VARIANTS.items():
+        value = os.environ.get(_ENV[what], "").strip().lower() or options[0]
+        if value not in options:
+            raise ValueError(f"{_ENV[what]} must be one of {', '.join(options)}, got {value!r}")
+        chosen[what] = value
+    return chosen
 
 
-# Keyed on TUNE_M (M rounded up to a power of two), not M: with unpadded batches every call
-# has another token count, and a key on M would rerun the whole autotune sweep each time.
-@triton.autotune(configs=_configs(), key=["TUNE_M", "N", "K", "HAS_BIAS", "SAVE_PRE", "APPROX_TANH"])
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-@triton.jit
-def _linear_gelu_fwd(
-    X,  # (M, K) input
-    W,  # (N, K) weight, read as W^T through its strides (no transposed copy)
-    B,  # (N,) bias, read only with HAS_BIAS
-    OUT,  # (M, N) gelu(pre)
-    PRE,  # (M, N) pre-activation, written only with SAVE_PRE
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_xk,
-    stride_wn,
-    stride_wk,
-    stride_om,  # row stride of OUT and PRE (both contiguous (M, N))
-    TUNE_M,  # next_pow2(M): the autotune key only, unused by the kernel
-    HAS_BIAS: tl.constexpr,
-    SAVE_PRE: tl.constexpr,
-    APPROX_TANH: tl.constexpr,
-    UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (the interpreter's bf16 dot is wrong)
-    PRECISION: tl.constexpr,  # "ieee" for fp32 products as exact as torch's; else "tf32" (the default)
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,  # rows of tiles walked together so their W tiles stay in L2
-    EVEN_K: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    group = pid // per_group
-    first_m = group * GROUP_M
-    group_rows = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    # Out-of-range rows/columns wrap onto valid ones, so the main loop needs no M/N masks;
-    # their results are dropped by the masked store.
-    rm_safe = rm % M
-    rn_safe = rn % N
-    # int64 on both axes: a transposed view of x has stride_xk = M, and rk * M (or the step
-    # BLOCK_K * M below) is int32 on a GPU, wrapping past M ~ 2**31 / BLOCK_K (33M rows).
-    # Computed once, outside the K loop; the interpreter never shows it (it works in int64).
-    x_ptrs = X + rm_safe[:, None].to(tl.int64) * stride_xm + rk[None, :].to(tl.int64) * stride_xk
-    w_ptrs = W + rk[:, None].to(tl.int64) * stride_wk + rn_safe[None, :].to(tl.int64) * stride_wn
-    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K  # tl.cast: a stride of 1 arrives as a constexpr
-    w_step = tl.cast(stride_wk, tl.int64) * BLOCK_K
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(x_ptrs)
-            b = tl.load(w_ptrs)
-        else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
-            b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        x_ptrs += x_step
-        w_ptrs += w_step
-
-    if HAS_BIAS:
-        acc += tl.load(B + rn_safe).to(tl.float32)[None, :]
-    out_mask = (rm[:, None] < M) & (rn[None, :] < N)
-    offs = rm[:, None].to(tl.int64) * stride_om + rn[None, :]
-    if SAVE_PRE:
-        pre = acc.to(PRE.dtype.element_ty)
-        tl.store(PRE + offs, pre, mask=out_mask)
-        # The backward sees the rounded pre-activation; apply GELU to the same value.
-        acc = pre.to(tl.float32)
-    tl.store(OUT + offs, _gelu(acc, APPROX_TANH).to(OUT.dtype.element_ty), mask=out_mask)
+VARIANT = _variant_from_env()  # read once; the launchers read this dict per call
 
 
-@triton.jit
-def _gelu_bwd(
-    DOUT,  # (numel,) gradient of the output, contiguous
-    PRE,  # (numel,) saved pre-activation
-    DPRE,  # (numel,) dout * gelu'(pre)
-    numel,
-    APPROX_TANH: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    u = tl.load(PRE + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DPRE + offs, (g * _gelu_grad(u, APPROX_TANH)).to(DPRE.dtype.element_ty), mask=mask)
+def set_variant(**choices) -> dict:
+    """Choose linear_gelu's kernels: forward=, dgelu=, preact= (see the module docstring).
+    Returns the previous settings (a dict to hand back to set_variant)."""
+    _check_variant(choices, "linear_gelu variant {}")
+    before = dict(VARIANT)
+    VARIANT.update(choices)
+    return before
+
+
+@contextlib.contextmanager
+def variant(**choices):
+    """set_variant inside a block (the benchmark times the variants side by side)."""
+    before = set_variant(**choices)
+    try:
+        yield
+    finally:
+        VARIANT.update(before)
 
 
 # ----------------------------------------------------------------------------- launchers
+
+_tma_capable: dict = {}
+
+
+def _tma_ok(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Can `_linear_gelu_tma` read x and W? TMA needs sm_90 or newer, a unit column stride,
+    and a 16-byte aligned base and row stride (what a tensor map can describe)."""
+    dev = x2d.device
+    capable = _tma_capable.get(dev)
+    if capable is None:
+        capable = _tma_capable[dev] = backends.interpreting() or (
+            dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9)
+    if not capable:
+        return False
+    if x2d.dtype == torch.float32 and not backends.interpreting():
+        # fp32 products as exact as torch's ("ieee") cannot use wgmma: the portable kernel.
+        # (The interpreter runs the TMA kernel in fp32 too: its bf16 dot is wrong there.)
+        return False
+    size = x2d.element_size()
+    return all(t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (x2d, weight))
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    # Device-side tensor descriptors keep their tensor maps in global scratch that Triton
+    # asks of the allocator given to triton.set_allocator. That setting is a ContextVar: a
+    # thread that never set it (the autograd engine's backward threads, say) has none, so
+    # check on every TMA launch (one ContextVar read) and never replace the user's own.
+    try:
+        missing = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except AttributeError:  # another Triton's layout of that module: set ours rather than fail
+        missing = True
+    if missing:
+        triton.set_allocator(_scratch)
+
+
+def _exact(dtype: torch.dtype) -> bool:
+    # fp32 inputs: exact ("ieee") products as torch computes them, unless torch itself is
+    # allowed tf32. 16-bit inputs keep Triton's default; the interpreter ignores the choice.
+    return dtype == torch.float32 and not (not backends.interpreting() and torch.backends.cuda.matmul.allow_tf32)
+
+
+def _launch_tma(x2d, weight, bias, out, pre, dout, db_part, approximate):
+    """`_linear_gelu_tma` on a persistent grid: forward (dout None) or the dgelu recompute."""
+    M, K = x2d.shape
+    N = weight.shape[0]
+    _ensure_allocator()
+    interp = backends.interpreting()
+    # One program per SM (the kernel loops over its tiles); a few in the interpreter, so that
+    # the tile loop runs more than once there too.
+    cap = 3 if interp else sm_count(x2d.device)
+    grid = lambda meta: (min(cap, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)  # noqa: E731
+    tune_m = next_pow2(M)
+    has_bias, approx_tanh, dgelu = bias is not None, approximate == "tanh", dout is not None
+    tma_store = (N * out.element_size()) % 16 == 0
+    exact = _exact(x2d.dtype)
+    key = (x2d.dtype, tune_m, N, K, has_bias, pre is not None, approx_tanh, dgelu, tma_store, exact)
+    launch_tuned(
+        _linear_gelu_tma, _linear_gelu_tma.fn, key, grid,
+        x2d,
+        weight,
+        bias if has_bias else weight,  # any pointer where the flag keeps the kernel from reading
+        out,
+        pre if pre is not None else out,
+        dout if dgelu else out,
+        db_part if db_part is not None else out,  # (the autotuner zeroes this slot: out is written after)
+        M,
+        N,
+        K,
+        x2d.stride(0),
+        weight.stride(0),
+        tune_m,
+        HAS_BIAS=has_bias,
+        SAVE_PRE=pre is not None,
+        APPROX_TANH=approx_tanh,
+        DGELU=dgelu,
+        TMA_STORE=tma_store,
+        UPCAST=interp,
+        PRECISION="ieee" if exact else "tf32",
+    )
+
+
+# The smallest BLOCK_M of the TMA configs: db partial buffers of the recompute path get
+# cdiv(M, this) rows, enough for any config (rows a bigger tile leaves unwritten stay 0).
+_TMA_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _linear_gelu_tma.configs)
 
 
 def forward(x2d, weight, bias, approximate, save_preact):
@@ -198,10 +209,11 @@ def forward(x2d, weight, bias, approximate, save_preact):
         if pre is not None:
             pre.copy_(base)
         return out, pre
+    if VARIANT["forward"] == "tma" and _tma_ok(x2d, weight):
+        _launch_tma(x2d, weight, bias, out, pre, None, None, approximate)
+        return out, pre
     interp = backends.interpreting()
-    # fp32 inputs: exact ("ieee") products as torch computes them, unless torch itself is
-    # allowed tf32. 16-bit inputs keep Triton's default; the interpreter ignores the choice.
-    exact = x2d.dtype == torch.float32 and not (not interp and torch.backends.cuda.matmul.allow_tf32)
+    exact = _exact(x2d.dtype)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     tune_m = next_pow2(M)
     has_bias, approx_tanh = bias is not None, approximate == "tanh"
@@ -245,11 +257,51 @@ def gelu_backward(dout: torch.Tensor, preact: torch.Tensor, approximate: str) ->
     return dpre
 
 
-def backward(dout, x2d, weight, preact, approximate, has_bias):
-    dpre = gelu_backward(dout, preact, approximate)  # (M, N)
+def _dgelu_fused_db(dout, preact, approximate, has_bias):
+    """(dpre, db or None) by `_gelu_bwd_db`: one pass over dout and pre."""
+    M, N = preact.shape
+    dpre = new_output((M, N), preact.dtype, preact.device)
+    if M == 0 or N == 0:
+        return dpre, torch.zeros(N, dtype=preact.dtype, device=preact.device) if has_bias else None
+    block_m, block_n = 32, 128  # 4096 elements a step; 128 columns = 256-byte rows in 16 bits
+    tiles_n = cdiv(N, block_n)
+    if backends.interpreting() or not preact.is_cuda:
+        programs_m = min(cdiv(M, block_m), 2)  # 2: the row-block loop still runs twice
+    else:  # ~4 programs per SM in all, each summing its rows' share of db
+        programs_m = max(1, min(cdiv(M, block_m), cdiv(4 * sm_count(preact.device), tiles_n)))
+    db_part = new_output((programs_m, N), torch.float32, preact.device) if has_bias else None
+    _gelu_bwd_db[(programs_m, tiles_n)](
+        dout, preact, dpre, db_part if has_bias else dpre, M, N,
+        APPROX_TANH=approximate == "tanh", HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8,
+    )
+    return dpre, sum_rows(db_part, preact.dtype) if has_bias else None
+
+
+def _dgelu(dout, x2d, weight, preact, approximate, has_bias, bias):
+    """dpre = dout * gelu'(pre) and db, by the variant in force; pre None: recompute it."""
+    if preact is None:
+        M, N = dout.shape
+        if VARIANT["forward"] == "tma" and M and N and x2d.shape[1] and _tma_ok(x2d, weight):
+            # The GEMM again, its epilogue writing dpre and db's per-tile partials.
+            dpre = new_output((M, N), dout.dtype, dout.device)
+            db_part = torch.zeros((cdiv(M, _TMA_MIN_BLOCK_M), N), dtype=torch.float32, device=dout.device) \
+                if has_bias else None
+            _launch_tma(x2d, weight, bias, dpre, None, dout, db_part, approximate)
+            return dpre, sum_rows(db_part, dout.dtype) if has_bias else None
+        # Elsewhere (and for empty shapes): the forward launcher rebuilds pre into a
+        # temporary, then as when stored.
+        preact = forward(x2d, weight, bias, approximate, True)[1]
+    if VARIANT["dgelu"] == "fused_db":
+        return _dgelu_fused_db(dout, preact, approximate, has_bias)
+    dpre = gelu_backward(dout, preact, approximate)
+    return dpre, dpre.sum(0, dtype=torch.float32).to(dpre.dtype) if has_bias else None
+
+
+def backward(dout, x2d, weight, preact, approximate, has_bias, bias=None):
+    """preact None (the "recompute" variant, triton only) needs bias (when there is one)."""
+    dpre, db = _dgelu(dout.contiguous(), x2d, weight, preact, approximate, has_bias, bias)  # (M, N)
     dx = dpre @ weight  # (M, K)
     dw = dpre.t() @ x2d  # (N, K)
-    db = dpre.sum(0, dtype=torch.float32).to(dpre.dtype) if has_bias else None
     return dx, dw, db
 
 
@@ -277,12 +329,18 @@ def _run_forward(backend, x, weight, bias, approximate, save_preact):
     return out, pre
 
 
-def _run_backward(backend, dout, x, weight, preact, approximate, has_bias):
+def _run_backward(backend, dout, x, weight, preact, approximate, has_bias, bias=None):
+    impl = backends.get_impl("linear_gelu", backend)
+    args = (as_rows(dout), as_rows(x), weight, as_rows(preact), approximate, has_bias)
     with device_guard(dout):
-        dx, dw, db = backends.get_impl("linear_gelu", backend).backward(
-            as_rows(dout), as_rows(x), weight, as_rows(preact), approximate, has_bias
-        )
+        # bias only for the recompute path: the cuda backend's launcher takes the six above.
+        dx, dw, db = impl.backward(*args) if preact is not None else impl.backward(*args, bias=bias)
     return dx.view(x.shape), dw, db
+
+
+def _save_preact(backend: str) -> bool:
+    # Recompute is the triton launcher's alone; every other backend keeps pre.
+    return VARIANT["preact"] == "store" or backend != "triton"
 
 
 # ----------------------------------------------------------------------------- eager path
@@ -293,15 +351,17 @@ class LinearGeluFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, approximate, backend):
-        out, pre = _run_forward(backend, x, weight, bias, approximate, True)
-        ctx.save_for_backward(x, weight, pre)
+        save = _save_preact(backend)
+        out, pre = _run_forward(backend, x, weight, bias, approximate, save)
+        # Recompute keeps bias instead of pre (N values, not M x N).
+        ctx.save_for_backward(x, weight, pre, None if save else bias)
         ctx.approximate, ctx.has_bias, ctx.backend = approximate, bias is not None, backend
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, weight, pre = ctx.saved_tensors
-        dx, dw, db = _run_backward(ctx.backend, dout, x, weight, pre, ctx.approximate, ctx.has_bias)
+        x, weight, pre, bias = ctx.saved_tensors
+        dx, dw, db = _run_backward(ctx.backend, dout, x, weight, pre, ctx.approximate, ctx.has_bias, bias)
         return dx, dw, db, None, None
 
 
@@ -334,31 +394,33 @@ def _linear_gelu_bwd_op(
     dout: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
-    preact: torch.Tensor,
+    preact: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
     approximate: str,
     has_bias: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dw, db = _run_backward(backend, dout, x, weight, preact, approximate, has_bias)
+    # preact None: the recompute variant (bias given when there is one).
+    dx, dw, db = _run_backward(backend, dout, x, weight, preact, approximate, has_bias, bias)
     return dx, dw, db if db is not None else dout.new_empty(0)
 
 
 @_linear_gelu_bwd_op.register_fake
-def _(dout, x, weight, preact, approximate, has_bias, backend):
+def _(dout, x, weight, preact, bias, approximate, has_bias, backend):
     return torch.empty_like(x), torch.empty_like(weight), dout.new_empty(weight.shape[0] if has_bias else 0)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, approximate, save_preact, backend = inputs
-    if not save_preact:
+    if not save_preact and _save_preact(backend):
         raise RuntimeError("linear_gelu: gradients need the pre-activation saved (save_preact=True)")
-    ctx.save_for_backward(x, weight, output[1])
+    ctx.save_for_backward(x, weight, output[1] if save_preact else None, None if save_preact else bias)
     ctx.approximate, ctx.has_bias, ctx.backend = approximate, bias is not None, backend
 
 
 def _backward(ctx, dout, dpre_unused):
-    x, weight, preact = ctx.saved_tensors
-    dx, dw, db = _linear_gelu_bwd_op(dout, x, weight, preact, ctx.approximate, ctx.has_bias, ctx.backend)
+    x, weight, preact, bias = ctx.saved_tensors
+    dx, dw, db = _linear_gelu_bwd_op(dout, x, weight, preact, bias, ctx.approximate, ctx.has_bias, ctx.backend)
     return dx, dw, db if ctx.has_bias else None, None, None, None
 
 
@@ -399,7 +461,7 @@ def linear_gelu(x, weight, bias=None, approximate="none", *, backend=None):
     if name == "torch":
         return reference.linear_gelu(x, weight, bias, approximate)
     if torch.compiler.is_compiling():
-        return _linear_gelu_op(x, weight, bias, approximate, requires_grad, name)[0]
+        return _linear_gelu_op(x, weight, bias, approximate, requires_grad and _save_preact(name), name)[0]
     if requires_grad:
         return LinearGeluFunction.apply(x, weight, bias, approximate, name)
     return _run_forward(name, x, weight, bias, approximate, False)[0]

@@ -111,6 +111,14 @@ def test_chunked_rows_beyond_block_limit(monkeypatch, device):
     check_parity((3, 5000), torch.float32, device, p=0.2, prenorm=True)
 
 
+def test_backward_chunked_while_forward_fits_one_block(monkeypatch, device):
+    # Rows wider than CHUNK: the forward keeps the row in one block, the backward (which holds
+    # more values per element) takes its two-pass chunked path.
+    monkeypatch.setattr(aln, "CHUNK", 128)
+    assert aln._block(300)[1] and not aln._bwd_block(300)[1]
+    check_parity((3, 300), torch.float32, device, p=0.2, prenorm=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("hidden", [768, 1023, 4096, 16384, 20000])
 def test_bf16_on_gpu(hidden, device):
@@ -240,3 +248,81 @@ def test_fuzz(rows, hidden, flags, p, prenorm, eps):
     check_parity(
         (rows, hidden), torch.float32, DEVICE, residual=residual, weight=weight, bias=bias, p=p, prenorm=prenorm, eps=eps
     )
+
+
+# ----------------------------------------------------------------------------- forward variants
+
+
+@pytest.mark.parametrize("variant", ["rows", "persistent"])
+@pytest.mark.parametrize(
+    "M,N,p,prenorm",
+    [(17, 768, 0.0, False), (17, 768, 0.2, True), (1, 100, 0.0, True), (17, 257, 0.0, False), (5, 1, 0.0, False),
+     (3, 1023, 0.0, True)],
+)
+def test_forward_variants(variant, M, N, p, prenorm, monkeypatch, device):
+    """The multi-row kernel (several rows per program, and the persistent grid that loops over
+    tiles) against the reference: partial last tiles (M 17 over 4-row tiles), one row, rows
+    whose length is odd (no 16-byte alignment to claim), dropout and the prenorm stream."""
+    monkeypatch.setattr(aln, "FORWARD_VARIANT", variant)
+    rows, _, align, programs = aln.rows_plan(M, N, variant, torch.device(device))
+    assert align == min(16, N & -N)  # the largest power of two (<= 16) dividing N
+    if variant == "persistent" and (M, N) == (17, 768):
+        assert programs < aln.cdiv(M, rows)  # several tiles per program: the loop runs
+    check_parity((M, N), torch.float32, device, p=p, prenorm=prenorm)
+    check_parity((M, N), torch.float16, device, p=p, prenorm=prenorm, residual=False, bias=False)
+
+
+def test_forward_variant_runs_the_multi_row_kernel(monkeypatch, device):
+    """The switch reaches the launcher: the rows kernel runs (and the one-row kernel does not)."""
+    launched = []
+    for name in ("_add_ln_fwd", "_add_ln_fwd_rows"):
+        kernel = getattr(aln, name)
+        monkeypatch.setattr(aln, name, _Recorder(kernel, name, launched))
+    x = torch.randn(6, 64, device=device)
+    with aln.forward_variant("persistent"):
+        K.add_layer_norm(x, None, None, None, backend="triton")
+    K.add_layer_norm(x, None, None, None, backend="triton")
+    assert launched == ["_add_ln_fwd_rows", "_add_ln_fwd"]
+    with pytest.raises(ValueError, match="rows"):
+        aln.set_forward_variant("fast")
+
+
+class _Recorder:
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
+def test_weight_grads_are_deterministic(device):
+    """dweight/dbias come from per-program partials summed in a fixed order (kernels/reduce.py):
+    the same inputs give the same bits."""
+    x, r, w, b = _leaves(_inputs((9, 100), torch.float32, device))
+    grads = []
+    for _ in range(2):
+        w.grad = b.grad = None
+        K.add_layer_norm(x, r, w, b, backend="triton").square().sum().backward()
+        grads.append((w.grad.clone(), b.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+@pytest.mark.parametrize("P,N", [(1, 1), (70, 130), (4, 768)])
+def test_sum_rows_reduces_every_partial_row(P, N, device):
+    """The second step of the dweight/dbias reductions: P > its 32-row step and N over several
+    64-column programs, so a skipped row block or column block shows."""
+    from fuseformer.kernels.reduce import sum_rows
+
+    part = torch.randn(P, N, device=device)
+    out = sum_rows(part, torch.float16)
+    assert out.dtype == torch.float16 and out.shape == (N,)
+    torch.testing.assert_close(out, part.double().sum(0).half(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["rows", "persistent"])
+@pytest.mark.parametrize("M,N", [(8192, 768), (17, 1000), (4099, 1024)])
+def test_forward_variants_on_gpu(variant, M, N, monkeypatch, device):
+    monkeypatch.setattr(aln, "FORWARD_VARIANT", variant)
+    check_parity((M, N), torch.bfloat16, device, prenorm=True, p=0.1)

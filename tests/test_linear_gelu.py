@@ -14,6 +14,7 @@ from fuseformer.kernels._util import draw_seed
 from fuseformer.kernels.parity import assert_parity
 
 aln = importlib.import_module("fuseformer.kernels.add_layer_norm")
+lg = importlib.import_module("fuseformer.kernels.linear_gelu")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -181,6 +182,14 @@ def _block(x, w1, b1, res, lw, lb):
     return y, stream
 
 
+def test_torch_compile_fullgraph_new_variants(launched, device):
+    """The same with every new variant: TMA GEMM, recompute instead of a saved pre (the
+    compiled backward op gets bias and no pre), persistent multi-row LayerNorm."""
+    with lg.variant(forward="tma", preact="recompute", dgelu="fused_db"), aln.forward_variant("persistent"):
+        test_torch_compile_fullgraph_both_ops(device)
+    assert launched == ["_linear_gelu_tma"] * 4  # forward and dgelu recompute, eager then compiled
+
+
 def test_torch_compile_fullgraph_both_ops(device):
     torch._dynamo.reset()
     params = [
@@ -209,3 +218,168 @@ def test_torch_compile_fullgraph_both_ops(device):
     h = reference.linear_gelu(*params[:3], approximate="tanh")
     _, ref_stream = reference.add_layer_norm(h, *params[3:], dropout_p=0.1, prenorm=True, dropout_mask=mask)
     torch.testing.assert_close(runs[1][1], ref_stream, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+class _Recorder:
+    """Wraps a kernel attribute of linear_gelu (autotuned or plain) and logs its launches."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+        self.fn = _Recorder(kernel.fn, name, log) if hasattr(kernel, "fn") and hasattr(kernel, "configs") else None
+        self.configs = getattr(kernel, "configs", None)
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+    def __getattr__(self, attr):
+        return getattr(self.kernel, attr)
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    log = []
+    for name in ("_linear_gelu_fwd", "_linear_gelu_tma", "_gelu_bwd", "_gelu_bwd_db"):
+        monkeypatch.setattr(lg, name, _Recorder(getattr(lg, name), name, log))
+    return log
+
+
+@pytest.mark.parametrize(
+    "M,Kf,N,dtype",
+    [
+        (17, 100, 257, torch.float32),  # 400-byte rows: TMA loads; 257 columns: pointer stores
+        (1, 768, 257, torch.float16),  # one row, several K steps
+        (17, 768, 256, torch.float16),  # 512-byte output rows: stores through descriptors too
+        (17, 100, 64, torch.float16),  # 200-byte rows: TMA cannot describe them, portable
+    ],
+)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_tma_forward(M, Kf, N, dtype, approximate, launched, device):
+    tma = (Kf * torch.empty((), dtype=dtype).element_size()) % 16 == 0
+    with lg.variant(forward="tma"):
+        check_parity(*_make(M, Kf, N, device), approximate, dtype)
+    assert launched[0] == ("_linear_gelu_tma" if tma else "_linear_gelu_fwd")
+
+
+@pytest.mark.parametrize("forward", ["tma", "portable"])
+@pytest.mark.parametrize("M,Kf,N,bias", [(17, 100, 257, True), (1, 768, 257, True), (17, 100, 64, False)])
+def test_recompute_backward(forward, M, Kf, N, bias, launched, device):
+    """preact="recompute": nothing (M, N)-shaped is kept for the backward, which rebuilds pre
+    with the forward GEMM (the TMA kernel's dgelu epilogue, or the portable kernel)."""
+    x, w, b = _make(M, Kf, N, device, bias=bias)
+    with lg.variant(forward=forward, preact="recompute"):
+        check_parity(x, w, b, "none", torch.float32)
+        calls = list(launched)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            K.linear_gelu(x.requires_grad_(True), w, b, backend="triton")
+    assert saved and (M, N) not in saved, saved
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        K.linear_gelu(x, w, b, backend="triton")  # "store" (the default) does keep pre
+    assert (M, N) in saved
+    if forward == "tma":
+        assert calls == ["_linear_gelu_tma"] * 2  # the forward, then the GEMM again with the dgelu epilogue
+    else:
+        assert calls == ["_linear_gelu_fwd", "_linear_gelu_fwd", "_gelu_bwd"]
+
+
+@pytest.mark.parametrize("M,N,bias", [(70, 257, True), (1, 257, True), (17, 100, False)])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_fused_dgelu_db(M, N, bias, approximate, launched, device):
+    """dgelu="fused_db": dpre and db in one pass (M 70 = 3 row blocks over 2 programs: the
+    row-block loop and the per-program partials both run)."""
+    with lg.variant(dgelu="fused_db"):
+        check_parity(*_make(M, 40, N, device, bias=bias), approximate, torch.float16)
+    assert "_gelu_bwd_db" in launched and "_gelu_bwd" not in launched
+
+
+def test_variant_setting_is_checked():
+    with pytest.raises(ValueError, match="tma"):
+        lg.set_variant(forward="cutlass")
+    with pytest.raises(ValueError, match="unknown setting"):
+        lg.set_variant(backward="x")
+    assert lg.VARIANT == {"forward": "portable", "dgelu": "elementwise", "preact": "store"}  # the measured paths
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_tma_epilogue_slices(split, monkeypatch, launched, device):
+    """The interpreter's one TMA config runs the epilogue in column quarters (SPLIT_N=4, as the
+    GPU's 128 x 256 config does); the GPU's other configs use halves or the whole tile."""
+    import triton
+
+    tuned = lg._linear_gelu_tma.kernel  # the autotuner under the recorder
+    config = tuned.configs[0]
+    assert config.kwargs["SPLIT_N"] == 4
+    whole = triton.Config({**config.kwargs, "SPLIT_N": split}, num_warps=config.num_warps,
+                          num_stages=config.num_stages)
+    monkeypatch.setattr(tuned, "configs", [whole])
+    monkeypatch.setattr(_util, "_tuned_configs", {})
+    with lg.variant(forward="tma", preact="recompute"):
+        check_parity(*_make(17, 768, 256, device), "tanh", torch.float32)
+    assert launched == ["_linear_gelu_tma"] * 2
+
+
+def test_bench_variant_impls_run_their_variant_forward_and_backward(launched):
+    """`fuseformer bench` times each variant beside fuseformer-triton: the variant must be in
+    force for the backward too (bench.core.Impl.context spans forward and backward)."""
+    from fuseformer.bench import ops
+
+    case = ops.linear_gelu_case("lg", M=17, K_in=40, N=80, grad=True, device_type="cpu")
+    names = [i.name for i in case.impls]
+    assert names[:2] == ["fuseformer-triton", "fuseformer-triton-tma"]
+    case.impls = [i for i in case.impls if i.name == "fuseformer-triton-fused-db"]
+    prepared = case.prepare(torch.device("cpu"), torch.float32, 0)
+    assert not prepared.errors and all(p.ok for _, p in prepared.parity["fuseformer-triton-fused-db"])
+    assert launched == ["_linear_gelu_fwd", "_gelu_bwd_db"]
+    assert lg.VARIANT["dgelu"] == "elementwise"  # restored after the call
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("choice", [dict(forward="tma"), dict(forward="tma", preact="recompute"),
+                                    dict(dgelu="fused_db"), dict(forward="tma", preact="recompute", dgelu="fused_db")])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_bf16_variants_on_gpu(choice, approximate, launched, device):
+    """On a GPU the TMA kernel autotunes over configs of different BLOCK_M: the recompute
+    path's db partial rows must not keep what a losing config wrote (reset_to_zero)."""
+    with lg.variant(**choice):
+        check_parity(*_make(300, 768, 1000, device), approximate, torch.bfloat16)
+    if choice.get("forward") == "tma" and torch.cuda.get_device_capability()[0] >= 9:
+        assert "_linear_gelu_tma" in launched
+
+
+def test_allocator_for_device_side_descriptors_is_set_once_and_never_replaced(monkeypatch):
+    """The TMA kernel's tensor maps live in scratch from triton.set_allocator: set ours where a
+    thread has none, keep a user's own."""
+    import triton
+    from triton.runtime import _allocation
+
+    calls = []
+    monkeypatch.setattr(triton, "set_allocator", lambda fn: calls.append(fn))
+    token = _allocation._allocator.set(_allocation.NullAllocator())
+    try:
+        lg._ensure_allocator()
+        assert calls == [lg._scratch]
+        _allocation._allocator.set(lambda size, alignment, stream: None)  # a user's allocator
+        lg._ensure_allocator()
+        assert calls == [lg._scratch]
+    finally:
+        _allocation._allocator.reset(token)
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 5), (4, 0, 6), (3, 8, 0)])
+def test_new_variants_on_empty_shapes(shape, device):
+    M, Kf, N = shape
+    with lg.variant(forward="tma", preact="recompute", dgelu="fused_db"):
+        x = torch.randn(M, Kf, device=device, requires_grad=True)
+        w = torch.randn(N, Kf, device=device, requires_grad=True)
+        b = torch.randn(N, device=device, requires_grad=True)
+        out = K.linear_gelu(x, w, b, backend="triton")
+        out.sum().backward()
+    ref = reference.linear_gelu(x.detach(), w.detach(), b.detach())
+    torch.testing.assert_close(out.detach(), ref)
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape and b.grad.shape == b.shape
+    if M == 0 or N == 0:
+        assert torch.equal(b.grad, torch.zeros_like(b))

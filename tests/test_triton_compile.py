@@ -15,7 +15,9 @@ the limit is a launch failure rather than a config the autotuner skips.
 FUSEFORMER_TRITON_AOT_FULL=1 compiles every config and case for sm_80 as well (a few minutes).
 
 Registers, spills and shared memory are printed per compile (pytest -s or -rP to see them).
-Spills are reported, not failed on. Skipped, with the reason, where triton's NVIDIA backend or
+Spills are reported, not failed on, except in the kernels of NO_SPILL (add+LN, the reductions,
+the persistent TMA GEMM). The PTX of each compile is searched for wgmma, TMA copies and
+16-byte vector accesses, which the tests at the end require where a kernel is built on them. Skipped, with the reason, where triton's NVIDIA backend or
 ptxas is missing or this triton's ahead-of-time compile API differs from the one used.
 """
 import importlib.util
@@ -119,3 +121,38 @@ def test_spill_report(compiled):
     print(f"\n{len(spills)} of {len(ok)} compiled kernels spill registers:")
     for r in sorted(spills, key=lambda r: -r["spill_bytes"]):
         print(f"  {r['spill_bytes']:>7d} B  regs={r['n_regs']}  {r['kernel']} sm_{r['arch']} [{r['case']}] {r['config']}")
+
+
+# Kernels whose compiles must not spill at all (the memory-bound add+LN kernels, the
+# reductions, and the persistent TMA GEMM, whose configs were chosen not to).
+NO_SPILL = ("add_ln_fwd", "add_ln_fwd_rows", "add_ln_bwd", "ln_keep_mask", "sum_rows", "gelu_bwd_db",
+            "linear_gelu_tma")
+
+
+def _of(compiled, kernel):
+    found = [r for r in compiled["results"] if r["kernel"] == kernel and r["ok"]]
+    assert found, f"no compile of {kernel} in the results"
+    return found
+
+
+def test_no_spills_where_none_are_allowed(compiled):
+    spilling = [r for k in NO_SPILL for r in _of(compiled, k) if r["spill_bytes"] != 0]
+    assert not spilling, "register spills in kernels that must not spill:\n" + "\n".join(
+        f"{r['spill_bytes']} B, {r['n_regs']} regs: {_where(r)}" for r in spilling
+    )
+
+
+def test_persistent_gemm_uses_wgmma_and_tma(compiled):
+    """The point of `_linear_gelu_tma`: on sm_90a its tiles arrive by TMA (cp.async.bulk.tensor)
+    and feed Hopper's asynchronous tensor-core MMA (wgmma), in every config and case."""
+    for r in _of(compiled, "linear_gelu_tma"):
+        assert r["arch"] == 90
+        assert r["ptx"]["wgmma"] > 0, f"no wgmma.mma_async in {_where(r)}"
+        assert r["ptx"]["tma"] > 0, f"no cp.async.bulk.tensor in {_where(r)}"
+
+
+def test_multi_row_layer_norm_moves_16_byte_vectors(compiled):
+    """`_add_ln_fwd_rows` loads and stores rows in 16-byte vectors (ld/st.global.v4) for BERT's
+    768 and also for N = 1000, where only its alignment hint (8 | N) proves the alignment."""
+    for r in _of(compiled, "add_ln_fwd_rows"):
+        assert r["ptx"]["ld_v4"] > 0 and r["ptx"]["st_v4"] > 0, f"no 16-byte vector access in {_where(r)}: {r['ptx']}"

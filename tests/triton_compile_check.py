@@ -158,7 +158,8 @@ def _add(jobs, kernel_name, kernel, arch, case, values, constexprs, configs="all
     else:
         idx = {"all": list(range(len(tune))), "first": [0],
                # the most warps: the config a wide row runs (fewer warps spill)
-               "most_warps": [max(range(len(tune)), key=lambda i: tune[i].num_warps)]}.get(configs, configs)
+               "most_warps": [max(range(len(tune)), key=lambda i: tune[i].num_warps)]}.get(configs, configs) \
+            if isinstance(configs, str) else list(configs)
         chosen = [(tune[i], dict(tune[i].kwargs), _options(tune[i])) for i in idx]
     for index, (config, kw, opts) in zip(idx, chosen):
         cx = {**constexprs, **kw}
@@ -224,9 +225,7 @@ def build_jobs():
     import importlib
 
     # import_module: the package re-exports functions under the same names as these modules.
-    aln = importlib.import_module("fuseformer.kernels.add_layer_norm")
     ak = importlib.import_module("fuseformer.kernels.attention_kernels")
-    lg = importlib.import_module("fuseformer.kernels.linear_gelu")
 
     jobs = []
 
@@ -299,70 +298,10 @@ def build_jobs():
         _add(jobs, "dropout_keep_kernel", ak.dropout_keep_kernel, arch, "u8 mask",
              dict(OUT=Ptr("u8"), SEED=Ptr("i64"), LQ=L, LK=L, dropout_p=0.1), dict(BLOCK_M=64, BLOCK_N=64))
 
-    # --- add + LayerNorm. Row lengths: BERT-base 768 (BLOCK 1024), the widest single-block
-    # row (BLOCK 16384) and a chunked one (N > MAX_FUSED_BLOCK).
-    chunked_n = aln.MAX_FUSED_BLOCK + aln.MAX_FUSED_BLOCK // 2
+    # --- add + LayerNorm, the reductions, Linear + GELU: tests/triton_compile_ops.py.
+    import triton_compile_ops
 
-    def ln_fwd(arch, dt, N, res=True, w=True, b=True, drop=False, save=True, stats=True):
-        block, single = aln._block(N)
-        v = dict(X=Ptr(dt), RES=Ptr(dt), W=Ptr(dt), B=Ptr(dt), Y=Ptr(dt), STREAM=Ptr(dt), MEAN=Ptr("fp32"),
-                 RSTD=Ptr("fp32"), SEED=Ptr("i64") if drop else Ptr("fp32"), N=N, eps=1e-5,
-                 dropout_p=0.1 if drop else 0.0)
-        cx = dict(HAS_RES=res, HAS_W=w, HAS_B=b, DROPOUT=drop, SAVE_STREAM=save, SAVE_STATS=stats, BLOCK=block,
-                  SINGLE=single)
-        flags = "".join(c for c, on in (("r", res), ("w", w), ("b", b), ("d", drop), ("s", save)) if on) or "-"
-        _add(jobs, "add_ln_fwd", aln._add_ln_fwd, arch, f"{dt} N={N} {flags}", v, cx,
-             options=dict(num_warps=aln._num_warps(block)))
-
-    def ln_bwd(arch, dt, N, dstream=False, res=True, w=True, b=True, drop=False):
-        block, single = aln._block(N)
-        v = dict(DY=Ptr(dt), DSTREAM=Ptr(dt), STREAM=Ptr(dt), W=Ptr(dt), MEAN=Ptr("fp32"), RSTD=Ptr("fp32"),
-                 SEED=Ptr("i64") if drop else Ptr("fp32"), DX=Ptr(dt), DRES=Ptr(dt), DW_PART=Ptr("fp32"),
-                 DB_PART=Ptr("fp32"), M=B * L, N=N, dropout_p=0.1 if drop else 0.0)
-        cx = dict(HAS_DSTREAM=dstream, HAS_RES=res, HAS_W=w, HAS_B=b, DROPOUT=drop, BLOCK=block, SINGLE=single)
-        flags = "".join(c for c, on in (("t", dstream), ("r", res), ("w", w), ("b", b), ("d", drop)) if on) or "-"
-        _add(jobs, "add_ln_bwd", aln._add_ln_bwd, arch, f"{dt} N={N} {flags}", v, cx,
-             options=dict(num_warps=aln._num_warps(block)))
-
-    # The warp count is a rule of the block (no autotuner): 4096, BERT's 768, and below.
-    for arch in ARCHS:
-        ln_fwd(arch, "fp16", 4096)
-        ln_fwd(arch, "bf16", 768, res=False, w=False, b=False, save=False, stats=False)
-        ln_bwd(arch, "fp16", 768, dstream=True, drop=True)
-        _add(jobs, "ln_keep_mask", aln._keep_mask_kernel, arch, "N=768",
-             dict(SEED=Ptr("i64"), OUT=Ptr("i8"), N=768, dropout_p=0.1), dict(BLOCK=1024))
-        if arch == 90 or FULL:
-            ln_fwd(arch, "fp16", chunked_n, drop=True)
-            ln_bwd(arch, "bf16", chunked_n, dstream=True, drop=True)
-            ln_fwd(arch, "fp16", 16384, res=False)
-            ln_bwd(arch, "fp16", 16384)
-    if FULL:
-        ln_fwd(90, "bf16", 768, drop=True, save=False)
-        ln_bwd(90, "bf16", 768, res=False, w=False, b=False)
-        ln_bwd(90, "fp16", chunked_n, res=False, drop=False)
-
-    # --- Linear + GELU. BERT-base FFN (K=768, EVEN_K) and a ragged K (masked tail).
-    def lin(arch, dt, K, configs, bias=True, tanh=False, save=True):
-        M, N = B * L, 4 * 768
-        v = dict(X=Ptr(dt), W=Ptr(dt), B=Ptr(dt), OUT=Ptr(dt), PRE=Ptr(dt), M=M, N=N, K=K, stride_xm=K, stride_xk=1,
-                 stride_wn=K, stride_wk=1, stride_om=N, TUNE_M=triton_next_pow2(M))
-        cx = dict(HAS_BIAS=bias, SAVE_PRE=save, APPROX_TANH=tanh, UPCAST=False,
-                  PRECISION="ieee" if dt == "fp32" else "tf32")
-        case = f"{dt} K={K} {'tanh' if tanh else 'erf'}{' bias' if bias else ''}{' pre' if save else ''}"
-        _add(jobs, "linear_gelu_fwd", lg._linear_gelu_fwd, arch, case, v, cx, configs=configs)
-
-    for arch in ARCHS:
-        if arch == 90 or FULL:
-            lin(arch, "fp16", 768, "all")
-        lin(arch, "bf16", 1000, "first" if arch == 90 else "most_warps", bias=False, tanh=True, save=False)
-        for tanh in (False, True):
-            _add(jobs, "gelu_bwd", lg._gelu_bwd, arch, "bf16 " + ("tanh" if tanh else "erf"),
-                 dict(DOUT=Ptr("bf16"), PRE=Ptr("bf16"), DPRE=Ptr("bf16"), numel=B * L * 3072),
-                 dict(APPROX_TANH=tanh, BLOCK=4096), options=dict(num_warps=8))
-    if FULL:
-        lin(90, "bf16", 768, "first", tanh=True)
-        for arch in ARCHS:
-            lin(arch, "fp32", 768, "all", bias=False)
+    triton_compile_ops.add_jobs(jobs, sys.modules[__name__])
     return jobs
 
 
@@ -372,8 +311,16 @@ _REGS = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-KERNEL_MODULES = ("fuseformer.kernels.add_layer_norm", "fuseformer.kernels.attention_kernels",
-                  "fuseformer.kernels.linear_gelu")
+KERNEL_MODULES = ("fuseformer.kernels.add_layer_norm_kernels", "fuseformer.kernels.attention_kernels",
+                  "fuseformer.kernels.linear_gelu_kernels", "fuseformer.kernels.reduce")
+# PTX instructions counted per compile, so tests can require them: Hopper tensor-core MMAs,
+# TMA copies (global <-> shared through a tensor map), 16-byte vector global loads/stores.
+PTX_FEATURES = {
+    "wgmma": re.compile(r"\bwgmma\.mma_async"),
+    "tma": re.compile(r"\bcp\.async\.bulk\.tensor"),
+    "ld_v4": re.compile(r"\bld\.global(?:\.[a-z0-9_]+)*\.v4\.(?:b32|f32|u32)"),
+    "st_v4": re.compile(r"\bst\.global(?:\.[a-z0-9_]+)*\.v4\.(?:b32|f32|u32)"),
+}
 
 
 def coverage(jobs):
@@ -415,7 +362,7 @@ def _compile_job(index):
     job = _JOBS[index]
     out = {k: job[k] for k in ("kernel", "arch", "case", "config", "autotuned")}
     out["constexprs"] = {k: v for k, v in job["constexprs"].items()}
-    out.update(ok=False, error=None, n_regs=None, spill_bytes=None, shared=None)
+    out.update(ok=False, error=None, n_regs=None, spill_bytes=None, shared=None, ptx=None)
     t0 = time.perf_counter()
     log = io.StringIO()
     try:
@@ -426,6 +373,8 @@ def _compile_job(index):
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=job["options"])
         out["shared"] = int(compiled.metadata.shared)
+        ptx = compiled.asm.get("ptx", "")
+        out["ptx"] = {name: len(rx.findall(ptx)) for name, rx in PTX_FEATURES.items()}
         out["ok"] = True
     except Exception as e:  # noqa: BLE001 - every failure is a result to report
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
@@ -554,7 +503,7 @@ def main(argv=None):
         return 0
 
     # Slowest first (attention backward, big tiles) so the pool does not end on a long tail.
-    weight = {"attn_bwd_dkdv": 4, "attn_bwd_dq": 3, "attn_fwd": 3, "linear_gelu_fwd": 2}
+    weight = {"attn_bwd_dkdv": 4, "attn_bwd_dq": 3, "attn_fwd": 3, "linear_gelu_fwd": 2, "linear_gelu_tma": 3}
     order = sorted(range(len(_JOBS)), key=lambda i: -weight.get(_JOBS[i]["kernel"], 1))
     if args.workers > 1:
         ctx = multiprocessing.get_context("fork")

@@ -1,0 +1,380 @@
+"""The Triton kernels of linear_gelu (launchers and autograd: kernels/linear_gelu.py).
+
+    pre = x @ W^T + b,   out = gelu(pre)          W stored (out_features, in_features)
+
+Gradient maths, with dpre = dout * gelu'(pre) (called dZ in the issue):
+
+    gelu(u)  = u * Phi(u)                     Phi(u) = (1 + erf(u / sqrt 2)) / 2
+    gelu'(u) = Phi(u) + u * exp(-u^2 / 2) / sqrt(2 pi)
+    tanh:  gelu(u) = u * sigmoid(2 z),  z = sqrt(2/pi) * (u + 0.044715 u^3)   (as 1 + tanh z = 2 sigmoid(2 z))
+           gelu'(u) = s + 2 u s (1 - s) z',   s = sigmoid(2 z),  z' = sqrt(2/pi) * (1 + 3 * 0.044715 u^2)
+    dx = dpre @ W,   dW = dpre^T @ x,   db = sum over rows of dpre
+
+Kernels:
+- `_linear_gelu_fwd`: the portable matmul (pointer loads, any strides, sm_80 and sm_90),
+  one program per output tile, grouped tile order. Measured on the H200.
+- `_linear_gelu_tma`: a persistent matmul for sm_90: tensor descriptors (TMA loads into
+  shared memory, wgmma), a grid of one program per SM walking the tiles in grouped order
+  (GROUP_M rows of tiles share their W tiles in L2), bias + GELU applied to the fp32
+  accumulator in registers and stored through a descriptor. With DGELU it is the backward's
+  recompute path instead: the same GEMM rebuilds pre and the epilogue writes
+  dpre = dout * gelu'(pre) plus per-tile column sums of dpre (db's partials).
+- `_gelu_bwd`: dpre elementwise (the measured backward), `_gelu_bwd_db`: dpre and db's
+  partial column sums in one pass over dout and pre (no second read of dpre for db).
+"""
+import triton
+import triton.language as tl
+
+from . import backends
+
+
+def _configs():
+    if backends.interpreting():
+        # The interpreter rejects several configs, and its cost grows with the number of
+        # programs and loop iterations: one config of big blocks.
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=1)]
+    # H100: 128x256 / 128x128 tiles feed the tensor cores; the smaller ones cover skinny
+    # problems (small M or N) where big tiles would leave SMs idle.
+    shapes = [
+        (128, 256, 64, 3, 8),
+        (256, 128, 64, 3, 8),
+        (128, 128, 64, 4, 8),
+        (128, 128, 64, 3, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 128, 32, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, s, w in shapes
+    ]
+
+
+@triton.jit
+def _gelu(u, APPROX_TANH: tl.constexpr):
+    if APPROX_TANH:
+        z = 0.7978845608028654 * (u + 0.044715 * u * u * u)
+        return u * tl.sigmoid(2.0 * z)
+    return 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(u, APPROX_TANH: tl.constexpr):
+    if APPROX_TANH:
+        z = 0.7978845608028654 * (u + 0.044715 * u * u * u)
+        s = tl.sigmoid(2.0 * z)
+        dz = 0.7978845608028654 * (1.0 + 0.134145 * u * u)
+        return s + 2.0 * u * s * (1.0 - s) * dz
+    cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
+    return cdf + u * 0.3989422804014327 * tl.exp(-0.5 * u * u)
+
+
+# Keyed on TUNE_M (M rounded up to a power of two), not M: with unpadded batches every call
+# has another token count, and a key on M would rerun the whole autotune sweep each time.
+@triton.autotune(configs=_configs(), key=["TUNE_M", "N", "K", "HAS_BIAS", "SAVE_PRE", "APPROX_TANH"])
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _linear_gelu_fwd(
+    X,  # (M, K) input
+    W,  # (N, K) weight, read as W^T through its strides (no transposed copy)
+    B,  # (N,) bias, read only with HAS_BIAS
+    OUT,  # (M, N) gelu(pre)
+    PRE,  # (M, N) pre-activation, written only with SAVE_PRE
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_om,  # row stride of OUT and PRE (both contiguous (M, N))
+    TUNE_M,  # next_pow2(M): the autotune key only, unused by the kernel
+    HAS_BIAS: tl.constexpr,
+    SAVE_PRE: tl.constexpr,
+    APPROX_TANH: tl.constexpr,
+    UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (the interpreter's bf16 dot is wrong)
+    PRECISION: tl.constexpr,  # "ieee" for fp32 products as exact as torch's; else "tf32" (the default)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # rows of tiles walked together so their W tiles stay in L2
+    EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # Out-of-range rows/columns wrap onto valid ones, so the main loop needs no M/N masks;
+    # their results are dropped by the masked store.
+    rm_safe = rm % M
+    rn_safe = rn % N
+    # int64 on both axes: a transposed view of x has stride_xk = M, and rk * M (or the step
+    # BLOCK_K * M below) is int32 on a GPU, wrapping past M ~ 2**31 / BLOCK_K (33M rows).
+    # Computed once, outside the K loop; the interpreter never shows it (it works in int64).
+    x_ptrs = X + rm_safe[:, None].to(tl.int64) * stride_xm + rk[None, :].to(tl.int64) * stride_xk
+    w_ptrs = W + rk[:, None].to(tl.int64) * stride_wk + rn_safe[None, :].to(tl.int64) * stride_wn
+    x_step = tl.cast(stride_xk, tl.int64) * BLOCK_K  # tl.cast: a stride of 1 arrives as a constexpr
+    w_step = tl.cast(stride_wk, tl.int64) * BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        x_ptrs += x_step
+        w_ptrs += w_step
+
+    if HAS_BIAS:
+        acc += tl.load(B + rn_safe).to(tl.float32)[None, :]
+    out_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    offs = rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    if SAVE_PRE:
+        pre = acc.to(PRE.dtype.element_ty)
+        tl.store(PRE + offs, pre, mask=out_mask)
+        # The backward sees the rounded pre-activation; apply GELU to the same value.
+        acc = pre.to(tl.float32)
+    tl.store(OUT + offs, _gelu(acc, APPROX_TANH).to(OUT.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _gelu_bwd(
+    DOUT,  # (numel,) gradient of the output, contiguous
+    PRE,  # (numel,) saved pre-activation
+    DPRE,  # (numel,) dout * gelu'(pre)
+    numel,
+    APPROX_TANH: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    u = tl.load(PRE + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DPRE + offs, (g * _gelu_grad(u, APPROX_TANH)).to(DPRE.dtype.element_ty), mask=mask)
+
+
+
+
+def _tma_configs():
+    if backends.interpreting():
+        # SPLIT_N=4 (the GPU's widest tiles' epilogue); tests patch in 1 and 2.
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "SPLIT_N": 4}, num_warps=4,
+                              num_stages=1)]
+    # sm_90: 128-row tiles for wgmma (a warpgroup covers 64 rows), 64-wide K steps of
+    # 128-byte rows (the TMA swizzle width), 3-4 stages of shared memory in flight. SPLIT_N=4
+    # where the whole-tile epilogue spilled (~1.3 KB) and halves still spilled under Triton 3.6
+    # (40-96 B); tests/test_triton_compile.py fails on any spill.
+    shapes = [
+        # BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, SPLIT_N
+        (128, 256, 64, 3, 8, 4),
+        (128, 128, 64, 4, 8, 1),
+        (128, 128, 64, 4, 4, 4),
+        (128, 64, 64, 4, 4, 1),
+        (64, 128, 64, 4, 4, 1),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SPLIT_N": split}, num_warps=w,
+                      num_stages=s)
+        for bm, bn, bk, s, w, split in shapes
+    ]
+
+
+@triton.jit
+def _tile_coords(tile, per_group, tiles_m, GROUP_M: tl.constexpr):
+    # Grouped order: GROUP_M rows of tiles are walked column by column, so the programs
+    # running at once share W tiles (and x tiles) in L2 instead of streaming all of W per row.
+    group = tile // per_group
+    first_m = group * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % per_group) % group_rows
+    pid_n = (tile % per_group) // group_rows
+    return pid_m, pid_n
+
+
+# reset_to_zero: configs differ in BLOCK_M, so in how many rows of DB_PART they write (the
+# buffer has rows for the smallest); the autotuner zeroes it before each trial and before the
+# final launch, so rows a trial of a smaller tile wrote cannot linger into db.
+@triton.autotune(configs=_tma_configs(), key=["TUNE_M", "N", "K", "HAS_BIAS", "SAVE_PRE", "APPROX_TANH", "DGELU"],
+                 reset_to_zero=["DB_PART"])
+@triton.jit
+def _linear_gelu_tma(
+    X,  # (M, K) input, unit column stride, row stride a multiple of 16 bytes
+    W,  # (N, K) weight, unit column stride, row stride a multiple of 16 bytes
+    B,  # (N,) bias, read only with HAS_BIAS
+    OUT,  # (M, N) contiguous: gelu(pre), or dpre with DGELU
+    PRE,  # (M, N) contiguous pre-activation, written only with SAVE_PRE
+    DOUT,  # (M, N) contiguous gradient of the output, read only with DGELU
+    DB_PART,  # (cdiv(M, BLOCK_M), N) float32 column sums of dpre per tile row, written with DGELU and HAS_BIAS
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    TUNE_M,  # next_pow2(M): the autotune key only
+    HAS_BIAS: tl.constexpr,
+    SAVE_PRE: tl.constexpr,
+    APPROX_TANH: tl.constexpr,
+    DGELU: tl.constexpr,  # backward recompute: write dout * gelu'(pre) instead of gelu(pre)
+    TMA_STORE: tl.constexpr,  # OUT/PRE rows are 16-byte multiples: store through descriptors
+    UPCAST: tl.constexpr,  # cast tiles to fp32 before tl.dot (the interpreter's bf16 dot is wrong)
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SPLIT_N: tl.constexpr,  # 1, 2 or 4: the epilogue works on that many column slices
+):
+    # Descriptors built on the device (a TMA tensor map each, in the global scratch that
+    # triton.set_allocator provides): out-of-bounds rows and the K tail read as zeros, so the
+    # main loop has no masks at all.
+    x_desc = tl.make_tensor_descriptor(X, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(W, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    out_desc = OUT  # placeholders the epilogue never touches without TMA_STORE / SAVE_PRE
+    pre_desc = PRE
+    if TMA_STORE:
+        out_desc = tl.make_tensor_descriptor(OUT, shape=[M, N], strides=[N, 1],
+                                             block_shape=[BLOCK_M, BLOCK_N // SPLIT_N])
+        if SAVE_PRE:
+            pre_desc = tl.make_tensor_descriptor(PRE, shape=[M, N], strides=[N, 1],
+                                                 block_shape=[BLOCK_M, BLOCK_N // SPLIT_N])
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_group = GROUP_M * tiles_n
+    programs = tl.num_programs(0)
+    # The epilogue recomputes its tile's coordinates from a counter of its own, so that the
+    # software pipeliner, which overlaps one tile's epilogue with the next tile's loads after
+    # flattening the two loops, does not carry the prologue's values across.
+    tile_c = tl.program_id(0) - programs
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, programs, flatten=True):
+        pid_m, pid_n = _tile_coords(tile, per_group, tiles_m, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+            b = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b.T, acc, input_precision=PRECISION)
+
+        tile_c += programs
+        pid_m, pid_n = _tile_coords(tile_c, per_group, tiles_m, GROUP_M)
+        off_n = pid_n * BLOCK_N
+        if SPLIT_N == 1:
+            _epilogue(acc, pid_m, off_n, B, OUT, PRE, DOUT, DB_PART, out_desc, pre_desc, M, N,
+                      HAS_BIAS, SAVE_PRE, APPROX_TANH, DGELU, TMA_STORE, BLOCK_M, BLOCK_N)
+        else:
+            # The epilogue in column slices (halves, or quarters): the GELU temporaries of a
+            # slice are live at once instead of a whole tile's (128 x 256 tiles spilled
+            # ~1.3 KB without this), and each slice goes out through a descriptor its width.
+            h0, h1 = _halves(acc, BLOCK_M, BLOCK_N)
+            if SPLIT_N == 2:
+                _epilogue(h0, pid_m, off_n, B, OUT, PRE, DOUT, DB_PART, out_desc, pre_desc, M, N,
+                          HAS_BIAS, SAVE_PRE, APPROX_TANH, DGELU, TMA_STORE, BLOCK_M, BLOCK_N // 2)
+                _epilogue(h1, pid_m, off_n + BLOCK_N // 2, B, OUT, PRE, DOUT, DB_PART, out_desc, pre_desc, M, N,
+                          HAS_BIAS, SAVE_PRE, APPROX_TANH, DGELU, TMA_STORE, BLOCK_M, BLOCK_N // 2)
+            else:
+                q: tl.constexpr = BLOCK_N // 4
+                q0, q1 = _halves(h0, BLOCK_M, BLOCK_N // 2)
+                q2, q3 = _halves(h1, BLOCK_M, BLOCK_N // 2)
+                _epilogue(q0, pid_m, off_n, B, OUT, PRE, DOUT, DB_PART, out_desc, pre_desc, M, N,
+                          HAS_BIAS, SAVE_PRE, APPROX_TANH, DGELU, TMA_STORE, BLOCK_M, q)
+                _epilogue(q1, pid_m, off_n + q, B, OUT, PRE, DOUT, DB_PART, out_desc, pre_desc, M, N,
+                          HAS_BIAS, SAVE_PRE, APPROX_TANH, DGELU, TMA_STORE, BLOCK_M, q)
+                _epilogue(q2, pid_m, off_n + 2 * q, B, OUT, PRE, DOUT, DB_PART, out_desc, pre_desc, M, N,
+                          HAS_BIAS, SAVE_PRE, APPROX_TANH, DGELU, TMA_STORE, BLOCK_M, q)
+                _epilogue(q3, pid_m, off_n + 3 * q, B, OUT, PRE, DOUT, DB_PART, out_desc, pre_desc, M, N,
+                          HAS_BIAS, SAVE_PRE, APPROX_TANH, DGELU, TMA_STORE, BLOCK_M, q)
+
+
+@triton.jit
+def _halves(t, ROWS: tl.constexpr, COLS: tl.constexpr):
+    # (ROWS, COLS) -> its left and right (ROWS, COLS // 2) halves, in registers.
+    return tl.split(tl.permute(tl.reshape(t, (ROWS, 2, COLS // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _epilogue(acc, pid_m, off_n, B, OUT, PRE, DOUT, DB_PART, out_desc, pre_desc, M, N, HAS_BIAS: tl.constexpr,
+              SAVE_PRE: tl.constexpr, APPROX_TANH: tl.constexpr, DGELU: tl.constexpr, TMA_STORE: tl.constexpr,
+              BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """bias + GELU (or dout * gelu') on the fp32 accumulator of columns off_n + [0, WIDTH)."""
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, WIDTH)
+    nmask = rn < N
+    mask = (rm[:, None] < M) & nmask[None, :]
+    offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+    if HAS_BIAS:
+        acc += tl.load(B + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    # The rounded pre-activation: what the store path saves and the backward reads, so
+    # the forward's GELU and the recompute path's gelu' see the same value as it does.
+    pre = acc.to(OUT.dtype.element_ty)
+    u = pre.to(tl.float32)
+    if DGELU:
+        g = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
+        res = (g * _gelu_grad(u, APPROX_TANH)).to(OUT.dtype.element_ty)
+        if HAS_BIAS:
+            part = tl.sum(tl.where(mask, res.to(tl.float32), 0.0), axis=0)
+            tl.store(DB_PART + pid_m.to(tl.int64) * N + rn, part, mask=nmask)
+    else:
+        if not SAVE_PRE:
+            u = acc  # nothing saved: GELU of the unrounded sum, one rounding fewer
+        res = _gelu(u, APPROX_TANH).to(OUT.dtype.element_ty)
+    if TMA_STORE:
+        out_desc.store([pid_m * BLOCK_M, off_n], res)
+        if SAVE_PRE:
+            pre_desc.store([pid_m * BLOCK_M, off_n], pre)
+    else:
+        tl.store(OUT + offs, res, mask=mask)
+        if SAVE_PRE:
+            tl.store(PRE + offs, pre, mask=mask)
+
+
+@triton.jit
+def _gelu_bwd_db(
+    DOUT,  # (M, N) gradient of the output, contiguous
+    PRE,  # (M, N) saved pre-activation, contiguous
+    DPRE,  # (M, N) dout * gelu'(pre)
+    DB_PART,  # (programs along M, N) float32 column sums of dpre, written only with HAS_BIAS
+    M,
+    N,
+    APPROX_TANH: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Grid (programs along M, column blocks): each program walks every programs-th row block
+    # of one column block, so its column sums cover a fixed set of rows (deterministic).
+    pid_m = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(pid_m * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
+        rm = start + tl.arange(0, BLOCK_M)
+        mask = (rm < M)[:, None] & nmask[None, :]
+        offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+        u = tl.load(PRE + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
+        d = (g * _gelu_grad(u, APPROX_TANH)).to(DPRE.dtype.element_ty)
+        tl.store(DPRE + offs, d, mask=mask)
+        if HAS_BIAS:
+            # db sums the rounded dpre, as torch's dpre.sum(0) would: the same values feed
+            # both matmuls and the bias gradient.
+            acc += tl.sum(tl.where(mask, d.to(tl.float32), 0.0), axis=0)
+    if HAS_BIAS:
+        tl.store(DB_PART + pid_m.to(tl.int64) * N + rn, acc, mask=nmask)

@@ -1,0 +1,119 @@
+"""The add+LayerNorm, reduction and Linear+GELU jobs of tests/triton_compile_check.py (kept
+apart so that file stays readable). `add_jobs(jobs, check)` appends them; `check` is the
+triton_compile_check module itself (its Ptr, _add, shapes and flags).
+"""
+import importlib
+
+
+def add_jobs(jobs, check):
+    Ptr, _add, ARCHS, FULL = check.Ptr, check._add, check.ARCHS, check.FULL
+    B, L, triton_next_pow2 = check.B, check.L, check.triton_next_pow2
+    aln = importlib.import_module("fuseformer.kernels.add_layer_norm")
+    alnk = importlib.import_module("fuseformer.kernels.add_layer_norm_kernels")
+    red = importlib.import_module("fuseformer.kernels.reduce")
+    lg = importlib.import_module("fuseformer.kernels.linear_gelu_kernels")
+
+    # --- add + LayerNorm. Row lengths: BERT-base 768 (BLOCK 1024), the widest single-block
+    # row (BLOCK 16384) and a chunked one (N > MAX_FUSED_BLOCK).
+    chunked_n = aln.MAX_FUSED_BLOCK + aln.MAX_FUSED_BLOCK // 2
+
+    def ln_values(dt, drop, **extra):
+        return dict(X=Ptr(dt), RES=Ptr(dt), W=Ptr(dt), B=Ptr(dt), Y=Ptr(dt), STREAM=Ptr(dt), MEAN=Ptr("fp32"),
+                    RSTD=Ptr("fp32"), SEED=Ptr("i64") if drop else Ptr("fp32"), eps=1e-5,
+                    dropout_p=0.1 if drop else 0.0, **extra)
+
+    def ln_flags(res, w, b, drop, save):
+        return "".join(c for c, on in (("r", res), ("w", w), ("b", b), ("d", drop), ("s", save)) if on) or "-"
+
+    def ln_fwd(arch, dt, N, res=True, w=True, b=True, drop=False, save=True, stats=True):
+        block, single = aln._block(N)
+        cx = dict(HAS_RES=res, HAS_W=w, HAS_B=b, DROPOUT=drop, SAVE_STREAM=save, SAVE_STATS=stats, BLOCK=block,
+                  SINGLE=single)
+        _add(jobs, "add_ln_fwd", alnk._add_ln_fwd, arch, f"{dt} N={N} {ln_flags(res, w, b, drop, save)}",
+             ln_values(dt, drop, N=N), cx, options=dict(num_warps=aln._num_warps(block)))
+
+    def ln_fwd_rows(arch, dt, N, res=True, w=True, b=True, drop=False, save=True, stats=True):
+        rows, block, align, _ = aln.rows_plan(B * L, N, "rows", None)
+        cx = dict(HAS_RES=res, HAS_W=w, HAS_B=b, DROPOUT=drop, SAVE_STREAM=save, SAVE_STATS=stats, ROWS=rows,
+                  BLOCK=block, ALIGN=align)
+        _add(jobs, "add_ln_fwd_rows", alnk._add_ln_fwd_rows, arch, f"{dt} N={N} {ln_flags(res, w, b, drop, save)}",
+             ln_values(dt, drop, M=B * L, N=N), cx, options=dict(num_warps=aln._num_warps(rows * block)))
+
+    def ln_bwd(arch, dt, N, dstream=False, res=True, w=True, b=True, drop=False):
+        block, single = aln._bwd_block(N)
+        v = dict(DY=Ptr(dt), DSTREAM=Ptr(dt), STREAM=Ptr(dt), W=Ptr(dt), MEAN=Ptr("fp32"), RSTD=Ptr("fp32"),
+                 SEED=Ptr("i64") if drop else Ptr("fp32"), DX=Ptr(dt), DRES=Ptr(dt), DW_PART=Ptr("fp32"),
+                 DB_PART=Ptr("fp32"), M=B * L, N=N, dropout_p=0.1 if drop else 0.0)
+        cx = dict(HAS_DSTREAM=dstream, HAS_RES=res, HAS_W=w, HAS_B=b, DROPOUT=drop, BLOCK=block, SINGLE=single)
+        flags = "".join(c for c, on in (("t", dstream), ("r", res), ("w", w), ("b", b), ("d", drop)) if on) or "-"
+        _add(jobs, "add_ln_bwd", alnk._add_ln_bwd, arch, f"{dt} N={N} {flags}", v, cx,
+             options=dict(num_warps=aln._num_warps(block)))
+
+    # The warp count is a rule of the block (no autotuner): 4096, BERT's 768, and below.
+    for arch in ARCHS:
+        ln_fwd(arch, "fp16", 4096)
+        ln_fwd(arch, "bf16", 768, res=False, w=False, b=False, save=False, stats=False)
+        ln_bwd(arch, "fp16", 768, dstream=True, drop=True)
+        _add(jobs, "ln_keep_mask", alnk._keep_mask_kernel, arch, "N=768",
+             dict(SEED=Ptr("i64"), OUT=Ptr("i8"), N=768, dropout_p=0.1), dict(BLOCK=1024))
+        # The multi-row kernel: BERT's 768 in bf16 (the 16-byte vector case the compile test
+        # inspects), with dropout and the stream, and a row length of odd alignment (1000).
+        ln_fwd_rows(arch, "bf16", 768, save=False, stats=False)
+        _add(jobs, "sum_rows", red._sum_rows, arch, "fp32->bf16",
+             dict(PART=Ptr("fp32"), OUT=Ptr("bf16"), P=528, N=768), dict(BLOCK_P=red._BLOCK_P, BLOCK_N=red._BLOCK_N),
+             options=dict(num_warps=4))
+        if arch == 90 or FULL:
+            ln_fwd_rows(arch, "bf16", 768, drop=True)
+            ln_fwd_rows(arch, "fp16", 1000, res=False)
+            ln_fwd(arch, "fp16", chunked_n, drop=True)
+            ln_bwd(arch, "bf16", chunked_n, dstream=True, drop=True)
+            ln_fwd(arch, "fp16", 16384, res=False)
+            ln_bwd(arch, "fp16", 16384)  # chunked in the backward (aln.CHUNK)
+            ln_bwd(arch, "fp32", aln.CHUNK, drop=True)  # the widest single-block backward
+    if FULL:
+        ln_fwd(90, "bf16", 768, drop=True, save=False)
+        ln_bwd(90, "bf16", 768, res=False, w=False, b=False)
+        ln_bwd(90, "fp16", chunked_n, res=False, drop=False)
+
+    # --- Linear + GELU. BERT-base FFN (K=768, EVEN_K) and a ragged K (masked tail).
+    def lin(arch, dt, K, configs, bias=True, tanh=False, save=True):
+        M, N = B * L, 4 * 768
+        v = dict(X=Ptr(dt), W=Ptr(dt), B=Ptr(dt), OUT=Ptr(dt), PRE=Ptr(dt), M=M, N=N, K=K, stride_xm=K, stride_xk=1,
+                 stride_wn=K, stride_wk=1, stride_om=N, TUNE_M=triton_next_pow2(M))
+        cx = dict(HAS_BIAS=bias, SAVE_PRE=save, APPROX_TANH=tanh, UPCAST=False,
+                  PRECISION="ieee" if dt == "fp32" else "tf32")
+        case = f"{dt} K={K} {'tanh' if tanh else 'erf'}{' bias' if bias else ''}{' pre' if save else ''}"
+        _add(jobs, "linear_gelu_fwd", lg._linear_gelu_fwd, arch, case, v, cx, configs=configs)
+
+    for arch in ARCHS:
+        if arch == 90 or FULL:
+            lin(arch, "fp16", 768, "all")
+        lin(arch, "bf16", 1000, "first" if arch == 90 else "most_warps", bias=False, tanh=True, save=False)
+        for tanh in (False, True):
+            _add(jobs, "gelu_bwd", lg._gelu_bwd, arch, "bf16 " + ("tanh" if tanh else "erf"),
+                 dict(DOUT=Ptr("bf16"), PRE=Ptr("bf16"), DPRE=Ptr("bf16"), numel=B * L * 3072),
+                 dict(APPROX_TANH=tanh, BLOCK=4096), options=dict(num_warps=8))
+        _add(jobs, "gelu_bwd_db", lg._gelu_bwd_db, arch, "bf16 erf bias",
+             dict(DOUT=Ptr("bf16"), PRE=Ptr("bf16"), DPRE=Ptr("bf16"), DB_PART=Ptr("fp32"), M=B * L, N=3072),
+             dict(APPROX_TANH=False, HAS_BIAS=True, BLOCK_M=32, BLOCK_N=128), options=dict(num_warps=8))
+
+    # The persistent TMA GEMM runs on sm_90+ only (_tma_ok): every config for the BERT FFN
+    # forward in training (bias, pre saved, stored through descriptors), the backward's dgelu
+    # recompute epilogue, and a ragged case (K = 1000, N = 1000 * 2 bytes: pointer stores).
+    def lin_tma(dt, K, N, configs, bias=True, tanh=False, save=True, dgelu=False):
+        M = B * L
+        v = dict(X=Ptr(dt), W=Ptr(dt), B=Ptr(dt), OUT=Ptr(dt), PRE=Ptr(dt), DOUT=Ptr(dt), DB_PART=Ptr("fp32"), M=M,
+                 N=N, K=K, stride_xm=K, stride_wn=K, TUNE_M=triton_next_pow2(M))
+        cx = dict(HAS_BIAS=bias, SAVE_PRE=save, APPROX_TANH=tanh, DGELU=dgelu, TMA_STORE=(N * 2) % 16 == 0,
+                  UPCAST=False, PRECISION="ieee" if dt == "fp32" else "tf32")
+        case = (f"{dt} K={K} N={N} {'tanh' if tanh else 'erf'}{' bias' if bias else ''}{' pre' if save else ''}"
+                f"{' dgelu' if dgelu else ''}")
+        _add(jobs, "linear_gelu_tma", lg._linear_gelu_tma, 90, case, v, cx, configs=configs)
+
+    lin_tma("bf16", 768, 3072, "all")
+    lin_tma("bf16", 768, 3072, [1], save=False, dgelu=True)
+    lin_tma("fp16", 1000, 1000, [1], bias=False, tanh=True, save=False)
+    if FULL:
+        lin(90, "bf16", 768, "first", tanh=True)
+        for arch in ARCHS:
+            lin(arch, "fp32", 768, "all", bias=False)
