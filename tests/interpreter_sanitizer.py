@@ -62,15 +62,16 @@ def install() -> None:
     original_store = builder.create_masked_store
 
     # *rest: the cache/eviction arguments differ between triton versions (3.6 passes
-    # cache_modifier and eviction_policy where 3.9 passes one cache_policy).
-    def create_masked_load(self, ptrs, mask, other, *rest):
+    # cache_modifier and eviction_policy where 3.9 passes one cache_policy). Tensor-descriptor
+    # loads and stores come through here too, with keyword arguments.
+    def create_masked_load(self, ptrs, mask, other, *rest, **kw):
         itemsize = interp._get_np_dtype(ptrs.get_element_ty()).itemsize
         check("load", ptrs.data, mask.data, itemsize)
-        return original_load(self, ptrs, mask, other, *rest)
+        return original_load(self, ptrs, mask, other, *rest, **kw)
 
-    def create_masked_store(self, ptrs, value, mask, *rest):
+    def create_masked_store(self, ptrs, value, mask, *rest, **kw):
         check("store", ptrs.data, mask.data, value.data.dtype.itemsize)
-        return original_store(self, ptrs, value, mask, *rest)
+        return original_store(self, ptrs, value, mask, *rest, **kw)
 
     interp.GridExecutor._init_args_hst = init_args_hst
     builder.create_masked_load = create_masked_load
