@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from fuseformer import kernels as K
 from fuseformer.kernels import reference
 
-from .core import OURS, Impl, OpCase
+from .core import OURS, Impl, OpCase, Refused
 
 CPU_NOTE = "CPU: fused kernels run in Triton's interpreter here; timing them would measure the interpreter"
 
@@ -77,6 +77,76 @@ def _sdpa_impls(call) -> list[Impl]:
     return impls
 
 
+def _hopper_unavailable() -> str | None:
+    reason = K.unavailable_reason("triton")
+    if reason:
+        return reason
+    if not torch.cuda.is_available():
+        return "no CUDA device: the Hopper kernel runs on capability (9, 0) GPUs"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        return f"the Hopper kernel runs on capability (9, 0) GPUs; this one is ({major}, {minor})"
+    return None
+
+
+def _hopper_impl(call) -> Impl:
+    """Our Triton backend with the opt-in Hopper forward kernel (kernels/attention_hopper.py)
+    instead of the portable one, so one run times both side by side. A case the Hopper kernel
+    does not take (it would run the portable kernel) is refused, never timed under this name."""
+    from fuseformer.kernels import attention as A
+
+    checked = []  # the verdict depends on dtype, mask kind and alignment: the same for every copy
+
+    def fn(inputs):
+        if not checked:
+            reason = A.hopper_reason(inputs["q"], inputs["k"], inputs["v"], inputs["mask"])
+            if reason:
+                raise Refused(f"the Hopper kernel does not take this case: {reason}")
+            checked.append(True)
+        before = A.set_attention_kernel("hopper")
+        try:
+            return call(inputs, "triton")
+        finally:
+            A.set_attention_kernel(before)
+
+    return Impl("fuseformer-triton-hopper", fn, kind=OURS, available=_hopper_unavailable, timed_on_cpu=False,
+                note="TMA + wgmma forward (attention_hopper.py, opt-in); the backward is the portable one")
+
+
+def _fa4_unavailable() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        from flash_attn.cute import flash_attn_func  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - any import failure is a reason, reported as such
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return f"flash-attn-4 is not importable (pip install --pre flash-attn-4): {first}"
+    return None
+
+
+def _fa4_impl(causal: bool, gqa: bool) -> Impl:
+    """FlashAttention-4 (CuTe DSL; Hopper and Blackwell) as a peer, when it is installed. Its
+    flash_attn_func takes (B, L, H, D) and no attention mask; what it declines (its asserts and
+    NotImplementedErrors on dtype, head dim, architecture) is reported as a refusal with its
+    first line, as SDPA backends' reasons are."""
+
+    def fn(inputs):
+        if inputs["mask"] is not None:
+            raise Refused("flash-attn-4's flash_attn_func takes no attention mask (key padding needs its varlen API)")
+        from flash_attn.cute import flash_attn_func
+
+        q, k, v = (inputs[n].transpose(1, 2) for n in ("q", "k", "v"))  # (B, L, H, D) views
+        try:
+            out = flash_attn_func(q, k, v, causal=causal)
+        except (AssertionError, NotImplementedError, ValueError, TypeError) as err:
+            raise Refused("flash-attn-4: " + ((str(err).strip().splitlines() or [type(err).__name__])[0])) from err
+        out = out[0] if isinstance(out, tuple) else out  # (out, lse) in some releases
+        return out.transpose(1, 2)
+
+    return Impl("flash-attn-4", fn, available=_fa4_unavailable,
+                note="FlashAttention-4 (CuTe DSL), flash_attn.cute.flash_attn_func" + (", GQA native" if gqa else ""))
+
+
 def attention_case(name, *, B, H, L, D, Hk=None, Lk=None, causal=False, pad=0.0, grad=False,
                    device_type="cuda", quick=False, quadratic_baselines=True, qkv_view=False) -> OpCase:
     """quadratic_baselines=False leaves out the baselines that hold L x L scores (eager,
@@ -127,7 +197,8 @@ def attention_case(name, *, B, H, L, D, Hk=None, Lk=None, causal=False, pad=0.0,
 
     impls = _ours(device_type, ours)
     if device_type == "cuda":
-        sdpa = _sdpa_impls(torch_sdpa)
+        impls.append(_hopper_impl(ours))
+        sdpa = _sdpa_impls(torch_sdpa) + [_fa4_impl(causal, gqa)]
         if quadratic_baselines:
             impls += [Impl("torch-eager", ref, note="reference.py: matmul, softmax, matmul")]
             impls += sdpa

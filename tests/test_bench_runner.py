@@ -402,6 +402,12 @@ def test_gpu_case_declarations_prepare_on_cpu(roofline):
         seen = set(result["impls"])
         if case.name != "g_varlen":  # varlen has a triton kernel only
             assert result["impls"]["fuseformer-cuda"]["status"] == "refused"
+        if case.name.startswith("g_attn"):
+            # Peers beside SDPA: the opt-in Hopper kernel (sm_90 only) and FlashAttention-4 (when
+            # installed) are declared on every CUDA case and refused with a reason elsewhere.
+            hopper, fa4 = result["impls"]["fuseformer-triton-hopper"], result["impls"]["flash-attn-4"]
+            assert hopper["status"] == "refused" and "(9, 0)" in hopper["reason"], hopper
+            assert fa4["status"] == "refused" and fa4["reason"], fa4
         expected = {"g_attn_pad": {"torch-eager", "sdpa-math", "sdpa-efficient"}, "g_varlen": {"sdpa-padded"},
                     "g_ln_bwd": {"torch-eager"}, "g_lg": {"torch-eager", "cublaslt-gelu"}}.get(case.name, set())
         assert expected <= seen, (case.name, seen)

@@ -201,7 +201,8 @@ def _attn_args(dt, D, mask="none", mask_float=False, dropout=False, varlen=False
         LSE=Ptr("fp32"), DELTA=Ptr("fp32"), MASK=m_ptr,
         SEED=Ptr("i64") if dropout else Ptr(dt),
         CU_Q=Ptr("i32") if varlen else Ptr("fp32"), CU_K=Ptr("i32") if varlen else Ptr("fp32"),
-        H=H, GROUP=group, LQ=lq, LK=lk, TUNE_BUCKET=triton_next_pow2(max(lq, lk)),
+        # attention._bucket: length bucket * 1024 + batch*heads bucket
+        H=H, GROUP=group, LQ=lq, LK=lk, TUNE_BUCKET=triton_next_pow2(max(lq, lk)) * 1024 + min(512, B * H),
         qk_scale=0.125 * 1.4426950408889634, sm_scale=0.125, dropout_p=0.1 if dropout else 0.0,
     )
     cx = dict(
@@ -290,6 +291,29 @@ def build_jobs():
                 attn_case(arch, case, **kw, only=None if arch == 90 or FULL or "d64" not in case else {"attn_fwd"})
         if arch == 80 and not FULL:
             attn_case(arch, "fp16 d128", D=128)
+    # --- the Hopper forward (attention_hopper.py): sm_90 only, the only target it runs on.
+    # Every autotune config at head dim 128, then the flag cases with default_config's tiles.
+    ah = importlib.import_module("fuseformer.kernels.attention_hopper")
+    hop_names = set(ah.attn_fwd_hopper.arg_names)
+
+    def hopper_case(case, configs=None, dt="fp16", D=64, causal=False, **kw):
+        v, cx = _attn_args(dt, D, **kw)
+        cx["CAUSAL"] = causal
+        vv, cc = _pick(v, hop_names), _pick(cx, hop_names)
+        if configs:
+            _add(jobs, "attn_fwd_hopper", ah.attn_fwd_hopper_tuned, 90, case, vv, cc, configs=configs)
+            return
+        m, n, w, s = ah.default_config(cx["BLOCK_D"], itemsize[dt])
+        _add(jobs, "attn_fwd_hopper", ah.attn_fwd_hopper, 90, case, vv, {**cc, "BLOCK_M": m, "BLOCK_N": n},
+             options=dict(num_warps=w, num_stages=s),
+             label=f"default BLOCK_M={m},BLOCK_N={n},w{w}s{s}")
+
+    hopper_case("fp16 d128", configs="all", D=128)
+    hopper_case("bf16 d64 keypad-bool causal", dt="bf16", mask="key_padding", causal=True)
+    hopper_case("fp16 d80 keypad-float", D=80, mask="key_padding", mask_float=True)
+    hopper_case("bf16 d128 varlen gqa4 causal", dt="bf16", D=128, varlen=True, group=4, causal=True)
+    hopper_case("fp16 d256", D=256)
+
     pre_names = set(ak.attn_bwd_preprocess.arg_names)
     for arch in ARCHS:
         for D, varlen in ((64, False), (80, True), (256, False)):
@@ -373,7 +397,14 @@ _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 KERNEL_MODULES = ("fuseformer.kernels.add_layer_norm", "fuseformer.kernels.attention_kernels",
-                  "fuseformer.kernels.linear_gelu")
+                  "fuseformer.kernels.attention_hopper", "fuseformer.kernels.linear_gelu")
+# What the PTX of a compile shows about how it runs on the GPU (recorded for every job; the
+# Hopper kernel's design is asserted on them by tests/test_triton_compile.py).
+PTX_FEATURES = {
+    "wgmma": "wgmma.mma_async",  # Hopper warpgroup MMA (tl.dot lowered to wgmma)
+    "tma_load": "cp.async.bulk.tensor",  # TMA copies (tensor descriptors)
+    "setmaxnreg": "setmaxnreg",  # register reallocation between warp-specialized partitions
+}
 
 
 def coverage(jobs):
@@ -415,7 +446,7 @@ def _compile_job(index):
     job = _JOBS[index]
     out = {k: job[k] for k in ("kernel", "arch", "case", "config", "autotuned")}
     out["constexprs"] = {k: v for k, v in job["constexprs"].items()}
-    out.update(ok=False, error=None, n_regs=None, spill_bytes=None, shared=None)
+    out.update(ok=False, error=None, n_regs=None, spill_bytes=None, shared=None, ptx=None)
     t0 = time.perf_counter()
     log = io.StringIO()
     try:
@@ -426,6 +457,8 @@ def _compile_job(index):
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=job["options"])
         out["shared"] = int(compiled.metadata.shared)
+        ptx = compiled.asm.get("ptx", "")
+        out["ptx"] = {name: needle in ptx for name, needle in PTX_FEATURES.items()}
         out["ok"] = True
     except Exception as e:  # noqa: BLE001 - every failure is a result to report
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
@@ -554,7 +587,7 @@ def main(argv=None):
         return 0
 
     # Slowest first (attention backward, big tiles) so the pool does not end on a long tail.
-    weight = {"attn_bwd_dkdv": 4, "attn_bwd_dq": 3, "attn_fwd": 3, "linear_gelu_fwd": 2}
+    weight = {"attn_bwd_dkdv": 4, "attn_bwd_dq": 3, "attn_fwd": 3, "attn_fwd_hopper": 3, "linear_gelu_fwd": 2}
     order = sorted(range(len(_JOBS)), key=lambda i: -weight.get(_JOBS[i]["kernel"], 1))
     if args.workers > 1:
         ctx = multiprocessing.get_context("fork")
