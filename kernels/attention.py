@@ -40,6 +40,7 @@ from .attention_kernels import (
     dropout_keep_kernel,
 )
 from . import attention_hopper as _hopper
+from . import attention_hopper_bwd as _hopper_bwd
 from ._util import cdiv, device_guard, launch_tuned, new_output, new_output_like, next_pow2
 from .backends import BackendUnsupportedError, Impl, get_backend, get_impl, interpreting, register_impl, resolve
 from .checks import check_prob, check_same, check_tensor, same_floats
@@ -191,9 +192,10 @@ def _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, nbat
     )
 
 
-def _hopper_reason(q, k, v, out, mask, dropout_p) -> Optional[str]:
-    """Why the Hopper forward kernel cannot run this call (the portable one does), or None."""
-    return _hopper.unsupported_reason(q, k, v, out, mask_kind(mask), dropout_p)
+def _hopper_reason(q, k, v, out, mask, dropout_p, *more) -> Optional[str]:
+    """Why the Hopper kernels cannot run this call (the portable ones do), or None. `out` and
+    `more`: the other tensors they address through descriptors (dout, dq, dk, dv)."""
+    return _hopper.unsupported_reason(q, k, v, out, mask_kind(mask), dropout_p, *more)
 
 
 def hopper_reason(q, k, v, mask=None, dropout_p=0.0) -> Optional[str]:
@@ -239,9 +241,26 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
         HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], VARLEN=varlen, BLOCK_M=64,
     )
     m, ms, kind, is_float = _mask_args(mask, q)
+    bucket = _bucket(lq, lk, nbatch * H)
+    if (ATTENTION_KERNEL == "hopper" and flags["BLOCK_D"] <= _hopper_bwd.MAX_BLOCK_D
+            and _hopper_reason(q, k, v, dout, mask, dropout_p, dq, dk, dv) is None):
+        args = (
+            m, cu_q_arg, cu_k_arg, *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+            *_strides(dout, varlen),
+        )
+        tail = (*lse_s, ms[0], ms[3], H, H // Hk, lq, lk, bucket, scale * LOG2E, scale)
+        kwargs = dict(HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], CAUSAL=bool(is_causal), MASK_KIND=kind,
+                      MASK_FLOAT=is_float, VARLEN=varlen, UPCAST=flags["UPCAST"])
+        key = (q.dtype, flags["HEAD_D"], bucket, bool(is_causal), kind, is_float, varlen)
+        _hopper_bwd.launch(
+            lambda meta: (cdiv(lk, meta["BLOCK_N"]) * nbatch * Hk,),
+            lambda meta: (cdiv(lq, meta["BLOCK_M"]) * nbatch * H,),
+            (q, k, v, dout, dk, dv, lse, delta, *args, *_strides(dk, varlen), *_strides(dv, varlen), *tail),
+            (q, k, v, dout, dq, lse, delta, *args, *_strides(dq, varlen), *tail),
+            kwargs, key, AUTOTUNE and not interpreting())
+        return
     dropout = dropout_p > 0.0
     seed_arg = seed if dropout else q
-    bucket = _bucket(lq, lk, nbatch * H)
     common = dict(CAUSAL=bool(is_causal), MASK_KIND=kind, MASK_FLOAT=is_float, DROPOUT=dropout, VARLEN=varlen, **flags)
     tail = (H, H // Hk, lq, lk, bucket, scale * LOG2E, scale, float(dropout_p))
     qkv_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))

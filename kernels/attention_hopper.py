@@ -275,9 +275,10 @@ def _is_sm90(device) -> bool:
     return cap == (9, 0)
 
 
-def unsupported_reason(q, k, v, out, mask_kind: str, dropout_p: float) -> Optional[str]:
-    """Why this kernel cannot run a forward call (the portable kernel then does), or None.
-    q, k, v, out (B, H, L, D) views with unit last stride, as the launcher gets them."""
+def unsupported_reason(q, k, v, out, mask_kind: str, dropout_p: float, *more) -> Optional[str]:
+    """Why the Hopper kernels cannot run a call (the portable ones then do), or None.
+    q, k, v, out (B, H, L, D) views with unit last stride, as the launchers get them; `more`:
+    further tensors read or written through descriptors (the backward's dout, dq, dk, dv)."""
     if not interpreting() and not (q.is_cuda and _is_sm90(q.device)):
         return "not a capability (9, 0) GPU"  # under the interpreter tests force it on a CPU
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -287,7 +288,7 @@ def unsupported_reason(q, k, v, out, mask_kind: str, dropout_p: float) -> Option
     if mask_kind == "dense":
         return "a dense mask (only key-padding masks, (B, 1, 1, Lk) broadcast)"
     size = q.element_size()
-    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out), *(("gradient", t) for t in more)):
         # TMA: a 16-byte aligned base, and every stride but the last a multiple of 16 bytes.
         if t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
             return f"{name} is not 16-byte aligned in its base or strides (head dim {q.shape[-1]})"
@@ -297,7 +298,7 @@ def unsupported_reason(q, k, v, out, mask_kind: str, dropout_p: float) -> Option
 _allocator_ready: set = set()
 
 
-def _ensure_allocator() -> None:
+def ensure_allocator() -> None:
     """Tensor descriptors made inside a kernel need a global scratch buffer (128 bytes per
     descriptor per program), which Triton requests at launch through triton.set_allocator.
     Set a torch-backed one once per thread (Triton keeps it in a ContextVar), unless the user
@@ -317,7 +318,7 @@ def launch(grid, args, kwargs, key, autotune: bool) -> None:
     default config (the interpreter, FUSEFORMER_AUTOTUNE=0)."""
     q = args[0]
     if q.is_cuda:
-        _ensure_allocator()
+        ensure_allocator()
     if autotune:
         launch_tuned(attn_fwd_hopper_tuned, attn_fwd_hopper, key, grid, *args, **kwargs)
     else:

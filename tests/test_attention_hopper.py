@@ -1,11 +1,12 @@
-"""The Hopper forward kernel (kernels/attention_hopper.py) against the float64 reference.
+"""The Hopper kernels (kernels/attention_hopper.py, attention_hopper_bwd.py) against the float64
+reference.
 
 On a CPU it runs through Triton's interpreter, where tensor descriptors work, forced with
 set_attention_kernel("hopper") (on a GPU the switch only takes effect on capability (9, 0)).
 Every case asserts that the Hopper kernel really ran, so a routing slip to the portable kernel
-cannot pass for it. The gradients come from the portable backward kernels, fed this kernel's
-log-sum-exp: they check that it is the one the backward expects.
-The sm_90a compile of the kernel (wgmma, TMA, no spills) is checked in test_triton_compile.py.
+cannot pass for it. The gradients come from the Hopper backward kernels
+(attention_hopper_bwd.py), fed the forward's log-sum-exp.
+The sm_90a compiles (wgmma, TMA, no spills) are checked in test_triton_compile.py.
 """
 import os
 import subprocess
@@ -18,6 +19,7 @@ from fuseformer import kernels as K
 from fuseformer.kernels import _util
 from fuseformer.kernels import attention as A
 from fuseformer.kernels import attention_hopper as HK
+from fuseformer.kernels import attention_hopper_bwd as HKB
 from test_attention import DEVICE, _bool_mask, _leaf, _make_mask, _qkv, _varlen_case, assert_varlen_parity, check_sdpa
 
 pytestmark = pytest.mark.skipif(
@@ -27,19 +29,29 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Force the Hopper kernel; record each of its launches."""
+    """Force the Hopper kernels; record each forward launch (its constexprs) and, in
+    `backward_launches`, each backward one."""
     monkeypatch.setattr(_util, "_POISON", True)
     monkeypatch.setattr(A, "AUTOTUNE", False)
     monkeypatch.setattr(A, "ATTENTION_KERNEL", "hopper")
     seen = []
-    launch = HK.launch
+    launch, launch_bwd = HK.launch, HKB.launch
 
     def recording(grid, args, kwargs, key, autotune):
         seen.append(kwargs)
         return launch(grid, args, kwargs, key, autotune)
 
+    def recording_bwd(*args):
+        backward_launches.append(args[-3])
+        return launch_bwd(*args)
+
+    backward_launches.clear()
     monkeypatch.setattr(HK, "launch", recording)
+    monkeypatch.setattr(HKB, "launch", recording_bwd)
     return seen
+
+
+backward_launches: list = []
 
 
 def _padding(kind, B, Lk):
@@ -76,14 +88,15 @@ def test_parity(launches, dtype, B, H, Lq, Lk, D, causal, mask):
     if m is not None and m.dtype != torch.bool:
         m = m.to(dtype)
     check_sdpa(q, k, v, m, causal=causal, dtype=dtype)
-    assert len(launches) == 1
+    assert len(launches) == 1 and len(backward_launches) == 1
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_gqa(launches, causal):
     q, k, v = _qkv(2, 4, 50, 70, 64, Hk=2)
-    check_sdpa(q, k, v, _padding("key_padding", 2, 70), causal=causal, gqa=True, dtype=torch.float16)
-    assert len(launches) == 1
+    check_sdpa(q, k, v, _padding("key_padding", 2, 70) if causal else None, causal=causal, gqa=True,
+               dtype=torch.float16)
+    assert len(launches) == 1 and len(backward_launches) == 1
 
 
 def test_fused_qkv_views(launches):
@@ -101,6 +114,7 @@ def test_varlen(launches):
     out = K.varlen_attention(*ins, cu_q, cu_k, mq, mk, 0.0, True, backend="triton")
     assert len(launches) == 1 and launches[0]["VARLEN"]
     assert_varlen_parity(out, ins, (q, k, v), cu_q, cu_k, mq, mk, True, 0.0, None)
+    assert len(backward_launches) == 1
 
 
 @pytest.mark.parametrize("what", ["fp32", "dense", "dropout", "unaligned"])
@@ -111,8 +125,8 @@ def test_uncovered_cases_run_the_portable_kernel(launches, seeds, what):
     mask = _bool_mask((2, 1, 40, 40)) if what == "dense" else None
     reason = A.hopper_reason(q.to(dtype), k.to(dtype), v.to(dtype), mask, 0.1 if what == "dropout" else 0.0)
     assert reason and {"fp32": "dtype", "dense": "dense", "dropout": "dropout", "unaligned": "aligned"}[what] in reason
-    check_sdpa(q, k, v, mask, dtype=dtype, dropout_p=0.1 if what == "dropout" else 0.0, seeds=seeds, grad=False)
-    assert launches == []
+    check_sdpa(q, k, v, mask, dtype=dtype, dropout_p=0.1 if what == "dropout" else 0.0, seeds=seeds)
+    assert launches == [] and backward_launches == []
 
 
 @pytest.fixture
@@ -141,3 +155,11 @@ def test_bad_env_value_is_refused_at_import():
     proc = subprocess.run([sys.executable, "-c", "import fuseformer.kernels"], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0 and "FUSEFORMER_ATTENTION_KERNEL: unknown attention kernel 'fast'" in proc.stderr
+
+
+def test_head_dim_above_128_runs_the_portable_backward(launches):
+    """The Hopper forward takes head dim 160 (BLOCK_D 256); its backward does not (see
+    attention_hopper_bwd.MAX_BLOCK_D): the portable one consumes the Hopper forward's lse."""
+    q, k, v = _qkv(1, 1, 33, 33, 160)
+    check_sdpa(q, k, v, causal=True, dtype=torch.float16)
+    assert len(launches) == 1 and backward_launches == []

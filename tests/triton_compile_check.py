@@ -291,22 +291,29 @@ def build_jobs():
                 attn_case(arch, case, **kw, only=None if arch == 90 or FULL or "d64" not in case else {"attn_fwd"})
         if arch == 80 and not FULL:
             attn_case(arch, "fp16 d128", D=128)
-    # --- the Hopper forward (attention_hopper.py): sm_90 only, the only target it runs on.
-    # Every autotune config at head dim 128, then the flag cases with default_config's tiles.
+    # --- the Hopper kernels (attention_hopper.py, attention_hopper_bwd.py): sm_90 only, the
+    # only target they run on. Every autotune config at head dim 128, then the flag cases with
+    # default_config's tiles.
     ah = importlib.import_module("fuseformer.kernels.attention_hopper")
-    hop_names = set(ah.attn_fwd_hopper.arg_names)
+    ahb = importlib.import_module("fuseformer.kernels.attention_hopper_bwd")
+    hopper = [("attn_fwd_hopper", ah, ah.attn_fwd_hopper, ah.attn_fwd_hopper_tuned),
+              ("attn_bwd_dkdv_hopper", ahb, ahb.attn_bwd_dkdv_hopper, ahb.attn_bwd_dkdv_hopper_tuned),
+              ("attn_bwd_dq_hopper", ahb, ahb.attn_bwd_dq_hopper, ahb.attn_bwd_dq_hopper_tuned)]
 
     def hopper_case(case, configs=None, dt="fp16", D=64, causal=False, **kw):
         v, cx = _attn_args(dt, D, **kw)
         cx["CAUSAL"] = causal
-        vv, cc = _pick(v, hop_names), _pick(cx, hop_names)
-        if configs:
-            _add(jobs, "attn_fwd_hopper", ah.attn_fwd_hopper_tuned, 90, case, vv, cc, configs=configs)
-            return
-        m, n, w, s = ah.default_config(cx["BLOCK_D"], itemsize[dt])
-        _add(jobs, "attn_fwd_hopper", ah.attn_fwd_hopper, 90, case, vv, {**cc, "BLOCK_M": m, "BLOCK_N": n},
-             options=dict(num_warps=w, num_stages=s),
-             label=f"default BLOCK_M={m},BLOCK_N={n},w{w}s{s}")
+        for name, mod, plain, tuned in hopper:
+            if mod is ahb and cx["BLOCK_D"] > ahb.MAX_BLOCK_D:
+                continue  # the portable backward runs those head dims
+            names = set(plain.arg_names)
+            vv, cc = _pick(v, names), _pick(cx, names)
+            if configs:
+                _add(jobs, name, tuned, 90, case, vv, cc, configs=configs)
+                continue
+            m, n, w, s = mod.default_config(cx["BLOCK_D"], itemsize[dt])
+            _add(jobs, name, plain, 90, case, vv, {**cc, "BLOCK_M": m, "BLOCK_N": n},
+                 options=dict(num_warps=w, num_stages=s), label=f"default BLOCK_M={m},BLOCK_N={n},w{w}s{s}")
 
     hopper_case("fp16 d128", configs="all", D=128)
     hopper_case("bf16 d64 keypad-bool causal", dt="bf16", mask="key_padding", causal=True)
@@ -397,7 +404,8 @@ _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 KERNEL_MODULES = ("fuseformer.kernels.add_layer_norm", "fuseformer.kernels.attention_kernels",
-                  "fuseformer.kernels.attention_hopper", "fuseformer.kernels.linear_gelu")
+                  "fuseformer.kernels.attention_hopper", "fuseformer.kernels.attention_hopper_bwd",
+                  "fuseformer.kernels.linear_gelu")
 # What the PTX of a compile shows about how it runs on the GPU (recorded for every job; the
 # Hopper kernel's design is asserted on them by tests/test_triton_compile.py).
 PTX_FEATURES = {
@@ -587,7 +595,8 @@ def main(argv=None):
         return 0
 
     # Slowest first (attention backward, big tiles) so the pool does not end on a long tail.
-    weight = {"attn_bwd_dkdv": 4, "attn_bwd_dq": 3, "attn_fwd": 3, "attn_fwd_hopper": 3, "linear_gelu_fwd": 2}
+    weight = {"attn_bwd_dkdv": 4, "attn_bwd_dq": 3, "attn_fwd": 3, "attn_fwd_hopper": 3, "attn_bwd_dkdv_hopper": 4,
+              "attn_bwd_dq_hopper": 3, "linear_gelu_fwd": 2}
     order = sorted(range(len(_JOBS)), key=lambda i: -weight.get(_JOBS[i]["kernel"], 1))
     if args.workers > 1:
         ctx = multiprocessing.get_context("fork")
