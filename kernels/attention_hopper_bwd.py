@@ -1,8 +1,9 @@
 """Hopper (sm_90) backward kernels of flash attention: the FA2 structure with TMA tiles.
 
 Used with the Hopper forward (attention_hopper.py, same switch and the same cases: fp16/bf16,
-no dropout, no dense mask, 16-byte aligned tensors) up to head dim 128 (MAX_BLOCK_D); delta = rowsum(dO * O) comes from the
-portable preprocess kernel. Two passes, nothing recomputed beyond what FlashAttention does:
+no dropout, no dense mask, 16-byte aligned tensors) up to head dim 128 (MAX_BLOCK_D);
+delta = rowsum(dO * O) comes from the portable preprocess kernel. Two passes, nothing
+recomputed beyond what FlashAttention does:
 - dK/dV: one program per key block of one key/value head; it walks every query tile of every
   query head of its GQA group, recomputing P from the saved log-sum-exp, and sums dK and dV
   in registers (no atomics).

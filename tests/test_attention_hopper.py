@@ -163,3 +163,13 @@ def test_head_dim_above_128_runs_the_portable_backward(launches):
     q, k, v = _qkv(1, 1, 33, 33, 160)
     check_sdpa(q, k, v, causal=True, dtype=torch.float16)
     assert len(launches) == 1 and backward_launches == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D,causal,mask", [(64, False, "key_padding"), (128, True, None), (64, True, "left_padding")])
+def test_gpu_bf16_autotuned(launches, monkeypatch, D, causal, mask):
+    """On an H100/H200: bf16 on the tensor cores, autotuned, at lengths that cross many tiles."""
+    monkeypatch.setattr(A, "AUTOTUNE", True)
+    q, k, v = _qkv(2, 4, 1000, 1000, D)
+    check_sdpa(q, k, v, _padding(mask, 2, 1000) if mask else None, causal=causal, dtype=torch.bfloat16)
+    assert len(launches) == 1 and len(backward_launches) == 1

@@ -7,16 +7,19 @@ tests/triton_compile_check.py compiles each entry kernel ahead of time for sm_90
 every GPU autotune config, plus a set of constexpr cases (dtypes, masks, causal, dropout,
 varlen, GQA, head dims 64/80/128, the LayerNorm flags and chunked rows, GELU erf/tanh) --
 in a subprocess, because the interpreter (switched on for this process by conftest.py) must
-not be set when the kernel modules build their autotune config lists.
+not be set when the kernel modules build their autotune config lists. The Hopper attention
+kernels (attention_hopper*.py) are compiled for sm_90 only, the one target they run on, and
+their PTX is searched for wgmma and TMA instructions.
 
-The default set keeps this near a minute of two cores: every autotune config and the flag
+The default set keeps this near two minutes of two cores: every autotune config and the flag
 cases for sm_90; for sm_80 the plain (non-autotuned) launches, where more shared memory than
 the limit is a launch failure rather than a config the autotuner skips.
 FUSEFORMER_TRITON_AOT_FULL=1 compiles every config and case for sm_80 as well (a few minutes).
 
 Registers, spills and shared memory are printed per compile (pytest -s or -rP to see them).
-Spills are reported, not failed on, except in the Hopper kernels (their design promises none). Skipped, with the reason, where triton's NVIDIA backend or
-ptxas is missing or this triton's ahead-of-time compile API differs from the one used.
+Spills are reported, not failed on, except in the Hopper kernels (their design promises none).
+Skipped, with the reason, where triton's NVIDIA backend or ptxas is missing or this triton's
+ahead-of-time compile API differs from the one used.
 """
 import importlib.util
 import json
