@@ -89,17 +89,20 @@ def _hopper_unavailable() -> str | None:
     return None
 
 
-def _hopper_impl(call) -> Impl:
-    """Our Triton backend with the opt-in Hopper forward kernel (kernels/attention_hopper.py)
-    instead of the portable one, so one run times both side by side. A case the Hopper kernel
-    does not take (it would run the portable kernel) is refused, never timed under this name."""
+def _hopper_impl(call, varlen: bool = False) -> Impl:
+    """Our Triton backend with the opt-in Hopper kernels (kernels/attention_hopper*.py) instead
+    of the portable ones, so one run times both side by side. A case the Hopper kernel does not
+    take (it would run the portable kernel) is refused, never timed under this name."""
     from fuseformer.kernels import attention as A
 
     checked = []  # the verdict depends on dtype, mask kind and alignment: the same for every copy
 
     def fn(inputs):
         if not checked:
-            reason = A.hopper_reason(inputs["q"], inputs["k"], inputs["v"], inputs["mask"])
+            if varlen:  # packed (T, H, D) tensors, seen as the kernels see them: (1, H, T, D)
+                reason = A.hopper_reason(*(A._as4d(inputs[n]) for n in ("q", "k", "v")))
+            else:
+                reason = A.hopper_reason(inputs["q"], inputs["k"], inputs["v"], inputs["mask"])
             if reason:
                 raise Refused(f"the Hopper kernel does not take this case: {reason}")
             checked.append(True)
@@ -110,18 +113,38 @@ def _hopper_impl(call) -> Impl:
             A.set_attention_kernel(before)
 
     return Impl("fuseformer-triton-hopper", fn, kind=OURS, available=_hopper_unavailable, timed_on_cpu=False,
-                note="TMA + wgmma forward (attention_hopper.py, opt-in); the backward is the portable one")
+                note="TMA + wgmma kernels (attention_hopper*.py, opt-in)")
 
 
 def _fa4_unavailable() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device"
     try:
-        from flash_attn.cute import flash_attn_func  # noqa: F401
+        import flash_attn.cute  # noqa: F401
     except Exception as err:  # noqa: BLE001 - any import failure is a reason, reported as such
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         return f"flash-attn-4 is not importable (pip install --pre flash-attn-4): {first}"
     return None
+
+
+def _fa4_call(fn, *args, **kwargs):
+    """Call flash-attn-4; what it declines (asserts, NotImplementedError, a signature this
+    release does not have) becomes a one-line refusal."""
+    try:
+        out = fn(*args, **kwargs)
+    except (AssertionError, NotImplementedError, ValueError, TypeError) as err:
+        raise Refused("flash-attn-4: " + ((str(err).strip().splitlines() or [type(err).__name__])[0])) from err
+    return out[0] if isinstance(out, tuple) else out  # (out, lse) in some releases
+
+
+def _fa4_varlen_impl(Lmax: int) -> Impl:
+    def fn(inputs):
+        from flash_attn.cute import flash_attn_varlen_func
+
+        return _fa4_call(flash_attn_varlen_func, inputs["q"], inputs["k"], inputs["v"], cu_seqlens_q=inputs["cu"],
+                         cu_seqlens_k=inputs["cu"], max_seqlen_q=Lmax, max_seqlen_k=Lmax)
+
+    return Impl("flash-attn-4", fn, available=_fa4_unavailable, note="flash_attn.cute.flash_attn_varlen_func")
 
 
 def _fa4_impl(causal: bool, gqa: bool) -> Impl:
@@ -136,12 +159,7 @@ def _fa4_impl(causal: bool, gqa: bool) -> Impl:
         from flash_attn.cute import flash_attn_func
 
         q, k, v = (inputs[n].transpose(1, 2) for n in ("q", "k", "v"))  # (B, L, H, D) views
-        try:
-            out = flash_attn_func(q, k, v, causal=causal)
-        except (AssertionError, NotImplementedError, ValueError, TypeError) as err:
-            raise Refused("flash-attn-4: " + ((str(err).strip().splitlines() or [type(err).__name__])[0])) from err
-        out = out[0] if isinstance(out, tuple) else out  # (out, lse) in some releases
-        return out.transpose(1, 2)
+        return _fa4_call(flash_attn_func, q, k, v, causal=causal).transpose(1, 2)
 
     return Impl("flash-attn-4", fn, available=_fa4_unavailable,
                 note="FlashAttention-4 (CuTe DSL), flash_attn.cute.flash_attn_func" + (", GQA native" if gqa else ""))
@@ -271,7 +289,9 @@ def varlen_case(name, *, lengths, H, D, device_type="cuda", quick=False) -> OpCa
 
     impls = [i for i in _ours(device_type, ours) if i.name == "fuseformer-triton"]
     if device_type == "cuda":
-        impls += [Impl("sdpa-padded", padded_sdpa, note="pad, torch SDPA with the padding mask, unpad")]
+        impls.append(_hopper_impl(ours, varlen=True))
+        impls += [Impl("sdpa-padded", padded_sdpa, note="pad, torch SDPA with the padding mask, unpad"),
+                  _fa4_varlen_impl(Lmax)]
     moved = 4 * T * H * D
     return OpCase(
         name=name, suite="ops", group=f"varlen_fwd_d{D}",

@@ -173,3 +173,23 @@ def test_gpu_bf16_autotuned(launches, monkeypatch, D, causal, mask):
     q, k, v = _qkv(2, 4, 1000, 1000, D)
     check_sdpa(q, k, v, _padding(mask, 2, 1000) if mask else None, causal=causal, dtype=torch.bfloat16)
     assert len(launches) == 1 and len(backward_launches) == 1
+
+
+def test_bench_peer_runs_the_hopper_kernel_or_refuses(launches, monkeypatch):
+    """`fuseformer bench`'s fuseformer-triton-hopper: the Hopper kernel for that call only (the
+    switch is restored), and a refusal, not a portable-kernel timing, for a case it does not take."""
+    from fuseformer.bench import ops
+    from fuseformer.bench.core import Refused
+
+    monkeypatch.setattr(A, "ATTENTION_KERNEL", "portable")
+
+    def call(inputs, backend):
+        return K.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], attn_mask=inputs["mask"],
+                                              backend=backend)
+
+    q, k, v = (t.half() for t in _qkv(1, 2, 20, 20, 32))
+    ops._hopper_impl(call).fn({"q": q, "k": k, "v": v, "mask": None})
+    assert len(launches) == 1 and A.get_attention_kernel() == "portable"
+    with pytest.raises(Refused, match="does not take this case: dtype torch.float32"):
+        ops._hopper_impl(call).fn({"q": q.float(), "k": k.float(), "v": v.float(), "mask": None})
+    assert len(launches) == 1
