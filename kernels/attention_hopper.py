@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import launch_tuned
+from ._util import launch_tuned, sm_count
 from .attention_kernels import _flat_pid, _key_range, _prune, _scores, _seq_bounds
 from .backends import interpreting
 
@@ -255,12 +255,16 @@ attn_fwd_hopper_tuned = triton.autotune(configs=_configs(), key=_KEY,
                                         prune_configs_by={"early_config_prune": _prune})(_attn_fwd_hopper)
 
 
-def default_config(block_d: int, itemsize: int):
+def default_config(block_d: int, itemsize: int, few_programs: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) without autotuning: under the interpreter,
-    and with FUSEFORMER_AUTOTUNE=0. Both fit sm_90 shared memory (tests/triton_compile_check.py)."""
+    and with FUSEFORMER_AUTOTUNE=0. All fit sm_90 shared memory (tests/triton_compile_check.py).
+    few_programs: 128-row tiles would leave SMs idle (a short sequence, a small batch*heads),
+    so 64-row tiles, twice the programs."""
     if interpreting():
         return 64, 64, 4, 1
-    return (128, 64, 8, 3) if block_d * itemsize <= 256 else (128, 32, 8, 2)
+    if block_d * itemsize > 256:
+        return (64, 32, 4, 2) if few_programs else (128, 32, 8, 2)
+    return (64, 64, 4, 3) if few_programs else (128, 64, 8, 3)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -306,9 +310,14 @@ def ensure_allocator() -> None:
     ident = threading.get_ident()
     if ident in _allocator_ready:
         return
-    from triton.runtime import _allocation
+    try:  # Triton's own state (3.6 .. 3.9): keep an allocator the user set
+        from triton.runtime import _allocation
 
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):
+        unset = True
+    if unset:
+        # torch's caching allocator on the current device (the launch's, see device_guard).
         triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     _allocator_ready.add(ident)
 
@@ -322,5 +331,6 @@ def launch(grid, args, kwargs, key, autotune: bool) -> None:
     if autotune:
         launch_tuned(attn_fwd_hopper_tuned, attn_fwd_hopper, key, grid, *args, **kwargs)
     else:
-        m, n, w, s = default_config(kwargs["BLOCK_D"], q.element_size())
+        few = q.is_cuda and grid({"BLOCK_M": 128})[0] < sm_count(q.device)
+        m, n, w, s = default_config(kwargs["BLOCK_D"], q.element_size(), few)
         attn_fwd_hopper[grid](*args, **kwargs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)

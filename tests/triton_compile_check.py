@@ -300,7 +300,7 @@ def build_jobs():
               ("attn_bwd_dkdv_hopper", ahb, ahb.attn_bwd_dkdv_hopper, ahb.attn_bwd_dkdv_hopper_tuned),
               ("attn_bwd_dq_hopper", ahb, ahb.attn_bwd_dq_hopper, ahb.attn_bwd_dq_hopper_tuned)]
 
-    def hopper_case(case, configs=None, dt="fp16", D=64, causal=False, **kw):
+    def hopper_case(case, configs=None, dt="fp16", D=64, causal=False, few=False, **kw):
         v, cx = _attn_args(dt, D, **kw)
         cx["CAUSAL"] = causal
         for name, mod, plain, tuned in hopper:
@@ -311,7 +311,7 @@ def build_jobs():
             if configs:
                 _add(jobs, name, tuned, 90, case, vv, cc, configs=configs)
                 continue
-            m, n, w, s = mod.default_config(cx["BLOCK_D"], itemsize[dt])
+            m, n, w, s = mod.default_config(cx["BLOCK_D"], itemsize[dt], *((few,) if mod is ah else ()))
             _add(jobs, name, plain, 90, case, vv, {**cc, "BLOCK_M": m, "BLOCK_N": n},
                  options=dict(num_warps=w, num_stages=s), label=f"default BLOCK_M={m},BLOCK_N={n},w{w}s{s}")
 
@@ -320,6 +320,7 @@ def build_jobs():
     hopper_case("fp16 d80 keypad-float", D=80, mask="key_padding", mask_float=True)
     hopper_case("bf16 d128 varlen gqa4 causal", dt="bf16", D=128, varlen=True, group=4, causal=True)
     hopper_case("fp16 d256", D=256)
+    hopper_case("bf16 d256 few programs", dt="bf16", D=256, few=True)  # 64-row tiles, autotune off
 
     pre_names = set(ak.attn_bwd_preprocess.arg_names)
     for arch in ARCHS:
