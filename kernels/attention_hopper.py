@@ -136,6 +136,7 @@ def _span_tiles(acc, l_i, m_i, q, k_desc, v_desc, rows, start_m, col_lo, col_hi,
         full_end = tl.minimum(full_end, start_m + 1)
     full_hi = tl.maximum((full_end // BLOCK_N) * BLOCK_N, full_lo)
     head_end = tl.minimum(full_lo, hi)
+    # No mask is read here: (col_hi, q, 0) fill the unused (k_len, mask_row, stride_mn).
     acc, l_i, m_i = _hopper_tiles(acc, l_i, m_i, q, k_desc, v_desc, rows, lo, head_end, col_lo, col_hi, col_hi,
                                   q, 0, qk_scale, CAUSAL, False, False, True, UPCAST, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _hopper_tiles(acc, l_i, m_i, q, k_desc, v_desc, rows, full_lo, full_hi, col_lo, col_hi, col_hi,
