@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from fuseformer import kernels as K
 from fuseformer.kernels import reference
 
-from .core import OURS, Impl, OpCase
+from .core import OURS, Impl, OpCase, Refused
 
 CPU_NOTE = "CPU: fused kernels run in Triton's interpreter here; timing them would measure the interpreter"
 
@@ -77,6 +77,94 @@ def _sdpa_impls(call) -> list[Impl]:
     return impls
 
 
+def _hopper_unavailable() -> str | None:
+    reason = K.unavailable_reason("triton")
+    if reason:
+        return reason
+    if not torch.cuda.is_available():
+        return "no CUDA device: the Hopper kernel runs on capability (9, 0) GPUs"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        return f"the Hopper kernel runs on capability (9, 0) GPUs; this one is ({major}, {minor})"
+    return None
+
+
+def _hopper_impl(call, varlen: bool = False) -> Impl:
+    """Our Triton backend with the opt-in Hopper kernels (kernels/attention_hopper*.py) instead
+    of the portable ones, so one run times both side by side. A case the Hopper kernel does not
+    take (it would run the portable kernel) is refused, never timed under this name."""
+    from fuseformer.kernels import attention as A
+
+    checked = []  # the verdict depends on dtype, mask kind and alignment: the same for every copy
+
+    def fn(inputs):
+        if not checked:
+            if varlen:  # packed (T, H, D) tensors, seen as the kernels see them: (1, H, T, D)
+                reason = A.hopper_reason(*(A._as4d(inputs[n]) for n in ("q", "k", "v")))
+            else:
+                reason = A.hopper_reason(inputs["q"], inputs["k"], inputs["v"], inputs["mask"])
+            if reason:
+                raise Refused(f"the Hopper kernel does not take this case: {reason}")
+            checked.append(True)
+        before = A.set_attention_kernel("hopper")
+        try:
+            return call(inputs, "triton")
+        finally:
+            A.set_attention_kernel(before)
+
+    return Impl("fuseformer-triton-hopper", fn, kind=OURS, available=_hopper_unavailable, timed_on_cpu=False,
+                note="TMA + wgmma kernels (attention_hopper*.py, opt-in)")
+
+
+def _fa4_unavailable() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        import flash_attn.cute  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - any import failure is a reason, reported as such
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return f"flash-attn-4 is not importable (pip install --pre flash-attn-4): {first}"
+    return None
+
+
+def _fa4_call(fn, *args, **kwargs):
+    """Call flash-attn-4; what it declines (asserts, NotImplementedError, a signature this
+    release does not have) becomes a one-line refusal."""
+    try:
+        out = fn(*args, **kwargs)
+    except (AssertionError, NotImplementedError, ValueError, TypeError) as err:
+        raise Refused("flash-attn-4: " + ((str(err).strip().splitlines() or [type(err).__name__])[0])) from err
+    return out[0] if isinstance(out, tuple) else out  # (out, lse) in some releases
+
+
+def _fa4_varlen_impl(Lmax: int) -> Impl:
+    def fn(inputs):
+        from flash_attn.cute import flash_attn_varlen_func
+
+        return _fa4_call(flash_attn_varlen_func, inputs["q"], inputs["k"], inputs["v"], cu_seqlens_q=inputs["cu"],
+                         cu_seqlens_k=inputs["cu"], max_seqlen_q=Lmax, max_seqlen_k=Lmax)
+
+    return Impl("flash-attn-4", fn, available=_fa4_unavailable, note="flash_attn.cute.flash_attn_varlen_func")
+
+
+def _fa4_impl(causal: bool, gqa: bool) -> Impl:
+    """FlashAttention-4 (CuTe DSL; Hopper and Blackwell) as a peer, when it is installed. Its
+    flash_attn_func takes (B, L, H, D) and no attention mask; what it declines (its asserts and
+    NotImplementedErrors on dtype, head dim, architecture) is reported as a refusal with its
+    first line, as SDPA backends' reasons are."""
+
+    def fn(inputs):
+        if inputs["mask"] is not None:
+            raise Refused("flash-attn-4's flash_attn_func takes no attention mask (key padding needs its varlen API)")
+        from flash_attn.cute import flash_attn_func
+
+        q, k, v = (inputs[n].transpose(1, 2) for n in ("q", "k", "v"))  # (B, L, H, D) views
+        return _fa4_call(flash_attn_func, q, k, v, causal=causal).transpose(1, 2)
+
+    return Impl("flash-attn-4", fn, available=_fa4_unavailable,
+                note="FlashAttention-4 (CuTe DSL), flash_attn.cute.flash_attn_func" + (", GQA native" if gqa else ""))
+
+
 def attention_case(name, *, B, H, L, D, Hk=None, Lk=None, causal=False, pad=0.0, grad=False,
                    device_type="cuda", quick=False, quadratic_baselines=True, qkv_view=False) -> OpCase:
     """quadratic_baselines=False leaves out the baselines that hold L x L scores (eager,
@@ -127,7 +215,8 @@ def attention_case(name, *, B, H, L, D, Hk=None, Lk=None, causal=False, pad=0.0,
 
     impls = _ours(device_type, ours)
     if device_type == "cuda":
-        sdpa = _sdpa_impls(torch_sdpa)
+        impls.append(_hopper_impl(ours))
+        sdpa = _sdpa_impls(torch_sdpa) + [_fa4_impl(causal, gqa)]
         if quadratic_baselines:
             impls += [Impl("torch-eager", ref, note="reference.py: matmul, softmax, matmul")]
             impls += sdpa
@@ -200,7 +289,9 @@ def varlen_case(name, *, lengths, H, D, device_type="cuda", quick=False) -> OpCa
 
     impls = [i for i in _ours(device_type, ours) if i.name == "fuseformer-triton"]
     if device_type == "cuda":
-        impls += [Impl("sdpa-padded", padded_sdpa, note="pad, torch SDPA with the padding mask, unpad")]
+        impls.append(_hopper_impl(ours, varlen=True))
+        impls += [Impl("sdpa-padded", padded_sdpa, note="pad, torch SDPA with the padding mask, unpad"),
+                  _fa4_varlen_impl(Lmax)]
     moved = 4 * T * H * D
     return OpCase(
         name=name, suite="ops", group=f"varlen_fwd_d{D}",

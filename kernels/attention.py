@@ -39,6 +39,8 @@ from .attention_kernels import (
     default_config,
     dropout_keep_kernel,
 )
+from . import attention_hopper as _hopper
+from . import attention_hopper_bwd as _hopper_bwd
 from ._util import cdiv, device_guard, launch_tuned, new_output, new_output_like, next_pow2
 from .backends import BackendUnsupportedError, Impl, get_backend, get_impl, interpreting, register_impl, resolve
 from .checks import check_prob, check_same, check_tensor, same_floats
@@ -56,6 +58,35 @@ AUTOTUNE = os.environ.get("FUSEFORMER_AUTOTUNE", "1").strip().lower() not in ("0
 def set_autotune(enabled: bool) -> None:
     global AUTOTUNE
     AUTOTUNE = bool(enabled)
+
+
+# The triton backend's forward kernel on a Hopper GPU: "portable" (attention_kernels.py, every
+# GPU) or "hopper" (attention_hopper.py: TMA, wgmma; used only on capability (9, 0), for the
+# cases _hopper_reason accepts). Opt-in until a GPU has timed it. FUSEFORMER_ATTENTION_KERNEL
+# sets it at import; set_attention_kernel changes it.
+ATTENTION_KERNELS = ("portable", "hopper")
+
+
+def _kernel_name(name, where="set_attention_kernel"):
+    value = str(name).strip().lower()
+    if value not in ATTENTION_KERNELS:
+        raise ValueError(f"{where}: unknown attention kernel {name!r}; expected one of {ATTENTION_KERNELS}")
+    return value
+
+
+ATTENTION_KERNEL = _kernel_name(os.environ.get("FUSEFORMER_ATTENTION_KERNEL", "").strip() or "portable",
+                                "FUSEFORMER_ATTENTION_KERNEL")
+
+
+def set_attention_kernel(name: str) -> str:
+    """Choose the forward kernel ("portable" or "hopper"); returns the previous choice."""
+    global ATTENTION_KERNEL
+    before, ATTENTION_KERNEL = ATTENTION_KERNEL, _kernel_name(name)
+    return before
+
+
+def get_attention_kernel() -> str:
+    return ATTENTION_KERNEL
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -105,8 +136,13 @@ def _flags(q):
     return flags
 
 
-def _bucket(lq, lk):
-    return next_pow2(max(lq, lk, 1))
+def _bucket(lq, lk, bh):
+    """The TUNE_BUCKET autotune key: the power-of-two length bucket times 1024 plus the
+    power-of-two batch*heads bucket (capped at 512). The second part tells a B32 H12 batch
+    from a B1 H1 one of the same length: the first wants 128-row tiles, the second wants the
+    smaller tiles that give a 132-SM GPU enough programs. Powers of two keep the number of
+    keys (and tuning runs) small when varlen batches change their sequence count."""
+    return next_pow2(max(lq, lk, 1)) * 1024 + min(next_pow2(bh), 512)
 
 
 def _run(kind, tuned, plain, grid, bucket, q, *args, **kwargs):
@@ -133,11 +169,13 @@ def _strides(t, varlen):
 
 def _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, nbatch, lq, lk, cu_q=None, cu_k=None):
     """All tensors 4-D (B, H, L, D) views (lse 3-D); with cu_q the batch dim has size 1."""
+    if ATTENTION_KERNEL == "hopper" and _hopper_reason(q, k, v, out, mask, dropout_p) is None:
+        return _launch_fwd_hopper(q, k, v, out, lse, mask, is_causal, scale, nbatch, lq, lk, cu_q, cu_k)
     varlen = cu_q is not None
     H, group = q.shape[1], q.shape[1] // k.shape[1]
     m, ms, kind, is_float = _mask_args(mask, q)
     dropout = dropout_p > 0.0
-    bucket = _bucket(lq, lk)
+    bucket = _bucket(lq, lk, nbatch * H)
     lse_s = lse.stride()
     # A flat 1-D grid (the kernels split it back with _flat_pid): CUDA caps grid axes 1 and
     # 2 at 65535, too few for B * H programs of a big batch or of many packed sequences.
@@ -152,6 +190,40 @@ def _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, nbat
         CAUSAL=bool(is_causal), MASK_KIND=kind, MASK_FLOAT=is_float, DROPOUT=dropout, VARLEN=varlen,
         **_flags(q),
     )
+
+
+def _hopper_reason(q, k, v, out, mask, dropout_p, *more) -> Optional[str]:
+    """Why the Hopper kernels cannot run this call (the portable ones do), or None. `out` and
+    `more`: the other tensors they address through descriptors (dout, dq, dk, dv)."""
+    return _hopper.unsupported_reason(q, k, v, out, mask_kind(mask), dropout_p, *more)
+
+
+def hopper_reason(q, k, v, mask=None, dropout_p=0.0) -> Optional[str]:
+    """_hopper_reason for (B, H, L, D) inputs as a caller passes them (the benchmark refuses
+    the Hopper kernel with this reason instead of timing the portable one under its name)."""
+    if mask is not None:
+        mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    return _hopper_reason(_unit_last(q), _unit_last(k), _unit_last(v), _out_like(q), mask, dropout_p)
+
+
+def _launch_fwd_hopper(q, k, v, out, lse, mask, is_causal, scale, nbatch, lq, lk, cu_q, cu_k):
+    varlen = cu_q is not None
+    H, group = q.shape[1], q.shape[1] // k.shape[1]
+    m, ms, kind, is_float = _mask_args(mask, q)
+    flags = _flags(q)
+    bucket = _bucket(lq, lk, nbatch * H)
+    lse_s = lse.stride()
+    args = (
+        q, k, v, out, lse, m, cu_q if varlen else lse, cu_k if varlen else lse,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
+        0 if varlen else lse_s[0], lse_s[1], ms[0], ms[3],
+        H, group, lq, lk, bucket, scale * LOG2E,
+    )
+    kwargs = dict(HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], CAUSAL=bool(is_causal), MASK_KIND=kind,
+                  MASK_FLOAT=is_float, VARLEN=varlen, UPCAST=flags["UPCAST"])
+    key = (q.dtype, flags["HEAD_D"], bucket, bool(is_causal), kind, is_float, varlen)
+    _hopper.launch(lambda meta: (cdiv(lq, meta["BLOCK_M"]) * nbatch * H,), args, kwargs, key,
+                   AUTOTUNE and not interpreting())
 
 
 def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dropout_p, seed, nbatch, lq, lk,
@@ -169,9 +241,26 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
         HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], VARLEN=varlen, BLOCK_M=64,
     )
     m, ms, kind, is_float = _mask_args(mask, q)
+    bucket = _bucket(lq, lk, nbatch * H)
+    if (ATTENTION_KERNEL == "hopper" and flags["BLOCK_D"] <= _hopper_bwd.MAX_BLOCK_D
+            and _hopper_reason(q, k, v, dout, mask, dropout_p, dq, dk, dv) is None):
+        args = (
+            m, cu_q_arg, cu_k_arg, *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+            *_strides(dout, varlen),
+        )
+        tail = (*lse_s, ms[0], ms[3], H, H // Hk, lq, lk, bucket, scale * LOG2E, scale)
+        kwargs = dict(HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], CAUSAL=bool(is_causal), MASK_KIND=kind,
+                      MASK_FLOAT=is_float, VARLEN=varlen, UPCAST=flags["UPCAST"])
+        key = (q.dtype, flags["HEAD_D"], bucket, bool(is_causal), kind, is_float, varlen)
+        _hopper_bwd.launch(
+            lambda meta: (cdiv(lk, meta["BLOCK_N"]) * nbatch * Hk,),
+            lambda meta: (cdiv(lq, meta["BLOCK_M"]) * nbatch * H,),
+            (q, k, v, dout, dk, dv, lse, delta, *args, *_strides(dk, varlen), *_strides(dv, varlen), *tail),
+            (q, k, v, dout, dq, lse, delta, *args, *_strides(dq, varlen), *tail),
+            kwargs, key, AUTOTUNE and not interpreting())
+        return
     dropout = dropout_p > 0.0
     seed_arg = seed if dropout else q
-    bucket = _bucket(lq, lk)
     common = dict(CAUSAL=bool(is_causal), MASK_KIND=kind, MASK_FLOAT=is_float, DROPOUT=dropout, VARLEN=varlen, **flags)
     tail = (H, H // Hk, lq, lk, bucket, scale * LOG2E, scale, float(dropout_p))
     qkv_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))

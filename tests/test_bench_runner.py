@@ -402,6 +402,12 @@ def test_gpu_case_declarations_prepare_on_cpu(roofline):
         seen = set(result["impls"])
         if case.name != "g_varlen":  # varlen has a triton kernel only
             assert result["impls"]["fuseformer-cuda"]["status"] == "refused"
+        if case.name.startswith(("g_attn", "g_varlen")):
+            # Peers beside SDPA: the opt-in Hopper kernel (sm_90 only) and FlashAttention-4 (when
+            # installed) are declared on every CUDA case and refused with a reason elsewhere.
+            hopper, fa4 = result["impls"]["fuseformer-triton-hopper"], result["impls"]["flash-attn-4"]
+            assert hopper["status"] == "refused" and "(9, 0)" in hopper["reason"], hopper
+            assert fa4["status"] == "refused" and fa4["reason"], fa4
         expected = {"g_attn_pad": {"torch-eager", "sdpa-math", "sdpa-efficient"}, "g_varlen": {"sdpa-padded"},
                     "g_ln_bwd": {"torch-eager"}, "g_lg": {"torch-eager", "cublaslt-gelu"}}.get(case.name, set())
         assert expected <= seen, (case.name, seen)
@@ -425,3 +431,36 @@ def test_every_threshold_rule_names_a_gpu_case():
     assert len(names) == len(set(names))
     for rule in runner.load_thresholds(cli.THRESHOLDS):
         assert any(fnmatch.fnmatchcase(n, rule["case"]) for n in names), rule
+
+
+def test_flash_attn_4_peer_calls_and_refusals(monkeypatch):
+    """flash-attn-4 is not installed here: a stand-in module checks what the peer passes it
+    ((B, L, H, D) views, causal), that its (out, lse) answer comes back as (B, H, L, D), and
+    that its declines (asserts) become one-line refusals, as SDPA backends' do."""
+    import sys
+    import types
+
+    from fuseformer.bench import ops
+    from fuseformer.bench.core import Refused
+
+    calls = []
+
+    def flash_attn_func(q, k, v, causal=False):
+        calls.append((q.shape, causal))
+        assert q.shape[-1] <= 256, "head dim must be <= 256\nsecond line"
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2), None
+
+    cute = types.ModuleType("flash_attn.cute")
+    cute.flash_attn_func = flash_attn_func
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
+    out = ops._fa4_impl(True, False).fn({"q": q, "k": k, "v": v, "mask": None})
+    assert calls == [((2, 5, 3, 8), True)]
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+    with pytest.raises(Refused, match="^flash-attn-4: head dim must be <= 256$"):
+        ops._fa4_impl(False, False).fn({"q": torch.randn(1, 1, 2, 300), "k": torch.randn(1, 1, 2, 300),
+                                        "v": torch.randn(1, 1, 2, 300), "mask": None})
+    with pytest.raises(Refused, match="no attention mask"):
+        ops._fa4_impl(False, False).fn({"q": q, "k": k, "v": v, "mask": torch.ones(2, 1, 1, 5, dtype=torch.bool)})

@@ -202,7 +202,8 @@ def _attn_args(dt, D, mask="none", mask_float=False, dropout=False, varlen=False
         LSE=Ptr("fp32"), DELTA=Ptr("fp32"), MASK=m_ptr,
         SEED=Ptr("i64") if dropout else Ptr(dt),
         CU_Q=Ptr("i32") if varlen else Ptr("fp32"), CU_K=Ptr("i32") if varlen else Ptr("fp32"),
-        H=H, GROUP=group, LQ=lq, LK=lk, TUNE_BUCKET=triton_next_pow2(max(lq, lk)),
+        # attention._bucket: length bucket * 1024 + batch*heads bucket
+        H=H, GROUP=group, LQ=lq, LK=lk, TUNE_BUCKET=triton_next_pow2(max(lq, lk)) * 1024 + min(512, B * H),
         qk_scale=0.125 * 1.4426950408889634, sm_scale=0.125, dropout_p=0.1 if dropout else 0.0,
     )
     cx = dict(
@@ -289,6 +290,11 @@ def build_jobs():
                 attn_case(arch, case, **kw, only=None if arch == 90 or FULL or "d64" not in case else {"attn_fwd"})
         if arch == 80 and not FULL:
             attn_case(arch, "fp16 d128", D=128)
+    # --- the Hopper kernels: sm_90 only (triton_compile_hopper.py).
+    import triton_compile_hopper
+
+    triton_compile_hopper.add_jobs(jobs, _add, _attn_args, _pick)
+
     pre_names = set(ak.attn_bwd_preprocess.arg_names)
     for arch in ARCHS:
         for D, varlen in ((64, False), (80, True), (256, False)):
@@ -312,14 +318,17 @@ _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 KERNEL_MODULES = ("fuseformer.kernels.add_layer_norm_kernels", "fuseformer.kernels.attention_kernels",
+                  "fuseformer.kernels.attention_hopper", "fuseformer.kernels.attention_hopper_bwd",
                   "fuseformer.kernels.linear_gelu_kernels", "fuseformer.kernels.reduce")
 # PTX instructions counted per compile, so tests can require them: Hopper tensor-core MMAs,
-# TMA copies (global <-> shared through a tensor map), 16-byte vector global loads/stores.
+# TMA copies (global <-> shared through a tensor map), 16-byte vector global loads/stores,
+# and register reallocation between warp-specialized partitions.
 PTX_FEATURES = {
     "wgmma": re.compile(r"\bwgmma\.mma_async"),
     "tma": re.compile(r"\bcp\.async\.bulk\.tensor"),
     "ld_v4": re.compile(r"\bld\.global(?:\.[a-z0-9_]+)*\.v4\.(?:b32|f32|u32)"),
     "st_v4": re.compile(r"\bst\.global(?:\.[a-z0-9_]+)*\.v4\.(?:b32|f32|u32)"),
+    "setmaxnreg": re.compile(r"\bsetmaxnreg"),
 }
 
 
@@ -503,7 +512,8 @@ def main(argv=None):
         return 0
 
     # Slowest first (attention backward, big tiles) so the pool does not end on a long tail.
-    weight = {"attn_bwd_dkdv": 4, "attn_bwd_dq": 3, "attn_fwd": 3, "linear_gelu_fwd": 2, "linear_gelu_tma": 3}
+    weight = {"attn_bwd_dkdv": 4, "attn_bwd_dq": 3, "attn_fwd": 3, "attn_fwd_hopper": 3, "attn_bwd_dkdv_hopper": 4,
+              "attn_bwd_dq_hopper": 3, "linear_gelu_fwd": 2, "linear_gelu_tma": 3}
     order = sorted(range(len(_JOBS)), key=lambda i: -weight.get(_JOBS[i]["kernel"], 1))
     if args.workers > 1:
         ctx = multiprocessing.get_context("fork")

@@ -1,0 +1,337 @@
+"""Hopper (sm_90) forward kernel of flash attention: TMA tensor-descriptor loads, pipelined K/V.
+
+Opt-in (attention.set_attention_kernel("hopper") or FUSEFORMER_ATTENTION_KERNEL=hopper) until a
+GPU has timed it against the portable kernel of attention_kernels.py; used only on a device of
+capability (9, 0), and under Triton's interpreter when a test forces it.
+
+What differs from the portable forward (same maths, same outputs: o and a natural-log lse, +inf
+on a row with no attended key, so the portable backward kernels consume it unchanged):
+- Q, K, V are read and O written through tensor descriptors made in the kernel
+  (tl.make_tensor_descriptor): on sm_90 a TMA copy (cp.async.bulk.tensor) per tile, issued by
+  one thread, asynchronous to the math warps. Each descriptor spans one (batch, head) or one
+  packed varlen sequence, [length, HEAD_D]: the hardware zero-fills rows past the sequence and
+  columns past HEAD_D and drops out-of-range rows on the store, so odd lengths and head dims
+  (40, 80) need no load/store masks at all.
+- The K/V loop is software-pipelined (num_stages buffers in shared memory) and its dots lower
+  to wgmma; BLOCK_M = 128 with 8 warps gives two warpgroups of 64 query rows each.
+- exp2 with the softmax scale folded into one multiply per score.
+- Interior tiles (whole, not on the causal diagonal, inside the attended key span) do no
+  per-element select; only the first/last tile of the span and the diagonal tiles do.
+- A boolean key-padding mask is read once per program: the span [first, last] of attended
+  keys, and whether it has holes. Without holes (every padded BERT batch) no mask is read in
+  the loop at all and tiles outside the span are never loaded; with holes, or a float mask,
+  every tile of the span reads its mask slice (the portable kernel's way, through _scores).
+- Causal: query blocks run longest first (the diagonal's last block first), so the heavy
+  programs do not form the tail of the grid.
+
+Not covered here, routed to the portable kernel by the launcher (attention._hopper_reason):
+fp32 (needs IEEE dots, not wgmma), dropout, dense masks, and tensors whose base or strides are
+not 16-byte aligned (a TMA requirement). The backward is the portable one.
+
+No warp specialization: Triton 3.6 and 3.9 accept tl.range(..., warp_specialize=True) and run
+a Hopper pass (add_hopper_warpspec), but compiled for sm_90a this loop came out the same with
+and without it (the tt.warp_specialize hint survives into TTGIR, yet no ttg.warp_specialize
+partitions, no setmaxnreg, same registers and shared memory); those releases document it for
+Blackwell. So the producer is TMA itself (one thread issues each copy) and both warpgroups
+compute; tests/test_triton_compile.py notes it should a newer Triton start specializing.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._util import launch_tuned, sm_count
+from .attention_kernels import _flat_pid, _key_range, _prune, _scores, _seq_bounds
+from .backends import interpreting
+
+
+@triton.jit
+def _key_span(mask_row, stride_mn, k_len, BLOCK_N: tl.constexpr):
+    """(first, end, holes) of a boolean key-padding row: keys [first, end) hold every attended
+    key; holes is true when some key inside that span is masked. _key_range (the portable
+    kernel's) floors first to a tile and does not count; this one also counts live keys so a
+    prefix/suffix mask (BERT padding) can skip the per-tile mask reads."""
+    first = tl.program_id(0) * 0 + k_len
+    last = tl.program_id(0) * 0 - 1
+    live_n = tl.program_id(0) * 0
+    for start in range(0, k_len, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        live = tl.load(mask_row + cols * stride_mn, mask=cols < k_len, other=0) != 0
+        first = tl.minimum(first, tl.min(tl.where(live, cols, k_len), 0))
+        last = tl.maximum(last, tl.max(tl.where(live, cols, -1), 0))
+        live_n += tl.sum(live.to(tl.int32), 0)
+    end = tl.maximum(last + 1, first)  # no live key: an empty span [k_len, k_len)
+    return first, end, live_n != end - first
+
+
+@triton.jit
+def _hopper_tiles(
+    acc, l_i, m_i, q, k_desc, v_desc, rows, lo, hi, col_lo, col_hi, k_len, mask_row, stride_mn, qk_scale,
+    CAUSAL: tl.constexpr,
+    MASK_TILES: tl.constexpr,  # read the key-padding mask slice of every tile (holes or float)
+    MASK_FLOAT: tl.constexpr,
+    BOUNDARY: tl.constexpr,  # tiles may hold keys outside [col_lo, col_hi) or above the diagonal
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Online softmax over the key tiles starting in [lo, hi), in base 2."""
+    for start_n in range(lo, hi, BLOCK_N):
+        k = k_desc.load([start_n, 0])
+        v = v_desc.load([start_n, 0])
+        if UPCAST:  # the interpreter's bf16 dots are wrong: fp32 there (docs: the interpreter)
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        cols = start_n + tl.arange(0, BLOCK_N)
+        if MASK_TILES:
+            s = _scores(q, k, rows, cols, rows >= 0, cols < k_len, mask_row, 0, stride_mn, qk_scale,
+                        CAUSAL, 1, MASK_FLOAT, False, True, BLOCK_M, BLOCK_N)
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            if BOUNDARY:
+                allowed = ((cols >= col_lo) & (cols < col_hi))[None, :] & (rows >= 0)[:, None]
+                if CAUSAL:
+                    allowed = allowed & (cols[None, :] <= rows[:, None])
+                s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if BOUNDARY:
+            # A row that has seen only masked keys keeps max -inf: subtract 0 instead, so
+            # exp2 gives exactly 0, not NaN (-inf - -inf). Interior tiles have no -inf score.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _causal_end(col_hi, start_m, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """End of the key tiles a query block visits: tiles wholly above the diagonal never are."""
+    if CAUSAL:
+        col_hi = tl.minimum(col_hi, start_m + BLOCK_M)
+    return col_hi
+
+
+@triton.jit
+def _span_tiles(acc, l_i, m_i, q, k_desc, v_desc, rows, start_m, col_lo, col_hi, qk_scale,
+                CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Every key in [col_lo, col_hi) attended (up to the diagonal). Tiles starting in
+    [full_lo, full_hi) lie wholly inside the span and on or below the diagonal: no select.
+    Before them at most one tile (a span starting mid-tile), after them the span's ragged
+    end and the diagonal tiles take the checked path."""
+    hi = _causal_end(col_hi, start_m, CAUSAL, BLOCK_M)
+    lo = (col_lo // BLOCK_N) * BLOCK_N
+    full_lo = tl.cdiv(col_lo, BLOCK_N) * BLOCK_N
+    full_end = col_hi
+    if CAUSAL:
+        full_end = tl.minimum(full_end, start_m + 1)
+    full_hi = tl.maximum((full_end // BLOCK_N) * BLOCK_N, full_lo)
+    head_end = tl.minimum(full_lo, hi)
+    # No mask is read here: (col_hi, q, 0) fill the unused (k_len, mask_row, stride_mn).
+    acc, l_i, m_i = _hopper_tiles(acc, l_i, m_i, q, k_desc, v_desc, rows, lo, head_end, col_lo, col_hi, col_hi,
+                                  q, 0, qk_scale, CAUSAL, False, False, True, UPCAST, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _hopper_tiles(acc, l_i, m_i, q, k_desc, v_desc, rows, full_lo, full_hi, col_lo, col_hi, col_hi,
+                                  q, 0, qk_scale, CAUSAL, False, False, False, UPCAST, BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _hopper_tiles(acc, l_i, m_i, q, k_desc, v_desc, rows, tl.maximum(full_hi, head_end), hi, col_lo,
+                                  col_hi, col_hi, q, 0, qk_scale, CAUSAL, False, False, True, UPCAST,
+                                  BLOCK_M, BLOCK_N)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_hopper(
+    Q, K, V, O, LSE,  # as _attn_fwd's; q/k/v/o base and row strides 16-byte aligned (TMA)
+    MASK,  # key-padding row per batch (uint8 or float), read through stride_mb/stride_mn
+    CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh,
+    stride_mb, stride_mn,
+    H, GROUP, LQ, LK,
+    TUNE_BUCKET,  # autotune key only: (length bucket, batch*heads bucket), see attention._bucket
+    qk_scale,  # softmax scale * log2(e)
+    HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,  # 0 none, 1 key padding (dense masks take the portable kernel)
+    MASK_FLOAT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    start_m, bh = _flat_pid(LQ, BLOCK_M)
+    if CAUSAL:
+        # Longest first: with causal masking the last query block has the most key tiles.
+        start_m = (tl.cdiv(LQ, BLOCK_M) - 1) * BLOCK_M - start_m
+    b = bh // H
+    h = bh % H
+    q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN)
+    if start_m >= q_len:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    hk64 = (h // GROUP).to(tl.int64)
+    # One descriptor per (sequence, head): bounds are the sequence's own. A zero-length key
+    # sequence gets a 1-row descriptor that no tile reads (the loops below are empty).
+    kv_rows = tl.maximum(k_len, 1)
+    q_desc = tl.make_tensor_descriptor(Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm,
+                                       [q_len, HEAD_D], [stride_qm, 1], [BLOCK_M, BLOCK_D])
+    k_desc = tl.make_tensor_descriptor(K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn,
+                                       [kv_rows, HEAD_D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+    v_desc = tl.make_tensor_descriptor(V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn,
+                                       [kv_rows, HEAD_D], [stride_vn, 1], [BLOCK_N, BLOCK_D])
+    o_desc = tl.make_tensor_descriptor(O + b64 * stride_ob + h64 * stride_oh + q0 * stride_om,
+                                       [q_len, HEAD_D], [stride_om, 1], [BLOCK_M, BLOCK_D])
+    q = q_desc.load([start_m, 0])
+    if UPCAST:
+        q = q.to(tl.float32)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    mask_row = MASK + b64 * stride_mb
+
+    # The attended key span [col_lo, col_hi): every key, or a key-padding row's live span.
+    col_lo = tl.program_id(0) * 0
+    col_hi = k_len
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if MASK_KIND == 1 and MASK_FLOAT:
+        # A float mask adds its values: every tile of the span reads its slice.
+        col_lo, col_hi = _key_range(mask_row, stride_mn, k_len, True, BLOCK_N)
+        acc, l_i, m_i = _hopper_tiles(acc, l_i, m_i, q, k_desc, v_desc, rows, col_lo, _causal_end(col_hi, start_m,
+                                      CAUSAL, BLOCK_M), col_lo, col_hi, k_len, mask_row, stride_mn, qk_scale, CAUSAL,
+                                      True, True, True, UPCAST, BLOCK_M, BLOCK_N)
+    elif MASK_KIND == 1:
+        col_lo, col_hi, holes = _key_span(mask_row, stride_mn, k_len, BLOCK_N)
+        if holes:
+            acc, l_i, m_i = _hopper_tiles(acc, l_i, m_i, q, k_desc, v_desc, rows, (col_lo // BLOCK_N) * BLOCK_N,
+                                          _causal_end(col_hi, start_m, CAUSAL, BLOCK_M), col_lo, col_hi, k_len,
+                                          mask_row, stride_mn, qk_scale, CAUSAL, True, False, True, UPCAST,
+                                          BLOCK_M, BLOCK_N)
+        else:
+            acc, l_i, m_i = _span_tiles(acc, l_i, m_i, q, k_desc, v_desc, rows, start_m, col_lo, col_hi, qk_scale,
+                                        CAUSAL, UPCAST, BLOCK_M, BLOCK_N)
+    else:
+        acc, l_i, m_i = _span_tiles(acc, l_i, m_i, q, k_desc, v_desc, rows, start_m, col_lo, col_hi, qk_scale,
+                                    CAUSAL, UPCAST, BLOCK_M, BLOCK_N)
+
+    dead = l_i == 0.0
+    l_safe = tl.where(dead, 1.0, l_i)
+    o_desc.store([start_m, 0], (acc / l_safe[:, None]).to(O.dtype.element_ty))
+    lse = tl.where(dead, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(LSE + b64 * stride_lb + h64 * stride_lh + (q0 + rows), lse, mask=rows < q_len)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). 128-row tiles over 8 warps (two
+# warpgroups) for long sequences; 64-row tiles over 4 warps so a small batch*heads still gives
+# enough programs for 132 SMs (the key's batch*heads bucket tells the cases apart); 32-key
+# tiles for head dim 256, where a 64-key tile and its stages do not fit shared memory.
+_FWD_HOPPER_GPU = [
+    (128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4),
+    (64, 64, 4, 3), (64, 128, 4, 2),
+    (128, 32, 8, 2), (64, 32, 4, 2),
+]
+_KEY = ["HEAD_D", "TUNE_BUCKET", "CAUSAL", "MASK_KIND", "VARLEN"]
+
+
+def _configs():
+    if interpreting():  # one config (the interpreter cannot autotune), big enough to be quick
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _FWD_HOPPER_GPU]
+
+
+attn_fwd_hopper = _attn_fwd_hopper
+attn_fwd_hopper_tuned = triton.autotune(configs=_configs(), key=_KEY,
+                                        prune_configs_by={"early_config_prune": _prune})(_attn_fwd_hopper)
+
+
+def default_config(block_d: int, itemsize: int, few_programs: bool = False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) without autotuning: under the interpreter,
+    and with FUSEFORMER_AUTOTUNE=0. All fit sm_90 shared memory (tests/triton_compile_check.py).
+    few_programs: 128-row tiles would leave SMs idle (a short sequence, a small batch*heads),
+    so 64-row tiles, twice the programs."""
+    if interpreting():
+        return 64, 64, 4, 1
+    if block_d * itemsize > 256:
+        return (64, 32, 4, 2) if few_programs else (128, 32, 8, 2)
+    return (64, 64, 4, 3) if few_programs else (128, 64, 8, 3)
+
+
+# ----------------------------------------------------------------------------- host side
+
+_capabilities: dict = {}
+
+
+def _is_sm90(device) -> bool:
+    cap = _capabilities.get(device)
+    if cap is None:
+        cap = _capabilities[device] = torch.cuda.get_device_capability(device)
+    return cap == (9, 0)
+
+
+def unsupported_reason(q, k, v, out, mask_kind: str, dropout_p: float, *more) -> Optional[str]:
+    """Why the Hopper kernels cannot run a call (the portable ones then do), or None.
+    q, k, v, out (B, H, L, D) views with unit last stride, as the launchers get them; `more`:
+    further tensors read or written through descriptors (the backward's dout, dq, dk, dv)."""
+    if not interpreting() and not (q.is_cuda and _is_sm90(q.device)):
+        return "not a capability (9, 0) GPU"  # under the interpreter tests force it on a CPU
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype}: the Hopper kernel is fp16/bf16 (fp32 needs IEEE dots, not wgmma)"
+    if dropout_p > 0.0:
+        return "dropout"
+    if mask_kind == "dense":
+        return "a dense mask (only key-padding masks, (B, 1, 1, Lk) broadcast)"
+    size = q.element_size()
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out), *(("gradient", t) for t in more)):
+        # TMA: a 16-byte aligned base, and every stride but the last a multiple of 16 bytes.
+        if t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
+            return f"{name} is not 16-byte aligned in its base or strides (head dim {q.shape[-1]})"
+    return None
+
+
+_allocator_ready: set = set()
+
+
+def ensure_allocator() -> None:
+    """Tensor descriptors made inside a kernel need a global scratch buffer (128 bytes per
+    descriptor per program), which Triton requests at launch through triton.set_allocator.
+    Set a torch-backed one once per thread (Triton keeps it in a ContextVar), unless the user
+    already set their own."""
+    ident = threading.get_ident()
+    if ident in _allocator_ready:
+        return
+    try:  # Triton's own state (3.6 .. 3.9): keep an allocator the user set
+        from triton.runtime import _allocation
+
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):
+        unset = True
+    if unset:
+        # torch's caching allocator on the current device (the launch's, see device_guard).
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    _allocator_ready.add(ident)
+
+
+def launch(grid, args, kwargs, key, autotune: bool) -> None:
+    """Launch the kernel: autotuned once per `key` (then the winner directly), or with the
+    default config (the interpreter, FUSEFORMER_AUTOTUNE=0)."""
+    q = args[0]
+    if q.is_cuda:
+        ensure_allocator()
+    if autotune:
+        launch_tuned(attn_fwd_hopper_tuned, attn_fwd_hopper, key, grid, *args, **kwargs)
+    else:
+        few = q.is_cuda and grid({"BLOCK_M": 128})[0] < sm_count(q.device)
+        m, n, w, s = default_config(kwargs["BLOCK_D"], q.element_size(), few)
+        attn_fwd_hopper[grid](*args, **kwargs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)

@@ -1,0 +1,305 @@
+"""Hopper (sm_90) backward kernels of flash attention: the FA2 structure with TMA tiles.
+
+Used with the Hopper forward (attention_hopper.py, same switch and the same cases: fp16/bf16,
+no dropout, no dense mask, 16-byte aligned tensors) up to head dim 128 (MAX_BLOCK_D);
+delta = rowsum(dO * O) comes from the portable preprocess kernel. Two passes, nothing
+recomputed beyond what FlashAttention does:
+- dK/dV: one program per key block of one key/value head; it walks every query tile of every
+  query head of its GQA group, recomputing P from the saved log-sum-exp, and sums dK and dV
+  in registers (no atomics).
+- dQ: one program per query block; it walks the key tiles.
+Q, dO, K, V come through tensor descriptors (TMA on sm_90, zero-filled past a sequence's end
+and past HEAD_D); dQ, dK, dV leave through them (the store drops rows past the end). So the
+dK/dV pass needs no key bounds at all: keys past the end only produce dK/dV rows that are
+never stored, and query rows past the end have lse = +inf, hence P = 0. Only causal diagonal
+tiles (and, in the dQ pass, the ragged last key tile) take the per-element select in the dQ
+pass; the dK/dV pass applies its causal select to every tile (see _dkdv_tiles). A
+key-padding mask is read per tile, as the portable kernels do.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._util import launch_tuned
+from .attention_hopper import ensure_allocator
+from .attention_kernels import _flat_pid, _key_range, _prune, _scores, _seq_bounds
+from .backends import interpreting
+
+
+@triton.jit
+def _dkdv_tiles(
+    dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, cols, col_ok, lo, hi, q_len, mask_row, stride_mn, qk_scale,
+    CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_FLOAT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    for start_m in range(lo, hi, BLOCK_M):
+        q = q_desc.load([start_m, 0])
+        do = do_desc.load([start_m, 0])
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_ok = rows < q_len
+        # +inf for rows past the end makes their P exactly 0.
+        lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        if MASK_KIND == 1:
+            s = _scores(q, k, rows, cols, row_ok, col_ok, mask_row, 0, stride_mn, qk_scale,
+                        CAUSAL, MASK_KIND, MASK_FLOAT, False, True, BLOCK_M, BLOCK_N)
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        if CAUSAL and MASK_KIND == 0:
+            # The causal select is the only one: keys past the end only feed dK/dV rows that are
+            # never stored, and rows past the end have P = 0 already (lse = +inf). It runs on
+            # every tile (one select per score, next to four MMAs per score): a separate loop
+            # for the diagonal tiles spilled registers with varlen + GQA + causal.
+            p = tl.where(cols[None, :] <= rows[:, None], p, 0.0)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_hopper(
+    Q, K, V, DO, DK, DV, LSE, DELTA, MASK, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_lb, stride_lh,
+    stride_mb, stride_mn,
+    H, GROUP, LQ, LK, TUNE_BUCKET,
+    qk_scale, sm_scale,
+    HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_FLOAT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    start_n, bhk = _flat_pid(LK, BLOCK_N)
+    HK = H // GROUP
+    b = bhk // HK
+    hk = bhk % HK
+    q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN)
+    if start_n >= k_len:
+        return
+    b64 = b.to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    kv_off = b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn
+    k_desc = tl.make_tensor_descriptor(K + kv_off, [k_len, HEAD_D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+    v_desc = tl.make_tensor_descriptor(V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn, [k_len, HEAD_D],
+                                       [stride_vn, 1], [BLOCK_N, BLOCK_D])
+    k = k_desc.load([start_n, 0])
+    v = v_desc.load([start_n, 0])
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    col_ok = cols < k_len
+    mask_row = MASK + b64 * stride_mb
+
+    q_hi = q_len
+    if MASK_KIND == 1:
+        # A block of padded keys has dK = dV = 0: skip every query row.
+        mrow = tl.load(mask_row + cols * stride_mn, mask=col_ok, other=0)
+        if MASK_FLOAT:
+            live = col_ok & (mrow != float("-inf"))
+        else:
+            live = mrow != 0
+        q_hi = tl.where(tl.max(live.to(tl.int32), 0) > 0, q_len, 0)
+    lo = 0
+    if CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M  # rows above this key block never see it
+    q_rows = tl.maximum(q_len, 1)  # a zero-length query sequence: a descriptor no tile reads
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(0, GROUP):
+        h64 = (hk * GROUP + g).to(tl.int64)
+        q_desc = tl.make_tensor_descriptor(Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm, [q_rows, HEAD_D],
+                                           [stride_qm, 1], [BLOCK_M, BLOCK_D])
+        do_desc = tl.make_tensor_descriptor(DO + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom,
+                                            [q_rows, HEAD_D], [stride_dom, 1], [BLOCK_M, BLOCK_D])
+        lse_base = LSE + b64 * stride_lb + h64 * stride_lh + q0
+        delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + q0
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, cols, col_ok, lo, q_hi, q_len,
+                             mask_row, stride_mn, qk_scale, CAUSAL, MASK_KIND, MASK_FLOAT, UPCAST, BLOCK_M,
+                             BLOCK_N)
+    dk_desc = tl.make_tensor_descriptor(DK + b64 * stride_dkb + hk64 * stride_dkh + k0 * stride_dkn, [k_len, HEAD_D],
+                                        [stride_dkn, 1], [BLOCK_N, BLOCK_D])
+    dv_desc = tl.make_tensor_descriptor(DV + b64 * stride_dvb + hk64 * stride_dvh + k0 * stride_dvn, [k_len, HEAD_D],
+                                        [stride_dvn, 1], [BLOCK_N, BLOCK_D])
+    dk_desc.store([start_n, 0], (dk * sm_scale).to(DK.dtype.element_ty))
+    dv_desc.store([start_n, 0], dv.to(DV.dtype.element_ty))
+
+
+@triton.jit
+def _dq_tiles(
+    dq, q, do, lse2, delta, k_desc, v_desc, rows, row_ok, lo, hi, k_len, mask_row, stride_mn, qk_scale,
+    CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_FLOAT: tl.constexpr,
+    BOUNDARY: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        k = k_desc.load([start_n, 0])
+        v = v_desc.load([start_n, 0])
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        cols = start_n + tl.arange(0, BLOCK_N)
+        if BOUNDARY:
+            s = _scores(q, k, rows, cols, row_ok, cols < k_len, mask_row, 0, stride_mn, qk_scale,
+                        CAUSAL, MASK_KIND, MASK_FLOAT, False, True, BLOCK_M, BLOCK_N)
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_hopper(
+    Q, K, V, DO, DQ, LSE, DELTA, MASK, CU_Q, CU_K,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_lb, stride_lh,
+    stride_mb, stride_mn,
+    H, GROUP, LQ, LK, TUNE_BUCKET,
+    qk_scale, sm_scale,
+    HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    MASK_FLOAT: tl.constexpr,
+    VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    start_m, bh = _flat_pid(LQ, BLOCK_M)
+    if CAUSAL:
+        start_m = (tl.cdiv(LQ, BLOCK_M) - 1) * BLOCK_M - start_m  # longest first
+    b = bh // H
+    h = bh % H
+    q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN)
+    if start_m >= q_len:
+        return
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    hk64 = (h // GROUP).to(tl.int64)
+    q_desc = tl.make_tensor_descriptor(Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm, [q_len, HEAD_D],
+                                       [stride_qm, 1], [BLOCK_M, BLOCK_D])
+    do_desc = tl.make_tensor_descriptor(DO + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom, [q_len, HEAD_D],
+                                        [stride_dom, 1], [BLOCK_M, BLOCK_D])
+    kv_rows = tl.maximum(k_len, 1)
+    k_desc = tl.make_tensor_descriptor(K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn, [kv_rows, HEAD_D],
+                                       [stride_kn, 1], [BLOCK_N, BLOCK_D])
+    v_desc = tl.make_tensor_descriptor(V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn, [kv_rows, HEAD_D],
+                                       [stride_vn, 1], [BLOCK_N, BLOCK_D])
+    q = q_desc.load([start_m, 0])
+    do = do_desc.load([start_m, 0])
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    lse_off = b64 * stride_lb + h64 * stride_lh + q0 + rows
+    lse2 = tl.load(LSE + lse_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
+    mask_row = MASK + b64 * stride_mb
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if MASK_KIND == 1:
+        lo, hi = _key_range(mask_row, stride_mn, k_len, MASK_FLOAT, BLOCK_N)
+        if CAUSAL:
+            hi = tl.minimum(hi, start_m + BLOCK_M)
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_desc, v_desc, rows, row_ok, lo, hi, k_len, mask_row, stride_mn,
+                       qk_scale, CAUSAL, 1, MASK_FLOAT, True, UPCAST, BLOCK_M, BLOCK_N)
+    else:
+        hi = k_len
+        full_end = k_len
+        if CAUSAL:
+            hi = tl.minimum(hi, start_m + BLOCK_M)
+            full_end = tl.minimum(full_end, start_m + 1)
+        # Key tiles below `mid` are whole and on or below the diagonal: no select.
+        mid = (full_end // BLOCK_N) * BLOCK_N
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_desc, v_desc, rows, row_ok, 0, mid, k_len, mask_row, stride_mn,
+                       qk_scale, CAUSAL, 0, False, False, UPCAST, BLOCK_M, BLOCK_N)
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_desc, v_desc, rows, row_ok, mid, hi, k_len, mask_row, stride_mn,
+                       qk_scale, CAUSAL, 0, False, True, UPCAST, BLOCK_M, BLOCK_N)
+    dq_desc = tl.make_tensor_descriptor(DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqm, [q_len, HEAD_D],
+                                        [stride_dqm, 1], [BLOCK_M, BLOCK_D])
+    dq_desc.store([start_m, 0], (dq * sm_scale).to(DQ.dtype.element_ty))
+
+
+# Head dims above this take the portable backward: the dK/dV pass holds two (BLOCK_N, BLOCK_D)
+# fp32 accumulators beside K and V, which at BLOCK_D 256 leaves only 32-row tiles, too small
+# for wgmma (64 rows per warpgroup), and those still spilled (tests/triton_compile_check.py).
+MAX_BLOCK_D = 128
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): every one spill-free at head dim 128 in both passes
+# (64 x 128 tiles spilled 1 KB in dK/dV; so did 4 warps on 64 x 64 tiles).
+_BWD_HOPPER_GPU = [(64, 64, 8, 2), (128, 64, 8, 2), (64, 64, 8, 1), (128, 32, 8, 2), (64, 32, 4, 2)]
+_KEY = ["HEAD_D", "TUNE_BUCKET", "CAUSAL", "MASK_KIND", "VARLEN"]
+
+
+def _configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _BWD_HOPPER_GPU]
+
+
+def _tuned(kernel):
+    return triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+attn_bwd_dkdv_hopper = _attn_bwd_dkdv_hopper
+attn_bwd_dq_hopper = _attn_bwd_dq_hopper
+attn_bwd_dkdv_hopper_tuned = _tuned(_attn_bwd_dkdv_hopper)
+attn_bwd_dq_hopper_tuned = _tuned(_attn_bwd_dq_hopper)
+
+
+def default_config(block_d: int, itemsize: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) without autotuning; fits sm_90 shared memory."""
+    if interpreting():
+        return 64, 64, 4, 1
+    return 64, 64, 8, 2
+
+
+def launch(grid_dkdv, grid_dq, args_dkdv, args_dq, kwargs, key, autotune: bool) -> None:
+    """Both passes (the launcher has run the preprocess): autotuned once per key, or with
+    the default config (the interpreter, FUSEFORMER_AUTOTUNE=0)."""
+    q = args_dkdv[0]
+    if q.is_cuda:
+        ensure_allocator()
+    if autotune:
+        launch_tuned(attn_bwd_dkdv_hopper_tuned, attn_bwd_dkdv_hopper, key, grid_dkdv, *args_dkdv, **kwargs)
+        launch_tuned(attn_bwd_dq_hopper_tuned, attn_bwd_dq_hopper, key, grid_dq, *args_dq, **kwargs)
+        return
+    m, n, w, s = default_config(kwargs["BLOCK_D"], q.element_size())
+    cfg = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+    attn_bwd_dkdv_hopper[grid_dkdv](*args_dkdv, **kwargs, **cfg)
+    attn_bwd_dq_hopper[grid_dq](*args_dq, **kwargs, **cfg)

@@ -1,0 +1,195 @@
+"""The Hopper kernels (kernels/attention_hopper.py, attention_hopper_bwd.py) against the float64
+reference.
+
+On a CPU it runs through Triton's interpreter, where tensor descriptors work, forced with
+set_attention_kernel("hopper") (on a GPU the switch only takes effect on capability (9, 0)).
+Every case asserts that the Hopper kernel really ran, so a routing slip to the portable kernel
+cannot pass for it. The gradients come from the Hopper backward kernels
+(attention_hopper_bwd.py), fed the forward's log-sum-exp.
+The sm_90a compiles (wgmma, TMA, no spills) are checked in test_triton_compile.py.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fuseformer import kernels as K
+from fuseformer.kernels import _util
+from fuseformer.kernels import attention as A
+from fuseformer.kernels import attention_hopper as HK
+from fuseformer.kernels import attention_hopper_bwd as HKB
+from test_attention import DEVICE, _bool_mask, _leaf, _make_mask, _qkv, _varlen_case, assert_varlen_parity, check_sdpa
+
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cuda" and torch.cuda.get_device_capability() != (9, 0), reason="the Hopper kernel runs on sm_90 only"
+)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Force the Hopper kernels; record each forward launch (its constexprs) and, in
+    `backward_launches`, each backward one."""
+    monkeypatch.setattr(_util, "_POISON", True)
+    monkeypatch.setattr(A, "AUTOTUNE", False)
+    monkeypatch.setattr(A, "ATTENTION_KERNEL", "hopper")
+    seen = []
+    launch, launch_bwd = HK.launch, HKB.launch
+
+    def recording(grid, args, kwargs, key, autotune):
+        seen.append(kwargs)
+        return launch(grid, args, kwargs, key, autotune)
+
+    def recording_bwd(*args):
+        backward_launches.append(args[-3])
+        return launch_bwd(*args)
+
+    backward_launches.clear()
+    monkeypatch.setattr(HK, "launch", recording)
+    monkeypatch.setattr(HKB, "launch", recording_bwd)
+    return seen
+
+
+backward_launches: list = []
+
+
+def _padding(kind, B, Lk):
+    if kind == "holes":  # a key-padding row with masked keys inside its span
+        m = _bool_mask((B, 1, 1, Lk), p_keep=0.6)
+        m[0, ..., 0] = False
+        return m
+    return _make_mask(kind, B, 1, 1, Lk, torch.float16)
+
+
+# (dtype, B, H, Lq, Lk, D, causal, mask). fp16 (bf16 upcast in the interpreter: one case);
+# fp32 is routed to the portable kernel. Lengths 1, 17, 97, 257 and head dims 16..128 cross
+# tile edges; 24/40/80 leave columns that TMA must zero-fill and clip on the store.
+CASES = [
+    (torch.float16, 3, 2, 1, 1, 16, False, None),
+    (torch.float16, 3, 2, 17, 17, 40, True, None),
+    (torch.float16, 2, 2, 97, 70, 80, False, None),
+    (torch.float16, 1, 2, 257, 257, 128, True, None),
+    (torch.float16, 2, 3, 70, 200, 24, True, None),  # Lk > Lq: causal top-left, longer keys
+    (torch.float16, 2, 2, 128, 128, 64, False, "key_padding"),
+    (torch.float16, 3, 2, 150, 150, 40, True, "short_padding"),  # the last batch: no key at all
+    (torch.float16, 2, 2, 30, 200, 32, False, "left_padding"),  # span starts mid-tile
+    (torch.float16, 2, 2, 97, 97, 40, True, "left_padding"),
+    (torch.float16, 3, 2, 65, 70, 24, False, "float_key_padding"),
+    (torch.float16, 3, 2, 97, 150, 32, True, "holes"),
+    (torch.bfloat16, 2, 2, 70, 70, 40, True, None),
+]
+
+
+@pytest.mark.parametrize("dtype,B,H,Lq,Lk,D,causal,mask", CASES)
+def test_parity(launches, dtype, B, H, Lq, Lk, D, causal, mask):
+    q, k, v = _qkv(B, H, Lq, Lk, D)
+    m = None if mask is None else _padding(mask, B, Lk)
+    if m is not None and m.dtype != torch.bool:
+        m = m.to(dtype)
+    check_sdpa(q, k, v, m, causal=causal, dtype=dtype)
+    assert len(launches) == 1 and len(backward_launches) == 1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa(launches, causal):
+    q, k, v = _qkv(2, 4, 50, 70, 64, Hk=2)
+    check_sdpa(q, k, v, _padding("key_padding", 2, 70) if causal else None, causal=causal, gqa=True,
+               dtype=torch.float16)
+    assert len(launches) == 1 and len(backward_launches) == 1
+
+
+def test_fused_qkv_views(launches):
+    """q, k, v as strided views of one (B, L, 3, H, D) projection: row stride 3*H*D."""
+    B, L, H, D = 2, 37, 3, 40
+    qkv = torch.randn(B, L, 3, H, D, device=DEVICE)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    check_sdpa(q, k, v, causal=True, dtype=torch.float16, grad=False)
+    assert len(launches) == 1
+
+
+def test_varlen(launches):
+    q, k, v, cu_q, cu_k, mq, mk = _varlen_case([70, 0, 5, 33], [70, 0, 9, 33], 4, 2, 64)
+    ins = [_leaf(t, torch.float16) for t in (q, k, v)]
+    out = K.varlen_attention(*ins, cu_q, cu_k, mq, mk, 0.0, True, backend="triton")
+    assert len(launches) == 1 and launches[0]["VARLEN"]
+    assert_varlen_parity(out, ins, (q, k, v), cu_q, cu_k, mq, mk, True, 0.0, None)
+    assert len(backward_launches) == 1
+
+
+@pytest.mark.parametrize("what", ["fp32", "dense", "dropout", "unaligned"])
+def test_uncovered_cases_run_the_portable_kernel(launches, seeds, what):
+    D = 20 if what == "unaligned" else 32  # 20 fp16 = 40 bytes per row: not a TMA stride
+    q, k, v = _qkv(2, 2, 40, 40, D)
+    dtype = torch.float32 if what == "fp32" else torch.float16
+    mask = _bool_mask((2, 1, 40, 40)) if what == "dense" else None
+    reason = A.hopper_reason(q.to(dtype), k.to(dtype), v.to(dtype), mask, 0.1 if what == "dropout" else 0.0)
+    assert reason and {"fp32": "dtype", "dense": "dense", "dropout": "dropout", "unaligned": "aligned"}[what] in reason
+    check_sdpa(q, k, v, mask, dtype=dtype, dropout_p=0.1 if what == "dropout" else 0.0, seeds=seeds)
+    assert launches == [] and backward_launches == []
+
+
+@pytest.fixture
+def seeds(monkeypatch):
+    drawn = []
+    draw = A._draw_seed
+    monkeypatch.setattr(A, "_draw_seed", lambda p, device: drawn.append(draw(p, device)) or drawn[-1])
+    return drawn
+
+
+def test_switch(launches, monkeypatch):
+    monkeypatch.setattr(A, "ATTENTION_KERNEL", "portable")
+    q, k, v = _qkv(1, 1, 8, 8, 16)
+    K.scaled_dot_product_attention(q.half(), k.half(), v.half(), backend="triton")
+    assert launches == []  # the default kernel is the portable one
+    assert A.set_attention_kernel("HOPPER ") == "portable" and A.get_attention_kernel() == "hopper"
+    K.scaled_dot_product_attention(q.half(), k.half(), v.half(), backend="triton")
+    assert len(launches) == 1
+    with pytest.raises(ValueError, match="unknown attention kernel 'sm90'"):
+        A.set_attention_kernel("sm90")
+    assert A.get_attention_kernel() == "hopper"
+
+
+def test_bad_env_value_is_refused_at_import():
+    env = {**os.environ, "FUSEFORMER_ATTENTION_KERNEL": "fast"}
+    proc = subprocess.run([sys.executable, "-c", "import fuseformer.kernels"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0 and "FUSEFORMER_ATTENTION_KERNEL: unknown attention kernel 'fast'" in proc.stderr
+
+
+def test_head_dim_above_128_runs_the_portable_backward(launches):
+    """The Hopper forward takes head dim 160 (BLOCK_D 256); its backward does not (see
+    attention_hopper_bwd.MAX_BLOCK_D): the portable one consumes the Hopper forward's lse."""
+    q, k, v = _qkv(1, 1, 33, 33, 160)
+    check_sdpa(q, k, v, causal=True, dtype=torch.float16)
+    assert len(launches) == 1 and backward_launches == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D,causal,mask", [(64, False, "key_padding"), (128, True, None), (64, True, "left_padding")])
+def test_gpu_bf16_autotuned(launches, monkeypatch, D, causal, mask):
+    """On an H100/H200: bf16 on the tensor cores, autotuned, at lengths that cross many tiles."""
+    monkeypatch.setattr(A, "AUTOTUNE", True)
+    q, k, v = _qkv(2, 4, 1000, 1000, D)
+    check_sdpa(q, k, v, _padding(mask, 2, 1000) if mask else None, causal=causal, dtype=torch.bfloat16)
+    assert len(launches) == 1 and len(backward_launches) == 1
+
+
+def test_bench_peer_runs_the_hopper_kernel_or_refuses(launches, monkeypatch):
+    """`fuseformer bench`'s fuseformer-triton-hopper: the Hopper kernel for that call only (the
+    switch is restored), and a refusal, not a portable-kernel timing, for a case it does not take."""
+    from fuseformer.bench import ops
+    from fuseformer.bench.core import Refused
+
+    monkeypatch.setattr(A, "ATTENTION_KERNEL", "portable")
+
+    def call(inputs, backend):
+        return K.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], attn_mask=inputs["mask"],
+                                              backend=backend)
+
+    q, k, v = (t.half() for t in _qkv(1, 2, 20, 20, 32))
+    ops._hopper_impl(call).fn({"q": q, "k": k, "v": v, "mask": None})
+    assert len(launches) == 1 and A.get_attention_kernel() == "portable"
+    with pytest.raises(Refused, match="does not take this case: dtype torch.float32"):
+        ops._hopper_impl(call).fn({"q": q.float(), "k": k.float(), "v": v.float(), "mask": None})
+    assert len(launches) == 1

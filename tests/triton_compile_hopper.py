@@ -1,0 +1,41 @@
+"""The Hopper attention kernels' jobs for triton_compile_check.py (kept apart so that file
+stays readable): kernels/attention_hopper.py (forward) and attention_hopper_bwd.py (dK/dV,
+dQ), compiled for sm_90 only, the one target they run on."""
+from __future__ import annotations
+
+import importlib
+
+ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+def add_jobs(jobs: list, _add, _attn_args, _pick) -> None:
+    """Every autotune config at head dim 128, then the flag cases with default_config's tiles.
+    The helpers are triton_compile_check's, passed in: that file runs as a script, and importing
+    it back from here would load a second copy of it."""
+    ah = importlib.import_module("fuseformer.kernels.attention_hopper")
+    ahb = importlib.import_module("fuseformer.kernels.attention_hopper_bwd")
+    hopper = [("attn_fwd_hopper", ah, ah.attn_fwd_hopper, ah.attn_fwd_hopper_tuned),
+              ("attn_bwd_dkdv_hopper", ahb, ahb.attn_bwd_dkdv_hopper, ahb.attn_bwd_dkdv_hopper_tuned),
+              ("attn_bwd_dq_hopper", ahb, ahb.attn_bwd_dq_hopper, ahb.attn_bwd_dq_hopper_tuned)]
+
+    def hopper_case(case, configs=None, dt="fp16", D=64, causal=False, few=False, **kw):
+        v, cx = _attn_args(dt, D, **kw)
+        cx["CAUSAL"] = causal
+        for name, mod, plain, tuned in hopper:
+            if mod is ahb and cx["BLOCK_D"] > ahb.MAX_BLOCK_D:
+                continue  # the portable backward runs those head dims
+            names = set(plain.arg_names)
+            vv, cc = _pick(v, names), _pick(cx, names)
+            if configs:
+                _add(jobs, name, tuned, 90, case, vv, cc, configs=configs)
+                continue
+            m, n, w, s = mod.default_config(cx["BLOCK_D"], ITEMSIZE[dt], *((few,) if mod is ah else ()))
+            _add(jobs, name, plain, 90, case, vv, {**cc, "BLOCK_M": m, "BLOCK_N": n},
+                 options=dict(num_warps=w, num_stages=s), label=f"default BLOCK_M={m},BLOCK_N={n},w{w}s{s}")
+
+    hopper_case("fp16 d128", configs="all", D=128)
+    hopper_case("bf16 d64 keypad-bool causal", dt="bf16", mask="key_padding", causal=True)
+    hopper_case("fp16 d80 keypad-float", D=80, mask="key_padding", mask_float=True)
+    hopper_case("bf16 d128 varlen gqa4 causal", dt="bf16", D=128, varlen=True, group=4, causal=True)
+    hopper_case("fp16 d256", D=256)
+    hopper_case("bf16 d256 few programs", dt="bf16", D=256, few=True)  # 64-row tiles, autotune off
