@@ -26,7 +26,8 @@ on a row with no attended key, so the portable backward kernels consume it uncha
 
 Not covered here, routed to the portable kernel by the launcher (attention._hopper_reason):
 fp32 (needs IEEE dots, not wgmma), dropout, dense masks, and tensors whose base or strides are
-not 16-byte aligned (a TMA requirement). The backward is the portable one.
+not 16-byte aligned (a TMA requirement). The backward: attention_hopper_bwd.py up to head dim
+128, the portable kernels above it.
 
 No warp specialization: Triton 3.6 and 3.9 accept tl.range(..., warp_specialize=True) and run
 a Hopper pass (add_hopper_warpspec), but compiled for sm_90a this loop came out the same with
