@@ -80,9 +80,9 @@ sanitize)
         first=$(python3 -m pytest -q --collect-only "$target" 2>/dev/null | grep '::' | grep -F -- "$pick" | head -n 1)
         for tool in memcheck racecheck; do
             name=$(echo "$target${pick:+_$pick}" | tr '/:.' '___')
-            timed "$tool $target" timeout 150 compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 99 \
+            timed "$tool $target${pick:+@$pick}" timeout 150 compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 99 \
                 python3 -m pytest -q -x "$first" >"$OUT/sanitizer_${tool}_${name}.txt" 2>&1
-            echo "$tool $target: exit $?" | tee -a "$OUT/sanitizer_summary.txt"
+            echo "$tool $target${pick:+@$pick}: exit $?" | tee -a "$OUT/sanitizer_summary.txt"
         done
     done
     ;;

@@ -441,6 +441,34 @@ def test_gpu_attention_lse_and_fused_qkv_views(cuda_ext, entry, D):
 
 
 @gpu
+@pytest.mark.parametrize("D", cuda_backend.CUTE_HEAD_DIMS)
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_gpu_cute_attention_long_rows(cuda_ext, D, misaligned):
+    """The CuTe forward over many query and key tiles (causal + key padding, GQA 2:1), against
+    the WMMA forward's checked numbers and the reference. Rows that do not start 16-byte
+    aligned (a storage offset of one element) must take the WMMA kernel inside the same call."""
+    B, Hq, Hkv, L, dtype = 2, 4, 2, 1000, torch.bfloat16
+
+    def tensor(H):
+        flat = torch.randn(B * H * L * D + 1, device=DEV).to(dtype)
+        return (flat[1:] if misaligned else flat[:-1]).view(B, H, L, D)
+
+    q, k, v = tensor(Hq), tensor(Hkv), tensor(Hkv)
+    assert (q.data_ptr() % 16 != 0) == misaligned
+    mask = _key_padding(B, L)
+    bias, key_end = cuda_backend.key_padding_args(mask.expand(B, Hq, L, L))
+    out, lse = cuda_ext.attention_forward_cute(q, k, v, bias, key_end, True, D ** -0.5)
+    out_w, lse_w = cuda_ext.attention_forward(q, k, v, bias, key_end, True, D ** -0.5)
+    finite = torch.isfinite(lse_w)
+    assert torch.equal(finite, torch.isfinite(lse))
+    torch.testing.assert_close(lse[finite], lse_w[finite], atol=2e-3, rtol=2e-3)
+    kv = (k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1))
+    ref64 = reference.scaled_dot_product_attention(q.double(), kv[0].double(), kv[1].double(), mask, 0.0, True)
+    torch_d = reference.scaled_dot_product_attention(q, kv[0], kv[1], mask, 0.0, True)
+    assert_parity(out, ref64, torch_d, dtype, what="out")
+
+
+@gpu
 def test_gpu_attention_refuses_dropout_by_name(cuda_ext):
     q = torch.randn(1, 1, 8, 64, device=DEV, dtype=torch.float16)
     with pytest.raises(backends.BackendUnsupportedError, match="dropout is not implemented in the cuda backend"):
