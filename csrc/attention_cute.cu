@@ -15,9 +15,9 @@
 // walked from the last tile to the first, so that the tiles needing masks (ragged end, causal
 // diagonal) come first.
 // Loads: cp.async 16-byte copies into swizzled shared memory (ldmatrix without bank
-// conflicts). Q is loaded once; K and V each have one buffer and their loads are interleaved
-// with the two GEMMs: V(n) is in flight during S = Q K(n)^T, K(n-1) during softmax and O += P V(n)
-// (FA2's schedule; the load of one operand always overlaps the product of the other).
+// conflicts). Q is loaded once; K and V are double-buffered: while the block computes with
+// tile n from one stage, the cp.async of tile n-1 into the other stage is already in flight
+// (issued a whole tile earlier), so a load has one tile of work to hide behind.
 //
 // Masks: causal (top-left: key j attends query i when j <= i), the key-padding fast path as
 // an fp32 bias per (batch, key), and per batch `key_end`, past which key tiles are skipped.
@@ -81,7 +81,10 @@ struct CuteAttnTraits {
   using GmemTiledCopyO = decltype(make_tiled_copy(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<128>, Element>{},
                                                   GmemLayoutAtom{}, Layout<Shape<_1, _8>>{}));
 
-  static constexpr int kSmemElems = cosize(SmemLayoutQ{}) + 2 * cosize(SmemLayoutKV{});
+  static constexpr int kKVElems = cosize(SmemLayoutKV{});
+  static constexpr int kStages = 2;  // K/V double buffering
+  // Q, then per stage K and V: 32 KB at head dim 64, 80 KB at 128.
+  static constexpr int kSmemElems = cosize(SmemLayoutQ{}) + kStages * 2 * kKVElems;
   static constexpr int kSmemBytes = kSmemElems * int(sizeof(Element));
 };
 
@@ -132,7 +135,7 @@ CUTE_DEVICE void block_gemm(Acc& acc, RA& rA, RB& rB, SA const& sA, SB const& sB
 // gmem -> smem of one tile; rows at or past `row_limit` are zeroed instead (plain stores to
 // other addresses than the cp.async ones, so no ordering issue). Head dims are whole tiles.
 template <typename Copy, typename Src, typename Dst, typename Coord>
-CUTE_DEVICE void load_rows(Copy const& tiled_copy, Src const& src, Dst& dst, Coord const& coord, int row_limit) {
+CUTE_DEVICE void load_rows(Copy const& tiled_copy, Src const& src, Dst&& dst, Coord const& coord, int row_limit) {
   CUTE_UNROLL
   for (int m = 0; m < size<1>(src); ++m) {
     if (get<0>(coord(0, m, 0)) < row_limit) {
@@ -209,10 +212,13 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_forward_cute_kern
 
   Element* smem = reinterpret_cast<Element*>(smem_raw);
   Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutQ{});
-  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutKV{});
-  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
-  Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});
-  Tensor sVtNoSwizzle = make_tensor(sV.data().get(), typename Traits::SmemLayoutVtNoSwizzle{});
+  // Stage s holds K at kv_smem(s, 0) and V at kv_smem(s, 1).
+  Element* const kv_base = smem + cosize(typename Traits::SmemLayoutQ{});
+  auto kv_smem = [&](int stage, int v) { return make_smem_ptr(kv_base + (2 * stage + v) * Traits::kKVElems); };
+  auto sK_at = [&](int stage) { return make_tensor(kv_smem(stage, 0), typename Traits::SmemLayoutKV{}); };
+  auto sV_at = [&](int stage) { return make_tensor(kv_smem(stage, 1), typename Traits::SmemLayoutKV{}); };
+  auto sVt_at = [&](int stage) { return make_tensor(kv_smem(stage, 1), typename Traits::SmemLayoutVt{}); };
+  Tensor sVtNoSwizzle = make_tensor(kv_base, typename Traits::SmemLayoutVtNoSwizzle{});  // fragment shape only
 
   // Row coordinates of the tiles, for the bounds predicates of the loads and the store.
   Tensor cQ = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});
@@ -223,16 +229,14 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_forward_cute_kern
   Tensor tQgQ = gmem_thr.partition_S(gQ);
   Tensor tQsQ = gmem_thr.partition_D(sQ);
   Tensor tKgK = gmem_thr.partition_S(gK);  // (CPY, CPY_N, CPY_D, n_blocks)
-  Tensor tKsK = gmem_thr.partition_D(sK);
   Tensor tVgV = gmem_thr.partition_S(gV);
-  Tensor tVsV = gmem_thr.partition_D(sV);
   Tensor tQcQ = gmem_thr.partition_S(cQ);
   Tensor tKVcKV = gmem_thr.partition_S(cKV);
 
   typename Traits::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tid);
   Tensor tSrQ = thr_mma.partition_fragment_A(sQ);             // (MMA, MMA_M, MMA_K)
-  Tensor tSrK = thr_mma.partition_fragment_B(sK);             // (MMA, MMA_N, MMA_K)
+  Tensor tSrK = thr_mma.partition_fragment_B(sK_at(0));       // (MMA, MMA_N, MMA_K)
   Tensor tOrVt = thr_mma.partition_fragment_B(sVtNoSwizzle);  // (MMA, MMA_D, MMA_N)
   Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_D)
   clear(acc_o);
@@ -242,10 +246,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_forward_cute_kern
   Tensor tSsQ = smem_thr_q.partition_S(sQ);
   auto smem_copy_k = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, tiled_mma);
   auto smem_thr_k = smem_copy_k.get_thread_slice(tid);
-  Tensor tSsK = smem_thr_k.partition_S(sK);
   auto smem_copy_v = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, tiled_mma);
   auto smem_thr_v = smem_copy_v.get_thread_slice(tid);
-  Tensor tOsVt = smem_thr_v.partition_S(sVt);
 
   // (row, col) of every score this thread holds, in the block's tile coordinates.
   Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
@@ -261,20 +263,29 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_forward_cute_kern
   }
   const float scale_log2 = p.scale * kLog2e;
 
+  // Tile n of K and V into stage `stage`; rows past the key limit are zero-filled.
+  auto load_kv = [&](int n, int stage) {
+    const int rows = key_limit - n * kBlockN;
+    load_rows(gmem_copy, tKgK(_, _, _, n), gmem_thr.partition_D(sK_at(stage)), tKVcKV, rows);
+    load_rows(gmem_copy, tVgV(_, _, _, n), gmem_thr.partition_D(sV_at(stage)), tKVcKV, rows);
+  };
+
   if (n_block_max > 0) {
-    const int q_rows = p.Lq - m_block * kBlockM;
-    load_rows(gmem_copy, tQgQ, tQsQ, tQcQ, q_rows);
-    int n_block = n_block_max - 1;
-    load_rows(gmem_copy, tKgK(_, _, _, n_block), tKsK, tKVcKV, key_limit - n_block * kBlockN);
+    load_rows(gmem_copy, tQgQ, tQsQ, tQcQ, p.Lq - m_block * kBlockM);
+    load_kv(n_block_max - 1, 0);
+    cp_async_fence();
+    if (n_block_max > 1) load_kv(n_block_max - 2, 1);
+    // Exactly one commit group per tile, even an empty one, so that "all but the newest group
+    // done" (cp_async_wait<1>) always means "this iteration's tile has landed".
     cp_async_fence();
 
-    for (; n_block >= 0; --n_block) {
+    for (int n_block = n_block_max - 1, stage = 0; n_block >= 0; --n_block, stage ^= 1) {
       Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
       clear(acc_s);
-      cp_async_wait<0>();
-      __syncthreads();  // K(n) has landed, and every warp is done reading V(n+1)
-      load_rows(gmem_copy, tVgV(_, _, _, n_block), tVsV, tKVcKV, key_limit - n_block * kBlockN);
-      cp_async_fence();
+      cp_async_wait<1>();
+      __syncthreads();  // tile n (and Q) landed, its zero-fill stores visible to every warp
+      Tensor tSsK = smem_thr_k.partition_S(sK_at(stage));
+      Tensor tOsVt = smem_thr_v.partition_S(sVt_at(stage));
 
       block_gemm<false>(acc_s, tSrQ, tSrK, tSsQ, tSsK, tiled_mma, smem_copy_q, smem_thr_q, smem_copy_k, smem_thr_k);
 
@@ -291,12 +302,6 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_forward_cute_kern
         for (int i = 0; i < size(s); ++i) s(i) *= scale_log2;
       }
 
-      cp_async_wait<0>();
-      __syncthreads();  // V(n) has landed, and every warp is done reading K(n)
-      if (n_block > 0) {
-        load_rows(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK, tKVcKV, key_limit - (n_block - 1) * kBlockN);
-        cp_async_fence();
-      }
 
       // Online softmax in base 2 on the fragment: m' = max(m, max_j s_j); p_j = 2^(s_j - m');
       // l' = l 2^(m - m') + sum_j p_j; O' = O 2^(m - m'). A row with no key so far keeps
@@ -328,7 +333,12 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_forward_cute_kern
       for (int i = 0; i < size(acc_s); ++i) p_lowp(i) = Element(acc_s(i));
       Tensor tOrP = make_tensor(p_lowp.data(), acc_to_a_layout(p_lowp.layout()));
       block_gemm<true>(acc_o, tOrP, tOrVt, tOrP, tOsVt, tiled_mma, smem_copy_q, smem_thr_q, smem_copy_v, smem_thr_v);
+
+      __syncthreads();  // every warp is done reading this stage: refill it with tile n - 2
+      if (n_block >= 2) load_kv(n_block - 2, stage);
+      cp_async_fence();
     }
+    cp_async_wait<0>();  // only empty groups remain; leave none behind
   }
 
   // out = O / l (0 where l = 0: no key attended), lse = (m + log2 l) ln 2 (+inf where l = 0).
