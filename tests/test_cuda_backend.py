@@ -198,6 +198,23 @@ def test_attention_kernel_switch():
     assert cuda_backend.attention_kernel() == before
 
 
+@pytest.mark.parametrize("kernel,D,expected", [("wmma", 64, "attention_forward"), ("cute", 64, "attention_forward_cute"),
+                                               ("cute", 128, "attention_forward_cute"), ("cute", 80, "attention_forward")])
+def test_attention_forward_dispatch(monkeypatch, kernel, D, expected):
+    """The switch picks the extension's entry point; head dims the CuTe kernel lacks keep WMMA."""
+    calls = []
+
+    class FakeExtension:
+        def __getattr__(self, name):
+            return lambda *args: calls.append(name) or ("out", "lse")
+
+    monkeypatch.setattr(cuda_backend, "module", FakeExtension)
+    q = torch.randn(1, 2, 5, D)
+    with cuda_backend.use_attention_kernel(kernel):
+        assert cuda_backend._attention_forward(q, q, q, None, False, None, 0.0, None) == ("out", "lse")
+    assert calls == [expected]
+
+
 def test_attention_kernel_env_is_read_at_import(monkeypatch):
     monkeypatch.setenv("FUSEFORMER_CUDA_ATTENTION", "CuTe")
     assert cuda_backend._attention_kernel_from_env() == "cute"
