@@ -12,11 +12,13 @@ nvcc and -fsyntax-only keep the rest well under a minute of CPU; the -O3 CuTe bu
 costly part (about a minute per architecture on one core; both run at once).
 """
 import glob
+import json
 import os
 import pathlib
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 
 import pytest
@@ -271,3 +273,29 @@ def test_cute_attention_uses_tensor_cores(cute_builds, arch):
         assert len(hmma) >= HMMA_PER_TILE[_head_dim(name)], f"{name} on {arch}: {len(hmma)} HMMA.16816.F32"
         assert all(bool(kind) == bf16 for kind in hmma), f"{name}: HMMA of the wrong input type"
         assert "LDGSTS" in body and "LDSM" in body, f"{name}: no cp.async / ldmatrix in the SASS"
+
+
+def test_setup_aot_build_gets_the_cutlass_include():
+    """FUSEFORMER_BUILD_CUDA=1: setup.py hands the installed package's CuTe include folder to
+    the extension (setup() and CUDAExtension stubbed out: nothing is compiled)."""
+    from fuseformer.kernels import cuda_backend
+
+    include = cuda_backend.cutlass_include()
+    if include is None:
+        pytest.skip("the nvidia-cutlass package (CuTe headers) is not installed")
+    script = (
+        "import json, setuptools, torch.utils.cpp_extension as ce\n"
+        "seen = {}\n"
+        "setuptools.setup = lambda **kw: seen.update(kw)\n"
+        "ce.CUDAExtension = lambda **kw: kw\n"
+        "exec(open('setup.py').read())\n"
+        "print(json.dumps({'ext': seen['ext_modules'][0], 'cuda': seen['extras_require']['cuda']}))\n"
+    )
+    env = dict(os.environ, FUSEFORMER_BUILD_CUDA="1")
+    result = subprocess.run([sys.executable, "-c", script], cwd=CSRC.parent, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["ext"]["include_dirs"] == [str(include)]
+    assert "csrc/attention_cute.cu" in seen["ext"]["sources"]
+    assert "nvidia-cutlass" in seen["cuda"]
