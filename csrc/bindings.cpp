@@ -407,12 +407,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> py_attention_backward(
   return {dq, dk, dv};
 }
 
-std::vector<int64_t> py_attention_head_dims() {
+std::vector<int64_t> head_dims_where(bool (*supports)(int)) {
   std::vector<int64_t> dims;
   for (int d = 1; d <= 256; ++d)
-    if (attention_forward_supports_head_dim(d)) dims.push_back(d);
+    if (supports(d)) dims.push_back(d);
   return dims;
 }
+
+std::vector<int64_t> py_attention_head_dims() { return head_dims_where(&attention_forward_supports_head_dim); }
+std::vector<int64_t> py_attention_cute_head_dims() { return head_dims_where(&attention_forward_cute_supports_head_dim); }
 
 }  // namespace
 }  // namespace fuseformer
@@ -436,6 +439,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_backward", &fuseformer::py_attention_backward, "dq, dk, dv of attention_forward",
         "dout"_a, "q"_a, "k"_a, "v"_a, "lse"_a, "delta"_a, "key_bias"_a, "key_end"_a, "is_causal"_a, "scale"_a);
   m.def("attention_head_dims", &fuseformer::py_attention_head_dims, "head dims the attention kernel is built for");
+  m.def("attention_cute_head_dims", &fuseformer::py_attention_cute_head_dims, "head dims the CuTe attention forward is built for");
   m.attr("layer_norm_max_hidden") = fuseformer::kLayerNormMaxHidden;
   m.def("set_poison", [](bool on) { fuseformer::g_poison = on; }, "fill outputs with NaN before each launch (tests)");
 }

@@ -67,7 +67,7 @@ SOURCES = (
     "attention_cute.cu",
 )
 ATTENTION_KERNELS = ("wmma", "cute")
-CUTE_HEAD_DIMS = (64, 128)
+CUTE_HEAD_DIMS = (64, 128)  # mirror of attention_forward_cute_supports_head_dim (a gpu test compares)
 EXTENSION_NAME = "fuseformer_cuda"
 # The same flags as setup.py's ahead-of-time build. No --use_fast_math: it may replace tanhf
 # and expf with approximations, and the fp32 GELU kernels must meet fp32 parity.

@@ -495,6 +495,7 @@ def test_gpu_attention_refuses_dropout_by_name(cuda_ext):
 @gpu
 def test_gpu_built_module_matches_python_mirrors(cuda_ext):
     assert tuple(cuda_ext.attention_head_dims()) == cuda_backend.ATTENTION_HEAD_DIMS
+    assert tuple(cuda_ext.attention_cute_head_dims()) == cuda_backend.CUTE_HEAD_DIMS
     assert cuda_ext.layer_norm_max_hidden == cuda_backend.LAYER_NORM_MAX_HIDDEN
 
 
