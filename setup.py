@@ -2,7 +2,8 @@
 
 A plain `pip install -e .` is pure Python. The CUDA C++ backend in csrc/ is JIT-built with
 ninja on first use; set FUSEFORMER_BUILD_CUDA=1 (with --no-build-isolation, so the installed
-torch is used) to compile it ahead of time instead.
+torch is used) to compile it ahead of time instead. Both builds need the CUTLASS/CuTe headers of
+the `nvidia-cutlass` package (the `cuda` extra), found through the installed package.
 """
 import os
 
@@ -23,11 +24,22 @@ if os.environ.get("FUSEFORMER_BUILD_CUDA") == "1":
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     import glob
+    import importlib.util
+    import pathlib
+
+    # The headers ship inside the package (cutlass_library/source/include); locate them without
+    # importing its Python side, and refuse the build with the fix when they are missing.
+    spec = importlib.util.find_spec("cutlass_library")
+    includes = [pathlib.Path(f) / "source" / "include" for f in (spec.submodule_search_locations or [])] if spec else []
+    includes = [str(i) for i in includes if (i / "cute" / "tensor.hpp").is_file()]
+    if not includes:
+        raise SystemExit("FUSEFORMER_BUILD_CUDA=1 needs the nvidia-cutlass package (pip install nvidia-cutlass) for its CuTe headers")
 
     ext_modules = [
         CUDAExtension(
             name="fuseformer._C",
             sources=sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu")),
+            include_dirs=includes[:1],
             # No --use_fast_math: it may swap tanhf/expf for approximations that break the fp32
             # parity of the GELU kernels (kernels/cuda_backend.py's JIT build uses the same flags).
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
@@ -48,7 +60,7 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.2", "numpy", "rich", "matplotlib", "safetensors"],
     extras_require={
         "hf": ["transformers>=5,<6"],
-        "cuda": ["pybind11", "ninja"],
+        "cuda": ["pybind11", "ninja", "nvidia-cutlass"],
         "dev": [
             "pytest>=8",
             "pytest-xdist",
@@ -57,6 +69,7 @@ setup(
             "transformers>=5,<6",
             "pybind11",
             "ninja",
+            "nvidia-cutlass",
         ],
     },
     entry_points={"console_scripts": ["fuseformer = fuseformer.bench.cli:main"]},

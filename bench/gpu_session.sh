@@ -70,14 +70,19 @@ sanitize)
         "tests/test_linear_gelu.py::test_bf16_on_gpu" \
         "tests/test_cuda_backend.py::test_gpu_attention_parity" \
         "tests/test_cuda_backend.py::test_gpu_add_layer_norm_parity" \
-        "tests/test_cuda_backend.py::test_gpu_linear_gelu_parity"; do
-        # One parametrization each: the sanitizer slows a launch 10-100x.
-        first=$(python3 -m pytest -q --collect-only "$target" 2>/dev/null | grep '::' | head -n 1)
+        "tests/test_cuda_backend.py::test_gpu_linear_gelu_parity" \
+        "tests/test_cuda_backend.py::test_gpu_attention_parity@cute-2-4-2-128-128-64" \
+        "tests/test_cuda_backend.py::test_gpu_attention_parity@cute-2-4-1-130-130-128"; do
+        # One parametrization each: the sanitizer slows a launch 10-100x. TARGET@TEXT picks the
+        # first one whose id holds TEXT (the CuTe attention forward at head dims 64 and 128).
+        pick=""
+        [[ "$target" == *@* ]] && pick=${target#*@} && target=${target%@*}
+        first=$(python3 -m pytest -q --collect-only "$target" 2>/dev/null | grep '::' | grep -F -- "$pick" | head -n 1)
         for tool in memcheck racecheck; do
-            name=$(echo "$target" | tr '/:.' '___')
-            timed "$tool $target" timeout 150 compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 99 \
+            name=$(echo "$target${pick:+_$pick}" | tr '/:.' '___')
+            timed "$tool $target${pick:+@$pick}" timeout 150 compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 99 \
                 python3 -m pytest -q -x "$first" >"$OUT/sanitizer_${tool}_${name}.txt" 2>&1
-            echo "$tool $target: exit $?" | tee -a "$OUT/sanitizer_summary.txt"
+            echo "$tool $target${pick:+@$pick}: exit $?" | tee -a "$OUT/sanitizer_summary.txt"
         done
     done
     ;;

@@ -116,6 +116,23 @@ def _hopper_impl(call, varlen: bool = False) -> Impl:
                 note="TMA + wgmma kernels (attention_hopper*.py, opt-in)")
 
 
+def _cuda_cute_impl(call, head_dim: int) -> Impl:
+    """The cuda backend with csrc/'s CuTe attention forward (FUSEFORMER_CUDA_ATTENTION=cute,
+    opt-in, not yet run on a GPU) beside `fuseformer-cuda` (the WMMA forward), so one GPU run
+    times both. The backward is the same csrc/ kernel under both names. Head dims the CuTe
+    kernel lacks would run the WMMA one: refused instead of timed under this name."""
+    from fuseformer.kernels import cuda_backend
+
+    def fn(inputs):
+        if head_dim not in cuda_backend.CUTE_HEAD_DIMS:
+            raise Refused(f"the CuTe attention kernel takes head dims {cuda_backend.CUTE_HEAD_DIMS}, not {head_dim}")
+        return call(inputs, "cuda")
+
+    return Impl("fuseformer-cuda-cute", fn, kind=OURS, available=(lambda: K.unavailable_reason("cuda")),
+                timed_on_cpu=False, context=(lambda: cuda_backend.use_attention_kernel("cute")),
+                note="csrc/attention_cute.cu: FA2 structure on CuTe (opt-in)")
+
+
 def _fa4_unavailable() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device"
@@ -215,7 +232,7 @@ def attention_case(name, *, B, H, L, D, Hk=None, Lk=None, causal=False, pad=0.0,
 
     impls = _ours(device_type, ours)
     if device_type == "cuda":
-        impls.append(_hopper_impl(ours))
+        impls += [_cuda_cute_impl(ours, D), _hopper_impl(ours)]
         sdpa = _sdpa_impls(torch_sdpa) + [_fa4_impl(causal, gqa)]
         if quadratic_baselines:
             impls += [Impl("torch-eager", ref, note="reference.py: matmul, softmax, matmul")]

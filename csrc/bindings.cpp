@@ -333,10 +333,14 @@ bool rows_aligned(std::initializer_list<const at::Tensor*> tensors) {
   return true;
 }
 
-std::tuple<at::Tensor, at::Tensor> py_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     const std::optional<at::Tensor>& key_bias,
-                                                     const std::optional<at::Tensor>& key_end, bool is_causal,
-                                                     double scale) {
+using AttentionForwardLauncher = cudaError_t (*)(DType, const AttentionParams&, cudaStream_t);
+
+// The forward of either kernel (WMMA or CuTe): the same checks, outputs and parameters.
+std::tuple<at::Tensor, at::Tensor> attention_forward_with(AttentionForwardLauncher launcher, const at::Tensor& q,
+                                                          const at::Tensor& k, const at::Tensor& v,
+                                                          const std::optional<at::Tensor>& key_bias,
+                                                          const std::optional<at::Tensor>& key_end, bool is_causal,
+                                                          double scale) {
   AttentionParams p = attention_params(q, k, v, key_bias, key_end, is_causal, scale);
   const c10::cuda::CUDAGuard guard(q.device());
   // Allocated (B, Lq, Hq, D) and returned as a (B, Hq, Lq, D) view, as the triton backend does,
@@ -347,8 +351,26 @@ std::tuple<at::Tensor, at::Tensor> py_attention_forward(const at::Tensor& q, con
   p.lse = lse.data_ptr<float>();
   for (int d = 0; d < 3; ++d) p.out_strides[d] = out.stride(d);
   p.aligned = rows_aligned({&q, &k, &v});
-  CHECK_LAUNCH(fuseformer::attention_forward(kernel_dtype(q, "q", false), p, current_stream()));
+  CHECK_LAUNCH(launcher(kernel_dtype(q, "q", false), p, current_stream()));
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> py_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const std::optional<at::Tensor>& key_bias,
+                                                     const std::optional<at::Tensor>& key_end, bool is_causal,
+                                                     double scale) {
+  return attention_forward_with(&fuseformer::attention_forward, q, k, v, key_bias, key_end, is_causal, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> py_attention_forward_cute(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v,
+                                                          const std::optional<at::Tensor>& key_bias,
+                                                          const std::optional<at::Tensor>& key_end, bool is_causal,
+                                                          double scale) {
+  CHECK_DIM(q, 4);
+  TORCH_CHECK_VALUE(attention_forward_cute_supports_head_dim(static_cast<int>(q.size(3))), "head dim ", q.size(3),
+                    " has no CuTe attention kernel (supported: 64, 128; the wmma kernel takes the others)");
+  return attention_forward_with(&fuseformer::attention_forward_cute, q, k, v, key_bias, key_end, is_causal, scale);
 }
 
 // delta = rowsum(dout * out) in fp32, computed by the caller.
@@ -385,12 +407,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> py_attention_backward(
   return {dq, dk, dv};
 }
 
-std::vector<int64_t> py_attention_head_dims() {
+std::vector<int64_t> head_dims_where(bool (*supports)(int)) {
   std::vector<int64_t> dims;
   for (int d = 1; d <= 256; ++d)
-    if (attention_forward_supports_head_dim(d)) dims.push_back(d);
+    if (supports(d)) dims.push_back(d);
   return dims;
 }
+
+std::vector<int64_t> py_attention_head_dims() { return head_dims_where(&attention_forward_supports_head_dim); }
+std::vector<int64_t> py_attention_cute_head_dims() { return head_dims_where(&attention_forward_cute_supports_head_dim); }
 
 }  // namespace
 }  // namespace fuseformer
@@ -408,9 +433,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "dout"_a, "x"_a, "weight"_a, "preact"_a, "approximate"_a, "has_bias"_a);
   m.def("attention_forward", &fuseformer::py_attention_forward, "out, lse of softmax(q k^T * scale + mask) v",
         "q"_a, "k"_a, "v"_a, "key_bias"_a, "key_end"_a, "is_causal"_a, "scale"_a);
+  m.def("attention_forward_cute", &fuseformer::py_attention_forward_cute,
+        "attention_forward on the CuTe kernel (head dims 64, 128)",
+        "q"_a, "k"_a, "v"_a, "key_bias"_a, "key_end"_a, "is_causal"_a, "scale"_a);
   m.def("attention_backward", &fuseformer::py_attention_backward, "dq, dk, dv of attention_forward",
         "dout"_a, "q"_a, "k"_a, "v"_a, "lse"_a, "delta"_a, "key_bias"_a, "key_end"_a, "is_causal"_a, "scale"_a);
   m.def("attention_head_dims", &fuseformer::py_attention_head_dims, "head dims the attention kernel is built for");
+  m.def("attention_cute_head_dims", &fuseformer::py_attention_cute_head_dims, "head dims the CuTe attention forward is built for");
   m.attr("layer_norm_max_hidden") = fuseformer::kLayerNormMaxHidden;
   m.def("set_poison", [](bool on) { fuseformer::g_poison = on; }, "fill outputs with NaN before each launch (tests)");
 }

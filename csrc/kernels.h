@@ -71,6 +71,12 @@ struct AttentionParams {
 bool attention_forward_supports_head_dim(int head_dim);
 cudaError_t attention_forward(DType dtype, const AttentionParams& params, cudaStream_t stream);
 
+// ---- attention forward on CuTe (csrc/attention_cute.cu; needs the CUTLASS headers) ---------
+// The same contract as attention_forward, head dims 64 and 128 only; rows that are not 16-byte
+// aligned (params.aligned false) are handed to attention_forward.
+bool attention_forward_cute_supports_head_dim(int head_dim);
+cudaError_t attention_forward_cute(DType dtype, const AttentionParams& params, cudaStream_t stream);
+
 // ---- attention backward (csrc/attention_backward.cu) -----------------------------------------
 struct AttentionBackwardParams {
   // q, k, v, masks, sizes, scale and causal as in the forward; `lse` is the forward's output

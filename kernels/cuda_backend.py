@@ -6,8 +6,19 @@ Loading, on the first call of `unavailable_reason()` (never at import):
   2. otherwise a JIT build of csrc/ with torch.utils.cpp_extension.load (ninja), cached by
      torch under ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR) and rebuilt only when a
      source changes. The first build takes minutes; a message says so while it runs.
-Any failure (no CUDA torch, no device, no nvcc, no ninja, a compile error) makes the backend
-unavailable with that reason; the package itself keeps working on triton / torch.
+Any failure (no CUDA torch, no device, no nvcc, no ninja, no `nvidia-cutlass` package, a compile
+error) makes the backend unavailable with that reason; the package itself keeps working on
+triton / torch. csrc/ builds on the CuTe headers that pip's `nvidia-cutlass` ships
+(cutlass_library/source/include); they are found through the installed package, whose Python
+code is never imported.
+
+Attention forward kernel, chosen at import by FUSEFORMER_CUDA_ATTENTION (or
+`set_attention_kernel` / `use_attention_kernel`, as the benchmark and the tests do):
+  wmma  (default) csrc/attention_forward.cu, the kernel that passed parity on an H200;
+  cute  csrc/attention_cute.cu, FlashAttention-2's structure on CuTe (register accumulators,
+        mma.sync, cp.async), head dims CUTE_HEAD_DIMS; other head dims keep the wmma kernel.
+        Compiled and checked on the CPU only (tests/test_csrc_compile.py); NOT YET RUN on a GPU.
+The backward is csrc/attention_backward.cu for both: the forwards share out and lse conventions.
 
 What the kernels cover (anything else is refused by `unsupported`, so `auto` passes over the
 backend and naming it explicitly raises BackendUnsupportedError with the reason):
@@ -33,6 +44,8 @@ import pathlib
 import shutil
 import sys
 import threading
+import warnings
+from contextlib import contextmanager
 
 import torch
 
@@ -51,11 +64,70 @@ SOURCES = (
     "gelu.cu",
     "attention_forward.cu",
     "attention_backward.cu",
+    "attention_cute.cu",
 )
+ATTENTION_KERNELS = ("wmma", "cute")
+CUTE_HEAD_DIMS = (64, 128)  # mirror of attention_forward_cute_supports_head_dim (a gpu test compares)
 EXTENSION_NAME = "fuseformer_cuda"
 # The same flags as setup.py's ahead-of-time build. No --use_fast_math: it may replace tanhf
 # and expf with approximations, and the fp32 GELU kernels must meet fp32 parity.
 CUDA_FLAGS = ["-O3", "-lineinfo"]
+
+
+
+def _attention_kernel_from_env() -> str:
+    name = os.environ.get("FUSEFORMER_CUDA_ATTENTION", "wmma").strip().lower() or "wmma"
+    if name not in ATTENTION_KERNELS:
+        # Refused where it is given, but without breaking the import of the whole package.
+        warnings.warn(f"FUSEFORMER_CUDA_ATTENTION={name!r} is not one of {ATTENTION_KERNELS}; using 'wmma'",
+                      stacklevel=2)
+        return "wmma"
+    return name
+
+
+_attention_kernel = _attention_kernel_from_env()
+
+
+def attention_kernel() -> str:
+    """The csrc/ attention forward in use: 'wmma' or 'cute'."""
+    return _attention_kernel
+
+
+def set_attention_kernel(name: str) -> str:
+    """Select the csrc/ attention forward ('wmma' or 'cute'); returns the previous choice."""
+    global _attention_kernel
+    if name not in ATTENTION_KERNELS:
+        raise ValueError(f"unknown cuda attention kernel {name!r}; choose one of {ATTENTION_KERNELS}")
+    previous, _attention_kernel = _attention_kernel, name
+    return previous
+
+
+@contextmanager
+def use_attention_kernel(name: str):
+    previous = set_attention_kernel(name)
+    try:
+        yield
+    finally:
+        set_attention_kernel(previous)
+
+
+def cutlass_include() -> pathlib.Path | None:
+    """The CUTLASS/CuTe include folder of the installed `nvidia-cutlass` package, found without
+    importing it (its Python side is a kernel generator we do not need), or None."""
+    try:
+        spec = importlib.util.find_spec("cutlass_library")
+    except (ImportError, ValueError):
+        return None
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        include = pathlib.Path(folder) / "source" / "include"
+        if (include / "cute" / "tensor.hpp").is_file():
+            return include
+    return None
+
+
+CUTLASS_MISSING = "the nvidia-cutlass package is not installed (pip install nvidia-cutlass): csrc/ needs its CuTe headers"
+
 
 _lock = threading.Lock()
 _module = None
@@ -100,6 +172,9 @@ def _jit_build():
     folder = source_dir()
     if folder is None:
         raise RuntimeError("the csrc/ sources were not found next to the package")
+    include = cutlass_include()
+    if include is None:
+        raise RuntimeError(CUTLASS_MISSING)
     print(
         "fuseformer: loading the cuda backend (the first use compiles csrc/ with nvcc, a few minutes; "
         "later runs load it from torch's extension cache) ...",
@@ -111,6 +186,7 @@ def _jit_build():
         sources=[str(folder / name) for name in SOURCES],
         extra_cflags=["-O3"],
         extra_cuda_cflags=CUDA_FLAGS,
+        extra_include_paths=[str(include)],
         verbose=os.environ.get("FUSEFORMER_VERBOSE_BUILD", "0") not in ("", "0"),
     )
     print("fuseformer: cuda backend ready.", file=sys.stderr, flush=True)
@@ -188,7 +264,9 @@ def _attention_forward(q, k, v, mask, is_causal, scale, dropout_p, seed):
     key_bias, key_end = (None, None) if mask is None else key_padding_args(mask)
     # The kernel reads rows through their strides but needs each row contiguous.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return module().attention_forward(q, k, v, key_bias, key_end, bool(is_causal), scale)
+    ext = module()
+    forward = ext.attention_forward_cute if _attention_kernel == "cute" and q.shape[-1] in CUTE_HEAD_DIMS else ext.attention_forward
+    return forward(q, k, v, key_bias, key_end, bool(is_causal), scale)
 
 
 def _attention_backward(dout, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed):

@@ -4,15 +4,21 @@ here even on a runner that will never launch a kernel.
 - the pure-CUDA kernels (*.cu) compile with nvcc alone for sm_80 and sm_90;
 - bindings.cpp parses against torch's headers (when torch ships its c10/cuda headers);
 - cublaslt_gelu.cpp parses when the cuBLAS headers it needs are installed.
+- the CuTe attention (attention_cute.cu, on the `nvidia-cutlass` package's headers) compiles
+  with -O3 for sm_80 and sm_90a, its SASS uses the tensor cores (HMMA) and ptxas reports no
+  register spills: what can be proven of a kernel's speed without a GPU.
 Each part is skipped, with the reason, where its compiler or headers are absent. Unoptimised
-nvcc and -fsyntax-only keep the whole file well under a minute of CPU.
+nvcc and -fsyntax-only keep the rest well under a minute of CPU; the -O3 CuTe build is the
+costly part (about a minute per architecture on one core; both run at once).
 """
 import glob
+import json
 import os
 import pathlib
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 
 import pytest
@@ -20,6 +26,9 @@ import torch
 
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 CU_FILES = sorted(p.name for p in CSRC.glob("*.cu"))
+# Built on CUTLASS/CuTe: compiled (optimised, then disassembled) by the tests at the end.
+CUTE_FILES = ("attention_cute.cu",)
+PLAIN_CU_FILES = [name for name in CU_FILES if name not in CUTE_FILES]
 GENCODE = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
 # Every stage still runs (front end, device code generation, ptxas for both archs), unoptimised:
 # errors are caught all the same, in a quarter of the time of -O3.
@@ -61,7 +70,7 @@ def _run(cmd, timeout=240):
 def test_sources_are_present():
     for name in ("bindings.cpp", "kernels.h", "common.cuh", "attention_common.cuh", "cublaslt_gelu.cpp", "cublaslt_gelu.h"):
         assert (CSRC / name).is_file(), name
-    assert {"add_layer_norm.cu", "gelu.cu", "attention_forward.cu", "attention_backward.cu"} <= set(CU_FILES)
+    assert {"add_layer_norm.cu", "gelu.cu", "attention_forward.cu", "attention_backward.cu", *CUTE_FILES} <= set(CU_FILES)
 
 
 @pytest.mark.parametrize("name", CU_FILES + ["common.cuh", "attention_common.cuh", "kernels.h"])
@@ -82,7 +91,7 @@ def nvcc_results(tmp_path_factory):
         pytest.skip("nvcc not found")
     out = tmp_path_factory.mktemp("nvcc")
     procs = {}
-    for name in CU_FILES:
+    for name in PLAIN_CU_FILES:
         cmd = [nvcc, "-std=c++17", *FAST, *GENCODE, "-c", str(CSRC / name), "-o", str(out / (name + ".o"))]
         procs[name] = (cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     results = {}
@@ -97,7 +106,7 @@ def nvcc_results(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("name", CU_FILES)
+@pytest.mark.parametrize("name", PLAIN_CU_FILES)
 def test_cu_compiles_for_sm80_and_sm90(nvcc_results, name):
     returncode, cmd, output, obj = nvcc_results[name]
     assert returncode == 0, f"{cmd}\n{output}"
@@ -150,3 +159,143 @@ def test_setup_builds_every_source():
 
     on_disk = sorted(p.name for p in CSRC.iterdir() if p.suffix in (".cpp", ".cu"))
     assert sorted(cuda_backend.SOURCES) == on_disk
+
+
+# ----------------------------------------------------------------------------- CuTe attention
+
+# HMMA.16816 instructions one key tile needs per warp, by head dim (the kernel's loop body is
+# not unrolled across tiles): S = Q K^T is (kBlockM/64)(kBlockN/8)(D/16), O += P V is
+# (kBlockM/64)(D/8)(kBlockN/16), with (kBlockM, kBlockN) = (128, 32) at D 64, (64, 64) at D 128.
+HMMA_PER_TILE = {64: 2 * 4 * 4 + 2 * 8 * 2, 128: 1 * 8 * 8 + 1 * 16 * 4}
+CUTE_ARCHS = ("sm_80", "sm_90a")
+
+
+def _cuobjdump():
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    nvcc = _nvcc()
+    candidates = [pathlib.Path(nvcc).resolve().parent / "cuobjdump"] if nvcc else []
+    try:
+        import triton  # its NVIDIA backend carries the toolkit's binary utilities
+
+        candidates.append(pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    except ImportError:
+        pass
+    return next((str(c) for c in candidates if c.is_file()), None)
+
+
+@pytest.fixture(scope="module")
+def cute_builds(tmp_path_factory):
+    """attention_cute.cu built as the JIT extension builds it (-O3, torch's nvcc flags), one cubin per architecture,
+    both at once, with ptxas's resource report."""
+    from fuseformer.kernels import cuda_backend
+
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    include = cuda_backend.cutlass_include()
+    if include is None:
+        pytest.skip("the nvidia-cutlass package (CuTe headers) is not installed")
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # what the JIT build adds (no half operators, ...)
+
+    out = tmp_path_factory.mktemp("cute")
+    procs = {}
+    for arch in CUTE_ARCHS:
+        cubin = out / f"attention_cute.{arch}.cubin"
+        cmd = [nvcc, "-std=c++17", *COMMON_NVCC_FLAGS, *cuda_backend.CUDA_FLAGS, f"-I{include}", "-Xptxas", "-v",
+               f"-arch={arch}", "-cubin", str(CSRC / "attention_cute.cu"), "-o", str(cubin)]
+        procs[arch] = (cmd, cubin, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    results = {}
+    for arch, (cmd, cubin, proc) in procs.items():
+        try:
+            output, _ = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output = "timed out after 600 s\n" + proc.communicate()[0]
+        results[arch] = (proc.returncode, " ".join(cmd), output, cubin)
+    return results
+
+
+def _kernel_reports(ptxas_output):
+    """{mangled kernel name: its ptxas report lines}."""
+    reports, current = {}, None
+    for line in ptxas_output.splitlines():
+        found = re.search(r"Compiling entry function '(\w+)'", line)
+        if found:
+            current = found.group(1)
+            reports[current] = []
+        elif current is not None:
+            reports[current].append(line)
+    return reports
+
+
+def _head_dim(mangled):
+    found = re.search(r"CuteAttnTraits.*?ELi(\d+)E", mangled)
+    assert found, mangled
+    return int(found.group(1))
+
+
+@pytest.mark.parametrize("arch", CUTE_ARCHS)
+def test_cute_attention_compiles_without_spills(cute_builds, arch):
+    returncode, cmd, output, cubin = cute_builds[arch]
+    assert returncode == 0, f"{cmd}\n{output}"
+    reports = _kernel_reports(output)
+    kernels = {name: lines for name, lines in reports.items() if "attention_forward_cute_kernel" in name}
+    # fp16 and bf16 at head dims 64 and 128.
+    assert len(kernels) == 4, f"expected 4 kernels, ptxas compiled {list(reports)}"
+    for name, lines in kernels.items():
+        text = "\n".join(lines)
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+        assert spills, f"no spill report for {name}:\n{text}"
+        assert spills.groups() == ("0", "0"), f"{name} spills on {arch}:\n{text}"
+        assert re.search(r"\b0 bytes stack frame", text), f"{name} uses local memory on {arch}:\n{text}"
+
+
+@pytest.mark.parametrize("arch", CUTE_ARCHS)
+def test_cute_attention_uses_tensor_cores(cute_builds, arch):
+    """Every kernel's SASS holds the mma.sync HMMA.16816 with fp32 accumulation, as many as one
+    key tile needs, and loads its tiles with cp.async (LDGSTS) and ldmatrix (LDSM)."""
+    returncode, cmd, output, cubin = cute_builds[arch]
+    assert returncode == 0, f"{cmd}\n{output}"
+    cuobjdump = _cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit or triton's NVIDIA backend)")
+    result = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    functions = re.split(r"\n\s*Function : ", result.stdout)[1:]
+    sass = {chunk.split("\n", 1)[0].strip(): chunk for chunk in functions}
+    kernels = {name: body for name, body in sass.items() if "attention_forward_cute_kernel" in name}
+    assert len(kernels) == 4, list(sass)
+    for name, body in kernels.items():
+        hmma = re.findall(r"\bHMMA\.16816\.F32(\.BF16)?\b", body)
+        bf16 = "bfloat16" in name
+        assert len(hmma) >= HMMA_PER_TILE[_head_dim(name)], f"{name} on {arch}: {len(hmma)} HMMA.16816.F32"
+        assert all(bool(kind) == bf16 for kind in hmma), f"{name}: HMMA of the wrong input type"
+        assert "LDGSTS" in body and "LDSM" in body, f"{name}: no cp.async / ldmatrix in the SASS"
+
+
+def test_setup_aot_build_gets_the_cutlass_include():
+    """FUSEFORMER_BUILD_CUDA=1: setup.py hands the installed package's CuTe include folder to
+    the extension (setup() and CUDAExtension stubbed out: nothing is compiled)."""
+    from fuseformer.kernels import cuda_backend
+
+    include = cuda_backend.cutlass_include()
+    if include is None:
+        pytest.skip("the nvidia-cutlass package (CuTe headers) is not installed")
+    script = (
+        "import json, setuptools, torch.utils.cpp_extension as ce\n"
+        "seen = {}\n"
+        "setuptools.setup = lambda **kw: seen.update(kw)\n"
+        "ce.CUDAExtension = lambda **kw: kw\n"
+        "exec(open('setup.py').read())\n"
+        "print(json.dumps({'ext': seen['ext_modules'][0], 'cuda': seen['extras_require']['cuda']}))\n"
+    )
+    env = dict(os.environ, FUSEFORMER_BUILD_CUDA="1")
+    result = subprocess.run([sys.executable, "-c", script], cwd=CSRC.parent, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["ext"]["include_dirs"] == [str(include)]
+    assert "csrc/attention_cute.cu" in seen["ext"]["sources"]
+    assert "nvidia-cutlass" in seen["cuda"]

@@ -145,6 +145,86 @@ def test_missing_nvcc_becomes_the_reason(fresh_loader):
     assert "nvcc not found" in cuda_backend._reason
 
 
+def _ready_toolchain(monkeypatch):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cuda_backend, "_nvcc", lambda: "/usr/bin/nvcc")
+    monkeypatch.setattr(cpp_extension, "verify_ninja_availability", lambda: None)
+    return cpp_extension
+
+
+def test_missing_cutlass_becomes_the_reason(fresh_loader):
+    cpp_extension = _ready_toolchain(fresh_loader)
+    fresh_loader.setattr(cpp_extension, "load", lambda **kwargs: pytest.fail("built without the CuTe headers"))
+    fresh_loader.setattr(cuda_backend, "cutlass_include", lambda: None)
+    cuda_backend._load()
+    assert cuda_backend._module is None
+    assert "nvidia-cutlass package is not installed" in cuda_backend._reason
+
+
+def test_jit_build_gets_the_cutlass_headers(fresh_loader, tmp_path):
+    """The include folder comes from the installed package and reaches cpp_extension.load."""
+    cpp_extension = _ready_toolchain(fresh_loader)
+    include = tmp_path / "source" / "include"
+    seen = {}
+
+    def fake_load(**kwargs):
+        seen.update(kwargs)
+        return object()
+
+    fresh_loader.setattr(cuda_backend, "cutlass_include", lambda: include)
+    fresh_loader.setattr(cpp_extension, "load", fake_load)
+    cuda_backend._load()
+    assert cuda_backend._reason is None
+    assert seen["extra_include_paths"] == [str(include)]
+    assert "attention_cute.cu" in [pathlib.Path(s).name for s in seen["sources"]]
+
+
+def test_cutlass_include_found_through_the_package():
+    include = cuda_backend.cutlass_include()
+    if include is None:
+        pytest.skip("nvidia-cutlass is not installed here")
+    assert (include / "cute" / "tensor.hpp").is_file() and (include / "cutlass" / "cutlass.h").is_file()
+
+
+def test_attention_kernel_switch():
+    assert cuda_backend.attention_kernel() in cuda_backend.ATTENTION_KERNELS
+    before = cuda_backend.attention_kernel()
+    with cuda_backend.use_attention_kernel("cute"):
+        assert cuda_backend.attention_kernel() == "cute"
+    assert cuda_backend.attention_kernel() == before
+    with pytest.raises(ValueError, match="unknown cuda attention kernel 'cutlass'"):
+        cuda_backend.set_attention_kernel("cutlass")
+    assert cuda_backend.attention_kernel() == before
+
+
+@pytest.mark.parametrize("kernel,D,expected", [("wmma", 64, "attention_forward"), ("cute", 64, "attention_forward_cute"),
+                                               ("cute", 128, "attention_forward_cute"), ("cute", 80, "attention_forward")])
+def test_attention_forward_dispatch(monkeypatch, kernel, D, expected):
+    """The switch picks the extension's entry point; head dims the CuTe kernel lacks keep WMMA."""
+    calls = []
+
+    class FakeExtension:
+        def __getattr__(self, name):
+            return lambda *args: calls.append(name) or ("out", "lse")
+
+    monkeypatch.setattr(cuda_backend, "module", FakeExtension)
+    q = torch.randn(1, 2, 5, D)
+    with cuda_backend.use_attention_kernel(kernel):
+        assert cuda_backend._attention_forward(q, q, q, None, False, None, 0.0, None) == ("out", "lse")
+    assert calls == [expected]
+
+
+def test_attention_kernel_env_is_read_at_import(monkeypatch):
+    monkeypatch.setenv("FUSEFORMER_CUDA_ATTENTION", "CuTe")
+    assert cuda_backend._attention_kernel_from_env() == "cute"
+    monkeypatch.setenv("FUSEFORMER_CUDA_ATTENTION", "fast")
+    with pytest.warns(UserWarning, match="FUSEFORMER_CUDA_ATTENTION='fast'"):
+        assert cuda_backend._attention_kernel_from_env() == "wmma"
+    monkeypatch.delenv("FUSEFORMER_CUDA_ATTENTION")
+    assert cuda_backend._attention_kernel_from_env() == "wmma"
+
+
 def test_sources_found():
     folder = cuda_backend.source_dir()
     assert folder is not None
@@ -320,6 +400,8 @@ ATTN_CASES = [  # (B, Hq, Hkv, Lq, Lk, D, causal, mask)
     (2, 2, 2, 17, 257, 96, True, "bool"),
     (3, 2, 2, 65, 70, 128, False, "empty"),
     (1, 2, 2, 1, 257, 64, False, "bool"),
+    (2, 4, 1, 130, 130, 128, True, "bool"),  # several key tiles of the cute kernel, GQA 4:1, causal + padding
+    (1, 2, 2, 300, 33, 64, True, None),  # more queries than keys: causal rows past Lk see every key
 ]
 
 
@@ -327,10 +409,18 @@ def _attention_reference(q, k, v, mask, causal, gqa):
     return reference.scaled_dot_product_attention(q, k, v, mask, 0.0, causal, None, gqa)
 
 
+@pytest.fixture(params=cuda_backend.ATTENTION_KERNELS)
+def attention_kernel(request):
+    """Each csrc/ attention forward in turn (the cute one takes head dims 64 and 128; at the
+    others its setting runs the wmma kernel, so those cases check the fallback)."""
+    with cuda_backend.use_attention_kernel(request.param):
+        yield request.param
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,causal,mask", ATTN_CASES)
-def test_gpu_attention_parity(cuda_ext, dtype, B, Hq, Hkv, Lq, Lk, D, causal, mask):
+def test_gpu_attention_parity(cuda_ext, attention_kernel, dtype, B, Hq, Hkv, Lq, Lk, D, causal, mask):
     """Forward and dq, dk, dv."""
     q = torch.randn(B, Hq, Lq, D, device=DEV)
     k, v = torch.randn(B, Hkv, Lk, D, device=DEV), torch.randn(B, Hkv, Lk, D, device=DEV)
@@ -351,18 +441,47 @@ def test_gpu_attention_parity(cuda_ext, dtype, B, Hq, Hkv, Lq, Lk, D, causal, ma
 
 
 @gpu
-def test_gpu_attention_lse_and_fused_qkv_views(cuda_ext):
+@pytest.mark.parametrize("entry,D", [("attention_forward", 64), ("attention_forward_cute", 64), ("attention_forward_cute", 128)])
+def test_gpu_attention_lse_and_fused_qkv_views(cuda_ext, entry, D):
     """q, k, v as strided views of one QKV projection; lse against torch's logsumexp."""
-    B, L, H, D, dtype = 2, 97, 3, 64, torch.float16
+    B, L, H, dtype = 2, 97, 3, torch.float16
     qkv = torch.randn(B, L, 3, H, D, device=DEV, dtype=dtype)
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, D), unit last stride
     scale = 0.3
-    out, lse = cuda_ext.attention_forward(q, k, v, None, None, True, scale)
+    out, lse = getattr(cuda_ext, entry)(q, k, v, None, None, True, scale)
     s = (q.double() @ k.double().transpose(-1, -2)) * scale
     s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=DEV).triu(1), float("-inf"))
     torch.testing.assert_close(lse, torch.logsumexp(s, -1).float(), atol=2e-3, rtol=2e-3)
     torch_d = reference.scaled_dot_product_attention(q, k, v, None, 0.0, True, scale)
     ref64 = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), None, 0.0, True, scale)
+    assert_parity(out, ref64, torch_d, dtype, what="out")
+
+
+@gpu
+@pytest.mark.parametrize("D", cuda_backend.CUTE_HEAD_DIMS)
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_gpu_cute_attention_long_rows(cuda_ext, D, misaligned):
+    """The CuTe forward over many query and key tiles (causal + key padding, GQA 2:1), against
+    the WMMA forward's checked numbers and the reference. Rows that do not start 16-byte
+    aligned (a storage offset of one element) must take the WMMA kernel inside the same call."""
+    B, Hq, Hkv, L, dtype = 2, 4, 2, 1000, torch.bfloat16
+
+    def tensor(H):
+        flat = torch.randn(B * H * L * D + 1, device=DEV).to(dtype)
+        return (flat[1:] if misaligned else flat[:-1]).view(B, H, L, D)
+
+    q, k, v = tensor(Hq), tensor(Hkv), tensor(Hkv)
+    assert (q.data_ptr() % 16 != 0) == misaligned
+    mask = _key_padding(B, L)
+    bias, key_end = cuda_backend.key_padding_args(mask.expand(B, Hq, L, L))
+    out, lse = cuda_ext.attention_forward_cute(q, k, v, bias, key_end, True, D ** -0.5)
+    out_w, lse_w = cuda_ext.attention_forward(q, k, v, bias, key_end, True, D ** -0.5)
+    finite = torch.isfinite(lse_w)
+    assert torch.equal(finite, torch.isfinite(lse))
+    torch.testing.assert_close(lse[finite], lse_w[finite], atol=2e-3, rtol=2e-3)
+    kv = (k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1))
+    ref64 = reference.scaled_dot_product_attention(q.double(), kv[0].double(), kv[1].double(), mask, 0.0, True)
+    torch_d = reference.scaled_dot_product_attention(q, kv[0], kv[1], mask, 0.0, True)
     assert_parity(out, ref64, torch_d, dtype, what="out")
 
 
@@ -376,6 +495,7 @@ def test_gpu_attention_refuses_dropout_by_name(cuda_ext):
 @gpu
 def test_gpu_built_module_matches_python_mirrors(cuda_ext):
     assert tuple(cuda_ext.attention_head_dims()) == cuda_backend.ATTENTION_HEAD_DIMS
+    assert tuple(cuda_ext.attention_cute_head_dims()) == cuda_backend.CUTE_HEAD_DIMS
     assert cuda_ext.layer_norm_max_hidden == cuda_backend.LAYER_NORM_MAX_HIDDEN
 
 
@@ -409,13 +529,24 @@ def _bad_calls(ext):
         (lambda: ext.attention_backward(q, q, q, q, torch.zeros(1, 2, 8, device=DEV, dtype=torch.float16),
                                         torch.zeros(1, 2, 8, device=DEV), None, None, False, 1.0), TypeError,
          "lse and delta must be float32"),
+        (lambda: ext.attention_forward_cute(q[..., :32], q[..., :32], q[..., :32], None, None, False, 1.0), ValueError,
+         "head dim 32 has no CuTe attention kernel"),
+        (lambda: ext.attention_forward_cute(q[0], q[0], q[0], None, None, False, 1.0), ValueError, "q must have 4 dimensions"),
+        (lambda: ext.attention_forward_cute(q, q.bfloat16(), q, None, None, False, 1.0), TypeError, "k has dtype"),
+        (lambda: ext.attention_forward_cute(q, q, q, torch.zeros(1, 9, device=DEV), None, False, 1.0), ValueError,
+         "key_bias must have shape"),
     ]
 
 
+N_BAD_CALLS = 20
+
+
 @gpu
-@pytest.mark.parametrize("case", range(16))
+@pytest.mark.parametrize("case", range(N_BAD_CALLS))
 def test_gpu_check_macros_raise_python_errors(cuda_ext, case):
-    call, error, text = _bad_calls(cuda_ext)[case]
+    calls = _bad_calls(cuda_ext)
+    assert len(calls) == N_BAD_CALLS
+    call, error, text = calls[case]
     with pytest.raises(error, match=text):
         call()
     torch.cuda.synchronize()  # nothing was launched with a bad pointer: the context is intact
