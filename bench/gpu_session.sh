@@ -30,6 +30,11 @@ timed() {
 # Offline and without touching the machine's torch/triton: pyproject.toml makes this a PEP
 # 660 editable install that needs no index and no isolated build environment.
 install() {
+    # csrc/ needs the CuTe headers of pip's nvidia-cutlass (pure Python, py3-none-any): a GPU
+    # box without network gets it as a wheel carried in .whl/ (the device tool's README says how).
+    if ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1; then
+        PIP_NO_INDEX=1 python3 -m pip install -q --no-deps .whl/nvidia_cutlass-*.whl >"$OUT/install_cutlass.txt" 2>&1
+    fi
     PIP_NO_INDEX=1 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.txt" 2>&1 || {
         tail -n 20 "$OUT/install.txt"
         return 1
