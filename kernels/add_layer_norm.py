@@ -157,37 +157,7 @@ def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream, save_s
     if M == 0 or N == 0:
         return y, stream, None if mean is None else mean.zero_(), None if rstd is None else rstd.zero_()
     dropout = dropout_p > 0.0
-    variant = FORWARD_VARIANT
-    if variant != "row" and N <= MAX_ROWS_BLOCK:
-        rows, block, align, programs = rows_plan(M, N, variant, x.device)
-        _add_ln_fwd_rows[(programs,)](
-            x,
-            residual if residual is not None else x,
-            weight if weight is not None else x,
-            bias if bias is not None else x,
-            y,
-            stream if stream is not None else y,
-            mean if save_stats else y,
-            rstd if save_stats else y,
-            seed if dropout else y,
-            M,
-            N,
-            float(eps),
-            float(dropout_p),
-            HAS_RES=residual is not None,
-            HAS_W=weight is not None,
-            HAS_B=bias is not None,
-            DROPOUT=dropout,
-            SAVE_STREAM=stream is not None,
-            SAVE_STATS=save_stats,
-            ROWS=rows,
-            BLOCK=block,
-            ALIGN=align,
-            num_warps=_num_warps(rows * block),
-        )
-        return y, stream, mean, rstd
-    block, single = _block(N)
-    _add_ln_fwd[(M,)](
+    pointers = (
         x,
         residual if residual is not None else x,
         weight if weight is not None else x,
@@ -197,19 +167,18 @@ def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream, save_s
         mean if save_stats else y,
         rstd if save_stats else y,
         seed if dropout else y,
-        N,
-        float(eps),
-        float(dropout_p),
-        HAS_RES=residual is not None,
-        HAS_W=weight is not None,
-        HAS_B=bias is not None,
-        DROPOUT=dropout,
-        SAVE_STREAM=stream is not None,
-        SAVE_STATS=save_stats,
-        BLOCK=block,
-        SINGLE=single,
-        num_warps=_num_warps(block),
     )
+    flags = dict(HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, DROPOUT=dropout,
+                 SAVE_STREAM=stream is not None, SAVE_STATS=save_stats)
+    variant = FORWARD_VARIANT
+    if variant != "row" and N <= MAX_ROWS_BLOCK:
+        rows, block, align, programs = rows_plan(M, N, variant, x.device)
+        _add_ln_fwd_rows[(programs,)](*pointers, M, N, float(eps), float(dropout_p), **flags, ROWS=rows, BLOCK=block,
+                                      ALIGN=align, num_warps=_num_warps(rows * block))
+    else:
+        block, single = _block(N)
+        _add_ln_fwd[(M,)](*pointers, N, float(eps), float(dropout_p), **flags, BLOCK=block, SINGLE=single,
+                          num_warps=_num_warps(block))
     return y, stream, mean, rstd
 
 

@@ -18,7 +18,6 @@ kept values scaled by 1/(1-p); `dropout_keep_mask` rebuilds that mask for the re
 """
 import math
 import os
-import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -42,8 +41,9 @@ from .attention_kernels import (
 from . import attention_hopper as _hopper
 from . import attention_hopper_bwd as _hopper_bwd
 from ._util import cdiv, device_guard, launch_tuned, new_output, new_output_like, next_pow2
-from .backends import BackendUnsupportedError, Impl, get_backend, get_impl, interpreting, register_impl, resolve
-from .checks import check_prob, check_same, check_tensor, same_floats
+from .backends import (BackendUnsupportedError, Impl, get_backend, get_impl, interpreting, register_impl, resolve,
+                       warn_fallback)
+from .checks import check_causal_and_scale, check_prob, check_same, check_tensor, same_floats
 
 Tensor = torch.Tensor
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -445,17 +445,13 @@ attention_fwd.register_autograd(_attention_grad, setup_context=_setup_fwd)
 # ----------------------------------------------------------------------------- public API
 
 
-_warned = set()
-
-
 def _torch_only(op: str, reason: str, backend: Optional[str]) -> None:
     """A case only the reference handles: an error if a fused backend was named, else a warning."""
     name = get_backend() if backend is None else backend.lower()
     if name in ("triton", "cuda"):
         raise BackendUnsupportedError(f"backend {name!r} cannot run {op}: {reason}")
-    if name == "auto" and (op, reason) not in _warned:
-        _warned.add((op, reason))
-        warnings.warn(f"fuseformer: {op} falls back to the torch backend ({reason})", stacklevel=3)
+    if name == "auto":
+        warn_fallback(op, reason, stacklevel=4)
 
 
 def _broadcasts(shape, target) -> bool:
@@ -499,10 +495,7 @@ def _check_attention_args(query, key, value, attn_mask, dropout_p, is_causal, sc
             if hk == 0 or hq % hk:
                 raise ValueError(f"enable_gqa: query heads ({hq}) must be a multiple of key/value heads ({hk})")
     dropout_p = check_prob("dropout_p", dropout_p, allow_one=True)
-    if is_causal.__class__ is not bool:
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    check_causal_and_scale(is_causal, scale)
     if attn_mask is not None:
         check_tensor("attn_mask", attn_mask, dtypes=None)
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:

@@ -232,6 +232,13 @@ def clear_plans() -> None:
     _plans.clear()
 
 
+def warn_fallback(op: str, reason: str, stacklevel: int) -> None:
+    """`auto` runs `op` on the torch backend: one warning per (op, reason) in a process."""
+    if (op, reason) not in _warned:
+        _warned.add((op, reason))
+        warnings.warn(f"fuseformer: {op} falls back to the torch backend ({reason})", stacklevel=stacklevel)
+
+
 def _decide(op: str, device: torch.device, requested: str | None, case: dict) -> str:
     name = get_backend() if requested is None else check_name(requested)
     if name == "torch":
@@ -245,10 +252,7 @@ def _decide(op: str, device: torch.device, requested: str | None, case: dict) ->
             if reason is None:
                 return candidate
             reasons.append(f"{candidate}: {reason}")
-        key = (op, "; ".join(reasons))
-        if key not in _warned:
-            _warned.add(key)
-            warnings.warn(f"fuseformer: {op} falls back to the torch backend ({key[1]})", stacklevel=4)
+        warn_fallback(op, "; ".join(reasons), stacklevel=5)
         return "torch"
     reason = _why_not(op, name, device, case)
     if reason is not None:

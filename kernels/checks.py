@@ -20,6 +20,14 @@ def same_floats(ref, *others) -> bool:
     return True
 
 
+def check_causal_and_scale(is_causal, scale) -> None:
+    """The attention flags, refused by type as torch's SDPA refuses them."""
+    if is_causal.__class__ is not bool:
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+
+
 def check_tensor(name: str, t, *, min_dim: int = 0, dim: int | None = None, dtypes=FLOAT_DTYPES) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

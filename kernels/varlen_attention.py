@@ -13,7 +13,7 @@ from . import reference
 from ._util import device_guard
 from . import attention  # its _draw_seed: one seed source for both ops (tests record it there)
 from .backends import get_impl, resolve
-from .checks import check_prob, check_same, check_tensor, same_floats
+from .checks import check_causal_and_scale, check_prob, check_same, check_tensor, same_floats
 
 Tensor = torch.Tensor
 
@@ -163,10 +163,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel()} offsets but cu_seqlens_k has {cu_seqlens_k.numel()}")
     dropout_p = check_prob("dropout_p", dropout_p)
-    if is_causal.__class__ is not bool:
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    check_causal_and_scale(is_causal, scale)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, is_causal, scale)
     if q.numel() == 0 or k.numel() == 0:
         return reference.varlen_attention(*args)
