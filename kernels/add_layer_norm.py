@@ -307,31 +307,41 @@ class AddLayerNormFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------- compiled path
 # torch.compile cannot trace into a launcher; it sees these custom ops, their fake
 # implementations and their autograd, which call the very launchers the eager path calls.
-# Ops return tensors only, so an absent output is a 0-element tensor.
+# Each op has a fixed set of outputs, all real: which outputs a call needs (the stream for
+# prenorm or for the backward, the statistics for the backward) picks the op, so inference
+# under torch.compile writes no statistics, and nothing returns a 0-element stand-in.
+
+_FWD_SCHEMA = ("(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, float dropout_p, "
+               "Tensor? seed, bool prenorm, str backend) -> ")
 
 
-@torch.library.custom_op("fuseformer::add_layer_norm", mutates_args=())
-def _add_ln_op(
-    x: torch.Tensor,
-    residual: Optional[torch.Tensor],
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    eps: float,
-    dropout_p: float,
-    seed: Optional[torch.Tensor],
-    save_stream: bool,
-    prenorm: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, stream, mean, rstd = _run_forward(backend, x, residual, weight, bias, eps, dropout_p, seed, save_stream)
-    return y, stream if stream is not None else x.new_empty(0), mean, rstd
+def _forward_op(name: str, stream: bool, stats: bool):
+    """The custom op `fuseformer::<name>`: y, then the stream if `stream`, then mean and rstd
+    if `stats`. `prenorm` only tells the autograd whether a stream gradient flows back."""
+    outputs = 1 + stream + 2 * stats
+    schema = _FWD_SCHEMA + ("Tensor" if outputs == 1 else "(" + ", ".join(["Tensor"] * outputs) + ")")
+
+    def pick(y, s, mean, rstd):
+        got = (y,) + ((s,) if stream else ()) + ((mean, rstd) if stats else ())
+        return got if outputs > 1 else y
+
+    def impl(x, residual, weight, bias, eps, dropout_p, seed, prenorm, backend):
+        return pick(*_run_forward(backend, x, residual, weight, bias, eps, dropout_p, seed, stream, stats))
+
+    def fake(x, residual, weight, bias, eps, dropout_p, seed, prenorm, backend):
+        M = as_rows(x).shape[0]
+        return pick(x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(M, dtype=torch.float32),
+                    x.new_empty(M, dtype=torch.float32))
+
+    op = torch.library.custom_op(f"fuseformer::{name}", impl, mutates_args=(), schema=schema)
+    op.register_fake(fake)
+    return op
 
 
-@_add_ln_op.register_fake
-def _(x, residual, weight, bias, eps, dropout_p, seed, save_stream, prenorm, backend):
-    M = as_rows(x).shape[0]
-    stream = torch.empty_like(x) if save_stream else x.new_empty(0)
-    return torch.empty_like(x), stream, x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32)
+_add_ln_op = _forward_op("add_layer_norm", stream=False, stats=False)  # inference
+_add_ln_prenorm_op = _forward_op("add_layer_norm_prenorm", stream=True, stats=False)  # inference, prenorm
+_add_ln_train_op = _forward_op("add_layer_norm_train", stream=True, stats=True)  # residual, dropout or prenorm
+_ln_train_op = _forward_op("layer_norm_train", stream=False, stats=True)  # the input is the stream
 
 
 @torch.library.custom_op("fuseformer::add_layer_norm_backward", mutates_args=())
@@ -347,51 +357,51 @@ def _add_ln_bwd_op(
     seed: Optional[torch.Tensor],
     has_residual: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dres, dw, db = _run_backward(backend, dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed,
-                                     has_residual)
-    # Distinct empty tensors: outputs of a custom op may not alias one another.
-    empty = dy.new_empty
-    return dx, dres if dres is not None else empty(0), dw if dw is not None else empty(0), db if db is not None else empty(0)
+) -> list[torch.Tensor]:
+    """The gradients of the inputs that exist, in order: x, then residual, weight, bias when given."""
+    grads = _run_backward(backend, dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has_residual)
+    return [g for g in grads if g is not None]
 
 
 @_add_ln_bwd_op.register_fake
 def _(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has_residual, backend):
-    return (
-        torch.empty_like(stream),
-        torch.empty_like(stream) if has_residual else dy.new_empty(0),
-        torch.empty_like(weight) if weight is not None else dy.new_empty(0),
-        torch.empty_like(bias) if bias is not None else dy.new_empty(0),
-    )
+    present = [stream] * (1 + has_residual) + [t for t in (weight, bias) if t is not None]
+    return [t.new_empty(t.shape) for t in present]
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, eps, dropout_p, seed, save_stream, prenorm, backend = inputs
-    _, stream, mean, rstd = output
-    if not save_stream and (residual is not None or dropout_p > 0.0):
-        raise RuntimeError("add_layer_norm: gradients need the stream saved (call it with save_stream=True)")
-    ctx.save_for_backward(stream if save_stream else x, weight, bias, mean, rstd, seed)
+    x, residual, weight, bias, eps, dropout_p, seed, prenorm, backend = inputs
+    stream = output[1] if len(output) == 4 else x
+    ctx.save_for_backward(stream, weight, bias, output[-2], output[-1], seed)
     ctx.dropout_p, ctx.has_residual, ctx.prenorm, ctx.backend = dropout_p, residual is not None, prenorm, backend
 
 
-def _backward(ctx, dy, dstream, dmean, drstd):
+def _backward(ctx, dy, *grads):
+    # grads: (dstream, dmean, drstd) or (dmean, drstd); the statistics take no gradient.
     stream, weight, bias, mean, rstd, seed = ctx.saved_tensors
-    dx, dres, dw, db = _add_ln_bwd_op(
-        dy, dstream if ctx.prenorm else None, stream, weight, bias, mean, rstd, ctx.dropout_p, seed, ctx.has_residual,
-        ctx.backend,
-    )
-    return (dx, dres if ctx.has_residual else None, dw if weight is not None else None,
-            db if bias is not None else None, None, None, None, None, None, None)
+    dstream = grads[0] if ctx.prenorm else None
+    got = iter(_add_ln_bwd_op(dy, dstream, stream, weight, bias, mean, rstd, ctx.dropout_p, seed, ctx.has_residual,
+                              ctx.backend))
+    dx = next(got)
+    dres, dw, db = (next(got) if present else None for present in (ctx.has_residual, weight is not None,
+                                                                    bias is not None))
+    return dx, dres, dw, db, None, None, None, None, None
 
 
-_add_ln_op.register_autograd(_backward, setup_context=_setup_context)
+for _op in (_add_ln_train_op, _ln_train_op):
+    _op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _compiled(x, residual, weight, bias, eps, dropout_p, prenorm, requires_grad, backend):
     seed = draw_seed(x.device) if dropout_p > 0.0 else None
-    save_stream = prenorm or (requires_grad and (residual is not None or dropout_p > 0.0))
-    y, stream, _, _ = _add_ln_op(x, residual, weight, bias, eps, dropout_p, seed, save_stream, prenorm, backend)
-    return (y, stream) if prenorm else y
+    args = (x, residual, weight, bias, eps, dropout_p, seed, prenorm, backend)
+    if not requires_grad:
+        return _add_ln_prenorm_op(*args) if prenorm else _add_ln_op(*args)
+    if prenorm or residual is not None or dropout_p > 0.0:
+        y, stream, _, _ = _add_ln_train_op(*args)
+        return (y, stream) if prenorm else y
+    y, _, _ = _ln_train_op(*args)
+    return y
 
 
 # ----------------------------------------------------------------------------- public op

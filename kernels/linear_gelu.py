@@ -368,25 +368,30 @@ class LinearGeluFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------- compiled path
 # torch.compile cannot trace into a launcher; it sees these custom ops, their fake
 # implementations and their autograd, which call the very launchers the eager path calls.
+# Fixed outputs, all real: `linear_gelu` returns the activation alone (inference, and the
+# training variant that recomputes pre), `linear_gelu_train` the activation and pre.
 
 
 @torch.library.custom_op("fuseformer::linear_gelu", mutates_args=())
 def _linear_gelu_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    approximate: str,
-    save_preact: bool,
-    backend: str,
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], approximate: str, backend: str,
+) -> torch.Tensor:
+    return _run_forward(backend, x, weight, bias, approximate, False)[0]
+
+
+@torch.library.custom_op("fuseformer::linear_gelu_train", mutates_args=())
+def _linear_gelu_train_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], approximate: str, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, pre = _run_forward(backend, x, weight, bias, approximate, save_preact)
-    return out, pre if pre is not None else x.new_empty(0)
+    return _run_forward(backend, x, weight, bias, approximate, True)
 
 
-@_linear_gelu_op.register_fake
-def _(x, weight, bias, approximate, save_preact, backend):
-    shape = (*x.shape[:-1], weight.shape[0])
-    return x.new_empty(shape), x.new_empty(shape) if save_preact else x.new_empty(0)
+def _out(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+_linear_gelu_op.register_fake(lambda x, weight, bias, approximate, backend: _out(x, weight))
+_linear_gelu_train_op.register_fake(lambda x, weight, bias, approximate, backend: (_out(x, weight), _out(x, weight)))
 
 
 @torch.library.custom_op("fuseformer::linear_gelu_backward", mutates_args=())
@@ -399,32 +404,35 @@ def _linear_gelu_bwd_op(
     approximate: str,
     has_bias: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # preact None: the recompute variant (bias given when there is one).
+) -> list[torch.Tensor]:
+    """[dx, dweight] and dbias when there is a bias. preact None: recompute it (from bias)."""
     dx, dw, db = _run_backward(backend, dout, x, weight, preact, approximate, has_bias, bias)
-    return dx, dw, db if db is not None else dout.new_empty(0)
+    return [dx, dw] if db is None else [dx, dw, db]
 
 
 @_linear_gelu_bwd_op.register_fake
 def _(dout, x, weight, preact, bias, approximate, has_bias, backend):
-    return torch.empty_like(x), torch.empty_like(weight), dout.new_empty(weight.shape[0] if has_bias else 0)
+    grads = [x.new_empty(x.shape), weight.new_empty(weight.shape)]
+    return grads + [dout.new_empty(weight.shape[0])] if has_bias else grads
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, approximate, save_preact, backend = inputs
-    if not save_preact and _save_preact(backend):
-        raise RuntimeError("linear_gelu: gradients need the pre-activation saved (save_preact=True)")
-    ctx.save_for_backward(x, weight, output[1] if save_preact else None, None if save_preact else bias)
+    x, weight, bias, approximate, backend = inputs
+    stored = isinstance(output, (tuple, list))
+    if not stored and _save_preact(backend):
+        raise RuntimeError(f"linear_gelu: the {backend} backward needs the pre-activation (fuseformer::linear_gelu_train)")
+    ctx.save_for_backward(x, weight, output[1] if stored else None, None if stored else bias)
     ctx.approximate, ctx.has_bias, ctx.backend = approximate, bias is not None, backend
 
 
-def _backward(ctx, dout, dpre_unused):
+def _backward(ctx, dout, *_dpre):
     x, weight, preact, bias = ctx.saved_tensors
-    dx, dw, db = _linear_gelu_bwd_op(dout, x, weight, preact, bias, ctx.approximate, ctx.has_bias, ctx.backend)
-    return dx, dw, db if ctx.has_bias else None, None, None, None
+    grads = _linear_gelu_bwd_op(dout, x, weight, preact, bias, ctx.approximate, ctx.has_bias, ctx.backend)
+    return grads[0], grads[1], grads[2] if ctx.has_bias else None, None, None
 
 
-_linear_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+for _op in (_linear_gelu_op, _linear_gelu_train_op):
+    _op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public op
@@ -461,7 +469,9 @@ def linear_gelu(x, weight, bias=None, approximate="none", *, backend=None):
     if name == "torch":
         return reference.linear_gelu(x, weight, bias, approximate)
     if torch.compiler.is_compiling():
-        return _linear_gelu_op(x, weight, bias, approximate, requires_grad and _save_preact(name), name)[0]
+        if requires_grad and _save_preact(name):
+            return _linear_gelu_train_op(x, weight, bias, approximate, name)[0]
+        return _linear_gelu_op(x, weight, bias, approximate, name)
     if requires_grad:
         return LinearGeluFunction.apply(x, weight, bias, approximate, name)
     return _run_forward(name, x, weight, bias, approximate, False)[0]

@@ -24,9 +24,10 @@ def _forbid(*_args, **_kwargs):
 @pytest.mark.parametrize("grad", [False, True])
 def test_eager_calls_never_enter_the_custom_ops(monkeypatch, grad):
     # The custom ops are torch.compile's path; eager calls run the same launchers directly.
-    for module, name in ((aln, "_add_ln_op"), (aln, "_add_ln_bwd_op"), (lg, "_linear_gelu_op"),
-                         (lg, "_linear_gelu_bwd_op"), (attn, "attention_fwd"), (attn, "attention_bwd"),
-                         (varlen, "varlen_attention_fwd"), (varlen, "varlen_attention_bwd")):
+    for module, name in ((aln, "_add_ln_op"), (aln, "_add_ln_prenorm_op"), (aln, "_add_ln_train_op"),
+                         (aln, "_ln_train_op"), (aln, "_add_ln_bwd_op"), (lg, "_linear_gelu_op"),
+                         (lg, "_linear_gelu_train_op"), (lg, "_linear_gelu_bwd_op"), (attn, "attention_fwd"),
+                         (attn, "attention_bwd"), (varlen, "varlen_attention_fwd"), (varlen, "varlen_attention_bwd")):
         monkeypatch.setattr(module, name, _forbid)
     x = torch.randn(6, 16, device=DEVICE, requires_grad=grad)
     w = torch.randn(16, device=DEVICE, requires_grad=grad)
