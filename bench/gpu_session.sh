@@ -1,18 +1,44 @@
 #!/usr/bin/env bash
-# The GPU checks no CPU machine can run, in stages that each fit one 10-minute command of a
-# lent H100 (the device tool: torch and triton preinstalled there, never reinstalled):
+# The GPU checks no CPU machine can run, in stages sized for the device tool's 10-minute
+# commands (torch and triton preinstalled there, never reinstalled). One call may run several
+# stages, in order:
 #
-#   bash bench/gpu_session.sh tests      # the whole suite on CUDA (bf16, gpu-marked, cuda backend)
+#   bash bench/gpu_session.sh tests      # test_compile first (full tracebacks), the gpu-marked tests, the suite
+#   bash bench/gpu_session.sh overhead   # `fuseformer bench --filter overhead`: host µs per eager call
 #   bash bench/gpu_session.sh sanitize   # compute-sanitizer memcheck + racecheck, one test per kernel
-#   bash bench/gpu_session.sh bench      # `fuseformer bench` (ops + models), results under $OUT/bench
+#   bash bench/gpu_session.sh bench      # `fuseformer bench` (ops + models), results under bench/
+#   BENCH_TIMEOUT=300 bash bench/gpu_session.sh tests overhead bench   # several in one call
 #
-# Everything lands under $OUT (the device tool's folder that comes back), or
-# bench/results/gpu-session without it. Commit the bench results under bench/results/<device>/ (h100, h200).
+# The device tool brings back at most 8 files from $OUT: every log and result is written to
+# a work folder and packed at the end into $OUT/gpu_session.tar.gz, with $OUT/summary.txt (the
+# stage timings and the tails of the logs) beside it. Without $OUT the work folder is
+# bench/results/gpu-session and nothing is packed. Commit the bench results under
+# bench/results/<device>/ (h100, h200).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results/gpu-session}
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh STAGE... (tests, overhead, sanitize, bench)" >&2; exit 2; }
+for stage in "$@"; do
+    case "$stage" in tests | overhead | sanitize | bench) ;; *) echo "unknown stage $stage" >&2; exit 2 ;; esac
+done
+if [ -n "${OUT:-}" ]; then
+    RESULT_DIR=$OUT
+    OUT=$(mktemp -d /tmp/gpu_session.XXXXXX)
+    pack() {
+        {
+            cat "$OUT/timings.txt" 2>/dev/null
+            for log in "$OUT"/*.txt; do
+                case "$log" in */timings.txt | */install*.txt) continue ;; esac
+                echo "===== $(basename "$log") (last 40 lines)"
+                tail -n 40 "$log"
+            done
+        } >"$RESULT_DIR/summary.txt"
+        tar czf "$RESULT_DIR/gpu_session.tar.gz" -C "$OUT" .
+    }
+    trap pack EXIT
+else
+    OUT=bench/results/gpu-session
+fi
 mkdir -p "$OUT"
-stage=${1:?usage: gpu_session.sh tests|sanitize|bench}
 
 # timed NAME CMD...: runs CMD and says how long it took, so a session cut short shows which
 # stage ate the lent time. Also appended to $OUT/timings.txt. Printed on fd 3 (this script's
@@ -50,21 +76,34 @@ timed install install || exit 1
 # The cuda backend JIT-builds csrc/ on first use (about 30 s with ninja; later processes load
 # it from torch's extension cache): build it first, alone, so that a compile error reads as
 # one, and its time is not counted in a test's or a benchmark case's.
+built=""
 cuda_build() {
+    [ -n "$built" ] && return 0
+    built=1
     timed cuda-build python3 -c "from fuseformer.kernels import cuda_backend as c; print(c.unavailable_reason() or 'cuda backend ready')" \
         >"$OUT/cuda_build.txt" 2>&1
 }
 
-case "$stage" in
+run_stage() {
+case "$1" in
 tests)
     cuda_build
+    # test_compile.py failed on the last GPU run with its traceback lost: full tracebacks,
+    # in a file of its own.
+    timed pytest-compile timeout 120 python3 -m pytest tests/test_compile.py tests/test_eager_path.py -q -rfE \
+        --tb=long >"$OUT/pytest_compile.txt" 2>&1
     # The gpu-marked tests first (bf16, large shapes, csrc/), then the whole parity suite on
     # compiled kernels in parallel: 3 and 6 minutes are the targets on one H100.
-    timed pytest-gpu timeout 170 python3 -m pytest -m gpu -q -rfE --durations=10 --junitxml="$OUT/pytest_gpu.xml" \
+    timed pytest-gpu timeout 200 python3 -m pytest -m gpu -q -rfE --durations=10 --junitxml="$OUT/pytest_gpu.xml" \
         >"$OUT/pytest_gpu.txt" 2>&1
-    timed pytest-suite timeout 360 python3 -m pytest -m "not gpu and not benchmark" -n 8 -q -rfE --durations=15 \
+    timed pytest-suite timeout 300 python3 -m pytest -m "not gpu and not benchmark" -n 8 -q -rfE --durations=15 \
         --junitxml="$OUT/pytest_suite.xml" >"$OUT/pytest_suite.txt" 2>&1
-    tail -n 15 "$OUT/pytest_gpu.txt" "$OUT/pytest_suite.txt"
+    tail -n 15 "$OUT/pytest_compile.txt" "$OUT/pytest_gpu.txt" "$OUT/pytest_suite.txt"
+    ;;
+overhead)
+    timed overhead timeout 120 python3 -m fuseformer.bench --filter overhead --out "$OUT/overhead" \
+        >"$OUT/overhead.txt" 2>&1
+    tail -n 30 "$OUT/overhead.txt"
     ;;
 sanitize)
     # No caching allocator: memcheck sees each tensor's own bounds, not a pooled block.
@@ -93,12 +132,15 @@ sanitize)
     ;;
 bench)
     cuda_build
-    # --resume: a second call after a cut-off run continues where the first one stopped.
-    timed bench timeout 540 python3 -m fuseformer.bench --resume --out "$OUT/bench" >"$OUT/bench.txt" 2>&1
+    # --resume: a second call after a cut-off run continues where the first one stopped, when
+    # that run's results.json travels back in .gpu/bench/ (carry .gpu; same commit only).
+    mkdir -p "$OUT/bench"
+    [ -f .gpu/bench/results.json ] && cp .gpu/bench/results.json "$OUT/bench/"
+    timed bench timeout "${BENCH_TIMEOUT:-540}" python3 -m fuseformer.bench --resume --out "$OUT/bench" >"$OUT/bench.txt" 2>&1
     tail -n 60 "$OUT/bench.txt"
     ;;
-*)
-    echo "unknown stage $stage: tests, sanitize or bench" >&2
-    exit 2
-    ;;
 esac
+}
+for stage in "$@"; do
+    run_stage "$stage"
+done
