@@ -33,6 +33,7 @@ commands:
                                    Hugging Face transformers (the main job; also python -m fuseformer.bench)
   bench --list                     the cases this machine would run
   bench compare OLD.json NEW.json  what got slower or stopped passing between two runs
+  bench variants RESULTS.json      each opt-in kernel variant against the default it would replace
 
 `fuseformer bench --help` lists the benchmark's options."""
 
@@ -45,7 +46,7 @@ def _bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fuseformer bench",
         description="Parity against float64 PyTorch, then speed against PyTorch, torch SDPA, torch.compile, "
-        "cuBLASLt and Hugging Face transformers, side by side. Subcommand: `compare OLD.json NEW.json`.",
+        "cuBLASLt and Hugging Face transformers, side by side. Subcommands: `compare OLD.json NEW.json`, `variants RESULTS.json`.",
     )
     p.add_argument("--suite", choices=SUITES, default="all", help="which cases to run (default: all)")
     p.add_argument("--filter", default=None,
@@ -85,6 +86,14 @@ def _compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=_fraction, default=0.05,
                    help="allowed slowdown of our times beyond the baselines' own drift between the runs, as a "
                    "fraction (default 0.05)")
+    return p
+
+
+def _variants_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fuseformer bench variants",
+                                description="Each opt-in kernel variant (fuseformer-triton-tma, fuseformer-cuda-cute, "
+                                "...) against the default it would replace, from a results file.")
+    p.add_argument("results")
     return p
 
 
@@ -300,6 +309,7 @@ def run_bench(args, cases=None) -> int:
     written = report.write_all(doc, out)
     if doc["cases"]:
         report.print_table(doc, console)
+        report.print_variants(doc, console)
     if with_overhead:
         report.print_overhead(doc, console)
     console.print(f"results: {config.results_path}, " + ", ".join(str(p) for p in written), highlight=False)
@@ -345,6 +355,12 @@ def bench_main(argv: list[str], cases=None) -> int:
 
             args = _compare_parser().parse_args(argv[1:])
             return compare.main(args.old, args.new, args.tolerance, _console())
+        if argv and argv[0] == "variants":
+            from . import compare, report
+
+            args = _variants_parser().parse_args(argv[1:])
+            report.print_variants(compare.load(Path(args.results)), _console())
+            return 0
         args = _bench_parser().parse_args(argv)
         args.raw_argv = argv
         return run_bench(args, cases)

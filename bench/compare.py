@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 
-def _load(path: Path) -> dict:
+def load(path: Path) -> dict:
     try:
         doc = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -74,7 +74,7 @@ def compare(old: dict, new: dict, tolerance: float) -> tuple[list[str], list[str
 
 def main(old_path: str, new_path: str, tolerance: float, console) -> int:
     from rich.markup import escape
-    old, new = _load(Path(old_path)), _load(Path(new_path))
+    old, new = load(Path(old_path)), load(Path(new_path))
     if old.get("env", {}).get("device_name") != new.get("env", {}).get("device_name"):
         console.print(f"[yellow]note: different devices ({old.get('env', {}).get('device_name')} vs "
                       f"{new.get('env', {}).get('device_name')}); times are not comparable[/yellow]")

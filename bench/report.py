@@ -1,6 +1,7 @@
 """Turning a results document into the terminal table, the markdown file and the plots."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .core import OURS
@@ -155,6 +156,7 @@ def write_markdown(doc: dict, path: Path) -> None:
                      _fmt(e.get("gbps"), ".4g")]
             cells += ["-" if frac is None else f"{100 * frac:.0f}%"] * with_roof + [parity]
             lines.append("| " + " | ".join(_md_escape(v) for v in cells) + " |")
+    lines += variant_lines(doc)
     lines += overhead_lines(doc)
     path.write_text("\n".join(lines) + "\n")
 
@@ -290,4 +292,74 @@ def print_overhead(doc: dict, console) -> None:
     from rich.markup import escape
 
     for line in overhead_lines(doc):
+        console.print(escape(line), highlight=False)
+
+
+def _default_of(name: str, ours: set[str]) -> str | None:
+    """The implementation a variant is an alternative to: the longest other name of ours it
+    extends with '-suffix' (fuseformer-triton-tma -> fuseformer-triton, fuseformer-cuda-cute
+    -> fuseformer-cuda)."""
+    parents = [p for p in ours if p != name and name.startswith(p + "-")]
+    return max(parents, key=len) if parents else None
+
+
+def _usable(entry: dict) -> bool:
+    return entry.get("status") == "timed" and entry.get("parity", {"ok": True}).get("ok") is True
+
+
+def variant_rows(doc: dict) -> list[dict]:
+    """Each opt-in variant against the default it would replace, over the cases where both
+    were timed with parity passed: speedup = default time / variant time (> 1: the variant is
+    faster). The evidence for flipping a default, which only a GPU run gives."""
+    stats: dict[tuple[str, str], dict] = {}
+    for case in doc["cases"]:
+        impls = case["impls"]
+        ours = {n for n, e in impls.items() if e.get("kind") == OURS}
+        for name in sorted(ours):
+            default = _default_of(name, ours)
+            if default is None:
+                continue
+            s = stats.setdefault((name, default), {"ratios": [], "parity_fail": 0, "untimed": 0})
+            entry, base = impls[name], impls[default]
+            if entry.get("parity", {}).get("ok") is False:
+                s["parity_fail"] += 1
+            elif _usable(entry) and _usable(base) and entry["median_ms"] > 0:
+                s["ratios"].append((base["median_ms"] / entry["median_ms"], case["name"]))
+            else:
+                s["untimed"] += 1
+    rows = []
+    for (name, default), s in sorted(stats.items()):
+        ratios = [r for r, _ in s["ratios"]]
+        row = {"variant": name, "default": default, "cases": len(ratios), "parity_fail": s["parity_fail"],
+               "untimed": s["untimed"], "wins": sum(r > 1.0 for r in ratios)}
+        if ratios:
+            row["geomean"] = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+            row["worst"], row["worst_case"] = min(s["ratios"])
+            row["best"], row["best_case"] = max(s["ratios"])
+        rows.append(row)
+    return rows
+
+
+def variant_lines(doc: dict) -> list[str]:
+    rows = variant_rows(doc)
+    if not rows:
+        return []
+    lines = ["", "## Variants against the default they would replace", "",
+             "Speedup = the default's median time / the variant's, over the cases where both were timed "
+             "and passed parity (> 1: the variant is faster).", "",
+             "| variant | default | cases | faster in | geomean | worst (case) | best (case) | parity FAIL | not timed |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        worst = f"{r['worst']:.2f}x ({r['worst_case']})" if r["cases"] else "-"
+        best = f"{r['best']:.2f}x ({r['best_case']})" if r["cases"] else "-"
+        geo = f"{r['geomean']:.2f}x" if r["cases"] else "-"
+        lines.append(f"| {r['variant']} | {r['default']} | {r['cases']} | {r['wins']} | {geo} | {_md_escape(worst)} | "
+                     f"{_md_escape(best)} | {r['parity_fail']} | {r['untimed']} |")
+    return lines
+
+
+def print_variants(doc: dict, console) -> None:
+    from rich.markup import escape
+
+    for line in variant_lines(doc):
         console.print(escape(line), highlight=False)

@@ -464,3 +464,42 @@ def test_flash_attn_4_peer_calls_and_refusals(monkeypatch):
                                         "v": torch.randn(1, 1, 2, 300), "mask": None})
     with pytest.raises(Refused, match="no attention mask"):
         ops._fa4_impl(False, False).fn({"q": q, "k": k, "v": v, "mask": torch.ones(2, 1, 1, 5, dtype=torch.bool)})
+
+
+def _variant_case(name, times, parity_ok=None):
+    impls = {}
+    for impl, ms in times.items():
+        entry = {"kind": OURS if impl.startswith("fuseformer") else BASELINE, "status": "timed", "median_ms": ms,
+                 "parity": {"ok": (parity_ok or {}).get(impl, True), "checks": []}}
+        if ms is None:
+            entry.update(status="not-timed", median_ms=None)
+        impls[impl] = entry
+    return {"name": name, "impls": impls}
+
+
+def test_variants_report_each_opt_in_kernel_against_the_default_it_would_replace(tmp_path, capsys):
+    doc = {"cases": [
+        _variant_case("a", {"fuseformer-triton": 2.0, "fuseformer-triton-tma": 1.0, "fuseformer-cuda": 4.0,
+                            "fuseformer-cuda-cute": 8.0, "sdpa-cudnn": 1.5}),
+        _variant_case("b", {"fuseformer-triton": 1.0, "fuseformer-triton-tma": 2.0, "fuseformer-cuda": 4.0,
+                            "fuseformer-cuda-cute": None}),
+        # A variant that fails parity counts as a failure, never as a speedup.
+        _variant_case("c", {"fuseformer-triton": 3.0, "fuseformer-triton-tma": 0.1},
+                      parity_ok={"fuseformer-triton-tma": False}),
+    ]}
+    rows = {r["variant"]: r for r in report.variant_rows(doc)}
+    assert set(rows) == {"fuseformer-triton-tma", "fuseformer-cuda-cute"}  # baselines and defaults are no variants
+    tma = rows["fuseformer-triton-tma"]
+    assert tma["default"] == "fuseformer-triton" and tma["cases"] == 2 and tma["wins"] == 1
+    assert tma["geomean"] == pytest.approx(1.0) and (tma["worst"], tma["worst_case"]) == (0.5, "b")
+    assert (tma["best"], tma["best_case"]) == (2.0, "a") and tma["parity_fail"] == 1
+    cute = rows["fuseformer-cuda-cute"]
+    assert cute["default"] == "fuseformer-cuda" and cute["cases"] == 1 and cute["untimed"] == 1
+    assert cute["geomean"] == pytest.approx(0.5) and cute["wins"] == 0
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(doc))
+    assert cli.main(["bench", "variants", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| fuseformer-triton-tma | fuseformer-triton | 2 | 1 | 1.00x | 0.50x (b) | 2.00x (a) | 1 | 0 |" in out
+    assert cli.main(["bench", "variants", str(tmp_path / "missing.json")]) == 2
