@@ -6,8 +6,8 @@
 #   bash bench/gpu_session.sh tests      # test_compile first (full tracebacks), the gpu-marked tests, the suite
 #   bash bench/gpu_session.sh overhead   # `fuseformer bench --filter overhead`: host µs per eager call
 #   bash bench/gpu_session.sh sanitize   # compute-sanitizer memcheck + racecheck, one test per kernel
-#   bash bench/gpu_session.sh bench      # `fuseformer bench` (ops + models), results under bench/
-#   BENCH_TIMEOUT=300 bash bench/gpu_session.sh tests overhead bench   # several in one call
+#   bash bench/gpu_session.sh bench      # `fuseformer bench`, models then ops, results under bench_models/, bench_ops/
+#   MODELS_TIMEOUT=150 OPS_TIMEOUT=200 bash bench/gpu_session.sh tests overhead bench   # several in one call
 #
 # The device tool brings back at most 8 files from $OUT: every log and result is written to
 # a work folder and packed at the end into $OUT/gpu_session.tar.gz, with $OUT/summary.txt (the
@@ -132,12 +132,18 @@ sanitize)
     ;;
 bench)
     cuda_build
+    # Models first (the eager and CUDA-graph targets), then ops, each time-boxed on its own so
+    # that a slow ops run cannot starve the models (MODELS_TIMEOUT, OPS_TIMEOUT seconds).
     # --resume: a second call after a cut-off run continues where the first one stopped, when
-    # that run's results.json travels back in .gpu/bench/ (carry .gpu; same commit only).
-    mkdir -p "$OUT/bench"
-    [ -f .gpu/bench/results.json ] && cp .gpu/bench/results.json "$OUT/bench/"
-    timed bench timeout "${BENCH_TIMEOUT:-540}" python3 -m fuseformer.bench --resume --out "$OUT/bench" >"$OUT/bench.txt" 2>&1
-    tail -n 60 "$OUT/bench.txt"
+    # that run's results.json travels back in .gpu/bench_<suite>/ (carry .gpu; same commit only).
+    for suite in models ops; do
+        mkdir -p "$OUT/bench_$suite"
+        [ -f ".gpu/bench_$suite/results.json" ] && cp ".gpu/bench_$suite/results.json" "$OUT/bench_$suite/"
+        limit=$([ "$suite" = models ] && echo "${MODELS_TIMEOUT:-240}" || echo "${OPS_TIMEOUT:-300}")
+        timed "bench-$suite" timeout "$limit" python3 -m fuseformer.bench --suite "$suite" --resume \
+            --out "$OUT/bench_$suite" >"$OUT/bench_$suite.txt" 2>&1
+        tail -n 40 "$OUT/bench_$suite.txt"
+    done
     ;;
 esac
 }
