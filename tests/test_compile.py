@@ -72,7 +72,7 @@ def _op_calls(graph_module) -> list[str]:
 
 
 @pytest.mark.parametrize("grad", [False, True])
-@pytest.mark.parametrize("case", ["plain", "prenorm", "residual", "dropout"])
+@pytest.mark.parametrize("case", ["plain", "prenorm", "residual", "dropout", "strided"])
 def test_add_layer_norm_compiles_to_the_op_with_exactly_the_outputs_it_needs(case, grad, device):
     """Each custom op has fixed outputs, all real (no 0-element stand-ins): inference writes no
     statistics; training without residual or dropout saves x instead of a copy of the stream.
@@ -80,8 +80,12 @@ def test_add_layer_norm_compiles_to_the_op_with_exactly_the_outputs_it_needs(cas
     torch._dynamo.reset()
     torch.manual_seed(0)
     x, r = torch.randn(5, 24, device=device), torch.randn(5, 24, device=device)
+    if case == "strided":  # non-contiguous inputs: the ops' outputs are contiguous whatever they get
+        x, r = torch.randn(24, 5, device=device).t(), torch.randn(5, 48, device=device)[:, ::2]
     w, b = torch.randn(24, device=device), torch.randn(24, device=device)
     prenorm, residual = case == "prenorm", None if case in ("plain", "dropout") else r
+    if case == "strided":
+        prenorm = True
     # Dropout draws its seed from torch's generator: the same seed for eager and compiled.
     p = 0.25 if case == "dropout" else 0.0
 
@@ -106,6 +110,11 @@ def test_add_layer_norm_compiles_to_the_op_with_exactly_the_outputs_it_needs(cas
         runs.append([out] + [t.grad for t in leaves if grad])
     for eager, compiled in zip(*runs):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    ref = K.reference.add_layer_norm(x.double(), None if residual is None else residual.double(), w.double(),
+                                     b.double(), 1e-5, 0.0, prenorm)
+    if p == 0.0:  # the float64 reference (dropout's own keep-mask is checked in test_add_layer_norm.py)
+        expected = ref[0] * 2 + ref[1] if prenorm else ref
+        torch.testing.assert_close(runs[1][0].double(), expected, rtol=1e-4, atol=1e-4)
     calls = _op_calls(graphs[0])
     if grad:
         stream = prenorm or residual is not None or p > 0
