@@ -35,14 +35,19 @@ if os.environ.get("FUSEFORMER_BUILD_CUDA") == "1":
     if not includes:
         raise SystemExit("FUSEFORMER_BUILD_CUDA=1 needs the nvidia-cutlass package (pip install nvidia-cutlass) for its CuTe headers")
 
+    # CUTLASS's Hopper FMHA collectives (csrc/attention_sm90.cuh) sit beside the include folder;
+    # their kernels are compiled only for an arch list naming 9.0a (TORCH_CUDA_ARCH_LIST).
+    fmha = pathlib.Path(includes[0]).parent / "examples" / "88_hopper_fmha"
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(" ", ";").split(";")
+    sm90a = ["-DFUSEFORMER_SM90A"] if "9.0a" in arch_list and fmha.is_dir() else []
     ext_modules = [
         CUDAExtension(
             name="fuseformer._C",
             sources=sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu")),
-            include_dirs=includes[:1],
+            include_dirs=includes[:1] + ([str(fmha)] if fmha.is_dir() else []),
             # No --use_fast_math: it may swap tanhf/expf for approximations that break the fp32
             # parity of the GELU kernels (kernels/cuda_backend.py's JIT build uses the same flags).
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"] + sm90a},
         )
     ]
     cmdclass = {"build_ext": BuildExtension}

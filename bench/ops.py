@@ -133,6 +133,31 @@ def _cuda_cute_impl(call, head_dim: int) -> Impl:
                 note="csrc/attention_cute.cu: FA2 structure on CuTe (opt-in)")
 
 
+def _cuda_sm90_impl(call) -> Impl:
+    """The cuda backend with csrc/'s Hopper attention forward (FUSEFORMER_CUDA_ATTENTION=sm90,
+    CUTLASS's FMHA collectives, opt-in, not yet run on a GPU). Calls its kernels do not fit
+    (masks, GQA, ...) would run the CuTe/WMMA forward: refused under this name, with the
+    extension's reason."""
+    from fuseformer.kernels import cuda_backend
+
+    checked = []
+
+    def fn(inputs):
+        if not checked:
+            if inputs.get("mask") is not None:
+                raise Refused("the sm_90a attention kernels take no mask (the key-padding calls take cute/wmma)")
+            q, k, v = (inputs[n] for n in ("q", "k", "v"))
+            reason = cuda_backend.module().attention_sm90_reason(q, k, v, None, None, False)
+            if reason:
+                raise Refused(f"the sm_90a attention kernels do not take this case: {reason}")
+            checked.append(True)
+        return call(inputs, "cuda")
+
+    return Impl("fuseformer-cuda-sm90", fn, kind=OURS, available=(lambda: K.unavailable_reason("cuda")),
+                timed_on_cpu=False, context=(lambda: cuda_backend.use_attention_kernel("sm90")),
+                note="csrc/attention_sm90*.cu: CUTLASS Hopper FMHA collectives, TMA + wgmma (opt-in)")
+
+
 def _fa4_unavailable() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device"
@@ -232,7 +257,7 @@ def attention_case(name, *, B, H, L, D, Hk=None, Lk=None, causal=False, pad=0.0,
 
     impls = _ours(device_type, ours)
     if device_type == "cuda":
-        impls += [_cuda_cute_impl(ours, D), _hopper_impl(ours)]
+        impls += [_cuda_cute_impl(ours, D), _cuda_sm90_impl(ours), _hopper_impl(ours)]
         sdpa = _sdpa_impls(torch_sdpa) + [_fa4_impl(causal, gqa)]
         if quadratic_baselines:
             impls += [Impl("torch-eager", ref, note="reference.py: matmul, softmax, matmul")]

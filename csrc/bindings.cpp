@@ -373,6 +373,26 @@ std::tuple<at::Tensor, at::Tensor> py_attention_forward_cute(const at::Tensor& q
   return attention_forward_with(&fuseformer::attention_forward_cute, q, k, v, key_bias, key_end, is_causal, scale);
 }
 
+std::tuple<at::Tensor, at::Tensor> py_attention_forward_sm90(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v,
+                                                          const std::optional<at::Tensor>& key_bias,
+                                                          const std::optional<at::Tensor>& key_end, bool is_causal,
+                                                          double scale) {
+  return attention_forward_with(&fuseformer::attention_forward_sm90, q, k, v, key_bias, key_end, is_causal, scale);
+}
+
+// Why attention_forward_sm90 would hand this call to another kernel ("" when the sm_90a kernels
+// take it): the tests use it to know which kernel they checked.
+std::string py_attention_sm90_reason(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const std::optional<at::Tensor>& key_bias,
+                                     const std::optional<at::Tensor>& key_end, bool is_causal) {
+  AttentionParams p = attention_params(q, k, v, key_bias, key_end, is_causal, 1.0);
+  const c10::cuda::CUDAGuard guard(q.device());
+  p.aligned = rows_aligned({&q, &k, &v});
+  const char* reason = fuseformer::attention_forward_sm90_reason(kernel_dtype(q, "q", false), p);
+  return reason == nullptr ? "" : reason;
+}
+
 // delta = rowsum(dout * out) in fp32, computed by the caller.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> py_attention_backward(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
@@ -436,6 +456,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_forward_cute", &fuseformer::py_attention_forward_cute,
         "attention_forward on the CuTe kernel (head dims 64, 128)",
         "q"_a, "k"_a, "v"_a, "key_bias"_a, "key_end"_a, "is_causal"_a, "scale"_a);
+  m.def("attention_forward_sm90", &fuseformer::py_attention_forward_sm90,
+        "attention_forward on the Hopper (sm_90a) kernels where they fit, else the CuTe/WMMA forward",
+        "q"_a, "k"_a, "v"_a, "key_bias"_a, "key_end"_a, "is_causal"_a, "scale"_a);
+  m.def("attention_sm90_reason", &fuseformer::py_attention_sm90_reason,
+        "why attention_forward_sm90 would hand this call to another kernel ('' when it runs it)",
+        "q"_a, "k"_a, "v"_a, "key_bias"_a, "key_end"_a, "is_causal"_a);
+  m.def("attention_sm90_built", &fuseformer::attention_forward_sm90_built, "compiled for sm_90a");
   m.def("attention_backward", &fuseformer::py_attention_backward, "dq, dk, dv of attention_forward",
         "dout"_a, "q"_a, "k"_a, "v"_a, "lse"_a, "delta"_a, "key_bias"_a, "key_end"_a, "is_causal"_a, "scale"_a);
   m.def("attention_head_dims", &fuseformer::py_attention_head_dims, "head dims the attention kernel is built for");

@@ -77,6 +77,15 @@ cudaError_t attention_forward(DType dtype, const AttentionParams& params, cudaSt
 bool attention_forward_cute_supports_head_dim(int head_dim);
 cudaError_t attention_forward_cute(DType dtype, const AttentionParams& params, cudaStream_t stream);
 
+// ---- attention forward for Hopper (csrc/attention_sm90*.cu; CUTLASS's Hopper FMHA collectives) -
+// The same contract again. Runs the sm_90a kernels when the extension was compiled for sm_90a
+// (FUSEFORMER_SM90A), the device is compute capability 9.0 and the call fits them
+// (attention_forward_sm90_reason returns null); otherwise hands the call to the CuTe forward
+// (head dims 64, 128) or the WMMA one.
+bool attention_forward_sm90_built();
+const char* attention_forward_sm90_reason(DType dtype, const AttentionParams& params);
+cudaError_t attention_forward_sm90(DType dtype, const AttentionParams& params, cudaStream_t stream);
+
 // ---- attention backward (csrc/attention_backward.cu) -----------------------------------------
 struct AttentionBackwardParams {
   // q, k, v, masks, sizes, scale and causal as in the forward; `lse` is the forward's output

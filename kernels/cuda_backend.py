@@ -18,7 +18,12 @@ Attention forward kernel, chosen at import by FUSEFORMER_CUDA_ATTENTION (or
   cute  csrc/attention_cute.cu, FlashAttention-2's structure on CuTe (register accumulators,
         mma.sync, cp.async), head dims CUTE_HEAD_DIMS; other head dims keep the wmma kernel.
         Compiled and checked on the CPU only (tests/test_csrc_compile.py); NOT YET RUN on a GPU.
-The backward is csrc/attention_backward.cu for both: the forwards share out and lse conventions.
+  sm90  csrc/attention_sm90*.cu, FlashAttention-3's structure from CUTLASS's Hopper FMHA
+        collectives (TMA, warp-specialized wgmma), on compute capability 9.0 for fp16/bf16,
+        head dims 64/128, no mask or causal, no GQA, Lq % 8 == 0; every other call takes the
+        cute (head dims 64/128) or wmma kernel. Compiled for sm_90a when the build targets it
+        (`sm90a_flags`). Compiled and checked on the CPU only; NOT YET RUN on a GPU.
+The backward is csrc/attention_backward.cu for all: the forwards share out and lse conventions.
 
 What the kernels cover (anything else is refused by `unsupported`, so `auto` passes over the
 backend and naming it explicitly raises BackendUnsupportedError with the reason):
@@ -65,8 +70,13 @@ SOURCES = (
     "attention_forward.cu",
     "attention_backward.cu",
     "attention_cute.cu",
+    "attention_sm90.cu",
+    "attention_sm90_f16_d64.cu",
+    "attention_sm90_f16_d128.cu",
+    "attention_sm90_bf16_d64.cu",
+    "attention_sm90_bf16_d128.cu",
 )
-ATTENTION_KERNELS = ("wmma", "cute")
+ATTENTION_KERNELS = ("wmma", "cute", "sm90")
 CUTE_HEAD_DIMS = (64, 128)  # mirror of attention_forward_cute_supports_head_dim (a gpu test compares)
 EXTENSION_NAME = "fuseformer_cuda"
 # The same flags as setup.py's ahead-of-time build. No --use_fast_math: it may replace tanhf
@@ -89,12 +99,12 @@ _attention_kernel = _attention_kernel_from_env()
 
 
 def attention_kernel() -> str:
-    """The csrc/ attention forward in use: 'wmma' or 'cute'."""
+    """The csrc/ attention forward in use: 'wmma', 'cute' or 'sm90'."""
     return _attention_kernel
 
 
 def set_attention_kernel(name: str) -> str:
-    """Select the csrc/ attention forward ('wmma' or 'cute'); returns the previous choice."""
+    """Select the csrc/ attention forward ('wmma', 'cute' or 'sm90'); returns the previous choice."""
     global _attention_kernel
     if name not in ATTENTION_KERNELS:
         raise ValueError(f"unknown cuda attention kernel {name!r}; choose one of {ATTENTION_KERNELS}")
@@ -124,6 +134,28 @@ def cutlass_include() -> pathlib.Path | None:
         if (include / "cute" / "tensor.hpp").is_file():
             return include
     return None
+
+
+def cutlass_fmha_include(include: pathlib.Path | None) -> pathlib.Path | None:
+    """The folder of CUTLASS's Hopper FMHA collectives (examples/88_hopper_fmha, shipped beside
+    the include folder), which csrc/attention_sm90.cuh builds on; None when this package
+    version lacks it (the sm90 attention is then not compiled)."""
+    if include is None:
+        return None
+    folder = include.parent / "examples" / "88_hopper_fmha"
+    return folder if (folder / "kernel" / "fmha_kernel_builder.hpp").is_file() else None
+
+
+def sm90a_flags(arch_list: str | None, capabilities: set) -> list[str]:
+    """nvcc flags that compile the sm_90a attention (csrc/attention_sm90.cuh): with
+    TORCH_CUDA_ARCH_LIST set, only when it names 9.0a (torch then emits the gencode); unset,
+    when every visible GPU is compute capability 9.0, whose build then targets sm_90a instead
+    of torch's default sm_90 (flags naming an arch stop torch adding its own)."""
+    if arch_list:
+        return ["-DFUSEFORMER_SM90A"] if "9.0a" in arch_list.replace(" ", ";").split(";") else []
+    if capabilities == {(9, 0)}:
+        return ["-gencode=arch=compute_90a,code=sm_90a", "-DFUSEFORMER_SM90A"]
+    return []
 
 
 CUTLASS_MISSING = "the nvidia-cutlass package is not installed (pip install nvidia-cutlass): csrc/ needs its CuTe headers"
@@ -181,12 +213,18 @@ def _jit_build():
         file=sys.stderr,
         flush=True,
     )
+    includes, flags = [str(include)], list(CUDA_FLAGS)
+    fmha = cutlass_fmha_include(include)
+    if fmha is not None:
+        capabilities = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        includes.append(str(fmha))
+        flags += sm90a_flags(os.environ.get("TORCH_CUDA_ARCH_LIST"), capabilities)
     module = cpp_extension.load(
         name=EXTENSION_NAME,
         sources=[str(folder / name) for name in SOURCES],
         extra_cflags=["-O3"],
-        extra_cuda_cflags=CUDA_FLAGS,
-        extra_include_paths=[str(include)],
+        extra_cuda_cflags=flags,
+        extra_include_paths=includes,
         verbose=os.environ.get("FUSEFORMER_VERBOSE_BUILD", "0") not in ("", "0"),
     )
     print("fuseformer: cuda backend ready.", file=sys.stderr, flush=True)
@@ -265,7 +303,12 @@ def _attention_forward(q, k, v, mask, is_causal, scale, dropout_p, seed):
     # The kernel reads rows through their strides but needs each row contiguous.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     ext = module()
-    forward = ext.attention_forward_cute if _attention_kernel == "cute" and q.shape[-1] in CUTE_HEAD_DIMS else ext.attention_forward
+    if _attention_kernel == "sm90":  # takes every call: the ones its kernels do not fit go to cute/wmma
+        forward = ext.attention_forward_sm90
+    elif _attention_kernel == "cute" and q.shape[-1] in CUTE_HEAD_DIMS:
+        forward = ext.attention_forward_cute
+    else:
+        forward = ext.attention_forward
     return forward(q, k, v, key_bias, key_end, bool(is_causal), scale)
 
 

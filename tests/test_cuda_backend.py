@@ -199,9 +199,11 @@ def test_attention_kernel_switch():
 
 
 @pytest.mark.parametrize("kernel,D,expected", [("wmma", 64, "attention_forward"), ("cute", 64, "attention_forward_cute"),
-                                               ("cute", 128, "attention_forward_cute"), ("cute", 80, "attention_forward")])
+                                               ("cute", 128, "attention_forward_cute"), ("cute", 80, "attention_forward"),
+                                               ("sm90", 64, "attention_forward_sm90"), ("sm90", 80, "attention_forward_sm90")])
 def test_attention_forward_dispatch(monkeypatch, kernel, D, expected):
-    """The switch picks the extension's entry point; head dims the CuTe kernel lacks keep WMMA."""
+    """The switch picks the extension's entry point; head dims the CuTe kernel lacks keep WMMA;
+    the sm90 entry takes every call (it hands what its kernels do not fit to cute/wmma itself)."""
     calls = []
 
     class FakeExtension:
@@ -483,6 +485,66 @@ def test_gpu_cute_attention_long_rows(cuda_ext, D, misaligned):
     ref64 = reference.scaled_dot_product_attention(q.double(), kv[0].double(), kv[1].double(), mask, 0.0, True)
     torch_d = reference.scaled_dot_product_attention(q, kv[0], kv[1], mask, 0.0, True)
     assert_parity(out, ref64, torch_d, dtype, what="out")
+
+
+SM90_CASES = [  # (B, H, Lq, Lk, layout): every case fits the sm_90a kernels (Lq % 8 == 0, no mask, no GQA)
+    (2, 3, 128, 128, "contiguous"),
+    (1, 2, 1000, 1000, "contiguous"),  # many tiles, ragged last key tile (1000 = 15 x 64 + 40)
+    (2, 2, 64, 300, "contiguous"),  # fewer queries than keys
+    (1, 2, 200, 72, "contiguous"),  # more queries than keys: causal rows past Lk see every key
+    (2, 3, 96, 96, "qkv_view"),  # strided views of one QKV projection (B, L, 3, H, D)
+]
+
+
+def _sm90_inputs(B, H, Lq, Lk, D, layout, dtype):
+    if layout == "qkv_view":
+        qkv = torch.randn(B, Lq, 3, H, D, device=DEV).to(dtype)
+        return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+    return torch.randn(B, H, Lq, D, device=DEV).to(dtype), *(torch.randn(B, H, Lk, D, device=DEV).to(dtype) for _ in range(2))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("B,H,Lq,Lk,layout", SM90_CASES)
+def test_gpu_sm90_attention(cuda_ext, dtype, D, causal, B, H, Lq, Lk, layout):
+    """The Hopper kernels themselves (the extension says it ran them, not a fallback): out and
+    lse against the reference and torch's logsumexp, then dq, dk, dv through the shared backward."""
+    if torch.cuda.get_device_capability() != (9, 0) or not cuda_ext.attention_sm90_built():
+        pytest.skip("the sm_90a attention needs compute capability 9.0 and a build for sm_90a")
+    q, k, v = _sm90_inputs(B, H, Lq, Lk, D, layout, dtype)
+    assert cuda_ext.attention_sm90_reason(q, k, v, None, None, causal) == ""
+    scale = 0.7 * D ** -0.5  # not the collectives' built-in 1/sqrt(D): ours must reach the kernel
+    out, lse = cuda_ext.attention_forward_sm90(q, k, v, None, None, causal, scale)
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(Lq, Lk, dtype=torch.bool, device=DEV).triu(1), float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1).float(), atol=2e-3, rtol=2e-3)
+    ref64 = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), None, 0.0, causal, scale)
+    torch_d = reference.scaled_dot_product_attention(q, k, v, None, 0.0, causal, scale)
+    assert_parity(out, ref64, torch_d, dtype, what="out")
+    with cuda_backend.use_attention_kernel("sm90"):
+        _parity_with_grads(
+            lambda q_, k_, v_: K.scaled_dot_product_attention(q_, k_, v_, None, 0.0, causal, scale, backend=BACKEND),
+            lambda q_, k_, v_: _attention_reference(q_, k_, v_, None, causal, False),
+            (q, k, v), dtype, ("dq", "dk", "dv"),
+        )
+
+
+@gpu
+def test_gpu_sm90_attention_reasons(cuda_ext):
+    """The calls the sm_90a kernels do not fit name why (and take cute/wmma, checked by
+    test_gpu_attention_parity under the sm90 setting)."""
+    q = torch.randn(2, 2, 64, 64, device=DEV, dtype=torch.float16)
+    if torch.cuda.get_device_capability() != (9, 0) or not cuda_ext.attention_sm90_built():
+        assert cuda_ext.attention_sm90_reason(q, q, q, None, None, False) != ""
+        return
+    bias, key_end = cuda_backend.key_padding_args(_key_padding(2, 64).expand(2, 2, 64, 64))
+    assert "key-padding" in cuda_ext.attention_sm90_reason(q, q, q, bias, key_end, False)
+    assert "grouped-query" in cuda_ext.attention_sm90_reason(q, q[:, :1], q[:, :1], None, None, False)
+    assert "multiple of 8" in cuda_ext.attention_sm90_reason(q[:, :, :63], q, q, None, None, False)
+    assert "head dim" in cuda_ext.attention_sm90_reason(q[..., :32], q[..., :32], q[..., :32], None, None, False)
 
 
 @gpu
