@@ -48,9 +48,19 @@ using namespace cute;
 // get_masked_trip_count more with it (the last ones). problem_size is (B, H, Lq, Lk, D) and
 // blk_coord (query block, 0, (batch, head)).
 
+// The tiles before the masked ones need no mask: both fusions derive it the same way.
+template <class Fusion>
+struct MaskedLast {
+  template <class BlkCoord, class TileShape, class ProblemSize>
+  CUTLASS_DEVICE int get_unmasked_trip_count(BlkCoord const& blk, TileShape const& tile, ProblemSize const& problem) {
+    Fusion& self = *static_cast<Fusion*>(this);
+    return self.get_trip_count(blk, tile, problem) - self.get_masked_trip_count(blk, tile, problem);
+  }
+};
+
 // No mask: only the keys past Lk in the last tile (TMA fills them with zeros, which would
 // otherwise score 0 instead of -inf).
-struct TailFusion {
+struct TailFusion : MaskedLast<TailFusion> {
   template <class BlkCoord, class TileShape, class ProblemSize>
   CUTLASS_DEVICE int get_trip_count(BlkCoord const&, TileShape const& tile, ProblemSize const& problem) {
     return ceil_div(get<3>(problem), get<1>(tile));
@@ -58,10 +68,6 @@ struct TailFusion {
   template <class BlkCoord, class TileShape, class ProblemSize>
   CUTLASS_DEVICE int get_masked_trip_count(BlkCoord const& blk, TileShape const& tile, ProblemSize const& problem) {
     return std::min(1, get_trip_count(blk, tile, problem));
-  }
-  template <class BlkCoord, class TileShape, class ProblemSize>
-  CUTLASS_DEVICE int get_unmasked_trip_count(BlkCoord const& blk, TileShape const& tile, ProblemSize const& problem) {
-    return get_trip_count(blk, tile, problem) - get_masked_trip_count(blk, tile, problem);
   }
   template <class AccQK, class IndexQK, class ProblemSize>
   CUTLASS_DEVICE void before_softmax(AccQK& acc, IndexQK const& index, ProblemSize const& problem) {
@@ -75,7 +81,7 @@ struct TailFusion {
 // block stops at the tile holding its last row's diagonal, and only the tiles that cross the
 // diagonal -- plus the ragged last key tile, which is among them whenever it is reached --
 // pay for the mask. Every row keeps key 0, so no row is fully masked.
-struct CausalTailFusion {
+struct CausalTailFusion : MaskedLast<CausalTailFusion> {
   template <class BlkCoord, class TileShape, class ProblemSize>
   CUTLASS_DEVICE int get_trip_count(BlkCoord const& blk, TileShape const& tile, ProblemSize const& problem) {
     int key_tiles = ceil_div(get<3>(problem), get<1>(tile));
@@ -88,10 +94,6 @@ struct CausalTailFusion {
     // them end the trip (one more when BM is not a multiple of BN).
     int crossing = ceil_div(get<0>(tile), get<1>(tile)) + (get<0>(tile) % get<1>(tile) != 0);
     return std::min(crossing, get_trip_count(blk, tile, problem));
-  }
-  template <class BlkCoord, class TileShape, class ProblemSize>
-  CUTLASS_DEVICE int get_unmasked_trip_count(BlkCoord const& blk, TileShape const& tile, ProblemSize const& problem) {
-    return get_trip_count(blk, tile, problem) - get_masked_trip_count(blk, tile, problem);
   }
   template <class AccQK, class IndexQK, class ProblemSize>
   CUTLASS_DEVICE void before_softmax(AccQK& acc, IndexQK const& index, ProblemSize const& problem) {

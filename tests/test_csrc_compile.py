@@ -188,6 +188,35 @@ def _cuobjdump():
     return next((str(c) for c in candidates if c.is_file()), None)
 
 
+def _sass(returncode, cmd, output, cubin) -> str:
+    """cuobjdump's SASS of a build's cubin (the build must have succeeded)."""
+    assert returncode == 0, f"{cmd}\n{output}"
+    cuobjdump = _cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit or triton's NVIDIA backend)")
+    result = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _setup_arguments(**env) -> dict:
+    """What setup.py hands to setup() with FUSEFORMER_BUILD_CUDA=1 and `env` (setup() and
+    CUDAExtension stubbed out: nothing is compiled)."""
+    script = (
+        "import json, setuptools, torch.utils.cpp_extension as ce\n"
+        "seen = {}\n"
+        "setuptools.setup = lambda **kw: seen.update(kw)\n"
+        "ce.CUDAExtension = lambda **kw: kw\n"
+        "exec(open('setup.py').read())\n"
+        "print(json.dumps({'ext': seen['ext_modules'][0], 'extras': seen['extras_require']}))\n"
+    )
+    env = dict(os.environ, FUSEFORMER_BUILD_CUDA="1", **env)
+    result = subprocess.run([sys.executable, "-c", script], cwd=CSRC.parent, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def cute_builds(tmp_path_factory):
     """attention_cute.cu built as the JIT extension builds it (-O3, torch's nvcc flags), one cubin per architecture,
@@ -259,14 +288,7 @@ def test_cute_attention_compiles_without_spills(cute_builds, arch):
 def test_cute_attention_uses_tensor_cores(cute_builds, arch):
     """Every kernel's SASS holds the mma.sync HMMA.16816 with fp32 accumulation, as many as one
     key tile needs, and loads its tiles with cp.async (LDGSTS) and ldmatrix (LDSM)."""
-    returncode, cmd, output, cubin = cute_builds[arch]
-    assert returncode == 0, f"{cmd}\n{output}"
-    cuobjdump = _cuobjdump()
-    if cuobjdump is None:
-        pytest.skip("cuobjdump not found (CUDA toolkit or triton's NVIDIA backend)")
-    result = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    functions = re.split(r"\n\s*Function : ", result.stdout)[1:]
+    functions = re.split(r"\n\s*Function : ", _sass(*cute_builds[arch]))[1:]
     sass = {chunk.split("\n", 1)[0].strip(): chunk for chunk in functions}
     kernels = {name: body for name, body in sass.items() if "attention_forward_cute_kernel" in name}
     assert len(kernels) == 4, list(sass)
@@ -286,22 +308,10 @@ def test_setup_aot_build_gets_the_cutlass_include():
     include = cuda_backend.cutlass_include()
     if include is None:
         pytest.skip("the nvidia-cutlass package (CuTe headers) is not installed")
-    script = (
-        "import json, setuptools, torch.utils.cpp_extension as ce\n"
-        "seen = {}\n"
-        "setuptools.setup = lambda **kw: seen.update(kw)\n"
-        "ce.CUDAExtension = lambda **kw: kw\n"
-        "exec(open('setup.py').read())\n"
-        "print(json.dumps({'ext': seen['ext_modules'][0], 'cuda': seen['extras_require']['cuda']}))\n"
-    )
-    env = dict(os.environ, FUSEFORMER_BUILD_CUDA="1")
-    result = subprocess.run([sys.executable, "-c", script], cwd=CSRC.parent, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    seen = _setup_arguments()
     assert seen["ext"]["include_dirs"] == [str(include), str(cuda_backend.cutlass_fmha_include(include))]
     assert "csrc/attention_cute.cu" in seen["ext"]["sources"]
-    assert "nvidia-cutlass" in seen["cuda"]
+    assert "nvidia-cutlass" in seen["extras"]["cuda"]
 
 
 # ----------------------------------------------------------------------------- Hopper attention (sm_90a)
@@ -347,17 +357,11 @@ def test_sm90_attention_compiles_without_spills_or_wgmma_serialization(sm90_buil
 
 
 def test_sm90_attention_uses_wgmma_and_tma(sm90_build):
-    returncode, cmd, output, cubin = sm90_build
-    assert returncode == 0, f"{cmd}\n{output}"
-    cuobjdump = _cuobjdump()
-    if cuobjdump is None:
-        pytest.skip("cuobjdump not found (CUDA toolkit or triton's NVIDIA backend)")
-    result = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    sass = _sass(*sm90_build)
     # One key tile: S = Q K^T and O += P V, each 64 (rows a warpgroup) x 64 x 64 in k-steps of 16.
-    hgmma = re.findall(r"\bHGMMA\.64x64x16\.F32\.BF16\b", result.stdout)
+    hgmma = re.findall(r"\bHGMMA\.64x64x16\.F32\.BF16\b", sass)
     assert len(hgmma) >= 8, f"{len(hgmma)} HGMMA.64x64x16.F32.BF16"
-    assert "UTMALDG" in result.stdout and "UTMASTG" in result.stdout, "no TMA loads/stores in the SASS"
+    assert "UTMALDG" in sass and "UTMASTG" in sass, "no TMA loads/stores in the SASS"
 
 
 @pytest.mark.parametrize("arch_list,capabilities,expected", [
@@ -378,17 +382,6 @@ def test_setup_aot_build_compiles_sm90a_kernels_only_for_9_0a():
 
     if cuda_backend.cutlass_fmha_include(cuda_backend.cutlass_include()) is None:
         pytest.skip("the nvidia-cutlass package with its Hopper FMHA collectives is not installed")
-    script = (
-        "import json, setuptools, torch.utils.cpp_extension as ce\n"
-        "seen = {}\n"
-        "setuptools.setup = lambda **kw: seen.update(kw)\n"
-        "ce.CUDAExtension = lambda **kw: kw\n"
-        "exec(open('setup.py').read())\n"
-        "print(json.dumps(seen['ext_modules'][0]['extra_compile_args']['nvcc']))\n"
-    )
     for arch_list, define in (("8.0;9.0a", True), ("8.0;9.0", False)):
-        env = dict(os.environ, FUSEFORMER_BUILD_CUDA="1", TORCH_CUDA_ARCH_LIST=arch_list)
-        result = subprocess.run([sys.executable, "-c", script], cwd=CSRC.parent, env=env, capture_output=True,
-                                text=True, timeout=120)
-        assert result.returncode == 0, result.stderr
-        assert ("-DFUSEFORMER_SM90A" in json.loads(result.stdout.strip().splitlines()[-1])) == define
+        nvcc_flags = _setup_arguments(TORCH_CUDA_ARCH_LIST=arch_list)["ext"]["extra_compile_args"]["nvcc"]
+        assert ("-DFUSEFORMER_SM90A" in nvcc_flags) == define
