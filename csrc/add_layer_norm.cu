@@ -13,7 +13,9 @@
 //
 // A row lives in registers between the two reductions, so it is read from memory once. A
 // "row group" of THREADS_PER_ROW threads owns a row: a warp for N up to 1024 (no shared
-// memory, shuffles only), the whole block (256 or 512 threads) above that.
+// memory, shuffles only), the whole block (256 or 512 threads) above that. Every global access
+// of x, residual, weight, bias, dy, the stream and the outputs is 16 bytes wide when the
+// pointers and N allow it (`aligned`), one element wide otherwise.
 #include "common.cuh"
 #include "kernels.h"
 
@@ -78,6 +80,19 @@ __device__ __forceinline__ void load_row(const T* __restrict__ src, int64_t row,
   }
 }
 
+// VW fp32 values to dst, as 16-byte stores where VW allows (dst is then 16-byte aligned: the
+// partial buffers are fresh allocations and N * sizeof(T) is a multiple of 16).
+template <int VW>
+__device__ __forceinline__ void store_f32(float* __restrict__ dst, const float (&src)[VW]) {
+  if constexpr (VW % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < VW; j += 4) *reinterpret_cast<float4*>(dst + j) = make_float4(src[j], src[j + 1], src[j + 2], src[j + 3]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VW; ++j) dst[j] = src[j];
+  }
+}
+
 // The launch bounds let ptxas budget registers for the real block size (a 512-thread block
 // must fit in 128 registers per thread, or the launch fails).
 template <typename T, int VW, int THREADS_PER_ROW, int VECS>
@@ -132,7 +147,7 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
       }
       store_vec<T, VW>(y + row * N + col, out);
     }
-    if (lane == 0) {
+    if (lane == 0 && mean_out != nullptr) {  // null in inference: nothing reads them
       mean_out[row] = mean;
       rstd_out[row] = rstd;
     }
@@ -207,33 +222,40 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
   for (int i = 0; i < VECS; ++i) {
     const int col = (i * THREADS_PER_ROW + lane) * VW;
     if (col >= N) continue;
-#pragma unroll
-    for (int j = 0; j < VW; ++j) {
-      if (dweight_partial != nullptr) dweight_partial[partial_row * N + col + j] = acc_dw[i][j];
-      if (dbias_partial != nullptr) dbias_partial[partial_row * N + col + j] = acc_db[i][j];
-    }
+    if (dweight_partial != nullptr) store_f32<VW>(dweight_partial + partial_row * N + col, acc_dw[i]);
+    if (dbias_partial != nullptr) store_f32<VW>(dbias_partial + partial_row * N + col, acc_db[i]);
   }
 }
 
-// The (threads per row, vectors per thread) a hidden size N runs with: a warp per row while
-// 4 vectors each suffice, then a block per row, 512 threads for the widest rows so that the
-// backward's four per-element arrays (stream, dy, two column sums) stay in registers
-// (256 threads x 8 vectors spilled).
+// The (threads per row, vectors per thread) a hidden size N runs with. Each config holds just
+// enough vectors per thread to cover the widest N it is picked for, because ptxas budgets
+// registers for all of them: a warp per row up to N = 1024; then a 256-thread block, 2 vectors
+// each; then 512 threads up to kLayerNormMaxHidden. The backward keeps four per-element arrays
+// (stream, dy and two column sums) live, 4 * 16 fp32 per thread at the widest 16-bit rows,
+// which fits the 128 registers a 512-thread block allows (4 * 32 with 4 vectors spilled
+// ~300 bytes). Unaligned rows (VW = 1): 8 or 32 elements per lane of a warp up to N = 1024,
+// then 256 threads x 32.
 struct RowConfig {
   int threads_per_row;
   int vecs;
 };
 
+template <typename T> constexpr int kVecWidth = 16 / sizeof(T);
+template <typename T> constexpr int kWarpVecs = 1024 / (32 * kVecWidth<T>);                   // 4, or 8 for fp32
+template <typename T> constexpr int kWideVecs = kLayerNormMaxHidden / (512 * kVecWidth<T>);  // 2, or 4 for fp32
+static_assert(256 * 32 >= kLayerNormMaxHidden, "the unaligned block config must cover the widest row");
+
 template <typename T>
 RowConfig pick_config(int N, bool aligned) {
-  constexpr int kVW = 16 / sizeof(T);
+  constexpr int kVW = kVecWidth<T>;
   if (aligned) {
     if (N <= 32 * kVW) return {32, 1};
-    if (N <= 32 * 4 * kVW) return {32, 4};
+    if (N <= 1024) return {32, kWarpVecs<T>};
     if (N <= 256 * 2 * kVW) return {256, 2};
-    return {512, 4};
+    return {512, kWideVecs<T>};
   }
   if (N <= 32 * 8) return {32, 8};
+  if (N <= 1024) return {32, 32};
   return {256, 32};
 }
 
@@ -246,18 +268,19 @@ int64_t blocks_for(int64_t M, RowConfig c, int64_t cap) {
 }
 
 // Every (VW, threads, vecs) instance pick_config can return, in one place.
-#define FUSEFORMER_LN_DISPATCH(T, cfg, aligned, LAUNCH)                  \
-  do {                                                                   \
-    constexpr int kVW = 16 / sizeof(T);                                  \
-    if (aligned) {                                                       \
-      if (cfg.threads_per_row == 32 && cfg.vecs == 1) LAUNCH(T, kVW, 32, 1);       \
-      else if (cfg.threads_per_row == 32) LAUNCH(T, kVW, 32, 4);         \
-      else if (cfg.threads_per_row == 256) LAUNCH(T, kVW, 256, 2);       \
-      else LAUNCH(T, kVW, 512, 4);                                       \
-    } else {                                                             \
-      if (cfg.threads_per_row == 32) LAUNCH(T, 1, 32, 8);                \
-      else LAUNCH(T, 1, 256, 32);                                        \
-    }                                                                    \
+#define FUSEFORMER_LN_DISPATCH(T, cfg, aligned, LAUNCH)                           \
+  do {                                                                            \
+    constexpr int kVW = kVecWidth<T>;                                             \
+    if (aligned) {                                                                \
+      if (cfg.threads_per_row == 32 && cfg.vecs == 1) LAUNCH(T, kVW, 32, 1);      \
+      else if (cfg.threads_per_row == 32) LAUNCH(T, kVW, 32, kWarpVecs<T>);       \
+      else if (cfg.threads_per_row == 256) LAUNCH(T, kVW, 256, 2);                \
+      else LAUNCH(T, kVW, 512, kWideVecs<T>);                                     \
+    } else {                                                                      \
+      if (cfg.threads_per_row == 32 && cfg.vecs == 8) LAUNCH(T, 1, 32, 8);        \
+      else if (cfg.threads_per_row == 32) LAUNCH(T, 1, 32, 32);                   \
+      else LAUNCH(T, 1, 256, 32);                                                 \
+    }                                                                             \
   } while (0)
 
 template <typename T>
