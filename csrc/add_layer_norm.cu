@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
   const int lane = threadIdx.x % THREADS_PER_ROW;
   const int group = threadIdx.x / THREADS_PER_ROW;
 
-  // Column sums of dy * xhat and dy for the rows this group visits; one partial row per group.
+  // Column sums of dy * xhat and dy for the rows this group visits (summed over the block at the end).
   float acc_dw[VECS][VW], acc_db[VECS][VW];
 #pragma unroll
   for (int i = 0; i < VECS; ++i)
@@ -216,8 +216,43 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
     }
   }
 
-  // Every group writes its row, zeros included, so the caller may sum an uninitialised buffer.
-  const int64_t partial_row = (int64_t)blockIdx.x * kRowsPerBlock + group;
+  // One partial row per block, so the caller sums kRowsPerBlock times fewer rows (and fewer
+  // bytes go to memory): the warps of a block add their column sums through shared memory in a
+  // fixed order (deterministic, unlike atomics), and the last warp writes the block's row.
+  if constexpr (kRowsPerBlock > 1) {
+    constexpr int kRowFloats = THREADS_PER_ROW * VECS * VW;
+    __shared__ alignas(16) float block_dw[kRowFloats];
+    __shared__ alignas(16) float block_db[kRowFloats];
+    for (int g = 0; g + 1 < kRowsPerBlock; ++g) {
+      if (group == g) {
+#pragma unroll
+        for (int i = 0; i < VECS; ++i) {
+          const int col = (i * THREADS_PER_ROW + lane) * VW;
+          if (col >= N) continue;
+#pragma unroll
+          for (int j = 0; j < VW; ++j) {
+            block_dw[col + j] = (g == 0 ? 0.f : block_dw[col + j]) + acc_dw[i][j];
+            block_db[col + j] = (g == 0 ? 0.f : block_db[col + j]) + acc_db[i][j];
+          }
+        }
+      }
+      __syncthreads();
+    }
+    if (group != kRowsPerBlock - 1) return;
+#pragma unroll
+    for (int i = 0; i < VECS; ++i) {
+      const int col = (i * THREADS_PER_ROW + lane) * VW;
+      if (col >= N) continue;
+#pragma unroll
+      for (int j = 0; j < VW; ++j) {
+        acc_dw[i][j] += block_dw[col + j];
+        acc_db[i][j] += block_db[col + j];
+      }
+    }
+  }
+
+  // Every block writes its row, zeros included, so the caller may sum an uninitialised buffer.
+  const int64_t partial_row = blockIdx.x;
 #pragma unroll
   for (int i = 0; i < VECS; ++i) {
     const int col = (i * THREADS_PER_ROW + lane) * VW;
@@ -331,7 +366,7 @@ cudaError_t add_layer_norm_forward(DType dtype, const void* x, const void* resid
 int64_t add_layer_norm_partial_rows(DType dtype, int64_t M, int N, bool aligned, int max_blocks) {
   if (M == 0) return 0;
   const RowConfig cfg = dtype == DType::F32 ? pick_config<float>(N, aligned) : pick_config<__half>(N, aligned);
-  return blocks_for(M, cfg, max_blocks) * rows_per_block(cfg);
+  return blocks_for(M, cfg, max_blocks);  // one partial row per block
 }
 
 cudaError_t add_layer_norm_backward(DType dtype, const void* dy, const void* dstream, const void* stream_in,

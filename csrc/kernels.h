@@ -27,7 +27,7 @@ cudaError_t add_layer_norm_forward(DType dtype, const void* x, const void* resid
 // Gradient of the LayerNorm input h (the saved stream, `stream_in`) given dy, plus dstream
 // (the gradient reaching the returned stream under prenorm; may be null). dh is written in
 // the input dtype, and again to dh_copy when that is not null (dx and dresidual must not
-// alias). Per-row-group partial sums of dy * xhat and dy go to dweight_partial /
+// alias). Per-block partial sums of dy * xhat and dy go to dweight_partial /
 // dbias_partial (fp32, (add_layer_norm_partial_rows(...), N), 16-byte aligned when `aligned`),
 // or are skipped when those are null; the caller sums them over rows.
 cudaError_t add_layer_norm_backward(DType dtype, const void* dy, const void* dstream, const void* stream_in,

@@ -335,9 +335,10 @@ def _parity_with_grads(run_impl, run_ref, inputs, dtype, names, grad=True):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 # One shape per row config of csrc/add_layer_norm.cu's pick_config (16-bit / fp32): 1 and 40
 # unaligned or {32,1}; 100 unaligned / {32,1}; 1023 unaligned {32,32}; 768 {32,4} / {32,8};
-# 1536 {256,2}, over more rows than the backward's grid so each group sums several rows' dw/db;
-# 4096 {256,2} / {512,4}; 4099 unaligned {256,32}; 8192 {512,2} / {512,4}.
-@pytest.mark.parametrize("M,N", [(3, 1), (17, 100), (5, 1023), (64, 768), (1100, 1536), (3, 4096), (3, 4099),
+# 1536 {256,2}; 4096 {256,2} / {512,4}; 4099 unaligned {256,32}; 8192 {512,2} / {512,4}.
+# 2200 x 768 and 1100 x 1536 have more rows than the backward's grid (4 blocks per SM) holds,
+# so groups sum several rows' dw/db before the block adds up its warps.
+@pytest.mark.parametrize("M,N", [(3, 1), (17, 100), (5, 1023), (2200, 768), (1100, 1536), (3, 4096), (3, 4099),
                                  (2, 8192), (257, 40)])
 @pytest.mark.parametrize("prenorm", [False, True])
 def test_gpu_add_layer_norm_parity(cuda_ext, dtype, M, N, prenorm):
