@@ -262,6 +262,43 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
   }
 }
 
+// The backward's second, small kernel: dweight and dbias as the column sums of the partial
+// rows, rounded once to T, in one launch. A block owns kSumCols columns and splits the rows
+// among kSumSlices threads per column (a warp reads 4 rows x 8 columns: full 32-byte sectors),
+// then adds the slices up in a fixed order.
+constexpr int kSumCols = 8;
+constexpr int kSumSlices = 32;
+
+template <typename T>
+__global__ void __launch_bounds__(kSumCols * kSumSlices) add_layer_norm_sum_partials_kernel(
+    const float* __restrict__ dweight_partial,  // (rows, N) fp32, or null
+    const float* __restrict__ dbias_partial,    // (rows, N) fp32, or null
+    T* __restrict__ dweight,                    // (N,), or null
+    T* __restrict__ dbias,                      // (N,), or null
+    int64_t rows, int N) {
+  __shared__ float slices[2][kSumSlices][kSumCols + 1];
+  const int c = threadIdx.x % kSumCols;
+  const int slice = threadIdx.x / kSumCols;
+  const int col = blockIdx.x * kSumCols + c;
+  float dw = 0.f, db = 0.f;
+  if (col < N) {
+    for (int64_t r = slice; r < rows; r += kSumSlices) {
+      if (dweight_partial != nullptr) dw += dweight_partial[r * N + col];
+      if (dbias_partial != nullptr) db += dbias_partial[r * N + col];
+    }
+  }
+  slices[0][slice][c] = dw;
+  slices[1][slice][c] = db;
+  __syncthreads();
+  T* out = slice == 0 ? dweight : dbias;
+  if (slice < 2 && col < N && out != nullptr) {
+    float total = 0.f;
+#pragma unroll
+    for (int s = 0; s < kSumSlices; ++s) total += slices[slice][s][c];
+    out[col] = from_float<T>(total);
+  }
+}
+
 // The (threads per row, vectors per thread) a hidden size N runs with. Each config holds just
 // enough vectors per thread to cover the widest N it is picked for, because ptxas budgets
 // registers for all of them: a warp per row up to N = 1024; then a 256-thread block, 2 vectors
@@ -349,6 +386,14 @@ cudaError_t backward_typed(const void* dy, const void* dstream, const void* stre
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t sum_partials_typed(const float* dweight_partial, const float* dbias_partial, void* dweight, void* dbias,
+                               int64_t rows, int N, cudaStream_t stream) {
+  add_layer_norm_sum_partials_kernel<T><<<ceil_div(N, kSumCols), kSumCols * kSumSlices, 0, stream>>>(
+      dweight_partial, dbias_partial, static_cast<T*>(dweight), static_cast<T*>(dbias), rows, N);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 cudaError_t add_layer_norm_forward(DType dtype, const void* x, const void* residual, const void* weight,
@@ -367,6 +412,17 @@ int64_t add_layer_norm_partial_rows(DType dtype, int64_t M, int N, bool aligned,
   if (M == 0) return 0;
   const RowConfig cfg = dtype == DType::F32 ? pick_config<float>(N, aligned) : pick_config<__half>(N, aligned);
   return blocks_for(M, cfg, max_blocks);  // one partial row per block
+}
+
+cudaError_t add_layer_norm_sum_partials(DType dtype, const float* dweight_partial, const float* dbias_partial,
+                                        void* dweight, void* dbias, int64_t rows, int N, cudaStream_t stream) {
+  if (dweight == nullptr && dbias == nullptr) return cudaSuccess;
+  switch (dtype) {
+    case DType::F16: return sum_partials_typed<__half>(dweight_partial, dbias_partial, dweight, dbias, rows, N, stream);
+    case DType::BF16: return sum_partials_typed<__nv_bfloat16>(dweight_partial, dbias_partial, dweight, dbias, rows, N, stream);
+    case DType::F32: return sum_partials_typed<float>(dweight_partial, dbias_partial, dweight, dbias, rows, N, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 cudaError_t add_layer_norm_backward(DType dtype, const void* dy, const void* dstream, const void* stream_in,

@@ -183,8 +183,12 @@ py_add_layer_norm_backward(const at::Tensor& dy, const std::optional<at::Tensor>
       db_partial.has_value() ? db_partial->data_ptr<float>() : nullptr, M, N, aligned, max_blocks, current_stream()));
 
   std::optional<at::Tensor> dweight, dbias;
-  if (dw_partial.has_value()) dweight = dw_partial->sum(0).to(stream.scalar_type());
-  if (db_partial.has_value()) dbias = db_partial->sum(0).to(stream.scalar_type());
+  if (dw_partial.has_value()) dweight = new_output(at::empty({N}, stream.options()));
+  if (db_partial.has_value()) dbias = new_output(at::empty({N}, stream.options()));
+  CHECK_LAUNCH(fuseformer::add_layer_norm_sum_partials(
+      dtype, dw_partial.has_value() ? dw_partial->data_ptr<float>() : nullptr,
+      db_partial.has_value() ? db_partial->data_ptr<float>() : nullptr, dweight.has_value() ? dweight->data_ptr() : nullptr,
+      dbias.has_value() ? dbias->data_ptr() : nullptr, partial_rows, N, current_stream()));
   return {dx, dresidual, dweight, dbias};
 }
 

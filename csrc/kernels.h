@@ -38,6 +38,11 @@ cudaError_t add_layer_norm_backward(DType dtype, const void* dy, const void* dst
 // Rows of the partial-sum buffers add_layer_norm_backward writes for these arguments (0 when M is 0).
 int64_t add_layer_norm_partial_rows(DType dtype, int64_t M, int N, bool aligned, int max_blocks);
 
+// dweight / dbias (dtype, (N,)) = column sums of the (rows, N) fp32 partial buffers that
+// add_layer_norm_backward wrote (zeros when rows is 0); a null output is skipped.
+cudaError_t add_layer_norm_sum_partials(DType dtype, const float* dweight_partial, const float* dbias_partial,
+                                        void* dweight, void* dbias, int64_t rows, int N, cudaStream_t stream);
+
 // ---- GELU elementwise (csrc/gelu.cu) ---------------------------------------------------------
 // out = gelu(pre); approximate_tanh picks GPT-2's tanh form over the erf form.
 cudaError_t gelu_forward(DType dtype, const void* pre, void* out, int64_t n, bool approximate_tanh,
