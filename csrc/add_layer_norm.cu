@@ -154,23 +154,59 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
   }
 }
 
+// dst[0:VW] += src, as 16-byte shared-memory accesses where VW allows.
+template <int VW>
+__device__ __forceinline__ void add_f32(float* dst, const float (&src)[VW]) {
+  if constexpr (VW % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < VW; j += 4) {
+      float4 v = *reinterpret_cast<float4*>(dst + j);
+      v.x += src[j], v.y += src[j + 1], v.z += src[j + 2], v.w += src[j + 3];
+      *reinterpret_cast<float4*>(dst + j) = v;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VW; ++j) dst[j] += src[j];
+  }
+}
+
+// Each group also sums dy * xhat and dy over the rows it visits, for dweight and dbias: in
+// registers when a block owns a row (one row group per block), in a shared-memory slice per
+// warp when warps own rows. There the four per-element arrays of a warp row (stream, dy and
+// the two sums, 4 x 32 fp32 at N = 1024) would need ~160 registers, 3 blocks per SM: one and a
+// third waves of the 4-blocks-per-SM grid. With the sums in shared memory (at most
+// 4 warps x 2 x 4 KB) a block fits 128 registers. Each block writes one partial row.
 template <typename T, int VW, int THREADS_PER_ROW, int VECS>
-__global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_PER_ROW) add_layer_norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ dstream,
-                                               const T* __restrict__ stream_in, const T* __restrict__ weight,
-                                               const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
-                                               T* __restrict__ dh, T* __restrict__ dh_copy, float* __restrict__ dweight_partial,
-                                               float* __restrict__ dbias_partial, int64_t M, int N) {
+__global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_PER_ROW,
+                                  THREADS_PER_ROW <= 32 && VW > 1 ? 4 : 1) add_layer_norm_backward_kernel(
+    const T* __restrict__ dy, const T* __restrict__ dstream, const T* __restrict__ stream_in,
+    const T* __restrict__ weight, const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
+    T* __restrict__ dh, T* __restrict__ dh_copy, float* __restrict__ dweight_partial,
+    float* __restrict__ dbias_partial, int64_t M, int N) {
   constexpr int kRowsPerBlock = (THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_PER_ROW) / THREADS_PER_ROW;
+  constexpr bool kSumsInSmem = kRowsPerBlock > 1;
+  constexpr int kRowFloats = THREADS_PER_ROW * VECS * VW;  // the widest row this config takes
   __shared__ float scratch[THREADS_PER_ROW > 32 ? THREADS_PER_ROW / 32 : 1];
+  // [dw of warp 0..3][db of warp 0..3], kRowFloats each
+  __shared__ alignas(16) float smem_sums[kSumsInSmem ? 2 * kRowsPerBlock * kRowFloats : 1];
   const int lane = threadIdx.x % THREADS_PER_ROW;
   const int group = threadIdx.x / THREADS_PER_ROW;
+  float* const sums_dw = smem_sums + group * kRowFloats;
+  float* const sums_db = smem_sums + (kRowsPerBlock + group) * kRowFloats;
 
-  // Column sums of dy * xhat and dy for the rows this group visits (summed over the block at the end).
-  float acc_dw[VECS][VW], acc_db[VECS][VW];
+  float acc_dw[kSumsInSmem ? 1 : VECS][VW], acc_db[kSumsInSmem ? 1 : VECS][VW];
 #pragma unroll
-  for (int i = 0; i < VECS; ++i)
+  for (int i = 0; i < VECS; ++i) {
+    const int col = (i * THREADS_PER_ROW + lane) * VW;
 #pragma unroll
-    for (int j = 0; j < VW; ++j) acc_dw[i][j] = acc_db[i][j] = 0.f;
+    for (int j = 0; j < VW; ++j) {
+      if constexpr (kSumsInSmem) {
+        if (col < N) sums_dw[col + j] = sums_db[col + j] = 0.f;  // only this thread touches them until the end
+      } else {
+        acc_dw[i][j] = acc_db[i][j] = 0.f;
+      }
+    }
+  }
 
   for (int64_t row = (int64_t)blockIdx.x * kRowsPerBlock + group; row < M; row += (int64_t)gridDim.x * kRowsPerBlock) {
     float h[VECS][VW], g[VECS][VW];
@@ -184,13 +220,24 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
     for (int i = 0; i < VECS; ++i) {
       const int col = (i * THREADS_PER_ROW + lane) * VW;
       if (col >= N) continue;
-      float w[VW];
+      float w[VW], dw[VW];
       if (weight != nullptr) load_vec<T, VW>(weight + col, w);
 #pragma unroll
       for (int j = 0; j < VW; ++j) {
         const float xhat = (h[i][j] - mean) * rstd;
-        acc_dw[i][j] += g[i][j] * xhat;
-        acc_db[i][j] += g[i][j];
+        dw[j] = g[i][j] * xhat;
+        if constexpr (!kSumsInSmem) {
+          acc_dw[i][j] += dw[j];
+          acc_db[i][j] += g[i][j];
+        }
+      }
+      if constexpr (kSumsInSmem) {
+        add_f32<VW>(sums_dw + col, dw);
+        add_f32<VW>(sums_db + col, g[i]);
+      }
+#pragma unroll
+      for (int j = 0; j < VW; ++j) {
+        const float xhat = (h[i][j] - mean) * rstd;
         if (weight != nullptr) g[i][j] *= w[j];
         h[i][j] = xhat;  // h is not needed any more; keep xhat in its registers
         sum_g += g[i][j];
@@ -216,49 +263,37 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
     }
   }
 
-  // One partial row per block, so the caller sums kRowsPerBlock times fewer rows (and fewer
-  // bytes go to memory): the warps of a block add their column sums through shared memory in a
-  // fixed order (deterministic, unlike atomics), and the last warp writes the block's row.
-  if constexpr (kRowsPerBlock > 1) {
-    constexpr int kRowFloats = THREADS_PER_ROW * VECS * VW;
-    __shared__ alignas(16) float block_dw[kRowFloats];
-    __shared__ alignas(16) float block_db[kRowFloats];
-    for (int g = 0; g + 1 < kRowsPerBlock; ++g) {
-      if (group == g) {
+  // Every block writes its partial row, zeros included, so the caller may sum an uninitialised
+  // buffer.
+  const int64_t partial_row = blockIdx.x;
+  if constexpr (kSumsInSmem) {
+    // The warps' slices added in a fixed order (deterministic, unlike atomics), 4 columns per
+    // thread where rows are 16-byte aligned (then N is a multiple of 4).
+    constexpr int kStep = VW % 4 == 0 ? 4 : 1;
+    __syncthreads();
+    for (int col = threadIdx.x * kStep; col < N; col += kWarpBlock * kStep) {
+      float dw[kStep], db[kStep];
 #pragma unroll
-        for (int i = 0; i < VECS; ++i) {
-          const int col = (i * THREADS_PER_ROW + lane) * VW;
-          if (col >= N) continue;
+      for (int k = 0; k < kStep; ++k) dw[k] = db[k] = 0.f;
 #pragma unroll
-          for (int j = 0; j < VW; ++j) {
-            block_dw[col + j] = (g == 0 ? 0.f : block_dw[col + j]) + acc_dw[i][j];
-            block_db[col + j] = (g == 0 ? 0.f : block_db[col + j]) + acc_db[i][j];
-          }
+      for (int w = 0; w < kRowsPerBlock; ++w) {
+#pragma unroll
+        for (int k = 0; k < kStep; ++k) {
+          dw[k] += smem_sums[w * kRowFloats + col + k];
+          db[k] += smem_sums[(kRowsPerBlock + w) * kRowFloats + col + k];
         }
       }
-      __syncthreads();
+      if (dweight_partial != nullptr) store_f32<kStep>(dweight_partial + partial_row * N + col, dw);
+      if (dbias_partial != nullptr) store_f32<kStep>(dbias_partial + partial_row * N + col, db);
     }
-    if (group != kRowsPerBlock - 1) return;
+  } else {
 #pragma unroll
     for (int i = 0; i < VECS; ++i) {
       const int col = (i * THREADS_PER_ROW + lane) * VW;
       if (col >= N) continue;
-#pragma unroll
-      for (int j = 0; j < VW; ++j) {
-        acc_dw[i][j] += block_dw[col + j];
-        acc_db[i][j] += block_db[col + j];
-      }
+      if (dweight_partial != nullptr) store_f32<VW>(dweight_partial + partial_row * N + col, acc_dw[i]);
+      if (dbias_partial != nullptr) store_f32<VW>(dbias_partial + partial_row * N + col, acc_db[i]);
     }
-  }
-
-  // Every block writes its row, zeros included, so the caller may sum an uninitialised buffer.
-  const int64_t partial_row = blockIdx.x;
-#pragma unroll
-  for (int i = 0; i < VECS; ++i) {
-    const int col = (i * THREADS_PER_ROW + lane) * VW;
-    if (col >= N) continue;
-    if (dweight_partial != nullptr) store_f32<VW>(dweight_partial + partial_row * N + col, acc_dw[i]);
-    if (dbias_partial != nullptr) store_f32<VW>(dbias_partial + partial_row * N + col, acc_db[i]);
   }
 }
 
