@@ -364,6 +364,17 @@ def test_gpu_add_layer_norm_optional_args(cuda_ext, dtype, residual, weight, bia
 
 
 @gpu
+def test_gpu_add_layer_norm_no_rows(cuda_ext):
+    """Zero rows: no row kernel runs, and the partial-sum kernel still writes dweight = dbias = 0."""
+    x = torch.randn(0, 768, device=DEV, dtype=torch.float16, requires_grad=True)
+    w = torch.randn(768, device=DEV, dtype=torch.float16, requires_grad=True)
+    b = torch.randn(768, device=DEV, dtype=torch.float16, requires_grad=True)
+    y = K.add_layer_norm(x, torch.randn_like(x), w, b, backend=BACKEND)
+    dw, db = torch.autograd.grad(y.sum(), (w, b))
+    assert y.shape == (0, 768) and not dw.any() and not db.any()
+
+
+@gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N", [768, 8192])
 def test_gpu_add_layer_norm_inference_keeps_no_statistics(cuda_ext, dtype, N):
