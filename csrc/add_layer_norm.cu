@@ -12,10 +12,12 @@
 // kernel writes the second copy itself because outputs of a torch custom op may not alias.
 //
 // A row lives in registers between the two reductions, so it is read from memory once. A
-// "row group" of THREADS_PER_ROW threads owns a row: a warp for N up to 1024 (no shared
-// memory, shuffles only), the whole block (256 or 512 threads) above that. Every global access
-// of x, residual, weight, bias, dy, the stream and the outputs is 16 bytes wide when the
-// pointers and N allow it (`aligned`), one element wide otherwise.
+// "row group" of THREADS_PER_ROW threads owns a row: a warp for N up to 1024 (reductions by
+// shuffles only), the whole block (256 or 512 threads) above that. Every global access of x,
+// residual, weight, bias, dy, the stream and the outputs is 16 bytes wide when the pointers and
+// N allow it (`aligned`), one element wide otherwise. The forward writes the stream and
+// mean/rstd only when given somewhere to put them. The backward writes one row of dw/db partial
+// sums per block; a second, small kernel adds those rows up.
 #include "common.cuh"
 #include "kernels.h"
 
