@@ -12,8 +12,12 @@
 // kernel writes the second copy itself because outputs of a torch custom op may not alias.
 //
 // A row lives in registers between the two reductions, so it is read from memory once. A
-// "row group" of THREADS_PER_ROW threads owns a row: a warp for N up to 1024 (no shared
-// memory, shuffles only), the whole block (256 or 512 threads) above that.
+// "row group" of THREADS_PER_ROW threads owns a row: a warp for N up to 1024 (reductions by
+// shuffles only), the whole block (256 or 512 threads) above that. Every global access of x,
+// residual, weight, bias, dy, the stream and the outputs is 16 bytes wide when the pointers and
+// N allow it (`aligned`), one element wide otherwise. The forward writes the stream and
+// mean/rstd only when given somewhere to put them. The backward writes one row of dw/db partial
+// sums per block; a second, small kernel adds those rows up.
 #include "common.cuh"
 #include "kernels.h"
 
@@ -78,6 +82,19 @@ __device__ __forceinline__ void load_row(const T* __restrict__ src, int64_t row,
   }
 }
 
+// VW fp32 values to dst, as 16-byte stores where VW allows (dst is then 16-byte aligned: the
+// partial buffers are fresh allocations and N * sizeof(T) is a multiple of 16).
+template <int VW>
+__device__ __forceinline__ void store_f32(float* __restrict__ dst, const float (&src)[VW]) {
+  if constexpr (VW % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < VW; j += 4) *reinterpret_cast<float4*>(dst + j) = make_float4(src[j], src[j + 1], src[j + 2], src[j + 3]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VW; ++j) dst[j] = src[j];
+  }
+}
+
 // The launch bounds let ptxas budget registers for the real block size (a 512-thread block
 // must fit in 128 registers per thread, or the launch fails).
 template <typename T, int VW, int THREADS_PER_ROW, int VECS>
@@ -132,30 +149,66 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
       }
       store_vec<T, VW>(y + row * N + col, out);
     }
-    if (lane == 0) {
+    if (lane == 0 && mean_out != nullptr) {  // null in inference: nothing reads them
       mean_out[row] = mean;
       rstd_out[row] = rstd;
     }
   }
 }
 
+// dst[0:VW] += src, as 16-byte shared-memory accesses where VW allows.
+template <int VW>
+__device__ __forceinline__ void add_f32(float* dst, const float (&src)[VW]) {
+  if constexpr (VW % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < VW; j += 4) {
+      float4 v = *reinterpret_cast<float4*>(dst + j);
+      v.x += src[j], v.y += src[j + 1], v.z += src[j + 2], v.w += src[j + 3];
+      *reinterpret_cast<float4*>(dst + j) = v;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VW; ++j) dst[j] += src[j];
+  }
+}
+
+// Each group also sums dy * xhat and dy over the rows it visits, for dweight and dbias: in
+// registers when a block owns a row (one row group per block), in a shared-memory slice per
+// warp when warps own rows. There the four per-element arrays of a warp row (stream, dy and
+// the two sums, 4 x 32 fp32 at N = 1024) would need ~160 registers, 3 blocks per SM: one and a
+// third waves of the 4-blocks-per-SM grid. With the sums in shared memory (at most
+// 4 warps x 2 x 4 KB) a block fits 128 registers. Each block writes one partial row.
 template <typename T, int VW, int THREADS_PER_ROW, int VECS>
-__global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_PER_ROW) add_layer_norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ dstream,
-                                               const T* __restrict__ stream_in, const T* __restrict__ weight,
-                                               const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
-                                               T* __restrict__ dh, T* __restrict__ dh_copy, float* __restrict__ dweight_partial,
-                                               float* __restrict__ dbias_partial, int64_t M, int N) {
+__global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_PER_ROW,
+                                  THREADS_PER_ROW <= 32 && VW > 1 ? 4 : 1) add_layer_norm_backward_kernel(
+    const T* __restrict__ dy, const T* __restrict__ dstream, const T* __restrict__ stream_in,
+    const T* __restrict__ weight, const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
+    T* __restrict__ dh, T* __restrict__ dh_copy, float* __restrict__ dweight_partial,
+    float* __restrict__ dbias_partial, int64_t M, int N) {
   constexpr int kRowsPerBlock = (THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_PER_ROW) / THREADS_PER_ROW;
+  constexpr bool kSumsInSmem = kRowsPerBlock > 1;
+  constexpr int kRowFloats = THREADS_PER_ROW * VECS * VW;  // the widest row this config takes
   __shared__ float scratch[THREADS_PER_ROW > 32 ? THREADS_PER_ROW / 32 : 1];
+  // [dw of warp 0..3][db of warp 0..3], kRowFloats each
+  __shared__ alignas(16) float smem_sums[kSumsInSmem ? 2 * kRowsPerBlock * kRowFloats : 1];
   const int lane = threadIdx.x % THREADS_PER_ROW;
   const int group = threadIdx.x / THREADS_PER_ROW;
+  float* const sums_dw = smem_sums + group * kRowFloats;
+  float* const sums_db = smem_sums + (kRowsPerBlock + group) * kRowFloats;
 
-  // Column sums of dy * xhat and dy for the rows this group visits; one partial row per group.
-  float acc_dw[VECS][VW], acc_db[VECS][VW];
+  float acc_dw[kSumsInSmem ? 1 : VECS][VW], acc_db[kSumsInSmem ? 1 : VECS][VW];
 #pragma unroll
-  for (int i = 0; i < VECS; ++i)
+  for (int i = 0; i < VECS; ++i) {
+    const int col = (i * THREADS_PER_ROW + lane) * VW;
 #pragma unroll
-    for (int j = 0; j < VW; ++j) acc_dw[i][j] = acc_db[i][j] = 0.f;
+    for (int j = 0; j < VW; ++j) {
+      if constexpr (kSumsInSmem) {
+        if (col < N) sums_dw[col + j] = sums_db[col + j] = 0.f;  // only this thread touches them until the end
+      } else {
+        acc_dw[i][j] = acc_db[i][j] = 0.f;
+      }
+    }
+  }
 
   for (int64_t row = (int64_t)blockIdx.x * kRowsPerBlock + group; row < M; row += (int64_t)gridDim.x * kRowsPerBlock) {
     float h[VECS][VW], g[VECS][VW];
@@ -169,13 +222,24 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
     for (int i = 0; i < VECS; ++i) {
       const int col = (i * THREADS_PER_ROW + lane) * VW;
       if (col >= N) continue;
-      float w[VW];
+      float w[VW], dw[VW];
       if (weight != nullptr) load_vec<T, VW>(weight + col, w);
 #pragma unroll
       for (int j = 0; j < VW; ++j) {
         const float xhat = (h[i][j] - mean) * rstd;
-        acc_dw[i][j] += g[i][j] * xhat;
-        acc_db[i][j] += g[i][j];
+        dw[j] = g[i][j] * xhat;
+        if constexpr (!kSumsInSmem) {
+          acc_dw[i][j] += dw[j];
+          acc_db[i][j] += g[i][j];
+        }
+      }
+      if constexpr (kSumsInSmem) {
+        add_f32<VW>(sums_dw + col, dw);
+        add_f32<VW>(sums_db + col, g[i]);
+      }
+#pragma unroll
+      for (int j = 0; j < VW; ++j) {
+        const float xhat = (h[i][j] - mean) * rstd;
         if (weight != nullptr) g[i][j] *= w[j];
         h[i][j] = xhat;  // h is not needed any more; keep xhat in its registers
         sum_g += g[i][j];
@@ -201,39 +265,106 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
     }
   }
 
-  // Every group writes its row, zeros included, so the caller may sum an uninitialised buffer.
-  const int64_t partial_row = (int64_t)blockIdx.x * kRowsPerBlock + group;
+  // Every block writes its partial row, zeros included, so the caller may sum an uninitialised
+  // buffer.
+  const int64_t partial_row = blockIdx.x;
+  if constexpr (kSumsInSmem) {
+    // The warps' slices added in a fixed order (deterministic, unlike atomics), 4 columns per
+    // thread where rows are 16-byte aligned (then N is a multiple of 4).
+    constexpr int kStep = VW % 4 == 0 ? 4 : 1;
+    __syncthreads();
+    for (int col = threadIdx.x * kStep; col < N; col += kWarpBlock * kStep) {
+      float dw[kStep], db[kStep];
 #pragma unroll
-  for (int i = 0; i < VECS; ++i) {
-    const int col = (i * THREADS_PER_ROW + lane) * VW;
-    if (col >= N) continue;
+      for (int k = 0; k < kStep; ++k) dw[k] = db[k] = 0.f;
 #pragma unroll
-    for (int j = 0; j < VW; ++j) {
-      if (dweight_partial != nullptr) dweight_partial[partial_row * N + col + j] = acc_dw[i][j];
-      if (dbias_partial != nullptr) dbias_partial[partial_row * N + col + j] = acc_db[i][j];
+      for (int w = 0; w < kRowsPerBlock; ++w) {
+#pragma unroll
+        for (int k = 0; k < kStep; ++k) {
+          dw[k] += smem_sums[w * kRowFloats + col + k];
+          db[k] += smem_sums[(kRowsPerBlock + w) * kRowFloats + col + k];
+        }
+      }
+      if (dweight_partial != nullptr) store_f32<kStep>(dweight_partial + partial_row * N + col, dw);
+      if (dbias_partial != nullptr) store_f32<kStep>(dbias_partial + partial_row * N + col, db);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < VECS; ++i) {
+      const int col = (i * THREADS_PER_ROW + lane) * VW;
+      if (col >= N) continue;
+      if (dweight_partial != nullptr) store_f32<VW>(dweight_partial + partial_row * N + col, acc_dw[i]);
+      if (dbias_partial != nullptr) store_f32<VW>(dbias_partial + partial_row * N + col, acc_db[i]);
     }
   }
 }
 
-// The (threads per row, vectors per thread) a hidden size N runs with: a warp per row while
-// 4 vectors each suffice, then a block per row, 512 threads for the widest rows so that the
-// backward's four per-element arrays (stream, dy, two column sums) stay in registers
-// (256 threads x 8 vectors spilled).
+// The backward's second, small kernel: dweight and dbias as the column sums of the partial
+// rows, rounded once to T, in one launch. A block owns kSumCols columns and splits the rows
+// among kSumSlices threads per column (a warp reads 4 rows x 8 columns: full 32-byte sectors),
+// then adds the slices up in a fixed order.
+constexpr int kSumCols = 8;
+constexpr int kSumSlices = 32;
+
+template <typename T>
+__global__ void __launch_bounds__(kSumCols * kSumSlices) add_layer_norm_sum_partials_kernel(
+    const float* __restrict__ dweight_partial,  // (rows, N) fp32, or null
+    const float* __restrict__ dbias_partial,    // (rows, N) fp32, or null
+    T* __restrict__ dweight,                    // (N,), or null
+    T* __restrict__ dbias,                      // (N,), or null
+    int64_t rows, int N) {
+  __shared__ float slices[2][kSumSlices][kSumCols + 1];
+  const int c = threadIdx.x % kSumCols;
+  const int slice = threadIdx.x / kSumCols;
+  const int col = blockIdx.x * kSumCols + c;
+  float dw = 0.f, db = 0.f;
+  if (col < N) {
+    for (int64_t r = slice; r < rows; r += kSumSlices) {
+      if (dweight_partial != nullptr) dw += dweight_partial[r * N + col];
+      if (dbias_partial != nullptr) db += dbias_partial[r * N + col];
+    }
+  }
+  slices[0][slice][c] = dw;
+  slices[1][slice][c] = db;
+  __syncthreads();
+  T* out = slice == 0 ? dweight : dbias;
+  if (slice < 2 && col < N && out != nullptr) {
+    float total = 0.f;
+#pragma unroll
+    for (int s = 0; s < kSumSlices; ++s) total += slices[slice][s][c];
+    out[col] = from_float<T>(total);
+  }
+}
+
+// The (threads per row, vectors per thread) a hidden size N runs with. Each config holds just
+// enough vectors per thread to cover the widest N it is picked for, because ptxas budgets
+// registers for all of them: a warp per row up to N = 1024; then a 256-thread block, 2 vectors
+// each; then 512 threads up to kLayerNormMaxHidden. The backward keeps four per-element arrays
+// (stream, dy and two column sums) live, 4 * 16 fp32 per thread at the widest 16-bit rows,
+// which fits the 128 registers a 512-thread block allows (4 * 32 with 4 vectors spilled
+// ~300 bytes). Unaligned rows (VW = 1): 8 or 32 elements per lane of a warp up to N = 1024,
+// then 256 threads x 32.
 struct RowConfig {
   int threads_per_row;
   int vecs;
 };
 
+template <typename T> constexpr int kVecWidth = 16 / sizeof(T);
+template <typename T> constexpr int kWarpVecs = 1024 / (32 * kVecWidth<T>);                   // 4, or 8 for fp32
+template <typename T> constexpr int kWideVecs = kLayerNormMaxHidden / (512 * kVecWidth<T>);  // 2, or 4 for fp32
+static_assert(256 * 32 >= kLayerNormMaxHidden, "the unaligned block config must cover the widest row");
+
 template <typename T>
 RowConfig pick_config(int N, bool aligned) {
-  constexpr int kVW = 16 / sizeof(T);
+  constexpr int kVW = kVecWidth<T>;
   if (aligned) {
     if (N <= 32 * kVW) return {32, 1};
-    if (N <= 32 * 4 * kVW) return {32, 4};
+    if (N <= 1024) return {32, kWarpVecs<T>};
     if (N <= 256 * 2 * kVW) return {256, 2};
-    return {512, 4};
+    return {512, kWideVecs<T>};
   }
   if (N <= 32 * 8) return {32, 8};
+  if (N <= 1024) return {32, 32};
   return {256, 32};
 }
 
@@ -246,18 +377,19 @@ int64_t blocks_for(int64_t M, RowConfig c, int64_t cap) {
 }
 
 // Every (VW, threads, vecs) instance pick_config can return, in one place.
-#define FUSEFORMER_LN_DISPATCH(T, cfg, aligned, LAUNCH)                  \
-  do {                                                                   \
-    constexpr int kVW = 16 / sizeof(T);                                  \
-    if (aligned) {                                                       \
-      if (cfg.threads_per_row == 32 && cfg.vecs == 1) LAUNCH(T, kVW, 32, 1);       \
-      else if (cfg.threads_per_row == 32) LAUNCH(T, kVW, 32, 4);         \
-      else if (cfg.threads_per_row == 256) LAUNCH(T, kVW, 256, 2);       \
-      else LAUNCH(T, kVW, 512, 4);                                       \
-    } else {                                                             \
-      if (cfg.threads_per_row == 32) LAUNCH(T, 1, 32, 8);                \
-      else LAUNCH(T, 1, 256, 32);                                        \
-    }                                                                    \
+#define FUSEFORMER_LN_DISPATCH(T, cfg, aligned, LAUNCH)                           \
+  do {                                                                            \
+    constexpr int kVW = kVecWidth<T>;                                             \
+    if (aligned) {                                                                \
+      if (cfg.threads_per_row == 32 && cfg.vecs == 1) LAUNCH(T, kVW, 32, 1);      \
+      else if (cfg.threads_per_row == 32) LAUNCH(T, kVW, 32, kWarpVecs<T>);       \
+      else if (cfg.threads_per_row == 256) LAUNCH(T, kVW, 256, 2);                \
+      else LAUNCH(T, kVW, 512, kWideVecs<T>);                                     \
+    } else {                                                                      \
+      if (cfg.threads_per_row == 32 && cfg.vecs == 8) LAUNCH(T, 1, 32, 8);        \
+      else if (cfg.threads_per_row == 32) LAUNCH(T, 1, 32, 32);                   \
+      else LAUNCH(T, 1, 256, 32);                                                 \
+    }                                                                             \
   } while (0)
 
 template <typename T>
@@ -291,6 +423,14 @@ cudaError_t backward_typed(const void* dy, const void* dstream, const void* stre
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t sum_partials_typed(const float* dweight_partial, const float* dbias_partial, void* dweight, void* dbias,
+                               int64_t rows, int N, cudaStream_t stream) {
+  add_layer_norm_sum_partials_kernel<T><<<ceil_div(N, kSumCols), kSumCols * kSumSlices, 0, stream>>>(
+      dweight_partial, dbias_partial, static_cast<T*>(dweight), static_cast<T*>(dbias), rows, N);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 cudaError_t add_layer_norm_forward(DType dtype, const void* x, const void* residual, const void* weight,
@@ -308,7 +448,18 @@ cudaError_t add_layer_norm_forward(DType dtype, const void* x, const void* resid
 int64_t add_layer_norm_partial_rows(DType dtype, int64_t M, int N, bool aligned, int max_blocks) {
   if (M == 0) return 0;
   const RowConfig cfg = dtype == DType::F32 ? pick_config<float>(N, aligned) : pick_config<__half>(N, aligned);
-  return blocks_for(M, cfg, max_blocks) * rows_per_block(cfg);
+  return blocks_for(M, cfg, max_blocks);  // one partial row per block
+}
+
+cudaError_t add_layer_norm_sum_partials(DType dtype, const float* dweight_partial, const float* dbias_partial,
+                                        void* dweight, void* dbias, int64_t rows, int N, cudaStream_t stream) {
+  if (dweight == nullptr && dbias == nullptr) return cudaSuccess;
+  switch (dtype) {
+    case DType::F16: return sum_partials_typed<__half>(dweight_partial, dbias_partial, dweight, dbias, rows, N, stream);
+    case DType::BF16: return sum_partials_typed<__nv_bfloat16>(dweight_partial, dbias_partial, dweight, dbias, rows, N, stream);
+    case DType::F32: return sum_partials_typed<float>(dweight_partial, dbias_partial, dweight, dbias, rows, N, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 cudaError_t add_layer_norm_backward(DType dtype, const void* dy, const void* dstream, const void* stream_in,

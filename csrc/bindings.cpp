@@ -106,9 +106,11 @@ void check_layer_norm_input(const at::Tensor& x) {
                     kLayerNormMaxHidden, "] for the cuda backend, got ", x.size(1));
 }
 
-std::tuple<at::Tensor, std::optional<at::Tensor>, at::Tensor, at::Tensor> py_add_layer_norm_forward(
-    const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, bool save_stream) {
+// mean and rstd are None unless save_stats (inference keeps no statistics).
+std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
+py_add_layer_norm_forward(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                          const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+                          bool save_stream, bool save_stats) {
   check_layer_norm_input(x);
   check_optional_matrix(residual, x, "residual");
   check_optional_vector(weight, x, "weight");
@@ -120,15 +122,19 @@ std::tuple<at::Tensor, std::optional<at::Tensor>, at::Tensor, at::Tensor> py_add
 
   at::Tensor y = new_output(at::empty_like(x));
   std::optional<at::Tensor> stream_out = save_stream ? std::optional<at::Tensor>(new_output(at::empty_like(x))) : std::nullopt;
-  at::Tensor mean = new_output(at::empty({M}, x.options().dtype(at::kFloat)));
-  at::Tensor rstd = new_output(at::empty({M}, x.options().dtype(at::kFloat)));
+  std::optional<at::Tensor> mean, rstd;
+  if (save_stats) {
+    mean = new_output(at::empty({M}, x.options().dtype(at::kFloat)));
+    rstd = new_output(at::empty({M}, x.options().dtype(at::kFloat)));
+  }
   const bool aligned = (N * x.element_size()) % 16 == 0 && aligned16(x.data_ptr()) && aligned16(ptr_or_null(residual)) &&
                        aligned16(ptr_or_null(weight)) && aligned16(ptr_or_null(bias)) && aligned16(y.data_ptr()) &&
                        aligned16(ptr_or_null(stream_out));
   CHECK_LAUNCH(fuseformer::add_layer_norm_forward(kernel_dtype(x, "x"), x.data_ptr(), ptr_or_null(residual),
                                                   ptr_or_null(weight), ptr_or_null(bias), y.data_ptr(),
                                                   stream_out.has_value() ? stream_out->data_ptr() : nullptr,
-                                                  mean.data_ptr<float>(), rstd.data_ptr<float>(), M, N,
+                                                  save_stats ? mean->data_ptr<float>() : nullptr,
+                                                  save_stats ? rstd->data_ptr<float>() : nullptr, M, N,
                                                   static_cast<float>(eps), aligned, current_stream()));
   return {y, stream_out, mean, rstd};
 }
@@ -177,8 +183,12 @@ py_add_layer_norm_backward(const at::Tensor& dy, const std::optional<at::Tensor>
       db_partial.has_value() ? db_partial->data_ptr<float>() : nullptr, M, N, aligned, max_blocks, current_stream()));
 
   std::optional<at::Tensor> dweight, dbias;
-  if (dw_partial.has_value()) dweight = dw_partial->sum(0).to(stream.scalar_type());
-  if (db_partial.has_value()) dbias = db_partial->sum(0).to(stream.scalar_type());
+  if (dw_partial.has_value()) dweight = new_output(at::empty({N}, stream.options()));
+  if (db_partial.has_value()) dbias = new_output(at::empty({N}, stream.options()));
+  CHECK_LAUNCH(fuseformer::add_layer_norm_sum_partials(
+      dtype, dw_partial.has_value() ? dw_partial->data_ptr<float>() : nullptr,
+      db_partial.has_value() ? db_partial->data_ptr<float>() : nullptr, dweight.has_value() ? dweight->data_ptr() : nullptr,
+      dbias.has_value() ? dbias->data_ptr() : nullptr, partial_rows, N, current_stream()));
   return {dx, dresidual, dweight, dbias};
 }
 
@@ -444,7 +454,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fuseformer's CUDA C++ kernels (the `cuda` backend)";
   using namespace pybind11::literals;
   m.def("add_layer_norm_forward", &fuseformer::py_add_layer_norm_forward, "y, stream, mean, rstd of layer_norm(x + residual)",
-        "x"_a, "residual"_a, "weight"_a, "bias"_a, "eps"_a, "save_stream"_a);
+        "x"_a, "residual"_a, "weight"_a, "bias"_a, "eps"_a, "save_stream"_a, "save_stats"_a = true);
   m.def("add_layer_norm_backward", &fuseformer::py_add_layer_norm_backward, "dx, dresidual, dweight, dbias",
         "dy"_a, "dstream"_a, "stream"_a, "weight"_a, "mean"_a, "rstd"_a, "need_dbias"_a, "need_dresidual"_a);
   m.def("linear_gelu_forward", &fuseformer::py_linear_gelu_forward, "out, preact of gelu(x @ weight^T + bias)",

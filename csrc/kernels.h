@@ -17,8 +17,9 @@ enum class DType : int { F16 = 0, BF16 = 1, F32 = 2 };
 constexpr int kLayerNormMaxHidden = 8192;
 
 // stream = x + residual; y = (stream - mean) * rstd * weight + bias, row by row over (M, N).
-// residual, weight, bias, stream_out may be null. mean/rstd are fp32 (M). `aligned` says that
-// every pointer is 16-byte aligned and N * sizeof(dtype) is a multiple of 16.
+// residual, weight, bias, stream_out may be null. mean/rstd are fp32 (M), both null when no
+// backward needs them. `aligned` says that every pointer is 16-byte aligned and
+// N * sizeof(dtype) is a multiple of 16.
 cudaError_t add_layer_norm_forward(DType dtype, const void* x, const void* residual, const void* weight,
                                    const void* bias, void* y, void* stream_out, float* mean, float* rstd,
                                    int64_t M, int N, float eps, bool aligned, cudaStream_t stream);
@@ -26,9 +27,9 @@ cudaError_t add_layer_norm_forward(DType dtype, const void* x, const void* resid
 // Gradient of the LayerNorm input h (the saved stream, `stream_in`) given dy, plus dstream
 // (the gradient reaching the returned stream under prenorm; may be null). dh is written in
 // the input dtype, and again to dh_copy when that is not null (dx and dresidual must not
-// alias). Per-row-group partial sums of dy * xhat and dy go to dweight_partial /
-// dbias_partial (fp32, (add_layer_norm_partial_rows(...), N)), or are skipped when those are
-// null; the caller sums them over rows.
+// alias). Per-block partial sums of dy * xhat and dy go to dweight_partial /
+// dbias_partial (fp32, (add_layer_norm_partial_rows(...), N), 16-byte aligned when `aligned`),
+// or are skipped when those are null; the caller sums them over rows.
 cudaError_t add_layer_norm_backward(DType dtype, const void* dy, const void* dstream, const void* stream_in,
                                     const void* weight, const float* mean, const float* rstd, void* dh,
                                     void* dh_copy, float* dweight_partial, float* dbias_partial, int64_t M, int N,
@@ -36,6 +37,11 @@ cudaError_t add_layer_norm_backward(DType dtype, const void* dy, const void* dst
 
 // Rows of the partial-sum buffers add_layer_norm_backward writes for these arguments (0 when M is 0).
 int64_t add_layer_norm_partial_rows(DType dtype, int64_t M, int N, bool aligned, int max_blocks);
+
+// dweight / dbias (dtype, (N,)) = column sums of the (rows, N) fp32 partial buffers that
+// add_layer_norm_backward wrote (zeros when rows is 0); a null output is skipped.
+cudaError_t add_layer_norm_sum_partials(DType dtype, const float* dweight_partial, const float* dbias_partial,
+                                        void* dweight, void* dbias, int64_t rows, int N, cudaStream_t stream);
 
 // ---- GELU elementwise (csrc/gelu.cu) ---------------------------------------------------------
 // out = gelu(pre); approximate_tanh picks GPT-2's tanh form over the erf form.

@@ -344,11 +344,11 @@ def _contiguous(t):
 
 
 def _add_layer_norm_forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream, save_stats=True):
-    # csrc/ always writes mean/rstd (save_stats only spares the Triton kernel two stores).
     if dropout_p:
         raise BackendUnsupportedError("backend 'cuda' cannot run add_layer_norm: dropout is not implemented in the cuda backend")
     return module().add_layer_norm_forward(
-        x.contiguous(), _contiguous(residual), _contiguous(weight), _contiguous(bias), float(eps), bool(save_stream)
+        x.contiguous(), _contiguous(residual), _contiguous(weight), _contiguous(bias), float(eps), bool(save_stream),
+        bool(save_stats),
     )
 
 

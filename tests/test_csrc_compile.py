@@ -7,6 +7,8 @@ here even on a runner that will never launch a kernel.
 - the CuTe attention (attention_cute.cu, on the `nvidia-cutlass` package's headers) compiles
   with -O3 for sm_80 and sm_90a, its SASS uses the tensor cores (HMMA) and ptxas reports no
   register spills: what can be proven of a kernel's speed without a GPU;
+- add_layer_norm.cu compiles the same way for sm_80 and sm_90 without spills or stack frames,
+  and its aligned configs move rows with 16-byte global loads and stores (LDG/STG.E.128);
 - the Hopper attention (attention_sm90*.cu, CUTLASS's FMHA collectives) compiles for sm_90a
   with wgmma (HGMMA) and TMA (UTMALDG/UTMASTG) in its SASS, no spills, and no wgmma
   serialization warning from ptxas.
@@ -217,6 +219,31 @@ def _setup_arguments(**env) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _cubins(nvcc, source, archs, flags, out, timeout) -> dict:
+    """csrc/`source` built as the JIT extension builds it (-O3, torch's nvcc flags, + `flags`),
+    one cubin per architecture, all at once, with ptxas's resource report:
+    {arch: (returncode, command, output, cubin)}."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # what the JIT build adds (no half operators, ...)
+
+    from fuseformer.kernels import cuda_backend
+
+    procs = {}
+    for arch in archs:
+        cubin = out / f"{source}.{arch}.cubin"
+        cmd = [nvcc, "-std=c++17", *COMMON_NVCC_FLAGS, *cuda_backend.CUDA_FLAGS, *flags, "-Xptxas", "-v",
+               f"-arch={arch}", "-cubin", str(CSRC / source), "-o", str(cubin)]
+        procs[arch] = (cmd, cubin, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    results = {}
+    for arch, (cmd, cubin, proc) in procs.items():
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output = f"timed out after {timeout} s\n" + proc.communicate()[0]
+        results[arch] = (proc.returncode, " ".join(cmd), output, cubin)
+    return results
+
+
 @pytest.fixture(scope="module")
 def cute_builds(tmp_path_factory):
     """attention_cute.cu built as the JIT extension builds it (-O3, torch's nvcc flags), one cubin per architecture,
@@ -229,24 +256,7 @@ def cute_builds(tmp_path_factory):
     include = cuda_backend.cutlass_include()
     if include is None:
         pytest.skip("the nvidia-cutlass package (CuTe headers) is not installed")
-    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # what the JIT build adds (no half operators, ...)
-
-    out = tmp_path_factory.mktemp("cute")
-    procs = {}
-    for arch in CUTE_ARCHS:
-        cubin = out / f"attention_cute.{arch}.cubin"
-        cmd = [nvcc, "-std=c++17", *COMMON_NVCC_FLAGS, *cuda_backend.CUDA_FLAGS, f"-I{include}", "-Xptxas", "-v",
-               f"-arch={arch}", "-cubin", str(CSRC / "attention_cute.cu"), "-o", str(cubin)]
-        procs[arch] = (cmd, cubin, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    results = {}
-    for arch, (cmd, cubin, proc) in procs.items():
-        try:
-            output, _ = proc.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output = "timed out after 600 s\n" + proc.communicate()[0]
-        results[arch] = (proc.returncode, " ".join(cmd), output, cubin)
-    return results
+    return _cubins(nvcc, "attention_cute.cu", CUTE_ARCHS, [f"-I{include}"], tmp_path_factory.mktemp("cute"), 600)
 
 
 def _kernel_reports(ptxas_output):
@@ -260,6 +270,16 @@ def _kernel_reports(ptxas_output):
         elif current is not None:
             reports[current].append(line)
     return reports
+
+
+def _assert_no_spills(reports, arch):
+    """Every kernel's ptxas report: no spill stores or loads, no stack frame (local memory)."""
+    for name, lines in reports.items():
+        text = "\n".join(lines)
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+        assert spills, f"no spill report for {name}:\n{text}"
+        assert spills.groups() == ("0", "0"), f"{name} spills on {arch}:\n{text}"
+        assert re.search(r"\b0 bytes stack frame", text), f"{name} uses local memory on {arch}:\n{text}"
 
 
 def _head_dim(mangled):
@@ -276,12 +296,7 @@ def test_cute_attention_compiles_without_spills(cute_builds, arch):
     kernels = {name: lines for name, lines in reports.items() if "attention_forward_cute_kernel" in name}
     # fp16 and bf16 at head dims 64 and 128.
     assert len(kernels) == 4, f"expected 4 kernels, ptxas compiled {list(reports)}"
-    for name, lines in kernels.items():
-        text = "\n".join(lines)
-        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-        assert spills, f"no spill report for {name}:\n{text}"
-        assert spills.groups() == ("0", "0"), f"{name} spills on {arch}:\n{text}"
-        assert re.search(r"\b0 bytes stack frame", text), f"{name} uses local memory on {arch}:\n{text}"
+    _assert_no_spills(kernels, arch)
 
 
 @pytest.mark.parametrize("arch", CUTE_ARCHS)
@@ -331,15 +346,10 @@ def sm90_build(tmp_path_factory):
     fmha = cuda_backend.cutlass_fmha_include(include)
     if fmha is None:
         pytest.skip("the nvidia-cutlass package with its Hopper FMHA collectives is not installed")
-    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
-
-    cubin = tmp_path_factory.mktemp("sm90") / "attention_sm90_bf16_d64.cubin"
-    flags = cuda_backend.sm90a_flags(None, {(9, 0)})  # what the JIT build passes on an H100
-    cmd = [nvcc, "-std=c++17", *COMMON_NVCC_FLAGS, *cuda_backend.CUDA_FLAGS, *flags, "-DFUSEFORMER_SM90_CAUSAL_ONLY",
-           f"-I{include}", f"-I{fmha}", "-Xptxas", "-v", "-cubin", str(CSRC / "attention_sm90_bf16_d64.cu"),
-           "-o", str(cubin)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    return result.returncode, " ".join(cmd), result.stdout + result.stderr, cubin
+    # The JIT build on an H100 passes -gencode for sm_90a and this define (sm90a_flags).
+    assert "-DFUSEFORMER_SM90A" in cuda_backend.sm90a_flags(None, {(9, 0)})
+    flags = ["-DFUSEFORMER_SM90A", "-DFUSEFORMER_SM90_CAUSAL_ONLY", f"-I{include}", f"-I{fmha}"]
+    return _cubins(nvcc, "attention_sm90_bf16_d64.cu", ("sm_90a",), flags, tmp_path_factory.mktemp("sm90"), 900)["sm_90a"]
 
 
 def test_sm90_attention_compiles_without_spills_or_wgmma_serialization(sm90_build):
@@ -348,9 +358,7 @@ def test_sm90_attention_compiles_without_spills_or_wgmma_serialization(sm90_buil
     reports = _kernel_reports(output)
     kernels = {n: lines for n, lines in reports.items() if "FmhaKernelTmaWarpSpecialized" in n}
     assert len(kernels) == 1 and "CausalTailFusion" in next(iter(kernels)), list(reports)
-    text = "\n".join(next(iter(kernels.values())))
-    assert re.search(r"\b0 bytes spill stores, 0 bytes spill loads", text), text
-    assert re.search(r"\b0 bytes stack frame", text), text
+    _assert_no_spills(kernels, "sm_90a")
     # ptxas C7510: wgmma serialized across a call (the collectives' device asserts do that;
     # attention_sm90.cuh compiles them out).
     assert "serialized" not in output, output
@@ -385,3 +393,69 @@ def test_setup_aot_build_compiles_sm90a_kernels_only_for_9_0a():
     for arch_list, define in (("8.0;9.0a", True), ("8.0;9.0", False)):
         nvcc_flags = _setup_arguments(TORCH_CUDA_ARCH_LIST=arch_list)["ext"]["extra_compile_args"]["nvcc"]
         assert ("-DFUSEFORMER_SM90A" in nvcc_flags) == define
+
+
+# ----------------------------------------------------------------------------- add + LayerNorm
+
+LN_ARCHS = ("sm_80", "sm_90")
+LN_DTYPES = {"f": "float32", "6__half": "float16", "13__nv_bfloat16": "bfloat16"}
+# add_layer_norm_{forward,backward}_kernel<T, VW, THREADS_PER_ROW, VECS> as mangled.
+LN_KERNEL = re.compile(r"add_layer_norm_(forward|backward)_kernelI(f|6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)ELi(\d+)E")
+
+
+@pytest.fixture(scope="module")
+def add_layer_norm_builds(tmp_path_factory):
+    """add_layer_norm.cu built as the JIT extension builds it (-O3, torch's nvcc flags), one cubin
+    per architecture, both at once, with ptxas's resource report (a few seconds each)."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    return _cubins(nvcc, "add_layer_norm.cu", LN_ARCHS, [], tmp_path_factory.mktemp("add_layer_norm"), 300)
+
+
+def _ln_kernels(names):
+    """{mangled name: (direction, dtype, VW, threads per row, vecs)} of the add+LN kernels among names."""
+    found = {}
+    for name in names:
+        m = LN_KERNEL.search(name)
+        if m:
+            found[name] = (m.group(1), LN_DTYPES[m.group(2)], *map(int, m.groups()[2:]))
+    return found
+
+
+@pytest.mark.parametrize("arch", LN_ARCHS)
+def test_add_layer_norm_compiles_without_spills(add_layer_norm_builds, arch):
+    """Every forward and backward config keeps its row in registers: no spills, no stack frame
+    (the 512-thread backward at hidden 8192 spilled ~300 bytes per thread when it held 32
+    elements per thread)."""
+    returncode, cmd, output, cubin = add_layer_norm_builds[arch]
+    assert returncode == 0, f"{cmd}\n{output}"
+    reports = _kernel_reports(output)
+    kernels = _ln_kernels(reports)
+    seen = {(direction, dtype) for direction, dtype, *_ in kernels.values()}
+    assert seen == {(d, t) for d in ("forward", "backward") for t in LN_DTYPES.values()}, list(reports)
+    _assert_no_spills(reports, arch)
+
+
+@pytest.mark.parametrize("arch", LN_ARCHS)
+def test_add_layer_norm_uses_128bit_accesses(add_layer_norm_builds, arch):
+    """Aligned configs (VW > 1) move every row element with 16-byte LDG.E.128 / STG.E.128: the only
+    narrower global accesses are the two fp32 statistics per row (stored by the forward, loaded by
+    the backward); unaligned configs (VW == 1) exist and are left scalar."""
+    functions = re.split(r"\n\s*Function : ", _sass(*add_layer_norm_builds[arch]))[1:]
+    sass = {chunk.split("\n", 1)[0].strip(): chunk for chunk in functions}
+    kernels = _ln_kernels(sass)
+    assert any(vw == 1 for _, _, vw, _, _ in kernels.values()), "no unaligned (VW == 1) config left"
+    aligned = {name: info for name, info in kernels.items() if info[2] > 1}
+    assert {(d, t) for d, t, *_ in aligned.values()} == {(d, t) for d in ("forward", "backward") for t in LN_DTYPES.values()}
+    for name, (direction, dtype, vw, threads, vecs) in aligned.items():
+        body = sass[name]
+        accesses = re.findall(r"\b(LDG|STG)\.E((?:\.\w+)*)", body)
+        wide = {op: sum(1 for o, mods in accesses if o == op and ".128" in mods) for op in ("LDG", "STG")}
+        narrow = [op + ".E" + mods for op, mods in accesses if ".128" not in mods]
+        what = f"{direction} {dtype} VW={vw} {threads}x{vecs} on {arch}"
+        # Forward: x and residual (and weight, bias) per vector; backward: stream and dy (and weight).
+        assert wide["LDG"] >= 2 * vecs, f"{what}: {wide['LDG']} LDG.E.128"
+        assert wide["STG"] >= vecs, f"{what}: {wide['STG']} STG.E.128"
+        assert not [a for a in narrow if re.search(r"\.(U8|S8|U16|S16|64)\b", a)], f"{what}: narrow accesses {narrow}"
+        assert len(narrow) <= 2, f"{what}: {len(narrow)} 32-bit global accesses (mean and rstd are 2): {sorted(set(narrow))}"

@@ -335,7 +335,13 @@ def _parity_with_grads(run_impl, run_ref, inputs, dtype, names, grad=True):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("M,N", [(3, 1), (17, 100), (5, 1023), (64, 768), (3, 4096), (2, 8192), (257, 40)])
+# One shape per row config of csrc/add_layer_norm.cu's pick_config (16-bit / fp32): 1 and 40
+# unaligned or {32,1}; 100 unaligned / {32,1}; 1023 unaligned {32,32}; 768 {32,4} / {32,8};
+# 1536 {256,2}; 4096 {256,2} / {512,4}; 4099 unaligned {256,32}; 8192 {512,2} / {512,4}.
+# 2200 x 768 and 1100 x 1536 have more rows than the backward's grid (4 blocks per SM) holds,
+# so groups sum several rows' dw/db before the block adds up its warps.
+@pytest.mark.parametrize("M,N", [(3, 1), (17, 100), (5, 1023), (2200, 768), (1100, 1536), (3, 4096), (3, 4099),
+                                 (2, 8192), (257, 40)])
 @pytest.mark.parametrize("prenorm", [False, True])
 def test_gpu_add_layer_norm_parity(cuda_ext, dtype, M, N, prenorm):
     x, r = torch.randn(M, N, device=DEV), torch.randn(M, N, device=DEV)
@@ -357,6 +363,33 @@ def test_gpu_add_layer_norm_optional_args(cuda_ext, dtype, residual, weight, bia
             torch.randn(N, device=DEV) if bias else None)
     _parity_with_grads(lambda *t: K.add_layer_norm(*t, backend=BACKEND), reference.add_layer_norm, args, dtype,
                        ("dx", "dresidual", "dweight", "dbias"))
+
+
+@gpu
+def test_gpu_add_layer_norm_no_rows(cuda_ext):
+    """Zero rows: no row kernel runs, and the partial-sum kernel still writes dweight = dbias = 0."""
+    x = torch.randn(0, 768, device=DEV, dtype=torch.float16, requires_grad=True)
+    w = torch.randn(768, device=DEV, dtype=torch.float16, requires_grad=True)
+    b = torch.randn(768, device=DEV, dtype=torch.float16, requires_grad=True)
+    y = K.add_layer_norm(x, torch.randn_like(x), w, b, backend=BACKEND)
+    dw, db = torch.autograd.grad(y.sum(), (w, b))
+    assert y.shape == (0, 768) and not dw.any() and not db.any()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N", [768, 8192])
+def test_gpu_add_layer_norm_inference_keeps_no_statistics(cuda_ext, dtype, N):
+    """Without autograd the launcher asks for neither the stream nor mean/rstd: the kernel skips
+    those stores and y still meets parity."""
+    x, r = torch.randn(5, N, device=DEV, dtype=dtype), torch.randn(5, N, device=DEV, dtype=dtype)
+    w, b = torch.randn(N, device=DEV, dtype=dtype), torch.randn(N, device=DEV, dtype=dtype)
+    y, stream, mean, rstd = cuda_ext.add_layer_norm_forward(x, r, w, b, 1e-5, False, False)
+    assert stream is None and mean is None and rstd is None
+    ref64 = reference.add_layer_norm(*(t.double() for t in (x, r, w, b)))
+    with torch.no_grad():
+        assert_parity(K.add_layer_norm(x, r, w, b, backend=BACKEND), ref64, reference.add_layer_norm(x, r, w, b), dtype)
+    assert_parity(y, ref64, reference.add_layer_norm(x, r, w, b), dtype)
 
 
 # ----------------------------------------------------------------------------- GPU: Linear + GELU
