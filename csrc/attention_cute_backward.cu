@@ -50,11 +50,11 @@ template <int kHeadDim>
 struct CuteBwdTiles;
 template <>
 struct CuteBwdTiles<64> {
-  static constexpr int kBlockN = 128, kBlockM = 64, kNWarps = 8;
+  static constexpr int kBlockN = 128, kBlockM = 64, kNWarps = 8, kStages = 2;
 };
 template <>
 struct CuteBwdTiles<128> {
-  static constexpr int kBlockN = 64, kBlockM = 32, kNWarps = 4;
+  static constexpr int kBlockN = 128, kBlockM = 32, kNWarps = 8, kStages = 1;
 };
 
 template <typename Element_, int kHeadDim_>
@@ -67,7 +67,7 @@ struct CuteAttnBwdTraits {
   static constexpr int kNThreads = kNWarps * 32;
   static_assert(kHeadDim % 64 == 0, "the swizzled 64-column smem atom needs head dims that are multiples of 64");
   static_assert(kBlockN % (16 * kNWarps) == 0, "every warp owns whole 16-key row tiles");
-  static_assert(kBlockM == 32 || kBlockM == 64, "dS's smem atom is 32 or 64 queries wide");
+  static_assert(kBlockM == 32 || kBlockM % 64 == 0, "dS's smem atom is 32 or 64 queries wide");
 
   // S^T, dP^T, dV, dK: (keys, *), warps along the keys.
   using TiledMmaKV = TiledMmaFor<Element, kNWarps>;
@@ -78,13 +78,20 @@ struct CuteAttnBwdTraits {
   using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom<64>{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));  // Q, dO
   using SmemLayoutQt = Transposed<SmemLayoutQ>;  // (D, M): B operand of dK += dS^T Q, dV += P^T dO
   using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom<64>{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
-  using SmemLayoutKt = Transposed<SmemLayoutKV>;  // (D, N): B operand of dQ = dS K
-  using SmemLayoutdS = decltype(tile_to_shape(SmemLayoutAtom<kBlockM>{}, Shape<Int<kBlockN>, Int<kBlockM>>{}));  // dS^T
+  // dQ = dS K is computed 64 head-dim columns at a time (fewer live registers). The
+  // column-major tiling of the 64-column smem atom makes columns [64 j, 64 j + 64) of K one
+  // (N, 64) tile of its own at offset 64 j N, read as (64, N): the B operand.
+  static constexpr int kDqCols = 64;
+  using SmemLayoutKChunk = decltype(tile_to_shape(SmemLayoutAtom<64>{}, Shape<Int<kBlockN>, Int<kDqCols>>{}));
+  using SmemLayoutKtChunk = Transposed<SmemLayoutKChunk>;
+  using SmemLayoutdS = decltype(tile_to_shape(SmemLayoutAtom<kBlockM == 32 ? 32 : 64>{}, Shape<Int<kBlockN>, Int<kBlockM>>{}));  // dS^T
   using SmemLayoutdSt = Transposed<SmemLayoutdS>;  // (M, N): A operand of dQ = dS K
 
   using GmemTiledCopy = cute_attn::GmemTiledCopy<Element, kNThreads>;
 
-  static constexpr int kStages = 2;  // Q, dO, lse, delta double-buffered
+  // Q, dO, lse, delta: 2 = double-buffered (the next tile loads during the whole iteration),
+  // 1 = the next tile loads during the dQ product only.
+  static constexpr int kStages = CuteBwdTiles<kHeadDim>::kStages;
   static constexpr int kKVElems = cosize(SmemLayoutKV{});
   static constexpr int kQElems = cosize(SmemLayoutQ{});
   static constexpr int kdSElems = cosize(SmemLayoutdS{});
@@ -186,7 +193,6 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_backward_cute_ker
   Element* smem = reinterpret_cast<Element*>(smem_raw);
   Tensor sK = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutKV{});
   Tensor sV = make_tensor(make_smem_ptr(smem + Traits::kKVElems), typename Traits::SmemLayoutKV{});
-  Tensor sKt = make_tensor(make_smem_ptr(smem), typename Traits::SmemLayoutKt{});
   Element* const q_base = smem + 2 * Traits::kKVElems;
   // Stage s holds Q at q_smem(s, 0) and dO at q_smem(s, 1).
   auto q_smem = [&](int stage, int is_do) { return make_smem_ptr(q_base + (2 * stage + is_do) * Traits::kQElems); };
@@ -273,7 +279,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_backward_cute_ker
   typename Traits::TiledMmaDq mma_dq;
   auto thr_dq = mma_dq.get_thread_slice(tid);
   using dStNoSwizzle = decltype(get_nonswizzle_portion(typename Traits::SmemLayoutdSt{}));
-  using KtNoSwizzle = decltype(get_nonswizzle_portion(typename Traits::SmemLayoutKt{}));
+  using KtNoSwizzle = decltype(get_nonswizzle_portion(typename Traits::SmemLayoutKtChunk{}));
+  constexpr int kDqCols = Traits::kDqCols;
   Tensor tdQrdS = thr_dq.partition_fragment_A(make_tensor(ds_base, dStNoSwizzle{}));  // (MMA, MMA_M, MMA_N)
   Tensor tdQrKt = thr_dq.partition_fragment_B(make_tensor(smem, KtNoSwizzle{}));      // (MMA, MMA_D, MMA_N)
   auto copy_ds = make_tiled_copy_A(SmemCopyAtomTransposed<Element>{}, mma_dq);
@@ -281,24 +288,27 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_backward_cute_ker
   Tensor tdQsdS = thr_ds.partition_S(sdSt);
   auto copy_kt = make_tiled_copy_B(SmemCopyAtomTransposed<Element>{}, mma_dq);
   auto thr_kt = copy_kt.get_thread_slice(tid);
-  Tensor tdQsKt = thr_kt.partition_S(sKt);
-  Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  auto tdQsKt_at = [&](int chunk) {  // K's columns [64 chunk, 64 chunk + 64), as (64, N)
+    return thr_kt.partition_S(make_tensor(make_smem_ptr(smem + chunk * kBlockN * kDqCols), typename Traits::SmemLayoutKtChunk{}));
+  };
+  Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kDqCols>>{}));
 
   if (n_iters > 0) {
     const int rows = key_limit - n0;  // keys past the limit are zero-filled (and masked by row_bias)
     load_rows(gmem_copy, gmem_thr.partition_S(gK), gmem_thr.partition_D(sK), tKVcKV, rows);
     load_rows(gmem_copy, gmem_thr.partition_S(gV), gmem_thr.partition_D(sV), tKVcKV, rows);
-    load_query_tile(0, 0);
-    cp_async_fence();
-    if (n_iters > 1) load_query_tile(1, 1);
-    // One commit group per iteration, even an empty one: cp_async_wait<1> then always means
-    // "this iteration's tile (and K, V) has landed".
-    cp_async_fence();
+    // One commit group per iteration, even an empty one: cp_async_wait<kStages - 1> then
+    // always means "this iteration's tile (and K, V) has landed".
+    CUTE_UNROLL
+    for (int stage = 0; stage < Traits::kStages; ++stage) {
+      if (stage < n_iters) load_query_tile(stage, stage);
+      cp_async_fence();
+    }
   }
 
-  for (int it = 0, stage = 0; it < n_iters; ++it, stage ^= 1) {
+  for (int it = 0, stage = 0; it < n_iters; ++it, stage = stage + 1 == Traits::kStages ? 0 : stage + 1) {
     const int h = head_of(it), m0 = m_block_of(it) * kBlockM;
-    cp_async_wait<1>();
+    cp_async_wait<Traits::kStages - 1>();
     __syncthreads();  // this stage landed, its zero-fill stores visible to every warp
 
     // S^T = K Q^T, then P^T in place.
@@ -344,19 +354,24 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_backward_cute_ker
                      thr_a_kv, copy_bt_kv, thr_bt_kv);
 
     __syncthreads();  // dS complete; no warp reads this stage's Q, dO, lse, delta any more
-    if (it + 2 < n_iters) load_query_tile(it + 2, stage);  // overlaps the dQ product below
+    if (it + Traits::kStages < n_iters) load_query_tile(it + Traits::kStages, stage);  // overlaps the dQ product below
     cp_async_fence();
 
     // dQ rows of this tile += dS K, into the fp32 accumulator (scaled in the convert kernel).
-    Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_D)
-    clear(acc_dq);
-    block_gemm<false>(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt, mma_dq, copy_ds, thr_ds, copy_kt, thr_kt);
-    float* dq_rows = bp.dq_accum + ((int64_t(b) * p.Hq + h) * p.Lq + m0) * kHeadDim;
+    // This tile's rows of the accumulator, seen as the dQ product's C: one base pointer a thread
+    // plus compile-time offsets, so the atomics need no per-element address arithmetic.
+    Tensor gdQaccum = make_tensor(make_gmem_ptr(bp.dq_accum + ((int64_t(b) * p.Hq + h) * p.Lq + m0) * kHeadDim),
+                                  Shape<Int<kBlockM>, Int<kHeadDim>>{}, Stride<Int<kHeadDim>, _1>{});
     const int q_rows = p.Lq - m0;
     CUTE_UNROLL
-    for (int i = 0; i < size(acc_dq); ++i) {
-      const int row = get<0>(tdQcdQ(i)), col = get<1>(tdQcdQ(i));
-      if (row < q_rows) atomicAdd(dq_rows + row * kHeadDim + col, acc_dq(i));
+    for (int chunk = 0; chunk < kHeadDim / kDqCols; ++chunk) {
+      Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kDqCols>>{});  // (MMA, MMA_M, MMA_D)
+      clear(acc_dq);
+      block_gemm<false>(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt_at(chunk), mma_dq, copy_ds, thr_ds, copy_kt, thr_kt);
+      Tensor tdQgdQ = thr_dq.partition_C(local_tile(gdQaccum, Shape<Int<kBlockM>, Int<kDqCols>>{}, make_coord(0, chunk)));
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_dq); ++i)
+        if (get<0>(tdQcdQ(i)) < q_rows) atomicAdd(&tdQgdQ(i), acc_dq(i));
     }
   }
   cp_async_wait<0>();  // only empty groups remain; leave none behind
