@@ -276,14 +276,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_forward_cute_kern
 template <typename Element, int kHeadDim>
 cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
   using Traits = CuteAttnTraits<Element, kHeadDim>;
-  auto kernel = attention_forward_cute_kernel<Traits>;
-  // Over 48 KB of dynamic shared memory needs the opt-in (per device, so on every call).
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
-  if (err != cudaSuccess) return err;
   // (batch * heads) on x, which has no 65535 limit; the query tiles on y.
   const dim3 grid(p.B * p.Hq, (p.Lq + Traits::kBlockM - 1) / Traits::kBlockM);
-  kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_with_smem(attention_forward_cute_kernel<Traits>, grid, Traits::kNThreads, Traits::kSmemBytes, stream, p);
 }
 
 template <typename Element>

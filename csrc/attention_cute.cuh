@@ -151,5 +151,16 @@ CUTE_DEVICE void store_tile(Acc const& acc, float scale, Mma const& tiled_mma, S
     if (get<0>(coord(0, m, 0)) < row_limit) copy(gmem_copy, regs(_, m, _), to(_, m, _));
 }
 
+// kernel<<<grid, threads, smem_bytes, stream>>>(params); over 48 KB of dynamic shared memory
+// needs the opt-in first (per device, so on every call).
+template <typename Kernel, typename Params>
+cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t stream,
+                             Params const& params) {
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, threads, smem_bytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
 }  // namespace cute_attn
 }  // namespace fuseformer

@@ -391,15 +391,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_backward_cute_ker
 template <typename Element, int kHeadDim>
 cudaError_t launch_main(const AttentionBackwardParams& bp, cudaStream_t stream) {
   using Traits = CuteAttnBwdTraits<Element, kHeadDim>;
-  auto kernel = attention_backward_cute_kernel<Traits>;
-  // Over 48 KB of dynamic shared memory needs the opt-in (per device, so on every call).
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
-  if (err != cudaSuccess) return err;
   const AttentionParams& p = bp.fwd;
   // (batch * kv heads) on x, which has no 65535 limit; the key blocks on y.
   const dim3 grid(p.B * p.Hkv, (p.Lk + Traits::kBlockN - 1) / Traits::kBlockN);
-  kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(bp);
-  return cudaGetLastError();
+  return launch_with_smem(attention_backward_cute_kernel<Traits>, grid, Traits::kNThreads, Traits::kSmemBytes, stream,
+                          bp);
 }
 
 template <typename Element>
