@@ -1,7 +1,7 @@
 // Attention forward on CUTLASS's CuTe (FlashAttention-2's structure), fp16/bf16, head dims 64
 // and 128. The opt-in alternative to attention_forward.cu (FUSEFORMER_CUDA_ATTENTION=cute):
 // same AttentionParams, same outputs (out, natural-log lse with +inf on a fully masked row),
-// so the csrc/ backward runs unchanged after it.
+// so either csrc/ backward (attention_backward.cu, attention_cute_backward.cu) runs after it.
 //
 // Why it should be faster than the WMMA kernel: the scores S and the output accumulator O stay
 // in registers for the whole key loop. With the SM80 mma.sync 16x8x16 atom the owner of every
