@@ -198,45 +198,29 @@ def test_attention_kernel_switch():
     assert cuda_backend.attention_kernel() == before
 
 
-@pytest.mark.parametrize("kernel,D,expected", [("wmma", 64, "attention_forward"), ("cute", 64, "attention_forward_cute"),
-                                               ("cute", 128, "attention_forward_cute"), ("cute", 80, "attention_forward")])
-def test_attention_forward_dispatch(monkeypatch, kernel, D, expected):
-    """The switch picks the extension's entry point; head dims the CuTe kernel lacks keep WMMA."""
+@pytest.mark.parametrize("kernel,D,cute", [("wmma", 64, False), ("cute", 64, True), ("cute", 128, True), ("cute", 80, False)])
+def test_attention_dispatch(monkeypatch, kernel, D, cute):
+    """The switch picks the extension's entry points, forward and backward; head dims the CuTe
+    kernels lack keep WMMA. The CuTe backward takes the forward's out (it computes delta
+    itself), the WMMA one a delta computed in torch."""
     calls = []
 
     class FakeExtension:
         def __getattr__(self, name):
-            return lambda *args: calls.append(name) or ("out", "lse")
+            return lambda *args: calls.append((name, args)) or name
 
     monkeypatch.setattr(cuda_backend, "module", FakeExtension)
-    q = torch.randn(1, 2, 5, D)
+    q, out, lse = torch.randn(1, 2, 5, D), torch.randn(1, 2, 5, D), torch.randn(1, 2, 5)
     with cuda_backend.use_attention_kernel(kernel):
-        assert cuda_backend._attention_forward(q, q, q, None, False, None, 0.0, None) == ("out", "lse")
-    assert calls == [expected]
-
-
-@pytest.mark.parametrize("kernel,D,expected", [("wmma", 64, "attention_backward"), ("cute", 64, "attention_backward_cute"),
-                                               ("cute", 128, "attention_backward_cute"), ("cute", 80, "attention_backward")])
-def test_attention_backward_dispatch(monkeypatch, kernel, D, expected):
-    """The backward follows the same switch: the CuTe backward takes the forward's out (it
-    computes delta itself), the WMMA one a delta computed in torch."""
-    calls = []
-
-    class FakeExtension:
-        def __getattr__(self, name):
-            return lambda *args: calls.append((name, args)) or ("dq", "dk", "dv")
-
-    monkeypatch.setattr(cuda_backend, "module", FakeExtension)
-    q = torch.randn(1, 2, 5, D)
-    out, lse = torch.randn(1, 2, 5, D), torch.randn(1, 2, 5)
-    with cuda_backend.use_attention_kernel(kernel):
-        assert cuda_backend._attention_backward(q, q, q, q, out, lse, None, False, None, 0.0, None) == ("dq", "dk", "dv")
-    [(name, args)] = calls
-    assert name == expected
-    if expected == "attention_backward_cute":
-        assert args[4] is out
+        assert cuda_backend._attention_forward(q, q, q, None, False, None, 0.0, None) == calls[-1][0]
+        assert cuda_backend._attention_backward(q, q, q, q, out, lse, None, False, None, 0.0, None) == calls[-1][0]
+    suffix = "_cute" if cute else ""
+    assert [name for name, _ in calls] == [f"attention_forward{suffix}", f"attention_backward{suffix}"]
+    backward_args = calls[1][1]
+    if cute:
+        assert backward_args[4] is out
     else:
-        torch.testing.assert_close(args[5], (q * out).sum(-1))  # delta
+        torch.testing.assert_close(backward_args[5], (q * out).sum(-1))  # delta
 
 
 def test_attention_kernel_env_is_read_at_import(monkeypatch):
