@@ -24,8 +24,9 @@
 // stacked along the keys, so a warp owns whole rows of S^T, dV and dK; the C fragment of P^T
 // (and of dS^T) is then, reshaped in registers, the A operand of dV += P^T dO (dK += dS^T Q),
 // exactly as the forward feeds P into O += P V. Only dS goes through shared memory, for dQ,
-// whose rows are queries. Q, dO (and lse, delta) of the next query tile are in flight (cp.async,
-// two stages) while the block computes with the current one; K and V are loaded once.
+// whose rows are queries. Q, dO (and lse, delta) of the next query tile are in flight (cp.async)
+// while the block computes with the current one: for the whole iteration at head dim 64 (two
+// stages), during the dQ product at 128 (one stage, to stay within 99 KB); K, V are loaded once.
 //
 // Masks as in the forward: causal (top-left), the per-(batch, key) fp32 bias, keys at or past
 // key_end (per batch) or Lk get p = 0; blocks whose keys are all past key_end (or, causal, past
