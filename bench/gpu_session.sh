@@ -116,9 +116,13 @@ sanitize)
         "tests/test_cuda_backend.py::test_gpu_add_layer_norm_parity" \
         "tests/test_cuda_backend.py::test_gpu_linear_gelu_parity" \
         "tests/test_cuda_backend.py::test_gpu_attention_parity@cute-2-4-2-128-128-64" \
-        "tests/test_cuda_backend.py::test_gpu_attention_parity@cute-2-4-1-130-130-128"; do
+        "tests/test_cuda_backend.py::test_gpu_attention_parity@cute-2-4-1-130-130-128" \
+        "tests/test_cuda_backend.py::test_gpu_attention_parity@cute-3-2-2-65-70-128" \
+        "tests/test_cuda_backend.py::test_gpu_sm90_attention@1000-1000"; do
         # One parametrization each: the sanitizer slows a launch 10-100x. TARGET@TEXT picks the
-        # first one whose id holds TEXT (the CuTe attention forward at head dims 64 and 128).
+        # first one whose id holds TEXT (the CuTe attention forward and backward at head dims 64
+        # and 128; one with an all-padded batch, whose rows have lse = +inf; the sm_90a forward
+        # over a ragged multi-tile case).
         pick=""
         [[ "$target" == *@* ]] && pick=${target#*@} && target=${target%@*}
         first=$(python3 -m pytest -q --collect-only "$target" 2>/dev/null | grep '::' | grep -F -- "$pick" | head -n 1)

@@ -117,10 +117,10 @@ def _hopper_impl(call, varlen: bool = False) -> Impl:
 
 
 def _cuda_cute_impl(call, head_dim: int) -> Impl:
-    """The cuda backend with csrc/'s CuTe attention forward (FUSEFORMER_CUDA_ATTENTION=cute,
-    opt-in, not yet run on a GPU) beside `fuseformer-cuda` (the WMMA forward), so one GPU run
-    times both. The backward is the same csrc/ kernel under both names. Head dims the CuTe
-    kernel lacks would run the WMMA one: refused instead of timed under this name."""
+    """The cuda backend with csrc/'s CuTe attention kernels (FUSEFORMER_CUDA_ATTENTION=cute,
+    opt-in, not yet run on a GPU: attention_cute.cu forward, attention_cute_backward.cu
+    backward) beside `fuseformer-cuda` (the WMMA kernels), so one GPU run times both. Head dims
+    the CuTe kernels lack would run the WMMA ones: refused instead of timed under this name."""
     from fuseformer.kernels import cuda_backend
 
     def fn(inputs):
@@ -130,7 +130,7 @@ def _cuda_cute_impl(call, head_dim: int) -> Impl:
 
     return Impl("fuseformer-cuda-cute", fn, kind=OURS, available=(lambda: K.unavailable_reason("cuda")),
                 timed_on_cpu=False, context=(lambda: cuda_backend.use_attention_kernel("cute")),
-                note="csrc/attention_cute.cu: FA2 structure on CuTe (opt-in)")
+                note="csrc/attention_cute{,_backward}.cu: FA2 structure on CuTe (opt-in)")
 
 
 def _cuda_sm90_impl(call) -> Impl:

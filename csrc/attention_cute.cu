@@ -1,7 +1,7 @@
 // Attention forward on CUTLASS's CuTe (FlashAttention-2's structure), fp16/bf16, head dims 64
 // and 128. The opt-in alternative to attention_forward.cu (FUSEFORMER_CUDA_ATTENTION=cute):
 // same AttentionParams, same outputs (out, natural-log lse with +inf on a fully masked row),
-// so the csrc/ backward runs unchanged after it.
+// so either csrc/ backward (attention_backward.cu, attention_cute_backward.cu) runs after it.
 //
 // Why it should be faster than the WMMA kernel: the scores S and the output accumulator O stay
 // in registers for the whole key loop. With the SM80 mma.sync 16x8x16 atom the owner of every
@@ -24,23 +24,14 @@
 // Rows past Lq and keys past min(Lk, key_end) are zero-filled on load and masked to -inf.
 //
 // Written and compiled without a GPU (see csrc/README.md); it has not run yet.
-#include <cute/tensor.hpp>
-#include <cute/atom/copy_atom.hpp>
-#include <cute/atom/mma_atom.hpp>
-#include <cutlass/numeric_types.h>
-
-#include <cmath>
-#include <type_traits>
-
+#include "attention_cute.cuh"
 #include "kernels.h"
 
 namespace fuseformer {
 namespace {
 
 using namespace cute;
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+using namespace cute_attn;
 
 template <typename Element_, int kHeadDim_>
 struct CuteAttnTraits {
@@ -55,31 +46,13 @@ struct CuteAttnTraits {
   static constexpr int kNThreads = kNWarps * 32;
   static_assert(kHeadDim % 64 == 0, "the swizzled 64-column smem atom needs head dims that are multiples of 64");
 
-  using MmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::half_t>,
-                                     MMA_Atom<SM80_16x8x16_F32F16F16F32_TN>, MMA_Atom<SM80_16x8x16_F32BF16BF16F32_TN>>;
-  // Warps stacked along M; the N and K extents of one tiled MMA are 16 so that ldmatrix x4
-  // fills a B fragment pair in one instruction.
-  using TiledMma = TiledMMA<MmaAtom, Layout<Shape<Int<kNWarps>, _1, _1>>, Tile<Int<16 * kNWarps>, _16, _16>>;
-
-  // 8 rows x 64 columns (128 bytes a row), XOR-swizzled on 16-byte chunks: the 8 rows an
-  // ldmatrix reads hit 8 different bank groups.
-  using SmemLayoutAtom = decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}));
-  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  using TiledMma = TiledMmaFor<Element, kNWarps>;
+  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom<64>{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom<64>{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
   // V read as (D, N): the B operand of O += P V; ldmatrix.trans transposes on the way.
-  using SmemLayoutVt = decltype(composition(SmemLayoutKV{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
+  using SmemLayoutVt = Transposed<SmemLayoutKV>;
   using SmemLayoutVtNoSwizzle = decltype(get_nonswizzle_portion(SmemLayoutVt{}));
-
-  using SmemCopyAtom = Copy_Atom<SM75_U32x4_LDSM_N, Element>;
-  using SmemCopyAtomTransposed = Copy_Atom<SM75_U16x8_LDSM_T, Element>;
-  using SmemCopyAtomO = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>;
-
-  // Global <-> shared: each thread moves 8 elements (16 bytes); 8 threads cover a 64-column row.
-  using GmemLayoutAtom = Layout<Shape<Int<kNThreads / 8>, _8>, Stride<_8, _1>>;
-  using GmemTiledCopy = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{},
-                                                 GmemLayoutAtom{}, Layout<Shape<_1, _8>>{}));
-  using GmemTiledCopyO = decltype(make_tiled_copy(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<128>, Element>{},
-                                                  GmemLayoutAtom{}, Layout<Shape<_1, _8>>{}));
+  using GmemTiledCopy = cute_attn::GmemTiledCopy<Element, kNThreads>;
 
   static constexpr int kKVElems = cosize(SmemLayoutKV{});
   static constexpr int kStages = 2;  // K/V double buffering
@@ -87,64 +60,6 @@ struct CuteAttnTraits {
   static constexpr int kSmemElems = cosize(SmemLayoutQ{}) + kStages * 2 * kKVElems;
   static constexpr int kSmemBytes = kSmemElems * int(sizeof(Element));
 };
-
-// ---- fragment layouts -----------------------------------------------------------------------
-
-// Accumulator (4 values, MMA_M, MMA_N) -> (rows, cols) = ((2, MMA_M), (2, MMA_N)): values 0,1
-// of the atom are two adjacent columns of row r, values 2,3 the same columns of row r + 8.
-template <typename Layout>
-CUTE_HOST_DEVICE constexpr auto rowcol_layout(Layout acc) {
-  auto l = logical_divide(acc, Shape<_2>{});  // ((2, 2), MMA_M, MMA_N)
-  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
-}
-
-// Accumulator of S = Q K^T (4, MMA_M, MMA_N) -> A operand of P V ((4, 2), MMA_M, MMA_N / 2):
-// the C layout of two adjacent n8 atoms is the A layout of one k16 atom.
-template <typename Layout>
-CUTE_HOST_DEVICE constexpr auto acc_to_a_layout(Layout acc) {
-  auto l = logical_divide(acc, Shape<Underscore, Underscore, _2>{});  // (4, MMA_M, (2, MMA_N / 2))
-  return make_layout(make_layout(get<0>(l), get<2, 0>(l)), get<1>(l), get<2, 1>(l));
-}
-
-// acc += A B over the K mode, the shared->register copy of slice k+1 issued before the MMAs
-// of slice k. A_IN_REGS: A is already in registers (P), only B is read from shared memory.
-// copy_x is a tiled shared->register copy, thr_x its slice for this thread.
-template <bool A_IN_REGS, typename Acc, typename RA, typename RB, typename SA, typename SB, typename Mma, typename CopyA,
-          typename ThrA, typename CopyB, typename ThrB>
-CUTE_DEVICE void block_gemm(Acc& acc, RA& rA, RB& rB, SA const& sA, SB const& sB, Mma const& mma, CopyA const& copy_a,
-                            ThrA const& thr_a, CopyB const& copy_b, ThrB const& thr_b) {
-  auto rB_view = thr_b.retile_D(rB);
-  auto load_a = [&](auto k) {
-    if constexpr (!A_IN_REGS) {
-      auto rA_view = thr_a.retile_D(rA);
-      copy(copy_a, sA(_, _, k), rA_view(_, _, k));
-    }
-  };
-  load_a(_0{});
-  copy(copy_b, sB(_, _, _0{}), rB_view(_, _, _0{}));
-  CUTE_UNROLL
-  for (int k = 0; k < size<2>(rA); ++k) {
-    if (k + 1 < size<2>(rA)) {
-      load_a(k + 1);
-      copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
-    }
-    cute::gemm(mma, rA(_, _, k), rB(_, _, k), acc);
-  }
-}
-
-// gmem -> smem of one tile; rows at or past `row_limit` are zeroed instead (plain stores to
-// other addresses than the cp.async ones, so no ordering issue). Head dims are whole tiles.
-template <typename Copy, typename Src, typename Dst, typename Coord>
-CUTE_DEVICE void load_rows(Copy const& tiled_copy, Src const& src, Dst&& dst, Coord const& coord, int row_limit) {
-  CUTE_UNROLL
-  for (int m = 0; m < size<1>(src); ++m) {
-    if (get<0>(coord(0, m, 0)) < row_limit) {
-      copy(tiled_copy, src(_, m, _), dst(_, m, _));
-    } else {
-      clear(dst(_, m, _));
-    }
-  }
-}
 
 // Max then sum over the 4 lanes of a quad (they share the rows of a fragment).
 CUTE_DEVICE float quad_max(float x) {
@@ -241,12 +156,12 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_forward_cute_kern
   Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_D)
   clear(acc_o);
 
-  auto smem_copy_q = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, tiled_mma);
+  auto smem_copy_q = make_tiled_copy_A(SmemCopyAtom<Element>{}, tiled_mma);
   auto smem_thr_q = smem_copy_q.get_thread_slice(tid);
   Tensor tSsQ = smem_thr_q.partition_S(sQ);
-  auto smem_copy_k = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, tiled_mma);
+  auto smem_copy_k = make_tiled_copy_B(SmemCopyAtom<Element>{}, tiled_mma);
   auto smem_thr_k = smem_copy_k.get_thread_slice(tid);
-  auto smem_copy_v = make_tiled_copy_B(typename Traits::SmemCopyAtomTransposed{}, tiled_mma);
+  auto smem_copy_v = make_tiled_copy_B(SmemCopyAtomTransposed<Element>{}, tiled_mma);
   auto smem_thr_v = smem_copy_v.get_thread_slice(tid);
 
   // (row, col) of every score this thread holds, in the block's tile coordinates.
@@ -328,9 +243,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_forward_cute_kern
       }
 
       // P in the input dtype, reshaped in registers into the A operand of O += P V.
-      Tensor p_lowp = make_tensor_like<Element>(acc_s);
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_s); ++i) p_lowp(i) = Element(acc_s(i));
+      Tensor p_lowp = to_lowp<Element>(acc_s);
       Tensor tOrP = make_tensor(p_lowp.data(), acc_to_a_layout(p_lowp.layout()));
       block_gemm<true>(acc_o, tOrP, tOrVt, tOrP, tOsVt, tiled_mma, smem_copy_q, smem_thr_q, smem_copy_v, smem_thr_v);
 
@@ -355,38 +268,17 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_forward_cute_kern
 
   // Registers -> shared (sQ's space, free once every warp is past its last read) -> global in
   // 16-byte rows, so the stores coalesce.
-  Tensor o_lowp = make_tensor_like<Element>(acc_o);
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc_o); ++i) o_lowp(i) = Element(acc_o(i));
   __syncthreads();
   Tensor sO = make_tensor(sQ.data(), typename Traits::SmemLayoutQ{});
-  auto smem_copy_o = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, tiled_mma);
-  auto smem_thr_o = smem_copy_o.get_thread_slice(tid);
-  copy(smem_copy_o, smem_thr_o.retile_S(o_lowp), smem_thr_o.partition_D(sO));
-  __syncthreads();
-  typename Traits::GmemTiledCopyO gmem_copy_o;
-  auto gmem_thr_o = gmem_copy_o.get_thread_slice(tid);
-  Tensor tOsO = gmem_thr_o.partition_S(sO);
-  Tensor tOgO = gmem_thr_o.partition_D(gO);
-  Tensor tOcO = gmem_thr_o.partition_D(cQ);
-  Tensor tOrO = make_tensor_like(tOsO);
-  copy(gmem_copy_o, tOsO, tOrO);
-  CUTE_UNROLL
-  for (int m = 0; m < size<1>(tOrO); ++m)
-    if (m_block * kBlockM + get<0>(tOcO(0, m, 0)) < p.Lq) copy(gmem_copy_o, tOrO(_, m, _), tOgO(_, m, _));
+  store_tile<Element, Traits::kNThreads>(acc_o, 1.f, tiled_mma, sO, gO, p.Lq - m_block * kBlockM);
 }
 
 template <typename Element, int kHeadDim>
 cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
   using Traits = CuteAttnTraits<Element, kHeadDim>;
-  auto kernel = attention_forward_cute_kernel<Traits>;
-  // Over 48 KB of dynamic shared memory needs the opt-in (per device, so on every call).
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
-  if (err != cudaSuccess) return err;
   // (batch * heads) on x, which has no 65535 limit; the query tiles on y.
   const dim3 grid(p.B * p.Hq, (p.Lq + Traits::kBlockM - 1) / Traits::kBlockM);
-  kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_with_smem(attention_forward_cute_kernel<Traits>, grid, Traits::kNThreads, Traits::kSmemBytes, stream, p);
 }
 
 template <typename Element>

@@ -403,38 +403,86 @@ std::string py_attention_sm90_reason(const at::Tensor& q, const at::Tensor& k, c
   return reason == nullptr ? "" : reason;
 }
 
-// delta = rowsum(dout * out) in fp32, computed by the caller.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> py_attention_backward(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
-    const at::Tensor& delta, const std::optional<at::Tensor>& key_bias, const std::optional<at::Tensor>& key_end,
-    bool is_causal, double scale) {
-  AttentionParams p = attention_params(q, k, v, key_bias, key_end, is_causal, scale);
-  CHECK_LIKE(dout, q);
-  CHECK_SHAPE(dout, q.size(0), q.size(1), q.size(2), q.size(3));
-  CHECK_LAST_DIM_CONTIGUOUS(dout);
-  for (const at::Tensor* row_stat : {&lse, &delta}) {
+void check_row_stats(const at::Tensor& q, std::initializer_list<const at::Tensor*> stats) {
+  for (const at::Tensor* row_stat : stats) {
     TORCH_CHECK_VALUE(row_stat->is_cuda() && row_stat->device() == q.device(), "lse and delta must be on ", q.device());
     TORCH_CHECK_TYPE(row_stat->scalar_type() == at::kFloat, "lse and delta must be float32, got ", row_stat->scalar_type());
     TORCH_CHECK_VALUE(row_stat->is_contiguous() && row_stat->sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
                       "lse and delta must be contiguous with shape (B, Hq, Lq) = ", at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
                       ", got ", row_stat->sizes());
   }
-  const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor dq = new_output(at::empty(q.sizes(), q.options()));
-  at::Tensor dk = new_output(at::empty(k.sizes(), k.options()));
-  at::Tensor dv = new_output(at::empty(v.sizes(), v.options()));
+}
+
+// The checks and parameters both backwards share (delta, the workspace and out are each
+// caller's part).
+AttentionBackwardParams attention_backward_params(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                                  const at::Tensor& v, const at::Tensor& lse,
+                                                  const std::optional<at::Tensor>& key_bias,
+                                                  const std::optional<at::Tensor>& key_end, bool is_causal,
+                                                  double scale) {
+  AttentionParams p = attention_params(q, k, v, key_bias, key_end, is_causal, scale);
+  CHECK_LIKE(dout, q);
+  CHECK_SHAPE(dout, q.size(0), q.size(1), q.size(2), q.size(3));
+  CHECK_LAST_DIM_CONTIGUOUS(dout);
+  check_row_stats(q, {&lse});
   p.lse = const_cast<float*>(lse.data_ptr<float>());  // read only: the forward's logsumexp
   p.aligned = rows_aligned({&q, &k, &v, &dout});
   AttentionBackwardParams bp{};
   bp.fwd = p;
   bp.dout = dout.data_ptr();
   for (int d = 0; d < 3; ++d) bp.dout_strides[d] = dout.stride(d);
-  bp.delta = delta.data_ptr<float>();
+  return bp;
+}
+
+// dq, dk, dv allocated (under the device guard) and handed to the kernels.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_grads(AttentionBackwardParams& bp, const at::Tensor& q,
+                                                               const at::Tensor& k, const at::Tensor& v) {
+  at::Tensor dq = new_output(at::empty(q.sizes(), q.options()));
+  at::Tensor dk = new_output(at::empty(k.sizes(), k.options()));
+  at::Tensor dv = new_output(at::empty(v.sizes(), v.options()));
   bp.dq = dq.data_ptr();
   bp.dk = dk.data_ptr();
   bp.dv = dv.data_ptr();
-  CHECK_LAUNCH(fuseformer::attention_backward(kernel_dtype(q, "q", false), bp, current_stream()));
   return {dq, dk, dv};
+}
+
+// delta = rowsum(dout * out) in fp32, computed by the caller.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> py_attention_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+    const at::Tensor& delta, const std::optional<at::Tensor>& key_bias, const std::optional<at::Tensor>& key_end,
+    bool is_causal, double scale) {
+  AttentionBackwardParams bp = attention_backward_params(dout, q, k, v, lse, key_bias, key_end, is_causal, scale);
+  check_row_stats(q, {&delta});
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto grads = attention_grads(bp, q, k, v);
+  bp.delta = const_cast<float*>(delta.data_ptr<float>());  // read only here
+  CHECK_LAUNCH(fuseformer::attention_backward(kernel_dtype(q, "q", false), bp, current_stream()));
+  return grads;
+}
+
+// The CuTe backward takes the forward's out instead of delta: its preprocess kernel computes delta.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> py_attention_backward_cute(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& key_bias, const std::optional<at::Tensor>& key_end,
+    bool is_causal, double scale) {
+  CHECK_DIM(q, 4);
+  TORCH_CHECK_VALUE(attention_backward_cute_supports_head_dim(static_cast<int>(q.size(3))), "head dim ", q.size(3),
+                    " has no CuTe attention backward (supported: 64, 128; the wmma kernel takes the others)");
+  AttentionBackwardParams bp = attention_backward_params(dout, q, k, v, lse, key_bias, key_end, is_causal, scale);
+  CHECK_LIKE(out, q);
+  CHECK_SHAPE(out, q.size(0), q.size(1), q.size(2), q.size(3));
+  CHECK_LAST_DIM_CONTIGUOUS(out);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto grads = attention_grads(bp, q, k, v);
+  // Poisoned like the outputs: the preprocess kernel must write every element of both.
+  at::Tensor delta = new_output(at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat)));
+  at::Tensor dq_accum = new_output(at::empty(q.sizes(), q.options().dtype(at::kFloat)));
+  bp.fwd.out = const_cast<void*>(out.data_ptr());  // read only: the forward's output
+  for (int d = 0; d < 3; ++d) bp.fwd.out_strides[d] = out.stride(d);
+  bp.delta = delta.data_ptr<float>();
+  bp.dq_accum = dq_accum.data_ptr<float>();
+  CHECK_LAUNCH(fuseformer::attention_backward_cute(kernel_dtype(q, "q", false), bp, current_stream()));
+  return grads;
 }
 
 std::vector<int64_t> head_dims_where(bool (*supports)(int)) {
@@ -446,6 +494,9 @@ std::vector<int64_t> head_dims_where(bool (*supports)(int)) {
 
 std::vector<int64_t> py_attention_head_dims() { return head_dims_where(&attention_forward_supports_head_dim); }
 std::vector<int64_t> py_attention_cute_head_dims() { return head_dims_where(&attention_forward_cute_supports_head_dim); }
+std::vector<int64_t> py_attention_cute_backward_head_dims() {
+  return head_dims_where(&attention_backward_cute_supports_head_dim);
+}
 
 }  // namespace
 }  // namespace fuseformer
@@ -475,8 +526,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_sm90_built", &fuseformer::attention_forward_sm90_built, "compiled for sm_90a");
   m.def("attention_backward", &fuseformer::py_attention_backward, "dq, dk, dv of attention_forward",
         "dout"_a, "q"_a, "k"_a, "v"_a, "lse"_a, "delta"_a, "key_bias"_a, "key_end"_a, "is_causal"_a, "scale"_a);
+  m.def("attention_backward_cute", &fuseformer::py_attention_backward_cute,
+        "attention_backward on the CuTe kernels (head dims 64, 128); takes out, computes delta itself",
+        "dout"_a, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "key_bias"_a, "key_end"_a, "is_causal"_a, "scale"_a);
   m.def("attention_head_dims", &fuseformer::py_attention_head_dims, "head dims the attention kernel is built for");
   m.def("attention_cute_head_dims", &fuseformer::py_attention_cute_head_dims, "head dims the CuTe attention forward is built for");
+  m.def("attention_cute_backward_head_dims", &fuseformer::py_attention_cute_backward_head_dims,
+        "head dims the CuTe attention backward is built for");
   m.attr("layer_norm_max_hidden") = fuseformer::kLayerNormMaxHidden;
   m.def("set_poison", [](bool on) { fuseformer::g_poison = on; }, "fill outputs with NaN before each launch (tests)");
 }

@@ -95,16 +95,29 @@ cudaError_t attention_forward_sm90(DType dtype, const AttentionParams& params, c
 // ---- attention backward (csrc/attention_backward.cu) -----------------------------------------
 struct AttentionBackwardParams {
   // q, k, v, masks, sizes, scale and causal as in the forward; `lse` is the forward's output
-  // (read here); `out` is unused; `aligned` also covers dout.
+  // (read here); `out` is read by attention_backward_cute only; `aligned` also covers dout.
   AttentionParams fwd;
   const void* dout;  // (B, Hq, Lq, D), last dim contiguous
   int64_t dout_strides[3];
-  const float* delta;  // (B, Hq, Lq) contiguous: rowsum(dout * out) in fp32
+  // (B, Hq, Lq) contiguous: rowsum(dout * out) in fp32. attention_backward reads it (the caller
+  // computed it); attention_backward_cute computes it here from fwd.out and dout.
+  float* delta;
   void* dq;            // (B, Hq, Lq, D) contiguous
   void* dk;            // (B, Hkv, Lk, D) contiguous; summed over the query heads of a group
   void* dv;
+  // attention_backward_cute only: an fp32 (B, Hq, Lq, D) contiguous workspace, dq before the
+  // softmax scale and the rounding (zeroed and filled by the kernels). Unused by attention_backward.
+  float* dq_accum;
 };
 
 cudaError_t attention_backward(DType dtype, const AttentionBackwardParams& params, cudaStream_t stream);
+
+// ---- attention backward on CuTe (csrc/attention_cute_backward.cu; needs the CUTLASS headers) -
+// The same outputs as attention_backward, head dims 64 and 128 only. Reads fwd.out (the
+// forward's output, strides fwd.out_strides) and writes delta and dq_accum, which the caller
+// allocates. Rows that are not 16-byte aligned (fwd.aligned false) are handed to
+// attention_backward after delta is computed.
+bool attention_backward_cute_supports_head_dim(int head_dim);
+cudaError_t attention_backward_cute(DType dtype, const AttentionBackwardParams& params, cudaStream_t stream);
 
 }  // namespace fuseformer

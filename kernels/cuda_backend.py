@@ -23,7 +23,10 @@ Attention forward kernel, chosen at import by FUSEFORMER_CUDA_ATTENTION (or
         head dims 64/128, no mask or causal, no GQA, Lq % 8 == 0; every other call takes the
         cute (head dims 64/128) or wmma kernel. Compiled for sm_90a when the build targets it
         (`sm90a_flags`). Compiled and checked on the CPU only; NOT YET RUN on a GPU.
-The backward is csrc/attention_backward.cu for all: the forwards share out and lse conventions.
+The backward follows the same switch: under `cute` and `sm90`, at CUTE_HEAD_DIMS,
+csrc/attention_cute_backward.cu (FlashAttention-2's backward on CuTe, likewise compiled only, not
+yet run); otherwise csrc/attention_backward.cu. Every backward takes every forward's out and lse
+(same conventions).
 
 What the kernels cover (anything else is refused by `unsupported`, so `auto` passes over the
 backend and naming it explicitly raises BackendUnsupportedError with the reason):
@@ -70,6 +73,7 @@ SOURCES = (
     "attention_forward.cu",
     "attention_backward.cu",
     "attention_cute.cu",
+    "attention_cute_backward.cu",
     "attention_sm90.cu",
     "attention_sm90_f16_d64.cu",
     "attention_sm90_f16_d128.cu",
@@ -77,7 +81,8 @@ SOURCES = (
     "attention_sm90_bf16_d128.cu",
 )
 ATTENTION_KERNELS = ("wmma", "cute", "sm90")
-CUTE_HEAD_DIMS = (64, 128)  # mirror of attention_forward_cute_supports_head_dim (a gpu test compares)
+# Mirror of attention_{forward,backward}_cute_supports_head_dim (a gpu test compares).
+CUTE_HEAD_DIMS = (64, 128)
 EXTENSION_NAME = "fuseformer_cuda"
 # The same flags as setup.py's ahead-of-time build. No --use_fast_math: it may replace tanhf
 # and expf with approximations, and the fp32 GELU kernels must meet fp32 parity.
@@ -99,12 +104,12 @@ _attention_kernel = _attention_kernel_from_env()
 
 
 def attention_kernel() -> str:
-    """The csrc/ attention forward in use: 'wmma', 'cute' or 'sm90'."""
+    """The csrc/ attention kernels in use (forward and backward): 'wmma', 'cute' or 'sm90'."""
     return _attention_kernel
 
 
 def set_attention_kernel(name: str) -> str:
-    """Select the csrc/ attention forward ('wmma', 'cute' or 'sm90'); returns the previous choice."""
+    """Select the csrc/ attention kernels, forward and backward ('wmma', 'cute' or 'sm90'); returns the previous choice."""
     global _attention_kernel
     if name not in ATTENTION_KERNELS:
         raise ValueError(f"unknown cuda attention kernel {name!r}; choose one of {ATTENTION_KERNELS}")
@@ -317,10 +322,15 @@ def _attention_backward(dout, q, k, v, out, lse, mask, is_causal, scale, dropout
         raise BackendUnsupportedError("backend 'cuda' cannot run attention: dropout is not implemented in the cuda backend")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     key_bias, key_end = (None, None) if mask is None else key_padding_args(mask)
-    dout, q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, q, k, v))
-    # delta_i = sum_d dout_id * out_id: one cheap row reduction, kept out of the kernels.
+    dout, q, k, v, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, q, k, v, out))
+    ext = module()
+    if _attention_kernel in ("cute", "sm90") and q.shape[-1] in CUTE_HEAD_DIMS:
+        # delta = rowsum(dout * out) is the CuTe backward's own preprocess kernel.
+        return ext.attention_backward_cute(dout, q, k, v, out, lse.contiguous(), key_bias, key_end, bool(is_causal),
+                                           scale)
+    # delta_i = sum_d dout_id * out_id: one cheap row reduction, kept out of the WMMA kernels.
     delta = (dout.float() * out.float()).sum(-1).contiguous()
-    return module().attention_backward(dout, q, k, v, lse.contiguous(), delta, key_bias, key_end, bool(is_causal), scale)
+    return ext.attention_backward(dout, q, k, v, lse.contiguous(), delta, key_bias, key_end, bool(is_causal), scale)
 
 
 def _attention_unsupported(dtype=None, head_dim=None, mask_kind="none", dropout_p=0.0, requires_grad=False,

@@ -4,17 +4,19 @@ here even on a runner that will never launch a kernel.
 - the pure-CUDA kernels (*.cu) compile with nvcc alone for sm_80 and sm_90;
 - bindings.cpp parses against torch's headers (when torch ships its c10/cuda headers);
 - cublaslt_gelu.cpp parses when the cuBLAS headers it needs are installed.
-- the CuTe attention (attention_cute.cu, on the `nvidia-cutlass` package's headers) compiles
-  with -O3 for sm_80 and sm_90a, its SASS uses the tensor cores (HMMA) and ptxas reports no
-  register spills: what can be proven of a kernel's speed without a GPU;
+- the CuTe attention forward and backward (attention_cute.cu, attention_cute_backward.cu, on
+  the `nvidia-cutlass` package's headers) compile with -O3 for sm_80 and sm_90a, their SASS
+  uses the tensor cores (HMMA) and ptxas reports no register spills: what can be proven of a
+  kernel's speed without a GPU;
 - add_layer_norm.cu compiles the same way for sm_80 and sm_90 without spills or stack frames,
   and its aligned configs move rows with 16-byte global loads and stores (LDG/STG.E.128);
 - the Hopper attention (attention_sm90*.cu, CUTLASS's FMHA collectives) compiles for sm_90a
   with wgmma (HGMMA) and TMA (UTMALDG/UTMASTG) in its SASS, no spills, and no wgmma
   serialization warning from ptxas.
 Each part is skipped, with the reason, where its compiler or headers are absent. Unoptimised
-nvcc and -fsyntax-only keep the rest well under a minute of CPU; the -O3 CuTe build is the
-costly part (about a minute per architecture on one core; both run at once).
+nvcc and -fsyntax-only keep the rest well under a minute of CPU; the -O3 CuTe builds are the
+costly part (one to two minutes per file and architecture on one core; as many run at once as
+there are CPUs, or FUSEFORMER_NVCC_JOBS).
 """
 import glob
 import json
@@ -32,7 +34,7 @@ import torch
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 CU_FILES = sorted(p.name for p in CSRC.glob("*.cu"))
 # Built on CUTLASS/CuTe: compiled (optimised, then disassembled) by the tests at the end.
-CUTE_FILES = ("attention_cute.cu",)
+CUTE_FILES = ("attention_cute.cu", "attention_cute_backward.cu")
 PLAIN_CU_FILES = [name for name in CU_FILES if name not in CUTE_FILES]
 GENCODE = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
 # Every stage still runs (front end, device code generation, ptxas for both archs), unoptimised:
@@ -73,12 +75,14 @@ def _run(cmd, timeout=240):
 
 
 def test_sources_are_present():
-    for name in ("bindings.cpp", "kernels.h", "common.cuh", "attention_common.cuh", "cublaslt_gelu.cpp", "cublaslt_gelu.h"):
+    for name in ("bindings.cpp", "kernels.h", "common.cuh", "attention_common.cuh", "attention_cute.cuh", "cublaslt_gelu.cpp",
+                 "cublaslt_gelu.h"):
         assert (CSRC / name).is_file(), name
     assert {"add_layer_norm.cu", "gelu.cu", "attention_forward.cu", "attention_backward.cu", *CUTE_FILES} <= set(CU_FILES)
 
 
-@pytest.mark.parametrize("name", CU_FILES + ["common.cuh", "attention_common.cuh", "attention_sm90.cuh", "kernels.h"])
+@pytest.mark.parametrize("name", CU_FILES + ["common.cuh", "attention_common.cuh", "attention_cute.cuh", "attention_sm90.cuh",
+                                  "kernels.h"])
 def test_kernels_do_not_include_torch(name):
     """The .cu side must stay compilable by nvcc alone: no torch, ATen, c10 or pybind headers."""
     text = (CSRC / name).read_text()
@@ -87,28 +91,46 @@ def test_kernels_do_not_include_torch(name):
     assert not bad, f"{name} includes torch-side headers {bad}"
 
 
+def _nvcc_jobs():
+    """How many nvcc may run at once: FUSEFORMER_NVCC_JOBS, or one per usable CPU."""
+    jobs = os.environ.get("FUSEFORMER_NVCC_JOBS")
+    if jobs:
+        return max(1, int(jobs))
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _compile_all(commands, timeout):
+    """Run {key: (cmd, output file)} at most _nvcc_jobs() at a time (the compiles are
+    independent); {key: (returncode, command line, output, output file)}."""
+    pending, running, results = list(commands.items()), {}, {}
+    while pending or running:
+        while pending and len(running) < _nvcc_jobs():
+            key, (cmd, path) = pending.pop(0)
+            running[key] = (cmd, path, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        key = next(iter(running))
+        cmd, path, proc = running.pop(key)
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output = f"timed out after {timeout} s\n" + proc.communicate()[0]
+        results[key] = (proc.returncode, " ".join(map(str, cmd)), output, path)
+    return results
+
+
 @pytest.fixture(scope="module")
 def nvcc_results(tmp_path_factory):
-    """Compile every .cu at once (one nvcc per file, both gencodes): the files are independent,
-    so the wall time is that of the slowest one where cores are free."""
+    """Compile every .cu (one nvcc per file, both gencodes): the wall time is that of the
+    slowest one where cores are free."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found")
     out = tmp_path_factory.mktemp("nvcc")
-    procs = {}
+    commands = {}
     for name in PLAIN_CU_FILES:
-        cmd = [nvcc, "-std=c++17", *FAST, *GENCODE, "-c", str(CSRC / name), "-o", str(out / (name + ".o"))]
-        procs[name] = (cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    results = {}
-    for name, (cmd, proc) in procs.items():
-        try:
-            output, _ = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-            output = "timed out after 300 s\n" + output
-        results[name] = (proc.returncode, " ".join(cmd), output, out / (name + ".o"))
-    return results
+        obj = out / (name + ".o")
+        commands[name] = ([nvcc, "-std=c++17", *FAST, *GENCODE, "-c", str(CSRC / name), "-o", str(obj)], obj)
+    return _compile_all(commands, timeout=300)
 
 
 @pytest.mark.parametrize("name", PLAIN_CU_FILES)
@@ -168,11 +190,27 @@ def test_setup_builds_every_source():
 
 # ----------------------------------------------------------------------------- CuTe attention
 
-# HMMA.16816 instructions one key tile needs per warp, by head dim (the kernel's loop body is
-# not unrolled across tiles): S = Q K^T is (kBlockM/64)(kBlockN/8)(D/16), O += P V is
+# HMMA.16816 instructions one loop iteration needs per warp, by head dim (the loops are not
+# unrolled across iterations).
+# Forward, per key tile: S = Q K^T is (kBlockM/64)(kBlockN/8)(D/16), O += P V is
 # (kBlockM/64)(D/8)(kBlockN/16), with (kBlockM, kBlockN) = (128, 32) at D 64, (64, 64) at D 128.
-HMMA_PER_TILE = {64: 2 * 4 * 4 + 2 * 8 * 2, 128: 1 * 8 * 8 + 1 * 16 * 4}
+# Backward, per query tile, 8 warps along the keys (16 each): S^T = K Q^T and dP^T = V dO^T are
+# (kBlockM/8)(D/16) each, dV += P^T dO and dK += dS^T Q are (D/8)(kBlockM/16) each, dQ = dS K
+# is (kBlockM/16/wm)(D/8/wn)(kBlockN/16) with the 8 warps as wm x wn over (queries, head dim):
+# (kBlockN, kBlockM, wm x wn) = (128, 64, 4 x 2) at D 64, (128, 32, 2 x 4) at D 128.
+HMMA_PER_ITERATION = {
+    "attention_forward_cute_kernel": {64: 2 * 4 * 4 + 2 * 8 * 2, 128: 1 * 8 * 8 + 1 * 16 * 4},
+    "attention_backward_cute_kernel": {64: 2 * 8 * 4 + 2 * 8 * 4 + 1 * 4 * 8, 128: 2 * 4 * 8 + 2 * 16 * 2 + 1 * 4 * 8},
+}
+# Kernels each CuTe file must hold (fp16 and bf16 each; the tensor-core ones at head dims 64
+# and 128): the backward's preprocess (delta) and dq conversion are elementwise.
+CUTE_KERNELS = {
+    "attention_cute.cu": {"attention_forward_cute_kernel": 4},
+    "attention_cute_backward.cu": {"attention_backward_cute_kernel": 4, "attention_backward_cute_preprocess_kernel": 2,
+                                   "attention_backward_cute_convert_dq_kernel": 2},
+}
 CUTE_ARCHS = ("sm_80", "sm_90a")
+CUTE_BUILDS = [(name, arch) for name in CUTE_FILES for arch in CUTE_ARCHS]
 
 
 def _cuobjdump():
@@ -190,6 +228,18 @@ def _cuobjdump():
     return next((str(c) for c in candidates if c.is_file()), None)
 
 
+def _cubin_command(nvcc, source, arch, flags, out):
+    """(nvcc command, cubin) building csrc/`source` as the JIT extension builds it (-O3, torch's
+    nvcc flags, + `flags`) for one architecture, with ptxas's resource report."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # what the JIT build adds (no half operators, ...)
+
+    from fuseformer.kernels import cuda_backend
+
+    cubin = out / f"{source}.{arch}.cubin"
+    return [nvcc, "-std=c++17", *COMMON_NVCC_FLAGS, *cuda_backend.CUDA_FLAGS, *flags, "-Xptxas", "-v", f"-arch={arch}",
+            "-cubin", str(CSRC / source), "-o", str(cubin)], cubin
+
+
 def _sass(returncode, cmd, output, cubin) -> str:
     """cuobjdump's SASS of a build's cubin (the build must have succeeded)."""
     assert returncode == 0, f"{cmd}\n{output}"
@@ -199,6 +249,16 @@ def _sass(returncode, cmd, output, cubin) -> str:
     result = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def _assert_no_spills(reports, arch):
+    """Every kernel's ptxas report: no spill stores or loads, no stack frame (local memory)."""
+    for name, lines in reports.items():
+        text = "\n".join(lines)
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+        assert spills, f"no spill report for {name}:\n{text}"
+        assert spills.groups() == ("0", "0"), f"{name} spills on {arch}:\n{text}"
+        assert re.search(r"\b0 bytes stack frame", text), f"{name} uses local memory on {arch}:\n{text}"
 
 
 def _setup_arguments(**env) -> dict:
@@ -219,35 +279,10 @@ def _setup_arguments(**env) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _cubins(nvcc, source, archs, flags, out, timeout) -> dict:
-    """csrc/`source` built as the JIT extension builds it (-O3, torch's nvcc flags, + `flags`),
-    one cubin per architecture, all at once, with ptxas's resource report:
-    {arch: (returncode, command, output, cubin)}."""
-    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # what the JIT build adds (no half operators, ...)
-
-    from fuseformer.kernels import cuda_backend
-
-    procs = {}
-    for arch in archs:
-        cubin = out / f"{source}.{arch}.cubin"
-        cmd = [nvcc, "-std=c++17", *COMMON_NVCC_FLAGS, *cuda_backend.CUDA_FLAGS, *flags, "-Xptxas", "-v",
-               f"-arch={arch}", "-cubin", str(CSRC / source), "-o", str(cubin)]
-        procs[arch] = (cmd, cubin, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    results = {}
-    for arch, (cmd, cubin, proc) in procs.items():
-        try:
-            output, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output = f"timed out after {timeout} s\n" + proc.communicate()[0]
-        results[arch] = (proc.returncode, " ".join(cmd), output, cubin)
-    return results
-
-
 @pytest.fixture(scope="module")
 def cute_builds(tmp_path_factory):
-    """attention_cute.cu built as the JIT extension builds it (-O3, torch's nvcc flags), one cubin per architecture,
-    both at once, with ptxas's resource report."""
+    """Each CuTe file built as the JIT extension builds it (-O3, torch's nvcc flags), one cubin
+    per architecture, with ptxas's resource report."""
     from fuseformer.kernels import cuda_backend
 
     nvcc = _nvcc()
@@ -256,7 +291,9 @@ def cute_builds(tmp_path_factory):
     include = cuda_backend.cutlass_include()
     if include is None:
         pytest.skip("the nvidia-cutlass package (CuTe headers) is not installed")
-    return _cubins(nvcc, "attention_cute.cu", CUTE_ARCHS, [f"-I{include}"], tmp_path_factory.mktemp("cute"), 600)
+    out = tmp_path_factory.mktemp("cute")
+    commands = {(name, arch): _cubin_command(nvcc, name, arch, [f"-I{include}"], out) for name, arch in CUTE_BUILDS}
+    return _compile_all(commands, timeout=600)
 
 
 def _kernel_reports(ptxas_output):
@@ -272,47 +309,46 @@ def _kernel_reports(ptxas_output):
     return reports
 
 
-def _assert_no_spills(reports, arch):
-    """Every kernel's ptxas report: no spill stores or loads, no stack frame (local memory)."""
-    for name, lines in reports.items():
-        text = "\n".join(lines)
-        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-        assert spills, f"no spill report for {name}:\n{text}"
-        assert spills.groups() == ("0", "0"), f"{name} spills on {arch}:\n{text}"
-        assert re.search(r"\b0 bytes stack frame", text), f"{name} uses local memory on {arch}:\n{text}"
-
-
 def _head_dim(mangled):
-    found = re.search(r"CuteAttnTraits.*?ELi(\d+)E", mangled)
+    found = re.search(r"Cute\w*Traits.*?ELi(\d+)E", mangled)
     assert found, mangled
     return int(found.group(1))
 
 
-@pytest.mark.parametrize("arch", CUTE_ARCHS)
-def test_cute_attention_compiles_without_spills(cute_builds, arch):
-    returncode, cmd, output, cubin = cute_builds[arch]
+def _kind(name, kinds):
+    """The entry of `kinds` (kernel base names) this mangled name is an instance of, or None."""
+    return next((kind for kind in sorted(kinds, key=len, reverse=True) if kind in name), None)
+
+
+@pytest.mark.parametrize("name,arch", CUTE_BUILDS)
+def test_cute_attention_compiles_without_spills(cute_builds, name, arch):
+    returncode, cmd, output, cubin = cute_builds[(name, arch)]
     assert returncode == 0, f"{cmd}\n{output}"
     reports = _kernel_reports(output)
-    kernels = {name: lines for name, lines in reports.items() if "attention_forward_cute_kernel" in name}
-    # fp16 and bf16 at head dims 64 and 128.
-    assert len(kernels) == 4, f"expected 4 kernels, ptxas compiled {list(reports)}"
-    _assert_no_spills(kernels, arch)
+    expected = CUTE_KERNELS[name]
+    found = {kind: [k for k in reports if _kind(k, expected) == kind] for kind in expected}
+    assert {kind: len(ks) for kind, ks in found.items()} == expected, f"ptxas compiled {list(reports)}"
+    _assert_no_spills(reports, arch)
 
 
-@pytest.mark.parametrize("arch", CUTE_ARCHS)
-def test_cute_attention_uses_tensor_cores(cute_builds, arch):
-    """Every kernel's SASS holds the mma.sync HMMA.16816 with fp32 accumulation, as many as one
-    key tile needs, and loads its tiles with cp.async (LDGSTS) and ldmatrix (LDSM)."""
-    functions = re.split(r"\n\s*Function : ", _sass(*cute_builds[arch]))[1:]
+@pytest.mark.parametrize("name,arch", CUTE_BUILDS)
+def test_cute_attention_uses_tensor_cores(cute_builds, name, arch):
+    """Every tensor-core kernel's SASS holds the mma.sync HMMA.16816 with fp32 accumulation, as
+    many as one loop iteration needs, and loads its tiles with cp.async (LDGSTS) and ldmatrix
+    (LDSM); the backward adds its dq into fp32 with atomics (RED)."""
+    functions = re.split(r"\n\s*Function : ", _sass(*cute_builds[(name, arch)]))[1:]
     sass = {chunk.split("\n", 1)[0].strip(): chunk for chunk in functions}
-    kernels = {name: body for name, body in sass.items() if "attention_forward_cute_kernel" in name}
+    kind = next(k for k in CUTE_KERNELS[name] if k in HMMA_PER_ITERATION)
+    kernels = {kernel: body for kernel, body in sass.items() if _kind(kernel, CUTE_KERNELS[name]) == kind}
     assert len(kernels) == 4, list(sass)
-    for name, body in kernels.items():
+    for kernel, body in kernels.items():
         hmma = re.findall(r"\bHMMA\.16816\.F32(\.BF16)?\b", body)
-        bf16 = "bfloat16" in name
-        assert len(hmma) >= HMMA_PER_TILE[_head_dim(name)], f"{name} on {arch}: {len(hmma)} HMMA.16816.F32"
-        assert all(bool(kind) == bf16 for kind in hmma), f"{name}: HMMA of the wrong input type"
-        assert "LDGSTS" in body and "LDSM" in body, f"{name}: no cp.async / ldmatrix in the SASS"
+        bf16 = "bfloat16" in kernel
+        assert len(hmma) >= HMMA_PER_ITERATION[kind][_head_dim(kernel)], f"{kernel} on {arch}: {len(hmma)} HMMA.16816.F32"
+        assert all(bool(k) == bf16 for k in hmma), f"{kernel}: HMMA of the wrong input type"
+        assert "LDGSTS" in body and "LDSM" in body, f"{kernel}: no cp.async / ldmatrix in the SASS"
+        if kind == "attention_backward_cute_kernel":
+            assert re.search(r"\bREDG?\.E\.ADD\.F32", body), f"{kernel}: no fp32 atomic add (dq) in the SASS"
 
 
 def test_setup_aot_build_gets_the_cutlass_include():
@@ -325,7 +361,7 @@ def test_setup_aot_build_gets_the_cutlass_include():
         pytest.skip("the nvidia-cutlass package (CuTe headers) is not installed")
     seen = _setup_arguments()
     assert seen["ext"]["include_dirs"] == [str(include), str(cuda_backend.cutlass_fmha_include(include))]
-    assert "csrc/attention_cute.cu" in seen["ext"]["sources"]
+    assert {"csrc/attention_cute.cu", "csrc/attention_cute_backward.cu"} <= set(seen["ext"]["sources"])
     assert "nvidia-cutlass" in seen["extras"]["cuda"]
 
 
@@ -349,7 +385,8 @@ def sm90_build(tmp_path_factory):
     # The JIT build on an H100 passes -gencode for sm_90a and this define (sm90a_flags).
     assert "-DFUSEFORMER_SM90A" in cuda_backend.sm90a_flags(None, {(9, 0)})
     flags = ["-DFUSEFORMER_SM90A", "-DFUSEFORMER_SM90_CAUSAL_ONLY", f"-I{include}", f"-I{fmha}"]
-    return _cubins(nvcc, "attention_sm90_bf16_d64.cu", ("sm_90a",), flags, tmp_path_factory.mktemp("sm90"), 900)["sm_90a"]
+    command = _cubin_command(nvcc, "attention_sm90_bf16_d64.cu", "sm_90a", flags, tmp_path_factory.mktemp("sm90"))
+    return _compile_all({"sm_90a": command}, timeout=900)["sm_90a"]
 
 
 def test_sm90_attention_compiles_without_spills_or_wgmma_serialization(sm90_build):
@@ -410,7 +447,8 @@ def add_layer_norm_builds(tmp_path_factory):
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found")
-    return _cubins(nvcc, "add_layer_norm.cu", LN_ARCHS, [], tmp_path_factory.mktemp("add_layer_norm"), 300)
+    out = tmp_path_factory.mktemp("add_layer_norm")
+    return _compile_all({arch: _cubin_command(nvcc, "add_layer_norm.cu", arch, [], out) for arch in LN_ARCHS}, timeout=300)
 
 
 def _ln_kernels(names):

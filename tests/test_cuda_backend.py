@@ -177,7 +177,7 @@ def test_jit_build_gets_the_cutlass_headers(fresh_loader, tmp_path):
     cuda_backend._load()
     assert cuda_backend._reason is None
     assert seen["extra_include_paths"] == [str(include)]
-    assert "attention_cute.cu" in [pathlib.Path(s).name for s in seen["sources"]]
+    assert {"attention_cute.cu", "attention_cute_backward.cu"} <= {pathlib.Path(s).name for s in seen["sources"]}
 
 
 def test_cutlass_include_found_through_the_package():
@@ -198,23 +198,32 @@ def test_attention_kernel_switch():
     assert cuda_backend.attention_kernel() == before
 
 
-@pytest.mark.parametrize("kernel,D,expected", [("wmma", 64, "attention_forward"), ("cute", 64, "attention_forward_cute"),
-                                               ("cute", 128, "attention_forward_cute"), ("cute", 80, "attention_forward"),
-                                               ("sm90", 64, "attention_forward_sm90"), ("sm90", 80, "attention_forward_sm90")])
-def test_attention_forward_dispatch(monkeypatch, kernel, D, expected):
-    """The switch picks the extension's entry point; head dims the CuTe kernel lacks keep WMMA;
-    the sm90 entry takes every call (it hands what its kernels do not fit to cute/wmma itself)."""
+@pytest.mark.parametrize("kernel,D,forward,cute_backward", [
+    ("wmma", 64, "attention_forward", False), ("cute", 64, "attention_forward_cute", True),
+    ("cute", 128, "attention_forward_cute", True), ("cute", 80, "attention_forward", False),
+    ("sm90", 64, "attention_forward_sm90", True), ("sm90", 80, "attention_forward_sm90", False)])
+def test_attention_dispatch(monkeypatch, kernel, D, forward, cute_backward):
+    """The switch picks the extension's entry points, forward and backward; head dims the CuTe
+    kernels lack keep WMMA; the sm90 forward entry takes every call (it hands what its kernels do
+    not fit to cute/wmma itself) and pairs with the CuTe backward. The CuTe backward takes the
+    forward's out (it computes delta itself), the WMMA one a delta computed in torch."""
     calls = []
 
     class FakeExtension:
         def __getattr__(self, name):
-            return lambda *args: calls.append(name) or ("out", "lse")
+            return lambda *args: calls.append((name, args)) or name
 
     monkeypatch.setattr(cuda_backend, "module", FakeExtension)
-    q = torch.randn(1, 2, 5, D)
+    q, out, lse = torch.randn(1, 2, 5, D), torch.randn(1, 2, 5, D), torch.randn(1, 2, 5)
     with cuda_backend.use_attention_kernel(kernel):
-        assert cuda_backend._attention_forward(q, q, q, None, False, None, 0.0, None) == ("out", "lse")
-    assert calls == [expected]
+        assert cuda_backend._attention_forward(q, q, q, None, False, None, 0.0, None) == calls[-1][0]
+        assert cuda_backend._attention_backward(q, q, q, q, out, lse, None, False, None, 0.0, None) == calls[-1][0]
+    assert [name for name, _ in calls] == [forward, "attention_backward_cute" if cute_backward else "attention_backward"]
+    backward_args = calls[1][1]
+    if cute_backward:
+        assert backward_args[4] is out
+    else:
+        torch.testing.assert_close(backward_args[5], (q * out).sum(-1))  # delta
 
 
 def test_attention_kernel_env_is_read_at_import(monkeypatch):
@@ -437,6 +446,7 @@ ATTN_CASES = [  # (B, Hq, Hkv, Lq, Lk, D, causal, mask)
     (1, 2, 2, 1, 257, 64, False, "bool"),
     (2, 4, 1, 130, 130, 128, True, "bool"),  # several key tiles of the cute kernel, GQA 4:1, causal + padding
     (1, 2, 2, 300, 33, 64, True, None),  # more queries than keys: causal rows past Lk see every key
+    (2, 4, 2, 33, 200, 64, True, "bool"),  # fewer queries than keys, causal: the cute backward's key blocks past Lq only write zeros
 ]
 
 
@@ -446,8 +456,9 @@ def _attention_reference(q, k, v, mask, causal, gqa):
 
 @pytest.fixture(params=cuda_backend.ATTENTION_KERNELS)
 def attention_kernel(request):
-    """Each csrc/ attention forward in turn (the cute one takes head dims 64 and 128; at the
-    others its setting runs the wmma kernel, so those cases check the fallback)."""
+    """Each csrc/ attention kernel pair (forward and backward) in turn (the cute ones take head
+    dims 64 and 128; at the others its setting runs the wmma kernels, so those cases check the
+    fallback)."""
     with cuda_backend.use_attention_kernel(request.param):
         yield request.param
 
@@ -581,6 +592,38 @@ def test_gpu_sm90_attention_reasons(cuda_ext):
 
 
 @gpu
+@pytest.mark.parametrize("D", cuda_backend.CUTE_HEAD_DIMS)
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_gpu_cute_attention_backward_long_rows(cuda_ext, D, misaligned):
+    """The CuTe backward over many key blocks and query tiles (causal + key padding with an
+    empty batch, GQA 2:1): dq, dk, dv against the reference by the parity rule. Rows that do not
+    start 16-byte aligned must take the WMMA backward inside the same call (after the CuTe
+    preprocess kernel computed delta)."""
+    B, Hq, Hkv, L, dtype, scale = 3, 4, 2, 700, torch.bfloat16, D ** -0.5
+
+    def tensor(H):
+        flat = torch.randn(B * H * L * D + 1, device=DEV).to(dtype)
+        return (flat[1:] if misaligned else flat[:-1]).view(B, H, L, D)
+
+    q, k, v, dout = tensor(Hq), tensor(Hkv), tensor(Hkv), tensor(Hq)
+    mask = _key_padding(B, L, empty_batch=True)
+    bias, key_end = cuda_backend.key_padding_args(mask.expand(B, Hq, L, L))
+    out, lse = cuda_ext.attention_forward_cute(q, k, v, bias, key_end, True, scale)
+    grads = cuda_ext.attention_backward_cute(dout, q, k, v, out, lse, bias, key_end, True, scale)
+
+    def reference_grads(dt):
+        leaves = [t.detach().to(dt).requires_grad_(True) for t in (q, k, v)]
+        o = reference.scaled_dot_product_attention(*leaves, mask, 0.0, True, scale, True)
+        return torch.autograd.grad(o, leaves, dout.to(dt))
+
+    ref64, torch_d = reference_grads(torch.float64), reference_grads(dtype)
+    for name, impl, r64, rd in zip(("dq", "dk", "dv"), grads, ref64, torch_d):
+        assert impl.dtype == dtype and impl.is_contiguous()
+        assert_parity(impl, r64, rd, dtype, what=name)
+    assert not grads[0][-1].any() and not grads[1][-1].any()  # the empty batch: no key attended, zero gradients
+
+
+@gpu
 def test_gpu_attention_refuses_dropout_by_name(cuda_ext):
     q = torch.randn(1, 1, 8, 64, device=DEV, dtype=torch.float16)
     with pytest.raises(backends.BackendUnsupportedError, match="dropout is not implemented in the cuda backend"):
@@ -591,6 +634,7 @@ def test_gpu_attention_refuses_dropout_by_name(cuda_ext):
 def test_gpu_built_module_matches_python_mirrors(cuda_ext):
     assert tuple(cuda_ext.attention_head_dims()) == cuda_backend.ATTENTION_HEAD_DIMS
     assert tuple(cuda_ext.attention_cute_head_dims()) == cuda_backend.CUTE_HEAD_DIMS
+    assert tuple(cuda_ext.attention_cute_backward_head_dims()) == cuda_backend.CUTE_HEAD_DIMS
     assert cuda_ext.layer_norm_max_hidden == cuda_backend.LAYER_NORM_MAX_HIDDEN
 
 
@@ -601,6 +645,7 @@ def _bad_calls(ext):
     h = torch.randn(4, 64, device=DEV, dtype=torch.float16)
     w = torch.randn(64, device=DEV, dtype=torch.float16)
     q = torch.randn(1, 2, 8, 64, device=DEV, dtype=torch.float16)
+    lse = torch.zeros(1, 2, 8, device=DEV)
     return [
         (lambda: ext.add_layer_norm_forward(h.double(), None, None, None, 1e-5, False), TypeError, "x must be float16"),
         (lambda: ext.add_layer_norm_forward(h.t(), None, None, None, 1e-5, False), ValueError, "x must be contiguous"),
@@ -630,10 +675,18 @@ def _bad_calls(ext):
         (lambda: ext.attention_forward_cute(q, q.bfloat16(), q, None, None, False, 1.0), TypeError, "k has dtype"),
         (lambda: ext.attention_forward_cute(q, q, q, torch.zeros(1, 9, device=DEV), None, False, 1.0), ValueError,
          "key_bias must have shape"),
+        (lambda: ext.attention_backward_cute(q[..., :32], q[..., :32], q[..., :32], q[..., :32], q[..., :32], lse, None,
+                                             None, False, 1.0), ValueError, "head dim 32 has no CuTe attention backward"),
+        (lambda: ext.attention_backward_cute(q, q, q, q, q[:, :1], lse, None, None, False, 1.0), ValueError,
+         "out must have shape"),
+        (lambda: ext.attention_backward_cute(q, q, q, q, q, lse.half(), None, None, False, 1.0), TypeError,
+         "lse and delta must be float32"),
+        (lambda: ext.attention_backward_cute(q.bfloat16(), q, q, q, q, lse, None, None, False, 1.0), TypeError,
+         "dout has dtype"),
     ]
 
 
-N_BAD_CALLS = 20
+N_BAD_CALLS = 24
 
 
 @gpu
