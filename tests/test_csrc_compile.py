@@ -7,6 +7,10 @@ here even on a runner that will never launch a kernel.
 - the CuTe attention (attention_cute.cu, on the `nvidia-cutlass` package's headers) compiles
   with -O3 for sm_80 and sm_90a, its SASS uses the tensor cores (HMMA) and ptxas reports no
   register spills: what can be proven of a kernel's speed without a GPU.
+- the CUTLASS Linear+GELU (linear_gelu_cutlass.cu, the separate fuseformer_cuda_gemm module)
+  compiles with -O3 for sm_80 and sm_90a without spills; its sm_80 kernels are mma.sync (HMMA)
+  with cp.async, its sm_90a kernels wgmma (HGMMA) fed by TMA (UTMALDG) and storing by TMA; and
+  its host entry point refuses bad arguments with a status, run here on the CPU.
 Each part is skipped, with the reason, where its compiler or headers are absent. Unoptimised
 nvcc and -fsyntax-only keep the rest well under a minute of CPU; the -O3 CuTe build is the
 costly part (about a minute per architecture on one core; both run at once).
@@ -28,7 +32,8 @@ CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 CU_FILES = sorted(p.name for p in CSRC.glob("*.cu"))
 # Built on CUTLASS/CuTe: compiled (optimised, then disassembled) by the tests at the end.
 CUTE_FILES = ("attention_cute.cu",)
-PLAIN_CU_FILES = [name for name in CU_FILES if name not in CUTE_FILES]
+CUTLASS_GEMM_FILES = ("linear_gelu_cutlass.cu",)
+PLAIN_CU_FILES = [name for name in CU_FILES if name not in CUTE_FILES + CUTLASS_GEMM_FILES]
 GENCODE = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
 # Every stage still runs (front end, device code generation, ptxas for both archs), unoptimised:
 # errors are caught all the same, in a quarter of the time of -O3.
@@ -68,12 +73,14 @@ def _run(cmd, timeout=240):
 
 
 def test_sources_are_present():
-    for name in ("bindings.cpp", "kernels.h", "common.cuh", "attention_common.cuh", "cublaslt_gelu.cpp", "cublaslt_gelu.h"):
+    for name in ("bindings.cpp", "kernels.h", "common.cuh", "attention_common.cuh", "cublaslt_gelu.cpp", "cublaslt_gelu.h",
+                 "bindings_gemm.cpp", "linear_gelu_cutlass.h"):
         assert (CSRC / name).is_file(), name
-    assert {"add_layer_norm.cu", "gelu.cu", "attention_forward.cu", "attention_backward.cu", *CUTE_FILES} <= set(CU_FILES)
+    assert {"add_layer_norm.cu", "gelu.cu", "attention_forward.cu", "attention_backward.cu", *CUTE_FILES,
+            *CUTLASS_GEMM_FILES} <= set(CU_FILES)
 
 
-@pytest.mark.parametrize("name", CU_FILES + ["common.cuh", "attention_common.cuh", "kernels.h"])
+@pytest.mark.parametrize("name", CU_FILES + ["common.cuh", "attention_common.cuh", "kernels.h", "linear_gelu_cutlass.h"])
 def test_kernels_do_not_include_torch(name):
     """The .cu side must stay compilable by nvcc alone: no torch, ATen, c10 or pybind headers."""
     text = (CSRC / name).read_text()
@@ -134,11 +141,12 @@ def _torch_cuda_flags(tmp_path):
     return flags, None
 
 
-def test_bindings_parse_against_torch_headers(tmp_path):
+@pytest.mark.parametrize("name", ["bindings.cpp", "bindings_gemm.cpp"])
+def test_bindings_parse_against_torch_headers(tmp_path, name):
     flags, reason = _torch_cuda_flags(tmp_path)
     if flags is None:
         pytest.skip(reason)
-    _run([_cxx(), "-std=c++20", "-fsyntax-only", "-w", *flags, str(CSRC / "bindings.cpp")])
+    _run([_cxx(), "-std=c++20", "-fsyntax-only", "-w", *flags, str(CSRC / name)])
 
 
 def test_cublaslt_part_parses(tmp_path):
@@ -154,11 +162,13 @@ def test_cublaslt_part_parses(tmp_path):
 
 
 def test_setup_builds_every_source():
-    """setup.py's ahead-of-time build and the JIT build compile the same file list."""
+    """The JIT build's two modules (the cuda backend and the CUTLASS GEMMs) compile every source,
+    each once; setup.py's ahead-of-time build gets the same split (test_setup_aot_build_*)."""
     from fuseformer.kernels import cuda_backend
 
     on_disk = sorted(p.name for p in CSRC.iterdir() if p.suffix in (".cpp", ".cu"))
-    assert sorted(cuda_backend.SOURCES) == on_disk
+    assert not set(cuda_backend.SOURCES) & set(cuda_backend.GEMM_SOURCES)
+    assert sorted(cuda_backend.SOURCES + cuda_backend.GEMM_SOURCES) == on_disk
 
 
 # ----------------------------------------------------------------------------- CuTe attention
@@ -289,7 +299,7 @@ def test_setup_aot_build_gets_the_cutlass_include():
         "setuptools.setup = lambda **kw: seen.update(kw)\n"
         "ce.CUDAExtension = lambda **kw: kw\n"
         "exec(open('setup.py').read())\n"
-        "print(json.dumps({'ext': seen['ext_modules'][0], 'cuda': seen['extras_require']['cuda']}))\n"
+        "print(json.dumps({'ext': seen['ext_modules'][0], 'gemm': seen['ext_modules'][1], 'cuda': seen['extras_require']['cuda']}))\n"
     )
     env = dict(os.environ, FUSEFORMER_BUILD_CUDA="1")
     result = subprocess.run([sys.executable, "-c", script], cwd=CSRC.parent, env=env, capture_output=True, text=True,
@@ -299,3 +309,196 @@ def test_setup_aot_build_gets_the_cutlass_include():
     assert seen["ext"]["include_dirs"] == [str(include)]
     assert "csrc/attention_cute.cu" in seen["ext"]["sources"]
     assert "nvidia-cutlass" in seen["cuda"]
+    # The CUTLASS GEMMs: their own module, the JIT build's sources, sm_80 and sm_90a.
+    gemm = seen["gemm"]
+    assert gemm["name"] == "fuseformer._C_gemm" and gemm["include_dirs"] == [str(include)]
+    assert sorted(gemm["sources"]) == sorted(f"csrc/{name}" for name in cuda_backend.GEMM_SOURCES)
+    assert not set(gemm["sources"]) & set(seen["ext"]["sources"])
+    assert sorted(seen["ext"]["sources"]) == sorted(f"csrc/{name}" for name in cuda_backend.SOURCES)
+    nvcc = gemm["extra_compile_args"]["nvcc"]
+    assert "-gencode=arch=compute_90a,code=sm_90a" in nvcc and "-gencode=arch=compute_80,code=sm_80" in nvcc
+
+
+# ----------------------------------------------------------------------------- CUTLASS Linear+GELU
+
+GEMM_ARCHS = ("sm_80", "sm_90a")
+# Kernels each architecture's image holds: the CUTLASS 2 GEMMs (f16/bf16 x erf/tanh x with and
+# without the pre-activation store) everywhere; the CUTLASS 3 ones (f16/bf16 x erf/tanh, the aux
+# store skipped at run time on a null pointer) are real only in sm_90a, CUTLASS's printf stub in sm_80.
+SM80_KERNELS, SM90_KERNELS = 8, 4
+
+
+def _gemm_kind(mangled):
+    if "GemmWithFusedEpilogue" in mangled:
+        return "sm80"
+    if "GemmUniversal" in mangled and "CollectiveMma" in mangled:
+        return "sm90"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cutlass_gemm_builds(tmp_path_factory):
+    """linear_gelu_cutlass.cu compiled as the JIT build compiles it (-O3, torch's nvcc flags),
+    per architecture with ptxas's report and the wall time: sm_80 as an object (the CPU test links
+    its host code), sm_90a as a cubin (device code only: its host side is the same, and skipping
+    it saves about a minute). The two run at once unless FUSEFORMER_TEST_SERIAL_NVCC=1 (machines
+    short of memory: sm_90a's takes ~4 GB)."""
+    import time
+
+    from fuseformer.kernels import cuda_backend
+
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    include = cuda_backend.cutlass_include()
+    if include is None:
+        pytest.skip("the nvidia-cutlass package (CUTLASS headers) is not installed")
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    out = tmp_path_factory.mktemp("cutlass_gemm")
+    serial = os.environ.get("FUSEFORMER_TEST_SERIAL_NVCC", "0") not in ("", "0")
+    results, running = {}, {}
+
+    def finish(arch):
+        cmd, obj, proc, start = running.pop(arch)
+        try:
+            output, _ = proc.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output = "timed out after 900 s\n" + proc.communicate()[0]
+        results[arch] = (proc.returncode, " ".join(cmd), output, obj, time.monotonic() - start)
+
+    for arch in GEMM_ARCHS:
+        kind = "-c" if arch == "sm_80" else "-cubin"
+        obj = out / f"linear_gelu_cutlass.{arch}.{'o' if kind == '-c' else 'cubin'}"
+        cmd = [nvcc, "-std=c++17", *COMMON_NVCC_FLAGS, *cuda_backend.CUDA_FLAGS, f"-I{include}", "-Xptxas", "-v",
+               f"-arch={arch}", kind, str(CSRC / "linear_gelu_cutlass.cu"), "-o", str(obj)]
+        running[arch] = (cmd, obj, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+                         time.monotonic())
+        if serial:
+            finish(arch)
+    for arch in list(running):
+        finish(arch)
+    for arch, (_, _, _, _, seconds) in results.items():
+        print(f"linear_gelu_cutlass.cu -O3 for {arch}: {seconds:.0f} s")
+    return results
+
+
+def _gemm_build(builds, arch):
+    returncode, cmd, output, obj, seconds = builds[arch]
+    assert returncode == 0, f"{cmd}\n{output}"
+    return output, obj
+
+
+@pytest.mark.parametrize("arch", GEMM_ARCHS)
+def test_cutlass_gemm_compiles_without_spills(cutlass_gemm_builds, arch):
+    output, _ = _gemm_build(cutlass_gemm_builds, arch)
+    reports = _kernel_reports(output)
+    kernels = {name: lines for name, lines in reports.items() if _gemm_kind(name)}
+    kinds = [_gemm_kind(name) for name in kernels]
+    assert kinds.count("sm80") == SM80_KERNELS and kinds.count("sm90") == SM90_KERNELS, list(reports)
+    for name, lines in kernels.items():
+        text = "\n".join(lines)
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+        assert spills, f"no spill report for {name}:\n{text}"
+        assert spills.groups() == ("0", "0"), f"{name} spills on {arch}:\n{text}"
+        if _gemm_kind(name) == "sm80" or arch == "sm_90a":  # the real kernels (not sm_80's sm90 stubs)
+            assert re.search(r"\b0 bytes stack frame", text), f"{name} uses local memory on {arch}:\n{text}"
+
+
+def _sass_functions(obj):
+    cuobjdump = _cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit or triton's NVIDIA backend)")
+    result = subprocess.run([cuobjdump, "-sass", str(obj)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    functions = re.split(r"\n\s*Function : ", result.stdout)[1:]
+    return {chunk.split("\n", 1)[0].strip(): chunk for chunk in functions}
+
+
+@pytest.mark.parametrize("arch", GEMM_ARCHS)
+def test_cutlass_gemm_uses_tensor_cores_and_tma(cutlass_gemm_builds, arch):
+    """sm80 kernels: HMMA.16816 with fp32 accumulation (64 per 32-deep k step of a 64 x 64 warp
+    tile), cp.async (LDGSTS), ldmatrix (LDSM). sm90 kernels in the sm_90a image: wgmma
+    (HGMMA.64xNx16, fp32 accumulation; 8 per 64-deep k tile of a warpgroup's 128 x 128), TMA
+    loads (UTMALDG, multicast across the 2 x 1 cluster) and TMA stores (UTMASTG: out and aux)."""
+    _, obj = _gemm_build(cutlass_gemm_builds, arch)
+    sass = _sass_functions(obj)
+    kernels = {name: body for name, body in sass.items() if _gemm_kind(name)}
+    assert len(kernels) == SM80_KERNELS + SM90_KERNELS, list(sass)
+    for name, body in kernels.items():
+        bf16 = "bfloat16" in name
+        if _gemm_kind(name) == "sm80":
+            hmma = re.findall(r"\bHMMA\.16816\.F32(\.BF16)?\b", body)
+            assert len(hmma) >= 64, f"{name} on {arch}: {len(hmma)} HMMA.16816.F32"
+            assert all(bool(kind) == bf16 for kind in hmma), f"{name}: HMMA of the wrong input type"
+            assert "LDGSTS" in body and "LDSM" in body, f"{name}: no cp.async / ldmatrix in the SASS"
+        elif arch == "sm_90a":
+            hgmma = re.findall(r"\bHGMMA\.64x\d+x16\.F32(\.BF16)?\b", body)
+            assert len(hgmma) >= 8, f"{name}: {len(hgmma)} HGMMA.64xNx16.F32"
+            assert all(bool(kind) == bf16 for kind in hgmma), f"{name}: HGMMA of the wrong input type"
+            assert re.search(r"\bUTMALDG\.\dD\.MULTICAST\b", body) and re.search(r"\bUTMALDG\.\dD\b", body), \
+                f"{name}: no TMA loads (plain and multicast)"
+            assert re.search(r"\bUTMASTG\b", body), f"{name}: no TMA store"
+            assert "HMMA" not in body, f"{name}: mma.sync in the wgmma kernel"
+        else:  # sm_80's image of an sm90 kernel: CUTLASS's stub, no tensor-core code
+            assert "HGMMA" not in body and "UTMALDG" not in body
+
+
+ARGS_PROGRAM = r"""
+#include <cstdio>
+#include "linear_gelu_cutlass.h"
+using namespace fuseformer;
+alignas(16) static char buffer[4096];
+
+static void check(const char* name, DType dtype, LinearGeluCutlassParams p, GemmPath path = GemmPath::kAuto) {
+  const char* why = linear_gelu_cutlass_unsupported(dtype, p);
+  // Only refused calls and M == 0 reach the entry point: both return before touching a device.
+  const int status = (why != nullptr || p.M == 0) ? int(linear_gelu_cutlass(dtype, p, path, nullptr)) : -1;
+  std::printf("%s|%s|%d\n", name, why ? why : "", status);
+}
+
+int main() {
+  const LinearGeluCutlassParams ok{buffer, buffer, buffer, buffer, buffer, 3, 64, 32, false};
+  LinearGeluCutlassParams p = ok;
+  check("ok", DType::BF16, ok);
+  check("fp32", DType::F32, ok);
+  p = ok; p.K = 36; check("k_not_multiple_of_8", DType::F16, p);
+  p = ok; p.N = 100; check("n_not_multiple_of_8", DType::BF16, p);
+  p = ok; p.K = 0; check("k_zero", DType::BF16, p);
+  p = ok; p.M = -1; check("m_negative", DType::BF16, p);
+  p = ok; p.x = buffer + 2; check("x_misaligned", DType::BF16, p);
+  p = ok; p.bias = buffer + 8; check("bias_misaligned", DType::BF16, p);
+  p = ok; p.preact = buffer + 4; check("preact_misaligned", DType::F16, p);
+  p = ok; p.M = 1ll << 31; check("m_too_large", DType::BF16, p);
+  p = ok; p.weight = nullptr; check("weight_null", DType::BF16, p);
+  p = ok; p.M = 0; check("m_zero", DType::BF16, p);
+  p = ok; p.M = 0; check("bad_path", DType::BF16, p, static_cast<GemmPath>(7));
+  return 0;
+}
+"""
+
+
+def test_cutlass_gemm_refuses_bad_arguments_on_the_cpu(cutlass_gemm_builds, tmp_path):
+    """The host entry point, linked from the sm_80 object and run here without a GPU: each bad
+    argument has a reason and cudaErrorInvalidValue (1), and nothing reaches the runtime (no
+    device here, so any call that did would answer with a device error, or crash)."""
+    _, obj = _gemm_build(cutlass_gemm_builds, "sm_80")
+    source = tmp_path / "args.cu"
+    source.write_text(ARGS_PROGRAM)
+    program = tmp_path / "args"
+    _run([_nvcc(), "-std=c++17", f"-I{CSRC}", str(source), str(obj), "-o", str(program)], timeout=300)
+    result = subprocess.run([str(program)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {name: (why, int(status)) for name, why, status in (line.split("|") for line in result.stdout.splitlines())}
+    assert rows["ok"] == ("", -1)
+    assert rows["m_zero"] == ("", 0)  # cudaSuccess: nothing to compute, nothing launched
+    expected = {
+        "fp32": "float16 and bfloat16", "k_not_multiple_of_8": "multiples of 8", "n_not_multiple_of_8": "multiples of 8",
+        "k_zero": "K > 0", "m_negative": "M >= 0", "x_misaligned": "16-byte aligned", "bias_misaligned": "16-byte aligned",
+        "preact_misaligned": "16-byte aligned", "m_too_large": "below 2^31", "weight_null": "must not be null",
+    }
+    for name, text in expected.items():
+        why, status = rows[name]
+        assert text in why and status == 1, (name, rows[name])
+    assert rows["bad_path"] == ("", 1)
