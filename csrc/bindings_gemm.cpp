@@ -140,9 +140,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out, preact of gelu(x @ weight^T + bias) in one CUTLASS GEMM (preact only when save_preact)",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("approximate"),
         pybind11::arg("save_preact"), pybind11::arg("path") = "auto");
-  m.def("paths", [](int device) { return fuseformer::device_paths(device); },
+  // Both read the device's capability and, on 9.0, whether the module holds sm_90a code, and
+  // cache the answers: kernels/cuda_backend.py calls paths() when it loads the module, so that
+  // no forward (or CUDA graph capture) is the first to ask.
+  m.def("paths", [](int device) {
+          const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+          return fuseformer::device_paths(device);
+        },
         "the CUTLASS paths this device can run ('sm80', and 'sm90' on compute capability 9.0)", pybind11::arg("device"));
-  m.def("auto_path", [](int device) { return std::string(fuseformer::path_name(fuseformer::linear_gelu_cutlass_auto_path(device))); },
+  m.def("auto_path", [](int device) {
+          const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+          return std::string(fuseformer::path_name(fuseformer::linear_gelu_cutlass_auto_path(device)));
+        },
         "the path 'auto' takes on this device", pybind11::arg("device"));
   m.def("has_sm90", &fuseformer::linear_gelu_cutlass_has_sm90, "whether this build holds the sm_90 kernels");
   m.def("set_poison", [](bool on) { fuseformer::g_poison = on; }, "fill outputs with NaN before each launch (tests)");

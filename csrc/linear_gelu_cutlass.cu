@@ -276,7 +276,7 @@ int capability(int device) {
   int major = 0, minor = 0;
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky-free error so later launches do not see it
+    cudaGetLastError();  // clear it, so that the next launch does not report it
     return -1;
   }
   const int cc = major * 10 + minor;
@@ -296,13 +296,15 @@ __device__ int g_sm90a_image = 0;
 #endif
 
 bool sm90a_image(int device) {
-  // Read once per device (a 4-byte synchronous copy at the first call, never again).
+  // Read once per device, at the first call (the Python loader makes that call when it loads
+  // the module, never inside a CUDA graph capture): a 4-byte synchronous copy. A failed read
+  // is not cached.
   static int cached[64] = {};  // 0: not yet read, 1: yes, 2: no
   if (device >= 0 && device < 64 && cached[device] != 0) return cached[device] == 1;
   int flag = 0;
   if (cudaMemcpyFromSymbol(&flag, g_sm90a_image, sizeof(flag)) != cudaSuccess) {
-    cudaGetLastError();
-    flag = 0;
+    cudaGetLastError();  // clear it, so that the next launch does not report it
+    return false;
   }
   if (device >= 0 && device < 64) cached[device] = flag == 1 ? 1 : 2;
   return flag == 1;

@@ -347,16 +347,19 @@ def _load_gemm() -> None:
             return
         _gemm_tried = True
         try:
-            _gemm_module = importlib.import_module("fuseformer._C_gemm")
-            return
-        except ImportError:
-            pass
-        try:
-            _gemm_module = _jit_build_gemm()
+            try:
+                _gemm_module = importlib.import_module("fuseformer._C_gemm")
+            except ImportError:
+                _gemm_module = _jit_build_gemm()
+            # Asked once here, cached in the module: the device's paths, and on 9.0 whether the
+            # build holds sm_90a code (a device read that must not happen inside a graph capture).
+            if not _gemm_module.paths(torch.cuda.current_device()):
+                raise RuntimeError("this device runs neither CUTLASS path (compute capability below 8.0)")
         except Exception as err:  # noqa: BLE001 - as _load: any failure becomes the reason
+            _gemm_module = None
             lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
             detail = next((line for line in lines[1:] if "error" in line.lower()), None)
-            _gemm_reason = f"the CUTLASS GEMM extension could not be built: {lines[0]}" + (f" ({detail})" if detail else "")
+            _gemm_reason = f"the CUTLASS GEMM extension could not be loaded: {lines[0]}" + (f" ({detail})" if detail else "")
             print(f"fuseformer: {_gemm_reason}\n{err}", file=sys.stderr, flush=True)
 
 
