@@ -38,7 +38,7 @@ if os.environ.get("FUSEFORMER_BUILD_CUDA") == "1":
     # The CUTLASS GEMM module (kernels/cuda_backend.py: GEMM_SOURCES) is an extension of its own:
     # its CUTLASS 3 sm_90a instantiations take minutes, and the JIT build compiles it only when
     # FUSEFORMER_CUDA_LINEAR_GELU=cutlass asks for it.
-    gemm_sources = ["csrc/bindings_gemm.cpp", "csrc/linear_gelu_cutlass.cu"]
+    gemm_sources = ["csrc/bindings_gemm.cpp"] + sorted(glob.glob("csrc/linear_gelu_cutlass*.cu"))
     # No --use_fast_math: it may swap tanhf/expf for approximations that break the fp32
     # parity of the GELU kernels (kernels/cuda_backend.py's JIT build uses the same flags).
     nvcc_flags = ["-O3", "-lineinfo"]

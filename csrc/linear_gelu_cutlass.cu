@@ -15,96 +15,31 @@
 // Operand layouts: x (M, K) row-major is A, K-major; W (N, K) row-major is B (K x N) column-major,
 // also K-major (the "TN" GEMM both tensor-core generations like best); out (M, N) row-major.
 //
+// Files: this one holds the sm80 kernels and the dispatch; the sm90 kernels are in
+// linear_gelu_cutlass_sm90_{bf16,f16}.cu (one translation unit per dtype, compiled in parallel),
+// on linear_gelu_cutlass_sm90.cuh; the GELU functors in linear_gelu_cutlass.cuh.
+//
 // Build: the sm90 kernels need an sm_90a gencode (wgmma and setmaxnreg are arch-conditional).
-// Compiled for sm_80 (or plain sm_90) their device bodies are CUTLASS's stub, so this file still
-// compiles for every architecture; the host code dispatches on the capability and never launches
-// the stub. -DFUSEFORMER_GEMM_NO_SM90 drops the sm90 instantiations altogether (faster builds for
-// Ampere-only targets); -DFUSEFORMER_GEMM_ONLY_BF16 keeps bf16 only (the CI compile test).
-#include "linear_gelu_cutlass.h"
-
-#include <cutlass/cutlass.h>
-#include <cutlass/bfloat16.h>
-#include <cutlass/half.h>
-#include <cutlass/numeric_types.h>
+// Compiled for sm_80 (or plain sm_90) their device bodies are CUTLASS's stub, so every file still
+// compiles for every architecture; the host code dispatches on the capability and on whether the
+// loaded image is sm_90a's, and never launches the stub. -DFUSEFORMER_GEMM_NO_SM90 (given to
+// every file) drops the sm90 instantiations altogether (faster builds for Ampere-only targets).
+#include "linear_gelu_cutlass.cuh"
 
 #include <cutlass/epilogue/thread/linear_combination_bias_elementwise.h>
 #include <cutlass/gemm/device/gemm_universal_with_broadcast.h>
 #include <cutlass/gemm/threadblock/threadblock_swizzle.h>
-
-#if defined(CUTLASS_ARCH_MMA_SM90_SUPPORTED) && !defined(FUSEFORMER_GEMM_NO_SM90)
-#define FUSEFORMER_GEMM_SM90 1
-#include <cute/tensor.hpp>
-#include <cutlass/epilogue/collective/collective_builder.hpp>
-#include <cutlass/epilogue/fusion/operations.hpp>
-#include <cutlass/gemm/collective/collective_builder.hpp>
-#include <cutlass/gemm/device/gemm_universal_adapter.h>
-#include <cutlass/gemm/kernel/gemm_universal.hpp>
 #include <cutlass/kernel_hardware_info.h>
-#endif
 
 #include <climits>
 #include <cstdint>
 
-namespace fuseformer {
-namespace {
-
-// ---------------------------------------------------------------------------------- GELU
-// Applied to fp32 values. Both CUTLASS epilogues call the scalar form (2.x) or the Array form
-// (3.x's Sm90Compute). CUTLASS's own GELU_taylor uses tanh.approx.f32 (relative error ~2^-11);
-// ours writes tanh through one exp, exact to ~1e-6 absolute where it matters:
-//   gelu_tanh(x) = x/2 (1 + tanh(u)) = x * sigmoid(2u) = x / (1 + exp(-2u)),
-//   u = sqrt(2/pi) (x + 0.044715 x^3).
-// For very negative u, exp(-2u) overflows to inf and the quotient is the right limit, -0.
-
-constexpr float kSqrtHalf = 0.70710678118654752f;
-constexpr float kSqrt2OverPi = 0.79788456080286536f;
-constexpr float kTanhC = 0.044715f;
-
-CUTLASS_HOST_DEVICE float gelu_erf(float x) { return 0.5f * x * (1.f + erff(x * kSqrtHalf)); }
-
-CUTLASS_HOST_DEVICE float gelu_tanh(float x) {
-  const float minus_2u = -2.f * kSqrt2OverPi * (x + kTanhC * x * x * x);
-#if defined(__CUDA_ARCH__)
-  return __fdividef(x, 1.f + __expf(minus_2u));
-#else
-  return x / (1.f + expf(minus_2u));
+#if defined(CUTLASS_ARCH_MMA_SM90_SUPPORTED) && !defined(FUSEFORMER_GEMM_NO_SM90)
+#define FUSEFORMER_GEMM_SM90 1
 #endif
-}
 
-template <class T>
-struct GeluErf {
-  static const bool kIsHeavy = true;  // CUTLASS 2.x then keeps its epilogue loop rolled
-  CUTLASS_HOST_DEVICE T operator()(T const& x) const { return T(gelu_erf(float(x))); }
-};
-
-template <class T, int N>
-struct GeluErf<cutlass::Array<T, N>> {
-  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& x) const {
-    cutlass::Array<T, N> y;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) y[i] = T(gelu_erf(float(x[i])));
-    return y;
-  }
-};
-
-template <class T>
-struct GeluTanh {
-  static const bool kIsHeavy = true;
-  CUTLASS_HOST_DEVICE T operator()(T const& x) const { return T(gelu_tanh(float(x))); }
-};
-
-template <class T, int N>
-struct GeluTanh<cutlass::Array<T, N>> {
-  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& x) const {
-    cutlass::Array<T, N> y;
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < N; ++i) y[i] = T(gelu_tanh(float(x[i])));
-    return y;
-  }
-};
-
-// 128-bit accesses: 8 half-precision elements.
-constexpr int kAlignment = 8;
+namespace fuseformer {
+namespace cutlass_gelu {
 
 // ---------------------------------------------------------------------------------- sm80 (2.x)
 
@@ -174,48 +109,11 @@ cudaError_t dispatch_store(const LinearGeluCutlassParams& p, cudaStream_t stream
 
 }  // namespace sm80
 
-// ---------------------------------------------------------------------------------- sm90 (3.x)
+}  // namespace cutlass_gelu
 
-#if defined(FUSEFORMER_GEMM_SM90)
-namespace sm90 {
-using namespace cute;
+namespace {
 
-// Cooperative: both consumer warpgroups on one 256 x 128 output tile (128 x 128 each, 128 fp32
-// accumulators per thread), the CUTLASS profiler's usual pick for large bf16 GEMMs on H100. A
-// 2 x 1 cluster multicasts each weight tile to the two CTAs that share it. Pingpong 128 x 128
-// (whose overlap of one warpgroup's epilogue with the other's wgmma suits a heavy GELU
-// epilogue) spilled ~46 bytes per thread with this aux-store epilogue under nvcc 13.0, so it is
-// not used; cooperative 128 x 128 also compiled without spills. Not tuned on a GPU.
-using TileShape = Shape<_256, _128, _64>;
-using ClusterShape = Shape<_2, _1, _1>;
-using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
-
-template <class Element, template <class> class Act>
-struct Kernel {
-  // D = Act(acc + bias); aux = acc + bias (skipped when aux_ptr is null). No C operand.
-  using FusionOp = cutlass::epilogue::fusion::LinCombPerColBiasEltActAux<
-      cutlass::layout::RowMajor, Act, Element, float, /*ElementAux=*/Element, /*ElementBias=*/Element,
-      /*ElementSource=*/Element, /*ElementScalar=*/float, kAlignment, kAlignment>;
-
-  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
-      void, cutlass::layout::RowMajor, kAlignment,     // C: none
-      Element, cutlass::layout::RowMajor, kAlignment,  // D
-      EpilogueSchedule, FusionOp>::CollectiveOp;
-
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-      Element, cutlass::layout::RowMajor, kAlignment,
-      Element, cutlass::layout::ColumnMajor, kAlignment,
-      float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      MainloopSchedule>::CollectiveOp;
-
-  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop, CollectiveEpilogue>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
-};
+using namespace cutlass_gelu;
 
 int multiprocessors(int device) {
   // Cached per device: the persistent scheduler sizes its grid by it on every call.
@@ -224,50 +122,6 @@ int multiprocessors(int device) {
   if (cached[device] == 0) cached[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
   return cached[device];
 }
-
-template <class Element, template <class> class Act>
-cudaError_t run(const LinearGeluCutlassParams& p, int device, cudaStream_t stream) {
-  using G = typename Kernel<Element, Act>::Gemm;
-  const int N = int(p.N), K = int(p.K);
-  const auto stride_x = make_stride(int64_t(K), Int<1>{}, int64_t(0));
-  const auto stride_w = make_stride(int64_t(K), Int<1>{}, int64_t(0));
-  const auto stride_out = make_stride(int64_t(N), Int<1>{}, int64_t(0));
-
-  typename G::Arguments args{};
-  args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
-  args.problem_shape = {int(p.M), N, K, 1};
-  args.mainloop.ptr_A = static_cast<const Element*>(p.x);
-  args.mainloop.dA = stride_x;
-  args.mainloop.ptr_B = static_cast<const Element*>(p.weight);
-  args.mainloop.dB = stride_w;
-  auto& fusion = args.epilogue.thread;
-  fusion.alpha = 1.f;
-  fusion.beta = 0.f;
-  fusion.bias_ptr = static_cast<const Element*>(p.bias);  // null: the broadcast reads zeros
-  fusion.aux_ptr = static_cast<Element*>(p.preact);       // null: the aux store is skipped
-  fusion.dAux = stride_out;
-  args.epilogue.ptr_C = nullptr;
-  args.epilogue.dC = stride_out;
-  args.epilogue.ptr_D = static_cast<Element*>(p.out);
-  args.epilogue.dD = stride_out;
-  args.hw_info.device_id = device;
-  args.hw_info.sm_count = multiprocessors(device);
-
-  G gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
-  // The persistent scheduler and this epilogue need no workspace; refuse rather than pass null.
-  if (G::get_workspace_size(args) != 0) return cudaErrorInvalidValue;
-  if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
-  const cutlass::Status status = gemm.run(stream);
-  const cudaError_t launch = cudaGetLastError();
-  if (launch != cudaSuccess) return launch;
-  return status == cutlass::Status::kSuccess ? cudaSuccess : cudaErrorLaunchFailure;
-}
-
-}  // namespace sm90
-#endif  // FUSEFORMER_GEMM_SM90
-
-// ---------------------------------------------------------------------------------- dispatch
 
 int capability(int device) {
   // major * 10 + minor, cached per device (0: not yet asked; -1: the query failed).
@@ -311,23 +165,9 @@ bool sm90a_image(int device) {
 }
 
 template <template <class> class Act>
-cudaError_t run_typed(DType dtype, const LinearGeluCutlassParams& p, GemmPath path, int device, cudaStream_t stream) {
-#if defined(FUSEFORMER_GEMM_ONLY_BF16)
-  if (dtype != DType::BF16) return cudaErrorInvalidValue;
-#endif
-  if (path == GemmPath::kSm90) {
-#if defined(FUSEFORMER_GEMM_SM90)
-    if (dtype == DType::BF16) return sm90::run<cutlass::bfloat16_t, Act>(p, device, stream);
-#if !defined(FUSEFORMER_GEMM_ONLY_BF16)
-    if (dtype == DType::F16) return sm90::run<cutlass::half_t, Act>(p, device, stream);
-#endif
-#endif
-    return cudaErrorInvalidDeviceFunction;
-  }
+cudaError_t run_sm80(DType dtype, const LinearGeluCutlassParams& p, cudaStream_t stream) {
   if (dtype == DType::BF16) return sm80::dispatch_store<cutlass::bfloat16_t, Act>(p, stream);
-#if !defined(FUSEFORMER_GEMM_ONLY_BF16)
   if (dtype == DType::F16) return sm80::dispatch_store<cutlass::half_t, Act>(p, stream);
-#endif
   return cudaErrorInvalidValue;
 }
 
@@ -376,8 +216,12 @@ cudaError_t linear_gelu_cutlass(DType dtype, const LinearGeluCutlassParams& p, G
   if (path == GemmPath::kAuto) path = linear_gelu_cutlass_auto_path(device);
   // sm_90a code runs on 9.0 only, and only when this build has it.
   if (path == GemmPath::kSm90 && linear_gelu_cutlass_auto_path(device) != GemmPath::kSm90) return cudaErrorInvalidDeviceFunction;
-  return p.approximate_tanh ? run_typed<GeluTanh>(dtype, p, path, device, stream)
-                            : run_typed<GeluErf>(dtype, p, path, device, stream);
+  if (path == GemmPath::kSm90) {
+    const int sms = multiprocessors(device);
+    return dtype == DType::BF16 ? run_sm90_bf16(p, p.approximate_tanh, device, sms, stream)
+                                : run_sm90_f16(p, p.approximate_tanh, device, sms, stream);
+  }
+  return p.approximate_tanh ? run_sm80<GeluTanh>(dtype, p, stream) : run_sm80<GeluErf>(dtype, p, stream);
 }
 
 }  // namespace fuseformer

@@ -79,7 +79,9 @@ SOURCES = (
     "attention_cute.cu",
 )
 # The CUTLASS GEMM module: its own extension, so the main one builds without CUTLASS 3.
-GEMM_SOURCES = ("bindings_gemm.cpp", "linear_gelu_cutlass.cu")
+# One translation unit per sm90 dtype: ninja compiles the slow CUTLASS 3 instantiations at once.
+GEMM_SOURCES = ("bindings_gemm.cpp", "linear_gelu_cutlass.cu", "linear_gelu_cutlass_sm90_bf16.cu",
+                "linear_gelu_cutlass_sm90_f16.cu")
 GEMM_EXTENSION_NAME = "fuseformer_cuda_gemm"
 ATTENTION_KERNELS = ("wmma", "cute")
 LINEAR_GELU_KERNELS = ("cublaslt", "cutlass")

@@ -32,7 +32,9 @@ CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 CU_FILES = sorted(p.name for p in CSRC.glob("*.cu"))
 # Built on CUTLASS/CuTe: compiled (optimised, then disassembled) by the tests at the end.
 CUTE_FILES = ("attention_cute.cu",)
-CUTLASS_GEMM_FILES = ("linear_gelu_cutlass.cu",)
+# The CUTLASS Linear+GELU: sm80 kernels + dispatch, then one file of sm90 kernels per dtype.
+CUTLASS_GEMM_FILES = ("linear_gelu_cutlass.cu", "linear_gelu_cutlass_sm90_bf16.cu", "linear_gelu_cutlass_sm90_f16.cu")
+GEMM_HEADERS = ("linear_gelu_cutlass.h", "linear_gelu_cutlass.cuh", "linear_gelu_cutlass_sm90.cuh")
 PLAIN_CU_FILES = [name for name in CU_FILES if name not in CUTE_FILES + CUTLASS_GEMM_FILES]
 GENCODE = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
 # Every stage still runs (front end, device code generation, ptxas for both archs), unoptimised:
@@ -74,13 +76,13 @@ def _run(cmd, timeout=240):
 
 def test_sources_are_present():
     for name in ("bindings.cpp", "kernels.h", "common.cuh", "attention_common.cuh", "cublaslt_gelu.cpp", "cublaslt_gelu.h",
-                 "bindings_gemm.cpp", "linear_gelu_cutlass.h"):
+                 "bindings_gemm.cpp", *GEMM_HEADERS):
         assert (CSRC / name).is_file(), name
     assert {"add_layer_norm.cu", "gelu.cu", "attention_forward.cu", "attention_backward.cu", *CUTE_FILES,
             *CUTLASS_GEMM_FILES} <= set(CU_FILES)
 
 
-@pytest.mark.parametrize("name", CU_FILES + ["common.cuh", "attention_common.cuh", "kernels.h", "linear_gelu_cutlass.h"])
+@pytest.mark.parametrize("name", CU_FILES + ["common.cuh", "attention_common.cuh", "kernels.h", *GEMM_HEADERS])
 def test_kernels_do_not_include_torch(name):
     """The .cu side must stay compilable by nvcc alone: no torch, ATen, c10 or pybind headers."""
     text = (CSRC / name).read_text()
@@ -338,11 +340,12 @@ def _gemm_kind(mangled):
 
 @pytest.fixture(scope="module")
 def cutlass_gemm_builds(tmp_path_factory):
-    """linear_gelu_cutlass.cu compiled as the JIT build compiles it (-O3, torch's nvcc flags),
-    per architecture with ptxas's report and the wall time: sm_80 as an object (the CPU test links
-    its host code), sm_90a as a cubin (device code only: its host side is the same, and skipping
-    it saves about a minute). The two run at once unless FUSEFORMER_TEST_SERIAL_NVCC=1 (machines
-    short of memory: sm_90a's takes ~4 GB)."""
+    """The CUTLASS Linear+GELU files compiled as the JIT build compiles them (-O3, torch's nvcc
+    flags), per architecture, with ptxas's report and each file's wall time: for sm_80 as objects
+    (the CPU test links their host code), for sm_90a as cubins (device code only: the host side is
+    the same). As many nvcc at once as there are cores (the JIT build's ninja does the same), one
+    at a time with FUSEFORMER_TEST_SERIAL_NVCC=1 (machines short of memory: an sm_90a file takes
+    ~4 GB). {arch: (returncode, commands, output, [files], {file: seconds})}."""
     import time
 
     from fuseformer.kernels import cuda_backend
@@ -357,37 +360,45 @@ def cutlass_gemm_builds(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("cutlass_gemm")
     serial = os.environ.get("FUSEFORMER_TEST_SERIAL_NVCC", "0") not in ("", "0")
-    results, running = {}, {}
+    jobs = 1 if serial else max(1, os.cpu_count() or 1)
+    queue = [(arch, name) for arch in GEMM_ARCHS for name in CUTLASS_GEMM_FILES]
+    running, done = {}, {}
 
-    def finish(arch):
-        cmd, obj, proc, start = running.pop(arch)
+    def finish(key):
+        cmd, target, proc, start = running.pop(key)
         try:
             output, _ = proc.communicate(timeout=900)
         except subprocess.TimeoutExpired:
             proc.kill()
             output = "timed out after 900 s\n" + proc.communicate()[0]
-        results[arch] = (proc.returncode, " ".join(cmd), output, obj, time.monotonic() - start)
+        done[key] = (proc.returncode, " ".join(cmd), output, target, time.monotonic() - start)
 
-    for arch in GEMM_ARCHS:
+    for arch, name in queue:
+        while len(running) >= jobs:
+            finish(next(iter(running)))
         kind = "-c" if arch == "sm_80" else "-cubin"
-        obj = out / f"linear_gelu_cutlass.{arch}.{'o' if kind == '-c' else 'cubin'}"
+        target = out / f"{name}.{arch}.{'o' if kind == '-c' else 'cubin'}"
         cmd = [nvcc, "-std=c++17", *COMMON_NVCC_FLAGS, *cuda_backend.CUDA_FLAGS, f"-I{include}", "-Xptxas", "-v",
-               f"-arch={arch}", kind, str(CSRC / "linear_gelu_cutlass.cu"), "-o", str(obj)]
-        running[arch] = (cmd, obj, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
-                         time.monotonic())
-        if serial:
-            finish(arch)
-    for arch in list(running):
-        finish(arch)
-    for arch, (_, _, _, _, seconds) in results.items():
-        print(f"linear_gelu_cutlass.cu -O3 for {arch}: {seconds:.0f} s")
+               f"-arch={arch}", kind, str(CSRC / name), "-o", str(target)]
+        running[(arch, name)] = (cmd, target, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                               text=True), time.monotonic())
+    while running:
+        finish(next(iter(running)))
+    results = {}
+    for arch in GEMM_ARCHS:
+        parts = [done[(arch, name)] for name in CUTLASS_GEMM_FILES]
+        failed = next((p for p in parts if p[0] != 0), None)
+        results[arch] = (failed[0] if failed else 0, "\n".join(p[1] for p in parts), "\n".join(p[2] for p in parts),
+                         [p[3] for p in parts], {name: p[4] for name, p in zip(CUTLASS_GEMM_FILES, parts)})
+        times = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in results[arch][4].items())
+        print(f"CUTLASS Linear+GELU -O3 for {arch}: {times}")
     return results
 
 
 def _gemm_build(builds, arch):
-    returncode, cmd, output, obj, seconds = builds[arch]
+    returncode, cmd, output, files, seconds = builds[arch]
     assert returncode == 0, f"{cmd}\n{output}"
-    return output, obj
+    return output, files
 
 
 @pytest.mark.parametrize("arch", GEMM_ARCHS)
@@ -422,8 +433,10 @@ def test_cutlass_gemm_uses_tensor_cores_and_tma(cutlass_gemm_builds, arch):
     tile), cp.async (LDGSTS), ldmatrix (LDSM). sm90 kernels in the sm_90a image: wgmma
     (HGMMA.64xNx16, fp32 accumulation; 8 per 64-deep k tile of a warpgroup's 128 x 128), TMA
     loads (UTMALDG, multicast across the 2 x 1 cluster) and TMA stores (UTMASTG: out and aux)."""
-    _, obj = _gemm_build(cutlass_gemm_builds, arch)
-    sass = _sass_functions(obj)
+    _, files = _gemm_build(cutlass_gemm_builds, arch)
+    sass = {}
+    for target in files:
+        sass.update(_sass_functions(target))
     kernels = {name: body for name, body in sass.items() if _gemm_kind(name)}
     assert len(kernels) == SM80_KERNELS + SM90_KERNELS, list(sass)
     for name, body in kernels.items():
@@ -480,14 +493,14 @@ int main() {
 
 
 def test_cutlass_gemm_refuses_bad_arguments_on_the_cpu(cutlass_gemm_builds, tmp_path):
-    """The host entry point, linked from the sm_80 object and run here without a GPU: each bad
+    """The host entry point, linked from the sm_80 objects and run here without a GPU: each bad
     argument has a reason and cudaErrorInvalidValue (1), and nothing reaches the runtime (no
     device here, so any call that did would answer with a device error, or crash)."""
-    _, obj = _gemm_build(cutlass_gemm_builds, "sm_80")
+    _, objects = _gemm_build(cutlass_gemm_builds, "sm_80")
     source = tmp_path / "args.cu"
     source.write_text(ARGS_PROGRAM)
     program = tmp_path / "args"
-    _run([_nvcc(), "-std=c++17", f"-I{CSRC}", str(source), str(obj), "-o", str(program)], timeout=300)
+    _run([_nvcc(), "-std=c++17", f"-I{CSRC}", str(source), *map(str, objects), "-o", str(program)], timeout=300)
     result = subprocess.run([str(program)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = {name: (why, int(status)) for name, why, status in (line.split("|") for line in result.stdout.splitlines())}
