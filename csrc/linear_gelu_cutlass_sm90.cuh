@@ -37,10 +37,11 @@ using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
 
 template <class Element, template <class> class Act>
 struct Kernel {
-  // D = Act(acc + bias); aux = acc + bias (skipped when aux_ptr is null). No C operand.
+  // D = Act(acc + bias); aux = acc + bias (skipped when aux_ptr is null). No C operand: with a
+  // void source the tree drops its beta * C term at compile time.
   using FusionOp = cutlass::epilogue::fusion::LinCombPerColBiasEltActAux<
       cutlass::layout::RowMajor, Act, Element, float, /*ElementAux=*/Element, /*ElementBias=*/Element,
-      /*ElementSource=*/Element, /*ElementScalar=*/float, kAlignment, kAlignment>;
+      /*ElementSource=*/void, /*ElementScalar=*/float, kAlignment, kAlignment>;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
