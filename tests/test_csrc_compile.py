@@ -7,13 +7,16 @@ here even on a runner that will never launch a kernel.
 - the CuTe attention (attention_cute.cu, on the `nvidia-cutlass` package's headers) compiles
   with -O3 for sm_80 and sm_90a, its SASS uses the tensor cores (HMMA) and ptxas reports no
   register spills: what can be proven of a kernel's speed without a GPU.
-- the CUTLASS Linear+GELU (linear_gelu_cutlass.cu, the separate fuseformer_cuda_gemm module)
+- bindings_gemm.cpp (the second module, fuseformer_cuda_gemm) parses the same way;
+- the CUTLASS Linear+GELU (linear_gelu_cutlass*.cu, the separate fuseformer_cuda_gemm module)
   compiles with -O3 for sm_80 and sm_90a without spills; its sm_80 kernels are mma.sync (HMMA)
   with cp.async, its sm_90a kernels wgmma (HGMMA) fed by TMA (UTMALDG) and storing by TMA; and
   its host entry point refuses bad arguments with a status, run here on the CPU.
 Each part is skipped, with the reason, where its compiler or headers are absent. Unoptimised
-nvcc and -fsyntax-only keep the rest well under a minute of CPU; the -O3 CuTe build is the
-costly part (about a minute per architecture on one core; both run at once).
+nvcc and -fsyntax-only keep the rest well under a minute of CPU; the -O3 builds are the costly
+part: the CuTe attention about a minute per architecture on one core (both run at once), the
+CUTLASS Linear+GELU's six compiles (three files, two architectures) about three minutes of one
+core in all (20-40 s each; as many at once as there are cores).
 """
 import glob
 import json
