@@ -489,6 +489,8 @@ int main() {
   p = ok; p.M = 1ll << 31; check("m_too_large", DType::BF16, p);
   p = ok; p.weight = nullptr; check("weight_null", DType::BF16, p);
   p = ok; p.M = 0; check("m_zero", DType::BF16, p);
+  p = ok; p.M = 0; p.x = nullptr; p.out = nullptr; p.preact = nullptr; check("m_zero_empty", DType::F16, p);
+  p = ok; p.x = nullptr; check("x_null", DType::BF16, p);
   p = ok; p.M = 0; check("bad_path", DType::BF16, p, static_cast<GemmPath>(7));
   return 0;
 }
@@ -509,10 +511,12 @@ def test_cutlass_gemm_refuses_bad_arguments_on_the_cpu(cutlass_gemm_builds, tmp_
     rows = {name: (why, int(status)) for name, why, status in (line.split("|") for line in result.stdout.splitlines())}
     assert rows["ok"] == ("", -1)
     assert rows["m_zero"] == ("", 0)  # cudaSuccess: nothing to compute, nothing launched
+    assert rows["m_zero_empty"] == ("", 0)  # torch's empty tensors have null data pointers
     expected = {
         "fp32": "float16 and bfloat16", "k_not_multiple_of_8": "multiples of 8", "n_not_multiple_of_8": "multiples of 8",
         "k_zero": "K > 0", "m_negative": "M >= 0", "x_misaligned": "16-byte aligned", "bias_misaligned": "16-byte aligned",
         "preact_misaligned": "16-byte aligned", "m_too_large": "below 2^31", "weight_null": "must not be null",
+        "x_null": "must not be null",
     }
     for name, text in expected.items():
         why, status = rows[name]

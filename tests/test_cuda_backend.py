@@ -659,6 +659,15 @@ def test_gpu_cutlass_check_macros_raise_python_errors(cuda_gemm, case):
 
 
 @gpu
+@pytest.mark.parametrize("path", _gemm_paths())
+def test_gpu_cutlass_no_rows(cuda_gemm, path):
+    x = torch.empty(0, 64, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(24, 64, device=DEV, dtype=torch.bfloat16)
+    out, pre = cuda_gemm.linear_gelu_forward(x, w, None, "tanh", True, path)
+    assert out.shape == pre.shape == (0, 24)
+
+
+@gpu
 def test_gpu_cutlass_paths_of_this_device(cuda_gemm):
     device = torch.cuda.current_device()
     assert cuda_gemm.paths(device) == _gemm_paths()
