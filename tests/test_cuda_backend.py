@@ -561,7 +561,7 @@ CUTLASS_SHAPES = [(1, 8, 8), (3, 64, 136), (97, 128, 256), (257, 40, 72), (1000,
 
 @gpu
 @pytest.mark.parametrize("path", _gemm_paths())
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("save_preact", [True, False])
