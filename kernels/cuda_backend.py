@@ -23,11 +23,11 @@ The backward is csrc/attention_backward.cu for both: the forwards share out and 
 Linear+GELU forward, chosen at import by FUSEFORMER_CUDA_LINEAR_GELU (or
 `set_linear_gelu_kernel` / `use_linear_gelu_kernel`):
   cublaslt (default) tanh through cuBLASLt's GELU epilogue, erf as GEMM + bias and gelu.cu.
-  cutlass  csrc/linear_gelu_cutlass.cu: one CUTLASS GEMM with bias + GELU (erf or tanh) and the
-           pre-activation store fused into its epilogue; CUTLASS 3 TMA warp-specialized on
-           compute capability 9.0, CUTLASS 2 elsewhere (sm_80+). A second extension,
-           fuseformer_cuda_gemm (fuseformer._C_gemm ahead of time), JIT-built only once this
-           kernel is selected (its sm_90a instantiations take minutes). fp16/bf16 with K and N
+  cutlass  csrc/linear_gelu_cutlass*.cu: one CUTLASS GEMM with bias + GELU (erf or tanh) and the
+           pre-activation store (only when autograd needs it) fused into its epilogue; CUTLASS 3
+           TMA warp-specialized on compute capability 9.0, CUTLASS 2 elsewhere (sm_80+). A second
+           extension, fuseformer_cuda_gemm (fuseformer._C_gemm ahead of time), JIT-built only
+           once this kernel is selected (about a minute of nvcc for sm_90a). fp16/bf16 with K and N
            multiples of 8 and 16-byte aligned data; other cases, or a failed build (one warning),
            keep the cublaslt path. Compiled and checked on the CPU only; NOT YET RUN on a GPU.
 The backward is the same for both: gelu.cu's dGELU from the stored pre-activation + torch.mm.
