@@ -142,6 +142,7 @@ int capability(int device) {
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
+#if defined(FUSEFORMER_GEMM_SM90)
 // 1 in an image compiled for sm_90a, 0 in any other. Compiled for plain sm_90 (a build that
 // forgot the "a"), the sm90 kernels are CUTLASS's stub, which prints an error and returns
 // without writing the output: this flag keeps such a build on the sm80 path instead.
@@ -165,6 +166,7 @@ bool sm90a_image(int device) {
   if (device >= 0 && device < 64) cached[device] = flag == 1 ? 1 : 2;
   return flag == 1;
 }
+#endif  // FUSEFORMER_GEMM_SM90
 
 template <template <class> class Act>
 cudaError_t run_sm80(DType dtype, const LinearGeluCutlassParams& p, cudaStream_t stream) {
