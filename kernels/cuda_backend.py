@@ -326,7 +326,7 @@ def _jit_build_gemm():
     arch = gemm_arch_flags(torch.cuda.get_device_capability())
     print(
         "fuseformer: building the CUTLASS Linear+GELU (FUSEFORMER_CUDA_LINEAR_GELU=cutlass; the first build "
-        "takes minutes, later runs load it from torch's extension cache) ...",
+        "takes a minute or two, later runs load it from torch's extension cache) ...",
         file=sys.stderr,
         flush=True,
     )
