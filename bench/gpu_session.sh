@@ -83,8 +83,8 @@ sanitize)
         "tests/test_cuda_backend.py::test_gpu_linear_gelu_parity" \
         "tests/test_cuda_backend.py::test_gpu_attention_parity@cute-2-4-2-128-128-64" \
         "tests/test_cuda_backend.py::test_gpu_attention_parity@cute-2-4-1-130-130-128" \
-        "tests/test_cuda_backend.py::test_gpu_cutlass_linear_gelu_parity@97-128-256-True-True-none-bf16-sm80" \
-        "tests/test_cuda_backend.py::test_gpu_cutlass_linear_gelu_parity@97-128-256-True-True-none-bf16-sm90"; do
+        "tests/test_cuda_gemm.py::test_gpu_cutlass_linear_gelu_parity@97-128-256-True-True-none-bf16-sm80" \
+        "tests/test_cuda_gemm.py::test_gpu_cutlass_linear_gelu_parity@97-128-256-True-True-none-bf16-sm90"; do
         # One parametrization each: the sanitizer slows a launch 10-100x. TARGET@TEXT picks the
         # first one whose id holds TEXT (the CuTe attention forward at head dims 64 and 128; the
         # CUTLASS Linear+GELU's two paths, bias and pre-activation store on, odd M).
