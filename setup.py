@@ -40,15 +40,29 @@ if os.environ.get("FUSEFORMER_BUILD_CUDA") == "1":
     fmha = pathlib.Path(includes[0]).parent / "examples" / "88_hopper_fmha"
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(" ", ";").split(";")
     sm90a = ["-DFUSEFORMER_SM90A"] if "9.0a" in arch_list and fmha.is_dir() else []
+    # The CUTLASS GEMM module (kernels/cuda_backend.py: GEMM_SOURCES) is an extension of its own:
+    # its CUTLASS 3 sm_90a instantiations take minutes, and the JIT build compiles it only when
+    # FUSEFORMER_CUDA_LINEAR_GELU=cutlass asks for it.
+    gemm_sources = ["csrc/bindings_gemm.cpp"] + sorted(glob.glob("csrc/linear_gelu_cutlass*.cu"))
+    # No --use_fast_math: it may swap tanhf/expf for approximations that break the fp32
+    # parity of the GELU kernels (kernels/cuda_backend.py's JIT build uses the same flags).
+    nvcc_flags = ["-O3", "-lineinfo"]
     ext_modules = [
         CUDAExtension(
             name="fuseformer._C",
-            sources=sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu")),
+            sources=sorted(set(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu")) - set(gemm_sources)),
             include_dirs=includes[:1] + ([str(fmha)] if fmha.is_dir() else []),
-            # No --use_fast_math: it may swap tanhf/expf for approximations that break the fp32
-            # parity of the GELU kernels (kernels/cuda_backend.py's JIT build uses the same flags).
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"] + sm90a},
-        )
+            extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags + sm90a},
+        ),
+        CUDAExtension(
+            name="fuseformer._C_gemm",
+            sources=gemm_sources,
+            include_dirs=includes[:1],
+            # Ampere's kernels for sm_80 (and 8.6/8.9 run them), both paths for Hopper: wgmma
+            # and TMA need the arch-specific sm_90a. Explicit, so torch adds no list of its own.
+            extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags + [
+                "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]},
+        ),
     ]
     cmdclass = {"build_ext": BuildExtension}
 

@@ -80,8 +80,15 @@ built=""
 cuda_build() {
     [ -n "$built" ] && return 0
     built=1
+    # The CUTLASS Linear+GELU is a module of its own (csrc/linear_gelu_cutlass*.cu, about a
+    # minute of nvcc for sm_90a, its three files at once): built here too, so that the gpu
+    # tests and the benchmark's fuseformer-cuda-cutlass load it from the cache. The two builds
+    # run side by side: each ends in one long translation unit that leaves most cores idle.
     timed cuda-build python3 -c "from fuseformer.kernels import cuda_backend as c; print(c.unavailable_reason() or 'cuda backend ready')" \
-        >"$OUT/cuda_build.txt" 2>&1
+        >"$OUT/cuda_build.txt" 2>&1 &
+    timed cutlass-build python3 -c "from fuseformer.kernels import cuda_backend as c; print(c.gemm_unavailable_reason() or 'CUTLASS GEMM module ready')" \
+        >"$OUT/cutlass_build.txt" 2>&1 &
+    wait
 }
 
 run_stage() {
@@ -118,11 +125,14 @@ sanitize)
         "tests/test_cuda_backend.py::test_gpu_attention_parity@cute-2-4-2-128-128-64" \
         "tests/test_cuda_backend.py::test_gpu_attention_parity@cute-2-4-1-130-130-128" \
         "tests/test_cuda_backend.py::test_gpu_attention_parity@cute-3-2-2-65-70-128" \
-        "tests/test_cuda_backend.py::test_gpu_sm90_attention@1000-1000"; do
+        "tests/test_cuda_backend.py::test_gpu_sm90_attention@1000-1000" \
+        "tests/test_cuda_gemm.py::test_gpu_cutlass_linear_gelu_parity@97-128-256-True-True-none-bf16-sm80" \
+        "tests/test_cuda_gemm.py::test_gpu_cutlass_linear_gelu_parity@97-128-256-True-True-none-bf16-sm90"; do
         # One parametrization each: the sanitizer slows a launch 10-100x. TARGET@TEXT picks the
         # first one whose id holds TEXT (the CuTe attention forward and backward at head dims 64
         # and 128; one with an all-padded batch, whose rows have lse = +inf; the sm_90a forward
-        # over a ragged multi-tile case).
+        # over a ragged multi-tile case; the CUTLASS Linear+GELU's two paths, bias and
+        # pre-activation store on, odd M).
         pick=""
         [[ "$target" == *@* ]] && pick=${target#*@} && target=${target%@*}
         first=$(python3 -m pytest -q --collect-only "$target" 2>/dev/null | grep '::' | grep -F -- "$pick" | head -n 1)

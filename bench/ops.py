@@ -116,6 +116,32 @@ def _hopper_impl(call, varlen: bool = False) -> Impl:
                 note="TMA + wgmma kernels (attention_hopper*.py, opt-in)")
 
 
+def _cuda_cutlass_impl(call) -> Impl:
+    """The cuda backend with csrc/'s CUTLASS Linear+GELU forward (FUSEFORMER_CUDA_LINEAR_GELU=cutlass,
+    opt-in, not yet run on a GPU) beside `fuseformer-cuda` (cuBLASLt's epilogue for tanh, GEMM +
+    elementwise GELU for erf), so one GPU run times both against `cublaslt-gelu` and the Triton
+    kernel. Its availability check builds the separate CUTLASS module (a minute or two at the first
+    use on a machine: sm_90a's CUTLASS 3 instantiations). Cases the CUTLASS kernels do not take (fp32,
+    K or N not a multiple of 8) would run cuBLASLt: refused instead of timed under this name."""
+    from fuseformer.kernels import cuda_backend
+
+    checked = []  # dtype, sizes and alignment are the same for every rotated copy of the inputs
+
+    def fn(inputs):
+        if not checked:
+            x = inputs["x"]
+            reason = cuda_backend.cutlass_linear_gelu_reason(x.reshape(-1, x.shape[-1]), inputs["weight"], inputs["bias"])
+            if reason:
+                raise Refused(f"the CUTLASS Linear+GELU does not take this case: {reason}")
+            checked.append(True)
+        return call(inputs, "cuda")
+
+    return Impl("fuseformer-cuda-cutlass", fn, kind=OURS,
+                available=(lambda: K.unavailable_reason("cuda") or cuda_backend.gemm_unavailable_reason()),
+                timed_on_cpu=False, context=(lambda: cuda_backend.use_linear_gelu_kernel("cutlass")),
+                note="csrc/linear_gelu_cutlass.cu: CUTLASS GEMM, bias + GELU (+ pre-activation) in its epilogue (opt-in)")
+
+
 def _cuda_cute_impl(call, head_dim: int) -> Impl:
     """The cuda backend with csrc/'s CuTe attention kernels (FUSEFORMER_CUDA_ATTENTION=cute,
     opt-in, not yet run on a GPU: attention_cute.cu forward, attention_cute_backward.cu
@@ -463,6 +489,7 @@ def linear_gelu_case(name, *, M, K_in, N, approximate="none", grad=False, device
         ]
     impls = _ours(device_type, ours) + _variant_impls(ours, variants)
     if device_type == "cuda":
+        impls.append(_cuda_cutlass_impl(ours))
         impls += [Impl("torch-eager", eager, note="F.linear, then F.gelu"), Impl("torch-compile", eager, build=_compiled)]
         if not grad:
             # cuBLASLt's GELU epilogue is the tanh approximation: checked only where that is the op.

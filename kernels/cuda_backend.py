@@ -28,6 +28,18 @@ csrc/attention_cute_backward.cu (FlashAttention-2's backward on CuTe, likewise c
 yet run); otherwise csrc/attention_backward.cu. Every backward takes every forward's out and lse
 (same conventions).
 
+Linear+GELU forward, chosen at import by FUSEFORMER_CUDA_LINEAR_GELU (or
+`set_linear_gelu_kernel` / `use_linear_gelu_kernel`):
+  cublaslt (default) tanh through cuBLASLt's GELU epilogue, erf as GEMM + bias and gelu.cu.
+  cutlass  csrc/linear_gelu_cutlass*.cu: one CUTLASS GEMM with bias + GELU (erf or tanh) and the
+           pre-activation store (only when autograd needs it) fused into its epilogue; CUTLASS 3
+           TMA warp-specialized on compute capability 9.0, CUTLASS 2 elsewhere (sm_80+). A second
+           extension, fuseformer_cuda_gemm (fuseformer._C_gemm ahead of time), JIT-built only
+           once this kernel is selected (about a minute of nvcc for sm_90a). fp16/bf16 with K and N
+           multiples of 8 and 16-byte aligned data; other cases, or a failed build (one warning),
+           keep the cublaslt path. Compiled and checked on the CPU only; NOT YET RUN on a GPU.
+The backward is the same for both: gelu.cu's dGELU from the stored pre-activation + torch.mm.
+
 What the kernels cover (anything else is refused by `unsupported`, so `auto` passes over the
 backend and naming it explicitly raises BackendUnsupportedError with the reason):
   attention       forward and backward, fp16/bf16, head dims ATTENTION_HEAD_DIMS, causal and/or
@@ -80,7 +92,13 @@ SOURCES = (
     "attention_sm90_bf16_d64.cu",
     "attention_sm90_bf16_d128.cu",
 )
+# The CUTLASS GEMM module: its own extension, so the main one builds without CUTLASS 3.
+# One translation unit per sm90 dtype: ninja compiles the slow CUTLASS 3 instantiations at once.
+GEMM_SOURCES = ("bindings_gemm.cpp", "linear_gelu_cutlass.cu", "linear_gelu_cutlass_sm90_bf16.cu",
+                "linear_gelu_cutlass_sm90_f16.cu")
+GEMM_EXTENSION_NAME = "fuseformer_cuda_gemm"
 ATTENTION_KERNELS = ("wmma", "cute", "sm90")
+LINEAR_GELU_KERNELS = ("cublaslt", "cutlass")
 # Mirror of attention_{forward,backward}_cute_supports_head_dim (a gpu test compares).
 CUTE_HEAD_DIMS = (64, 128)
 EXTENSION_NAME = "fuseformer_cuda"
@@ -124,6 +142,42 @@ def use_attention_kernel(name: str):
         yield
     finally:
         set_attention_kernel(previous)
+
+
+def _linear_gelu_kernel_from_env() -> str:
+    name = os.environ.get("FUSEFORMER_CUDA_LINEAR_GELU", "cublaslt").strip().lower() or "cublaslt"
+    if name not in LINEAR_GELU_KERNELS:
+        warnings.warn(f"FUSEFORMER_CUDA_LINEAR_GELU={name!r} is not one of {LINEAR_GELU_KERNELS}; using 'cublaslt'",
+                      stacklevel=2)
+        return "cublaslt"
+    return name
+
+
+_linear_gelu_kernel = _linear_gelu_kernel_from_env()
+
+
+def linear_gelu_kernel() -> str:
+    """The csrc/ Linear+GELU forward in use: 'cublaslt' or 'cutlass'."""
+    return _linear_gelu_kernel
+
+
+def set_linear_gelu_kernel(name: str) -> str:
+    """Select the csrc/ Linear+GELU forward ('cublaslt' or 'cutlass'); returns the previous choice.
+    Builds nothing: the CUTLASS module is built at the next availability check or forward."""
+    global _linear_gelu_kernel
+    if name not in LINEAR_GELU_KERNELS:
+        raise ValueError(f"unknown cuda linear_gelu kernel {name!r}; choose one of {LINEAR_GELU_KERNELS}")
+    previous, _linear_gelu_kernel = _linear_gelu_kernel, name
+    return previous
+
+
+@contextmanager
+def use_linear_gelu_kernel(name: str):
+    previous = set_linear_gelu_kernel(name)
+    try:
+        yield
+    finally:
+        set_linear_gelu_kernel(previous)
 
 
 def cutlass_include() -> pathlib.Path | None:
@@ -173,8 +227,8 @@ _tried = False
 
 
 def source_dir() -> pathlib.Path | None:
-    """The folder holding csrc/'s sources: <repo>/csrc in a checkout or editable install,
-    the `fuseformer.csrc` package data in an installed wheel."""
+    """The folder holding csrc/'s sources (both modules'): <repo>/csrc in a checkout or editable
+    install, the `fuseformer.csrc` package data in an installed wheel."""
     candidates = [pathlib.Path(__file__).resolve().parent.parent / "csrc"]
     try:
         # csrc/ holds no __init__.py: a namespace package, whose folders find_spec lists.
@@ -183,7 +237,7 @@ def source_dir() -> pathlib.Path | None:
     except (ImportError, ValueError, OSError):
         pass
     for folder in candidates:
-        if all((folder / name).is_file() for name in SOURCES):
+        if all((folder / name).is_file() for name in SOURCES + GEMM_SOURCES):
             return folder
     return None
 
@@ -197,7 +251,8 @@ def _nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
-def _jit_build():
+def _check_toolchain():
+    """The csrc/ folder and the CUTLASS include folder, or RuntimeError with the missing piece."""
     from torch.utils import cpp_extension
 
     if _nvcc() is None:
@@ -212,6 +267,13 @@ def _jit_build():
     include = cutlass_include()
     if include is None:
         raise RuntimeError(CUTLASS_MISSING)
+    return folder, include
+
+
+def _jit_build():
+    from torch.utils import cpp_extension
+
+    folder, include = _check_toolchain()
     print(
         "fuseformer: loading the cuda backend (the first use compiles csrc/ with nvcc, a few minutes; "
         "later runs load it from torch's extension cache) ...",
@@ -259,12 +321,16 @@ def _load() -> None:
 
 
 def unavailable_reason() -> str | None:
-    """Why the cuda backend cannot run here, or None when it can (this builds it the first time)."""
+    """Why the cuda backend cannot run here, or None when it can (this builds it the first time,
+    and the CUTLASS GEMM module too when FUSEFORMER_CUDA_LINEAR_GELU=cutlass selects it; that
+    one failing only keeps Linear+GELU on cuBLASLt)."""
     if torch.version.cuda is None:
         return "torch was built without CUDA"
     if not torch.cuda.is_available():
         return "no CUDA device"
     _load()
+    if _reason is None and _linear_gelu_kernel == "cutlass":
+        _load_gemm()
     return _reason
 
 
@@ -275,6 +341,89 @@ def module():
         raise BackendUnsupportedError(f"backend 'cuda' is unavailable: {reason}")
     _module.set_poison(poison_enabled())
     return _module
+
+
+# ----------------------------------------------------------------------------- CUTLASS GEMM module
+
+_gemm_module = None
+_gemm_reason: str | None = None
+_gemm_tried = False
+
+
+def gemm_arch_flags(capability: tuple[int, int]) -> list[str]:
+    """nvcc's -gencode for the CUTLASS module on a device of this compute capability: sm_90a on
+    9.0 (wgmma and TMA need the arch-specific target, and plain sm_90 would get CUTLASS's stubs),
+    the device's own sm_XY elsewhere (the CUTLASS 2 kernels only). One architecture, not torch's
+    list: this build is the slow one."""
+    major, minor = capability
+    if major < 8:
+        raise RuntimeError(f"the CUTLASS kernels need compute capability 8.0 or newer, this device is {major}.{minor}")
+    arch = "90a" if (major, minor) == (9, 0) else f"{major}{minor}"
+    return [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+
+
+def _jit_build_gemm():
+    from torch.utils import cpp_extension
+
+    folder, include = _check_toolchain()
+    arch = gemm_arch_flags(torch.cuda.get_device_capability())
+    print(
+        "fuseformer: building the CUTLASS Linear+GELU (FUSEFORMER_CUDA_LINEAR_GELU=cutlass; the first build "
+        "takes a minute or two, later runs load it from torch's extension cache) ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    module = cpp_extension.load(
+        name=GEMM_EXTENSION_NAME,
+        sources=[str(folder / name) for name in GEMM_SOURCES],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=CUDA_FLAGS + arch,
+        extra_include_paths=[str(include)],
+        verbose=os.environ.get("FUSEFORMER_VERBOSE_BUILD", "0") not in ("", "0"),
+    )
+    print("fuseformer: CUTLASS Linear+GELU ready.", file=sys.stderr, flush=True)
+    return module
+
+
+def _load_gemm() -> None:
+    global _gemm_module, _gemm_reason, _gemm_tried
+    with _lock:
+        if _gemm_tried:
+            return
+        _gemm_tried = True
+        try:
+            try:
+                _gemm_module = importlib.import_module("fuseformer._C_gemm")
+            except ImportError:
+                _gemm_module = _jit_build_gemm()
+            # Asked once here, cached in the module: the device's paths, and on 9.0 whether the
+            # build holds sm_90a code (a device read that must not happen inside a graph capture).
+            if not _gemm_module.paths(torch.cuda.current_device()):
+                raise RuntimeError("this device runs neither CUTLASS path (compute capability below 8.0)")
+        except Exception as err:  # noqa: BLE001 - as _load: any failure becomes the reason
+            _gemm_module = None
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+            detail = next((line for line in lines[1:] if "error" in line.lower()), None)
+            _gemm_reason = f"the CUTLASS GEMM extension could not be loaded: {lines[0]}" + (f" ({detail})" if detail else "")
+            print(f"fuseformer: {_gemm_reason}\n{err}", file=sys.stderr, flush=True)
+
+
+def gemm_unavailable_reason() -> str | None:
+    """Why the CUTLASS GEMM module cannot run here, or None (this builds it the first time)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        return reason
+    _load_gemm()
+    return _gemm_reason
+
+
+def gemm_module():
+    """The loaded CUTLASS GEMM module; BackendUnsupportedError when it is unavailable."""
+    reason = gemm_unavailable_reason()
+    if reason is not None:
+        raise BackendUnsupportedError(f"the CUTLASS Linear+GELU is unavailable: {reason}")
+    _gemm_module.set_poison(poison_enabled())
+    return _gemm_module
 
 
 # ----------------------------------------------------------------------------- attention
@@ -384,8 +533,45 @@ def _add_layer_norm_unsupported(dtype=None, hidden=None, dropout_p=0.0, requires
 # ----------------------------------------------------------------------------- Linear + GELU
 
 
+def cutlass_linear_gelu_reason(x2d, weight, bias) -> str | None:
+    """Why the CUTLASS Linear+GELU cannot take these (contiguous) tensors, or None. Attribute
+    reads only: no sync, cheap enough for every call."""
+    if x2d.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {x2d.dtype}: the CUTLASS kernels take float16 and bfloat16"
+    K, N = x2d.shape[1], weight.shape[0]
+    if K == 0 or N == 0 or K % 8 or N % 8:
+        return f"in_features {K} and out_features {N} must be positive multiples of 8 for the CUTLASS kernels"
+    if any(t is not None and t.data_ptr() % 16 for t in (x2d, weight, bias)):
+        return "the CUTLASS kernels need 16-byte aligned data"
+    return None
+
+
+_cutlass_warned = False
+
+
+def _cutlass_module_or_none():
+    """The CUTLASS module, or None after one warning when it cannot be built here."""
+    global _cutlass_warned
+    if _gemm_module is not None:  # the common case: two attribute reads and a bool set
+        _gemm_module.set_poison(poison_enabled())
+        return _gemm_module
+    reason = gemm_unavailable_reason()
+    if reason is None:
+        return gemm_module()
+    if not _cutlass_warned:
+        _cutlass_warned = True
+        warnings.warn(f"fuseformer: FUSEFORMER_CUDA_LINEAR_GELU=cutlass, but {reason}; Linear+GELU keeps the cuBLASLt path",
+                      stacklevel=4)
+    return None
+
+
 def _linear_gelu_forward(x2d, weight, bias, approximate, save_preact):
-    return module().linear_gelu_forward(x2d.contiguous(), weight.contiguous(), _contiguous(bias), approximate, bool(save_preact))
+    x2d, weight, bias = x2d.contiguous(), weight.contiguous(), _contiguous(bias)
+    if _linear_gelu_kernel == "cutlass" and cutlass_linear_gelu_reason(x2d, weight, bias) is None:
+        gemm = _cutlass_module_or_none()
+        if gemm is not None:
+            return gemm.linear_gelu_forward(x2d, weight, bias, approximate, bool(save_preact))
+    return module().linear_gelu_forward(x2d, weight, bias, approximate, bool(save_preact))
 
 
 def _linear_gelu_backward(dout, x2d, weight, preact, approximate, has_bias):

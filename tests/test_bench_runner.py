@@ -408,6 +408,10 @@ def test_gpu_case_declarations_prepare_on_cpu(roofline):
             hopper, fa4 = result["impls"]["fuseformer-triton-hopper"], result["impls"]["flash-attn-4"]
             assert hopper["status"] == "refused" and "(9, 0)" in hopper["reason"], hopper
             assert fa4["status"] == "refused" and fa4["reason"], fa4
+        if case.name == "g_lg":
+            # The CUTLASS Linear+GELU (opt-in csrc/ kernel) is declared beside fuseformer-cuda.
+            cutlass = result["impls"]["fuseformer-cuda-cutlass"]
+            assert cutlass["status"] == "refused" and cutlass["reason"], cutlass
         expected = {"g_attn_pad": {"torch-eager", "sdpa-math", "sdpa-efficient"}, "g_varlen": {"sdpa-padded"},
                     "g_ln_bwd": {"torch-eager"}, "g_lg": {"torch-eager", "cublaslt-gelu"}}.get(case.name, set())
         assert expected <= seen, (case.name, seen)

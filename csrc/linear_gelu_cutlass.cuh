@@ -1,0 +1,87 @@
+// Internals shared by the CUTLASS Linear+GELU translation units: the GELU functors both
+// epilogues apply, and the per-dtype entry points of the sm90 kernels. The sm90 kernels live in
+// one translation unit per dtype (linear_gelu_cutlass_sm90_{bf16,f16}.cu) so that a parallel
+// build (ninja in the JIT build, one job per file) compiles the slow CUTLASS 3 instantiations at
+// once; linear_gelu_cutlass.cu holds the sm80 kernels and the dispatch.
+#pragma once
+
+#include <cutlass/cutlass.h>
+#include <cutlass/array.h>
+#include <cutlass/bfloat16.h>
+#include <cutlass/half.h>
+#include <cutlass/numeric_types.h>
+
+#include "linear_gelu_cutlass.h"
+
+namespace fuseformer {
+namespace cutlass_gelu {
+
+// ---------------------------------------------------------------------------------- GELU
+// Applied to fp32 values. Both CUTLASS epilogues call the scalar form (2.x) or the Array form
+// (3.x's Sm90Compute). CUTLASS's own GELU_taylor uses tanh.approx.f32 (relative error ~2^-11);
+// ours writes tanh through one exp, exact to ~1e-6 absolute where it matters:
+//   gelu_tanh(x) = x/2 (1 + tanh(u)) = x * sigmoid(2u) = x / (1 + exp(-2u)),
+//   u = sqrt(2/pi) (x + 0.044715 x^3).
+// For very negative u, exp(-2u) overflows to inf and the quotient is the right limit, -0.
+
+constexpr float kSqrtHalf = 0.70710678118654752f;
+constexpr float kSqrt2OverPi = 0.79788456080286536f;
+constexpr float kTanhC = 0.044715f;
+
+CUTLASS_HOST_DEVICE float gelu_erf(float x) { return 0.5f * x * (1.f + erff(x * kSqrtHalf)); }
+
+CUTLASS_HOST_DEVICE float gelu_tanh(float x) {
+  const float minus_2u = -2.f * kSqrt2OverPi * (x + kTanhC * x * x * x);
+#if defined(__CUDA_ARCH__)
+  return __fdividef(x, 1.f + __expf(minus_2u));
+#else
+  return x / (1.f + expf(minus_2u));
+#endif
+}
+
+template <class T>
+struct GeluErf {
+  static const bool kIsHeavy = true;  // CUTLASS 2.x then keeps its epilogue loop rolled
+  CUTLASS_HOST_DEVICE T operator()(T const& x) const { return T(gelu_erf(float(x))); }
+};
+
+template <class T, int N>
+struct GeluErf<cutlass::Array<T, N>> {
+  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& x) const {
+    cutlass::Array<T, N> y;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) y[i] = T(gelu_erf(float(x[i])));
+    return y;
+  }
+};
+
+template <class T>
+struct GeluTanh {
+  static const bool kIsHeavy = true;
+  CUTLASS_HOST_DEVICE T operator()(T const& x) const { return T(gelu_tanh(float(x))); }
+};
+
+template <class T, int N>
+struct GeluTanh<cutlass::Array<T, N>> {
+  CUTLASS_HOST_DEVICE cutlass::Array<T, N> operator()(cutlass::Array<T, N> const& x) const {
+    cutlass::Array<T, N> y;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) y[i] = T(gelu_tanh(float(x[i])));
+    return y;
+  }
+};
+
+// 128-bit accesses: 8 half-precision elements.
+constexpr int kAlignment = 8;
+
+// ---------------------------------------------------------------------------------- sm90 entry points
+// out/preact for one dtype on the CUTLASS 3 kernel (tanh or erf GELU); cudaErrorInvalidDeviceFunction
+// in a build without the sm90 kernels (-DFUSEFORMER_GEMM_NO_SM90). sm_count: the device's SMs,
+// which the persistent scheduler sizes its grid by.
+cudaError_t run_sm90_bf16(const LinearGeluCutlassParams& p, bool approximate_tanh, int device, int sm_count,
+                          cudaStream_t stream);
+cudaError_t run_sm90_f16(const LinearGeluCutlassParams& p, bool approximate_tanh, int device, int sm_count,
+                         cudaStream_t stream);
+
+}  // namespace cutlass_gelu
+}  // namespace fuseformer
