@@ -93,15 +93,7 @@ cudaError_t run(const LinearGeluCutlassParams& p, cudaStream_t stream) {
       p.preact,                   // T
       /*batch strides A, B, C, D, Vector, Tensor=*/0, 0, 0, 0, 0, 0,
       /*lda=*/K, /*ldb=*/K, /*ldc=*/N, /*ldd=*/N, /*ldr (vector)=*/0, /*ldt=*/N);
-  G gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
-  // kGemm with one batch needs no workspace (no split-K semaphores).
-  if (G::get_workspace_size(args) != 0) return cudaErrorInvalidValue;
-  if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
-  const cutlass::Status status = gemm.run(stream);
-  const cudaError_t launch = cudaGetLastError();
-  if (launch != cudaSuccess) return launch;
-  return status == cutlass::Status::kSuccess ? cudaSuccess : cudaErrorLaunchFailure;
+  return run_gemm<G>(args, stream);
 }
 
 template <class Element, template <class> class Act>

@@ -83,5 +83,21 @@ cudaError_t run_sm90_bf16(const LinearGeluCutlassParams& p, bool approximate_tan
 cudaError_t run_sm90_f16(const LinearGeluCutlassParams& p, bool approximate_tanh, int device, int sm_count,
                          cudaStream_t stream);
 
+// One GEMM through a CUTLASS device adapter (2.x GemmUniversalWithBroadcast or 3.x
+// GemmUniversalAdapter): refusals and launch failures come back as cudaError_t. Neither kernel
+// needs a workspace (one batch, no split-K semaphores; the persistent scheduler and this
+// epilogue keep none): one that asked for it is refused rather than handed a null pointer.
+template <class Gemm, class Arguments>
+cudaError_t run_gemm(const Arguments& args, cudaStream_t stream) {
+  Gemm gemm;
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
+  if (Gemm::get_workspace_size(args) != 0) return cudaErrorInvalidValue;
+  if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
+  const cutlass::Status status = gemm.run(stream);
+  const cudaError_t launch = cudaGetLastError();
+  if (launch != cudaSuccess) return launch;
+  return status == cutlass::Status::kSuccess ? cudaSuccess : cudaErrorLaunchFailure;
+}
+
 }  // namespace cutlass_gelu
 }  // namespace fuseformer

@@ -90,18 +90,26 @@ cudaError_t run(const LinearGeluCutlassParams& p, int device, int sm_count, cuda
   args.hw_info.device_id = device;
   args.hw_info.sm_count = sm_count;
 
-  G gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
-  // The persistent scheduler and this epilogue need no workspace; refuse rather than pass null.
-  if (G::get_workspace_size(args) != 0) return cudaErrorInvalidValue;
-  if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
-  const cutlass::Status status = gemm.run(stream);
-  const cudaError_t launch = cudaGetLastError();
-  if (launch != cudaSuccess) return launch;
-  return status == cutlass::Status::kSuccess ? cudaSuccess : cudaErrorLaunchFailure;
+  return run_gemm<G>(args, stream);
 }
 }  // namespace sm90
 }  // namespace cutlass_gelu
 }  // namespace fuseformer
 
 #endif  // FUSEFORMER_GEMM_SM90
+
+// The per-dtype entry point a linear_gelu_cutlass_sm90_<dtype>.cu file defines: erf or tanh for
+// ELEMENT, or cudaErrorInvalidDeviceFunction in a build without the sm90 kernels.
+#if defined(FUSEFORMER_GEMM_SM90)
+#define FUSEFORMER_GELU_SM90_ENTRY(NAME, ELEMENT)                                                              \
+  cudaError_t fuseformer::cutlass_gelu::NAME(const LinearGeluCutlassParams& p, bool approximate_tanh, int device, \
+                                             int sm_count, cudaStream_t stream) {                             \
+    return approximate_tanh ? sm90::run<ELEMENT, GeluTanh>(p, device, sm_count, stream)                        \
+                            : sm90::run<ELEMENT, GeluErf>(p, device, sm_count, stream);                        \
+  }
+#else
+#define FUSEFORMER_GELU_SM90_ENTRY(NAME, ELEMENT)                                                              \
+  cudaError_t fuseformer::cutlass_gelu::NAME(const LinearGeluCutlassParams&, bool, int, int, cudaStream_t) {   \
+    return cudaErrorInvalidDeviceFunction;                                                                     \
+  }
+#endif

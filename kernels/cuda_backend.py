@@ -108,14 +108,24 @@ CUDA_FLAGS = ["-O3", "-lineinfo"]
 
 
 
-def _attention_kernel_from_env() -> str:
-    name = os.environ.get("FUSEFORMER_CUDA_ATTENTION", "wmma").strip().lower() or "wmma"
-    if name not in ATTENTION_KERNELS:
+def _choice_from_env(variable: str, choices: tuple) -> str:
+    """A kernel switch's environment variable, read once at import; choices[0] is the default."""
+    name = os.environ.get(variable, choices[0]).strip().lower() or choices[0]
+    if name not in choices:
         # Refused where it is given, but without breaking the import of the whole package.
-        warnings.warn(f"FUSEFORMER_CUDA_ATTENTION={name!r} is not one of {ATTENTION_KERNELS}; using 'wmma'",
-                      stacklevel=2)
-        return "wmma"
+        warnings.warn(f"{variable}={name!r} is not one of {choices}; using {choices[0]!r}", stacklevel=3)
+        return choices[0]
     return name
+
+
+def _checked_choice(name: str, choices: tuple, what: str) -> str:
+    if name not in choices:
+        raise ValueError(f"unknown cuda {what} kernel {name!r}; choose one of {choices}")
+    return name
+
+
+def _attention_kernel_from_env() -> str:
+    return _choice_from_env("FUSEFORMER_CUDA_ATTENTION", ATTENTION_KERNELS)
 
 
 _attention_kernel = _attention_kernel_from_env()
@@ -129,9 +139,7 @@ def attention_kernel() -> str:
 def set_attention_kernel(name: str) -> str:
     """Select the csrc/ attention kernels, forward and backward ('wmma', 'cute' or 'sm90'); returns the previous choice."""
     global _attention_kernel
-    if name not in ATTENTION_KERNELS:
-        raise ValueError(f"unknown cuda attention kernel {name!r}; choose one of {ATTENTION_KERNELS}")
-    previous, _attention_kernel = _attention_kernel, name
+    previous, _attention_kernel = _attention_kernel, _checked_choice(name, ATTENTION_KERNELS, "attention")
     return previous
 
 
@@ -145,12 +153,7 @@ def use_attention_kernel(name: str):
 
 
 def _linear_gelu_kernel_from_env() -> str:
-    name = os.environ.get("FUSEFORMER_CUDA_LINEAR_GELU", "cublaslt").strip().lower() or "cublaslt"
-    if name not in LINEAR_GELU_KERNELS:
-        warnings.warn(f"FUSEFORMER_CUDA_LINEAR_GELU={name!r} is not one of {LINEAR_GELU_KERNELS}; using 'cublaslt'",
-                      stacklevel=2)
-        return "cublaslt"
-    return name
+    return _choice_from_env("FUSEFORMER_CUDA_LINEAR_GELU", LINEAR_GELU_KERNELS)
 
 
 _linear_gelu_kernel = _linear_gelu_kernel_from_env()
@@ -165,9 +168,7 @@ def set_linear_gelu_kernel(name: str) -> str:
     """Select the csrc/ Linear+GELU forward ('cublaslt' or 'cutlass'); returns the previous choice.
     Builds nothing: the CUTLASS module is built at the next availability check or forward."""
     global _linear_gelu_kernel
-    if name not in LINEAR_GELU_KERNELS:
-        raise ValueError(f"unknown cuda linear_gelu kernel {name!r}; choose one of {LINEAR_GELU_KERNELS}")
-    previous, _linear_gelu_kernel = _linear_gelu_kernel, name
+    previous, _linear_gelu_kernel = _linear_gelu_kernel, _checked_choice(name, LINEAR_GELU_KERNELS, "linear_gelu")
     return previous
 
 

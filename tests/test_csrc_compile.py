@@ -241,16 +241,17 @@ def _cuobjdump():
     return next((str(c) for c in candidates if c.is_file()), None)
 
 
-def _cubin_command(nvcc, source, arch, flags, out):
-    """(nvcc command, cubin) building csrc/`source` as the JIT extension builds it (-O3, torch's
-    nvcc flags, + `flags`) for one architecture, with ptxas's resource report."""
+def _cubin_command(nvcc, source, arch, flags, out, object_file=False):
+    """(nvcc command, output) building csrc/`source` as the JIT extension builds it (-O3, torch's
+    nvcc flags, + `flags`) for one architecture, with ptxas's resource report: a cubin (device
+    code), or with object_file an object holding the host code too."""
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # what the JIT build adds (no half operators, ...)
 
     from fuseformer.kernels import cuda_backend
 
-    cubin = out / f"{source}.{arch}.cubin"
+    target = out / f"{source}.{arch}.{'o' if object_file else 'cubin'}"
     return [nvcc, "-std=c++17", *COMMON_NVCC_FLAGS, *cuda_backend.CUDA_FLAGS, *flags, "-Xptxas", "-v", f"-arch={arch}",
-            "-cubin", str(CSRC / source), "-o", str(cubin)], cubin
+            "-c" if object_file else "-cubin", str(CSRC / source), "-o", str(target)], target
 
 
 def _sass(returncode, cmd, output, cubin) -> str:
@@ -540,13 +541,10 @@ def _gemm_kind(mangled):
 @pytest.fixture(scope="module")
 def cutlass_gemm_builds(tmp_path_factory):
     """The CUTLASS Linear+GELU files compiled as the JIT build compiles them (-O3, torch's nvcc
-    flags), per architecture, with ptxas's report and each file's wall time: for sm_80 as objects
-    (the CPU test links their host code), for sm_90a as cubins (device code only: the host side is
-    the same). As many nvcc at once as there are cores (the JIT build's ninja does the same), one
-    at a time with FUSEFORMER_TEST_SERIAL_NVCC=1 (machines short of memory: an sm_90a file takes
-    ~4 GB). {arch: (returncode, commands, output, [files], {file: seconds})}."""
-    import time
-
+    flags), per architecture, with ptxas's report: for sm_80 as objects (the CPU test links their
+    host code), for sm_90a as cubins (device code only: the host side is the same). At most
+    FUSEFORMER_NVCC_JOBS at once (an sm_90a file takes ~4 GB of memory).
+    {arch: (returncode, commands, output, [files])}."""
     from fuseformer.kernels import cuda_backend
 
     nvcc = _nvcc()
@@ -555,47 +553,21 @@ def cutlass_gemm_builds(tmp_path_factory):
     include = cuda_backend.cutlass_include()
     if include is None:
         pytest.skip("the nvidia-cutlass package (CUTLASS headers) is not installed")
-    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
-
     out = tmp_path_factory.mktemp("cutlass_gemm")
-    serial = os.environ.get("FUSEFORMER_TEST_SERIAL_NVCC", "0") not in ("", "0")
-    jobs = 1 if serial else max(1, os.cpu_count() or 1)
-    queue = [(arch, name) for arch in GEMM_ARCHS for name in CUTLASS_GEMM_FILES]
-    running, done = {}, {}
-
-    def finish(key):
-        cmd, target, proc, start = running.pop(key)
-        try:
-            output, _ = proc.communicate(timeout=900)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output = "timed out after 900 s\n" + proc.communicate()[0]
-        done[key] = (proc.returncode, " ".join(cmd), output, target, time.monotonic() - start)
-
-    for arch, name in queue:
-        while len(running) >= jobs:
-            finish(next(iter(running)))
-        kind = "-c" if arch == "sm_80" else "-cubin"
-        target = out / f"{name}.{arch}.{'o' if kind == '-c' else 'cubin'}"
-        cmd = [nvcc, "-std=c++17", *COMMON_NVCC_FLAGS, *cuda_backend.CUDA_FLAGS, f"-I{include}", "-Xptxas", "-v",
-               f"-arch={arch}", kind, str(CSRC / name), "-o", str(target)]
-        running[(arch, name)] = (cmd, target, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                               text=True), time.monotonic())
-    while running:
-        finish(next(iter(running)))
+    done = _compile_all({(arch, name): _cubin_command(nvcc, name, arch, [f"-I{include}"], out,
+                                                      object_file=arch == "sm_80")
+                         for arch in GEMM_ARCHS for name in CUTLASS_GEMM_FILES}, timeout=900)
     results = {}
     for arch in GEMM_ARCHS:
         parts = [done[(arch, name)] for name in CUTLASS_GEMM_FILES]
-        failed = next((p for p in parts if p[0] != 0), None)
-        results[arch] = (failed[0] if failed else 0, "\n".join(p[1] for p in parts), "\n".join(p[2] for p in parts),
-                         [p[3] for p in parts], {name: p[4] for name, p in zip(CUTLASS_GEMM_FILES, parts)})
-        times = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in results[arch][4].items())
-        print(f"CUTLASS Linear+GELU -O3 for {arch}: {times}")
+        failed = next((part for part in parts if part[0] != 0), None)
+        results[arch] = (failed[0] if failed else 0, "\n".join(part[1] for part in parts),
+                         "\n".join(part[2] for part in parts), [part[3] for part in parts])
     return results
 
 
 def _gemm_build(builds, arch):
-    returncode, cmd, output, files, seconds = builds[arch]
+    returncode, cmd, output, files = builds[arch]
     assert returncode == 0, f"{cmd}\n{output}"
     return output, files
 
