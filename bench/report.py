@@ -342,8 +342,8 @@ def variant_rows(doc: dict) -> list[dict]:
 
 def variant_lines(doc: dict) -> list[str]:
     rows = variant_rows(doc)
-    if not rows:
-        return []
+    if not any(r["cases"] or r["parity_fail"] for r in rows):
+        return []  # nothing timed and nothing failed (a CPU run): no evidence either way
     lines = ["", "## Variants against the default they would replace", "",
              "Speedup = the default's median time / the variant's, over the cases where both were timed "
              "and passed parity (> 1: the variant is faster).", "",
