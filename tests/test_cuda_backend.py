@@ -571,7 +571,7 @@ def test_gpu_sm90_attention(cuda_ext, dtype, D, causal, B, H, Lq, Lk, layout):
     with cuda_backend.use_attention_kernel("sm90"):
         _parity_with_grads(
             lambda q_, k_, v_: K.scaled_dot_product_attention(q_, k_, v_, None, 0.0, causal, scale, backend=BACKEND),
-            lambda q_, k_, v_: _attention_reference(q_, k_, v_, None, causal, False),
+            lambda q_, k_, v_: reference.scaled_dot_product_attention(q_, k_, v_, None, 0.0, causal, scale),
             (q, k, v), dtype, ("dq", "dk", "dv"),
         )
 
