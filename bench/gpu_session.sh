@@ -11,7 +11,7 @@
 #
 # The device tool brings back at most 8 files from $OUT: every log and result is written to
 # a work folder and packed at the end into $OUT/gpu_session.tar.gz, with $OUT/summary.txt (the
-# stage timings and the tails of the logs) beside it. Without $OUT the work folder is
+# stage timings and the tails of the logs) beside it, after every stage and at exit. Without $OUT the work folder is
 # bench/results/gpu-session and nothing is packed. Commit the bench results under
 # bench/results/<device>/ (h100, h200).
 set -uo pipefail
@@ -166,4 +166,7 @@ esac
 }
 for stage in "$@"; do
     run_stage "$stage"
+    # Packed after every stage as well as at exit: a command killed at the device tool's limit
+    # runs no exit trap, and still returns what the finished stages wrote.
+    [ -n "${RESULT_DIR:-}" ] && pack
 done
