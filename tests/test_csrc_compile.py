@@ -374,7 +374,8 @@ def test_setup_aot_build_gets_the_cutlass_include():
     if include is None:
         pytest.skip("the nvidia-cutlass package (CuTe headers) is not installed")
     seen = _setup_arguments()
-    assert seen["ext"]["include_dirs"] == [str(include), str(cuda_backend.cutlass_fmha_include(include))]
+    fmha = cuda_backend.cutlass_fmha_include(include)  # a package version without it builds no sm90 attention
+    assert seen["ext"]["include_dirs"] == [str(include)] + ([str(fmha)] if fmha is not None else [])
     assert {"csrc/attention_cute.cu", "csrc/attention_cute_backward.cu"} <= set(seen["ext"]["sources"])
     assert "nvidia-cutlass" in seen["extras"]["cuda"]
     # The CUTLASS GEMMs: their own module, the JIT build's sources, sm_80 and sm_90a.
