@@ -15,6 +15,7 @@ namespace {
 struct DeviceFacts {
   bool known = false;
   bool hopper = false;
+  int index = 0;
   int sm_count = 0;
 };
 DeviceFacts g_devices[64];
@@ -31,6 +32,7 @@ cudaError_t device_facts(DeviceFacts* out) {
         (err = cudaDeviceGetAttribute(&facts.sm_count, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess)
       return err;
     facts.hopper = major == 9 && minor == 0;
+    facts.index = device;
     facts.known = true;
     if (device < 64) g_devices[device] = facts;
   }
@@ -44,21 +46,12 @@ bool fits_int(const int64_t strides[3]) {
   return true;
 }
 
-}  // namespace
-
-bool attention_forward_sm90_built() {
-#if defined(FUSEFORMER_SM90A)
-  return true;
-#else
-  return false;
-#endif
-}
-
-const char* attention_forward_sm90_reason(DType dtype, const AttentionParams& p) {
+// Why the sm_90a kernels cannot take this call (null when they can), with the current device's
+// facts in *facts for the launch that follows.
+const char* reason_on_device(DType dtype, const AttentionParams& p, DeviceFacts* facts) {
   if (!attention_forward_sm90_built()) return "the extension was not compiled for sm_90a";
-  DeviceFacts facts;
-  if (device_facts(&facts) != cudaSuccess) return "the device could not be queried";
-  if (!facts.hopper) return "the device is not compute capability 9.0";
+  if (device_facts(facts) != cudaSuccess) return "the device could not be queried";
+  if (!facts->hopper) return "the device is not compute capability 9.0";
   if (dtype != DType::F16 && dtype != DType::BF16) return "the dtype is not float16 or bfloat16";
   if (p.D != 64 && p.D != 128) return "the head dim is not 64 or 128";
   if (p.key_bias != nullptr || p.key_end != nullptr) return "a key-padding mask (no per-batch mask in the fusion hook)";
@@ -72,18 +65,32 @@ const char* attention_forward_sm90_reason(DType dtype, const AttentionParams& p)
   return nullptr;
 }
 
+}  // namespace
+
+bool attention_forward_sm90_built() {
+#if defined(FUSEFORMER_SM90A)
+  return true;
+#else
+  return false;
+#endif
+}
+
+const char* attention_forward_sm90_reason(DType dtype, const AttentionParams& p) {
+  DeviceFacts facts;
+  return reason_on_device(dtype, p, &facts);
+}
+
 cudaError_t attention_forward_sm90(DType dtype, const AttentionParams& p, cudaStream_t stream) {
-  if (attention_forward_sm90_reason(dtype, p) != nullptr) {
+  DeviceFacts facts;
+  if (reason_on_device(dtype, p, &facts) != nullptr) {
     return attention_forward_cute_supports_head_dim(p.D) ? attention_forward_cute(dtype, p, stream)
                                                           : attention_forward(dtype, p, stream);
   }
 #if defined(FUSEFORMER_SM90A)
-  DeviceFacts facts;
-  cudaError_t err = device_facts(&facts);
-  if (err != cudaSuccess) return err;
   const bool half = dtype == DType::F16;
-  if (p.D == 64) return (half ? sm90::forward_f16_d64 : sm90::forward_bf16_d64)(p, facts.sm_count, stream);
-  return (half ? sm90::forward_f16_d128 : sm90::forward_bf16_d128)(p, facts.sm_count, stream);
+  auto forward = p.D == 64 ? (half ? sm90::forward_f16_d64 : sm90::forward_bf16_d64)
+                           : (half ? sm90::forward_f16_d128 : sm90::forward_bf16_d128);
+  return forward(p, facts.index, facts.sm_count, stream);
 #else
   return cudaErrorNotSupported;  // unreachable: the reason above says "not compiled for sm_90a"
 #endif

@@ -125,9 +125,10 @@ inline StrideRows rows_stride(const int64_t strides[3]) {
                     cute::make_tuple(static_cast<int>(strides[0]), static_cast<int>(strides[1]))};
 }
 
-// Launch one instantiation. The caller (attention_sm90.cu) has checked every size and stride.
+// Launch one instantiation on the current device (its index and SM count, asked once by the
+// caller, attention_sm90.cu, which has also checked every size and stride).
 template <class Element, int kHeadDim, class Fusion>
-cudaError_t launch(const AttentionParams& p, int sm_count, cudaStream_t stream) {
+cudaError_t launch(const AttentionParams& p, int device, int sm_count, cudaStream_t stream) {
   using Op = Operation<Element, kHeadDim, Fusion>;
   using Kernel = typename Op::Kernel;
   typename Op::Arguments args{
@@ -136,7 +137,7 @@ cudaError_t launch(const AttentionParams& p, int sm_count, cudaStream_t stream) 
        rows_stride(p.k_strides), static_cast<const Element*>(p.v), rows_stride(p.v_strides)},
       {static_cast<Element*>(p.out), rows_stride(p.out_strides), p.lse,
        StrideLse{_1{}, cute::make_tuple(p.Hq * p.Lq, p.Lq)}},
-      cutlass::KernelHardwareInfo{0, sm_count}};
+      cutlass::KernelHardwareInfo{device, sm_count}};
   if (Op::can_implement(args) != cutlass::Status::kSuccess || Op::get_workspace_size(args) != 0)
     return cudaErrorNotSupported;
   // Kernel::to_underlying_arguments builds the TMA descriptors; the collectives fix the scale
@@ -148,17 +149,14 @@ cudaError_t launch(const AttentionParams& p, int sm_count, cudaStream_t stream) 
   // Over 48 KB of shared memory needs the opt-in, once per device (Universal::initialize
   // would do it once per process, missing a second GPU).
   static bool smem_set[64] = {};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  if (device < 64 && !smem_set[device]) {
-    err = cudaFuncSetAttribute(cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  if (device >= 64 || !smem_set[device]) {
+    cudaError_t err = cudaFuncSetAttribute(cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(Kernel::SharedStorageSize));
     if (err != cudaSuccess) return err;
-    smem_set[device] = true;
+    if (device < 64) smem_set[device] = true;
   }
   if (Op::run(params, stream) != cutlass::Status::kSuccess) {
-    err = cudaGetLastError();
+    const cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? cudaErrorLaunchFailure : err;
   }
   return cudaSuccess;
@@ -167,11 +165,11 @@ cudaError_t launch(const AttentionParams& p, int sm_count, cudaStream_t stream) 
 // One (dtype, head dim): no mask and causal. Each combination lives in a file of its own so
 // that a JIT build compiles the four in parallel (one instantiation takes ptxas ~25-50 s).
 template <class Element, int kHeadDim>
-cudaError_t launch_any(const AttentionParams& p, int sm_count, cudaStream_t stream) {
+cudaError_t launch_any(const AttentionParams& p, int device, int sm_count, cudaStream_t stream) {
 #if !defined(FUSEFORMER_SM90_CAUSAL_ONLY)  // the compile test builds one instantiation
-  if (!p.causal) return launch<Element, kHeadDim, TailFusion>(p, sm_count, stream);
+  if (!p.causal) return launch<Element, kHeadDim, TailFusion>(p, device, sm_count, stream);
 #endif
-  return launch<Element, kHeadDim, CausalTailFusion>(p, sm_count, stream);
+  return launch<Element, kHeadDim, CausalTailFusion>(p, device, sm_count, stream);
 }
 
 }  // namespace sm90
@@ -179,8 +177,8 @@ cudaError_t launch_any(const AttentionParams& p, int sm_count, cudaStream_t stre
 
 #define FUSEFORMER_SM90_INSTANCE(ELEMENT, HEAD_DIM, NAME)                                              \
   namespace fuseformer::sm90 {                                                                         \
-  cudaError_t NAME(const AttentionParams& p, int sm_count, cudaStream_t stream) {                      \
-    return launch_any<ELEMENT, HEAD_DIM>(p, sm_count, stream);                                         \
+  cudaError_t NAME(const AttentionParams& p, int device, int sm_count, cudaStream_t stream) {          \
+    return launch_any<ELEMENT, HEAD_DIM>(p, device, sm_count, stream);                                 \
   }                                                                                                    \
   }
 
@@ -188,8 +186,8 @@ cudaError_t launch_any(const AttentionParams& p, int sm_count, cudaStream_t stre
 
 namespace fuseformer::sm90 {
 // The four instantiations (attention_sm90*.cu), declared for the dispatch in attention_sm90.cu.
-cudaError_t forward_f16_d64(const AttentionParams& p, int sm_count, cudaStream_t stream);
-cudaError_t forward_f16_d128(const AttentionParams& p, int sm_count, cudaStream_t stream);
-cudaError_t forward_bf16_d64(const AttentionParams& p, int sm_count, cudaStream_t stream);
-cudaError_t forward_bf16_d128(const AttentionParams& p, int sm_count, cudaStream_t stream);
+cudaError_t forward_f16_d64(const AttentionParams& p, int device, int sm_count, cudaStream_t stream);
+cudaError_t forward_f16_d128(const AttentionParams& p, int device, int sm_count, cudaStream_t stream);
+cudaError_t forward_bf16_d64(const AttentionParams& p, int device, int sm_count, cudaStream_t stream);
+cudaError_t forward_bf16_d128(const AttentionParams& p, int device, int sm_count, cudaStream_t stream);
 }  // namespace fuseformer::sm90

@@ -214,7 +214,7 @@ def sm90a_flags(arch_list: str | None, capabilities: set) -> list[str]:
     if arch_list:
         return ["-DFUSEFORMER_SM90A"] if "9.0a" in arch_list.replace(" ", ";").split(";") else []
     if capabilities == {(9, 0)}:
-        return ["-gencode=arch=compute_90a,code=sm_90a", "-DFUSEFORMER_SM90A"]
+        return gemm_arch_flags((9, 0)) + ["-DFUSEFORMER_SM90A"]
     return []
 
 
