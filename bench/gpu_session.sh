@@ -9,12 +9,15 @@
 #   bash bench/gpu_session.sh bench      # `fuseformer bench`, models then ops, results under bench_models/, bench_ops/
 #
 # Several stages in one call, each step time-boxed by an environment variable (seconds; defaults
-# COMPILE_TIMEOUT=120 GPU_TESTS_TIMEOUT=200 SUITE_TIMEOUT=300 (0 skips the suite)
-# OVERHEAD_TIMEOUT=120 MODELS_TIMEOUT=240 OPS_TIMEOUT=300), plus the csrc builds (~2 min the
-# first time on a machine); BENCH_QUICK=1 runs the benchmark's --quick subset (the headline
-# cases). Everything in one 600-second command (~565 s of budgets):
-#   COMPILE_TIMEOUT=60 GPU_TESTS_TIMEOUT=140 SUITE_TIMEOUT=0 OVERHEAD_TIMEOUT=45 MODELS_TIMEOUT=100 \
-#     OPS_TIMEOUT=100 BENCH_QUICK=1 bash bench/gpu_session.sh tests overhead bench
+# COMPILE_TIMEOUT=120 GPU_TESTS_TIMEOUT=200 CSRC_TESTS_TIMEOUT=200 SUITE_TIMEOUT=300 (0 skips the
+# suite) OVERHEAD_TIMEOUT=120 MODELS_TIMEOUT=240 OPS_TIMEOUT=300), plus the csrc builds (~1-2 min
+# the first time on a machine, run beside test_compile). SESSION_SECONDS caps every box at what
+# is left of the whole call (10 s kept for packing), so the last stage gets the rest and ends
+# before the device tool's limit. BENCH_QUICK=1 gives the benchmark's shorter timings;
+# MODELS_FILTER / OPS_FILTER pick and order the cases (default: the targets' cases first, then
+# every other case). Everything in one 600-second command:
+#   SESSION_SECONDS=585 COMPILE_TIMEOUT=75 GPU_TESTS_TIMEOUT=60 CSRC_TESTS_TIMEOUT=60 SUITE_TIMEOUT=0 \
+#     OVERHEAD_TIMEOUT=40 MODELS_TIMEOUT=110 OPS_TIMEOUT=600 BENCH_QUICK=1 bash bench/gpu_session.sh tests overhead bench
 #
 # The device tool brings back at most 8 files from $OUT: every log and result is written to
 # a work folder and packed at the end into $OUT/gpu_session.tar.gz, with $OUT/summary.txt (the
@@ -46,6 +49,17 @@ else
     OUT=bench/results/gpu-session
 fi
 mkdir -p "$OUT"
+
+# box SECONDS: a step's time box, capped at what is left of SESSION_SECONDS (less 10 s for the
+# packing), never under 1 s.
+DEADLINE=${SESSION_SECONDS:+$((SECONDS + SESSION_SECONDS))}
+box() {
+    local want=$1
+    if [ -n "$DEADLINE" ] && [ $((DEADLINE - SECONDS - 10)) -lt "$want" ]; then
+        want=$((DEADLINE - SECONDS - 10))
+    fi
+    echo $((want < 1 ? 1 : want))
+}
 
 # timed NAME CMD...: runs CMD and says how long it took, so a session cut short shows which
 # stage ate the lent time. Also appended to $OUT/timings.txt. Printed on fd 3 (this script's
@@ -83,8 +97,11 @@ timed install install || exit 1
 # The cuda backend JIT-builds csrc/ on first use (about 30 s with ninja; later processes load
 # it from torch's extension cache): build it first, alone, so that a compile error reads as
 # one, and its time is not counted in a test's or a benchmark case's.
+# Started in the background (beside test_compile, which needs no csrc/) and waited for before
+# anything that uses it. Never time-boxed: torch's extension build leaves a lock file behind
+# when killed, and every later process would wait on it.
 built=""
-cuda_build() {
+cuda_build_start() {
     [ -n "$built" ] && return 0
     built=1
     # The CUTLASS Linear+GELU is a module of its own (csrc/linear_gelu_cutlass*.cu, about a
@@ -93,39 +110,62 @@ cuda_build() {
     # run side by side: each ends in one long translation unit that leaves most cores idle.
     timed cuda-build python3 -c "from fuseformer.kernels import cuda_backend as c; print(c.unavailable_reason() or 'cuda backend ready')" \
         >"$OUT/cuda_build.txt" 2>&1 &
+    build_pids="$!"
     timed cutlass-build python3 -c "from fuseformer.kernels import cuda_backend as c; print(c.gemm_unavailable_reason() or 'CUTLASS GEMM module ready')" \
         >"$OUT/cutlass_build.txt" 2>&1 &
-    wait
+    build_pids="$build_pids $!"
 }
+cuda_build_wait() {
+    cuda_build_start
+    # shellcheck disable=SC2086
+    wait $build_pids 2>/dev/null
+    build_pids=""
+}
+
+# The benchmark's default order: the cases the issues' targets name first, so that a run cut
+# off by its time box has measured those; then '*', every other case.
+DEFAULT_MODELS_FILTER="bert_infer_B32_L128*,bert_train_B32_L128*,bert_infer_B8_L512_pad30,*"
+DEFAULT_OPS_FILTER="attn_fwd_pad_d64_L512,add_ln_fwd_16384x768,add_ln_fwd_16384x4096,add_ln_fwd_bwd_16384x768,\
+add_ln_fwd_bwd_16384x4096,linear_gelu_fwd_erf_16384x768x3072,linear_gelu_fwd_tanh_16384x768x3072,\
+linear_gelu_fwd_bwd_erf_16384x768x3072,attn_fwd_d128_L4096,attn_fwd_d64_L4096,attn_fwd_causal_d64_L4096,\
+attn_fwd_bwd_d64_L2048,attn_fwd_bwd_causal_d64_L2048,attn_fwd_d64_L512,*"
 
 run_stage() {
 case "$1" in
 tests)
-    cuda_build
+    cuda_build_start
     # test_compile.py failed on the last GPU run with its traceback lost: full tracebacks,
-    # in a file of its own.
-    timed pytest-compile timeout "${COMPILE_TIMEOUT:-120}" python3 -m pytest tests/test_compile.py tests/test_eager_path.py -q -rfE \
+    # in a file of its own. It needs no csrc/, so it runs while that builds.
+    timed pytest-compile timeout "$(box "${COMPILE_TIMEOUT:-120}")" python3 -m pytest tests/test_compile.py tests/test_eager_path.py -q -rfE \
         --tb=long >"$OUT/pytest_compile.txt" 2>&1
-    # The gpu-marked tests first (bf16, large shapes, csrc/), then the whole parity suite on
-    # compiled kernels in parallel: 3 and 6 minutes are the targets on one H100.
-    timed pytest-gpu timeout "${GPU_TESTS_TIMEOUT:-200}" python3 -m pytest -m gpu -q -rfE --durations=10 --junitxml="$OUT/pytest_gpu.xml" \
+    # The gpu-marked tests of the Triton kernels and models (bf16, large shapes, graphs, no
+    # host sync) before those of csrc/, each group in its own box: the csrc/ group is ten times
+    # larger and must not starve the first.
+    timed pytest-gpu timeout "$(box "${GPU_TESTS_TIMEOUT:-200}")" python3 -m pytest -m gpu -q -rfE --durations=10 \
+        --ignore=tests/test_cuda_backend.py --ignore=tests/test_cuda_gemm.py --junitxml="$OUT/pytest_gpu.xml" \
         >"$OUT/pytest_gpu.txt" 2>&1
+    cuda_build_wait
+    timed pytest-gpu-csrc timeout "$(box "${CSRC_TESTS_TIMEOUT:-200}")" python3 -m pytest -m gpu -q -rfE -n 8 --durations=10 \
+        tests/test_cuda_backend.py tests/test_cuda_gemm.py --junitxml="$OUT/pytest_gpu_csrc.xml" \
+        >"$OUT/pytest_gpu_csrc.txt" 2>&1
     # The compile-only checks (nvcc/ptxas/cuobjdump on the sources, the CPU emulation) are CI's
     # job: minutes of CPU that prove nothing more on a GPU machine.
     # SUITE_TIMEOUT=0 skips it (CI runs the same tests in Triton's interpreter).
     if [ "${SUITE_TIMEOUT:-300}" -gt 0 ]; then
-        timed pytest-suite timeout "${SUITE_TIMEOUT:-300}" python3 -m pytest -m "not gpu and not benchmark" -n 8 -q -rfE \
+        timed pytest-suite timeout "$(box "${SUITE_TIMEOUT:-300}")" python3 -m pytest -m "not gpu and not benchmark" -n 8 -q -rfE \
             --durations=15 --ignore=tests/test_csrc_compile.py --ignore=tests/test_csrc_emulated.py \
             --ignore=tests/test_triton_compile.py --junitxml="$OUT/pytest_suite.xml" >"$OUT/pytest_suite.txt" 2>&1
     fi
     tail -n 15 "$OUT"/pytest_*.txt
     ;;
 overhead)
-    timed overhead timeout "${OVERHEAD_TIMEOUT:-120}" python3 -m fuseformer.bench --filter overhead --out "$OUT/overhead" \
+    cuda_build_wait  # a build beside it would be timed as host overhead
+    timed overhead timeout "$(box "${OVERHEAD_TIMEOUT:-120}")" python3 -m fuseformer.bench --filter overhead --out "$OUT/overhead" \
         >"$OUT/overhead.txt" 2>&1
     tail -n 30 "$OUT/overhead.txt"
     ;;
 sanitize)
+    cuda_build_wait
     # No caching allocator: memcheck sees each tensor's own bounds, not a pooled block.
     export PYTORCH_NO_CUDA_MEMORY_CACHING=1
     for target in \
@@ -151,14 +191,14 @@ sanitize)
         first=$(python3 -m pytest -q --collect-only "$target" 2>/dev/null | grep '::' | grep -F -- "$pick" | head -n 1)
         for tool in memcheck racecheck; do
             name=$(echo "$target${pick:+_$pick}" | tr '/:.' '___')
-            timed "$tool $target${pick:+@$pick}" timeout 150 compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 99 \
+            timed "$tool $target${pick:+@$pick}" timeout "$(box 150)" compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 99 \
                 python3 -m pytest -q -x "$first" >"$OUT/sanitizer_${tool}_${name}.txt" 2>&1
             echo "$tool $target${pick:+@$pick}: exit $?" | tee -a "$OUT/sanitizer_summary.txt"
         done
     done
     ;;
 bench)
-    cuda_build
+    cuda_build_wait
     # Models first (the eager and CUDA-graph targets), then ops, each time-boxed on its own so
     # that a slow ops run cannot starve the models (MODELS_TIMEOUT, OPS_TIMEOUT seconds).
     # --resume: a second call after a cut-off run continues where the first one stopped, when
@@ -166,9 +206,13 @@ bench)
     for suite in models ops; do
         mkdir -p "$OUT/bench_$suite"
         [ -f ".gpu/bench_$suite/results.json" ] && cp ".gpu/bench_$suite/results.json" "$OUT/bench_$suite/"
-        limit=$([ "$suite" = models ] && echo "${MODELS_TIMEOUT:-240}" || echo "${OPS_TIMEOUT:-300}")
-        timed "bench-$suite" timeout "$limit" python3 -m fuseformer.bench --suite "$suite" --resume \
-            ${BENCH_QUICK:+--quick} --out "$OUT/bench_$suite" >"$OUT/bench_$suite.txt" 2>&1
+        if [ "$suite" = models ]; then
+            limit=${MODELS_TIMEOUT:-240} filter=${MODELS_FILTER:-$DEFAULT_MODELS_FILTER}
+        else
+            limit=${OPS_TIMEOUT:-300} filter=${OPS_FILTER:-$DEFAULT_OPS_FILTER}
+        fi
+        timed "bench-$suite" timeout "$(box "$limit")" python3 -m fuseformer.bench --suite "$suite" --resume \
+            --filter "$filter" ${BENCH_QUICK:+--quick} --out "$OUT/bench_$suite" >"$OUT/bench_$suite.txt" 2>&1
         tail -n 40 "$OUT/bench_$suite.txt"
     done
     ;;
