@@ -20,18 +20,13 @@
 #include <string>
 #include <tuple>
 
+#include "checks.h"
 #include "cublaslt_gelu.h"
 #include "kernels.h"
 
-#define CHECK_CUDA(x) TORCH_CHECK_VALUE((x).is_cuda(), #x " must be a CUDA tensor, got one on ", (x).device())
-#define CHECK_CONTIGUOUS(x) TORCH_CHECK_VALUE((x).is_contiguous(), #x " must be contiguous (call .contiguous() first)")
-#define CHECK_LAST_DIM_CONTIGUOUS(x) TORCH_CHECK_VALUE((x).stride(-1) == 1, #x " must be contiguous in its last dimension, got strides ", (x).strides())
-#define CHECK_DIM(x, n) TORCH_CHECK_VALUE((x).dim() == (n), #x " must have " #n " dimensions, got shape ", (x).sizes())
-#define CHECK_SAME_DTYPE(x, ref) TORCH_CHECK_TYPE((x).scalar_type() == (ref).scalar_type(), #x " has dtype ", (x).scalar_type(), " but " #ref " has ", (ref).scalar_type(), "; they must match")
-#define CHECK_SAME_DEVICE(x, ref) TORCH_CHECK_VALUE((x).device() == (ref).device(), #x " is on ", (x).device(), " but " #ref " is on ", (ref).device())
-#define CHECK_SHAPE(x, ...) TORCH_CHECK_VALUE((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape ", at::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
-#define CHECK_LIKE(x, ref) CHECK_CUDA(x); CHECK_SAME_DEVICE(x, ref); CHECK_SAME_DTYPE(x, ref)
-#define CHECK_LAUNCH(expr) do { const cudaError_t err_ = (expr); TORCH_CHECK(err_ == cudaSuccess, "fuseformer CUDA kernel failed: ", cudaGetErrorString(err_)); } while (0)
+#define CHECK_LAST_DIM_CONTIGUOUS(x) FF_CHECK_VALUE((x).stride(-1) == 1, #x " must be contiguous in its last dimension, got strides ", (x).strides())
+#define CHECK_SHAPE(x, ...) FF_CHECK_VALUE((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape ", at::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
+#define CHECK_LAUNCH(expr) do { const cudaError_t err_ = (expr); FF_CHECK(err_ == cudaSuccess, "fuseformer CUDA kernel failed: ", cudaGetErrorString(err_)); } while (0)
 
 namespace fuseformer {
 namespace {
@@ -45,7 +40,7 @@ DType kernel_dtype(const at::Tensor& t, const char* name, bool allow_fp32 = true
       break;
     default: break;
   }
-  TORCH_CHECK_TYPE(false, name, " must be float16, bfloat16", allow_fp32 ? " or float32" : "",
+  FF_CHECK_TYPE(false, name, " must be float16, bfloat16", allow_fp32 ? " or float32" : "",
                    " for the cuda backend, got ", t.scalar_type());
   return DType::F32;  // unreachable
 }
@@ -72,26 +67,22 @@ int multiprocessors(const at::Tensor& t) {
 void check_optional_row_tensor(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
   if (!t.has_value()) return;
   const at::Tensor& v = *t;
-  TORCH_CHECK_VALUE(v.is_cuda(), name, " must be a CUDA tensor, got one on ", v.device());
-  TORCH_CHECK_VALUE(v.device() == x.device(), name, " is on ", v.device(), " but x is on ", x.device());
-  TORCH_CHECK_TYPE(v.scalar_type() == x.scalar_type(), name, " has dtype ", v.scalar_type(), " but x has ", x.scalar_type());
-  TORCH_CHECK_VALUE(v.is_contiguous(), name, " must be contiguous");
+  FF_CHECK_VALUE(v.is_cuda(), name, " must be a CUDA tensor, got one on ", v.device());
+  FF_CHECK_VALUE(v.device() == x.device(), name, " is on ", v.device(), " but x is on ", x.device());
+  FF_CHECK_TYPE(v.scalar_type() == x.scalar_type(), name, " has dtype ", v.scalar_type(), " but x has ", x.scalar_type());
+  FF_CHECK_VALUE(v.is_contiguous(), name, " must be contiguous");
 }
 
 void check_optional_matrix(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
   check_optional_row_tensor(t, x, name);
-  if (t.has_value()) TORCH_CHECK_VALUE(t->sizes() == x.sizes(), name, " must have shape ", x.sizes(), ", got ", t->sizes());
+  if (t.has_value()) FF_CHECK_VALUE(t->sizes() == x.sizes(), name, " must have shape ", x.sizes(), ", got ", t->sizes());
 }
 
-// The two shape messages below stream the expected shape as an IntArrayRef, the form CHECK_SHAPE
-// uses. Streamed as a bare int64 followed by the tensor's sizes(), building the message
-// segfaulted on the H200 (torch 2.11, g++ 13) inside these functions' cold paths, killing
-// the Python process instead of raising ValueError (test_gpu_check_macros_raise_python_errors[4], [7]).
 void check_optional_vector(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
   check_optional_row_tensor(t, x, name);
   if (!t.has_value()) return;
   const int64_t want[] = {x.size(1)};
-  TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(want), name, " must have shape ", at::IntArrayRef(want), ", got ",
+  FF_CHECK_VALUE(t->sizes() == at::IntArrayRef(want), name, " must have shape ", at::IntArrayRef(want), ", got ",
                     t->sizes());
 }
 
@@ -102,7 +93,7 @@ void check_layer_norm_input(const at::Tensor& x) {
   CHECK_DIM(x, 2);
   CHECK_CONTIGUOUS(x);
   kernel_dtype(x, "x");
-  TORCH_CHECK_VALUE(x.size(1) >= 1 && x.size(1) <= kLayerNormMaxHidden, "x's hidden size (last dim) must be in [1, ",
+  FF_CHECK_VALUE(x.size(1) >= 1 && x.size(1) <= kLayerNormMaxHidden, "x's hidden size (last dim) must be in [1, ",
                     kLayerNormMaxHidden, "] for the cuda backend, got ", x.size(1));
 }
 
@@ -115,7 +106,7 @@ py_add_layer_norm_forward(const at::Tensor& x, const std::optional<at::Tensor>& 
   check_optional_matrix(residual, x, "residual");
   check_optional_vector(weight, x, "weight");
   check_optional_vector(bias, x, "bias");
-  TORCH_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", eps);
+  FF_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", eps);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0);
   const int N = static_cast<int>(x.size(1));
@@ -152,9 +143,9 @@ py_add_layer_norm_backward(const at::Tensor& dy, const std::optional<at::Tensor>
   check_optional_matrix(dstream, stream, "dstream");
   check_optional_vector(weight, stream, "weight");
   for (const at::Tensor* stat : {&mean, &rstd}) {
-    TORCH_CHECK_VALUE(stat->is_cuda() && stat->device() == stream.device(), "mean and rstd must be on ", stream.device());
-    TORCH_CHECK_TYPE(stat->scalar_type() == at::kFloat, "mean and rstd must be float32, got ", stat->scalar_type());
-    TORCH_CHECK_VALUE(stat->is_contiguous() && stat->numel() == stream.size(0), "mean and rstd must be contiguous with ",
+    FF_CHECK_VALUE(stat->is_cuda() && stat->device() == stream.device(), "mean and rstd must be on ", stream.device());
+    FF_CHECK_TYPE(stat->scalar_type() == at::kFloat, "mean and rstd must be float32, got ", stat->scalar_type());
+    FF_CHECK_VALUE(stat->is_contiguous() && stat->numel() == stream.size(0), "mean and rstd must be contiguous with ",
                       stream.size(0), " elements, got shape ", stat->sizes());
   }
   const c10::cuda::CUDAGuard guard(stream.device());
@@ -195,7 +186,7 @@ py_add_layer_norm_backward(const at::Tensor& dy, const std::optional<at::Tensor>
 // ---- Linear + GELU --------------------------------------------------------------------------
 
 bool parse_approximate(const std::string& approximate) {
-  TORCH_CHECK_VALUE(approximate == "none" || approximate == "tanh", "approximate must be 'none' or 'tanh', got '",
+  FF_CHECK_VALUE(approximate == "none" || approximate == "tanh", "approximate must be 'none' or 'tanh', got '",
                     approximate, "'");
   return approximate == "tanh";
 }
@@ -209,12 +200,12 @@ void check_linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   CHECK_DIM(weight, 2);
   CHECK_CONTIGUOUS(weight);
   const int64_t want[] = {weight.size(0), x.size(1)};
-  TORCH_CHECK_VALUE(weight.size(1) == x.size(1), "weight must have shape ", at::IntArrayRef(want),
+  FF_CHECK_VALUE(weight.size(1) == x.size(1), "weight must have shape ", at::IntArrayRef(want),
                     " (out_features, x's in_features), got ", weight.sizes());
   if (bias.has_value()) {
     CHECK_LIKE(*bias, x);
     CHECK_CONTIGUOUS(*bias);
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape (", weight.size(0),
+    FF_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape (", weight.size(0),
                       "), got ", bias->sizes());
   }
 }
@@ -266,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> py_linear_gelu_bac
 // ---- attention ------------------------------------------------------------------------------
 
 void check_int(int64_t v, const char* what) {
-  TORCH_CHECK_VALUE(v <= std::numeric_limits<int>::max(), what, " is too large for the cuda backend: ", v);
+  FF_CHECK_VALUE(v <= std::numeric_limits<int>::max(), what, " is too large for the cuda backend: ", v);
 }
 
 // Checks q, k, v and the mask arguments shared by the forward and the backward, and fills the
@@ -288,16 +279,16 @@ AttentionParams attention_params(const at::Tensor& q, const at::Tensor& k, const
   const int64_t Hkv = k.size(1), Lk = k.size(2);
   CHECK_SHAPE(k, B, Hkv, Lk, D);
   CHECK_SHAPE(v, B, Hkv, Lk, D);
-  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "q's heads (", Hq, ") must be a multiple of k's heads (", Hkv, ")");
-  TORCH_CHECK_VALUE(attention_forward_supports_head_dim(static_cast<int>(D)), "head dim ", D,
+  FF_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "q's heads (", Hq, ") must be a multiple of k's heads (", Hkv, ")");
+  FF_CHECK_VALUE(attention_forward_supports_head_dim(static_cast<int>(D)), "head dim ", D,
                     " has no cuda attention kernel (supported: 16, 32, 64, 80, 96, 128)");
   check_int(B * Hq, "batch * heads");
-  TORCH_CHECK_VALUE((Lq + 63) / 64 <= 65535, "query length ", Lq, " is too long for the cuda backend (max ", 65535 * 64, ")");
-  TORCH_CHECK_VALUE((Lk + 63) / 64 <= 65535, "key length ", Lk, " is too long for the cuda backend (max ", 65535 * 64, ")");
+  FF_CHECK_VALUE((Lq + 63) / 64 <= 65535, "query length ", Lq, " is too long for the cuda backend (max ", 65535 * 64, ")");
+  FF_CHECK_VALUE((Lk + 63) / 64 <= 65535, "key length ", Lk, " is too long for the cuda backend (max ", 65535 * 64, ")");
   if (key_bias.has_value()) {
     CHECK_CUDA(*key_bias);
     CHECK_SAME_DEVICE(*key_bias, q);
-    TORCH_CHECK_TYPE(key_bias->scalar_type() == at::kFloat, "key_bias must be float32, got ", key_bias->scalar_type());
+    FF_CHECK_TYPE(key_bias->scalar_type() == at::kFloat, "key_bias must be float32, got ", key_bias->scalar_type());
     CHECK_DIM(*key_bias, 2);
     CHECK_SHAPE(*key_bias, B, Lk);
     CHECK_LAST_DIM_CONTIGUOUS(*key_bias);
@@ -305,7 +296,7 @@ AttentionParams attention_params(const at::Tensor& q, const at::Tensor& k, const
   if (key_end.has_value()) {
     CHECK_CUDA(*key_end);
     CHECK_SAME_DEVICE(*key_end, q);
-    TORCH_CHECK_TYPE(key_end->scalar_type() == at::kInt, "key_end must be int32, got ", key_end->scalar_type());
+    FF_CHECK_TYPE(key_end->scalar_type() == at::kInt, "key_end must be int32, got ", key_end->scalar_type());
     CHECK_CONTIGUOUS(*key_end);
     CHECK_SHAPE(*key_end, B);
   }
@@ -378,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor> py_attention_forward_cute(const at::Tensor& q
                                                           const std::optional<at::Tensor>& key_end, bool is_causal,
                                                           double scale) {
   CHECK_DIM(q, 4);
-  TORCH_CHECK_VALUE(attention_forward_cute_supports_head_dim(static_cast<int>(q.size(3))), "head dim ", q.size(3),
+  FF_CHECK_VALUE(attention_forward_cute_supports_head_dim(static_cast<int>(q.size(3))), "head dim ", q.size(3),
                     " has no CuTe attention kernel (supported: 64, 128; the wmma kernel takes the others)");
   return attention_forward_with(&fuseformer::attention_forward_cute, q, k, v, key_bias, key_end, is_causal, scale);
 }
@@ -405,9 +396,9 @@ std::string py_attention_sm90_reason(const at::Tensor& q, const at::Tensor& k, c
 
 void check_row_stats(const at::Tensor& q, std::initializer_list<const at::Tensor*> stats) {
   for (const at::Tensor* row_stat : stats) {
-    TORCH_CHECK_VALUE(row_stat->is_cuda() && row_stat->device() == q.device(), "lse and delta must be on ", q.device());
-    TORCH_CHECK_TYPE(row_stat->scalar_type() == at::kFloat, "lse and delta must be float32, got ", row_stat->scalar_type());
-    TORCH_CHECK_VALUE(row_stat->is_contiguous() && row_stat->sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
+    FF_CHECK_VALUE(row_stat->is_cuda() && row_stat->device() == q.device(), "lse and delta must be on ", q.device());
+    FF_CHECK_TYPE(row_stat->scalar_type() == at::kFloat, "lse and delta must be float32, got ", row_stat->scalar_type());
+    FF_CHECK_VALUE(row_stat->is_contiguous() && row_stat->sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
                       "lse and delta must be contiguous with shape (B, Hq, Lq) = ", at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
                       ", got ", row_stat->sizes());
   }
@@ -466,7 +457,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> py_attention_backward_cute(
     const at::Tensor& lse, const std::optional<at::Tensor>& key_bias, const std::optional<at::Tensor>& key_end,
     bool is_causal, double scale) {
   CHECK_DIM(q, 4);
-  TORCH_CHECK_VALUE(attention_backward_cute_supports_head_dim(static_cast<int>(q.size(3))), "head dim ", q.size(3),
+  FF_CHECK_VALUE(attention_backward_cute_supports_head_dim(static_cast<int>(q.size(3))), "head dim ", q.size(3),
                     " has no CuTe attention backward (supported: 64, 128; the wmma kernel takes the others)");
   AttentionBackwardParams bp = attention_backward_params(dout, q, k, v, lse, key_bias, key_end, is_causal, scale);
   CHECK_LIKE(out, q);

@@ -19,16 +19,11 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
 #include "linear_gelu_cutlass.h"
 
-#define CHECK_CUDA(x) TORCH_CHECK_VALUE((x).is_cuda(), #x " must be a CUDA tensor, got one on ", (x).device())
-#define CHECK_CONTIGUOUS(x) TORCH_CHECK_VALUE((x).is_contiguous(), #x " must be contiguous (call .contiguous() first)")
-#define CHECK_DIM(x, n) TORCH_CHECK_VALUE((x).dim() == (n), #x " must have " #n " dimensions, got shape ", (x).sizes())
-#define CHECK_SAME_DTYPE(x, ref) TORCH_CHECK_TYPE((x).scalar_type() == (ref).scalar_type(), #x " has dtype ", (x).scalar_type(), " but " #ref " has ", (ref).scalar_type(), "; they must match")
-#define CHECK_SAME_DEVICE(x, ref) TORCH_CHECK_VALUE((x).device() == (ref).device(), #x " is on ", (x).device(), " but " #ref " is on ", (ref).device())
-#define CHECK_LIKE(x, ref) CHECK_CUDA(x); CHECK_SAME_DEVICE(x, ref); CHECK_SAME_DTYPE(x, ref)
-#define CHECK_ALIGNED16(x) TORCH_CHECK_VALUE(reinterpret_cast<std::uintptr_t>((x).data_ptr()) % 16 == 0, #x "'s data must start 16-byte aligned for the CUTLASS kernels (a sliced view? call .clone())")
-#define CHECK_LAUNCH(expr) do { const cudaError_t err_ = (expr); TORCH_CHECK(err_ == cudaSuccess, "fuseformer CUTLASS GEMM failed: ", cudaGetErrorString(err_)); } while (0)
+#define CHECK_ALIGNED16(x) FF_CHECK_VALUE(reinterpret_cast<std::uintptr_t>((x).data_ptr()) % 16 == 0, #x "'s data must start 16-byte aligned for the CUTLASS kernels (a sliced view? call .clone())")
+#define CHECK_LAUNCH(expr) do { const cudaError_t err_ = (expr); FF_CHECK(err_ == cudaSuccess, "fuseformer CUTLASS GEMM failed: ", cudaGetErrorString(err_)); } while (0)
 
 namespace fuseformer {
 namespace {
@@ -52,7 +47,7 @@ GemmPath parse_path(const std::string& path) {
   if (path == "auto") return GemmPath::kAuto;
   if (path == "sm80") return GemmPath::kSm80;
   if (path == "sm90") return GemmPath::kSm90;
-  TORCH_CHECK_VALUE(false, "path must be 'auto', 'sm80' or 'sm90', got '", path, "'");
+  FF_CHECK_VALUE(false, "path must be 'auto', 'sm80' or 'sm90', got '", path, "'");
   return GemmPath::kAuto;
 }
 
@@ -76,28 +71,28 @@ std::vector<std::string> device_paths(int device) {
 std::tuple<at::Tensor, std::optional<at::Tensor>> py_linear_gelu_forward(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::string& approximate, bool save_preact, const std::string& path_arg) {
-  TORCH_CHECK_VALUE(approximate == "none" || approximate == "tanh",
+  FF_CHECK_VALUE(approximate == "none" || approximate == "tanh",
                     "approximate must be 'none' or 'tanh', got '", approximate, "'");
   const GemmPath path = parse_path(path_arg);
   CHECK_CUDA(x);
   CHECK_DIM(x, 2);
   CHECK_CONTIGUOUS(x);
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+  FF_CHECK_TYPE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
                    "x must be float16 or bfloat16 for the CUTLASS kernels, got ", x.scalar_type());
   CHECK_LIKE(weight, x);
   CHECK_DIM(weight, 2);
   CHECK_CONTIGUOUS(weight);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK_VALUE(weight.size(1) == K, "weight must have shape (out_features, ", K, "), got ", weight.sizes());
-  TORCH_CHECK_VALUE(K > 0 && K % 8 == 0, "in_features (K) must be a positive multiple of 8 for the CUTLASS kernels, got ", K);
-  TORCH_CHECK_VALUE(N > 0 && N % 8 == 0, "out_features (N) must be a positive multiple of 8 for the CUTLASS kernels, got ", N);
-  TORCH_CHECK_VALUE(M <= std::numeric_limits<int>::max(), "too many rows for the CUTLASS kernels: ", M);
+  FF_CHECK_VALUE(weight.size(1) == K, "weight must have shape (out_features, ", K, "), got ", weight.sizes());
+  FF_CHECK_VALUE(K > 0 && K % 8 == 0, "in_features (K) must be a positive multiple of 8 for the CUTLASS kernels, got ", K);
+  FF_CHECK_VALUE(N > 0 && N % 8 == 0, "out_features (N) must be a positive multiple of 8 for the CUTLASS kernels, got ", N);
+  FF_CHECK_VALUE(M <= std::numeric_limits<int>::max(), "too many rows for the CUTLASS kernels: ", M);
   CHECK_ALIGNED16(x);
   CHECK_ALIGNED16(weight);
   if (bias.has_value()) {
     CHECK_LIKE(*bias, x);
     CHECK_CONTIGUOUS(*bias);
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (", N, "), got ", bias->sizes());
+    FF_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (", N, "), got ", bias->sizes());
     CHECK_ALIGNED16(*bias);
   }
   const c10::cuda::CUDAGuard guard(x.device());
@@ -105,7 +100,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> py_linear_gelu_forward(
     const std::vector<std::string> runnable = device_paths(x.get_device());
     bool found = false;
     for (const auto& p : runnable) found = found || p == path_arg;
-    TORCH_CHECK_VALUE(found, "path '", path_arg, "' cannot run on this device (compute capability ",
+    FF_CHECK_VALUE(found, "path '", path_arg, "' cannot run on this device (compute capability ",
                       capability_string(x.get_device()), "; 'sm80' needs 8.0 or newer, 'sm90' exactly 9.0",
                       linear_gelu_cutlass_has_sm90() ? "" : " and a build with the sm_90 kernels", ")");
   }
@@ -126,7 +121,7 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> py_linear_gelu_forward(
   const DType dtype = x.scalar_type() == at::kHalf ? DType::F16 : DType::BF16;
   // The checks above cover every refusal; this one is a backstop with the kernel's own words.
   const char* refused = linear_gelu_cutlass_unsupported(dtype, params);
-  TORCH_CHECK_VALUE(refused == nullptr, refused == nullptr ? "" : refused);
+  FF_CHECK_VALUE(refused == nullptr, refused == nullptr ? "" : refused);
   CHECK_LAUNCH(linear_gelu_cutlass(dtype, params, path, c10::cuda::getCurrentCUDAStream().stream()));
   return {out, preact};
 }
