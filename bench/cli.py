@@ -91,7 +91,7 @@ def _compare_parser() -> argparse.ArgumentParser:
 
 def _variants_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fuseformer bench variants",
-                                description="Each opt-in kernel variant (fuseformer-triton-tma, fuseformer-cuda-cute, "
+                                description="Each opt-in kernel variant (fuseformer-triton-tma, fuseformer-cuda-wmma, "
                                 "...) against the default it would replace, from a results file.")
     p.add_argument("results")
     return p

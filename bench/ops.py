@@ -143,10 +143,11 @@ def _cuda_cutlass_impl(call) -> Impl:
 
 
 def _cuda_cute_impl(call, head_dim: int) -> Impl:
-    """The cuda backend with csrc/'s CuTe attention kernels (FUSEFORMER_CUDA_ATTENTION=cute,
-    opt-in, not yet run on a GPU: attention_cute.cu forward, attention_cute_backward.cu
-    backward) beside `fuseformer-cuda` (the WMMA kernels), so one GPU run times both. Head dims
-    the CuTe kernels lack would run the WMMA ones: refused instead of timed under this name."""
+    """The cuda backend with csrc/'s CuTe attention kernels (FUSEFORMER_CUDA_ATTENTION=cute:
+    attention_cute.cu forward, attention_cute_backward.cu backward) beside `fuseformer-cuda`
+    (the default, sm90: the sm_90a forward where it fits, these CuTe kernels elsewhere), so one
+    GPU run times both. Head dims the CuTe kernels lack would run the WMMA ones: refused
+    instead of timed under this name."""
     from fuseformer.kernels import cuda_backend
 
     def fn(inputs):
@@ -156,32 +157,20 @@ def _cuda_cute_impl(call, head_dim: int) -> Impl:
 
     return Impl("fuseformer-cuda-cute", fn, kind=OURS, available=(lambda: K.unavailable_reason("cuda")),
                 timed_on_cpu=False, context=(lambda: cuda_backend.use_attention_kernel("cute")),
-                note="csrc/attention_cute{,_backward}.cu: FA2 structure on CuTe (opt-in)")
+                note="csrc/attention_cute{,_backward}.cu: FA2 structure on CuTe")
 
 
-def _cuda_sm90_impl(call) -> Impl:
-    """The cuda backend with csrc/'s Hopper attention forward (FUSEFORMER_CUDA_ATTENTION=sm90,
-    CUTLASS's FMHA collectives, opt-in, not yet run on a GPU). Calls its kernels do not fit
-    (masks, GQA, ...) would run the CuTe/WMMA forward: refused under this name, with the
-    extension's reason."""
+def _cuda_wmma_impl(call) -> Impl:
+    """The cuda backend with csrc/'s first attention kernels (FUSEFORMER_CUDA_ATTENTION=wmma:
+    WMMA fragments, scores through shared memory), the default until the H100 run of
+    2026-11-26 measured them 2.5-17x slower than cute and sm90: kept in the benchmark as the
+    record of that gap."""
     from fuseformer.kernels import cuda_backend
 
-    checked = []
-
-    def fn(inputs):
-        if not checked:
-            if inputs.get("mask") is not None:
-                raise Refused("the sm_90a attention kernels take no mask (the key-padding calls take cute/wmma)")
-            q, k, v = (inputs[n] for n in ("q", "k", "v"))
-            reason = cuda_backend.module().attention_sm90_reason(q, k, v, None, None, False)
-            if reason:
-                raise Refused(f"the sm_90a attention kernels do not take this case: {reason}")
-            checked.append(True)
-        return call(inputs, "cuda")
-
-    return Impl("fuseformer-cuda-sm90", fn, kind=OURS, available=(lambda: K.unavailable_reason("cuda")),
-                timed_on_cpu=False, context=(lambda: cuda_backend.use_attention_kernel("sm90")),
-                note="csrc/attention_sm90*.cu: CUTLASS Hopper FMHA collectives, TMA + wgmma (opt-in)")
+    return Impl("fuseformer-cuda-wmma", lambda inputs: call(inputs, "cuda"), kind=OURS,
+                available=(lambda: K.unavailable_reason("cuda")), timed_on_cpu=False,
+                context=(lambda: cuda_backend.use_attention_kernel("wmma")),
+                note="csrc/attention_forward.cu, attention_backward.cu: WMMA")
 
 
 def _fa4_unavailable() -> str | None:
@@ -283,7 +272,7 @@ def attention_case(name, *, B, H, L, D, Hk=None, Lk=None, causal=False, pad=0.0,
 
     impls = _ours(device_type, ours)
     if device_type == "cuda":
-        impls += [_cuda_cute_impl(ours, D), _cuda_sm90_impl(ours), _hopper_impl(ours)]
+        impls += [_cuda_cute_impl(ours, D), _cuda_wmma_impl(ours), _hopper_impl(ours)]
         sdpa = _sdpa_impls(torch_sdpa) + [_fa4_impl(causal, gqa)]
         if quadratic_baselines:
             impls += [Impl("torch-eager", ref, note="reference.py: matmul, softmax, matmul")]

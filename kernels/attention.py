@@ -548,7 +548,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     name = resolve("attention", query.device, backend, dtype=query.dtype, head_dim=E if Ev < E else Ev,
                    mask_kind=mask_kind(mask4), dropout_p=dropout_p, requires_grad=grad, is_causal=is_causal,
-                   gqa=q4.shape[1] != k4.shape[1])
+                   gqa=q4.shape[1] != k4.shape[1], lq_multiple_of_8=Lq % 8 == 0)
     if name != "torch":
         if Ev != E:
             _torch_only("attention", f"value head dim {Ev} differs from query head dim {E}", backend)

@@ -32,12 +32,15 @@ import torch
 BACKENDS = ("triton", "cuda", "torch")
 _CHOICES = BACKENDS + ("auto",)
 
-# Preference of `auto` among fused backends, per op. The cuda backend (csrc/) is in no list:
-# the only GPU run so far (H200, 0ec794f) measured its attention 6-10x slower than the
-# Triton kernels, and `auto` must never start its JIT build from inside a forward. Add it
-# for an op only when committed results under bench/results/ show it faster there.
+# Preference of `auto` among fused backends, per op. A candidate whose Impl has an
+# `auto_unsupported` is asked that first, and `auto` passes over it unless it says the case is
+# one where committed GPU results show it the faster (bench/results/). The cuda backend (csrc/)
+# leads for attention only that way: never when its module is not already loaded (`auto` must
+# not start its JIT build from inside a forward), and only for the cases
+# cuda_backend._attention_auto_unsupported names (H100, 2026-11-26: head dim 128 inference on
+# the sm_90a kernels, 1.39x the Triton kernel).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "attention": ("triton",),
+    "attention": ("cuda", "triton"),
     "varlen_attention": ("triton",),
     "add_layer_norm": ("triton",),
     "linear_gelu": ("triton",),
@@ -59,6 +62,9 @@ class Impl:
     forward: Callable
     backward: Callable | None
     unsupported: Callable[..., str | None] = lambda **case: None
+    # Asked by `auto` alone, before anything that could build or load the backend:
+    # auto_unsupported(device, **case) is None only where `auto` should prefer this backend.
+    auto_unsupported: Callable[..., str | None] | None = None
 
 
 _IMPLS: dict[tuple[str, str], Impl] = {}
@@ -248,7 +254,10 @@ def _decide(op: str, device: torch.device, requested: str | None, case: dict) ->
             return "torch"
         reasons = []
         for candidate in AUTO_ORDER.get(op, ()):
-            reason = _why_not(op, candidate, device, case)
+            impl = _IMPLS.get((op, candidate))
+            auto_check = None if impl is None else impl.auto_unsupported
+            reason = (auto_check(device, **case) if auto_check is not None else None) or _why_not(op, candidate, device,
+                                                                                                  case)
             if reason is None:
                 return candidate
             reasons.append(f"{candidate}: {reason}")

@@ -247,7 +247,72 @@ def test_backend_version_moves_with_every_change():
     assert v0 < v1 < v2 < backends.backend_version()
 
 
-def test_auto_never_lists_the_cuda_backend():
-    # No committed GPU result shows csrc/ faster than triton for any op (it was 6-10x slower
-    # on an H200), and `auto` must not start its JIT build from inside a forward.
-    assert all("cuda" not in order for order in backends.AUTO_ORDER.values())
+def test_auto_asks_the_cuda_backend_its_measured_cases_before_anything_that_builds():
+    # `auto` must not start csrc/'s JIT build from inside a forward: wherever the cuda backend
+    # is an `auto` candidate, its Impl answers `auto_unsupported` first.
+    from fuseformer.kernels import cuda_backend  # noqa: F401 - registers the cuda impls
+
+    for op, order in backends.AUTO_ORDER.items():
+        if "cuda" in order:
+            assert backends.get_impl(op, "cuda").auto_unsupported is not None, op
+
+
+ATTN_D128 = dict(dtype=torch.bfloat16, head_dim=128, mask_kind="none", dropout_p=0.0, requires_grad=False,
+                 is_causal=False, gqa=False, lq_multiple_of_8=True)
+
+
+@pytest.fixture
+def cuda_auto(monkeypatch):
+    """A process where the csrc/ module looks loaded with its sm_90a kernels on a 9.0 device,
+    so `auto` can be decided for a CUDA device on any machine (nothing launches)."""
+    from fuseformer.kernels import cuda_backend
+
+    class FakeModule:
+        def attention_sm90_built(self):
+            return True
+
+    monkeypatch.setattr(cuda_backend, "_module", FakeModule())
+    monkeypatch.setattr(cuda_backend, "_attention_kernel", "sm90")
+    monkeypatch.setattr(cuda_backend, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    if backends.unavailable_reason("triton") is not None:
+        pytest.skip("triton unavailable here")
+    return cuda_backend
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({}, "cuda"),  # head dim 128 inference: 1.39x triton on the H100
+    ({"dtype": torch.float16}, "cuda"),
+    ({"head_dim": 64}, "triton"),  # d64: the triton kernel was faster
+    ({"is_causal": True}, "triton"),
+    ({"requires_grad": True}, "triton"),  # the CuTe backward is slower than triton's
+    ({"mask_kind": "key_padding"}, "triton"),  # sm_90a takes no mask: it would run cute
+    ({"gqa": True}, "triton"),
+    ({"lq_multiple_of_8": False}, "triton"),
+    ({"dtype": torch.float32}, "triton"),
+])
+def test_auto_takes_the_cuda_attention_only_where_it_was_measured_faster(cuda_auto, change, expected):
+    case = {**ATTN_D128, **change}
+    assert backends.resolve("attention", torch.device("cuda"), "auto", **case) == expected
+
+
+def test_auto_keeps_triton_when_the_cuda_module_is_not_loaded_and_never_builds_it(cuda_auto, monkeypatch):
+    monkeypatch.setattr(cuda_auto, "_module", None)
+    monkeypatch.setattr(cuda_auto, "_tried", True)  # a process where loading was tried and failed
+    monkeypatch.setattr(cuda_auto, "_jit_build", lambda: pytest.fail("auto started the JIT build"))
+    assert backends.resolve("attention", torch.device("cuda"), "auto", **ATTN_D128) == "triton"
+    reason = cuda_auto._attention_auto_unsupported(torch.device("cuda"), **ATTN_D128)
+    assert "not loaded" in reason
+
+
+def test_auto_keeps_triton_off_hopper_or_without_the_sm90a_build(cuda_auto, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert backends.resolve("attention", torch.device("cuda"), "auto", **ATTN_D128) == "triton"
+    backends.clear_plans()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(cuda_auto._module.__class__, "attention_sm90_built", lambda self: False)
+    assert backends.resolve("attention", torch.device("cuda"), "auto", **ATTN_D128) == "triton"
+    backends.clear_plans()
+    monkeypatch.setattr(cuda_auto, "_attention_kernel", "cute")  # the sm_90a kernels switched off
+    monkeypatch.setattr(cuda_auto._module.__class__, "attention_sm90_built", lambda self: True)
+    assert backends.resolve("attention", torch.device("cuda"), "auto", **ATTN_D128) == "triton"

@@ -231,9 +231,9 @@ def test_attention_kernel_env_is_read_at_import(monkeypatch):
     assert cuda_backend._attention_kernel_from_env() == "cute"
     monkeypatch.setenv("FUSEFORMER_CUDA_ATTENTION", "fast")
     with pytest.warns(UserWarning, match="FUSEFORMER_CUDA_ATTENTION='fast'"):
-        assert cuda_backend._attention_kernel_from_env() == "wmma"
+        assert cuda_backend._attention_kernel_from_env() == "sm90"
     monkeypatch.delenv("FUSEFORMER_CUDA_ATTENTION")
-    assert cuda_backend._attention_kernel_from_env() == "wmma"
+    assert cuda_backend._attention_kernel_from_env() == "sm90"  # the default since the H100 run
 
 
 def test_sources_found():
