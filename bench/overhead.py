@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fuseformer import kernels as K
+from fuseformer.kernels.launch import set_fast_launch, use_fast_launch
 
 # The targets: an op's host time at most this many times the torch call it replaces.
 TARGET_RATIO = 3.0
@@ -134,8 +135,14 @@ def measure_ops(device: torch.device, dtype: torch.dtype, backend: str = "triton
             # The torch calls launch no Triton kernel: the stub changes nothing for them.
             with stubbed_launches() if stub else contextlib.nullcontext():
                 ours_us, torch_us = _host_us([case.ours, case.torch], device, calls, repeats)
-            rows.append(dict(case=case.name, ours_us=ours_us, torch_us=torch_us, torch_call=case.torch_name,
-                             ratio=ours_us / torch_us, launch="stubbed" if stub else "real"))
+            row = dict(case=case.name, ours_us=ours_us, torch_us=torch_us, torch_call=case.torch_name,
+                       ratio=ours_us / torch_us, launch="stubbed" if stub else "real")
+            if not stub:
+                # The opt-in fast launch path (kernels/launch.py): the same call, Triton's
+                # JITFunction.run skipped after the first launch of each specialization.
+                with use_fast_launch(True):
+                    row["ours_fast_launch_us"] = _host_us([case.ours], device, calls, repeats)[0]
+            rows.append(row)
     return rows
 
 
@@ -163,7 +170,11 @@ def measure_launch_floor(device: torch.device, dtype: torch.dtype, calls: int = 
     tiny = lambda: torch.add(x, r)  # noqa: E731
     with stubbed_launches() if device.type != "cuda" else contextlib.nullcontext():
         raw_us, ours_us, tiny_us = _host_us([raw, ours, tiny], device, calls, repeats)
-    return dict(triton_launch_us=raw_us, ours_us=ours_us, torch_add_us=tiny_us)
+    floor = dict(triton_launch_us=raw_us, ours_us=ours_us, torch_add_us=tiny_us)
+    if device.type == "cuda":
+        with use_fast_launch(True):
+            floor["ours_fast_launch_us"] = _host_us([ours], device, calls, repeats)[0]
+    return floor
 
 
 @contextlib.contextmanager
@@ -222,8 +233,10 @@ def measure_bert_forward(device: torch.device, dtype: torch.dtype, repeats: int 
             best = min(samples)
             return {"backend": "triton (launches stubbed)", "fused_ops_us": best[0], "fused_calls": best[1]}
         result = {"backend": "auto"}
-        for label, backend in (("fused", "auto"), ("torch", "torch")):
+        for label, backend, fast in (("fused", "auto", False), ("torch", "torch", False),
+                                     ("fused_fast_launch", "auto", True)):
             model.set_backend(backend)
+            set_fast_launch(fast)
             for _ in range(3):
                 forward()
             samples = []
@@ -234,6 +247,7 @@ def measure_bert_forward(device: torch.device, dtype: torch.dtype, repeats: int 
                 samples.append((time.perf_counter() - start) * 1e6)
             torch.cuda.synchronize()
             result[f"{label}_us"] = min(samples)
+        set_fast_launch(False)
         return result
 
 

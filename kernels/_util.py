@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from .launch import launch
+
 
 # Read once at import; tests switch it with `poison_outputs`, never through the environment
 # per call (a getenv per output buffer was measurable host time on every launch).
@@ -66,7 +68,7 @@ def launch_tuned(tuned, plain, key: tuple, grid, *args, **kwargs) -> None:
         if best is not None:
             _tuned_configs[(tuned, key)] = best.all_kwargs()
         return
-    plain[grid](*args, **kwargs, **config)
+    launch(plain, grid, *args, **kwargs, **config)
 
 
 def next_pow2(n: int) -> int:

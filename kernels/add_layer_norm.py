@@ -42,6 +42,7 @@ import torch
 
 from . import backends, reference
 from ._util import as_rows, cdiv, device_guard, draw_seed, new_output, next_pow2, sm_count
+from .launch import launch
 from .add_layer_norm_kernels import _add_ln_bwd, _add_ln_fwd, _add_ln_fwd_rows, _keep_mask_kernel  # noqa: F401
 from .backends import Impl
 from .checks import check_prob, check_same, check_tensor, same_floats
@@ -173,12 +174,12 @@ def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream, save_s
     variant = FORWARD_VARIANT
     if variant != "row" and N <= MAX_ROWS_BLOCK:
         rows, block, align, programs = rows_plan(M, N, variant, x.device)
-        _add_ln_fwd_rows[(programs,)](*pointers, M, N, float(eps), float(dropout_p), **flags, ROWS=rows, BLOCK=block,
-                                      ALIGN=align, num_warps=_num_warps(rows * block))
+        launch(_add_ln_fwd_rows, (programs,), *pointers, M, N, float(eps), float(dropout_p), **flags, ROWS=rows,
+               BLOCK=block, ALIGN=align, num_warps=_num_warps(rows * block))
     else:
         block, single = _block(N)
-        _add_ln_fwd[(M,)](*pointers, N, float(eps), float(dropout_p), **flags, BLOCK=block, SINGLE=single,
-                          num_warps=_num_warps(block))
+        launch(_add_ln_fwd, (M,), *pointers, N, float(eps), float(dropout_p), **flags, BLOCK=block, SINGLE=single,
+               num_warps=_num_warps(block))
     return y, stream, mean, rstd
 
 
@@ -196,7 +197,9 @@ def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has
     dw_part = alloc((programs, N), torch.float32, dy.device) if weight is not None else None
     db_part = alloc((programs, N), torch.float32, dy.device) if bias is not None else None
     dropout = dropout_p > 0.0
-    _add_ln_bwd[(programs,)](
+    launch(
+        _add_ln_bwd,
+        (programs,),
         dy,
         dstream if dstream is not None else dy,
         stream,

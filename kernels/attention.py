@@ -41,6 +41,7 @@ from .attention_kernels import (
 from . import attention_hopper as _hopper
 from . import attention_hopper_bwd as _hopper_bwd
 from ._util import cdiv, device_guard, launch_tuned, new_output, new_output_like, next_pow2
+from .launch import launch
 from .backends import (BackendUnsupportedError, Impl, get_backend, get_impl, interpreting, register_impl, resolve,
                        warn_fallback)
 from .checks import check_causal_and_scale, check_prob, check_same, check_tensor, same_floats
@@ -151,7 +152,7 @@ def _run(kind, tuned, plain, grid, bucket, q, *args, **kwargs):
     fits shared memory. `bucket` is the TUNE_BUCKET argument among `args`."""
     if interpreting() or not AUTOTUNE:
         m, n, w, s = default_config(kind, kwargs["BLOCK_D"], q.element_size())
-        plain[grid](q, *args, **kwargs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+        launch(plain, grid, q, *args, **kwargs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
     else:
         # Everything the autotuner keys on: its key arguments and the tensors' dtypes (the
         # mask's and the dummies' follow from MASK_FLOAT, DROPOUT and VARLEN).
@@ -234,7 +235,8 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
     delta = new_output_like(lse)
     cu_q_arg, cu_k_arg = (cu_q, cu_k) if varlen else (lse, lse)
     lse_s = (0 if varlen else lse.stride(0)), lse.stride(1)
-    attn_bwd_preprocess[(cdiv(lq, 64) * nbatch * H,)](
+    launch(
+        attn_bwd_preprocess, (cdiv(lq, 64) * nbatch * H,),
         out, dout, delta, cu_q_arg, cu_k_arg,
         *_strides(out, varlen), *_strides(dout, varlen), *lse_s,
         H, lq,

@@ -49,6 +49,7 @@ except ImportError:  # pragma: no cover - another layout: _ensure_allocator then
 
 from . import backends, reference
 from ._util import as_rows, cdiv, device_guard, launch_tuned, new_output, next_pow2, sm_count
+from .launch import launch
 from .backends import Impl
 from .checks import check_same, check_tensor, same_floats
 from .linear_gelu_kernels import _gelu_bwd, _gelu_bwd_db, _linear_gelu_fwd, _linear_gelu_tma  # noqa: F401
@@ -251,8 +252,8 @@ def gelu_backward(dout: torch.Tensor, preact: torch.Tensor, approximate: str) ->
     numel = preact.numel()
     if numel:
         block = 4096
-        _gelu_bwd[(cdiv(numel, block),)](
-            dout, preact, dpre, numel, APPROX_TANH=approximate == "tanh", BLOCK=block, num_warps=8
+        launch(
+            _gelu_bwd, (cdiv(numel, block),), dout, preact, dpre, numel, APPROX_TANH=approximate == "tanh", BLOCK=block, num_warps=8
         )
     return dpre
 
@@ -270,8 +271,8 @@ def _dgelu_fused_db(dout, preact, approximate, has_bias):
     else:  # ~4 programs per SM in all, each summing its rows' share of db
         programs_m = max(1, min(cdiv(M, block_m), cdiv(4 * sm_count(preact.device), tiles_n)))
     db_part = new_output((programs_m, N), torch.float32, preact.device) if has_bias else None
-    _gelu_bwd_db[(programs_m, tiles_n)](
-        dout, preact, dpre, db_part if has_bias else dpre, M, N,
+    launch(
+        _gelu_bwd_db, (programs_m, tiles_n), dout, preact, dpre, db_part if has_bias else dpre, M, N,
         APPROX_TANH=approximate == "tanh", HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8,
     )
     return dpre, sum_rows(db_part, preact.dtype) if has_bias else None

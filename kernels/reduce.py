@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ._util import cdiv, new_output
+from .launch import launch
 
 _BLOCK_N = 64  # columns per program: N = 768 gives 12 programs, 3072 gives 48
 _BLOCK_P = 32  # partial rows summed per step
@@ -47,5 +48,5 @@ def sum_rows(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return out
     if P == 0:
         return out.zero_()
-    _sum_rows[(cdiv(N, _BLOCK_N),)](part, out, P, N, BLOCK_P=_BLOCK_P, BLOCK_N=_BLOCK_N, num_warps=4)
+    launch(_sum_rows, (cdiv(N, _BLOCK_N),), part, out, P, N, BLOCK_P=_BLOCK_P, BLOCK_N=_BLOCK_N, num_warps=4)
     return out

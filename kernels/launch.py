@@ -1,0 +1,178 @@
+"""Launching our Triton kernels with less host time per call (opt-in: FUSEFORMER_FAST_LAUNCH=1).
+
+Why: on the H100 machine (bench/results/h100/, 2026-11-26) Triton's own `kernel[grid](...)`
+took 19.7 µs of host time for the add+LN kernel, against 6.7 µs for a torch add, and an eager
+BERT forward makes ~50 such launches. JITFunction.run does per call what is the same on every
+call of ours: read its knobs, bind and specialize every argument, build a cache key string from
+that, check the kernel's globals, build launch metadata for the launch hooks (a dict even when
+no hook is installed, on triton 3.6) and call the hook chains.
+
+What this does instead: the first call for a (kernel, specialization) goes through Triton as
+usual and keeps the CompiledKernel it returns; later calls hand the arguments straight to that
+kernel's launcher, the same call JITFunction.run ends with (triton 3.6 and 3.9 alike:
+`kernel.run(grid0, grid1, grid2, stream, function, packed_metadata, launch_metadata,
+enter_hook, exit_hook, *every argument in signature order)`), with no metadata and no hooks.
+
+Correctness rests on the key: it must tell apart every call Triton would compile differently.
+It holds the kernel, the current device, num_warps/num_stages, every keyword argument (the
+constexprs) and, per positional argument: for a tensor its dtype and whether its data pointer
+is 16-byte aligned (Triton's alignment specialization), for an int whether it is 1, whether it
+is divisible by 16 and which integer type holds it (Triton's integer specializations), for a
+float or bool its type, None as None. That is at least as fine as Triton's own key, so a kept
+kernel is only reused where Triton would pick the same one. Anything else (a grid callable,
+tensor descriptors, an installed launch hook, the interpreter) takes Triton's path.
+
+Still opt-in because it was written without a GPU: the next GPU run measures it
+(`fuseformer bench --filter overhead` times both paths) before it can become the default.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import torch
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+_ENABLED = _flag("FUSEFORMER_FAST_LAUNCH")  # read once at import; set_fast_launch changes it
+_INTERPRET = _flag("TRITON_INTERPRET")  # Triton reads it when a kernel is decorated
+
+# (kernel, device, options, constexprs, argument specializations) -> (CompiledKernel, tail):
+# `tail` holds the values of the parameters after the positional ones, in signature order.
+_kernels: dict[tuple, tuple] = {}
+# Kernels whose fast launch raised once: they take Triton's path from then on.
+_refused: set = set()
+_driver = None  # (get_current_device, get_current_stream), resolved at the first fast launch
+
+
+def fast_launch_enabled() -> bool:
+    return _ENABLED
+
+
+def set_fast_launch(enabled: bool) -> bool:
+    """Turn the fast launch path on or off for the process; returns the previous setting."""
+    global _ENABLED
+    previous, _ENABLED = _ENABLED, bool(enabled)
+    return previous
+
+
+@contextlib.contextmanager
+def use_fast_launch(enabled: bool = True):
+    previous = set_fast_launch(enabled)
+    try:
+        yield
+    finally:
+        set_fast_launch(previous)
+
+
+def _arg_key(arg):
+    """What Triton specializes a runtime argument on (or finer); NotImplemented for a type the
+    fast path does not know."""
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.data_ptr() % 16 == 0)
+    if arg is None:
+        return None
+    if isinstance(arg, bool):  # before int: bool is an int
+        return bool
+    if isinstance(arg, int):
+        kind = 0 if -(2 ** 31) <= arg < 2 ** 31 else (1 if -(2 ** 63) <= arg < 2 ** 63 else 2)
+        return (arg == 1, arg % 16 == 0, kind)
+    if isinstance(arg, float):
+        return float
+    return NotImplemented
+
+
+def _hooks_idle() -> bool:
+    """No launch hook is installed (a profiler such as proton installs one): the hooks and
+    their metadata can be skipped."""
+    from triton import knobs
+
+    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+        # None (older releases) or an empty HookChain (3.6+) calls nothing.
+        if hook is not None and getattr(hook, "calls", True):
+            return False
+    return True
+
+
+def _is_jit(fn) -> bool:
+    from triton.runtime.jit import JITFunction
+
+    return isinstance(fn, JITFunction)
+
+
+def _tail(fn, n_positional: int, kwargs: dict) -> tuple:
+    """The values of `fn`'s parameters after the first n_positional, as JITFunction's binder
+    fills them: the keyword arguments given, else each parameter's default."""
+    values = []
+    for param in fn.params[n_positional:]:
+        if param.name in kwargs:
+            values.append(kwargs[param.name])
+        elif param.has_default:
+            values.append(param.default)
+        else:
+            raise TypeError(f"{fn.__name__}: no value for parameter {param.name!r}")
+    return tuple(values)
+
+
+_constexpr_positions: dict = {}
+
+
+def _constexprs_at(fn):
+    """Positions of fn's constexpr parameters (their values, not their kinds, pick a compiled
+    kernel when passed positionally); None for anything but a plain JITFunction."""
+    positions = _constexpr_positions.get(fn, False)
+    if positions is False:
+        positions = tuple(i for i, p in enumerate(fn.params) if p.is_constexpr) if _is_jit(fn) else None
+        _constexpr_positions[fn] = positions
+    return positions
+
+
+def launch(fn, grid, *args, **kwargs) -> None:
+    """fn[grid](*args, **kwargs), on the fast path when it is on and the call allows it."""
+    if not _ENABLED or _INTERPRET or fn in _refused or not isinstance(grid, tuple):
+        fn[grid](*args, **kwargs)
+        return
+    constexprs = _constexprs_at(fn)
+    spec = tuple(_arg_key(a) for a in args)
+    if constexprs is None or NotImplemented in spec or not _hooks_idle():
+        fn[grid](*args, **kwargs)
+        return
+    if constexprs:
+        spec += tuple(args[i] for i in constexprs if i < len(args))
+    global _driver
+    if _driver is None:
+        from triton.runtime import driver
+
+        _driver = (driver.active.get_current_device, driver.active.get_current_stream)
+    device = _driver[0]()
+    key = (fn, device, tuple(kwargs.items()), spec)
+    entry = _kernels.get(key)
+    if entry is None:
+        # Triton's own path: compiles (or finds) the kernel for this specialization, launches
+        # it, and returns it.
+        compiled = fn[grid](*args, **kwargs)
+        if compiled is not None:
+            _kernels[key] = (compiled, _tail(fn, len(args), kwargs))
+        return
+    compiled, tail = entry
+    grid_1 = grid[1] if len(grid) > 1 else 1
+    grid_2 = grid[2] if len(grid) > 2 else 1
+    try:
+        compiled.run(grid[0], grid_1, grid_2, _driver[1](device), compiled.function, compiled.packed_metadata, None,
+                     None, None, *args, *tail)
+    except Exception as err:  # noqa: BLE001 - the launcher refused the arguments before launching
+        _refused.add(fn)
+        warnings.warn(f"fuseformer: the fast launch of {getattr(fn, '__name__', fn)} failed ({err}); it takes "
+                      "Triton's launch path from now on", stacklevel=2)
+        fn[grid](*args, **kwargs)
+
+
+def clear() -> None:
+    """Forget every kept kernel (tests)."""
+    _kernels.clear()
+    _refused.clear()
+    _constexpr_positions.clear()

@@ -1,0 +1,241 @@
+"""kernels/launch.py, the opt-in fast launch path (FUSEFORMER_FAST_LAUNCH=1), without a GPU.
+
+A launch needs a CUDA driver, so these tests drive `launch()` with a stand-in kernel that records
+whether a call took Triton's path (`fn[grid](...)`, which compiles and returns the kernel) or
+the fast one (`compiled.run(...)`, and with which arguments). What they pin down is the part a
+GPU run cannot show when it goes wrong quietly: every argument Triton specializes on (dtype,
+16-byte alignment, an int's value 1 / divisibility by 16 / width, a constexpr's value) yields a
+new kernel through Triton's path, never a kept one; and everything the fast path does not know
+takes Triton's path. The real launcher runs in the GPU tests once the switch is on there.
+"""
+import inspect
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from fuseformer.kernels import launch as L
+
+
+class FakeParam:
+    def __init__(self, name, constexpr=False, default=inspect.Parameter.empty):
+        self.name, self.is_constexpr, self.default = name, constexpr, default
+        self.has_default = default is not inspect.Parameter.empty
+
+
+class FakeCompiled:
+    function, packed_metadata = "FUNCTION", "METADATA"
+
+    def __init__(self, log, fail=False):
+        self.log, self.fail = log, fail
+
+    def run(self, *args):
+        if self.fail:
+            raise TypeError("the launcher refused an argument")
+        self.log.append(("fast", args))
+
+
+class FakeKernel:
+    """A kernel (x_ptr, y_ptr, n, eps, MODE: constexpr, BLOCK: constexpr = 64)."""
+
+    __name__ = "fake_kernel"
+
+    def __init__(self, fail=False):
+        self.log, self.fail = [], fail
+        self.params = [FakeParam("x_ptr"), FakeParam("y_ptr"), FakeParam("n"), FakeParam("eps"),
+                       FakeParam("MODE", constexpr=True), FakeParam("BLOCK", constexpr=True, default=64)]
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append(("triton", grid, args, kwargs))
+            return FakeCompiled(self.log, self.fail)
+
+        return run
+
+    def paths(self):
+        return [entry[0] for entry in self.log]
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    monkeypatch.setattr(L, "_ENABLED", True)
+    monkeypatch.setattr(L, "_INTERPRET", False)
+    monkeypatch.setattr(L, "_is_jit", lambda fn: isinstance(fn, FakeKernel))
+    monkeypatch.setattr(L, "_hooks_idle", lambda: True)
+    monkeypatch.setattr(L, "_driver", (lambda: 0, lambda device: 1234))
+    L.clear()
+    yield
+    L.clear()
+
+
+def _tensors(dtype=torch.float32):
+    x = torch.zeros(64, dtype=dtype)
+    return x, torch.zeros(64, dtype=dtype)
+
+
+def test_the_second_call_of_a_specialization_goes_straight_to_the_kept_kernel(fast):
+    k = FakeKernel()
+    x, y = _tensors()
+    L.launch(k, (3,), x, y, 64, 1e-5, MODE=2, num_warps=4)
+    L.launch(k, (3,), x, y, 80, 2e-5, MODE=2, num_warps=4)  # 80: divisible by 16 too, not 1
+    assert k.paths() == ["triton", "fast"]
+    _, args = k.log[1]
+    # grid padded to 3-D, the current stream, the kept kernel's handle and metadata, no launch
+    # metadata and no hooks, then every parameter in signature order, the default BLOCK included.
+    assert args == (3, 1, 1, 1234, "FUNCTION", "METADATA", None, None, None, x, y, 80, 2e-5, 2, 64)
+
+
+@pytest.mark.parametrize("change", [
+    "dtype", "unaligned pointer", "int not divisible by 16", "int equal to 1", "int past 32 bits",
+    "constexpr keyword", "positional constexpr", "num_warps", "None for a tensor",
+])
+def test_anything_triton_specializes_on_takes_triton_s_path_again(fast, change):
+    k = FakeKernel()
+    x, y = _tensors()
+    base = dict(args=[x, y, 64, 1e-5], kwargs=dict(MODE=2, num_warps=4))
+    L.launch(k, (1,), *base["args"], **base["kwargs"])
+    args, kwargs = list(base["args"]), dict(base["kwargs"])
+    if change == "dtype":
+        args[0] = x.half()
+    elif change == "unaligned pointer":
+        args[0] = torch.zeros(65)[1:]  # 4 bytes past a 16-byte boundary
+    elif change == "int not divisible by 16":
+        args[2] = 65
+    elif change == "int equal to 1":
+        args[2] = 1
+    elif change == "int past 32 bits":
+        args[2] = 2 ** 32
+    elif change == "constexpr keyword":
+        kwargs["MODE"] = 3
+    elif change == "positional constexpr":
+        L.launch(k, (1,), x, y, 64, 1e-5, 2, num_warps=4)  # MODE=2 positionally: its own entry
+        L.launch(k, (1,), x, y, 64, 1e-5, 3, num_warps=4)
+        assert k.paths() == ["triton", "triton", "triton"]
+        return
+    elif change == "num_warps":
+        kwargs["num_warps"] = 8
+    elif change == "None for a tensor":
+        args[1] = None
+    L.launch(k, (1,), *args, **kwargs)
+    assert k.paths() == ["triton", "triton"], change
+    L.launch(k, (1,), *args, **kwargs)  # the new specialization is kept in turn
+    assert k.paths() == ["triton", "triton", "fast"]
+
+
+def test_what_the_fast_path_does_not_know_takes_triton_s_path(fast, monkeypatch):
+    k = FakeKernel()
+    x, y = _tensors()
+    for _ in range(2):
+        L.launch(k, lambda meta: (1,), x, y, 64, 1e-5, MODE=2)  # a grid function
+        L.launch(k, (1,), x, object(), 64, 1e-5, MODE=2)  # an argument of unknown type
+    assert k.paths() == ["triton"] * 4
+    monkeypatch.setattr(L, "_hooks_idle", lambda: False)  # a profiler's launch hook installed
+    for _ in range(2):
+        L.launch(k, (1,), x, y, 64, 1e-5, MODE=2)
+    assert k.paths() == ["triton"] * 6
+
+
+def test_off_or_interpreted_means_triton_s_path_every_time(fast, monkeypatch):
+    k = FakeKernel()
+    x, y = _tensors()
+    with L.use_fast_launch(False):
+        for _ in range(3):
+            L.launch(k, (1,), x, y, 64, 1e-5, MODE=2)
+    assert L.fast_launch_enabled()  # restored
+    monkeypatch.setattr(L, "_INTERPRET", True)
+    for _ in range(3):
+        L.launch(k, (1,), x, y, 64, 1e-5, MODE=2)
+    assert k.paths() == ["triton"] * 6
+
+
+def test_a_launcher_that_refuses_the_arguments_sends_that_kernel_to_triton_s_path_for_good(fast):
+    k = FakeKernel(fail=True)
+    x, y = _tensors()
+    L.launch(k, (1,), x, y, 64, 1e-5, MODE=2)
+    with pytest.warns(UserWarning, match="fast launch of fake_kernel failed"):
+        L.launch(k, (1,), x, y, 64, 1e-5, MODE=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        L.launch(k, (1,), x, y, 64, 1e-5, MODE=2)
+    assert k.paths() == ["triton", "triton", "triton"]
+
+
+def test_a_missing_parameter_is_an_error_not_a_guess(fast):
+    k = FakeKernel()
+    x, y = _tensors()
+    with pytest.raises(TypeError, match="no value for parameter 'MODE'"):
+        L.launch(k, (1,), x, y, 64, 1e-5)
+
+
+def test_real_triton_parameters_hooks_and_environment(tmp_path):
+    """Against the installed triton, outside the interpreter (a subprocess: this one has
+    TRITON_INTERPRET set): which parameters are constexprs, the tail of defaults, the hook test
+    on triton's own knobs, and FUSEFORMER_FAST_LAUNCH read at import."""
+    code = r'''
+import triton, triton.language as tl
+from triton import knobs
+from fuseformer.kernels import launch as L
+
+@triton.jit
+def k(x_ptr, n, eps, MODE: tl.constexpr, BLOCK: tl.constexpr = 128):
+    pass
+
+assert L._is_jit(k), type(k)
+assert L._constexprs_at(k) == (3, 4), L._constexprs_at(k)
+assert L._tail(k, 3, {"MODE": 7, "num_warps": 4}) == (7, 128)
+assert L._hooks_idle()
+hook = lambda metadata: None
+chain = knobs.runtime.launch_enter_hook
+if chain is None:
+    knobs.runtime.launch_enter_hook = hook
+else:
+    chain.add(hook)
+assert not L._hooks_idle()
+assert L.fast_launch_enabled()
+print("OK")
+'''
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FUSEFORMER_FAST_LAUNCH"] = "1"
+    script = tmp_path / "real_triton.py"  # @triton.jit needs its source in a file
+    script.write_text(code)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_fast_launch_gives_the_same_bits_as_triton_s_launch():
+    """On a GPU the fast path launches the very kernels Triton's path compiled: forward and
+    backward of every op, twice (the second call is the fast one), equal bit for bit to the
+    same calls on Triton's path, with the fast path taken."""
+    from fuseformer import kernels as K
+
+    def run():
+        torch.manual_seed(0)
+        x = torch.randn(100, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        r = torch.randn(100, 96, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        fc = torch.randn(160, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        q = torch.randn(2, 3, 70, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        pad = torch.ones(2, 1, 1, 70, dtype=torch.bool, device="cuda")
+        pad[1, ..., 50:] = False
+        outs = []
+        for _ in range(2):
+            y = K.add_layer_norm(x, r, w, w, backend="triton")
+            h = K.linear_gelu(y, fc, None, backend="triton")
+            a = K.scaled_dot_product_attention(q, q, q, attn_mask=pad, backend="triton")
+            loss = y.float().sum() + h.float().sum() + a.float().sum()
+            outs += [y, h, a, *torch.autograd.grad(loss, (x, w, fc, q))]
+        return outs
+
+    with L.use_fast_launch(False):
+        slow = run()
+    L.clear()
+    with L.use_fast_launch(True):
+        fast = run()
+    assert L._kernels, "no kernel was kept: the fast path never ran"
+    assert not L._refused, f"the fast launch failed for {L._refused}"
+    for a, b in zip(slow, fast):
+        assert torch.equal(a, b)
