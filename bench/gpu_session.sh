@@ -4,20 +4,25 @@
 # stages, in order:
 #
 #   bash bench/gpu_session.sh tests      # test_compile first (full tracebacks), the gpu-marked tests, the suite
+#   bash bench/gpu_session.sh profile    # bench/profile_calls.py: where add+LN fwd+bwd's time goes, triton vs cuda
 #   bash bench/gpu_session.sh overhead   # `fuseformer bench --filter overhead`: host µs per eager call
 #   bash bench/gpu_session.sh sanitize   # compute-sanitizer memcheck + racecheck, one test per kernel
 #   bash bench/gpu_session.sh bench      # `fuseformer bench`, models then ops, results under bench_models/, bench_ops/
 #
 # Several stages in one call, each step time-boxed by an environment variable (seconds; defaults
 # COMPILE_TIMEOUT=120 GPU_TESTS_TIMEOUT=200 CSRC_TESTS_TIMEOUT=200 SUITE_TIMEOUT=300 (0 skips the
-# suite) OVERHEAD_TIMEOUT=120 MODELS_TIMEOUT=240 OPS_TIMEOUT=300), plus the csrc builds (~1-2 min
+# suite) PROFILE_TIMEOUT=120 OVERHEAD_TIMEOUT=120 MODELS_TIMEOUT=240 OPS_TIMEOUT=300), plus the csrc builds (~1-2 min
 # the first time on a machine, run beside test_compile). SESSION_SECONDS caps every box at what
 # is left of the whole call (10 s kept for packing), so the last stage gets the rest and ends
 # before the device tool's limit. BENCH_QUICK=1 gives the benchmark's shorter timings;
 # MODELS_FILTER / OPS_FILTER pick and order the cases (default: the targets' cases first, then
 # every other case). Everything in one 600-second command:
-#   SESSION_SECONDS=585 COMPILE_TIMEOUT=75 GPU_TESTS_TIMEOUT=60 CSRC_TESTS_TIMEOUT=60 SUITE_TIMEOUT=0 \
-#     OVERHEAD_TIMEOUT=40 MODELS_TIMEOUT=110 OPS_TIMEOUT=600 BENCH_QUICK=1 bash bench/gpu_session.sh tests overhead bench
+#   SESSION_SECONDS=585 COMPILE_TIMEOUT=120 GPU_TESTS_TIMEOUT=100 CSRC_TESTS_TIMEOUT=45 SUITE_TIMEOUT=0 \
+#     PROFILE_TIMEOUT=45 OVERHEAD_TIMEOUT=35 MODELS_TIMEOUT=90 OPS_TIMEOUT=600 BENCH_QUICK=1 \
+#     bash bench/gpu_session.sh tests profile overhead bench
+# (H100, 2026-11-26: the csrc builds took 75 s and 131 s side by side; test_compile's first test
+# alone 76 s; the gpu-marked Triton/model tests ran ~3 s each, hence 4 workers now; the csrc
+# ones 25 s on 8 workers; the ops suite's 21 headline cases 251 s.)
 #
 # The device tool brings back at most 8 files from $OUT: every log and result is written to
 # a work folder and packed at the end into $OUT/gpu_session.tar.gz, with $OUT/summary.txt (the
@@ -26,9 +31,9 @@
 # bench/results/<device>/ (h100, h200).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh STAGE... (tests, overhead, sanitize, bench)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh STAGE... (tests, profile, overhead, sanitize, bench)" >&2; exit 2; }
 for stage in "$@"; do
-    case "$stage" in tests | overhead | sanitize | bench) ;; *) echo "unknown stage $stage" >&2; exit 2 ;; esac
+    case "$stage" in tests | profile | overhead | sanitize | bench) ;; *) echo "unknown stage $stage" >&2; exit 2 ;; esac
 done
 if [ -n "${OUT:-}" ]; then
     RESULT_DIR=$OUT
@@ -141,7 +146,7 @@ tests)
     # The gpu-marked tests of the Triton kernels and models (bf16, large shapes, graphs, no
     # host sync) before those of csrc/, each group in its own box: the csrc/ group is ten times
     # larger and must not starve the first.
-    timed pytest-gpu timeout "$(box "${GPU_TESTS_TIMEOUT:-200}")" python3 -m pytest -m gpu -q -rfE --durations=10 \
+    timed pytest-gpu timeout "$(box "${GPU_TESTS_TIMEOUT:-200}")" python3 -m pytest -m gpu -q -rfE -n 4 --durations=10 \
         --ignore=tests/test_cuda_backend.py --ignore=tests/test_cuda_gemm.py --junitxml="$OUT/pytest_gpu.xml" \
         >"$OUT/pytest_gpu.txt" 2>&1
     cuda_build_wait
@@ -157,6 +162,12 @@ tests)
             --ignore=tests/test_triton_compile.py --junitxml="$OUT/pytest_suite.xml" >"$OUT/pytest_suite.txt" 2>&1
     fi
     tail -n 15 "$OUT"/pytest_*.txt
+    ;;
+profile)
+    cuda_build_wait
+    timed profile timeout "$(box "${PROFILE_TIMEOUT:-120}")" python3 -m fuseformer.bench.profile_calls \
+        >"$OUT/profile.txt" 2>&1
+    tail -n 60 "$OUT/profile.txt"
     ;;
 overhead)
     cuda_build_wait  # a build beside it would be timed as host overhead
