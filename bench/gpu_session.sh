@@ -82,10 +82,11 @@ timed() {
 # Offline and without touching the machine's torch/triton: pyproject.toml makes this a PEP
 # 660 editable install that needs no index and no isolated build environment.
 install() {
-    # csrc/ needs the CuTe headers of pip's nvidia-cutlass (pure Python, py3-none-any): a GPU
-    # box without network gets it as a wheel carried in .whl/ (the device tool's README says how).
-    if ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1; then
-        PIP_NO_INDEX=1 python3 -m pip install -q --no-deps .whl/nvidia_cutlass-*.whl >"$OUT/install_cutlass.txt" 2>&1
+    # Wheels carried in .whl/ (the device tool's README says how; a GPU box has no network):
+    # nvidia-cutlass for csrc/'s CuTe headers, and the benchmark's optional peers (liger-kernel
+    # for add+LN). All pure Python; --no-deps keeps the machine's torch and triton.
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        PIP_NO_INDEX=1 python3 -m pip install -q --no-deps .whl/*.whl >"$OUT/install_wheels.txt" 2>&1
     fi
     PIP_NO_INDEX=1 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.txt" 2>&1 || {
         tail -n 20 "$OUT/install.txt"
@@ -141,7 +142,7 @@ tests)
     cuda_build_start
     # test_compile.py failed on the last GPU run with its traceback lost: full tracebacks,
     # in a file of its own. It needs no csrc/, so it runs while that builds.
-    timed pytest-compile timeout "$(box "${COMPILE_TIMEOUT:-120}")" python3 -m pytest tests/test_compile.py tests/test_eager_path.py -q -rfE \
+    timed pytest-compile timeout "$(box "${COMPILE_TIMEOUT:-120}")" python3 -m pytest tests/test_compile.py tests/test_eager_path.py -q -rfE -n 4 \
         --tb=long >"$OUT/pytest_compile.txt" 2>&1
     # The gpu-marked tests of the Triton kernels and models (bf16, large shapes, graphs, no
     # host sync) before those of csrc/, each group in its own box: the csrc/ group is ten times
