@@ -15,7 +15,7 @@ enter_hook, exit_hook, *every argument in signature order)`), with no metadata a
 
 Correctness rests on the key: it must tell apart every call Triton would compile differently.
 It holds the kernel, the current device, num_warps/num_stages, every keyword argument (the
-constexprs) and, per positional argument: for a tensor its dtype and whether its data pointer
+constexprs), the value of every constexpr passed positionally, and, per positional argument: for a tensor its dtype and whether its data pointer
 is 16-byte aligned (Triton's alignment specialization), for an int whether it is 1, whether it
 is divisible by 16 and which integer type holds it (Triton's integer specializations), for a
 float or bool its type, None as None. That is at least as fine as Triton's own key, so a kept
@@ -28,18 +28,15 @@ Still opt-in because it was written without a GPU: the next GPU run measures it
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 
 import torch
 
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+from . import backends
 
 
-_ENABLED = _flag("FUSEFORMER_FAST_LAUNCH")  # read once at import; set_fast_launch changes it
-_INTERPRET = _flag("TRITON_INTERPRET")  # Triton reads it when a kernel is decorated
+_ENABLED = backends._env_flag("FUSEFORMER_FAST_LAUNCH")  # read once at import; set_fast_launch changes it
+_INTERPRET = backends.interpreting()  # read at import, as Triton reads it when a kernel is decorated
 
 # (kernel, device, options, constexprs, argument specializations) -> (CompiledKernel, tail):
 # `tail` holds the values of the parameters after the positional ones, in signature order.
