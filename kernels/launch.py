@@ -19,8 +19,10 @@ constexprs), the value of every constexpr passed positionally, and, per position
 is 16-byte aligned (Triton's alignment specialization), for an int whether it is 1, whether it
 is divisible by 16 and which integer type holds it (Triton's integer specializations), for a
 float or bool its type, None as None. That is at least as fine as Triton's own key, so a kept
-kernel is only reused where Triton would pick the same one. Anything else (a grid callable,
-tensor descriptors, an installed launch hook, the interpreter) takes Triton's path.
+kernel is only reused where Triton would pick the same one. A grid function is evaluated on
+the keyword arguments (ours read BLOCK_M or BLOCK_N there). Anything else (a grid function
+that reads other arguments, tensor descriptors, an installed launch hook, the interpreter)
+takes Triton's path.
 
 Still opt-in because it was written without a GPU: the next GPU run measures it
 (`fuseformer bench --filter overhead` times both paths) before it can become the default.
@@ -130,7 +132,19 @@ def _constexprs_at(fn):
 
 def launch(fn, grid, *args, **kwargs) -> None:
     """fn[grid](*args, **kwargs), on the fast path when it is on and the call allows it."""
-    if not _ENABLED or _INTERPRET or fn in _refused or not isinstance(grid, tuple):
+    if not _ENABLED or _INTERPRET or fn in _refused:
+        fn[grid](*args, **kwargs)
+        return
+    dims = grid
+    if callable(grid):
+        # Ours read only meta-parameters given as keywords (BLOCK_M from the tuned config):
+        # evaluated on those here; one that reads anything else takes Triton's path.
+        try:
+            dims = grid(kwargs)
+        except KeyError:
+            fn[grid](*args, **kwargs)
+            return
+    if not isinstance(dims, tuple):
         fn[grid](*args, **kwargs)
         return
     constexprs = _constexprs_at(fn)
@@ -156,10 +170,10 @@ def launch(fn, grid, *args, **kwargs) -> None:
             _kernels[key] = (compiled, _tail(fn, len(args), kwargs))
         return
     compiled, tail = entry
-    grid_1 = grid[1] if len(grid) > 1 else 1
-    grid_2 = grid[2] if len(grid) > 2 else 1
+    grid_1 = dims[1] if len(dims) > 1 else 1
+    grid_2 = dims[2] if len(dims) > 2 else 1
     try:
-        compiled.run(grid[0], grid_1, grid_2, _driver[1](device), compiled.function, compiled.packed_metadata, None,
+        compiled.run(dims[0], grid_1, grid_2, _driver[1](device), compiled.function, compiled.packed_metadata, None,
                      None, None, *args, *tail)
     except Exception as err:  # noqa: BLE001 - the launcher refused the arguments before launching
         _refused.add(fn)

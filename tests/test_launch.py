@@ -129,7 +129,7 @@ def test_what_the_fast_path_does_not_know_takes_triton_s_path(fast, monkeypatch)
     k = FakeKernel()
     x, y = _tensors()
     for _ in range(2):
-        L.launch(k, lambda meta: (1,), x, y, 64, 1e-5, MODE=2)  # a grid function
+        L.launch(k, lambda meta: (meta["n"],), x, y, 64, 1e-5, MODE=2)  # a grid reading a positional argument
         L.launch(k, (1,), x, object(), 64, 1e-5, MODE=2)  # an argument of unknown type
     assert k.paths() == ["triton"] * 4
     monkeypatch.setattr(L, "_hooks_idle", lambda: False)  # a profiler's launch hook installed
@@ -239,3 +239,13 @@ def test_gpu_fast_launch_gives_the_same_bits_as_triton_s_launch():
     assert not L._refused, f"the fast launch failed for {L._refused}"
     for a, b in zip(slow, fast):
         assert torch.equal(a, b)
+
+
+def test_a_grid_function_of_the_meta_parameters_is_evaluated_on_them(fast):
+    k = FakeKernel()
+    x, y = _tensors()
+    for block in (16, 16, 32):
+        L.launch(k, lambda meta: (10 // meta["BLOCK"] + 1, 3), x, y, 64, 1e-5, MODE=2, BLOCK=block)
+    assert k.paths() == ["triton", "fast", "triton"]  # BLOCK=32: another constexpr, another kernel
+    assert k.log[0][1].__class__.__name__ == "function"  # Triton's path got the grid function itself
+    assert k.log[1][1][:3] == (1, 3, 1)  # 10 // 16 + 1 programs, 3, and the padded third axis
