@@ -467,7 +467,8 @@ def linear_gelu_case(name, *, M, K_in, N, approximate="none", grad=False, device
         return F.gelu(F.linear(i["x"], i["weight"], i["bias"]), approximate=approximate)
 
     lg = importlib.import_module("fuseformer.kernels.linear_gelu")
-    variants = [("tma", lambda: lg.variant(forward="tma"), "persistent TMA + wgmma GEMM (sm_90)")]
+    variants = [("tma", lambda: lg.variant(forward="tma"), "persistent TMA + wgmma GEMM (sm_90)"),
+                ("portable", lambda: lg.variant(forward="portable"), "one program per tile (the default before the H100 run)")]
     if grad:
         variants = [
             ("tma", lambda: lg.variant(forward="tma", dgelu="fused_db"),

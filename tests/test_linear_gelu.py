@@ -301,7 +301,7 @@ def test_variant_setting_is_checked():
         lg.set_variant(forward="cutlass")
     with pytest.raises(ValueError, match="unknown setting"):
         lg.set_variant(backward="x")
-    assert lg.VARIANT == {"forward": "portable", "dgelu": "elementwise", "preact": "store"}  # the measured paths
+    assert lg.VARIANT == {"forward": "auto", "dgelu": "elementwise", "preact": "store"}  # the measured paths
 
 
 @pytest.mark.parametrize("split", [1, 2])
@@ -383,3 +383,19 @@ def test_new_variants_on_empty_shapes(shape, device):
     assert x.grad.shape == x.shape and w.grad.shape == w.shape and b.grad.shape == b.shape
     if M == 0 or N == 0:
         assert torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_auto_forward_takes_tma_for_inference_and_portable_for_training(grad, launched, device):
+    """forward="auto" (the default): the TMA kernel where nothing has to be kept for the
+    backward, the portable one where the pre-activation is stored (the H100's faster paths)."""
+    x, w, b = _make(17, 64, 96, device)
+    with lg.variant(forward="auto"):
+        if grad:
+            check_parity(x, w, b, "none", torch.float16)
+        else:
+            x16, w16, b16 = x.half(), w.half(), b.half()
+            out = K.linear_gelu(x16, w16, b16, backend="triton")
+            assert_parity(out, reference.linear_gelu(x16.double(), w16.double(), b16.double()),
+                          reference.linear_gelu(x16, w16, b16), torch.float16, what="out")
+    assert launched[0] == ("_linear_gelu_fwd" if grad else "_linear_gelu_tma")
