@@ -113,7 +113,23 @@ def _hopper_impl(call, varlen: bool = False) -> Impl:
             A.set_attention_kernel(before)
 
     return Impl("fuseformer-triton-hopper", fn, kind=OURS, available=_hopper_unavailable, timed_on_cpu=False,
-                note="TMA + wgmma kernels (attention_hopper*.py, opt-in)")
+                note="TMA + wgmma kernels (attention_hopper*.py) for every call they take")
+
+
+def _portable_impl(call) -> Impl:
+    """Our Triton backend with the portable attention kernels only (the default before the
+    H100 run; "auto" now takes the Hopper forward for long sequences)."""
+    from fuseformer.kernels import attention as A
+
+    def fn(inputs):
+        before = A.set_attention_kernel("portable")
+        try:
+            return call(inputs, "triton")
+        finally:
+            A.set_attention_kernel(before)
+
+    return Impl("fuseformer-triton-portable", fn, kind=OURS, available=lambda: K.unavailable_reason("triton"),
+                timed_on_cpu=False, note="attention_kernels.py on every call")
 
 
 def _cuda_cutlass_impl(call) -> Impl:
@@ -272,7 +288,7 @@ def attention_case(name, *, B, H, L, D, Hk=None, Lk=None, causal=False, pad=0.0,
 
     impls = _ours(device_type, ours)
     if device_type == "cuda":
-        impls += [_cuda_cute_impl(ours, D), _cuda_wmma_impl(ours), _hopper_impl(ours)]
+        impls += [_cuda_cute_impl(ours, D), _cuda_wmma_impl(ours), _hopper_impl(ours), _portable_impl(ours)]
         sdpa = _sdpa_impls(torch_sdpa) + [_fa4_impl(causal, gqa)]
         if quadratic_baselines:
             impls += [Impl("torch-eager", ref, note="reference.py: matmul, softmax, matmul")]
@@ -346,7 +362,7 @@ def varlen_case(name, *, lengths, H, D, device_type="cuda", quick=False) -> OpCa
 
     impls = [i for i in _ours(device_type, ours) if i.name == "fuseformer-triton"]
     if device_type == "cuda":
-        impls.append(_hopper_impl(ours, varlen=True))
+        impls += [_hopper_impl(ours, varlen=True), _portable_impl(ours)]
         impls += [Impl("sdpa-padded", padded_sdpa, note="pad, torch SDPA with the padding mask, unpad"),
                   _fa4_varlen_impl(Lmax)]
     moved = 4 * T * H * D

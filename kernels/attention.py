@@ -61,11 +61,15 @@ def set_autotune(enabled: bool) -> None:
     AUTOTUNE = bool(enabled)
 
 
-# The triton backend's forward kernel on a Hopper GPU: "portable" (attention_kernels.py, every
-# GPU) or "hopper" (attention_hopper.py: TMA, wgmma; used only on capability (9, 0), for the
-# cases _hopper_reason accepts). Opt-in until a GPU has timed it. FUSEFORMER_ATTENTION_KERNEL
-# sets it at import; set_attention_kernel changes it.
-ATTENTION_KERNELS = ("portable", "hopper")
+# The triton backend's kernels on a Hopper GPU: "portable" (attention_kernels.py, every GPU),
+# "hopper" (attention_hopper*.py: TMA, wgmma; used only on capability (9, 0), for the cases
+# _hopper_reason accepts) or "auto" (the default): the Hopper forward where the H100 run of
+# 2026-11-26 measured it faster (bench/results/h100/, bf16: keys >= 4096, 1.03-1.08x; head dim
+# 128 without causal from 1024 keys, 1.03x at 1024 and 1.11x at 4096), the portable one
+# elsewhere (0.78-0.92x at 512-2048 keys, the BERT padding case included) and for every
+# backward (the Hopper backward timed 1.00x). FUSEFORMER_ATTENTION_KERNEL sets it at import;
+# set_attention_kernel changes it.
+ATTENTION_KERNELS = ("auto", "portable", "hopper")
 
 
 def _kernel_name(name, where="set_attention_kernel"):
@@ -75,12 +79,17 @@ def _kernel_name(name, where="set_attention_kernel"):
     return value
 
 
-ATTENTION_KERNEL = _kernel_name(os.environ.get("FUSEFORMER_ATTENTION_KERNEL", "").strip() or "portable",
+ATTENTION_KERNEL = _kernel_name(os.environ.get("FUSEFORMER_ATTENTION_KERNEL", "").strip() or "auto",
                                 "FUSEFORMER_ATTENTION_KERNEL")
 
 
+def _hopper_forward_measured_faster(head_dim: int, lk: int, is_causal: bool) -> bool:
+    """Where "auto" takes the Hopper forward (see ATTENTION_KERNELS)."""
+    return lk >= 4096 or (head_dim == 128 and not is_causal and lk >= 1024)
+
+
 def set_attention_kernel(name: str) -> str:
-    """Choose the forward kernel ("portable" or "hopper"); returns the previous choice."""
+    """Choose the kernels ("auto", "portable" or "hopper"); returns the previous choice."""
     global ATTENTION_KERNEL
     before, ATTENTION_KERNEL = ATTENTION_KERNEL, _kernel_name(name)
     return before
@@ -170,7 +179,9 @@ def _strides(t, varlen):
 
 def _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, nbatch, lq, lk, cu_q=None, cu_k=None):
     """All tensors 4-D (B, H, L, D) views (lse 3-D); with cu_q the batch dim has size 1."""
-    if ATTENTION_KERNEL == "hopper" and _hopper_reason(q, k, v, out, mask, dropout_p) is None:
+    hopper = ATTENTION_KERNEL == "hopper" or (
+        ATTENTION_KERNEL == "auto" and _hopper_forward_measured_faster(q.shape[-1], lk, is_causal))
+    if hopper and _hopper_reason(q, k, v, out, mask, dropout_p) is None:
         return _launch_fwd_hopper(q, k, v, out, lse, mask, is_causal, scale, nbatch, lq, lk, cu_q, cu_k)
     varlen = cu_q is not None
     H, group = q.shape[1], q.shape[1] // k.shape[1]

@@ -1,8 +1,9 @@
 """Hopper (sm_90) forward kernel of flash attention: TMA tensor-descriptor loads, pipelined K/V.
 
-Opt-in (attention.set_attention_kernel("hopper") or FUSEFORMER_ATTENTION_KERNEL=hopper) until a
-GPU has timed it against the portable kernel of attention_kernels.py; used only on a device of
-capability (9, 0), and under Triton's interpreter when a test forces it.
+Run by attention.py's "auto" setting (the default) where the H100 measured it faster than the
+portable kernel of attention_kernels.py (long sequences; see attention.ATTENTION_KERNELS), and
+everywhere it can under "hopper"; used only on a device of capability (9, 0), and under
+Triton's interpreter when a test forces it.
 
 What differs from the portable forward (same maths, same outputs: o and a natural-log lse, +inf
 on a row with no attended key, so the portable backward kernels consume it unchanged):

@@ -150,6 +150,25 @@ def test_switch(launches, monkeypatch):
     assert A.get_attention_kernel() == "hopper"
 
 
+def test_auto_takes_the_hopper_forward_only_where_it_was_measured_faster(launches, monkeypatch):
+    """"auto" (the default): the Hopper forward from 4096 keys, and from 1024 at head dim 128
+    without causal (the H100's faster cases); the portable kernel elsewhere and for every
+    backward. The rule is checked as written, then the routing through it on small shapes."""
+    assert A.ATTENTION_KERNELS[0] == "auto"
+    rule = A._hopper_forward_measured_faster
+    assert rule(64, 4096, False) and rule(64, 4096, True) and rule(128, 1024, False)
+    assert not rule(64, 2048, False) and not rule(128, 1024, True) and not rule(128, 512, False)
+    assert not rule(64, 512, False)  # the BERT padding case: 0.78x there
+    monkeypatch.setattr(A, "ATTENTION_KERNEL", "auto")
+    q, k, v = (t.half().requires_grad_(True) for t in _qkv(1, 1, 8, 8, 16))
+    K.scaled_dot_product_attention(q, k, v, backend="triton")
+    assert launches == []  # 8 keys: portable
+    monkeypatch.setattr(A, "_hopper_forward_measured_faster", lambda head_dim, lk, is_causal: True)
+    out = K.scaled_dot_product_attention(q, k, v, backend="triton")
+    out.float().sum().backward()
+    assert len(launches) == 1 and backward_launches == []  # the Hopper forward, the portable backward
+
+
 def test_bad_env_value_is_refused_at_import():
     env = {**os.environ, "FUSEFORMER_ATTENTION_KERNEL": "fast"}
     proc = subprocess.run([sys.executable, "-c", "import fuseformer.kernels"], env=env, capture_output=True,
