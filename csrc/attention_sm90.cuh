@@ -110,10 +110,15 @@ struct CausalTailFusion : MaskedLast<CausalTailFusion> {
 using StrideRows = cute::tuple<int, _1, cute::tuple<int, int>>;
 using StrideLse = cute::tuple<_1, cute::tuple<int, int>>;
 
-// 128 query rows a block (two consumer warpgroups of 64 each); key tiles of 64 at head dim 64
-// and of 128 at 128: the tiles the CUTLASS example runs its cooperative schedule with.
+// 128 query rows a block (two consumer warpgroups of 64 each) and key tiles of 128 at both head
+// dims. At head dim 128 that is CUTLASS's example tile; at 64 the example's 128 x 64 ran at 347
+// TFLOP/s on the H100 (d64 L4096 bf16, 0.72x cuDNN, slower than our Triton kernel) while 128 x 128
+// ran 659 at head dim 128: 128-key tiles give the S = Q K^T product wgmma's 64 x 128 shape
+// instead of 64 x 64 and halve the per-tile softmax rescale and barrier work per key, as
+// FlashAttention-3 does at head dim 64 (128-key blocks). 168 registers a thread, no spills
+// (nvcc 13.0). Not yet timed: the next GPU run compares it with the H100 figures above.
 template <int kHeadDim>
-using TileShape = std::conditional_t<kHeadDim == 64, Shape<_128, _64, _64>, Shape<_128, _128, _128>>;
+using TileShape = std::conditional_t<kHeadDim == 64, Shape<_128, _128, _64>, Shape<_128, _128, _128>>;
 
 template <class Element, int kHeadDim, class Fusion>
 using Operation = cutlass::device::Universal<typename cutlass::fmha::kernel::FmhaBuilder<

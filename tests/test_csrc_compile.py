@@ -426,9 +426,11 @@ def test_sm90_attention_compiles_without_spills_or_wgmma_serialization(sm90_buil
 
 def test_sm90_attention_uses_wgmma_and_tma(sm90_build):
     sass = _sass(*sm90_build)
-    # One key tile: S = Q K^T and O += P V, each 64 (rows a warpgroup) x 64 x 64 in k-steps of 16.
-    hgmma = re.findall(r"\bHGMMA\.64x64x16\.F32\.BF16\b", sass)
-    assert len(hgmma) >= 8, f"{len(hgmma)} HGMMA.64x64x16.F32.BF16"
+    # One 128-key tile at head dim 64: S = Q K^T is 64 (rows a warpgroup) x 128 (keys) x 64 in
+    # k-steps of 16; O += P V is 64 x 64 (head dim) x 128 (keys).
+    s_products = re.findall(r"\bHGMMA\.64x128x16\.F32\.BF16\b", sass)
+    pv_products = re.findall(r"\bHGMMA\.64x64x16\.F32\.BF16\b", sass)
+    assert len(s_products) >= 4 and len(pv_products) >= 8, f"{len(s_products)} S, {len(pv_products)} PV HGMMAs"
     assert "UTMALDG" in sass and "UTMASTG" in sass, "no TMA loads/stores in the SASS"
 
 
