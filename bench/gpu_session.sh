@@ -13,7 +13,7 @@
 # COMPILE_TIMEOUT=120 GPU_TESTS_TIMEOUT=200 CSRC_TESTS_TIMEOUT=200 SUITE_TIMEOUT=300 (0 skips the
 # suite) PROFILE_TIMEOUT=120 OVERHEAD_TIMEOUT=120 MODELS_TIMEOUT=240 OPS_TIMEOUT=300), plus the csrc builds (~1-2 min
 # the first time on a machine, run beside test_compile). SESSION_SECONDS caps every box at what
-# is left of the whole call (10 s kept for packing), so the last stage gets the rest and ends
+# is left of the whole call (20 s kept for a step's SIGINT and the packing), so the last stage gets the rest and ends
 # before the device tool's limit. BENCH_QUICK=1 gives the benchmark's shorter timings;
 # MODELS_FILTER / OPS_FILTER pick and order the cases (default: the targets' cases first, then
 # every other case). Everything in one 600-second command:
@@ -55,13 +55,15 @@ else
 fi
 mkdir -p "$OUT"
 
-# box SECONDS: a step's time box, capped at what is left of SESSION_SECONDS (less 10 s for the
-# packing), never under 1 s.
+# box SECONDS: a step's time box, capped at what is left of SESSION_SECONDS (less 20 s: the
+# 10 s a step gets after its SIGINT, and the packing), never under 1 s. Steps end with SIGINT
+# (`timeout -s INT`), so a cut-off pytest still prints its failures with their tracebacks and
+# a cut-off benchmark keeps the cases it finished.
 DEADLINE=${SESSION_SECONDS:+$((SECONDS + SESSION_SECONDS))}
 box() {
     local want=$1
-    if [ -n "$DEADLINE" ] && [ $((DEADLINE - SECONDS - 10)) -lt "$want" ]; then
-        want=$((DEADLINE - SECONDS - 10))
+    if [ -n "$DEADLINE" ] && [ $((DEADLINE - SECONDS - 20)) -lt "$want" ]; then
+        want=$((DEADLINE - SECONDS - 20))
     fi
     echo $((want < 1 ? 1 : want))
 }
@@ -142,23 +144,23 @@ tests)
     cuda_build_start
     # test_compile.py failed on the last GPU run with its traceback lost: full tracebacks,
     # in a file of its own. It needs no csrc/, so it runs while that builds.
-    timed pytest-compile timeout "$(box "${COMPILE_TIMEOUT:-120}")" python3 -m pytest tests/test_compile.py tests/test_eager_path.py -q -rfE -n 4 \
+    timed pytest-compile timeout -s INT -k 10 "$(box "${COMPILE_TIMEOUT:-120}")" python3 -m pytest tests/test_compile.py tests/test_eager_path.py -q -rfE -n 4 \
         --tb=long >"$OUT/pytest_compile.txt" 2>&1
     # The gpu-marked tests of the Triton kernels and models (bf16, large shapes, graphs, no
     # host sync) before those of csrc/, each group in its own box: the csrc/ group is ten times
     # larger and must not starve the first.
-    timed pytest-gpu timeout "$(box "${GPU_TESTS_TIMEOUT:-200}")" python3 -m pytest -m gpu -q -rfE -n 4 --durations=10 \
+    timed pytest-gpu timeout -s INT -k 10 "$(box "${GPU_TESTS_TIMEOUT:-200}")" python3 -m pytest -m gpu -q -rfE -n 4 --durations=10 \
         --ignore=tests/test_cuda_backend.py --ignore=tests/test_cuda_gemm.py --junitxml="$OUT/pytest_gpu.xml" \
         >"$OUT/pytest_gpu.txt" 2>&1
     cuda_build_wait
-    timed pytest-gpu-csrc timeout "$(box "${CSRC_TESTS_TIMEOUT:-200}")" python3 -m pytest -m gpu -q -rfE -n 8 --durations=10 \
+    timed pytest-gpu-csrc timeout -s INT -k 10 "$(box "${CSRC_TESTS_TIMEOUT:-200}")" python3 -m pytest -m gpu -q -rfE -n 8 --durations=10 \
         tests/test_cuda_backend.py tests/test_cuda_gemm.py --junitxml="$OUT/pytest_gpu_csrc.xml" \
         >"$OUT/pytest_gpu_csrc.txt" 2>&1
     # The compile-only checks (nvcc/ptxas/cuobjdump on the sources, the CPU emulation) are CI's
     # job: minutes of CPU that prove nothing more on a GPU machine.
     # SUITE_TIMEOUT=0 skips it (CI runs the same tests in Triton's interpreter).
     if [ "${SUITE_TIMEOUT:-300}" -gt 0 ]; then
-        timed pytest-suite timeout "$(box "${SUITE_TIMEOUT:-300}")" python3 -m pytest -m "not gpu and not benchmark" -n 8 -q -rfE \
+        timed pytest-suite timeout -s INT -k 10 "$(box "${SUITE_TIMEOUT:-300}")" python3 -m pytest -m "not gpu and not benchmark" -n 8 -q -rfE \
             --durations=15 --ignore=tests/test_csrc_compile.py --ignore=tests/test_csrc_emulated.py \
             --ignore=tests/test_triton_compile.py --junitxml="$OUT/pytest_suite.xml" >"$OUT/pytest_suite.txt" 2>&1
     fi
@@ -166,13 +168,13 @@ tests)
     ;;
 profile)
     cuda_build_wait
-    timed profile timeout "$(box "${PROFILE_TIMEOUT:-120}")" python3 -m fuseformer.bench.profile_calls \
+    timed profile timeout -s INT -k 10 "$(box "${PROFILE_TIMEOUT:-120}")" python3 -m fuseformer.bench.profile_calls \
         >"$OUT/profile.txt" 2>&1
     tail -n 60 "$OUT/profile.txt"
     ;;
 overhead)
     cuda_build_wait  # a build beside it would be timed as host overhead
-    timed overhead timeout "$(box "${OVERHEAD_TIMEOUT:-120}")" python3 -m fuseformer.bench --filter overhead --out "$OUT/overhead" \
+    timed overhead timeout -s INT -k 10 "$(box "${OVERHEAD_TIMEOUT:-120}")" python3 -m fuseformer.bench --filter overhead --out "$OUT/overhead" \
         >"$OUT/overhead.txt" 2>&1
     tail -n 30 "$OUT/overhead.txt"
     ;;
@@ -203,7 +205,7 @@ sanitize)
         first=$(python3 -m pytest -q --collect-only "$target" 2>/dev/null | grep '::' | grep -F -- "$pick" | head -n 1)
         for tool in memcheck racecheck; do
             name=$(echo "$target${pick:+_$pick}" | tr '/:.' '___')
-            timed "$tool $target${pick:+@$pick}" timeout "$(box 150)" compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 99 \
+            timed "$tool $target${pick:+@$pick}" timeout -s INT -k 10 "$(box 150)" compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 99 \
                 python3 -m pytest -q -x "$first" >"$OUT/sanitizer_${tool}_${name}.txt" 2>&1
             echo "$tool $target${pick:+@$pick}: exit $?" | tee -a "$OUT/sanitizer_summary.txt"
         done
@@ -223,7 +225,7 @@ bench)
         else
             limit=${OPS_TIMEOUT:-300} filter=${OPS_FILTER:-$DEFAULT_OPS_FILTER}
         fi
-        timed "bench-$suite" timeout "$(box "$limit")" python3 -m fuseformer.bench --suite "$suite" --resume \
+        timed "bench-$suite" timeout -s INT -k 10 "$(box "$limit")" python3 -m fuseformer.bench --suite "$suite" --resume \
             --filter "$filter" ${BENCH_QUICK:+--quick} --out "$OUT/bench_$suite" >"$OUT/bench_$suite.txt" 2>&1
         tail -n 40 "$OUT/bench_$suite.txt"
     done
