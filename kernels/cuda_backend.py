@@ -329,16 +329,21 @@ def _load() -> None:
             print(f"fuseformer: {_reason}\n{err}", file=sys.stderr, flush=True)
 
 
+_no_aot_build = False  # fuseformer._C failed to import once: not asked again
+
+
 def loaded_without_build() -> bool:
     """Whether the module is loaded, or an ahead-of-time build (fuseformer._C) imports: what
     `auto` may use. Never starts the JIT build."""
+    global _no_aot_build
     if _module is not None:
         return True
-    if _tried or torch.version.cuda is None or not torch.cuda.is_available():
+    if _tried or _no_aot_build or torch.version.cuda is None or not torch.cuda.is_available():
         return False
     try:
         importlib.import_module("fuseformer._C")
     except ImportError:
+        _no_aot_build = True
         return False
     _load()  # imports the module just found; no build
     return _module is not None
