@@ -7,6 +7,9 @@ For each backend this prints, at that shape:
 - the time per forward+backward (torch.autograd.grad, as the benchmark does), per forward, and
   per direct call of the backward launcher on the main thread (no autograd engine): CUDA-event
   medians over many calls, and host µs per call (calls queued back to back, one sync at the end);
+  the same launcher's host µs from another Python thread (the engine runs backwards on one:
+  torch.compile's add+LN forward+backward was as slow as ours there, 0.90 ms, where eager ATen
+  took 0.21);
 - the GPU time of the kernels alone, from torch.profiler's device events;
 - torch.profiler's table of the forward+backward (top rows by CPU time), which shows host gaps,
   synchronisations and the autograd engine's thread.
@@ -45,6 +48,23 @@ def _host_us(fn, iters: int) -> float:
     host = (time.perf_counter() - start) / iters * 1e6
     torch.cuda.synchronize()
     return host
+
+
+def _thread_host_us(fn, iters: int) -> float:
+    """Host µs per call of fn called back to back in a fresh thread (on the caller's device)."""
+    import threading
+
+    device = torch.cuda.current_device()
+    result = []
+
+    def body():
+        torch.cuda.set_device(device)
+        result.append(_host_us(fn, iters))
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    return result[0]
 
 
 def _inputs(M, N, dtype, device):
@@ -92,6 +112,9 @@ def profile_add_layer_norm(M: int, N: int, backends: list[str], iters: int) -> N
         for what, fn in rows:
             print(f"[{backend}] {what}: {_events_ms(fn, iters):.4f} ms (events, median); "
                   f"host {_host_us(fn, iters):.1f} us/call")
+        # The same backward launcher from another Python thread (not the autograd engine's):
+        # if only this is slow too, the cost is in launching from a second thread at all.
+        print(f"[{backend}] bwd launcher, another thread: host {_thread_host_us(bwd_direct, iters):.1f} us/call")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
                 fwd_bwd()
