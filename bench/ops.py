@@ -362,7 +362,7 @@ def varlen_case(name, *, lengths, H, D, device_type="cuda", quick=False) -> OpCa
 
     impls = [i for i in _ours(device_type, ours) if i.name == "fuseformer-triton"]
     if device_type == "cuda":
-        impls += [_hopper_impl(ours, varlen=True), _portable_impl(ours)]
+        impls.append(_hopper_impl(ours, varlen=True))
         impls += [Impl("sdpa-padded", padded_sdpa, note="pad, torch SDPA with the padding mask, unpad"),
                   _fa4_varlen_impl(Lmax)]
     moved = 4 * T * H * D
