@@ -41,7 +41,7 @@ DType kernel_dtype(const at::Tensor& t, const char* name, bool allow_fp32 = true
     default: break;
   }
   FF_CHECK_TYPE(false, name, " must be float16, bfloat16", allow_fp32 ? " or float32" : "",
-                   " for the cuda backend, got ", t.scalar_type());
+                " for the cuda backend, got ", t.scalar_type());
   return DType::F32;  // unreachable
 }
 
@@ -83,7 +83,7 @@ void check_optional_vector(const std::optional<at::Tensor>& t, const at::Tensor&
   if (!t.has_value()) return;
   const int64_t want[] = {x.size(1)};
   FF_CHECK_VALUE(t->sizes() == at::IntArrayRef(want), name, " must have shape ", at::IntArrayRef(want), ", got ",
-                    t->sizes());
+                 t->sizes());
 }
 
 // ---- add + LayerNorm ------------------------------------------------------------------------
@@ -94,7 +94,7 @@ void check_layer_norm_input(const at::Tensor& x) {
   CHECK_CONTIGUOUS(x);
   kernel_dtype(x, "x");
   FF_CHECK_VALUE(x.size(1) >= 1 && x.size(1) <= kLayerNormMaxHidden, "x's hidden size (last dim) must be in [1, ",
-                    kLayerNormMaxHidden, "] for the cuda backend, got ", x.size(1));
+                 kLayerNormMaxHidden, "] for the cuda backend, got ", x.size(1));
 }
 
 // mean and rstd are None unless save_stats (inference keeps no statistics).
@@ -146,7 +146,7 @@ py_add_layer_norm_backward(const at::Tensor& dy, const std::optional<at::Tensor>
     FF_CHECK_VALUE(stat->is_cuda() && stat->device() == stream.device(), "mean and rstd must be on ", stream.device());
     FF_CHECK_TYPE(stat->scalar_type() == at::kFloat, "mean and rstd must be float32, got ", stat->scalar_type());
     FF_CHECK_VALUE(stat->is_contiguous() && stat->numel() == stream.size(0), "mean and rstd must be contiguous with ",
-                      stream.size(0), " elements, got shape ", stat->sizes());
+                   stream.size(0), " elements, got shape ", stat->sizes());
   }
   const c10::cuda::CUDAGuard guard(stream.device());
   const int64_t M = stream.size(0);
@@ -187,7 +187,7 @@ py_add_layer_norm_backward(const at::Tensor& dy, const std::optional<at::Tensor>
 
 bool parse_approximate(const std::string& approximate) {
   FF_CHECK_VALUE(approximate == "none" || approximate == "tanh", "approximate must be 'none' or 'tanh', got '",
-                    approximate, "'");
+                 approximate, "'");
   return approximate == "tanh";
 }
 
@@ -201,12 +201,12 @@ void check_linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   CHECK_CONTIGUOUS(weight);
   const int64_t want[] = {weight.size(0), x.size(1)};
   FF_CHECK_VALUE(weight.size(1) == x.size(1), "weight must have shape ", at::IntArrayRef(want),
-                    " (out_features, x's in_features), got ", weight.sizes());
+                 " (out_features, x's in_features), got ", weight.sizes());
   if (bias.has_value()) {
     CHECK_LIKE(*bias, x);
     CHECK_CONTIGUOUS(*bias);
     FF_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape (", weight.size(0),
-                      "), got ", bias->sizes());
+                   "), got ", bias->sizes());
   }
 }
 
@@ -281,7 +281,7 @@ AttentionParams attention_params(const at::Tensor& q, const at::Tensor& k, const
   CHECK_SHAPE(v, B, Hkv, Lk, D);
   FF_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "q's heads (", Hq, ") must be a multiple of k's heads (", Hkv, ")");
   FF_CHECK_VALUE(attention_forward_supports_head_dim(static_cast<int>(D)), "head dim ", D,
-                    " has no cuda attention kernel (supported: 16, 32, 64, 80, 96, 128)");
+                 " has no cuda attention kernel (supported: 16, 32, 64, 80, 96, 128)");
   check_int(B * Hq, "batch * heads");
   FF_CHECK_VALUE((Lq + 63) / 64 <= 65535, "query length ", Lq, " is too long for the cuda backend (max ", 65535 * 64, ")");
   FF_CHECK_VALUE((Lk + 63) / 64 <= 65535, "key length ", Lk, " is too long for the cuda backend (max ", 65535 * 64, ")");
@@ -370,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor> py_attention_forward_cute(const at::Tensor& q
                                                           double scale) {
   CHECK_DIM(q, 4);
   FF_CHECK_VALUE(attention_forward_cute_supports_head_dim(static_cast<int>(q.size(3))), "head dim ", q.size(3),
-                    " has no CuTe attention kernel (supported: 64, 128; the wmma kernel takes the others)");
+                 " has no CuTe attention kernel (supported: 64, 128; the wmma kernel takes the others)");
   return attention_forward_with(&fuseformer::attention_forward_cute, q, k, v, key_bias, key_end, is_causal, scale);
 }
 
@@ -399,8 +399,8 @@ void check_row_stats(const at::Tensor& q, std::initializer_list<const at::Tensor
     FF_CHECK_VALUE(row_stat->is_cuda() && row_stat->device() == q.device(), "lse and delta must be on ", q.device());
     FF_CHECK_TYPE(row_stat->scalar_type() == at::kFloat, "lse and delta must be float32, got ", row_stat->scalar_type());
     FF_CHECK_VALUE(row_stat->is_contiguous() && row_stat->sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
-                      "lse and delta must be contiguous with shape (B, Hq, Lq) = ", at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
-                      ", got ", row_stat->sizes());
+                   "lse and delta must be contiguous with shape (B, Hq, Lq) = ", at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
+                   ", got ", row_stat->sizes());
   }
 }
 
@@ -458,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> py_attention_backward_cute(
     bool is_causal, double scale) {
   CHECK_DIM(q, 4);
   FF_CHECK_VALUE(attention_backward_cute_supports_head_dim(static_cast<int>(q.size(3))), "head dim ", q.size(3),
-                    " has no CuTe attention backward (supported: 64, 128; the wmma kernel takes the others)");
+                 " has no CuTe attention backward (supported: 64, 128; the wmma kernel takes the others)");
   AttentionBackwardParams bp = attention_backward_params(dout, q, k, v, lse, key_bias, key_end, is_causal, scale);
   CHECK_LIKE(out, q);
   CHECK_SHAPE(out, q.size(0), q.size(1), q.size(2), q.size(3));

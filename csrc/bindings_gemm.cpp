@@ -72,13 +72,13 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> py_linear_gelu_forward(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::string& approximate, bool save_preact, const std::string& path_arg) {
   FF_CHECK_VALUE(approximate == "none" || approximate == "tanh",
-                    "approximate must be 'none' or 'tanh', got '", approximate, "'");
+                 "approximate must be 'none' or 'tanh', got '", approximate, "'");
   const GemmPath path = parse_path(path_arg);
   CHECK_CUDA(x);
   CHECK_DIM(x, 2);
   CHECK_CONTIGUOUS(x);
   FF_CHECK_TYPE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-                   "x must be float16 or bfloat16 for the CUTLASS kernels, got ", x.scalar_type());
+                "x must be float16 or bfloat16 for the CUTLASS kernels, got ", x.scalar_type());
   CHECK_LIKE(weight, x);
   CHECK_DIM(weight, 2);
   CHECK_CONTIGUOUS(weight);
@@ -101,8 +101,8 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> py_linear_gelu_forward(
     bool found = false;
     for (const auto& p : runnable) found = found || p == path_arg;
     FF_CHECK_VALUE(found, "path '", path_arg, "' cannot run on this device (compute capability ",
-                      capability_string(x.get_device()), "; 'sm80' needs 8.0 or newer, 'sm90' exactly 9.0",
-                      linear_gelu_cutlass_has_sm90() ? "" : " and a build with the sm_90 kernels", ")");
+                   capability_string(x.get_device()), "; 'sm80' needs 8.0 or newer, 'sm90' exactly 9.0",
+                   linear_gelu_cutlass_has_sm90() ? "" : " and a build with the sm_90 kernels", ")");
   }
 
   at::Tensor out = new_output(at::empty({M, N}, x.options()));
