@@ -35,6 +35,7 @@ The backward reduces its dweight/dbias partials with kernels/reduce.py (determin
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Optional
 
@@ -148,10 +149,18 @@ def rows_plan(M: int, N: int, variant: str, device: torch.device) -> tuple[int, 
 # from ever reading it, and Triton needs a pointer in that slot.
 
 
+def _rows(t):
+    """(rows, N) of a contiguous tensor whose last dim is N: the row-wise kernels address row r
+    at r * N whatever the rank, so the Triton launchers take x as it comes (no reshape view in,
+    none out: each view costs ~3 µs of host time)."""
+    N = t.shape[-1]
+    return (t.numel() // N if N else math.prod(t.shape[:-1])), N
+
+
 def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream, save_stats=True):
-    M, N = x.shape
-    y = new_output((M, N), x.dtype, x.device)
-    stream = new_output((M, N), x.dtype, x.device) if save_stream else None
+    M, N = _rows(x)
+    y = new_output(x.shape, x.dtype, x.device)
+    stream = new_output(x.shape, x.dtype, x.device) if save_stream else None
     # Two allocations fewer per inference call: only the backward reads the statistics.
     mean = new_output((M,), torch.float32, x.device) if save_stats else None
     rstd = new_output((M,), torch.float32, x.device) if save_stats else None
@@ -184,9 +193,9 @@ def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream, save_s
 
 
 def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has_residual):
-    M, N = dy.shape
-    dx = new_output((M, N), stream.dtype, dy.device)
-    dres = new_output((M, N), stream.dtype, dy.device) if has_residual else None
+    M, N = _rows(dy)
+    dx = new_output(dy.shape, stream.dtype, dy.device)
+    dres = new_output(dy.shape, stream.dtype, dy.device) if has_residual else None
     if M == 0 or N == 0:
         dw = None if weight is None else torch.zeros_like(weight)
         db = None if bias is None else torch.zeros_like(bias)
@@ -257,10 +266,14 @@ def dropout_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
 
 
 def _run_forward(backend, x, residual, weight, bias, eps, dropout_p, seed, save_stream, save_stats=True):
-    """The launcher of `backend` on (rows, N) views; outputs back in x's shape."""
+    """The launcher of `backend` on (rows, N) views; outputs back in x's shape. The kernels
+    address rows as row * N: one contiguous copy of a strided view costs one pass over memory,
+    cheaper than strided (uncoalesced) loads in every pass that follows."""
+    if backend == "triton":  # its launchers take any rank (see _rows)
+        with device_guard(x):
+            return forward(x.contiguous(), None if residual is None else residual.contiguous(), weight, bias, eps,
+                           dropout_p, seed, save_stream, save_stats)
     shape = x.shape
-    # The kernels address rows as row * N: one contiguous copy of a strided view costs one
-    # pass over memory, cheaper than strided (uncoalesced) loads in every pass that follows.
     x2 = as_rows(x).contiguous()
     r2 = None if residual is None else as_rows(residual).contiguous()
     with device_guard(x):
@@ -271,6 +284,10 @@ def _run_forward(backend, x, residual, weight, bias, eps, dropout_p, seed, save_
 
 
 def _run_backward(backend, dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has_residual):
+    if backend == "triton":  # any rank, as in _run_forward
+        with device_guard(dy):
+            return backward(dy.contiguous(), None if dstream is None else dstream.contiguous(), stream.contiguous(),
+                            weight, bias, mean, rstd, dropout_p, seed, has_residual)
     shape = stream.shape
     ds2 = None if dstream is None else as_rows(dstream).contiguous()
     with device_guard(dy):
