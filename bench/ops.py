@@ -134,7 +134,7 @@ def _portable_impl(call) -> Impl:
 
 def _cuda_cutlass_impl(call) -> Impl:
     """The cuda backend with csrc/'s CUTLASS Linear+GELU forward (FUSEFORMER_CUDA_LINEAR_GELU=cutlass,
-    opt-in, not yet run on a GPU) beside `fuseformer-cuda` (cuBLASLt's epilogue for tanh, GEMM +
+    opt-in) beside `fuseformer-cuda` (cuBLASLt's epilogue for tanh, GEMM +
     elementwise GELU for erf), so one GPU run times both against `cublaslt-gelu` and the Triton
     kernel. Its availability check builds the separate CUTLASS module (a minute or two at the first
     use on a machine: sm_90a's CUTLASS 3 instantiations). Cases the CUTLASS kernels do not take (fp32,
