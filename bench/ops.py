@@ -377,6 +377,17 @@ def varlen_case(name, *, lengths, H, D, device_type="cuda", quick=False) -> OpCa
 # --- add + LayerNorm ------------------------------------------------------------------
 
 
+def _on_cuda_only(peer: str, fn):
+    """A peer library's kernel: refused (never run) on CPU tensors, where Triton's interpreter
+    cannot run it (Liger's LayerNorm raised there) and a timing would mean nothing."""
+    def run(inputs):
+        if not inputs["x"].is_cuda:
+            raise Refused(f"{peer}'s kernels run on CUDA tensors only")
+        return fn(inputs)
+
+    return run
+
+
 def _liger_layer_norm():
     if importlib.util.find_spec("liger_kernel") is None:
         return None
@@ -442,12 +453,13 @@ def add_ln_case(name, *, M, N, grad=False, device_type="cuda", quick=False) -> O
                   Impl("torch-compile", eager, build=_compiled)]
         liger = _liger_layer_norm()
         if liger is not None:
-            impls.append(Impl("liger", lambda i: liger.apply(i["x"] + i["residual"], i["weight"], i["bias"], eps),
-                              note="torch add, then Liger-Kernel's LayerNorm"))
+            impls.append(Impl("liger", _on_cuda_only(
+                "Liger-Kernel", lambda i: liger.apply(i["x"] + i["residual"], i["weight"], i["bias"], eps)),
+                note="torch add, then Liger-Kernel's LayerNorm"))
         quack = _quack_layer_norm()
         if quack is not None:
-            impls.append(Impl(
-                "quack", lambda i: quack(i["x"] + i["residual"], i["weight"].float(), eps) + i["bias"],
+            impls.append(Impl("quack", _on_cuda_only(
+                "QuACK", lambda i: quack(i["x"] + i["residual"], i["weight"].float(), eps) + i["bias"]),
                 note="torch add, QuACK's LayerNorm (fp32 weight, no bias: the bias is a torch add)"))
     return OpCase(
         name=name, suite="ops", group="add_ln_fwd_bwd" if grad else "add_ln_fwd",

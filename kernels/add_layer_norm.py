@@ -269,32 +269,30 @@ def _run_forward(backend, x, residual, weight, bias, eps, dropout_p, seed, save_
     """The launcher of `backend` on (rows, N) views; outputs back in x's shape. The kernels
     address rows as row * N: one contiguous copy of a strided view costs one pass over memory,
     cheaper than strided (uncoalesced) loads in every pass that follows."""
+    impl = backends.get_impl("add_layer_norm", backend)
     if backend == "triton":  # its launchers take any rank (see _rows)
         with device_guard(x):
-            return forward(x.contiguous(), None if residual is None else residual.contiguous(), weight, bias, eps,
-                           dropout_p, seed, save_stream, save_stats)
+            return impl.forward(x.contiguous(), None if residual is None else residual.contiguous(), weight, bias,
+                                eps, dropout_p, seed, save_stream, save_stats)
     shape = x.shape
     x2 = as_rows(x).contiguous()
     r2 = None if residual is None else as_rows(residual).contiguous()
     with device_guard(x):
-        y, stream, mean, rstd = backends.get_impl("add_layer_norm", backend).forward(
-            x2, r2, weight, bias, eps, dropout_p, seed, save_stream, save_stats
-        )
+        y, stream, mean, rstd = impl.forward(x2, r2, weight, bias, eps, dropout_p, seed, save_stream, save_stats)
     return y.view(shape), None if stream is None else stream.view(shape), mean, rstd
 
 
 def _run_backward(backend, dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has_residual):
+    impl = backends.get_impl("add_layer_norm", backend)
     if backend == "triton":  # any rank, as in _run_forward
         with device_guard(dy):
-            return backward(dy.contiguous(), None if dstream is None else dstream.contiguous(), stream.contiguous(),
-                            weight, bias, mean, rstd, dropout_p, seed, has_residual)
+            return impl.backward(dy.contiguous(), None if dstream is None else dstream.contiguous(),
+                                 stream.contiguous(), weight, bias, mean, rstd, dropout_p, seed, has_residual)
     shape = stream.shape
     ds2 = None if dstream is None else as_rows(dstream).contiguous()
     with device_guard(dy):
-        dx, dres, dw, db = backends.get_impl("add_layer_norm", backend).backward(
-            as_rows(dy).contiguous(), ds2, as_rows(stream).contiguous(), weight, bias, mean, rstd, dropout_p, seed,
-            has_residual,
-        )
+        dx, dres, dw, db = impl.backward(as_rows(dy).contiguous(), ds2, as_rows(stream).contiguous(), weight, bias,
+                                         mean, rstd, dropout_p, seed, has_residual)
     return dx.view(shape), None if dres is None else dres.view(shape), dw, db
 
 
