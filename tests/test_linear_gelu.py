@@ -399,3 +399,27 @@ def test_auto_forward_takes_tma_for_inference_and_portable_for_training(grad, la
             assert_parity(out, reference.linear_gelu(x16.double(), w16.double(), b16.double()),
                           reference.linear_gelu(x16, w16, b16), torch.float16, what="out")
     assert launched[0] == ("_linear_gelu_fwd" if grad else "_linear_gelu_tma")
+
+
+@pytest.mark.parametrize("forward", ["portable", "tma"])
+@pytest.mark.parametrize("shape", [(3, 5, 24), (24,), (2, 0, 24), (2, 3, 0)])
+def test_inference_takes_a_contiguous_x_of_any_rank_in_place(forward, shape, launched, device):
+    """Inference on a contiguous x of any rank: the launcher reads it where it is (rows at
+    row * K, no reshape view) and writes out in x's leading shape; a non-contiguous 3-D x
+    (a transposed view) takes the reshape path. Outputs start as NaN (poisoned)."""
+    N = 40
+    w16 = (torch.randn(N, shape[-1], device=device) / max(1, shape[-1]) ** 0.5).half()
+    b16 = torch.randn(N, device=device).half()
+    x16 = torch.randn(*shape, device=device).half()
+    variants = [x16]
+    if len(shape) == 3:
+        variants.append(torch.randn(shape[1], shape[0], shape[2], device=device).half().transpose(0, 1))
+    for x in variants:
+        with lg.variant(forward=forward):
+            out = K.linear_gelu(x, w16, b16, backend="triton")
+        assert out.shape == (*shape[:-1], N) and out.is_contiguous()
+        ref64 = reference.linear_gelu(x.double(), w16.double(), b16.double())
+        if out.numel() and shape[-1]:
+            assert_parity(out, ref64, reference.linear_gelu(x, w16, b16), torch.float16, what="out")
+        else:
+            torch.testing.assert_close(out.double(), ref64, rtol=1e-3, atol=1e-3)
