@@ -7,6 +7,8 @@ Launcher contract (the "cuda" backend registers launchers with exactly these sig
     forward(x2d, weight, bias, approximate, save_preact) -> (out, preact or None)
         x2d (M, K) with any strides, weight (N, K) with any strides, bias (N,) or None;
         preact = x @ W^T + b in the dtype of x, written only when save_preact is True.
+        The triton launcher also takes a contiguous x of any rank (see _rows) and then returns
+        out/preact in x's leading shape.
     backward(dout, x2d, weight, preact, approximate, has_bias) -> (dx, dweight, dbias or None)
     unsupported(dtype, in_features, out_features, approximate, requires_grad) -> None or reason
 
