@@ -60,6 +60,24 @@ def _nvcc():
     return candidates[-1] if candidates else None
 
 
+def _nvcc_or_skip():
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    return nvcc
+
+
+def _cutlass_include_or_skip(what):
+    """The nvidia-cutlass package's include folder; the test skips without it (`what` names the
+    headers it needs in the skip message)."""
+    from fuseformer.kernels import cuda_backend
+
+    include = cuda_backend.cutlass_include()
+    if include is None:
+        pytest.skip(f"the nvidia-cutlass package ({what} headers) is not installed")
+    return include
+
+
 def _cuda_include():
     """The toolkit's include folder (nvcc may be a wrapper script outside the toolkit)."""
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
@@ -132,9 +150,7 @@ def _compile_all(commands, timeout):
 def nvcc_results(tmp_path_factory):
     """Compile every .cu (one nvcc per file, both gencodes): the wall time is that of the
     slowest one where cores are free."""
-    nvcc = _nvcc()
-    if nvcc is None:
-        pytest.skip("nvcc not found")
+    nvcc = _nvcc_or_skip()
     out = tmp_path_factory.mktemp("nvcc")
     commands = {}
     for name in PLAIN_CU_FILES:
@@ -297,14 +313,8 @@ def _setup_arguments(**env) -> dict:
 def cute_builds(tmp_path_factory):
     """Each CuTe file built as the JIT extension builds it (-O3, torch's nvcc flags), one cubin
     per architecture, with ptxas's resource report."""
-    from fuseformer.kernels import cuda_backend
-
-    nvcc = _nvcc()
-    if nvcc is None:
-        pytest.skip("nvcc not found")
-    include = cuda_backend.cutlass_include()
-    if include is None:
-        pytest.skip("the nvidia-cutlass package (CuTe headers) is not installed")
+    nvcc = _nvcc_or_skip()
+    include = _cutlass_include_or_skip("CuTe")
     out = tmp_path_factory.mktemp("cute")
     commands = {(name, arch): _cubin_command(nvcc, name, arch, [f"-I{include}"], out) for name, arch in CUTE_BUILDS}
     return _compile_all(commands, timeout=600)
@@ -398,9 +408,7 @@ def sm90_build(tmp_path_factory):
     (FUSEFORMER_SM90_CAUSAL_ONLY: one kernel, about a minute of ptxas instead of two)."""
     from fuseformer.kernels import cuda_backend
 
-    nvcc = _nvcc()
-    if nvcc is None:
-        pytest.skip("nvcc not found")
+    nvcc = _nvcc_or_skip()
     include = cuda_backend.cutlass_include()
     fmha = cuda_backend.cutlass_fmha_include(include)
     if fmha is None:
@@ -469,9 +477,7 @@ LN_KERNEL = re.compile(r"add_layer_norm_(forward|backward)_kernelI(f|6__half|13_
 def add_layer_norm_builds(tmp_path_factory):
     """add_layer_norm.cu built as the JIT extension builds it (-O3, torch's nvcc flags), one cubin
     per architecture, both at once, with ptxas's resource report (a few seconds each)."""
-    nvcc = _nvcc()
-    if nvcc is None:
-        pytest.skip("nvcc not found")
+    nvcc = _nvcc_or_skip()
     out = tmp_path_factory.mktemp("add_layer_norm")
     return _compile_all({arch: _cubin_command(nvcc, "add_layer_norm.cu", arch, [], out) for arch in LN_ARCHS}, timeout=300)
 
@@ -548,14 +554,8 @@ def cutlass_gemm_builds(tmp_path_factory):
     host code), for sm_90a as cubins (device code only: the host side is the same). At most
     FUSEFORMER_NVCC_JOBS at once (an sm_90a file takes ~4 GB of memory).
     {arch: (returncode, commands, output, [files])}."""
-    from fuseformer.kernels import cuda_backend
-
-    nvcc = _nvcc()
-    if nvcc is None:
-        pytest.skip("nvcc not found")
-    include = cuda_backend.cutlass_include()
-    if include is None:
-        pytest.skip("the nvidia-cutlass package (CUTLASS headers) is not installed")
+    nvcc = _nvcc_or_skip()
+    include = _cutlass_include_or_skip("CUTLASS")
     out = tmp_path_factory.mktemp("cutlass_gemm")
     done = _compile_all({(arch, name): _cubin_command(nvcc, name, arch, [f"-I{include}"], out,
                                                       object_file=arch == "sm_80")
