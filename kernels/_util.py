@@ -81,12 +81,17 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def row_count(t: torch.Tensor) -> int:
+    """How many rows of its last dim t holds (1 for a 1-D t). Spelled out as a product:
+    numel // N and reshape(-1, N) are ambiguous when a tensor is empty."""
+    return math.prod(t.shape[:-1])
+
+
 def as_rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    """t viewed as (rows, last dim), the layout the row-wise kernels address; None stays None.
-    The row count is spelled out: reshape(-1, N) would be ambiguous when a tensor is empty."""
+    """t viewed as (rows, last dim), the layout the row-wise kernels address; None stays None."""
     if t is None or t.dim() == 2:
         return t
-    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+    return t.reshape(row_count(t), t.shape[-1])
 
 
 _sm_counts: dict = {}

@@ -38,14 +38,13 @@ The backward reduces its dweight/dbias partials with kernels/reduce.py (determin
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from typing import Optional
 
 import torch
 
 from . import backends, reference
-from ._util import as_rows, cdiv, device_guard, draw_seed, new_output, next_pow2, sm_count
+from ._util import as_rows, cdiv, device_guard, draw_seed, new_output, next_pow2, row_count, sm_count
 from .launch import launch
 from .add_layer_norm_kernels import _add_ln_bwd, _add_ln_fwd, _add_ln_fwd_rows, _keep_mask_kernel  # noqa: F401
 from .backends import Impl
@@ -152,16 +151,12 @@ def rows_plan(M: int, N: int, variant: str, device: torch.device) -> tuple[int, 
 # from ever reading it, and Triton needs a pointer in that slot.
 
 
-def _rows(t):
-    """(rows, N) of a contiguous tensor whose last dim is N: the row-wise kernels address row r
-    at r * N whatever the rank, so the Triton launchers take x as it comes (no reshape view in,
-    none out: each view costs ~3 µs of host time)."""
-    N = t.shape[-1]
-    return (t.numel() // N if N else math.prod(t.shape[:-1])), N
+# The row-wise kernels address row r at r * N whatever the rank, so the Triton launchers take
+# a contiguous x as it comes: no reshape view in, none out (each costs ~3 µs of host time).
 
 
 def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream, save_stats=True):
-    M, N = _rows(x)
+    M, N = row_count(x), x.shape[-1]
     y = new_output(x.shape, x.dtype, x.device)
     stream = new_output(x.shape, x.dtype, x.device) if save_stream else None
     # Two allocations fewer per inference call: only the backward reads the statistics.
@@ -196,7 +191,7 @@ def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream, save_s
 
 
 def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has_residual):
-    M, N = _rows(dy)
+    M, N = row_count(dy), dy.shape[-1]
     dx = new_output(dy.shape, stream.dtype, dy.device)
     dres = new_output(dy.shape, stream.dtype, dy.device) if has_residual else None
     if M == 0 or N == 0:
@@ -273,7 +268,7 @@ def _run_forward(backend, x, residual, weight, bias, eps, dropout_p, seed, save_
     address rows as row * N: one contiguous copy of a strided view costs one pass over memory,
     cheaper than strided (uncoalesced) loads in every pass that follows."""
     impl = backends.get_impl("add_layer_norm", backend)
-    if backend == "triton":  # its launchers take any rank (see _rows)
+    if backend == "triton":  # its launchers take any rank (see forward)
         with device_guard(x):
             return impl.forward(x.contiguous(), None if residual is None else residual.contiguous(), weight, bias,
                                 eps, dropout_p, seed, save_stream, save_stats)

@@ -42,7 +42,6 @@ In every variant the two backward GEMMs are cuBLAS (torch.mm): dx = dpre W, dW =
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from typing import Optional
 
@@ -55,7 +54,7 @@ except ImportError:  # pragma: no cover - another layout: _ensure_allocator then
     _allocation = None
 
 from . import backends, reference
-from ._util import as_rows, cdiv, device_guard, launch_tuned, new_output, next_pow2, sm_count
+from ._util import as_rows, cdiv, device_guard, launch_tuned, new_output, next_pow2, row_count, sm_count
 from .launch import launch
 from .backends import Impl
 from .checks import check_same, check_tensor, same_floats
@@ -124,13 +123,13 @@ def _rows(x: torch.Tensor) -> tuple[int, int, int, int]:
     if x.dim() == 2:
         return x.shape[0], x.shape[1], x.stride(0), x.stride(1)
     K = x.shape[-1]
-    return math.prod(x.shape[:-1]), K, K, 1
+    return row_count(x), K, K, 1
 
 
-def _tma_ok(x2d: torch.Tensor, weight: torch.Tensor, x_strides=None) -> bool:
+def _tma_ok(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
     """Can `_linear_gelu_tma` read x and W? TMA needs sm_90 or newer, a unit column stride,
-    and a 16-byte aligned base and row stride (what a tensor map can describe). x_strides:
-    x's (row, column) strides when x is not 2-D (see _rows)."""
+    and a 16-byte aligned base and row stride (what a tensor map can describe). x as _rows
+    reads it: 2-D with any strides, or contiguous of any rank."""
     dev = x2d.device
     capable = _tma_capable.get(dev)
     if capable is None:
@@ -143,7 +142,7 @@ def _tma_ok(x2d: torch.Tensor, weight: torch.Tensor, x_strides=None) -> bool:
         # (The interpreter runs the TMA kernel in fp32 too: its bf16 dot is wrong there.)
         return False
     size = x2d.element_size()
-    sxm, sxk = x_strides or (x2d.stride(0), x2d.stride(1))
+    _, _, sxm, sxk = _rows(x2d)
     return (sxk == 1 and (sxm * size) % 16 == 0 and x2d.data_ptr() % 16 == 0 and weight.stride(1) == 1
             and (weight.stride(0) * size) % 16 == 0 and weight.data_ptr() % 16 == 0)
 
@@ -233,7 +232,7 @@ def forward(x2d, weight, bias, approximate, save_preact):
             pre.view(M, N).copy_(base)
         return out, pre
     choice = VARIANT["forward"]
-    if (choice == "tma" or (choice == "auto" and pre is None)) and _tma_ok(x2d, weight, (sxm, sxk)):
+    if (choice == "tma" or (choice == "auto" and pre is None)) and _tma_ok(x2d, weight):
         _launch_tma(x2d, weight, bias, out, pre, None, None, approximate)
         return out, pre
     interp = backends.interpreting()
