@@ -200,9 +200,11 @@ def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has
         return dx, dres, dw, db
     block, single = _bwd_block(N)
     programs = _backward_programs(M, dy.device)
-    alloc = new_output if single else (lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
-    dw_part = alloc((programs, N), torch.float32, dy.device) if weight is not None else None
-    db_part = alloc((programs, N), torch.float32, dy.device) if bias is not None else None
+    groups = (weight is not None) + (bias is not None)
+    part = None
+    if groups:  # the chunked kernel adds into its partial rows: they start at zero
+        alloc = new_output if single else (lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
+        part = alloc((programs, groups, N), torch.float32, dy.device)
     dropout = dropout_p > 0.0
     launch(
         _add_ln_bwd,
@@ -216,8 +218,7 @@ def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has
         seed if dropout else mean,
         dx,
         dres if dres is not None else dx,
-        dw_part if dw_part is not None else mean,
-        db_part if db_part is not None else mean,
+        part if part is not None else mean,
         M,
         N,
         float(dropout_p),
@@ -230,8 +231,11 @@ def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has
         SINGLE=single,
         num_warps=_num_warps(block),
     )
-    dw = None if weight is None else sum_rows(dw_part, weight.dtype)
-    db = None if bias is None else sum_rows(db_part, bias.dtype)
+    if groups == 2:
+        dw, db = sum_rows(part, weight.dtype, bias.dtype)
+    else:
+        dw = None if weight is None else sum_rows(part.view(programs, N), weight.dtype)
+        db = None if bias is None else sum_rows(part.view(programs, N), bias.dtype)
     return dx, dres, dw, db
 
 

@@ -11,8 +11,9 @@ Gradient maths (xhat = (s - mean) * rstd, g = dy * weight, means over the row of
     dweight   = sum over rows of dy * xhat,  dbias = sum over rows of dy
 
 dweight/dbias are reduced in two steps: each backward program accumulates fp32 partial sums
-over its rows into its own row of a (programs, N) buffer, then kernels/reduce.py sums those
-rows in a fixed order (deterministic: no atomics).
+over its rows into its own rows of one (programs, G, N) buffer (G = 2 with both weight and
+bias: one allocation, and one launch of kernels/reduce.py, not two), which then sums them in
+a fixed order (deterministic: no atomics).
 
 Forward kernels:
 - `_add_ln_fwd`: one program per row (any N; rows wider than the fused block in chunks).
@@ -212,8 +213,7 @@ def _add_ln_bwd(
     SEED,  # int64[1], read only with DROPOUT
     DX,  # (M, N) gradient of x
     DRES,  # (M, N) gradient of the residual, written only with HAS_RES
-    DW_PART,  # (programs, N) float32 partial sums of dy * xhat
-    DB_PART,  # (programs, N) float32 partial sums of dy
+    PART,  # (programs, HAS_W + HAS_B, N) float32 partial sums: of dy * xhat (with HAS_W), then of dy
     M,
     N,
     dropout_p,
@@ -231,7 +231,8 @@ def _add_ln_bwd(
     if DROPOUT:
         seed = tl.load(SEED)
     cols = tl.arange(0, BLOCK)
-    part_off = pid.to(tl.int64) * N
+    dw_part = PART + pid.to(tl.int64) * ((HAS_W + HAS_B) * N)
+    db_part = dw_part + N if HAS_W else dw_part
     if SINGLE:
         mask = cols < N
         w = tl.full([BLOCK], 1.0, tl.float32)
@@ -260,9 +261,9 @@ def _add_ln_bwd(
             dw_acc += dy * xhat
             db_acc += dy
         if HAS_W:
-            tl.store(DW_PART + part_off + cols, dw_acc, mask=mask)
+            tl.store(dw_part + cols, dw_acc, mask=mask)
         if HAS_B:
-            tl.store(DB_PART + part_off + cols, db_acc, mask=mask)
+            tl.store(db_part + cols, db_acc, mask=mask)
     else:
         # Wide rows: one pass for the two row means, a second for the gradients. The
         # partial-sum rows start at zero (host side) and each belongs to one program only.
@@ -301,11 +302,11 @@ def _add_ln_bwd(
                     ds = tl.where(_keep(seed, row, c, dropout_p), ds / (1.0 - dropout_p), 0.0)
                 tl.store(DX + row_off + c, ds.to(DX.dtype.element_ty), mask=m)
                 if HAS_W:
-                    p = tl.load(DW_PART + part_off + c, mask=m, other=0.0)
-                    tl.store(DW_PART + part_off + c, p + dy * xhat, mask=m)
+                    p = tl.load(dw_part + c, mask=m, other=0.0)
+                    tl.store(dw_part + c, p + dy * xhat, mask=m)
                 if HAS_B:
-                    p = tl.load(DB_PART + part_off + c, mask=m, other=0.0)
-                    tl.store(DB_PART + part_off + c, p + dy, mask=m)
+                    p = tl.load(db_part + c, mask=m, other=0.0)
+                    tl.store(db_part + c, p + dy, mask=m)
 
 
 @triton.jit

@@ -1,10 +1,10 @@
 """Deterministic column sums of fp32 partial buffers: the second step of a two-step reduction.
 
 A backward kernel that needs a sum over all rows (LayerNorm's dweight/dbias, Linear's dbias)
-lets each program accumulate its own rows into its own row of a (P, N) fp32 buffer; `sum_rows`
-then adds the P rows of every column in a fixed order. No atomics, so the result is the same
-bit for bit from run to run, and one launch replaces torch's `.sum(0)` plus the cast to the
-parameter's dtype (two kernels).
+lets each program accumulate its own rows into its own row of a (P, N) fp32 buffer (or two
+such sums interleaved, (P, 2, N)); `sum_rows` then adds the P rows of every column in a fixed
+order. No atomics, so the result is the same bit for bit from run to run, and one launch
+replaces torch's `.sum(0)` plus the cast to the parameter's dtype (two kernels).
 """
 from __future__ import annotations
 
@@ -21,32 +21,52 @@ _BLOCK_P = 32  # partial rows summed per step
 
 @triton.jit
 def _sum_rows(
-    PART,  # (P, N) float32 partial sums, contiguous
-    OUT,  # (N,) sum over the P rows, in OUT's dtype
+    PART,  # (P, G, N) float32 partial sums, contiguous: G = 1, or 2 for two sums in one buffer
+    OUT,  # (N,) column sums of group 0, in OUT's dtype
+    OUT2,  # (N,) column sums of group 1, in OUT2's dtype; read only with TWO
     P,
     N,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TWO: tl.constexpr,
 ):
+    group = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
+    stride_p = N * 2 if TWO else N
+    base = PART + group * N
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
     # Fixed order: row block after row block, then one tree sum over BLOCK_P fixed by the
     # compiled kernel, so the same inputs give the same bits.
     for start in range(0, P, BLOCK_P):
         rows = start + tl.arange(0, BLOCK_P)
         m = (rows < P)[:, None] & cmask[None, :]
-        acc += tl.load(PART + rows[:, None].to(tl.int64) * N + cols[None, :], mask=m, other=0.0)
-    tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=cmask)
+        acc += tl.load(base + rows[:, None].to(tl.int64) * stride_p + cols[None, :], mask=m, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if TWO:
+        if group == 1:
+            tl.store(OUT2 + cols, total.to(OUT2.dtype.element_ty), mask=cmask)
+        else:
+            tl.store(OUT + cols, total.to(OUT.dtype.element_ty), mask=cmask)
+    else:
+        tl.store(OUT + cols, total.to(OUT.dtype.element_ty), mask=cmask)
 
 
-def sum_rows(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """part (P, N) fp32 contiguous -> (N,) column sums in `dtype`."""
-    P, N = part.shape
+def sum_rows(part: torch.Tensor, dtype: torch.dtype, dtype2: torch.dtype | None = None):
+    """part (P, N) fp32 contiguous -> (N,) column sums in `dtype`.
+
+    With dtype2, part is (P, 2, N), two partial buffers interleaved per program (add+LN's
+    dweight and dbias): -> ((N,) in dtype, (N,) in dtype2) from one launch, where two
+    launches and two partial buffers cost twice the host time for the same memory traffic."""
+    two = dtype2 is not None
+    P, N = part.shape[0], part.shape[-1]
     out = new_output((N,), dtype, part.device)
-    if N == 0:
-        return out
-    if P == 0:
-        return out.zero_()
-    launch(_sum_rows, (cdiv(N, _BLOCK_N),), part, out, P, N, BLOCK_P=_BLOCK_P, BLOCK_N=_BLOCK_N, num_warps=4)
-    return out
+    out2 = new_output((N,), dtype2, part.device) if two else None
+    if N != 0 and P == 0:
+        out.zero_()
+        if two:
+            out2.zero_()
+    elif N != 0:
+        launch(_sum_rows, (cdiv(N, _BLOCK_N), 2 if two else 1), part, out, out2 if two else out, P, N,
+               BLOCK_P=_BLOCK_P, BLOCK_N=_BLOCK_N, TWO=two, num_warps=4)
+    return (out, out2) if two else out

@@ -320,6 +320,23 @@ def test_sum_rows_reduces_every_partial_row(P, N, device):
     torch.testing.assert_close(out, part.double().sum(0).half(), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("P,N", [(1, 1), (70, 130)])
+def test_sum_rows_two_interleaved_sums(P, N, device):
+    """(P, 2, N) partials (add+LN's dweight and dbias in one buffer) -> two sums from one
+    launch, each in its own dtype; poisoned outputs, so a group or column left unwritten shows."""
+    from fuseformer.kernels._util import poison_outputs
+    from fuseformer.kernels.reduce import sum_rows
+
+    part = torch.randn(P, 2, N, device=device)
+    with poison_outputs():
+        first, second = sum_rows(part, torch.float16, torch.float32)
+    assert (first.dtype, second.dtype, first.shape, second.shape) == (torch.float16, torch.float32, (N,), (N,))
+    torch.testing.assert_close(first, part[:, 0].double().sum(0).half(), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(second, part[:, 1].double().sum(0).float(), rtol=1e-5, atol=1e-5)
+    empty = sum_rows(part[:0], torch.float16, torch.float32)
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in empty)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["rows", "persistent"])
 @pytest.mark.parametrize("M,N", [(8192, 768), (17, 1000), (4099, 1024)])

@@ -42,8 +42,8 @@ def add_jobs(jobs, check):
     def ln_bwd(arch, dt, N, dstream=False, res=True, w=True, b=True, drop=False):
         block, single = aln._bwd_block(N)
         v = dict(DY=Ptr(dt), DSTREAM=Ptr(dt), STREAM=Ptr(dt), W=Ptr(dt), MEAN=Ptr("fp32"), RSTD=Ptr("fp32"),
-                 SEED=Ptr("i64") if drop else Ptr("fp32"), DX=Ptr(dt), DRES=Ptr(dt), DW_PART=Ptr("fp32"),
-                 DB_PART=Ptr("fp32"), M=B * L, N=N, dropout_p=0.1 if drop else 0.0)
+                 SEED=Ptr("i64") if drop else Ptr("fp32"), DX=Ptr(dt), DRES=Ptr(dt), PART=Ptr("fp32"),
+                 M=B * L, N=N, dropout_p=0.1 if drop else 0.0)
         cx = dict(HAS_DSTREAM=dstream, HAS_RES=res, HAS_W=w, HAS_B=b, DROPOUT=drop, BLOCK=block, SINGLE=single)
         flags = "".join(c for c, on in (("t", dstream), ("r", res), ("w", w), ("b", b), ("d", drop)) if on) or "-"
         _add(jobs, "add_ln_bwd", alnk._add_ln_bwd, arch, f"{dt} N={N} {flags}", v, cx,
@@ -59,8 +59,9 @@ def add_jobs(jobs, check):
         # The multi-row kernel: BERT's 768 in bf16 (the 16-byte vector case the compile test
         # inspects), with dropout and the stream, and a row length of odd alignment (1000).
         ln_fwd_rows(arch, "bf16", 768, save=False, stats=False)
-        _add(jobs, "sum_rows", red._sum_rows, arch, "fp32->bf16",
-             dict(PART=Ptr("fp32"), OUT=Ptr("bf16"), P=528, N=768), dict(BLOCK_P=red._BLOCK_P, BLOCK_N=red._BLOCK_N),
+        _add(jobs, "sum_rows", red._sum_rows, arch, "fp32->bf16,fp32",
+             dict(PART=Ptr("fp32"), OUT=Ptr("bf16"), OUT2=Ptr("fp32"), P=528, N=768),
+             dict(BLOCK_P=red._BLOCK_P, BLOCK_N=red._BLOCK_N, TWO=True),
              options=dict(num_warps=4))
         if arch == 90 or FULL:
             ln_fwd_rows(arch, "bf16", 768, drop=True)
