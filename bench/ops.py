@@ -89,11 +89,14 @@ def _hopper_unavailable() -> str | None:
     return None
 
 
-def _hopper_impl(call, varlen: bool = False) -> Impl:
+def _hopper_impl(call, varlen: bool = False, descriptors: str = "device") -> Impl:
     """Our Triton backend with the opt-in Hopper kernels (kernels/attention_hopper*.py) instead
     of the portable ones, so one run times both side by side. A case the Hopper kernel does not
-    take (it would run the portable kernel) is refused, never timed under this name."""
+    take (it would run the portable kernel) is refused, never timed under this name.
+    descriptors: where the forward's TMA descriptors are made (attention_hopper.DESCRIPTORS);
+    "host" is timed as its own implementation, fuseformer-triton-hopper-host."""
     from fuseformer.kernels import attention as A
+    from fuseformer.kernels import attention_hopper as HK
 
     checked = []  # the verdict depends on dtype, mask kind and alignment: the same for every copy
 
@@ -106,12 +109,16 @@ def _hopper_impl(call, varlen: bool = False) -> Impl:
             if reason:
                 raise Refused(f"the Hopper kernel does not take this case: {reason}")
             checked.append(True)
-        before = A.set_attention_kernel("hopper")
+        before, place = A.set_attention_kernel("hopper"), HK.set_descriptors(descriptors)
         try:
             return call(inputs, "triton")
         finally:
             A.set_attention_kernel(before)
+            HK.set_descriptors(place)
 
+    if descriptors == "host":
+        return Impl("fuseformer-triton-hopper-host", fn, kind=OURS, available=_hopper_unavailable,
+                    timed_on_cpu=False, note="the Hopper kernels, the forward's TMA descriptors made on the host")
     return Impl("fuseformer-triton-hopper", fn, kind=OURS, available=_hopper_unavailable, timed_on_cpu=False,
                 note="TMA + wgmma kernels (attention_hopper*.py) for every call they take")
 
@@ -288,7 +295,8 @@ def attention_case(name, *, B, H, L, D, Hk=None, Lk=None, causal=False, pad=0.0,
 
     impls = _ours(device_type, ours)
     if device_type == "cuda":
-        impls += [_cuda_cute_impl(ours, D), _cuda_wmma_impl(ours), _hopper_impl(ours), _portable_impl(ours)]
+        impls += [_cuda_cute_impl(ours, D), _cuda_wmma_impl(ours), _hopper_impl(ours),
+                  _hopper_impl(ours, descriptors="host"), _portable_impl(ours)]
         sdpa = _sdpa_impls(torch_sdpa) + [_fa4_impl(causal, gqa)]
         if quadratic_baselines:
             impls += [Impl("torch-eager", ref, note="reference.py: matmul, softmax, matmul")]

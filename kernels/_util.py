@@ -71,6 +71,11 @@ def launch_tuned(tuned, plain, key: tuple, grid, *args, **kwargs) -> None:
     launch(plain, grid, *args, **kwargs, **config)
 
 
+def tuned_config(tuned, key: tuple):
+    """The launch arguments launch_tuned keeps for (tuned, key), or None before its first call."""
+    return _tuned_configs.get((tuned, key))
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1). triton.next_power_of_2 does the same
     through Triton's constexpr machinery, several microseconds per call on the hot path."""

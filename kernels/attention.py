@@ -225,15 +225,18 @@ def _launch_fwd_hopper(q, k, v, out, lse, mask, is_causal, scale, nbatch, lq, lk
     flags = _flags(q)
     bucket = _bucket(lq, lk, nbatch * H)
     lse_s = lse.stride()
+    descs = None
+    if not varlen and _hopper.DESCRIPTORS == "host":
+        descs = _hopper.host_descriptors((q, k, v, out), flags["BLOCK_D"])
     args = (
-        q, k, v, out, lse, m, cu_q if varlen else lse, cu_k if varlen else lse,
+        *(descs or (q, k, v, out)), lse, m, cu_q if varlen else lse, cu_k if varlen else lse,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
         0 if varlen else lse_s[0], lse_s[1], ms[0], ms[3],
         H, group, lq, lk, bucket, scale * LOG2E,
     )
     kwargs = dict(HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], CAUSAL=bool(is_causal), MASK_KIND=kind,
-                  MASK_FLOAT=is_float, VARLEN=varlen, UPCAST=flags["UPCAST"])
-    key = (q.dtype, flags["HEAD_D"], bucket, bool(is_causal), kind, is_float, varlen)
+                  MASK_FLOAT=is_float, VARLEN=varlen, UPCAST=flags["UPCAST"], HOST_DESC=descs is not None)
+    key = (q.dtype, flags["HEAD_D"], bucket, bool(is_causal), kind, is_float, varlen, descs is not None)
     _hopper.launch(lambda meta: (cdiv(lq, meta["BLOCK_M"]) * nbatch * H,), args, kwargs, key,
                    AUTOTUNE and not interpreting())
 

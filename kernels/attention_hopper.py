@@ -7,12 +7,14 @@ Triton's interpreter when a test forces it.
 
 What differs from the portable forward (same maths, same outputs: o and a natural-log lse, +inf
 on a row with no attended key, so the portable backward kernels consume it unchanged):
-- Q, K, V are read and O written through tensor descriptors made in the kernel
-  (tl.make_tensor_descriptor): on sm_90 a TMA copy (cp.async.bulk.tensor) per tile, issued by
-  one thread, asynchronous to the math warps. Each descriptor spans one (batch, head) or one
-  packed varlen sequence, [length, HEAD_D]: the hardware zero-fills rows past the sequence and
-  columns past HEAD_D and drops out-of-range rows on the store, so odd lengths and head dims
-  (40, 80) need no load/store masks at all.
+- Q, K, V are read and O written through tensor descriptors: on sm_90 a TMA copy
+  (cp.async.bulk.tensor) per tile, issued by one thread, asynchronous to the math warps. Made
+  in the kernel (tl.make_tensor_descriptor, the default), each spans one (batch, head) or one
+  packed varlen sequence, [length, HEAD_D]; made on the host (HOST_DESC, see DESCRIPTORS
+  below), each spans the whole (B, H, L, D) tensor and a tile is the box [1, 1, rows, BLOCK_D]
+  at (b, h, row, 0). Either way the hardware zero-fills rows past the sequence and columns past
+  HEAD_D and drops out-of-range rows on the store, so odd lengths and head dims (40, 80) need
+  no load/store masks at all.
 - The K/V loop is software-pipelined (num_stages buffers in shared memory) and its dots lower
   to wgmma; BLOCK_M = 128 with 8 warps gives two warpgroups of 64 query rows each.
 - exp2 with the softmax scale folded into one multiply per score.
@@ -39,14 +41,16 @@ compute; tests/test_triton_compile.py notes it should a newer Triton start speci
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._util import launch_tuned, sm_count
+from ._util import launch_tuned, sm_count, tuned_config
 from .attention_kernels import _flat_pid, _key_range, _prune, _scores, _seq_bounds
 from .backends import interpreting
 
@@ -71,8 +75,21 @@ def _key_span(mask_row, stride_mn, k_len, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _tile(desc, b, h, row, HOST_DESC: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows [row, row + ROWS) of one (batch, head): a host descriptor spans the whole 4-D
+    (B, H, L, D) tensor (its box [1, 1, ROWS, BLOCK_D]; the reshape drops the unit dims and
+    moves no data), a device one the (L, D) slice of that (batch, head) alone."""
+    if HOST_DESC:
+        tile = desc.load([b, h, row, 0]).reshape(ROWS, BLOCK_D)
+    else:
+        tile = desc.load([row, 0])
+    return tile
+
+
+@triton.jit
 def _hopper_tiles(
-    acc, l_i, m_i, q, k_desc, v_desc, rows, lo, hi, col_lo, col_hi, k_len, mask_row, stride_mn, qk_scale,
+    acc, l_i, m_i, q, k_desc, v_desc, kv_b, kv_h, rows, lo, hi, col_lo, col_hi, k_len, mask_row, stride_mn, qk_scale,
+    HOST_DESC: tl.constexpr,
     CAUSAL: tl.constexpr,
     MASK_TILES: tl.constexpr,  # read the key-padding mask slice of every tile (holes or float)
     MASK_FLOAT: tl.constexpr,
@@ -80,11 +97,12 @@ def _hopper_tiles(
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Online softmax over the key tiles starting in [lo, hi), in base 2."""
     for start_n in range(lo, hi, BLOCK_N):
-        k = k_desc.load([start_n, 0])
-        v = v_desc.load([start_n, 0])
+        k = _tile(k_desc, kv_b, kv_h, start_n, HOST_DESC, BLOCK_N, BLOCK_D)
+        v = _tile(v_desc, kv_b, kv_h, start_n, HOST_DESC, BLOCK_N, BLOCK_D)
         if UPCAST:  # the interpreter's bf16 dots are wrong: fp32 there (docs: the interpreter)
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -123,9 +141,9 @@ def _causal_end(col_hi, start_m, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _span_tiles(acc, l_i, m_i, q, k_desc, v_desc, rows, start_m, col_lo, col_hi, qk_scale,
-                CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _span_tiles(acc, l_i, m_i, q, k_desc, v_desc, kv_b, kv_h, rows, start_m, col_lo, col_hi, qk_scale,
+                HOST_DESC: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Every key in [col_lo, col_hi) attended (up to the diagonal). Tiles starting in
     [full_lo, full_hi) lie wholly inside the span and on or below the diagonal: no select.
     Before them at most one tile (a span starting mid-tile), after them the span's ragged
@@ -139,19 +157,22 @@ def _span_tiles(acc, l_i, m_i, q, k_desc, v_desc, rows, start_m, col_lo, col_hi,
     full_hi = tl.maximum((full_end // BLOCK_N) * BLOCK_N, full_lo)
     head_end = tl.minimum(full_lo, hi)
     # No mask is read here: (col_hi, q, 0) fill the unused (k_len, mask_row, stride_mn).
-    acc, l_i, m_i = _hopper_tiles(acc, l_i, m_i, q, k_desc, v_desc, rows, lo, head_end, col_lo, col_hi, col_hi,
-                                  q, 0, qk_scale, CAUSAL, False, False, True, UPCAST, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _hopper_tiles(acc, l_i, m_i, q, k_desc, v_desc, rows, full_lo, full_hi, col_lo, col_hi, col_hi,
-                                  q, 0, qk_scale, CAUSAL, False, False, False, UPCAST, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _hopper_tiles(acc, l_i, m_i, q, k_desc, v_desc, rows, tl.maximum(full_hi, head_end), hi, col_lo,
-                                  col_hi, col_hi, q, 0, qk_scale, CAUSAL, False, False, True, UPCAST,
-                                  BLOCK_M, BLOCK_N)
+    acc, l_i, m_i = _hopper_tiles(acc, l_i, m_i, q, k_desc, v_desc, kv_b, kv_h, rows, lo, head_end, col_lo, col_hi,
+                                  col_hi, q, 0, qk_scale, HOST_DESC, CAUSAL, False, False, True, UPCAST,
+                                  BLOCK_M, BLOCK_N, BLOCK_D)
+    acc, l_i, m_i = _hopper_tiles(acc, l_i, m_i, q, k_desc, v_desc, kv_b, kv_h, rows, full_lo, full_hi, col_lo, col_hi,
+                                  col_hi, q, 0, qk_scale, HOST_DESC, CAUSAL, False, False, False, UPCAST,
+                                  BLOCK_M, BLOCK_N, BLOCK_D)
+    acc, l_i, m_i = _hopper_tiles(acc, l_i, m_i, q, k_desc, v_desc, kv_b, kv_h, rows, tl.maximum(full_hi, head_end), hi,
+                                  col_lo, col_hi, col_hi, q, 0, qk_scale, HOST_DESC, CAUSAL, False, False, True, UPCAST,
+                                  BLOCK_M, BLOCK_N, BLOCK_D)
     return acc, l_i, m_i
 
 
 @triton.jit
 def _attn_fwd_hopper(
-    Q, K, V, O, LSE,  # as _attn_fwd's; q/k/v/o base and row strides 16-byte aligned (TMA)
+    Q, K, V, O,  # as _attn_fwd's (base and strides 16-byte aligned: TMA); with HOST_DESC 4-D host descriptors
+    LSE,
     MASK,  # key-padding row per batch (uint8 or float), read through stride_mb/stride_mn
     CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm,
@@ -170,6 +191,7 @@ def _attn_fwd_hopper(
     MASK_FLOAT: tl.constexpr,
     VARLEN: tl.constexpr,
     UPCAST: tl.constexpr,
+    HOST_DESC: tl.constexpr,  # Q, K, V, O are TensorDescriptors made on the host (never with VARLEN)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -184,19 +206,28 @@ def _attn_fwd_hopper(
         return
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    hk64 = (h // GROUP).to(tl.int64)
-    # One descriptor per (sequence, head): bounds are the sequence's own. A zero-length key
-    # sequence gets a 1-row descriptor that no tile reads (the loops below are empty).
-    kv_rows = tl.maximum(k_len, 1)
-    q_desc = tl.make_tensor_descriptor(Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm,
-                                       [q_len, HEAD_D], [stride_qm, 1], [BLOCK_M, BLOCK_D])
-    k_desc = tl.make_tensor_descriptor(K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn,
-                                       [kv_rows, HEAD_D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
-    v_desc = tl.make_tensor_descriptor(V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn,
-                                       [kv_rows, HEAD_D], [stride_vn, 1], [BLOCK_N, BLOCK_D])
-    o_desc = tl.make_tensor_descriptor(O + b64 * stride_ob + h64 * stride_oh + q0 * stride_om,
-                                       [q_len, HEAD_D], [stride_om, 1], [BLOCK_M, BLOCK_D])
-    q = q_desc.load([start_m, 0])
+    hk = h // GROUP
+    if HOST_DESC:
+        # Made once per call on the host: the kernel starts loading at once. The 4-D bounds
+        # (B, H, L, D) do per (batch, head) what the device descriptors' own bounds do below.
+        q_desc, k_desc, v_desc, o_desc = Q, K, V, O
+    else:
+        # One descriptor per (sequence, head), written by each program into global scratch
+        # and fenced before its first use: bounds are the sequence's own, which a packed
+        # varlen batch needs. A zero-length key sequence gets a 1-row descriptor that no
+        # tile reads (the loops below are empty).
+        hk64 = hk.to(tl.int64)
+        kv_rows = tl.maximum(k_len, 1)
+        q_desc = tl.make_tensor_descriptor(Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm,
+                                           [q_len, HEAD_D], [stride_qm, 1], [BLOCK_M, BLOCK_D])
+        k_desc = tl.make_tensor_descriptor(K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn,
+                                           [kv_rows, HEAD_D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn,
+                                           [kv_rows, HEAD_D], [stride_vn, 1], [BLOCK_N, BLOCK_D])
+        o_desc = tl.make_tensor_descriptor(O + b64 * stride_ob + h64 * stride_oh + q0 * stride_om,
+                                           [q_len, HEAD_D], [stride_om, 1], [BLOCK_M, BLOCK_D])
+    q = _tile(q_desc, b, h, start_m, HOST_DESC, BLOCK_M, BLOCK_D)
+    out_ty = q.dtype
     if UPCAST:
         q = q.to(tl.float32)
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -211,26 +242,31 @@ def _attn_fwd_hopper(
     if MASK_KIND == 1 and MASK_FLOAT:
         # A float mask adds its values: every tile of the span reads its slice.
         col_lo, col_hi = _key_range(mask_row, stride_mn, k_len, True, BLOCK_N)
-        acc, l_i, m_i = _hopper_tiles(acc, l_i, m_i, q, k_desc, v_desc, rows, col_lo, _causal_end(col_hi, start_m,
-                                      CAUSAL, BLOCK_M), col_lo, col_hi, k_len, mask_row, stride_mn, qk_scale, CAUSAL,
-                                      True, True, True, UPCAST, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _hopper_tiles(acc, l_i, m_i, q, k_desc, v_desc, b, hk, rows, col_lo,
+                                      _causal_end(col_hi, start_m, CAUSAL, BLOCK_M), col_lo, col_hi, k_len, mask_row,
+                                      stride_mn, qk_scale, HOST_DESC, CAUSAL, True, True, True, UPCAST,
+                                      BLOCK_M, BLOCK_N, BLOCK_D)
     elif MASK_KIND == 1:
         col_lo, col_hi, holes = _key_span(mask_row, stride_mn, k_len, BLOCK_N)
         if holes:
-            acc, l_i, m_i = _hopper_tiles(acc, l_i, m_i, q, k_desc, v_desc, rows, (col_lo // BLOCK_N) * BLOCK_N,
-                                          _causal_end(col_hi, start_m, CAUSAL, BLOCK_M), col_lo, col_hi, k_len,
-                                          mask_row, stride_mn, qk_scale, CAUSAL, True, False, True, UPCAST,
-                                          BLOCK_M, BLOCK_N)
+            acc, l_i, m_i = _hopper_tiles(acc, l_i, m_i, q, k_desc, v_desc, b, hk, rows,
+                                          (col_lo // BLOCK_N) * BLOCK_N, _causal_end(col_hi, start_m, CAUSAL, BLOCK_M),
+                                          col_lo, col_hi, k_len, mask_row, stride_mn, qk_scale, HOST_DESC, CAUSAL,
+                                          True, False, True, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
         else:
-            acc, l_i, m_i = _span_tiles(acc, l_i, m_i, q, k_desc, v_desc, rows, start_m, col_lo, col_hi, qk_scale,
-                                        CAUSAL, UPCAST, BLOCK_M, BLOCK_N)
+            acc, l_i, m_i = _span_tiles(acc, l_i, m_i, q, k_desc, v_desc, b, hk, rows, start_m, col_lo, col_hi,
+                                        qk_scale, HOST_DESC, CAUSAL, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
     else:
-        acc, l_i, m_i = _span_tiles(acc, l_i, m_i, q, k_desc, v_desc, rows, start_m, col_lo, col_hi, qk_scale,
-                                    CAUSAL, UPCAST, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _span_tiles(acc, l_i, m_i, q, k_desc, v_desc, b, hk, rows, start_m, col_lo, col_hi, qk_scale,
+                                    HOST_DESC, CAUSAL, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
 
     dead = l_i == 0.0
     l_safe = tl.where(dead, 1.0, l_i)
-    o_desc.store([start_m, 0], (acc / l_safe[:, None]).to(O.dtype.element_ty))
+    o = (acc / l_safe[:, None]).to(out_ty)
+    if HOST_DESC:
+        o_desc.store([b, h, start_m, 0], o.reshape(1, 1, BLOCK_M, BLOCK_D))
+    else:
+        o_desc.store([start_m, 0], o)
     lse = tl.where(dead, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     tl.store(LSE + b64 * stride_lb + h64 * stride_lh + (q0 + rows), lse, mask=rows < q_len)
 
@@ -244,13 +280,25 @@ _FWD_HOPPER_GPU = [
     (64, 64, 4, 3), (64, 128, 4, 2),
     (128, 32, 8, 2), (64, 32, 4, 2),
 ]
-_KEY = ["HEAD_D", "TUNE_BUCKET", "CAUSAL", "MASK_KIND", "VARLEN"]
+_KEY = ["HEAD_D", "TUNE_BUCKET", "CAUSAL", "MASK_KIND", "VARLEN", "HOST_DESC"]
+
+
+def _set_boxes(args: dict) -> None:
+    """Fit host descriptors' boxes to a config's tiles: Q and O to BLOCK_M rows, K and V to
+    BLOCK_N (the autotuner calls this before it times or launches each config; `launch`
+    calls it for the config it launches directly). Device descriptors need nothing."""
+    q = args["Q"]
+    if isinstance(q, TensorDescriptor):
+        m, n, d = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_D"]
+        q.block_shape = args["O"].block_shape = [1, 1, m, d]
+        args["K"].block_shape = args["V"].block_shape = [1, 1, n, d]
 
 
 def _configs():
     if interpreting():  # one config (the interpreter cannot autotune), big enough to be quick
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _FWD_HOPPER_GPU]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1, pre_hook=_set_boxes)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=_set_boxes)
+            for m, n, w, s in _FWD_HOPPER_GPU]
 
 
 attn_fwd_hopper = _attn_fwd_hopper
@@ -325,15 +373,73 @@ def ensure_allocator() -> None:
     _allocator_ready.add(ident)
 
 
+# Where the forward's tensor descriptors are made:
+# "device" (the default): every program writes its own four into global scratch
+#     (tl.make_tensor_descriptor) and fences them for the TMA unit (four fence.proxy.tensormap
+#     per program in the sm_90a PTX) before its first load. Packed varlen sequences, whose
+#     bounds are per sequence, always take it. The H100 run of 2026-11-26 measured this one.
+# "host": one 4-D (B, H, L, D) TensorDescriptor per tensor per call (~5 µs of host time for the
+#     four on this project's CPU), passed as kernel parameters, so a program's first
+#     instruction can be its Q load: FlashAttention-3's and the Triton tutorial's way. The
+#     per-program cost it removes weighs most where programs are many and short (B32 L512:
+#     the Hopper forward was 0.83x the portable one there). Unmeasured on a GPU: opt-in
+#     (FUSEFORMER_HOPPER_DESCRIPTORS=host, set_descriptors) until the next GPU run times it
+#     (the bench's fuseformer-triton-hopper-host).
+DESCRIPTOR_PLACES = ("device", "host")
+
+
+def _place(name, where="set_descriptors") -> str:
+    value = str(name).strip().lower()
+    if value not in DESCRIPTOR_PLACES:
+        raise ValueError(f"{where}: descriptors are made on one of {DESCRIPTOR_PLACES}, got {name!r}")
+    return value
+
+
+DESCRIPTORS = _place(os.environ.get("FUSEFORMER_HOPPER_DESCRIPTORS", "").strip() or "device",
+                     "FUSEFORMER_HOPPER_DESCRIPTORS")
+
+
+def set_descriptors(place: str) -> str:
+    """Choose where the Hopper forward's tensor descriptors are made ("device" or "host");
+    returns the previous choice."""
+    global DESCRIPTORS
+    before, DESCRIPTORS = DESCRIPTORS, _place(place)
+    return before
+
+
+def host_descriptors(tensors, block_d: int):
+    """One 4-D (B, H, L, D) descriptor per tensor, or None where the host cannot describe
+    them: an empty dim (TMA needs positive sizes) or a zero stride (an expanded view)."""
+    out = []
+    for t in tensors:
+        if 0 in t.shape or 0 in t.stride():
+            return None
+        # Filled in directly: TensorDescriptor's own constructor re-validates what
+        # unsupported_reason has checked (16-byte base and strides, unit last stride), ~3 µs a
+        # descriptor here. The box is a placeholder until _set_boxes fits it to the config.
+        desc = object.__new__(TensorDescriptor)
+        desc.base, desc.shape, desc.strides, desc.block_shape = t, list(t.shape), list(t.stride()), [1, 1, 16, block_d]
+        desc.padding = "zero"
+        out.append(desc)
+    return out
+
+
 def launch(grid, args, kwargs, key, autotune: bool) -> None:
     """Launch the kernel: autotuned once per `key` (then the winner directly), or with the
     default config (the interpreter, FUSEFORMER_AUTOTUNE=0)."""
     q = args[0]
-    if q.is_cuda:
+    host = kwargs["HOST_DESC"]
+    base = q.base if host else q
+    if base.is_cuda and not host:
         ensure_allocator()
     if autotune:
+        config = tuned_config(attn_fwd_hopper_tuned, key) if host else None
+        if config is not None:  # launched directly, no pre_hook: fit the boxes here
+            _set_boxes(dict(zip(("Q", "K", "V", "O"), args), **kwargs, **config))
         launch_tuned(attn_fwd_hopper_tuned, attn_fwd_hopper, key, grid, *args, **kwargs)
     else:
-        few = q.is_cuda and grid({"BLOCK_M": 128})[0] < sm_count(q.device)
-        m, n, w, s = default_config(kwargs["BLOCK_D"], q.element_size(), few)
+        few = base.is_cuda and grid({"BLOCK_M": 128})[0] < sm_count(base.device)
+        m, n, w, s = default_config(kwargs["BLOCK_D"], base.element_size(), few)
+        if host:
+            _set_boxes(dict(zip(("Q", "K", "V", "O"), args), BLOCK_M=m, BLOCK_N=n, BLOCK_D=kwargs["BLOCK_D"]))
         attn_fwd_hopper[grid](*args, **kwargs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)

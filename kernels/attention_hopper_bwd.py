@@ -260,33 +260,42 @@ def _attn_bwd_dq_hopper(
 # for wgmma (64 rows per warpgroup), and those still spilled (tests/triton_compile_check.py).
 MAX_BLOCK_D = 128
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): every one spill-free at head dim 128 in both passes
-# (64 x 128 tiles spilled 1 KB in dK/dV; so did 4 warps on 64 x 64 tiles).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) (64 x 128 tiles spilled 1 KB in dK/dV at head dim
+# 128; so did 4 warps on 64 x 64 tiles).
 _BWD_HOPPER_GPU = [(64, 64, 8, 2), (128, 64, 8, 2), (64, 64, 8, 1), (128, 32, 8, 2), (64, 32, 4, 2)]
+# The dK/dV pass at head dim 128 (BLOCK_D > 64) tunes over these only: 64 x 64 with two stages
+# and 64 x 32 over 4 warps reach the 255-register cap there and spilled 84-96 B in some flag
+# cases (causal key padding under triton 3.9; varlen GQA causal under 3.6), where these three
+# stayed spill-free under both (tests/triton_compile_hopper.py compiles each list's cases).
+_BWD_DKDV_HOPPER_GPU_WIDE = [(128, 64, 8, 2), (64, 64, 8, 1), (128, 32, 8, 2)]
 _KEY = ["HEAD_D", "TUNE_BUCKET", "CAUSAL", "MASK_KIND", "VARLEN"]
 
 
-def _configs():
+def _configs(shapes):
     if interpreting():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _BWD_HOPPER_GPU]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-def _tuned(kernel):
-    return triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
+def _tuned(kernel, shapes=_BWD_HOPPER_GPU):
+    return triton.autotune(configs=_configs(shapes), key=_KEY,
+                           prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
 attn_bwd_dkdv_hopper = _attn_bwd_dkdv_hopper
 attn_bwd_dq_hopper = _attn_bwd_dq_hopper
 attn_bwd_dkdv_hopper_tuned = _tuned(_attn_bwd_dkdv_hopper)
+attn_bwd_dkdv_hopper_tuned_wide = _tuned(_attn_bwd_dkdv_hopper, _BWD_DKDV_HOPPER_GPU_WIDE)
 attn_bwd_dq_hopper_tuned = _tuned(_attn_bwd_dq_hopper)
 
 
 def default_config(block_d: int, itemsize: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) without autotuning; fits sm_90 shared memory."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) without autotuning, for both passes; fits
+    sm_90 shared memory and spills nothing (at head dim 128 the dK/dV pass's 64 x 64 tile with
+    two stages did in some flag cases: see _BWD_DKDV_HOPPER_GPU_WIDE)."""
     if interpreting():
         return 64, 64, 4, 1
-    return 64, 64, 8, 2
+    return (128, 32, 8, 2) if block_d > 64 else (64, 64, 8, 2)
 
 
 def launch(grid_dkdv, grid_dq, args_dkdv, args_dq, kwargs, key, autotune: bool) -> None:
@@ -296,7 +305,8 @@ def launch(grid_dkdv, grid_dq, args_dkdv, args_dq, kwargs, key, autotune: bool) 
     if q.is_cuda:
         ensure_allocator()
     if autotune:
-        launch_tuned(attn_bwd_dkdv_hopper_tuned, attn_bwd_dkdv_hopper, key, grid_dkdv, *args_dkdv, **kwargs)
+        dkdv = attn_bwd_dkdv_hopper_tuned_wide if kwargs["BLOCK_D"] > 64 else attn_bwd_dkdv_hopper_tuned
+        launch_tuned(dkdv, attn_bwd_dkdv_hopper, key, grid_dkdv, *args_dkdv, **kwargs)
         launch_tuned(attn_bwd_dq_hopper_tuned, attn_bwd_dq_hopper, key, grid_dq, *args_dq, **kwargs)
         return
     m, n, w, s = default_config(kwargs["BLOCK_D"], q.element_size())

@@ -568,7 +568,9 @@ def _prune(configs, named_args, **kwargs):
     """Drop configs whose tiles cannot fit before compiling them: ptxas spends minutes on a
     128 x 256 fp32 tile that then spills or fails anyway."""
     args = {**named_args, **kwargs}
-    row_bytes = args["BLOCK_D"] * args["Q"].element_size()
+    q = args["Q"]
+    # The Hopper forward may get a host TensorDescriptor (attention_hopper.py): its tensor is .base
+    row_bytes = args["BLOCK_D"] * (q.element_size() if isinstance(q, torch.Tensor) else q.base.element_size())
 
     def fits(c):
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]

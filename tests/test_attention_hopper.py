@@ -27,13 +27,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """Force the Hopper kernels; record each forward launch (its constexprs) and, in
-    `backward_launches`, each backward one."""
+@pytest.fixture(params=HK.DESCRIPTOR_PLACES)
+def launches(monkeypatch, request):
+    """Force the Hopper kernels, their forward's descriptors made on the host and on the
+    device in turn; record each forward launch (its constexprs) and, in `backward_launches`,
+    each backward one."""
     monkeypatch.setattr(_util, "_POISON", True)
     monkeypatch.setattr(A, "AUTOTUNE", False)
     monkeypatch.setattr(A, "ATTENTION_KERNEL", "hopper")
+    monkeypatch.setattr(HK, "DESCRIPTORS", request.param)
     seen = []
     launch, launch_bwd = HK.launch, HKB.launch
 
@@ -89,6 +91,7 @@ def test_parity(launches, dtype, B, H, Lq, Lk, D, causal, mask):
         m = m.to(dtype)
     check_sdpa(q, k, v, m, causal=causal, dtype=dtype)
     assert len(launches) == 1 and len(backward_launches) == 1
+    assert launches[0]["HOST_DESC"] == (HK.DESCRIPTORS == "host")
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -113,6 +116,7 @@ def test_varlen(launches):
     ins = [_leaf(t, torch.float16) for t in (q, k, v)]
     out = K.varlen_attention(*ins, cu_q, cu_k, mq, mk, 0.0, True, backend="triton")
     assert len(launches) == 1 and launches[0]["VARLEN"]
+    assert not launches[0]["HOST_DESC"]  # packed sequences need per-sequence bounds: device descriptors
     assert_varlen_parity(out, ins, (q, k, v), cu_q, cu_k, mq, mk, True, 0.0, None)
     assert len(backward_launches) == 1
 
@@ -184,6 +188,39 @@ def test_head_dim_above_128_runs_the_portable_backward(launches):
     assert len(launches) == 1 and backward_launches == []
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's one-config autotuner; test_gpu_bf16_autotuned on a GPU")
+def test_autotuned_path_fits_the_host_descriptor_boxes(launches, monkeypatch):
+    """The autotuned launch, first through Triton's Autotuner (its configs' pre_hook fits the
+    host descriptors' boxes to each config) and then, the winner kept, straight to the kernel
+    (the launcher fits the boxes itself). A box left at its placeholder would load 16 rows of
+    every tile: the parity check sees it. The interpreter's autotuner has one config."""
+    monkeypatch.setattr(A, "AUTOTUNE", True)
+    monkeypatch.setattr(A, "interpreting", lambda: False)  # the launcher's autotune switch only
+    monkeypatch.setattr(_util, "_tuned_configs", {})
+    q, k, v = _qkv(2, 2, 150, 150, 64)
+    for _ in range(2):
+        check_sdpa(q, k, v, _padding("key_padding", 2, 150), causal=True, dtype=torch.float16, grad=False)
+    assert len(launches) == 2 and all(kw["HOST_DESC"] == (HK.DESCRIPTORS == "host") for kw in launches)
+    assert len(_util._tuned_configs) == 1  # the second call took the kept config
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="checked on the CPU")
+def test_zero_stride_views_take_device_descriptors(launches):
+    """A host descriptor cannot describe a zero stride (keys expanded over the heads): such a
+    call makes its descriptors in the kernel, with the same results."""
+    q, k, v = (t.half() for t in _qkv(2, 3, 40, 40, 32, Hk=1))
+    k_wide, v_wide = (t.expand(-1, 3, -1, -1) for t in (k, v))
+    assert k_wide.stride(1) == 0
+    out = K.scaled_dot_product_attention(q, k_wide, v_wide, is_causal=True, backend="triton")
+    assert len(launches) == 1 and not launches[0]["HOST_DESC"]
+    # The same keys copied out: host descriptors where the place is "host", the same bits.
+    dense = K.scaled_dot_product_attention(q, k_wide.contiguous(), v_wide.contiguous(), is_causal=True,
+                                           backend="triton")
+    assert launches[1]["HOST_DESC"] == (HK.DESCRIPTORS == "host")
+    assert torch.equal(out, dense)
+    check_sdpa(q.float(), k_wide.float(), v_wide.float(), causal=True, dtype=torch.float16, grad=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("D,causal,mask", [(64, False, "key_padding"), (128, True, None), (64, True, "left_padding")])
 def test_gpu_bf16_autotuned(launches, monkeypatch, D, causal, mask):
@@ -207,8 +244,35 @@ def test_bench_peer_runs_the_hopper_kernel_or_refuses(launches, monkeypatch):
                                               backend=backend)
 
     q, k, v = (t.half() for t in _qkv(1, 2, 20, 20, 32))
+    place = HK.DESCRIPTORS
     ops._hopper_impl(call).fn({"q": q, "k": k, "v": v, "mask": None})
     assert len(launches) == 1 and A.get_attention_kernel() == "portable"
+    assert not launches[0]["HOST_DESC"] and HK.DESCRIPTORS == place  # the measured default: device
+    host = ops._hopper_impl(call, descriptors="host")
+    assert host.name == "fuseformer-triton-hopper-host"
+    host.fn({"q": q, "k": k, "v": v, "mask": None})
+    assert len(launches) == 2 and launches[1]["HOST_DESC"] and HK.DESCRIPTORS == place
     with pytest.raises(Refused, match="does not take this case: dtype torch.float32"):
         ops._hopper_impl(call).fn({"q": q.float(), "k": k.float(), "v": v.float(), "mask": None})
-    assert len(launches) == 1
+    assert len(launches) == 2
+
+
+def test_descriptor_place_switch_and_env():
+    before = HK.set_descriptors(" HOST")
+    try:
+        assert HK.DESCRIPTORS == "host"
+        with pytest.raises(ValueError, match="descriptors are made on one of"):
+            HK.set_descriptors("shared")
+        assert HK.DESCRIPTORS == "host"
+    finally:
+        HK.set_descriptors(before)
+    code = "from fuseformer.kernels import attention_hopper as HK; print(HK.DESCRIPTORS)"
+    env = {k: v for k, v in os.environ.items() if k != "FUSEFORMER_HOPPER_DESCRIPTORS"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "device", proc.stderr  # what the H100 run measured
+    env["FUSEFORMER_HOPPER_DESCRIPTORS"] = "host"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "host", proc.stderr
+    env["FUSEFORMER_HOPPER_DESCRIPTORS"] = "gpu"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "FUSEFORMER_HOPPER_DESCRIPTORS: descriptors are made on one of" in proc.stderr

@@ -61,6 +61,21 @@ class Ptr:
         return f"*{self.ty}"
 
 
+class Desc:
+    """A host TensorDescriptor argument over a 4-D (B, H, L, D) tensor: its element type, and
+    the constexpr that sets its box's row count (the launcher fits the box [1, 1, rows,
+    BLOCK_D] to the config), so each config compiles with its own box."""
+
+    def __init__(self, ty: str, rows: str):
+        self.ty, self.rows = ty, rows
+
+    def signature(self, constexprs: dict) -> str:
+        return f"tensordesc<{self.ty}[1,1,{constexprs[self.rows]},{constexprs['BLOCK_D']}]>"
+
+    def __repr__(self):
+        return f"desc<{self.ty}>"
+
+
 DIV16 = [["tt.divisibility", 16]]
 
 
@@ -94,6 +109,8 @@ def specialize(fn, values: dict, constexprs: dict):
         if isinstance(v, Ptr):
             signature[name] = "*" + v.ty
             attrs[(i,)] = DIV16
+        elif isinstance(v, Desc):
+            signature[name] = v.signature(constexprs)
         elif isinstance(v, bool):
             signature[name] = "u1"
         elif isinstance(v, int):
@@ -293,7 +310,7 @@ def build_jobs():
     # --- the Hopper kernels: sm_90 only (triton_compile_hopper.py).
     import triton_compile_hopper
 
-    triton_compile_hopper.add_jobs(jobs, _add, _attn_args, _pick)
+    triton_compile_hopper.add_jobs(jobs, _add, _attn_args, _pick, Desc)
 
     pre_names = set(ak.attn_bwd_preprocess.arg_names)
     for arch in ARCHS:
@@ -329,6 +346,9 @@ PTX_FEATURES = {
     "ld_v4": re.compile(r"\bld\.global(?:\.[a-z0-9_]+)*\.v4\.(?:b32|f32|u32)"),
     "st_v4": re.compile(r"\bst\.global(?:\.[a-z0-9_]+)*\.v4\.(?:b32|f32|u32)"),
     "setmaxnreg": re.compile(r"\bsetmaxnreg"),
+    # A tensor descriptor made in the kernel: written to global scratch, then fenced for the
+    # TMA unit (fence.proxy.tensormap) before its first use, in every program.
+    "tensormap_fence": re.compile(r"\bfence\.proxy\.tensormap"),
 }
 
 

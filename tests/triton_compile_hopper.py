@@ -8,7 +8,7 @@ import importlib
 ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
 
 
-def add_jobs(jobs: list, _add, _attn_args, _pick) -> None:
+def add_jobs(jobs: list, _add, _attn_args, _pick, Desc) -> None:
     """Every autotune config at head dim 128, then the flag cases with default_config's tiles.
     The helpers are triton_compile_check's, passed in: that file runs as a script, and importing
     it back from here would load a second copy of it."""
@@ -16,14 +16,26 @@ def add_jobs(jobs: list, _add, _attn_args, _pick) -> None:
     ahb = importlib.import_module("fuseformer.kernels.attention_hopper_bwd")
     hopper = [("attn_fwd_hopper", ah, ah.attn_fwd_hopper, ah.attn_fwd_hopper_tuned),
               ("attn_bwd_dkdv_hopper", ahb, ahb.attn_bwd_dkdv_hopper, ahb.attn_bwd_dkdv_hopper_tuned),
+              # the dK/dV pass's own config list at head dims above 64 (its launcher's choice)
+              ("attn_bwd_dkdv_wide_hopper", ahb, ahb.attn_bwd_dkdv_hopper, ahb.attn_bwd_dkdv_hopper_tuned_wide),
               ("attn_bwd_dq_hopper", ahb, ahb.attn_bwd_dq_hopper, ahb.attn_bwd_dq_hopper_tuned)]
 
-    def hopper_case(case, configs=None, dt="fp16", D=64, causal=False, few=False, **kw):
+    def hopper_case(case, configs=None, dt="fp16", D=64, causal=False, few=False, host=False, only=None, **kw):
         v, cx = _attn_args(dt, D, **kw)
         cx["CAUSAL"] = causal
+        cx["HOST_DESC"] = host
+        if host:  # the forward's host descriptors (the backward makes its own in the kernel)
+            v.update(Q=Desc(dt, "BLOCK_M"), K=Desc(dt, "BLOCK_N"), V=Desc(dt, "BLOCK_N"), O=Desc(dt, "BLOCK_M"))
         for name, mod, plain, tuned in hopper:
-            if mod is ahb and cx["BLOCK_D"] > ahb.MAX_BLOCK_D:
-                continue  # the portable backward runs those head dims
+            if mod is ahb and (cx["BLOCK_D"] > ahb.MAX_BLOCK_D or host):
+                continue  # the portable backward runs those head dims; host descriptors: forward only
+            if only and name not in only:
+                continue
+            if name.startswith("attn_bwd_dkdv"):
+                # Tuned: each dK/dV config list at the head dims its launcher gives it. Plain
+                # (default config): the one kernel, once.
+                if (cx["BLOCK_D"] > 64) != ("wide" in name) if configs else "wide" in name:
+                    continue
             names = set(plain.arg_names)
             vv, cc = _pick(v, names), _pick(cx, names)
             if configs:
@@ -34,8 +46,23 @@ def add_jobs(jobs: list, _add, _attn_args, _pick) -> None:
                  options=dict(num_warps=w, num_stages=s), label=f"default BLOCK_M={m},BLOCK_N={n},w{w}s{s}")
 
     hopper_case("fp16 d128", configs="all", D=128)
+    hopper_case("bf16 d64", configs="all", dt="bf16", D=64)
+    # Every head-dim-128 dK/dV config in the flag cases where 64 x 64 two-stage tiles spilled.
+    wide = {"attn_bwd_dkdv_wide_hopper"}
+    hopper_case("bf16 d128 keypad-bool causal", configs="all", dt="bf16", D=128, mask="key_padding", causal=True,
+                only=wide)
+    hopper_case("bf16 d128 varlen gqa4 causal", configs="all", dt="bf16", D=128, varlen=True, group=4, causal=True,
+                only=wide)
+    hopper_case("bf16 d128 host descriptors", configs="all", dt="bf16", D=128, host=True)
+    hopper_case("fp16 d64 host descriptors keypad-bool causal gqa2", mask="key_padding", causal=True, group=2,
+                host=True)
+    hopper_case("bf16 d80 host descriptors keypad-float few programs", dt="bf16", D=80, mask="key_padding",
+                mask_float=True, few=True, host=True)
     hopper_case("bf16 d64 keypad-bool causal", dt="bf16", mask="key_padding", causal=True)
     hopper_case("fp16 d80 keypad-float", D=80, mask="key_padding", mask_float=True)
-    hopper_case("bf16 d128 varlen gqa4 causal", dt="bf16", D=128, varlen=True, group=4, causal=True)
+    # Its dK/dV default config (128 x 32, 8 warps, 2 stages) is one of the tuned ones above:
+    # the same compile twice would come from Triton's cache, without a ptxas report.
+    hopper_case("bf16 d128 varlen gqa4 causal", dt="bf16", D=128, varlen=True, group=4, causal=True,
+                only={"attn_fwd_hopper", "attn_bwd_dq_hopper"})
     hopper_case("fp16 d256", D=256)
     hopper_case("bf16 d256 few programs", dt="bf16", D=256, few=True)  # 64-row tiles, autotune off
