@@ -265,14 +265,19 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
             *_strides(dout, varlen),
         )
         tail = (*lse_s, ms[0], ms[3], H, H // Hk, lq, lk, bucket, scale * LOG2E, scale)
+        descs = None
+        if not varlen and _hopper.DESCRIPTORS == "host":
+            descs = _hopper.host_descriptors((q, k, v, dout, dk, dv, dq), flags["BLOCK_D"])
+        # The tensors as the kernels take them: host descriptors, or the tensors themselves.
+        q_, k_, v_, do_, dk_, dv_, dq_ = descs or (q, k, v, dout, dk, dv, dq)
         kwargs = dict(HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], CAUSAL=bool(is_causal), MASK_KIND=kind,
-                      MASK_FLOAT=is_float, VARLEN=varlen, UPCAST=flags["UPCAST"])
-        key = (q.dtype, flags["HEAD_D"], bucket, bool(is_causal), kind, is_float, varlen)
+                      MASK_FLOAT=is_float, VARLEN=varlen, UPCAST=flags["UPCAST"], HOST_DESC=descs is not None)
+        key = (q.dtype, flags["HEAD_D"], bucket, bool(is_causal), kind, is_float, varlen, descs is not None)
         _hopper_bwd.launch(
             lambda meta: (cdiv(lk, meta["BLOCK_N"]) * nbatch * Hk,),
             lambda meta: (cdiv(lq, meta["BLOCK_M"]) * nbatch * H,),
-            (q, k, v, dout, dk, dv, lse, delta, *args, *_strides(dk, varlen), *_strides(dv, varlen), *tail),
-            (q, k, v, dout, dq, lse, delta, *args, *_strides(dq, varlen), *tail),
+            (q_, k_, v_, do_, dk_, dv_, lse, delta, *args, *_strides(dk, varlen), *_strides(dv, varlen), *tail),
+            (q_, k_, v_, do_, dq_, lse, delta, *args, *_strides(dq, varlen), *tail),
             kwargs, key, AUTOTUNE and not interpreting())
         return
     dropout = dropout_p > 0.0

@@ -87,6 +87,15 @@ def _tile(desc, b, h, row, HOST_DESC: tl.constexpr, ROWS: tl.constexpr, BLOCK_D:
 
 
 @triton.jit
+def _store_tile(desc, b, h, row, tile, HOST_DESC: tl.constexpr):
+    """_tile's store: rows past the descriptor's bounds are dropped."""
+    if HOST_DESC:
+        desc.store([b, h, row, 0], tile.reshape(1, 1, tile.shape[0], tile.shape[1]))
+    else:
+        desc.store([row, 0], tile)
+
+
+@triton.jit
 def _hopper_tiles(
     acc, l_i, m_i, q, k_desc, v_desc, kv_b, kv_h, rows, lo, hi, col_lo, col_hi, k_len, mask_row, stride_mn, qk_scale,
     HOST_DESC: tl.constexpr,
@@ -262,11 +271,7 @@ def _attn_fwd_hopper(
 
     dead = l_i == 0.0
     l_safe = tl.where(dead, 1.0, l_i)
-    o = (acc / l_safe[:, None]).to(out_ty)
-    if HOST_DESC:
-        o_desc.store([b, h, start_m, 0], o.reshape(1, 1, BLOCK_M, BLOCK_D))
-    else:
-        o_desc.store([start_m, 0], o)
+    _store_tile(o_desc, b, h, start_m, (acc / l_safe[:, None]).to(out_ty), HOST_DESC)
     lse = tl.where(dead, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     tl.store(LSE + b64 * stride_lb + h64 * stride_lh + (q0 + rows), lse, mask=rows < q_len)
 
@@ -283,21 +288,34 @@ _FWD_HOPPER_GPU = [
 _KEY = ["HEAD_D", "TUNE_BUCKET", "CAUSAL", "MASK_KIND", "VARLEN", "HOST_DESC"]
 
 
-def _set_boxes(args: dict) -> None:
-    """Fit host descriptors' boxes to a config's tiles: Q and O to BLOCK_M rows, K and V to
-    BLOCK_N (the autotuner calls this before it times or launches each config; `launch`
-    calls it for the config it launches directly). Device descriptors need nothing."""
-    q = args["Q"]
-    if isinstance(q, TensorDescriptor):
-        m, n, d = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_D"]
-        q.block_shape = args["O"].block_shape = [1, 1, m, d]
-        args["K"].block_shape = args["V"].block_shape = [1, 1, n, d]
+# Which tile each descriptor parameter of the forward and backward kernels moves.
+_QUERY_ROWS = ("Q", "O", "DO", "DQ")  # BLOCK_M rows
+_KEY_ROWS = ("K", "V", "DK", "DV")  # BLOCK_N rows
+
+
+def set_boxes(args: dict) -> None:
+    """Fit host descriptors' boxes to a config's tiles: the query-side tensors' to BLOCK_M
+    rows, the key-side ones' to BLOCK_N (the autotuner calls this before it times or
+    launches each config; the launchers call it for a config they launch directly). Device
+    descriptors need nothing."""
+    if not isinstance(args["Q"], TensorDescriptor):
+        return
+    d = args["BLOCK_D"]
+    for names, rows in ((_QUERY_ROWS, args["BLOCK_M"]), (_KEY_ROWS, args["BLOCK_N"])):
+        for name in names:
+            if name in args:
+                args[name].block_shape = [1, 1, rows, d]
+
+
+def boxes_for(names, args, kwargs, config) -> None:
+    """set_boxes for a launch given as positional args named `names`, keyword args and a config."""
+    set_boxes(dict(zip(names, args), **kwargs, **config))
 
 
 def _configs():
     if interpreting():  # one config (the interpreter cannot autotune), big enough to be quick
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1, pre_hook=_set_boxes)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=_set_boxes)
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1, pre_hook=set_boxes)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=set_boxes)
             for m, n, w, s in _FWD_HOPPER_GPU]
 
 
@@ -373,13 +391,14 @@ def ensure_allocator() -> None:
     _allocator_ready.add(ident)
 
 
-# Where the forward's tensor descriptors are made:
-# "device" (the default): every program writes its own four into global scratch
-#     (tl.make_tensor_descriptor) and fences them for the TMA unit (four fence.proxy.tensormap
-#     per program in the sm_90a PTX) before its first load. Packed varlen sequences, whose
-#     bounds are per sequence, always take it. The H100 run of 2026-11-26 measured this one.
+# Where the Hopper kernels' tensor descriptors are made (forward, and both backward passes):
+# "device" (the default): every program writes its own into global scratch
+#     (tl.make_tensor_descriptor) and fences them for the TMA unit (4 fence.proxy.tensormap per
+#     forward program, 6 per dK/dV and 5 per dQ program in the sm_90a PTX) before using them.
+#     Packed varlen sequences, whose bounds are per sequence, always take it. The H100 run of
+#     2026-11-26 measured this one.
 # "host": one 4-D (B, H, L, D) TensorDescriptor per tensor per call (~5 µs of host time for the
-#     four on this project's CPU), passed as kernel parameters, so a program's first
+#     forward's four on this project's CPU), passed as kernel parameters, so a program's first
 #     instruction can be its Q load: FlashAttention-3's and the Triton tutorial's way. The
 #     per-program cost it removes weighs most where programs are many and short (B32 L512:
 #     the Hopper forward was 0.83x the portable one there). Unmeasured on a GPU: opt-in
@@ -400,7 +419,7 @@ DESCRIPTORS = _place(os.environ.get("FUSEFORMER_HOPPER_DESCRIPTORS", "").strip()
 
 
 def set_descriptors(place: str) -> str:
-    """Choose where the Hopper forward's tensor descriptors are made ("device" or "host");
+    """Choose where the Hopper kernels' tensor descriptors are made ("device" or "host");
     returns the previous choice."""
     global DESCRIPTORS
     before, DESCRIPTORS = DESCRIPTORS, _place(place)
@@ -416,12 +435,15 @@ def host_descriptors(tensors, block_d: int):
             return None
         # Filled in directly: TensorDescriptor's own constructor re-validates what
         # unsupported_reason has checked (16-byte base and strides, unit last stride), ~3 µs a
-        # descriptor here. The box is a placeholder until _set_boxes fits it to the config.
+        # descriptor here. The box is a placeholder until set_boxes fits it to the config.
         desc = object.__new__(TensorDescriptor)
         desc.base, desc.shape, desc.strides, desc.block_shape = t, list(t.shape), list(t.stride()), [1, 1, 16, block_d]
         desc.padding = "zero"
         out.append(desc)
     return out
+
+
+_FWD_DESCS = ("Q", "K", "V", "O")  # the forward's leading parameters
 
 
 def launch(grid, args, kwargs, key, autotune: bool) -> None:
@@ -435,11 +457,11 @@ def launch(grid, args, kwargs, key, autotune: bool) -> None:
     if autotune:
         config = tuned_config(attn_fwd_hopper_tuned, key) if host else None
         if config is not None:  # launched directly, no pre_hook: fit the boxes here
-            _set_boxes(dict(zip(("Q", "K", "V", "O"), args), **kwargs, **config))
+            boxes_for(_FWD_DESCS, args, kwargs, config)
         launch_tuned(attn_fwd_hopper_tuned, attn_fwd_hopper, key, grid, *args, **kwargs)
     else:
         few = base.is_cuda and grid({"BLOCK_M": 128})[0] < sm_count(base.device)
         m, n, w, s = default_config(kwargs["BLOCK_D"], base.element_size(), few)
         if host:
-            _set_boxes(dict(zip(("Q", "K", "V", "O"), args), BLOCK_M=m, BLOCK_N=n, BLOCK_D=kwargs["BLOCK_D"]))
+            boxes_for(_FWD_DESCS, args, kwargs, dict(BLOCK_M=m, BLOCK_N=n))
         attn_fwd_hopper[grid](*args, **kwargs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)

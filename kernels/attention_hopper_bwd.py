@@ -9,7 +9,9 @@ recomputed beyond what FlashAttention does:
   in registers (no atomics).
 - dQ: one program per query block; it walks the key tiles.
 Q, dO, K, V come through tensor descriptors (TMA on sm_90, zero-filled past a sequence's end
-and past HEAD_D); dQ, dK, dV leave through them (the store drops rows past the end). So the
+and past HEAD_D); dQ, dK, dV leave through them (the store drops rows past the end). They are
+made in each program or, with HOST_DESC, passed in from the host as 4-D (B, H, L, D)
+descriptors whose bounds do the same (attention_hopper.DESCRIPTORS says which and why). So the
 dK/dV pass needs no key bounds at all: keys past the end only produce dK/dV rows that are
 never stored, and query rows past the end have lse = +inf, hence P = 0. Only causal diagonal
 tiles (and, in the dQ pass, the ragged last key tile) take the per-element select in the dQ
@@ -21,25 +23,28 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._util import launch_tuned
-from .attention_hopper import ensure_allocator
+from ._util import launch_tuned, tuned_config
+from .attention_hopper import _store_tile, _tile, boxes_for, ensure_allocator, set_boxes
 from .attention_kernels import _flat_pid, _key_range, _prune, _scores, _seq_bounds
 from .backends import interpreting
 
 
 @triton.jit
 def _dkdv_tiles(
-    dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, cols, col_ok, lo, hi, q_len, mask_row, stride_mn, qk_scale,
+    dk, dv, k, v, q_desc, do_desc, b, h, lse_base, delta_base, cols, col_ok, lo, hi, q_len, mask_row, stride_mn,
+    qk_scale,
+    HOST_DESC: tl.constexpr,
     CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_FLOAT: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     for start_m in range(lo, hi, BLOCK_M):
-        q = q_desc.load([start_m, 0])
-        do = do_desc.load([start_m, 0])
+        q = _tile(q_desc, b, h, start_m, HOST_DESC, BLOCK_M, BLOCK_D)
+        do = _tile(do_desc, b, h, start_m, HOST_DESC, BLOCK_M, BLOCK_D)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -69,7 +74,8 @@ def _dkdv_tiles(
 
 @triton.jit
 def _attn_bwd_dkdv_hopper(
-    Q, K, V, DO, DK, DV, LSE, DELTA, MASK, CU_Q, CU_K,
+    Q, K, V, DO, DK, DV,  # with HOST_DESC: 4-D host TensorDescriptors (attention_hopper.host_descriptors)
+    LSE, DELTA, MASK, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -87,6 +93,7 @@ def _attn_bwd_dkdv_hopper(
     MASK_FLOAT: tl.constexpr,
     VARLEN: tl.constexpr,
     UPCAST: tl.constexpr,
+    HOST_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -99,12 +106,16 @@ def _attn_bwd_dkdv_hopper(
         return
     b64 = b.to(tl.int64)
     hk64 = hk.to(tl.int64)
-    kv_off = b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn
-    k_desc = tl.make_tensor_descriptor(K + kv_off, [k_len, HEAD_D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
-    v_desc = tl.make_tensor_descriptor(V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn, [k_len, HEAD_D],
-                                       [stride_vn, 1], [BLOCK_N, BLOCK_D])
-    k = k_desc.load([start_n, 0])
-    v = v_desc.load([start_n, 0])
+    if HOST_DESC:
+        k_desc, v_desc = K, V
+    else:
+        kv_off = b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn
+        k_desc = tl.make_tensor_descriptor(K + kv_off, [k_len, HEAD_D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn, [k_len, HEAD_D],
+                                           [stride_vn, 1], [BLOCK_N, BLOCK_D])
+    k = _tile(k_desc, b, hk, start_n, HOST_DESC, BLOCK_N, BLOCK_D)
+    v = _tile(v_desc, b, hk, start_n, HOST_DESC, BLOCK_N, BLOCK_D)
+    out_ty = k.dtype
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -129,27 +140,35 @@ def _attn_bwd_dkdv_hopper(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(0, GROUP):
-        h64 = (hk * GROUP + g).to(tl.int64)
-        q_desc = tl.make_tensor_descriptor(Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm, [q_rows, HEAD_D],
-                                           [stride_qm, 1], [BLOCK_M, BLOCK_D])
-        do_desc = tl.make_tensor_descriptor(DO + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom,
-                                            [q_rows, HEAD_D], [stride_dom, 1], [BLOCK_M, BLOCK_D])
+        h = hk * GROUP + g
+        h64 = h.to(tl.int64)
+        if HOST_DESC:
+            q_desc, do_desc = Q, DO
+        else:
+            q_desc = tl.make_tensor_descriptor(Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm,
+                                               [q_rows, HEAD_D], [stride_qm, 1], [BLOCK_M, BLOCK_D])
+            do_desc = tl.make_tensor_descriptor(DO + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom,
+                                                [q_rows, HEAD_D], [stride_dom, 1], [BLOCK_M, BLOCK_D])
         lse_base = LSE + b64 * stride_lb + h64 * stride_lh + q0
         delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + q0
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, cols, col_ok, lo, q_hi, q_len,
-                             mask_row, stride_mn, qk_scale, CAUSAL, MASK_KIND, MASK_FLOAT, UPCAST, BLOCK_M,
-                             BLOCK_N)
-    dk_desc = tl.make_tensor_descriptor(DK + b64 * stride_dkb + hk64 * stride_dkh + k0 * stride_dkn, [k_len, HEAD_D],
-                                        [stride_dkn, 1], [BLOCK_N, BLOCK_D])
-    dv_desc = tl.make_tensor_descriptor(DV + b64 * stride_dvb + hk64 * stride_dvh + k0 * stride_dvn, [k_len, HEAD_D],
-                                        [stride_dvn, 1], [BLOCK_N, BLOCK_D])
-    dk_desc.store([start_n, 0], (dk * sm_scale).to(DK.dtype.element_ty))
-    dv_desc.store([start_n, 0], dv.to(DV.dtype.element_ty))
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, b, h, lse_base, delta_base, cols, col_ok, lo, q_hi,
+                             q_len, mask_row, stride_mn, qk_scale, HOST_DESC, CAUSAL, MASK_KIND, MASK_FLOAT, UPCAST,
+                             BLOCK_M, BLOCK_N, BLOCK_D)
+    if HOST_DESC:
+        dk_desc, dv_desc = DK, DV
+    else:
+        dk_desc = tl.make_tensor_descriptor(DK + b64 * stride_dkb + hk64 * stride_dkh + k0 * stride_dkn,
+                                            [k_len, HEAD_D], [stride_dkn, 1], [BLOCK_N, BLOCK_D])
+        dv_desc = tl.make_tensor_descriptor(DV + b64 * stride_dvb + hk64 * stride_dvh + k0 * stride_dvn,
+                                            [k_len, HEAD_D], [stride_dvn, 1], [BLOCK_N, BLOCK_D])
+    _store_tile(dk_desc, b, hk, start_n, (dk * sm_scale).to(out_ty), HOST_DESC)
+    _store_tile(dv_desc, b, hk, start_n, dv.to(out_ty), HOST_DESC)
 
 
 @triton.jit
 def _dq_tiles(
-    dq, q, do, lse2, delta, k_desc, v_desc, rows, row_ok, lo, hi, k_len, mask_row, stride_mn, qk_scale,
+    dq, q, do, lse2, delta, k_desc, v_desc, b, hk, rows, row_ok, lo, hi, k_len, mask_row, stride_mn, qk_scale,
+    HOST_DESC: tl.constexpr,
     CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_FLOAT: tl.constexpr,
@@ -157,10 +176,11 @@ def _dq_tiles(
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
-        k = k_desc.load([start_n, 0])
-        v = v_desc.load([start_n, 0])
+        k = _tile(k_desc, b, hk, start_n, HOST_DESC, BLOCK_N, BLOCK_D)
+        v = _tile(v_desc, b, hk, start_n, HOST_DESC, BLOCK_N, BLOCK_D)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -179,7 +199,8 @@ def _dq_tiles(
 
 @triton.jit
 def _attn_bwd_dq_hopper(
-    Q, K, V, DO, DQ, LSE, DELTA, MASK, CU_Q, CU_K,
+    Q, K, V, DO, DQ,  # with HOST_DESC: 4-D host TensorDescriptors
+    LSE, DELTA, MASK, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -196,6 +217,7 @@ def _attn_bwd_dq_hopper(
     MASK_FLOAT: tl.constexpr,
     VARLEN: tl.constexpr,
     UPCAST: tl.constexpr,
+    HOST_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -209,18 +231,25 @@ def _attn_bwd_dq_hopper(
         return
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    hk64 = (h // GROUP).to(tl.int64)
-    q_desc = tl.make_tensor_descriptor(Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm, [q_len, HEAD_D],
-                                       [stride_qm, 1], [BLOCK_M, BLOCK_D])
-    do_desc = tl.make_tensor_descriptor(DO + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom, [q_len, HEAD_D],
-                                        [stride_dom, 1], [BLOCK_M, BLOCK_D])
-    kv_rows = tl.maximum(k_len, 1)
-    k_desc = tl.make_tensor_descriptor(K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn, [kv_rows, HEAD_D],
-                                       [stride_kn, 1], [BLOCK_N, BLOCK_D])
-    v_desc = tl.make_tensor_descriptor(V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn, [kv_rows, HEAD_D],
-                                       [stride_vn, 1], [BLOCK_N, BLOCK_D])
-    q = q_desc.load([start_m, 0])
-    do = do_desc.load([start_m, 0])
+    hk = h // GROUP
+    if HOST_DESC:
+        q_desc, do_desc, k_desc, v_desc, dq_desc = Q, DO, K, V, DQ
+    else:
+        hk64 = hk.to(tl.int64)
+        q_desc = tl.make_tensor_descriptor(Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm, [q_len, HEAD_D],
+                                           [stride_qm, 1], [BLOCK_M, BLOCK_D])
+        do_desc = tl.make_tensor_descriptor(DO + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom,
+                                            [q_len, HEAD_D], [stride_dom, 1], [BLOCK_M, BLOCK_D])
+        kv_rows = tl.maximum(k_len, 1)
+        k_desc = tl.make_tensor_descriptor(K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn,
+                                           [kv_rows, HEAD_D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn,
+                                           [kv_rows, HEAD_D], [stride_vn, 1], [BLOCK_N, BLOCK_D])
+        dq_desc = tl.make_tensor_descriptor(DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqm,
+                                            [q_len, HEAD_D], [stride_dqm, 1], [BLOCK_M, BLOCK_D])
+    q = _tile(q_desc, b, h, start_m, HOST_DESC, BLOCK_M, BLOCK_D)
+    do = _tile(do_desc, b, h, start_m, HOST_DESC, BLOCK_M, BLOCK_D)
+    out_ty = q.dtype
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -236,8 +265,8 @@ def _attn_bwd_dq_hopper(
         lo, hi = _key_range(mask_row, stride_mn, k_len, MASK_FLOAT, BLOCK_N)
         if CAUSAL:
             hi = tl.minimum(hi, start_m + BLOCK_M)
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_desc, v_desc, rows, row_ok, lo, hi, k_len, mask_row, stride_mn,
-                       qk_scale, CAUSAL, 1, MASK_FLOAT, True, UPCAST, BLOCK_M, BLOCK_N)
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_desc, v_desc, b, hk, rows, row_ok, lo, hi, k_len, mask_row,
+                       stride_mn, qk_scale, HOST_DESC, CAUSAL, 1, MASK_FLOAT, True, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
     else:
         hi = k_len
         full_end = k_len
@@ -246,13 +275,11 @@ def _attn_bwd_dq_hopper(
             full_end = tl.minimum(full_end, start_m + 1)
         # Key tiles below `mid` are whole and on or below the diagonal: no select.
         mid = (full_end // BLOCK_N) * BLOCK_N
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_desc, v_desc, rows, row_ok, 0, mid, k_len, mask_row, stride_mn,
-                       qk_scale, CAUSAL, 0, False, False, UPCAST, BLOCK_M, BLOCK_N)
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_desc, v_desc, rows, row_ok, mid, hi, k_len, mask_row, stride_mn,
-                       qk_scale, CAUSAL, 0, False, True, UPCAST, BLOCK_M, BLOCK_N)
-    dq_desc = tl.make_tensor_descriptor(DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqm, [q_len, HEAD_D],
-                                        [stride_dqm, 1], [BLOCK_M, BLOCK_D])
-    dq_desc.store([start_m, 0], (dq * sm_scale).to(DQ.dtype.element_ty))
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_desc, v_desc, b, hk, rows, row_ok, 0, mid, k_len, mask_row,
+                       stride_mn, qk_scale, HOST_DESC, CAUSAL, 0, False, False, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_desc, v_desc, b, hk, rows, row_ok, mid, hi, k_len, mask_row,
+                       stride_mn, qk_scale, HOST_DESC, CAUSAL, 0, False, True, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+    _store_tile(dq_desc, b, h, start_m, (dq * sm_scale).to(out_ty), HOST_DESC)
 
 
 # Head dims above this take the portable backward: the dK/dV pass holds two (BLOCK_N, BLOCK_D)
@@ -272,9 +299,11 @@ _KEY = ["HEAD_D", "TUNE_BUCKET", "CAUSAL", "MASK_KIND", "VARLEN"]
 
 
 def _configs(shapes):
+    # set_boxes: host descriptors (HOST_DESC) get each config's tile boxes before it runs.
     if interpreting():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1, pre_hook=set_boxes)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=set_boxes)
+            for m, n, w, s in shapes]
 
 
 def _tuned(kernel, shapes=_BWD_HOPPER_GPU):
@@ -298,18 +327,34 @@ def default_config(block_d: int, itemsize: int):
     return (128, 32, 8, 2) if block_d > 64 else (64, 64, 8, 2)
 
 
+_DKDV_DESCS = ("Q", "K", "V", "DO", "DK", "DV")  # the passes' leading parameters
+_DQ_DESCS = ("Q", "K", "V", "DO", "DQ")
+
+
 def launch(grid_dkdv, grid_dq, args_dkdv, args_dq, kwargs, key, autotune: bool) -> None:
     """Both passes (the launcher has run the preprocess): autotuned once per key, or with
-    the default config (the interpreter, FUSEFORMER_AUTOTUNE=0)."""
+    the default config (the interpreter, FUSEFORMER_AUTOTUNE=0). With host descriptors
+    (kwargs["HOST_DESC"]) the two passes share them: each launch fits their boxes to its own
+    config first (the launcher encodes the TMA maps at launch, so the refit between the passes
+    leaves the first alone)."""
     q = args_dkdv[0]
-    if q.is_cuda:
+    host = kwargs["HOST_DESC"]
+    base = q.base if host else q
+    if base.is_cuda and not host:
         ensure_allocator()
+    passes = ((attn_bwd_dkdv_hopper_tuned_wide if kwargs["BLOCK_D"] > 64 else attn_bwd_dkdv_hopper_tuned,
+               attn_bwd_dkdv_hopper, _DKDV_DESCS, grid_dkdv, args_dkdv),
+              (attn_bwd_dq_hopper_tuned, attn_bwd_dq_hopper, _DQ_DESCS, grid_dq, args_dq))
     if autotune:
-        dkdv = attn_bwd_dkdv_hopper_tuned_wide if kwargs["BLOCK_D"] > 64 else attn_bwd_dkdv_hopper_tuned
-        launch_tuned(dkdv, attn_bwd_dkdv_hopper, key, grid_dkdv, *args_dkdv, **kwargs)
-        launch_tuned(attn_bwd_dq_hopper_tuned, attn_bwd_dq_hopper, key, grid_dq, *args_dq, **kwargs)
+        for tuned, plain, names, grid, args in passes:
+            config = tuned_config(tuned, key) if host else None
+            if config is not None:  # launched directly, no pre_hook: fit the boxes here
+                boxes_for(names, args, kwargs, config)
+            launch_tuned(tuned, plain, key, grid, *args, **kwargs)
         return
-    m, n, w, s = default_config(kwargs["BLOCK_D"], q.element_size())
+    m, n, w, s = default_config(kwargs["BLOCK_D"], base.element_size())
     cfg = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
-    attn_bwd_dkdv_hopper[grid_dkdv](*args_dkdv, **kwargs, **cfg)
-    attn_bwd_dq_hopper[grid_dq](*args_dq, **kwargs, **cfg)
+    for _, plain, names, grid, args in passes:
+        if host:
+            boxes_for(names, args, kwargs, cfg)
+        plain[grid](*args, **kwargs, **cfg)

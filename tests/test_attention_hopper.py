@@ -91,7 +91,7 @@ def test_parity(launches, dtype, B, H, Lq, Lk, D, causal, mask):
         m = m.to(dtype)
     check_sdpa(q, k, v, m, causal=causal, dtype=dtype)
     assert len(launches) == 1 and len(backward_launches) == 1
-    assert launches[0]["HOST_DESC"] == (HK.DESCRIPTORS == "host")
+    assert launches[0]["HOST_DESC"] == backward_launches[0]["HOST_DESC"] == (HK.DESCRIPTORS == "host")
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -190,18 +190,21 @@ def test_head_dim_above_128_runs_the_portable_backward(launches):
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's one-config autotuner; test_gpu_bf16_autotuned on a GPU")
 def test_autotuned_path_fits_the_host_descriptor_boxes(launches, monkeypatch):
-    """The autotuned launch, first through Triton's Autotuner (its configs' pre_hook fits the
-    host descriptors' boxes to each config) and then, the winner kept, straight to the kernel
-    (the launcher fits the boxes itself). A box left at its placeholder would load 16 rows of
-    every tile: the parity check sees it. The interpreter's autotuner has one config."""
+    """The autotuned launches of the forward and of both backward passes, first through
+    Triton's Autotuner (its configs' pre_hook fits the host descriptors' boxes to each config)
+    and then, the winner kept, straight to the kernel (the launcher fits the boxes itself). A
+    box left at its placeholder would move 16 rows of every tile: the parity checks see it.
+    The interpreter's autotuner has one config."""
     monkeypatch.setattr(A, "AUTOTUNE", True)
-    monkeypatch.setattr(A, "interpreting", lambda: False)  # the launcher's autotune switch only
+    monkeypatch.setattr(A, "interpreting", lambda: False)  # the launchers' autotune switch only
     monkeypatch.setattr(_util, "_tuned_configs", {})
     q, k, v = _qkv(2, 2, 150, 150, 64)
     for _ in range(2):
-        check_sdpa(q, k, v, _padding("key_padding", 2, 150), causal=True, dtype=torch.float16, grad=False)
-    assert len(launches) == 2 and all(kw["HOST_DESC"] == (HK.DESCRIPTORS == "host") for kw in launches)
-    assert len(_util._tuned_configs) == 1  # the second call took the kept config
+        check_sdpa(q, k, v, _padding("key_padding", 2, 150), causal=True, dtype=torch.float16)
+    host = HK.DESCRIPTORS == "host"
+    assert len(launches) == len(backward_launches) == 2
+    assert all(kw["HOST_DESC"] == host for kw in launches + backward_launches)
+    assert len(_util._tuned_configs) == 3  # forward, dK/dV, dQ: the second call took the kept configs
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="checked on the CPU")

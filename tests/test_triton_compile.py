@@ -184,13 +184,14 @@ def test_hopper_kernels_are_wgmma_tma_and_spill_free(compiled):
         if r["spill_bytes"]:
             problems.append(f"{r['spill_bytes']} B of spills: {_where(r)}")
     assert not problems, "\n".join(problems)
-    # Where the forward's descriptors come from: made in the kernel, each is fenced for the
-    # TMA unit in every program; passed from the host (HOST_DESC), none is.
-    forward = [r for r in hopper if r["kernel"] == "attn_fwd_hopper" and r["ok"]]
-    host = [r for r in forward if r["constexprs"].get("HOST_DESC")]
-    assert host and len(host) < len(forward)
-    assert not any(r["ptx"]["tensormap_fence"] for r in host)
-    assert all(r["ptx"]["tensormap_fence"] for r in forward if r not in host)
+    # Where the descriptors come from: made in the kernel, each is fenced for the TMA unit in
+    # every program; passed from the host (HOST_DESC), none is. Each kernel compiles both ways.
+    for kernel in kernels:
+        made = [r for r in hopper if r["kernel"] == kernel and r["ok"]]
+        host = [r for r in made if r["constexprs"].get("HOST_DESC")]
+        assert host and len(host) < len(made), kernel
+        assert not any(r["ptx"]["tensormap_fence"] for r in host), kernel
+        assert all(r["ptx"]["tensormap_fence"] for r in made if r not in host), kernel
     # The control: the portable kernels' sm_90 compiles load through pointers (cp.async at
     # most), so the TMA needle above tells the two designs apart.
     portable = [r for r in compiled["results"] if r["kernel"].startswith("attn_") and r["arch"] == 90 and r["ok"]

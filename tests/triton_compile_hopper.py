@@ -24,11 +24,12 @@ def add_jobs(jobs: list, _add, _attn_args, _pick, Desc) -> None:
         v, cx = _attn_args(dt, D, **kw)
         cx["CAUSAL"] = causal
         cx["HOST_DESC"] = host
-        if host:  # the forward's host descriptors (the backward makes its own in the kernel)
-            v.update(Q=Desc(dt, "BLOCK_M"), K=Desc(dt, "BLOCK_N"), V=Desc(dt, "BLOCK_N"), O=Desc(dt, "BLOCK_M"))
+        if host:  # 4-D host descriptors, boxed by BLOCK_M (query side) or BLOCK_N (key side)
+            v.update({n: Desc(dt, "BLOCK_M") for n in ("Q", "O", "DO", "DQ")})
+            v.update({n: Desc(dt, "BLOCK_N") for n in ("K", "V", "DK", "DV")})
         for name, mod, plain, tuned in hopper:
-            if mod is ahb and (cx["BLOCK_D"] > ahb.MAX_BLOCK_D or host):
-                continue  # the portable backward runs those head dims; host descriptors: forward only
+            if mod is ahb and cx["BLOCK_D"] > ahb.MAX_BLOCK_D:
+                continue  # the portable backward runs those head dims
             if only and name not in only:
                 continue
             if name.startswith("attn_bwd_dkdv"):
