@@ -42,8 +42,8 @@ from . import attention_hopper as _hopper
 from . import attention_hopper_bwd as _hopper_bwd
 from ._util import cdiv, device_guard, launch_tuned, new_output, new_output_like, next_pow2
 from .launch import launch
-from .backends import (BackendUnsupportedError, Impl, get_backend, get_impl, interpreting, register_impl, resolve,
-                       warn_fallback)
+from .backends import (BackendUnsupportedError, Impl, choice, env_choice, get_backend, get_impl, interpreting,
+                       register_impl, resolve, warn_fallback)
 from .checks import check_causal_and_scale, check_prob, check_same, check_tensor, same_floats
 
 Tensor = torch.Tensor
@@ -72,15 +72,7 @@ def set_autotune(enabled: bool) -> None:
 ATTENTION_KERNELS = ("auto", "portable", "hopper")
 
 
-def _kernel_name(name, where="set_attention_kernel"):
-    value = str(name).strip().lower()
-    if value not in ATTENTION_KERNELS:
-        raise ValueError(f"{where}: unknown attention kernel {name!r}; expected one of {ATTENTION_KERNELS}")
-    return value
-
-
-ATTENTION_KERNEL = _kernel_name(os.environ.get("FUSEFORMER_ATTENTION_KERNEL", "").strip() or "auto",
-                                "FUSEFORMER_ATTENTION_KERNEL")
+ATTENTION_KERNEL = env_choice("FUSEFORMER_ATTENTION_KERNEL", ATTENTION_KERNELS, "auto", "attention kernel")
 
 
 def _hopper_forward_measured_faster(head_dim: int, lk: int, is_causal: bool) -> bool:
@@ -91,7 +83,8 @@ def _hopper_forward_measured_faster(head_dim: int, lk: int, is_causal: bool) -> 
 def set_attention_kernel(name: str) -> str:
     """Choose the kernels ("auto", "portable" or "hopper"); returns the previous choice."""
     global ATTENTION_KERNEL
-    before, ATTENTION_KERNEL = ATTENTION_KERNEL, _kernel_name(name)
+    before, ATTENTION_KERNEL = ATTENTION_KERNEL, choice(name, ATTENTION_KERNELS, "attention kernel",
+                                                        "set_attention_kernel")
     return before
 
 

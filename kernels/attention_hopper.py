@@ -41,7 +41,6 @@ compute; tests/test_triton_compile.py notes it should a newer Triton start speci
 """
 from __future__ import annotations
 
-import os
 import threading
 from typing import Optional
 
@@ -52,7 +51,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._util import launch_tuned, sm_count, tuned_config
 from .attention_kernels import _flat_pid, _key_range, _prune, _scores, _seq_bounds
-from .backends import interpreting
+from .backends import choice, env_choice, interpreting
 
 
 @triton.jit
@@ -72,6 +71,15 @@ def _key_span(mask_row, stride_mn, k_len, BLOCK_N: tl.constexpr):
         live_n += tl.sum(live.to(tl.int32), 0)
     end = tl.maximum(last + 1, first)  # no live key: an empty span [k_len, k_len)
     return first, end, live_n != end - first
+
+
+@triton.jit
+def _seq_desc(base, b64, h64, row0, stride_b, stride_h, stride_row, rows, HEAD_D: tl.constexpr,
+              BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A device descriptor over rows [row0, row0 + rows) of one (batch, head) of a (B, H, L, D)
+    tensor, boxed [BLOCK, BLOCK_D]: bounds that are the sequence's own (packed varlen)."""
+    return tl.make_tensor_descriptor(base + b64 * stride_b + h64 * stride_h + row0 * stride_row, [rows, HEAD_D],
+                                     [stride_row, 1], [BLOCK, BLOCK_D])
 
 
 @triton.jit
@@ -227,14 +235,10 @@ def _attn_fwd_hopper(
         # tile reads (the loops below are empty).
         hk64 = hk.to(tl.int64)
         kv_rows = tl.maximum(k_len, 1)
-        q_desc = tl.make_tensor_descriptor(Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm,
-                                           [q_len, HEAD_D], [stride_qm, 1], [BLOCK_M, BLOCK_D])
-        k_desc = tl.make_tensor_descriptor(K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn,
-                                           [kv_rows, HEAD_D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn,
-                                           [kv_rows, HEAD_D], [stride_vn, 1], [BLOCK_N, BLOCK_D])
-        o_desc = tl.make_tensor_descriptor(O + b64 * stride_ob + h64 * stride_oh + q0 * stride_om,
-                                           [q_len, HEAD_D], [stride_om, 1], [BLOCK_M, BLOCK_D])
+        q_desc = _seq_desc(Q, b64, h64, q0, stride_qb, stride_qh, stride_qm, q_len, HEAD_D, BLOCK_M, BLOCK_D)
+        k_desc = _seq_desc(K, b64, hk64, k0, stride_kb, stride_kh, stride_kn, kv_rows, HEAD_D, BLOCK_N, BLOCK_D)
+        v_desc = _seq_desc(V, b64, hk64, k0, stride_vb, stride_vh, stride_vn, kv_rows, HEAD_D, BLOCK_N, BLOCK_D)
+        o_desc = _seq_desc(O, b64, h64, q0, stride_ob, stride_oh, stride_om, q_len, HEAD_D, BLOCK_M, BLOCK_D)
     q = _tile(q_desc, b, h, start_m, HOST_DESC, BLOCK_M, BLOCK_D)
     out_ty = q.dtype
     if UPCAST:
@@ -407,22 +411,14 @@ def ensure_allocator() -> None:
 DESCRIPTOR_PLACES = ("device", "host")
 
 
-def _place(name, where="set_descriptors") -> str:
-    value = str(name).strip().lower()
-    if value not in DESCRIPTOR_PLACES:
-        raise ValueError(f"{where}: descriptors are made on one of {DESCRIPTOR_PLACES}, got {name!r}")
-    return value
-
-
-DESCRIPTORS = _place(os.environ.get("FUSEFORMER_HOPPER_DESCRIPTORS", "").strip() or "device",
-                     "FUSEFORMER_HOPPER_DESCRIPTORS")
+DESCRIPTORS = env_choice("FUSEFORMER_HOPPER_DESCRIPTORS", DESCRIPTOR_PLACES, "device", "descriptor place")
 
 
 def set_descriptors(place: str) -> str:
     """Choose where the Hopper kernels' tensor descriptors are made ("device" or "host");
     returns the previous choice."""
     global DESCRIPTORS
-    before, DESCRIPTORS = DESCRIPTORS, _place(place)
+    before, DESCRIPTORS = DESCRIPTORS, choice(place, DESCRIPTOR_PLACES, "descriptor place", "set_descriptors")
     return before
 
 

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._util import launch_tuned, tuned_config
-from .attention_hopper import _store_tile, _tile, boxes_for, ensure_allocator, set_boxes
+from .attention_hopper import _seq_desc, _store_tile, _tile, boxes_for, ensure_allocator, set_boxes
 from .attention_kernels import _flat_pid, _key_range, _prune, _scores, _seq_bounds
 from .backends import interpreting
 
@@ -109,10 +109,8 @@ def _attn_bwd_dkdv_hopper(
     if HOST_DESC:
         k_desc, v_desc = K, V
     else:
-        kv_off = b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn
-        k_desc = tl.make_tensor_descriptor(K + kv_off, [k_len, HEAD_D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn, [k_len, HEAD_D],
-                                           [stride_vn, 1], [BLOCK_N, BLOCK_D])
+        k_desc = _seq_desc(K, b64, hk64, k0, stride_kb, stride_kh, stride_kn, k_len, HEAD_D, BLOCK_N, BLOCK_D)
+        v_desc = _seq_desc(V, b64, hk64, k0, stride_vb, stride_vh, stride_vn, k_len, HEAD_D, BLOCK_N, BLOCK_D)
     k = _tile(k_desc, b, hk, start_n, HOST_DESC, BLOCK_N, BLOCK_D)
     v = _tile(v_desc, b, hk, start_n, HOST_DESC, BLOCK_N, BLOCK_D)
     out_ty = k.dtype
@@ -145,10 +143,9 @@ def _attn_bwd_dkdv_hopper(
         if HOST_DESC:
             q_desc, do_desc = Q, DO
         else:
-            q_desc = tl.make_tensor_descriptor(Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm,
-                                               [q_rows, HEAD_D], [stride_qm, 1], [BLOCK_M, BLOCK_D])
-            do_desc = tl.make_tensor_descriptor(DO + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom,
-                                                [q_rows, HEAD_D], [stride_dom, 1], [BLOCK_M, BLOCK_D])
+            q_desc = _seq_desc(Q, b64, h64, q0, stride_qb, stride_qh, stride_qm, q_rows, HEAD_D, BLOCK_M, BLOCK_D)
+            do_desc = _seq_desc(DO, b64, h64, q0, stride_dob, stride_doh, stride_dom, q_rows, HEAD_D, BLOCK_M,
+                                BLOCK_D)
         lse_base = LSE + b64 * stride_lb + h64 * stride_lh + q0
         delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + q0
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, b, h, lse_base, delta_base, cols, col_ok, lo, q_hi,
@@ -157,10 +154,8 @@ def _attn_bwd_dkdv_hopper(
     if HOST_DESC:
         dk_desc, dv_desc = DK, DV
     else:
-        dk_desc = tl.make_tensor_descriptor(DK + b64 * stride_dkb + hk64 * stride_dkh + k0 * stride_dkn,
-                                            [k_len, HEAD_D], [stride_dkn, 1], [BLOCK_N, BLOCK_D])
-        dv_desc = tl.make_tensor_descriptor(DV + b64 * stride_dvb + hk64 * stride_dvh + k0 * stride_dvn,
-                                            [k_len, HEAD_D], [stride_dvn, 1], [BLOCK_N, BLOCK_D])
+        dk_desc = _seq_desc(DK, b64, hk64, k0, stride_dkb, stride_dkh, stride_dkn, k_len, HEAD_D, BLOCK_N, BLOCK_D)
+        dv_desc = _seq_desc(DV, b64, hk64, k0, stride_dvb, stride_dvh, stride_dvn, k_len, HEAD_D, BLOCK_N, BLOCK_D)
     _store_tile(dk_desc, b, hk, start_n, (dk * sm_scale).to(out_ty), HOST_DESC)
     _store_tile(dv_desc, b, hk, start_n, dv.to(out_ty), HOST_DESC)
 
@@ -236,17 +231,12 @@ def _attn_bwd_dq_hopper(
         q_desc, do_desc, k_desc, v_desc, dq_desc = Q, DO, K, V, DQ
     else:
         hk64 = hk.to(tl.int64)
-        q_desc = tl.make_tensor_descriptor(Q + b64 * stride_qb + h64 * stride_qh + q0 * stride_qm, [q_len, HEAD_D],
-                                           [stride_qm, 1], [BLOCK_M, BLOCK_D])
-        do_desc = tl.make_tensor_descriptor(DO + b64 * stride_dob + h64 * stride_doh + q0 * stride_dom,
-                                            [q_len, HEAD_D], [stride_dom, 1], [BLOCK_M, BLOCK_D])
         kv_rows = tl.maximum(k_len, 1)
-        k_desc = tl.make_tensor_descriptor(K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn,
-                                           [kv_rows, HEAD_D], [stride_kn, 1], [BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn,
-                                           [kv_rows, HEAD_D], [stride_vn, 1], [BLOCK_N, BLOCK_D])
-        dq_desc = tl.make_tensor_descriptor(DQ + b64 * stride_dqb + h64 * stride_dqh + q0 * stride_dqm,
-                                            [q_len, HEAD_D], [stride_dqm, 1], [BLOCK_M, BLOCK_D])
+        q_desc = _seq_desc(Q, b64, h64, q0, stride_qb, stride_qh, stride_qm, q_len, HEAD_D, BLOCK_M, BLOCK_D)
+        do_desc = _seq_desc(DO, b64, h64, q0, stride_dob, stride_doh, stride_dom, q_len, HEAD_D, BLOCK_M, BLOCK_D)
+        k_desc = _seq_desc(K, b64, hk64, k0, stride_kb, stride_kh, stride_kn, kv_rows, HEAD_D, BLOCK_N, BLOCK_D)
+        v_desc = _seq_desc(V, b64, hk64, k0, stride_vb, stride_vh, stride_vn, kv_rows, HEAD_D, BLOCK_N, BLOCK_D)
+        dq_desc = _seq_desc(DQ, b64, h64, q0, stride_dqb, stride_dqh, stride_dqm, q_len, HEAD_D, BLOCK_M, BLOCK_D)
     q = _tile(q_desc, b, h, start_m, HOST_DESC, BLOCK_M, BLOCK_D)
     do = _tile(do_desc, b, h, start_m, HOST_DESC, BLOCK_M, BLOCK_D)
     out_ty = q.dtype

@@ -95,6 +95,20 @@ def check_name(name, what: str = "backend") -> str:
 
 
 
+def choice(name, options, what: str, where: str) -> str:
+    """`name` stripped and lower-cased when it is one of `options`; else a ValueError that
+    says where it was given (an API call or an environment variable) and what was expected."""
+    value = str(name).strip().lower()
+    if value not in options:
+        raise ValueError(f"{where}: unknown {what} {name!r}; expected one of {tuple(options)}")
+    return value
+
+
+def env_choice(variable: str, options, default: str, what: str) -> str:
+    """choice() for an environment variable, read once (at import); empty means `default`."""
+    return choice(os.environ.get(variable, "").strip() or default, options, what, variable)
+
+
 def _env_flag(name: str) -> bool:
     # Triton's own reading of a boolean variable (triton.knobs): these words mean on, any
     # other value (including "false" and "0") means off.
