@@ -3,6 +3,7 @@
 # commands (torch and triton preinstalled there, never reinstalled). One call may run several
 # stages, in order:
 #
+#   bash bench/gpu_session.sh prewarm    # bench/prewarm.py in the background: the bench's compiles, in parallel
 #   bash bench/gpu_session.sh tests      # test_compile first (full tracebacks), the gpu-marked tests, the suite
 #   bash bench/gpu_session.sh profile    # bench/profile_calls.py: where add+LN fwd+bwd's time goes, triton vs cuda
 #   bash bench/gpu_session.sh overhead   # `fuseformer bench --filter overhead`: host µs per eager call
@@ -11,15 +12,19 @@
 #
 # Several stages in one call, each step time-boxed by an environment variable (seconds; defaults
 # COMPILE_TIMEOUT=120 GPU_TESTS_TIMEOUT=200 CSRC_TESTS_TIMEOUT=200 SUITE_TIMEOUT=300 (0 skips the
-# suite) PROFILE_TIMEOUT=120 OVERHEAD_TIMEOUT=120 MODELS_TIMEOUT=240 OPS_TIMEOUT=300), plus the csrc builds (~1-2 min
+# suite) PREWARM_TIMEOUT=240 PROFILE_TIMEOUT=120 OVERHEAD_TIMEOUT=120 MODELS_TIMEOUT=240 OPS_TIMEOUT=300),
+# plus the csrc builds (~1-2 min
 # the first time on a machine, run beside test_compile). SESSION_SECONDS caps every box at what
 # is left of the whole call (20 s kept for a step's SIGINT and the packing), so the last stage gets the rest and ends
 # before the device tool's limit. BENCH_QUICK=1 gives the benchmark's shorter timings;
 # MODELS_FILTER / OPS_FILTER pick and order the cases (default: the targets' cases first, then
-# every other case). Everything in one 600-second command:
+# every other case). `prewarm` runs the bench's cases once in PREWARM_PROCS (4) + 2 processes at
+# once, beside the stages after it, so that the timed run finds Triton's autotune configs and
+# torch.compile's graphs in the on-disk caches (bench/prewarm.py says why); the stages that time
+# anything (profile, overhead, bench) first wait for it. Everything in one 600-second command:
 #   SESSION_SECONDS=585 COMPILE_TIMEOUT=120 GPU_TESTS_TIMEOUT=100 CSRC_TESTS_TIMEOUT=45 SUITE_TIMEOUT=0 \
-#     PROFILE_TIMEOUT=45 OVERHEAD_TIMEOUT=35 MODELS_TIMEOUT=90 OPS_TIMEOUT=600 BENCH_QUICK=1 \
-#     bash bench/gpu_session.sh tests profile overhead bench
+#     PREWARM_TIMEOUT=240 PROFILE_TIMEOUT=45 OVERHEAD_TIMEOUT=35 MODELS_TIMEOUT=90 OPS_TIMEOUT=600 BENCH_QUICK=1 \
+#     bash bench/gpu_session.sh prewarm tests profile overhead bench
 # (H100, 2026-11-26: the csrc builds took 75 s and 131 s side by side; test_compile's first test
 # alone 76 s; the gpu-marked Triton/model tests ran ~3 s each, hence 4 workers now; the csrc
 # ones 25 s on 8 workers; the ops suite's 21 headline cases 251 s.)
@@ -31,9 +36,9 @@
 # bench/results/<device>/ (h100, h200).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh STAGE... (tests, profile, overhead, sanitize, bench)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh STAGE... (prewarm, tests, profile, overhead, sanitize, bench)" >&2; exit 2; }
 for stage in "$@"; do
-    case "$stage" in tests | profile | overhead | sanitize | bench) ;; *) echo "unknown stage $stage" >&2; exit 2 ;; esac
+    case "$stage" in prewarm | tests | profile | overhead | sanitize | bench) ;; *) echo "unknown stage $stage" >&2; exit 2 ;; esac
 done
 if [ -n "${OUT:-}" ]; then
     RESULT_DIR=$OUT
@@ -138,8 +143,36 @@ add_ln_fwd_bwd_16384x4096,linear_gelu_fwd_erf_16384x768x3072,linear_gelu_fwd_tan
 linear_gelu_fwd_bwd_erf_16384x768x3072,attn_fwd_d128_L4096,attn_fwd_d64_L4096,attn_fwd_causal_d64_L4096,\
 attn_fwd_bwd_d64_L2048,attn_fwd_bwd_causal_d64_L2048,attn_fwd_d64_L512,*"
 
+# The prewarm processes (bench/prewarm.py) for both suites, in the background; their own
+# --seconds ends them (SIGINT), the outer timeout only backs that up.
+prewarm_pids=""
+prewarm_start() {
+    local limit
+    limit=$(box "${PREWARM_TIMEOUT:-240}")
+    timed prewarm-ops timeout -s INT -k 10 "$((limit + 15))" python3 -m fuseformer.bench.prewarm --suite ops \
+        --filter "${OPS_FILTER:-$DEFAULT_OPS_FILTER}" ${BENCH_QUICK:+--quick} --procs "${PREWARM_PROCS:-4}" \
+        --seconds "$limit" --logs "$OUT/prewarm" >"$OUT/prewarm_ops.txt" 2>&1 &
+    prewarm_pids="$!"
+    timed prewarm-models timeout -s INT -k 10 "$((limit + 15))" python3 -m fuseformer.bench.prewarm --suite models \
+        --filter "${MODELS_FILTER:-$DEFAULT_MODELS_FILTER}" ${BENCH_QUICK:+--quick} --procs 2 \
+        --seconds "$limit" --logs "$OUT/prewarm" >"$OUT/prewarm_models.txt" 2>&1 &
+    prewarm_pids="$prewarm_pids $!"
+}
+# Before anything that times: compiles beside it would be measured as its time.
+prewarm_wait() {
+    [ -z "$prewarm_pids" ] && return 0
+    # shellcheck disable=SC2086
+    wait $prewarm_pids 2>/dev/null
+    prewarm_pids=""
+    tail -n 8 "$OUT"/prewarm_*.txt
+}
+
+_last_stage=${*: -1}
 run_stage() {
 case "$1" in
+prewarm)
+    prewarm_start
+    ;;
 tests)
     cuda_build_start
     # test_compile.py failed on the last GPU run with its traceback lost: full tracebacks,
@@ -168,12 +201,14 @@ tests)
     ;;
 profile)
     cuda_build_wait
+    prewarm_wait
     timed profile timeout -s INT -k 10 "$(box "${PROFILE_TIMEOUT:-120}")" python3 -m fuseformer.bench.profile_calls \
         >"$OUT/profile.txt" 2>&1
     tail -n 60 "$OUT/profile.txt"
     ;;
 overhead)
     cuda_build_wait  # a build beside it would be timed as host overhead
+    prewarm_wait
     timed overhead timeout -s INT -k 10 "$(box "${OVERHEAD_TIMEOUT:-120}")" python3 -m fuseformer.bench --filter overhead --out "$OUT/overhead" \
         >"$OUT/overhead.txt" 2>&1
     tail -n 30 "$OUT/overhead.txt"
@@ -213,6 +248,7 @@ sanitize)
     ;;
 bench)
     cuda_build_wait
+    prewarm_wait
     # Models first (the eager and CUDA-graph targets), then ops, each time-boxed on its own so
     # that a slow ops run cannot starve the models (MODELS_TIMEOUT, OPS_TIMEOUT seconds).
     # --resume: a second call after a cut-off run continues where the first one stopped, when
@@ -234,6 +270,7 @@ esac
 }
 for stage in "$@"; do
     run_stage "$stage"
+    [ "$stage" = "$_last_stage" ] && prewarm_wait  # never left running past the last stage
     # Packed after every stage as well as at exit: a command killed at the device tool's limit
     # runs no exit trap, and still returns what the finished stages wrote.
     [ -n "${RESULT_DIR:-}" ] && pack

@@ -305,6 +305,12 @@ def _jit_build():
     return module
 
 
+# FUSEFORMER_CUDA_NO_BUILD=1: use an ahead-of-time build only, never start the JIT one (the
+# benchmark's compile-cache prewarm runs with it: processes that would queue behind a build in
+# progress for minutes skip the cuda backend instead, which autotunes nothing).
+_NO_BUILD = backends._env_flag("FUSEFORMER_CUDA_NO_BUILD")
+
+
 def _load() -> None:
     global _module, _reason, _tried
     with _lock:
@@ -318,6 +324,9 @@ def _load() -> None:
             return
         except ImportError:
             pass  # no ahead-of-time build: JIT below
+        if _NO_BUILD:
+            _reason = "no ahead-of-time build of csrc/ (fuseformer._C), and FUSEFORMER_CUDA_NO_BUILD=1 forbids the JIT one"
+            return
         try:
             _module = _jit_build()
         except Exception as err:  # noqa: BLE001 - any build failure becomes the reason

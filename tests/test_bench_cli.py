@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -203,3 +204,48 @@ def test_bad_backend_variable_is_one_line_and_status_2(value):
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "FUSEFORMER_BACKEND must be one of" in lines[0] and value in lines[0], proc.stderr
+
+
+def test_prewarm_plan_deals_the_cases_round_robin():
+    """bench/prewarm.py splits the timed run's cases (its filter and order) over the processes:
+    each case once, the headline ones spread over every group's start, no empty group."""
+    from fuseformer.bench import prewarm
+
+    selected = [c.name for c in cli._select(cli._collect("ops", "cpu"), "add_ln,linear_gelu", False)]
+    groups = prewarm.plan("ops", "add_ln,linear_gelu", False, 3, "cpu")
+    assert len(groups) == 3 and all(groups)
+    assert sorted(sum(groups, [])) == sorted(selected)
+    assert [g[0] for g in groups] == selected[:3]
+    assert prewarm.plan("ops", TINY, False, 8, "cpu") == [[TINY]]  # never more processes than cases
+
+
+def test_prewarm_runs_each_share_in_a_process_of_its_own(tmp_path):
+    """Two cases, two `fuseformer bench` processes, with the cuda backend's JIT build switched
+    off in them; results go to a scratch folder, one log per process to --logs."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "fuseformer.bench.prewarm", "--suite", "ops", "--filter",
+                           f"{TINY},linear_gelu_fwd_erf_17x100x257", "--procs", "2", "--seconds", "200", "--logs",
+                           str(tmp_path), "--device-type", "cpu"], capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "prewarm ops [0] 1 cases, exit 0" in proc.stdout and "prewarm ops [1] 1 cases, exit 0" in proc.stdout
+    logs = sorted(p.name for p in tmp_path.iterdir())
+    assert logs == ["prewarm_ops_0.txt", "prewarm_ops_1.txt"]
+    assert f"{TINY}: ok" in (tmp_path / "prewarm_ops_0.txt").read_text()
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_prewarm_interrupts_what_outlives_its_time_limit(tmp_path, monkeypatch):
+    from fuseformer.bench import prewarm
+
+    seen_env = []
+    real_popen = subprocess.Popen
+
+    def popen(cmd, **kwargs):
+        seen_env.append(kwargs["env"].get("FUSEFORMER_CUDA_NO_BUILD"))
+        return real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
+
+    monkeypatch.setattr(prewarm.subprocess, "Popen", popen)
+    start = time.monotonic()
+    assert prewarm.run([["a"], ["b"]], "ops", False, 1.0, tmp_path) == 1
+    assert time.monotonic() - start < 30  # SIGINT ended them (Python's KeyboardInterrupt), no 60 s sleep
+    assert seen_env == ["1", "1"]

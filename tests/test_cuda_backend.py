@@ -118,6 +118,15 @@ def fresh_loader(monkeypatch):
     return monkeypatch
 
 
+def test_no_build_switch_refuses_the_jit_build(fresh_loader):
+    """FUSEFORMER_CUDA_NO_BUILD=1 (the benchmark prewarm's processes): without an ahead-of-time
+    build the backend is unavailable, with a reason naming the switch, and nothing is built."""
+    fresh_loader.setattr(cuda_backend, "_NO_BUILD", True)
+    fresh_loader.setattr(cuda_backend, "_jit_build", lambda: pytest.fail("the JIT build started"))
+    cuda_backend._load()
+    assert cuda_backend._module is None and "FUSEFORMER_CUDA_NO_BUILD=1" in cuda_backend._reason
+
+
 def test_build_failure_becomes_the_reason(fresh_loader, capsys):
     from torch.utils import cpp_extension
 
