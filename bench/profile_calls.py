@@ -3,6 +3,10 @@ open (bench/results/h100/README.md). There add+LN forward+backward at 16384x768 
 0.853 ms on the triton backend and 0.211 ms on the cuda backend, through the same autograd
 Function, where the bytes it must move take ~0.06 ms.
 
+First, with nothing of ours in the way: host µs of launching a one-element Triton kernel, and of a
+torch add, on the main thread, from another Python thread and from inside an autograd backward
+(the engine's device thread).
+
 For each backend this prints, at that shape:
 - the time per forward+backward (torch.autograd.grad, as the benchmark does), per forward, and
   per direct call of the backward launcher on the main thread (no autograd engine): CUDA-event
@@ -12,7 +16,8 @@ For each backend this prints, at that shape:
   took 0.21);
 - the GPU time of the kernels alone, from torch.profiler's device events;
 - torch.profiler's table of the forward+backward (top rows by CPU time), which shows host gaps,
-  synchronisations and the autograd engine's thread.
+  synchronisations and the autograd engine's thread;
+- on the triton backend, the timing rows again on the opt-in fast launch path.
 
     python -m fuseformer.bench.profile_calls [--M 16384] [--N 768] [--backends triton,cuda]
 """
@@ -85,6 +90,7 @@ def profile_add_layer_norm(M: int, N: int, backends: list[str], iters: int) -> N
     from fuseformer import kernels as K
     from fuseformer.kernels import backends as B
     from fuseformer.kernels.add_layer_norm import _run_forward
+    from fuseformer.kernels.launch import use_fast_launch
 
     device = torch.device("cuda")
     x, r, w, b, dy = _inputs(M, N, torch.bfloat16, device)
@@ -109,12 +115,20 @@ def profile_add_layer_norm(M: int, N: int, backends: list[str], iters: int) -> N
             return impl.backward(dy, None, stream, w, b, mean, rstd, 0.0, None, True)
 
         rows = [("fwd+bwd (autograd.grad)", fwd_bwd), ("fwd (grad-enabled)", fwd), ("bwd launcher, main thread", bwd_direct)]
-        for what, fn in rows:
-            print(f"[{backend}] {what}: {_events_ms(fn, iters):.4f} ms (events, median); "
-                  f"host {_host_us(fn, iters):.1f} us/call")
-        # The same backward launcher from another Python thread (not the autograd engine's):
-        # if only this is slow too, the cost is in launching from a second thread at all.
-        print(f"[{backend}] bwd launcher, another thread: host {_thread_host_us(bwd_direct, iters):.1f} us/call")
+        # The triton rows again on the opt-in fast launch path (kernels/launch.py), which skips
+        # Triton's JITFunction.run: if the slow part is there, these rows show it gone.
+        fast_modes = (False, True) if backend == "triton" else (False,)
+        for fast in fast_modes:
+            label = " [fast launch]" if fast else ""
+            with use_fast_launch(fast):
+                for what, fn in rows:
+                    print(f"[{backend}]{label} {what}: {_events_ms(fn, iters):.4f} ms (events, median); "
+                          f"host {_host_us(fn, iters):.1f} us/call")
+                # The same backward launcher from another Python thread (not the autograd
+                # engine's): if only this is slow too, the cost is in launching from a second
+                # thread at all.
+                print(f"[{backend}]{label} bwd launcher, another thread: host "
+                      f"{_thread_host_us(bwd_direct, iters):.1f} us/call")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
                 fwd_bwd()
@@ -123,6 +137,57 @@ def profile_add_layer_norm(M: int, N: int, backends: list[str], iters: int) -> N
         device_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 10
         print(f"[{backend}] kernels' device time per fwd+bwd (profiler): {device_us:.1f} us")
         print(events.table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=60))
+
+
+def profile_bare_launch(iters: int) -> None:
+    """Host µs of one launch of a one-element Triton kernel: on the main thread, from another
+    Python thread, and from inside an autograd backward (the engine's device thread), beside a
+    torch add on each. Separates what launching Triton from a second thread costs from anything
+    of ours."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _bump(X):
+        tl.store(X, tl.load(X) + 1)
+
+    x = torch.zeros(1, device="cuda")
+
+    def triton_launch():
+        _bump[(1,)](x)
+
+    def torch_add():
+        x.add_(1)
+
+    for what, fn in (("triton launch", triton_launch), ("torch add_", torch_add)):
+        print(f"[bare] {what}: main thread {_host_us(fn, iters):.1f} us/call, another thread "
+              f"{_thread_host_us(fn, iters):.1f} us/call")
+
+    class InBackward(torch.autograd.Function):
+        """Calls `fn` `iters` times inside its backward and times them there."""
+
+        @staticmethod
+        def forward(ctx, t, fn):
+            ctx.fn = fn
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            ctx.fn()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(iters):
+                ctx.fn()
+            ctx.us = (time.perf_counter() - start) / iters * 1e6
+            timings.append(ctx.us)
+            return g, None
+
+    for what, fn in (("triton launch", triton_launch), ("torch add_", torch_add)):
+        timings = []
+        leaf = torch.zeros(1, device="cuda", requires_grad=True)
+        InBackward.apply(leaf, fn).sum().backward()
+        torch.cuda.synchronize()
+        print(f"[bare] {what} inside an autograd backward (the engine's thread): {timings[0]:.1f} us/call")
 
 
 def main(argv=None) -> int:
@@ -134,6 +199,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
+    profile_bare_launch(args.iters)
     profile_add_layer_norm(args.M, args.N, [s.strip() for s in args.backends.split(",") if s.strip()], args.iters)
     return 0
 
