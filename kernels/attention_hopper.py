@@ -38,6 +38,12 @@ and without it (the tt.warp_specialize hint survives into TTGIR, yet no ttg.warp
 partitions, no setmaxnreg, same registers and shared memory); those releases document it for
 Blackwell. So the producer is TMA itself (one thread issues each copy) and both warpgroups
 compute; tests/test_triton_compile.py notes it should a newer Triton start specializing.
+Nor FlashAttention-3's overlap of one tile's softmax with the next tile's QK^T inside a
+warpgroup: written out by hand (the next QK^T issued before this tile's softmax, its result
+carried to the next iteration), triton 3.9 still waited for that wgmma right after issuing it
+(warp_group_dot_wait pendings=0 in the TTGIR: it keeps a wgmma in flight only when its result
+is a loop-carried accumulator, as P @ V's is), so the tensor cores would idle during the
+softmax either way.
 """
 from __future__ import annotations
 
