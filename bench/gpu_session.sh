@@ -13,8 +13,8 @@
 # Several stages in one call, each step time-boxed by an environment variable (seconds; defaults
 # COMPILE_TIMEOUT=120 GPU_TESTS_TIMEOUT=200 CSRC_TESTS_TIMEOUT=200 SUITE_TIMEOUT=300 (0 skips the
 # suite) PREWARM_TIMEOUT=240 PROFILE_TIMEOUT=120 OVERHEAD_TIMEOUT=120 MODELS_TIMEOUT=240 OPS_TIMEOUT=300),
-# plus the csrc builds (~1-2 min
-# the first time on a machine, run beside test_compile). SESSION_SECONDS caps every box at what
+# plus the csrc builds (~1-2 min the first time on a machine, run beside test_compile).
+# SESSION_SECONDS caps every box at what
 # is left of the whole call (20 s kept for a step's SIGINT and the packing), so the last stage gets the rest and ends
 # before the device tool's limit. BENCH_QUICK=1 gives the benchmark's shorter timings;
 # MODELS_FILTER / OPS_FILTER pick and order the cases (default: the targets' cases first, then
