@@ -308,6 +308,11 @@ attn_bwd_dkdv_hopper_tuned_wide = _tuned(_attn_bwd_dkdv_hopper, _BWD_DKDV_HOPPER
 attn_bwd_dq_hopper_tuned = _tuned(_attn_bwd_dq_hopper)
 
 
+def dkdv_tuned(block_d: int):
+    """The autotuned dK/dV kernel for a BLOCK_D: above 64 it tunes over _BWD_DKDV_HOPPER_GPU_WIDE."""
+    return attn_bwd_dkdv_hopper_tuned_wide if block_d > 64 else attn_bwd_dkdv_hopper_tuned
+
+
 def default_config(block_d: int, itemsize: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) without autotuning, for both passes; fits
     sm_90 shared memory and spills nothing (at head dim 128 the dK/dV pass's 64 x 64 tile with
@@ -332,8 +337,7 @@ def launch(grid_dkdv, grid_dq, args_dkdv, args_dq, kwargs, key, autotune: bool) 
     base = q.base if host else q
     if base.is_cuda and not host:
         ensure_allocator()
-    passes = ((attn_bwd_dkdv_hopper_tuned_wide if kwargs["BLOCK_D"] > 64 else attn_bwd_dkdv_hopper_tuned,
-               attn_bwd_dkdv_hopper, _DKDV_DESCS, grid_dkdv, args_dkdv),
+    passes = ((dkdv_tuned(kwargs["BLOCK_D"]), attn_bwd_dkdv_hopper, _DKDV_DESCS, grid_dkdv, args_dkdv),
               (attn_bwd_dq_hopper_tuned, attn_bwd_dq_hopper, _DQ_DESCS, grid_dq, args_dq))
     if autotune:
         for tuned, plain, names, grid, args in passes:

@@ -25,17 +25,18 @@ def add_jobs(jobs: list, _add, _attn_args, _pick, Desc) -> None:
         cx["CAUSAL"] = causal
         cx["HOST_DESC"] = host
         if host:  # 4-D host descriptors, boxed by BLOCK_M (query side) or BLOCK_N (key side)
-            v.update({n: Desc(dt, "BLOCK_M") for n in ("Q", "O", "DO", "DQ")})
-            v.update({n: Desc(dt, "BLOCK_N") for n in ("K", "V", "DK", "DV")})
+            v.update({n: Desc(dt, "BLOCK_M") for n in ah._QUERY_ROWS})
+            v.update({n: Desc(dt, "BLOCK_N") for n in ah._KEY_ROWS})
         for name, mod, plain, tuned in hopper:
             if mod is ahb and cx["BLOCK_D"] > ahb.MAX_BLOCK_D:
                 continue  # the portable backward runs those head dims
             if only and name not in only:
                 continue
             if name.startswith("attn_bwd_dkdv"):
-                # Tuned: each dK/dV config list at the head dims its launcher gives it. Plain
-                # (default config): the one kernel, once.
-                if (cx["BLOCK_D"] > 64) != ("wide" in name) if configs else "wide" in name:
+                # Tuned: the config list the launcher takes at this head dim (dkdv_tuned).
+                # Plain (default config): the one kernel, once.
+                chosen = tuned is ahb.dkdv_tuned(cx["BLOCK_D"]) if configs else "wide" not in name
+                if not chosen:
                     continue
             names = set(plain.arg_names)
             vv, cc = _pick(v, names), _pick(cx, names)
