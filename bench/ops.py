@@ -7,6 +7,8 @@ parity suite, not a speed one.
 """
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 import math
 
@@ -89,14 +91,35 @@ def _hopper_unavailable() -> str | None:
     return None
 
 
-def _hopper_impl(call, varlen: bool = False, descriptors: str = "device") -> Impl:
-    """Our Triton backend with the opt-in Hopper kernels (kernels/attention_hopper*.py) instead
-    of the portable ones, so one run times both side by side. A case the Hopper kernel does not
-    take (it would run the portable kernel) is refused, never timed under this name.
-    descriptors: where the forward's TMA descriptors are made (attention_hopper.DESCRIPTORS);
-    "host" is timed as its own implementation, fuseformer-triton-hopper-host."""
+@contextlib.contextmanager
+def _attention_switches(kernel: str, descriptors: str = "device", dq: str = "pass"):
+    """The Triton attention's module switches for one timed step, forward and backward
+    together (Impl.context): the backward reads them when autograd runs it, after the
+    forward's call has returned."""
     from fuseformer.kernels import attention as A
     from fuseformer.kernels import attention_hopper as HK
+    from fuseformer.kernels import attention_hopper_bwd as HKB
+
+    before, place, mode = A.set_attention_kernel(kernel), HK.set_descriptors(descriptors), HKB.set_dq_mode(dq)
+    try:
+        yield
+    finally:
+        A.set_attention_kernel(before)
+        HK.set_descriptors(place)
+        HKB.set_dq_mode(mode)
+
+
+def _hopper_impl(call, varlen: bool = False, descriptors: str = "device", dq: str = "pass") -> Impl:
+    """Our Triton backend with the opt-in Hopper kernels (kernels/attention_hopper*.py) instead
+    of the portable ones, forward and backward, so one run times both side by side. A case the
+    Hopper kernel does not take (it would run the portable kernel) is refused, never timed
+    under this name. descriptors: where the TMA descriptors are made
+    (attention_hopper.DESCRIPTORS); "host" is timed as its own implementation,
+    fuseformer-triton-hopper-host. dq: how the backward makes dQ
+    (attention_hopper_bwd.DQ_MODES); "atomic" is fuseformer-triton-hopper-atomic-dq, for cases
+    with a backward at head dims the atomic pass takes."""
+    from fuseformer.kernels import attention as A
+    from fuseformer.kernels import attention_hopper_bwd as HKB
 
     checked = []  # the verdict depends on dtype, mask kind and alignment: the same for every copy
 
@@ -108,35 +131,31 @@ def _hopper_impl(call, varlen: bool = False, descriptors: str = "device") -> Imp
                 reason = A.hopper_reason(inputs["q"], inputs["k"], inputs["v"], inputs["mask"])
             if reason:
                 raise Refused(f"the Hopper kernel does not take this case: {reason}")
+            if dq == "atomic" and A._flags(inputs["q"])["BLOCK_D"] > HKB.MAX_ATOMIC_BLOCK_D:
+                raise Refused(f"atomic dQ is for head dims up to {HKB.MAX_ATOMIC_BLOCK_D} "
+                              "(attention_hopper_bwd.MAX_ATOMIC_BLOCK_D); wider ones make dQ by its pass")
             checked.append(True)
-        before, place = A.set_attention_kernel("hopper"), HK.set_descriptors(descriptors)
-        try:
-            return call(inputs, "triton")
-        finally:
-            A.set_attention_kernel(before)
-            HK.set_descriptors(place)
+        return call(inputs, "triton")
 
+    context = lambda: _attention_switches("hopper", descriptors, dq)  # noqa: E731
+    if dq == "atomic":
+        return Impl("fuseformer-triton-hopper-atomic-dq", fn, kind=OURS, available=_hopper_unavailable,
+                    timed_on_cpu=False, context=context,
+                    note="the Hopper kernels, dQ summed by the dK/dV pass in fp32 atomics")
     if descriptors == "host":
         return Impl("fuseformer-triton-hopper-host", fn, kind=OURS, available=_hopper_unavailable,
-                    timed_on_cpu=False, note="the Hopper kernels, the forward's TMA descriptors made on the host")
+                    timed_on_cpu=False, context=context,
+                    note="the Hopper kernels, their TMA descriptors made on the host")
     return Impl("fuseformer-triton-hopper", fn, kind=OURS, available=_hopper_unavailable, timed_on_cpu=False,
-                note="TMA + wgmma kernels (attention_hopper*.py) for every call they take")
+                context=context, note="TMA + wgmma kernels (attention_hopper*.py) for every call they take")
 
 
 def _portable_impl(call) -> Impl:
     """Our Triton backend with the portable attention kernels only (the default before the
     H100 run; "auto" now takes the Hopper forward for long sequences)."""
-    from fuseformer.kernels import attention as A
-
-    def fn(inputs):
-        before = A.set_attention_kernel("portable")
-        try:
-            return call(inputs, "triton")
-        finally:
-            A.set_attention_kernel(before)
-
-    return Impl("fuseformer-triton-portable", fn, kind=OURS, available=lambda: K.unavailable_reason("triton"),
-                timed_on_cpu=False, note="attention_kernels.py on every call")
+    return Impl("fuseformer-triton-portable", lambda inputs: call(inputs, "triton"), kind=OURS,
+                available=lambda: K.unavailable_reason("triton"), timed_on_cpu=False,
+                context=lambda: _attention_switches("portable"), note="attention_kernels.py on every call")
 
 
 def _cuda_cutlass_impl(call) -> Impl:
@@ -297,6 +316,8 @@ def attention_case(name, *, B, H, L, D, Hk=None, Lk=None, causal=False, pad=0.0,
     if device_type == "cuda":
         impls += [_cuda_cute_impl(ours, D), _cuda_wmma_impl(ours), _hopper_impl(ours),
                   _hopper_impl(ours, descriptors="host"), _portable_impl(ours)]
+        if grad:
+            impls.append(_hopper_impl(ours, dq="atomic"))
         sdpa = _sdpa_impls(torch_sdpa) + [_fa4_impl(causal, gqa)]
         if quadratic_baselines:
             impls += [Impl("torch-eager", ref, note="reference.py: matmul, softmax, matmul")]

@@ -67,8 +67,10 @@ def set_autotune(enabled: bool) -> None:
 # 2026-11-26 measured it faster (bench/results/h100/, bf16: keys >= 4096, 1.03-1.08x; head dim
 # 128 without causal from 1024 keys, 1.03x at 1024 and 1.11x at 4096), the portable one
 # elsewhere (0.78-0.92x at 512-2048 keys, the BERT padding case included) and for every
-# backward (the Hopper backward timed 1.00x). FUSEFORMER_ATTENTION_KERNEL sets it at import;
-# set_attention_kernel changes it.
+# backward: the Hopper backward has not been timed yet (that run's fuseformer-triton-hopper
+# set the switch inside the forward call only, so its forward+backward cases ran the portable
+# backward; the bench now holds the switch over the whole step). FUSEFORMER_ATTENTION_KERNEL
+# sets it at import; set_attention_kernel changes it.
 ATTENTION_KERNELS = ("auto", "portable", "hopper")
 
 
@@ -253,25 +255,33 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
     bucket = _bucket(lq, lk, nbatch * H)
     if (ATTENTION_KERNEL == "hopper" and flags["BLOCK_D"] <= _hopper_bwd.MAX_BLOCK_D
             and _hopper_reason(q, k, v, dout, mask, dropout_p, dq, dk, dv) is None):
-        args = (
-            m, cu_q_arg, cu_k_arg, *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-            *_strides(dout, varlen),
-        )
-        tail = (*lse_s, ms[0], ms[3], H, H // Hk, lq, lk, bucket, scale * LOG2E, scale)
+        atomic = _hopper_bwd.atomic_dq(flags["BLOCK_D"])
+        strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
+        tail = (ms[0], ms[3], H, H // Hk, lq, lk, bucket, scale * LOG2E, scale)
         descs = None
         if not varlen and _hopper.DESCRIPTORS == "host":
-            descs = _hopper.host_descriptors((q, k, v, dout, dk, dv, dq), flags["BLOCK_D"])
+            descs = _hopper.host_descriptors((q, k, v, dout, dk, dv) if atomic else (q, k, v, dout, dk, dv, dq),
+                                             flags["BLOCK_D"])
         # The tensors as the kernels take them: host descriptors, or the tensors themselves.
-        q_, k_, v_, do_, dk_, dv_, dq_ = descs or (q, k, v, dout, dk, dv, dq)
+        q_, k_, v_, do_, dk_, dv_ = descs[:6] if descs else (q, k, v, dout, dk, dv)
+        # atomic: dQ summed in fp32 by the dK/dV pass (attention_hopper_bwd.DQ_MODES), in q's
+        # (B, H, L, D) shape, contiguous: row stride HEAD_D.
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else None
         kwargs = dict(HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], CAUSAL=bool(is_causal), MASK_KIND=kind,
-                      MASK_FLOAT=is_float, VARLEN=varlen, UPCAST=flags["UPCAST"], HOST_DESC=descs is not None)
-        key = (q.dtype, flags["HEAD_D"], bucket, bool(is_causal), kind, is_float, varlen, descs is not None)
+                      MASK_FLOAT=is_float, VARLEN=varlen, UPCAST=flags["UPCAST"], HOST_DESC=descs is not None,
+                      ATOMIC_DQ=atomic)
+        key = (q.dtype, flags["HEAD_D"], bucket, bool(is_causal), kind, is_float, varlen, descs is not None, atomic)
         _hopper_bwd.launch(
             lambda meta: (cdiv(lk, meta["BLOCK_N"]) * nbatch * Hk,),
-            lambda meta: (cdiv(lq, meta["BLOCK_M"]) * nbatch * H,),
-            (q_, k_, v_, do_, dk_, dv_, lse, delta, *args, *_strides(dk, varlen), *_strides(dv, varlen), *tail),
-            (q_, k_, v_, do_, dq_, lse, delta, *args, *_strides(dq, varlen), *tail),
+            None if atomic else (lambda meta: (cdiv(lq, meta["BLOCK_M"]) * nbatch * H,)),
+            (q_, k_, v_, do_, dk_, dv_, lse, delta, m, cu_q_arg, cu_k_arg, lse if dq_acc is None else dq_acc,
+             *strides, *_strides(dk, varlen), *_strides(dv, varlen), *lse_s,
+             *((0, 0) if dq_acc is None else _strides(dq_acc, varlen)[:2]), *tail),
+            None if atomic else (q_, k_, v_, do_, descs[6] if descs else dq, lse, delta, m, cu_q_arg, cu_k_arg,
+                                 *strides, *_strides(dq, varlen), *lse_s, *tail),
             kwargs, key, AUTOTUNE and not interpreting())
+        if atomic:
+            dq.copy_(dq_acc)
         return
     dropout = dropout_p > 0.0
     seed_arg = seed if dropout else q

@@ -7,7 +7,9 @@ recomputed beyond what FlashAttention does:
 - dK/dV: one program per key block of one key/value head; it walks every query tile of every
   query head of its GQA group, recomputing P from the saved log-sum-exp, and sums dK and dV
   in registers (no atomics).
-- dQ: one program per query block; it walks the key tiles.
+- dQ: one program per query block; it walks the key tiles. Or, with DQ_MODE "atomic" (head
+  dims up to 64), no such pass: the dK/dV pass adds each tile's dS K into an fp32 dQ
+  accumulator, FlashAttention-3's way (see DQ_MODES).
 Q, dO, K, V come through tensor descriptors (TMA on sm_90, zero-filled past a sequence's end
 and past HEAD_D); dQ, dK, dV leave through them (the store drops rows past the end). They are
 made in each program or, with HOST_DESC, passed in from the host as 4-D (B, H, L, D)
@@ -26,23 +28,34 @@ import triton.language as tl
 from ._util import launch_tuned, tuned_config
 from .attention_hopper import _seq_desc, _store_tile, _tile, boxes_for, ensure_allocator, set_boxes
 from .attention_kernels import _flat_pid, _key_range, _prune, _scores, _seq_bounds
-from .backends import interpreting
+from .backends import choice, env_choice, interpreting
 
 
 @triton.jit
 def _dkdv_tiles(
-    dk, dv, k, v, q_desc, do_desc, b, h, lse_base, delta_base, cols, col_ok, lo, hi, q_len, mask_row, stride_mn,
-    qk_scale,
+    dk, dv, k, v, q_desc, do_desc, b, h, lse_base, delta_base, dq_base, cols, col_ok, lo, hi, q_len, mask_row,
+    stride_mn, qk_scale, sm_scale, turn,
     HOST_DESC: tl.constexpr,
     CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
     MASK_FLOAT: tl.constexpr,
     UPCAST: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+    HEAD_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    for start_m in range(lo, hi, BLOCK_M):
+    if ATOMIC_DQ:
+        # Every key block adds into the same dQ rows. Without causal they would all start at
+        # the first query tile at once and queue on the same addresses in L2: each walks the
+        # tiles from its own turn instead (`turn` key blocks along, wrapping round).
+        span = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M) * BLOCK_M
+        shift = (turn * BLOCK_M) % tl.maximum(span, 1)
+    for i in range(lo, hi, BLOCK_M):
+        start_m = i
+        if ATOMIC_DQ:
+            start_m = lo + (i - lo + shift) % span
         q = _tile(q_desc, b, h, start_m, HOST_DESC, BLOCK_M, BLOCK_D)
         do = _tile(do_desc, b, h, start_m, HOST_DESC, BLOCK_M, BLOCK_D)
         if UPCAST:
@@ -69,6 +82,13 @@ def _dkdv_tiles(
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
+        if ATOMIC_DQ:
+            # This key block's share of dQ = dS K * scale, added in fp32 (16-byte vector
+            # reductions on sm_90); rows past the end have dS = 0 and are not written.
+            dq = tl.dot(ds.to(k.dtype), k) * sm_scale
+            d = tl.arange(0, BLOCK_D)
+            tl.atomic_add(dq_base + rows[:, None] * HEAD_D + d[None, :], dq,
+                          mask=row_ok[:, None] & (d[None, :] < HEAD_D), sem="relaxed")
     return dk, dv
 
 
@@ -76,6 +96,7 @@ def _dkdv_tiles(
 def _attn_bwd_dkdv_hopper(
     Q, K, V, DO, DK, DV,  # with HOST_DESC: 4-D host TensorDescriptors (attention_hopper.host_descriptors)
     LSE, DELTA, MASK, CU_Q, CU_K,
+    DQ_ACC,  # ATOMIC_DQ: fp32 (B, H, LQ, HEAD_D), contiguous, zeroed; unused otherwise
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -83,6 +104,7 @@ def _attn_bwd_dkdv_hopper(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_lb, stride_lh,
+    stride_ab, stride_ah,
     stride_mb, stride_mn,
     H, GROUP, LQ, LK, TUNE_BUCKET,
     qk_scale, sm_scale,
@@ -94,6 +116,7 @@ def _attn_bwd_dkdv_hopper(
     VARLEN: tl.constexpr,
     UPCAST: tl.constexpr,
     HOST_DESC: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -148,9 +171,10 @@ def _attn_bwd_dkdv_hopper(
                                 BLOCK_D)
         lse_base = LSE + b64 * stride_lb + h64 * stride_lh + q0
         delta_base = DELTA + b64 * stride_lb + h64 * stride_lh + q0
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, b, h, lse_base, delta_base, cols, col_ok, lo, q_hi,
-                             q_len, mask_row, stride_mn, qk_scale, HOST_DESC, CAUSAL, MASK_KIND, MASK_FLOAT, UPCAST,
-                             BLOCK_M, BLOCK_N, BLOCK_D)
+        dq_base = DQ_ACC + b64 * stride_ab + h64 * stride_ah + q0 * HEAD_D
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, b, h, lse_base, delta_base, dq_base, cols, col_ok, lo,
+                             q_hi, q_len, mask_row, stride_mn, qk_scale, sm_scale, start_n // BLOCK_N, HOST_DESC,
+                             CAUSAL, MASK_KIND, MASK_FLOAT, UPCAST, ATOMIC_DQ, HEAD_D, BLOCK_M, BLOCK_N, BLOCK_D)
     if HOST_DESC:
         dk_desc, dv_desc = DK, DV
     else:
@@ -285,7 +309,30 @@ _BWD_HOPPER_GPU = [(64, 64, 8, 2), (128, 64, 8, 2), (64, 64, 8, 1), (128, 32, 8,
 # cases (causal key padding under triton 3.9; varlen GQA causal under 3.6), where these three
 # stayed spill-free under both (tests/triton_compile_hopper.py compiles each list's cases).
 _BWD_DKDV_HOPPER_GPU_WIDE = [(128, 64, 8, 2), (64, 64, 8, 1), (128, 32, 8, 2)]
+# Atomic dQ (DQ_MODES) only up to this BLOCK_D: beside dK and dV the pass then holds a
+# (BLOCK_M, BLOCK_D) fp32 dQ tile, and at BLOCK_D 128 every config of the list above, and 64 x 32
+# and 64 x 64 tiles over 4 or 8 warps, reached the register cap and spilled 16-324 B with
+# varlen + GQA + causal (triton 3.9). Wider heads make dQ by the pass whatever the mode.
+MAX_ATOMIC_BLOCK_D = 64
 _KEY = ["HEAD_D", "TUNE_BUCKET", "CAUSAL", "MASK_KIND", "VARLEN"]
+
+# How dQ is made: "pass" (the default), a second kernel over the key tiles per query block;
+# "atomic" (FlashAttention-3's way), inside the dK/dV pass: each key block adds its dS K into
+# an fp32 dQ accumulator in global memory (fp32 reductions in L2, order not fixed, so the
+# low bits of dQ can differ run to run), then one cast to dQ's dtype. It saves the dQ pass's
+# recomputation of S and dP: five tile MMAs per (query, key) tile pair instead of seven, for
+# 4 bytes per dQ element zeroed, reduced and read back. Opt-in until a GPU run measures it
+# (`fuseformer bench` times it as fuseformer-triton-hopper-atomic-dq).
+# FUSEFORMER_HOPPER_DQ sets it at import; set_dq_mode changes it.
+DQ_MODES = ("pass", "atomic")
+DQ_MODE = env_choice("FUSEFORMER_HOPPER_DQ", DQ_MODES, "pass", "dQ mode")
+
+
+def set_dq_mode(mode: str) -> str:
+    """Choose how the Hopper backward makes dQ ("pass" or "atomic"); returns the previous mode."""
+    global DQ_MODE
+    before, DQ_MODE = DQ_MODE, choice(mode, DQ_MODES, "dQ mode", "set_dq_mode")
+    return before
 
 
 def _configs(shapes):
@@ -296,8 +343,11 @@ def _configs(shapes):
             for m, n, w, s in shapes]
 
 
-def _tuned(kernel, shapes=_BWD_HOPPER_GPU):
-    return triton.autotune(configs=_configs(shapes), key=_KEY,
+def _tuned(kernel, shapes=_BWD_HOPPER_GPU, atomic=False):
+    # The atomic dK/dV kernel adds into DQ_ACC: every timed run of a config would add to what
+    # the last left, so the autotuner zeroes it before each and once more after tuning. (Its
+    # own tuner object: the plain pass gets a placeholder there, which must not be zeroed.)
+    return triton.autotune(configs=_configs(shapes), key=_KEY, reset_to_zero=["DQ_ACC"] if atomic else None,
                            prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
@@ -305,11 +355,20 @@ attn_bwd_dkdv_hopper = _attn_bwd_dkdv_hopper
 attn_bwd_dq_hopper = _attn_bwd_dq_hopper
 attn_bwd_dkdv_hopper_tuned = _tuned(_attn_bwd_dkdv_hopper)
 attn_bwd_dkdv_hopper_tuned_wide = _tuned(_attn_bwd_dkdv_hopper, _BWD_DKDV_HOPPER_GPU_WIDE)
+attn_bwd_dkdv_hopper_tuned_atomic = _tuned(_attn_bwd_dkdv_hopper, atomic=True)
 attn_bwd_dq_hopper_tuned = _tuned(_attn_bwd_dq_hopper)
 
 
-def dkdv_tuned(block_d: int):
-    """The autotuned dK/dV kernel for a BLOCK_D: above 64 it tunes over _BWD_DKDV_HOPPER_GPU_WIDE."""
+def atomic_dq(block_d: int) -> bool:
+    """Does the dK/dV pass make dQ (DQ_MODE "atomic", up to MAX_ATOMIC_BLOCK_D)?"""
+    return DQ_MODE == "atomic" and block_d <= MAX_ATOMIC_BLOCK_D
+
+
+def dkdv_tuned(block_d: int, atomic: bool = False):
+    """The autotuned dK/dV kernel for a BLOCK_D (above 64 it tunes over _BWD_DKDV_HOPPER_GPU_WIDE)
+    and dQ mode (atomic: BLOCK_D <= MAX_ATOMIC_BLOCK_D only)."""
+    if atomic:
+        return attn_bwd_dkdv_hopper_tuned_atomic
     return attn_bwd_dkdv_hopper_tuned_wide if block_d > 64 else attn_bwd_dkdv_hopper_tuned
 
 
@@ -331,24 +390,29 @@ def launch(grid_dkdv, grid_dq, args_dkdv, args_dq, kwargs, key, autotune: bool) 
     the default config (the interpreter, FUSEFORMER_AUTOTUNE=0). With host descriptors
     (kwargs["HOST_DESC"]) the two passes share them: each launch fits their boxes to its own
     config first (the launcher encodes the TMA maps at launch, so the refit between the passes
-    leaves the first alone)."""
+    leaves the first alone). With kwargs["ATOMIC_DQ"] the dK/dV pass also sums dQ into its
+    DQ_ACC argument and `grid_dq`/`args_dq` are None: no dQ pass."""
     q = args_dkdv[0]
     host = kwargs["HOST_DESC"]
+    atomic = kwargs["ATOMIC_DQ"]
     base = q.base if host else q
     if base.is_cuda and not host:
         ensure_allocator()
-    passes = ((dkdv_tuned(kwargs["BLOCK_D"]), attn_bwd_dkdv_hopper, _DKDV_DESCS, grid_dkdv, args_dkdv),
-              (attn_bwd_dq_hopper_tuned, attn_bwd_dq_hopper, _DQ_DESCS, grid_dq, args_dq))
+    dkdv = (dkdv_tuned(kwargs["BLOCK_D"], atomic), attn_bwd_dkdv_hopper, _DKDV_DESCS, grid_dkdv, args_dkdv, kwargs)
+    # The dQ kernel has no ATOMIC_DQ parameter.
+    dq_kwargs = {name: value for name, value in kwargs.items() if name != "ATOMIC_DQ"}
+    passes = (dkdv,) if atomic else (
+        dkdv, (attn_bwd_dq_hopper_tuned, attn_bwd_dq_hopper, _DQ_DESCS, grid_dq, args_dq, dq_kwargs))
     if autotune:
-        for tuned, plain, names, grid, args in passes:
+        for tuned, plain, names, grid, args, kw in passes:
             config = tuned_config(tuned, key) if host else None
             if config is not None:  # launched directly, no pre_hook: fit the boxes here
-                boxes_for(names, args, kwargs, config)
-            launch_tuned(tuned, plain, key, grid, *args, **kwargs)
+                boxes_for(names, args, kw, config)
+            launch_tuned(tuned, plain, key, grid, *args, **kw)
         return
     m, n, w, s = default_config(kwargs["BLOCK_D"], base.element_size())
     cfg = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
-    for _, plain, names, grid, args in passes:
+    for _, plain, names, grid, args, kw in passes:
         if host:
-            boxes_for(names, args, kwargs, cfg)
-        plain[grid](*args, **kwargs, **cfg)
+            boxes_for(names, args, kw, cfg)
+        plain[grid](*args, **kw, **cfg)

@@ -8,6 +8,7 @@ cannot pass for it. The gradients come from the Hopper backward kernels
 (attention_hopper_bwd.py), fed the forward's log-sum-exp.
 The sm_90a compiles (wgmma, TMA, no spills) are checked in test_triton_compile.py.
 """
+import importlib
 import os
 import subprocess
 import sys
@@ -27,15 +28,20 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(params=HK.DESCRIPTOR_PLACES)
+@pytest.fixture(params=[(place, "pass") for place in HK.DESCRIPTOR_PLACES]
+                + [(place, "atomic") for place in HK.DESCRIPTOR_PLACES],
+                ids=lambda p: p[0] if p[1] == "pass" else f"{p[0]}-atomic_dq")
 def launches(monkeypatch, request):
-    """Force the Hopper kernels, their forward's descriptors made on the host and on the
-    device in turn; record each forward launch (its constexprs) and, in `backward_launches`,
-    each backward one."""
+    """Force the Hopper kernels, their descriptors made on the host and on the device in
+    turn, and the backward's dQ by its own pass and by the dK/dV pass's atomics
+    (attention_hopper_bwd.DQ_MODES); record each forward launch (its constexprs) and, in
+    `backward_launches`, each backward one."""
+    place, dq_mode = request.param
     monkeypatch.setattr(_util, "_POISON", True)
     monkeypatch.setattr(A, "AUTOTUNE", False)
     monkeypatch.setattr(A, "ATTENTION_KERNEL", "hopper")
-    monkeypatch.setattr(HK, "DESCRIPTORS", request.param)
+    monkeypatch.setattr(HK, "DESCRIPTORS", place)
+    monkeypatch.setattr(HKB, "DQ_MODE", dq_mode)
     seen = []
     launch, launch_bwd = HK.launch, HKB.launch
 
@@ -92,6 +98,8 @@ def test_parity(launches, dtype, B, H, Lq, Lk, D, causal, mask):
     check_sdpa(q, k, v, m, causal=causal, dtype=dtype)
     assert len(launches) == 1 and len(backward_launches) == 1
     assert launches[0]["HOST_DESC"] == backward_launches[0]["HOST_DESC"] == (HK.DESCRIPTORS == "host")
+    # Atomic dQ up to head dim 64 (BLOCK_D <= MAX_ATOMIC_BLOCK_D); above, dQ's own pass.
+    assert backward_launches[0]["ATOMIC_DQ"] == (HKB.DQ_MODE == "atomic" and D <= HKB.MAX_ATOMIC_BLOCK_D)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -204,7 +212,8 @@ def test_autotuned_path_fits_the_host_descriptor_boxes(launches, monkeypatch):
     host = HK.DESCRIPTORS == "host"
     assert len(launches) == len(backward_launches) == 2
     assert all(kw["HOST_DESC"] == host for kw in launches + backward_launches)
-    assert len(_util._tuned_configs) == 3  # forward, dK/dV, dQ: the second call took the kept configs
+    # forward, dK/dV and (not with atomic dQ) dQ: the second call took the kept configs
+    assert len(_util._tuned_configs) == (2 if HKB.DQ_MODE == "atomic" else 3)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="checked on the CPU")
@@ -235,9 +244,12 @@ def test_gpu_bf16_autotuned(launches, monkeypatch, D, causal, mask):
 
 
 def test_bench_peer_runs_the_hopper_kernel_or_refuses(launches, monkeypatch):
-    """`fuseformer bench`'s fuseformer-triton-hopper: the Hopper kernel for that call only (the
-    switch is restored), and a refusal, not a portable-kernel timing, for a case it does not take."""
-    from fuseformer.bench import ops
+    """`fuseformer bench`'s fuseformer-triton-hopper (and its -host and -atomic-dq variants): the
+    Hopper kernels, forward and backward, inside the step the bench times (Impl.context wraps
+    both: the backward reads the switches when autograd runs it, after the forward returned),
+    every switch restored after; a refusal, not a portable-kernel timing, for a case it does
+    not take."""
+    from fuseformer.bench import core, ops
     from fuseformer.bench.core import Refused
 
     monkeypatch.setattr(A, "ATTENTION_KERNEL", "portable")
@@ -246,36 +258,74 @@ def test_bench_peer_runs_the_hopper_kernel_or_refuses(launches, monkeypatch):
         return K.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], attn_mask=inputs["mask"],
                                               backend=backend)
 
-    q, k, v = (t.half() for t in _qkv(1, 2, 20, 20, 32))
-    place = HK.DESCRIPTORS
-    ops._hopper_impl(call).fn({"q": q, "k": k, "v": v, "mask": None})
-    assert len(launches) == 1 and A.get_attention_kernel() == "portable"
-    assert not launches[0]["HOST_DESC"] and HK.DESCRIPTORS == place  # the measured default: device
-    host = ops._hopper_impl(call, descriptors="host")
-    assert host.name == "fuseformer-triton-hopper-host"
-    host.fn({"q": q, "k": k, "v": v, "mask": None})
-    assert len(launches) == 2 and launches[1]["HOST_DESC"] and HK.DESCRIPTORS == place
+    def step(impl, inputs):
+        """What the bench times for a forward+backward case."""
+        def fwd_bwd(inputs):
+            out = impl.fn(inputs)
+            return torch.autograd.grad(out, [inputs["q"], inputs["k"], inputs["v"]], torch.ones_like(out))
+        return core._within(impl.context, fwd_bwd)(inputs)
+
+    q, k, v = (t.half().requires_grad_() for t in _qkv(1, 2, 20, 20, 32))
+    inputs = {"q": q, "k": k, "v": v, "mask": None}
+    place, mode = HK.DESCRIPTORS, HKB.DQ_MODE
+    for impl, host, atomic in ((ops._hopper_impl(call), False, False),
+                               (ops._hopper_impl(call, descriptors="host"), True, False),
+                               (ops._hopper_impl(call, dq="atomic"), False, True)):
+        step(impl, inputs)
+        assert launches[-1]["HOST_DESC"] == backward_launches[-1]["HOST_DESC"] == host, impl.name
+        assert backward_launches[-1]["ATOMIC_DQ"] == atomic, impl.name
+        assert (A.get_attention_kernel(), HK.DESCRIPTORS, HKB.DQ_MODE) == ("portable", place, mode)
+    assert len(launches) == len(backward_launches) == 3
+    assert [i.name for i in (ops._hopper_impl(call, descriptors="host"), ops._hopper_impl(call, dq="atomic"))] == [
+        "fuseformer-triton-hopper-host", "fuseformer-triton-hopper-atomic-dq"]
+    # fuseformer-triton-portable: the portable kernels forward and backward, whatever the switch.
+    monkeypatch.setattr(A, "ATTENTION_KERNEL", "hopper")
+    step(ops._portable_impl(call), inputs)
+    assert len(launches) == len(backward_launches) == 3 and A.get_attention_kernel() == "hopper"
+    monkeypatch.setattr(A, "ATTENTION_KERNEL", "portable")
     with pytest.raises(Refused, match="does not take this case: dtype torch.float32"):
-        ops._hopper_impl(call).fn({"q": q.float(), "k": k.float(), "v": v.float(), "mask": None})
-    assert len(launches) == 2
+        step(ops._hopper_impl(call), {"q": q.float(), "k": k.float(), "v": v.float(), "mask": None})
+    wide = [torch.randn(1, 2, 20, 80, dtype=torch.float16, requires_grad=True) for _ in range(3)]
+    with pytest.raises(Refused, match="atomic dQ is for head dims up to 64"):
+        step(ops._hopper_impl(call, dq="atomic"), {"q": wide[0], "k": wide[1], "v": wide[2], "mask": None})
+    assert len(launches) == 3
 
 
-def test_descriptor_place_switch_and_env():
-    before = HK.set_descriptors(" HOST")
+@pytest.mark.parametrize("module,name,setter,variable,default,other,what", [
+    # device: what the H100 run measured faster
+    ("attention_hopper", "DESCRIPTORS", "set_descriptors", "FUSEFORMER_HOPPER_DESCRIPTORS", "device", "host",
+     "descriptor place"),
+    # pass: until a GPU run measures atomic
+    ("attention_hopper_bwd", "DQ_MODE", "set_dq_mode", "FUSEFORMER_HOPPER_DQ", "pass", "atomic", "dQ mode"),
+])
+def test_switch_api_and_env(module, name, setter, variable, default, other, what):
+    """A Hopper switch: its setter normalises a name and refuses an unknown one, keeping the
+    setting; its environment variable is read at import, with the default when unset and a
+    clear error for an unknown value."""
+    mod = importlib.import_module(f"fuseformer.kernels.{module}")
+    set_ = getattr(mod, setter)
+    before = set_(f" {other.upper()}")
     try:
-        assert HK.DESCRIPTORS == "host"
-        with pytest.raises(ValueError, match="set_descriptors: unknown descriptor place 'shared'"):
-            HK.set_descriptors("shared")
-        assert HK.DESCRIPTORS == "host"
+        assert getattr(mod, name) == other
+        with pytest.raises(ValueError, match=f"{setter}: unknown {what} 'bogus'"):
+            set_("bogus")
+        assert getattr(mod, name) == other
     finally:
-        HK.set_descriptors(before)
-    code = "from fuseformer.kernels import attention_hopper as HK; print(HK.DESCRIPTORS)"
-    env = {k: v for k, v in os.environ.items() if k != "FUSEFORMER_HOPPER_DESCRIPTORS"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip() == "device", proc.stderr  # what the H100 run measured
-    env["FUSEFORMER_HOPPER_DESCRIPTORS"] = "host"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip() == "host", proc.stderr
-    env["FUSEFORMER_HOPPER_DESCRIPTORS"] = "gpu"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "FUSEFORMER_HOPPER_DESCRIPTORS: unknown descriptor place 'gpu'" in proc.stderr
+        set_(before)
+    code = f"from fuseformer.kernels import {module} as m; print(m.{name})"
+    env = {k: v for k, v in os.environ.items() if k != variable}
+    for value, expected in ((None, default), (other, other), ("bogus", None)):
+        if value is not None:
+            env[variable] = value
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        if expected is None:
+            assert proc.returncode != 0 and f"{variable}: unknown {what} 'bogus'" in proc.stderr
+        else:
+            assert proc.returncode == 0 and proc.stdout.strip() == expected, proc.stderr
+
+
+def test_atomic_dq_is_for_head_dims_up_to_64(monkeypatch):
+    monkeypatch.setattr(HKB, "DQ_MODE", "atomic")
+    assert HKB.atomic_dq(16) and HKB.atomic_dq(64) and not HKB.atomic_dq(128)
+    monkeypatch.setattr(HKB, "DQ_MODE", "pass")
+    assert not HKB.atomic_dq(64)

@@ -170,7 +170,8 @@ def test_hopper_kernels_are_wgmma_tma_and_spill_free(compiled):
     descriptors), and no config spills a register (a spill would be a slow path kept quiet)."""
     hopper = [r for r in compiled["results"] if r["kernel"].endswith("_hopper")]
     kernels = {r["kernel"] for r in hopper}
-    assert kernels == {"attn_fwd_hopper", "attn_bwd_dkdv_hopper", "attn_bwd_dkdv_wide_hopper", "attn_bwd_dq_hopper"}, (
+    assert kernels == {"attn_fwd_hopper", "attn_bwd_dkdv_hopper", "attn_bwd_dkdv_wide_hopper",
+                       "attn_bwd_dkdv_atomic_hopper", "attn_bwd_dq_hopper"}, (
         f"Hopper kernels missing from tests/triton_compile_check.py's jobs: {kernels}")
     assert all(r["arch"] == 90 for r in hopper)
     problems = []
@@ -183,6 +184,9 @@ def test_hopper_kernels_are_wgmma_tma_and_spill_free(compiled):
             problems.append(f"no cp.async.bulk.tensor: {_where(r)}")
         if r["spill_bytes"]:
             problems.append(f"{r['spill_bytes']} B of spills: {_where(r)}")
+        # Atomic dQ (ATOMIC_DQ) adds its fp32 tiles in 16-byte vectors; nothing else adds.
+        if bool(r["ptx"]["add_v4_f32"]) != bool(r["constexprs"].get("ATOMIC_DQ")):
+            problems.append(f"{r['ptx']['add_v4_f32']} fp32 vector adds: {_where(r)}")
     assert not problems, "\n".join(problems)
     # Where the descriptors come from: made in the kernel, each is fenced for the TMA unit in
     # every program; passed from the host (HOST_DESC), none is. Each kernel compiles both ways.

@@ -310,7 +310,7 @@ def build_jobs():
     # --- the Hopper kernels: sm_90 only (triton_compile_hopper.py).
     import triton_compile_hopper
 
-    triton_compile_hopper.add_jobs(jobs, _add, _attn_args, _pick, Desc)
+    triton_compile_hopper.add_jobs(jobs, _add, _attn_args, _pick, Ptr, Desc)
 
     pre_names = set(ak.attn_bwd_preprocess.arg_names)
     for arch in ARCHS:
@@ -349,6 +349,8 @@ PTX_FEATURES = {
     # A tensor descriptor made in the kernel: written to global scratch, then fenced for the
     # TMA unit (fence.proxy.tensormap) before its first use, in every program.
     "tensormap_fence": re.compile(r"\bfence\.proxy\.tensormap"),
+    # fp32 adds to global memory in 16-byte vectors (red on triton 3.9, atom on 3.6; sm_90).
+    "add_v4_f32": re.compile(r"\b(?:red|atom)\.global(?:\.[a-z0-9_]+)*\.add\.v4\.f32"),
 }
 
 

@@ -8,7 +8,7 @@ import importlib
 ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
 
 
-def add_jobs(jobs: list, _add, _attn_args, _pick, Desc) -> None:
+def add_jobs(jobs: list, _add, _attn_args, _pick, Ptr, Desc) -> None:
     """Every autotune config at head dim 128, then the flag cases with default_config's tiles.
     The helpers are triton_compile_check's, passed in: that file runs as a script, and importing
     it back from here would load a second copy of it."""
@@ -18,12 +18,16 @@ def add_jobs(jobs: list, _add, _attn_args, _pick, Desc) -> None:
               ("attn_bwd_dkdv_hopper", ahb, ahb.attn_bwd_dkdv_hopper, ahb.attn_bwd_dkdv_hopper_tuned),
               # the dK/dV pass's own config list at head dims above 64 (its launcher's choice)
               ("attn_bwd_dkdv_wide_hopper", ahb, ahb.attn_bwd_dkdv_hopper, ahb.attn_bwd_dkdv_hopper_tuned_wide),
+              # with ATOMIC_DQ: dQ summed by the dK/dV pass (attention_hopper_bwd.DQ_MODES)
+              ("attn_bwd_dkdv_atomic_hopper", ahb, ahb.attn_bwd_dkdv_hopper, ahb.attn_bwd_dkdv_hopper_tuned_atomic),
               ("attn_bwd_dq_hopper", ahb, ahb.attn_bwd_dq_hopper, ahb.attn_bwd_dq_hopper_tuned)]
 
     def hopper_case(case, configs=None, dt="fp16", D=64, causal=False, few=False, host=False, only=None, **kw):
         v, cx = _attn_args(dt, D, **kw)
         cx["CAUSAL"] = causal
         cx["HOST_DESC"] = host
+        # the fp32 dQ accumulator of ATOMIC_DQ: q's (B, H, L, D) shape, contiguous
+        v.update(DQ_ACC=Ptr("fp32"), stride_ab=v["stride_lb"] * D, stride_ah=v["stride_lh"] * D)
         if host:  # 4-D host descriptors, boxed by BLOCK_M (query side) or BLOCK_N (key side)
             v.update({n: Desc(dt, "BLOCK_M") for n in ah._QUERY_ROWS})
             v.update({n: Desc(dt, "BLOCK_N") for n in ah._KEY_ROWS})
@@ -32,14 +36,17 @@ def add_jobs(jobs: list, _add, _attn_args, _pick, Desc) -> None:
                 continue  # the portable backward runs those head dims
             if only and name not in only:
                 continue
+            atomic = "atomic" in name
+            if atomic and cx["BLOCK_D"] > ahb.MAX_ATOMIC_BLOCK_D:
+                continue  # those head dims make dQ by the pass in either mode
             if name.startswith("attn_bwd_dkdv"):
                 # Tuned: the config list the launcher takes at this head dim (dkdv_tuned).
-                # Plain (default config): the one kernel, once.
-                chosen = tuned is ahb.dkdv_tuned(cx["BLOCK_D"]) if configs else "wide" not in name
+                # Plain (default config): the one kernel, once per dQ mode.
+                chosen = tuned is ahb.dkdv_tuned(cx["BLOCK_D"], atomic) if configs else "wide" not in name
                 if not chosen:
                     continue
             names = set(plain.arg_names)
-            vv, cc = _pick(v, names), _pick(cx, names)
+            vv, cc = _pick(v, names), _pick({**cx, "ATOMIC_DQ": atomic}, names)
             if configs:
                 _add(jobs, name, tuned, 90, case, vv, cc, configs=configs)
                 continue
@@ -56,6 +63,9 @@ def add_jobs(jobs: list, _add, _attn_args, _pick, Desc) -> None:
     hopper_case("bf16 d128 varlen gqa4 causal", configs="all", dt="bf16", D=128, varlen=True, group=4, causal=True,
                 only=wide)
     hopper_case("bf16 d128 host descriptors", configs="all", dt="bf16", D=128, host=True)
+    # Atomic dQ: every config where the dK/dV pass holds the most (varlen, GQA, causal).
+    hopper_case("bf16 d64 varlen gqa4 causal", configs="all", dt="bf16", D=64, varlen=True, group=4, causal=True,
+                only={"attn_bwd_dkdv_atomic_hopper"})
     hopper_case("fp16 d64 host descriptors keypad-bool causal gqa2", mask="key_padding", causal=True, group=2,
                 host=True)
     hopper_case("bf16 d80 host descriptors keypad-float few programs", dt="bf16", D=80, mask="key_padding",
