@@ -92,21 +92,21 @@ def _hopper_unavailable() -> str | None:
 
 
 @contextlib.contextmanager
-def _attention_switches(kernel: str, descriptors: str = "device", dq: str = "pass"):
+def _attention_switches(kernel: str | None, descriptors: str = "device", dq: str = "pass"):
     """The Triton attention's module switches for one timed step, forward and backward
     together (Impl.context): the backward reads them when autograd runs it, after the
-    forward's call has returned."""
+    forward's call has returned. kernel None: the kernel choice left as it is."""
     from fuseformer.kernels import attention as A
     from fuseformer.kernels import attention_hopper as HK
-    from fuseformer.kernels import attention_hopper_bwd as HKB
 
-    before, place, mode = A.set_attention_kernel(kernel), HK.set_descriptors(descriptors), HKB.set_dq_mode(dq)
+    before = A.set_attention_kernel(kernel or A.get_attention_kernel())
+    place, mode = HK.set_descriptors(descriptors), A.set_dq_mode(dq)
     try:
         yield
     finally:
         A.set_attention_kernel(before)
         HK.set_descriptors(place)
-        HKB.set_dq_mode(mode)
+        A.set_dq_mode(mode)
 
 
 def _hopper_impl(call, varlen: bool = False, descriptors: str = "device", dq: str = "pass") -> Impl:
@@ -115,11 +115,9 @@ def _hopper_impl(call, varlen: bool = False, descriptors: str = "device", dq: st
     Hopper kernel does not take (it would run the portable kernel) is refused, never timed
     under this name. descriptors: where the TMA descriptors are made
     (attention_hopper.DESCRIPTORS); "host" is timed as its own implementation,
-    fuseformer-triton-hopper-host. dq: how the backward makes dQ
-    (attention_hopper_bwd.DQ_MODES); "atomic" is fuseformer-triton-hopper-atomic-dq, for cases
-    with a backward at head dims the atomic pass takes."""
+    fuseformer-triton-hopper-host. dq: how the backward makes dQ (attention.DQ_MODES);
+    "atomic" is fuseformer-triton-hopper-atomic-dq, for cases with a backward."""
     from fuseformer.kernels import attention as A
-    from fuseformer.kernels import attention_hopper_bwd as HKB
 
     checked = []  # the verdict depends on dtype, mask kind and alignment: the same for every copy
 
@@ -131,9 +129,8 @@ def _hopper_impl(call, varlen: bool = False, descriptors: str = "device", dq: st
                 reason = A.hopper_reason(inputs["q"], inputs["k"], inputs["v"], inputs["mask"])
             if reason:
                 raise Refused(f"the Hopper kernel does not take this case: {reason}")
-            if dq == "atomic" and A._flags(inputs["q"])["BLOCK_D"] > HKB.MAX_ATOMIC_BLOCK_D:
-                raise Refused(f"atomic dQ is for head dims up to {HKB.MAX_ATOMIC_BLOCK_D} "
-                              "(attention_hopper_bwd.MAX_ATOMIC_BLOCK_D); wider ones make dQ by its pass")
+            if dq == "atomic":
+                _refuse_wide_atomic_dq(inputs["q"], "hopper")
             checked.append(True)
         return call(inputs, "triton")
 
@@ -148,6 +145,28 @@ def _hopper_impl(call, varlen: bool = False, descriptors: str = "device", dq: st
                     note="the Hopper kernels, their TMA descriptors made on the host")
     return Impl("fuseformer-triton-hopper", fn, kind=OURS, available=_hopper_unavailable, timed_on_cpu=False,
                 context=context, note="TMA + wgmma kernels (attention_hopper*.py) for every call they take")
+
+
+def _refuse_wide_atomic_dq(q, kernels: str) -> None:
+    """Atomic dQ is for head dims up to a limit (attention._ATOMIC_MAX_BLOCK_D); wider ones
+    would run the dQ pass: refused rather than timed under the atomic name."""
+    from fuseformer.kernels import attention as A
+
+    limit = A._ATOMIC_MAX_BLOCK_D[kernels]
+    if A._flags(q)["BLOCK_D"] > limit:
+        raise Refused(f"atomic dQ is for head dims up to {limit} in the {kernels} kernels; wider ones make dQ by its pass")
+
+
+def _atomic_dq_impl(call) -> Impl:
+    """fuseformer-triton with atomic dQ (attention.DQ_MODES): the default kernel choice, whose
+    backward is the portable one, its dK/dV pass summing dQ."""
+    def fn(inputs):
+        _refuse_wide_atomic_dq(inputs["q"], "portable")
+        return call(inputs, "triton")
+
+    return Impl("fuseformer-triton-atomic-dq", fn, kind=OURS, available=lambda: K.unavailable_reason("triton"),
+                timed_on_cpu=False, context=lambda: _attention_switches(None, dq="atomic"),
+                note="dQ summed by the portable dK/dV pass in fp32 atomics, no dQ pass")
 
 
 def _portable_impl(call) -> Impl:
@@ -317,7 +336,7 @@ def attention_case(name, *, B, H, L, D, Hk=None, Lk=None, causal=False, pad=0.0,
         impls += [_cuda_cute_impl(ours, D), _cuda_wmma_impl(ours), _hopper_impl(ours),
                   _hopper_impl(ours, descriptors="host"), _portable_impl(ours)]
         if grad:
-            impls.append(_hopper_impl(ours, dq="atomic"))
+            impls += [_atomic_dq_impl(ours), _hopper_impl(ours, dq="atomic")]
         sdpa = _sdpa_impls(torch_sdpa) + [_fa4_impl(causal, gqa)]
         if quadratic_baselines:
             impls += [Impl("torch-eager", ref, note="reference.py: matmul, softmax, matmul")]

@@ -34,6 +34,7 @@ from .attention_kernels import (
     attn_fwd,
     attn_fwd_tuned,
     attn_bwd_dkdv_tuned,
+    attn_bwd_dkdv_tuned_atomic,
     attn_bwd_dq_tuned,
     default_config,
     dropout_keep_kernel,
@@ -75,6 +76,43 @@ ATTENTION_KERNELS = ("auto", "portable", "hopper")
 
 
 ATTENTION_KERNEL = env_choice("FUSEFORMER_ATTENTION_KERNEL", ATTENTION_KERNELS, "auto", "attention kernel")
+
+
+# How the backward makes dQ: "pass" (the default), a second kernel over the key tiles per
+# query block; "atomic" (FlashAttention-3's way), inside the dK/dV pass: each key block adds
+# its dS K into an fp32 dQ accumulator in global memory (fp32 reductions in L2, in no fixed
+# order, so the low bits of dQ can differ run to run), then one cast to dQ's dtype. It saves
+# the dQ pass's recomputation of S and dP: five tile MMAs per (query, key) tile pair instead
+# of seven, for 4 bytes per dQ element zeroed, reduced and read back. Both kernel sets have it,
+# up to a head dim where the extra fp32 tile still fits the registers (_ATOMIC_MAX_BLOCK_D);
+# wider heads make dQ by the pass in either mode. Opt-in until a GPU run measures it
+# (`fuseformer bench` times fuseformer-triton-atomic-dq and -hopper-atomic-dq).
+# FUSEFORMER_ATTENTION_DQ sets it at import; set_dq_mode changes it.
+DQ_MODES = ("pass", "atomic")
+DQ_MODE = env_choice("FUSEFORMER_ATTENTION_DQ", DQ_MODES, "pass", "dQ mode")
+_ATOMIC_MAX_BLOCK_D = {"portable": 64, "hopper": _hopper_bwd.MAX_ATOMIC_BLOCK_D}
+
+
+def set_dq_mode(mode: str) -> str:
+    """Choose how the backward makes dQ ("pass" or "atomic"); returns the previous mode."""
+    global DQ_MODE
+    before, DQ_MODE = DQ_MODE, choice(mode, DQ_MODES, "dQ mode", "set_dq_mode")
+    return before
+
+
+def atomic_dq(kernels: str, block_d: int) -> bool:
+    """Does the dK/dV pass of `kernels` ("portable" or "hopper") make dQ at this BLOCK_D?"""
+    return DQ_MODE == "atomic" and block_d <= _ATOMIC_MAX_BLOCK_D[kernels]
+
+
+def _dq_accumulator(q, atomic: bool, placeholder):
+    """(accumulator, the kernel's DQ_ACC argument, its (batch, head) strides): for atomic dQ
+    the zeroed fp32 accumulator in q's (B, H, L, D) shape, contiguous (row stride HEAD_D);
+    otherwise None and `placeholder`, an fp32 tensor the kernel never reads."""
+    if not atomic:
+        return None, placeholder, (0, 0)
+    acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    return acc, acc, acc.stride()[:2]
 
 
 def _hopper_forward_measured_faster(head_dim: int, lk: int, is_causal: bool) -> bool:
@@ -255,7 +293,7 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
     bucket = _bucket(lq, lk, nbatch * H)
     if (ATTENTION_KERNEL == "hopper" and flags["BLOCK_D"] <= _hopper_bwd.MAX_BLOCK_D
             and _hopper_reason(q, k, v, dout, mask, dropout_p, dq, dk, dv) is None):
-        atomic = _hopper_bwd.atomic_dq(flags["BLOCK_D"])
+        atomic = atomic_dq("hopper", flags["BLOCK_D"])
         strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
         tail = (ms[0], ms[3], H, H // Hk, lq, lk, bucket, scale * LOG2E, scale)
         descs = None
@@ -264,9 +302,7 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
                                              flags["BLOCK_D"])
         # The tensors as the kernels take them: host descriptors, or the tensors themselves.
         q_, k_, v_, do_, dk_, dv_ = descs[:6] if descs else (q, k, v, dout, dk, dv)
-        # atomic: dQ summed in fp32 by the dK/dV pass (attention_hopper_bwd.DQ_MODES), in q's
-        # (B, H, L, D) shape, contiguous: row stride HEAD_D.
-        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else None
+        dq_acc, acc_arg, acc_s = _dq_accumulator(q, atomic, lse)
         kwargs = dict(HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], CAUSAL=bool(is_causal), MASK_KIND=kind,
                       MASK_FLOAT=is_float, VARLEN=varlen, UPCAST=flags["UPCAST"], HOST_DESC=descs is not None,
                       ATOMIC_DQ=atomic)
@@ -274,9 +310,9 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
         _hopper_bwd.launch(
             lambda meta: (cdiv(lk, meta["BLOCK_N"]) * nbatch * Hk,),
             None if atomic else (lambda meta: (cdiv(lq, meta["BLOCK_M"]) * nbatch * H,)),
-            (q_, k_, v_, do_, dk_, dv_, lse, delta, m, cu_q_arg, cu_k_arg, lse if dq_acc is None else dq_acc,
+            (q_, k_, v_, do_, dk_, dv_, lse, delta, m, cu_q_arg, cu_k_arg, acc_arg,
              *strides, *_strides(dk, varlen), *_strides(dv, varlen), *lse_s,
-             *((0, 0) if dq_acc is None else _strides(dq_acc, varlen)[:2]), *tail),
+             0 if varlen else acc_s[0], acc_s[1], *tail),
             None if atomic else (q_, k_, v_, do_, descs[6] if descs else dq, lse, delta, m, cu_q_arg, cu_k_arg,
                                  *strides, *_strides(dq, varlen), *lse_s, *tail),
             kwargs, key, AUTOTUNE and not interpreting())
@@ -288,12 +324,18 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
     common = dict(CAUSAL=bool(is_causal), MASK_KIND=kind, MASK_FLOAT=is_float, DROPOUT=dropout, VARLEN=varlen, **flags)
     tail = (H, H // Hk, lq, lk, bucket, scale * LOG2E, scale, float(dropout_p))
     qkv_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
+    atomic = atomic_dq("portable", flags["BLOCK_D"])
+    dq_acc, acc_arg, acc_s = _dq_accumulator(q, atomic, lse)
     _run(
-        "bwd", attn_bwd_dkdv_tuned, attn_bwd_dkdv, lambda meta: (cdiv(lk, meta["BLOCK_N"]) * nbatch * Hk,), bucket,
-        q, k, v, dout, dk, dv, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg,
-        *qkv_strides, *_strides(dk, varlen), *_strides(dv, varlen), *lse_s,
-        *ms, *tail, **common,
+        "bwd", attn_bwd_dkdv_tuned_atomic if atomic else attn_bwd_dkdv_tuned, attn_bwd_dkdv,
+        lambda meta: (cdiv(lk, meta["BLOCK_N"]) * nbatch * Hk,), bucket,
+        q, k, v, dout, dk, dv, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg, acc_arg,
+        *qkv_strides, *_strides(dk, varlen), *_strides(dv, varlen), *lse_s, 0 if varlen else acc_s[0], acc_s[1],
+        *ms, *tail, **common, ATOMIC_DQ=atomic,
     )
+    if atomic:
+        dq.copy_(dq_acc)
+        return
     _run(
         "bwd", attn_bwd_dq_tuned, attn_bwd_dq, lambda meta: (cdiv(lq, meta["BLOCK_M"]) * nbatch * H,), bucket,
         q, k, v, dout, dq, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg,

@@ -7,9 +7,9 @@ recomputed beyond what FlashAttention does:
 - dK/dV: one program per key block of one key/value head; it walks every query tile of every
   query head of its GQA group, recomputing P from the saved log-sum-exp, and sums dK and dV
   in registers (no atomics).
-- dQ: one program per query block; it walks the key tiles. Or, with DQ_MODE "atomic" (head
-  dims up to 64), no such pass: the dK/dV pass adds each tile's dS K into an fp32 dQ
-  accumulator, FlashAttention-3's way (see DQ_MODES).
+- dQ: one program per query block; it walks the key tiles. Or, with attention.DQ_MODE
+  "atomic" (head dims up to MAX_ATOMIC_BLOCK_D), no such pass: the dK/dV pass adds each
+  tile's dS K into an fp32 dQ accumulator, FlashAttention-3's way.
 Q, dO, K, V come through tensor descriptors (TMA on sm_90, zero-filled past a sequence's end
 and past HEAD_D); dQ, dK, dV leave through them (the store drops rows past the end). They are
 made in each program or, with HOST_DESC, passed in from the host as 4-D (B, H, L, D)
@@ -27,8 +27,8 @@ import triton.language as tl
 
 from ._util import launch_tuned, tuned_config
 from .attention_hopper import _seq_desc, _store_tile, _tile, boxes_for, ensure_allocator, set_boxes
-from .attention_kernels import _flat_pid, _key_range, _prune, _scores, _seq_bounds
-from .backends import choice, env_choice, interpreting
+from .attention_kernels import _add_dq, _flat_pid, _key_range, _prune, _scores, _seq_bounds, _walk_turn
+from .backends import interpreting
 
 
 @triton.jit
@@ -47,11 +47,7 @@ def _dkdv_tiles(
     BLOCK_D: tl.constexpr,
 ):
     if ATOMIC_DQ:
-        # Every key block adds into the same dQ rows. Without causal they would all start at
-        # the first query tile at once and queue on the same addresses in L2: each walks the
-        # tiles from its own turn instead (`turn` key blocks along, wrapping round).
-        span = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M) * BLOCK_M
-        shift = (turn * BLOCK_M) % tl.maximum(span, 1)
+        span, shift = _walk_turn(lo, hi, turn, BLOCK_M)
     for i in range(lo, hi, BLOCK_M):
         start_m = i
         if ATOMIC_DQ:
@@ -83,12 +79,8 @@ def _dkdv_tiles(
         ds = p * (dp - delta[:, None])
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
         if ATOMIC_DQ:
-            # This key block's share of dQ = dS K * scale, added in fp32 (16-byte vector
-            # reductions on sm_90); rows past the end have dS = 0 and are not written.
-            dq = tl.dot(ds.to(k.dtype), k) * sm_scale
             d = tl.arange(0, BLOCK_D)
-            tl.atomic_add(dq_base + rows[:, None] * HEAD_D + d[None, :], dq,
-                          mask=row_ok[:, None] & (d[None, :] < HEAD_D), sem="relaxed")
+            _add_dq(dq_base, tl.dot(ds.to(k.dtype), k) * sm_scale, rows, row_ok, d, d < HEAD_D, HEAD_D)
     return dk, dv
 
 
@@ -316,25 +308,6 @@ _BWD_DKDV_HOPPER_GPU_WIDE = [(128, 64, 8, 2), (64, 64, 8, 1), (128, 32, 8, 2)]
 MAX_ATOMIC_BLOCK_D = 64
 _KEY = ["HEAD_D", "TUNE_BUCKET", "CAUSAL", "MASK_KIND", "VARLEN"]
 
-# How dQ is made: "pass" (the default), a second kernel over the key tiles per query block;
-# "atomic" (FlashAttention-3's way), inside the dK/dV pass: each key block adds its dS K into
-# an fp32 dQ accumulator in global memory (fp32 reductions in L2, order not fixed, so the
-# low bits of dQ can differ run to run), then one cast to dQ's dtype. It saves the dQ pass's
-# recomputation of S and dP: five tile MMAs per (query, key) tile pair instead of seven, for
-# 4 bytes per dQ element zeroed, reduced and read back. Opt-in until a GPU run measures it
-# (`fuseformer bench` times it as fuseformer-triton-hopper-atomic-dq).
-# FUSEFORMER_HOPPER_DQ sets it at import; set_dq_mode changes it.
-DQ_MODES = ("pass", "atomic")
-DQ_MODE = env_choice("FUSEFORMER_HOPPER_DQ", DQ_MODES, "pass", "dQ mode")
-
-
-def set_dq_mode(mode: str) -> str:
-    """Choose how the Hopper backward makes dQ ("pass" or "atomic"); returns the previous mode."""
-    global DQ_MODE
-    before, DQ_MODE = DQ_MODE, choice(mode, DQ_MODES, "dQ mode", "set_dq_mode")
-    return before
-
-
 def _configs(shapes):
     # set_boxes: host descriptors (HOST_DESC) get each config's tile boxes before it runs.
     if interpreting():
@@ -344,9 +317,7 @@ def _configs(shapes):
 
 
 def _tuned(kernel, shapes=_BWD_HOPPER_GPU, atomic=False):
-    # The atomic dK/dV kernel adds into DQ_ACC: every timed run of a config would add to what
-    # the last left, so the autotuner zeroes it before each and once more after tuning. (Its
-    # own tuner object: the plain pass gets a placeholder there, which must not be zeroed.)
+    # atomic: DQ_ACC zeroed around tuning, as attention_kernels._tuned says why.
     return triton.autotune(configs=_configs(shapes), key=_KEY, reset_to_zero=["DQ_ACC"] if atomic else None,
                            prune_configs_by={"early_config_prune": _prune})(kernel)
 
@@ -357,11 +328,6 @@ attn_bwd_dkdv_hopper_tuned = _tuned(_attn_bwd_dkdv_hopper)
 attn_bwd_dkdv_hopper_tuned_wide = _tuned(_attn_bwd_dkdv_hopper, _BWD_DKDV_HOPPER_GPU_WIDE)
 attn_bwd_dkdv_hopper_tuned_atomic = _tuned(_attn_bwd_dkdv_hopper, atomic=True)
 attn_bwd_dq_hopper_tuned = _tuned(_attn_bwd_dq_hopper)
-
-
-def atomic_dq(block_d: int) -> bool:
-    """Does the dK/dV pass make dQ (DQ_MODE "atomic", up to MAX_ATOMIC_BLOCK_D)?"""
-    return DQ_MODE == "atomic" and block_d <= MAX_ATOMIC_BLOCK_D
 
 
 def dkdv_tuned(block_d: int, atomic: bool = False):

@@ -296,6 +296,25 @@ def _attn_fwd(
 
 
 @triton.jit
+def _walk_turn(lo, hi, turn, BLOCK_M: tl.constexpr):
+    """(span, shift) for a walk over the query tiles [lo, hi) that starts `turn` tiles along
+    and wraps round: tile i (lo <= i < hi, step BLOCK_M) is lo + (i - lo + shift) % span.
+    With atomic dQ every key block adds into the same dQ rows; without causal they would all
+    start at the first query tile at once and queue on the same addresses in L2."""
+    span = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M) * BLOCK_M
+    return span, (turn * BLOCK_M) % tl.maximum(span, 1)
+
+
+@triton.jit
+def _add_dq(dq_base, dq, rows, row_ok, d, d_ok, HEAD_D: tl.constexpr):
+    """Add a (BLOCK_M, BLOCK_D) fp32 share of dQ to the accumulator rows at dq_base (row
+    stride HEAD_D): fp32 reductions in L2, 16-byte vectors on sm_90. Rows past the end (their
+    dS is 0 anyway) and columns past HEAD_D are not written."""
+    tl.atomic_add(dq_base + rows[:, None] * HEAD_D + d[None, :], dq, mask=row_ok[:, None] & d_ok[None, :],
+                  sem="relaxed")
+
+
+@triton.jit
 def _attn_bwd_preprocess(
     O, DO, DELTA,  # delta laid out like lse
     CU_Q, CU_K,
@@ -329,6 +348,7 @@ def _attn_bwd_preprocess(
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, MASK, SEED, CU_Q, CU_K,
+    DQ_ACC,  # ATOMIC_DQ: fp32 (B, H, LQ, HEAD_D), contiguous, zeroed; unused otherwise
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -336,6 +356,7 @@ def _attn_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_lb, stride_lh,
+    stride_ab, stride_ah,
     stride_mb, stride_mh, stride_mm, stride_mn,
     H, GROUP, LQ, LK, TUNE_BUCKET,
     qk_scale, sm_scale, dropout_p,
@@ -348,11 +369,13 @@ def _attn_bwd_dkdv(
     VARLEN: tl.constexpr,
     UPCAST: tl.constexpr,
     EXACT_FP32: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # One program owns a block of keys of one key/value head and walks every query row of
     # every query head in its GQA group: dK and dV are summed in registers, no atomics.
+    # With ATOMIC_DQ it also adds its share of dQ into DQ_ACC (attention.DQ_MODES).
     start_n, bhk = _flat_pid(LK, BLOCK_N)
     HK = H // GROUP
     b = bhk // HK
@@ -396,11 +419,16 @@ def _attn_bwd_dkdv(
         else:
             live = mrow != 0
         q_hi = tl.where(tl.max(live.to(tl.int32), 0) > 0, q_len, 0)
+    if ATOMIC_DQ:
+        span, shift = _walk_turn(lo, q_hi, start_n // BLOCK_N, BLOCK_M)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         h64 = h.to(tl.int64)
         mask_base = MASK + b64 * stride_mb + h64 * stride_mh
-        for start_m in range(lo, q_hi, BLOCK_M):
+        for i in range(lo, q_hi, BLOCK_M):
+            start_m = i
+            if ATOMIC_DQ:
+                start_m = lo + (i - lo + shift) % span
             rows = start_m + tl.arange(0, BLOCK_M)
             row_ok = rows < q_len
             qrow = (q0 + rows).to(tl.int64)
@@ -429,6 +457,9 @@ def _attn_bwd_dkdv(
             dv = _dot(tl.trans(p_dropped.to(do.dtype)), do, dv, EXACT_FP32)
             ds = p * (dp - delta[:, None])
             dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, EXACT_FP32)
+            if ATOMIC_DQ:
+                dq = _dot(ds.to(k.dtype), k, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), EXACT_FP32) * sm_scale
+                _add_dq(DQ_ACC + b64 * stride_ab + h64 * stride_ah + q0 * HEAD_D, dq, rows, row_ok, d, d_ok, HEAD_D)
 
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + kcol[:, None] * stride_dkn + d[None, :],
@@ -582,14 +613,17 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
-def _tuned(gpu_list, kernel):
-    return triton.autotune(configs=_configs(gpu_list), key=_KEY, prune_configs_by={"early_config_prune": _prune})(
-        kernel
-    )
+def _tuned(gpu_list, kernel, atomic=False):
+    # The atomic dK/dV kernel adds into DQ_ACC: every timed run of a config would add to what
+    # the last left, so its autotuner zeroes it before each and once more after tuning. (Its
+    # own tuner object: the plain pass gets a placeholder there, which must not be zeroed.)
+    return triton.autotune(configs=_configs(gpu_list), key=_KEY, reset_to_zero=["DQ_ACC"] if atomic else None,
+                           prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
 attn_fwd_tuned = _tuned(_FWD_GPU, _attn_fwd)
 attn_bwd_dkdv_tuned = _tuned(_BWD_GPU, _attn_bwd_dkdv)
+attn_bwd_dkdv_tuned_atomic = _tuned(_BWD_GPU, _attn_bwd_dkdv, atomic=True)
 attn_bwd_dq_tuned = _tuned(_BWD_GPU, _attn_bwd_dq)
 attn_fwd = _attn_fwd
 attn_bwd_dkdv = _attn_bwd_dkdv

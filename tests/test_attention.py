@@ -260,6 +260,50 @@ def test_dropout_parity(seeds, causal, gqa, mask):
                gqa=gqa, seeds=seeds)
 
 
+
+# ----------------------------------------------------------------------------- atomic dQ
+
+
+@pytest.fixture
+def atomic_dq(monkeypatch):
+    """attention.DQ_MODE "atomic": record each backward pass of the portable kernels as
+    (kernel, ATOMIC_DQ)."""
+    monkeypatch.setattr(A, "DQ_MODE", "atomic")
+    passes = []
+    run = A._run
+
+    def recording(kind, tuned, plain, *args, **kwargs):
+        if kind == "bwd":
+            passes.append(("dkdv" if plain is A.attn_bwd_dkdv else "dq", kwargs.get("ATOMIC_DQ")))
+        return run(kind, tuned, plain, *args, **kwargs)
+
+    monkeypatch.setattr(A, "_run", recording)
+    return passes
+
+
+def _atomic_passes(head_dim):
+    # Up to head dim 64 the dK/dV pass sums dQ and no dQ pass runs; wider, both passes.
+    return [("dkdv", True)] if head_dim <= 64 else [("dkdv", False), ("dq", None)]
+
+
+@pytest.mark.parametrize("dtype,B,H,Lq,Lk,D,causal,mask", CASES)
+def test_atomic_dq_parity(atomic_dq, dtype, B, H, Lq, Lk, D, causal, mask):
+    test_parity(dtype, B, H, Lq, Lk, D, causal, mask)
+    assert atomic_dq == _atomic_passes(D)
+
+
+@pytest.mark.parametrize("causal,gqa,mask", [(False, False, None), (True, True, "key_padding")])
+def test_atomic_dq_dropout_parity(atomic_dq, seeds, causal, gqa, mask):
+    test_dropout_parity(seeds, causal, gqa, mask)
+    assert atomic_dq == _atomic_passes(32)
+
+
+def test_atomic_dq_gqa_and_varlen_parity(atomic_dq, seeds):
+    test_gqa(True)
+    test_varlen_parity(seeds, [70, 0, 5], [70, 0, 9], 4, 2, 40, True, 0.0, torch.float16)
+    assert atomic_dq == _atomic_passes(40) * 2
+
+
 # ----------------------------------------------------------------------------- varlen
 
 

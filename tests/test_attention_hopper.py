@@ -34,14 +34,14 @@ pytestmark = pytest.mark.skipif(
 def launches(monkeypatch, request):
     """Force the Hopper kernels, their descriptors made on the host and on the device in
     turn, and the backward's dQ by its own pass and by the dK/dV pass's atomics
-    (attention_hopper_bwd.DQ_MODES); record each forward launch (its constexprs) and, in
+    (attention.DQ_MODES); record each forward launch (its constexprs) and, in
     `backward_launches`, each backward one."""
     place, dq_mode = request.param
     monkeypatch.setattr(_util, "_POISON", True)
     monkeypatch.setattr(A, "AUTOTUNE", False)
     monkeypatch.setattr(A, "ATTENTION_KERNEL", "hopper")
     monkeypatch.setattr(HK, "DESCRIPTORS", place)
-    monkeypatch.setattr(HKB, "DQ_MODE", dq_mode)
+    monkeypatch.setattr(A, "DQ_MODE", dq_mode)
     seen = []
     launch, launch_bwd = HK.launch, HKB.launch
 
@@ -99,7 +99,7 @@ def test_parity(launches, dtype, B, H, Lq, Lk, D, causal, mask):
     assert len(launches) == 1 and len(backward_launches) == 1
     assert launches[0]["HOST_DESC"] == backward_launches[0]["HOST_DESC"] == (HK.DESCRIPTORS == "host")
     # Atomic dQ up to head dim 64 (BLOCK_D <= MAX_ATOMIC_BLOCK_D); above, dQ's own pass.
-    assert backward_launches[0]["ATOMIC_DQ"] == (HKB.DQ_MODE == "atomic" and D <= HKB.MAX_ATOMIC_BLOCK_D)
+    assert backward_launches[0]["ATOMIC_DQ"] == (A.DQ_MODE == "atomic" and D <= HKB.MAX_ATOMIC_BLOCK_D)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -213,7 +213,7 @@ def test_autotuned_path_fits_the_host_descriptor_boxes(launches, monkeypatch):
     assert len(launches) == len(backward_launches) == 2
     assert all(kw["HOST_DESC"] == host for kw in launches + backward_launches)
     # forward, dK/dV and (not with atomic dQ) dQ: the second call took the kept configs
-    assert len(_util._tuned_configs) == (2 if HKB.DQ_MODE == "atomic" else 3)
+    assert len(_util._tuned_configs) == (2 if A.DQ_MODE == "atomic" else 3)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="checked on the CPU")
@@ -267,14 +267,14 @@ def test_bench_peer_runs_the_hopper_kernel_or_refuses(launches, monkeypatch):
 
     q, k, v = (t.half().requires_grad_() for t in _qkv(1, 2, 20, 20, 32))
     inputs = {"q": q, "k": k, "v": v, "mask": None}
-    place, mode = HK.DESCRIPTORS, HKB.DQ_MODE
+    place, mode = HK.DESCRIPTORS, A.DQ_MODE
     for impl, host, atomic in ((ops._hopper_impl(call), False, False),
                                (ops._hopper_impl(call, descriptors="host"), True, False),
                                (ops._hopper_impl(call, dq="atomic"), False, True)):
         step(impl, inputs)
         assert launches[-1]["HOST_DESC"] == backward_launches[-1]["HOST_DESC"] == host, impl.name
         assert backward_launches[-1]["ATOMIC_DQ"] == atomic, impl.name
-        assert (A.get_attention_kernel(), HK.DESCRIPTORS, HKB.DQ_MODE) == ("portable", place, mode)
+        assert (A.get_attention_kernel(), HK.DESCRIPTORS, A.DQ_MODE) == ("portable", place, mode)
     assert len(launches) == len(backward_launches) == 3
     assert [i.name for i in (ops._hopper_impl(call, descriptors="host"), ops._hopper_impl(call, dq="atomic"))] == [
         "fuseformer-triton-hopper-host", "fuseformer-triton-hopper-atomic-dq"]
@@ -286,7 +286,7 @@ def test_bench_peer_runs_the_hopper_kernel_or_refuses(launches, monkeypatch):
     with pytest.raises(Refused, match="does not take this case: dtype torch.float32"):
         step(ops._hopper_impl(call), {"q": q.float(), "k": k.float(), "v": v.float(), "mask": None})
     wide = [torch.randn(1, 2, 20, 80, dtype=torch.float16, requires_grad=True) for _ in range(3)]
-    with pytest.raises(Refused, match="atomic dQ is for head dims up to 64"):
+    with pytest.raises(Refused, match="atomic dQ is for head dims up to 64 in the hopper kernels"):
         step(ops._hopper_impl(call, dq="atomic"), {"q": wide[0], "k": wide[1], "v": wide[2], "mask": None})
     assert len(launches) == 3
 
@@ -296,7 +296,7 @@ def test_bench_peer_runs_the_hopper_kernel_or_refuses(launches, monkeypatch):
     ("attention_hopper", "DESCRIPTORS", "set_descriptors", "FUSEFORMER_HOPPER_DESCRIPTORS", "device", "host",
      "descriptor place"),
     # pass: until a GPU run measures atomic
-    ("attention_hopper_bwd", "DQ_MODE", "set_dq_mode", "FUSEFORMER_HOPPER_DQ", "pass", "atomic", "dQ mode"),
+    ("attention", "DQ_MODE", "set_dq_mode", "FUSEFORMER_ATTENTION_DQ", "pass", "atomic", "dQ mode"),
 ])
 def test_switch_api_and_env(module, name, setter, variable, default, other, what):
     """A Hopper switch: its setter normalises a name and refuses an unknown one, keeping the
@@ -325,7 +325,8 @@ def test_switch_api_and_env(module, name, setter, variable, default, other, what
 
 
 def test_atomic_dq_is_for_head_dims_up_to_64(monkeypatch):
-    monkeypatch.setattr(HKB, "DQ_MODE", "atomic")
-    assert HKB.atomic_dq(16) and HKB.atomic_dq(64) and not HKB.atomic_dq(128)
-    monkeypatch.setattr(HKB, "DQ_MODE", "pass")
-    assert not HKB.atomic_dq(64)
+    monkeypatch.setattr(A, "DQ_MODE", "atomic")
+    for kernels in ("portable", "hopper"):
+        assert A.atomic_dq(kernels, 16) and A.atomic_dq(kernels, 64) and not A.atomic_dq(kernels, 128)
+    monkeypatch.setattr(A, "DQ_MODE", "pass")
+    assert not A.atomic_dq("portable", 64) and not A.atomic_dq("hopper", 64)

@@ -162,6 +162,21 @@ def test_multi_row_layer_norm_moves_16_byte_vectors(compiled):
         assert r["ptx"]["ld_v4"] > 0 and r["ptx"]["st_v4"] > 0, f"no 16-byte vector access in {_where(r)}: {r['ptx']}"
 
 
+def test_atomic_dq_adds_fp32_vectors_and_nothing_else_adds(compiled):
+    """The portable dK/dV pass with ATOMIC_DQ (attention.DQ_MODES) sums dQ with 16-byte fp32
+    vector reductions on sm_90; without it, and in the dQ pass, nothing is added to memory."""
+    atomic = _of(compiled, "attn_bwd_dkdv_atomic")
+    assert {r["arch"] for r in atomic} == {80, 90}
+    for r in atomic:
+        if r["arch"] == 90:
+            assert r["ptx"]["add_v4_f32"] > 0, f"no fp32 vector add in {_where(r)}"
+    for r in _of(compiled, "attn_bwd_dkdv") + _of(compiled, "attn_bwd_dq"):
+        assert r["ptx"]["add_v4_f32"] == 0, _where(r)
+    spilling = [r for r in atomic if r["arch"] == 90 and r["case"] == "bf16 d64" and r["spill_bytes"]
+                and r["constexprs"].get("BLOCK_N") != 128]
+    assert not spilling, [_where(r) for r in spilling]
+
+
 def test_hopper_kernels_are_wgmma_tma_and_spill_free(compiled):
     """The design of kernels/attention_hopper.py (forward) and attention_hopper_bwd.py (dK/dV and
     dQ), checked on their sm_90a compiles (every autotune config and every flag case): their

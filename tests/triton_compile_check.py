@@ -214,9 +214,11 @@ def _attn_args(dt, D, mask="none", mask_float=False, dropout=False, varlen=False
     v["stride_lb"], v["stride_lh"] = l_str
     v["stride_mb"], v["stride_mh"], v["stride_mm"], v["stride_mn"] = m_str
     lq = lk = 384 if varlen else L
+    # the fp32 dQ accumulator of ATOMIC_DQ: q's (B, H, L, D) shape, contiguous
+    v["stride_ab"], v["stride_ah"] = l_str[0] * D, l_str[1] * D
     v.update(
         Q=Ptr(dt), K=Ptr(dt), V=Ptr(dt), O=Ptr(dt), DO=Ptr(dt), DQ=Ptr(dt), DK=Ptr(dt), DV=Ptr(dt),
-        LSE=Ptr("fp32"), DELTA=Ptr("fp32"), MASK=m_ptr,
+        LSE=Ptr("fp32"), DELTA=Ptr("fp32"), MASK=m_ptr, DQ_ACC=Ptr("fp32"),
         SEED=Ptr("i64") if dropout else Ptr(dt),
         CU_Q=Ptr("i32") if varlen else Ptr("fp32"), CU_K=Ptr("i32") if varlen else Ptr("fp32"),
         # attention._bucket: length bucket * 1024 + batch*heads bucket
@@ -226,7 +228,7 @@ def _attn_args(dt, D, mask="none", mask_float=False, dropout=False, varlen=False
     cx = dict(
         HEAD_D=D, BLOCK_D=max(16, triton_next_pow2(D)), CAUSAL=False,
         MASK_KIND={"none": 0, "key_padding": 1, "dense": 2}[mask], MASK_FLOAT=mask_float, DROPOUT=dropout,
-        VARLEN=varlen, UPCAST=False, EXACT_FP32=dt == "fp32",
+        VARLEN=varlen, UPCAST=False, EXACT_FP32=dt == "fp32", ATOMIC_DQ=False,
     )
     return v, cx
 
@@ -257,6 +259,9 @@ def build_jobs():
         obj = getattr(ak, name)
         tuned = getattr(ak, name + "_tuned", obj if isinstance(obj, Autotuner) else None)
         attn.append((name, kind, _unwrap(obj)[0], tuned))
+    # The dK/dV pass with ATOMIC_DQ (attention.DQ_MODES): it also sums dQ, up to head dim 64.
+    attn.append(("attn_bwd_dkdv_atomic", "bwd", _unwrap(ak.attn_bwd_dkdv)[0], ak.attn_bwd_dkdv_tuned_atomic))
+    atomic_max_block_d = importlib.import_module("fuseformer.kernels.attention")._ATOMIC_MAX_BLOCK_D["portable"]
     itemsize = {"fp16": 2, "bf16": 2, "fp32": 4}
 
     def attn_case(arch, case, tuned_configs=None, dt="fp16", D=64, causal=False, only=None, **kw):
@@ -265,8 +270,11 @@ def build_jobs():
         for name, kind, plain, tuned in attn:
             if only and name not in only:
                 continue
+            atomic = name == "attn_bwd_dkdv_atomic"
+            if atomic and cx["BLOCK_D"] > atomic_max_block_d:
+                continue  # those head dims make dQ by the pass in either mode
             names = set(plain.arg_names)
-            vv, cc = _pick(v, names), _pick(cx, names)
+            vv, cc = _pick(v, names), _pick({**cx, "ATOMIC_DQ": atomic}, names)
             if tuned_configs is not None and tuned is not None:
                 _add(jobs, name, tuned, arch, case, vv, cc, configs=tuned_configs)
             elif hasattr(ak, "default_config"):
@@ -307,10 +315,17 @@ def build_jobs():
                 attn_case(arch, case, **kw, only=None if arch == 90 or FULL or "d64" not in case else {"attn_fwd"})
         if arch == 80 and not FULL:
             attn_case(arch, "fp16 d128", D=128)
+        # Atomic dQ: every config where the dK/dV pass holds the most, on both targets, and
+        # on sm_90 the benchmark's plain case (spill-free but for 64 x 128 tiles, which spill
+        # without atomic dQ too).
+        attn_case(arch, "bf16 d64 varlen gqa4 causal dropout", tuned_configs="all", dt="bf16", varlen=True, group=4,
+                  causal=True, dropout=True, only={"attn_bwd_dkdv_atomic"})
+        if arch == 90:
+            attn_case(arch, "bf16 d64", tuned_configs="all", dt="bf16", only={"attn_bwd_dkdv_atomic"})
     # --- the Hopper kernels: sm_90 only (triton_compile_hopper.py).
     import triton_compile_hopper
 
-    triton_compile_hopper.add_jobs(jobs, _add, _attn_args, _pick, Ptr, Desc)
+    triton_compile_hopper.add_jobs(jobs, _add, _attn_args, _pick, Desc)
 
     pre_names = set(ak.attn_bwd_preprocess.arg_names)
     for arch in ARCHS:

@@ -8,7 +8,7 @@ import importlib
 ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
 
 
-def add_jobs(jobs: list, _add, _attn_args, _pick, Ptr, Desc) -> None:
+def add_jobs(jobs: list, _add, _attn_args, _pick, Desc) -> None:
     """Every autotune config at head dim 128, then the flag cases with default_config's tiles.
     The helpers are triton_compile_check's, passed in: that file runs as a script, and importing
     it back from here would load a second copy of it."""
@@ -26,8 +26,6 @@ def add_jobs(jobs: list, _add, _attn_args, _pick, Ptr, Desc) -> None:
         v, cx = _attn_args(dt, D, **kw)
         cx["CAUSAL"] = causal
         cx["HOST_DESC"] = host
-        # the fp32 dQ accumulator of ATOMIC_DQ: q's (B, H, L, D) shape, contiguous
-        v.update(DQ_ACC=Ptr("fp32"), stride_ab=v["stride_lb"] * D, stride_ah=v["stride_lh"] * D)
         if host:  # 4-D host descriptors, boxed by BLOCK_M (query side) or BLOCK_N (key side)
             v.update({n: Desc(dt, "BLOCK_M") for n in ah._QUERY_ROWS})
             v.update({n: Desc(dt, "BLOCK_N") for n in ah._KEY_ROWS})
