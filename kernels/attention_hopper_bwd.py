@@ -301,12 +301,13 @@ _BWD_HOPPER_GPU = [(64, 64, 8, 2), (128, 64, 8, 2), (64, 64, 8, 1), (128, 32, 8,
 # cases (causal key padding under triton 3.9; varlen GQA causal under 3.6), where these three
 # stayed spill-free under both (tests/triton_compile_hopper.py compiles each list's cases).
 _BWD_DKDV_HOPPER_GPU_WIDE = [(128, 64, 8, 2), (64, 64, 8, 1), (128, 32, 8, 2)]
-# Atomic dQ (DQ_MODES) only up to this BLOCK_D: beside dK and dV the pass then holds a
+# Atomic dQ (attention.DQ_MODES) only up to this BLOCK_D: beside dK and dV the pass then holds a
 # (BLOCK_M, BLOCK_D) fp32 dQ tile, and at BLOCK_D 128 every config of the list above, and 64 x 32
 # and 64 x 64 tiles over 4 or 8 warps, reached the register cap and spilled 16-324 B with
 # varlen + GQA + causal (triton 3.9). Wider heads make dQ by the pass whatever the mode.
 MAX_ATOMIC_BLOCK_D = 64
 _KEY = ["HEAD_D", "TUNE_BUCKET", "CAUSAL", "MASK_KIND", "VARLEN"]
+
 
 def _configs(shapes):
     # set_boxes: host descriptors (HOST_DESC) get each config's tile boxes before it runs.

@@ -599,6 +599,19 @@ def test_gpu_autotuned(monkeypatch, D, dtype):
 
 
 @pytest.mark.gpu
+def test_gpu_autotuned_atomic_dq(atomic_dq, monkeypatch):
+    """Atomic dQ through the autotuner: its timed runs of each config add into the same
+    accumulator, which it must zero before each and once more before the real launch
+    (reset_to_zero); a missed zeroing multiplies dQ."""
+    monkeypatch.setattr(A, "AUTOTUNE", True)
+    monkeypatch.setattr(_util, "_tuned_configs", {})
+    q, k, v = _qkv(2, 4, 1000, 1000, 64)
+    for _ in range(2):  # the tuning call, then the kept config
+        check_sdpa(q, k, v, _make_mask("key_padding", 2, 4, 1000, 1000, torch.bfloat16), dtype=torch.bfloat16)
+    assert atomic_dq == _atomic_passes(64) * 2
+
+
+@pytest.mark.gpu
 def test_gpu_bf16_dropout_varlen(seeds):
     q, k, v = _qkv(2, 4, 300, 300, 64)
     check_sdpa(q, k, v, causal=True, dropout_p=0.1, dtype=torch.bfloat16, seeds=seeds)
