@@ -513,7 +513,9 @@ def add_ln_case(name, *, M, N, grad=False, device_type="cuda", quick=False) -> O
         name=name, suite="ops", group="add_ln_fwd_bwd" if grad else "add_ln_fwd",
         params={"M": M, "N": N, "grad": grad},
         flops=None,
-        elements=(7 if grad else 3) * M * N,  # fwd: x, residual in, y out; bwd: dy, stream in, dx, dres out
+        # fwd: x, residual in, y out; fwd+bwd also: the stream h = x + residual out (or x and
+        # residual read again), dy and h in, dx out (d residual is the same tensor: no dropout here)
+        elements=(7 if grad else 3) * M * N,
         x="N", quick=quick, cpu_note=CPU_NOTE, make_inputs=make, reference=ref, impls=impls,
         grad_inputs=("x", "residual", "weight", "bias") if grad else (),
     )

@@ -1,4 +1,5 @@
 """add_layer_norm on the triton backend against the float64 reference (parity rule)."""
+import dataclasses
 import importlib
 
 import pytest
@@ -294,6 +295,39 @@ class _Recorder:
     def __getitem__(self, grid):
         self.log.append(self.name)
         return self.kernel[grid]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_residual_gradient_is_written_once_without_dropout(monkeypatch, device, p):
+    """h = x + residual: without dropout d residual == d x, so the backward writes one tensor
+    and hands it to both (kernel asked for no residual gradient); with dropout they differ and
+    both are written. x passed as its own residual (a shared leaf) sums the two, 2 dh."""
+    asked = []
+    get_impl = aln.backends.get_impl
+
+    def recording_impl(op, name):
+        impl = get_impl(op, name)
+
+        def backward(*args):
+            asked.append(args[-1])  # has_residual: is a residual gradient asked for?
+            return impl.backward(*args)
+
+        return dataclasses.replace(impl, backward=backward) if op == "add_layer_norm" else impl
+
+    monkeypatch.setattr(aln.backends, "get_impl", recording_impl)
+    x, r, w, b = _leaves(_inputs((7, 40), torch.float32, device))
+    y = K.add_layer_norm(x, r, w, b, dropout_p=p, backend="triton")
+    dx, dr = torch.autograd.grad((y * torch.randn_like(y)).sum(), (x, r))
+    assert asked == [p > 0]
+    assert (dx is dr) == (p == 0) and torch.equal(dx, dr) == (p == 0)
+    if p == 0:
+        check_parity((7, 40), torch.float32, device)  # the shared tensor has the right values
+        x2 = x.detach().clone().requires_grad_(True)
+        g = torch.randn(7, 40, device=device)
+        (K.add_layer_norm(x2, x2, w, b, backend="triton") * g).sum().backward()
+        x64 = x.detach().double().requires_grad_(True)
+        (reference.add_layer_norm(x64, x64, w.double(), b.double()) * g.double()).sum().backward()
+        torch.testing.assert_close(x2.grad, x64.grad.float(), rtol=1e-4, atol=1e-4)
 
 
 def test_weight_grads_are_deterministic(device):
