@@ -54,6 +54,8 @@ def add_jobs(jobs, check):
         ln_fwd(arch, "fp16", 4096)
         ln_fwd(arch, "bf16", 768, res=False, w=False, b=False, save=False, stats=False)
         ln_bwd(arch, "fp16", 768, dstream=True, drop=True)
+        # BERT's training backward: no dropout, so d residual is d x, written once (HAS_RES off).
+        ln_bwd(arch, "bf16", 768, res=False)
         _add(jobs, "ln_keep_mask", alnk._keep_mask_kernel, arch, "N=768",
              dict(SEED=Ptr("i64"), OUT=Ptr("i8"), N=768, dropout_p=0.1), dict(BLOCK=1024))
         # The multi-row kernel: BERT's 768 in bf16 (the 16-byte vector case the compile test
