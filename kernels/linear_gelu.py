@@ -290,8 +290,12 @@ def _dgelu_fused_db(dout, preact, approximate, has_bias):
     tiles_n = cdiv(N, block_n)
     if backends.interpreting() or not preact.is_cuda:
         programs_m = min(cdiv(M, block_m), 2)  # 2: the row-block loop still runs twice
-    else:  # ~4 programs per SM in all, each summing its rows' share of db
-        programs_m = max(1, min(cdiv(M, block_m), cdiv(4 * sm_count(preact.device), tiles_n)))
+    else:
+        # Four row blocks a program: nearly the elementwise kernel's parallelism (16384 x 3072:
+        # 3072 programs), db's partials 1/128 of dpre. The H100 run timed the earlier grid,
+        # ~4 programs per SM in all walking ~23 row blocks each, at 0.93x the elementwise
+        # kernel plus torch's column sum: each program's loop waited on its loads in turn.
+        programs_m = cdiv(M, 4 * block_m)
     db_part = new_output((programs_m, N), torch.float32, preact.device) if has_bias else None
     launch(
         _gelu_bwd_db, (programs_m, tiles_n), dout, preact, dpre, db_part if has_bias else dpre, M, N,
