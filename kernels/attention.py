@@ -115,6 +115,17 @@ def _dq_accumulator(q, atomic: bool, placeholder):
     return acc, acc, acc.stride()[:2]
 
 
+def _positive_scale(q: Tensor, scale: float) -> tuple[Tensor, float]:
+    """(q, scale) with scale > 0 and the same scores q k^T * scale: the forward kernels take the
+    softmax's row max on unscaled scores and scale it after (one FMA a score instead of a
+    multiply and a subtract), which needs scale > 0. A negative scale negates q instead; scale
+    0 scores every key 0, as 0 * q does with scale 1. Done where autograd sees it, so the
+    gradient of q follows."""
+    if scale > 0.0:
+        return q, scale
+    return q * (-1.0 if scale < 0.0 else 0.0), (-scale if scale < 0.0 else 1.0)
+
+
 def _hopper_forward_measured_faster(head_dim: int, lk: int, is_causal: bool) -> bool:
     """Where "auto" takes the Hopper forward (see ATTENTION_KERNELS)."""
     return lk >= 4096 or (head_dim == 128 and not is_causal and lk >= 1024)
@@ -212,6 +223,8 @@ def _strides(t, varlen):
 
 def _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, nbatch, lq, lk, cu_q=None, cu_k=None):
     """All tensors 4-D (B, H, L, D) views (lse 3-D); with cu_q the batch dim has size 1."""
+    if not scale > 0.0:
+        raise ValueError(f"the attention kernels take scale > 0, got {scale} (see _positive_scale)")
     hopper = ATTENTION_KERNEL == "hopper" or (
         ATTENTION_KERNEL == "auto" and _hopper_forward_measured_faster(q.shape[-1], lk, is_causal))
     if hopper and _hopper_reason(q, k, v, out, mask, dropout_p) is None:
@@ -625,7 +638,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if name == "torch":
         return reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                                       enable_gqa)
-    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    q4, scale = _positive_scale(q4, 1.0 / math.sqrt(E) if scale is None else float(scale))
     if torch.compiler.is_compiling():
         out, _ = attention_fwd(q4, k4, v4, mask4, is_causal, scale, dropout_p, _draw_seed(dropout_p, query.device),
                                name)

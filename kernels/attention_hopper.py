@@ -130,24 +130,27 @@ def _hopper_tiles(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         cols = start_n + tl.arange(0, BLOCK_N)
+        # Unscaled scores but where a float mask is added to scaled ones: the max is scaled
+        # after, and exp2's argument scales and shifts in one FMA (attention_kernels._fwd_tiles).
         if MASK_TILES:
-            s = _scores(q, k, rows, cols, rows >= 0, cols < k_len, mask_row, 0, stride_mn, qk_scale,
-                        CAUSAL, 1, MASK_FLOAT, False, True, BLOCK_M, BLOCK_N)
+            s = _scores(q, k, rows, cols, rows >= 0, cols < k_len, mask_row, 0, stride_mn,
+                        qk_scale if MASK_FLOAT else 1.0, CAUSAL, 1, MASK_FLOAT, False, True, BLOCK_M, BLOCK_N)
         else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.dot(q, tl.trans(k))
             if BOUNDARY:
                 allowed = ((cols >= col_lo) & (cols < col_hi))[None, :] & (rows >= 0)[:, None]
                 if CAUSAL:
                     allowed = allowed & (cols[None, :] <= rows[:, None])
                 s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        to_scale = 1.0 if MASK_TILES and MASK_FLOAT else qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1) * to_scale)
         if BOUNDARY:
             # A row that has seen only masked keys keeps max -inf: subtract 0 instead, so
             # exp2 gives exactly 0, not NaN (-inf - -inf). Interior tiles have no -inf score.
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_use = m_new
-        p = tl.exp2(s - m_use[:, None])
+        p = tl.exp2(s * to_scale - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])

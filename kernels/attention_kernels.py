@@ -183,13 +183,19 @@ def _fwd_tiles(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = _scores(q, k, rows, cols, row_ok, col_ok, mask_base, stride_mm, stride_mn, qk_scale,
-                    CAUSAL, MASK_KIND, MASK_FLOAT, EXACT_FP32, BOUNDARY, BLOCK_M, BLOCK_N)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Unscaled scores unless a float mask must be added to scaled ones: the row max is taken
+        # on them and scaled after (qk_scale > 0, see attention._positive_scale), so each score
+        # is scaled and shifted in one FMA inside exp2's argument instead of a multiply and a
+        # subtract (the softmax's per-score work bounds attention at head dim 64).
+        s = _scores(q, k, rows, cols, row_ok, col_ok, mask_base, stride_mm, stride_mn,
+                    qk_scale if MASK_FLOAT else 1.0, CAUSAL, MASK_KIND, MASK_FLOAT, EXACT_FP32, BOUNDARY,
+                    BLOCK_M, BLOCK_N)
+        to_scale = 1.0 if MASK_FLOAT else qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1) * to_scale)
         # While a row has seen only masked keys its max is -inf; subtracting 0 instead keeps
         # exp2 at exactly 0 rather than NaN (-inf - -inf).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
+        p = tl.exp2(s * to_scale - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]

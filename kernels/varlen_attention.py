@@ -172,7 +172,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                    dropout_p=dropout_p, requires_grad=grad, is_causal=is_causal, gqa=q.shape[1] != k.shape[1])
     if name == "torch":
         return reference.varlen_attention(*args)
-    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+    q, scale = attention._positive_scale(q, 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale))
     cu_q = cu_seqlens_q if cu_seqlens_q.dtype == torch.int32 else cu_seqlens_q.to(torch.int32)
     cu_k = cu_seqlens_k if cu_seqlens_k.dtype == torch.int32 else cu_seqlens_k.to(torch.int32)
     if torch.compiler.is_compiling():

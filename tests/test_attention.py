@@ -197,6 +197,22 @@ def test_scale_and_shapes_2d_3d_5d():
     check_sdpa(q5, k5, v5, mask)
 
 
+@pytest.mark.parametrize("scale", [-0.4, 0.0])
+@pytest.mark.parametrize("causal,mask", [(False, None), (True, "key_padding"), (False, "float"), (True, "bool")])
+def test_non_positive_scales(scale, causal, mask):
+    """The kernels scale the softmax's row max after taking it, which needs scale > 0: a negative
+    scale runs as -q with |scale|, scale 0 as 0 * q with 1 (attention._positive_scale). Values
+    and all three gradients match the reference, masks and causal included."""
+    q, k, v = _qkv(2, 2, 33, 40, 16)
+    check_sdpa(q, k, v, _make_mask(mask, 2, 2, 33, 40, torch.float32), causal=causal, scale=scale)
+
+
+def test_kernels_refuse_a_non_positive_scale():
+    q, k, v = _qkv(1, 1, 4, 4, 16)
+    with pytest.raises(ValueError, match="the attention kernels take scale > 0, got -0.5"):
+        A._forward(q, k, v, None, False, -0.5, 0.0, None)
+
+
 def test_strided_head_dim():
     """A last dim with stride != 1 (q built transposed) is copied once, not misread."""
     q, k, v = (torch.randn(2, 2, 16, 23, device=DEVICE).transpose(-1, -2) for _ in range(3))
@@ -350,6 +366,18 @@ def assert_varlen_parity(out, ins, qkv, cu_q, cu_k, mq, mk, causal, dropout_p, k
     for name, a, b, c in zip(("dq", "dk", "dv"), _grads(out, ins, dout.to(dtype)), _grads(out64, ins64, dout),
                              _grads(outd, insd, dout.to(dtype))):
         assert_parity(a, b, c, dtype, what=name)
+
+
+def test_varlen_negative_scale(seeds):
+    q, k, v, cu_q, cu_k, mq, mk = _varlen_case([9, 20], [9, 20], 2, 1, 16)
+    ins = [_leaf(t, torch.float32) for t in (q, k, v)]
+    out = K.varlen_attention(*ins, cu_q, cu_k, mq, mk, 0.0, True, -0.3, backend="triton")
+    ref_ins = [_leaf(t, torch.float64) for t in (q, k, v)]
+    ref = R.varlen_attention(*ref_ins, cu_q, cu_k, mq, mk, 0.0, True, -0.3)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    dout = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, ins, dout.float()), torch.autograd.grad(ref, ref_ins, dout)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
 
 
 def test_varlen_bad_input():

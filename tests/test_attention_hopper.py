@@ -102,6 +102,16 @@ def test_parity(launches, dtype, B, H, Lq, Lk, D, causal, mask):
     assert backward_launches[0]["ATOMIC_DQ"] == (A.DQ_MODE == "atomic" and D <= HKB.MAX_ATOMIC_BLOCK_D)
 
 
+@pytest.mark.parametrize("scale,mask", [(-0.4, None), (0.0, "key_padding"), (-0.2, "holes")])
+def test_non_positive_scale(launches, scale, mask):
+    """The Hopper forward also scales the row max after taking it: scale <= 0 arrives as a
+    positive one on -q or 0 * q (attention._positive_scale)."""
+    q, k, v = _qkv(2, 2, 40, 70, 32)
+    check_sdpa(q, k, v, None if mask is None else _padding(mask, 2, 70), causal=True, scale=scale,
+               dtype=torch.float16)
+    assert len(launches) == 1 and len(backward_launches) == 1
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_gqa(launches, causal):
     q, k, v = _qkv(2, 4, 50, 70, 64, Hk=2)
