@@ -126,6 +126,12 @@ def _positive_scale(q: Tensor, scale: float) -> tuple[Tensor, float]:
     return q * (-1.0 if scale < 0.0 else 0.0), (-scale if scale < 0.0 else 1.0)
 
 
+def _check_kernel_scale(scale: float) -> None:
+    """The launchers' side of _positive_scale's contract."""
+    if not scale > 0.0:
+        raise ValueError(f"the attention kernels take scale > 0, got {scale} (see _positive_scale)")
+
+
 def _hopper_forward_measured_faster(head_dim: int, lk: int, is_causal: bool) -> bool:
     """Where "auto" takes the Hopper forward (see ATTENTION_KERNELS)."""
     return lk >= 4096 or (head_dim == 128 and not is_causal and lk >= 1024)
@@ -223,8 +229,7 @@ def _strides(t, varlen):
 
 def _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, nbatch, lq, lk, cu_q=None, cu_k=None):
     """All tensors 4-D (B, H, L, D) views (lse 3-D); with cu_q the batch dim has size 1."""
-    if not scale > 0.0:
-        raise ValueError(f"the attention kernels take scale > 0, got {scale} (see _positive_scale)")
+    _check_kernel_scale(scale)
     hopper = ATTENTION_KERNEL == "hopper" or (
         ATTENTION_KERNEL == "auto" and _hopper_forward_measured_faster(q.shape[-1], lk, is_causal))
     if hopper and _hopper_reason(q, k, v, out, mask, dropout_p) is None:
@@ -289,6 +294,7 @@ def _launch_fwd_hopper(q, k, v, out, lse, mask, is_causal, scale, nbatch, lq, lk
 
 def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dropout_p, seed, nbatch, lq, lk,
                 cu_q=None, cu_k=None):
+    _check_kernel_scale(scale)
     varlen = cu_q is not None
     H, Hk = q.shape[1], k.shape[1]
     flags = _flags(q)

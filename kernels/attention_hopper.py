@@ -130,19 +130,19 @@ def _hopper_tiles(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         cols = start_n + tl.arange(0, BLOCK_N)
-        # Unscaled scores but where a float mask is added to scaled ones: the max is scaled
-        # after, and exp2's argument scales and shifts in one FMA (attention_kernels._fwd_tiles).
+        # Scores times to_scale (see attention_kernels._scores): the row max is scaled after,
+        # and exp2's argument scales and shifts each score in one FMA.
         if MASK_TILES:
-            s = _scores(q, k, rows, cols, rows >= 0, cols < k_len, mask_row, 0, stride_mn,
-                        qk_scale if MASK_FLOAT else 1.0, CAUSAL, 1, MASK_FLOAT, False, True, BLOCK_M, BLOCK_N)
+            s, to_scale = _scores(q, k, rows, cols, rows >= 0, cols < k_len, mask_row, 0, stride_mn, qk_scale,
+                                  CAUSAL, 1, MASK_FLOAT, False, True, BLOCK_M, BLOCK_N)
         else:
             s = tl.dot(q, tl.trans(k))
+            to_scale = qk_scale
             if BOUNDARY:
                 allowed = ((cols >= col_lo) & (cols < col_hi))[None, :] & (rows >= 0)[:, None]
                 if CAUSAL:
                     allowed = allowed & (cols[None, :] <= rows[:, None])
                 s = tl.where(allowed, s, float("-inf"))
-        to_scale = 1.0 if MASK_TILES and MASK_FLOAT else qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1) * to_scale)
         if BOUNDARY:
             # A row that has seen only masked keys keeps max -inf: subtract 0 instead, so

@@ -63,11 +63,12 @@ def _dkdv_tiles(
         lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         if MASK_KIND == 1:
-            s = _scores(q, k, rows, cols, row_ok, col_ok, mask_row, 0, stride_mn, qk_scale,
-                        CAUSAL, MASK_KIND, MASK_FLOAT, False, True, BLOCK_M, BLOCK_N)
+            s, to_scale = _scores(q, k, rows, cols, row_ok, col_ok, mask_row, 0, stride_mn, qk_scale,
+                                  CAUSAL, MASK_KIND, MASK_FLOAT, False, True, BLOCK_M, BLOCK_N)
         else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.exp2(s - lse2[:, None])
+            s = tl.dot(q, tl.trans(k))
+            to_scale = qk_scale
+        p = tl.exp2(s * to_scale - lse2[:, None])
         if CAUSAL and MASK_KIND == 0:
             # The causal select is the only one: keys past the end only feed dK/dV rows that are
             # never stored, and rows past the end have P = 0 already (lse = +inf). It runs on
@@ -197,11 +198,12 @@ def _dq_tiles(
             v = v.to(tl.float32)
         cols = start_n + tl.arange(0, BLOCK_N)
         if BOUNDARY:
-            s = _scores(q, k, rows, cols, row_ok, cols < k_len, mask_row, 0, stride_mn, qk_scale,
-                        CAUSAL, MASK_KIND, MASK_FLOAT, False, True, BLOCK_M, BLOCK_N)
+            s, to_scale = _scores(q, k, rows, cols, row_ok, cols < k_len, mask_row, 0, stride_mn, qk_scale,
+                                  CAUSAL, MASK_KIND, MASK_FLOAT, False, True, BLOCK_M, BLOCK_N)
         else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.exp2(s - lse2[:, None])
+            s = tl.dot(q, tl.trans(k))
+            to_scale = qk_scale
+        p = tl.exp2(s * to_scale - lse2[:, None])
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)

@@ -125,8 +125,17 @@ def _scores(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Base-2 scores of one (BLOCK_M, BLOCK_N) tile, -inf where a key is not attended."""
-    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32) * qk_scale
+    """(s, to_scale): the base-2 scores of one (BLOCK_M, BLOCK_N) tile are s * to_scale, -inf
+    where a key is not attended. s is left unscaled (to_scale = qk_scale) unless a float mask
+    is added to the scaled scores (to_scale = 1): the callers scale inside exp2's argument,
+    where scaling and shifting each score is one FMA (a select between a multiply and a
+    subtract keeps them apart), and the forward scales its row max after taking it. Both need
+    qk_scale > 0 (attention._positive_scale)."""
+    s = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32)
+    to_scale = qk_scale
+    if MASK_FLOAT:
+        s = s * qk_scale
+        to_scale = 1.0
     if MASK_KIND == 1:
         # Key padding: one (Lk,) row per batch, shared by every head and query row.
         mrow = tl.load(mask_base + cols * stride_mn, mask=col_ok, other=0)
@@ -153,7 +162,7 @@ def _scores(
         if CAUSAL:
             allowed = allowed & (cols[None, :] <= rows[:, None])
         s = tl.where(allowed, s, float("-inf"))
-    return s
+    return s, to_scale
 
 
 @triton.jit
@@ -183,14 +192,10 @@ def _fwd_tiles(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        # Unscaled scores unless a float mask must be added to scaled ones: the row max is taken
-        # on them and scaled after (qk_scale > 0, see attention._positive_scale), so each score
-        # is scaled and shifted in one FMA inside exp2's argument instead of a multiply and a
-        # subtract (the softmax's per-score work bounds attention at head dim 64).
-        s = _scores(q, k, rows, cols, row_ok, col_ok, mask_base, stride_mm, stride_mn,
-                    qk_scale if MASK_FLOAT else 1.0, CAUSAL, MASK_KIND, MASK_FLOAT, EXACT_FP32, BOUNDARY,
-                    BLOCK_M, BLOCK_N)
-        to_scale = 1.0 if MASK_FLOAT else qk_scale
+        # The row max of the unscaled scores, scaled after: each score is then scaled and
+        # shifted in one FMA (the softmax's per-score work bounds attention at head dim 64).
+        s, to_scale = _scores(q, k, rows, cols, row_ok, col_ok, mask_base, stride_mm, stride_mn, qk_scale,
+                              CAUSAL, MASK_KIND, MASK_FLOAT, EXACT_FP32, BOUNDARY, BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1) * to_scale)
         # While a row has seen only masked keys its max is -inf; subtracting 0 instead keeps
         # exp2 at exactly 0 rather than NaN (-inf - -inf).
@@ -450,9 +455,9 @@ def _attn_bwd_dkdv(
             # +inf for rows past the end makes their p exactly 0.
             lse2 = tl.load(LSE + lse_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
             delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
-            s = _scores(q, k, rows, cols, row_ok, col_ok, mask_base, stride_mm, stride_mn, qk_scale,
-                        CAUSAL, MASK_KIND, MASK_FLOAT, EXACT_FP32, True, BLOCK_M, BLOCK_N)
-            p = tl.exp2(s - lse2[:, None])
+            s, to_scale = _scores(q, k, rows, cols, row_ok, col_ok, mask_base, stride_mm, stride_mn, qk_scale,
+                                  CAUSAL, MASK_KIND, MASK_FLOAT, EXACT_FP32, True, BLOCK_M, BLOCK_N)
+            p = tl.exp2(s * to_scale - lse2[:, None])
             dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32)
             if DROPOUT:
                 keep = _keep(seed, b * H + h, rows, cols, LQ, LK, dropout_p)
@@ -547,9 +552,9 @@ def _attn_bwd_dq(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = _scores(q, k, rows, cols, row_ok, col_ok, mask_base, stride_mm, stride_mn, qk_scale,
-                    CAUSAL, MASK_KIND, MASK_FLOAT, EXACT_FP32, True, BLOCK_M, BLOCK_N)
-        p = tl.exp2(s - lse2[:, None])
+        s, to_scale = _scores(q, k, rows, cols, row_ok, col_ok, mask_base, stride_mm, stride_mn, qk_scale,
+                              CAUSAL, MASK_KIND, MASK_FLOAT, EXACT_FP32, True, BLOCK_M, BLOCK_N)
+        p = tl.exp2(s * to_scale - lse2[:, None])
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32)
         if DROPOUT:
             keep = _keep(seed, bh, rows, cols, LQ, LK, dropout_p)
