@@ -8,7 +8,6 @@ parity suite, not a speed one.
 from __future__ import annotations
 
 import contextlib
-
 import importlib.util
 import math
 
@@ -154,7 +153,8 @@ def _refuse_wide_atomic_dq(q, kernels: str) -> None:
 
     limit = A._ATOMIC_MAX_BLOCK_D[kernels]
     if A._flags(q)["BLOCK_D"] > limit:
-        raise Refused(f"atomic dQ is for head dims up to {limit} in the {kernels} kernels; wider ones make dQ by its pass")
+        raise Refused(f"atomic dQ is for head dims up to {limit} in the {kernels} kernels; "
+                      "wider ones make dQ by its pass")
 
 
 def _atomic_dq_impl(call) -> Impl:

@@ -300,8 +300,8 @@ def _run_backward(backend, dy, dstream, stream, weight, bias, mean, rstd, dropou
 
 def _shared_grad(has_residual: bool, dropout_p: float) -> bool:
     """Is d residual the same tensor as d x? Without dropout h = x + residual, so the two
-    gradients are equal: the backward writes one (one M x N store fewer, a sixth of its
-    traffic) and hands it to both inputs, as torch's add does. With dropout dx = dh * keep /
+    gradients are equal: the backward writes one (one of its four M x N passes over memory
+    fewer) and hands it to both inputs, as torch's add does. With dropout dx = dh * keep /
     (1 - p) and d residual = dh differ."""
     return has_residual and dropout_p == 0.0
 
