@@ -276,7 +276,6 @@ def test_dropout_parity(seeds, causal, gqa, mask):
                gqa=gqa, seeds=seeds)
 
 
-
 # ----------------------------------------------------------------------------- atomic dQ
 
 
