@@ -105,14 +105,14 @@ def atomic_dq(kernels: str, block_d: int) -> bool:
     return DQ_MODE == "atomic" and block_d <= _ATOMIC_MAX_BLOCK_D[kernels]
 
 
-def _dq_accumulator(q, atomic: bool, placeholder):
-    """(accumulator, the kernel's DQ_ACC argument, its (batch, head) strides): for atomic dQ
-    the zeroed fp32 accumulator in q's (B, H, L, D) shape, contiguous (row stride HEAD_D);
-    otherwise None and `placeholder`, an fp32 tensor the kernel never reads."""
+def _dq_accumulator(q, atomic: bool, placeholder, varlen: bool):
+    """(accumulator, the kernel's DQ_ACC argument, its (batch, head) strides as _strides gives
+    them): for atomic dQ the zeroed fp32 accumulator in q's (B, H, L, D) shape, contiguous (row
+    stride HEAD_D); otherwise None and `placeholder`, an fp32 tensor the kernel never reads."""
     if not atomic:
         return None, placeholder, (0, 0)
     acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    return acc, acc, acc.stride()[:2]
+    return acc, acc, _strides(acc, varlen)[:2]
 
 
 def _positive_scale(q: Tensor, scale: float) -> tuple[Tensor, float]:
@@ -321,7 +321,7 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
                                              flags["BLOCK_D"])
         # The tensors as the kernels take them: host descriptors, or the tensors themselves.
         q_, k_, v_, do_, dk_, dv_ = descs[:6] if descs else (q, k, v, dout, dk, dv)
-        dq_acc, acc_arg, acc_s = _dq_accumulator(q, atomic, lse)
+        dq_acc, acc_arg, acc_s = _dq_accumulator(q, atomic, lse, varlen)
         kwargs = dict(HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], CAUSAL=bool(is_causal), MASK_KIND=kind,
                       MASK_FLOAT=is_float, VARLEN=varlen, UPCAST=flags["UPCAST"], HOST_DESC=descs is not None,
                       ATOMIC_DQ=atomic)
@@ -331,7 +331,7 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
             None if atomic else (lambda meta: (cdiv(lq, meta["BLOCK_M"]) * nbatch * H,)),
             (q_, k_, v_, do_, dk_, dv_, lse, delta, m, cu_q_arg, cu_k_arg, acc_arg,
              *strides, *_strides(dk, varlen), *_strides(dv, varlen), *lse_s,
-             0 if varlen else acc_s[0], acc_s[1], *tail),
+             *acc_s, *tail),
             None if atomic else (q_, k_, v_, do_, descs[6] if descs else dq, lse, delta, m, cu_q_arg, cu_k_arg,
                                  *strides, *_strides(dq, varlen), *lse_s, *tail),
             kwargs, key, AUTOTUNE and not interpreting())
@@ -344,12 +344,12 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
     tail = (H, H // Hk, lq, lk, bucket, scale * LOG2E, scale, float(dropout_p))
     qkv_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
     atomic = atomic_dq("portable", flags["BLOCK_D"])
-    dq_acc, acc_arg, acc_s = _dq_accumulator(q, atomic, lse)
+    dq_acc, acc_arg, acc_s = _dq_accumulator(q, atomic, lse, varlen)
     _run(
         "bwd", attn_bwd_dkdv_tuned_atomic if atomic else attn_bwd_dkdv_tuned, attn_bwd_dkdv,
         lambda meta: (cdiv(lk, meta["BLOCK_N"]) * nbatch * Hk,), bucket,
         q, k, v, dout, dk, dv, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg, acc_arg,
-        *qkv_strides, *_strides(dk, varlen), *_strides(dv, varlen), *lse_s, 0 if varlen else acc_s[0], acc_s[1],
+        *qkv_strides, *_strides(dk, varlen), *_strides(dv, varlen), *lse_s, *acc_s,
         *ms, *tail, **common, ATOMIC_DQ=atomic,
     )
     if atomic:
