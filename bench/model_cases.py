@@ -8,6 +8,7 @@ code for every implementation).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -17,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from fuseformer.kernels.launch import use_fast_launch
 from fuseformer.kernels.parity import Parity, parity
 
 from . import op_trace
@@ -190,12 +192,19 @@ class ModelCase(Case):
             "hf-sdpa": (BASELINE, lambda: hf_variant("sdpa", dtype), False),
             "fuseformer-torch": (OURS, lambda: ours_variant("torch"), False),
         }
+        # name -> a context entered around its every call (build, parity and timing alike)
+        contexts: dict[str, Callable[[], contextlib.AbstractContextManager]] = {}
         if device.type == "cuda":
             variants["hf-compile"] = (BASELINE, lambda: torch.compile(hf_variant("sdpa", dtype)), False)
             # One instance for eager and graphs (building one takes seconds), built at first use
             # so that a failure is reported for the implementation, not the case.
             fused = functools.cache(lambda: ours_variant("auto"))
             variants["fuseformer-fused"] = (OURS, fused, False)
+            # The eager model with the opt-in fast launch (kernels/launch.py): eager BERT is
+            # host-bound on the H100 (bench/results/h100/README.md), so this is where that
+            # launch path shows what it is worth, forward and backward.
+            variants["fuseformer-fused-fast-launch"] = (OURS, fused, False)
+            contexts["fuseformer-fused-fast-launch"] = lambda: use_fast_launch(True)
             if not train:
                 variants["fuseformer-fused-graphs"] = (OURS, fused, True)
                 # The user-facing CUDAGraphRunner (bucketed capture, padding, slicing) beside the
@@ -204,12 +213,16 @@ class ModelCase(Case):
                 if self.family == "bert" and self.pad:
                     variants["fuseformer-fused-unpad"] = (OURS, lambda: ours_variant("auto", unpad=True), False)
 
+        def context_of(name):
+            return contexts.get(name, contextlib.nullcontext)
+
         fns, refused, errors, results, kinds, details = {}, {}, {}, {}, {}, {}
         for name, (kind, make, graphed) in variants.items():
             kinds[name] = kind
             started = time.perf_counter()
             try:
-                with grad_ctx(), warnings.catch_warnings(), op_trace.record_backends() as ran:
+                with grad_ctx(), context_of(name)(), warnings.catch_warnings(), \
+                        op_trace.record_backends() as ran:
                     # Silenced: the fallbacks the warnings would report are recorded in `ran`.
                     warnings.simplefilter("ignore")
                     model = make()
@@ -234,8 +247,8 @@ class ModelCase(Case):
             if warning:
                 details[name]["backend_warning"] = warning
 
-            def timed(fn=fn):
-                with grad_ctx():
+            def timed(fn=fn, context=context_of(name)):
+                with grad_ctx(), context():
                     return fn()
 
             fns[name] = timed
