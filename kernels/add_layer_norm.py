@@ -21,24 +21,31 @@ _run_forward/_run_backward hand them x as it comes; outputs then have x's shape:
 
 The kernels and their gradient maths: kernels/add_layer_norm_kernels.py.
 
-Forward variants (FORWARD_VARIANT, read from FUSEFORMER_ADD_LN_FWD at import, changed with
-set_forward_variant; all run the same maths and pass the same parity tests):
-    "row"         one program per row (`_add_ln_fwd`), the default: 16384 x 768 bf16 took
-                  0.0253 ms on the H200 and 0.0324 ms (79% of copy) on the H100, where "rows"
-                  (0.0430) and "persistent" (0.0401) were slower; all three were within 1% at
-                  16384 x 4096 (99% of copy).
+Variants (VARIANT, read from FUSEFORMER_ADD_LN_FWD and FUSEFORMER_ADD_LN_BWD at import,
+changed with set_variant(forward=, backward=) or the `variant` context; all run the same maths
+and pass the same parity tests). The first of each is the default, the measured path:
+forward
+    "row"         one program per row (`_add_ln_fwd`): 16384 x 768 bf16 took 0.0253 ms on the
+                  H200 and 0.0324 ms (79% of copy) on the H100, where "rows" (0.0430) and
+                  "persistent" (0.0401, on the plan since corrected, see rows_plan) were
+                  slower; all three were within 1% at 16384 x 4096 (99% of copy).
     "rows"        `_add_ln_fwd_rows`: several rows per program (ROWS x next_pow2(N) tile) for
                   rows of at most MAX_ROWS_BLOCK, weight/bias loaded once per program, one
                   program per tile.
-    "persistent"  the same kernel on a grid of a few programs per SM, each looping over tiles.
-Rows wider than MAX_ROWS_BLOCK always take "row" (a tile of one row gains nothing).
+    "persistent"  the same kernel on a grid of as many programs as fit on the SMs at once, each
+                  looping over tiles and prefetching the next tile's inputs (PIPELINE_STAGES).
+    Rows wider than MAX_ROWS_BLOCK always take "row" (a tile of one row gains nothing).
+backward
+    "loop"        `_add_ln_bwd` on 4 programs per SM, each walking its rows one after another:
+                  every row's loads are issued only when the previous row is done.
+    "pipelined"   the same kernel with its row loop software-pipelined (the next row's inputs
+                  copied into shared memory while this one is reduced: Triton's fused-softmax
+                  tutorial's technique), on no more programs than fit at once. Untimed.
 
 The backward reduces its dweight/dbias partials with kernels/reduce.py (deterministic).
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Optional
 
 import torch
@@ -66,36 +73,26 @@ MAX_ROWS_BLOCK = 1024
 # Elements per multi-row tile (ROWS = TILE_ELEMENTS // next_pow2(N)): 4 rows of 768.
 TILE_ELEMENTS = 4096
 FORWARD_VARIANTS = ("row", "rows", "persistent")
-
-
-def _variant_from_env() -> str:
-    value = os.environ.get("FUSEFORMER_ADD_LN_FWD", "").strip().lower() or "row"
-    if value not in FORWARD_VARIANTS:
-        raise ValueError(f"FUSEFORMER_ADD_LN_FWD must be one of {', '.join(FORWARD_VARIANTS)}, got {value!r}")
-    return value
-
-
-FORWARD_VARIANT = _variant_from_env()  # read once; the launcher reads this global per call
-
-
-def set_forward_variant(name: str) -> str:
-    """Choose the forward kernel ("row", "rows", "persistent"; see the module docstring).
-    Returns the previous choice."""
-    global FORWARD_VARIANT
-    if name not in FORWARD_VARIANTS:
-        raise ValueError(f"add_layer_norm forward variant must be one of {', '.join(FORWARD_VARIANTS)}, got {name!r}")
-    before, FORWARD_VARIANT = FORWARD_VARIANT, name
-    return before
-
-
-@contextlib.contextmanager
-def forward_variant(name: str):
-    """set_forward_variant inside a block (the benchmark times the variants side by side)."""
-    before = set_forward_variant(name)
-    try:
-        yield
-    finally:
-        set_forward_variant(before)
+BACKWARD_VARIANTS = ("loop", "pipelined")
+# Read once from the environment; the launchers read this dict per call.
+VARIANT = backends.Variants("add_layer_norm", {"forward": FORWARD_VARIANTS, "backward": BACKWARD_VARIANTS},
+                            {"forward": "FUSEFORMER_ADD_LN_FWD", "backward": "FUSEFORMER_ADD_LN_BWD"})
+# Choose the kernels: forward=, backward= (see the module docstring); returns the previous
+# settings. `variant(...)` does the same inside a block.
+set_variant = VARIANT.set
+variant = VARIANT.using
+# Registers per thread the looping plans budget for (rows_plan, backward_plan): a grid
+# of more programs than fit on the SMs at once would run in two waves, the second starting only
+# as the first ends. tests/test_triton_compile.py holds the kernels to these figures.
+# Compiled for sm_90 (triton 3.9 / 3.6): rows kernel at BERT's 768, 47-55 registers without
+# dropout, 94-99 with; backward, pipelined with every flag, 125-128.
+ROWS_REGS = 64  # `_add_ln_fwd_rows` without dropout (with dropout: DROPOUT_ROWS_REGS)
+DROPOUT_ROWS_REGS = 128
+BACKWARD_REGS = 128  # `_add_ln_bwd`, the single-block body, any flags
+REGISTERS_PER_SM = 65536  # sm_80 and sm_90
+# Tiles (rows) each program of a looping grid has in flight: the one it computes on and the
+# next, copied into shared memory meanwhile.
+PIPELINE_STAGES = 2
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -121,16 +118,28 @@ def _num_warps(block: int) -> int:
     return min(16, max(1, block // 256))
 
 
-def _backward_programs(M: int, device: torch.device) -> int:
-    if backends.interpreting() or device.type != "cuda":
+def _resident(warps: int, regs: int) -> int:
+    """Programs of `warps` warps at `regs` registers per thread that fit on one SM at once
+    (64 warps and REGISTERS_PER_SM registers per SM on sm_80 and sm_90)."""
+    return max(1, min(64 // warps, REGISTERS_PER_SM // (regs * 32 * warps)))
+
+
+def backward_plan(M: int, N: int, variant: str, device: torch.device) -> tuple[int, bool, int, int]:
+    """(BLOCK, SINGLE, STAGES, programs) of `_add_ln_bwd` for an (M, N) backward."""
+    block, single = _bwd_block(N)
+    stages = PIPELINE_STAGES if variant == "pipelined" and single else 1
+    if device is None or backends.interpreting() or device.type != "cuda":  # None: no grid wanted
         # Under the interpreter a program is as costly as a loop iteration: a few suffice.
-        return max(1, min(M, 4))
-    # A few programs per SM, each summing many rows, keeps the partial buffers small.
-    return max(1, min(M, 4 * sm_count(device)))
+        return block, single, stages, max(1, min(M, 4))
+    # A few programs per SM, each summing many rows, keeps the partial buffers small. The
+    # pipelined variant launches no more of them than fit at once (one wave: at N = 4096,
+    # 16 warps of ~96 registers, that is one per SM, not four).
+    per_sm = 4 if stages == 1 else min(4, _resident(_num_warps(block), BACKWARD_REGS))
+    return block, single, stages, max(1, min(M, per_sm * sm_count(device)))
 
 
-def rows_plan(M: int, N: int, variant: str, device: torch.device) -> tuple[int, int, int, int]:
-    """(ROWS, BLOCK, ALIGN, programs) of `_add_ln_fwd_rows` for an (M, N) forward."""
+def rows_plan(M: int, N: int, variant: str, device: torch.device, dropout: bool = False) -> tuple[int, ...]:
+    """(ROWS, BLOCK, ALIGN, programs, STAGES) of `_add_ln_fwd_rows` for an (M, N) forward."""
     block = next_pow2(N)
     rows = max(1, min(128, TILE_ELEMENTS // block))
     tiles = cdiv(M, rows)
@@ -138,13 +147,15 @@ def rows_plan(M: int, N: int, variant: str, device: torch.device) -> tuple[int, 
     while align < 16 and N % (align * 2) == 0:
         align *= 2
     if variant != "persistent":
-        return rows, block, align, tiles
+        return rows, block, align, tiles, 1
     if backends.interpreting() or device.type != "cuda":
-        return rows, block, align, max(1, min(tiles, 4))
-    # As many programs as fit on the SMs at once (64 resident warps per SM on sm_80/sm_90):
-    # each loops over tiles, so a 16384-row batch launches ~1k programs instead of 4k.
-    per_sm = max(1, 64 // _num_warps(rows * block))
-    return rows, block, align, max(1, min(tiles, per_sm * sm_count(device)))
+        return rows, block, align, max(1, min(tiles, 4)), PIPELINE_STAGES
+    # As many programs as fit on the SMs at once, each looping over tiles: a 16384 x 768
+    # batch (4096 tiles of 4 rows, 16 warps each) launches 2 per SM, not 4096. The H100 run
+    # timed an earlier plan that assumed 4 per SM (64 warps at 32 registers) where ~50
+    # registers fit 2: half its programs waited for the first half to end (0.81x of "row").
+    per_sm = _resident(_num_warps(rows * block), DROPOUT_ROWS_REGS if dropout else ROWS_REGS)
+    return rows, block, align, max(1, min(tiles, per_sm * sm_count(device))), PIPELINE_STAGES
 
 
 # An absent tensor is passed as some other valid tensor: its constexpr flag keeps the kernel
@@ -178,11 +189,11 @@ def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream, save_s
     )
     flags = dict(HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, DROPOUT=dropout,
                  SAVE_STREAM=stream is not None, SAVE_STATS=save_stats)
-    variant = FORWARD_VARIANT
+    variant = VARIANT["forward"]
     if variant != "row" and N <= MAX_ROWS_BLOCK:
-        rows, block, align, programs = rows_plan(M, N, variant, x.device)
+        rows, block, align, programs, stages = rows_plan(M, N, variant, x.device, dropout)
         launch(_add_ln_fwd_rows, (programs,), *pointers, M, N, float(eps), float(dropout_p), **flags, ROWS=rows,
-               BLOCK=block, ALIGN=align, num_warps=_num_warps(rows * block))
+               BLOCK=block, ALIGN=align, STAGES=stages, num_warps=_num_warps(rows * block))
     else:
         block, single = _block(N)
         launch(_add_ln_fwd, (M,), *pointers, N, float(eps), float(dropout_p), **flags, BLOCK=block, SINGLE=single,
@@ -198,8 +209,7 @@ def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has
         dw = None if weight is None else torch.zeros_like(weight)
         db = None if bias is None else torch.zeros_like(bias)
         return dx, dres, dw, db
-    block, single = _bwd_block(N)
-    programs = _backward_programs(M, dy.device)
+    block, single, stages, programs = backward_plan(M, N, VARIANT["backward"], dy.device)
     groups = (weight is not None) + (bias is not None)
     part = None
     if groups:  # the chunked kernel adds into its partial rows: they start at zero
@@ -229,6 +239,7 @@ def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has
         DROPOUT=dropout,
         BLOCK=block,
         SINGLE=single,
+        STAGES=stages,
         num_warps=_num_warps(block),
     )
     if groups == 2:

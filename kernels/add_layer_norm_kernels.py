@@ -154,6 +154,7 @@ def _add_ln_fwd_rows(
     ROWS: tl.constexpr,  # rows per tile: short rows (BERT's 768) share a program
     BLOCK: tl.constexpr,  # next_pow2(N): the whole row
     ALIGN: tl.constexpr,  # a power of two (<= 16) dividing N: every row starts on a multiple of it
+    STAGES: tl.constexpr,  # tiles in flight per program: 1, or 2+ to prefetch the next tile's loads
 ):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -174,8 +175,11 @@ def _add_ln_fwd_rows(
         b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
     tiles = tl.cdiv(M, ROWS)
     # One iteration per program with the plain grid (programs == tiles); many with the
-    # persistent grid (programs ~ a few per SM).
-    for tile in range(pid, tiles, programs):
+    # persistent grid (programs ~ a few per SM), where STAGES > 1 has the software pipeliner
+    # copy the next tile's inputs into shared memory (cp.async) while this one is reduced and
+    # stored, as Triton's fused-softmax tutorial does: otherwise each iteration waits out a
+    # full DRAM latency before its reductions can start, with few programs to hide it.
+    for tile in tl.range(pid, tiles, programs, num_stages=STAGES):
         rows = tile * ROWS + tl.arange(0, ROWS)
         rmask = rows < M
         # True by construction (ALIGN divides N): it lets the compiler prove that each row's
@@ -224,6 +228,7 @@ def _add_ln_bwd(
     DROPOUT: tl.constexpr,
     BLOCK: tl.constexpr,
     SINGLE: tl.constexpr,
+    STAGES: tl.constexpr,  # rows in flight per program (SINGLE): 1, or 2+ to prefetch the next row
 ):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -240,7 +245,9 @@ def _add_ln_bwd(
             w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for row in range(pid, M, programs):
+        # A few programs per SM each walk ~M / (4 SMs) rows; with STAGES > 1 the next row's
+        # stream, dy and statistics are copied in (cp.async) while this row is reduced.
+        for row in tl.range(pid, M, programs, num_stages=STAGES):
             row_off = tl.cast(row, tl.int64) * N
             mean = tl.load(MEAN + row)
             rstd = tl.load(RSTD + row)

@@ -109,6 +109,39 @@ def env_choice(variable: str, options, default: str, what: str) -> str:
     return choice(os.environ.get(variable, "").strip() or default, options, what, variable)
 
 
+class Variants(dict):
+    """The kernel-variant settings of one op: setting -> chosen option, the first option of
+    each being the default (the measured path). Each is read once, at import, from its
+    environment variable; `set` and the `using` context change them through the API. The
+    launchers read the dict per call (one lookup)."""
+
+    def __init__(self, op: str, options: dict, env: dict):
+        super().__init__()
+        self.op, self.options = op, options
+        for what, choices in options.items():
+            self[what] = env_choice(env[what], choices, choices[0], f"{op} {what} variant")
+
+    def set(self, **choices) -> dict:
+        """Change the named settings; returns all the previous ones (a dict for `update`)."""
+        checked = {}
+        for what, value in choices.items():
+            if what not in self.options:
+                raise ValueError(f"{self.op} variant: unknown setting {what!r} (one of {', '.join(self.options)})")
+            checked[what] = choice(value, self.options[what], f"{what} variant", f"{self.op} variant {what}")
+        before = dict(self)
+        self.update(checked)
+        return before
+
+    @contextlib.contextmanager
+    def using(self, **choices):
+        """`set` inside a block (the benchmark times the variants side by side)."""
+        before = self.set(**choices)
+        try:
+            yield
+        finally:
+            self.update(before)
+
+
 def _env_flag(name: str) -> bool:
     # Triton's own reading of a boolean variable (triton.knobs): these words mean on, any
     # other value (including "false" and "0") means off.

@@ -41,8 +41,6 @@ In every variant the two backward GEMMs are cuBLAS (torch.mm): dx = dpre W, dW =
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Optional
 
 import torch
@@ -66,49 +64,14 @@ APPROXIMATIONS = ("none", "tanh")
 # ----------------------------------------------------------------------------- variants
 
 VARIANTS = {"forward": ("auto", "portable", "tma"), "dgelu": ("elementwise", "fused_db"), "preact": ("store", "recompute")}
-_ENV = {"forward": "FUSEFORMER_LINEAR_GELU_FWD", "dgelu": "FUSEFORMER_LINEAR_GELU_DGELU",
-        "preact": "FUSEFORMER_LINEAR_GELU_PREACT"}
-
-
-def _check_variant(choices: dict, where: str) -> None:
-    """`where` names the setting in the message, formatted with the setting's name."""
-    for what, value in choices.items():
-        if what not in VARIANTS:
-            raise ValueError(f"linear_gelu variant: unknown setting {what!r} (one of {', '.join(VARIANTS)})")
-        if value not in VARIANTS[what]:
-            raise ValueError(f"{where.format(what)} must be one of {', '.join(VARIANTS[what])}, got {value!r}")
-
-
-def _variant_from_env() -> dict:
-    chosen = {}
-    for what, options in VARIANTS.items():
-        value = os.environ.get(_ENV[what], "").strip().lower() or options[0]
-        if value not in options:
-            raise ValueError(f"{_ENV[what]} must be one of {', '.join(options)}, got {value!r}")
-        chosen[what] = value
-    return chosen
-
-
-VARIANT = _variant_from_env()  # read once; the launchers read this dict per call
-
-
-def set_variant(**choices) -> dict:
-    """Choose linear_gelu's kernels: forward=, dgelu=, preact= (see the module docstring).
-    Returns the previous settings (a dict to hand back to set_variant)."""
-    _check_variant(choices, "linear_gelu variant {}")
-    before = dict(VARIANT)
-    VARIANT.update(choices)
-    return before
-
-
-@contextlib.contextmanager
-def variant(**choices):
-    """set_variant inside a block (the benchmark times the variants side by side)."""
-    before = set_variant(**choices)
-    try:
-        yield
-    finally:
-        VARIANT.update(before)
+# Read once from the environment; the launchers read this dict per call.
+VARIANT = backends.Variants("linear_gelu", VARIANTS, {"forward": "FUSEFORMER_LINEAR_GELU_FWD",
+                                                      "dgelu": "FUSEFORMER_LINEAR_GELU_DGELU",
+                                                      "preact": "FUSEFORMER_LINEAR_GELU_PREACT"})
+# Choose linear_gelu's kernels: forward=, dgelu=, preact= (see the module docstring); returns
+# the previous settings. `variant(...)` does the same inside a block.
+set_variant = VARIANT.set
+variant = VARIANT.using
 
 
 # ----------------------------------------------------------------------------- launchers

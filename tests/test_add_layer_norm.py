@@ -138,8 +138,11 @@ def test_gpu_backward_many_rows_per_program(M, N, device):
     """The backward launches at most 4 programs per SM, each summing its rows into one row of
     dweight/dbias partials; small test shapes give every program a single row. M >> 4 x SMs
     exercises the per-program accumulation, on the one-block and the chunked (N > 16384) path."""
-    assert aln._backward_programs(M, torch.device(device)) * 4 <= M
-    check_parity((M, N), torch.float32, device, prenorm=True, p=0.1)
+    for variant in aln.BACKWARD_VARIANTS:
+        _, _, _, programs = aln.backward_plan(M, N, variant, torch.device(device))
+        assert programs * 4 <= M
+        with aln.variant(backward=variant):
+            check_parity((M, N), torch.float32, device, prenorm=True, p=0.1)
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -264,8 +267,9 @@ def test_forward_variants(variant, M, N, p, prenorm, monkeypatch, device):
     """The multi-row kernel (several rows per program, and the persistent grid that loops over
     tiles) against the reference: partial last tiles (M 17 over 4-row tiles), one row, rows
     whose length is odd (no 16-byte alignment to claim), dropout and the prenorm stream."""
-    monkeypatch.setattr(aln, "FORWARD_VARIANT", variant)
-    rows, _, align, programs = aln.rows_plan(M, N, variant, torch.device(device))
+    monkeypatch.setitem(aln.VARIANT, "forward", variant)
+    rows, _, align, programs, stages = aln.rows_plan(M, N, variant, torch.device(device))
+    assert stages == (aln.PIPELINE_STAGES if variant == "persistent" else 1)
     assert align == min(16, N & -N)  # the largest power of two (<= 16) dividing N
     if variant == "persistent" and (M, N) == (17, 768):
         assert programs < aln.cdiv(M, rows)  # several tiles per program: the loop runs
@@ -280,21 +284,59 @@ def test_forward_variant_runs_the_multi_row_kernel(monkeypatch, device):
         kernel = getattr(aln, name)
         monkeypatch.setattr(aln, name, _Recorder(kernel, name, launched))
     x = torch.randn(6, 64, device=device)
-    with aln.forward_variant("persistent"):
+    with aln.variant(forward="persistent"):
         K.add_layer_norm(x, None, None, None, backend="triton")
     K.add_layer_norm(x, None, None, None, backend="triton")
     assert launched == ["_add_ln_fwd_rows", "_add_ln_fwd"]
     with pytest.raises(ValueError, match="rows"):
-        aln.set_forward_variant("fast")
+        aln.set_variant(forward="fast")
 
 
 class _Recorder:
-    def __init__(self, kernel, name, log):
-        self.kernel, self.name, self.log = kernel, name, log
+    def __init__(self, kernel, name, log, keep=()):
+        self.kernel, self.name, self.log, self.keep = kernel, name, log, keep
 
     def __getitem__(self, grid):
-        self.log.append(self.name)
-        return self.kernel[grid]
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.log.append((self.name, *(kwargs[k] for k in self.keep)) if self.keep else self.name)
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.mark.parametrize(
+    "M,N,p,prenorm,flags",
+    [(13, 768, 0.0, False, {}), (13, 100, 0.2, True, {}), (9, 1, 0.0, True, {}),
+     (11, 257, 0.0, False, dict(weight=False, bias=False)), (6, 64, 0.0, True, dict(residual=False, bias=False))],
+)
+def test_pipelined_backward(M, N, p, prenorm, flags, device):
+    """The backward with its row loop software-pipelined: on the interpreter's 4 programs each
+    walks 2-4 rows, so the loop carries its dweight/dbias sums across iterations."""
+    block, single, stages, programs = aln.backward_plan(M, N, "pipelined", torch.device(device))
+    assert single and stages == aln.PIPELINE_STAGES and programs < M
+    with aln.variant(backward="pipelined"):
+        check_parity((M, N), torch.float32, device, p=p, prenorm=prenorm, **flags)
+        check_parity((M, N), torch.float16, device, p=p, prenorm=prenorm, **flags)
+
+
+def test_backward_variant_reaches_the_kernel(monkeypatch, device):
+    """The switch reaches the launch: STAGES 2 under "pipelined" (the chunked path, whose loop
+    over a row's chunks is not the row loop, keeps 1), 1 by default; restored after the block."""
+    launched = []
+    monkeypatch.setattr(aln, "_add_ln_bwd", _Recorder(aln._add_ln_bwd, "bwd", launched, keep=("STAGES", "SINGLE")))
+    x = torch.randn(6, 64, device=device, requires_grad=True)
+    with aln.variant(backward="pipelined"):
+        K.add_layer_norm(x, None, None, None, backend="triton").sum().backward()
+        monkeypatch.setattr(aln, "CHUNK", 32)
+        K.add_layer_norm(x, None, None, None, backend="triton").sum().backward()
+        monkeypatch.setattr(aln, "CHUNK", 4096)
+    K.add_layer_norm(x, None, None, None, backend="triton").sum().backward()
+    assert launched == [("bwd", aln.PIPELINE_STAGES, True), ("bwd", 1, False), ("bwd", 1, True)]
+    assert aln.VARIANT == {"forward": "row", "backward": "loop"}  # the measured defaults
+    with pytest.raises(ValueError, match="pipelined"):
+        aln.set_variant(backward="prefetch")
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -375,5 +417,5 @@ def test_sum_rows_two_interleaved_sums(P, N, device):
 @pytest.mark.parametrize("variant", ["rows", "persistent"])
 @pytest.mark.parametrize("M,N", [(8192, 768), (17, 1000), (4099, 1024)])
 def test_forward_variants_on_gpu(variant, M, N, monkeypatch, device):
-    monkeypatch.setattr(aln, "FORWARD_VARIANT", variant)
+    monkeypatch.setitem(aln.VARIANT, "forward", variant)
     check_parity((M, N), torch.bfloat16, device, prenorm=True, p=0.1)

@@ -185,7 +185,7 @@ def _block(x, w1, b1, res, lw, lb):
 def test_torch_compile_fullgraph_new_variants(launched, device):
     """The same with every new variant: TMA GEMM, recompute instead of a saved pre (the
     compiled backward op gets bias and no pre), persistent multi-row LayerNorm."""
-    with lg.variant(forward="tma", preact="recompute", dgelu="fused_db"), aln.forward_variant("persistent"):
+    with lg.variant(forward="tma", preact="recompute", dgelu="fused_db"), aln.variant(forward="persistent"):
         test_torch_compile_fullgraph_both_ops(device)
     assert launched == ["_linear_gelu_tma"] * 4  # forward and dgelu recompute, eager then compiled
 

@@ -129,8 +129,8 @@ def test_spill_report(compiled):
 
 # Kernels whose compiles must not spill at all (the memory-bound add+LN kernels, the
 # reductions, and the persistent TMA GEMM, whose configs were chosen not to).
-NO_SPILL = ("add_ln_fwd", "add_ln_fwd_rows", "add_ln_bwd", "ln_keep_mask", "sum_rows", "gelu_bwd_db",
-            "linear_gelu_tma")
+NO_SPILL = ("add_ln_fwd", "add_ln_fwd_rows", "add_ln_fwd_rows_pipelined", "add_ln_bwd", "add_ln_bwd_pipelined",
+            "ln_keep_mask", "sum_rows", "gelu_bwd_db", "linear_gelu_tma")
 
 
 def _of(compiled, kernel):
@@ -160,6 +160,33 @@ def test_multi_row_layer_norm_moves_16_byte_vectors(compiled):
     768 and also for N = 1000, where only its alignment hint (8 | N) proves the alignment."""
     for r in _of(compiled, "add_ln_fwd_rows"):
         assert r["ptx"]["ld_v4"] > 0 and r["ptx"]["st_v4"] > 0, f"no 16-byte vector access in {_where(r)}: {r['ptx']}"
+
+
+def test_pipelined_layer_norm_loops_prefetch_and_only_they(compiled):
+    """The pipelined add+LN variants (STAGES > 1) copy the next tile's or row's inputs into
+    shared memory in 16-byte cp.async while the current one is computed; the default kernels,
+    which were timed, compile as before, without."""
+    for kernel in ("add_ln_fwd_rows_pipelined", "add_ln_bwd_pipelined"):
+        for r in _of(compiled, kernel):
+            assert r["constexprs"]["STAGES"] > 1 and r["ptx"]["cp_async_16"] > 0, f"no 16-byte cp.async in {_where(r)}"
+    for kernel in ("add_ln_fwd", "add_ln_fwd_rows", "add_ln_bwd"):
+        for r in _of(compiled, kernel):
+            assert r["ptx"]["cp_async_16"] == 0, f"cp.async in {_where(r)}"
+
+
+def test_looping_layer_norm_plans_fit_their_register_budget(compiled):
+    """rows_plan and backward_plan size their grids to the programs that fit on an SM at once,
+    from per-thread register budgets: a kernel over its budget would make the grid run in two
+    waves. Every compile of the looping kernels stays within the figure its plan assumes."""
+    aln = importlib.import_module("fuseformer.kernels.add_layer_norm")
+    for kernel in ("add_ln_fwd_rows", "add_ln_fwd_rows_pipelined"):
+        for r in _of(compiled, kernel):
+            budget = aln.DROPOUT_ROWS_REGS if r["constexprs"]["DROPOUT"] else aln.ROWS_REGS
+            assert r["n_regs"] <= budget, f"{r['n_regs']} registers > {budget}: {_where(r)}"
+    for kernel in ("add_ln_bwd", "add_ln_bwd_pipelined"):
+        for r in _of(compiled, kernel):
+            if r["constexprs"]["SINGLE"]:
+                assert r["n_regs"] <= aln.BACKWARD_REGS, f"{r['n_regs']} registers > {aln.BACKWARD_REGS}: {_where(r)}"
 
 
 def test_atomic_dq_adds_fp32_vectors_and_nothing_else_adds(compiled):

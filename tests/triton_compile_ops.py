@@ -32,21 +32,24 @@ def add_jobs(jobs, check):
         _add(jobs, "add_ln_fwd", alnk._add_ln_fwd, arch, f"{dt} N={N} {ln_flags(res, w, b, drop, save)}",
              ln_values(dt, drop, N=N), cx, options=dict(num_warps=aln._num_warps(block)))
 
-    def ln_fwd_rows(arch, dt, N, res=True, w=True, b=True, drop=False, save=True, stats=True):
-        rows, block, align, _ = aln.rows_plan(B * L, N, "rows", None)
+    def ln_fwd_rows(arch, dt, N, res=True, w=True, b=True, drop=False, save=True, stats=True, stages=1):
+        rows, block, align, _, _ = aln.rows_plan(B * L, N, "rows", None)
         cx = dict(HAS_RES=res, HAS_W=w, HAS_B=b, DROPOUT=drop, SAVE_STREAM=save, SAVE_STATS=stats, ROWS=rows,
-                  BLOCK=block, ALIGN=align)
-        _add(jobs, "add_ln_fwd_rows", alnk._add_ln_fwd_rows, arch, f"{dt} N={N} {ln_flags(res, w, b, drop, save)}",
+                  BLOCK=block, ALIGN=align, STAGES=stages)
+        name = "add_ln_fwd_rows" if stages == 1 else "add_ln_fwd_rows_pipelined"
+        _add(jobs, name, alnk._add_ln_fwd_rows, arch, f"{dt} N={N} {ln_flags(res, w, b, drop, save)}",
              ln_values(dt, drop, M=B * L, N=N), cx, options=dict(num_warps=aln._num_warps(rows * block)))
 
-    def ln_bwd(arch, dt, N, dstream=False, res=True, w=True, b=True, drop=False):
-        block, single = aln._bwd_block(N)
+    def ln_bwd(arch, dt, N, dstream=False, res=True, w=True, b=True, drop=False, variant="loop"):
+        block, single, stages, _ = aln.backward_plan(B * L, N, variant, None)
         v = dict(DY=Ptr(dt), DSTREAM=Ptr(dt), STREAM=Ptr(dt), W=Ptr(dt), MEAN=Ptr("fp32"), RSTD=Ptr("fp32"),
                  SEED=Ptr("i64") if drop else Ptr("fp32"), DX=Ptr(dt), DRES=Ptr(dt), PART=Ptr("fp32"),
                  M=B * L, N=N, dropout_p=0.1 if drop else 0.0)
-        cx = dict(HAS_DSTREAM=dstream, HAS_RES=res, HAS_W=w, HAS_B=b, DROPOUT=drop, BLOCK=block, SINGLE=single)
+        cx = dict(HAS_DSTREAM=dstream, HAS_RES=res, HAS_W=w, HAS_B=b, DROPOUT=drop, BLOCK=block, SINGLE=single,
+                  STAGES=stages)
         flags = "".join(c for c, on in (("t", dstream), ("r", res), ("w", w), ("b", b), ("d", drop)) if on) or "-"
-        _add(jobs, "add_ln_bwd", alnk._add_ln_bwd, arch, f"{dt} N={N} {flags}", v, cx,
+        name = "add_ln_bwd" if variant == "loop" else "add_ln_bwd_pipelined"
+        _add(jobs, name, alnk._add_ln_bwd, arch, f"{dt} N={N} {flags}", v, cx,
              options=dict(num_warps=aln._num_warps(block)))
 
     # The warp count is a rule of the block (no autotuner): 4096, BERT's 768, and below.
@@ -61,12 +64,19 @@ def add_jobs(jobs, check):
         # The multi-row kernel: BERT's 768 in bf16 (the 16-byte vector case the compile test
         # inspects), with dropout and the stream, and a row length of odd alignment (1000).
         ln_fwd_rows(arch, "bf16", 768, save=False, stats=False)
+        # The pipelined variants (next tile / row prefetched): BERT's inference forward and
+        # training backward, and the backward with every flag on.
+        ln_fwd_rows(arch, "bf16", 768, save=False, stats=False, stages=aln.PIPELINE_STAGES)
+        ln_bwd(arch, "bf16", 768, res=False, variant="pipelined")
+        ln_bwd(arch, "fp16", 768, dstream=True, drop=True, variant="pipelined")
         _add(jobs, "sum_rows", red._sum_rows, arch, "fp32->bf16,fp32",
              dict(PART=Ptr("fp32"), OUT=Ptr("bf16"), OUT2=Ptr("fp32"), P=528, N=768),
              dict(BLOCK_P=red._BLOCK_P, BLOCK_N=red._BLOCK_N, TWO=True),
              options=dict(num_warps=4))
         if arch == 90 or FULL:
             ln_fwd_rows(arch, "bf16", 768, drop=True)
+            ln_fwd_rows(arch, "bf16", 768, drop=True, stages=aln.PIPELINE_STAGES)
+            ln_bwd(arch, "fp32", aln.CHUNK, drop=True, variant="pipelined")  # 16 warps, one program per SM
             ln_fwd_rows(arch, "fp16", 1000, res=False)
             ln_fwd(arch, "fp16", chunked_n, drop=True)
             ln_bwd(arch, "bf16", chunked_n, dstream=True, drop=True)
