@@ -40,7 +40,8 @@ backward
                   every row's loads are issued only when the previous row is done.
     "pipelined"   the same kernel with its row loop software-pipelined (the next row's inputs
                   copied into shared memory while this one is reduced: Triton's fused-softmax
-                  tutorial's technique), on no more programs than fit at once. Untimed.
+                  tutorial's technique), on no more programs than fit at once; the column
+                  sums of its partials (kernels/reduce.py) pipelined the same way. Untimed.
 
 The backward reduces its dweight/dbias partials with kernels/reduce.py (deterministic).
 """
@@ -243,10 +244,10 @@ def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has
         num_warps=_num_warps(block),
     )
     if groups == 2:
-        dw, db = sum_rows(part, weight.dtype, bias.dtype)
+        dw, db = sum_rows(part, weight.dtype, bias.dtype, stages=stages)
     else:
-        dw = None if weight is None else sum_rows(part.view(programs, N), weight.dtype)
-        db = None if bias is None else sum_rows(part.view(programs, N), bias.dtype)
+        dw = None if weight is None else sum_rows(part.view(programs, N), weight.dtype, stages=stages)
+        db = None if bias is None else sum_rows(part.view(programs, N), bias.dtype, stages=stages)
     return dx, dres, dw, db
 
 

@@ -29,6 +29,7 @@ def _sum_rows(
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
     TWO: tl.constexpr,
+    STAGES: tl.constexpr,  # row blocks in flight: 1, or more to prefetch the next ones (cp.async)
 ):
     group = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -38,7 +39,9 @@ def _sum_rows(
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
     # Fixed order: row block after row block, then one tree sum over BLOCK_P fixed by the
     # compiled kernel, so the same inputs give the same bits.
-    for start in range(0, P, BLOCK_P):
+    # With ~1 program per 64 columns (12 at N = 768) each walks all P rows: a chain of
+    # dependent DRAM round trips unless STAGES > 1 has the next blocks' loads already issued.
+    for start in tl.range(0, P, BLOCK_P, num_stages=STAGES):
         rows = start + tl.arange(0, BLOCK_P)
         m = (rows < P)[:, None] & cmask[None, :]
         acc += tl.load(base + rows[:, None].to(tl.int64) * stride_p + cols[None, :], mask=m, other=0.0)
@@ -52,12 +55,13 @@ def _sum_rows(
         tl.store(OUT + cols, total.to(OUT.dtype.element_ty), mask=cmask)
 
 
-def sum_rows(part: torch.Tensor, dtype: torch.dtype, dtype2: torch.dtype | None = None):
+def sum_rows(part: torch.Tensor, dtype: torch.dtype, dtype2: torch.dtype | None = None, stages: int = 1):
     """part (P, N) fp32 contiguous -> (N,) column sums in `dtype`.
 
     With dtype2, part is (P, 2, N), two partial buffers interleaved per program (add+LN's
     dweight and dbias): -> ((N,) in dtype, (N,) in dtype2) from one launch, where two
-    launches and two partial buffers cost twice the host time for the same memory traffic."""
+    launches and two partial buffers cost twice the host time for the same memory traffic.
+    `stages` > 1 software-pipelines the walk over the rows (same order, same bits)."""
     two = dtype2 is not None
     P, N = part.shape[0], part.shape[-1]
     out = new_output((N,), dtype, part.device)
@@ -68,5 +72,5 @@ def sum_rows(part: torch.Tensor, dtype: torch.dtype, dtype2: torch.dtype | None 
             out2.zero_()
     elif N != 0:
         launch(_sum_rows, (cdiv(N, _BLOCK_N), 2 if two else 1), part, out, out2 if two else out, P, N,
-               BLOCK_P=_BLOCK_P, BLOCK_N=_BLOCK_N, TWO=two, num_warps=4)
+               BLOCK_P=_BLOCK_P, BLOCK_N=_BLOCK_N, TWO=two, STAGES=stages, num_warps=4)
     return (out, out2) if two else out

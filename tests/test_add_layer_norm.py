@@ -384,14 +384,15 @@ def test_weight_grads_are_deterministic(device):
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
+@pytest.mark.parametrize("stages", [1, 2])
 @pytest.mark.parametrize("P,N", [(1, 1), (70, 130), (4, 768)])
-def test_sum_rows_reduces_every_partial_row(P, N, device):
+def test_sum_rows_reduces_every_partial_row(P, N, stages, device):
     """The second step of the dweight/dbias reductions: P > its 32-row step and N over several
-    64-column programs, so a skipped row block or column block shows."""
+    64-column programs, so a skipped row block or column block shows; pipelined or not."""
     from fuseformer.kernels.reduce import sum_rows
 
     part = torch.randn(P, N, device=device)
-    out = sum_rows(part, torch.float16)
+    out = sum_rows(part, torch.float16, stages=stages)
     assert out.dtype == torch.float16 and out.shape == (N,)
     torch.testing.assert_close(out, part.double().sum(0).half(), rtol=2e-3, atol=2e-3)
 
@@ -409,6 +410,9 @@ def test_sum_rows_two_interleaved_sums(P, N, device):
     assert (first.dtype, second.dtype, first.shape, second.shape) == (torch.float16, torch.float32, (N,), (N,))
     torch.testing.assert_close(first, part[:, 0].double().sum(0).half(), rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(second, part[:, 1].double().sum(0).float(), rtol=1e-5, atol=1e-5)
+    # The pipelined walk adds in the same order: the same bits.
+    again = sum_rows(part, torch.float16, torch.float32, stages=2)
+    assert torch.equal(again[0], first) and torch.equal(again[1], second)
     empty = sum_rows(part[:0], torch.float16, torch.float32)
     assert all(torch.equal(t, torch.zeros_like(t)) for t in empty)
 

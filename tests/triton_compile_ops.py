@@ -69,10 +69,11 @@ def add_jobs(jobs, check):
         ln_fwd_rows(arch, "bf16", 768, save=False, stats=False, stages=aln.PIPELINE_STAGES)
         ln_bwd(arch, "bf16", 768, res=False, variant="pipelined")
         ln_bwd(arch, "fp16", 768, dstream=True, drop=True, variant="pipelined")
-        _add(jobs, "sum_rows", red._sum_rows, arch, "fp32->bf16,fp32",
-             dict(PART=Ptr("fp32"), OUT=Ptr("bf16"), OUT2=Ptr("fp32"), P=528, N=768),
-             dict(BLOCK_P=red._BLOCK_P, BLOCK_N=red._BLOCK_N, TWO=True),
-             options=dict(num_warps=4))
+        for stages in (1, aln.PIPELINE_STAGES):
+            _add(jobs, "sum_rows" if stages == 1 else "sum_rows_pipelined", red._sum_rows, arch, "fp32->bf16,fp32",
+                 dict(PART=Ptr("fp32"), OUT=Ptr("bf16"), OUT2=Ptr("fp32"), P=528, N=768),
+                 dict(BLOCK_P=red._BLOCK_P, BLOCK_N=red._BLOCK_N, TWO=True, STAGES=stages),
+                 options=dict(num_warps=4))
         if arch == 90 or FULL:
             ln_fwd_rows(arch, "bf16", 768, drop=True)
             ln_fwd_rows(arch, "bf16", 768, drop=True, stages=aln.PIPELINE_STAGES)
