@@ -165,6 +165,14 @@ class ModelCase(Case):
         def ours_variant(backend: str, **kwargs):
             return ours_class.from_hf(hf32, backend=backend, **kwargs).to(device=device, dtype=dtype)
 
+        def cuda_model():
+            from fuseformer import kernels
+
+            reason = kernels.unavailable_reason("cuda")  # builds csrc/ the first time
+            if reason:
+                raise Refused(f"the cuda backend cannot run here: {reason}")
+            return ours_variant("cuda")
+
         train = self.task == "train"
 
         def runnable(model) -> Callable[[], torch.Tensor]:
@@ -205,6 +213,9 @@ class ModelCase(Case):
             # launch path shows what it is worth, forward and backward.
             variants["fuseformer-fused-fast-launch"] = (OURS, fused, False)
             contexts["fuseformer-fused-fast-launch"] = lambda: use_fast_launch(True)
+            # Every op on csrc/ (named: `auto` never builds it), whose launches cross pybind11
+            # once instead of Triton's Python launcher: the other way to less host time per op.
+            variants["fuseformer-fused-cuda"] = (OURS, cuda_model, False)
             if not train:
                 variants["fuseformer-fused-graphs"] = (OURS, fused, True)
                 # The user-facing CUDAGraphRunner (bucketed capture, padding, slicing) beside the
