@@ -37,6 +37,13 @@ fastest (H100, bf16, 16384 x 768 -> 3072, bench/results/h100/):
                         4 * N * K) with the dgelu epilogue: `_linear_gelu_tma` with DGELU when
                         the TMA path applies, else the portable GEMM into a temporary pre.
                         Triton backend only (the cuda backend's launchers need pre).
+    gelu     "exact" (FUSEFORMER_LINEAR_GELU_MATH)  libdevice's erf, sigmoid by an IEEE division.
+             "fast"  for fp16/bf16 (float32 stays exact): erf GELU by an erfc formula of two
+                     special-function ops (rcp.approx, ex2.approx) and ~18 instructions per
+                     element instead of ~34, the tanh one by 1 / (1 + 2^x) on the same two
+                     ops, in every GELU and GELU' of the kernels (forward epilogues, dgelu
+                     passes). Within 2.4e-7 of the float64 GELU; linear_gelu_kernels.py has
+                     the maths and the accuracy.
 In every variant the two backward GEMMs are cuBLAS (torch.mm): dx = dpre W, dW = dpre^T x.
 """
 from __future__ import annotations
@@ -63,11 +70,13 @@ APPROXIMATIONS = ("none", "tanh")
 
 # ----------------------------------------------------------------------------- variants
 
-VARIANTS = {"forward": ("auto", "portable", "tma"), "dgelu": ("elementwise", "fused_db"), "preact": ("store", "recompute")}
+VARIANTS = {"forward": ("auto", "portable", "tma"), "dgelu": ("elementwise", "fused_db"), "preact": ("store", "recompute"),
+            "gelu": ("exact", "fast")}
 # Read once from the environment; the launchers read this dict per call.
 VARIANT = backends.Variants("linear_gelu", VARIANTS, {"forward": "FUSEFORMER_LINEAR_GELU_FWD",
                                                       "dgelu": "FUSEFORMER_LINEAR_GELU_DGELU",
-                                                      "preact": "FUSEFORMER_LINEAR_GELU_PREACT"})
+                                                      "preact": "FUSEFORMER_LINEAR_GELU_PREACT",
+                                                      "gelu": "FUSEFORMER_LINEAR_GELU_MATH"})
 # Choose linear_gelu's kernels: forward=, dgelu=, preact= (see the module docstring); returns
 # the previous settings. `variant(...)` does the same inside a block.
 set_variant = VARIANT.set
@@ -75,6 +84,12 @@ variant = VARIANT.using
 
 
 # ----------------------------------------------------------------------------- launchers
+
+
+def _fast_gelu(dtype: torch.dtype) -> bool:
+    """The fast GELU maths (linear_gelu_kernels.py) for 16-bit outputs under gelu="fast";
+    float32 keeps libdevice's erf and an IEEE division."""
+    return VARIANT["gelu"] == "fast" and dtype != torch.float32
 
 _tma_capable: dict = {}
 
@@ -148,7 +163,8 @@ def _launch_tma(x2d, weight, bias, out, pre, dout, db_part, approximate):
     has_bias, approx_tanh, dgelu = bias is not None, approximate == "tanh", dout is not None
     tma_store = (N * out.element_size()) % 16 == 0
     exact = _exact(x2d.dtype)
-    key = (x2d.dtype, tune_m, N, K, has_bias, pre is not None, approx_tanh, dgelu, tma_store, exact)
+    fast = _fast_gelu(x2d.dtype)
+    key = (x2d.dtype, tune_m, N, K, has_bias, pre is not None, approx_tanh, fast, dgelu, tma_store, exact)
     launch_tuned(
         _linear_gelu_tma, _linear_gelu_tma.fn, key, grid,
         x2d,
@@ -167,6 +183,7 @@ def _launch_tma(x2d, weight, bias, out, pre, dout, db_part, approximate):
         HAS_BIAS=has_bias,
         SAVE_PRE=pre is not None,
         APPROX_TANH=approx_tanh,
+        FAST_GELU=fast,
         DGELU=dgelu,
         TMA_STORE=tma_store,
         UPCAST=interp,
@@ -204,7 +221,8 @@ def forward(x2d, weight, bias, approximate, save_preact):
     tune_m = next_pow2(M)
     has_bias, approx_tanh = bias is not None, approximate == "tanh"
     # Everything Triton's autotuner keys on (its key arguments and the tensors' dtypes).
-    key = (x2d.dtype, tune_m, N, K, has_bias, pre is not None, approx_tanh)
+    fast = _fast_gelu(x2d.dtype)
+    key = (x2d.dtype, tune_m, N, K, has_bias, pre is not None, approx_tanh, fast)
     launch_tuned(
         _linear_gelu_fwd, _linear_gelu_fwd.fn, key, grid,
         x2d,
@@ -224,6 +242,7 @@ def forward(x2d, weight, bias, approximate, save_preact):
         HAS_BIAS=has_bias,
         SAVE_PRE=pre is not None,
         APPROX_TANH=approx_tanh,
+        FAST_GELU=fast,
         UPCAST=interp,
         PRECISION="ieee" if exact else "tf32",
     )
@@ -238,7 +257,8 @@ def gelu_backward(dout: torch.Tensor, preact: torch.Tensor, approximate: str) ->
     if numel:
         block = 4096
         launch(
-            _gelu_bwd, (cdiv(numel, block),), dout, preact, dpre, numel, APPROX_TANH=approximate == "tanh", BLOCK=block, num_warps=8
+            _gelu_bwd, (cdiv(numel, block),), dout, preact, dpre, numel, APPROX_TANH=approximate == "tanh",
+            FAST_GELU=_fast_gelu(preact.dtype), BLOCK=block, num_warps=8
         )
     return dpre
 
@@ -262,7 +282,8 @@ def _dgelu_fused_db(dout, preact, approximate, has_bias):
     db_part = new_output((programs_m, N), torch.float32, preact.device) if has_bias else None
     launch(
         _gelu_bwd_db, (programs_m, tiles_n), dout, preact, dpre, db_part if has_bias else dpre, M, N,
-        APPROX_TANH=approximate == "tanh", HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8,
+        APPROX_TANH=approximate == "tanh", FAST_GELU=_fast_gelu(preact.dtype), HAS_BIAS=has_bias, BLOCK_M=block_m,
+        BLOCK_N=block_n, num_warps=8,
     )
     return dpre, sum_rows(db_part, preact.dtype) if has_bias else None
 

@@ -1,9 +1,12 @@
 """linear_gelu on the triton backend against the float64 reference (parity rule), and
 torch.compile over both of this file's ops."""
 import importlib
+import warnings
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -301,7 +304,74 @@ def test_variant_setting_is_checked():
         lg.set_variant(forward="cutlass")
     with pytest.raises(ValueError, match="unknown setting"):
         lg.set_variant(backward="x")
-    assert lg.VARIANT == {"forward": "auto", "dgelu": "elementwise", "preact": "store"}  # the measured paths
+    assert lg.VARIANT == {"forward": "auto", "dgelu": "elementwise", "preact": "store", "gelu": "exact"}  # measured
+
+
+# ----------------------------------------------------------------------------- fast GELU maths
+
+lgk = importlib.import_module("fuseformer.kernels.linear_gelu_kernels")
+
+
+@triton.jit
+def _gelu_probe(U, Y, DY, n, APPROX_TANH: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    u = tl.load(U + offs, mask=offs < n)
+    tl.store(Y + offs, lgk._gelu(u, APPROX_TANH, FAST), mask=offs < n)
+    tl.store(DY + offs, lgk._gelu_grad(u, APPROX_TANH, FAST), mask=offs < n)
+
+
+def _gelu64(u, approximate):
+    """GELU and GELU' in float64, the erf one through erfc so the tail (u << 0) keeps its digits."""
+    u = u.double()
+    if approximate == "tanh":
+        z = (2 / torch.pi) ** 0.5 * (u + 0.044715 * u**3)
+        s = torch.sigmoid(2 * z)
+        return u * s, s + 2 * u * s * (1 - s) * (2 / torch.pi) ** 0.5 * (1 + 3 * 0.044715 * u**2)
+    phi = 0.5 * torch.erfc(-u / 2**0.5)
+    return u * phi, phi + u * torch.exp(-0.5 * u * u) / (2 * torch.pi) ** 0.5
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_fast_gelu_maths(approximate, device):
+    """The fast formulas (erfc polynomial, 1 / (1 + 2^x)) as the kernels evaluate them in fp32
+    (the interpreter's division and exp2 standing in for rcp.approx and ex2.approx: their few
+    ulps count on a GPU, hence the slack) against float64 over u in [-14, 14]: GELU and GELU'
+    as close as the exact maths (errors scaled by max(|value|, 1)), and for erf within 5e-6
+    relative wherever |GELU| > 1e-5, out in the negative tail where the exact maths,
+    0.5 u (1 + erf(u / sqrt 2)) in fp32 as torch computes it too, has lost its digits."""
+    u = torch.linspace(-14, 14, 200_001, device=device)
+    n = u.numel()
+    ref, dref = _gelu64(u, approximate)
+    errors = {}
+    for fast in (True, False):
+        y, dy = torch.empty_like(u), torch.empty_like(u)
+        with warnings.catch_warnings():  # numpy's exp2 overflowing to inf, as the GPU's does
+            warnings.simplefilter("ignore", RuntimeWarning)
+            _gelu_probe[(triton.cdiv(n, 4096),)](u, y, dy, n, APPROX_TANH=approximate == "tanh", FAST=fast,
+                                                 BLOCK=4096)
+        errors[fast] = [((got.double() - want).abs() / want.abs().clamp_min(1)).max().item()
+                        for got, want in ((y, ref), (dy, dref))]
+        if fast and approximate == "none":
+            tail = ref.abs() > 1e-5
+            assert ((y.double() - ref).abs() / ref.abs())[tail].max() < 5e-6
+        if not fast and approximate == "none":  # the tail problem "fast" does not have
+            assert ((y.double() - ref).abs() / ref.abs())[ref.abs() > 1e-5].max() > 1e-3
+    for what, fast_err, exact_err in zip(("gelu", "gelu'"), errors[True], errors[False]):
+        assert fast_err <= 2.0 * exact_err + 2e-7, (what, fast_err, exact_err)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("forward,dgelu", [("portable", "elementwise"), ("tma", "fused_db")])
+def test_fast_gelu_parity(forward, dgelu, approximate, launched, device):
+    """gelu="fast" through every kernel that evaluates GELU or GELU': the portable and TMA
+    forwards and both dgelu passes, fp16 (float32 keeps the exact maths), odd shapes, K over
+    several tiles."""
+    with lg.variant(gelu="fast", forward=forward, dgelu=dgelu):
+        assert lg._fast_gelu(torch.float16) and lg._fast_gelu(torch.bfloat16) and not lg._fast_gelu(torch.float32)
+        check_parity(*_make(17, 768, 256, device), approximate, torch.float16)
+        check_parity(*_make(5, 40, 33, device), approximate, torch.float16)
+    expected = "_linear_gelu_tma" if forward == "tma" else "_linear_gelu_fwd"
+    assert launched[:2] == [expected, "_gelu_bwd_db" if dgelu == "fused_db" else "_gelu_bwd"]
 
 
 @pytest.mark.parametrize("split", [1, 2])
@@ -339,7 +409,9 @@ def test_bench_variant_impls_run_their_variant_forward_and_backward(launched):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("choice", [dict(forward="tma"), dict(forward="tma", preact="recompute"),
-                                    dict(dgelu="fused_db"), dict(forward="tma", preact="recompute", dgelu="fused_db")])
+                                    dict(dgelu="fused_db"), dict(forward="tma", preact="recompute", dgelu="fused_db"),
+                                    dict(gelu="fast"), dict(forward="tma", dgelu="fused_db", gelu="fast"),
+                                    dict(forward="tma", preact="recompute", gelu="fast")])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_bf16_variants_on_gpu(choice, approximate, launched, device):
     """On a GPU the TMA kernel autotunes over configs of different BLOCK_M: the recompute

@@ -189,6 +189,17 @@ def test_looping_layer_norm_plans_fit_their_register_budget(compiled):
                 assert r["n_regs"] <= aln.BACKWARD_REGS, f"{r['n_regs']} registers > {aln.BACKWARD_REGS}: {_where(r)}"
 
 
+def test_fast_gelu_uses_the_special_function_unit_and_only_it_does(compiled):
+    """FAST_GELU compiles to PTX's rcp.approx.ftz and ex2.approx.ftz (one MUFU op each) in every
+    GELU kernel; the exact maths (libdevice's erf, IEEE division) never does."""
+    kernels = ("linear_gelu_fwd", "linear_gelu_tma", "gelu_bwd", "gelu_bwd_db")
+    results = [r for k in kernels for r in _of(compiled, k)]
+    assert any(r["constexprs"]["FAST_GELU"] for r in results)
+    for r in results:
+        used = r["ptx"]["rcp_approx_ftz"] > 0 and r["ptx"]["ex2_approx_ftz"] > 0
+        assert used == r["constexprs"]["FAST_GELU"], f"{r['ptx']}: {_where(r)}"
+
+
 def test_atomic_dq_adds_fp32_vectors_and_nothing_else_adds(compiled):
     """The portable dK/dV pass with ATOMIC_DQ (attention.DQ_MODES) sums dQ with 16-byte fp32
     vector reductions on sm_90; without it, and in the dQ pass, nothing is added to memory."""

@@ -366,6 +366,9 @@ PTX_FEATURES = {
     "tensormap_fence": re.compile(r"\bfence\.proxy\.tensormap"),
     # fp32 adds to global memory in 16-byte vectors (red on triton 3.9, atom on 3.6; sm_90).
     "add_v4_f32": re.compile(r"\b(?:red|atom)\.global(?:\.[a-z0-9_]+)*\.add\.v4\.f32"),
+    # The fast GELU maths' two special-function instructions (inline PTX).
+    "rcp_approx_ftz": re.compile(r"\brcp\.approx\.ftz\.f32"),
+    "ex2_approx_ftz": re.compile(r"\bex2\.approx\.ftz\.f32"),
     # A software-pipelined loop's prefetch: 16-byte asynchronous copies global -> shared (sm_80+).
     "cp_async_16": re.compile(r"\bcp\.async\.cg\.shared\.global\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(?:0x10|16)\b"),
 }

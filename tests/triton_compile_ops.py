@@ -90,43 +90,55 @@ def add_jobs(jobs, check):
         ln_bwd(90, "fp16", chunked_n, res=False, drop=False)
 
     # --- Linear + GELU. BERT-base FFN (K=768, EVEN_K) and a ragged K (masked tail).
-    def lin(arch, dt, K, configs, bias=True, tanh=False, save=True):
+    def fast_tag(fast):
+        return " fast" if fast else ""
+
+    def lin(arch, dt, K, configs, bias=True, tanh=False, save=True, fast=False):
         M, N = B * L, 4 * 768
         v = dict(X=Ptr(dt), W=Ptr(dt), B=Ptr(dt), OUT=Ptr(dt), PRE=Ptr(dt), M=M, N=N, K=K, stride_xm=K, stride_xk=1,
                  stride_wn=K, stride_wk=1, stride_om=N, TUNE_M=triton_next_pow2(M))
-        cx = dict(HAS_BIAS=bias, SAVE_PRE=save, APPROX_TANH=tanh, UPCAST=False,
+        cx = dict(HAS_BIAS=bias, SAVE_PRE=save, APPROX_TANH=tanh, FAST_GELU=fast, UPCAST=False,
                   PRECISION="ieee" if dt == "fp32" else "tf32")
-        case = f"{dt} K={K} {'tanh' if tanh else 'erf'}{' bias' if bias else ''}{' pre' if save else ''}"
+        case = f"{dt} K={K} {'tanh' if tanh else 'erf'}{' bias' if bias else ''}{' pre' if save else ''}{fast_tag(fast)}"
         _add(jobs, "linear_gelu_fwd", lg._linear_gelu_fwd, arch, case, v, cx, configs=configs)
 
     for arch in ARCHS:
         if arch == 90 or FULL:
             lin(arch, "fp16", 768, "all")
         lin(arch, "bf16", 1000, "first" if arch == 90 else "most_warps", bias=False, tanh=True, save=False)
+        # The fast GELU maths (gelu="fast"): the BERT FFN in training, erf.
+        lin(arch, "bf16", 768, "first" if arch == 90 else "most_warps", fast=True)
         for tanh in (False, True):
-            _add(jobs, "gelu_bwd", lg._gelu_bwd, arch, "bf16 " + ("tanh" if tanh else "erf"),
-                 dict(DOUT=Ptr("bf16"), PRE=Ptr("bf16"), DPRE=Ptr("bf16"), numel=B * L * 3072),
-                 dict(APPROX_TANH=tanh, BLOCK=4096), options=dict(num_warps=8))
-        _add(jobs, "gelu_bwd_db", lg._gelu_bwd_db, arch, "bf16 erf bias",
-             dict(DOUT=Ptr("bf16"), PRE=Ptr("bf16"), DPRE=Ptr("bf16"), DB_PART=Ptr("fp32"), M=B * L, N=3072),
-             dict(APPROX_TANH=False, HAS_BIAS=True, BLOCK_M=32, BLOCK_N=128), options=dict(num_warps=8))
+            for fast in (False, True):
+                _add(jobs, "gelu_bwd", lg._gelu_bwd, arch, "bf16 " + ("tanh" if tanh else "erf") + fast_tag(fast),
+                     dict(DOUT=Ptr("bf16"), PRE=Ptr("bf16"), DPRE=Ptr("bf16"), numel=B * L * 3072),
+                     dict(APPROX_TANH=tanh, FAST_GELU=fast, BLOCK=4096), options=dict(num_warps=8))
+        for fast in (False, True):
+            _add(jobs, "gelu_bwd_db", lg._gelu_bwd_db, arch, "bf16 erf bias" + fast_tag(fast),
+                 dict(DOUT=Ptr("bf16"), PRE=Ptr("bf16"), DPRE=Ptr("bf16"), DB_PART=Ptr("fp32"), M=B * L, N=3072),
+                 dict(APPROX_TANH=False, FAST_GELU=fast, HAS_BIAS=True, BLOCK_M=32, BLOCK_N=128),
+                 options=dict(num_warps=8))
 
     # The persistent TMA GEMM runs on sm_90+ only (_tma_ok): every config for the BERT FFN
     # forward in training (bias, pre saved, stored through descriptors), the backward's dgelu
     # recompute epilogue, and a ragged case (K = 1000, N = 1000 * 2 bytes: pointer stores).
-    def lin_tma(dt, K, N, configs, bias=True, tanh=False, save=True, dgelu=False):
+    def lin_tma(dt, K, N, configs, bias=True, tanh=False, save=True, dgelu=False, fast=False):
         M = B * L
         v = dict(X=Ptr(dt), W=Ptr(dt), B=Ptr(dt), OUT=Ptr(dt), PRE=Ptr(dt), DOUT=Ptr(dt), DB_PART=Ptr("fp32"), M=M,
                  N=N, K=K, stride_xm=K, stride_wn=K, TUNE_M=triton_next_pow2(M))
-        cx = dict(HAS_BIAS=bias, SAVE_PRE=save, APPROX_TANH=tanh, DGELU=dgelu, TMA_STORE=(N * 2) % 16 == 0,
-                  UPCAST=False, PRECISION="ieee" if dt == "fp32" else "tf32")
+        cx = dict(HAS_BIAS=bias, SAVE_PRE=save, APPROX_TANH=tanh, FAST_GELU=fast, DGELU=dgelu,
+                  TMA_STORE=(N * 2) % 16 == 0, UPCAST=False, PRECISION="ieee" if dt == "fp32" else "tf32")
         case = (f"{dt} K={K} N={N} {'tanh' if tanh else 'erf'}{' bias' if bias else ''}{' pre' if save else ''}"
-                f"{' dgelu' if dgelu else ''}")
+                f"{' dgelu' if dgelu else ''}{fast_tag(fast)}")
         _add(jobs, "linear_gelu_tma", lg._linear_gelu_tma, 90, case, v, cx, configs=configs)
 
     lin_tma("bf16", 768, 3072, "all")
     lin_tma("bf16", 768, 3072, [1], save=False, dgelu=True)
     lin_tma("fp16", 1000, 1000, [1], bias=False, tanh=True, save=False)
+    # The fast GELU maths in the BERT FFN's inference forward (every config: the epilogue's
+    # registers differ) and in the recompute path's dgelu epilogue.
+    lin_tma("bf16", 768, 3072, "all", save=False, fast=True)
+    lin_tma("bf16", 768, 3072, [1], save=False, dgelu=True, fast=True)
     if FULL:
         lin(90, "bf16", 768, "first", tanh=True)
         for arch in ARCHS:
