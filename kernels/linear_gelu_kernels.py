@@ -87,19 +87,14 @@ _NEG_2_LOG2E = tl.constexpr(-2.0 * _LOG2E)  # sigmoid(2 z) = 1 / (1 + 2^(_NEG_2_
 
 
 @triton.jit
-def _rcp_approx(x):
+def _approx(x, OP: tl.constexpr):
+    """PTX's OP.approx.ftz.f32, OP "rcp" or "ex2": one MUFU instruction (the interpreter: the
+    exact operation)."""
     if _PTX:
-        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
-    else:
+        return tl.inline_asm_elementwise(OP + ".approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    elif OP == "rcp":
         return 1.0 / x
-
-
-@triton.jit
-def _exp2_approx(x):
-    if _PTX:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
-                                         pack=1)
     else:
         return tl.exp2(x)
 
@@ -109,16 +104,16 @@ def _half_erfc(u):
     """erfc(|u| / sqrt 2) / 2 = Phi(-|u|), to a fraction 1.2e-7 (plus the approximations' ulps)."""
     # Tensors first in every product and sum: the interpreter keeps a module-level constexpr
     # on the left as a constexpr wrapping the tensor, which exp2 and the division refuse.
-    t = _rcp_approx(tl.abs(u) * _T_SLOPE + 1.0)
+    t = _approx(tl.abs(u) * _T_SLOPE + 1.0, "rcp")
     p = ((((((((t * _C9 + _C8) * t + _C7) * t + _C6) * t + _C5) * t + _C4) * t + _C3) * t + _C2) * t + _C1) * t + _C0
-    return t * _exp2_approx((u * u) * _NEG_HALF_LOG2E + p)
+    return t * _approx((u * u) * _NEG_HALF_LOG2E + p, "ex2")
 
 
 @triton.jit
 def _sigmoid_2z(u, FAST: tl.constexpr):
     z = 0.7978845608028654 * (u + 0.044715 * u * u * u)
     if FAST:
-        return _rcp_approx(_exp2_approx(z * _NEG_2_LOG2E) + 1.0)
+        return _approx(_approx(z * _NEG_2_LOG2E, "ex2") + 1.0, "rcp")
     return tl.sigmoid(2.0 * z)
 
 
@@ -139,7 +134,7 @@ def _gelu_grad(u, APPROX_TANH: tl.constexpr, FAST: tl.constexpr):
         return s + 2.0 * u * s * (1.0 - s) * dz
     if FAST:
         h = _half_erfc(u)
-        return tl.where(u >= 0.0, 1.0 - h, h) + u * _exp2_approx((u * u) * _NEG_HALF_LOG2E + _LOG2_INV_SQRT_2PI)
+        return tl.where(u >= 0.0, 1.0 - h, h) + u * _approx((u * u) * _NEG_HALF_LOG2E + _LOG2_INV_SQRT_2PI, "ex2")
     cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
     return cdf + u * 0.3989422804014327 * tl.exp(-0.5 * u * u)
 
