@@ -40,29 +40,28 @@ constexpr float kTanhC = 0.044715f;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kTSlope = 0.35355339059327376f;  // 1 / (2 sqrt 2)
 
-CUTLASS_HOST_DEVICE float rcp_approx(float x) {
-#if defined(__CUDA_ARCH__)
-  float y;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-#else
-  return 1.f / x;
-#endif
-}
+// 1 / x (kRcp) or 2^x as one special-function instruction, rcp.approx.ftz / ex2.approx.ftz (a few
+// ulps); the exact operations on the host.
+enum class Approx { kRcp, kEx2 };
 
-CUTLASS_HOST_DEVICE float exp2_approx(float x) {
+template <Approx op>
+CUTLASS_HOST_DEVICE float approx(float x) {
 #if defined(__CUDA_ARCH__)
   float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  if constexpr (op == Approx::kRcp) {
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  } else {
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  }
   return y;
 #else
-  return exp2f(x);
+  return op == Approx::kRcp ? 1.f / x : exp2f(x);
 #endif
 }
 
 CUTLASS_HOST_DEVICE float gelu_erf(float x) {
   const float a = fabsf(x);
-  const float t = rcp_approx(1.f + kTSlope * a);
+  const float t = approx<Approx::kRcp>(1.f + kTSlope * a);
   // Numerical Recipes' erfcc coefficients times log2(e); the constant term also takes the 1/2.
   float p = 0.17087277f * kLog2e;
   p = p * t - 0.82215223f * kLog2e;
@@ -74,7 +73,7 @@ CUTLASS_HOST_DEVICE float gelu_erf(float x) {
   p = p * t + 0.37409196f * kLog2e;
   p = p * t + 1.00002368f * kLog2e;
   p = p * t + (-1.26551223f * kLog2e - 1.f);
-  const float h = t * exp2_approx(p - 0.5f * kLog2e * x * x);
+  const float h = t * approx<Approx::kEx2>(p - 0.5f * kLog2e * x * x);
   return fmaxf(x, 0.f) - a * h;
 }
 
