@@ -5,7 +5,8 @@
 #
 #   bash bench/gpu_session.sh prewarm    # bench/prewarm.py in the background: the bench's compiles, in parallel
 #   bash bench/gpu_session.sh tests      # test_compile first (full tracebacks), the gpu-marked tests, the suite
-#   bash bench/gpu_session.sh profile    # bench/profile_calls.py: where add+LN fwd+bwd's time goes, triton vs cuda
+#   bash bench/gpu_session.sh profile    # bench/profile_calls.py: where add+LN fwd+bwd's time goes, triton vs cuda;
+#                                        # the kernels of a BERT-base forward by device time
 #   bash bench/gpu_session.sh overhead   # `fuseformer bench --filter overhead`: host µs per eager call
 #   bash bench/gpu_session.sh sanitize   # compute-sanitizer memcheck + racecheck, one test per kernel
 #   bash bench/gpu_session.sh bench      # `fuseformer bench`, models then ops, results under bench_models/, bench_ops/
@@ -23,7 +24,7 @@
 # torch.compile's graphs in the on-disk caches (bench/prewarm.py says why); the stages that time
 # anything (profile, overhead, bench) first wait for it. Everything in one 600-second command:
 #   SESSION_SECONDS=585 COMPILE_TIMEOUT=120 GPU_TESTS_TIMEOUT=100 CSRC_TESTS_TIMEOUT=45 SUITE_TIMEOUT=0 \
-#     PREWARM_TIMEOUT=240 PROFILE_TIMEOUT=45 OVERHEAD_TIMEOUT=35 MODELS_TIMEOUT=90 OPS_TIMEOUT=600 BENCH_QUICK=1 \
+#     PREWARM_TIMEOUT=240 PROFILE_TIMEOUT=60 OVERHEAD_TIMEOUT=35 MODELS_TIMEOUT=90 OPS_TIMEOUT=600 BENCH_QUICK=1 \
 #     bash bench/gpu_session.sh prewarm tests profile overhead bench
 # (H100, 2026-11-26: the csrc builds took 75 s and 131 s side by side; test_compile's first test
 # alone 76 s; the gpu-marked Triton/model tests ran ~3 s each, hence 4 workers now; the csrc

@@ -7,7 +7,7 @@ First, with nothing of ours in the way: host µs of launching a one-element Trit
 torch add, on the main thread, from another Python thread and from inside an autograd backward
 (the engine's device thread).
 
-For each backend this prints, at that shape:
+Then, for each backend, at that shape:
 - the time per forward+backward (torch.autograd.grad, as the benchmark does), per forward, and
   per direct call of the backward launcher on the main thread (no autograd engine): CUDA-event
   medians over many calls, and host µs per call (calls queued back to back, one sync at the end);
@@ -19,7 +19,11 @@ For each backend this prints, at that shape:
   synchronisations and the autograd engine's thread;
 - on the triton backend, the timing rows again on the opt-in fast launch path.
 
-    python -m fuseformer.bench.profile_calls [--M 16384] [--N 768] [--backends triton,cuda]
+Last, a BERT-base fp16 inference forward (--bert BxL, default 32x128, backend auto): its kernels
+by device time per forward, to say which of them the CUDA-graph target (2x HF + torch.compile)
+must shrink.
+
+    python -m fuseformer.bench.profile_calls [--M 16384] [--N 768] [--backends triton,cuda] [--bert 32x128]
 """
 from __future__ import annotations
 
@@ -190,17 +194,57 @@ def profile_bare_launch(iters: int) -> None:
         print(f"[bare] {what} inside an autograd backward (the engine's thread): {timings[0]:.1f} us/call")
 
 
+def profile_bert(B: int, L: int, iters: int, device: str = "cuda", config=None, backend: str = "auto") -> None:
+    """Where the GPU time of one BERT-base fp16 inference forward goes (the CUDA-graph target
+    of the eager-speed issue: 1.89 ms at B32 L128 on the H100, where HF + torch.compile took
+    2.77): the kernels by device time per forward, ours (Triton/csrc) and torch's (cuBLAS
+    GEMMs, copies) alike. Eager forwards: the kernels are the ones a CUDA graph replays."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fuseformer.models import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    model = BertModel(config or BertConfig(), add_pooling_layer=True).to(device=device, dtype=dtype).eval()
+    model.set_backend(backend)
+    ids = torch.randint(1, model.config.vocab_size, (B, L), device=device)
+    mask = torch.ones(B, L, dtype=torch.long, device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        for _ in range(3):  # compiles, autotuning, allocator
+            model(input_ids=ids, attention_mask=mask)
+        sync()
+        with profile(activities=activities) as prof:
+            for _ in range(iters):
+                model(input_ids=ids, attention_mask=mask)
+            sync()
+    events = prof.key_averages()
+    kernels = [e for e in events if getattr(e, "self_device_time_total", 0.0) > 0]
+    total = sum(e.self_device_time_total for e in kernels) / iters
+    print(f"[bert B{B} L{L} {dtype}] device time per forward: {total:.1f} us over {len(kernels)} kernels")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:20]:
+        per = e.self_device_time_total / iters
+        print(f"  {per:8.1f} us {100 * per / total:5.1f}%  x{e.count // iters:<3d} {e.key[:110]}")
+    if not kernels:
+        print(events.table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fuseformer.bench.profile_calls", description=__doc__.split("\n\n")[0])
     p.add_argument("--M", type=int, default=16384)
     p.add_argument("--N", type=int, default=768)
     p.add_argument("--backends", default="triton,cuda")
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--bert", default="32x128", help="BxL of the BERT-base forward to profile ('' skips it)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     profile_bare_launch(args.iters)
     profile_add_layer_norm(args.M, args.N, [s.strip() for s in args.backends.split(",") if s.strip()], args.iters)
+    if args.bert:
+        B, L = (int(v) for v in args.bert.lower().split("x"))
+        profile_bert(B, L, iters=10)
     return 0
 
 
