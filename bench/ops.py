@@ -554,7 +554,8 @@ def linear_gelu_case(name, *, M, K_in, N, approximate="none", grad=False, device
                  "GELU and GELU' on rcp.approx/ex2.approx (erf: an erfc polynomial, ~18 instead of ~34 "
                  "instructions per element)")
     variants = [("tma", lambda: lg.variant(forward="tma"), "persistent TMA + wgmma GEMM (sm_90)"),
-                ("portable", lambda: lg.variant(forward="portable"), "one program per tile (the default before the H100 run)"),
+                ("portable", lambda: lg.variant(forward="portable"),
+                 "one program per tile (the default before the H100 run)"),
                 fast_gelu]
     if grad:
         # Each change on its own against the default, and the two together against "tma" (the

@@ -134,7 +134,7 @@ def backward_plan(M: int, N: int, variant: str, device: torch.device) -> tuple[i
         return block, single, stages, max(1, min(M, 4))
     # A few programs per SM, each summing many rows, keeps the partial buffers small. The
     # pipelined variant launches no more of them than fit at once (one wave: at N = 4096,
-    # 16 warps of ~96 registers, that is one per SM, not four).
+    # 16 warps of up to 128 registers, that is one per SM, not four).
     per_sm = 4 if stages == 1 else min(4, _resident(_num_warps(block), BACKWARD_REGS))
     return block, single, stages, max(1, min(M, per_sm * sm_count(device)))
 
@@ -154,7 +154,8 @@ def rows_plan(M: int, N: int, variant: str, device: torch.device, dropout: bool 
     # As many programs as fit on the SMs at once, each looping over tiles: a 16384 x 768
     # batch (4096 tiles of 4 rows, 16 warps each) launches 2 per SM, not 4096. The H100 run
     # timed an earlier plan that assumed 4 per SM (64 warps at 32 registers) where ~50
-    # registers fit 2: half its programs waited for the first half to end (0.81x of "row").
+    # registers fit 2, so half its programs could start only as the first half ended: the
+    # likely reason it took 0.81x the speed of "row" there.
     per_sm = _resident(_num_warps(rows * block), DROPOUT_ROWS_REGS if dropout else ROWS_REGS)
     return rows, block, align, max(1, min(tiles, per_sm * sm_count(device))), PIPELINE_STAGES
 

@@ -70,8 +70,8 @@ APPROXIMATIONS = ("none", "tanh")
 
 # ----------------------------------------------------------------------------- variants
 
-VARIANTS = {"forward": ("auto", "portable", "tma"), "dgelu": ("elementwise", "fused_db"), "preact": ("store", "recompute"),
-            "gelu": ("exact", "fast")}
+VARIANTS = {"forward": ("auto", "portable", "tma"), "dgelu": ("elementwise", "fused_db"),
+            "preact": ("store", "recompute"), "gelu": ("exact", "fast")}
 # Read once from the environment; the launchers read this dict per call.
 VARIANT = backends.Variants("linear_gelu", VARIANTS, {"forward": "FUSEFORMER_LINEAR_GELU_FWD",
                                                       "dgelu": "FUSEFORMER_LINEAR_GELU_DGELU",

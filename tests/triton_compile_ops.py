@@ -99,7 +99,8 @@ def add_jobs(jobs, check):
                  stride_wn=K, stride_wk=1, stride_om=N, TUNE_M=triton_next_pow2(M))
         cx = dict(HAS_BIAS=bias, SAVE_PRE=save, APPROX_TANH=tanh, FAST_GELU=fast, UPCAST=False,
                   PRECISION="ieee" if dt == "fp32" else "tf32")
-        case = f"{dt} K={K} {'tanh' if tanh else 'erf'}{' bias' if bias else ''}{' pre' if save else ''}{fast_tag(fast)}"
+        case = (f"{dt} K={K} {'tanh' if tanh else 'erf'}{' bias' if bias else ''}{' pre' if save else ''}"
+                f"{fast_tag(fast)}")
         _add(jobs, "linear_gelu_fwd", lg._linear_gelu_fwd, arch, case, v, cx, configs=configs)
 
     for arch in ARCHS:
