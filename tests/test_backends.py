@@ -103,6 +103,34 @@ def test_env_var_invalid_value_is_a_clear_error():
     assert "FUSEFORMER_BACKEND must be one of" in res.stderr and "warp-speed" in res.stderr
 
 
+def test_kernel_variant_settings_read_once_from_the_environment():
+    """backends.Variants, the switches of the ops' opt-in kernels: each read at import (any
+    case, spaces around), a bad value refused there naming the variable and the choices."""
+    code = ("import importlib; m = importlib.import_module('fuseformer.kernels.add_layer_norm'); "
+            "g = importlib.import_module('fuseformer.kernels.linear_gelu'); print(m.VARIANT, g.VARIANT['gelu'])")
+    res = _run_python(code, FUSEFORMER_ADD_LN_BWD=" Pipelined ", FUSEFORMER_LINEAR_GELU_MATH="fast")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[0] == "{'forward': 'row', 'backward': 'pipelined'} fast"
+    res = _run_python("import fuseformer.kernels", FUSEFORMER_ADD_LN_BWD="prefetch")
+    assert res.returncode != 0
+    assert "FUSEFORMER_ADD_LN_BWD" in res.stderr and "'prefetch'" in res.stderr and "'pipelined'" in res.stderr
+
+
+def test_kernel_variant_settings_set_and_restore():
+    variants = backends.Variants("op", {"a": ("x", "y"), "b": ("p", "q")}, {"a": "FUSEFORMER_TEST_UNSET_A",
+                                                                             "b": "FUSEFORMER_TEST_UNSET_B"})
+    assert variants == {"a": "x", "b": "p"}  # the first option of each: the default
+    with variants.using(b="Q"):
+        assert variants == {"a": "x", "b": "q"}
+        assert variants.set(a="y") == {"a": "x", "b": "q"}  # returns every previous setting
+    assert variants == {"a": "x", "b": "p"}  # the block restores what it found
+    with pytest.raises(ValueError, match="unknown setting 'c'"):
+        variants.set(c="x")
+    with pytest.raises(ValueError, match="expected one of"):
+        variants.set(a="z")
+    assert variants == {"a": "x", "b": "p"}  # a refused call changes nothing
+
+
 def test_available_backends():
     avail = K.available_backends()
     assert "torch" in avail
