@@ -67,6 +67,7 @@ def add_jobs(jobs, check):
         # The pipelined variants (next tile / row prefetched): BERT's inference forward and
         # training backward, and the backward with every flag on.
         ln_fwd_rows(arch, "bf16", 768, save=False, stats=False, stages=aln.PIPELINE_STAGES)
+        ln_fwd_rows(arch, "bf16", 768, stages=aln.PIPELINE_STAGES)  # training without dropout: stream, stats
         ln_bwd(arch, "bf16", 768, res=False, variant="pipelined")
         ln_bwd(arch, "fp16", 768, dstream=True, drop=True, variant="pipelined")
         for stages in (1, aln.PIPELINE_STAGES):
