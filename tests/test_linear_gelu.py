@@ -360,6 +360,14 @@ def test_fast_gelu_maths(approximate, device):
         assert fast_err <= 2.0 * exact_err + 2e-7, (what, fast_err, exact_err)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gpu_fast_gelu_maths_on_ptx(approximate, device):
+    """The same bounds with rcp.approx / ex2.approx themselves (the GPU session runs the
+    gpu-marked tests, not the whole suite)."""
+    test_fast_gelu_maths(approximate, device)
+
+
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("forward,dgelu", [("portable", "elementwise"), ("tma", "fused_db")])
 def test_fast_gelu_parity(forward, dgelu, approximate, launched, device):
