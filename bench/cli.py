@@ -34,6 +34,7 @@ commands:
   bench --list                     the cases this machine would run
   bench compare OLD.json NEW.json  what got slower or stopped passing between two runs
   bench variants RESULTS.json      each opt-in kernel variant against the default it would replace
+  bench targets RESULTS.json       the performance targets (bench/thresholds.json) met or not by a GPU run
 
 `fuseformer bench --help` lists the benchmark's options."""
 
@@ -46,7 +47,8 @@ def _bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fuseformer bench",
         description="Parity against float64 PyTorch, then speed against PyTorch, torch SDPA, torch.compile, "
-        "cuBLASLt and Hugging Face transformers, side by side. Subcommands: `compare OLD.json NEW.json`, `variants RESULTS.json`.",
+        "cuBLASLt and Hugging Face transformers, side by side. Subcommands: `compare OLD.json NEW.json`, `variants RESULTS.json`, "
+        "`targets RESULTS.json`.",
     )
     p.add_argument("--suite", choices=SUITES, default="all", help="which cases to run (default: all)")
     p.add_argument("--filter", default=None,
@@ -94,6 +96,15 @@ def _variants_parser() -> argparse.ArgumentParser:
                                 description="Each opt-in kernel variant (fuseformer-triton-tma, fuseformer-cuda-wmma, "
                                 "...) against the default it would replace, from a results file.")
     p.add_argument("results")
+    return p
+
+
+def _targets_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fuseformer bench targets",
+                                description="The performance targets (bench/thresholds.json) against a GPU run's "
+                                "results file: each rule against each case it covers, met or not.")
+    p.add_argument("results")
+    p.add_argument("--thresholds", default=str(THRESHOLDS), help="threshold rules (default: the targets' file)")
     return p
 
 
@@ -266,7 +277,9 @@ def run_bench(args, cases=None) -> int:
         print_list(selected, with_overhead)
         return 0
     out = _prepare_out(Path(args.out) if args.out else Path("bench") / "results" / envinfo.device_slug(device))
-    rules = runner.load_thresholds(Path(args.thresholds)) if args.check else []
+    # Read before the run (a bad file fails now, not after it): --check gates on them, and on a
+    # GPU results.md reports them whether or not --check.
+    rules = runner.load_thresholds(Path(args.thresholds)) if (args.check or device.type == "cuda") else []
     config = runner.RunConfig(
         device=device,
         dtype=None if args.dtype == "auto" else runner.DTYPES[args.dtype],
@@ -306,9 +319,10 @@ def run_bench(args, cases=None) -> int:
             progress.update(task, description="overhead: host time per eager call")
             doc["overhead"] = overhead.run_group(device, quick=args.quick)
             runner.ResultsFile(config.results_path, doc).write()
-    written = report.write_all(doc, out)
+    written = report.write_all(doc, out, rules)
     if doc["cases"]:
         report.print_table(doc, console)
+        report.print_targets(doc, rules, console)
         report.print_variants(doc, console)
     if with_overhead:
         report.print_overhead(doc, console)
@@ -360,6 +374,13 @@ def bench_main(argv: list[str], cases=None) -> int:
 
             args = _variants_parser().parse_args(argv[1:])
             report.print_variants(compare.load(Path(args.results)), _console())
+            return 0
+        if argv and argv[0] == "targets":
+            from . import compare, report, runner
+
+            args = _targets_parser().parse_args(argv[1:])
+            report.print_targets(compare.load(Path(args.results)), runner.load_thresholds(Path(args.thresholds)),
+                                 _console())
             return 0
         args = _bench_parser().parse_args(argv)
         args.raw_argv = argv

@@ -115,7 +115,7 @@ def _md_escape(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
-def write_markdown(doc: dict, path: Path) -> None:
+def write_markdown(doc: dict, path: Path, rules: list[dict] = ()) -> None:
     env = doc["env"]
     roof = doc.get("roofline") or {}
     lines = [
@@ -156,6 +156,7 @@ def write_markdown(doc: dict, path: Path) -> None:
                      _fmt(e.get("gbps"), ".4g")]
             cells += ["-" if frac is None else f"{100 * frac:.0f}%"] * with_roof + [parity]
             lines.append("| " + " | ".join(_md_escape(v) for v in cells) + " |")
+    lines += target_lines(doc, rules)
     lines += variant_lines(doc)
     lines += overhead_lines(doc)
     path.write_text("\n".join(lines) + "\n")
@@ -249,10 +250,11 @@ def plot_roofline(doc: dict, path: Path) -> bool:
     return True
 
 
-def write_all(doc: dict, out_dir: Path) -> list[Path]:
+def write_all(doc: dict, out_dir: Path, rules: list[dict] | None = None) -> list[Path]:
+    """results.md (with the targets' table when `rules` are given) and the plots."""
     written = []
     md = out_dir / "results.md"
-    write_markdown(doc, md)
+    write_markdown(doc, md, rules or [])
     written.append(md)
     for name, plot in (("parity.png", plot_parity), ("speedup_vs_seqlen.png", plot_speedup), ("roofline.png", plot_roofline)):
         if plot(doc, out_dir / name):
@@ -372,6 +374,39 @@ def variant_lines(doc: dict) -> list[str]:
         lines.append(f"| {r['variant']} | {r['default']} | {r['cases']} | {r['wins']} | {geo} | {_md_escape(worst)} | "
                      f"{_md_escape(best)} | {r['parity_fail']} | {r['untimed']} |")
     return lines
+
+
+def target_lines(doc: dict, rules: list[dict]) -> list[str]:
+    """The performance targets (bench/thresholds.json, docs/design.md) against a GPU run: each
+    rule against each case of the run it covers, met or not. Nothing for a CPU run, whose
+    timings are no evidence of GPU speed."""
+    from .runner import target_rows
+
+    if doc.get("env", {}).get("device") != "cuda":
+        return []
+    rows = target_rows(doc, rules)
+    if not rows:
+        return []
+    met = sum(r["status"] == "met" for r in rows)
+    lines = ["", "## Targets", "",
+             f"Each rule of bench/thresholds.json against each case of this run it covers: {met} of {len(rows)} met "
+             "(a case the run did not reach counts as not met).", "",
+             "| case | figure | value | target | status |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        rule = r["rule"]
+        figure = r["label"].split(": ", 1)[1] + (f" ({rule['ours']})" if "ours" in rule else "")
+        bound = f">= {rule['min']:g}" if "min" in rule else f"<= {rule['max']:g}"
+        value = "-" if r["value"] is None else f"{r['value']:.3g}"
+        status = r["status"] + (f": {r['reason']}" if r["reason"] else "")
+        lines.append(f"| {r['case']} | {_md_escape(figure)} | {value} | {bound} | {_md_escape(status)} |")
+    return lines
+
+
+def print_targets(doc: dict, rules: list[dict], console) -> None:
+    from rich.markup import escape
+
+    for line in target_lines(doc, rules):
+        console.print(escape(line), highlight=False)
 
 
 def print_variants(doc: dict, console) -> None:

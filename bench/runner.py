@@ -287,6 +287,36 @@ def _metric(case: dict, rule: dict) -> float | None:
 FAILED = ("parity-fail", "error", "refused")  # case statuses that fail --check wherever they occur
 
 
+def target_rows(doc: dict, rules: list[dict]) -> list[dict]:
+    """Each threshold rule against each case it covers, in rule order: the figure's label, its
+    value (None when not measured), and a status: "met", "short" (beyond the bound), "not
+    measured" (the case ran, this figure is absent) or, for a case that did not run to
+    completion, the case's own status (skipped, refused, ...), with its reason."""
+    rows = []
+    for rule in rules:
+        for case in doc["cases"]:
+            if not fnmatch.fnmatchcase(case["name"], rule["case"]):
+                continue
+            if rule.get("dtype") and rule["dtype"] != case["dtype"]:
+                continue
+            label = f"{case['name']}: {rule.get('metric', 'speedup')}"
+            if rule.get("metric", "speedup") == "speedup":
+                label += f" vs {rule['vs']}"
+            row = dict(case=case["name"], rule=rule, label=label, value=None, reason="")
+            if case["status"] != "ok":
+                row.update(status=case["status"], reason=case["reason"])
+            else:
+                value = row["value"] = _metric(case, rule)
+                if value is None:
+                    row["status"] = "not measured"
+                elif ("min" in rule and value < rule["min"]) or ("max" in rule and value > rule["max"]):
+                    row["status"] = "short"
+                else:
+                    row["status"] = "met"
+            rows.append(row)
+    return rows
+
+
 def gate(doc: dict, rules: list[dict], gate_speed: bool) -> list[str]:
     """Every reason `--check` fails: parity failures and errors of our implementations,
     cases where none of ours ran, and (where speed is gated) each threshold rule a case
@@ -298,26 +328,16 @@ def gate(doc: dict, rules: list[dict], gate_speed: bool) -> list[str]:
     if not gate_speed:
         return failures
     unmeasured = set()
-    for rule in rules:
-        for case in doc["cases"]:
-            if not fnmatch.fnmatchcase(case["name"], rule["case"]):
-                continue
-            if rule.get("dtype") and rule["dtype"] != case["dtype"]:
-                continue
-            if case["status"] != "ok":
-                if case["status"] not in FAILED and case["name"] not in unmeasured:
-                    unmeasured.add(case["name"])
-                    failures.append(f"{case['name']}: gated by bench/thresholds.json but {case['status']}: "
-                                    f"{case['reason']}")
-                continue
-            value = _metric(case, rule)
-            label = f"{case['name']}: {rule.get('metric', 'speedup')}"
-            if rule.get("metric", "speedup") == "speedup":
-                label += f" vs {rule['vs']}"
-            if value is None:
-                failures.append(f"{label}: not measured ({rule.get('target', '')})")
-            elif "min" in rule and value < rule["min"]:
-                failures.append(f"{label} = {value:.3g} < {rule['min']} ({rule.get('target', '')})")
-            elif "max" in rule and value > rule["max"]:
-                failures.append(f"{label} = {value:.3g} > {rule['max']} ({rule.get('target', '')})")
+    for row in target_rows(doc, rules):
+        rule, label, value = row["rule"], row["label"], row["value"]
+        if row["status"] == "met":
+            continue
+        if row["status"] == "short":
+            side = f"< {rule['min']}" if "min" in rule and value < rule["min"] else f"> {rule['max']}"
+            failures.append(f"{label} = {value:.3g} {side} ({rule.get('target', '')})")
+        elif row["status"] == "not measured":
+            failures.append(f"{label}: not measured ({rule.get('target', '')})")
+        elif row["status"] not in FAILED and row["case"] not in unmeasured:
+            unmeasured.add(row["case"])
+            failures.append(f"{row['case']}: gated by bench/thresholds.json but {row['status']}: {row['reason']}")
     return failures

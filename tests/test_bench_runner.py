@@ -2,6 +2,7 @@
 and speeds are known, plus the model suite on tiny configs."""
 import copy
 import json
+import pathlib
 import time
 
 import pytest
@@ -507,3 +508,41 @@ def test_variants_report_each_opt_in_kernel_against_the_default_it_would_replace
     out = capsys.readouterr().out
     assert "| fuseformer-triton-tma | fuseformer-triton | 2 | 1 | 1.00x | 0.50x (b) | 2.00x (a) | 1 | 0 |" in out
     assert cli.main(["bench", "variants", str(tmp_path / "missing.json")]) == 2
+
+
+def test_targets_report_each_rule_against_each_case_of_a_gpu_run(tmp_path, capsys):
+    """`fuseformer bench targets` and results.md's targets table: met, short, not measured, and a
+    case the run did not reach, each said; a CPU run's timings get no such table."""
+    doc = {"env": {"device": "cuda"}, "cases": [
+        {"name": "attn_a", "dtype": "bfloat16", "status": "ok", "reason": "",
+         "speedups": {"fuseformer-best": {"sdpa-best": 1.2}}},
+        {"name": "attn_b", "dtype": "bfloat16", "status": "ok", "reason": "",
+         "speedups": {"fuseformer-best": {"sdpa-best": 0.8}}},
+        {"name": "attn_c", "dtype": "bfloat16", "status": "ok", "reason": "", "speedups": {}},
+        {"name": "attn_d", "dtype": "bfloat16", "status": "skipped", "reason": "cut off by the time box"},
+        {"name": "attn_e", "dtype": "float16", "status": "ok", "reason": "",
+         "speedups": {"fuseformer-best": {"sdpa-best": 0.5}}},
+    ]}
+    rules = [{"case": "attn_*", "dtype": "bfloat16", "vs": "sdpa-best", "min": 1.05, "target": "t"}]
+    rows = {r["case"]: r for r in runner.target_rows(doc, rules)}
+    assert {c: r["status"] for c, r in rows.items()} == {
+        "attn_a": "met", "attn_b": "short", "attn_c": "not measured", "attn_d": "skipped"}  # attn_e: other dtype
+    lines = report.target_lines(doc, rules)
+    assert "1 of 4 met" in "\n".join(lines)
+    assert "| attn_b | speedup vs sdpa-best | 0.8 | >= 1.05 | short |" in lines
+    assert "| attn_d | speedup vs sdpa-best | - | >= 1.05 | skipped: cut off by the time box |" in lines
+    # The gate says the same of the same rows.
+    failures = runner.gate(doc, rules, gate_speed=True)
+    assert len(failures) == 3 and any("attn_b" in f and "< 1.05" in f for f in failures)
+    assert report.target_lines(dict(doc, env={"device": "cpu"}), rules) == []
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(doc))
+    thresholds = tmp_path / "rules.json"
+    thresholds.write_text(json.dumps({"rules": rules}))
+    assert cli.main(["bench", "targets", str(path), "--thresholds", str(thresholds)]) == 0
+    assert "| attn_a | speedup vs sdpa-best | 1.2 | >= 1.05 | met |" in capsys.readouterr().out
+    # The shipped targets file, on the committed H100 run: every rule's cases get a row.
+    shipped = runner.load_thresholds(cli.THRESHOLDS)
+    h100 = compare.load(pathlib.Path(__file__).resolve().parent.parent / "bench/results/h100/ops_results.json")
+    assert any(r["status"] == "met" for r in runner.target_rows(h100, shipped))
