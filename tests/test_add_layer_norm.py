@@ -313,7 +313,7 @@ class _Recorder:
 )
 def test_pipelined_backward(M, N, p, prenorm, flags, device):
     """The backward with its row loop software-pipelined: on the interpreter's 4 programs each
-    walks 2-4 rows, so the loop carries its dweight/dbias sums across iterations."""
+    walks up to 4 rows, so the loop carries its dweight/dbias sums across iterations."""
     block, single, stages, programs = aln.backward_plan(M, N, "pipelined", torch.device(device))
     assert single and stages == aln.PIPELINE_STAGES and programs < M
     with aln.variant(backward="pipelined"):
