@@ -7,7 +7,6 @@ parity suite, not a speed one.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 
@@ -90,32 +89,16 @@ def _hopper_unavailable() -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _attention_switches(kernel: str | None, descriptors: str = "device", dq: str = "pass"):
-    """The Triton attention's module switches for one timed step, forward and backward
-    together (Impl.context): the backward reads them when autograd runs it, after the
-    forward's call has returned. kernel None: the kernel choice left as it is."""
-    from fuseformer.kernels import attention as A
-    from fuseformer.kernels import attention_hopper as HK
-
-    before = A.set_attention_kernel(kernel or A.get_attention_kernel())
-    place, mode = HK.set_descriptors(descriptors), A.set_dq_mode(dq)
-    try:
-        yield
-    finally:
-        A.set_attention_kernel(before)
-        HK.set_descriptors(place)
-        A.set_dq_mode(mode)
-
-
 def _hopper_impl(call, varlen: bool = False, descriptors: str = "device", dq: str = "pass") -> Impl:
     """Our Triton backend with the opt-in Hopper kernels (kernels/attention_hopper*.py) instead
     of the portable ones, forward and backward, so one run times both side by side. A case the
     Hopper kernel does not take (it would run the portable kernel) is refused, never timed
     under this name. descriptors: where the TMA descriptors are made
-    (attention_hopper.DESCRIPTORS); "host" is timed as its own implementation,
-    fuseformer-triton-hopper-host. dq: how the backward makes dQ (attention.DQ_MODES);
-    "atomic" is fuseformer-triton-hopper-atomic-dq, for cases with a backward."""
+    (attention_hopper.DESCRIPTOR_PLACES); "host" is timed as its own implementation,
+    fuseformer-triton-hopper-host. dq: how the backward makes dQ (attention.VARIANTS);
+    "atomic" is fuseformer-triton-hopper-atomic-dq, for cases with a backward. The variant is
+    held over the whole timed step (Impl.context): the backward reads it when autograd runs
+    it, after the forward's call has returned."""
     from fuseformer.kernels import attention as A
 
     checked = []  # the verdict depends on dtype, mask kind and alignment: the same for every copy
@@ -133,7 +116,7 @@ def _hopper_impl(call, varlen: bool = False, descriptors: str = "device", dq: st
             checked.append(True)
         return call(inputs, "triton")
 
-    context = lambda: _attention_switches("hopper", descriptors, dq)  # noqa: E731
+    context = lambda: A.variant(kernel="hopper", descriptors=descriptors, dq=dq)  # noqa: E731
     if dq == "atomic":
         return Impl("fuseformer-triton-hopper-atomic-dq", fn, kind=OURS, available=_hopper_unavailable,
                     timed_on_cpu=False, context=context,
@@ -158,14 +141,14 @@ def _refuse_wide_atomic_dq(q, kernels: str) -> None:
 
 
 def _atomic_dq_impl(call) -> Impl:
-    """fuseformer-triton with atomic dQ (attention.DQ_MODES): the default kernel choice, whose
+    """fuseformer-triton with atomic dQ (attention.VARIANTS): the default kernel choice, whose
     backward is the portable one, its dK/dV pass summing dQ."""
     def fn(inputs):
         _refuse_wide_atomic_dq(inputs["q"], "portable")
         return call(inputs, "triton")
 
     return Impl("fuseformer-triton-atomic-dq", fn, kind=OURS, available=lambda: K.unavailable_reason("triton"),
-                timed_on_cpu=False, context=lambda: _attention_switches(None, dq="atomic"),
+                timed_on_cpu=False, context=lambda: K.attention.variant(dq="atomic"),
                 note="dQ summed by the portable dK/dV pass in fp32 atomics, no dQ pass")
 
 
@@ -174,7 +157,7 @@ def _portable_impl(call) -> Impl:
     H100 run; "auto" now takes the Hopper forward for long sequences)."""
     return Impl("fuseformer-triton-portable", lambda inputs: call(inputs, "triton"), kind=OURS,
                 available=lambda: K.unavailable_reason("triton"), timed_on_cpu=False,
-                context=lambda: _attention_switches("portable"), note="attention_kernels.py on every call")
+                context=lambda: K.attention.variant(kernel="portable"), note="attention_kernels.py on every call")
 
 
 def _cuda_cutlass_impl(call) -> Impl:
@@ -199,7 +182,7 @@ def _cuda_cutlass_impl(call) -> Impl:
 
     return Impl("fuseformer-cuda-cutlass", fn, kind=OURS,
                 available=(lambda: K.unavailable_reason("cuda") or cuda_backend.gemm_unavailable_reason()),
-                timed_on_cpu=False, context=(lambda: cuda_backend.use_linear_gelu_kernel("cutlass")),
+                timed_on_cpu=False, context=(lambda: cuda_backend.variant(linear_gelu="cutlass")),
                 note="csrc/linear_gelu_cutlass.cu: CUTLASS GEMM, bias + GELU (+ pre-activation) in its epilogue (opt-in)")
 
 
@@ -217,7 +200,7 @@ def _cuda_cute_impl(call, head_dim: int) -> Impl:
         return call(inputs, "cuda")
 
     return Impl("fuseformer-cuda-cute", fn, kind=OURS, available=(lambda: K.unavailable_reason("cuda")),
-                timed_on_cpu=False, context=(lambda: cuda_backend.use_attention_kernel("cute")),
+                timed_on_cpu=False, context=(lambda: cuda_backend.variant(attention="cute")),
                 note="csrc/attention_cute{,_backward}.cu: FA2 structure on CuTe")
 
 
@@ -230,7 +213,7 @@ def _cuda_wmma_impl(call) -> Impl:
 
     return Impl("fuseformer-cuda-wmma", lambda inputs: call(inputs, "cuda"), kind=OURS,
                 available=(lambda: K.unavailable_reason("cuda")), timed_on_cpu=False,
-                context=(lambda: cuda_backend.use_attention_kernel("wmma")),
+                context=(lambda: cuda_backend.variant(attention="wmma")),
                 note="csrc/attention_forward.cu, attention_backward.cu: WMMA")
 
 

@@ -43,7 +43,8 @@ from . import attention_hopper as _hopper
 from . import attention_hopper_bwd as _hopper_bwd
 from ._util import cdiv, device_guard, launch_tuned, new_output, new_output_like, next_pow2
 from .launch import launch
-from .backends import (BackendUnsupportedError, Impl, choice, env_choice, get_backend, get_impl, interpreting,
+from . import backends
+from .backends import (BackendUnsupportedError, Impl, get_backend, get_impl, interpreting,
                        register_impl, resolve, warn_fallback)
 from .checks import check_causal_and_scale, check_prob, check_same, check_tensor, same_floats
 
@@ -62,47 +63,49 @@ def set_autotune(enabled: bool) -> None:
     AUTOTUNE = bool(enabled)
 
 
-# The triton backend's kernels on a Hopper GPU: "portable" (attention_kernels.py, every GPU),
-# "hopper" (attention_hopper*.py: TMA, wgmma; used only on capability (9, 0), for the cases
-# _hopper_reason accepts) or "auto" (the default): the Hopper forward where the H100 run of
-# 2026-11-26 measured it faster (bench/results/h100/, bf16: keys >= 4096, 1.03-1.08x; head dim
-# 128 without causal from 1024 keys, 1.03x at 1024 and 1.11x at 4096), the portable one
-# elsewhere (0.78-0.92x at 512-2048 keys, the BERT padding case included) and for every
-# backward: the Hopper backward has not been timed yet (that run's fuseformer-triton-hopper
-# set the switch inside the forward call only, so its forward+backward cases ran the portable
-# backward; the bench now holds the switch over the whole step). FUSEFORMER_ATTENTION_KERNEL
-# sets it at import; set_attention_kernel changes it.
-ATTENTION_KERNELS = ("auto", "portable", "hopper")
-
-
-ATTENTION_KERNEL = env_choice("FUSEFORMER_ATTENTION_KERNEL", ATTENTION_KERNELS, "auto", "attention kernel")
-
-
-# How the backward makes dQ: "pass" (the default), a second kernel over the key tiles per
-# query block; "atomic" (FlashAttention-3's way), inside the dK/dV pass: each key block adds
-# its dS K into an fp32 dQ accumulator in global memory (fp32 reductions in L2, in no fixed
-# order, so the low bits of dQ can differ run to run), then one cast to dQ's dtype. It saves
-# the dQ pass's recomputation of S and dP: five tile MMAs per (query, key) tile pair instead
-# of seven, for 4 bytes per dQ element zeroed, reduced and read back. Both kernel sets have it,
-# up to a head dim where the extra fp32 tile still fits the registers (_ATOMIC_MAX_BLOCK_D);
-# wider heads make dQ by the pass in either mode. Opt-in until a GPU run measures it
-# (`fuseformer bench` times fuseformer-triton-atomic-dq and -hopper-atomic-dq).
-# FUSEFORMER_ATTENTION_DQ sets it at import; set_dq_mode changes it.
-DQ_MODES = ("pass", "atomic")
-DQ_MODE = env_choice("FUSEFORMER_ATTENTION_DQ", DQ_MODES, "pass", "dQ mode")
+# Variants (VARIANT: each read at import from its environment variable, changed with
+# set_variant(kernel=, dq=, descriptors=) or the `variant` context; all run the same maths and
+# pass the same parity tests). The first of each is the default.
+# kernel (FUSEFORMER_ATTENTION_KERNEL): the triton backend's kernels on a Hopper GPU:
+#     "auto": the Hopper forward where the H100 run of 2026-11-26 measured it faster
+#     (bench/results/h100/, bf16: keys >= 4096, 1.03-1.08x; head dim 128 without causal from
+#     1024 keys, 1.03x at 1024 and 1.11x at 4096), the portable one elsewhere (0.78-0.92x at
+#     512-2048 keys, the BERT padding case included) and for every backward: the Hopper
+#     backward has not been timed yet (that run's fuseformer-triton-hopper set the switch
+#     inside the forward call only, so its forward+backward cases ran the portable backward;
+#     the bench now holds the switch over the whole step).
+#     "portable": attention_kernels.py, every GPU.
+#     "hopper": attention_hopper*.py (TMA, wgmma), forward and backward; used only on
+#     capability (9, 0), for the cases _hopper_reason accepts.
+# dq (FUSEFORMER_ATTENTION_DQ): how the backward makes dQ:
+#     "pass": a second kernel over the key tiles per query block.
+#     "atomic" (FlashAttention-3's way): inside the dK/dV pass, each key block adds its dS K
+#     into an fp32 dQ accumulator in global memory (fp32 reductions in L2, in no fixed order,
+#     so the low bits of dQ can differ run to run), then one cast to dQ's dtype. It saves the
+#     dQ pass's recomputation of S and dP: five tile MMAs per (query, key) tile pair instead of
+#     seven, for 4 bytes per dQ element zeroed, reduced and read back. Both kernel sets have
+#     it, up to a head dim where the extra fp32 tile still fits the registers
+#     (_ATOMIC_MAX_BLOCK_D); wider heads make dQ by the pass in either mode. Opt-in until a GPU
+#     run measures it (`fuseformer bench` times fuseformer-triton-atomic-dq and
+#     -hopper-atomic-dq).
+# descriptors (FUSEFORMER_HOPPER_DESCRIPTORS): where the Hopper kernels make their TMA
+#     descriptors, "device" or "host" (attention_hopper.DESCRIPTOR_PLACES says why).
+VARIANTS = {"kernel": ("auto", "portable", "hopper"), "dq": ("pass", "atomic"),
+            "descriptors": _hopper.DESCRIPTOR_PLACES}
+# Read once from the environment; the launchers read this dict per call.
+VARIANT = backends.Variants("attention", VARIANTS, {"kernel": "FUSEFORMER_ATTENTION_KERNEL",
+                                                    "dq": "FUSEFORMER_ATTENTION_DQ",
+                                                    "descriptors": "FUSEFORMER_HOPPER_DESCRIPTORS"})
+# Choose the kernels: kernel=, dq=, descriptors=; returns the previous settings. `variant(...)`
+# does the same inside a block.
+set_variant = VARIANT.set
+variant = VARIANT.using
 _ATOMIC_MAX_BLOCK_D = {"portable": 64, "hopper": _hopper_bwd.MAX_ATOMIC_BLOCK_D}
-
-
-def set_dq_mode(mode: str) -> str:
-    """Choose how the backward makes dQ ("pass" or "atomic"); returns the previous mode."""
-    global DQ_MODE
-    before, DQ_MODE = DQ_MODE, choice(mode, DQ_MODES, "dQ mode", "set_dq_mode")
-    return before
 
 
 def atomic_dq(kernels: str, block_d: int) -> bool:
     """Does the dK/dV pass of `kernels` ("portable" or "hopper") make dQ at this BLOCK_D?"""
-    return DQ_MODE == "atomic" and block_d <= _ATOMIC_MAX_BLOCK_D[kernels]
+    return VARIANT["dq"] == "atomic" and block_d <= _ATOMIC_MAX_BLOCK_D[kernels]
 
 
 def _dq_accumulator(q, atomic: bool, placeholder, varlen: bool):
@@ -133,20 +136,10 @@ def _check_kernel_scale(scale: float) -> None:
 
 
 def _hopper_forward_measured_faster(head_dim: int, lk: int, is_causal: bool) -> bool:
-    """Where "auto" takes the Hopper forward (see ATTENTION_KERNELS)."""
+    """Where kernel="auto" takes the Hopper forward (see VARIANTS)."""
     return lk >= 4096 or (head_dim == 128 and not is_causal and lk >= 1024)
 
 
-def set_attention_kernel(name: str) -> str:
-    """Choose the kernels ("auto", "portable" or "hopper"); returns the previous choice."""
-    global ATTENTION_KERNEL
-    before, ATTENTION_KERNEL = ATTENTION_KERNEL, choice(name, ATTENTION_KERNELS, "attention kernel",
-                                                        "set_attention_kernel")
-    return before
-
-
-def get_attention_kernel() -> str:
-    return ATTENTION_KERNEL
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -230,8 +223,8 @@ def _strides(t, varlen):
 def _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, nbatch, lq, lk, cu_q=None, cu_k=None):
     """All tensors 4-D (B, H, L, D) views (lse 3-D); with cu_q the batch dim has size 1."""
     _check_kernel_scale(scale)
-    hopper = ATTENTION_KERNEL == "hopper" or (
-        ATTENTION_KERNEL == "auto" and _hopper_forward_measured_faster(q.shape[-1], lk, is_causal))
+    kernel = VARIANT["kernel"]
+    hopper = kernel == "hopper" or (kernel == "auto" and _hopper_forward_measured_faster(q.shape[-1], lk, is_causal))
     if hopper and _hopper_reason(q, k, v, out, mask, dropout_p) is None:
         return _launch_fwd_hopper(q, k, v, out, lse, mask, is_causal, scale, nbatch, lq, lk, cu_q, cu_k)
     varlen = cu_q is not None
@@ -277,7 +270,7 @@ def _launch_fwd_hopper(q, k, v, out, lse, mask, is_causal, scale, nbatch, lq, lk
     bucket = _bucket(lq, lk, nbatch * H)
     lse_s = lse.stride()
     descs = None
-    if not varlen and _hopper.DESCRIPTORS == "host":
+    if not varlen and VARIANT["descriptors"] == "host":
         descs = _hopper.host_descriptors((q, k, v, out), flags["BLOCK_D"])
     args = (
         *(descs or (q, k, v, out)), lse, m, cu_q if varlen else lse, cu_k if varlen else lse,
@@ -310,13 +303,13 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
     )
     m, ms, kind, is_float = _mask_args(mask, q)
     bucket = _bucket(lq, lk, nbatch * H)
-    if (ATTENTION_KERNEL == "hopper" and flags["BLOCK_D"] <= _hopper_bwd.MAX_BLOCK_D
+    if (VARIANT["kernel"] == "hopper" and flags["BLOCK_D"] <= _hopper_bwd.MAX_BLOCK_D
             and _hopper_reason(q, k, v, dout, mask, dropout_p, dq, dk, dv) is None):
         atomic = atomic_dq("hopper", flags["BLOCK_D"])
         strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
         tail = (ms[0], ms[3], H, H // Hk, lq, lk, bucket, scale * LOG2E, scale)
         descs = None
-        if not varlen and _hopper.DESCRIPTORS == "host":
+        if not varlen and VARIANT["descriptors"] == "host":
             descs = _hopper.host_descriptors((q, k, v, dout, dk, dv) if atomic else (q, k, v, dout, dk, dv, dq),
                                              flags["BLOCK_D"])
         # The tensors as the kernels take them: host descriptors, or the tensors themselves.

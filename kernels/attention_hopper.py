@@ -1,7 +1,7 @@
 """Hopper (sm_90) forward kernel of flash attention: TMA tensor-descriptor loads, pipelined K/V.
 
 Run by attention.py's "auto" setting (the default) where the H100 measured it faster than the
-portable kernel of attention_kernels.py (long sequences; see attention.ATTENTION_KERNELS), and
+portable kernel of attention_kernels.py (long sequences; see attention.VARIANTS), and
 everywhere it can under "hopper"; used only on a device of capability (9, 0), and under
 Triton's interpreter when a test forces it.
 
@@ -10,7 +10,7 @@ on a row with no attended key, so the portable backward kernels consume it uncha
 - Q, K, V are read and O written through tensor descriptors: on sm_90 a TMA copy
   (cp.async.bulk.tensor) per tile, issued by one thread, asynchronous to the math warps. Made
   in the kernel (tl.make_tensor_descriptor, the default), each spans one (batch, head) or one
-  packed varlen sequence, [length, HEAD_D]; made on the host (HOST_DESC, see DESCRIPTORS
+  packed varlen sequence, [length, HEAD_D]; made on the host (HOST_DESC, see DESCRIPTOR_PLACES
   below), each spans the whole (B, H, L, D) tensor and a tile is the box [1, 1, rows, BLOCK_D]
   at (b, h, row, 0). Either way the hardware zero-fills rows past the sequence and columns past
   HEAD_D and drops out-of-range rows on the store, so odd lengths and head dims (40, 80) need
@@ -57,7 +57,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._util import launch_tuned, sm_count, tuned_config
 from .attention_kernels import _flat_pid, _key_range, _prune, _scores, _seq_bounds
-from .backends import choice, env_choice, interpreting
+from .backends import interpreting
 
 
 @triton.jit
@@ -415,20 +415,10 @@ def ensure_allocator() -> None:
 #     instruction can be its Q load: FlashAttention-3's and the Triton tutorial's way. The
 #     per-program cost it removes weighs most where programs are many and short (B32 L512:
 #     the Hopper forward was 0.83x the portable one there). Unmeasured on a GPU: opt-in
-#     (FUSEFORMER_HOPPER_DESCRIPTORS=host, set_descriptors) until the next GPU run times it
-#     (the bench's fuseformer-triton-hopper-host).
+#     (FUSEFORMER_HOPPER_DESCRIPTORS=host, attention.set_variant(descriptors="host")) until the
+#     next GPU run times it (the bench's fuseformer-triton-hopper-host).
+# The setting is attention.VARIANT["descriptors"].
 DESCRIPTOR_PLACES = ("device", "host")
-
-
-DESCRIPTORS = env_choice("FUSEFORMER_HOPPER_DESCRIPTORS", DESCRIPTOR_PLACES, "device", "descriptor place")
-
-
-def set_descriptors(place: str) -> str:
-    """Choose where the Hopper kernels' tensor descriptors are made ("device" or "host");
-    returns the previous choice."""
-    global DESCRIPTORS
-    before, DESCRIPTORS = DESCRIPTORS, choice(place, DESCRIPTOR_PLACES, "descriptor place", "set_descriptors")
-    return before
 
 
 def host_descriptors(tensors, block_d: int):

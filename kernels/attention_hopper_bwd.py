@@ -7,13 +7,13 @@ recomputed beyond what FlashAttention does:
 - dK/dV: one program per key block of one key/value head; it walks every query tile of every
   query head of its GQA group, recomputing P from the saved log-sum-exp, and sums dK and dV
   in registers (no atomics).
-- dQ: one program per query block; it walks the key tiles. Or, with attention.DQ_MODE
+- dQ: one program per query block; it walks the key tiles. Or, with attention.VARIANT["dq"]
   "atomic" (head dims up to MAX_ATOMIC_BLOCK_D), no such pass: the dK/dV pass adds each
   tile's dS K into an fp32 dQ accumulator, FlashAttention-3's way.
 Q, dO, K, V come through tensor descriptors (TMA on sm_90, zero-filled past a sequence's end
 and past HEAD_D); dQ, dK, dV leave through them (the store drops rows past the end). They are
 made in each program or, with HOST_DESC, passed in from the host as 4-D (B, H, L, D)
-descriptors whose bounds do the same (attention_hopper.DESCRIPTORS says which and why). So the
+descriptors whose bounds do the same (attention_hopper.DESCRIPTOR_PLACES says which and why). So the
 dK/dV pass needs no key bounds at all: keys past the end only produce dK/dV rows that are
 never stored, and query rows past the end have lse = +inf, hence P = 0. Only causal diagonal
 tiles (and, in the dQ pass, the ragged last key tile) take the per-element select in the dQ
@@ -303,7 +303,7 @@ _BWD_HOPPER_GPU = [(64, 64, 8, 2), (128, 64, 8, 2), (64, 64, 8, 1), (128, 32, 8,
 # cases (causal key padding under triton 3.9; varlen GQA causal under 3.6), where these three
 # stayed spill-free under both (tests/triton_compile_hopper.py compiles each list's cases).
 _BWD_DKDV_HOPPER_GPU_WIDE = [(128, 64, 8, 2), (64, 64, 8, 1), (128, 32, 8, 2)]
-# Atomic dQ (attention.DQ_MODES) only up to this BLOCK_D: beside dK and dV the pass then holds a
+# Atomic dQ (attention.VARIANTS["dq"]) only up to this BLOCK_D: beside dK and dV the pass then holds a
 # (BLOCK_M, BLOCK_D) fp32 dQ tile, and at BLOCK_D 128 every config of the list above, and 64 x 32
 # and 64 x 64 tiles over 4 or 8 warps, reached the register cap and spilled 16-324 B with
 # varlen + GQA + causal (triton 3.9). Wider heads make dQ by the pass whatever the mode.

@@ -386,7 +386,7 @@ def _attn_bwd_dkdv(
 ):
     # One program owns a block of keys of one key/value head and walks every query row of
     # every query head in its GQA group: dK and dV are summed in registers, no atomics.
-    # With ATOMIC_DQ it also adds its share of dQ into DQ_ACC (attention.DQ_MODES).
+    # With ATOMIC_DQ it also adds its share of dQ into DQ_ACC (attention.VARIANTS["dq"]).
     start_n, bhk = _flat_pid(LK, BLOCK_N)
     HK = H // GROUP
     b = bhk // HK

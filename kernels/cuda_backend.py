@@ -13,7 +13,7 @@ triton / torch. csrc/ builds on the CuTe headers that pip's `nvidia-cutlass` shi
 code is never imported.
 
 Attention forward kernel, chosen at import by FUSEFORMER_CUDA_ATTENTION (or
-`set_attention_kernel` / `use_attention_kernel`, as the benchmark and the tests do). Measured on
+`set_variant(attention=...)` / `variant(attention=...)`, as the benchmark and the tests do). Measured on
 an H100 (bench/results/h100/, bf16, 2026-11-26; parity passed in every case), `sm90` is the
 default: faster than `cute` wherever it runs, and `cute` faster than `wmma` in all 14 cases
 (2.5x-6.9x).
@@ -32,7 +32,7 @@ csrc/attention_backward.cu. Every backward takes every forward's out and lse (sa
 conventions).
 
 Linear+GELU forward, chosen at import by FUSEFORMER_CUDA_LINEAR_GELU (or
-`set_linear_gelu_kernel` / `use_linear_gelu_kernel`):
+`set_variant(linear_gelu=...)` / `variant(linear_gelu=...)`):
   cublaslt (default) tanh through cuBLASLt's GELU epilogue, erf as GEMM + bias and gelu.cu.
   cutlass  csrc/linear_gelu_cutlass*.cu: one CUTLASS GEMM with bias + GELU (erf or tanh) and the
            pre-activation store (only when autograd needs it) fused into its epilogue; CUTLASS 3
@@ -71,7 +71,6 @@ import shutil
 import sys
 import threading
 import warnings
-from contextlib import contextmanager
 
 import torch
 
@@ -114,77 +113,14 @@ CUDA_FLAGS = ["-O3", "-lineinfo"]
 
 
 
-def _choice_from_env(variable: str, choices: tuple) -> str:
-    """A kernel switch's environment variable, read once at import; choices[0] is the default."""
-    name = os.environ.get(variable, choices[0]).strip().lower() or choices[0]
-    if name not in choices:
-        # Refused where it is given, but without breaking the import of the whole package.
-        warnings.warn(f"{variable}={name!r} is not one of {choices}; using {choices[0]!r}", stacklevel=3)
-        return choices[0]
-    return name
-
-
-def _checked_choice(name: str, choices: tuple, what: str) -> str:
-    if name not in choices:
-        raise ValueError(f"unknown cuda {what} kernel {name!r}; choose one of {choices}")
-    return name
-
-
-def _attention_kernel_from_env() -> str:
-    return _choice_from_env("FUSEFORMER_CUDA_ATTENTION", ATTENTION_KERNELS)
-
-
-_attention_kernel = _attention_kernel_from_env()
-
-
-def attention_kernel() -> str:
-    """The csrc/ attention kernels in use (forward and backward): 'sm90', 'cute' or 'wmma'."""
-    return _attention_kernel
-
-
-def set_attention_kernel(name: str) -> str:
-    """Select the csrc/ attention kernels, forward and backward ('sm90', 'cute' or 'wmma'); returns the previous choice."""
-    global _attention_kernel
-    previous, _attention_kernel = _attention_kernel, _checked_choice(name, ATTENTION_KERNELS, "attention")
-    return previous
-
-
-@contextmanager
-def use_attention_kernel(name: str):
-    previous = set_attention_kernel(name)
-    try:
-        yield
-    finally:
-        set_attention_kernel(previous)
-
-
-def _linear_gelu_kernel_from_env() -> str:
-    return _choice_from_env("FUSEFORMER_CUDA_LINEAR_GELU", LINEAR_GELU_KERNELS)
-
-
-_linear_gelu_kernel = _linear_gelu_kernel_from_env()
-
-
-def linear_gelu_kernel() -> str:
-    """The csrc/ Linear+GELU forward in use: 'cublaslt' or 'cutlass'."""
-    return _linear_gelu_kernel
-
-
-def set_linear_gelu_kernel(name: str) -> str:
-    """Select the csrc/ Linear+GELU forward ('cublaslt' or 'cutlass'); returns the previous choice.
-    Builds nothing: the CUTLASS module is built at the next availability check or forward."""
-    global _linear_gelu_kernel
-    previous, _linear_gelu_kernel = _linear_gelu_kernel, _checked_choice(name, LINEAR_GELU_KERNELS, "linear_gelu")
-    return previous
-
-
-@contextmanager
-def use_linear_gelu_kernel(name: str):
-    previous = set_linear_gelu_kernel(name)
-    try:
-        yield
-    finally:
-        set_linear_gelu_kernel(previous)
+# The kernel switches (see the module docstring), read once from FUSEFORMER_CUDA_ATTENTION and
+# FUSEFORMER_CUDA_LINEAR_GELU at import; set_variant(attention=, linear_gelu=) or the `variant`
+# context change them (the benchmark and the tests do). Changing linear_gelu builds nothing:
+# the CUTLASS module is built at the next availability check or forward.
+VARIANT = backends.Variants("cuda", {"attention": ATTENTION_KERNELS, "linear_gelu": LINEAR_GELU_KERNELS},
+                            {"attention": "FUSEFORMER_CUDA_ATTENTION", "linear_gelu": "FUSEFORMER_CUDA_LINEAR_GELU"})
+set_variant = VARIANT.set
+variant = VARIANT.using
 
 
 def cutlass_include() -> pathlib.Path | None:
@@ -367,7 +303,7 @@ def unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device"
     _load()
-    if _reason is None and _linear_gelu_kernel == "cutlass":
+    if _reason is None and VARIANT["linear_gelu"] == "cutlass":
         _load_gemm()
     return _reason
 
@@ -495,9 +431,9 @@ def _attention_forward(q, k, v, mask, is_causal, scale, dropout_p, seed):
     # The kernel reads rows through their strides but needs each row contiguous.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     ext = module()
-    if _attention_kernel == "sm90":  # takes every call: the ones its kernels do not fit go to cute/wmma
+    if VARIANT["attention"] == "sm90":  # takes every call: the ones its kernels do not fit go to cute/wmma
         forward = ext.attention_forward_sm90
-    elif _attention_kernel == "cute" and q.shape[-1] in CUTE_HEAD_DIMS:
+    elif VARIANT["attention"] == "cute" and q.shape[-1] in CUTE_HEAD_DIMS:
         forward = ext.attention_forward_cute
     else:
         forward = ext.attention_forward
@@ -511,7 +447,7 @@ def _attention_backward(dout, q, k, v, out, lse, mask, is_causal, scale, dropout
     key_bias, key_end = (None, None) if mask is None else key_padding_args(mask)
     dout, q, k, v, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, q, k, v, out))
     ext = module()
-    if _attention_kernel in ("cute", "sm90") and q.shape[-1] in CUTE_HEAD_DIMS:
+    if VARIANT["attention"] in ("cute", "sm90") and q.shape[-1] in CUTE_HEAD_DIMS:
         # delta = rowsum(dout * out) is the CuTe backward's own preprocess kernel.
         return ext.attention_backward_cute(dout, q, k, v, out, lse.contiguous(), key_bias, key_end, bool(is_causal),
                                            scale)
@@ -598,14 +534,14 @@ def _cutlass_module_or_none():
         return gemm_module()
     if not _cutlass_warned:
         _cutlass_warned = True
-        warnings.warn(f"fuseformer: FUSEFORMER_CUDA_LINEAR_GELU=cutlass, but {reason}; Linear+GELU keeps the cuBLASLt path",
-                      stacklevel=4)
+        warnings.warn(f"fuseformer: the cuda backend's cutlass Linear+GELU is selected, but {reason}; "
+                      "Linear+GELU keeps the cuBLASLt path", stacklevel=4)
     return None
 
 
 def _linear_gelu_forward(x2d, weight, bias, approximate, save_preact):
     x2d, weight, bias = x2d.contiguous(), weight.contiguous(), _contiguous(bias)
-    if _linear_gelu_kernel == "cutlass" and cutlass_linear_gelu_reason(x2d, weight, bias) is None:
+    if VARIANT["linear_gelu"] == "cutlass" and cutlass_linear_gelu_reason(x2d, weight, bias) is None:
         gemm = _cutlass_module_or_none()
         if gemm is not None:
             return gemm.linear_gelu_forward(x2d, weight, bias, approximate, bool(save_preact))
@@ -633,7 +569,7 @@ def _attention_auto_unsupported(device, dtype=None, head_dim=None, mask_kind="no
     and 0.414). Head dim 64 (0.79 against 0.69 ms at L4096), causal (0.45 against 0.40) and
     forward+backward (the CuTe backward: 2.40 against 1.61 ms) stay on triton, as does every
     call the sm_90a kernels would hand to cute (masks, GQA, Lq % 8 != 0)."""
-    if not (_attention_kernel == "sm90" and dtype in (torch.float16, torch.bfloat16) and head_dim == 128
+    if not (VARIANT["attention"] == "sm90" and dtype in (torch.float16, torch.bfloat16) and head_dim == 128
             and mask_kind == "none" and not is_causal and not gqa and not requires_grad and not dropout_p
             and lq_multiple_of_8):
         return "measured faster than triton only for head-dim-128 inference without mask or causal on sm_90a"

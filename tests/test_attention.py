@@ -281,9 +281,9 @@ def test_dropout_parity(seeds, causal, gqa, mask):
 
 @pytest.fixture
 def atomic_dq(monkeypatch):
-    """attention.DQ_MODE "atomic": record each backward pass of the portable kernels as
+    """attention.VARIANT["dq"] "atomic": record each backward pass of the portable kernels as
     (kernel, ATOMIC_DQ)."""
-    monkeypatch.setattr(A, "DQ_MODE", "atomic")
+    monkeypatch.setitem(A.VARIANT, "dq", "atomic")
     passes = []
     run = A._run
 

@@ -2,17 +2,12 @@
 reference.
 
 On a CPU it runs through Triton's interpreter, where tensor descriptors work, forced with
-set_attention_kernel("hopper") (on a GPU the switch only takes effect on capability (9, 0)).
+attention.set_variant(kernel="hopper") (on a GPU the switch only takes effect on capability (9, 0)).
 Every case asserts that the Hopper kernel really ran, so a routing slip to the portable kernel
 cannot pass for it. The gradients come from the Hopper backward kernels
 (attention_hopper_bwd.py), fed the forward's log-sum-exp.
 The sm_90a compiles (wgmma, TMA, no spills) are checked in test_triton_compile.py.
 """
-import importlib
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -34,14 +29,13 @@ pytestmark = pytest.mark.skipif(
 def launches(monkeypatch, request):
     """Force the Hopper kernels, their descriptors made on the host and on the device in
     turn, and the backward's dQ by its own pass and by the dK/dV pass's atomics
-    (attention.DQ_MODES); record each forward launch (its constexprs) and, in
+    (attention.VARIANTS); record each forward launch (its constexprs) and, in
     `backward_launches`, each backward one."""
     place, dq_mode = request.param
     monkeypatch.setattr(_util, "_POISON", True)
     monkeypatch.setattr(A, "AUTOTUNE", False)
-    monkeypatch.setattr(A, "ATTENTION_KERNEL", "hopper")
-    monkeypatch.setattr(HK, "DESCRIPTORS", place)
-    monkeypatch.setattr(A, "DQ_MODE", dq_mode)
+    for setting, value in (("kernel", "hopper"), ("descriptors", place), ("dq", dq_mode)):
+        monkeypatch.setitem(A.VARIANT, setting, value)
     seen = []
     launch, launch_bwd = HK.launch, HKB.launch
 
@@ -97,9 +91,9 @@ def test_parity(launches, dtype, B, H, Lq, Lk, D, causal, mask):
         m = m.to(dtype)
     check_sdpa(q, k, v, m, causal=causal, dtype=dtype)
     assert len(launches) == 1 and len(backward_launches) == 1
-    assert launches[0]["HOST_DESC"] == backward_launches[0]["HOST_DESC"] == (HK.DESCRIPTORS == "host")
+    assert launches[0]["HOST_DESC"] == backward_launches[0]["HOST_DESC"] == (A.VARIANT["descriptors"] == "host")
     # Atomic dQ up to head dim 64 (BLOCK_D <= MAX_ATOMIC_BLOCK_D); above, dQ's own pass.
-    assert backward_launches[0]["ATOMIC_DQ"] == (A.DQ_MODE == "atomic" and D <= HKB.MAX_ATOMIC_BLOCK_D)
+    assert backward_launches[0]["ATOMIC_DQ"] == (A.VARIANT["dq"] == "atomic" and D <= HKB.MAX_ATOMIC_BLOCK_D)
 
 
 @pytest.mark.parametrize("scale,mask", [(-0.4, None), (0.0, "key_padding"), (-0.2, "holes")])
@@ -160,28 +154,28 @@ def seeds(monkeypatch):
 
 
 def test_switch(launches, monkeypatch):
-    monkeypatch.setattr(A, "ATTENTION_KERNEL", "portable")
+    monkeypatch.setitem(A.VARIANT, "kernel", "portable")
     q, k, v = _qkv(1, 1, 8, 8, 16)
     K.scaled_dot_product_attention(q.half(), k.half(), v.half(), backend="triton")
-    assert launches == []  # the default kernel is the portable one
-    assert A.set_attention_kernel("HOPPER ") == "portable" and A.get_attention_kernel() == "hopper"
+    assert launches == []  # the portable kernel
+    assert A.set_variant(kernel="HOPPER ")["kernel"] == "portable" and A.VARIANT["kernel"] == "hopper"
     K.scaled_dot_product_attention(q.half(), k.half(), v.half(), backend="triton")
     assert len(launches) == 1
-    with pytest.raises(ValueError, match="unknown attention kernel 'sm90'"):
-        A.set_attention_kernel("sm90")
-    assert A.get_attention_kernel() == "hopper"
+    with pytest.raises(ValueError, match="unknown kernel variant 'sm90'"):
+        A.set_variant(kernel="sm90")
+    assert A.VARIANT["kernel"] == "hopper"
 
 
 def test_auto_takes_the_hopper_forward_only_where_it_was_measured_faster(launches, monkeypatch):
     """"auto" (the default): the Hopper forward from 4096 keys, and from 1024 at head dim 128
     without causal (the H100's faster cases); the portable kernel elsewhere and for every
     backward. The rule is checked as written, then the routing through it on small shapes."""
-    assert A.ATTENTION_KERNELS[0] == "auto"
+    assert A.VARIANTS["kernel"][0] == "auto"
     rule = A._hopper_forward_measured_faster
     assert rule(64, 4096, False) and rule(64, 4096, True) and rule(128, 1024, False)
     assert not rule(64, 2048, False) and not rule(128, 1024, True) and not rule(128, 512, False)
     assert not rule(64, 512, False)  # the BERT padding case: 0.78x there
-    monkeypatch.setattr(A, "ATTENTION_KERNEL", "auto")
+    monkeypatch.setitem(A.VARIANT, "kernel", "auto")
     q, k, v = (t.half().requires_grad_(True) for t in _qkv(1, 1, 8, 8, 16))
     K.scaled_dot_product_attention(q, k, v, backend="triton")
     assert launches == []  # 8 keys: portable
@@ -189,13 +183,6 @@ def test_auto_takes_the_hopper_forward_only_where_it_was_measured_faster(launche
     out = K.scaled_dot_product_attention(q, k, v, backend="triton")
     out.float().sum().backward()
     assert len(launches) == 1 and backward_launches == []  # the Hopper forward, the portable backward
-
-
-def test_bad_env_value_is_refused_at_import():
-    env = {**os.environ, "FUSEFORMER_ATTENTION_KERNEL": "fast"}
-    proc = subprocess.run([sys.executable, "-c", "import fuseformer.kernels"], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode != 0 and "FUSEFORMER_ATTENTION_KERNEL: unknown attention kernel 'fast'" in proc.stderr
 
 
 def test_head_dim_above_128_runs_the_portable_backward(launches):
@@ -219,11 +206,11 @@ def test_autotuned_path_fits_the_host_descriptor_boxes(launches, monkeypatch):
     q, k, v = _qkv(2, 2, 150, 150, 64)
     for _ in range(2):
         check_sdpa(q, k, v, _padding("key_padding", 2, 150), causal=True, dtype=torch.float16)
-    host = HK.DESCRIPTORS == "host"
+    host = A.VARIANT["descriptors"] == "host"
     assert len(launches) == len(backward_launches) == 2
     assert all(kw["HOST_DESC"] == host for kw in launches + backward_launches)
     # forward, dK/dV and (not with atomic dQ) dQ: the second call took the kept configs
-    assert len(_util._tuned_configs) == (2 if A.DQ_MODE == "atomic" else 3)
+    assert len(_util._tuned_configs) == (2 if A.VARIANT["dq"] == "atomic" else 3)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="checked on the CPU")
@@ -238,7 +225,7 @@ def test_zero_stride_views_take_device_descriptors(launches):
     # The same keys copied out: host descriptors where the place is "host", the same bits.
     dense = K.scaled_dot_product_attention(q, k_wide.contiguous(), v_wide.contiguous(), is_causal=True,
                                            backend="triton")
-    assert launches[1]["HOST_DESC"] == (HK.DESCRIPTORS == "host")
+    assert launches[1]["HOST_DESC"] == (A.VARIANT["descriptors"] == "host")
     assert torch.equal(out, dense)
     check_sdpa(q.float(), k_wide.float(), v_wide.float(), causal=True, dtype=torch.float16, grad=False)
 
@@ -262,7 +249,7 @@ def test_bench_peer_runs_the_hopper_kernel_or_refuses(launches, monkeypatch):
     from fuseformer.bench import core, ops
     from fuseformer.bench.core import Refused
 
-    monkeypatch.setattr(A, "ATTENTION_KERNEL", "portable")
+    monkeypatch.setitem(A.VARIANT, "kernel", "portable")
 
     def call(inputs, backend):
         return K.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], attn_mask=inputs["mask"],
@@ -277,22 +264,22 @@ def test_bench_peer_runs_the_hopper_kernel_or_refuses(launches, monkeypatch):
 
     q, k, v = (t.half().requires_grad_() for t in _qkv(1, 2, 20, 20, 32))
     inputs = {"q": q, "k": k, "v": v, "mask": None}
-    place, mode = HK.DESCRIPTORS, A.DQ_MODE
+    before = dict(A.VARIANT)
     for impl, host, atomic in ((ops._hopper_impl(call), False, False),
                                (ops._hopper_impl(call, descriptors="host"), True, False),
                                (ops._hopper_impl(call, dq="atomic"), False, True)):
         step(impl, inputs)
         assert launches[-1]["HOST_DESC"] == backward_launches[-1]["HOST_DESC"] == host, impl.name
         assert backward_launches[-1]["ATOMIC_DQ"] == atomic, impl.name
-        assert (A.get_attention_kernel(), HK.DESCRIPTORS, A.DQ_MODE) == ("portable", place, mode)
+        assert A.VARIANT == before, impl.name  # restored after the step
     assert len(launches) == len(backward_launches) == 3
     assert [i.name for i in (ops._hopper_impl(call, descriptors="host"), ops._hopper_impl(call, dq="atomic"))] == [
         "fuseformer-triton-hopper-host", "fuseformer-triton-hopper-atomic-dq"]
     # fuseformer-triton-portable: the portable kernels forward and backward, whatever the switch.
-    monkeypatch.setattr(A, "ATTENTION_KERNEL", "hopper")
+    monkeypatch.setitem(A.VARIANT, "kernel", "hopper")
     step(ops._portable_impl(call), inputs)
-    assert len(launches) == len(backward_launches) == 3 and A.get_attention_kernel() == "hopper"
-    monkeypatch.setattr(A, "ATTENTION_KERNEL", "portable")
+    assert len(launches) == len(backward_launches) == 3 and A.VARIANT["kernel"] == "hopper"
+    monkeypatch.setitem(A.VARIANT, "kernel", "portable")
     with pytest.raises(Refused, match="does not take this case: dtype torch.float32"):
         step(ops._hopper_impl(call), {"q": q.float(), "k": k.float(), "v": v.float(), "mask": None})
     wide = [torch.randn(1, 2, 20, 80, dtype=torch.float16, requires_grad=True) for _ in range(3)]
@@ -301,42 +288,9 @@ def test_bench_peer_runs_the_hopper_kernel_or_refuses(launches, monkeypatch):
     assert len(launches) == 3
 
 
-@pytest.mark.parametrize("module,name,setter,variable,default,other,what", [
-    # device: what the H100 run measured faster
-    ("attention_hopper", "DESCRIPTORS", "set_descriptors", "FUSEFORMER_HOPPER_DESCRIPTORS", "device", "host",
-     "descriptor place"),
-    # pass: until a GPU run measures atomic
-    ("attention", "DQ_MODE", "set_dq_mode", "FUSEFORMER_ATTENTION_DQ", "pass", "atomic", "dQ mode"),
-])
-def test_switch_api_and_env(module, name, setter, variable, default, other, what):
-    """A Hopper switch: its setter normalises a name and refuses an unknown one, keeping the
-    setting; its environment variable is read at import, with the default when unset and a
-    clear error for an unknown value."""
-    mod = importlib.import_module(f"fuseformer.kernels.{module}")
-    set_ = getattr(mod, setter)
-    before = set_(f" {other.upper()}")
-    try:
-        assert getattr(mod, name) == other
-        with pytest.raises(ValueError, match=f"{setter}: unknown {what} 'bogus'"):
-            set_("bogus")
-        assert getattr(mod, name) == other
-    finally:
-        set_(before)
-    code = f"from fuseformer.kernels import {module} as m; print(m.{name})"
-    env = {k: v for k, v in os.environ.items() if k != variable}
-    for value, expected in ((None, default), (other, other), ("bogus", None)):
-        if value is not None:
-            env[variable] = value
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-        if expected is None:
-            assert proc.returncode != 0 and f"{variable}: unknown {what} 'bogus'" in proc.stderr
-        else:
-            assert proc.returncode == 0 and proc.stdout.strip() == expected, proc.stderr
-
-
 def test_atomic_dq_is_for_head_dims_up_to_64(monkeypatch):
-    monkeypatch.setattr(A, "DQ_MODE", "atomic")
+    monkeypatch.setitem(A.VARIANT, "dq", "atomic")
     for kernels in ("portable", "hopper"):
         assert A.atomic_dq(kernels, 16) and A.atomic_dq(kernels, 64) and not A.atomic_dq(kernels, 128)
-    monkeypatch.setattr(A, "DQ_MODE", "pass")
+    monkeypatch.setitem(A.VARIANT, "dq", "pass")
     assert not A.atomic_dq("portable", 64) and not A.atomic_dq("hopper", 64)

@@ -106,14 +106,24 @@ def test_env_var_invalid_value_is_a_clear_error():
 def test_kernel_variant_settings_read_once_from_the_environment():
     """backends.Variants, the switches of the ops' opt-in kernels: each read at import (any
     case, spaces around), a bad value refused there naming the variable and the choices."""
-    code = ("import importlib; m = importlib.import_module('fuseformer.kernels.add_layer_norm'); "
-            "g = importlib.import_module('fuseformer.kernels.linear_gelu'); print(m.VARIANT, g.VARIANT['gelu'])")
-    res = _run_python(code, FUSEFORMER_ADD_LN_BWD=" Pipelined ", FUSEFORMER_LINEAR_GELU_MATH="fast")
+    # importlib: the package's add_layer_norm and linear_gelu are the functions, not the modules.
+    code = ("import importlib; m = lambda name: importlib.import_module('fuseformer.kernels.' + name); "
+            "print(m('add_layer_norm').VARIANT, m('linear_gelu').VARIANT['gelu'], m('attention').VARIANT, "
+            "m('cuda_backend').VARIANT)")
+    res = _run_python(code, FUSEFORMER_ADD_LN_BWD=" Pipelined ", FUSEFORMER_LINEAR_GELU_MATH="fast",
+                      FUSEFORMER_ATTENTION_KERNEL="HOPPER", FUSEFORMER_ATTENTION_DQ="atomic",
+                      FUSEFORMER_HOPPER_DESCRIPTORS="host", FUSEFORMER_CUDA_ATTENTION="CuTe",
+                      FUSEFORMER_CUDA_LINEAR_GELU=" cutlass")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split("\n")[0] == "{'forward': 'row', 'backward': 'pipelined'} fast"
-    res = _run_python("import fuseformer.kernels", FUSEFORMER_ADD_LN_BWD="prefetch")
-    assert res.returncode != 0
-    assert "FUSEFORMER_ADD_LN_BWD" in res.stderr and "'prefetch'" in res.stderr and "'pipelined'" in res.stderr
+    assert res.stdout.split("\n")[0] == (
+        "{'forward': 'row', 'backward': 'pipelined'} fast "
+        "{'kernel': 'hopper', 'dq': 'atomic', 'descriptors': 'host'} {'attention': 'cute', 'linear_gelu': 'cutlass'}")
+    for variable, bad, good in (("FUSEFORMER_ADD_LN_BWD", "prefetch", "pipelined"),
+                                ("FUSEFORMER_ATTENTION_KERNEL", "sm90", "hopper"),
+                                ("FUSEFORMER_CUDA_LINEAR_GELU", "cudnn", "cublaslt")):
+        res = _run_python("import fuseformer.kernels", **{variable: bad})
+        assert res.returncode != 0
+        assert f"{variable}: unknown" in res.stderr and f"'{bad}'" in res.stderr and f"'{good}'" in res.stderr
 
 
 def test_kernel_variant_settings_set_and_restore():
@@ -300,7 +310,7 @@ def cuda_auto(monkeypatch):
             return True
 
     monkeypatch.setattr(cuda_backend, "_module", FakeModule())
-    monkeypatch.setattr(cuda_backend, "_attention_kernel", "sm90")
+    monkeypatch.setitem(cuda_backend.VARIANT, "attention", "sm90")
     monkeypatch.setattr(cuda_backend, "unavailable_reason", lambda: None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     if backends.unavailable_reason("triton") is not None:
@@ -341,6 +351,6 @@ def test_auto_keeps_triton_off_hopper_or_without_the_sm90a_build(cuda_auto, monk
     monkeypatch.setattr(cuda_auto._module.__class__, "attention_sm90_built", lambda self: False)
     assert backends.resolve("attention", torch.device("cuda"), "auto", **ATTN_D128) == "triton"
     backends.clear_plans()
-    monkeypatch.setattr(cuda_auto, "_attention_kernel", "cute")  # the sm_90a kernels switched off
+    monkeypatch.setitem(cuda_auto.VARIANT, "attention", "cute")  # the sm_90a kernels switched off
     monkeypatch.setattr(cuda_auto._module.__class__, "attention_sm90_built", lambda self: True)
     assert backends.resolve("attention", torch.device("cuda"), "auto", **ATTN_D128) == "triton"

@@ -196,15 +196,19 @@ def test_cutlass_include_found_through_the_package():
     assert (include / "cute" / "tensor.hpp").is_file() and (include / "cutlass" / "cutlass.h").is_file()
 
 
-def test_attention_kernel_switch():
-    assert cuda_backend.attention_kernel() in cuda_backend.ATTENTION_KERNELS
-    before = cuda_backend.attention_kernel()
-    with cuda_backend.use_attention_kernel("cute"):
-        assert cuda_backend.attention_kernel() == "cute"
-    assert cuda_backend.attention_kernel() == before
-    with pytest.raises(ValueError, match="unknown cuda attention kernel 'cutlass'"):
-        cuda_backend.set_attention_kernel("cutlass")
-    assert cuda_backend.attention_kernel() == before
+def test_kernel_switches():
+    """csrc/'s kernel switches (backends.Variants): the defaults are what the H100 run measured
+    (sm90 attention; cuBLASLt's Linear+GELU, the CUTLASS one being a second build), a block
+    restores what it found, an unknown name is refused and changes nothing."""
+    assert cuda_backend.VARIANT == {"attention": "sm90", "linear_gelu": "cublaslt"}
+    with cuda_backend.variant(attention="cute", linear_gelu="cutlass"):
+        assert cuda_backend.VARIANT == {"attention": "cute", "linear_gelu": "cutlass"}
+    assert cuda_backend.VARIANT == {"attention": "sm90", "linear_gelu": "cublaslt"}
+    with pytest.raises(ValueError, match="unknown attention variant 'cutlass'"):
+        cuda_backend.set_variant(attention="cutlass")
+    with pytest.raises(ValueError, match="unknown linear_gelu variant 'cute'"):
+        cuda_backend.set_variant(linear_gelu="cute")
+    assert cuda_backend.VARIANT == {"attention": "sm90", "linear_gelu": "cublaslt"}
 
 
 @pytest.mark.parametrize("kernel,D,forward,cute_backward", [
@@ -224,7 +228,7 @@ def test_attention_dispatch(monkeypatch, kernel, D, forward, cute_backward):
 
     monkeypatch.setattr(cuda_backend, "module", FakeExtension)
     q, out, lse = torch.randn(1, 2, 5, D), torch.randn(1, 2, 5, D), torch.randn(1, 2, 5)
-    with cuda_backend.use_attention_kernel(kernel):
+    with cuda_backend.variant(attention=kernel):
         assert cuda_backend._attention_forward(q, q, q, None, False, None, 0.0, None) == calls[-1][0]
         assert cuda_backend._attention_backward(q, q, q, q, out, lse, None, False, None, 0.0, None) == calls[-1][0]
     assert [name for name, _ in calls] == [forward, "attention_backward_cute" if cute_backward else "attention_backward"]
@@ -233,16 +237,6 @@ def test_attention_dispatch(monkeypatch, kernel, D, forward, cute_backward):
         assert backward_args[4] is out
     else:
         torch.testing.assert_close(backward_args[5], (q * out).sum(-1))  # delta
-
-
-def test_attention_kernel_env_is_read_at_import(monkeypatch):
-    monkeypatch.setenv("FUSEFORMER_CUDA_ATTENTION", "CuTe")
-    assert cuda_backend._attention_kernel_from_env() == "cute"
-    monkeypatch.setenv("FUSEFORMER_CUDA_ATTENTION", "fast")
-    with pytest.warns(UserWarning, match="FUSEFORMER_CUDA_ATTENTION='fast'"):
-        assert cuda_backend._attention_kernel_from_env() == "sm90"
-    monkeypatch.delenv("FUSEFORMER_CUDA_ATTENTION")
-    assert cuda_backend._attention_kernel_from_env() == "sm90"  # the default since the H100 run
 
 
 def test_sources_found():
@@ -468,7 +462,7 @@ def attention_kernel(request):
     """Each csrc/ attention kernel pair (forward and backward) in turn (the cute ones take head
     dims 64 and 128; at the others its setting runs the wmma kernels, so those cases check the
     fallback)."""
-    with cuda_backend.use_attention_kernel(request.param):
+    with cuda_backend.variant(attention=request.param):
         yield request.param
 
 
@@ -577,7 +571,7 @@ def test_gpu_sm90_attention(cuda_ext, dtype, D, causal, B, H, Lq, Lk, layout):
     ref64 = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), None, 0.0, causal, scale)
     torch_d = reference.scaled_dot_product_attention(q, k, v, None, 0.0, causal, scale)
     assert_parity(out, ref64, torch_d, dtype, what="out")
-    with cuda_backend.use_attention_kernel("sm90"):
+    with cuda_backend.variant(attention="sm90"):
         _parity_with_grads(
             lambda q_, k_, v_: K.scaled_dot_product_attention(q_, k_, v_, None, 0.0, causal, scale, backend=BACKEND),
             lambda q_, k_, v_: reference.scaled_dot_product_attention(q_, k_, v_, None, 0.0, causal, scale),

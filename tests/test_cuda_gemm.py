@@ -31,27 +31,6 @@ from test_cuda_backend import (  # noqa: F401
 # ----------------------------------------------------------------------------- CPU
 
 
-def test_linear_gelu_kernel_switch():
-    assert cuda_backend.linear_gelu_kernel() in cuda_backend.LINEAR_GELU_KERNELS
-    before = cuda_backend.linear_gelu_kernel()
-    with cuda_backend.use_linear_gelu_kernel("cutlass"):
-        assert cuda_backend.linear_gelu_kernel() == "cutlass"
-    assert cuda_backend.linear_gelu_kernel() == before
-    with pytest.raises(ValueError, match="unknown cuda linear_gelu kernel 'cute'"):
-        cuda_backend.set_linear_gelu_kernel("cute")
-    assert cuda_backend.linear_gelu_kernel() == before
-
-
-def test_linear_gelu_kernel_env_is_read_at_import(monkeypatch):
-    monkeypatch.setenv("FUSEFORMER_CUDA_LINEAR_GELU", " CUTLASS ")
-    assert cuda_backend._linear_gelu_kernel_from_env() == "cutlass"
-    monkeypatch.setenv("FUSEFORMER_CUDA_LINEAR_GELU", "cudnn")
-    with pytest.warns(UserWarning, match="FUSEFORMER_CUDA_LINEAR_GELU='cudnn'"):
-        assert cuda_backend._linear_gelu_kernel_from_env() == "cublaslt"
-    monkeypatch.delenv("FUSEFORMER_CUDA_LINEAR_GELU")
-    assert cuda_backend._linear_gelu_kernel_from_env() == "cublaslt"
-
-
 class _RecordingExtension:
     """Stands for a built module: records which entry point each call reached."""
 
@@ -90,7 +69,7 @@ def recorded_linear_gelu(monkeypatch):
 def test_linear_gelu_forward_dispatch(recorded_linear_gelu, kernel, dtype, K, N, expected):
     """The switch picks the module; cases the CUTLASS kernels do not take keep the cuBLASLt path."""
     x, w, b = torch.randn(5, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
-    with cuda_backend.use_linear_gelu_kernel(kernel):
+    with cuda_backend.variant(linear_gelu=kernel):
         assert cuda_backend._linear_gelu_forward(x, w, b, "tanh", True) == ("out", "preact")
     assert recorded_linear_gelu == [expected]
 
@@ -100,7 +79,7 @@ def test_cutlass_needs_aligned_data(recorded_linear_gelu):
     x = flat[1:].view(5, 64)  # contiguous, but 2 bytes past a 16-byte boundary
     w = torch.randn(64, 64, dtype=torch.bfloat16)
     assert "16-byte aligned" in cuda_backend.cutlass_linear_gelu_reason(x, w, None)
-    with cuda_backend.use_linear_gelu_kernel("cutlass"):
+    with cuda_backend.variant(linear_gelu="cutlass"):
         cuda_backend._linear_gelu_forward(x, w, None, "none", False)
     assert recorded_linear_gelu == ["cublaslt"]
 
@@ -110,8 +89,8 @@ def test_cutlass_unavailable_falls_back_with_one_warning(monkeypatch, recorded_l
     monkeypatch.setattr(cuda_backend, "_cutlass_warned", False)
     monkeypatch.setattr(cuda_backend, "gemm_unavailable_reason", lambda: "nvcc exploded")
     x, w = torch.randn(3, 64, dtype=torch.float16), torch.randn(64, 64, dtype=torch.float16)
-    with cuda_backend.use_linear_gelu_kernel("cutlass"):
-        with pytest.warns(UserWarning, match="FUSEFORMER_CUDA_LINEAR_GELU=cutlass, but nvcc exploded"):
+    with cuda_backend.variant(linear_gelu="cutlass"):
+        with pytest.warns(UserWarning, match=r"cutlass Linear\+GELU is selected, but nvcc exploded"):
             cuda_backend._linear_gelu_forward(x, w, None, "none", False)
         cuda_backend._linear_gelu_forward(x, w, None, "none", False)  # warned once only
     assert recorded_linear_gelu == ["cublaslt", "cublaslt"]
@@ -159,10 +138,10 @@ def test_gemm_jit_build_is_its_own_module(fresh_gemm_loader, tmp_path):
     fresh_gemm_loader.setattr(cpp_extension, "load", fake_load)
     fresh_gemm_loader.setattr(torch.cuda, "is_available", lambda: True)
     fresh_gemm_loader.setattr(torch.version, "cuda", "13.0")
-    with cuda_backend.use_linear_gelu_kernel("cublaslt"):
+    with cuda_backend.variant(linear_gelu="cublaslt"):
         assert cuda_backend.unavailable_reason() is None
     assert list(built) == [cuda_backend.EXTENSION_NAME]  # the default builds no CUTLASS GEMM
-    with cuda_backend.use_linear_gelu_kernel("cutlass"):
+    with cuda_backend.variant(linear_gelu="cutlass"):
         assert cuda_backend.unavailable_reason() is None
     gemm = built[cuda_backend.GEMM_EXTENSION_NAME]
     assert [pathlib.Path(s).name for s in gemm["sources"]] == list(cuda_backend.GEMM_SOURCES)
@@ -183,7 +162,7 @@ def test_gemm_build_failure_becomes_its_reason(fresh_gemm_loader, capsys):
     fresh_gemm_loader.setattr(cpp_extension, "load", load)
     fresh_gemm_loader.setattr(torch.cuda, "is_available", lambda: True)
     fresh_gemm_loader.setattr(torch.version, "cuda", "13.0")
-    with cuda_backend.use_linear_gelu_kernel("cutlass"):
+    with cuda_backend.variant(linear_gelu="cutlass"):
         assert cuda_backend.unavailable_reason() is None  # the cuda backend itself is fine
     reason = cuda_backend.gemm_unavailable_reason()
     assert reason.startswith("the CUTLASS GEMM extension could not be loaded: Error building extension")
@@ -264,7 +243,7 @@ def test_gpu_cutlass_through_the_op(cuda_gemm, monkeypatch, dtype, approximate, 
     x = torch.randn(3, M, Kf, device=DEV)
     w = torch.randn(N, Kf, device=DEV) / math.sqrt(Kf)
     b = torch.randn(N, device=DEV) if bias else None
-    with cuda_backend.use_linear_gelu_kernel("cutlass"):
+    with cuda_backend.variant(linear_gelu="cutlass"):
         _parity_with_grads(
             lambda *t: K.linear_gelu(*t, approximate=approximate, backend=BACKEND),
             lambda *t: reference.linear_gelu(*t, approximate=approximate),

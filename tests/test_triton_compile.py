@@ -201,7 +201,7 @@ def test_fast_gelu_uses_the_special_function_unit_and_only_it_does(compiled):
 
 
 def test_atomic_dq_adds_fp32_vectors_and_nothing_else_adds(compiled):
-    """The portable dK/dV pass with ATOMIC_DQ (attention.DQ_MODES) sums dQ with 16-byte fp32
+    """The portable dK/dV pass with ATOMIC_DQ (attention.VARIANTS["dq"]) sums dQ with 16-byte fp32
     vector reductions on sm_90; without it, and in the dQ pass, nothing is added to memory."""
     atomic = _of(compiled, "attn_bwd_dkdv_atomic")
     assert {r["arch"] for r in atomic} == {80, 90}

@@ -259,7 +259,7 @@ def build_jobs():
         obj = getattr(ak, name)
         tuned = getattr(ak, name + "_tuned", obj if isinstance(obj, Autotuner) else None)
         attn.append((name, kind, _unwrap(obj)[0], tuned))
-    # The dK/dV pass with ATOMIC_DQ (attention.DQ_MODES): it also sums dQ, up to head dim 64.
+    # The dK/dV pass with ATOMIC_DQ (attention.VARIANTS["dq"]): it also sums dQ, up to head dim 64.
     attn.append(("attn_bwd_dkdv_atomic", "bwd", _unwrap(ak.attn_bwd_dkdv)[0], ak.attn_bwd_dkdv_tuned_atomic))
     atomic_max_block_d = importlib.import_module("fuseformer.kernels.attention")._ATOMIC_MAX_BLOCK_D["portable"]
     itemsize = {"fp16": 2, "bf16": 2, "fp32": 4}

@@ -18,7 +18,7 @@ def add_jobs(jobs: list, _add, _attn_args, _pick, Desc) -> None:
               ("attn_bwd_dkdv_hopper", ahb, ahb.attn_bwd_dkdv_hopper, ahb.attn_bwd_dkdv_hopper_tuned),
               # the dK/dV pass's own config list at head dims above 64 (its launcher's choice)
               ("attn_bwd_dkdv_wide_hopper", ahb, ahb.attn_bwd_dkdv_hopper, ahb.attn_bwd_dkdv_hopper_tuned_wide),
-              # with ATOMIC_DQ: dQ summed by the dK/dV pass (attention_hopper_bwd.DQ_MODES)
+              # with ATOMIC_DQ: dQ summed by the dK/dV pass (attention.VARIANTS["dq"])
               ("attn_bwd_dkdv_atomic_hopper", ahb, ahb.attn_bwd_dkdv_hopper, ahb.attn_bwd_dkdv_hopper_tuned_atomic),
               ("attn_bwd_dq_hopper", ahb, ahb.attn_bwd_dq_hopper, ahb.attn_bwd_dq_hopper_tuned)]
 
