@@ -611,8 +611,8 @@ def _prune(configs, named_args, **kwargs):
     128 x 256 fp32 tile that then spills or fails anyway."""
     args = {**named_args, **kwargs}
     q = args["Q"]
-    # The Hopper forward may get a host TensorDescriptor (attention_hopper.py): its tensor is .base
-    row_bytes = args["BLOCK_D"] * (q.element_size() if isinstance(q, torch.Tensor) else q.base.element_size())
+    # The Hopper kernels may get a host TensorDescriptor (attention_hopper.py): its tensor is .base
+    row_bytes = args["BLOCK_D"] * getattr(q, "base", q).element_size()
 
     def fits(c):
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
