@@ -8,6 +8,7 @@ import os
 import torch
 
 from .launch import launch
+from .precompile import precompile
 
 
 # Read once at import; tests switch it with `poison_outputs`, never through the environment
@@ -60,9 +61,12 @@ def launch_tuned(tuned, plain, key: tuple, grid, *args, **kwargs) -> None:
     Triton's Autotuner.run rebuilds its key and re-enters JITFunction.run on each call; the
     lookup here is one dict access. `key` must determine the autotuner's own key (the
     kernel's tuning arguments and the dtypes of its tensors) so both pick the same config.
+    Before the autotuner's first call of a key its configs are compiled in parallel
+    (kernels/precompile.py), so it only has to time them.
     """
     config = _tuned_configs.get((tuned, key))
     if config is None:
+        precompile(tuned, grid, args, kwargs)  # every config at once, on threads (precompile.py)
         tuned[grid](*args, **kwargs)
         best = getattr(tuned, "best_config", None)  # None when the launch was stubbed out
         if best is not None:

@@ -1,0 +1,192 @@
+"""First-call time of an autotuned kernel: Triton's autotuner compiling its configs one after
+another (FUSEFORMER_COMPILE_THREADS=1) against kernels/precompile.py compiling them at once on
+threads, each in a fresh process with an empty Triton cache.
+
+    python -m fuseformer.bench.compile_time [--op linear_gelu|attention|hopper] [--configs N]
+        [--threads T]
+
+On a CUDA device the first call is real: compiles, then the autotuner's timing loops. Without
+one it compiles for sm_90 (H100, H200) through OfflineDriver, a stand-in Triton driver: the
+real compile pipeline (Triton's front end, MLIR, LLVM, ptxas), with a launcher that launches
+nothing and a benchmarker that times nothing, so the figure is compile time alone. That is
+how kernels/precompile.py's figures were taken. tests/test_precompile.py uses the same driver
+to check, without a GPU, that the autotuner finds every precompiled config under its own key.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+SM90 = ("cuda", 90, 32)  # GPUTarget(backend, arch, warp_size) of an H100 / H200
+
+
+class _OfflineUtils:
+    """The device queries a compiled kernel's first launch makes: an H100's limits."""
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32,
+                "sm_clock_rate": 1755000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
+
+    def load_binary(self, name, kernel, shared, device):
+        return 0, 0, 32, 0, 1024  # module, function, registers, spills, max threads per block
+
+
+class OfflineDriver:
+    """Triton's active driver on a machine without a GPU: device 0 of capability 9.0, stream 0;
+    a kernel 'launch' does nothing and a benchmark calls its function once and reports 1 ms.
+    Install with `install()`; Triton must not be in interpreter mode."""
+
+    utils = _OfflineUtils()
+
+    def get_current_device(self):
+        return 0
+
+    def set_current_device(self, device):
+        pass
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget(*SM90)
+
+    def get_active_torch_device(self):
+        import torch
+
+        return torch.device("cpu")
+
+    def launcher_cls(self, src, metadata):
+        return lambda *args, **kwargs: None
+
+    def get_benchmarker(self):
+        def bench(fn, quantiles=None, **_):
+            fn()
+            return [1.0] * len(quantiles) if quantiles else 1.0
+        return bench
+
+    def get_empty_cache_for_benchmark(self):
+        import torch
+
+        return torch.empty(1)
+
+    def clear_cache(self, cache):
+        pass
+
+
+def install() -> None:
+    import triton
+
+    triton.runtime.driver.set_active(OfflineDriver())
+
+
+def _inner_jit(tuned):
+    fn = tuned.fn
+    while not hasattr(fn, "_do_compile"):  # through triton.heuristics wrappers
+        fn = fn.fn
+    return fn
+
+
+def first_call(op: str, n_configs: int | None) -> dict:
+    """Run `op`'s first call in this process (Triton cache and pool as the environment says);
+    return its wall time, the autotuner's config count and how many compiles each side asked."""
+    import importlib
+
+    import torch
+
+    from fuseformer.kernels import attention as A
+    from fuseformer.kernels import precompile as P
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        install()
+    lg = importlib.import_module("fuseformer.kernels.linear_gelu")  # the package attr is the function
+    if op == "linear_gelu":
+        tuned = lg._linear_gelu_fwd
+        x = torch.randn(256, 128, dtype=torch.bfloat16, device=device)
+        w, b = torch.randn(512, 128, dtype=torch.bfloat16, device=device), torch.randn(512, dtype=torch.bfloat16,
+                                                                                      device=device)
+
+        def call():
+            with lg.variant(forward="portable"):
+                lg.forward(x, w, b, "none", False)
+    else:
+        from fuseformer.kernels import attention_hopper as HK
+
+        hopper = op == "hopper"
+        tuned = HK.attn_fwd_hopper_tuned if hopper else A.attn_fwd_tuned
+        q, k, v = (torch.randn(1, 2, 256, 64, dtype=torch.bfloat16, device=device) for _ in range(3))
+
+        def call():
+            with A.variant(kernel="hopper" if hopper else "portable", descriptors="host" if hopper else "device"):
+                A._forward(q, k, v, None, False, 0.125, 0.0, None)
+    if n_configs:
+        tuned.configs = tuned.configs[:n_configs]
+    compiles, asked = [], []
+    jit = _inner_jit(tuned)
+    do_compile, precompile = jit._do_compile, P.precompile
+
+    def counting(*args, **kwargs):
+        compiles.append(1)
+        return do_compile(*args, **kwargs)
+
+    def counted_precompile(*args, **kwargs):
+        asked.append(precompile(*args, **kwargs))
+        asked.append(len(compiles))
+        return asked[0]
+
+    jit._do_compile = counting
+    from fuseformer.kernels import _util
+    _util.precompile = counted_precompile
+    start = time.perf_counter()
+    call()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"op": op, "device": device, "configs": len(tuned.configs), "threads": P.THREADS, "seconds": seconds,
+            "precompiled": asked[0] if asked else 0, "compiles": len(compiles),
+            "compiles_by_autotuner": len(compiles) - (asked[1] if asked else 0)}
+
+
+def measure(op: str, n_configs: int | None, threads: int) -> dict:
+    """first_call in a fresh process with an empty Triton cache, pool of `threads`."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as cache:
+        env.update(TRITON_CACHE_DIR=cache, FUSEFORMER_COMPILE_THREADS=str(threads))
+        proc = subprocess.run([sys.executable, "-m", "fuseformer.bench.compile_time", "--child", "--op", op,
+                               "--configs", str(n_configs or 0)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"compile_time child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fuseformer.bench.compile_time", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--op", choices=("linear_gelu", "attention", "hopper"), default="linear_gelu")
+    parser.add_argument("--configs", type=int, default=0, help="time only the autotuner's first N configs (0: all)")
+    parser.add_argument("--threads", type=int, default=0, help="the pool's size (0: FUSEFORMER_COMPILE_THREADS' default)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(first_call(args.op, args.configs or None)))
+        return 0
+    from fuseformer.kernels.precompile import _threads_from_env
+
+    threads = args.threads or _threads_from_env()
+    serial = measure(args.op, args.configs, 1)
+    parallel = measure(args.op, args.configs, threads)
+    for label, r in (("serial (the autotuner compiles)", serial), (f"precompiled on {threads} threads", parallel)):
+        print(f"{r['op']} on {r['device']}, {r['configs']} configs, {label}: {r['seconds']:.1f} s "
+              f"({r['compiles']} compiles, {r['compiles_by_autotuner']} by the autotuner)")
+    print(f"first call {serial['seconds'] / parallel['seconds']:.2f}x faster")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""kernels/precompile.py, and every launcher through Triton's real JIT path without a GPU.
+
+tests/offline_launch_check.py runs our launchers on CPU tensors with a stand-in Triton driver
+(bench/compile_time.OfflineDriver), compiling for sm_90: the binder, our autotuners' pruning
+and pre_hooks, the autotuner and the compiles are Triton's own, as on a GPU; only the launches
+and the timings do nothing. It runs in a subprocess: this process has Triton's interpreter on
+(conftest.py), under which no kernel is a JITFunction. Each autotuner gets its first two
+configs, to keep the compiles near half a minute on two cores.
+"""
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from fuseformer.kernels import precompile as P
+
+SCRIPT = pathlib.Path(__file__).resolve().parent / "offline_launch_check.py"
+
+# The autotuned kernels each case must reach: a routing slip (the Hopper cases running the
+# portable kernels, say) would otherwise pass unnoticed.
+TUNED = {
+    "linear_gelu_portable": {"_linear_gelu_fwd"},
+    "linear_gelu_tma": {"_linear_gelu_tma"},
+    "add_layer_norm": set(),  # rule-planned, no autotuner
+    "attention_portable": {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"},
+    "attention_portable_atomic_dq": {"_attn_bwd_dkdv"},  # its forward was compiled by the case before
+    "attention_hopper": {"_attn_fwd_hopper", "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper"},
+    "attention_hopper_host": {"_attn_fwd_hopper", "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper"},
+    "attention_hopper_atomic_dq": {"_attn_bwd_dkdv_hopper"},  # no dQ pass
+}
+
+
+def _run(*args, threads=None):
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if threads is not None:
+        env["FUSEFORMER_COMPILE_THREADS"] = str(threads)
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
+                          timeout=900)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return proc, {row["case"]: row for row in rows}
+
+
+def test_every_launcher_through_tritons_jit_path_offline():
+    """Every case gets through Triton's JIT path (an attention autotuner's pruning once
+    crashed there, on every GPU launch, unseen by the interpreter tests), reaches the kernels
+    it names, and the autotuner compiles nothing precompile.py did not compile already."""
+    proc, rows = _run("--configs", "2", threads=2)
+    assert set(rows) == set(TUNED), proc.stdout + proc.stderr[-3000:]
+    for name, row in rows.items():
+        assert row["error"] is None, f"{name}:\n{row['error']}"
+        assert set(row["tuned"]) >= TUNED[name], name
+        assert row["autotuner"] == 0, f"{name}: the autotuner compiled {row['autotuner']} configs itself"
+        if TUNED[name]:
+            assert row["precompiled"] == row["precompile"] >= 2 * len(TUNED[name]), name
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_without_the_pool_the_autotuner_compiles_each_config():
+    """The counting above can tell: with one compile thread precompile.py stands aside and
+    Triton's autotuner asks for both configs itself."""
+    proc, rows = _run("--configs", "2", "--only", "linear_gelu_portable", threads=1)
+    row = rows["linear_gelu_portable"]
+    assert row["error"] is None and row["threads"] == 1
+    assert row["precompiled"] == row["precompile"] == 0 and row["autotuner"] == 2
+    assert proc.returncode == 1  # an extra compile by the autotuner is what the check reports
+
+
+def test_threads_setting():
+    before = P.set_threads(3)
+    try:
+        assert P.THREADS == 3 and P.set_threads(before) == 3
+        with pytest.raises(ValueError, match="threads must be >= 0"):
+            P.set_threads(-1)
+    finally:
+        P.set_threads(before)
+
+
+@pytest.mark.parametrize("value,expected", [("4", 4), (" 0 ", 0), ("", None), ("x", "must be an integer"),
+                                            ("-2", "must be >= 0")])
+def test_threads_from_the_environment(monkeypatch, value, expected):
+    monkeypatch.setenv("FUSEFORMER_COMPILE_THREADS", value)
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=f"FUSEFORMER_COMPILE_THREADS {expected}"):
+            P._threads_from_env()
+    elif expected is None:  # unset: the CPUs this process may use, at most 16
+        assert 1 <= P._threads_from_env() <= 16
+    else:
+        assert P._threads_from_env() == expected
+
+
+def test_nothing_to_do_under_the_interpreter():
+    """The interpreter runs no compile: precompile leaves the (single-config) autotuners alone."""
+    from fuseformer.kernels import attention as A
+
+    assert P.precompile(A.attn_fwd_tuned, (1,), (), {}) == 0
