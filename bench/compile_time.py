@@ -38,10 +38,15 @@ class _OfflineUtils:
 
 class OfflineDriver:
     """Triton's active driver on a machine without a GPU: device 0 of capability 9.0, stream 0;
-    a kernel 'launch' does nothing and a benchmark calls its function once and reports 1 ms.
+    a kernel 'launch' only appends (kernel name, the launcher's arguments) to `launches`
+    (when `record` is on), and a benchmark calls its function once and reports 1 ms.
     Install with `install()`; Triton must not be in interpreter mode."""
 
     utils = _OfflineUtils()
+
+    def __init__(self):
+        self.record = False
+        self.launches: list = []
 
     def get_current_device(self):
         return 0
@@ -63,7 +68,10 @@ class OfflineDriver:
         return torch.device("cpu")
 
     def launcher_cls(self, src, metadata):
-        return lambda *args, **kwargs: None
+        def launch(*args):
+            if self.record:
+                self.launches.append((metadata.name, args))
+        return launch
 
     def get_benchmarker(self):
         def bench(fn, quantiles=None, **_):
@@ -80,10 +88,12 @@ class OfflineDriver:
         pass
 
 
-def install() -> None:
+def install() -> OfflineDriver:
     import triton
 
-    triton.runtime.driver.set_active(OfflineDriver())
+    driver = OfflineDriver()
+    triton.runtime.driver.set_active(driver)
+    return driver
 
 
 def _inner_jit(tuned):

@@ -56,6 +56,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._util import launch_tuned, sm_count, tuned_config
+from .launch import launch as launch_plain
 from .attention_kernels import _flat_pid, _key_range, _prune, _scores, _seq_bounds
 from .backends import interpreting
 
@@ -459,4 +460,4 @@ def launch(grid, args, kwargs, key, autotune: bool) -> None:
         m, n, w, s = default_config(kwargs["BLOCK_D"], base.element_size(), few)
         if host:
             boxes_for(_FWD_DESCS, args, kwargs, dict(BLOCK_M=m, BLOCK_N=n))
-        attn_fwd_hopper[grid](*args, **kwargs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+        launch_plain(attn_fwd_hopper, grid, *args, **kwargs, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)

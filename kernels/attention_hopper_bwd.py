@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ._util import launch_tuned, tuned_config
+from .launch import launch as launch_plain
 from .attention_hopper import _seq_desc, _store_tile, _tile, boxes_for, ensure_allocator, set_boxes
 from .attention_kernels import _add_dq, _flat_pid, _key_range, _prune, _scores, _seq_bounds, _walk_turn
 from .backends import interpreting
@@ -384,4 +385,4 @@ def launch(grid_dkdv, grid_dq, args_dkdv, args_dq, kwargs, key, autotune: bool) 
     for _, plain, names, grid, args, kw in passes:
         if host:
             boxes_for(names, args, kw, cfg)
-        plain[grid](*args, **kw, **cfg)
+        launch_plain(plain, grid, *args, **kw, **cfg)

@@ -20,12 +20,17 @@ is 16-byte aligned (Triton's alignment specialization), for an int whether it is
 is divisible by 16 and which integer type holds it (Triton's integer specializations), for a
 float or bool its type, None as None. That is at least as fine as Triton's own key, so a kept
 kernel is only reused where Triton would pick the same one. A grid function is evaluated on
-the keyword arguments (ours read BLOCK_M or BLOCK_N there). Anything else (a grid function
-that reads other arguments, tensor descriptors, an installed launch hook, the interpreter)
-takes Triton's path.
+the keyword arguments (ours read BLOCK_M or BLOCK_N there). A triton.heuristics wrapper's
+values are computed from the arguments, as Heuristics.run does, and its kernel launched.
+Anything else (a grid function that reads other arguments, tensor descriptors, an installed
+launch hook, the interpreter) takes Triton's path.
 
-Still opt-in because it was written without a GPU: the next GPU run measures it
-(`fuseformer bench --filter overhead` times both paths) before it can become the default.
+Checked without a GPU (tests/offline_launch_check.py): every launcher of ours, run through
+Triton's real JIT path with a stand-in driver, hands each kernel's launcher the same grid,
+stream, function, metadata and arguments on the fast path as on Triton's, under triton 3.6
+and 3.9. Still opt-in because its speed is unmeasured: the next GPU run times both paths
+(`fuseformer bench --filter overhead`, and the models suite's fuseformer-fused-fast-launch)
+before it can become the default.
 """
 from __future__ import annotations
 
@@ -155,11 +160,28 @@ def _constexprs_at(fn):
     return positions
 
 
+def _without_heuristics(fn, args, kwargs):
+    """(the kernel beneath, kwargs with each heuristic's value) for a triton.heuristics
+    wrapper, as Heuristics.run computes them from the named arguments; else (fn, kwargs)."""
+    from triton.runtime.autotuner import Heuristics
+
+    while fn.__class__ is Heuristics:
+        named = dict(zip(fn.arg_names, args), **kwargs)
+        kwargs = {**kwargs, **{name: heuristic(named) for name, heuristic in fn.values.items()}}
+        fn = fn.fn
+    return fn, kwargs
+
+
 def launch(fn, grid, *args, **kwargs) -> None:
     """fn[grid](*args, **kwargs), on the fast path when it is on and the call allows it."""
     if not _ENABLED or _INTERPRET or fn in _refused:
         fn[grid](*args, **kwargs)
         return
+    given = fn
+    constexprs = _constexprs_at(fn)
+    if constexprs is None:  # not a plain JITFunction: a triton.heuristics wrapper, say
+        fn, kwargs = _without_heuristics(fn, args, kwargs)
+        constexprs = _constexprs_at(fn)
     dims = grid
     if callable(grid):
         # Ours read only meta-parameters given as keywords (BLOCK_M from the tuned config):
@@ -172,7 +194,6 @@ def launch(fn, grid, *args, **kwargs) -> None:
     if not isinstance(dims, tuple):
         fn[grid](*args, **kwargs)
         return
-    constexprs = _constexprs_at(fn)
     spec = _spec(args)
     if constexprs is None or spec is None or not _hooks_idle():
         fn[grid](*args, **kwargs)
@@ -201,7 +222,7 @@ def launch(fn, grid, *args, **kwargs) -> None:
         compiled.run(dims[0], grid_1, grid_2, _driver[1](device), compiled.function, compiled.packed_metadata, None,
                      None, None, *args, *tail)
     except Exception as err:  # noqa: BLE001 - the launcher refused the arguments before launching
-        _refused.add(fn)
+        _refused.update((fn, given))
         warnings.warn(f"fuseformer: the fast launch of {getattr(fn, '__name__', fn)} failed ({err}); it takes "
                       "Triton's launch path from now on", stacklevel=2)
         fn[grid](*args, **kwargs)

@@ -6,14 +6,23 @@ early pruning and pre_hooks, the autotuner itself, kernels/precompile.py, and th
 every launch for the real target. Here each launcher runs on CPU tensors with
 bench/compile_time.OfflineDriver as Triton's active driver: everything up to the launch is
 real (the compiles too), the launch and the autotuner's timings do nothing. Results are
-garbage; what counts is that every call gets through, and that the autotuner compiles nothing
-that precompile.py did not already compile (it would mean the two disagree on a key).
+garbage; what counts:
+- every call gets through;
+- the autotuner compiles nothing that precompile.py did not already compile (it would mean the
+  two disagree on a key);
+- the opt-in fast launch (kernels/launch.py) hands each kernel's launcher exactly what
+  Triton's own path hands it. Each case runs three times: once to compile and tune, then
+  twice with the fast launch on, the first of those through Triton's path (which keeps each
+  compiled kernel), the second through the fast path where it applies. The driver records
+  every launcher call; the two runs' calls must match (tensors compared by dtype, shape,
+  strides and alignment, since each run allocates its outputs anew).
 
     python tests/offline_launch_check.py [--configs 2] [--only NAME,...]
 
-Prints one JSON line per case: the autotuned kernels it reached, the configs precompiled and
-the compiles the autotuner still asked for. Exit status 1 on an error or an extra compile.
-Run it without TRITON_INTERPRET (tests/test_precompile.py does, in a subprocess).
+Prints one JSON line per case: the autotuned kernels it reached, the configs precompiled, the
+compiles by who asked, the launches of the last run and how many took the fast path. Exit
+status 1 on an error, an extra compile or a launch mismatch. Run it without TRITON_INTERPRET
+(tests/test_precompile.py does, in a subprocess).
 """
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from fuseformer.bench.compile_time import install  # noqa: E402
 from fuseformer.kernels import _util, precompile as P  # noqa: E402
+from fuseformer.kernels.launch import use_fast_launch  # noqa: E402
 
 A = importlib.import_module("fuseformer.kernels.attention")
 HK = importlib.import_module("fuseformer.kernels.attention_hopper")
@@ -54,10 +64,16 @@ class Counts:
         self.by = {"precompile": 0, "autotuner": 0, "launch": 0}
         self.tuned: set = set()
         self.precompiled = 0
+        self.jit_runs = 0  # launches through JITFunction.run (Triton's path), warm-ups aside
 
     def install(self):
         do_compile, autotuner_run, precompile = JITFunction._do_compile, Autotuner.run, P.precompile
+        jit_run = JITFunction.run
         counts = self
+
+        def running(self, *args, **kwargs):
+            counts.jit_runs += not kwargs.get("warmup", False)
+            return jit_run(self, *args, **kwargs)
 
         def counting(self, *args, **kwargs):
             counts.by[counts.where] += 1
@@ -81,6 +97,7 @@ class Counts:
             return n
 
         JITFunction._do_compile = counting
+        JITFunction.run = running
         Autotuner.run = tuning
         _util.precompile = precompiling
 
@@ -103,15 +120,34 @@ def case_add_layer_norm():
     ALN.backward(_randn(32, 768), None, stream, w, b, mean, rstd, 0.0, None, True)
 
 
-def case_attention(kernel, dq="pass", descriptors="device"):
-    B, H, L, D = 2, 2, 96, 64
-    q, k, v = (_randn(B, H, L, D) for _ in range(3))
+def case_attention(kernel, dq="pass", descriptors="device", autotune=True, causal=False, dropout_p=0.0):
+    """Key-padding mask, GQA (4 query heads on 2 key/value heads), forward and backward."""
+    B, H, Hk, L, D = 2, 4, 2, 96, 64
+    q, k, v = _randn(B, H, L, D), _randn(B, Hk, L, D), _randn(B, Hk, L, D)
     mask = torch.ones(B, 1, 1, L, dtype=torch.bool)
     mask[1, ..., 70:] = False
     mask4 = mask.expand(B, H, L, L)
-    with A.variant(kernel=kernel, dq=dq, descriptors=descriptors):
-        out, lse = A._forward(q, k, v, mask4, False, 0.125, 0.0, None)
-        A._backward(_randn(B, H, L, D), q, k, v, out, lse, mask4, False, 0.125, 0.0, None)
+    seed = torch.tensor([1234], dtype=torch.int64) if dropout_p else None
+    before = A.AUTOTUNE
+    A.set_autotune(autotune)
+    try:
+        with A.variant(kernel=kernel, dq=dq, descriptors=descriptors):
+            out, lse = A._forward(q, k, v, mask4, causal, 0.125, dropout_p, seed)
+            A._backward(_randn(B, H, L, D), q, k, v, out, lse, mask4, causal, 0.125, dropout_p, seed)
+    finally:
+        A.set_autotune(before)
+
+
+def case_varlen(kernel):
+    """Three packed sequences of 40, 17 and 64 tokens, causal, forward and backward."""
+    lengths = (40, 17, 64)
+    total, H, D = sum(lengths), 2, 64
+    cu = torch.tensor([0, 40, 57, 121], dtype=torch.int32)
+    q, k, v = (_randn(total, H, D) for _ in range(3))
+    with A.variant(kernel=kernel):
+        out, lse = A._varlen_forward(q, k, v, cu, cu, max(lengths), max(lengths), True, 0.125, 0.0, None)
+        A._varlen_backward(_randn(total, H, D), q, k, v, out, lse, cu, cu, max(lengths), max(lengths), True,
+                           0.125, 0.0, None)
 
 
 CASES = {
@@ -123,7 +159,30 @@ CASES = {
     "attention_hopper": lambda: case_attention("hopper"),
     "attention_hopper_host": lambda: case_attention("hopper", descriptors="host"),
     "attention_hopper_atomic_dq": lambda: case_attention("hopper", dq="atomic"),
+    # FUSEFORMER_AUTOTUNE=0 (GPU CI): the default configs, no autotuner.
+    "attention_portable_default_config": lambda: case_attention("portable", autotune=False, causal=True),
+    "attention_hopper_default_config": lambda: case_attention("hopper", autotune=False, causal=True),
+    "attention_portable_dropout": lambda: case_attention("portable", causal=True, dropout_p=0.1),
+    "varlen_portable": lambda: case_varlen("portable"),
+    "varlen_hopper": lambda: case_varlen("hopper"),
 }
+
+
+def _comparable(arg):
+    """A launcher argument as two runs of the same call both give it: tensors (new outputs
+    each run) by dtype, shape, strides and 16-byte alignment, host descriptors by their
+    tensor and boxes, anything else as it is."""
+    if isinstance(arg, torch.Tensor):
+        return ("tensor", arg.dtype, tuple(arg.shape), arg.stride(), arg.data_ptr() % 16 == 0)
+    if hasattr(arg, "block_shape") and hasattr(arg, "base"):
+        return ("descriptor", _comparable(arg.base), tuple(arg.shape), tuple(arg.strides), tuple(arg.block_shape))
+    return arg
+
+
+def _calls(launches):
+    """(kernel, grid, stream, function, packed metadata, arguments...) of each launcher call:
+    positions 6-8 (launch metadata and hooks) are what the fast path leaves out on purpose."""
+    return [(name, *args[:5], id(args[5]), *map(_comparable, args[9:])) for name, args in launches]
 
 
 def _pretend_sm90():
@@ -154,7 +213,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET"):
         raise SystemExit("run without TRITON_INTERPRET")
-    install()
+    driver = install()
     _pretend_sm90()
     if args.configs:
         _trim(args.configs)
@@ -164,15 +223,32 @@ def main(argv=None) -> int:
     counts.install()
     for name in names:
         counts.reset()
+        error, same, launches, fast = None, False, 0, 0
         try:
-            CASES[name]()
-            error = None
+            CASES[name]()  # compiles and tunes
+            with use_fast_launch(True):
+                driver.record = True
+                CASES[name]()  # Triton's path, each compiled kernel kept for the fast path
+                triton_path = _calls(driver.launches)
+                driver.launches.clear()
+                jit_runs = counts.jit_runs
+                CASES[name]()  # the fast path wherever it applies
+                fast_path = _calls(driver.launches)
+                launches, fast = len(fast_path), len(fast_path) - (counts.jit_runs - jit_runs)
+                same = triton_path == fast_path
+                if not same:
+                    diff = next(((a, b) for a, b in zip(triton_path, fast_path) if a != b), "a different count")
+                    error = f"the fast launch passed other arguments than Triton's path: {diff}"
         except Exception:  # noqa: BLE001 - reported, and the exit status says so
             error = traceback.format_exc(limit=8)
+        finally:
+            driver.record = False
+            driver.launches.clear()
         row = {"case": name, "tuned": sorted(counts.tuned), "precompiled": counts.precompiled, **counts.by,
-               "threads": P.THREADS, "triton": triton.__version__, "error": error}
+               "launches": launches, "fast_launches": fast, "same_launch_args": same, "threads": P.THREADS,
+               "triton": triton.__version__, "error": error}
         failed |= error is not None or counts.by["autotuner"] > 0
-        print(json.dumps(row), flush=True)
+        print(json.dumps(row, default=str), flush=True)
     return 1 if failed else 0
 
 

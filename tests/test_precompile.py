@@ -1,4 +1,4 @@
-"""kernels/precompile.py, and every launcher through Triton's real JIT path without a GPU.
+"""kernels/precompile.py and the fast launch, through Triton's real JIT path without a GPU.
 
 tests/offline_launch_check.py runs our launchers on CPU tensors with a stand-in Triton driver
 (bench/compile_time.OfflineDriver), compiling for sm_90: the binder, our autotuners' pruning
@@ -31,7 +31,14 @@ TUNED = {
     "attention_hopper": {"_attn_fwd_hopper", "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper"},
     "attention_hopper_host": {"_attn_fwd_hopper", "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper"},
     "attention_hopper_atomic_dq": {"_attn_bwd_dkdv_hopper"},  # no dQ pass
+    "attention_portable_default_config": set(),  # FUSEFORMER_AUTOTUNE=0: no autotuner
+    "attention_hopper_default_config": set(),
+    "attention_portable_dropout": {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"},
+    "varlen_portable": {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"},
+    "varlen_hopper": {"_attn_fwd_hopper", "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper"},
 }
+# Cases whose kernels take host tensor descriptors: those launches keep Triton's path.
+HOST_DESCRIPTORS = {"attention_hopper_host"}
 
 
 def _run(*args, threads=None):
@@ -48,8 +55,10 @@ def _run(*args, threads=None):
 
 def test_every_launcher_through_tritons_jit_path_offline():
     """Every case gets through Triton's JIT path (an attention autotuner's pruning once
-    crashed there, on every GPU launch, unseen by the interpreter tests), reaches the kernels
-    it names, and the autotuner compiles nothing precompile.py did not compile already."""
+    crashed there, on every GPU launch, unseen by the interpreter tests) and reaches the
+    kernels it names; the autotuner compiles nothing precompile.py did not compile already;
+    the fast launch gives every launcher what Triton's path gives it, and takes every launch
+    whose arguments it knows (all but host tensor descriptors)."""
     proc, rows = _run("--configs", "2", threads=2)
     assert set(rows) == set(TUNED), proc.stdout + proc.stderr[-3000:]
     for name, row in rows.items():
@@ -58,6 +67,11 @@ def test_every_launcher_through_tritons_jit_path_offline():
         assert row["autotuner"] == 0, f"{name}: the autotuner compiled {row['autotuner']} configs itself"
         if TUNED[name]:
             assert row["precompiled"] == row["precompile"] >= 2 * len(TUNED[name]), name
+        assert row["same_launch_args"] and row["launches"] >= 1, name
+        if name in HOST_DESCRIPTORS:
+            assert 1 <= row["fast_launches"] < row["launches"], name
+        else:
+            assert row["fast_launches"] == row["launches"], name
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
