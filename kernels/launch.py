@@ -45,11 +45,15 @@ from . import backends
 _ENABLED = backends._env_flag("FUSEFORMER_FAST_LAUNCH")  # read once at import; set_fast_launch changes it
 _INTERPRET = backends.interpreting()  # read at import, as Triton reads it when a kernel is decorated
 
-# (kernel, device, options, constexprs, argument specializations) -> (CompiledKernel, tail):
-# `tail` holds the values of the parameters after the positional ones, in signature order.
+# Kernels are keyed by id(): a JITFunction's own __hash__ takes a lock and reads a property
+# (about a microsecond here), and a launch looks a kernel up three times. Every entry keeps the
+# kernel object too and a hit checks it is the same one, so an id that a freed kernel's
+# successor reuses never matches.
+# (id(kernel), device, options, constexprs, argument specializations) -> (CompiledKernel, tail,
+# kernel): `tail` holds the values of the parameters after the positional ones, in signature order.
 _kernels: dict[tuple, tuple] = {}
-# Kernels whose fast launch raised once: they take Triton's path from then on.
-_refused: set = set()
+# Kernels whose fast launch raised once, id -> kernel: they take Triton's path from then on.
+_refused: dict = {}
 _driver = None  # (get_current_device, get_current_stream), resolved at the first fast launch
 
 
@@ -74,6 +78,7 @@ def use_fast_launch(enabled: bool = True):
 
 
 _Tensor = torch.Tensor
+_Parameter = torch.nn.Parameter
 
 
 def _spec(args):
@@ -84,7 +89,8 @@ def _spec(args):
       int     -1 for the value 1; else its residue mod 16 (0: divisible by 16), plus 16 past
               32 bits and 32 past 64 (Triton's i32 / i64 / u64)
       float   -2;  bool -3 (neither is specialized on its value);  None  None
-      tensor  (dtype, data pointer 16-byte aligned)"""
+      tensor  two entries: its dtype, then its data pointer's residue mod 16 (0: aligned); a
+              dtype only ever comes from a tensor, so the flat sequence still reads one way"""
     out = []
     add = out.append
     for a in args:
@@ -96,14 +102,15 @@ def _spec(args):
                 add(a & 15)
             else:
                 add((16 if -0x8000000000000000 <= a <= 0x7FFFFFFFFFFFFFFF else 32) + (a & 15))
+        elif c is _Tensor or c is _Parameter or (c is not float and c is not bool and isinstance(a, _Tensor)):
+            add(a.dtype)
+            add(a.data_ptr() & 15)
         elif c is float:
             add(-2)
         elif a is None:
             add(None)
         elif c is bool:
             add(-3)
-        elif isinstance(a, _Tensor):
-            add((a.dtype, a.data_ptr() & 15 == 0))
         else:
             return None
     return tuple(out)
@@ -147,16 +154,17 @@ def _tail(fn, n_positional: int, kwargs: dict) -> tuple:
     return tuple(values)
 
 
-_constexpr_positions: dict = {}
+_constexpr_positions: dict = {}  # id(kernel) -> (kernel, positions)
 
 
 def _constexprs_at(fn):
     """Positions of fn's constexpr parameters (their values, not their kinds, pick a compiled
     kernel when passed positionally); None for anything but a plain JITFunction."""
-    positions = _constexpr_positions.get(fn, False)
-    if positions is False:
-        positions = tuple(i for i, p in enumerate(fn.params) if p.is_constexpr) if _is_jit(fn) else None
-        _constexpr_positions[fn] = positions
+    entry = _constexpr_positions.get(id(fn))
+    if entry is not None and entry[0] is fn:
+        return entry[1]
+    positions = tuple(i for i, p in enumerate(fn.params) if p.is_constexpr) if _is_jit(fn) else None
+    _constexpr_positions[id(fn)] = (fn, positions)
     return positions
 
 
@@ -174,7 +182,7 @@ def _without_heuristics(fn, args, kwargs):
 
 def launch(fn, grid, *args, **kwargs) -> None:
     """fn[grid](*args, **kwargs), on the fast path when it is on and the call allows it."""
-    if not _ENABLED or _INTERPRET or fn in _refused:
+    if not _ENABLED or _INTERPRET or _refused.get(id(fn)) is fn:
         fn[grid](*args, **kwargs)
         return
     given = fn
@@ -206,23 +214,23 @@ def launch(fn, grid, *args, **kwargs) -> None:
 
         _driver = (driver.active.get_current_device, driver.active.get_current_stream)
     device = _driver[0]()
-    key = (fn, device, tuple(kwargs.items()), spec)
+    key = (id(fn), device, tuple(kwargs.items()), spec)
     entry = _kernels.get(key)
-    if entry is None:
+    if entry is None or entry[2] is not fn:
         # Triton's own path: compiles (or finds) the kernel for this specialization, launches
         # it, and returns it.
         compiled = fn[grid](*args, **kwargs)
         if compiled is not None:
-            _kernels[key] = (compiled, _tail(fn, len(args), kwargs))
+            _kernels[key] = (compiled, _tail(fn, len(args), kwargs), fn)
         return
-    compiled, tail = entry
+    compiled, tail, _ = entry
     grid_1 = dims[1] if len(dims) > 1 else 1
     grid_2 = dims[2] if len(dims) > 2 else 1
     try:
         compiled.run(dims[0], grid_1, grid_2, _driver[1](device), compiled.function, compiled.packed_metadata, None,
                      None, None, *args, *tail)
     except Exception as err:  # noqa: BLE001 - the launcher refused the arguments before launching
-        _refused.update((fn, given))
+        _refused.update({id(fn): fn, id(given): given})
         warnings.warn(f"fuseformer: the fast launch of {getattr(fn, '__name__', fn)} failed ({err}); it takes "
                       "Triton's launch path from now on", stacklevel=2)
         fn[grid](*args, **kwargs)
