@@ -6,11 +6,10 @@ threads, each in a fresh process with an empty Triton cache.
         [--threads T]
 
 On a CUDA device the first call is real: compiles, then the autotuner's timing loops. Without
-one it compiles for sm_90 (H100, H200) through OfflineDriver, a stand-in Triton driver: the
+one it compiles for sm_90 (H100, H200) through bench/offline.py's stand-in Triton driver: the
 real compile pipeline (Triton's front end, MLIR, LLVM, ptxas), with a launcher that launches
 nothing and a benchmarker that times nothing, so the figure is compile time alone. That is
-how kernels/precompile.py's figures were taken. tests/test_precompile.py uses the same driver
-to check, without a GPU, that the autotuner finds every precompiled config under its own key.
+how kernels/precompile.py's figures were taken.
 """
 from __future__ import annotations
 
@@ -22,79 +21,7 @@ import sys
 import tempfile
 import time
 
-SM90 = ("cuda", 90, 32)  # GPUTarget(backend, arch, warp_size) of an H100 / H200
-
-
-class _OfflineUtils:
-    """The device queries a compiled kernel's first launch makes: an H100's limits."""
-
-    def get_device_properties(self, device):
-        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32,
-                "sm_clock_rate": 1755000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
-
-    def load_binary(self, name, kernel, shared, device):
-        return 0, 0, 32, 0, 1024  # module, function, registers, spills, max threads per block
-
-
-class OfflineDriver:
-    """Triton's active driver on a machine without a GPU: device 0 of capability 9.0, stream 0;
-    a kernel 'launch' only appends (kernel name, the launcher's arguments) to `launches`
-    (when `record` is on), and a benchmark calls its function once and reports 1 ms.
-    Install with `install()`; Triton must not be in interpreter mode."""
-
-    utils = _OfflineUtils()
-
-    def __init__(self):
-        self.record = False
-        self.launches: list = []
-
-    def get_current_device(self):
-        return 0
-
-    def set_current_device(self, device):
-        pass
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        from triton.backends.compiler import GPUTarget
-
-        return GPUTarget(*SM90)
-
-    def get_active_torch_device(self):
-        import torch
-
-        return torch.device("cpu")
-
-    def launcher_cls(self, src, metadata):
-        def launch(*args):
-            if self.record:
-                self.launches.append((metadata.name, args))
-        return launch
-
-    def get_benchmarker(self):
-        def bench(fn, quantiles=None, **_):
-            fn()
-            return [1.0] * len(quantiles) if quantiles else 1.0
-        return bench
-
-    def get_empty_cache_for_benchmark(self):
-        import torch
-
-        return torch.empty(1)
-
-    def clear_cache(self, cache):
-        pass
-
-
-def install() -> OfflineDriver:
-    import triton
-
-    driver = OfflineDriver()
-    triton.runtime.driver.set_active(driver)
-    return driver
-
+from .offline import install
 
 def _inner_jit(tuned):
     fn = tuned.fn

@@ -7,8 +7,14 @@ Python and dispatch cost a drop-in layer pays per call, not kernel time:
   work of a tiny case is a few microseconds and runs asynchronously behind the host;
 - on the CPU every Triton launch is replaced by a no-op (Triton's interpreter would
   otherwise dominate), so CI measures our dispatch - checks, plan lookup, autograd, output
-  allocation - and shows its regressions without a GPU.
-The torch baselines run for real on both (on the CPU that includes their tiny kernels).
+  allocation - and shows its regressions without a GPU;
+- on the CPU, a second table runs the same calls in a child process through Triton's real
+  launch path with bench/offline.py's stand-in driver (kernels compiled for sm_90, the
+  launcher call itself a no-op): our dispatch plus Triton's JITFunction.run, or the fast
+  launch (kernels/launch.py) in its place. Everything but the C launcher and the driver call
+  is the host work a GPU run does (not in --quick runs: its first run compiles a dozen
+  kernels, about a minute on two cores).
+The torch baselines run for real everywhere (on the CPU that includes their tiny kernels).
 
     python -m fuseformer.bench.overhead [--device cpu|cuda] [--quick]
     fuseformer bench --filter overhead          (the same group, written into results.json/md)
@@ -106,42 +112,55 @@ def op_cases(device: torch.device, dtype: torch.dtype, backend: str, grad: bool)
     ]
 
 
-def _host_us(fns: list[Callable[[], object]], device: torch.device, calls: int, repeats: int) -> list[float]:
+def _host_us(fns: list, device: torch.device, calls: int, repeats: int) -> list[float]:
     """Host µs per call of each function: the fastest of `repeats` rounds of `calls`
     back-to-back calls. The functions take turns round by round, so a busy machine slows
-    them alike, and the fastest round is the one least disturbed by other processes."""
-    for fn in fns:
-        for _ in range(max(3, calls // 10)):  # warm-up: autotuning, compiles, plan caches
-            fn()
+    them alike, and the fastest round is the one least disturbed by other processes. An entry
+    may be (fn, fast): fn timed with the fast launch set to `fast`, set outside the timed loop."""
+    fns = [f if isinstance(f, tuple) else (f, None) for f in fns]
+    for fn, fast in fns:
+        with use_fast_launch(fast) if fast is not None else contextlib.nullcontext():
+            for _ in range(max(3, calls // 10)):  # warm-up: autotuning, compiles, plan caches
+                fn()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            sync()
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            best[i] = min(best[i], (time.perf_counter() - start) / calls * 1e6)
+        for i, (fn, fast) in enumerate(fns):
+            with use_fast_launch(fast) if fast is not None else contextlib.nullcontext():
+                sync()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                best[i] = min(best[i], (time.perf_counter() - start) / calls * 1e6)
     sync()
     return best
 
 
 def measure_ops(device: torch.device, dtype: torch.dtype, backend: str = "triton", calls: int = 200,
-                repeats: int = 7) -> list[dict]:
+                repeats: int = 7, stub: bool | None = None, only: str = "") -> list[dict]:
+    """Every row (or those whose name contains `only`); `stub` (default: on a CPU) replaces
+    each Triton launch with a no-op. Without it the fast launch is timed beside Triton's path."""
     rows = []
-    stub = device.type != "cuda"
+    stub = device.type != "cuda" if stub is None else stub
     for grad in (False, True):
         for case in op_cases(device, dtype, backend, grad):
+            if only not in case.name:
+                continue
             # The torch calls launch no Triton kernel: the stub changes nothing for them.
-            with stubbed_launches() if stub else contextlib.nullcontext():
-                ours_us, torch_us = _host_us([case.ours, case.torch], device, calls, repeats)
+            if stub:
+                with stubbed_launches():
+                    ours_us, torch_us = _host_us([case.ours, case.torch], device, calls, repeats)
+            else:
+                # Triton's launch path and the fast launch (kernels/launch.py: Triton's
+                # JITFunction.run skipped after the first launch of each specialization) in
+                # the same rounds as the torch call.
+                ours_us, fast_us, torch_us = _host_us([(case.ours, False), (case.ours, True), case.torch], device,
+                                                      calls, repeats)
             row = dict(case=case.name, ours_us=ours_us, torch_us=torch_us, torch_call=case.torch_name,
-                       ratio=ours_us / torch_us, launch="stubbed" if stub else "real")
+                       ratio=ours_us / torch_us, launch="stubbed" if stub else "real" if device.type == "cuda"
+                       else "offline")
             if not stub:
-                # The opt-in fast launch path (kernels/launch.py): the same call, Triton's
-                # JITFunction.run skipped after the first launch of each specialization.
-                with use_fast_launch(True):
-                    row["ours_fast_launch_us"] = _host_us([case.ours], device, calls, repeats)[0]
+                row["ours_fast_launch_us"] = fast_us
             rows.append(row)
     return rows
 
@@ -168,13 +187,14 @@ def measure_launch_floor(device: torch.device, dtype: torch.dtype, calls: int = 
 
     ours = lambda: aln.add_layer_norm(x, r, w, b, backend="triton")  # noqa: E731
     tiny = lambda: torch.add(x, r)  # noqa: E731
-    with stubbed_launches() if device.type != "cuda" else contextlib.nullcontext():
-        raw_us, ours_us, tiny_us = _host_us([raw, ours, tiny], device, calls, repeats)
-    floor = dict(triton_launch_us=raw_us, ours_us=ours_us, torch_add_us=tiny_us)
-    if device.type == "cuda":
-        with use_fast_launch(True):
-            floor["ours_fast_launch_us"] = _host_us([ours], device, calls, repeats)[0]
-    return floor
+    if device.type != "cuda":
+        with stubbed_launches():
+            raw_us, ours_us, tiny_us = _host_us([raw, ours, tiny], device, calls, repeats)
+        return dict(triton_launch_us=raw_us, ours_us=ours_us, torch_add_us=tiny_us)
+    # ours on Triton's launch path (the same launch as `raw`, our dispatch around it) and on the
+    # fast launch, in the same rounds.
+    raw_us, ours_us, fast_us, tiny_us = _host_us([raw, (ours, False), (ours, True), tiny], device, calls, repeats)
+    return dict(triton_launch_us=raw_us, ours_us=ours_us, ours_fast_launch_us=fast_us, torch_add_us=tiny_us)
 
 
 @contextlib.contextmanager
@@ -205,7 +225,7 @@ def measure_bert_forward(device: torch.device, dtype: torch.dtype, repeats: int 
 
     On a CUDA device: the host time until the forward returns (it returns before the GPU
     ends), fused (backend auto) against the same model on the torch backend, and fused again
-    with the opt-in fast launch.
+    on Triton's own launch path (`fused`) and on the fast launch (`fused_fast_launch`, the default).
     On the CPU: the host time spent inside the fused ops per forward, launches stubbed (the
     rest of the forward computes on garbage there, so its time would mean nothing). It
     includes the CPU allocator's cost for BERT-sized outputs (large buffers come from mmap
@@ -284,7 +304,7 @@ def run_group(device: torch.device, quick: bool = False) -> dict:
     finally:
         torch.set_num_threads(threads)
         attention.set_autotune(autotune)
-    return {
+    group = {
         "dtype": str(dtype).replace("torch.", ""),
         "launch": "stubbed (no kernel runs)" if device.type != "cuda" else "real",
         "target_ratio": TARGET_RATIO,
@@ -292,13 +312,65 @@ def run_group(device: torch.device, quick: bool = False) -> dict:
         "bert_base_forward": bert,
         "launch_floor": floor,
     }
+    if device.type != "cuda":
+        group["offline"] = _offline_rows(quick)
+    return group
+
+
+def measure_offline(calls: int = 200, repeats: int = 7, only: str = "") -> list[dict]:
+    """measure_ops on the CPU through Triton's real launch path (see the module docstring), in
+    this process: call it in one without Triton's interpreter (`--offline-child`)."""
+    import importlib
+
+    from fuseformer.kernels import backends
+
+    from .offline import admit_triton, install, pretend_sm90
+
+    if backends.interpreting():
+        raise RuntimeError("measure_offline needs a process without TRITON_INTERPRET")
+    install()
+    pretend_sm90()
+    admit_triton()
+    attention = importlib.import_module("fuseformer.kernels.attention")
+    attention.set_autotune(False)  # as run_group: the default configs, the same host path once tuned
+    lg = importlib.import_module("fuseformer.kernels.linear_gelu")
+    for tuned in (lg._linear_gelu_fwd, lg._linear_gelu_tma):
+        tuned.configs = tuned.configs[:1]  # one compile each; a tuned call launches the same way
+    torch.set_num_threads(1)
+    return measure_ops(torch.device("cpu"), torch.float32, calls=calls, repeats=repeats, stub=False, only=only)
+
+
+def _offline_rows(quick: bool) -> dict:
+    """measure_offline in a child process (this one has Triton's interpreter on)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if quick:
+        return {"skipped": "not in --quick runs (its first run compiles a dozen kernels)"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "fuseformer.bench.overhead", "--offline-child"], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    if proc.returncode != 0 or not lines:
+        return {"skipped": "the offline run failed: " + (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+    return {"launch": "stand-in driver, kernels compiled for sm_90, the launcher call itself a no-op",
+            "dtype": "float32", "rows": json.loads(lines[-1])}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer calls and rounds")
+    parser.add_argument("--offline-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--only", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.offline_child:
+        import json
+
+        print(json.dumps(measure_offline(*((2, 1) if args.quick else ()), only=args.only)))
+        return 0
     from .report import overhead_lines
 
     group = run_group(torch.device(args.device), quick=args.quick)

@@ -17,7 +17,7 @@ Then, for each backend, at that shape:
 - the GPU time of the kernels alone, from torch.profiler's device events;
 - torch.profiler's table of the forward+backward (top rows by CPU time), which shows host gaps,
   synchronisations and the autograd engine's thread;
-- on the triton backend, the timing rows again on the opt-in fast launch path.
+- on the triton backend, the timing rows on Triton's own launch path and on the fast launch.
 
 Last, a BERT-base fp16 inference forward (--bert BxL, default 32x128, backend auto): its kernels
 by device time per forward, to say which of them the CUDA-graph target (2x HF + torch.compile)
@@ -119,8 +119,9 @@ def profile_add_layer_norm(M: int, N: int, backends: list[str], iters: int) -> N
             return impl.backward(dy, None, stream, w, b, mean, rstd, 0.0, None, True)
 
         rows = [("fwd+bwd (autograd.grad)", fwd_bwd), ("fwd (grad-enabled)", fwd), ("bwd launcher, main thread", bwd_direct)]
-        # The triton rows again on the opt-in fast launch path (kernels/launch.py), which skips
-        # Triton's JITFunction.run: if the slow part is there, these rows show it gone.
+        # The triton rows on Triton's launch path and on the fast launch (kernels/launch.py, the
+        # default), which skips Triton's JITFunction.run: if the slow part is there, the second
+        # rows show it gone.
         fast_modes = (False, True) if backend == "triton" else (False,)
         for fast in fast_modes:
             label = " [fast launch]" if fast else ""

@@ -273,20 +273,12 @@ def overhead_lines(doc: dict) -> list[str]:
              f"Launches: {group['launch']}; {group['dtype']}; target: at most {group['target_ratio']}x the "
              "torch call each op replaces.", "",
              ]
-    fast = any("ours_fast_launch_us" in r for r in group["rows"])
-    if fast:  # the opt-in fast launch path, timed beside the default one (GPU runs)
-        lines += ["| call | ours µs | ours µs, fast launch | torch µs | torch call | ours / torch | fast / torch |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-    else:
-        lines += ["| call | ours µs | torch µs | torch call | ours / torch |", "| --- | --- | --- | --- | --- |"]
-    for r in group["rows"]:
-        if fast:
-            f_us = r.get("ours_fast_launch_us", float("nan"))
-            lines.append(f"| {r['case']} | {r['ours_us']:.1f} | {f_us:.1f} | {r['torch_us']:.1f} | {r['torch_call']} | "
-                         f"{r['ratio']:.2f}x | {f_us / r['torch_us']:.2f}x |")
-        else:
-            lines.append(f"| {r['case']} | {r['ours_us']:.1f} | {r['torch_us']:.1f} | {r['torch_call']} | "
-                         f"{r['ratio']:.2f}x |")
+    lines += _overhead_table(group["rows"])
+    offline = group.get("offline")
+    if offline:
+        lines += ["", f"The same calls through Triton's launch code on this CPU ({offline.get('launch', 'offline')}; "
+                      f"{offline.get('dtype', '')}):", ""]
+        lines += _overhead_table(offline["rows"]) if "rows" in offline else [f"Not measured: {offline['skipped']}."]
     bert = group.get("bert_base_forward") or {}
     if "fused_ops_us" in bert:
         lines += ["", f"BERT-base eager forward (B1 L16): {bert['fused_calls']} fused-op calls, "
@@ -303,6 +295,26 @@ def overhead_lines(doc: dict) -> list[str]:
                          if "ours_fast_launch_us" in floor else "")
                       + f"; Triton's own launch of the same kernel {floor['triton_launch_us']:.1f} µs; "
                       f"torch.add {floor['torch_add_us']:.1f} µs."]
+    return lines
+
+
+def _overhead_table(rows: list[dict]) -> list[str]:
+    """One overhead table: with a fast-launch column where the rows have one."""
+    fast = any("ours_fast_launch_us" in r for r in rows)
+    if fast:  # the fast launch path, timed beside the default one
+        lines = ["| call | ours µs, Triton's launch | ours µs, fast launch (default) | torch µs | torch call | "
+                 "Triton's / torch | fast / torch |",
+                 "| --- | --- | --- | --- | --- | --- | --- |"]
+    else:
+        lines = ["| call | ours µs | torch µs | torch call | ours / torch |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if fast:
+            f_us = r.get("ours_fast_launch_us", float("nan"))
+            lines.append(f"| {r['case']} | {r['ours_us']:.1f} | {f_us:.1f} | {r['torch_us']:.1f} | {r['torch_call']} | "
+                         f"{r['ratio']:.2f}x | {f_us / r['torch_us']:.2f}x |")
+        else:
+            lines.append(f"| {r['case']} | {r['ours_us']:.1f} | {r['torch_us']:.1f} | {r['torch_call']} | "
+                         f"{r['ratio']:.2f}x |")
     return lines
 
 

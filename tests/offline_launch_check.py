@@ -4,7 +4,7 @@ The parity tests run the kernels in Triton's interpreter, which skips what a GPU
 through before a kernel starts: Triton's argument binder and specialization, our autotuners'
 early pruning and pre_hooks, the autotuner itself, kernels/precompile.py, and the compile of
 every launch for the real target. Here each launcher runs on CPU tensors with
-bench/compile_time.OfflineDriver as Triton's active driver: everything up to the launch is
+bench/offline.py's stand-in driver as Triton's active driver: everything up to the launch is
 real (the compiles too), the launch and the autotuner's timings do nothing. Results are
 garbage; what counts:
 - every call gets through;
@@ -41,7 +41,7 @@ import triton  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from fuseformer.bench.compile_time import install  # noqa: E402
+from fuseformer.bench.offline import install, pretend_sm90  # noqa: E402
 from fuseformer.kernels import _util, precompile as P  # noqa: E402
 from fuseformer.kernels.launch import use_fast_launch  # noqa: E402
 
@@ -49,7 +49,6 @@ A = importlib.import_module("fuseformer.kernels.attention")
 HK = importlib.import_module("fuseformer.kernels.attention_hopper")
 LG = importlib.import_module("fuseformer.kernels.linear_gelu")
 ALN = importlib.import_module("fuseformer.kernels.add_layer_norm")
-CPU = torch.device("cpu")
 
 
 class Counts:
@@ -185,15 +184,6 @@ def _calls(launches):
     return [(name, *args[:5], id(args[5]), *map(_comparable, args[9:])) for name, args in launches]
 
 
-def _pretend_sm90():
-    """What our launchers ask of a CUDA device, answered as an H100 would for CPU tensors:
-    132 SMs, TMA capable, the Hopper kernels admitted."""
-    _util._sm_counts[CPU] = 132
-    LG._tma_capable[CPU] = True
-    reason = HK.unsupported_reason
-    HK.unsupported_reason = lambda q, *rest: reason(q, *rest) if q.is_cuda else None
-
-
 def _trim(configs: int):
     for tuned in (A.attn_fwd_tuned, A.attn_bwd_dkdv_tuned, A.attn_bwd_dkdv_tuned_atomic, A.attn_bwd_dq_tuned,
                   HK.attn_fwd_hopper_tuned, LG._linear_gelu_fwd, LG._linear_gelu_tma,
@@ -214,7 +204,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET"):
         raise SystemExit("run without TRITON_INTERPRET")
     driver = install()
-    _pretend_sm90()
+    pretend_sm90()
     if args.configs:
         _trim(args.configs)
     names = [n for n in args.only.split(",") if n] or list(CASES)

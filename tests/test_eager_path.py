@@ -68,6 +68,26 @@ def test_overhead_group_measures_every_op_on_cpu():
         assert r["ratio"] == pytest.approx(r["ours_us"] / r["torch_us"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU form of the group")
+def test_overhead_through_tritons_launch_path_on_cpu():
+    """The CPU's second overhead table: a child process without the interpreter runs the calls
+    through Triton's launch path with the stand-in driver, Triton's JITFunction.run and the
+    fast launch in the same rounds (add+LN only here: three compiles)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "fuseformer.bench.overhead", "--offline-child", "--quick",
+                           "--only", "add_layer_norm"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads([line for line in proc.stdout.splitlines() if line.startswith("[")][-1])
+    assert [r["case"] for r in rows] == ["add_layer_norm_fwd", "add_layer_norm_fwd+bwd"]
+    for r in rows:
+        assert r["launch"] == "offline" and r["ours_us"] > 0 and r["ours_fast_launch_us"] > 0 and r["torch_us"] > 0
+
+
 def test_poisoning_is_read_once_not_per_call(monkeypatch):
     # The environment is read at import; changing it later must not cost (or change) a call.
     monkeypatch.setenv("FUSEFORMER_POISON", "1")

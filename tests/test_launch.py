@@ -1,4 +1,5 @@
-"""kernels/launch.py, the opt-in fast launch path (FUSEFORMER_FAST_LAUNCH=1), without a GPU.
+"""kernels/launch.py, the fast launch path (the default; FUSEFORMER_FAST_LAUNCH=0 turns it off),
+without a GPU.
 
 A launch needs a CUDA driver, so these tests drive `launch()` with a stand-in kernel that records
 whether a call took Triton's path (`fn[grid](...)`, which compiles and returns the kernel) or
@@ -6,7 +7,9 @@ the fast one (`compiled.run(...)`, and with which arguments). What they pin down
 GPU run cannot show when it goes wrong quietly: every argument Triton specializes on (dtype,
 16-byte alignment, an int's value 1 / divisibility by 16 / width, a constexpr's value) yields a
 new kernel through Triton's path, never a kept one; and everything the fast path does not know
-takes Triton's path. The real launcher runs in the GPU tests once the switch is on there.
+takes Triton's path. tests/offline_launch_check.py runs every real launcher of ours through
+Triton's own JIT path with a stand-in driver and compares what both paths hand the launcher;
+the GPU tests compare the outputs bit for bit.
 """
 import inspect
 import os
@@ -173,7 +176,8 @@ def test_a_missing_parameter_is_an_error_not_a_guess(fast):
 def test_real_triton_parameters_hooks_and_environment(tmp_path):
     """Against the installed triton, outside the interpreter (a subprocess: this one has
     TRITON_INTERPRET set): which parameters are constexprs, the tail of defaults, the hook test
-    on triton's own knobs, and FUSEFORMER_FAST_LAUNCH read at import."""
+    on triton's own knobs, and FUSEFORMER_FAST_LAUNCH read at import (on when unset, off for
+    0/false/no/off)."""
     code = r'''
 import triton, triton.language as tl
 from triton import knobs
@@ -194,15 +198,19 @@ if chain is None:
 else:
     chain.add(hook)
 assert not L._hooks_idle()
-assert L.fast_launch_enabled()
+import os
+assert L.fast_launch_enabled() == (os.environ.get("EXPECT") == "on"), os.environ.get("FUSEFORMER_FAST_LAUNCH")
 print("OK")
 '''
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["FUSEFORMER_FAST_LAUNCH"] = "1"
     script = tmp_path / "real_triton.py"  # @triton.jit needs its source in a file
     script.write_text(code)
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
-    assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr
+    for value, expect in ((None, "on"), ("1", "on"), (" Off ", "off"), ("0", "off")):
+        env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSEFORMER_FAST_LAUNCH")}
+        env["EXPECT"] = expect
+        if value is not None:
+            env["FUSEFORMER_FAST_LAUNCH"] = value
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+        assert result.returncode == 0 and "OK" in result.stdout, (value, result.stdout + result.stderr)
 
 
 @pytest.mark.gpu

@@ -1,7 +1,7 @@
 """kernels/precompile.py and the fast launch, through Triton's real JIT path without a GPU.
 
 tests/offline_launch_check.py runs our launchers on CPU tensors with a stand-in Triton driver
-(bench/compile_time.OfflineDriver), compiling for sm_90: the binder, our autotuners' pruning
+(bench/offline.py), compiling for sm_90: the binder, our autotuners' pruning
 and pre_hooks, the autotuner and the compiles are Triton's own, as on a GPU; only the launches
 and the timings do nothing. It runs in a subprocess: this process has Triton's interpreter on
 (conftest.py), under which no kernel is a JITFunction. Each autotuner gets its first two

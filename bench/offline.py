@@ -1,0 +1,124 @@
+"""Triton's real JIT path on a machine without a GPU: a stand-in driver for sm_90.
+
+Our kernels run on a CPU through Triton's interpreter, which skips everything a GPU run does
+before a kernel starts: Triton's argument binder and specialization, the autotuners' pruning
+and pre_hooks, the autotuner, the compile for the real target, and the launch path's host
+time. With OfflineDriver as Triton's active driver (and the interpreter off), all of that
+runs for real on CPU tensors, compiling for an H100/H200 (sm_90); only the launcher call and
+the autotuner's timings do nothing. `pretend_sm90` answers our launchers' own device queries
+(SM count, TMA, the Hopper kernels' admission) as an H100 would, and `admit_triton` lets the
+public ops choose the triton backend for CPU tensors.
+
+Used by bench/compile_time.py (first-call compile time), the overhead group (host time per
+call through Triton's launch path and the fast launch, on a CPU) and
+tests/offline_launch_check.py. Results computed this way are garbage; what is real is every
+step up to the launch.
+"""
+from __future__ import annotations
+
+import torch
+
+SM90 = ("cuda", 90, 32)  # GPUTarget(backend, arch, warp_size) of an H100 / H200
+
+
+class _OfflineUtils:
+    """The device queries a compiled kernel's first launch makes: an H100's limits."""
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32,
+                "sm_clock_rate": 1755000, "mem_clock_rate": 2619000, "mem_bus_width": 5120}
+
+    def load_binary(self, name, kernel, shared, device):
+        return 0, 0, 32, 0, 1024  # module, function, registers, spills, max threads per block
+
+
+class OfflineDriver:
+    """Triton's active driver on a machine without a GPU: device 0 of capability 9.0, stream 0;
+    a kernel 'launch' only appends (kernel name, the launcher's arguments) to `launches`
+    (when `record` is on), and a benchmark calls its function once and reports 1 ms.
+    Install with `install()`; Triton must not be in interpreter mode."""
+
+    utils = _OfflineUtils()
+
+    def __init__(self):
+        self.record = False
+        self.launches: list = []
+
+    def get_current_device(self):
+        return 0
+
+    def set_current_device(self, device):
+        pass
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget(*SM90)
+
+    def get_active_torch_device(self):
+        import torch
+
+        return torch.device("cpu")
+
+    def launcher_cls(self, src, metadata):
+        def launch(*args):
+            if self.record:
+                self.launches.append((metadata.name, args))
+        return launch
+
+    def get_benchmarker(self):
+        def bench(fn, quantiles=None, **_):
+            fn()
+            return [1.0] * len(quantiles) if quantiles else 1.0
+        return bench
+
+    def get_empty_cache_for_benchmark(self):
+        import torch
+
+        return torch.empty(1)
+
+    def clear_cache(self, cache):
+        pass
+
+
+def install() -> OfflineDriver:
+    import triton
+
+    driver = OfflineDriver()
+    triton.runtime.driver.set_active(driver)
+    return driver
+
+
+def pretend_sm90() -> None:
+    """What our launchers ask of a CUDA device, answered as an H100 would for CPU tensors:
+    132 SMs, TMA capable, the Hopper kernels admitted."""
+    import importlib
+
+    from fuseformer.kernels import _util
+
+    cpu = torch.device("cpu")
+    _util._sm_counts[cpu] = 132
+    importlib.import_module("fuseformer.kernels.linear_gelu")._tma_capable[cpu] = True
+    hopper = importlib.import_module("fuseformer.kernels.attention_hopper")
+    if not getattr(hopper.unsupported_reason, "_offline", False):
+        reason = hopper.unsupported_reason
+
+        def unsupported_reason(q, *rest):
+            return reason(q, *rest) if q.is_cuda else None
+
+        unsupported_reason._offline = True
+        hopper.unsupported_reason = unsupported_reason
+
+
+def admit_triton() -> None:
+    """Let backend="triton" run CPU tensors without the interpreter (the stand-in driver's
+    launches), so the public ops take their real path."""
+    from fuseformer.kernels import backends
+
+    reason = backends.unavailable_reason
+    backends.unavailable_reason = lambda backend: None if backend == "triton" else reason(backend)
+    backends._device_reason = lambda backend, device: None
+    backends.clear_plans()
