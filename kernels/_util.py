@@ -135,3 +135,28 @@ def device_guard(t: torch.Tensor):
     if t.is_cuda and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return _NO_GUARD
+
+
+def _scratch(size: int, alignment: int, stream):
+    # torch's caching allocator on the current device (the launch's: see device_guard).
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_tma_allocator() -> None:
+    """Tensor descriptors made inside a kernel (tl.make_tensor_descriptor) keep their tensor
+    maps in a global scratch buffer (128 bytes per descriptor per program), which Triton asks
+    of the allocator given to triton.set_allocator when it launches. That setting is a
+    ContextVar, so a thread that never set it (the autograd engine's backward threads, say)
+    has none: checked before every such launch (one ContextVar read, cheaper than any
+    per-thread bookkeeping, which thread ids reused by new threads would fool), and the
+    user's own allocator is never replaced."""
+    try:  # where Triton keeps it (3.6 .. 3.9)
+        from triton.runtime import _allocation
+
+        missing = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):  # another Triton's layout: set ours rather than fail
+        missing = True
+    if missing:
+        import triton
+
+        triton.set_allocator(_scratch)

@@ -47,7 +47,6 @@ softmax either way.
 """
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 import torch
@@ -55,7 +54,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._util import launch_tuned, sm_count, tuned_config
+from ._util import ensure_tma_allocator, launch_tuned, sm_count, tuned_config
 from .launch import launch as launch_plain
 from .attention_kernels import _flat_pid, _key_range, _prune, _scores, _seq_bounds
 from .backends import interpreting
@@ -382,29 +381,6 @@ def unsupported_reason(q, k, v, out, mask_kind: str, dropout_p: float, *more) ->
     return None
 
 
-_allocator_ready: set = set()
-
-
-def ensure_allocator() -> None:
-    """Tensor descriptors made inside a kernel need a global scratch buffer (128 bytes per
-    descriptor per program), which Triton requests at launch through triton.set_allocator.
-    Set a torch-backed one once per thread (Triton keeps it in a ContextVar), unless the user
-    already set their own."""
-    ident = threading.get_ident()
-    if ident in _allocator_ready:
-        return
-    try:  # Triton's own state (3.6 .. 3.9): keep an allocator the user set
-        from triton.runtime import _allocation
-
-        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
-    except (ImportError, AttributeError):
-        unset = True
-    if unset:
-        # torch's caching allocator on the current device (the launch's, see device_guard).
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-    _allocator_ready.add(ident)
-
-
 # Where the Hopper kernels' tensor descriptors are made (forward, and both backward passes):
 # "device" (the default): every program writes its own into global scratch
 #     (tl.make_tensor_descriptor) and fences them for the TMA unit (4 fence.proxy.tensormap per
@@ -449,7 +425,7 @@ def launch(grid, args, kwargs, key, autotune: bool) -> None:
     host = kwargs["HOST_DESC"]
     base = q.base if host else q
     if base.is_cuda and not host:
-        ensure_allocator()
+        ensure_tma_allocator()
     if autotune:
         config = tuned_config(attn_fwd_hopper_tuned, key) if host else None
         if config is not None:  # launched directly, no pre_hook: fit the boxes here

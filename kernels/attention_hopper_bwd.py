@@ -27,7 +27,8 @@ import triton.language as tl
 
 from ._util import launch_tuned, tuned_config
 from .launch import launch as launch_plain
-from .attention_hopper import _seq_desc, _store_tile, _tile, boxes_for, ensure_allocator, set_boxes
+from ._util import ensure_tma_allocator
+from .attention_hopper import _seq_desc, _store_tile, _tile, boxes_for, set_boxes
 from .attention_kernels import _add_dq, _flat_pid, _key_range, _prune, _scores, _seq_bounds, _walk_turn
 from .backends import interpreting
 
@@ -367,7 +368,7 @@ def launch(grid_dkdv, grid_dq, args_dkdv, args_dq, kwargs, key, autotune: bool) 
     atomic = kwargs["ATOMIC_DQ"]
     base = q.base if host else q
     if base.is_cuda and not host:
-        ensure_allocator()
+        ensure_tma_allocator()
     dkdv = (dkdv_tuned(kwargs["BLOCK_D"], atomic), attn_bwd_dkdv_hopper, _DKDV_DESCS, grid_dkdv, args_dkdv, kwargs)
     # The dQ kernel has no ATOMIC_DQ parameter.
     dq_kwargs = {name: value for name, value in kwargs.items() if name != "ATOMIC_DQ"}

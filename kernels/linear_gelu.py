@@ -51,15 +51,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
-
-try:  # where Triton keeps the allocator of triton.set_allocator (3.6 and 3.9)
-    from triton.runtime import _allocation
-except ImportError:  # pragma: no cover - another layout: _ensure_allocator then always sets ours
-    _allocation = None
 
 from . import backends, reference
-from ._util import as_rows, cdiv, device_guard, launch_tuned, new_output, next_pow2, row_count, sm_count
+from ._util import (as_rows, cdiv, device_guard, ensure_tma_allocator, launch_tuned, new_output, next_pow2, row_count,
+                    sm_count)
 from .launch import launch
 from .backends import Impl
 from .checks import check_same, check_tensor, same_floats
@@ -125,23 +120,6 @@ def _tma_ok(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
             and (weight.stride(0) * size) % 16 == 0 and weight.data_ptr() % 16 == 0)
 
 
-def _scratch(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_allocator() -> None:
-    # Device-side tensor descriptors keep their tensor maps in global scratch that Triton
-    # asks of the allocator given to triton.set_allocator. That setting is a ContextVar: a
-    # thread that never set it (the autograd engine's backward threads, say) has none, so
-    # check on every TMA launch (one ContextVar read) and never replace the user's own.
-    try:
-        missing = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
-    except AttributeError:  # another Triton's layout of that module: set ours rather than fail
-        missing = True
-    if missing:
-        triton.set_allocator(_scratch)
-
-
 def _exact(dtype: torch.dtype) -> bool:
     # fp32 inputs: exact ("ieee") products as torch computes them, unless torch itself is
     # allowed tf32. 16-bit inputs keep Triton's default; the interpreter ignores the choice.
@@ -153,7 +131,7 @@ def _launch_tma(x2d, weight, bias, out, pre, dout, db_part, approximate):
     x2d: 2-D, or contiguous of any rank (_rows); out, pre, dout contiguous."""
     M, K, sxm, _ = _rows(x2d)
     N = weight.shape[0]
-    _ensure_allocator()
+    ensure_tma_allocator()
     interp = backends.interpreting()
     # One program per SM (the kernel loops over its tiles); a few in the interpreter, so that
     # the tile loop runs more than once there too.

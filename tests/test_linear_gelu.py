@@ -430,21 +430,30 @@ def test_bf16_variants_on_gpu(choice, approximate, launched, device):
         assert "_linear_gelu_tma" in launched
 
 
-def test_allocator_for_device_side_descriptors_is_set_once_and_never_replaced(monkeypatch):
-    """The TMA kernel's tensor maps live in scratch from triton.set_allocator: set ours where a
-    thread has none, keep a user's own."""
+def test_allocator_for_device_side_descriptors_is_set_where_missing_and_never_replaced(monkeypatch):
+    """The TMA kernels' tensor maps (Linear+GELU, Hopper attention) live in scratch from
+    triton.set_allocator, a ContextVar: set ours where a thread has none (a new thread always
+    starts without), keep a user's own."""
+    import threading
+
     import triton
     from triton.runtime import _allocation
+
+    from fuseformer.kernels import _util
 
     calls = []
     monkeypatch.setattr(triton, "set_allocator", lambda fn: calls.append(fn))
     token = _allocation._allocator.set(_allocation.NullAllocator())
     try:
-        lg._ensure_allocator()
-        assert calls == [lg._scratch]
+        _util.ensure_tma_allocator()
+        assert calls == [_util._scratch]
         _allocation._allocator.set(lambda size, alignment, stream: None)  # a user's allocator
-        lg._ensure_allocator()
-        assert calls == [lg._scratch]
+        _util.ensure_tma_allocator()
+        assert calls == [_util._scratch]
+        thread = threading.Thread(target=_util.ensure_tma_allocator)
+        thread.start()
+        thread.join()
+        assert calls == [_util._scratch] * 2
     finally:
         _allocation._allocator.reset(token)
 
