@@ -317,9 +317,11 @@ def run_group(device: torch.device, quick: bool = False) -> dict:
     return group
 
 
-def measure_offline(calls: int = 200, repeats: int = 7, only: str = "") -> list[dict]:
-    """measure_ops on the CPU through Triton's real launch path (see the module docstring), in
-    this process: call it in one without Triton's interpreter (`--offline-child`)."""
+def measure_offline(calls: int = 200, repeats: int = 7, only: str = "") -> dict:
+    """measure_ops on the CPU through Triton's real launch path (see the module docstring), and
+    (unless `only` picks rows) the host time inside the fused ops of one eager BERT-base
+    forward on both launch paths; in this process: call it in one without Triton's
+    interpreter (`--offline-child`)."""
     import importlib
 
     from fuseformer.kernels import backends
@@ -337,7 +339,40 @@ def measure_offline(calls: int = 200, repeats: int = 7, only: str = "") -> list[
     for tuned in (lg._linear_gelu_fwd, lg._linear_gelu_tma):
         tuned.configs = tuned.configs[:1]  # one compile each; a tuned call launches the same way
     torch.set_num_threads(1)
-    return measure_ops(torch.device("cpu"), torch.float32, calls=calls, repeats=repeats, stub=False, only=only)
+    rows = measure_ops(torch.device("cpu"), torch.float32, calls=calls, repeats=repeats, stub=False, only=only)
+    return {"rows": rows, "bert_base_forward": None if only else _bert_fused_ops_us(max(3, repeats))}
+
+
+def _bert_fused_ops_us(repeats: int) -> dict:
+    """Host µs inside the fused ops of one eager BERT-base forward (B1 L16, 4 padded tokens,
+    fp16 as the GPU runs it, so the same kernels are chosen: the TMA Linear+GELU among them;
+    backend triton), on Triton's launch path and on the fast launch: the fastest of `repeats`
+    forwards each, the two taking turns. The model's nn.Linear layers return empty outputs
+    instead of computing: on a GPU each is a launch of a few µs of host time, here a real GEMM
+    of a millisecond that would leave the fused calls after it with cold caches."""
+    from torch import nn
+
+    from fuseformer.models import BertConfig, BertModel
+
+    model = BertModel(BertConfig(), add_pooling_layer=True).to(torch.float16).eval()
+    model.set_backend("triton")
+    ids = torch.randint(1000, 20000, (1, 16))
+    mask = torch.ones(1, 16, dtype=torch.long)
+    mask[:, 12:] = 0
+    best = {False: (float("inf"), 0), True: (float("inf"), 0)}
+    empty_linear = lambda self, x: x.new_empty(*x.shape[:-1], self.out_features)  # noqa: E731
+    with torch.inference_mode(), mock.patch.object(nn.Linear, "forward", empty_linear):
+        for fast in (False, True, False, True):  # compiles, then each path's kept kernels
+            with use_fast_launch(fast):
+                model(input_ids=ids, attention_mask=mask)
+        for _ in range(repeats):
+            for fast in (False, True):
+                totals: dict = {}
+                with use_fast_launch(fast), _timed_ops(totals):
+                    model(input_ids=ids, attention_mask=mask)
+                us = sum(v for k, v in totals.items() if k != "calls") * 1e6
+                best[fast] = min(best[fast], (us, totals["calls"]))
+    return {"fused_calls": best[True][1], "triton_launch_us": best[False][0], "fast_launch_us": best[True][0]}
 
 
 def _offline_rows(quick: bool) -> dict:
@@ -352,11 +387,11 @@ def _offline_rows(quick: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "fuseformer.bench.overhead", "--offline-child"], env=env,
                           capture_output=True, text=True, timeout=1200)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"skipped": "the offline run failed: " + (proc.stderr.strip().splitlines() or ["no output"])[-1]}
     return {"launch": "stand-in driver, kernels compiled for sm_90, the launcher call itself a no-op",
-            "dtype": "float32", "rows": json.loads(lines[-1])}
+            "dtype": "float32", **json.loads(lines[-1])}
 
 
 def main(argv=None) -> int:

@@ -279,6 +279,10 @@ def overhead_lines(doc: dict) -> list[str]:
         lines += ["", f"The same calls through Triton's launch code on this CPU ({offline.get('launch', 'offline')}; "
                       f"{offline.get('dtype', '')}):", ""]
         lines += _overhead_table(offline["rows"]) if "rows" in offline else [f"Not measured: {offline['skipped']}."]
+        bert = offline.get("bert_base_forward")
+        if bert:
+            lines += ["", f"BERT-base eager forward (B1 L16), host µs inside its {bert['fused_calls']} fused-op calls: "
+                          f"Triton's launch {bert['triton_launch_us']:.0f}, fast launch {bert['fast_launch_us']:.0f}."]
     bert = group.get("bert_base_forward") or {}
     if "fused_ops_us" in bert:
         lines += ["", f"BERT-base eager forward (B1 L16): {bert['fused_calls']} fused-op calls, "

@@ -82,7 +82,8 @@ def test_overhead_through_tritons_launch_path_on_cpu():
     proc = subprocess.run([sys.executable, "-m", "fuseformer.bench.overhead", "--offline-child", "--quick",
                            "--only", "add_layer_norm"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads([line for line in proc.stdout.splitlines() if line.startswith("[")][-1])
+    doc = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    rows = doc["rows"]
     assert [r["case"] for r in rows] == ["add_layer_norm_fwd", "add_layer_norm_fwd+bwd"]
     for r in rows:
         assert r["launch"] == "offline" and r["ours_us"] > 0 and r["ours_fast_launch_us"] > 0 and r["torch_us"] > 0
