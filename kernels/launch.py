@@ -246,10 +246,96 @@ def launch(fn, grid, *args, **kwargs) -> None:
         warnings.warn(f"fuseformer: the fast launch of {getattr(fn, '__name__', fn)} failed ({err}); it takes "
                       "Triton's launch path from now on", stacklevel=2)
         fn[grid](*args, **kwargs)
+        return
+    if _bind_requested:
+        global _last
+        _last = (fn, (dims[0], grid_1, grid_2), device, compiled, args, tail)
+
+
+# ----------------------------------------------------------------------------- launch plans
+#
+# A launcher that makes the same launch again and again for one shape (attention's forward:
+# ~35 arguments derived from shapes, strides and flags) can keep it whole: `bind_last` turns
+# the fast launch just made into a Bound, which re-launches the same kernel, grid and trailing
+# arguments with new leading tensors (the call's inputs and fresh outputs). The launcher keys
+# its plans on everything the trailing arguments derive from; a Bound itself refuses (returns
+# False, launching nothing) whenever the fast path would not be taken as it was: the fast
+# launch off, a launch hook installed, another current device, or a tensor whose dtype or
+# 16-byte alignment class differs from the bound call's (Triton specializes on both).
+
+# (kernel, grid dims, device, CompiledKernel, args, tail) of the latest fast launch, kept only
+# between request_bind() and bind_last(), so that no call's tensors outlive it here.
+_last = None
+_bind_requested = False
+_plan_tables: list = []  # launchers' plan dicts, emptied by clear()
+
+
+class Bound:
+    __slots__ = ("dims", "device", "compiled", "rest", "tail", "classes")
+
+    def __init__(self, dims, device, compiled, rest, tail, classes):
+        self.dims, self.device, self.compiled, self.rest, self.tail = dims, device, compiled, rest, tail
+        self.classes = classes
+
+    def __call__(self, *leading) -> bool:
+        if not _ENABLED or not _hooks_idle():
+            return False
+        for t, (dtype, residue) in zip(leading, self.classes):
+            if t.dtype is not dtype or t.data_ptr() & 15 != residue:
+                return False
+        device = _driver[0]()
+        if device != self.device:
+            return False
+        c = self.compiled
+        d = self.dims
+        c.run(d[0], d[1], d[2], _driver[1](device), c.function, c.packed_metadata, None, None, None, *leading,
+              *self.rest, *self.tail)
+        return True
+
+
+def _same_tensor(a, b) -> bool:
+    return a is b or (isinstance(a, _Tensor) and isinstance(b, _Tensor) and a.dtype == b.dtype
+                      and a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
+
+
+def request_bind() -> None:
+    """Keep the next fast launch for bind_last (a launcher about to build a plan)."""
+    global _bind_requested, _last
+    _bind_requested, _last = True, None
+
+
+def bind_last(*candidates):
+    """(i, Bound) for the fast launch made since request_bind(), if it launched the i-th
+    candidate's kernel with its leading tensors (the same tensors, or views of the same
+    memory, shape and strides) first and nothing but non-tensors after them; else None.
+    candidates: (kernel, leading tensors) pairs. Forgets that launch either way."""
+    global _bind_requested, _last
+    last, _last, _bind_requested = _last, None, False
+    if last is None:
+        return None
+    fn, dims, device, compiled, args, tail = last
+    for i, (kernel, leading) in enumerate(candidates):
+        n = len(leading)
+        if (kernel is fn and len(args) >= n and all(_same_tensor(a, b) for a, b in zip(args, leading))
+                and not any(isinstance(a, _Tensor) for a in args[n:])):
+            classes = tuple((t.dtype, t.data_ptr() & 15) for t in leading)
+            return i, Bound(dims, device, compiled, args[n:], tail, classes)
+    return None
+
+
+def plan_table() -> dict:
+    """A dict for a launcher's plans, emptied with the kept kernels by clear()."""
+    table: dict = {}
+    _plan_tables.append(table)
+    return table
 
 
 def clear() -> None:
-    """Forget every kept kernel (tests)."""
+    """Forget every kept kernel and plan (tests)."""
+    global _last, _bind_requested
+    _last, _bind_requested = None, False
     _kernels.clear()
     _refused.clear()
     _constexpr_positions.clear()
+    for table in _plan_tables:
+        table.clear()

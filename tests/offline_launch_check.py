@@ -10,12 +10,13 @@ garbage; what counts:
 - every call gets through;
 - the autotuner compiles nothing that precompile.py did not already compile (it would mean the
   two disagree on a key);
-- the opt-in fast launch (kernels/launch.py) hands each kernel's launcher exactly what
-  Triton's own path hands it. Each case runs three times: once to compile and tune, then
-  twice with the fast launch on, the first of those through Triton's path (which keeps each
-  compiled kernel), the second through the fast path where it applies. The driver records
-  every launcher call; the two runs' calls must match (tensors compared by dtype, shape,
-  strides and alignment, since each run allocates its outputs anew).
+- the fast launch (kernels/launch.py) and the launch plans built on it (attention's forward)
+  hand each kernel's launcher exactly what Triton's own path hands it. Each case runs four
+  times: once to compile and tune, then three times with the fast launch on: the first of
+  those through Triton's path (which keeps each compiled kernel), the second through the fast
+  path where it applies (a launcher with plans binds one there), the third through the plans.
+  The driver records every launcher call; the last three runs' calls must match (tensors
+  compared by dtype, shape, strides and alignment, since each run allocates its outputs anew).
 
     python tests/offline_launch_check.py [--configs 2] [--only NAME,...]
 
@@ -43,6 +44,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from fuseformer.bench.offline import install, pretend_sm90  # noqa: E402
 from fuseformer.kernels import _util, precompile as P  # noqa: E402
+from fuseformer.kernels import launch as launch_module  # noqa: E402
 from fuseformer.kernels.launch import use_fast_launch  # noqa: E402
 
 A = importlib.import_module("fuseformer.kernels.attention")
@@ -64,11 +66,18 @@ class Counts:
         self.tuned: set = set()
         self.precompiled = 0
         self.jit_runs = 0  # launches through JITFunction.run (Triton's path), warm-ups aside
+        self.plan_launches = 0  # launches by a launcher's plan (kernels/launch.py's Bound)
 
     def install(self):
         do_compile, autotuner_run, precompile = JITFunction._do_compile, Autotuner.run, P.precompile
         jit_run = JITFunction.run
+        bound_call = launch_module.Bound.__call__
         counts = self
+
+        def bound(self, *args):
+            done = bound_call(self, *args)
+            counts.plan_launches += done
+            return done
 
         def running(self, *args, **kwargs):
             counts.jit_runs += not kwargs.get("warmup", False)
@@ -97,6 +106,7 @@ class Counts:
 
         JITFunction._do_compile = counting
         JITFunction.run = running
+        launch_module.Bound.__call__ = bound
         Autotuner.run = tuning
         _util.precompile = precompiling
 
@@ -214,8 +224,10 @@ def main(argv=None) -> int:
     for name in names:
         counts.reset()
         error, same, launches, fast = None, False, 0, 0
+        launch_module.clear()  # no kernel kept or plan bound by an earlier case
         try:
-            CASES[name]()  # compiles and tunes
+            with use_fast_launch(False):
+                CASES[name]()  # compiles and tunes
             with use_fast_launch(True):
                 driver.record = True
                 CASES[name]()  # Triton's path, each compiled kernel kept for the fast path
@@ -225,17 +237,22 @@ def main(argv=None) -> int:
                 CASES[name]()  # the fast path wherever it applies
                 fast_path = _calls(driver.launches)
                 launches, fast = len(fast_path), len(fast_path) - (counts.jit_runs - jit_runs)
-                same = triton_path == fast_path
+                driver.launches.clear()
+                CASES[name]()  # the launch plans bound by the run before
+                planned = _calls(driver.launches)
+                same = triton_path == fast_path == planned
                 if not same:
-                    diff = next(((a, b) for a, b in zip(triton_path, fast_path) if a != b), "a different count")
-                    error = f"the fast launch passed other arguments than Triton's path: {diff}"
+                    other = fast_path if fast_path != triton_path else planned
+                    diff = next(((a, b) for a, b in zip(triton_path, other) if a != b), "a different count")
+                    error = f"the fast launch or a plan passed other arguments than Triton's path: {diff}"
         except Exception:  # noqa: BLE001 - reported, and the exit status says so
             error = traceback.format_exc(limit=8)
         finally:
             driver.record = False
             driver.launches.clear()
         row = {"case": name, "tuned": sorted(counts.tuned), "precompiled": counts.precompiled, **counts.by,
-               "launches": launches, "fast_launches": fast, "same_launch_args": same, "threads": P.THREADS,
+               "launches": launches, "fast_launches": fast, "plan_launches": counts.plan_launches,
+               "same_launch_args": same, "threads": P.THREADS,
                "triton": triton.__version__, "error": error}
         failed |= error is not None or counts.by["autotuner"] > 0
         print(json.dumps(row, default=str), flush=True)

@@ -173,6 +173,80 @@ def test_a_missing_parameter_is_an_error_not_a_guess(fast):
         L.launch(k, (1,), x, y, 64, 1e-5)
 
 
+def _bound(k, x, y):
+    """A launcher's plan as attention's forward builds one: a Triton-path call, then a fast one
+    after request_bind, bound with its two leading tensors."""
+    L.launch(k, (3,), x, y, 64, 1e-5, MODE=2)
+    L.request_bind()
+    L.launch(k, (3,), x, y, 64, 1e-5, MODE=2)
+    return L.bind_last((k, (x, y)))
+
+
+def test_a_plan_relaunches_the_bound_call_with_new_leading_tensors(fast):
+    k = FakeKernel()
+    x, y = _tensors()
+    i, bound = _bound(k, x, y)
+    assert i == 0 and k.paths() == ["triton", "fast"]
+    x2, y2 = _tensors()
+    assert bound(x2, y2)
+    _, args = k.log[-1]
+    assert args == (3, 1, 1, 1234, "FUNCTION", "METADATA", None, None, None, x2, y2, 64, 1e-5, 2, 64)
+    assert args[9:] == k.log[1][1][9:2] + (x2, y2) + k.log[1][1][11:]  # all but the tensors as bound
+
+
+def test_a_plan_launches_nothing_where_the_fast_path_would_not_be_taken(fast, monkeypatch):
+    k = FakeKernel()
+    x, y = _tensors()
+    _, bound = _bound(k, x, y)
+    launched = len(k.log)
+    assert not bound(*_tensors(torch.float16))  # another dtype: another kernel
+    assert not bound(x[1:], y[1:])  # 4 bytes off: another alignment class
+    with L.use_fast_launch(False):
+        assert not bound(x, y)
+    monkeypatch.setattr(L, "_driver", (lambda: 1, lambda device: 1234))  # another current device
+    assert not bound(x, y)
+    monkeypatch.setattr(L, "_driver", (lambda: 0, lambda device: 1234))
+    monkeypatch.setattr(L, "_hooks_idle", lambda: False)  # a profiler's launch hook
+    assert not bound(x, y)
+    assert len(k.log) == launched
+
+
+def test_bind_last_binds_only_what_it_is_told_was_launched(fast):
+    k, other = FakeKernel(), FakeKernel()
+    x, y = _tensors()
+    L.launch(k, (3,), x, y, 64, 1e-5, MODE=2)
+    L.launch(k, (3,), x, y, 64, 1e-5, MODE=2)  # a fast launch, but no request_bind before it
+    assert L.bind_last((k, (x, y))) is None
+    L.request_bind()
+    L.launch(k, (3,), x, y, 64, 1e-5, MODE=2)
+    assert L.bind_last((other, (x, y)), (k, (y, x))) is None  # another kernel; other tensors
+    L.request_bind()
+    L.launch(k, (3,), x, y, 64, 1e-5, MODE=2)
+    assert L.bind_last((k, (x.view(64), y)))[0] == 0  # a view of the same memory, shape and strides
+    L.request_bind()
+    L.launch(k, (3,), x, y, 64, 1e-5, MODE=2)
+    assert L.bind_last((k, (x[:32], y))) is None  # a different shape
+    L.request_bind()
+    L.launch(k, (3,), x, y, 64, 1e-5, MODE=2)
+    assert L.bind_last((k, (x, y))) is not None and L.bind_last((k, (x, y))) is None  # forgotten once bound
+
+
+def test_bind_last_refuses_tensors_among_the_bound_arguments(fast):
+    k = FakeKernel()
+    x, y = _tensors()
+    L.launch(k, (3,), x, y, 64, 1e-5, MODE=2)
+    L.request_bind()
+    L.launch(k, (3,), x, y, 64, 1e-5, MODE=2)
+    assert L.bind_last((k, (x,))) is None  # y would be bound for good
+
+
+def test_clear_empties_the_plan_tables(fast):
+    table = L.plan_table()
+    table["key"] = "plan"
+    L.clear()
+    assert table == {}
+
+
 def test_real_triton_parameters_hooks_and_environment(tmp_path):
     """Against the installed triton, outside the interpreter (a subprocess: this one has
     TRITON_INTERPRET set): which parameters are constexprs, the tail of defaults, the hook test
@@ -216,8 +290,9 @@ print("OK")
 @pytest.mark.gpu
 def test_gpu_fast_launch_gives_the_same_bits_as_triton_s_launch():
     """On a GPU the fast path launches the very kernels Triton's path compiled: forward and
-    backward of every op, twice (the second call is the fast one), equal bit for bit to the
-    same calls on Triton's path, with the fast path taken."""
+    backward of every op, three times (the second call is the fast one, which binds the
+    attention forward's plan; the third re-launches it by that plan), equal bit for bit to the
+    same calls on Triton's path, with the fast path and the plan taken."""
     from fuseformer import kernels as K
 
     def run():
@@ -230,7 +305,7 @@ def test_gpu_fast_launch_gives_the_same_bits_as_triton_s_launch():
         pad = torch.ones(2, 1, 1, 70, dtype=torch.bool, device="cuda")
         pad[1, ..., 50:] = False
         outs = []
-        for _ in range(2):
+        for _ in range(3):
             y = K.add_layer_norm(x, r, w, w, backend="triton")
             h = K.linear_gelu(y, fc, None, backend="triton")
             a = K.scaled_dot_product_attention(q, q, q, attn_mask=pad, backend="triton")
@@ -245,6 +320,10 @@ def test_gpu_fast_launch_gives_the_same_bits_as_triton_s_launch():
         fast = run()
     assert L._kernels, "no kernel was kept: the fast path never ran"
     assert not L._refused, f"the fast launch failed for {L._refused}"
+    import importlib
+
+    for op in ("attention", "add_layer_norm"):
+        assert importlib.import_module(f"fuseformer.kernels.{op}")._fwd_plans, f"the {op} forward bound no plan"
     for a, b in zip(slow, fast):
         assert torch.equal(a, b)
 

@@ -39,6 +39,10 @@ TUNED = {
 }
 # Cases whose kernels take host tensor descriptors: those launches keep Triton's path.
 HOST_DESCRIPTORS = {"attention_hopper_host"}
+# Cases whose forward is re-launched by its plan (attention's and add+LN's _fwd_plans) in the
+# last run: add+LN, and every attention case but host descriptors (no fast path) and varlen
+# (no plans).
+PLANNED = ({name for name in TUNED if name.startswith("attention_")} - HOST_DESCRIPTORS) | {"add_layer_norm"}
 
 
 def _run(*args, threads=None):
@@ -57,8 +61,9 @@ def test_every_launcher_through_tritons_jit_path_offline():
     """Every case gets through Triton's JIT path (an attention autotuner's pruning once
     crashed there, on every GPU launch, unseen by the interpreter tests) and reaches the
     kernels it names; the autotuner compiles nothing precompile.py did not compile already;
-    the fast launch gives every launcher what Triton's path gives it, and takes every launch
-    whose arguments it knows (all but host tensor descriptors)."""
+    the fast launch and the attention forward's plans give every launcher what Triton's path
+    gives it; the fast launch takes every launch whose arguments it knows (all but host tensor
+    descriptors), and the plan re-launches the forward."""
     proc, rows = _run("--configs", "2", threads=2)
     assert set(rows) == set(TUNED), proc.stdout + proc.stderr[-3000:]
     for name, row in rows.items():
@@ -68,6 +73,7 @@ def test_every_launcher_through_tritons_jit_path_offline():
         if TUNED[name]:
             assert row["precompiled"] == row["precompile"] >= 2 * len(TUNED[name]), name
         assert row["same_launch_args"] and row["launches"] >= 1, name
+        assert row["plan_launches"] == (name in PLANNED), name
         if name in HOST_DESCRIPTORS:
             assert 1 <= row["fast_launches"] < row["launches"], name
         else:
