@@ -278,7 +278,7 @@ class Bound:
         self.classes = classes
 
     def __call__(self, *leading) -> bool:
-        if not _ENABLED or not _hooks_idle():
+        if not _ENABLED or len(leading) != len(self.classes) or not _hooks_idle():
             return False
         for t, (dtype, residue) in zip(leading, self.classes):
             if t.dtype is not dtype or t.data_ptr() & 15 != residue:
@@ -323,9 +323,22 @@ def bind_last(*candidates):
     return None
 
 
+class _PlanTable(dict):
+    """Plans keyed by exact shapes: a workload whose shapes keep changing (growing sequence
+    lengths) would add one per call, so past LIMIT the table starts over (a plan is rebuilt by
+    the next fast launch of its shape)."""
+
+    LIMIT = 4096
+
+    def __setitem__(self, key, value):
+        if len(self) >= self.LIMIT:
+            self.clear()
+        super().__setitem__(key, value)
+
+
 def plan_table() -> dict:
     """A dict for a launcher's plans, emptied with the kept kernels by clear()."""
-    table: dict = {}
+    table = _PlanTable()
     _plan_tables.append(table)
     return table
 

@@ -200,6 +200,7 @@ def test_a_plan_launches_nothing_where_the_fast_path_would_not_be_taken(fast, mo
     _, bound = _bound(k, x, y)
     launched = len(k.log)
     assert not bound(*_tensors(torch.float16))  # another dtype: another kernel
+    assert not bound(x)  # not as many leading tensors as bound
     assert not bound(x[1:], y[1:])  # 4 bytes off: another alignment class
     with L.use_fast_launch(False):
         assert not bound(x, y)
@@ -240,11 +241,15 @@ def test_bind_last_refuses_tensors_among_the_bound_arguments(fast):
     assert L.bind_last((k, (x,))) is None  # y would be bound for good
 
 
-def test_clear_empties_the_plan_tables(fast):
+def test_clear_empties_the_plan_tables_and_a_full_one_starts_over(fast, monkeypatch):
     table = L.plan_table()
     table["key"] = "plan"
     L.clear()
     assert table == {}
+    monkeypatch.setattr(table, "LIMIT", 3)
+    for i in range(4):
+        table[i] = i
+    assert table == {3: 3}
 
 
 def test_real_triton_parameters_hooks_and_environment(tmp_path):
