@@ -9,6 +9,10 @@
 #                                        # the kernels of a BERT-base forward by device time
 #   bash bench/gpu_session.sh overhead   # `fuseformer bench --filter overhead`: host µs per eager call
 #   bash bench/gpu_session.sh sanitize   # compute-sanitizer memcheck + racecheck, one test per kernel
+#   bash bench/gpu_session.sh compile    # first-call time of the autotuned attention forward: its configs compiled
+#                                        # one by one (Triton's autotuner) against kernels/precompile.py's thread
+#                                        # pool, each in a fresh process with an empty Triton cache; run it before
+#                                        # `prewarm` or alone (their compiles would share the CPU)
 #   bash bench/gpu_session.sh bench      # `fuseformer bench`, models then ops, results under bench_models/, bench_ops/
 #
 # Several stages in one call, each step time-boxed by an environment variable (seconds; defaults
@@ -37,9 +41,9 @@
 # bench/results/<device>/ (h100, h200).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: gpu_session.sh STAGE... (prewarm, tests, profile, overhead, sanitize, bench)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: gpu_session.sh STAGE... (compile, prewarm, tests, profile, overhead, sanitize, bench)" >&2; exit 2; }
 for stage in "$@"; do
-    case "$stage" in prewarm | tests | profile | overhead | sanitize | bench) ;; *) echo "unknown stage $stage" >&2; exit 2 ;; esac
+    case "$stage" in compile | prewarm | tests | profile | overhead | sanitize | bench) ;; *) echo "unknown stage $stage" >&2; exit 2 ;; esac
 done
 if [ -n "${OUT:-}" ]; then
     RESULT_DIR=$OUT
@@ -203,6 +207,11 @@ tests)
             --ignore=tests/test_triton_compile.py --junitxml="$OUT/pytest_suite.xml" >"$OUT/pytest_suite.txt" 2>&1
     fi
     tail -n 15 "$OUT"/pytest_*.txt
+    ;;
+compile)
+    timed compile-time timeout -s INT -k 10 "$(box "${COMPILE_TIME_TIMEOUT:-150}")" python3 -m fuseformer.bench.compile_time \
+        --op attention >"$OUT/compile_time.txt" 2>&1
+    tail -n 5 "$OUT/compile_time.txt"
     ;;
 profile)
     cuda_build_wait

@@ -18,7 +18,8 @@ Measured on this project's 2-core CPU, compiling for sm_90 through a stand-in dr
 `python -m fuseformer.bench.compile_time`), first calls over 4 configs, serial -> on 2
 threads: the portable Linear+GELU GEMM 9.0 -> 5.9 s (triton 3.9), 7.1 -> 4.7 s (3.6); the
 portable attention forward 7.7 -> 5.4 s (3.9), 4.4 -> 3.2 s (3.6); 1.3-1.7x over repeated
-runs, the autotuner compiling nothing more. Part of a compile holds the GIL (Triton's Python
+runs, the autotuner compiling nothing more. Over all 10 configs of the attention forward
+(`bash bench/gpu_session.sh compile`, triton 3.9): 16.8 -> 8.1 s. Part of a compile holds the GIL (Triton's Python
 front end and pass set-up), so more threads gain less than in proportion; the GPU machines
 have 16 cores, where this is unmeasured.
 
