@@ -39,10 +39,11 @@ TUNED = {
 }
 # Cases whose kernels take host tensor descriptors: those launches keep Triton's path.
 HOST_DESCRIPTORS = {"attention_hopper_host"}
-# Cases whose forward is re-launched by its plan (attention's and add+LN's _fwd_plans) in the
-# last run: add+LN, and every attention case but host descriptors (no fast path) and varlen
-# (no plans).
-PLANNED = ({name for name in TUNED if name.startswith("attention_")} - HOST_DESCRIPTORS) | {"add_layer_norm"}
+# Cases whose forward is re-launched by its plan (attention's and add+LN's _fwd_plans, Linear+GELU's
+# _tma_plans) in the last run: add+LN, the TMA Linear+GELU, and every attention case but host
+# descriptors (no fast path) and varlen (no plans).
+PLANNED = ({name for name in TUNED if name.startswith("attention_")} - HOST_DESCRIPTORS) | {"add_layer_norm",
+                                                                                           "linear_gelu_tma"}
 
 
 def _run(*args, threads=None):
