@@ -53,7 +53,7 @@ import torch
 
 from . import backends, reference
 from ._util import as_rows, cdiv, device_guard, draw_seed, new_output, next_pow2, row_count, sm_count
-from .launch import bind_last, fast_launch_enabled, launch, plan_table, request_bind
+from .launch import launch, plan_table
 from .add_layer_norm_kernels import _add_ln_bwd, _add_ln_fwd, _add_ln_fwd_rows, _keep_mask_kernel  # noqa: F401
 from .backends import Impl
 from .checks import check_prob, check_same, check_tensor, same_floats
@@ -173,7 +173,6 @@ def rows_plan(M: int, N: int, variant: str, device: torch.device, dropout: bool 
 # those arguments as the fast launch last made them; a repeated call re-launches them with its
 # tensors. Not under the interpreter (no fast launch there).
 _fwd_plans = plan_table()
-_PLANS = not backends.interpreting()
 
 
 def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream, save_stats=True):
@@ -197,15 +196,13 @@ def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream, save_s
         rstd if save_stats else y,
         seed if dropout else y,
     )
-    plan = key = None
-    if _PLANS and fast_launch_enabled():
+    key = None
+    candidates = ((_add_ln_fwd, pointers), (_add_ln_fwd_rows, pointers))
+    if _fwd_plans.active():
         key = (x.dtype, x.device, M, N, residual is None, weight is None, bias is None, eps, dropout_p,
                save_stream, save_stats, VARIANT["forward"])
-        plan = _fwd_plans.get(key)
-        if plan is not None and plan(*pointers):
+        if _fwd_plans.run(key, candidates):
             return y, stream, mean, rstd
-        if plan is None:
-            request_bind()
     flags = dict(HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, DROPOUT=dropout,
                  SAVE_STREAM=stream is not None, SAVE_STATS=save_stats)
     variant = VARIANT["forward"]
@@ -217,10 +214,8 @@ def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream, save_s
         block, single = _block(N)
         launch(_add_ln_fwd, (M,), *pointers, N, float(eps), float(dropout_p), **flags, BLOCK=block, SINGLE=single,
                num_warps=_num_warps(block))
-    if key is not None and plan is None:
-        bound = bind_last((_add_ln_fwd, pointers), (_add_ln_fwd_rows, pointers))
-        if bound is not None:
-            _fwd_plans[key] = bound[1]
+    if key is not None:
+        _fwd_plans.keep(key, candidates)
     return y, stream, mean, rstd
 
 

@@ -42,7 +42,7 @@ from .attention_kernels import (
 from . import attention_hopper as _hopper
 from . import attention_hopper_bwd as _hopper_bwd
 from ._util import cdiv, device_guard, launch_tuned, new_output, new_output_like, next_pow2
-from .launch import bind_last, fast_launch_enabled, launch, plan_table, request_bind
+from .launch import launch, plan_table
 from . import backends
 from .backends import (BackendUnsupportedError, Impl, get_backend, get_impl, interpreting,
                        register_impl, resolve, warn_fallback)
@@ -369,7 +369,6 @@ def _out_like(q):
 # mask, fast launch on): this launcher 31-33 -> 16-17 µs a call, the public call 59-64 ->
 # 33-35 µs (torch's SDPA: 16). Not under the interpreter (no fast launch there).
 _fwd_plans = plan_table()
-_PLANS = not interpreting()
 
 
 def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed):
@@ -377,28 +376,20 @@ def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed):
     B, H, Lq, _ = q.shape
     out = _out_like(q)
     lse = new_output((B, H, Lq), torch.float32, q.device)
-    if not _PLANS or not fast_launch_enabled():
+    if not _fwd_plans.active():
         _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, B, Lq, k.shape[2])
         return out, lse
     key = (q.dtype, q.device, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
            None if mask is None else (mask.dtype, mask.shape, mask.stride()), is_causal, scale, dropout_p,
            VARIANT["kernel"], VARIANT["descriptors"], AUTOTUNE)
-    # The launch's leading tensors, as _launch_fwd and _launch_fwd_hopper pass them.
+    # The kernels the launch may take, each with its leading tensors as _launch_fwd and
+    # _launch_fwd_hopper pass them.
     m = q if mask is None else mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    plan = _fwd_plans.get(key)
-    if plan is not None:
-        bound, hopper = plan
-        if (bound(q, k, v, out, lse, m, lse, lse) if hopper else
-                bound(q, k, v, out, lse, m, seed if dropout_p > 0.0 else q, lse, lse)):
-            return out, lse
-    else:
-        request_bind()
-    _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, B, Lq, k.shape[2])
-    if plan is None:
-        bound = bind_last((attn_fwd, (q, k, v, out, lse, m, seed if dropout_p > 0.0 else q, lse, lse)),
-                          (_hopper.attn_fwd_hopper, (q, k, v, out, lse, m, lse, lse)))
-        if bound is not None:
-            _fwd_plans[key] = (bound[1], bound[0] == 1)
+    candidates = ((attn_fwd, (q, k, v, out, lse, m, seed if dropout_p > 0.0 else q, lse, lse)),
+                  (_hopper.attn_fwd_hopper, (q, k, v, out, lse, m, lse, lse)))
+    if not _fwd_plans.run(key, candidates):
+        _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, B, Lq, k.shape[2])
+        _fwd_plans.keep(key, candidates)
     return out, lse
 
 

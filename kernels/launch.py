@@ -323,22 +323,50 @@ def bind_last(*candidates):
     return None
 
 
-class _PlanTable(dict):
-    """Plans keyed by exact shapes: a workload whose shapes keep changing (growing sequence
+class PlanTable(dict):
+    """A launcher's plans: key -> (candidate index, Bound). A launcher calls, with its key and
+    its candidates ((kernel, leading tensors) pairs, one per kernel the launch may take):
+        if table.active() and table.run(key, candidates): done
+        else: the full launch, then table.keep(key, candidates)
+    Plans are keyed by exact shapes: a workload whose shapes keep changing (growing sequence
     lengths) would add one per call, so past LIMIT the table starts over (a plan is rebuilt by
-    the next fast launch of its shape)."""
+    the next fast launch of its shape). `enabled` False turns this table's plans off (tests
+    that count the launches through a launcher)."""
 
     LIMIT = 4096
+    enabled = True
 
     def __setitem__(self, key, value):
         if len(self) >= self.LIMIT:
             self.clear()
         super().__setitem__(key, value)
 
+    def active(self) -> bool:
+        """Plans only ride on the fast launch (so never under the interpreter)."""
+        return self.enabled and _ENABLED and not _INTERPRET
 
-def plan_table() -> dict:
-    """A dict for a launcher's plans, emptied with the kept kernels by clear()."""
-    table = _PlanTable()
+    def run(self, key, candidates) -> bool:
+        """Re-launch the plan kept under `key` with its candidate's leading tensors; False
+        when it refuses (nothing launched) or there is none (then the launch that follows is
+        kept for `keep`)."""
+        plan = self.get(key)
+        if plan is None:
+            request_bind()
+            return False
+        i, bound = plan
+        return bound(*candidates[i][1])
+
+    def keep(self, key, candidates) -> None:
+        """After the full launch of a key `run` found no plan for: bind that launch."""
+        if key not in self:
+            plan = bind_last(*candidates)
+            if plan is not None:
+                self[key] = plan
+
+
+def plan_table() -> PlanTable:
+    """A table for a launcher's plans, emptied with the kept kernels by clear()."""
+    table = PlanTable()
     _plan_tables.append(table)
     return table
 

@@ -55,7 +55,7 @@ import torch
 from . import backends, reference
 from ._util import (as_rows, cdiv, device_guard, ensure_tma_allocator, launch_tuned, new_output, next_pow2, row_count,
                     sm_count)
-from .launch import bind_last, fast_launch_enabled, launch, plan_table, request_bind
+from .launch import launch, plan_table
 from .backends import Impl
 from .checks import check_same, check_tensor, same_floats
 from .linear_gelu_kernels import _gelu_bwd, _gelu_bwd_db, _linear_gelu_fwd, _linear_gelu_tma  # noqa: F401
@@ -130,7 +130,6 @@ def _exact(dtype: torch.dtype) -> bool:
 # keep them): per signature of what its trailing arguments and grid derive from, the kernel,
 # grid and those arguments as the fast launch last made them. Not under the interpreter.
 _tma_plans = plan_table()
-_PLANS = not backends.interpreting()
 
 
 def _launch_tma(x2d, weight, bias, out, pre, dout, db_part, approximate):
@@ -140,23 +139,18 @@ def _launch_tma(x2d, weight, bias, out, pre, dout, db_part, approximate):
     N = weight.shape[0]
     ensure_tma_allocator()
     has_bias, dgelu = bias is not None, dout is not None
-    # The kernel's leading tensors, as the launch below passes them.
-    leading = (x2d, weight, bias if has_bias else weight, out, pre if pre is not None else out,
-               dout if dgelu else out, db_part if db_part is not None else out)
-    plan = plan_key = None
-    if _PLANS and fast_launch_enabled():
-        plan_key = (x2d.dtype, x2d.device, M, N, K, sxm, weight.stride(0), has_bias, pre is not None, dgelu,
-                    db_part is not None, approximate, _exact(x2d.dtype), _fast_gelu(x2d.dtype))
-        plan = _tma_plans.get(plan_key)
-        if plan is not None and plan(*leading):
-            return
-        if plan is None:
-            request_bind()
-    _launch_tma_tuned(x2d, weight, bias, out, pre, dout, db_part, approximate, M, N, K, sxm)
-    if plan_key is not None and plan is None:
-        bound = bind_last((_linear_gelu_tma.fn, leading))
-        if bound is not None:
-            _tma_plans[plan_key] = bound[1]
+    if not _tma_plans.active():
+        _launch_tma_tuned(x2d, weight, bias, out, pre, dout, db_part, approximate, M, N, K, sxm)
+        return
+    key = (x2d.dtype, x2d.device, M, N, K, sxm, weight.stride(0), has_bias, pre is not None, dgelu,
+           db_part is not None, approximate, _exact(x2d.dtype), _fast_gelu(x2d.dtype))
+    # The kernel with its leading tensors, as the launch passes them.
+    candidates = ((_linear_gelu_tma.fn, (x2d, weight, bias if has_bias else weight, out,
+                                         pre if pre is not None else out, dout if dgelu else out,
+                                         db_part if db_part is not None else out)),)
+    if not _tma_plans.run(key, candidates):
+        _launch_tma_tuned(x2d, weight, bias, out, pre, dout, db_part, approximate, M, N, K, sxm)
+        _tma_plans.keep(key, candidates)
 
 
 def _launch_tma_tuned(x2d, weight, bias, out, pre, dout, db_part, approximate, M, N, K, sxm):

@@ -36,7 +36,7 @@ def launches(monkeypatch, request):
     monkeypatch.setattr(A, "AUTOTUNE", False)
     # Every forward through the launcher recorded below: no launch plan re-launching a repeated
     # call past it (plans exist on a GPU only; tests/test_launch.py checks them there).
-    monkeypatch.setattr(A, "_PLANS", False)
+    monkeypatch.setattr(A._fwd_plans, "enabled", False)
     for setting, value in (("kernel", "hopper"), ("descriptors", place), ("dq", dq_mode)):
         monkeypatch.setitem(A.VARIANT, setting, value)
     seen = []
