@@ -21,14 +21,7 @@ import sys
 import tempfile
 import time
 
-from .offline import install
-
-def _inner_jit(tuned):
-    fn = tuned.fn
-    while not hasattr(fn, "_do_compile"):  # through triton.heuristics wrappers
-        fn = fn.fn
-    return fn
-
+from .offline import Counts, install, pretend_sm90
 
 def first_call(op: str, n_configs: int | None) -> dict:
     """Run `op`'s first call in this process (Triton cache and pool as the environment says);
@@ -43,6 +36,7 @@ def first_call(op: str, n_configs: int | None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         install()
+        pretend_sm90()  # the Hopper kernels admitted for CPU tensors (--op hopper)
     lg = importlib.import_module("fuseformer.kernels.linear_gelu")  # the package attr is the function
     if op == "linear_gelu":
         tuned = lg._linear_gelu_fwd
@@ -65,30 +59,16 @@ def first_call(op: str, n_configs: int | None) -> dict:
                 A._forward(q, k, v, None, False, 0.125, 0.0, None)
     if n_configs:
         tuned.configs = tuned.configs[:n_configs]
-    compiles, asked = [], []
-    jit = _inner_jit(tuned)
-    do_compile, precompile = jit._do_compile, P.precompile
-
-    def counting(*args, **kwargs):
-        compiles.append(1)
-        return do_compile(*args, **kwargs)
-
-    def counted_precompile(*args, **kwargs):
-        asked.append(precompile(*args, **kwargs))
-        asked.append(len(compiles))
-        return asked[0]
-
-    jit._do_compile = counting
-    from fuseformer.kernels import _util
-    _util.precompile = counted_precompile
+    counts = Counts()
+    counts.install()
     start = time.perf_counter()
     call()
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"op": op, "device": device, "configs": len(tuned.configs), "threads": P.THREADS, "seconds": seconds,
-            "precompiled": asked[0] if asked else 0, "compiles": len(compiles),
-            "compiles_by_autotuner": len(compiles) - (asked[1] if asked else 0)}
+            "precompiled": counts.precompiled, "compiles": sum(counts.by.values()),
+            "compiles_by_autotuner": counts.by["autotuner"]}
 
 
 def measure(op: str, n_configs: int | None, threads: int) -> dict:

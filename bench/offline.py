@@ -122,3 +122,70 @@ def admit_triton() -> None:
     backends.unavailable_reason = lambda backend: None if backend == "triton" else reason(backend)
     backends._device_reason = lambda backend, device: None
     backends.clear_plans()
+
+
+class Counts:
+    """Compiles asked of Triton (JITFunction._do_compile: a compile or an on-disk cache hit),
+    split by who asked: precompile, the autotuner, or a plain launch; the autotuned kernels
+    reached, the configs precompiled, launches through Triton's path and by launch plans."""
+
+    def __init__(self):
+        self.where = "launch"
+        self.reset()
+
+    def reset(self):
+        self.by = {"precompile": 0, "autotuner": 0, "launch": 0}
+        self.tuned: set = set()
+        self.precompiled = 0
+        self.jit_runs = 0  # launches through JITFunction.run (Triton's path), warm-ups aside
+        self.plan_launches = 0  # launches by a launcher's plan (kernels/launch.py's Bound)
+
+    def install(self):
+        """Wrap Triton's and our entry points (for this process, for good) to count."""
+        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.jit import JITFunction
+
+        from fuseformer.kernels import _util
+        from fuseformer.kernels import launch as launch_module
+        from fuseformer.kernels import precompile as P
+
+        do_compile, autotuner_run, precompile = JITFunction._do_compile, Autotuner.run, P.precompile
+        jit_run = JITFunction.run
+        bound_call = launch_module.Bound.__call__
+        counts = self
+
+        def bound(self, *args):
+            done = bound_call(self, *args)
+            counts.plan_launches += done
+            return done
+
+        def running(self, *args, **kwargs):
+            counts.jit_runs += not kwargs.get("warmup", False)
+            return jit_run(self, *args, **kwargs)
+
+        def counting(self, *args, **kwargs):
+            counts.by[counts.where] += 1
+            return do_compile(self, *args, **kwargs)
+
+        def tuning(self, *args, **kwargs):
+            counts.tuned.add(self.base_fn.__name__)
+            before, counts.where = counts.where, "autotuner"
+            try:
+                return autotuner_run(self, *args, **kwargs)
+            finally:
+                counts.where = before
+
+        def precompiling(*args, **kwargs):
+            before, counts.where = counts.where, "precompile"
+            try:
+                n = precompile(*args, **kwargs)
+            finally:
+                counts.where = before
+            counts.precompiled += n
+            return n
+
+        JITFunction._do_compile = counting
+        JITFunction.run = running
+        launch_module.Bound.__call__ = bound
+        Autotuner.run = tuning
+        _util.precompile = precompiling
