@@ -230,28 +230,13 @@ def measure_bert_forward(device: torch.device, dtype: torch.dtype, repeats: int 
     rest of the forward computes on garbage there, so its time would mean nothing). It
     includes the CPU allocator's cost for BERT-sized outputs (large buffers come from mmap
     there), which CUDA's caching allocator does not pay: compare it run to run, not to a GPU."""
-    from fuseformer.models import BertConfig, BertModel
-
-    model = BertModel(BertConfig(), add_pooling_layer=True).to(device=device, dtype=dtype).eval()
-    ids = torch.randint(1000, 20000, (1, 16), device=device)
-    mask = torch.ones(1, 16, dtype=torch.long, device=device)
-    mask[:, 12:] = 0
-
-    def forward():
-        model(input_ids=ids, attention_mask=mask)
-
+    model, forward = _bert_b1_l16(device, dtype)
     with torch.inference_mode():
         if device.type != "cuda":
             model.set_backend("triton")
-            samples = []
             with stubbed_launches():
                 forward()
-                for _ in range(repeats):
-                    totals: dict = {}
-                    with _timed_ops(totals):
-                        forward()
-                    samples.append((sum(v for k, v in totals.items() if k != "calls") * 1e6, totals["calls"]))
-            best = min(samples)
+                best = min(_fused_ops_us(forward) for _ in range(repeats))
             return {"backend": "triton (launches stubbed)", "fused_ops_us": best[0], "fused_calls": best[1]}
         result = {"backend": "auto"}
         for label, backend, fast in (("fused", "auto", False), ("torch", "torch", False),
@@ -260,6 +245,25 @@ def measure_bert_forward(device: torch.device, dtype: torch.dtype, repeats: int 
             with use_fast_launch(fast):
                 result[f"{label}_us"] = _forward_host_us(forward, repeats)
         return result
+
+
+def _bert_b1_l16(device: torch.device, dtype: torch.dtype):
+    """(BERT-base, its eager forward on B1 L16 with 4 padded tokens) for the overhead group."""
+    from fuseformer.models import BertConfig, BertModel
+
+    model = BertModel(BertConfig(), add_pooling_layer=True).to(device=device, dtype=dtype).eval()
+    ids = torch.randint(1000, 20000, (1, 16), device=device)
+    mask = torch.ones(1, 16, dtype=torch.long, device=device)
+    mask[:, 12:] = 0
+    return model, lambda: model(input_ids=ids, attention_mask=mask)
+
+
+def _fused_ops_us(forward) -> tuple[float, int]:
+    """(host µs inside the fused ops, their calls) of one forward."""
+    totals: dict = {}
+    with _timed_ops(totals):
+        forward()
+    return sum(v for k, v in totals.items() if k != "calls") * 1e6, totals["calls"]
 
 
 def _forward_host_us(forward, repeats: int) -> float:
@@ -352,26 +356,18 @@ def _bert_fused_ops_us(repeats: int) -> dict:
     of a millisecond that would leave the fused calls after it with cold caches."""
     from torch import nn
 
-    from fuseformer.models import BertConfig, BertModel
-
-    model = BertModel(BertConfig(), add_pooling_layer=True).to(torch.float16).eval()
+    model, forward = _bert_b1_l16(torch.device("cpu"), torch.float16)
     model.set_backend("triton")
-    ids = torch.randint(1000, 20000, (1, 16))
-    mask = torch.ones(1, 16, dtype=torch.long)
-    mask[:, 12:] = 0
     best = {False: (float("inf"), 0), True: (float("inf"), 0)}
     empty_linear = lambda self, x: x.new_empty(*x.shape[:-1], self.out_features)  # noqa: E731
     with torch.inference_mode(), mock.patch.object(nn.Linear, "forward", empty_linear):
         for fast in (False, True, False, True):  # compiles, then each path's kept kernels
             with use_fast_launch(fast):
-                model(input_ids=ids, attention_mask=mask)
+                forward()
         for _ in range(repeats):
             for fast in (False, True):
-                totals: dict = {}
-                with use_fast_launch(fast), _timed_ops(totals):
-                    model(input_ids=ids, attention_mask=mask)
-                us = sum(v for k, v in totals.items() if k != "calls") * 1e6
-                best[fast] = min(best[fast], (us, totals["calls"]))
+                with use_fast_launch(fast):
+                    best[fast] = min(best[fast], _fused_ops_us(forward))
     return {"fused_calls": best[True][1], "triton_launch_us": best[False][0], "fast_launch_us": best[True][0]}
 
 
