@@ -1,0 +1,363 @@
+"""Compile the benchmark's Triton kernels here, for sm_90, and carry them to a lent GPU.
+
+Why: a lent H100/H200 has 15 minutes in all. On the H100 run (bench/results/h100/README.md)
+the ops suite's first 21 cases took 230 s, less than 10 s of it timing: the rest was first
+calls, mostly Triton compiling every autotune config of every kernel. bench/prewarm.py moves
+those compiles onto the machine's 16 cores, but they still spend lent minutes. They need no
+GPU at all: bench/offline.py's stand-in driver runs Triton's whole compile for sm_90 on a CPU.
+
+    build:   python -m fuseformer.bench.triton_cache build [--suite ops,models] [--filter F]
+                 [--out .tritoncache/sm90.tar.gz]
+    unpack:  python -m fuseformer.bench.triton_cache unpack ARCHIVE DIR    (on the GPU machine,
+                 then TRITON_CACHE_DIR=DIR; bench/gpu_session.sh does both)
+
+`build` runs, under the stand-in driver, every fuseformer Triton implementation of the chosen
+benchmark cases once (forward, and backward for the training cases) with the cases' own shapes
+and dtypes, so the specializations are the ones the GPU run will ask for. Each autotuned
+kernel's first call compiles all its configs (kernels/precompile.py). The resulting Triton
+cache is packed with each kernel's metadata and cubin only (the intermediate IRs are 80% of
+its size and nothing on the launch path reads them).
+
+Triton names a cache entry by a hash of its whole key: the compiler build (`triton_key()`: the
+hash of Triton's Python files and its libtriton binary), the kernel source and specialization,
+the backend (ptxas version, arch), the options and the cache-relevant environment. The binary
+differs between Python versions' wheels of one Triton release, and this machine's Python is
+not the GPU machines' (3.12), so the archive keeps each entry's key without the compiler part,
+and `unpack` re-keys the entries with the installed Triton's own `triton_key()`. The two wheels
+compile alike: the 345 kernels of an ops-suite build made with triton 3.6.0's Python 3.11
+wheel, recompiled from their TTIR by its Python 3.12 wheel, gave the same cubins byte for byte
+(2026-11-27, on this CPU machine). It refuses an
+archive made by another Triton release; anything else that differs (ptxas, options, source)
+leaves the entry under a name no lookup asks for, so a kernel is compiled there as before,
+never loaded wrongly. bench/gpu_session.sh lists, by kernel, what its run compiled all the same.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+DEFAULT_ARCHIVE = Path(".tritoncache") / "sm90.tar.gz"
+
+
+# ----------------------------------------------------------------------------- cache keys
+
+
+def _entry_name(key: str) -> str:
+    """The folder Triton's FileCacheManager keeps the kernel of cache key `key` in."""
+    from triton.runtime.cache import _base32
+
+    return _base32(hashlib.sha256(key.encode("utf-8")).hexdigest())
+
+
+@contextlib.contextmanager
+def recorded_keys():
+    """Within: every compile's cache key, without the compiler build's part, by entry name."""
+    import triton.compiler.compiler as C
+    from triton.runtime.cache import triton_key
+
+    build = triton_key() + "-"
+    keys: dict[str, str] = {}
+    original = C.get_cache_key
+
+    def get_cache_key(*args, **kwargs):
+        key = original(*args, **kwargs)
+        assert key.startswith(build), "Triton's cache key no longer starts with triton_key()"
+        keys[_entry_name(key)] = key[len(build):]
+        return key
+
+    C.get_cache_key = get_cache_key
+    try:
+        yield keys
+    finally:
+        C.get_cache_key = original
+
+
+# ----------------------------------------------------------------------------- build
+
+
+class Tally:
+    """Runs one call each and logs how it ended. A refusal (a case a kernel does not take)
+    compiles nothing and is expected; any other exception is an error: `build` reports it and
+    exits 1, after packing what did compile."""
+
+    def __init__(self, log=print):
+        self.log, self.errors = log, []
+
+    def run(self, label: str, call) -> None:
+        from fuseformer.kernels import BackendUnsupportedError
+
+        from .core import Refused
+
+        started = time.perf_counter()
+        try:
+            call()
+            status = "ok"
+        except (BackendUnsupportedError, Refused) as err:
+            status = f"refused: {str(err).strip().splitlines()[0]}"
+        except Exception as err:  # noqa: BLE001 - reported, and the build's exit status
+            status = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            self.errors.append(f"{label}: {status}")
+        self.log(f"  {label}: {status} ({time.perf_counter() - started:.1f} s)")
+
+
+def _gpu_dtype(case):
+    """The dtype a GPU run gives the case (bench/runner.py's RunConfig.dtype_for on CUDA)."""
+    import torch
+
+    return case.dtype or torch.bfloat16
+
+
+def run_op_case(case, tally: Tally) -> None:
+    """Every fuseformer Triton implementation of an ops-suite case, once, forward (and backward
+    for a forward+backward case), on CPU tensors of its GPU shapes and dtype."""
+    import torch
+
+    inputs = case.make_inputs(torch.device("cpu"), _gpu_dtype(case), torch.Generator().manual_seed(1234))
+    for impl in case.impls:
+        if impl.name != "fuseformer-triton" and not impl.name.startswith("fuseformer-triton-"):
+            continue
+        # impl.available() is not asked: it refuses the Hopper variants without a GPU, which
+        # pretend_sm90 admits for exactly this.
+
+        def call(impl=impl):
+            with impl.context() if impl.context else contextlib.nullcontext():
+                case._wrap(impl.fn)(inputs)
+
+        tally.run(f"{case.name} {impl.name}", call)
+
+
+class _EmptyLinear:
+    """nn.Linear's forward as an allocation of its output, with a backward that allocates the
+    input's gradient: the models' own GEMMs are cuBLAS's, not ours, and would take minutes on a
+    CPU in fp16; our fused ops on the models' real shapes are what compiles."""
+
+    def __enter__(self):
+        from unittest import mock
+
+        import torch
+        from torch import nn
+
+        class Empty(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x, out_features):
+                ctx.shape = x.shape
+                return x.new_empty(*x.shape[:-1], out_features)
+
+            @staticmethod
+            def backward(ctx, grad):
+                return grad.new_empty(ctx.shape), None
+
+        self.patch = mock.patch.object(nn.Linear, "forward", lambda self, x: Empty.apply(x, self.out_features))
+        return self.patch.__enter__()
+
+    def __exit__(self, *exc):
+        return self.patch.__exit__(*exc)
+
+
+def run_model_case(case, tally: Tally) -> None:
+    """The fused model of a models-suite case, one forward, and a backward for a training
+    case, in the case's GPU dtype, nn.Linear an empty stand-in. Backend triton: what `auto`
+    (the bench's `fuseformer-fused`) picks for every op of these models on an H100, where on
+    a CPU it would pick torch."""
+    import torch
+    import transformers
+
+    from fuseformer import models
+
+    from .model_cases import FAMILIES, hf_config
+
+    ours_name, hf_name = FAMILIES[(case.family, case.task)]
+    hf = getattr(transformers, hf_name)(hf_config(case.family, case.size))
+    train = case.task == "train"
+    hf.train(train)
+    inputs = case._inputs(torch.device("cpu"), hf.config.vocab_size)
+    variants = [{}]
+    if case.family == "bert" and case.pad and not train:
+        variants.append({"unpad": True})  # the bench's fuseformer-fused-unpad
+    for kwargs in variants:
+
+        def call(kwargs=kwargs):
+            model = getattr(models, ours_name).from_hf(hf, backend="triton", **kwargs).to(dtype=_gpu_dtype(case))
+            with _EmptyLinear(), torch.set_grad_enabled(train):
+                out = case._main_output(model(**inputs))
+                if train:
+                    out.float().sum().backward()
+
+        tally.run(f"{case.name} {kwargs or ''}".strip(), call)
+
+
+def run_overhead(tally: Tally) -> None:
+    """The `overhead` group's calls (bench/overhead.py's run_group on a GPU): each op's tiny
+    float16 case forward and forward+backward, and the BERT-base B1 L16 forward, attention on
+    its default configs as there."""
+    import importlib
+
+    import torch
+
+    from . import overhead
+
+    attention = importlib.import_module("fuseformer.kernels.attention")
+    cpu, dtype = torch.device("cpu"), torch.float16
+    autotune = attention.AUTOTUNE
+    attention.set_autotune(False)
+    try:
+        for grad in (False, True):
+            for case in overhead.op_cases(cpu, dtype, "triton", grad):
+                tally.run(f"overhead {case.name}", case.ours)
+        model, forward = overhead._bert_b1_l16(cpu, dtype)
+        model.set_backend("triton")
+
+        def bert():
+            with _EmptyLinear(), torch.inference_mode():
+                forward()
+
+        tally.run("overhead bert_base_forward", bert)
+    finally:
+        attention.set_autotune(autotune)
+
+
+def harvest(suites: list[str], filter_text: str | None, tally: Tally) -> dict[str, str]:
+    """Run the chosen cases' Triton implementations in this process (which must have no
+    Triton interpreter and a fresh TRITON_CACHE_DIR); return the compiles' keys by entry."""
+    from .cli import _collect, _select
+    from .offline import Counts, admit_triton, install, pretend_sm90
+
+    install()
+    pretend_sm90()
+    admit_triton()
+    counts = Counts()
+    counts.install()
+    with recorded_keys() as keys:
+        for suite in suites:
+            if suite == "overhead":
+                run_overhead(tally)
+                continue
+            cases = _select(_collect(suite, "cuda"), filter_text or "*", False)
+            tally.log(f"{suite}: {len(cases)} cases")
+            for case in cases:
+                (run_model_case if suite == "models" else run_op_case)(case, tally)
+    tally.log(f"compiles asked: {counts.by} (precompiled configs {counts.precompiled}); cache entries {len(keys)}")
+    return keys
+
+
+def pack(cache_dir: Path, keys: dict[str, str], out: Path) -> dict:
+    """A tar.gz of the entries in `keys`: metadata, binary and the key's tail of each."""
+    import triton
+
+    from .envinfo import _git
+
+    entries = {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out, "w:gz") as tar:
+        for name, rest in sorted(keys.items()):
+            folder = cache_dir / name
+            groups = list(folder.glob("__grp__*.json"))
+            if len(groups) != 1:
+                continue  # a compile that failed, or a helper entry without a group
+            children = json.loads(groups[0].read_text())["child_paths"]
+            kept = {c: Path(p).name for c, p in children.items() if c.endswith((".json", ".cubin"))}
+            if len(kept) != 2:
+                continue
+            for child in kept.values():
+                tar.add(folder / child, arcname=f"{name}/{child}")
+            entries[name] = {"key": rest, "files": kept}
+        manifest = {"triton": triton.__version__, "python": sys.version.split()[0], "commit": _git("rev-parse", "--short", "HEAD"),
+                    "made": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "entries": entries}
+        data = json.dumps(manifest, indent=1).encode()
+        info = tarfile.TarInfo(MANIFEST)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return manifest
+
+
+def unpack(archive: Path, dest: Path) -> str:
+    """Install the archive's entries into the Triton cache folder `dest` under this Triton's
+    own keys; return a one-line account of what was done."""
+    import triton
+    from triton.runtime.cache import triton_key
+
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        manifest = json.loads(tar.extractfile(MANIFEST).read())
+        if manifest["triton"] != triton.__version__:
+            return (f"not unpacked: the archive holds triton {manifest['triton']}'s kernels, this is triton "
+                    f"{triton.__version__}")
+        build = triton_key()
+        placed = 0
+        for name, entry in manifest["entries"].items():
+            key = f"{build}-{entry['key']}"
+            new_hash = hashlib.sha256(key.encode("utf-8")).hexdigest()
+            folder = dest / _entry_name(key)
+            folder.mkdir(exist_ok=True)
+            group = {}
+            for child, file in entry["files"].items():
+                data = tar.extractfile(f"{name}/{file}").read()
+                if child.endswith(".json"):
+                    metadata = json.loads(data)
+                    metadata["hash"] = new_hash  # what Triton itself writes under this name
+                    data = json.dumps(metadata).encode()
+                (folder / file).write_bytes(data)
+                group[child] = str(folder / file)  # Triton's groups hold absolute paths
+            metadata_file = next(c for c in group if c.endswith(".json"))
+            (folder / f"__grp__{metadata_file}").write_text(json.dumps({"child_paths": group}))
+            placed += 1
+    same = "the same compiler build" if all(n == _entry_name(f"{build}-{e['key']}")
+                                             for n, e in manifest["entries"].items()) else "re-keyed for this build"
+    return (f"{placed} kernels of triton {manifest['triton']} (python {manifest['python']}, commit "
+            f"{manifest['commit']}, made {manifest['made']}) into {dest}: {same}")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fuseformer.bench.triton_cache", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="compile the benchmark's kernels for sm_90 and pack them")
+    b.add_argument("--suite", default="ops,models,overhead",
+                   help="comma-separated: ops, models (their cases), overhead (the group's calls); default all")
+    b.add_argument("--filter", default=None, help="the cases, as fuseformer bench --filter takes them (default all)")
+    b.add_argument("--out", type=Path, default=DEFAULT_ARCHIVE)
+    b.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    u = sub.add_parser("unpack", help="install an archive into a Triton cache folder")
+    u.add_argument("archive", type=Path)
+    u.add_argument("dest", type=Path)
+    args = parser.parse_args(argv)
+
+    if args.command == "unpack":
+        print(unpack(args.archive, args.dest))
+        return 0
+    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    if not args.child:
+        # A process of its own: no interpreter (the bench's CLI and our tests turn it on) and
+        # an empty cache, so that every entry packed is one this run asked for.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        with tempfile.TemporaryDirectory(prefix="fuseformer_triton_cache_") as cache:
+            env["TRITON_CACHE_DIR"] = cache
+            given = sys.argv[1:] if argv is None else list(argv)
+            return subprocess.call([sys.executable, "-m", "fuseformer.bench.triton_cache", *given, "--child"], env=env)
+    started = time.perf_counter()
+    tally = Tally()
+    keys = harvest(suites, args.filter, tally)
+    manifest = pack(Path(os.environ["TRITON_CACHE_DIR"]), keys, args.out)
+    print(f"{len(manifest['entries'])} kernels of triton {manifest['triton']} packed into {args.out} "
+          f"({args.out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - started:.0f} s")
+    if tally.errors:
+        print(f"{len(tally.errors)} calls failed:\n  " + "\n  ".join(tally.errors))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
