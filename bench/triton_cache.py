@@ -6,17 +6,19 @@ calls, mostly Triton compiling every autotune config of every kernel. bench/prew
 those compiles onto the machine's 16 cores, but they still spend lent minutes. They need no
 GPU at all: bench/offline.py's stand-in driver runs Triton's whole compile for sm_90 on a CPU.
 
-    build:   python -m fuseformer.bench.triton_cache build [--suite ops,models] [--filter F]
-                 [--out .tritoncache/sm90.tar.gz]
+    build:   python -m fuseformer.bench.triton_cache build [--suite ops,models,overhead,tests]
+                 [--filter F] [--out .tritoncache/sm90.tar.xz]
     unpack:  python -m fuseformer.bench.triton_cache unpack ARCHIVE DIR    (on the GPU machine,
                  then TRITON_CACHE_DIR=DIR; bench/gpu_session.sh does both)
 
-`build` runs, under the stand-in driver, every fuseformer Triton implementation of the chosen
-benchmark cases once (forward, and backward for the training cases) with the cases' own shapes
-and dtypes, so the specializations are the ones the GPU run will ask for. Each autotuned
-kernel's first call compiles all its configs (kernels/precompile.py). The resulting Triton
-cache is packed with each kernel's metadata and cubin only (the intermediate IRs are 80% of
-its size and nothing on the launch path reads them).
+`build` runs, under the stand-in driver and on CPU tensors, what the GPU session will run of
+our Triton kernels, with its shapes and dtypes, so that the specializations are the ones asked
+for there: every fuseformer Triton implementation of the benchmark's cases (forward, and
+backward for the training cases), the `overhead` group's calls, and the session's tests of the
+Triton kernels and models. Each autotuned kernel's first call compiles all its configs
+(kernels/precompile.py). The Triton cache is packed with each kernel's metadata and cubin
+only: the intermediate IRs are nearly 90% of its size, and nothing on the launch path reads
+them.
 
 Triton names a cache entry by a hash of its whole key: the compiler build (`triton_key()`: the
 hash of Triton's Python files and its libtriton binary), the kernel source and specialization,
@@ -26,10 +28,10 @@ not the GPU machines' (3.12), so the archive keeps each entry's key without the 
 and `unpack` re-keys the entries with the installed Triton's own `triton_key()`. The two wheels
 compile alike: the 345 kernels of an ops-suite build made with triton 3.6.0's Python 3.11
 wheel, recompiled from their TTIR by its Python 3.12 wheel, gave the same cubins byte for byte
-(2026-11-27, on this CPU machine). It refuses an
-archive made by another Triton release; anything else that differs (ptxas, options, source)
-leaves the entry under a name no lookup asks for, so a kernel is compiled there as before,
-never loaded wrongly. bench/gpu_session.sh lists, by kernel, what its run compiled all the same.
+(2026-11-27, on this CPU machine). `unpack` refuses an archive made by another Triton release;
+anything else that differs (ptxas, options, source) leaves the entry under a name no lookup
+asks for, so a kernel is compiled there as before, never loaded wrongly. bench/gpu_session.sh
+lists, by kernel, what its run compiled all the same.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ import time
 from pathlib import Path
 
 MANIFEST = "manifest.json"
-DEFAULT_ARCHIVE = Path(".tritoncache") / "sm90.tar.gz"
+DEFAULT_ARCHIVE = Path(".tritoncache") / "sm90.tar.xz"
 
 
 # ----------------------------------------------------------------------------- cache keys
@@ -72,7 +74,8 @@ def recorded_keys():
 
     def get_cache_key(*args, **kwargs):
         key = original(*args, **kwargs)
-        assert key.startswith(build), "Triton's cache key no longer starts with triton_key()"
+        if not key.startswith(build):  # not an assert: the tests suite runs under python -O
+            raise RuntimeError("Triton's cache key no longer starts with triton_key()")
         keys[_entry_name(key)] = key[len(build):]
         return key
 
@@ -227,6 +230,38 @@ def run_overhead(tally: Tally) -> None:
         attention.set_autotune(autotune)
 
 
+# What bench/gpu_session.sh's `tests` stage runs of the Triton kernels and models: its
+# test_eager_path.py whole, then the gpu-marked tests but csrc/'s.
+TEST_RUNS = (["tests/test_eager_path.py"],
+             ["-m", "gpu", "tests", "--ignore=tests/test_cuda_backend.py", "--ignore=tests/test_cuda_gemm.py"])
+
+
+def run_tests(tally: Tally) -> None:
+    """The GPU session's tests of our kernels and models, here, on CPU tensors (conftest.py's
+    FUSEFORMER_OFFLINE_SM90: no interpreter, nothing skipped), so that their kernels compile as
+    there. No kernel runs, so their checks cannot hold: the build runs these under `python -O`
+    and pytest's --assert=plain, where every assert is gone and a test goes on from its
+    forward to its backward; how each test ends is not reported, only a run that could not
+    collect or start."""
+    import pytest
+
+    if sys.flags.optimize == 0:
+        raise RuntimeError("the tests suite needs `python -O` (build starts its child so)")
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "tests" / "conftest.py").is_file():
+        raise RuntimeError(f"no tests/ beside {Path(__file__).parent}: a source checkout is needed")
+    os.environ["FUSEFORMER_OFFLINE_SM90"] = "1"
+    for args in TEST_RUNS:
+
+        def call(args=args):
+            with contextlib.chdir(root):
+                code = pytest.main(["-q", "-p", "no:cacheprovider", "--tb=no", "--assert=plain", *args])
+            if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+                raise RuntimeError(f"pytest {' '.join(args)} ended with {code!r}")
+
+        tally.run("pytest " + " ".join(args), call)
+
+
 def harvest(suites: list[str], filter_text: str | None, tally: Tally) -> dict[str, str]:
     """Run the chosen cases' Triton implementations in this process (which must have no
     Triton interpreter and a fresh TRITON_CACHE_DIR); return the compiles' keys by entry."""
@@ -240,8 +275,8 @@ def harvest(suites: list[str], filter_text: str | None, tally: Tally) -> dict[st
     counts.install()
     with recorded_keys() as keys:
         for suite in suites:
-            if suite == "overhead":
-                run_overhead(tally)
+            if suite in ("overhead", "tests"):
+                (run_overhead if suite == "overhead" else run_tests)(tally)
                 continue
             cases = _select(_collect(suite, "cuda"), filter_text or "*", False)
             tally.log(f"{suite}: {len(cases)} cases")
@@ -252,14 +287,15 @@ def harvest(suites: list[str], filter_text: str | None, tally: Tally) -> dict[st
 
 
 def pack(cache_dir: Path, keys: dict[str, str], out: Path) -> dict:
-    """A tar.gz of the entries in `keys`: metadata, binary and the key's tail of each."""
+    """A tar.xz of the entries in `keys`: metadata, binary and the key's tail of each (xz:
+    half of gzip's size on cubins, which counts against the device tool's 64 MiB)."""
     import triton
 
     from .envinfo import _git
 
     entries = {}
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(out, "w:gz") as tar:
+    with tarfile.open(out, "w:xz") as tar:
         for name, rest in sorted(keys.items()):
             folder = cache_dir / name
             groups = list(folder.glob("__grp__*.json"))
@@ -325,8 +361,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fuseformer.bench.triton_cache", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="compile the benchmark's kernels for sm_90 and pack them")
-    b.add_argument("--suite", default="ops,models,overhead",
-                   help="comma-separated: ops, models (their cases), overhead (the group's calls); default all")
+    b.add_argument("--suite", default="ops,models,overhead,tests",
+                   help="comma-separated: ops, models (their cases), overhead (the group's calls), tests (the "
+                        "GPU session's tests of the Triton kernels and models); default all")
     b.add_argument("--filter", default=None, help="the cases, as fuseformer bench --filter takes them (default all)")
     b.add_argument("--out", type=Path, default=DEFAULT_ARCHIVE)
     b.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -346,7 +383,9 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="fuseformer_triton_cache_") as cache:
             env["TRITON_CACHE_DIR"] = cache
             given = sys.argv[1:] if argv is None else list(argv)
-            return subprocess.call([sys.executable, "-m", "fuseformer.bench.triton_cache", *given, "--child"], env=env)
+            optimize = ["-O"] if "tests" in suites else []  # see run_tests
+            return subprocess.call([sys.executable, *optimize, "-m", "fuseformer.bench.triton_cache", *given, "--child"],
+                                   env=env)
     started = time.perf_counter()
     tally = Tally()
     keys = harvest(suites, args.filter, tally)

@@ -45,7 +45,7 @@ def archive(tmp_path_factory):
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("triton has no NVIDIA backend")
     base = tmp_path_factory.mktemp("triton_cache")
-    path = base / "sm90.tar.gz"
+    path = base / "sm90.tar.xz"
     (base / "build").mkdir()
     out = _build(path, cache_dir=base / "build")
     assert "fuseformer-triton-persistent: ok" in out, out
@@ -72,13 +72,13 @@ def test_carried_kernels_are_found_under_another_builds_keys(archive, tmp_path):
     carried = set(os.listdir(cache))
     assert len(_kernels(cache)) == 3
     # The same case in a process of that other build: every kernel found, nothing compiled.
-    _build(tmp_path / "again.tar.gz", OTHER_BUILD, cache)
+    _build(tmp_path / "again.tar.xz", OTHER_BUILD, cache)
     assert set(os.listdir(cache)) == carried
     # Control: the same process over an empty cache compiles its three kernels, so the check
     # above can fail.
     empty = tmp_path / "empty"
     empty.mkdir()
-    _build(tmp_path / "control.tar.gz", OTHER_BUILD, empty)
+    _build(tmp_path / "control.tar.xz", OTHER_BUILD, empty)
     assert len(_kernels(empty)) == 3
 
 
@@ -96,5 +96,5 @@ def test_a_failing_call_fails_the_build(tmp_path):
     # that merely packed fewer kernels.
     broken = ("import importlib; m = importlib.import_module('fuseformer.kernels.add_layer_norm'); "
               "m._run_forward = lambda *a, **k: undefined_name; ")
-    out = _build(tmp_path / "a.tar.gz", broken, tmp_path, status=1)
+    out = _build(tmp_path / "a.tar.xz", broken, tmp_path, status=1)
     assert "3 calls failed" in out and "NameError" in out, out
