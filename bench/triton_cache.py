@@ -241,9 +241,17 @@ def run_tests(tally: Tally) -> None:
     FUSEFORMER_OFFLINE_SM90: no interpreter, nothing skipped), so that their kernels compile as
     there. No kernel runs, so their checks cannot hold: the build runs these under `python -O`
     and pytest's --assert=plain, where every assert is gone and a test goes on from its
-    forward to its backward; how each test ends is not reported, only a run that could not
-    collect or start."""
+    forward to its backward. A test that fails all the same (a CUDA-only call, say) is listed
+    with the last line of its error, to be read, not counted as the build's error: only a run
+    that could not collect or start is one."""
     import pytest
+
+    class Failures:
+        def pytest_runtest_logreport(self, report):
+            if report.failed:
+                crash = getattr(report.longrepr, "reprcrash", None)
+                said = crash.message.splitlines()[0] if crash else "failed"
+                tally.log(f"\n    {report.nodeid} ({report.when}): {said}")
 
     if sys.flags.optimize == 0:
         raise RuntimeError("the tests suite needs `python -O` (build starts its child so)")
@@ -255,7 +263,8 @@ def run_tests(tally: Tally) -> None:
 
         def call(args=args):
             with contextlib.chdir(root):
-                code = pytest.main(["-q", "-p", "no:cacheprovider", "--tb=no", "--assert=plain", *args])
+                code = pytest.main(["-q", "-p", "no:cacheprovider", "--tb=no", "--assert=plain", *args],
+                                   plugins=[Failures()])
             if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
                 raise RuntimeError(f"pytest {' '.join(args)} ended with {code!r}")
 
@@ -308,7 +317,8 @@ def pack(cache_dir: Path, keys: dict[str, str], out: Path) -> dict:
             for child in kept.values():
                 tar.add(folder / child, arcname=f"{name}/{child}")
             entries[name] = {"key": rest, "files": kept}
-        manifest = {"triton": triton.__version__, "python": sys.version.split()[0], "commit": _git("rev-parse", "--short", "HEAD"),
+        manifest = {"triton": triton.__version__, "python": sys.version.split()[0],
+                    "commit": _git("rev-parse", "--short", "HEAD"),
                     "made": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "entries": entries}
         data = json.dumps(manifest, indent=1).encode()
         info = tarfile.TarInfo(MANIFEST)
@@ -384,8 +394,8 @@ def main(argv=None) -> int:
             env["TRITON_CACHE_DIR"] = cache
             given = sys.argv[1:] if argv is None else list(argv)
             optimize = ["-O"] if "tests" in suites else []  # see run_tests
-            return subprocess.call([sys.executable, *optimize, "-m", "fuseformer.bench.triton_cache", *given, "--child"],
-                                   env=env)
+            child = [sys.executable, *optimize, "-m", "fuseformer.bench.triton_cache", *given, "--child"]
+            return subprocess.call(child, env=env)
     started = time.perf_counter()
     tally = Tally()
     keys = harvest(suites, args.filter, tally)
