@@ -52,6 +52,22 @@ cd "$(dirname "$0")/.."
 for stage in "$@"; do
     case "$stage" in compile | prewarm | tests | profile | overhead | sanitize | bench) ;; *) echo "unknown stage $stage" >&2; exit 2 ;; esac
 done
+# What this call compiled all the same, by kernel, beside the kernels carried in
+# .tritoncache (unpacked below, after the install): written into the packed logs.
+carried_list=""
+triton_cache_report() {
+    [ -n "${carried_list:-}" ] || return 0
+    local entry names
+    # New entries without a group file are Triton's own launcher modules, not kernels.
+    names=$(for entry in $(ls "$TRITON_CACHE_DIR" | grep -vxFf "$carried_list"); do
+        ls "$TRITON_CACHE_DIR/$entry" | sed -n 's/^__grp__\(.*\)\.json$/\1/p'
+    done)
+    {
+        echo "Triton cache: $(grep -c . "$carried_list") kernels carried, $(echo "$names" | grep -c .) compiled here;"
+        echo "compiled here, by kernel (torch.compile's own are named triton_*):"
+        echo "$names" | grep . | sort | uniq -c | sort -rn
+    } >"$OUT/triton_cache_compiled.txt"
+}
 if [ -n "${OUT:-}" ]; then
     RESULT_DIR=$OUT
     OUT=$(mktemp -d /tmp/gpu_session.XXXXXX)
@@ -118,9 +134,8 @@ timed install install || exit 1
 # Triton kernels compiled ahead on a CPU for sm_90 (bench/triton_cache.py builds the archive;
 # carry .tritoncache): unpacked, under this machine's own Triton cache keys, into the cache
 # every later process of this call uses, so that the first calls find the benchmark's kernels
-# compiled. triton_cache_report lists what the run compiled here all the same, by kernel.
+# compiled.
 TRITON_ARCHIVE=${TRITON_ARCHIVE:-.tritoncache/sm90.tar.xz}
-carried_list=""
 if [ -f "$TRITON_ARCHIVE" ]; then
     export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/fuseformer_triton_cache}
     timed triton-cache-unpack python3 -m fuseformer.bench.triton_cache unpack "$TRITON_ARCHIVE" "$TRITON_CACHE_DIR" \
@@ -128,19 +143,6 @@ if [ -f "$TRITON_ARCHIVE" ]; then
     carried_list=$OUT/triton_cache_carried.list
     ls "$TRITON_CACHE_DIR" >"$carried_list"
 fi
-triton_cache_report() {
-    [ -n "${carried_list:-}" ] || return 0
-    local entry names
-    # New entries without a group file are Triton's own launcher modules, not kernels.
-    names=$(for entry in $(ls "$TRITON_CACHE_DIR" | grep -vxFf "$carried_list"); do
-        ls "$TRITON_CACHE_DIR/$entry" | sed -n 's/^__grp__\(.*\)\.json$/\1/p'
-    done)
-    {
-        echo "Triton cache: $(grep -c . "$carried_list") kernels carried, $(echo "$names" | grep -c .) compiled here;"
-        echo "compiled here, by kernel (torch.compile's own are named triton_*):"
-        echo "$names" | grep . | sort | uniq -c | sort -rn
-    } >"$OUT/triton_cache_compiled.txt"
-}
 {
     nvidia-smi
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
