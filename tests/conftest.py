@@ -6,7 +6,7 @@ import os
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-# bench/triton_cache.py runs the gpu-marked tests in a process of its own with a stand-in
+# bench/triton_cache.py runs the GPU session's tests in a process of its own with a stand-in
 # Triton driver, on CPU tensors, to compile their kernels for sm_90 ahead of a GPU session:
 # no interpreter there, and nothing skipped for want of a GPU.
 OFFLINE_SM90 = os.environ.get("FUSEFORMER_OFFLINE_SM90") == "1"
