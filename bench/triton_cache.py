@@ -48,6 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
+SUITES = ("ops", "models", "overhead", "tests")
 MANIFEST = "manifest.json"
 DEFAULT_ARCHIVE = Path(".tritoncache") / "sm90.tar.xz"
 
@@ -371,10 +372,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fuseformer.bench.triton_cache", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="compile the benchmark's kernels for sm_90 and pack them")
-    b.add_argument("--suite", default="ops,models,overhead,tests",
+    b.add_argument("--suite", default=",".join(SUITES),
                    help="comma-separated: ops, models (their cases), overhead (the group's calls), tests (the "
                         "GPU session's tests of the Triton kernels and models); default all")
-    b.add_argument("--filter", default=None, help="the cases, as fuseformer bench --filter takes them (default all)")
+    b.add_argument("--filter", default=None,
+                   help="the ops and models cases, as fuseformer bench --filter takes them (default all)")
     b.add_argument("--out", type=Path, default=DEFAULT_ARCHIVE)
     b.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     u = sub.add_parser("unpack", help="install an archive into a Triton cache folder")
@@ -386,6 +388,9 @@ def main(argv=None) -> int:
         print(unpack(args.archive, args.dest))
         return 0
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    unknown = set(suites) - set(SUITES)
+    if unknown or not suites:
+        parser.error(f"--suite: {', '.join(sorted(unknown)) or 'nothing'} is not among {', '.join(SUITES)}")
     if not args.child:
         # A process of its own: no interpreter (the bench's CLI and our tests turn it on) and
         # an empty cache, so that every entry packed is one this run asked for.
