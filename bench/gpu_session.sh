@@ -142,6 +142,8 @@ if [ -f "$TRITON_ARCHIVE" ]; then
         >"$OUT/triton_cache.txt" 2>&1
     carried_list=$OUT/triton_cache_carried.list
     ls "$TRITON_CACHE_DIR" >"$carried_list"
+else
+    echo "no $TRITON_ARCHIVE carried: every Triton kernel compiles here (bench/triton_cache.py)" >"$OUT/triton_cache.txt"
 fi
 {
     nvidia-smi
