@@ -57,13 +57,18 @@ done
 carried_list=""
 triton_cache_report() {
     [ -n "${carried_list:-}" ] || return 0
-    local entry names
-    # New entries without a group file are Triton's own launcher modules, not kernels.
+    local entry names others
+    # New entries without a group file are not kernels: Triton's C launchers (one per kernel
+    # signature, built with the C compiler on first use) and its driver utilities.
     names=$(for entry in $(ls "$TRITON_CACHE_DIR" | grep -vxFf "$carried_list"); do
         ls "$TRITON_CACHE_DIR/$entry" | sed -n 's/^__grp__\(.*\)\.json$/\1/p'
     done)
+    others=$(for entry in $(ls "$TRITON_CACHE_DIR" | grep -vxFf "$carried_list"); do
+        ls "$TRITON_CACHE_DIR/$entry" | grep -q '^__grp__' || ls "$TRITON_CACHE_DIR/$entry" | grep '\.so$'
+    done)
     {
         echo "Triton cache: $(grep -c . "$carried_list") kernels carried, $(echo "$names" | grep -c .) compiled here;"
+        echo "C modules built here: $(echo "$others" | grep -c .) ($(echo "$others" | grep . | sort | uniq -c | tr -s ' \n' ' '))"
         echo "compiled here, by kernel (torch.compile's own are named triton_*):"
         echo "$names" | grep . | sort | uniq -c | sort -rn
     } >"$OUT/triton_cache_compiled.txt"
