@@ -57,13 +57,14 @@ done
 carried_list=""
 triton_cache_report() {
     [ -n "${carried_list:-}" ] || return 0
-    local entry names others
-    # New entries without a group file are not kernels: Triton's C launchers (one per kernel
-    # signature, built with the C compiler on first use) and its driver utilities.
-    names=$(for entry in $(ls "$TRITON_CACHE_DIR" | grep -vxFf "$carried_list"); do
+    local entry new names others
+    new=$(ls "$TRITON_CACHE_DIR" | grep -vxFf "$carried_list")
+    names=$(for entry in $new; do
         ls "$TRITON_CACHE_DIR/$entry" | sed -n 's/^__grp__\(.*\)\.json$/\1/p'
     done)
-    others=$(for entry in $(ls "$TRITON_CACHE_DIR" | grep -vxFf "$carried_list"); do
+    # New entries without a group file are not kernels: Triton's C launchers (one per kernel
+    # signature, built with the C compiler on first use) and its driver utilities.
+    others=$(for entry in $new; do
         ls "$TRITON_CACHE_DIR/$entry" | grep -q '^__grp__' || ls "$TRITON_CACHE_DIR/$entry" | grep '\.so$'
     done)
     {

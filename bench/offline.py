@@ -16,6 +16,8 @@ step up to the launch.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 SM90 = ("cuda", 90, 32)  # GPUTarget(backend, arch, warp_size) of an H100 / H200
@@ -82,6 +84,30 @@ class OfflineDriver:
 
     def clear_cache(self, cache):
         pass
+
+
+@contextlib.contextmanager
+def empty_linears():
+    """nn.Linear's forward as an allocation of its output (and its backward as one of the
+    input's gradient), for measuring or compiling our fused ops inside a model on a CPU: there
+    a GEMM is a real computation of milliseconds (minutes in fp16 at the benchmark's shapes),
+    where on a GPU it is a cuBLAS launch of a few µs of host time."""
+    from unittest import mock
+
+    from torch import nn
+
+    class Empty(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, out_features):
+            ctx.shape = x.shape
+            return x.new_empty(*x.shape[:-1], out_features)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad.new_empty(ctx.shape), None
+
+    with mock.patch.object(nn.Linear, "forward", lambda self, x: Empty.apply(x, self.out_features)):
+        yield
 
 
 def install() -> OfflineDriver:

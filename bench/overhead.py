@@ -281,6 +281,23 @@ def _forward_host_us(forward, repeats: int) -> float:
     return min(samples)
 
 
+@contextlib.contextmanager
+def attention_default_configs():
+    """Attention's default configs instead of tuning each tiny case, as the group runs: once
+    tuned, a call takes the very same host path (the plain kernel launched with a cached
+    config), and tuning three kernels for every case here cost about a minute of compiles on
+    an H200."""
+    import importlib
+
+    attention = importlib.import_module("fuseformer.kernels.attention")
+    autotune = attention.AUTOTUNE
+    attention.set_autotune(False)
+    try:
+        yield
+    finally:
+        attention.set_autotune(autotune)
+
+
 def run_group(device: torch.device, quick: bool = False) -> dict:
     """The `overhead` group of `fuseformer bench`: every row, the BERT-base forward and the
     launch floor, as one JSON-ready dict."""
@@ -291,23 +308,16 @@ def run_group(device: torch.device, quick: bool = False) -> dict:
         return {"skipped": "CPU tensors need Triton's interpreter, and the kernels here are compiled for CUDA"}
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     calls, repeats = (50, 3) if quick else (200, 7)
-    import importlib
-
-    attention = importlib.import_module("fuseformer.kernels.attention")
-    threads, autotune = torch.get_num_threads(), attention.AUTOTUNE
+    threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny tensors: intra-op threads only add noise to the baselines
-    # Attention's default configs instead of tuning each tiny case: once tuned, a call takes
-    # the very same host path (the plain kernel launched with a cached config), and tuning
-    # three kernels for every case here cost about a minute of compiles on an H200.
-    attention.set_autotune(False)
     try:
-        rows = measure_ops(device, dtype, calls=calls, repeats=repeats)
-        bert = measure_bert_forward(device, dtype, repeats=3 if quick else 5)
-        floor = measure_launch_floor(device, dtype, calls=calls, repeats=repeats)
+        with attention_default_configs():
+            rows = measure_ops(device, dtype, calls=calls, repeats=repeats)
+            bert = measure_bert_forward(device, dtype, repeats=3 if quick else 5)
+            floor = measure_launch_floor(device, dtype, calls=calls, repeats=repeats)
     finally:
         torch.set_num_threads(threads)
-        attention.set_autotune(autotune)
     group = {
         "dtype": str(dtype).replace("torch.", ""),
         "launch": "stubbed (no kernel runs)" if device.type != "cuda" else "real",
@@ -337,14 +347,13 @@ def measure_offline(calls: int = 200, repeats: int = 7, only: str = "") -> dict:
     install()
     pretend_sm90()
     admit_triton()
-    attention = importlib.import_module("fuseformer.kernels.attention")
-    attention.set_autotune(False)  # as run_group: the default configs, the same host path once tuned
     lg = importlib.import_module("fuseformer.kernels.linear_gelu")
     for tuned in (lg._linear_gelu_fwd, lg._linear_gelu_tma):
         tuned.configs = tuned.configs[:1]  # one compile each; a tuned call launches the same way
     torch.set_num_threads(1)
-    rows = measure_ops(torch.device("cpu"), torch.float32, calls=calls, repeats=repeats, stub=False, only=only)
-    return {"rows": rows, "bert_base_forward": None if only else _bert_fused_ops_us(max(3, repeats))}
+    with attention_default_configs():  # as run_group
+        rows = measure_ops(torch.device("cpu"), torch.float32, calls=calls, repeats=repeats, stub=False, only=only)
+        return {"rows": rows, "bert_base_forward": None if only else _bert_fused_ops_us(max(3, repeats))}
 
 
 def _bert_fused_ops_us(repeats: int) -> dict:
@@ -354,13 +363,12 @@ def _bert_fused_ops_us(repeats: int) -> dict:
     forwards each, the two taking turns. The model's nn.Linear layers return empty outputs
     instead of computing: on a GPU each is a launch of a few µs of host time, here a real GEMM
     of a millisecond that would leave the fused calls after it with cold caches."""
-    from torch import nn
+    from .offline import empty_linears
 
     model, forward = _bert_b1_l16(torch.device("cpu"), torch.float16)
     model.set_backend("triton")
     best = {False: (float("inf"), 0), True: (float("inf"), 0)}
-    empty_linear = lambda self, x: x.new_empty(*x.shape[:-1], self.out_features)  # noqa: E731
-    with torch.inference_mode(), mock.patch.object(nn.Linear, "forward", empty_linear):
+    with torch.inference_mode(), empty_linears():
         for fast in (False, True, False, True):  # compiles, then each path's kept kernels
             with use_fast_launch(fast):
                 forward()

@@ -116,10 +116,12 @@ class Tally:
 
 
 def _gpu_dtype(case):
-    """The dtype a GPU run gives the case (bench/runner.py's RunConfig.dtype_for on CUDA)."""
+    """The dtype a GPU run gives the case."""
     import torch
 
-    return case.dtype or torch.bfloat16
+    from .runner import RunConfig
+
+    return RunConfig(torch.device("cuda")).dtype_for(case)
 
 
 def run_op_case(case, tally: Tally) -> None:
@@ -141,37 +143,10 @@ def run_op_case(case, tally: Tally) -> None:
         tally.run(f"{case.name} {impl.name}", call)
 
 
-class _EmptyLinear:
-    """nn.Linear's forward as an allocation of its output, with a backward that allocates the
-    input's gradient: the models' own GEMMs are cuBLAS's, not ours, and would take minutes on a
-    CPU in fp16; our fused ops on the models' real shapes are what compiles."""
-
-    def __enter__(self):
-        from unittest import mock
-
-        import torch
-        from torch import nn
-
-        class Empty(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, x, out_features):
-                ctx.shape = x.shape
-                return x.new_empty(*x.shape[:-1], out_features)
-
-            @staticmethod
-            def backward(ctx, grad):
-                return grad.new_empty(ctx.shape), None
-
-        self.patch = mock.patch.object(nn.Linear, "forward", lambda self, x: Empty.apply(x, self.out_features))
-        return self.patch.__enter__()
-
-    def __exit__(self, *exc):
-        return self.patch.__exit__(*exc)
-
-
 def run_model_case(case, tally: Tally) -> None:
     """The fused model of a models-suite case, one forward, and a backward for a training
-    case, in the case's GPU dtype, nn.Linear an empty stand-in. Backend triton: what `auto`
+    case, in the case's GPU dtype, nn.Linear an empty stand-in (bench/offline.py's
+    empty_linears: its GEMM is cuBLAS's, not ours). Backend triton: what `auto`
     (the bench's `fuseformer-fused`) picks for every op of these models on an H100, where on
     a CPU it would pick torch."""
     import torch
@@ -180,6 +155,7 @@ def run_model_case(case, tally: Tally) -> None:
     from fuseformer import models
 
     from .model_cases import FAMILIES, hf_config
+    from .offline import empty_linears
 
     ours_name, hf_name = FAMILIES[(case.family, case.task)]
     hf = getattr(transformers, hf_name)(hf_config(case.family, case.size))
@@ -193,7 +169,7 @@ def run_model_case(case, tally: Tally) -> None:
 
         def call(kwargs=kwargs):
             model = getattr(models, ours_name).from_hf(hf, backend="triton", **kwargs).to(dtype=_gpu_dtype(case))
-            with _EmptyLinear(), torch.set_grad_enabled(train):
+            with empty_linears(), torch.set_grad_enabled(train):
                 out = case._main_output(model(**inputs))
                 if train:
                     out.float().sum().backward()
@@ -205,17 +181,13 @@ def run_overhead(tally: Tally) -> None:
     """The `overhead` group's calls (bench/overhead.py's run_group on a GPU): each op's tiny
     float16 case forward and forward+backward, and the BERT-base B1 L16 forward, attention on
     its default configs as there."""
-    import importlib
-
     import torch
 
     from . import overhead
+    from .offline import empty_linears
 
-    attention = importlib.import_module("fuseformer.kernels.attention")
     cpu, dtype = torch.device("cpu"), torch.float16
-    autotune = attention.AUTOTUNE
-    attention.set_autotune(False)
-    try:
+    with overhead.attention_default_configs():
         for grad in (False, True):
             for case in overhead.op_cases(cpu, dtype, "triton", grad):
                 tally.run(f"overhead {case.name}", case.ours)
@@ -223,12 +195,10 @@ def run_overhead(tally: Tally) -> None:
         model.set_backend("triton")
 
         def bert():
-            with _EmptyLinear(), torch.inference_mode():
+            with empty_linears(), torch.inference_mode():
                 forward()
 
         tally.run("overhead bert_base_forward", bert)
-    finally:
-        attention.set_autotune(autotune)
 
 
 # What bench/gpu_session.sh's `tests` stage runs of the Triton kernels and models: its
@@ -283,15 +253,18 @@ def harvest(suites: list[str], filter_text: str | None, tally: Tally) -> dict[st
     admit_triton()
     counts = Counts()
     counts.install()
+    # One --filter over the cases of both suites, as `fuseformer bench --suite all` takes it:
+    # each name need only match in one of them.
+    cases = [c for suite in ("ops", "models") if suite in suites for c in _collect(suite, "cuda")]
+    cases = _select(cases, filter_text or "*", False) if cases else []
     with recorded_keys() as keys:
-        for suite in suites:
-            if suite in ("overhead", "tests"):
-                (run_overhead if suite == "overhead" else run_tests)(tally)
-                continue
-            cases = _select(_collect(suite, "cuda"), filter_text or "*", False)
-            tally.log(f"{suite}: {len(cases)} cases")
-            for case in cases:
-                (run_model_case if suite == "models" else run_op_case)(case, tally)
+        tally.log(f"{len(cases)} cases")
+        for case in cases:
+            (run_model_case if case.suite == "models" else run_op_case)(case, tally)
+        if "overhead" in suites:
+            run_overhead(tally)
+        if "tests" in suites:
+            run_tests(tally)
     tally.log(f"compiles asked: {counts.by} (precompiled configs {counts.precompiled}); cache entries {len(keys)}")
     return keys
 

@@ -25,9 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._util import launch_tuned, tuned_config
+from ._util import ensure_tma_allocator, launch_tuned, tuned_config
 from .launch import launch as launch_plain
-from ._util import ensure_tma_allocator
 from .attention_hopper import _seq_desc, _store_tile, _tile, boxes_for, set_boxes
 from .attention_kernels import _add_dq, _flat_pid, _key_range, _prune, _scores, _seq_bounds, _walk_turn
 from .backends import interpreting
