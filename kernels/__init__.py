@@ -23,6 +23,7 @@ else:
     from .add_layer_norm import add_layer_norm
     from .attention import scaled_dot_product_attention
     from .varlen_attention import varlen_attention
+    from . import backends
     from .backends import (
         BackendUnsupportedError,
         available_backends,
@@ -33,6 +34,13 @@ else:
         use_backend,
     )
     from .linear_gelu import linear_gelu
+
+    if not backends.interpreting():
+        # Compiled kernels' cache keys independent of what a process compiles first
+        # (_util.settle_cache_keys says why): over every module here that holds kernels.
+        from ._util import settle_cache_keys
+
+        settle_cache_keys([m for name, m in list(_sys.modules.items()) if name.startswith(__name__ + ".")])
 
 __all__ = [
     "scaled_dot_product_attention",

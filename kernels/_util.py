@@ -160,3 +160,39 @@ def ensure_tma_allocator() -> None:
         import triton
 
         triton.set_allocator(_scratch)
+
+
+def settle_cache_keys(modules) -> int:
+    """Give every Triton function of `modules` the cache key it has whatever was compiled
+    first; returns how many functions that took.
+
+    Why: a compiled kernel is found in Triton's on-disk cache under a hash that includes its
+    JITFunction.cache_key, which folds in the constexpr globals its helpers read. Triton 3.6
+    (the GPU machines') merges a helper's globals before it has computed them, so a kernel
+    whose helpers were not hashed yet gets a key without their globals, and one compiled
+    after another kernel that shares them gets a key with them: one kernel, two keys, by
+    the order a process first compiles things. The Linear+GELU kernels (helpers _gelu,
+    _gelu_grad, _approx...) got different keys in a process that ran BERT's training step
+    first than in one that ran inference first, so kernels compiled ahead
+    (bench/triton_cache.py) or by one process were missed by another. Triton 3.9 computes
+    the helper first (its keys do not depend on order). Here every key is recomputed until
+    none changes, which is the key of each function with all its helpers' globals: what 3.9
+    gives, and the same in every process. Cost: two or three hashing passes at import."""
+    from triton.runtime.jit import JITFunction
+
+    functions, seen = [], set()
+    for module in modules:
+        for value in vars(module).values():
+            while value is not None and not isinstance(value, JITFunction) and hasattr(value, "fn"):
+                value = value.fn  # under an autotuner or heuristics
+            if isinstance(value, JITFunction) and id(value) not in seen:
+                seen.add(id(value))
+                functions.append(value)
+    keys = None
+    while True:
+        for fn in functions:
+            fn.hash = None
+        current = [fn.cache_key for fn in functions]
+        if current == keys:
+            return len(functions)
+        keys = current
