@@ -173,6 +173,8 @@ def rows_plan(M: int, N: int, variant: str, device: torch.device, dropout: bool 
 # those arguments as the fast launch last made them; a repeated call re-launches them with its
 # tensors. Not under the interpreter (no fast launch there).
 _fwd_plans = plan_table()
+# The backward's, the same way (its partial sums are planned by kernels/reduce.py's own table).
+_bwd_plans = plan_table()
 
 
 def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream, save_stats=True):
@@ -234,9 +236,7 @@ def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has
         alloc = new_output if single else (lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
         part = alloc((programs, groups, N), torch.float32, dy.device)
     dropout = dropout_p > 0.0
-    launch(
-        _add_ln_bwd,
-        (programs,),
+    pointers = (
         dy,
         dstream if dstream is not None else dy,
         stream,
@@ -247,19 +247,15 @@ def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has
         dx,
         dres if dres is not None else dx,
         part if part is not None else mean,
-        M,
-        N,
-        float(dropout_p),
-        HAS_DSTREAM=dstream is not None,
-        HAS_RES=has_residual,
-        HAS_W=weight is not None,
-        HAS_B=bias is not None,
-        DROPOUT=dropout,
-        BLOCK=block,
-        SINGLE=single,
-        STAGES=stages,
-        num_warps=_num_warps(block),
     )
+    key = None
+    if _bwd_plans.active():
+        key = (dy.dtype, stream.dtype, None if weight is None else weight.dtype, dy.device, M, N,
+               dstream is not None, has_residual, bias is None, dropout_p, VARIANT["backward"])
+    _bwd_plans.launch(key, ((_add_ln_bwd, pointers),), lambda: launch(
+        _add_ln_bwd, (programs,), *pointers, M, N, float(dropout_p),
+        HAS_DSTREAM=dstream is not None, HAS_RES=has_residual, HAS_W=weight is not None, HAS_B=bias is not None,
+        DROPOUT=dropout, BLOCK=block, SINGLE=single, STAGES=stages, num_warps=_num_warps(block)))
     if groups == 2:
         dw, db = sum_rows(part, weight.dtype, bias.dtype, stages=stages)
     else:

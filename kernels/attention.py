@@ -159,13 +159,19 @@ def mask_kind(mask: Optional[Tensor]) -> str:
     return "key_padding" if strides[1] == 0 and strides[2] == 0 else "dense"
 
 
+def _mask_tensor(mask, dummy):
+    """The mask as the kernels take it (a bool one read as uint8), or `dummy` without one."""
+    if mask is None:
+        return dummy
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
 def _mask_args(mask, dummy):
     if mask is None:
         return dummy, (0, 0, 0, 0), MASK_NONE, False
     strides = _mask_strides(mask)
     kind = MASK_KEY_PADDING if strides[1] == 0 and strides[2] == 0 else MASK_DENSE
-    is_float = mask.dtype != torch.bool
-    return (mask if is_float else mask.view(torch.uint8)), strides, kind, is_float
+    return _mask_tensor(mask, dummy), strides, kind, mask.dtype != torch.bool
 
 
 def _unit_last(t):
@@ -286,7 +292,9 @@ def _launch_fwd_hopper(q, k, v, out, lse, mask, is_causal, scale, nbatch, lq, lk
 
 
 def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dropout_p, seed, nbatch, lq, lk,
-                cu_q=None, cu_k=None):
+                cu_q=None, cu_k=None, plan=None):
+    """`plan`: the call's key in _bwd_plans (_backward's), or None. Each launch of the portable
+    kernels is planned under (plan, its site); the Hopper backward's are not (opt-in)."""
     _check_kernel_scale(scale)
     varlen = cu_q is not None
     H, Hk = q.shape[1], k.shape[1]
@@ -294,17 +302,19 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
     delta = new_output_like(lse)
     cu_q_arg, cu_k_arg = (cu_q, cu_k) if varlen else (lse, lse)
     lse_s = (0 if varlen else lse.stride(0)), lse.stride(1)
-    launch(
-        attn_bwd_preprocess, (cdiv(lq, 64) * nbatch * H,),
-        out, dout, delta, cu_q_arg, cu_k_arg,
-        *_strides(out, varlen), *_strides(dout, varlen), *lse_s,
-        H, lq,
-        HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], VARLEN=varlen, BLOCK_M=64,
-    )
-    m, ms, kind, is_float = _mask_args(mask, q)
-    bucket = _bucket(lq, lk, nbatch * H)
+    # Each site's full launch is a function: with a plan, its ~40 arguments are never built.
+    _bwd_plans.launch(plan and (plan, "preprocess"), ((attn_bwd_preprocess, (out, dout, delta, cu_q_arg, cu_k_arg)),),
+                      lambda: launch(
+                          attn_bwd_preprocess, (cdiv(lq, 64) * nbatch * H,),
+                          out, dout, delta, cu_q_arg, cu_k_arg,
+                          *_strides(out, varlen), *_strides(dout, varlen), *lse_s,
+                          H, lq,
+                          HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], VARLEN=varlen, BLOCK_M=64,
+                      ))
     if (VARIANT["kernel"] == "hopper" and flags["BLOCK_D"] <= _hopper_bwd.MAX_BLOCK_D
             and _hopper_reason(q, k, v, dout, mask, dropout_p, dq, dk, dv) is None):
+        m, ms, kind, is_float = _mask_args(mask, q)
+        bucket = _bucket(lq, lk, nbatch * H)
         atomic = atomic_dq("hopper", flags["BLOCK_D"])
         strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
         tail = (ms[0], ms[3], H, H // Hk, lq, lk, bucket, scale * LOG2E, scale)
@@ -331,29 +341,47 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
         if atomic:
             dq.copy_(dq_acc)
         return
-    dropout = dropout_p > 0.0
-    seed_arg = seed if dropout else q
-    common = dict(CAUSAL=bool(is_causal), MASK_KIND=kind, MASK_FLOAT=is_float, DROPOUT=dropout, VARLEN=varlen, **flags)
-    tail = (H, H // Hk, lq, lk, bucket, scale * LOG2E, scale, float(dropout_p))
-    qkv_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
+    seed_arg = seed if dropout_p > 0.0 else q
     atomic = atomic_dq("portable", flags["BLOCK_D"])
     dq_acc, acc_arg, acc_s = _dq_accumulator(q, atomic, lse, varlen)
-    _run(
-        "bwd", attn_bwd_dkdv_tuned_atomic if atomic else attn_bwd_dkdv_tuned, attn_bwd_dkdv,
-        lambda meta: (cdiv(lk, meta["BLOCK_N"]) * nbatch * Hk,), bucket,
-        q, k, v, dout, dk, dv, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg, acc_arg,
-        *qkv_strides, *_strides(dk, varlen), *_strides(dv, varlen), *lse_s, *acc_s,
-        *ms, *tail, **common, ATOMIC_DQ=atomic,
-    )
+    m = _mask_tensor(mask, q)
+
+    def shared():  # what both passes' full launches derive from the call
+        _, ms, kind, is_float = _mask_args(mask, q)
+        bucket = _bucket(lq, lk, nbatch * H)
+        common = dict(CAUSAL=bool(is_causal), MASK_KIND=kind, MASK_FLOAT=is_float, DROPOUT=dropout_p > 0.0,
+                      VARLEN=varlen, **flags)
+        tail = (*ms, H, H // Hk, lq, lk, bucket, scale * LOG2E, scale, float(dropout_p))
+        qkv_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
+        return bucket, common, tail, qkv_strides
+
+    def dkdv():
+        bucket, common, tail, qkv_strides = shared()
+        _run(
+            "bwd", attn_bwd_dkdv_tuned_atomic if atomic else attn_bwd_dkdv_tuned, attn_bwd_dkdv,
+            lambda meta: (cdiv(lk, meta["BLOCK_N"]) * nbatch * Hk,), bucket,
+            q, k, v, dout, dk, dv, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg, acc_arg,
+            *qkv_strides, *_strides(dk, varlen), *_strides(dv, varlen), *lse_s, *acc_s,
+            *tail, **common, ATOMIC_DQ=atomic,
+        )
+
+    def dq_pass():
+        bucket, common, tail, qkv_strides = shared()
+        _run(
+            "bwd", attn_bwd_dq_tuned, attn_bwd_dq, lambda meta: (cdiv(lq, meta["BLOCK_M"]) * nbatch * H,), bucket,
+            q, k, v, dout, dq, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg,
+            *qkv_strides, *_strides(dq, varlen), *lse_s,
+            *tail, **common,
+        )
+
+    _bwd_plans.launch(plan and (plan, "dkdv"),
+                      ((attn_bwd_dkdv, (q, k, v, dout, dk, dv, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg, acc_arg)),),
+                      dkdv)
     if atomic:
         dq.copy_(dq_acc)
         return
-    _run(
-        "bwd", attn_bwd_dq_tuned, attn_bwd_dq, lambda meta: (cdiv(lq, meta["BLOCK_M"]) * nbatch * H,), bucket,
-        q, k, v, dout, dq, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg,
-        *qkv_strides, *_strides(dq, varlen), *lse_s,
-        *ms, *tail, **common,
-    )
+    _bwd_plans.launch(plan and (plan, "dq"),
+                      ((attn_bwd_dq, (q, k, v, dout, dq, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg)),), dq_pass)
 
 
 def _out_like(q):
@@ -369,6 +397,10 @@ def _out_like(q):
 # mask, fast launch on): this launcher 31-33 -> 16-17 µs a call, the public call 59-64 ->
 # 33-35 µs (torch's SDPA: 16). Not under the interpreter (no fast launch there).
 _fwd_plans = plan_table()
+# The backward's launches, one plan per site ((key, "preprocess" / "dkdv" / "dq")), keyed as
+# the forward's plans on everything their arguments derive from; varlen calls keep none (their
+# grids and bounds follow cu_seqlens' values).
+_bwd_plans = plan_table()
 
 
 def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed):
@@ -384,7 +416,7 @@ def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed):
            VARIANT["kernel"], VARIANT["descriptors"], AUTOTUNE)
     # The kernels the launch may take, each with its leading tensors as _launch_fwd and
     # _launch_fwd_hopper pass them.
-    m = q if mask is None else mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    m = _mask_tensor(mask, q)
     candidates = ((attn_fwd, (q, k, v, out, lse, m, seed if dropout_p > 0.0 else q, lse, lse)),
                   (_hopper.attn_fwd_hopper, (q, k, v, out, lse, m, lse, lse)))
     if not _fwd_plans.run(key, candidates):
@@ -398,8 +430,14 @@ def _backward(dout, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed):
     # A k/v broadcast over the batch (stride 0) gets a dense gradient, one per batch entry
     # (empty_like makes overlapping tensors contiguous); autograd of the expand sums them.
     dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
+    plan = None
+    if _bwd_plans.active():
+        # dq/dk/dv, lse and the backward's buffers take their layouts from these.
+        plan = (q.dtype, q.device, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), dout.stride(),
+                out.stride(), None if mask is None else (mask.dtype, mask.shape, mask.stride()), is_causal, scale,
+                dropout_p, VARIANT["kernel"], VARIANT["dq"], VARIANT["descriptors"], AUTOTUNE)
     _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dropout_p, seed,
-                q.shape[0], q.shape[2], k.shape[2])
+                q.shape[0], q.shape[2], k.shape[2], plan=plan)
     return dq, dk, dv
 
 

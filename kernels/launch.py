@@ -328,6 +328,8 @@ class PlanTable(dict):
     its candidates ((kernel, leading tensors) pairs, one per kernel the launch may take):
         if table.active() and table.run(key, candidates): done
         else: the full launch, then table.keep(key, candidates)
+    or the same in one call, table.launch(key, candidates, full), the full launch given as a
+    function (launchers that make several launches, one site after another).
     Plans are keyed by exact shapes: a workload whose shapes keep changing (growing sequence
     lengths) would add one per call, so past LIMIT the table starts over (a plan is rebuilt by
     the next fast launch of its shape). `enabled` False turns this table's plans off (tests
@@ -362,6 +364,16 @@ class PlanTable(dict):
             plan = bind_last(*candidates)
             if plan is not None:
                 self[key] = plan
+
+    def launch(self, key, candidates, full) -> None:
+        """One launch site through this table: the plan kept under `key` re-launched, or else
+        `full()`, the launch as the launcher makes it without plans, kept for the next call.
+        key None (a call the launcher keeps no plan for) or plans off: `full()` alone."""
+        if key is None or not self.active():
+            full()
+        elif not self.run(key, candidates):
+            full()
+            self.keep(key, candidates)
 
 
 def plan_table() -> PlanTable:

@@ -215,38 +215,49 @@ def forward(x2d, weight, bias, approximate, save_preact):
     if (choice == "tma" or (choice == "auto" and pre is None)) and _tma_ok(x2d, weight):
         _launch_tma(x2d, weight, bias, out, pre, None, None, approximate)
         return out, pre
-    interp = backends.interpreting()
     exact = _exact(x2d.dtype)
+    fast = _fast_gelu(x2d.dtype)
+    pointers = (x2d, weight, bias if bias is not None else weight, out, pre if pre is not None else out)
+    key = None
+    if _fwd_plans.active():
+        key = (x2d.dtype, x2d.device, M, N, K, sxm, sxk, weight.stride(), bias is None, pre is None, approximate,
+               exact, fast)
+    _fwd_plans.launch(key, ((_linear_gelu_fwd.fn.fn, pointers),),
+                      lambda: _launch_portable(pointers, M, N, K, sxm, sxk, weight.stride(), bias is not None,
+                                               pre is not None, approximate, exact, fast))
+    return out, pre
+
+
+# Launch plans of the portable forward (training's, which stores the pre-activation), keyed
+# on what its arguments and grid derive from, as the TMA kernel's.
+_fwd_plans = plan_table()
+
+
+def _launch_portable(pointers, M, N, K, sxm, sxk, w_strides, has_bias, save_pre, approximate, exact, fast):
+    """`_linear_gelu_fwd` (autotuned) on pointers (x, W, bias or W, out, pre or out)."""
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     tune_m = next_pow2(M)
-    has_bias, approx_tanh = bias is not None, approximate == "tanh"
+    approx_tanh = approximate == "tanh"
     # Everything Triton's autotuner keys on (its key arguments and the tensors' dtypes).
-    fast = _fast_gelu(x2d.dtype)
-    key = (x2d.dtype, tune_m, N, K, has_bias, pre is not None, approx_tanh, fast)
+    key = (pointers[0].dtype, tune_m, N, K, has_bias, save_pre, approx_tanh, fast)
     launch_tuned(
         _linear_gelu_fwd, _linear_gelu_fwd.fn, key, grid,
-        x2d,
-        weight,
-        bias if bias is not None else weight,  # any pointer: HAS_BIAS=False never reads it
-        out,
-        pre if pre is not None else out,
+        *pointers,  # an absent bias or pre is another tensor: the flags keep the kernel from it
         M,
         N,
         K,
         sxm,
         sxk,
-        weight.stride(0),
-        weight.stride(1),
+        *w_strides,
         N,  # out's row stride: contiguous
         tune_m,
         HAS_BIAS=has_bias,
-        SAVE_PRE=pre is not None,
+        SAVE_PRE=save_pre,
         APPROX_TANH=approx_tanh,
         FAST_GELU=fast,
-        UPCAST=interp,
+        UPCAST=backends.interpreting(),
         PRECISION="ieee" if exact else "tf32",
     )
-    return out, pre
 
 
 def gelu_backward(dout: torch.Tensor, preact: torch.Tensor, approximate: str) -> torch.Tensor:
@@ -256,11 +267,15 @@ def gelu_backward(dout: torch.Tensor, preact: torch.Tensor, approximate: str) ->
     numel = preact.numel()
     if numel:
         block = 4096
-        launch(
+        fast = _fast_gelu(preact.dtype)
+        key = (preact.dtype, preact.device, numel, approximate, fast) if _dgelu_plans.active() else None
+        _dgelu_plans.launch(key, ((_gelu_bwd, (dout, preact, dpre)),), lambda: launch(
             _gelu_bwd, (cdiv(numel, block),), dout, preact, dpre, numel, APPROX_TANH=approximate == "tanh",
-            FAST_GELU=_fast_gelu(preact.dtype), BLOCK=block, num_warps=8
-        )
+            FAST_GELU=fast, BLOCK=block, num_warps=8))
     return dpre
+
+
+_dgelu_plans = plan_table()  # gelu_backward's launch plans
 
 
 def _dgelu_fused_db(dout, preact, approximate, has_bias):

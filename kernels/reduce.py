@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._util import cdiv, new_output
-from .launch import launch
+from .launch import launch, plan_table
 
 _BLOCK_N = 64  # columns per program: N = 768 gives 12 programs, 3072 gives 48
 _BLOCK_P = 32  # partial rows summed per step
@@ -55,6 +55,10 @@ def _sum_rows(
         tl.store(OUT + cols, total.to(OUT.dtype.element_ty), mask=cmask)
 
 
+# Launch plans (kernels/launch.py's Bound) per (device, shape, dtypes, stages).
+_plans = plan_table()
+
+
 def sum_rows(part: torch.Tensor, dtype: torch.dtype, dtype2: torch.dtype | None = None, stages: int = 1):
     """part (P, N) fp32 contiguous -> (N,) column sums in `dtype`.
 
@@ -71,6 +75,9 @@ def sum_rows(part: torch.Tensor, dtype: torch.dtype, dtype2: torch.dtype | None 
         if two:
             out2.zero_()
     elif N != 0:
-        launch(_sum_rows, (cdiv(N, _BLOCK_N), 2 if two else 1), part, out, out2 if two else out, P, N,
-               BLOCK_P=_BLOCK_P, BLOCK_N=_BLOCK_N, TWO=two, STAGES=stages, num_warps=4)
+        pointers = (part, out, out2 if two else out)
+        key = (part.device, P, N, dtype, dtype2, stages) if _plans.active() else None
+        _plans.launch(key, ((_sum_rows, pointers),), lambda: launch(
+            _sum_rows, (cdiv(N, _BLOCK_N), 2 if two else 1), *pointers, P, N, BLOCK_P=_BLOCK_P, BLOCK_N=_BLOCK_N,
+            TWO=two, STAGES=stages, num_warps=4))
     return (out, out2) if two else out

@@ -10,7 +10,7 @@ garbage; what counts:
 - every call gets through;
 - the autotuner compiles nothing that precompile.py did not already compile (it would mean the
   two disagree on a key);
-- the fast launch (kernels/launch.py) and the launch plans built on it (attention's forward)
+- the fast launch (kernels/launch.py) and the launch plans built on it (forwards and backwards)
   hand each kernel's launcher exactly what Triton's own path hands it. Each case runs four
   times: once to compile and tune, then three times with the fast launch on: the first of
   those through Triton's path (which keeps each compiled kernel), the second through the fast

@@ -241,6 +241,32 @@ def test_bind_last_refuses_tensors_among_the_bound_arguments(fast):
     assert L.bind_last((k, (x,))) is None  # y would be bound for good
 
 
+def test_a_launch_site_through_its_table(fast):
+    """PlanTable.launch, as the backward launchers call it per site: the full launch (Triton's
+    path, then the fast one, which it binds), then the plan; no key or plans off: the full
+    launch every time."""
+    k = FakeKernel()
+    table = L.plan_table()
+    x, y = _tensors()
+
+    def site(key, x, y):
+        table.launch(key, ((k, (x, y)),), lambda: L.launch(k, (3,), x, y, 64, 1e-5, MODE=2))
+
+    for _ in range(3):
+        site("key", x, y)
+    assert k.paths() == ["triton", "fast", "fast"] and list(table) == ["key"]
+    x2, y2 = _tensors()
+    site("key", x2, y2)
+    assert k.log[-1][1][9:11] == (x2, y2) and k.log[-1][1][11:] == k.log[1][1][11:]
+    site(None, x, y)
+    with L.use_fast_launch(False):
+        site("key", x, y)
+    assert k.paths()[-2:] == ["fast", "triton"] and list(table) == ["key"]
+    launched = len(k.log)
+    site("key", *_tensors(torch.float16))  # refused by the plan: the full launch, not kept again
+    assert k.paths()[launched:] == ["triton"] and list(table) == ["key"]
+
+
 def test_clear_empties_the_plan_tables_and_a_full_one_starts_over(fast, monkeypatch):
     table = L.plan_table()
     table["key"] = "plan"
@@ -295,9 +321,9 @@ print("OK")
 @pytest.mark.gpu
 def test_gpu_fast_launch_gives_the_same_bits_as_triton_s_launch():
     """On a GPU the fast path launches the very kernels Triton's path compiled: forward and
-    backward of every op, three times (the second call is the fast one, which binds the
-    attention forward's plan; the third re-launches it by that plan), equal bit for bit to the
-    same calls on Triton's path, with the fast path and the plan taken."""
+    backward of every op, three times (the second call is the fast one, which binds each
+    launch site's plan; the third re-launches by those plans), equal bit for bit to the same
+    calls on Triton's path, with the fast path and the plans taken."""
     from fuseformer import kernels as K
 
     def run():
@@ -327,8 +353,10 @@ def test_gpu_fast_launch_gives_the_same_bits_as_triton_s_launch():
     assert not L._refused, f"the fast launch failed for {L._refused}"
     import importlib
 
-    for op in ("attention", "add_layer_norm"):
-        assert importlib.import_module(f"fuseformer.kernels.{op}")._fwd_plans, f"the {op} forward bound no plan"
+    for op, tables in (("attention", ("_fwd_plans", "_bwd_plans")), ("add_layer_norm", ("_fwd_plans", "_bwd_plans")),
+                       ("reduce", ("_plans",)), ("linear_gelu", ("_fwd_plans", "_dgelu_plans"))):
+        for table in tables:
+            assert getattr(importlib.import_module(f"fuseformer.kernels.{op}"), table), f"{op}.{table}: no plan bound"
     for a, b in zip(slow, fast):
         assert torch.equal(a, b)
 

@@ -39,11 +39,18 @@ TUNED = {
 }
 # Cases whose kernels take host tensor descriptors: those launches keep Triton's path.
 HOST_DESCRIPTORS = {"attention_hopper_host"}
-# Cases whose forward is re-launched by its plan (attention's and add+LN's _fwd_plans, Linear+GELU's
-# _tma_plans) in the last run: add+LN, the TMA Linear+GELU, and every attention case but host
-# descriptors (no fast path) and varlen (no plans).
-PLANNED = ({name for name in TUNED if name.startswith("attention_")} - HOST_DESCRIPTORS) | {"add_layer_norm",
-                                                                                           "linear_gelu_tma"}
+# The launches each case's last run makes through launch plans (kernels/launch.py's Bound):
+# every one of add+LN (forward, backward, the partial sums), of Linear+GELU (the portable
+# forward and dgelu, or the TMA forward) and of the portable attention (forward, preprocess,
+# dK/dV, and dQ unless atomic); the Hopper attention's forward and the backward's preprocess
+# (its dK/dV and dQ passes keep none), the host-descriptor forward none (no fast path); varlen
+# none at all (its grids follow cu_seqlens' values).
+PLAN_LAUNCHES = {
+    "linear_gelu_portable": 2, "linear_gelu_tma": 1, "add_layer_norm": 3,
+    "attention_portable": 4, "attention_portable_atomic_dq": 3, "attention_portable_default_config": 4,
+    "attention_portable_dropout": 4, "attention_hopper": 2, "attention_hopper_host": 1,
+    "attention_hopper_atomic_dq": 2, "attention_hopper_default_config": 2, "varlen_portable": 0, "varlen_hopper": 0,
+}
 
 
 def _run(*args, threads=None):
@@ -62,9 +69,9 @@ def test_every_launcher_through_tritons_jit_path_offline():
     """Every case gets through Triton's JIT path (an attention autotuner's pruning once
     crashed there, on every GPU launch, unseen by the interpreter tests) and reaches the
     kernels it names; the autotuner compiles nothing precompile.py did not compile already;
-    the fast launch and the attention forward's plans give every launcher what Triton's path
-    gives it; the fast launch takes every launch whose arguments it knows (all but host tensor
-    descriptors), and the plan re-launches the forward."""
+    the fast launch and the launch plans give every launcher what Triton's path gives it; the
+    fast launch takes every launch whose arguments it knows (all but host tensor descriptors),
+    and the plans re-launch what PLAN_LAUNCHES says."""
     proc, rows = _run("--configs", "2", threads=2)
     assert set(rows) == set(TUNED), proc.stdout + proc.stderr[-3000:]
     for name, row in rows.items():
@@ -74,7 +81,7 @@ def test_every_launcher_through_tritons_jit_path_offline():
         if TUNED[name]:
             assert row["precompiled"] == row["precompile"] >= 2 * len(TUNED[name]), name
         assert row["same_launch_args"] and row["launches"] >= 1, name
-        assert row["plan_launches"] == (name in PLANNED), name
+        assert row["plan_launches"] == PLAN_LAUNCHES[name], name
         if name in HOST_DESCRIPTORS:
             assert 1 <= row["fast_launches"] < row["launches"], name
         else:
