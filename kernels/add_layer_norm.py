@@ -199,25 +199,24 @@ def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream, save_s
         seed if dropout else y,
     )
     key = None
-    candidates = ((_add_ln_fwd, pointers), (_add_ln_fwd_rows, pointers))
     if _fwd_plans.active():
         key = (x.dtype, x.device, M, N, residual is None, weight is None, bias is None, eps, dropout_p,
                save_stream, save_stats, VARIANT["forward"])
-        if _fwd_plans.run(key, candidates):
-            return y, stream, mean, rstd
-    flags = dict(HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, DROPOUT=dropout,
-                 SAVE_STREAM=stream is not None, SAVE_STATS=save_stats)
-    variant = VARIANT["forward"]
-    if variant != "row" and N <= MAX_ROWS_BLOCK:
-        rows, block, align, programs, stages = rows_plan(M, N, variant, x.device, dropout)
-        launch(_add_ln_fwd_rows, (programs,), *pointers, M, N, float(eps), float(dropout_p), **flags, ROWS=rows,
-               BLOCK=block, ALIGN=align, STAGES=stages, num_warps=_num_warps(rows * block))
-    else:
-        block, single = _block(N)
-        launch(_add_ln_fwd, (M,), *pointers, N, float(eps), float(dropout_p), **flags, BLOCK=block, SINGLE=single,
-               num_warps=_num_warps(block))
-    if key is not None:
-        _fwd_plans.keep(key, candidates)
+
+    def full():
+        flags = dict(HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, DROPOUT=dropout,
+                     SAVE_STREAM=stream is not None, SAVE_STATS=save_stats)
+        variant = VARIANT["forward"]
+        if variant != "row" and N <= MAX_ROWS_BLOCK:
+            rows, block, align, programs, stages = rows_plan(M, N, variant, x.device, dropout)
+            launch(_add_ln_fwd_rows, (programs,), *pointers, M, N, float(eps), float(dropout_p), **flags, ROWS=rows,
+                   BLOCK=block, ALIGN=align, STAGES=stages, num_warps=_num_warps(rows * block))
+        else:
+            block, single = _block(N)
+            launch(_add_ln_fwd, (M,), *pointers, N, float(eps), float(dropout_p), **flags, BLOCK=block,
+                   SINGLE=single, num_warps=_num_warps(block))
+
+    _fwd_plans.launch(key, ((_add_ln_fwd, pointers), (_add_ln_fwd_rows, pointers)), full)
     return y, stream, mean, rstd
 
 

@@ -408,20 +408,18 @@ def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed):
     B, H, Lq, _ = q.shape
     out = _out_like(q)
     lse = new_output((B, H, Lq), torch.float32, q.device)
-    if not _fwd_plans.active():
-        _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, B, Lq, k.shape[2])
-        return out, lse
-    key = (q.dtype, q.device, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
-           None if mask is None else (mask.dtype, mask.shape, mask.stride()), is_causal, scale, dropout_p,
-           VARIANT["kernel"], VARIANT["descriptors"], AUTOTUNE)
-    # The kernels the launch may take, each with its leading tensors as _launch_fwd and
-    # _launch_fwd_hopper pass them.
-    m = _mask_tensor(mask, q)
-    candidates = ((attn_fwd, (q, k, v, out, lse, m, seed if dropout_p > 0.0 else q, lse, lse)),
-                  (_hopper.attn_fwd_hopper, (q, k, v, out, lse, m, lse, lse)))
-    if not _fwd_plans.run(key, candidates):
-        _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, B, Lq, k.shape[2])
-        _fwd_plans.keep(key, candidates)
+    key = candidates = None
+    if _fwd_plans.active():
+        key = (q.dtype, q.device, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
+               None if mask is None else (mask.dtype, mask.shape, mask.stride()), is_causal, scale, dropout_p,
+               VARIANT["kernel"], VARIANT["descriptors"], AUTOTUNE)
+        # The kernels the launch may take, each with its leading tensors as _launch_fwd and
+        # _launch_fwd_hopper pass them.
+        m = _mask_tensor(mask, q)
+        candidates = ((attn_fwd, (q, k, v, out, lse, m, seed if dropout_p > 0.0 else q, lse, lse)),
+                      (_hopper.attn_fwd_hopper, (q, k, v, out, lse, m, lse, lse)))
+    _fwd_plans.launch(key, candidates,
+                      lambda: _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, B, Lq, k.shape[2]))
     return out, lse
 
 

@@ -324,12 +324,12 @@ def bind_last(*candidates):
 
 
 class PlanTable(dict):
-    """A launcher's plans: key -> (candidate index, Bound). A launcher calls, with its key and
-    its candidates ((kernel, leading tensors) pairs, one per kernel the launch may take):
-        if table.active() and table.run(key, candidates): done
-        else: the full launch, then table.keep(key, candidates)
-    or the same in one call, table.launch(key, candidates, full), the full launch given as a
-    function (launchers that make several launches, one site after another).
+    """A launcher's plans: key -> (candidate index, Bound). A launcher calls, per launch site,
+    with its key (None where it keeps no plan; it builds one only when `active()`) and its
+    candidates ((kernel, leading tensors) pairs, one per kernel the launch may take):
+        table.launch(key, candidates, full)
+    where `full` makes the launch as without plans (so with a plan, the arguments it derives
+    are never built): run(key, candidates), else full() and keep(key, candidates).
     Plans are keyed by exact shapes: a workload whose shapes keep changing (growing sequence
     lengths) would add one per call, so past LIMIT the table starts over (a plan is rebuilt by
     the next fast launch of its shape). `enabled` False turns this table's plans off (tests

@@ -139,18 +139,16 @@ def _launch_tma(x2d, weight, bias, out, pre, dout, db_part, approximate):
     N = weight.shape[0]
     ensure_tma_allocator()
     has_bias, dgelu = bias is not None, dout is not None
-    if not _tma_plans.active():
-        _launch_tma_tuned(x2d, weight, bias, out, pre, dout, db_part, approximate, M, N, K, sxm)
-        return
-    key = (x2d.dtype, x2d.device, M, N, K, sxm, weight.stride(0), has_bias, pre is not None, dgelu,
-           db_part is not None, approximate, _exact(x2d.dtype), _fast_gelu(x2d.dtype))
-    # The kernel with its leading tensors, as the launch passes them.
-    candidates = ((_linear_gelu_tma.fn, (x2d, weight, bias if has_bias else weight, out,
-                                         pre if pre is not None else out, dout if dgelu else out,
-                                         db_part if db_part is not None else out)),)
-    if not _tma_plans.run(key, candidates):
-        _launch_tma_tuned(x2d, weight, bias, out, pre, dout, db_part, approximate, M, N, K, sxm)
-        _tma_plans.keep(key, candidates)
+    key = candidates = None
+    if _tma_plans.active():
+        key = (x2d.dtype, x2d.device, M, N, K, sxm, weight.stride(0), has_bias, pre is not None, dgelu,
+               db_part is not None, approximate, _exact(x2d.dtype), _fast_gelu(x2d.dtype))
+        # The kernel with its leading tensors, as the launch passes them.
+        candidates = ((_linear_gelu_tma.fn, (x2d, weight, bias if has_bias else weight, out,
+                                             pre if pre is not None else out, dout if dgelu else out,
+                                             db_part if db_part is not None else out)),)
+    _tma_plans.launch(key, candidates,
+                      lambda: _launch_tma_tuned(x2d, weight, bias, out, pre, dout, db_part, approximate, M, N, K, sxm))
 
 
 def _launch_tma_tuned(x2d, weight, bias, out, pre, dout, db_part, approximate, M, N, K, sxm):
