@@ -430,10 +430,10 @@ def _backward(dout, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed):
     dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
     plan = None
     if _bwd_plans.active():
-        # dq/dk/dv, lse and the backward's buffers take their layouts from these.
+        # dq/dk/dv and the backward's buffers take their layouts from these.
         plan = (q.dtype, q.device, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), dout.stride(),
-                out.stride(), None if mask is None else (mask.dtype, mask.shape, mask.stride()), is_causal, scale,
-                dropout_p, VARIANT["kernel"], VARIANT["dq"], VARIANT["descriptors"], AUTOTUNE)
+                out.stride(), lse.stride(), None if mask is None else (mask.dtype, mask.shape, mask.stride()),
+                is_causal, scale, dropout_p, VARIANT["kernel"], VARIANT["dq"], VARIANT["descriptors"], AUTOTUNE)
     _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dropout_p, seed,
                 q.shape[0], q.shape[2], k.shape[2], plan=plan)
     return dq, dk, dv
