@@ -34,12 +34,15 @@
 # alone 76 s; the gpu-marked Triton/model tests ran ~3 s each, hence 4 workers now; the csrc
 # ones 25 s on 8 workers; the ops suite's 21 headline cases 251 s.)
 #
-# Before a session, on the CPU machine, in a Python with triton 3.6 (the GPU machines' release):
+# Before a session, on the CPU machine, in a Python with triton 3.6 (the GPU machines' release),
+# and a Python 3.12 (theirs) with the same triton for Triton's C launcher modules:
 #   python -m venv --system-site-packages /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0
-#   /tmp/t36/bin/python -m fuseformer.bench.triton_cache build
+#   python3.12 -m venv /tmp/t36p312 && /tmp/t36p312/bin/pip install triton==3.6.0
+#   /tmp/t36/bin/python -m fuseformer.bench.triton_cache build --launcher-python /tmp/t36p312/bin/python
 # compiles for sm_90 the Triton kernels of the benchmark, the overhead group and the tests
-# below into .tritoncache/sm90.tar.xz (2026-11-27: 947 kernels, 19.4 MiB, 17 min on 2 cores);
-# name .tritoncache in the device call's carry, and this script unpacks it first.
+# below, and builds their C launchers, into .tritoncache/sm90.tar.xz (2026-11-27: 947 kernels,
+# 19.4 MiB, 17 min on 2 cores); name .tritoncache in the device call's carry, and this script
+# unpacks it first.
 #
 # The device tool brings back at most 8 files from $OUT: every log and result is written to
 # a work folder and packed at the end into $OUT/gpu_session.tar.gz, with $OUT/summary.txt (the
@@ -68,7 +71,7 @@ triton_cache_report() {
         ls "$TRITON_CACHE_DIR/$entry" | grep -q '^__grp__' || ls "$TRITON_CACHE_DIR/$entry" | grep '\.so$'
     done)
     {
-        echo "Triton cache: $(grep -c . "$carried_list") kernels carried, $(echo "$names" | grep -c .) compiled here;"
+        echo "Triton cache: $(grep -c . "$carried_list") entries carried (kernels and C modules), $(echo "$names" | grep -c .) kernels compiled here;"
         echo "C modules built here: $(echo "$others" | grep -c .) ($(echo "$others" | grep . | sort | uniq -c | tr -s ' \n' ' '))"
         echo "compiled here, by kernel (torch.compile's own are named triton_*):"
         echo "$names" | grep . | sort | uniq -c | sort -rn

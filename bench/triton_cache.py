@@ -7,7 +7,7 @@ those compiles onto the machine's 16 cores, but they still spend lent minutes. T
 GPU at all: bench/offline.py's stand-in driver runs Triton's whole compile for sm_90 on a CPU.
 
     build:   python -m fuseformer.bench.triton_cache build [--suite ops,models,overhead,tests]
-                 [--filter F] [--out .tritoncache/sm90.tar.xz]
+                 [--filter F] [--out .tritoncache/sm90.tar.xz] [--launcher-python PY]
     unpack:  python -m fuseformer.bench.triton_cache unpack ARCHIVE DIR    (on the GPU machine,
                  then TRITON_CACHE_DIR=DIR; bench/gpu_session.sh does both)
 
@@ -32,6 +32,16 @@ wheel, recompiled from their TTIR by its Python 3.12 wheel, gave the same cubins
 anything else that differs (ptxas, options, source) leaves the entry under a name no lookup
 asks for, so a kernel is compiled there as before, never loaded wrongly. bench/gpu_session.sh
 lists, by kernel, what its run compiled all the same.
+
+Triton 3.6 also builds, with the C compiler, a launcher module per kernel signature and its
+driver utilities module, on first use in a process with an empty cache (~0.4 s each; the
+benchmark's ops, models and overhead calls need about 30). With --launcher-python (a Python of
+the GPU machines' version, 3.12, with the same Triton release installed: no torch needed),
+`build` has that Python's Triton build them too, from the very sources the kernels run here
+would have it generate on a GPU, and carries them: Triton names them by a hash of the source
+and the platform, so the GPU machine's Triton finds them where it would have put its own.
+They are linked against a stand-in libcuda.so.1 (still naming libcuda.so.1 as needed, so the
+real one is loaded there); `unpack` places them only for a Python of the same extension suffix.
 """
 from __future__ import annotations
 
@@ -47,6 +57,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 SUITES = ("ops", "models", "overhead", "tests")
 MANIFEST = "manifest.json"
@@ -85,6 +96,89 @@ def recorded_keys():
         yield keys
     finally:
         C.get_cache_key = original
+
+
+# ----------------------------------------------------------------------------- C launchers
+
+
+@contextlib.contextmanager
+def recorded_launchers():
+    """Within: {(module name, C source): None} of the C modules Triton would build on a GPU for
+    every kernel that runs here (its launcher per signature, and its driver utilities); empty
+    on a Triton release without them (3.9 launches every kernel through one built-in module)."""
+    import triton.backends.nvidia.driver as nvidia
+
+    from .offline import OfflineDriver
+
+    sources: dict = {}
+    if not (hasattr(nvidia, "compile_module_from_src") and hasattr(nvidia, "CudaLauncher")):
+        yield sources
+        return
+
+    class Built:  # what CudaLauncher reads of the module it asked for
+        launch = None
+
+    def record(src, name, **_):
+        sources[(name, src)] = None
+        return Built
+
+    utils = Path(os.path.dirname(nvidia.__file__), "driver.c")
+    if utils.is_file():  # what CudaUtils() compiles, once per process
+        sources[("cuda_utils", utils.read_text())] = None
+    offline_launcher = OfflineDriver.launcher_cls
+
+    def launcher_cls(self, src, metadata):
+        nvidia.CudaLauncher(src, metadata)  # generates the launcher's source, as on a GPU
+        return offline_launcher(self, src, metadata)
+
+    with mock.patch.object(nvidia, "compile_module_from_src", record), \
+            mock.patch.object(nvidia, "library_dirs", lambda: []), \
+            mock.patch.object(OfflineDriver, "launcher_cls", launcher_cls):
+        yield sources
+
+
+# Run by the launcher Python: Triton's own compile_module_from_src builds and caches each module
+# (its C compiler command, its cache key); loading it afterwards fails here, without libcuda.
+_BUILD_LAUNCHERS = """
+import json, sys
+import triton.backends.nvidia.driver as nvidia
+from triton.runtime.build import compile_module_from_src
+for name, src in json.load(sys.stdin):
+    try:
+        compile_module_from_src(src=src, name=name, library_dirs=[sys.argv[1]], include_dirs=nvidia.include_dirs,
+                                libraries=nvidia.libraries)
+    except ImportError:
+        pass
+"""
+
+
+def build_launchers(sources: dict, python: str, staging: Path) -> dict:
+    """Build `sources` (recorded_launchers') with `python`'s Triton into the cache folder
+    `staging`; returns what pack records of them: that Python's version and extension suffix,
+    and the files built (entry/file). Raises if `python` has another Triton release."""
+    import triton
+
+    probe = subprocess.run([python, "-c", "import json, sys, sysconfig, triton; print(json.dumps([triton.__version__, "
+                            "sys.version.split()[0], sysconfig.get_config_var('EXT_SUFFIX')]))"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise RuntimeError(f"--launcher-python {python}: {(probe.stderr.strip().splitlines() or ['failed'])[-1]}")
+    version, py_version, suffix = json.loads(probe.stdout)
+    if version != triton.__version__:
+        raise RuntimeError(f"--launcher-python {python} has triton {version}, the kernels are triton {triton.__version__}'s")
+    with tempfile.TemporaryDirectory(prefix="fuseformer_launchers_") as stub:
+        # A libcuda.so.1 to link against, and a C compiler that keeps it as a needed library
+        # though the stand-in defines nothing (Debian's linker drops unused ones by default).
+        subprocess.run(["gcc", "-shared", "-fPIC", "-x", "c", "/dev/null", "-Wl,-soname,libcuda.so.1", "-o",
+                        os.path.join(stub, "libcuda.so.1")], check=True)
+        cc = Path(stub, "cc")
+        cc.write_text('#!/bin/sh\nexec gcc -Wl,--no-as-needed "$@"\n')
+        cc.chmod(0o755)
+        env = {**os.environ, "TRITON_CACHE_DIR": str(staging), "CC": str(cc)}
+        subprocess.run([python, "-c", _BUILD_LAUNCHERS, stub], input=json.dumps(list(sources)), text=True, env=env,
+                       check=True)
+    files = sorted(f"{path.parent.name}/{path.name}" for path in staging.glob(f"*/*{suffix}"))
+    return {"python": py_version, "suffix": suffix, "files": files}
 
 
 # ----------------------------------------------------------------------------- build
@@ -242,9 +336,10 @@ def run_tests(tally: Tally) -> None:
         tally.run("pytest " + " ".join(args), call)
 
 
-def harvest(suites: list[str], filter_text: str | None, tally: Tally) -> dict[str, str]:
+def harvest(suites: list[str], filter_text: str | None, tally: Tally) -> tuple[dict[str, str], dict]:
     """Run the chosen cases' Triton implementations in this process (which must have no
-    Triton interpreter and a fresh TRITON_CACHE_DIR); return the compiles' keys by entry."""
+    Triton interpreter and a fresh TRITON_CACHE_DIR); return the compiles' keys by entry, and
+    the C modules Triton would build for them on a GPU (recorded_launchers)."""
     from .cli import _collect, _select
     from .offline import Counts, admit_triton, install, pretend_sm90
 
@@ -257,7 +352,7 @@ def harvest(suites: list[str], filter_text: str | None, tally: Tally) -> dict[st
     # each name need only match in one of them.
     cases = [c for suite in ("ops", "models") if suite in suites for c in _collect(suite, "cuda")]
     cases = _select(cases, filter_text or "*", False) if cases else []
-    with recorded_keys() as keys:
+    with recorded_keys() as keys, recorded_launchers() as launchers:
         tally.log(f"{len(cases)} cases")
         for case in cases:
             (run_model_case if case.suite == "models" else run_op_case)(case, tally)
@@ -265,13 +360,15 @@ def harvest(suites: list[str], filter_text: str | None, tally: Tally) -> dict[st
             run_overhead(tally)
         if "tests" in suites:
             run_tests(tally)
-    tally.log(f"compiles asked: {counts.by} (precompiled configs {counts.precompiled}); cache entries {len(keys)}")
-    return keys
+    tally.log(f"compiles asked: {counts.by} (precompiled configs {counts.precompiled}); cache entries {len(keys)}; "
+              f"C modules a GPU would build {len(launchers)}")
+    return keys, launchers
 
 
-def pack(cache_dir: Path, keys: dict[str, str], out: Path) -> dict:
+def pack(cache_dir: Path, keys: dict[str, str], out: Path, launchers: tuple[Path, dict] | None = None) -> dict:
     """A tar.xz of the entries in `keys`: metadata, binary and the key's tail of each (xz:
-    half of gzip's size on cubins, which counts against the device tool's 64 MiB)."""
+    half of gzip's size on cubins, which counts against the device tool's 64 MiB); and with
+    `launchers` (build_launchers' cache folder and account) the C modules it built."""
     import triton
 
     from .envinfo import _git
@@ -294,6 +391,10 @@ def pack(cache_dir: Path, keys: dict[str, str], out: Path) -> dict:
         manifest = {"triton": triton.__version__, "python": sys.version.split()[0],
                     "commit": _git("rev-parse", "--short", "HEAD"),
                     "made": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "entries": entries}
+        if launchers is not None:
+            staging, manifest["launchers"] = launchers
+            for file in manifest["launchers"]["files"]:
+                tar.add(staging / file, arcname=f"launchers/{file}")
         data = json.dumps(manifest, indent=1).encode()
         info = tarfile.TarInfo(MANIFEST)
         info.size = len(data)
@@ -304,6 +405,8 @@ def pack(cache_dir: Path, keys: dict[str, str], out: Path) -> dict:
 def unpack(archive: Path, dest: Path) -> str:
     """Install the archive's entries into the Triton cache folder `dest` under this Triton's
     own keys; return a one-line account of what was done."""
+    import sysconfig
+
     import triton
     from triton.runtime.cache import triton_key
 
@@ -332,10 +435,20 @@ def unpack(archive: Path, dest: Path) -> str:
             metadata_file = next(c for c in group if c.endswith(".json"))
             (folder / f"__grp__{metadata_file}").write_text(json.dumps({"child_paths": group}))
             placed += 1
+        launchers = manifest.get("launchers")
+        if launchers is None:
+            modules = ""
+        elif launchers["suffix"] != sysconfig.get_config_var("EXT_SUFFIX"):
+            modules = f"; its C modules not placed (built for Python {launchers['python']})"
+        else:
+            for file in launchers["files"]:
+                (dest / file).parent.mkdir(exist_ok=True)
+                (dest / file).write_bytes(tar.extractfile(f"launchers/{file}").read())
+            modules = f"; {len(launchers['files'])} C modules (Python {launchers['python']})"
     same = "the same compiler build" if all(n == _entry_name(f"{build}-{e['key']}")
                                              for n, e in manifest["entries"].items()) else "re-keyed for this build"
     return (f"{placed} kernels of triton {manifest['triton']} (python {manifest['python']}, commit "
-            f"{manifest['commit']}, made {manifest['made']}) into {dest}: {same}")
+            f"{manifest['commit']}, made {manifest['made']}) into {dest}: {same}{modules}")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -351,6 +464,9 @@ def main(argv=None) -> int:
     b.add_argument("--filter", default=None,
                    help="the ops and models cases, as fuseformer bench --filter takes them (default all)")
     b.add_argument("--out", type=Path, default=DEFAULT_ARCHIVE)
+    b.add_argument("--launcher-python", default=None,
+                   help="a Python of the GPU machines' version with the same triton: it builds Triton's C launcher "
+                        "modules for the kernels, carried too (default: none carried)")
     b.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     u = sub.add_parser("unpack", help="install an archive into a Triton cache folder")
     u.add_argument("archive", type=Path)
@@ -376,9 +492,19 @@ def main(argv=None) -> int:
             return subprocess.call(child, env=env)
     started = time.perf_counter()
     tally = Tally()
-    keys = harvest(suites, args.filter, tally)
-    manifest = pack(Path(os.environ["TRITON_CACHE_DIR"]), keys, args.out)
-    print(f"{len(manifest['entries'])} kernels of triton {manifest['triton']} packed into {args.out} "
+    keys, sources = harvest(suites, args.filter, tally)
+    with tempfile.TemporaryDirectory(prefix="fuseformer_launchers_") as staging:
+        launchers = None
+        if args.launcher_python and not sources:
+            print("no C modules to build: this Triton launches every kernel through one built-in module")
+        elif args.launcher_python:
+            try:
+                launchers = Path(staging), build_launchers(sources, args.launcher_python, Path(staging))
+            except (RuntimeError, subprocess.CalledProcessError) as err:
+                tally.errors.append(f"C modules: {err}")
+        manifest = pack(Path(os.environ["TRITON_CACHE_DIR"]), keys, args.out, launchers)
+    modules = f" and {len(manifest['launchers']['files'])} of its C modules" if launchers else ""
+    print(f"{len(manifest['entries'])} kernels of triton {manifest['triton']}{modules} packed into {args.out} "
           f"({args.out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - started:.0f} s")
     if tally.errors:
         print(f"{len(tally.errors)} calls failed:\n  " + "\n  ".join(tally.errors))

@@ -6,10 +6,13 @@ Each step runs in a subprocess with the stand-in driver (bench/offline.py) and n
 on one benchmark case whose three add+LN kernels compile in seconds.
 """
 import importlib.util
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 
 import pytest
@@ -98,3 +101,48 @@ def test_a_failing_call_fails_the_build(tmp_path):
               "m._run_forward = lambda *a, **k: undefined_name; ")
     out = _build(tmp_path / "a.tar.xz", broken, tmp_path, status=1)
     assert "3 calls failed" in out and "NameError" in out, out
+
+
+# A minimal extension module standing in for a Triton launcher's C source (the real ones come
+# from triton 3.6's per-signature launchers; the triton these tests run on has none).
+MINI_MODULE = r"""
+#include <Python.h>
+static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "fuseformer_mini", NULL, -1, NULL};
+PyMODINIT_FUNC PyInit_fuseformer_mini(void) { return PyModule_Create(&def); }
+"""
+
+
+def test_c_modules_are_built_by_the_given_python_carried_and_placed_for_its_suffix(tmp_path):
+    """build_launchers has the given Python's Triton build each module into a cache folder
+    (here this Python, on a minimal module): linked against a stand-in libcuda.so.1 that it
+    still names as needed, so the GPU machine's real one is loaded with it. pack carries the
+    files, unpack places them under the same entry names for a Python of the same extension
+    suffix only."""
+    from fuseformer.bench import triton_cache as tc
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None or not shutil.which("gcc"):
+        pytest.skip("needs triton's NVIDIA backend and gcc")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    built = tc.build_launchers({("fuseformer_mini", MINI_MODULE): None}, sys.executable, staging)
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    assert built["suffix"] == suffix and len(built["files"]) == 1, built
+    assert built["files"][0].endswith("/fuseformer_mini" + suffix), built
+    needed = subprocess.run(["readelf", "-d", str(staging / built["files"][0])], capture_output=True, text=True).stdout
+    assert "[libcuda.so.1]" in needed, needed
+    archive = tmp_path / "a.tar.xz"
+    tc.pack(tmp_path, {}, archive, (staging, built))
+    said = tc.unpack(archive, tmp_path / "placed")
+    assert "1 C modules" in said, said
+    assert (tmp_path / "placed" / built["files"][0]).read_bytes() == (staging / built["files"][0]).read_bytes()
+    with tarfile.open(archive) as tar:
+        manifest = json.loads(tar.extractfile("manifest.json").read())
+    manifest["launchers"]["suffix"] = ".cpython-399-x86_64-linux-gnu.so"  # another Python's modules
+    other = tmp_path / "b.tar.xz"
+    with tarfile.open(other, "w:xz") as tar:
+        data = json.dumps(manifest).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    said = tc.unpack(other, tmp_path / "not_placed")
+    assert "not placed" in said and not (tmp_path / "not_placed" / built["files"][0]).exists(), said
