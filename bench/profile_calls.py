@@ -13,7 +13,8 @@ Then, for each backend, at that shape:
   medians over many calls, and host µs per call (calls queued back to back, one sync at the end);
   the same launcher's host µs from another Python thread (the engine runs backwards on one:
   torch.compile's add+LN forward+backward was as slow as ours there, 0.90 ms, where eager ATen
-  took 0.21);
+  took 0.21), and the forward+backward with the engine's multithreading off (the backward on
+  the calling thread: torch.autograd.set_multithreading_enabled(False));
 - the GPU time of the kernels alone, from torch.profiler's device events;
 - torch.profiler's table of the forward+backward (top rows by CPU time), which shows host gaps,
   synchronisations and the autograd engine's thread;
@@ -118,7 +119,14 @@ def profile_add_layer_norm(M: int, N: int, backends: list[str], iters: int) -> N
         def bwd_direct(impl=impl, stream=stream, mean=mean, rstd=rstd):
             return impl.backward(dy, None, stream, w, b, mean, rstd, 0.0, None, True)
 
-        rows = [("fwd+bwd (autograd.grad)", fwd_bwd), ("fwd (grad-enabled)", fwd), ("bwd launcher, main thread", bwd_direct)]
+        def fwd_bwd_here(backend=backend):
+            # The engine runs the backward on the calling thread instead of its CUDA device
+            # thread: if the device thread is where the time goes, this row shows it gone.
+            with torch.autograd.set_multithreading_enabled(False):
+                return fwd_bwd(backend)
+
+        rows = [("fwd+bwd (autograd.grad)", fwd_bwd), ("fwd+bwd, backward on the calling thread", fwd_bwd_here),
+                ("fwd (grad-enabled)", fwd), ("bwd launcher, main thread", bwd_direct)]
         # The triton rows on Triton's launch path and on the fast launch (kernels/launch.py, the
         # default), which skips Triton's JITFunction.run: if the slow part is there, the second
         # rows show it gone.
