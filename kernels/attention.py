@@ -398,9 +398,33 @@ def _out_like(q):
 # 33-35 µs (torch's SDPA: 16). Not under the interpreter (no fast launch there).
 _fwd_plans = plan_table()
 # The backward's launches, one plan per site ((key, "preprocess" / "dkdv" / "dq")), keyed as
-# the forward's plans on everything their arguments derive from; varlen calls keep none (their
-# grids and bounds follow cu_seqlens' values).
+# the forward's plans on everything their arguments derive from (_plan_key).
 _bwd_plans = plan_table()
+
+
+def _plan_key(q, k, v, mask, is_causal, scale, dropout_p, packed):
+    """What a launch's trailing arguments and grid derive from, shared by the forward's and the
+    backward's plans: the inputs' layouts, the mask's, the flags, the kernel switches; `packed`
+    (cu_seqlens_q's and _k's lengths, the max lengths) for varlen, whose grids and bounds
+    follow them, else None."""
+    return (q.dtype, q.device, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
+            None if mask is None else (mask.dtype, mask.shape, mask.stride()), is_causal, scale, dropout_p,
+            VARIANT["kernel"], VARIANT["dq"], VARIANT["descriptors"], AUTOTUNE, packed)
+
+
+def _planned_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, nbatch, lq, lk, cu_q, cu_k, packed):
+    """_launch_fwd through _fwd_plans (q, k, v, out: the (B, H, L, D) views it takes)."""
+    key = candidates = None
+    if _fwd_plans.active():
+        key = _plan_key(q, k, v, mask, is_causal, scale, dropout_p, packed)
+        # The kernels the launch may take, each with its leading tensors as _launch_fwd and
+        # _launch_fwd_hopper pass them.
+        m = _mask_tensor(mask, q)
+        cu = (lse, lse) if cu_q is None else (cu_q, cu_k)
+        candidates = ((attn_fwd, (q, k, v, out, lse, m, seed if dropout_p > 0.0 else q, *cu)),
+                      (_hopper.attn_fwd_hopper, (q, k, v, out, lse, m, *cu)))
+    _fwd_plans.launch(key, candidates, lambda: _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed,
+                                                           nbatch, lq, lk, cu_q, cu_k))
 
 
 def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed):
@@ -408,18 +432,7 @@ def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed):
     B, H, Lq, _ = q.shape
     out = _out_like(q)
     lse = new_output((B, H, Lq), torch.float32, q.device)
-    key = candidates = None
-    if _fwd_plans.active():
-        key = (q.dtype, q.device, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
-               None if mask is None else (mask.dtype, mask.shape, mask.stride()), is_causal, scale, dropout_p,
-               VARIANT["kernel"], VARIANT["descriptors"], AUTOTUNE)
-        # The kernels the launch may take, each with its leading tensors as _launch_fwd and
-        # _launch_fwd_hopper pass them.
-        m = _mask_tensor(mask, q)
-        candidates = ((attn_fwd, (q, k, v, out, lse, m, seed if dropout_p > 0.0 else q, lse, lse)),
-                      (_hopper.attn_fwd_hopper, (q, k, v, out, lse, m, lse, lse)))
-    _fwd_plans.launch(key, candidates,
-                      lambda: _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, B, Lq, k.shape[2]))
+    _planned_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, B, Lq, k.shape[2], None, None, None)
     return out, lse
 
 
@@ -431,9 +444,7 @@ def _backward(dout, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed):
     plan = None
     if _bwd_plans.active():
         # dq/dk/dv and the backward's buffers take their layouts from these.
-        plan = (q.dtype, q.device, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), dout.stride(),
-                out.stride(), lse.stride(), None if mask is None else (mask.dtype, mask.shape, mask.stride()),
-                is_causal, scale, dropout_p, VARIANT["kernel"], VARIANT["dq"], VARIANT["descriptors"], AUTOTUNE)
+        plan = (_plan_key(q, k, v, mask, is_causal, scale, dropout_p, None), dout.stride(), out.stride(), lse.stride())
     _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dropout_p, seed,
                 q.shape[0], q.shape[2], k.shape[2], plan=plan)
     return dq, dk, dv
@@ -449,17 +460,21 @@ def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout
     total, H, _ = q.shape
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((H, total), torch.float32, q.device)
-    _launch_fwd(_as4d(q), _as4d(k), _as4d(v), _as4d(out), lse.unsqueeze(0), None, is_causal, scale, dropout_p,
-                seed, cu_q.numel() - 1, max_q, max_k, cu_q, cu_k)
+    _planned_fwd(_as4d(q), _as4d(k), _as4d(v), _as4d(out), lse.unsqueeze(0), None, is_causal, scale, dropout_p, seed,
+                 cu_q.numel() - 1, max_q, max_k, cu_q, cu_k, (cu_q.numel(), cu_k.numel(), max_q, max_k))
     return out, lse
 
 
 def _varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout_p, seed):
     dout, q, k, v = _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v)
     dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
+    plan = None
+    if _bwd_plans.active():
+        packed = (cu_q.numel(), cu_k.numel(), max_q, max_k)
+        plan = (_plan_key(q, k, v, None, is_causal, scale, dropout_p, packed), dout.stride(), out.stride(), lse.stride())
     _launch_bwd(_as4d(dout), _as4d(q), _as4d(k), _as4d(v), _as4d(out), lse.unsqueeze(0),
                 _as4d(dq), _as4d(dk), _as4d(dv), None, is_causal, scale, dropout_p, seed,
-                cu_q.numel() - 1, max_q, max_k, cu_q, cu_k)
+                cu_q.numel() - 1, max_q, max_k, cu_q, cu_k, plan=plan)
     return dq, dk, dv
 
 
