@@ -58,6 +58,7 @@ from ._util import ensure_tma_allocator, launch_tuned, sm_count, tuned_config
 from .launch import launch as launch_plain
 from .attention_kernels import _flat_pid, _key_range, _prune, _scores, _seq_bounds
 from .backends import interpreting
+from .precompile import autotune
 
 
 @triton.jit
@@ -333,8 +334,7 @@ def _configs():
 
 
 attn_fwd_hopper = _attn_fwd_hopper
-attn_fwd_hopper_tuned = triton.autotune(configs=_configs(), key=_KEY,
-                                        prune_configs_by={"early_config_prune": _prune})(_attn_fwd_hopper)
+attn_fwd_hopper_tuned = autotune(_configs(), _KEY, prune_configs_by={"early_config_prune": _prune})(_attn_fwd_hopper)
 
 
 def default_config(block_d: int, itemsize: int, few_programs: bool = False):

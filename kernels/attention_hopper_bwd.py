@@ -30,6 +30,7 @@ from .launch import launch as launch_plain
 from .attention_hopper import _seq_desc, _store_tile, _tile, boxes_for, set_boxes
 from .attention_kernels import _add_dq, _flat_pid, _key_range, _prune, _scores, _seq_bounds, _walk_turn
 from .backends import interpreting
+from .precompile import autotune
 
 
 @triton.jit
@@ -322,8 +323,8 @@ def _configs(shapes):
 
 def _tuned(kernel, shapes=_BWD_HOPPER_GPU, atomic=False):
     # atomic: DQ_ACC zeroed around tuning, as attention_kernels._tuned says why.
-    return triton.autotune(configs=_configs(shapes), key=_KEY, reset_to_zero=["DQ_ACC"] if atomic else None,
-                           prune_configs_by={"early_config_prune": _prune})(kernel)
+    return autotune(_configs(shapes), _KEY, reset_to_zero=["DQ_ACC"] if atomic else None,
+                    prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
 attn_bwd_dkdv_hopper = _attn_bwd_dkdv_hopper

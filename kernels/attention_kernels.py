@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .backends import interpreting
+from .precompile import autotune
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -628,8 +629,8 @@ def _tuned(gpu_list, kernel, atomic=False):
     # The atomic dK/dV kernel adds into DQ_ACC: every timed run of a config would add to what
     # the last left, so its autotuner zeroes it before each and once more after tuning. (Its
     # own tuner object: the plain pass gets a placeholder there, which must not be zeroed.)
-    return triton.autotune(configs=_configs(gpu_list), key=_KEY, reset_to_zero=["DQ_ACC"] if atomic else None,
-                           prune_configs_by={"early_config_prune": _prune})(kernel)
+    return autotune(_configs(gpu_list), _KEY, reset_to_zero=["DQ_ACC"] if atomic else None,
+                    prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
 attn_fwd_tuned = _tuned(_FWD_GPU, _attn_fwd)

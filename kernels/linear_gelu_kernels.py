@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import backends
+from .precompile import autotune
 
 
 def _configs():
@@ -141,7 +142,7 @@ def _gelu_grad(u, APPROX_TANH: tl.constexpr, FAST: tl.constexpr):
 
 # Keyed on TUNE_M (M rounded up to a power of two), not M: with unpadded batches every call
 # has another token count, and a key on M would rerun the whole autotune sweep each time.
-@triton.autotune(configs=_configs(), key=["TUNE_M", "N", "K", "HAS_BIAS", "SAVE_PRE", "APPROX_TANH", "FAST_GELU"])
+@autotune(_configs(), ["TUNE_M", "N", "K", "HAS_BIAS", "SAVE_PRE", "APPROX_TANH", "FAST_GELU"])
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _linear_gelu_fwd(
@@ -281,9 +282,8 @@ def _tile_coords(tile, per_group, tiles_m, GROUP_M: tl.constexpr):
 # reset_to_zero: configs differ in BLOCK_M, so in how many rows of DB_PART they write (the
 # buffer has rows for the smallest); the autotuner zeroes it before each trial and before the
 # final launch, so rows a trial of a smaller tile wrote cannot linger into db.
-@triton.autotune(configs=_tma_configs(),
-                 key=["TUNE_M", "N", "K", "HAS_BIAS", "SAVE_PRE", "APPROX_TANH", "FAST_GELU", "DGELU"],
-                 reset_to_zero=["DB_PART"])
+@autotune(_tma_configs(), ["TUNE_M", "N", "K", "HAS_BIAS", "SAVE_PRE", "APPROX_TANH", "FAST_GELU", "DGELU"],
+          reset_to_zero=["DB_PART"])
 @triton.jit
 def _linear_gelu_tma(
     X,  # (M, K) input, unit column stride, row stride a multiple of 16 bytes

@@ -119,3 +119,31 @@ def precompile(tuned, grid, args, kwargs) -> int:
             # this config's descriptor boxes), then hands the compile to the pool.
             tuned.fn.run(*args, **dict(current, warmup=True))
     return len(chosen)
+
+
+# ----------------------------------------------------------------------------- timing
+
+# Triton's autotuner times each config with do_bench, by default 25 ms of warm-up and 100 ms of
+# repetitions (an L2 flush before each run): ~0.13 s a config whatever the kernel's length. With
+# the configs compiled ahead (above) that is most of a first call: ~1 s for a key of 8 configs,
+# and ~65 s for the 496 configs the GPU ops suite tunes (counted by bench/triton_cache.py's
+# harvest, 2026-11-27), out of a lent GPU's 15 minutes. 5 ms and 25 ms take a quarter of that
+# and still give each config from ~10 runs (a 2.5 ms kernel) to hundreds: enough for a median
+# to rank configs that differ by more than a few percent, which is what tuning is for.
+TUNE_WARMUP_MS = 5
+TUNE_REP_MS = 25
+
+
+def tuning_bench(kernel_call, quantiles):
+    """The autotuners' timing of one config: the active driver's benchmarker (do_bench on
+    CUDA) with TUNE_WARMUP_MS and TUNE_REP_MS."""
+    from triton.runtime import driver
+
+    return driver.active.get_benchmarker()(kernel_call, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=quantiles)
+
+
+def autotune(configs, key, **kwargs):
+    """triton.autotune timed by tuning_bench: every autotuned kernel of ours is made with it."""
+    import triton
+
+    return triton.autotune(configs=configs, key=key, do_bench=tuning_bench, **kwargs)

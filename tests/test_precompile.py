@@ -127,3 +127,37 @@ def test_nothing_to_do_under_the_interpreter():
     from fuseformer.kernels import attention as A
 
     assert P.precompile(A.attn_fwd_tuned, (1,), (), {}) == 0
+
+
+def test_every_autotuner_of_ours_times_configs_with_the_short_bench(monkeypatch):
+    """Every autotuned kernel is made by precompile.autotune: its timing is tuning_bench, which
+    hands the active driver's benchmarker TUNE_WARMUP_MS and TUNE_REP_MS (Triton's do_bench
+    defaults, 25 and 100 ms, would spend ~0.13 s on each config)."""
+    import importlib
+
+    from triton.runtime import driver
+    from triton.runtime.autotuner import Autotuner
+
+    modules = [importlib.import_module(f"fuseformer.kernels.{name}")
+               for name in ("attention_kernels", "attention_hopper", "attention_hopper_bwd", "linear_gelu_kernels")]
+    tuners = {id(v): v for m in modules for v in vars(m).values() if isinstance(v, Autotuner)}
+    names = {t.base_fn.__name__ for t in tuners.values()}
+    assert {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd_hopper", "_attn_bwd_dkdv_hopper",
+            "_attn_bwd_dq_hopper", "_linear_gelu_fwd", "_linear_gelu_tma"} <= names, names
+    for tuner in tuners.values():
+        assert tuner._do_bench is P.tuning_bench, tuner.base_fn.__name__
+
+    asked = {}
+
+    class Driver:
+        def get_benchmarker(self):
+            def bench(fn, **kwargs):
+                fn()
+                asked.update(kwargs)
+                return [0.5, 0.4, 0.6]
+            return bench
+
+    monkeypatch.setattr(driver, "_active", Driver())
+    calls = []
+    assert P.tuning_bench(lambda: calls.append(1), quantiles=(0.5, 0.2, 0.8)) == [0.5, 0.4, 0.6] and calls == [1]
+    assert asked == {"warmup": P.TUNE_WARMUP_MS, "rep": P.TUNE_REP_MS, "quantiles": (0.5, 0.2, 0.8)}
