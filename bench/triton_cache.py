@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -390,7 +391,8 @@ def pack(cache_dir: Path, keys: dict[str, str], out: Path, launchers: tuple[Path
             entries[name] = {"key": rest, "files": kept}
         manifest = {"triton": triton.__version__, "python": sys.version.split()[0],
                     "commit": _git("rev-parse", "--short", "HEAD"),
-                    "made": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "entries": entries}
+                    "made": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "entries": entries,
+                    "sources": kernel_sources()}
         if launchers is not None:
             staging, manifest["launchers"] = launchers
             for file in manifest["launchers"]["files"]:
@@ -400,6 +402,19 @@ def pack(cache_dir: Path, keys: dict[str, str], out: Path, launchers: tuple[Path
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     return manifest
+
+
+def kernel_sources() -> dict[str, str]:
+    """The sha256 of each file of the installed fuseformer.kernels that defines Triton kernels.
+    Triton's cache key of a kernel holds its source and the number of its first line, so an
+    edit anywhere above a kernel in its file (an import line) moves it to another key too: an
+    archive built before the edit misses it."""
+    spec = importlib.util.find_spec("fuseformer.kernels")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = {p.name: p.read_bytes() for p in sorted(folder.glob("*.py"))}
+    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items() if b"@triton.jit" in data}
 
 
 def unpack(archive: Path, dest: Path) -> str:
@@ -447,8 +462,12 @@ def unpack(archive: Path, dest: Path) -> str:
             modules = f"; {len(launchers['files'])} C modules (Python {launchers['python']})"
     same = "the same compiler build" if all(n == _entry_name(f"{build}-{e['key']}")
                                              for n, e in manifest["entries"].items()) else "re-keyed for this build"
+    built, now = manifest.get("sources") or {}, kernel_sources()
+    changed = sorted(name for name in set(built) | set(now) if built.get(name) != now.get(name))
+    sources = ("" if not built else f"; kernel files changed since the build (their kernels compile here): "
+               f"{', '.join(changed)}" if changed else "; kernel files as built")
     return (f"{placed} kernels of triton {manifest['triton']} (python {manifest['python']}, commit "
-            f"{manifest['commit']}, made {manifest['made']}) into {dest}: {same}{modules}")
+            f"{manifest['commit']}, made {manifest['made']}) into {dest}: {same}{modules}{sources}")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -85,6 +85,34 @@ def test_carried_kernels_are_found_under_another_builds_keys(archive, tmp_path):
     assert len(_kernels(empty)) == 3
 
 
+def _rewritten(archive, path, edit):
+    """A copy of `archive` with edit(manifest) applied to its manifest."""
+    with tarfile.open(archive) as src, tarfile.open(path, "w:xz") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            if member.name == "manifest.json":
+                manifest = json.loads(data)
+                edit(manifest)
+                data = json.dumps(manifest).encode()
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    return path
+
+
+def test_unpack_names_the_kernel_files_edited_since_the_build(archive, tmp_path):
+    """Triton keys a kernel by its source and first line number, so an edit above a kernel
+    (an import line) moves it to a key the archive lacks: unpack names such files."""
+    from fuseformer.bench import triton_cache as tc
+
+    said = tc.unpack(archive, tmp_path / "as_built")
+    assert said.endswith("; kernel files as built"), said
+    stale = _rewritten(archive, tmp_path / "stale.tar.xz",
+                       lambda m: m["sources"].update({"add_layer_norm_kernels.py": "0" * 64}))
+    said = tc.unpack(stale, tmp_path / "stale")
+    assert said.endswith("kernel files changed since the build (their kernels compile here): "
+                         "add_layer_norm_kernels.py"), said
+
+
 def test_an_archive_of_another_triton_release_is_not_unpacked(archive, tmp_path):
     said = _python("import triton; triton.__version__ = '0.0.1'; from fuseformer.bench.triton_cache import unpack; "
                    f"from pathlib import Path; print(unpack(Path({str(archive)!r}), Path({str(tmp_path / 'c')!r})))")
@@ -135,14 +163,7 @@ def test_c_modules_are_built_by_the_given_python_carried_and_placed_for_its_suff
     said = tc.unpack(archive, tmp_path / "placed")
     assert "1 C modules" in said, said
     assert (tmp_path / "placed" / built["files"][0]).read_bytes() == (staging / built["files"][0]).read_bytes()
-    with tarfile.open(archive) as tar:
-        manifest = json.loads(tar.extractfile("manifest.json").read())
-    manifest["launchers"]["suffix"] = ".cpython-399-x86_64-linux-gnu.so"  # another Python's modules
-    other = tmp_path / "b.tar.xz"
-    with tarfile.open(other, "w:xz") as tar:
-        data = json.dumps(manifest).encode()
-        info = tarfile.TarInfo("manifest.json")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+    other = _rewritten(archive, tmp_path / "b.tar.xz",  # another Python's modules
+                       lambda m: m["launchers"].update(suffix=".cpython-399-x86_64-linux-gnu.so"))
     said = tc.unpack(other, tmp_path / "not_placed")
     assert "not placed" in said and not (tmp_path / "not_placed" / built["files"][0]).exists(), said
