@@ -409,7 +409,10 @@ def kernel_sources() -> dict[str, str]:
     Triton's cache key of a kernel holds its source and the number of its first line, so an
     edit anywhere above a kernel in its file (an import line) moves it to another key too: an
     archive built before the edit misses it."""
-    spec = importlib.util.find_spec("fuseformer.kernels")
+    try:
+        spec = importlib.util.find_spec("fuseformer.kernels")
+    except ModuleNotFoundError:  # not installed in this Python
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         return {}
     folder = Path(list(spec.submodule_search_locations)[0])
@@ -464,8 +467,8 @@ def unpack(archive: Path, dest: Path) -> str:
                                              for n, e in manifest["entries"].items()) else "re-keyed for this build"
     built, now = manifest.get("sources") or {}, kernel_sources()
     changed = sorted(name for name in set(built) | set(now) if built.get(name) != now.get(name))
-    sources = ("" if not built else f"; kernel files changed since the build (their kernels compile here): "
-               f"{', '.join(changed)}" if changed else "; kernel files as built")
+    sources = ("" if not (built and now) else f"; kernel files changed since the build (their kernels compile "
+               f"here): {', '.join(changed)}" if changed else "; kernel files as built")
     return (f"{placed} kernels of triton {manifest['triton']} (python {manifest['python']}, commit "
             f"{manifest['commit']}, made {manifest['made']}) into {dest}: {same}{modules}{sources}")
 
