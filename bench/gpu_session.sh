@@ -41,7 +41,7 @@
 #   /tmp/t36/bin/python -m fuseformer.bench.triton_cache build --launcher-python /tmp/t36p312/bin/python
 # compiles for sm_90 the Triton kernels of the benchmark, the overhead group and the tests
 # below, and builds their C launchers, into .tritoncache/sm90.tar.xz (2026-11-27: 947 kernels
-# and 41 C modules, 19.5 MiB, 17 min on 2 cores from an empty cache); name .tritoncache in the
+# and 41 C modules, 19.7 MiB, 17 min on 2 cores from an empty cache); name .tritoncache in the
 # device call's carry, and this script unpacks it first.
 #
 # The device tool brings back at most 8 files from $OUT: every log and result is written to

@@ -31,7 +31,9 @@ wheel, recompiled from their TTIR by its Python 3.12 wheel, gave the same cubins
 (2026-11-27, on this CPU machine). `unpack` refuses an archive made by another Triton release;
 anything else that differs (ptxas, options, source) leaves the entry under a name no lookup
 asks for, so a kernel is compiled there as before, never loaded wrongly. bench/gpu_session.sh
-lists, by kernel, what its run compiled all the same.
+lists, by kernel, what its run compiled all the same. That key also holds each kernel's first
+line number: any edit above a kernel in its file moves it, so rebuild after editing kernel
+files (`unpack` names the ones edited since the build).
 
 Triton 3.6 also builds, with the C compiler, a launcher module per kernel signature and its
 driver utilities module, on first use in a process with an empty cache (~0.4 s each; the
