@@ -226,8 +226,9 @@ def forward(x2d, weight, bias, approximate, save_preact):
     return out, pre
 
 
-# Launch plans of the portable forward (training's, which stores the pre-activation), keyed
-# on what its arguments and grid derive from, as the TMA kernel's.
+# Launch plans of the portable forward (training's, which stores the pre-activation, and
+# wherever the TMA kernel cannot run), keyed on what its arguments and grid derive from, as the
+# TMA kernel's; the kernel they bind is the JITFunction beneath the autotuner and heuristics.
 _fwd_plans = plan_table()
 
 
