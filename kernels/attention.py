@@ -346,14 +346,18 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
     dq_acc, acc_arg, acc_s = _dq_accumulator(q, atomic, lse, varlen)
     m = _mask_tensor(mask, q)
 
-    def shared():  # what both passes' full launches derive from the call
-        _, ms, kind, is_float = _mask_args(mask, q)
-        bucket = _bucket(lq, lk, nbatch * H)
-        common = dict(CAUSAL=bool(is_causal), MASK_KIND=kind, MASK_FLOAT=is_float, DROPOUT=dropout_p > 0.0,
-                      VARLEN=varlen, **flags)
-        tail = (*ms, H, H // Hk, lq, lk, bucket, scale * LOG2E, scale, float(dropout_p))
-        qkv_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
-        return bucket, common, tail, qkv_strides
+    derived = []
+
+    def shared():  # what both passes' full launches derive from the call, derived once
+        if not derived:
+            _, ms, kind, is_float = _mask_args(mask, q)
+            bucket = _bucket(lq, lk, nbatch * H)
+            common = dict(CAUSAL=bool(is_causal), MASK_KIND=kind, MASK_FLOAT=is_float, DROPOUT=dropout_p > 0.0,
+                          VARLEN=varlen, **flags)
+            tail = (*ms, H, H // Hk, lq, lk, bucket, scale * LOG2E, scale, float(dropout_p))
+            qkv_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
+            derived.append((bucket, common, tail, qkv_strides))
+        return derived[0]
 
     def dkdv():
         bucket, common, tail, qkv_strides = shared()
