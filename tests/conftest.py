@@ -15,6 +15,8 @@ if not HAS_CUDA and not OFFLINE_SM90:
 
 import pytest  # noqa: E402
 
+import compile_ahead  # noqa: E402
+
 if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y"):  # as Triton reads it
     # Out-of-bounds loads/stores become errors naming the kernel instead of heap corruption.
     import interpreter_sanitizer
@@ -26,6 +28,10 @@ if not HAS_CUDA:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(compile_ahead, "fuseformer-compile-ahead")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -37,6 +37,8 @@ import sysconfig
 import pytest
 import torch
 
+import compile_ahead
+
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 CU_FILES = sorted(p.name for p in CSRC.glob("*.cu"))
 # Built on CUTLASS/CuTe: compiled (optimised, then disassembled) by the tests at the end.
@@ -146,7 +148,7 @@ def _compile_all(commands, timeout):
     return results
 
 
-@pytest.fixture(scope="module")
+@compile_ahead.build
 def nvcc_results(tmp_path_factory):
     """Compile every .cu (one nvcc per file, both gencodes): the wall time is that of the
     slowest one where cores are free."""
@@ -309,7 +311,7 @@ def _setup_arguments(**env) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
+@compile_ahead.build
 def cute_builds(tmp_path_factory):
     """Each CuTe file built as the JIT extension builds it (-O3, torch's nvcc flags), one cubin
     per architecture, with ptxas's resource report."""
@@ -401,7 +403,7 @@ def test_setup_aot_build_gets_the_cutlass_include():
 # ----------------------------------------------------------------------------- Hopper attention (sm_90a)
 
 
-@pytest.fixture(scope="module")
+@compile_ahead.build
 def sm90_build(tmp_path_factory):
     """attention_sm90_bf16_d64.cu as the JIT build compiles it on an H100 (-O3, torch's nvcc
     flags, sm_90a, FUSEFORMER_SM90A), its causal instantiation alone
@@ -473,7 +475,7 @@ LN_DTYPES = {"f": "float32", "6__half": "float16", "13__nv_bfloat16": "bfloat16"
 LN_KERNEL = re.compile(r"add_layer_norm_(forward|backward)_kernelI(f|6__half|13__nv_bfloat16)Li(\d+)ELi(\d+)ELi(\d+)E")
 
 
-@pytest.fixture(scope="module")
+@compile_ahead.build
 def add_layer_norm_builds(tmp_path_factory):
     """add_layer_norm.cu built as the JIT extension builds it (-O3, torch's nvcc flags), one cubin
     per architecture, both at once, with ptxas's resource report (a few seconds each)."""
@@ -547,7 +549,7 @@ def _gemm_kind(mangled):
     return None
 
 
-@pytest.fixture(scope="module")
+@compile_ahead.build
 def cutlass_gemm_builds(tmp_path_factory):
     """The CUTLASS Linear+GELU files compiled as the JIT build compiles them (-O3, torch's nvcc
     flags), per architecture, with ptxas's report: for sm_80 as objects (the CPU test links their

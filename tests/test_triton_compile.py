@@ -34,6 +34,8 @@ import time
 
 import pytest
 
+import compile_ahead
+
 SCRIPT = pathlib.Path(__file__).resolve().parent / "triton_compile_check.py"
 SKIP_EXIT = 3
 
@@ -46,8 +48,9 @@ def _static_skip_reason():
     return None
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
+@compile_ahead.build
+def compile_check(tmp_path_factory):
+    """triton_compile_check.py's results (started ahead, see compile_ahead)."""
     reason = _static_skip_reason()
     if reason:
         pytest.skip(reason)
@@ -63,9 +66,17 @@ def compiled(tmp_path_factory):
     data = json.loads(out.read_text())
     assert "error" not in data, data["error"]
     data["subprocess_wall_s"] = wall
-    print(f"\n{SCRIPT.name}: {len(data['results'])} compiles in {wall:.1f}s wall ({data['workers']} workers)")
-    print(_table(data["results"]))
     return data
+
+
+@pytest.fixture(scope="module")
+def compiled(compile_check):
+    """The check's results, with its table printed here (pytest -rP shows it) rather than from
+    the build's thread, whose output would land in whichever test was running."""
+    print(f"\n{SCRIPT.name}: {len(compile_check['results'])} compiles in {compile_check['subprocess_wall_s']:.1f}s "
+          f"wall ({compile_check['workers']} workers)")
+    print(_table(compile_check["results"]))
+    return compile_check
 
 
 def _table(results):
