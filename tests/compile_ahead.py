@@ -33,6 +33,8 @@ _BUILDS: dict = {}  # (module, fixture name) -> the build function, as the test 
 _started: dict = {}  # (module, fixture name) -> its Future, for the builds this session started
 _runner: concurrent.futures.ThreadPoolExecutor | None = None
 _root: str | None = None
+_environ: dict = {}  # os.environ as collection ended, for the builds' compilers
+_on_runner = threading.local()  # .ahead is True on the builds' thread
 
 
 def build(function):
@@ -47,6 +49,13 @@ def build(function):
 
     fixture.__doc__ = function.__doc__
     return pytest.fixture(scope="module", name=function.__name__)(fixture)
+
+
+def environ() -> dict:
+    """The environment a build's compiler processes get: on the builds' thread, os.environ as it
+    was when collection ended, so that a test's monkeypatch.setenv of that moment cannot reach a
+    compiler started meanwhile; elsewhere os.environ as it is."""
+    return dict(_environ if getattr(_on_runner, "ahead", False) else os.environ)
 
 
 def _enabled(config) -> bool:
@@ -79,11 +88,12 @@ def pytest_collection_modifyitems(config, items) -> None:
         return
     last = {module for module, _ in keys}
     items[:] = [i for i in items if _module(i) not in last] + [i for i in items if _module(i) in last]
-    global _runner, _root
+    global _runner, _root, _environ
+    _environ = dict(os.environ)
     _root = tempfile.mkdtemp(prefix="fuseformer-compile-ahead-")
     dirs = _Dirs(pathlib.Path(_root))
     _runner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile-ahead",
-                                                    initializer=_lowest_priority)
+                                                    initializer=_runner_thread_init)
     for key in _keys(items):
         _started[key] = _runner.submit(_BUILDS[key], dirs)
 
@@ -96,7 +106,9 @@ def pytest_sessionfinish(session) -> None:
         shutil.rmtree(_root, ignore_errors=True)
 
 
-def _lowest_priority() -> None:
+def _runner_thread_init() -> None:
+    """The builds' thread: marked as theirs (environ), then put at the lowest CPU priority."""
+    _on_runner.ahead = True
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):  # not Linux: the builds share the cores as they would in the fixture

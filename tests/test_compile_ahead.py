@@ -80,3 +80,16 @@ def test_switched_off_the_fixtures_build_in_the_test_thread(tmp_path):
     out, order, (thread, nice), _ = _run(tmp_path, FUSEFORMER_COMPILE_AHEAD="0")
     assert order == ["test_built", "test_skipped", "test_plain"], out
     assert thread == "MainThread" and nice == str(os.getpriority(os.PRIO_PROCESS, 0)), out
+
+
+def test_compilers_started_ahead_get_the_environment_as_collection_left_it(monkeypatch):
+    """A test's monkeypatch.setenv must not reach a compiler the builds' thread starts meanwhile."""
+    import concurrent.futures
+
+    import compile_ahead
+
+    monkeypatch.setattr(compile_ahead, "_environ", {"AT_COLLECTION": "1"})
+    monkeypatch.setenv("SET_BY_A_TEST", "1")
+    with concurrent.futures.ThreadPoolExecutor(1, initializer=compile_ahead._runner_thread_init) as runner:
+        assert runner.submit(compile_ahead.environ).result() == {"AT_COLLECTION": "1"}
+    assert compile_ahead.environ()["SET_BY_A_TEST"] == "1"  # elsewhere: os.environ as it is

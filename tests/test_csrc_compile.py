@@ -136,7 +136,8 @@ def _compile_all(commands, timeout):
     while pending or running:
         while pending and len(running) < _nvcc_jobs():
             key, (cmd, path) = pending.pop(0)
-            running[key] = (cmd, path, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            running[key] = (cmd, path, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                                        env=compile_ahead.environ()))
         key = next(iter(running))
         cmd, path, proc = running.pop(key)
         try:

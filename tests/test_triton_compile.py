@@ -26,7 +26,6 @@ from the one used.
 """
 import importlib.util
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -55,7 +54,7 @@ def compile_check(tmp_path_factory):
     if reason:
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("triton_aot") / "results.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in compile_ahead.environ().items() if k != "TRITON_INTERPRET"}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(SCRIPT), "--json", str(out)], env=env, capture_output=True,
                           text=True, timeout=900)
