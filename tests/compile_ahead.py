@@ -14,9 +14,9 @@ then where none was started (a pytest-xdist worker, --collect-only, FUSEFORMER_C
 The result is the same either way, pytest.skip included: an exception raised in the thread is
 raised again in the fixture.
 
-If the run stops early (-x, a crash), a build still running finishes on its own: its
-compiler is not killed, and the interpreter waits for it at exit (at most one build, a
-couple of minutes).
+If the run stops early (-x, a crash), the builds not started yet are dropped, but the one
+under way finishes: its compilers are not killed, and the interpreter waits for it at exit
+(one fixture's compiles, a few minutes at most).
 """
 from __future__ import annotations
 
