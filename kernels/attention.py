@@ -416,6 +416,14 @@ def _plan_key(q, k, v, mask, is_causal, scale, dropout_p, packed):
             VARIANT["kernel"], VARIANT["dq"], VARIANT["descriptors"], AUTOTUNE, packed)
 
 
+def _bwd_plan(dout, q, k, v, out, lse, mask, is_causal, scale, dropout_p, packed):
+    """_launch_bwd's `plan` (None with plans off): _plan_key, and the layouts of dout, out and
+    lse, from which dq/dk/dv and the backward's buffers take theirs."""
+    if not _bwd_plans.active():
+        return None
+    return _plan_key(q, k, v, mask, is_causal, scale, dropout_p, packed), dout.stride(), out.stride(), lse.stride()
+
+
 def _planned_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, nbatch, lq, lk, cu_q, cu_k, packed):
     """_launch_fwd through _fwd_plans (q, k, v, out: the (B, H, L, D) views it takes)."""
     key = candidates = None
@@ -445,12 +453,9 @@ def _backward(dout, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed):
     # A k/v broadcast over the batch (stride 0) gets a dense gradient, one per batch entry
     # (empty_like makes overlapping tensors contiguous); autograd of the expand sums them.
     dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
-    plan = None
-    if _bwd_plans.active():
-        # dq/dk/dv and the backward's buffers take their layouts from these.
-        plan = (_plan_key(q, k, v, mask, is_causal, scale, dropout_p, None), dout.stride(), out.stride(), lse.stride())
     _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dropout_p, seed,
-                q.shape[0], q.shape[2], k.shape[2], plan=plan)
+                q.shape[0], q.shape[2], k.shape[2],
+                plan=_bwd_plan(dout, q, k, v, out, lse, mask, is_causal, scale, dropout_p, None))
     return dq, dk, dv
 
 
@@ -472,10 +477,8 @@ def _varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout
 def _varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, is_causal, scale, dropout_p, seed):
     dout, q, k, v = _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v)
     dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
-    plan = None
-    if _bwd_plans.active():
-        packed = (cu_q.numel(), cu_k.numel(), max_q, max_k)
-        plan = (_plan_key(q, k, v, None, is_causal, scale, dropout_p, packed), dout.stride(), out.stride(), lse.stride())
+    plan = _bwd_plan(dout, q, k, v, out, lse, None, is_causal, scale, dropout_p,
+                     (cu_q.numel(), cu_k.numel(), max_q, max_k))
     _launch_bwd(_as4d(dout), _as4d(q), _as4d(k), _as4d(v), _as4d(out), lse.unsqueeze(0),
                 _as4d(dq), _as4d(dk), _as4d(dv), None, is_causal, scale, dropout_p, seed,
                 cu_q.numel() - 1, max_q, max_k, cu_q, cu_k, plan=plan)
