@@ -293,8 +293,8 @@ def _launch_fwd_hopper(q, k, v, out, lse, mask, is_causal, scale, nbatch, lq, lk
 
 def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dropout_p, seed, nbatch, lq, lk,
                 cu_q=None, cu_k=None, plan=None):
-    """`plan`: the call's key in _bwd_plans (_backward's), or None. Each launch of the portable
-    kernels is planned under (plan, its site); the Hopper backward's are not (opt-in)."""
+    """`plan`: the call's key in _bwd_plans (_backward's), or None. Each launch is planned
+    under (plan, its site)."""
     _check_kernel_scale(scale)
     varlen = cu_q is not None
     H, Hk = q.shape[1], k.shape[1]
@@ -313,33 +313,8 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
                       ))
     if (VARIANT["kernel"] == "hopper" and flags["BLOCK_D"] <= _hopper_bwd.MAX_BLOCK_D
             and _hopper_reason(q, k, v, dout, mask, dropout_p, dq, dk, dv) is None):
-        m, ms, kind, is_float = _mask_args(mask, q)
-        bucket = _bucket(lq, lk, nbatch * H)
-        atomic = atomic_dq("hopper", flags["BLOCK_D"])
-        strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
-        tail = (ms[0], ms[3], H, H // Hk, lq, lk, bucket, scale * LOG2E, scale)
-        descs = None
-        if not varlen and VARIANT["descriptors"] == "host":
-            descs = _hopper.host_descriptors((q, k, v, dout, dk, dv) if atomic else (q, k, v, dout, dk, dv, dq),
-                                             flags["BLOCK_D"])
-        # The tensors as the kernels take them: host descriptors, or the tensors themselves.
-        q_, k_, v_, do_, dk_, dv_ = descs[:6] if descs else (q, k, v, dout, dk, dv)
-        dq_acc, acc_arg, acc_s = _dq_accumulator(q, atomic, lse, varlen)
-        kwargs = dict(HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], CAUSAL=bool(is_causal), MASK_KIND=kind,
-                      MASK_FLOAT=is_float, VARLEN=varlen, UPCAST=flags["UPCAST"], HOST_DESC=descs is not None,
-                      ATOMIC_DQ=atomic)
-        key = (q.dtype, flags["HEAD_D"], bucket, bool(is_causal), kind, is_float, varlen, descs is not None, atomic)
-        _hopper_bwd.launch(
-            lambda meta: (cdiv(lk, meta["BLOCK_N"]) * nbatch * Hk,),
-            None if atomic else (lambda meta: (cdiv(lq, meta["BLOCK_M"]) * nbatch * H,)),
-            (q_, k_, v_, do_, dk_, dv_, lse, delta, m, cu_q_arg, cu_k_arg, acc_arg,
-             *strides, *_strides(dk, varlen), *_strides(dv, varlen), *lse_s,
-             *acc_s, *tail),
-            None if atomic else (q_, k_, v_, do_, descs[6] if descs else dq, lse, delta, m, cu_q_arg, cu_k_arg,
-                                 *strides, *_strides(dq, varlen), *lse_s, *tail),
-            kwargs, key, AUTOTUNE and not interpreting())
-        if atomic:
-            dq.copy_(dq_acc)
+        _launch_bwd_hopper(dout, q, k, v, lse, delta, dq, dk, dv, mask, is_causal, scale, nbatch, lq, lk,
+                           cu_q_arg, cu_k_arg, lse_s, flags, varlen, plan)
         return
     seed_arg = seed if dropout_p > 0.0 else q
     atomic = atomic_dq("portable", flags["BLOCK_D"])
@@ -386,6 +361,63 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
         return
     _bwd_plans.launch(plan and (plan, "dq"),
                       ((attn_bwd_dq, (q, k, v, dout, dq, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg)),), dq_pass)
+
+
+def _launch_bwd_hopper(dout, q, k, v, lse, delta, dq, dk, dv, mask, is_causal, scale, nbatch, lq, lk,
+                       cu_q_arg, cu_k_arg, lse_s, flags, varlen, plan):
+    """The Hopper backward's dK/dV pass, then its dQ pass unless the first made dQ by atomics
+    (_launch_bwd has run the preprocess into `delta`), each a site of _bwd_plans as the
+    portable passes are. A plan binds only where the kernels take the tensors themselves
+    (device descriptors): host descriptors are made anew for each call."""
+    H, Hk = q.shape[1], k.shape[1]
+    atomic = atomic_dq("hopper", flags["BLOCK_D"])
+    dq_acc, acc_arg, acc_s = _dq_accumulator(q, atomic, lse, varlen)
+    m = _mask_tensor(mask, q)
+    autotune = AUTOTUNE and not interpreting()
+    derived = []
+
+    def shared():  # what both passes' full launches derive from the call (host descriptors among it), once
+        if not derived:
+            _, ms, kind, is_float = _mask_args(mask, q)
+            bucket = _bucket(lq, lk, nbatch * H)
+            descs = None
+            if not varlen and VARIANT["descriptors"] == "host":
+                descs = _hopper.host_descriptors((q, k, v, dout, dk, dv) if atomic else (q, k, v, dout, dk, dv, dq),
+                                                 flags["BLOCK_D"])
+            # The tensors as the kernels take them: host descriptors, or the tensors themselves.
+            tensors = descs[:6] if descs else (q, k, v, dout, dk, dv)
+            dq_ = descs[6] if descs and not atomic else dq
+            strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
+            tail = (ms[0], ms[3], H, H // Hk, lq, lk, bucket, scale * LOG2E, scale)
+            kwargs = dict(HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], CAUSAL=bool(is_causal), MASK_KIND=kind,
+                          MASK_FLOAT=is_float, VARLEN=varlen, UPCAST=flags["UPCAST"], HOST_DESC=descs is not None,
+                          ATOMIC_DQ=atomic)
+            key = (q.dtype, flags["HEAD_D"], bucket, bool(is_causal), kind, is_float, varlen, descs is not None,
+                   atomic)
+            derived.append((tensors, dq_, strides, tail, kwargs, key))
+        return derived[0]
+
+    def dkdv():
+        tensors, _, strides, tail, kwargs, key = shared()
+        _hopper_bwd.launch("dkdv", lambda meta: (cdiv(lk, meta["BLOCK_N"]) * nbatch * Hk,),
+                           (*tensors, lse, delta, m, cu_q_arg, cu_k_arg, acc_arg, *strides, *_strides(dk, varlen),
+                            *_strides(dv, varlen), *lse_s, *acc_s, *tail), kwargs, key, autotune)
+
+    def dq_pass():
+        tensors, dq_, strides, tail, kwargs, key = shared()
+        _hopper_bwd.launch("dq", lambda meta: (cdiv(lq, meta["BLOCK_M"]) * nbatch * H,),
+                           (*tensors[:4], dq_, lse, delta, m, cu_q_arg, cu_k_arg, *strides, *_strides(dq, varlen),
+                            *lse_s, *tail), kwargs, key, autotune)
+
+    _bwd_plans.launch(plan and (plan, "hopper_dkdv"),
+                      ((_hopper_bwd.attn_bwd_dkdv_hopper, (q, k, v, dout, dk, dv, lse, delta, m, cu_q_arg, cu_k_arg,
+                                                           acc_arg)),), dkdv)
+    if atomic:
+        dq.copy_(dq_acc)
+        return
+    _bwd_plans.launch(plan and (plan, "hopper_dq"),
+                      ((_hopper_bwd.attn_bwd_dq_hopper, (q, k, v, dout, dq, lse, delta, m, cu_q_arg, cu_k_arg)),),
+                      dq_pass)
 
 
 def _out_like(q):

@@ -356,34 +356,33 @@ _DKDV_DESCS = ("Q", "K", "V", "DO", "DK", "DV")  # the passes' leading parameter
 _DQ_DESCS = ("Q", "K", "V", "DO", "DQ")
 
 
-def launch(grid_dkdv, grid_dq, args_dkdv, args_dq, kwargs, key, autotune: bool) -> None:
-    """Both passes (the launcher has run the preprocess): autotuned once per key, or with
-    the default config (the interpreter, FUSEFORMER_AUTOTUNE=0). With host descriptors
-    (kwargs["HOST_DESC"]) the two passes share them: each launch fits their boxes to its own
-    config first (the launcher encodes the TMA maps at launch, so the refit between the passes
-    leaves the first alone). With kwargs["ATOMIC_DQ"] the dK/dV pass also sums dQ into its
-    DQ_ACC argument and `grid_dq`/`args_dq` are None: no dQ pass."""
-    q = args_dkdv[0]
+def launch(which: str, grid, args, kwargs, key, autotune: bool) -> None:
+    """One pass, `which` "dkdv" or "dq" (the launcher has run the preprocess, and runs the
+    dK/dV pass first): autotuned once per key, or with the default config (the interpreter,
+    FUSEFORMER_AUTOTUNE=0). One pass a call, so that each is a launch site of its own for the
+    launcher's plans. With host descriptors (kwargs["HOST_DESC"]) the two passes share them:
+    each launch fits their boxes to its own config first (the launcher encodes the TMA maps at
+    launch, so the refit between the passes leaves the first alone). With kwargs["ATOMIC_DQ"]
+    the dK/dV pass also sums dQ into its DQ_ACC argument and there is no dQ pass."""
+    q = args[0]
     host = kwargs["HOST_DESC"]
-    atomic = kwargs["ATOMIC_DQ"]
     base = q.base if host else q
     if base.is_cuda and not host:
         ensure_tma_allocator()
-    dkdv = (dkdv_tuned(kwargs["BLOCK_D"], atomic), attn_bwd_dkdv_hopper, _DKDV_DESCS, grid_dkdv, args_dkdv, kwargs)
-    # The dQ kernel has no ATOMIC_DQ parameter.
-    dq_kwargs = {name: value for name, value in kwargs.items() if name != "ATOMIC_DQ"}
-    passes = (dkdv,) if atomic else (
-        dkdv, (attn_bwd_dq_hopper_tuned, attn_bwd_dq_hopper, _DQ_DESCS, grid_dq, args_dq, dq_kwargs))
+    if which == "dkdv":
+        tuned, plain, names = dkdv_tuned(kwargs["BLOCK_D"], kwargs["ATOMIC_DQ"]), attn_bwd_dkdv_hopper, _DKDV_DESCS
+    else:
+        tuned, plain, names = attn_bwd_dq_hopper_tuned, attn_bwd_dq_hopper, _DQ_DESCS
+        # The dQ kernel has no ATOMIC_DQ parameter.
+        kwargs = {name: value for name, value in kwargs.items() if name != "ATOMIC_DQ"}
     if autotune:
-        for tuned, plain, names, grid, args, kw in passes:
-            config = tuned_config(tuned, key) if host else None
-            if config is not None:  # launched directly, no pre_hook: fit the boxes here
-                boxes_for(names, args, kw, config)
-            launch_tuned(tuned, plain, key, grid, *args, **kw)
+        config = tuned_config(tuned, key) if host else None
+        if config is not None:  # launched directly, no pre_hook: fit the boxes here
+            boxes_for(names, args, kwargs, config)
+        launch_tuned(tuned, plain, key, grid, *args, **kwargs)
         return
     m, n, w, s = default_config(kwargs["BLOCK_D"], base.element_size())
     cfg = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
-    for _, plain, names, grid, args, kw in passes:
-        if host:
-            boxes_for(names, args, kw, cfg)
-        launch_plain(plain, grid, *args, **kw, **cfg)
+    if host:
+        boxes_for(names, args, kwargs, cfg)
+    launch_plain(plain, grid, *args, **kwargs, **cfg)

@@ -30,7 +30,7 @@ def launches(monkeypatch, request):
     """Force the Hopper kernels, their descriptors made on the host and on the device in
     turn, and the backward's dQ by its own pass and by the dK/dV pass's atomics
     (attention.VARIANTS); record each forward launch (its constexprs) and, in
-    `backward_launches`, each backward one."""
+    `backward_launches`, each backward one (and in `backward_passes`, its passes)."""
     place, dq_mode = request.param
     monkeypatch.setattr(_util, "_POISON", True)
     monkeypatch.setattr(A, "AUTOTUNE", False)
@@ -46,17 +46,21 @@ def launches(monkeypatch, request):
         seen.append(kwargs)
         return launch(grid, args, kwargs, key, autotune)
 
-    def recording_bwd(*args):
-        backward_launches.append(args[-3])
-        return launch_bwd(*args)
+    def recording_bwd(which, *args):
+        backward_passes.append(which)
+        if which == "dkdv":  # the pass every Hopper backward starts with: one entry a backward
+            backward_launches.append(args[-3])
+        return launch_bwd(which, *args)
 
     backward_launches.clear()
+    backward_passes.clear()
     monkeypatch.setattr(HK, "launch", recording)
     monkeypatch.setattr(HKB, "launch", recording_bwd)
     return seen
 
 
 backward_launches: list = []
+backward_passes: list = []  # each backward pass launched, "dkdv" or "dq", in order
 
 
 def _padding(kind, B, Lk):
@@ -96,7 +100,9 @@ def test_parity(launches, dtype, B, H, Lq, Lk, D, causal, mask):
     assert len(launches) == 1 and len(backward_launches) == 1
     assert launches[0]["HOST_DESC"] == backward_launches[0]["HOST_DESC"] == (A.VARIANT["descriptors"] == "host")
     # Atomic dQ up to head dim 64 (BLOCK_D <= MAX_ATOMIC_BLOCK_D); above, dQ's own pass.
-    assert backward_launches[0]["ATOMIC_DQ"] == (A.VARIANT["dq"] == "atomic" and D <= HKB.MAX_ATOMIC_BLOCK_D)
+    atomic = A.VARIANT["dq"] == "atomic" and D <= HKB.MAX_ATOMIC_BLOCK_D
+    assert backward_launches[0]["ATOMIC_DQ"] == atomic
+    assert backward_passes == (["dkdv"] if atomic else ["dkdv", "dq"])
 
 
 @pytest.mark.parametrize("scale,mask", [(-0.4, None), (0.0, "key_padding"), (-0.2, "holes")])

@@ -319,12 +319,19 @@ print("OK")
 
 
 @pytest.mark.gpu
-def test_gpu_fast_launch_gives_the_same_bits_as_triton_s_launch():
+@pytest.mark.parametrize("attention_kernel", ["auto", "hopper"])
+def test_gpu_fast_launch_gives_the_same_bits_as_triton_s_launch(attention_kernel):
     """On a GPU the fast path launches the very kernels Triton's path compiled: forward and
     backward of every op, three times (the second call is the fast one, which binds each
     launch site's plan; the third re-launches by those plans), equal bit for bit to the same
-    calls on Triton's path, with the fast path and the plans taken."""
+    calls on Triton's path, with the fast path and the plans taken. The attention runs its
+    default kernels, then the Hopper ones (forward and both backward passes; on another GPU
+    the switch falls back to the portable kernels)."""
+    import importlib
+
     from fuseformer import kernels as K
+
+    A = importlib.import_module("fuseformer.kernels.attention")
 
     def run():
         torch.manual_seed(0)
@@ -344,15 +351,14 @@ def test_gpu_fast_launch_gives_the_same_bits_as_triton_s_launch():
             outs += [y, h, a, *torch.autograd.grad(loss, (x, w, fc, q))]
         return outs
 
-    with L.use_fast_launch(False):
-        slow = run()
-    L.clear()
-    with L.use_fast_launch(True):
-        fast = run()
+    with A.variant(kernel=attention_kernel):
+        with L.use_fast_launch(False):
+            slow = run()
+        L.clear()
+        with L.use_fast_launch(True):
+            fast = run()
     assert L._kernels, "no kernel was kept: the fast path never ran"
     assert not L._refused, f"the fast launch failed for {L._refused}"
-    import importlib
-
     for op, tables in (("attention", ("_fwd_plans", "_bwd_plans")), ("add_layer_norm", ("_fwd_plans", "_bwd_plans")),
                        ("reduce", ("_plans",)), ("linear_gelu", ("_fwd_plans", "_dgelu_plans"))):
         for table in tables:

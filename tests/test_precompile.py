@@ -41,15 +41,14 @@ TUNED = {
 HOST_DESCRIPTORS = {"attention_hopper_host"}
 # The launches each case's last run makes through launch plans (kernels/launch.py's Bound):
 # every one of add+LN (forward, backward, the partial sums), of Linear+GELU (the portable
-# forward and dgelu, or the TMA forward) and of the portable attention, varlen too (forward,
-# preprocess, dK/dV, and dQ unless atomic); of the Hopper attention the forward and the
-# backward's preprocess (its dK/dV and dQ passes keep none), with host descriptors the
-# preprocess only (no fast path for the forward).
+# forward and dgelu, or the TMA forward) and of the attention, portable and Hopper, varlen
+# too (forward, preprocess, dK/dV, and dQ unless atomic); with host descriptors the
+# preprocess only (the launches that take descriptors have no fast path).
 PLAN_LAUNCHES = {
     "linear_gelu_portable": 2, "linear_gelu_tma": 1, "add_layer_norm": 3,
     "attention_portable": 4, "attention_portable_atomic_dq": 3, "attention_portable_default_config": 4,
-    "attention_portable_dropout": 4, "attention_hopper": 2, "attention_hopper_host": 1,
-    "attention_hopper_atomic_dq": 2, "attention_hopper_default_config": 2, "varlen_portable": 4, "varlen_hopper": 2,
+    "attention_portable_dropout": 4, "attention_hopper": 4, "attention_hopper_host": 1,
+    "attention_hopper_atomic_dq": 3, "attention_hopper_default_config": 4, "varlen_portable": 4, "varlen_hopper": 4,
 }
 
 
