@@ -64,6 +64,9 @@ def _bench_parser() -> argparse.ArgumentParser:
                    "any figure under bench/thresholds.json (docs/design.md's targets) or a gated case that did not run")
     p.add_argument("--thresholds", default=str(THRESHOLDS), help="threshold rules for --check")
     p.add_argument("--list", action="store_true", help="list the cases this device would run, and exit")
+    p.add_argument("--no-graph", dest="graph", action="store_false",
+                   help="on a GPU, skip the second timing of each ops-case implementation, replayed in a CUDA graph "
+                   "(its device time without the host's launch cost, the `graph ms` column)")
     p.add_argument("--resume", action="store_true",
                    help="continue a cut-off run: keep the cases already in --out's results.json (same commit, "
                    "device, versions, dtype and --quick) and run the rest")
@@ -197,9 +200,15 @@ def _collect(suite: str, device_type: str):
     return cases
 
 
+GRAPH_NOTE = ("Each ops-case implementation is timed twice: eagerly (median ms: what a drop-in call costs, "
+              "including the host time the GPU waits for) and replayed in a CUDA graph (graph ms: the kernels' "
+              "device time with the host out of the way; no L2 flush, inputs rotated over copies as in the eager "
+              "timing). The summary's graph speedup compares the graph times.")
+
+
 def _notes(device, args) -> list[str]:
     if device.type == "cuda":
-        return []
+        return [GRAPH_NOTE] if args.graph else []
     notes = [
         "On the CPU the ops suite checks parity only, running the fused Triton kernels in Triton's "
         "interpreter at small shapes (fp32). Kernel speed needs a CUDA GPU; on a machine with one, run: "
@@ -287,6 +296,7 @@ def run_bench(args, cases=None) -> int:
         results_path=out / "results.json",
         argv=["fuseformer", "bench", *args.raw_argv],
         notes=_notes(device, args),
+        graph=args.graph,
     )
     previous = _resume_source(config, selected, console) if args.resume else None
     for note in config.notes:

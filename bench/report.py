@@ -46,6 +46,7 @@ def summary_rows(doc: dict) -> list[dict]:
         ours = case["impls"].get(ours_name, {}) if ours_name else {}
         base_name, base_ms = _best_baseline(case)
         speedup = case.get("speedups", {}).get("fuseformer-best", {}).get(base_name) if base_name else None
+        graph = _graph_speedup(case)
         if ours.get("tflops") is not None:
             throughput = f"{ours['tflops']:.3g} TFLOP/s"
         elif ours.get("gbps") is not None:
@@ -67,6 +68,7 @@ def summary_rows(doc: dict) -> list[dict]:
             "ours": f"{ours_name} {ours['median_ms']:.4g} ms" if ours.get("median_ms") is not None else _untimed(case),
             "baseline": f"{base_name} {base_ms:.4g} ms" if base_name else "-",
             "speedup": _fmt(speedup, ".2f") + ("x" if speedup else ""),
+            "graph speedup": graph,
             "throughput": throughput,
             "roofline": _fmt(None if ours.get("roofline_fraction") is None else 100 * ours["roofline_fraction"], ".0f")
             + ("%" if ours.get("roofline_fraction") is not None else ""),
@@ -76,14 +78,33 @@ def summary_rows(doc: dict) -> list[dict]:
     return rows
 
 
-COLUMNS = ["case", "dtype", "parity", "ours", "baseline", "speedup", "throughput", "roofline", "refused"]
+def _graph_speedup(case: dict) -> str:
+    """Our best fused against the best baseline by CUDA-graph (device) time, both named:
+    "1.21x (fuseformer-triton 0.071 vs sdpa-cudnn 0.086 ms)"; "-" where nothing was graphed."""
+    times = {n: e["graph_ms"] for n, e in case["impls"].items() if e.get("graph_ms") is not None}
+    ours, base = case.get("best_ours_graph"), None
+    for name, ms in times.items():
+        if case["impls"][name].get("kind") != OURS and (base is None or ms < times[base]):
+            base = name
+    if ours is None or base is None:
+        return "-"
+    return f"{times[base] / times[ours]:.2f}x ({ours} {times[ours]:.4g} vs {base} {times[base]:.4g} ms)"
+
+
+def _graphed(doc: dict) -> bool:
+    return any("graph_ms" in e or "graph_error" in e for c in doc["cases"] for e in c["impls"].values())
+
+
+COLUMNS = ["case", "dtype", "parity", "ours", "baseline", "speedup", "graph speedup", "throughput", "roofline",
+           "refused"]
 
 
 def columns(doc: dict) -> list[str]:
-    """The summary's columns: no "roofline" where the run measured no ceiling (the CPU)."""
-    if (doc.get("roofline") or {}).get("is_ceiling", True):
-        return COLUMNS
-    return [c for c in COLUMNS if c != "roofline"]
+    """The summary's columns: no "roofline" where the run measured no ceiling (the CPU), no
+    "graph speedup" where nothing was timed in a CUDA graph (the CPU, --no-graph)."""
+    roof = (doc.get("roofline") or {}).get("is_ceiling", True)
+    graphed = _graphed(doc)
+    return [c for c in COLUMNS if (c != "roofline" or roof) and (c != "graph speedup" or graphed)]
 
 
 def print_table(doc: dict, console) -> None:
@@ -138,8 +159,9 @@ def write_markdown(doc: dict, path: Path, rules: list[dict] = ()) -> None:
     for row in summary_rows(doc):
         lines.append("| " + " | ".join(_md_escape(row[c]) for c in cols) + " |")
     with_roof = "roofline" in cols
-    header = ["case", "implementation", "status", "median ms", "p20-p80 ms", "TFLOP/s", "GB/s"]
-    header += ["roofline"] * with_roof + ["parity error / bound"]
+    graphed = _graphed(doc)
+    header = ["case", "implementation", "status", "median ms", "p20-p80 ms"] + ["graph ms"] * graphed
+    header += ["TFLOP/s", "GB/s"] + ["roofline"] * with_roof + ["parity error / bound"]
     lines += ["", "## Every implementation", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for case in doc["cases"]:
         for name, e in case["impls"].items():
@@ -152,8 +174,10 @@ def write_markdown(doc: dict, path: Path, rules: list[dict] = ()) -> None:
             status = e.get("status", "-") + (f": {e['reason']}" if e.get("reason") else "")
             if e.get("backend_warning"):
                 status += f" ({e['backend_warning']})"
-            cells = [case["name"], name, status, _fmt(e.get("median_ms"), ".4g"), spread, _fmt(e.get("tflops")),
-                     _fmt(e.get("gbps"), ".4g")]
+            cells = [case["name"], name, status, _fmt(e.get("median_ms"), ".4g"), spread]
+            if graphed:
+                cells.append(_fmt(e.get("graph_ms"), ".4g") if "graph_error" not in e else f"not graphed: {e['graph_error']}")
+            cells += [_fmt(e.get("tflops")), _fmt(e.get("gbps"), ".4g")]
             cells += ["-" if frac is None else f"{100 * frac:.0f}%"] * with_roof + [parity]
             lines.append("| " + " | ".join(_md_escape(v) for v in cells) + " |")
     lines += target_lines(doc, rules)

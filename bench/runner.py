@@ -33,6 +33,9 @@ class RunConfig:
     results_path: Path | None = None
     argv: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    # On a GPU, also time each implementation of an ops case replayed in a CUDA graph
+    # (timing.time_graph): its device time beside the eager one. --no-graph turns it off.
+    graph: bool = True
 
     def dtype_for(self, case: Case) -> torch.dtype:
         if self.dtype is not None:
@@ -123,7 +126,7 @@ def run_case(case: Case, config: RunConfig, roofline: timing.Roofline) -> dict:
         ok = entry.get("parity", {}).get("ok", True)
         entry.update(status="not-timed" if ok else "parity-fail", reason=reason if ok else "parity failed")
 
-    times = {}
+    times, graph_times = {}, {}
     for name, fn in prepared.fns.items():
         entry = impls.setdefault(name, {"kind": kinds.get(name)})
         if not entry.get("parity", {}).get("ok", True):
@@ -150,6 +153,8 @@ def run_case(case: Case, config: RunConfig, roofline: timing.Roofline) -> dict:
             roof_seconds = max(roof_seconds, result["bytes"] / (roofline.copy_gbps * 1e9))
         entry["roofline_fraction"] = roof_seconds / seconds if roof_seconds and roofline.is_ceiling else None
         times[name] = t.median_ms
+        if config.device.type == "cuda" and config.graph and case.suite == "ops":
+            _time_graphed(entry, fn, t.median_ms, config.quick, graph_times, name)
     del prepared
 
     ours = [n for n, e in impls.items() if e.get("kind") == OURS]
@@ -166,24 +171,53 @@ def run_case(case: Case, config: RunConfig, roofline: timing.Roofline) -> dict:
         result["status"] = "refused"
         result["reason"] = "no implementation of ours ran: " + (
             "; ".join(f"{n}: {impls[n]['reason']}" for n in ours) or "none is declared")
-    # Pseudo-entries: the fastest fused implementation of ours, the fastest SDPA backend.
-    # Where no fused implementation ran (the CPU), our best is the torch backend; the
-    # results name which implementation it was.
+    best_ours, best_sdpa, result["speedups"] = _ranked(times, ours, baselines)
+    if best_ours:
+        result["best_ours"] = best_ours
+    if best_sdpa:
+        result["best_sdpa"] = best_sdpa
+    if graph_times:  # the same comparison on the device times: our best fused by its own graph time
+        best_graph, _, result["graph_speedups"] = _ranked(graph_times, ours, baselines)
+        if best_graph:
+            result["best_ours_graph"] = best_graph
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def _ranked(times: dict[str, float], ours: list[str], baselines: list[str]) -> tuple:
+    """(our best, the best SDPA backend, speedups) of one set of times, which gains their
+    pseudo-entries: "fuseformer-best", the fastest fused implementation of ours (where none
+    ran, the CPU, the torch backend: the results name which it was), and "sdpa-best".
+    speedups: {ours or fuseformer-best: {baseline or sdpa-best: baseline time / our time}}."""
     fused = [n for n in ours if not n.endswith("-torch")]
     best_ours = _best(times, fused) or _best(times, ours)
     if best_ours:
         times["fuseformer-best"] = best_ours[1]
-        result["best_ours"] = best_ours[0]
     best_sdpa = _best(times, [n for n in baselines if n.startswith("sdpa-")])
     if best_sdpa:
         times["sdpa-best"] = best_sdpa[1]
-        result["best_sdpa"] = best_sdpa[0]
+    speedups = {}
     for mine in [n for n in ours if n in times] + (["fuseformer-best"] if best_ours else []):
         vs = {b: times[b] / times[mine] for b in baselines + ["sdpa-best"] if b in times}
         if vs:
-            result["speedups"][mine] = vs
-    result["seconds"] = time.perf_counter() - start
-    return result
+            speedups[mine] = vs
+    return best_ours and best_ours[0], best_sdpa and best_sdpa[0], speedups
+
+
+def _time_graphed(entry: dict, fn, eager_ms: float, quick: bool, graph_times: dict, name: str) -> None:
+    """timing.time_graph into `entry` (graph_ms, its spread) and `graph_times`; a call that
+    cannot be captured gets graph_error instead, and the run goes on."""
+    try:
+        g = timing.time_graph(fn, eager_ms, quick)
+    except Exception as err:  # noqa: BLE001 - reported in the entry, never swallowed
+        entry["graph_error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+        try:  # leave no error of the failed capture pending for the next call
+            torch.cuda.synchronize()
+        except RuntimeError:
+            pass
+        return
+    entry.update(graph_ms=g.median_ms, graph_p20_ms=g.p20_ms, graph_p80_ms=g.p80_ms)
+    graph_times[name] = g.median_ms
 
 
 def new_document(config: RunConfig, roofline: timing.Roofline | None) -> dict:

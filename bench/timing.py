@@ -1,12 +1,14 @@
 """Timers and the roofline measured once per run.
 
 GPU: triton.testing.do_bench (warm-up, CUDA events, L2 flushed between calls by do_bench
-itself), median with the 20th/80th percentiles. CPU: torch.utils.benchmark's Timer, which
-warms up and picks the number of runs per measurement itself.
+itself), median with the 20th/80th percentiles; and time_graph, the same calls replayed in a
+CUDA graph (device time without the host's launch cost). CPU: torch.utils.benchmark's Timer,
+which warms up and picks the number of runs per measurement itself.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from typing import Any, Callable
 
@@ -63,6 +65,64 @@ def time_gpu(fn: Callable[[], Any], quick: bool) -> Timing:
     # about that count (rep over the median time of one call), not the budget in ms.
     runs = max(1, int(rep / max(median, 1e-6)))
     return Timing(median, p20, p80, runs=runs, peak_mem_mb=peak)
+
+
+# CUDA-graph timing (time_graph): each replay runs about GRAPH_MS of calls, REPLAYS times.
+GRAPH_MS = {True: 2.0, False: 5.0}
+GRAPH_REPLAYS = {True: 10, False: 30}
+GRAPH_MAX_CALLS = 200
+
+
+def time_graph(fn: Callable[[], Any], one_ms: float, quick: bool) -> Timing:
+    """Device time per call with the host out of the way: `n` calls captured back to back in
+    one CUDA graph, the graph replayed, each replay timed by CUDA events and divided by n.
+    time_gpu's eager time also holds whatever host time the GPU waits for: a call whose
+    Python, dispatch and launches take longer than its kernels is timed at its host speed.
+    This is the time of the kernels alone (and the gaps between them), as a model captured in
+    a graph (models.graphs, torch.compile's reduce-overhead) gets them: the two side by side
+    say how much of an eager time is the host's. No L2 flush between calls: the inputs rotate
+    over the case's copies as in the eager timing, which covers twice the L2 wherever one copy
+    would fit in it. `one_ms` (the eager time of one call) sizes n to about GRAPH_MS.
+
+    A call that synchronises with the host cannot be captured; that is found first, eagerly,
+    with the sync debug mode raising (a failed capture could leave the CUDA context unusable
+    for the rest of the run), and raised as a RuntimeError that says so."""
+    n = max(1, min(GRAPH_MAX_CALLS, math.ceil(GRAPH_MS[quick] / max(one_ms, 1e-3))))
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    except RuntimeError as err:
+        raise RuntimeError(f"not capturable: the call synchronises with the host ({str(err).splitlines()[0]})") from err
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+    # Warm-up on a side stream before the capture (PyTorch's rule for graph capture: lazy
+    # initialisations, cuBLAS workspaces, first-call allocations happen outside it).
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n):
+            fn()
+    graph.replay()  # the first replay uploads the graph
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(GRAPH_REPLAYS[quick]):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / n)
+    del graph
+    torch.cuda.empty_cache()  # the graph's private memory pool
+    samples.sort()
+    return Timing(statistics.median(samples), _percentile(samples, 0.2), _percentile(samples, 0.8),
+                  runs=n * len(samples), min_ms=samples[0])
 
 
 def time_cpu(fn: Callable[[], Any], quick: bool) -> Timing:

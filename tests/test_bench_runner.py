@@ -546,3 +546,119 @@ def test_targets_report_each_rule_against_each_case_of_a_gpu_run(tmp_path, capsy
     shipped = runner.load_thresholds(cli.THRESHOLDS)
     h100 = compare.load(pathlib.Path(__file__).resolve().parent.parent / "bench/results/h100/ops_results.json")
     assert any(r["status"] == "met" for r in runner.target_rows(h100, shipped))
+
+
+def _graph_case(suite="ops"):
+    """A case prepared without a device: four implementations whose eager and graph times
+    (set by _fake_gpu_timers) rank them differently, as a host-bound call would."""
+    from fuseformer.bench.core import Case, Prepared
+
+    fns = {name: (lambda name=name: name) for name in ("fuseformer-fake", "fuseformer-fake-tma", "eager", "sdpa-x")}
+
+    class Graphed(Case):
+        def prepare(self, device, dtype, l2_bytes):
+            kinds = {n: OURS if n.startswith("fuseformer") else BASELINE for n in fns}
+            return Prepared(dict(fns), {}, {}, {}, {}, kinds)
+
+    return Graphed(name=f"graphed_{suite}", suite=suite, elements=1e6)
+
+
+# name -> (eager ms, graph ms or an error): ours is host-bound eagerly (slower than both
+# baselines) but the faster one on the device; the -tma variant cannot be captured.
+_FAKE_TIMES = {"fuseformer-fake": (0.20, 0.05), "fuseformer-fake-tma": (0.15, "not capturable: it syncs"),
+               "eager": (0.10, 0.09), "sdpa-x": (0.12, 0.06)}
+
+
+def _fake_gpu_timers(monkeypatch):
+    graphed = []
+
+    def time_fn(fn, device, quick):
+        ms = _FAKE_TIMES[fn()][0]
+        return timing.Timing(ms, ms, ms, runs=10)
+
+    def time_graph(fn, one_ms, quick):
+        name = fn()
+        graphed.append((name, one_ms))
+        value = _FAKE_TIMES[name][1]
+        if isinstance(value, str):
+            raise RuntimeError(value)
+        return timing.Timing(value, value * 0.9, value * 1.1, runs=100)
+
+    monkeypatch.setattr(timing, "time_fn", time_fn)
+    monkeypatch.setattr(timing, "time_graph", time_graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)  # after a failed capture
+    return graphed
+
+
+def test_gpu_run_times_each_ops_implementation_in_a_cuda_graph_too(monkeypatch, tmp_path):
+    """On a GPU every timed implementation of an ops case is timed again in a CUDA graph (its
+    eager time sizes the graph); the device times get their own best and speedups, a call
+    that cannot be captured an error of its own while its eager time stands, and the report
+    shows both. Models cases, --no-graph and the CPU time eagerly only."""
+    graphed = _fake_gpu_timers(monkeypatch)
+    gpu = torch.device("cuda")
+    ceiling = timing.Roofline(copy_gbps=1e3, matmul_tflops=1e3, matmul_dtype="bfloat16", l2_bytes=0)
+    result = runner.run_case(_graph_case(), runner.RunConfig(gpu, quick=True), ceiling)
+    assert sorted(graphed) == sorted((n, t[0]) for n, t in _FAKE_TIMES.items())
+    impls = result["impls"]
+    assert impls["fuseformer-fake"]["graph_ms"] == 0.05 and impls["fuseformer-fake"]["graph_p80_ms"] == 0.05 * 1.1
+    tma = impls["fuseformer-fake-tma"]
+    assert tma["status"] == "timed" and tma["median_ms"] == 0.15 and "graph_ms" not in tma
+    assert tma["graph_error"] == "RuntimeError: not capturable: it syncs"
+    # Eagerly the -tma variant is our best and loses to eager torch; on the device ours wins.
+    assert result["best_ours"] == "fuseformer-fake-tma" and result["best_ours_graph"] == "fuseformer-fake"
+    assert result["speedups"]["fuseformer-best"]["eager"] == pytest.approx(0.10 / 0.15)
+    assert result["graph_speedups"]["fuseformer-best"] == pytest.approx({"eager": 0.09 / 0.05, "sdpa-x": 1.2,
+                                                                         "sdpa-best": 1.2})
+    doc = {"env": {"device_name": "x", "git_commit": None, "torch": "", "triton": "", "cuda": None, "timestamp": "",
+                   "device": "cuda"}, "roofline": ceiling.as_dict(), "cases": [result]}
+    report.write_markdown(doc, tmp_path / "results.md")
+    md = (tmp_path / "results.md").read_text()
+    assert "| graph speedup |" in md and "1.20x (fuseformer-fake 0.05 vs sdpa-x 0.06 ms)" in md
+    assert "| graphed_ops | fuseformer-fake | timed | 0.2 | 0.2-0.2 | 0.05 |" in md
+    assert "| not graphed: RuntimeError: not capturable: it syncs |" in md
+
+    graphed.clear()
+    for case, config in ((_graph_case("models"), runner.RunConfig(gpu, quick=True)),
+                         (_graph_case(), runner.RunConfig(gpu, quick=True, graph=False)),
+                         (_graph_case(), runner.RunConfig(CPU, quick=True))):
+        result = runner.run_case(case, config, ceiling)
+        assert graphed == [] and "graph_speedups" not in result, (case.suite, config)
+        assert all("graph_ms" not in e and "graph_error" not in e for e in result["impls"].values())
+    doc["cases"] = [result]
+    report.write_markdown(doc, tmp_path / "results.md")
+    md = (tmp_path / "results.md").read_text()
+    assert "graph speedup" not in md and "graph ms" not in md
+
+
+def test_no_graph_flag():
+    assert cli._bench_parser().parse_args(["--no-graph"]).graph is False
+    assert cli._bench_parser().parse_args([]).graph is True
+
+
+@pytest.mark.gpu
+def test_gpu_graph_timer_captures_our_ops_forward_and_backward_and_refuses_a_sync():
+    """timing.time_graph on a GPU: a plain op and our fused attention and add+LN forward+
+    backward are captured and timed (no host sync anywhere in them: the capture would fail);
+    a call that syncs is refused with a clear error before any capture, and the CUDA context
+    still works after it."""
+    from fuseformer import kernels as K
+
+    x = torch.randn(2048, 2048, device="cuda")
+    t = timing.time_graph(lambda: x * 2, 0.02, quick=True)
+    assert 0 < t.p20_ms <= t.median_ms <= t.p80_ms and t.runs >= 10
+    q, k, v = (torch.randn(2, 4, 200, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    pad = torch.ones(2, 1, 1, 200, dtype=torch.bool, device="cuda")
+    pad[1, ..., 150:] = False
+    h = torch.randn(400, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        a = K.scaled_dot_product_attention(q, k, v, attn_mask=pad, backend="triton")
+        y = K.add_layer_norm(h, h, w, w, backend="triton")
+        return torch.autograd.grad((a.float().sum() + y.float().sum()), (q, k, v, h, w))
+
+    assert timing.time_graph(step, 0.5, quick=True).median_ms > 0
+    with pytest.raises(RuntimeError, match="not capturable: the call synchronises with the host"):
+        timing.time_graph(lambda: x.sum().item(), 0.02, quick=True)
+    assert torch.equal((x * 2).cpu(), x.cpu() * 2)
