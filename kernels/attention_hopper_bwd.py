@@ -5,8 +5,8 @@ no dropout, no dense mask, 16-byte aligned tensors) up to head dim 128 (MAX_BLOC
 delta = rowsum(dO * O) comes from the portable preprocess kernel. Two passes, nothing
 recomputed beyond what FlashAttention does:
 - dK/dV: one program per key block of one key/value head; it walks every query tile of every
-  query head of its GQA group, recomputing P from the saved log-sum-exp, and sums dK and dV
-  in registers (no atomics).
+  query head of its GQA group, recomputing P^T (key-major, see _dkdv_tiles) from the saved
+  log-sum-exp, and sums dK and dV in registers (no atomics).
 - dQ: one program per query block; it walks the key tiles. Or, with attention.VARIANT["dq"]
   "atomic" (head dims up to MAX_ATOMIC_BLOCK_D), no such pass: the dK/dV pass adds each
   tile's dS K into an fp32 dQ accumulator, FlashAttention-3's way.
@@ -48,6 +48,13 @@ def _dkdv_tiles(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """The query tiles [lo, hi) of one query head against this program's key block, in the
+    key-major orientation (FlashAttention-2's and the Triton tutorial's): S^T = K Q^T, so P^T
+    and dS^T come out of their MMAs as (BLOCK_N, BLOCK_M) accumulators and feed dV += P^T dO
+    and dK += dS^T Q as the A operand straight from registers. Computed query-major (S = Q K^T),
+    each tile's P and dS had to be transposed first: on sm_90 Triton did that through shared
+    memory (a store, a barrier and a load of each, every tile). Only dQ (ATOMIC_DQ) wants dS
+    query-major, and takes one such transpose."""
     if ATOMIC_DQ:
         span, shift = _walk_turn(lo, hi, turn, BLOCK_M)
     for i in range(lo, hi, BLOCK_M):
@@ -64,26 +71,34 @@ def _dkdv_tiles(
         # +inf for rows past the end makes their P exactly 0.
         lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        st = tl.dot(k, tl.trans(q))  # (BLOCK_N, BLOCK_M): keys down, queries across
+        to_scale = qk_scale
         if MASK_KIND == 1:
-            s, to_scale = _scores(q, k, rows, cols, row_ok, col_ok, mask_row, 0, stride_mn, qk_scale,
-                                  CAUSAL, MASK_KIND, MASK_FLOAT, False, True, BLOCK_M, BLOCK_N)
-        else:
-            s = tl.dot(q, tl.trans(k))
-            to_scale = qk_scale
-        p = tl.exp2(s * to_scale - lse2[:, None])
+            # _scores' key-padding rule, transposed: a key's mask value applies to its row.
+            mrow = tl.load(mask_row + cols * stride_mn, mask=col_ok, other=0)
+            if MASK_FLOAT:
+                st = st * qk_scale + mrow.to(tl.float32)[:, None] * 1.4426950408889634
+                to_scale = 1.0
+            else:
+                st = tl.where((mrow != 0)[:, None], st, float("-inf"))
+            allowed = col_ok[:, None] & (rows[None, :] >= 0)
+            if CAUSAL:
+                allowed = allowed & (cols[:, None] <= rows[None, :])
+            st = tl.where(allowed, st, float("-inf"))
+        pt = tl.exp2(st * to_scale - lse2[None, :])
         if CAUSAL and MASK_KIND == 0:
             # The causal select is the only one: keys past the end only feed dK/dV rows that are
             # never stored, and rows past the end have P = 0 already (lse = +inf). It runs on
             # every tile (one select per score, next to four MMAs per score): a separate loop
             # for the diagonal tiles spilled registers with varlen + GQA + causal.
-            p = tl.where(cols[None, :] <= rows[:, None], p, 0.0)
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
+            pt = tl.where(cols[:, None] <= rows[None, :], pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv)
+        dpt = tl.dot(v, tl.trans(do))
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk)
         if ATOMIC_DQ:
             d = tl.arange(0, BLOCK_D)
-            _add_dq(dq_base, tl.dot(ds.to(k.dtype), k) * sm_scale, rows, row_ok, d, d < HEAD_D, HEAD_D)
+            _add_dq(dq_base, tl.dot(tl.trans(dst.to(k.dtype)), k) * sm_scale, rows, row_ok, d, d < HEAD_D, HEAD_D)
     return dk, dv
 
 
@@ -297,18 +312,25 @@ def _attn_bwd_dq_hopper(
 # for wgmma (64 rows per warpgroup), and those still spilled (tests/triton_compile_check.py).
 MAX_BLOCK_D = 128
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) (64 x 128 tiles spilled 1 KB in dK/dV at head dim
-# 128; so did 4 warps on 64 x 64 tiles).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The dQ pass: query-major, BLOCK_M query rows are
+# the MMAs' M side.
 _BWD_HOPPER_GPU = [(64, 64, 8, 2), (128, 64, 8, 2), (64, 64, 8, 1), (128, 32, 8, 2), (64, 32, 4, 2)]
-# The dK/dV pass at head dim 128 (BLOCK_D > 64) tunes over these only: 64 x 64 with two stages
-# and 64 x 32 over 4 warps reach the 255-register cap there and spilled 84-96 B in some flag
-# cases (causal key padding under triton 3.9; varlen GQA causal under 3.6), where these three
-# stayed spill-free under both (tests/triton_compile_hopper.py compiles each list's cases).
-_BWD_DKDV_HOPPER_GPU_WIDE = [(128, 64, 8, 2), (64, 64, 8, 1), (128, 32, 8, 2)]
+# The dK/dV pass is key-major (_dkdv_tiles): its BLOCK_N keys are the MMAs' M side, 64 rows a
+# warpgroup, so BLOCK_N = 64 x warpgroups keeps P^T and dS^T in each warpgroup's registers from
+# one MMA to the next; BLOCK_M is the query step. 128-row query steps (and BLOCK_N 32, which
+# leaves wgmma for mma.sync) are not in these lists: compiled for sm_90a they spilled or lost
+# wgmma. Every config here compiled spill-free in every flag case of
+# tests/triton_compile_hopper.py under triton 3.6 and 3.9 (head dim 64, atomic dQ included).
+_BWD_DKDV_HOPPER_GPU = [(64, 128, 8, 2), (32, 128, 8, 2), (64, 128, 8, 1), (64, 64, 4, 2), (32, 64, 4, 2),
+                        (64, 64, 8, 2)]
+# Head dim 128 (BLOCK_D > 64): dK and dV take twice the registers, and 64-row query steps over
+# 128 keys spilled (12-144 B with causal key padding or varlen + GQA + causal).
+_BWD_DKDV_HOPPER_GPU_WIDE = [(32, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2)]
 # Atomic dQ (attention.VARIANTS["dq"]) only up to this BLOCK_D: beside dK and dV the pass then holds a
 # (BLOCK_M, BLOCK_D) fp32 dQ tile, and at BLOCK_D 128 every config of the list above, and 64 x 32
 # and 64 x 64 tiles over 4 or 8 warps, reached the register cap and spilled 16-324 B with
-# varlen + GQA + causal (triton 3.9). Wider heads make dQ by the pass whatever the mode.
+# varlen + GQA + causal (triton 3.9; query-major then). Wider heads make dQ by the pass whatever
+# the mode.
 MAX_ATOMIC_BLOCK_D = 64
 _KEY = ["HEAD_D", "TUNE_BUCKET", "CAUSAL", "MASK_KIND", "VARLEN"]
 
@@ -329,9 +351,9 @@ def _tuned(kernel, shapes=_BWD_HOPPER_GPU, atomic=False):
 
 attn_bwd_dkdv_hopper = _attn_bwd_dkdv_hopper
 attn_bwd_dq_hopper = _attn_bwd_dq_hopper
-attn_bwd_dkdv_hopper_tuned = _tuned(_attn_bwd_dkdv_hopper)
+attn_bwd_dkdv_hopper_tuned = _tuned(_attn_bwd_dkdv_hopper, _BWD_DKDV_HOPPER_GPU)
 attn_bwd_dkdv_hopper_tuned_wide = _tuned(_attn_bwd_dkdv_hopper, _BWD_DKDV_HOPPER_GPU_WIDE)
-attn_bwd_dkdv_hopper_tuned_atomic = _tuned(_attn_bwd_dkdv_hopper, atomic=True)
+attn_bwd_dkdv_hopper_tuned_atomic = _tuned(_attn_bwd_dkdv_hopper, _BWD_DKDV_HOPPER_GPU, atomic=True)
 attn_bwd_dq_hopper_tuned = _tuned(_attn_bwd_dq_hopper)
 
 
@@ -343,12 +365,14 @@ def dkdv_tuned(block_d: int, atomic: bool = False):
     return attn_bwd_dkdv_hopper_tuned_wide if block_d > 64 else attn_bwd_dkdv_hopper_tuned
 
 
-def default_config(block_d: int, itemsize: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) without autotuning, for both passes; fits
-    sm_90 shared memory and spills nothing (at head dim 128 the dK/dV pass's 64 x 64 tile with
-    two stages did in some flag cases: see _BWD_DKDV_HOPPER_GPU_WIDE)."""
+def default_config(block_d: int, itemsize: int, which: str):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) without autotuning for the pass `which`
+    ("dkdv" or "dq"), each from its own list above: fits sm_90 shared memory and spills
+    nothing."""
     if interpreting():
         return 64, 64, 4, 1
+    if which == "dkdv":
+        return (32, 128, 8, 2) if block_d > 64 else (64, 128, 8, 2)
     return (128, 32, 8, 2) if block_d > 64 else (64, 64, 8, 2)
 
 
@@ -381,7 +405,7 @@ def launch(which: str, grid, args, kwargs, key, autotune: bool) -> None:
             boxes_for(names, args, kwargs, config)
         launch_tuned(tuned, plain, key, grid, *args, **kwargs)
         return
-    m, n, w, s = default_config(kwargs["BLOCK_D"], base.element_size())
+    m, n, w, s = default_config(kwargs["BLOCK_D"], base.element_size(), which)
     cfg = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
     if host:
         boxes_for(names, args, kwargs, cfg)

@@ -48,7 +48,8 @@ def add_jobs(jobs: list, _add, _attn_args, _pick, Desc) -> None:
             if configs:
                 _add(jobs, name, tuned, 90, case, vv, cc, configs=configs)
                 continue
-            m, n, w, s = mod.default_config(cx["BLOCK_D"], ITEMSIZE[dt], *((few,) if mod is ah else ()))
+            which = (few,) if mod is ah else ("dkdv" if name.startswith("attn_bwd_dkdv") else "dq",)
+            m, n, w, s = mod.default_config(cx["BLOCK_D"], ITEMSIZE[dt], *which)
             _add(jobs, name, plain, 90, case, vv, {**cc, "BLOCK_M": m, "BLOCK_N": n},
                  options=dict(num_warps=w, num_stages=s), label=f"default BLOCK_M={m},BLOCK_N={n},w{w}s{s}")
 
@@ -70,7 +71,7 @@ def add_jobs(jobs: list, _add, _attn_args, _pick, Desc) -> None:
                 mask_float=True, few=True, host=True)
     hopper_case("bf16 d64 keypad-bool causal", dt="bf16", mask="key_padding", causal=True)
     hopper_case("fp16 d80 keypad-float", D=80, mask="key_padding", mask_float=True)
-    # Its dK/dV default config (128 x 32, 8 warps, 2 stages) is one of the tuned ones above:
+    # Its dK/dV default config (32 x 128, 8 warps, 2 stages) is one of the tuned ones above:
     # the same compile twice would come from Triton's cache, without a ptxas report.
     hopper_case("bf16 d128 varlen gqa4 causal", dt="bf16", D=128, varlen=True, group=4, causal=True,
                 only={"attn_fwd_hopper", "attn_bwd_dq_hopper"})
