@@ -17,8 +17,15 @@ def load(path: Path) -> dict:
     return doc
 
 
-def _timed_pairs(old: dict, new: dict):
-    """(case name, implementation name, old entry, new entry) for every implementation timed in both runs."""
+# The times compared: the eager median, and on a GPU the device time of the CUDA-graph replay
+# (bench/timing.py's time_graph), each against the baselines' drift in that same time. A kernel
+# that got slower can hide behind a host-bound eager time; its graph time shows it.
+TIMES = (("median_ms", ""), ("graph_ms", " (graph)"))
+
+
+def _timed_pairs(old: dict, new: dict, key: str = "median_ms"):
+    """(case name, implementation name, old entry, new entry) for every implementation with
+    the time `key` in both runs."""
     old_cases = {c["name"]: c for c in old["cases"]}
     for case in new["cases"]:
         before = old_cases.get(case["name"])
@@ -26,14 +33,15 @@ def _timed_pairs(old: dict, new: dict):
             continue
         for name, entry in case["impls"].items():
             prev = before["impls"].get(name)
-            if prev is not None and "median_ms" in entry and "median_ms" in prev and prev["median_ms"] > 0:
+            if prev is not None and entry.get(key) is not None and (prev.get(key) or 0) > 0:
                 yield case["name"], name, prev, entry
 
 
-def baseline_drift(old: dict, new: dict) -> tuple[float, float] | None:
-    """(lowest, highest) new/old time ratio over every baseline timed in both runs: how far
-    the machine alone moved times that none of our changes can touch. None without any."""
-    ratios = [e["median_ms"] / p["median_ms"] for _, _, p, e in _timed_pairs(old, new) if e.get("kind") != "ours"]
+def baseline_drift(old: dict, new: dict, key: str = "median_ms") -> tuple[float, float] | None:
+    """(lowest, highest) new/old ratio of the time `key` over every baseline timed in both
+    runs: how far the machine alone moved times that none of our changes can touch. None
+    without any."""
+    ratios = [e[key] / p[key] for _, _, p, e in _timed_pairs(old, new, key) if e.get("kind") != "ours"]
     return (min(ratios), max(ratios)) if ratios else None
 
 
@@ -58,17 +66,18 @@ def compare(old: dict, new: dict, tolerance: float) -> tuple[list[str], list[str
             prev = before["impls"].get(name)
             if prev and prev.get("parity", {}).get("ok") and entry.get("parity", {}).get("ok") is False:
                 regressions.append(f"{case['name']} / {name}: parity passed before, fails now")
-    lo, hi = baseline_drift(old, new) or (1.0, 1.0)
-    slower, faster = max(1.0, hi) * (1 + tolerance), min(1.0, lo) / (1 + tolerance)
-    for case_name, name, prev, entry in _timed_pairs(old, new):
-        if entry.get("kind") != "ours":
-            continue
-        ratio = entry["median_ms"] / prev["median_ms"]
-        line = f"{case_name} / {name}: {prev['median_ms']:.4g} ms -> {entry['median_ms']:.4g} ms ({ratio:.2f}x time)"
-        if ratio > slower:
-            regressions.append(line + f", beyond the baselines' {hi:.2f}x and the tolerance")
-        elif ratio < faster:
-            improvements.append(line)
+    for key, label in TIMES:
+        lo, hi = baseline_drift(old, new, key) or (1.0, 1.0)
+        slower, faster = max(1.0, hi) * (1 + tolerance), min(1.0, lo) / (1 + tolerance)
+        for case_name, name, prev, entry in _timed_pairs(old, new, key):
+            if entry.get("kind") != "ours":
+                continue
+            ratio = entry[key] / prev[key]
+            line = f"{case_name} / {name}{label}: {prev[key]:.4g} ms -> {entry[key]:.4g} ms ({ratio:.2f}x time)"
+            if ratio > slower:
+                regressions.append(line + f", beyond the baselines' {hi:.2f}x and the tolerance")
+            elif ratio < faster:
+                improvements.append(line)
     return regressions, improvements
 
 
@@ -81,12 +90,16 @@ def main(old_path: str, new_path: str, tolerance: float, console) -> int:
     regressions, improvements = compare(old, new, tolerance)
     shared = len({c["name"] for c in old["cases"]} & {c["name"] for c in new["cases"]})
     console.print(f"compared {shared} cases, tolerance {tolerance:.0%}")
-    drift = baseline_drift(old, new)
-    if drift is None:
-        console.print("baseline drift: no baseline was timed in both runs, so ours are held to the tolerance alone")
-    else:
-        console.print(f"baseline drift: baselines took {drift[0]:.2f}x to {drift[1]:.2f}x their old time; "
-                      f"ours count as slower only beyond {max(1.0, drift[1]) * (1 + tolerance):.2f}x")
+    for key, label in TIMES:
+        if key != "median_ms" and next(_timed_pairs(old, new, key), None) is None:
+            continue  # no graph time in both runs (a CPU run, --no-graph, an older run)
+        drift = baseline_drift(old, new, key)
+        if drift is None:
+            console.print(f"baseline drift{label}: no baseline was timed in both runs, so ours are held to the "
+                          "tolerance alone")
+        else:
+            console.print(f"baseline drift{label}: baselines took {drift[0]:.2f}x to {drift[1]:.2f}x their old time; "
+                          f"ours count as slower only beyond {max(1.0, drift[1]) * (1 + tolerance):.2f}x")
     for line in improvements:
         console.print(f"[green]faster[/green]  {escape(line)}", highlight=False)
     for line in regressions:

@@ -192,6 +192,36 @@ def test_compare_holds_ours_to_the_baselines_drift(tmp_path, capsys):
     assert "--tolerance: must be a fraction >= 0" in capsys.readouterr().err
 
 
+def test_compare_holds_graph_times_to_their_own_drift(tmp_path, capsys):
+    """GPU runs carry each implementation's CUDA-graph time beside its eager one: a kernel that
+    got slower on the device while its eager time, host-bound, did not move is a regression of
+    its own, judged against the baselines' drift in graph time; runs without graph times
+    compare as before."""
+    def doc(ours_graph, base_graph):
+        d = _timed_doc({"fuseformer-triton": 0.20, "sdpa-cudnn": 0.10})
+        impls = d["cases"][0]["impls"]
+        impls["fuseformer-triton"]["graph_ms"], impls["sdpa-cudnn"]["graph_ms"] = ours_graph, base_graph
+        return d
+
+    old = doc(0.050, 0.090)
+    assert compare.compare(old, doc(0.052, 0.092), 0.05) == ([], [])
+    [regression], _ = compare.compare(old, doc(0.070, 0.091), 0.05)
+    assert regression.startswith("m / fuseformer-triton (graph): 0.05 ms -> 0.07 ms (1.40x time)")
+    # The baselines' graph times moved as much: the machine, not ours.
+    assert compare.compare(old, doc(0.070, 0.130), 0.05)[0] == []
+    _, [faster] = compare.compare(old, doc(0.030, 0.090), 0.05)
+    assert "(graph)" in faster
+    plain = _timed_doc({"fuseformer-triton": 0.20, "sdpa-cudnn": 0.10})
+    assert compare.compare(plain, old, 0.05) == ([], [])  # graph times in one run only
+
+    paths = [tmp_path / "old.json", tmp_path / "new.json"]
+    for path, d in zip(paths, (old, doc(0.070, 0.091))):
+        path.write_text(json.dumps(d))
+    assert cli.main(["bench", "compare", *map(str, paths)]) == 1
+    out = capsys.readouterr().out
+    assert "baseline drift (graph): baselines took 1.01x to 1.01x" in out and "REGRESSION" in out
+
+
 def _counted(calls: list, name: str):
     def fn(i):
         calls.append(name)
