@@ -675,6 +675,7 @@ def test_gpu_graph_timer_captures_our_ops_forward_and_backward_and_refuses_a_syn
     from fuseformer import kernels as K
 
     x = torch.randn(2048, 2048, device="cuda")
+    x * 2
     t = timing.time_graph(lambda: x * 2, 0.02, quick=True)
     assert 0 < t.p20_ms <= t.median_ms <= t.p80_ms and t.runs >= 10
     q, k, v = (torch.randn(2, 4, 200, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -688,6 +689,7 @@ def test_gpu_graph_timer_captures_our_ops_forward_and_backward_and_refuses_a_syn
         y = K.add_layer_norm(h, h, w, w, backend="triton")
         return torch.autograd.grad((a.float().sum() + y.float().sum()), (q, k, v, h, w))
 
+    step()  # as in the bench, graphed after its eager timing: first-call autotuning (which syncs) done
     assert timing.time_graph(step, 0.5, quick=True).median_ms > 0
     with pytest.raises(RuntimeError, match="not capturable: the call synchronises with the host"):
         timing.time_graph(lambda: x.sum().item(), 0.02, quick=True)
