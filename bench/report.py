@@ -378,12 +378,14 @@ def variant_rows(doc: dict) -> list[dict]:
             default = _default_of(name, ours)
             if default is None:
                 continue
-            s = stats.setdefault((name, default), {"ratios": [], "parity_fail": 0, "untimed": 0})
+            s = stats.setdefault((name, default), {"ratios": [], "graph": [], "parity_fail": 0, "untimed": 0})
             entry, base = impls[name], impls[default]
             if entry.get("parity", {}).get("ok") is False:
                 s["parity_fail"] += 1
             elif _usable(entry) and _usable(base) and entry["median_ms"] > 0:
                 s["ratios"].append((base["median_ms"] / entry["median_ms"], case["name"]))
+                if entry.get("graph_ms") and base.get("graph_ms"):
+                    s["graph"].append(base["graph_ms"] / entry["graph_ms"])
             else:
                 s["untimed"] += 1
     rows = []
@@ -392,28 +394,41 @@ def variant_rows(doc: dict) -> list[dict]:
         row = {"variant": name, "default": default, "cases": len(ratios), "parity_fail": s["parity_fail"],
                "untimed": s["untimed"], "wins": sum(r > 1.0 for r in ratios)}
         if ratios:
-            row["geomean"] = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+            row["geomean"] = _geomean(ratios)
             row["worst"], row["worst_case"] = min(s["ratios"])
             row["best"], row["best_case"] = max(s["ratios"])
+        if s["graph"]:  # the same cases' CUDA-graph (device) times, where both were graphed
+            row["graph_geomean"], row["graph_cases"] = _geomean(s["graph"]), len(s["graph"])
         rows.append(row)
     return rows
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def variant_lines(doc: dict) -> list[str]:
     rows = variant_rows(doc)
     if not any(r["cases"] or r["parity_fail"] for r in rows):
         return []  # nothing timed and nothing failed (a CPU run): no evidence either way
+    graphed = any("graph_geomean" in r for r in rows)
     lines = ["", "## Variants against the default they would replace", "",
              "Speedup = the default's median time / the variant's, over the cases where both were timed "
-             "and passed parity (> 1: the variant is faster).", "",
-             "| variant | default | cases | faster in | geomean | worst (case) | best (case) | parity FAIL | not timed |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "and passed parity (> 1: the variant is faster)."
+             + (" The graph geomean is the same ratio of their CUDA-graph (device) times, over the cases "
+                "where both were graphed." if graphed else ""), "",
+             "| variant | default | cases | faster in | geomean | worst (case) | best (case) | parity FAIL | not timed |"
+             + " graph geomean (cases) |" * graphed,
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * graphed]
     for r in rows:
         worst = f"{r['worst']:.2f}x ({r['worst_case']})" if r["cases"] else "-"
         best = f"{r['best']:.2f}x ({r['best_case']})" if r["cases"] else "-"
         geo = f"{r['geomean']:.2f}x" if r["cases"] else "-"
-        lines.append(f"| {r['variant']} | {r['default']} | {r['cases']} | {r['wins']} | {geo} | {_md_escape(worst)} | "
-                     f"{_md_escape(best)} | {r['parity_fail']} | {r['untimed']} |")
+        line = (f"| {r['variant']} | {r['default']} | {r['cases']} | {r['wins']} | {geo} | {_md_escape(worst)} | "
+                f"{_md_escape(best)} | {r['parity_fail']} | {r['untimed']} |")
+        if graphed:
+            line += f" {r['graph_geomean']:.2f}x ({r['graph_cases']}) |" if "graph_geomean" in r else " - |"
+        lines.append(line)
     return lines
 
 

@@ -537,7 +537,17 @@ def test_variants_report_each_opt_in_kernel_against_the_default_it_would_replace
     assert cli.main(["bench", "variants", str(path)]) == 0
     out = capsys.readouterr().out
     assert "| fuseformer-triton-tma | fuseformer-triton | 2 | 1 | 1.00x | 0.50x (b) | 2.00x (a) | 1 | 0 |" in out
+    assert "graph geomean" not in out  # no graph times in this run
     assert cli.main(["bench", "variants", str(tmp_path / "missing.json")]) == 2
+    # A GPU run's CUDA-graph times give the same comparison on device time, where both were graphed.
+    for name, graph_ms in (("fuseformer-triton", 1.0), ("fuseformer-triton-tma", 0.25)):
+        doc["cases"][0]["impls"][name]["graph_ms"] = graph_ms
+    rows = {r["variant"]: r for r in report.variant_rows(doc)}
+    assert (rows["fuseformer-triton-tma"]["graph_geomean"], rows["fuseformer-triton-tma"]["graph_cases"]) == (4.0, 1)
+    assert "graph_geomean" not in rows["fuseformer-cuda-cute"]
+    lines = report.variant_lines(doc)
+    assert "| fuseformer-triton-tma | fuseformer-triton | 2 | 1 | 1.00x | 0.50x (b) | 2.00x (a) | 1 | 0 | 4.00x (1) |" in lines
+    assert "| fuseformer-cuda-cute | fuseformer-cuda | 1 | 0 | 0.50x | 0.50x (a) | 0.50x (a) | 0 | 1 | - |" in lines
 
 
 def test_targets_report_each_rule_against_each_case_of_a_gpu_run(tmp_path, capsys):
