@@ -704,3 +704,99 @@ def test_gpu_graph_timer_captures_our_ops_forward_and_backward_and_refuses_a_syn
     with pytest.raises(RuntimeError, match="not capturable: the call synchronises with the host"):
         timing.time_graph(lambda: x.sum().item(), 0.02, quick=True)
     assert torch.equal((x * 2).cpu(), x.cpu() * 2)
+
+
+class _FakeCuda:
+    """The torch.cuda calls timing.time_graph makes, recorded on a CPU: a sync debug mode that
+    raises when a call "syncs" under "error", a graph whose capture records the calls made in
+    it, and events whose elapsed time is 1 ms a call replayed."""
+
+    def __init__(self):
+        self.mode, self.log, self.capturing = 0, [], None
+        fake = self
+
+        class Graph:
+            def __init__(self):
+                self.calls = 0
+
+            def replay(self):
+                fake.log.append("replay")
+
+        class Capture:
+            def __init__(self, graph):
+                self.graph = graph
+
+            def __enter__(self):
+                fake.capturing = self.graph
+
+            def __exit__(self, *exc):
+                fake.capturing = None
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.at = None
+
+            def record(self):
+                self.at = len(fake.log)
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, end):
+                return 1.0 * fake.graph.calls  # 1 ms a captured call, per replay
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        self.Graph, self.Capture, self.Event, self.Stream = Graph, Capture, Event, Stream
+        self.graph = None
+
+    def install(self, monkeypatch):
+        import contextlib
+
+        cuda = torch.cuda
+        monkeypatch.setattr(cuda, "get_sync_debug_mode", lambda: self.mode)
+        monkeypatch.setattr(cuda, "set_sync_debug_mode", lambda mode: setattr(self, "mode", mode))
+        monkeypatch.setattr(cuda, "synchronize", lambda *a: self.log.append("synchronize"))
+        monkeypatch.setattr(cuda, "Stream", self.Stream)
+        monkeypatch.setattr(cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(cuda, "current_stream", lambda *a: self.Stream())
+        monkeypatch.setattr(cuda, "CUDAGraph", lambda: setattr(self, "graph", self.Graph()) or self.graph)
+        monkeypatch.setattr(cuda, "graph", self.Capture)
+        monkeypatch.setattr(cuda, "Event", self.Event)
+        monkeypatch.setattr(cuda, "empty_cache", lambda: self.log.append("empty_cache"))
+
+    def call(self, syncs=False):
+        """A timed call: counted into the graph while capturing; under the "error" debug mode
+        a syncing one raises as torch does."""
+        if syncs and self.mode == "error":
+            raise RuntimeError("called a synchronizing CUDA operation")
+        if self.capturing is not None:
+            self.capturing.calls += 1
+        self.log.append("call")
+
+
+def test_graph_timer_checks_for_syncs_then_captures_n_calls_and_divides_by_them(monkeypatch):
+    """timing.time_graph's steps with torch.cuda stood in for (the real capture needs a GPU:
+    test_gpu_graph_timer_... runs it there): one eager call under the sync debug mode "error",
+    the mode restored after it even when it raises, two warm-up calls, n calls captured (n from
+    the eager time), and each replay's time divided by n."""
+    fake = _FakeCuda()
+    fake.install(monkeypatch)
+    t = timing.time_graph(fake.call, one_ms=0.1, quick=True)
+    n = round(timing.GRAPH_MS[True] / 0.1)
+    assert fake.graph.calls == n and fake.mode == 0
+    assert fake.log.count("call") == 1 + 2 + n  # the sync check, the warm-up, the capture
+    assert fake.log.count("replay") == 1 + timing.GRAPH_REPLAYS[True] and fake.log[-1] == "empty_cache"
+    assert t.median_ms == pytest.approx(1.0) and t.runs == n * timing.GRAPH_REPLAYS[True]
+    # A long call is captured once; a very short one at most GRAPH_MAX_CALLS times.
+    timing.time_graph(fake.call, one_ms=50.0, quick=False)
+    assert fake.graph.calls == 1
+    timing.time_graph(fake.call, one_ms=1e-6, quick=False)
+    assert fake.graph.calls == timing.GRAPH_MAX_CALLS
+
+    fake.mode, fake.graph = "warn", None
+    with pytest.raises(RuntimeError, match="not capturable: the call synchronises with the host"):
+        timing.time_graph(lambda: fake.call(syncs=True), one_ms=0.1, quick=True)
+    assert fake.mode == "warn" and fake.graph is None  # the user's mode back, nothing captured
