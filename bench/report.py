@@ -24,12 +24,13 @@ def _fmt(value, spec=".3g", missing="-") -> str:
     return missing if value is None else format(value, spec)
 
 
-def _best_baseline(case: dict) -> tuple[str | None, float | None]:
+def _best_baseline(case: dict, key: str = "median_ms") -> tuple[str | None, float | None]:
+    """(name, time) of the fastest timed baseline by `key` (the eager median, or graph_ms)."""
     best = None
     for name, entry in case["impls"].items():
-        if entry.get("kind") != OURS and entry.get("status") == "timed":
-            if best is None or entry["median_ms"] < best[1]:
-                best = (name, entry["median_ms"])
+        if entry.get("kind") != OURS and entry.get("status") == "timed" and entry.get(key) is not None:
+            if best is None or entry[key] < best[1]:
+                best = (name, entry[key])
     return best or (None, None)
 
 
@@ -81,14 +82,12 @@ def summary_rows(doc: dict) -> list[dict]:
 def _graph_speedup(case: dict) -> str:
     """Our best fused against the best baseline by CUDA-graph (device) time, both named:
     "1.21x (fuseformer-triton 0.071 vs sdpa-cudnn 0.086 ms)"; "-" where nothing was graphed."""
-    times = {n: e["graph_ms"] for n, e in case["impls"].items() if e.get("graph_ms") is not None}
-    ours, base = case.get("best_ours_graph"), None
-    for name, ms in times.items():
-        if case["impls"][name].get("kind") != OURS and (base is None or ms < times[base]):
-            base = name
-    if ours is None or base is None:
+    base, base_ms = _best_baseline(case, "graph_ms")
+    ours = case.get("best_ours_graph")
+    speedup = case.get("graph_speedups", {}).get("fuseformer-best", {}).get(base) if base else None
+    if ours is None or speedup is None:
         return "-"
-    return f"{times[base] / times[ours]:.2f}x ({ours} {times[ours]:.4g} vs {base} {times[base]:.4g} ms)"
+    return f"{speedup:.2f}x ({ours} {case['impls'][ours]['graph_ms']:.4g} vs {base} {base_ms:.4g} ms)"
 
 
 def _graphed(doc: dict) -> bool:

@@ -154,7 +154,9 @@ def run_case(case: Case, config: RunConfig, roofline: timing.Roofline) -> dict:
         entry["roofline_fraction"] = roof_seconds / seconds if roof_seconds and roofline.is_ceiling else None
         times[name] = t.median_ms
         if config.device.type == "cuda" and config.graph and case.suite == "ops":
-            _time_graphed(entry, fn, t.median_ms, config.quick, graph_times, name)
+            graph_ms = _time_graphed(entry, fn, t.median_ms, config.quick)
+            if graph_ms is not None:
+                graph_times[name] = graph_ms
     del prepared
 
     ours = [n for n, e in impls.items() if e.get("kind") == OURS]
@@ -204,9 +206,9 @@ def _ranked(times: dict[str, float], ours: list[str], baselines: list[str]) -> t
     return best_ours and best_ours[0], best_sdpa and best_sdpa[0], speedups
 
 
-def _time_graphed(entry: dict, fn, eager_ms: float, quick: bool, graph_times: dict, name: str) -> None:
-    """timing.time_graph into `entry` (graph_ms, its spread) and `graph_times`; a call that
-    cannot be captured gets graph_error instead, and the run goes on."""
+def _time_graphed(entry: dict, fn, eager_ms: float, quick: bool) -> float | None:
+    """timing.time_graph into `entry` (graph_ms, its spread), returning graph_ms; a call that
+    cannot be captured gets graph_error instead (None), and the run goes on."""
     try:
         g = timing.time_graph(fn, eager_ms, quick)
     except Exception as err:  # noqa: BLE001 - reported in the entry, never swallowed
@@ -215,9 +217,9 @@ def _time_graphed(entry: dict, fn, eager_ms: float, quick: bool, graph_times: di
             torch.cuda.synchronize()
         except RuntimeError:
             pass
-        return
+        return None
     entry.update(graph_ms=g.median_ms, graph_p20_ms=g.p20_ms, graph_p80_ms=g.p80_ms)
-    graph_times[name] = g.median_ms
+    return g.median_ms
 
 
 def new_document(config: RunConfig, roofline: timing.Roofline | None) -> dict:
