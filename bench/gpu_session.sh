@@ -33,6 +33,17 @@
 # (H100, 2026-11-26: the csrc builds took 75 s and 131 s side by side; test_compile's first test
 # alone 76 s; the gpu-marked Triton/model tests ran ~3 s each, hence 4 workers now; the csrc
 # ones 25 s on 8 workers; the ops suite's 21 headline cases 251 s.)
+# (H200, 2026-11-27, that command with the archive carried, bench/results/h200/session_timings.txt:
+# install 5 s, unpack 8 s, csrc builds 97 s and 176 s, test_compile + test_eager_path cut at
+# 130 s (14 passed), the gpu-marked Triton/model tests cut at 106 s (61 passed), the csrc ones
+# 21 s (435 passed), profile 14 s, overhead 34 s, models cut at 93 s with no case finished (HF +
+# torch.compile's first compiles; a second call on the warm machine ran all 7 in 127 s), the
+# whole ops suite, 26 cases, 82 s, all in 511 s. The tests overlap the prewarm (they time
+# nothing), so the order stays; the models get room from test_compile's box (profile has an
+# attention section since):
+#   SESSION_SECONDS=585 COMPILE_TIMEOUT=60 GPU_TESTS_TIMEOUT=100 CSRC_TESTS_TIMEOUT=40 SUITE_TIMEOUT=0 \
+#     PREWARM_TIMEOUT=240 PROFILE_TIMEOUT=80 OVERHEAD_TIMEOUT=40 MODELS_TIMEOUT=170 OPS_TIMEOUT=600 BENCH_QUICK=1 \
+#     bash bench/gpu_session.sh prewarm tests profile overhead bench )
 #
 # Before a session, on the CPU machine, in a Python with triton 3.6 (the GPU machines' release),
 # and a Python 3.12 (theirs) with the same triton for Triton's C launcher modules:

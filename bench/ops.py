@@ -89,13 +89,14 @@ def _hopper_unavailable() -> str | None:
     return None
 
 
-def _hopper_impl(call, varlen: bool = False, descriptors: str = "device", dq: str = "pass") -> Impl:
+def _hopper_impl(call, varlen: bool = False, descriptors: str = "auto", dq: str = "pass") -> Impl:
     """Our Triton backend with the opt-in Hopper kernels (kernels/attention_hopper*.py) instead
     of the portable ones, forward and backward, so one run times both side by side. A case the
     Hopper kernel does not take (it would run the portable kernel) is refused, never timed
     under this name. descriptors: where the TMA descriptors are made
-    (attention_hopper.DESCRIPTOR_PLACES); "host" is timed as its own implementation,
-    fuseformer-triton-hopper-host. dq: how the backward makes dQ (attention.VARIANTS);
+    (attention_hopper.DESCRIPTOR_PLACES): "auto", the default, is fuseformer-triton-hopper;
+    "host" and "device" are timed as their own implementations, fuseformer-triton-hopper-host
+    and -hopper-device (the default until the H200 run of 2026-11-27). dq: how the backward makes dQ (attention.VARIANTS);
     "atomic" is fuseformer-triton-hopper-atomic-dq, for cases with a backward. The variant is
     held over the whole timed step (Impl.context): the backward reads it when autograd runs
     it, after the forward's call has returned."""
@@ -121,10 +122,10 @@ def _hopper_impl(call, varlen: bool = False, descriptors: str = "device", dq: st
         return Impl("fuseformer-triton-hopper-atomic-dq", fn, kind=OURS, available=_hopper_unavailable,
                     timed_on_cpu=False, context=context,
                     note="the Hopper kernels, dQ summed by the dK/dV pass in fp32 atomics")
-    if descriptors == "host":
-        return Impl("fuseformer-triton-hopper-host", fn, kind=OURS, available=_hopper_unavailable,
+    if descriptors in ("host", "device"):
+        return Impl(f"fuseformer-triton-hopper-{descriptors}", fn, kind=OURS, available=_hopper_unavailable,
                     timed_on_cpu=False, context=context,
-                    note="the Hopper kernels, their TMA descriptors made on the host")
+                    note=f"the Hopper kernels, every TMA descriptor made on the {descriptors}")
     return Impl("fuseformer-triton-hopper", fn, kind=OURS, available=_hopper_unavailable, timed_on_cpu=False,
                 context=context, note="TMA + wgmma kernels (attention_hopper*.py) for every call they take")
 
@@ -161,10 +162,10 @@ def _portable_impl(call) -> Impl:
 
 
 def _cuda_cutlass_impl(call) -> Impl:
-    """The cuda backend with csrc/'s CUTLASS Linear+GELU forward (FUSEFORMER_CUDA_LINEAR_GELU=cutlass,
-    opt-in) beside `fuseformer-cuda` (cuBLASLt's epilogue for tanh, GEMM +
-    elementwise GELU for erf), so one GPU run times both against `cublaslt-gelu` and the Triton
-    kernel. Its availability check builds the separate CUTLASS module (a minute or two at the first
+    """The cuda backend with csrc/'s CUTLASS Linear+GELU forward for every GELU
+    (FUSEFORMER_CUDA_LINEAR_GELU=cutlass) beside `fuseformer-cuda` (the default `auto`: CUTLASS
+    for erf, cuBLASLt's epilogue for tanh), so one GPU run times both against `cublaslt-gelu`
+    and the Triton kernel. Its availability check builds the separate CUTLASS module (a minute or two at the first
     use on a machine: sm_90a's CUTLASS 3 instantiations). Cases the CUTLASS kernels do not take (fp32,
     K or N not a multiple of 8) would run cuBLASLt: refused instead of timed under this name."""
     from fuseformer.kernels import cuda_backend
@@ -183,7 +184,19 @@ def _cuda_cutlass_impl(call) -> Impl:
     return Impl("fuseformer-cuda-cutlass", fn, kind=OURS,
                 available=(lambda: K.unavailable_reason("cuda") or cuda_backend.gemm_unavailable_reason()),
                 timed_on_cpu=False, context=(lambda: cuda_backend.variant(linear_gelu="cutlass")),
-                note="csrc/linear_gelu_cutlass.cu: CUTLASS GEMM, bias + GELU (+ pre-activation) in its epilogue (opt-in)")
+                note="csrc/linear_gelu_cutlass.cu: CUTLASS GEMM, bias + GELU (+ pre-activation) in its epilogue")
+
+
+def _cuda_cublaslt_impl(call) -> Impl:
+    """The cuda backend's Linear+GELU on cuBLASLt alone (FUSEFORMER_CUDA_LINEAR_GELU=cublaslt:
+    the epilogue for tanh, GEMM + bias and gelu.cu for erf), the default until the H200 run of
+    2026-11-27 measured the CUTLASS kernel faster for erf: kept timing beside `auto`."""
+    from fuseformer.kernels import cuda_backend
+
+    return Impl("fuseformer-cuda-cublaslt", lambda inputs: call(inputs, "cuda"), kind=OURS,
+                available=(lambda: K.unavailable_reason("cuda")), timed_on_cpu=False,
+                context=(lambda: cuda_backend.variant(linear_gelu="cublaslt")),
+                note="cuBLASLt: GELU epilogue (tanh), GEMM + gelu.cu (erf)")
 
 
 def _cuda_cute_impl(call, head_dim: int) -> Impl:
@@ -317,7 +330,8 @@ def attention_case(name, *, B, H, L, D, Hk=None, Lk=None, causal=False, pad=0.0,
     impls = _ours(device_type, ours)
     if device_type == "cuda":
         impls += [_cuda_cute_impl(ours, D), _cuda_wmma_impl(ours), _hopper_impl(ours),
-                  _hopper_impl(ours, descriptors="host"), _portable_impl(ours)]
+                  _hopper_impl(ours, descriptors="host"), _hopper_impl(ours, descriptors="device"),
+                  _portable_impl(ours)]
         if grad:
             impls += [_atomic_dq_impl(ours), _hopper_impl(ours, dq="atomic")]
         sdpa = _sdpa_impls(torch_sdpa) + [_fa4_impl(causal, gqa)]
@@ -533,13 +547,14 @@ def linear_gelu_case(name, *, M, K_in, N, approximate="none", grad=False, device
         return F.gelu(F.linear(i["x"], i["weight"], i["bias"]), approximate=approximate)
 
     lg = importlib.import_module("fuseformer.kernels.linear_gelu")
-    fast_gelu = ("fast-gelu", lambda: lg.variant(gelu="fast"),
-                 "GELU and GELU' on rcp.approx/ex2.approx (erf: an erfc polynomial, ~18 instead of ~34 "
-                 "instructions per element)")
+    # The fast GELU maths is the default since the H200 run (2026-11-27); the exact one keeps
+    # being timed against it.
+    exact_gelu = ("exact-gelu", lambda: lg.variant(gelu="exact"),
+                  "libdevice's erf, sigmoid by an IEEE division (the default before the H200 run)")
     variants = [("tma", lambda: lg.variant(forward="tma"), "persistent TMA + wgmma GEMM (sm_90)"),
                 ("portable", lambda: lg.variant(forward="portable"),
                  "one program per tile (the default before the H100 run)"),
-                fast_gelu]
+                exact_gelu]
     if grad:
         # Each change on its own against the default, and the two together against "tma" (the
         # H100 run timed only the pair, 0.93x, and could not say which of the two lost).
@@ -548,13 +563,13 @@ def linear_gelu_case(name, *, M, K_in, N, approximate="none", grad=False, device
             ("tma-fused-db", lambda: lg.variant(forward="tma", dgelu="fused_db"),
              "persistent TMA GEMM; dgelu and db in one pass"),
             ("fused-db", lambda: lg.variant(dgelu="fused_db"), "portable GEMM; dgelu and db in one pass"),
-            fast_gelu,
+            exact_gelu,
             ("tma-recompute", lambda: lg.variant(forward="tma", preact="recompute"),
              "pre not saved (N * 2 bytes per token less in bf16): the backward runs the GEMM again"),
         ]
     impls = _ours(device_type, ours) + _variant_impls(ours, variants)
     if device_type == "cuda":
-        impls.append(_cuda_cutlass_impl(ours))
+        impls += [_cuda_cutlass_impl(ours), _cuda_cublaslt_impl(ours)]
         impls += [Impl("torch-eager", eager, note="F.linear, then F.gelu"), Impl("torch-compile", eager, build=_compiled)]
         if not grad:
             # cuBLASLt's GELU epilogue is the tanh approximation: checked only where that is the op.

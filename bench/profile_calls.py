@@ -20,11 +20,15 @@ Then, for each backend, at that shape:
   synchronisations and the autograd engine's thread;
 - on the triton backend, the timing rows on Triton's own launch path and on the fast launch.
 
+Then the Hopper attention's TMA descriptors made on the host against the device (--attention
+BxHxLxD): event and host times per call, and where a host-descriptor call spends its host time.
+
 Last, a BERT-base fp16 inference forward (--bert BxL, default 32x128, backend auto): its kernels
 by device time per forward, to say which of them the CUDA-graph target (2x HF + torch.compile)
 must shrink.
 
     python -m fuseformer.bench.profile_calls [--M 16384] [--N 768] [--backends triton,cuda] [--bert 32x128]
+                                             [--attention 32x16x1024x64]
 """
 from __future__ import annotations
 
@@ -203,6 +207,64 @@ def profile_bare_launch(iters: int) -> None:
         print(f"[bare] {what} inside an autograd backward (the engine's thread): {timings[0]:.1f} us/call")
 
 
+def profile_attention_descriptors(B: int, H: int, L: int, D: int, iters: int) -> None:
+    """The question the H200 run of 2026-11-27 left open (bench/results/h200/README.md): the
+    Hopper attention with host TMA descriptors ran faster than with device ones in CUDA graphs,
+    yet eagerly its calls took up to 0.56 ms more than their graph replays (device
+    descriptors: under 0.01 ms). This CPU, through the same Python path with a stand-in
+    driver, measures ~50 µs a forward. For each place ("device", "host"), causal and not, bf16
+    (B, H, L, D): forward and forward+backward by CUDA events (median) and host µs per call;
+    then, for the host-descriptor causal forward, the Python functions by cumulative time
+    (cProfile) and torch.profiler's CPU-side table (driver calls such as
+    cuTensorMapEncodeTiled or cuLaunchKernelEx, and any synchronisation)."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from fuseformer import kernels as K
+    from fuseformer.kernels import attention as A
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        print("[attention descriptors] skipped: the Hopper kernels run on capability (9, 0)")
+        return
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, device="cuda").to(torch.bfloat16).requires_grad_(True)
+               for _ in range(3))
+    dout = torch.randn(B, H, L, D, generator=g, device="cuda").to(torch.bfloat16)
+    for place in ("device", "host"):
+        for causal in (False, True):
+            def fwd(causal=causal):
+                return K.scaled_dot_product_attention(q, k, v, is_causal=causal, backend="triton")
+
+            def fwd_bwd(causal=causal):
+                return torch.autograd.grad(fwd(causal), (q, k, v), dout)
+
+            with A.variant(kernel="hopper", descriptors=place):
+                for what, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                    print(f"[attention B{B} H{H} L{L} d{D} {place} descriptors, causal={causal}] {what}: "
+                          f"{_events_ms(fn, iters):.4f} ms (events, median); host {_host_us(fn, iters):.1f} us/call")
+    with A.variant(kernel="hopper", descriptors="host"):
+        def causal_fwd():
+            return K.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton")
+
+        causal_fwd()
+        torch.cuda.synchronize()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(iters):
+            causal_fwd()
+        profiler.disable()
+        torch.cuda.synchronize()
+        print(f"[attention host descriptors, causal fwd] Python functions over {iters} calls (cProfile, cumulative):")
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(18)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                causal_fwd()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60))
+
+
 def profile_bert(B: int, L: int, iters: int, device: str = "cuda", config=None, backend: str = "auto") -> None:
     """Where the GPU time of one BERT-base fp16 inference forward goes (the CUDA-graph target
     of the eager-speed issue: 1.89 ms at B32 L128 on the H100, where HF + torch.compile took
@@ -246,11 +308,15 @@ def main(argv=None) -> int:
     p.add_argument("--backends", default="triton,cuda")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--bert", default="32x128", help="BxL of the BERT-base forward to profile ('' skips it)")
+    p.add_argument("--attention", default="32x16x1024x64",
+                   help="BxHxLxD of the attention descriptor-place comparison ('' skips it)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     profile_bare_launch(args.iters)
     profile_add_layer_norm(args.M, args.N, [s.strip() for s in args.backends.split(",") if s.strip()], args.iters)
+    if args.attention:
+        profile_attention_descriptors(*(int(v) for v in args.attention.lower().split("x")), iters=args.iters)
     if args.bert:
         B, L = (int(v) for v in args.bert.lower().split("x"))
         profile_bert(B, L, iters=10)

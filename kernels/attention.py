@@ -67,13 +67,21 @@ def set_autotune(enabled: bool) -> None:
 # set_variant(kernel=, dq=, descriptors=) or the `variant` context; all run the same maths and
 # pass the same parity tests). The first of each is the default.
 # kernel (FUSEFORMER_ATTENTION_KERNEL): the triton backend's kernels on a Hopper GPU:
-#     "auto": the Hopper forward where the H100 run of 2026-11-26 measured it faster
-#     (bench/results/h100/, bf16: keys >= 4096, 1.03-1.08x; head dim 128 without causal from
-#     1024 keys, 1.03x at 1024 and 1.11x at 4096), the portable one elsewhere (0.78-0.92x at
-#     512-2048 keys, the BERT padding case included) and for every backward: the Hopper
-#     backward has not been timed yet (that run's fuseformer-triton-hopper set the switch
-#     inside the forward call only, so its forward+backward cases ran the portable backward;
-#     the bench now holds the switch over the whole step).
+#     "auto": the Hopper forward (with its default descriptors, host ones) where the GPU runs
+#     measured it faster than the portable one, eagerly, and the portable one elsewhere and for
+#     every backward. H200, 2026-11-27 (bench/results/h200/, bf16, eager ms, Hopper with host
+#     descriptors against portable): keys >= 4096 (d64 0.615 against 0.690, causal 0.358
+#     against 0.408, d128 0.495 against 0.589, L16384 2.353 against 2.625); head dim 128 from
+#     1024 keys without causal (0.156 against 0.186) and from 2048 with it (GQA 32/8: 0.312
+#     against 0.387); head dim 64 from 2048 keys without causal (0.323 against 0.345). Not:
+#     d64 at 512-1024 keys, causal d64 below 4096 (0.333 against 0.220 at 2048: on the device
+#     the Hopper forward is faster there too, 0.194 against 0.218 in a graph, but its host
+#     descriptors' host time, attention_hopper.DESCRIPTOR_PLACES, decides the eager call), the
+#     BERT key-padding case (0.201 against 0.088). The H100 run of 2026-11-26 had set the
+#     first rule (keys >= 4096; head dim 128 without causal from 1024 keys) with device
+#     descriptors. The backward: forward+backward on the Hopper kernels with device
+#     descriptors was 1.00x/1.03x the portable one on the H200 (non-causal/causal d64 L2048),
+#     with host descriptors eagerly 1.16x/0.70x: the portable backward stays.
 #     "portable": attention_kernels.py, every GPU.
 #     "hopper": attention_hopper*.py (TMA, wgmma), forward and backward; used only on
 #     capability (9, 0), for the cases _hopper_reason accepts.
@@ -89,7 +97,8 @@ def set_autotune(enabled: bool) -> None:
 #     run measures it (`fuseformer bench` times fuseformer-triton-atomic-dq and
 #     -hopper-atomic-dq).
 # descriptors (FUSEFORMER_HOPPER_DESCRIPTORS): where the Hopper kernels make their TMA
-#     descriptors, "device" or "host" (attention_hopper.DESCRIPTOR_PLACES says why).
+#     descriptors, "auto" (the forward's on the host, the backward's on the device), "device"
+#     or "host" (attention_hopper.DESCRIPTOR_PLACES says why).
 VARIANTS = {"kernel": ("auto", "portable", "hopper"), "dq": ("pass", "atomic"),
             "descriptors": _hopper.DESCRIPTOR_PLACES}
 # Read once from the environment; the launchers read this dict per call.
@@ -137,7 +146,18 @@ def _check_kernel_scale(scale: float) -> None:
 
 def _hopper_forward_measured_faster(head_dim: int, lk: int, is_causal: bool) -> bool:
     """Where kernel="auto" takes the Hopper forward (see VARIANTS)."""
-    return lk >= 4096 or (head_dim == 128 and not is_causal and lk >= 1024)
+    if lk >= 4096:
+        return True
+    if head_dim == 128:
+        return lk >= (2048 if is_causal else 1024)
+    return head_dim == 64 and not is_causal and lk >= 2048
+
+
+def _host_descriptors(forward: bool, varlen: bool) -> bool:
+    """Do the Hopper kernels of this pass (the forward, or the backward's) take host
+    descriptors (attention_hopper.DESCRIPTOR_PLACES)? Never for packed varlen sequences."""
+    place = VARIANT["descriptors"]
+    return not varlen and (place == "host" or (place == "auto" and forward))
 
 
 
@@ -276,7 +296,7 @@ def _launch_fwd_hopper(q, k, v, out, lse, mask, is_causal, scale, nbatch, lq, lk
     bucket = _bucket(lq, lk, nbatch * H)
     lse_s = lse.stride()
     descs = None
-    if not varlen and VARIANT["descriptors"] == "host":
+    if _host_descriptors(True, varlen):
         descs = _hopper.host_descriptors((q, k, v, out), flags["BLOCK_D"])
     args = (
         *(descs or (q, k, v, out)), lse, m, cu_q if varlen else lse, cu_k if varlen else lse,
@@ -381,7 +401,7 @@ def _launch_bwd_hopper(dout, q, k, v, lse, delta, dq, dk, dv, mask, is_causal, s
             _, ms, kind, is_float = _mask_args(mask, q)
             bucket = _bucket(lq, lk, nbatch * H)
             descs = None
-            if not varlen and VARIANT["descriptors"] == "host":
+            if _host_descriptors(False, varlen):
                 descs = _hopper.host_descriptors((q, k, v, dout, dk, dv) if atomic else (q, k, v, dout, dk, dv, dq),
                                                  flags["BLOCK_D"])
             # The tensors as the kernels take them: host descriptors, or the tensors themselves.

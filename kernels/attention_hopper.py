@@ -382,20 +382,29 @@ def unsupported_reason(q, k, v, out, mask_kind: str, dropout_p: float, *more) ->
 
 
 # Where the Hopper kernels' tensor descriptors are made (forward, and both backward passes):
-# "device" (the default): every program writes its own into global scratch
-#     (tl.make_tensor_descriptor) and fences them for the TMA unit (4 fence.proxy.tensormap per
-#     forward program, 6 per dK/dV and 5 per dQ program in the sm_90a PTX) before using them.
-#     Packed varlen sequences, whose bounds are per sequence, always take it. The H100 run of
-#     2026-11-26 measured this one.
+# "auto" (the default since the H200 run of 2026-11-27): "host" for the forward, "device" for
+#     the backward passes, by that run's measurements (bench/results/h200/):
+#     - forward: host descriptors were faster on the device in 12 of 15 cases (CUDA-graph
+#       geomean 1.15x over device ones; d128 L4096 0.491 against 0.512 ms, GQA d128 causal L2048
+#       0.308 against 0.365), and eagerly in every case where kernel="auto" takes the Hopper
+#       forward (0.615 against 0.651 ms at d64 L4096);
+#     - backward: faster on the device (graph 1.340 against 1.586 ms at d64 L2048, 0.8125
+#       against 0.922 causal), but eagerly the causal step lost (1.374 against 0.925 ms).
+#       With host descriptors eager times exceeded graph times by up to 0.56 ms (up to 0.24 ms
+#       in forwards at 512-2048 keys), with device ones by under 0.01 ms: host time, far more
+#       than this CPU measures for the same Python path (~50 µs a forward through Triton's
+#       launch, which they take: no launch plan binds a TensorDescriptor), not understood yet.
+#       The backward, whose eager step showed it, keeps device descriptors until it is.
+# "device": every program writes its own into global scratch (tl.make_tensor_descriptor) and
+#     fences them for the TMA unit (4 fence.proxy.tensormap per forward program, 6 per dK/dV and
+#     5 per dQ program in the sm_90a PTX) before using them. Packed varlen sequences, whose
+#     bounds are per sequence, always take it.
 # "host": one 4-D (B, H, L, D) TensorDescriptor per tensor per call (~5 µs of host time for the
 #     forward's four on this project's CPU), passed as kernel parameters, so a program's first
-#     instruction can be its Q load: FlashAttention-3's and the Triton tutorial's way. The
-#     per-program cost it removes weighs most where programs are many and short (B32 L512:
-#     the Hopper forward was 0.83x the portable one there). Unmeasured on a GPU: opt-in
-#     (FUSEFORMER_HOPPER_DESCRIPTORS=host, attention.set_variant(descriptors="host")) until the
-#     next GPU run times it (the bench's fuseformer-triton-hopper-host).
-# The setting is attention.VARIANT["descriptors"].
-DESCRIPTOR_PLACES = ("device", "host")
+#     instruction can be its Q load: FlashAttention-3's and the Triton tutorial's way.
+# The setting is attention.VARIANT["descriptors"]; the bench times all three
+# (fuseformer-triton-hopper, -hopper-device, -hopper-host).
+DESCRIPTOR_PLACES = ("auto", "device", "host")  # [0] is the default
 
 
 def host_descriptors(tensors, block_d: int):

@@ -33,7 +33,9 @@ conventions).
 
 Linear+GELU forward, chosen at import by FUSEFORMER_CUDA_LINEAR_GELU (or
 `set_variant(linear_gelu=...)` / `variant(linear_gelu=...)`):
-  cublaslt (default) tanh through cuBLASLt's GELU epilogue, erf as GEMM + bias and gelu.cu.
+  auto     (default since the H200 run of 2026-11-27) cutlass for erf GELU, cublaslt for tanh: the
+           faster of the two for each GELU in both GPU runs (below).
+  cublaslt tanh through cuBLASLt's GELU epilogue, erf as GEMM + bias and gelu.cu.
   cutlass  csrc/linear_gelu_cutlass*.cu: one CUTLASS GEMM with bias + GELU (erf or tanh) and the
            pre-activation store (only when autograd needs it) fused into its epilogue; CUTLASS 3
            TMA warp-specialized on compute capability 9.0, CUTLASS 2 elsewhere (sm_80+). A second
@@ -42,8 +44,14 @@ Linear+GELU forward, chosen at import by FUSEFORMER_CUDA_LINEAR_GELU (or
            multiples of 8 and 16-byte aligned data; other cases, or a failed build (one warning),
            keep the cublaslt path. H100, bf16, 16384x768x3072: erf 0.185 ms against cublaslt's
            0.258 (GEMM, then gelu.cu), tanh 0.166 against cuBLASLt's epilogue 0.136, erf
-           forward+backward 0.627 against 0.686: the faster for erf, so a per-GELU default is
-           the next step; it stays opt-in because its module is a second, two-minute build.
+           forward+backward 0.627 against 0.686. H200 (bench/results/h200/): erf 0.1711 against
+           0.2501 at 768 -> 3072 and 0.3008 against 0.3731 at 1024 -> 4096, erf forward+backward
+           0.598 against 0.754; tanh 0.1712 against the epilogue's 0.1332. Hence `auto`. Its
+           module is a second build (one to three minutes of nvcc the first time on a machine):
+           under `cutlass` at the backend's availability check, under `auto` at its first erf
+           forward, and only when the cuda backend is named (the backend 'auto' never takes the
+           cuda Linear+GELU). Where it cannot be built (no nvidia-cutlass, no sm_90a), `auto`
+           keeps cuBLASLt quietly and `cutlass` warns once.
 The backward is the same for both: gelu.cu's dGELU from the stored pre-activation + torch.mm.
 
 What the kernels cover (anything else is refused by `unsupported`, so `auto` passes over the
@@ -103,7 +111,7 @@ GEMM_SOURCES = ("bindings_gemm.cpp", "linear_gelu_cutlass.cu", "linear_gelu_cutl
                 "linear_gelu_cutlass_sm90_f16.cu")
 GEMM_EXTENSION_NAME = "fuseformer_cuda_gemm"
 ATTENTION_KERNELS = ("sm90", "cute", "wmma")  # [0] is the default
-LINEAR_GELU_KERNELS = ("cublaslt", "cutlass")
+LINEAR_GELU_KERNELS = ("auto", "cublaslt", "cutlass")  # [0] is the default
 # Mirror of attention_{forward,backward}_cute_supports_head_dim (a gpu test compares).
 CUTE_HEAD_DIMS = (64, 128)
 EXTENSION_NAME = "fuseformer_cuda"
@@ -524,7 +532,9 @@ _cutlass_warned = False
 
 
 def _cutlass_module_or_none():
-    """The CUTLASS module, or None after one warning when it cannot be built here."""
+    """The CUTLASS module, or None when it cannot be built here: after one warning where the
+    switch names it (`cutlass`), quietly under `auto`, whose other path is the measured default
+    of a machine without it."""
     global _cutlass_warned
     if _gemm_module is not None:  # the common case: two attribute reads and a bool set
         _gemm_module.set_poison(poison_enabled())
@@ -532,16 +542,22 @@ def _cutlass_module_or_none():
     reason = gemm_unavailable_reason()
     if reason is None:
         return gemm_module()
-    if not _cutlass_warned:
+    if not _cutlass_warned and VARIANT["linear_gelu"] == "cutlass":
         _cutlass_warned = True
         warnings.warn(f"fuseformer: the cuda backend's cutlass Linear+GELU is selected, but {reason}; "
                       "Linear+GELU keeps the cuBLASLt path", stacklevel=4)
     return None
 
 
+def _cutlass_chosen(approximate: str) -> bool:
+    """Does the Linear+GELU switch pick the CUTLASS kernel for this GELU (see the docstring)?"""
+    kernel = VARIANT["linear_gelu"]
+    return kernel == "cutlass" or (kernel == "auto" and approximate == "none")
+
+
 def _linear_gelu_forward(x2d, weight, bias, approximate, save_preact):
     x2d, weight, bias = x2d.contiguous(), weight.contiguous(), _contiguous(bias)
-    if VARIANT["linear_gelu"] == "cutlass" and cutlass_linear_gelu_reason(x2d, weight, bias) is None:
+    if _cutlass_chosen(approximate) and cutlass_linear_gelu_reason(x2d, weight, bias) is None:
         gemm = _cutlass_module_or_none()
         if gemm is not None:
             return gemm.linear_gelu_forward(x2d, weight, bias, approximate, bool(save_preact))

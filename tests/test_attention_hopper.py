@@ -23,8 +23,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(params=[(place, "pass") for place in HK.DESCRIPTOR_PLACES]
-                + [(place, "atomic") for place in HK.DESCRIPTOR_PLACES],
+# "device" and "host" in every test; "auto" (host for the forward, device for the backward) in
+# test_auto_descriptors_split_by_pass.
+PLACES = ("device", "host")
+
+
+@pytest.fixture(params=[(place, "pass") for place in PLACES] + [(place, "atomic") for place in PLACES],
                 ids=lambda p: p[0] if p[1] == "pass" else f"{p[0]}-atomic_dq")
 def launches(monkeypatch, request):
     """Force the Hopper kernels, their descriptors made on the host and on the device in
@@ -176,14 +180,17 @@ def test_switch(launches, monkeypatch):
 
 
 def test_auto_takes_the_hopper_forward_only_where_it_was_measured_faster(launches, monkeypatch):
-    """"auto" (the default): the Hopper forward from 4096 keys, and from 1024 at head dim 128
-    without causal (the H100's faster cases); the portable kernel elsewhere and for every
-    backward. The rule is checked as written, then the routing through it on small shapes."""
+    """"auto" (the default): the Hopper forward from 4096 keys, from 1024 at head dim 128
+    without causal and 2048 with it, from 2048 at head dim 64 without causal (the H200's faster
+    cases); the portable kernel elsewhere and for every backward. The rule is checked as
+    written, then the routing through it on small shapes."""
     assert A.VARIANTS["kernel"][0] == "auto"
     rule = A._hopper_forward_measured_faster
-    assert rule(64, 4096, False) and rule(64, 4096, True) and rule(128, 1024, False)
-    assert not rule(64, 2048, False) and not rule(128, 1024, True) and not rule(128, 512, False)
-    assert not rule(64, 512, False)  # the BERT padding case: 0.78x there
+    assert rule(64, 4096, False) and rule(64, 4096, True) and rule(128, 1024, False) and rule(128, 2048, True)
+    assert rule(64, 2048, False) and rule(80, 4096, True)
+    assert not rule(64, 2048, True) and not rule(128, 1024, True) and not rule(128, 512, False)
+    assert not rule(64, 1024, False) and not rule(80, 2048, False)
+    assert not rule(64, 512, False)  # the BERT padding case: 0.44x there
     monkeypatch.setitem(A.VARIANT, "kernel", "auto")
     q, k, v = (t.half().requires_grad_(True) for t in _qkv(1, 1, 8, 8, 16))
     K.scaled_dot_product_attention(q, k, v, backend="triton")
@@ -192,6 +199,27 @@ def test_auto_takes_the_hopper_forward_only_where_it_was_measured_faster(launche
     out = K.scaled_dot_product_attention(q, k, v, backend="triton")
     out.float().sum().backward()
     assert len(launches) == 1 and backward_launches == []  # the Hopper forward, the portable backward
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_auto_descriptors_split_by_pass(varlen, launches, monkeypatch):
+    """descriptors="auto" (the default): the forward's on the host, both backward passes' on
+    the device (attention_hopper.DESCRIPTOR_PLACES says why); packed varlen sequences keep
+    device descriptors in the forward too. Parity on the way."""
+    assert HK.DESCRIPTOR_PLACES[0] == "auto"
+    monkeypatch.setitem(A.VARIANT, "descriptors", "auto")
+    monkeypatch.setitem(A.VARIANT, "dq", "pass")
+    backward_passes.clear()
+    if varlen:
+        q, k, v, cu_q, cu_k, mq, mk = _varlen_case([17, 40], [17, 40], 2, 2, 64)
+        ins = [_leaf(t, torch.float16) for t in (q, k, v)]
+        out = K.varlen_attention(*ins, cu_q, cu_k, mq, mk, 0.0, True, backend="triton")
+        assert_varlen_parity(out, ins, (q, k, v), cu_q, cu_k, mq, mk, True, 0.0, None)
+    else:
+        q, k, v = _qkv(2, 2, 33, 40, 64)
+        check_sdpa(q, k, v, causal=True, dtype=torch.float16)
+    assert [kw["HOST_DESC"] for kw in launches] == [not varlen]
+    assert [kw["HOST_DESC"] for kw in backward_launches] == [False] and backward_passes == ["dkdv", "dq"]
 
 
 def test_head_dim_above_128_runs_the_portable_backward(launches):
@@ -274,27 +302,31 @@ def test_bench_peer_runs_the_hopper_kernel_or_refuses(launches, monkeypatch):
     q, k, v = (t.half().requires_grad_() for t in _qkv(1, 2, 20, 20, 32))
     inputs = {"q": q, "k": k, "v": v, "mask": None}
     before = dict(A.VARIANT)
-    for impl, host, atomic in ((ops._hopper_impl(call), False, False),
-                               (ops._hopper_impl(call, descriptors="host"), True, False),
-                               (ops._hopper_impl(call, dq="atomic"), False, True)):
+    # (implementation, the forward's and the backward's HOST_DESC, atomic dQ)
+    for impl, host, host_bwd, atomic in ((ops._hopper_impl(call), True, False, False),
+                                         (ops._hopper_impl(call, descriptors="host"), True, True, False),
+                                         (ops._hopper_impl(call, descriptors="device"), False, False, False),
+                                         (ops._hopper_impl(call, dq="atomic"), True, False, True)):
         step(impl, inputs)
-        assert launches[-1]["HOST_DESC"] == backward_launches[-1]["HOST_DESC"] == host, impl.name
+        assert launches[-1]["HOST_DESC"] == host and backward_launches[-1]["HOST_DESC"] == host_bwd, impl.name
         assert backward_launches[-1]["ATOMIC_DQ"] == atomic, impl.name
         assert A.VARIANT == before, impl.name  # restored after the step
-    assert len(launches) == len(backward_launches) == 3
-    assert [i.name for i in (ops._hopper_impl(call, descriptors="host"), ops._hopper_impl(call, dq="atomic"))] == [
-        "fuseformer-triton-hopper-host", "fuseformer-triton-hopper-atomic-dq"]
+    assert len(launches) == len(backward_launches) == 4
+    assert [i.name for i in (ops._hopper_impl(call), ops._hopper_impl(call, descriptors="host"),
+                             ops._hopper_impl(call, descriptors="device"), ops._hopper_impl(call, dq="atomic"))] == [
+        "fuseformer-triton-hopper", "fuseformer-triton-hopper-host", "fuseformer-triton-hopper-device",
+        "fuseformer-triton-hopper-atomic-dq"]
     # fuseformer-triton-portable: the portable kernels forward and backward, whatever the switch.
     monkeypatch.setitem(A.VARIANT, "kernel", "hopper")
     step(ops._portable_impl(call), inputs)
-    assert len(launches) == len(backward_launches) == 3 and A.VARIANT["kernel"] == "hopper"
+    assert len(launches) == len(backward_launches) == 4 and A.VARIANT["kernel"] == "hopper"
     monkeypatch.setitem(A.VARIANT, "kernel", "portable")
     with pytest.raises(Refused, match="does not take this case: dtype torch.float32"):
         step(ops._hopper_impl(call), {"q": q.float(), "k": k.float(), "v": v.float(), "mask": None})
     wide = [torch.randn(1, 2, 20, 80, dtype=torch.float16, requires_grad=True) for _ in range(3)]
     with pytest.raises(Refused, match="atomic dQ is for head dims up to 64 in the hopper kernels"):
         step(ops._hopper_impl(call, dq="atomic"), {"q": wide[0], "k": wide[1], "v": wide[2], "mask": None})
-    assert len(launches) == 3
+    assert len(launches) == 4
 
 
 def test_atomic_dq_is_for_head_dims_up_to_64(monkeypatch):

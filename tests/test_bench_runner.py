@@ -440,9 +440,11 @@ def test_gpu_case_declarations_prepare_on_cpu(roofline):
             assert hopper["status"] == "refused" and "(9, 0)" in hopper["reason"], hopper
             assert fa4["status"] == "refused" and fa4["reason"], fa4
         if case.name == "g_lg":
-            # The CUTLASS Linear+GELU (opt-in csrc/ kernel) is declared beside fuseformer-cuda.
-            cutlass = result["impls"]["fuseformer-cuda-cutlass"]
-            assert cutlass["status"] == "refused" and cutlass["reason"], cutlass
+            # The cuda backend's Linear+GELU kernels one by one (CUTLASS for every GELU, and
+            # cuBLASLt alone, the old default) are declared beside fuseformer-cuda (`auto`).
+            for name in ("fuseformer-cuda-cutlass", "fuseformer-cuda-cublaslt"):
+                entry = result["impls"][name]
+                assert entry["status"] == "refused" and entry["reason"], entry
         expected = {"g_attn_pad": {"torch-eager", "sdpa-math", "sdpa-efficient"}, "g_varlen": {"sdpa-padded"},
                     "g_ln_bwd": {"torch-eager"}, "g_lg": {"torch-eager", "cublaslt-gelu"}}.get(case.name, set())
         assert expected <= seen, (case.name, seen)

@@ -58,19 +58,25 @@ def recorded_linear_gelu(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("kernel,dtype,K,N,expected", [
-    ("cublaslt", torch.bfloat16, 64, 128, "cublaslt"),
-    ("cutlass", torch.bfloat16, 64, 128, "cutlass"),
-    ("cutlass", torch.float16, 768, 3072, "cutlass"),
-    ("cutlass", torch.float32, 64, 128, "cublaslt"),   # CUTLASS path: fp16/bf16 only
-    ("cutlass", torch.bfloat16, 36, 128, "cublaslt"),  # K not a multiple of 8
-    ("cutlass", torch.float16, 64, 100, "cublaslt"),   # N not a multiple of 8
+@pytest.mark.parametrize("kernel,dtype,K,N,approximate,expected", [
+    ("cublaslt", torch.bfloat16, 64, 128, "tanh", "cublaslt"),
+    ("cublaslt", torch.bfloat16, 64, 128, "none", "cublaslt"),
+    ("cutlass", torch.bfloat16, 64, 128, "tanh", "cutlass"),
+    ("cutlass", torch.float16, 768, 3072, "none", "cutlass"),
+    ("cutlass", torch.float32, 64, 128, "tanh", "cublaslt"),   # CUTLASS path: fp16/bf16 only
+    ("cutlass", torch.bfloat16, 36, 128, "tanh", "cublaslt"),  # K not a multiple of 8
+    ("cutlass", torch.float16, 64, 100, "tanh", "cublaslt"),   # N not a multiple of 8
+    # auto, the default: each GELU on the kernel the GPU runs measured faster for it.
+    ("auto", torch.bfloat16, 768, 3072, "none", "cutlass"),
+    ("auto", torch.bfloat16, 768, 3072, "tanh", "cublaslt"),   # cuBLASLt's GELU epilogue
+    ("auto", torch.float32, 64, 128, "none", "cublaslt"),
+    ("auto", torch.bfloat16, 36, 128, "none", "cublaslt"),
 ])
-def test_linear_gelu_forward_dispatch(recorded_linear_gelu, kernel, dtype, K, N, expected):
+def test_linear_gelu_forward_dispatch(recorded_linear_gelu, kernel, dtype, K, N, approximate, expected):
     """The switch picks the module; cases the CUTLASS kernels do not take keep the cuBLASLt path."""
     x, w, b = torch.randn(5, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
     with cuda_backend.variant(linear_gelu=kernel):
-        assert cuda_backend._linear_gelu_forward(x, w, b, "tanh", True) == ("out", "preact")
+        assert cuda_backend._linear_gelu_forward(x, w, b, approximate, True) == ("out", "preact")
     assert recorded_linear_gelu == [expected]
 
 
@@ -94,6 +100,21 @@ def test_cutlass_unavailable_falls_back_with_one_warning(monkeypatch, recorded_l
             cuda_backend._linear_gelu_forward(x, w, None, "none", False)
         cuda_backend._linear_gelu_forward(x, w, None, "none", False)  # warned once only
     assert recorded_linear_gelu == ["cublaslt", "cublaslt"]
+
+
+def test_cutlass_unavailable_under_auto_falls_back_quietly(monkeypatch, recorded_linear_gelu):
+    """`auto` (the default) on a machine where the CUTLASS module cannot be built (no
+    nvidia-cutlass, say): cuBLASLt, the other measured path, without a warning."""
+    import warnings
+
+    monkeypatch.setattr(cuda_backend, "_gemm_module", None)
+    monkeypatch.setattr(cuda_backend, "_cutlass_warned", False)
+    monkeypatch.setattr(cuda_backend, "gemm_unavailable_reason", lambda: "no nvidia-cutlass")
+    x, w = torch.randn(3, 64, dtype=torch.float16), torch.randn(64, 64, dtype=torch.float16)
+    with cuda_backend.variant(linear_gelu="auto"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cuda_backend._linear_gelu_forward(x, w, None, "none", False)
+    assert recorded_linear_gelu == ["cublaslt"]
 
 
 @pytest.mark.parametrize("capability,expected", [((9, 0), "90a"), ((8, 0), "80"), ((8, 6), "86"), ((10, 0), "100")])

@@ -304,7 +304,7 @@ def test_variant_setting_is_checked():
         lg.set_variant(forward="cutlass")
     with pytest.raises(ValueError, match="unknown setting"):
         lg.set_variant(backward="x")
-    assert lg.VARIANT == {"forward": "auto", "dgelu": "elementwise", "preact": "store", "gelu": "exact"}  # measured
+    assert lg.VARIANT == {"forward": "auto", "dgelu": "elementwise", "preact": "store", "gelu": "fast"}  # measured
 
 
 # ----------------------------------------------------------------------------- fast GELU maths
@@ -370,12 +370,15 @@ def test_gpu_fast_gelu_maths_on_ptx(approximate, device):
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("forward,dgelu", [("portable", "elementwise"), ("tma", "fused_db")])
-def test_fast_gelu_parity(forward, dgelu, approximate, launched, device):
-    """gelu="fast" through every kernel that evaluates GELU or GELU': the portable and TMA
-    forwards and both dgelu passes, fp16 (float32 keeps the exact maths), odd shapes, K over
-    several tiles."""
-    with lg.variant(gelu="fast", forward=forward, dgelu=dgelu):
-        assert lg._fast_gelu(torch.float16) and lg._fast_gelu(torch.bfloat16) and not lg._fast_gelu(torch.float32)
+@pytest.mark.parametrize("gelu", ["fast", "exact"])
+def test_gelu_maths_parity(gelu, forward, dgelu, approximate, launched, device):
+    """Both GELU maths (gelu="fast", the default, and "exact") through every kernel that
+    evaluates GELU or GELU': the portable and TMA forwards and both dgelu passes, fp16 (float32
+    keeps the exact maths), odd shapes, K over several tiles."""
+    assert lg.VARIANT["gelu"] == "fast"  # the default this test's "fast" half stands for
+    with lg.variant(gelu=gelu, forward=forward, dgelu=dgelu):
+        assert lg._fast_gelu(torch.float16) == lg._fast_gelu(torch.bfloat16) == (gelu == "fast")
+        assert not lg._fast_gelu(torch.float32)
         check_parity(*_make(17, 768, 256, device), approximate, torch.float16)
         check_parity(*_make(5, 40, 33, device), approximate, torch.float16)
     expected = "_linear_gelu_tma" if forward == "tma" else "_linear_gelu_fwd"
@@ -418,8 +421,8 @@ def test_bench_variant_impls_run_their_variant_forward_and_backward(launched):
 @pytest.mark.gpu
 @pytest.mark.parametrize("choice", [dict(forward="tma"), dict(forward="tma", preact="recompute"),
                                     dict(dgelu="fused_db"), dict(forward="tma", preact="recompute", dgelu="fused_db"),
-                                    dict(gelu="fast"), dict(forward="tma", dgelu="fused_db", gelu="fast"),
-                                    dict(forward="tma", preact="recompute", gelu="fast")])
+                                    dict(gelu="exact"), dict(forward="tma", dgelu="fused_db", gelu="exact"),
+                                    dict(forward="tma", preact="recompute", gelu="exact")])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_bf16_variants_on_gpu(choice, approximate, launched, device):
     """On a GPU the TMA kernel autotunes over configs of different BLOCK_M: the recompute

@@ -30,6 +30,7 @@ TUNED = {
     "attention_portable_atomic_dq": {"_attn_bwd_dkdv"},  # its forward was compiled by the case before
     "attention_hopper": {"_attn_fwd_hopper", "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper"},
     "attention_hopper_host": {"_attn_fwd_hopper", "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper"},
+    "attention_hopper_auto_descriptors": {"_attn_fwd_hopper", "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper"},
     "attention_hopper_atomic_dq": {"_attn_bwd_dkdv_hopper"},  # no dQ pass
     "attention_portable_default_config": set(),  # FUSEFORMER_AUTOTUNE=0: no autotuner
     "attention_hopper_default_config": set(),
@@ -38,16 +39,18 @@ TUNED = {
     "varlen_hopper": {"_attn_fwd_hopper", "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper"},
 }
 # Cases whose kernels take host tensor descriptors: those launches keep Triton's path.
-HOST_DESCRIPTORS = {"attention_hopper_host"}
+HOST_DESCRIPTORS = {"attention_hopper_host", "attention_hopper_auto_descriptors"}
 # The launches each case's last run makes through launch plans (kernels/launch.py's Bound):
 # every one of add+LN (forward, backward, the partial sums), of Linear+GELU (the portable
 # forward and dgelu, or the TMA forward) and of the attention, portable and Hopper, varlen
 # too (forward, preprocess, dK/dV, and dQ unless atomic); with host descriptors the
-# preprocess only (the launches that take descriptors have no fast path).
+# preprocess only (the launches that take descriptors have no fast path); with the default
+# place ("auto": host descriptors for the forward only) the backward's three.
 PLAN_LAUNCHES = {
     "linear_gelu_portable": 2, "linear_gelu_tma": 1, "add_layer_norm": 3,
     "attention_portable": 4, "attention_portable_atomic_dq": 3, "attention_portable_default_config": 4,
     "attention_portable_dropout": 4, "attention_hopper": 4, "attention_hopper_host": 1,
+    "attention_hopper_auto_descriptors": 3,
     "attention_hopper_atomic_dq": 3, "attention_hopper_default_config": 4, "varlen_portable": 4, "varlen_hopper": 4,
 }
 
