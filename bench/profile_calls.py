@@ -286,6 +286,28 @@ def profile_bert(B: int, L: int, iters: int, device: str = "cuda", config=None, 
         for _ in range(3):  # compiles, autotuning, allocator
             model(input_ids=ids, attention_mask=mask)
         sync()
+        if device == "cuda":
+            # The H200 run of 2026-11-27 timed this forward eagerly at 9.30 ms (fused) and 5.77
+            # (torch backend) where the kernels take ~2 ms and the overhead group's B1 L16
+            # forward returned after 4.1 ms (3.2) of host time: the time until the call
+            # returns against the time per forward by events, per backend, says whether the
+            # host, the GPU or a wait between them (a synchronisation) is the bound.
+            for name in dict.fromkeys((backend, "torch")):
+                model.set_backend(name)
+
+                def forward():
+                    return model(input_ids=ids, attention_mask=mask)
+
+                host = []
+                for _ in range(5):
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    forward()
+                    host.append((time.perf_counter() - start) * 1e6)
+                print(f"[bert B{B} L{L} {dtype}] backend {name}: {_events_ms(forward, iters):.3f} ms per forward "
+                      f"(events, median); host {min(host):.0f} us until it returns (fastest of 5); "
+                      f"{_host_us(forward, iters):.0f} us per forward queued back to back")
+            model.set_backend(backend)
         with profile(activities=activities) as prof:
             for _ in range(iters):
                 model(input_ids=ids, attention_mask=mask)

@@ -1,0 +1,22 @@
+"""bench/profile_calls.py is run on a GPU only, inside the lent machine's few minutes: the
+parts that also run on the CPU are exercised here so that a typo does not cost a GPU session."""
+import pytest
+import torch
+
+from fuseformer.bench import profile_calls
+from fuseformer.models import BertConfig
+
+
+def test_profile_bert_on_the_cpu(capsys):
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=16)
+    profile_calls.profile_bert(2, 8, iters=1, device="cpu", config=config, backend="torch")
+    out = capsys.readouterr().out
+    assert "[bert B2 L8 torch.float32]" in out and "aten::" in out  # the CPU-side table (no device kernels)
+
+
+def test_main_needs_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    with pytest.raises(SystemExit):
+        profile_calls.main(["--bert", ""])
