@@ -23,8 +23,10 @@ float or bool its type, None as None. That is at least as fine as Triton's own k
 kernel is only reused where Triton would pick the same one. A grid function is evaluated on
 the keyword arguments (ours read BLOCK_M or BLOCK_N there). A triton.heuristics wrapper's
 values are computed from the arguments, as Heuristics.run does, and its kernel launched.
-Anything else (a grid function that reads other arguments, tensor descriptors, an installed
-launch hook, the interpreter) takes Triton's path.
+Host tensor descriptors (triton.tools.tensor_descriptor.TensorDescriptor) are keyed on what
+Triton specializes them on (dtype and block shape) and handed to the launcher as they are: it
+encodes each into a CUtensorMap per launch on both paths. Anything else (a grid function that
+reads other arguments, an installed launch hook, the interpreter) takes Triton's path.
 
 Why it is the default though no GPU has timed it yet: both halves of the case were measured
 without one.
@@ -102,7 +104,11 @@ def _spec(args):
               32 bits and 32 past 64 (Triton's i32 / i64 / u64)
       float   -2;  bool -3 (neither is specialized on its value);  None  None
       tensor  two entries: its dtype, then its data pointer's residue mod 16 (0: aligned); a
-              dtype only ever comes from a tensor, so the flat sequence still reads one way"""
+              dtype only ever comes from a tensor, so the flat sequence still reads one way
+      host TensorDescriptor  one entry, a tuple: its tensor's dtype, its block shape and its
+              padding (Triton 3.6 and 3.9 specialize one on the first two alone,
+              "tensordesc<bf16[1, 1, 128, 64]>"; its base, shape and strides are launch
+              arguments, which the kernel's launcher turns into a CUtensorMap each launch)"""
     out = []
     add = out.append
     for a in args:
@@ -123,9 +129,22 @@ def _spec(args):
             add(None)
         elif c is bool:
             add(-3)
+        elif c is _descriptor_class():
+            add((a.base.dtype, tuple(a.block_shape), a.padding))
         else:
             return None
     return tuple(out)
+
+
+_DESCRIPTOR = []  # [triton.tools.tensor_descriptor.TensorDescriptor], imported on first need
+
+
+def _descriptor_class():
+    if not _DESCRIPTOR:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        _DESCRIPTOR.append(TensorDescriptor)
+    return _DESCRIPTOR[0]
 
 
 _runtime_knobs = None  # triton.knobs.runtime, imported at the first call of _hooks_idle
@@ -307,7 +326,8 @@ def request_bind() -> None:
 def bind_last(*candidates):
     """(i, Bound) for the fast launch made since request_bind(), if it launched the i-th
     candidate's kernel with its leading tensors (the same tensors, or views of the same
-    memory, shape and strides) first and nothing but non-tensors after them; else None.
+    memory, shape and strides) first and nothing but non-tensors after them (no tensor
+    descriptor either: it holds a call's tensor); else None.
     candidates: (kernel, leading tensors) pairs. Forgets that launch either way."""
     global _bind_requested, _last
     last, _last, _bind_requested = _last, None, False
@@ -317,7 +337,7 @@ def bind_last(*candidates):
     for i, (kernel, leading) in enumerate(candidates):
         n = len(leading)
         if (kernel is fn and len(args) >= n and all(_same_tensor(a, b) for a, b in zip(args, leading))
-                and not any(isinstance(a, _Tensor) for a in args[n:])):
+                and not any(isinstance(a, (_Tensor, _descriptor_class())) for a in args[n:])):
             classes = tuple((t.dtype, t.data_ptr() & 15) for t in leading)
             return i, Bound(dims, device, compiled, args[n:], tail, classes)
     return None

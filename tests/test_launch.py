@@ -239,6 +239,37 @@ def test_bind_last_refuses_tensors_among_the_bound_arguments(fast):
     L.request_bind()
     L.launch(k, (3,), x, y, 64, 1e-5, MODE=2)
     assert L.bind_last((k, (x,))) is None  # y would be bound for good
+    L.request_bind()
+    L.launch(k, (3,), x, _descriptor(y), 64, 1e-5, MODE=2)
+    assert L.bind_last((k, (x,))) is None  # nor a descriptor of y
+
+
+def _descriptor(t, box=(1, 16), padding="zero"):
+    """A host TensorDescriptor over t (2-D view), as attention_hopper.host_descriptors makes them."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    t = t.view(4, -1)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(box), padding)
+
+
+@pytest.mark.parametrize("change", [None, "dtype", "box", "padding", "another tensor, same kind"])
+def test_host_descriptors_are_keyed_on_what_triton_specializes_them_on(fast, change):
+    """A TensorDescriptor argument takes the fast path, keyed on its tensor's dtype, its box
+    (Triton's "tensordesc<bf16[1, 16]>") and its padding; another tensor of the same kind, with
+    other shape and strides (launch arguments to the launcher), reuses the kept kernel, and the
+    descriptor itself is what the launcher gets."""
+    k = FakeKernel()
+    x, y = _tensors()
+    L.launch(k, (1,), _descriptor(x), y, 64, 1e-5, MODE=2)
+    other = {None: _descriptor(x), "dtype": _descriptor(x.half()), "box": _descriptor(x, box=(2, 16)),
+             "padding": _descriptor(x, padding="nan"),
+             "another tensor, same kind": _descriptor(torch.zeros(128), box=(1, 16))}[change]
+    L.launch(k, (1,), other, y, 64, 1e-5, MODE=2)
+    if change in (None, "another tensor, same kind"):
+        assert k.paths() == ["triton", "fast"]
+        assert k.log[1][1][9] is other
+    else:
+        assert k.paths() == ["triton", "triton"], change
 
 
 def test_a_launch_site_through_its_table(fast):

@@ -38,14 +38,13 @@ TUNED = {
     "varlen_portable": {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"},
     "varlen_hopper": {"_attn_fwd_hopper", "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper"},
 }
-# Cases whose kernels take host tensor descriptors: those launches keep Triton's path.
-HOST_DESCRIPTORS = {"attention_hopper_host", "attention_hopper_auto_descriptors"}
 # The launches each case's last run makes through launch plans (kernels/launch.py's Bound):
 # every one of add+LN (forward, backward, the partial sums), of Linear+GELU (the portable
 # forward and dgelu, or the TMA forward) and of the attention, portable and Hopper, varlen
 # too (forward, preprocess, dK/dV, and dQ unless atomic); with host descriptors the
-# preprocess only (the launches that take descriptors have no fast path); with the default
-# place ("auto": host descriptors for the forward only) the backward's three.
+# preprocess only (a plan keeps no descriptor: each holds its call's tensor; those launches
+# take the fast launch without a plan); with the default place ("auto": host descriptors for
+# the forward only) the backward's three.
 PLAN_LAUNCHES = {
     "linear_gelu_portable": 2, "linear_gelu_tma": 1, "add_layer_norm": 3,
     "attention_portable": 4, "attention_portable_atomic_dq": 3, "attention_portable_default_config": 4,
@@ -72,8 +71,8 @@ def test_every_launcher_through_tritons_jit_path_offline():
     crashed there, on every GPU launch, unseen by the interpreter tests) and reaches the
     kernels it names; the autotuner compiles nothing precompile.py did not compile already;
     the fast launch and the launch plans give every launcher what Triton's path gives it; the
-    fast launch takes every launch whose arguments it knows (all but host tensor descriptors),
-    and the plans re-launch what PLAN_LAUNCHES says."""
+    fast launch takes every launch (host tensor descriptors included), and the plans re-launch
+    what PLAN_LAUNCHES says."""
     proc, rows = _run("--configs", "2", threads=2)
     assert set(rows) == set(TUNED), proc.stdout + proc.stderr[-3000:]
     for name, row in rows.items():
@@ -84,10 +83,7 @@ def test_every_launcher_through_tritons_jit_path_offline():
             assert row["precompiled"] == row["precompile"] >= 2 * len(TUNED[name]), name
         assert row["same_launch_args"] and row["launches"] >= 1, name
         assert row["plan_launches"] == PLAN_LAUNCHES[name], name
-        if name in HOST_DESCRIPTORS:
-            assert 1 <= row["fast_launches"] < row["launches"], name
-        else:
-            assert row["fast_launches"] == row["launches"], name
+        assert row["fast_launches"] == row["launches"], name
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
