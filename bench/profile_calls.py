@@ -20,6 +20,9 @@ Then, for each backend, at that shape:
   synchronisations and the autograd engine's thread;
 - on the triton backend, the timing rows on Triton's own launch path and on the fast launch.
 
+Then Linear+GELU forward+backward per backend (--linear-gelu MxKxN): events against host time,
+and the profiler's CPU-side table.
+
 Then the Hopper attention's TMA descriptors made on the host against the device (--attention
 BxHxLxD): event and host times per call, and where a host-descriptor call spends its host time.
 
@@ -28,7 +31,7 @@ by device time per forward, to say which of them the CUDA-graph target (2x HF + 
 must shrink.
 
     python -m fuseformer.bench.profile_calls [--M 16384] [--N 768] [--backends triton,cuda] [--bert 32x128]
-                                             [--attention 32x16x1024x64]
+                                             [--linear-gelu 16384x768x3072] [--attention 16x16x1024x64]
 """
 from __future__ import annotations
 
@@ -154,6 +157,46 @@ def profile_add_layer_norm(M: int, N: int, backends: list[str], iters: int) -> N
         device_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 10
         print(f"[{backend}] kernels' device time per fwd+bwd (profiler): {device_us:.1f} us")
         print(events.table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=60))
+
+
+def profile_linear_gelu(M: int, K_in: int, N: int, backends: list[str], iters: int) -> None:
+    """Linear+GELU (erf) forward+backward, bf16: the H200 run of 2026-11-27 timed ours on the
+    triton backend at 0.7307 ms eagerly and 0.5917 in a CUDA graph at 16384 x 768 -> 3072,
+    where csrc/'s CUTLASS path took 0.598 and 0.596: host time the GPU waited for, in the
+    triton backward (dgelu kernel, two torch.mm, the bias gradient) or around it. Per backend:
+    forward+backward by events and host µs per call, with the backward on the autograd
+    engine's device thread and on the calling thread, then torch.profiler's CPU-side table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fuseformer import kernels as K
+    from fuseformer.kernels import backends as B
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, K_in, generator=g, device="cuda").to(torch.bfloat16).requires_grad_(True)
+    w = (torch.randn(N, K_in, generator=g, device="cuda") * K_in ** -0.5).to(torch.bfloat16).requires_grad_(True)
+    b = (torch.randn(N, generator=g, device="cuda") * 0.1).to(torch.bfloat16).requires_grad_(True)
+    dy = torch.randn(M, N, generator=g, device="cuda").to(torch.bfloat16)
+    for backend in backends:
+        reason = B.unavailable_reason(backend)
+        if reason is not None:
+            print(f"[linear_gelu {backend}] unavailable: {reason}")
+            continue
+
+        def fwd_bwd(backend=backend):
+            return torch.autograd.grad(K.linear_gelu(x, w, b, "none", backend=backend), (x, w, b), dy)
+
+        def fwd_bwd_here(backend=backend):
+            with torch.autograd.set_multithreading_enabled(False):
+                return fwd_bwd(backend)
+
+        for what, fn in (("fwd+bwd (autograd.grad)", fwd_bwd), ("fwd+bwd, backward on the calling thread", fwd_bwd_here)):
+            print(f"[linear_gelu {backend} {M}x{K_in}->{N}] {what}: {_events_ms(fn, iters):.4f} ms (events, median); "
+                  f"host {_host_us(fn, iters):.1f} us/call")
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                fwd_bwd()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=16, max_name_column_width=60))
 
 
 def profile_bare_launch(iters: int) -> None:
@@ -330,13 +373,19 @@ def main(argv=None) -> int:
     p.add_argument("--backends", default="triton,cuda")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--bert", default="32x128", help="BxL of the BERT-base forward to profile ('' skips it)")
-    p.add_argument("--attention", default="32x16x1024x64",
-                   help="BxHxLxD of the attention descriptor-place comparison ('' skips it)")
+    p.add_argument("--linear-gelu", default="16384x768x3072",
+                   help="MxKxN of the Linear+GELU forward+backward to profile ('' skips it)")
+    p.add_argument("--attention", default="16x16x1024x64",
+                   help="BxHxLxD of the attention descriptor-place comparison ('' skips it; the default is the "
+                        "ops suite's attn_fwd_causal_d64_L1024 shape, the widest gap on the H200)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
     profile_bare_launch(args.iters)
     profile_add_layer_norm(args.M, args.N, [s.strip() for s in args.backends.split(",") if s.strip()], args.iters)
+    if args.linear_gelu:
+        M, K_in, N = (int(v) for v in args.linear_gelu.lower().split("x"))
+        profile_linear_gelu(M, K_in, N, [s.strip() for s in args.backends.split(",") if s.strip()], args.iters)
     if args.attention:
         profile_attention_descriptors(*(int(v) for v in args.attention.lower().split("x")), iters=args.iters)
     if args.bert:
