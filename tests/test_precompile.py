@@ -30,7 +30,8 @@ TUNED = {
     "attention_portable_atomic_dq": {"_attn_bwd_dkdv"},  # its forward was compiled by the case before
     "attention_hopper": {"_attn_fwd_hopper", "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper"},
     "attention_hopper_host": {"_attn_fwd_hopper", "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper"},
-    "attention_hopper_auto_descriptors": {"_attn_fwd_hopper", "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper"},
+    # Its forward's key was tuned by attention_hopper_host's, its backward's by attention_hopper's.
+    "attention_hopper_auto_descriptors": set(),
     "attention_hopper_atomic_dq": {"_attn_bwd_dkdv_hopper"},  # no dQ pass
     "attention_portable_default_config": set(),  # FUSEFORMER_AUTOTUNE=0: no autotuner
     "attention_hopper_default_config": set(),
