@@ -84,6 +84,46 @@ def _thread_host_us(fn, iters: int) -> float:
     return result[0]
 
 
+def _print_rows(prefix: str, rows, iters: int) -> None:
+    """One line per (what, fn): its CUDA-event median and its host µs per call."""
+    for what, fn in rows:
+        print(f"{prefix} {what}: {_events_ms(fn, iters):.4f} ms (events, median); "
+              f"host {_host_us(fn, iters):.1f} us/call")
+
+
+def _profiled(fn, calls: int = 10):
+    """torch.profiler's key averages (CPU and CUDA) over `calls` calls of fn."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages()
+
+
+def _available(backends: list[str], label: str):
+    """The backends that can run here, in order; one line for each that cannot."""
+    from fuseformer.kernels import backends as B
+
+    for backend in backends:
+        reason = B.unavailable_reason(backend)
+        if reason is None:
+            yield backend
+        else:
+            print(f"[{label}{backend}] unavailable: {reason}")
+
+
+def _on_calling_thread(fn):
+    """fn with autograd's backward run on the calling thread instead of the engine's CUDA device
+    thread: if the device thread is where the time goes, a row timed through this shows it gone."""
+    def run():
+        with torch.autograd.set_multithreading_enabled(False):
+            return fn()
+
+    return run
+
+
 def _inputs(M, N, dtype, device):
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -97,8 +137,6 @@ def _inputs(M, N, dtype, device):
 
 
 def profile_add_layer_norm(M: int, N: int, backends: list[str], iters: int) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
     from fuseformer import kernels as K
     from fuseformer.kernels import backends as B
     from fuseformer.kernels.add_layer_norm import _run_forward
@@ -107,11 +145,7 @@ def profile_add_layer_norm(M: int, N: int, backends: list[str], iters: int) -> N
     device = torch.device("cuda")
     x, r, w, b, dy = _inputs(M, N, torch.bfloat16, device)
     leaves = (x, r, w, b)
-    for backend in backends:
-        reason = B.unavailable_reason(backend)
-        if reason is not None:
-            print(f"[{backend}] unavailable: {reason}")
-            continue
+    for backend in _available(backends, ""):
 
         def fwd(backend=backend):
             return K.add_layer_norm(x, r, w, b, 1e-5, backend=backend)
@@ -126,13 +160,8 @@ def profile_add_layer_norm(M: int, N: int, backends: list[str], iters: int) -> N
         def bwd_direct(impl=impl, stream=stream, mean=mean, rstd=rstd):
             return impl.backward(dy, None, stream, w, b, mean, rstd, 0.0, None, True)
 
-        def fwd_bwd_here(backend=backend):
-            # The engine runs the backward on the calling thread instead of its CUDA device
-            # thread: if the device thread is where the time goes, this row shows it gone.
-            with torch.autograd.set_multithreading_enabled(False):
-                return fwd_bwd(backend)
-
-        rows = [("fwd+bwd (autograd.grad)", fwd_bwd), ("fwd+bwd, backward on the calling thread", fwd_bwd_here),
+        rows = [("fwd+bwd (autograd.grad)", fwd_bwd),
+                ("fwd+bwd, backward on the calling thread", _on_calling_thread(fwd_bwd)),
                 ("fwd (grad-enabled)", fwd), ("bwd launcher, main thread", bwd_direct)]
         # The triton rows on Triton's launch path and on the fast launch (kernels/launch.py, the
         # default), which skips Triton's JITFunction.run: if the slow part is there, the second
@@ -141,19 +170,13 @@ def profile_add_layer_norm(M: int, N: int, backends: list[str], iters: int) -> N
         for fast in fast_modes:
             label = " [fast launch]" if fast else ""
             with use_fast_launch(fast):
-                for what, fn in rows:
-                    print(f"[{backend}]{label} {what}: {_events_ms(fn, iters):.4f} ms (events, median); "
-                          f"host {_host_us(fn, iters):.1f} us/call")
+                _print_rows(f"[{backend}]{label}", rows, iters)
                 # The same backward launcher from another Python thread (not the autograd
                 # engine's): if only this is slow too, the cost is in launching from a second
                 # thread at all.
                 print(f"[{backend}]{label} bwd launcher, another thread: host "
                       f"{_thread_host_us(bwd_direct, iters):.1f} us/call")
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                fwd_bwd()
-            torch.cuda.synchronize()
-        events = prof.key_averages()
+        events = _profiled(fwd_bwd)
         device_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 10
         print(f"[{backend}] kernels' device time per fwd+bwd (profiler): {device_us:.1f} us")
         print(events.table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=60))
@@ -166,37 +189,22 @@ def profile_linear_gelu(M: int, K_in: int, N: int, backends: list[str], iters: i
     triton backward (dgelu kernel, two torch.mm, the bias gradient) or around it. Per backend:
     forward+backward by events and host µs per call, with the backward on the autograd
     engine's device thread and on the calling thread, then torch.profiler's CPU-side table."""
-    from torch.profiler import ProfilerActivity, profile
-
     from fuseformer import kernels as K
-    from fuseformer.kernels import backends as B
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(M, K_in, generator=g, device="cuda").to(torch.bfloat16).requires_grad_(True)
     w = (torch.randn(N, K_in, generator=g, device="cuda") * K_in ** -0.5).to(torch.bfloat16).requires_grad_(True)
     b = (torch.randn(N, generator=g, device="cuda") * 0.1).to(torch.bfloat16).requires_grad_(True)
     dy = torch.randn(M, N, generator=g, device="cuda").to(torch.bfloat16)
-    for backend in backends:
-        reason = B.unavailable_reason(backend)
-        if reason is not None:
-            print(f"[linear_gelu {backend}] unavailable: {reason}")
-            continue
+    for backend in _available(backends, "linear_gelu "):
 
         def fwd_bwd(backend=backend):
             return torch.autograd.grad(K.linear_gelu(x, w, b, "none", backend=backend), (x, w, b), dy)
 
-        def fwd_bwd_here(backend=backend):
-            with torch.autograd.set_multithreading_enabled(False):
-                return fwd_bwd(backend)
-
-        for what, fn in (("fwd+bwd (autograd.grad)", fwd_bwd), ("fwd+bwd, backward on the calling thread", fwd_bwd_here)):
-            print(f"[linear_gelu {backend} {M}x{K_in}->{N}] {what}: {_events_ms(fn, iters):.4f} ms (events, median); "
-                  f"host {_host_us(fn, iters):.1f} us/call")
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                fwd_bwd()
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=16, max_name_column_width=60))
+        _print_rows(f"[linear_gelu {backend} {M}x{K_in}->{N}]", (
+            ("fwd+bwd (autograd.grad)", fwd_bwd),
+            ("fwd+bwd, backward on the calling thread", _on_calling_thread(fwd_bwd))), iters)
+        print(_profiled(fwd_bwd).table(sort_by="cpu_time_total", row_limit=16, max_name_column_width=60))
 
 
 def profile_bare_launch(iters: int) -> None:
@@ -263,7 +271,6 @@ def profile_attention_descriptors(B: int, H: int, L: int, D: int, iters: int) ->
     import cProfile
     import pstats
 
-    from torch.profiler import ProfilerActivity, profile
 
     from fuseformer import kernels as K
     from fuseformer.kernels import attention as A
@@ -284,9 +291,8 @@ def profile_attention_descriptors(B: int, H: int, L: int, D: int, iters: int) ->
                 return torch.autograd.grad(fwd(causal), (q, k, v), dout)
 
             with A.variant(kernel="hopper", descriptors=place):
-                for what, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-                    print(f"[attention B{B} H{H} L{L} d{D} {place} descriptors, causal={causal}] {what}: "
-                          f"{_events_ms(fn, iters):.4f} ms (events, median); host {_host_us(fn, iters):.1f} us/call")
+                _print_rows(f"[attention B{B} H{H} L{L} d{D} {place} descriptors, causal={causal}]",
+                            (("fwd", fwd), ("fwd+bwd", fwd_bwd)), iters)
     with A.variant(kernel="hopper", descriptors="host"):
         def causal_fwd():
             return K.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton")
@@ -301,11 +307,7 @@ def profile_attention_descriptors(B: int, H: int, L: int, D: int, iters: int) ->
         torch.cuda.synchronize()
         print(f"[attention host descriptors, causal fwd] Python functions over {iters} calls (cProfile, cumulative):")
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(18)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                causal_fwd()
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60))
+        print(_profiled(causal_fwd).table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60))
 
 
 def profile_bert(B: int, L: int, iters: int, device: str = "cuda", config=None, backend: str = "auto") -> None:
