@@ -34,6 +34,21 @@ class _OfflineUtils:
         return 0, 0, 32, 0, 1024  # module, function, registers, spills, max threads per block
 
 
+def _as_launched(arg):
+    """A launcher argument as the launch saw it. A real launcher encodes a host TMA descriptor
+    into a CUtensorMap during the launch, so what counts is its box then: a copy, since a
+    launcher may re-fit a descriptor's box for a later launch (attention's two backward passes
+    share theirs)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if arg.__class__ is not TensorDescriptor:
+        return arg
+    copy = object.__new__(TensorDescriptor)
+    copy.base, copy.shape, copy.strides, copy.block_shape, copy.padding = (
+        arg.base, list(arg.shape), list(arg.strides), list(arg.block_shape), arg.padding)
+    return copy
+
+
 class OfflineDriver:
     """Triton's active driver on a machine without a GPU: device 0 of capability 9.0, stream 0;
     a kernel 'launch' only appends (kernel name, the launcher's arguments) to `launches`
@@ -68,7 +83,7 @@ class OfflineDriver:
     def launcher_cls(self, src, metadata):
         def launch(*args):
             if self.record:
-                self.launches.append((metadata.name, args))
+                self.launches.append((metadata.name, tuple(_as_launched(a) for a in args)))
         return launch
 
     def get_benchmarker(self):
@@ -177,11 +192,11 @@ class Counts:
 
         do_compile, autotuner_run, precompile = JITFunction._do_compile, Autotuner.run, P.precompile
         jit_run = JITFunction.run
-        bound_call = launch_module.Bound.__call__
+        bound_launch = launch_module.Bound._launch  # every plan's launch, DescriptorBound's too
         counts = self
 
         def bound(self, *args):
-            done = bound_call(self, *args)
+            done = bound_launch(self, *args)
             counts.plan_launches += done
             return done
 
@@ -212,6 +227,6 @@ class Counts:
 
         JITFunction._do_compile = counting
         JITFunction.run = running
-        launch_module.Bound.__call__ = bound
+        launch_module.Bound._launch = bound
         Autotuner.run = tuning
         _util.precompile = precompiling

@@ -387,8 +387,8 @@ def _launch_bwd_hopper(dout, q, k, v, lse, delta, dq, dk, dv, mask, is_causal, s
                        cu_q_arg, cu_k_arg, lse_s, flags, varlen, plan):
     """The Hopper backward's dK/dV pass, then its dQ pass unless the first made dQ by atomics
     (_launch_bwd has run the preprocess into `delta`), each a site of _bwd_plans as the
-    portable passes are. A plan binds only where the kernels take the tensors themselves
-    (device descriptors): host descriptors are made anew for each call."""
+    portable passes are. With host descriptors a plan makes new ones over each call's tensors
+    (launch.DescriptorBound); without a plan they are made here, once for both passes."""
     H, Hk = q.shape[1], k.shape[1]
     atomic = atomic_dq("hopper", flags["BLOCK_D"])
     dq_acc, acc_arg, acc_s = _dq_accumulator(q, atomic, lse, varlen)

@@ -393,9 +393,10 @@ def unsupported_reason(q, k, v, out, mask_kind: str, dropout_p: float, *more) ->
 #       With host descriptors eager times exceeded graph times by up to 0.56 ms (up to 0.24 ms
 #       in forwards at 512-2048 keys), with device ones by under 0.01 ms: host time, far more
 #       than this CPU measures for the same Python path, not understood yet. (That run sent
-#       host-descriptor launches through Triton's JITFunction.run: ~50 µs a forward here. The
-#       fast launch takes them since, ~36 µs here, against ~14 µs for a planned forward with
-#       device descriptors; a plan cannot keep a descriptor, which holds its call's tensor.)
+#       host-descriptor launches through Triton's JITFunction.run: ~50 µs a forward here,
+#       ~153 a forward+backward. The fast launch and its plans take them since, making new
+#       descriptors per call (launch.DescriptorBound): ~18 and ~56 µs here, against ~13 and
+#       ~38 with device descriptors; bench/profile_calls.py times both on the next GPU.)
 #       The backward, whose eager step showed it, keeps device descriptors until it is.
 # "device": every program writes its own into global scratch (tl.make_tensor_descriptor) and
 #     fences them for the TMA unit (4 fence.proxy.tensormap per forward program, 6 per dK/dV and

@@ -280,7 +280,9 @@ def launch(fn, grid, *args, **kwargs) -> None:
 # its plans on everything the trailing arguments derive from; a Bound itself refuses (returns
 # False, launching nothing) whenever the fast path would not be taken as it was: the fast
 # launch off, a launch hook installed, another current device, or a tensor whose dtype or
-# 16-byte alignment class differs from the bound call's (Triton specializes on both).
+# 16-byte alignment class differs from the bound call's (Triton specializes on both). A launch
+# through host TMA descriptors binds a DescriptorBound, which makes new descriptors over each
+# call's tensors (a descriptor holds its call's tensor, so the bound one is never passed again).
 
 # (kernel, grid dims, device, CompiledKernel, args, tail) of the latest fast launch, kept only
 # between request_bind() and bind_last(), so that no call's tensors outlive it here.
@@ -297,6 +299,11 @@ class Bound:
         self.classes = classes
 
     def __call__(self, *leading) -> bool:
+        return self._launch(leading, leading)
+
+    def _launch(self, leading, passed) -> bool:
+        """Launch with `passed` (the leading arguments as the kernel takes them) after checking
+        `leading` (their tensors) against the bound call's classes."""
         if not _ENABLED or len(leading) != len(self.classes) or not _hooks_idle():
             return False
         for t, (dtype, residue) in zip(leading, self.classes):
@@ -307,14 +314,51 @@ class Bound:
             return False
         c = self.compiled
         d = self.dims
-        c.run(d[0], d[1], d[2], _driver[1](device), c.function, c.packed_metadata, None, None, None, *leading,
+        c.run(d[0], d[1], d[2], _driver[1](device), c.function, c.packed_metadata, None, None, None, *passed,
               *self.rest, *self.tail)
         return True
+
+
+class DescriptorBound(Bound):
+    """A Bound whose launch took some leading tensors through host TMA descriptors
+    (triton.tools.tensor_descriptor.TensorDescriptor): a descriptor holds its call's tensor, so
+    each re-launch makes new ones over the new tensors, with the bound ones' shape, strides,
+    box and padding. `templates`: per leading position, None (the tensor itself) or (shape,
+    strides, block_shape, padding). It refuses a tensor of another shape or strides there
+    (the launcher's key pins them; checked all the same: a descriptor of the wrong extent
+    would read out of bounds)."""
+
+    __slots__ = ("templates",)
+
+    def __init__(self, dims, device, compiled, rest, tail, classes, templates):
+        super().__init__(dims, device, compiled, rest, tail, classes)
+        self.templates = templates
+
+    def __call__(self, *leading) -> bool:
+        if len(leading) != len(self.templates):
+            return False
+        described = []
+        for t, template in zip(leading, self.templates):
+            if template is not None:
+                shape, strides, box, padding = template
+                if list(t.shape) != shape or list(t.stride()) != strides:
+                    return False
+                desc = object.__new__(_descriptor_class())  # the constructor's checks held for the bound call
+                desc.base, desc.shape, desc.strides, desc.block_shape, desc.padding = (
+                    t, list(shape), list(strides), list(box), padding)
+                t = desc
+            described.append(t)
+        return self._launch(leading, described)
 
 
 def _same_tensor(a, b) -> bool:
     return a is b or (isinstance(a, _Tensor) and isinstance(b, _Tensor) and a.dtype == b.dtype
                       and a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
+
+
+def _same_or_described(a, b) -> bool:
+    """a is b's tensor (_same_tensor), or a host descriptor of it."""
+    return _same_tensor(a, b) or (a.__class__ is _descriptor_class() and _same_tensor(a.base, b))
 
 
 def request_bind() -> None:
@@ -325,10 +369,10 @@ def request_bind() -> None:
 
 def bind_last(*candidates):
     """(i, Bound) for the fast launch made since request_bind(), if it launched the i-th
-    candidate's kernel with its leading tensors (the same tensors, or views of the same
-    memory, shape and strides) first and nothing but non-tensors after them (no tensor
-    descriptor either: it holds a call's tensor); else None.
-    candidates: (kernel, leading tensors) pairs. Forgets that launch either way."""
+    candidate's kernel with its leading tensors (the same tensors, views of the same memory,
+    shape and strides, or host descriptors of them: a DescriptorBound then) first and nothing
+    but non-tensors after them (no tensor descriptor either: it holds a call's tensor); else
+    None. candidates: (kernel, leading tensors) pairs. Forgets that launch either way."""
     global _bind_requested, _last
     last, _last, _bind_requested = _last, None, False
     if last is None:
@@ -336,9 +380,13 @@ def bind_last(*candidates):
     fn, dims, device, compiled, args, tail = last
     for i, (kernel, leading) in enumerate(candidates):
         n = len(leading)
-        if (kernel is fn and len(args) >= n and all(_same_tensor(a, b) for a, b in zip(args, leading))
+        if (kernel is fn and len(args) >= n and all(_same_or_described(a, b) for a, b in zip(args, leading))
                 and not any(isinstance(a, (_Tensor, _descriptor_class())) for a in args[n:])):
             classes = tuple((t.dtype, t.data_ptr() & 15) for t in leading)
+            templates = tuple((list(a.shape), list(a.strides), list(a.block_shape), a.padding)
+                              if a.__class__ is _descriptor_class() else None for a in args[:n])
+            if any(templates):
+                return i, DescriptorBound(dims, device, compiled, args[n:], tail, classes, templates)
             return i, Bound(dims, device, compiled, args[n:], tail, classes)
     return None
 

@@ -252,6 +252,33 @@ def _descriptor(t, box=(1, 16), padding="zero"):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), list(box), padding)
 
 
+def test_a_plan_over_host_descriptors_makes_new_ones_over_the_new_tensors(fast):
+    """A launch that took a leading tensor through a host descriptor binds a DescriptorBound:
+    each re-launch passes a new descriptor over the new tensor, with the bound one's shape,
+    strides, box and padding (a descriptor holds its call's tensor: the bound one must never
+    be passed again), and refuses a tensor of another shape or strides."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    k = FakeKernel()
+    x, y = torch.zeros(4, 16), torch.zeros(64)
+    L.launch(k, (3,), TensorDescriptor(x, [4, 16], [16, 1], [2, 16]), y, 64, 1e-5, MODE=2)  # Triton's path
+    L.request_bind()
+    first = TensorDescriptor(x, [4, 16], [16, 1], [2, 16])
+    L.launch(k, (3,), first, y, 64, 1e-5, MODE=2)
+    i, bound = L.bind_last((k, (x, y)))
+    assert i == 0 and isinstance(bound, L.DescriptorBound)
+    x2, y2 = torch.zeros(4, 16), torch.zeros(64)
+    assert bound(x2, y2)
+    assert k.paths() == ["triton", "fast", "fast"]
+    _, args = k.log[-1]
+    passed = args[9]
+    assert passed is not first and passed.base is x2 and args[10] is y2
+    assert (passed.shape, passed.strides, passed.block_shape, passed.padding) == ([4, 16], [16, 1], [2, 16], "zero")
+    assert not bound(torch.zeros(2, 32), y2)  # another shape
+    assert not bound(torch.zeros(16, 4).t(), y2)  # the same shape, other strides
+    assert k.paths() == ["triton", "fast", "fast"]  # neither launched
+
+
 @pytest.mark.parametrize("change", [None, "dtype", "box", "padding", "another tensor, same kind"])
 def test_host_descriptors_are_keyed_on_what_triton_specializes_them_on(fast, change):
     """A TensorDescriptor argument takes the fast path, keyed on its tensor's dtype, its box

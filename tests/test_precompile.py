@@ -42,15 +42,13 @@ TUNED = {
 # The launches each case's last run makes through launch plans (kernels/launch.py's Bound):
 # every one of add+LN (forward, backward, the partial sums), of Linear+GELU (the portable
 # forward and dgelu, or the TMA forward) and of the attention, portable and Hopper, varlen
-# too (forward, preprocess, dK/dV, and dQ unless atomic); with host descriptors the
-# preprocess only (a plan keeps no descriptor: each holds its call's tensor; those launches
-# take the fast launch without a plan); with the default place ("auto": host descriptors for
-# the forward only) the backward's three.
+# too (forward, preprocess, dK/dV, and dQ unless atomic), host descriptors or not (a plan of
+# a launch through host descriptors makes new ones over each call's tensors: DescriptorBound).
 PLAN_LAUNCHES = {
     "linear_gelu_portable": 2, "linear_gelu_tma": 1, "add_layer_norm": 3,
     "attention_portable": 4, "attention_portable_atomic_dq": 3, "attention_portable_default_config": 4,
-    "attention_portable_dropout": 4, "attention_hopper": 4, "attention_hopper_host": 1,
-    "attention_hopper_auto_descriptors": 3,
+    "attention_portable_dropout": 4, "attention_hopper": 4, "attention_hopper_host": 4,
+    "attention_hopper_auto_descriptors": 4,
     "attention_hopper_atomic_dq": 3, "attention_hopper_default_config": 4, "varlen_portable": 4, "varlen_hopper": 4,
 }
 
