@@ -263,7 +263,8 @@ def profile_attention_descriptors(B: int, H: int, L: int, D: int, iters: int) ->
     Hopper attention with host TMA descriptors ran faster than with device ones in CUDA graphs,
     yet eagerly its calls took up to 0.56 ms more than their graph replays (device
     descriptors: under 0.01 ms). This CPU, through the same Python path with a stand-in
-    driver, measures ~50 µs a forward. For each place ("device", "host"), causal and not, bf16
+    driver, measured ~50 µs a forward then (Triton's JITFunction.run), ~18 since (the fast
+    launch and its plans). For each place ("device", "host"), causal and not, bf16
     (B, H, L, D): forward and forward+backward by CUDA events (median) and host µs per call;
     then, for the host-descriptor causal forward, the Python functions by cumulative time
     (cProfile) and torch.profiler's CPU-side table (driver calls such as
