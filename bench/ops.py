@@ -90,13 +90,15 @@ def _hopper_unavailable() -> str | None:
 
 
 def _hopper_impl(call, varlen: bool = False, descriptors: str = "auto", dq: str = "pass") -> Impl:
-    """Our Triton backend with the opt-in Hopper kernels (kernels/attention_hopper*.py) instead
-    of the portable ones, forward and backward, so one run times both side by side. A case the
+    """Our Triton backend with the Hopper kernels (kernels/attention_hopper*.py) for every call
+    they take, forward and backward, instead of the portable ones or the `auto` mix, so one run
+    times them side by side. A case the
     Hopper kernel does not take (it would run the portable kernel) is refused, never timed
     under this name. descriptors: where the TMA descriptors are made
     (attention_hopper.DESCRIPTOR_PLACES): "auto", the default, is fuseformer-triton-hopper;
     "host" and "device" are timed as their own implementations, fuseformer-triton-hopper-host
-    and -hopper-device (the default until the H200 run of 2026-11-27). dq: how the backward makes dQ (attention.VARIANTS);
+    and -hopper-device (the default until the H200 run of 2026-11-27). dq: how the backward
+    makes dQ (attention.VARIANTS);
     "atomic" is fuseformer-triton-hopper-atomic-dq, for cases with a backward. The variant is
     held over the whole timed step (Impl.context): the backward reads it when autograd runs
     it, after the forward's call has returned."""
