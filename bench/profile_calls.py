@@ -257,6 +257,34 @@ def profile_bare_launch(iters: int) -> None:
         torch.cuda.synchronize()
         print(f"[bare] {what} inside an autograd backward (the engine's thread): {timings[0]:.1f} us/call")
 
+    # What any Python-backward op pays per step before launching anything: an autograd.Function
+    # whose backward returns its gradient, against the same step with a C++ backward (a torch
+    # multiply), each through autograd.grad with the backward on the engine's device thread and
+    # on the calling thread. On the H200 every Python-backward add+LN (ours, torch.compile's,
+    # Liger's) took 0.37-0.96 ms eagerly where its kernels take ~0.08: if this row is large,
+    # that cost is the engine's, paid by every such op.
+    class PassThrough(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    leaf = torch.zeros(1024, device="cuda", requires_grad=True)
+    seed = torch.ones(1024, device="cuda")
+
+    def python_step():
+        return torch.autograd.grad(PassThrough.apply(leaf), (leaf,), seed)
+
+    def cpp_step():
+        return torch.autograd.grad(leaf * 1.0, (leaf,), seed)
+
+    for what, fn in (("autograd.Function with a Python backward", python_step), ("torch multiply", cpp_step)):
+        print(f"[bare] fwd+bwd of a {what}: host {_host_us(fn, iters):.1f} us/call on the engine's thread, "
+              f"{_host_us(_on_calling_thread(fn), iters):.1f} on the calling thread")
+
 
 def profile_attention_descriptors(B: int, H: int, L: int, D: int, iters: int) -> None:
     """The question the H200 run of 2026-11-27 left open (bench/results/h200/README.md): the
