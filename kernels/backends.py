@@ -38,11 +38,12 @@ _CHOICES = BACKENDS + ("auto",)
 # leads for attention only that way: never when its module is not already loaded (`auto` must
 # not start its JIT build from inside a forward), and only for the cases
 # cuda_backend._attention_auto_unsupported names (H100, 2026-11-26: head dim 128 inference on
-# the sm_90a kernels, 1.39x the Triton kernel).
+# the sm_90a kernels, 1.39x the Triton kernel), and for add+LayerNorm in training
+# (cuda_backend._add_layer_norm_auto_unsupported: forward+backward 1.19-1.32x on the H200).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "attention": ("cuda", "triton"),
     "varlen_attention": ("triton",),
-    "add_layer_norm": ("triton",),
+    "add_layer_norm": ("cuda", "triton"),
     "linear_gelu": ("triton",),
 }
 

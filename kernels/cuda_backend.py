@@ -62,11 +62,13 @@ backend and naming it explicitly raises BackendUnsupportedError with the reason)
   linear_gelu     forward and backward, fp16/bf16/fp32; tanh GELU through cuBLASLt's GELU
                   epilogue, erf GELU as GEMM + bias and a fused elementwise kernel.
 
-STATUS: run on an H100 on 2026-11-26 (bench/results/h100/): every op passed parity in the
-benchmark and the gpu tests passed but for the argument checks that crashed (fixed since:
-csrc/checks.h); compute-sanitizer has not run yet. `auto` takes the cuda backend for one case,
-where those results show it faster than triton and only once the module is loaded (it never
-builds it): attention inference at head dim 128 on Hopper (see `_attention_auto_unsupported`).
+STATUS: run on an H100 on 2026-11-26 (bench/results/h100/) and an H200 on 2026-11-27
+(bench/results/h200/): every op passed parity in the benchmark, and on the H200 all 435 csrc/
+gpu tests passed (the argument checks that crashed on the H100 included); compute-sanitizer has
+not reached these kernels yet. `auto` takes the cuda backend only where those results show it
+faster than triton and only once the module is loaded (it never builds it): attention
+inference at head dim 128 on Hopper (`_attention_auto_unsupported`) and add+LayerNorm in
+training (`_add_layer_norm_auto_unsupported`).
 """
 from __future__ import annotations
 
@@ -512,6 +514,24 @@ def _add_layer_norm_unsupported(dtype=None, hidden=None, dropout_p=0.0, requires
     return None
 
 
+def _add_layer_norm_auto_unsupported(device, dtype=None, hidden=None, dropout_p=0.0, requires_grad=False, **_):
+    """Where `auto` takes this backend's add+LayerNorm over triton's: training (the forward
+    and backward of one call), where both GPU runs measured it faster, and only with the
+    module already loaded. bf16, 16384 rows, forward+backward: H200 (bench/results/h200/)
+    0.610 against 0.726 ms eagerly at hidden 768 and 0.324 against 0.429 at 4096, 0.0665
+    against 0.0776 and 0.293 against 0.354 in CUDA graphs (the backward kernel: 30 against
+    41 µs at 768); H100 0.211 against 0.853 and 0.454 against 0.644. Inference stays on triton
+    (its forward was the faster: 0.0262 against 0.0311 ms at 768, 0.102 against 0.123 at 4096)."""
+    if not (requires_grad and dtype in (torch.float16, torch.bfloat16) and not dropout_p
+            and hidden is not None and 768 <= hidden <= 4096):
+        return "measured faster than triton only for fp16/bf16 training at hidden 768..4096 without dropout"
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return "measured on compute capability 9.0 only"
+    if not loaded_without_build():
+        return "the csrc/ module is not loaded (auto never builds it: backend='cuda' or an ahead-of-time build does)"
+    return None
+
+
 # ----------------------------------------------------------------------------- Linear + GELU
 
 
@@ -602,6 +622,7 @@ def _attention_auto_unsupported(device, dtype=None, head_dim=None, mask_kind="no
 backends.register_impl("attention", "cuda", Impl(_attention_forward, _attention_backward, _attention_unsupported,
                                                   auto_unsupported=_attention_auto_unsupported))
 backends.register_impl(
-    "add_layer_norm", "cuda", Impl(_add_layer_norm_forward, _add_layer_norm_backward, _add_layer_norm_unsupported)
+    "add_layer_norm", "cuda", Impl(_add_layer_norm_forward, _add_layer_norm_backward, _add_layer_norm_unsupported,
+                                   auto_unsupported=_add_layer_norm_auto_unsupported)
 )
 backends.register_impl("linear_gelu", "cuda", Impl(_linear_gelu_forward, _linear_gelu_backward, _linear_gelu_unsupported))

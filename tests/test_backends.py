@@ -334,6 +334,36 @@ def test_auto_takes_the_cuda_attention_only_where_it_was_measured_faster(cuda_au
     assert backends.resolve("attention", torch.device("cuda"), "auto", **case) == expected
 
 
+LN_TRAIN = dict(dtype=torch.bfloat16, hidden=768, dropout_p=0.0, requires_grad=True)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({}, "cuda"),  # training at 768: forward+backward 1.19x triton eagerly on the H200 (1.17x in a graph)
+    ({"hidden": 4096}, "cuda"),  # 1.32x
+    ({"dtype": torch.float16}, "cuda"),
+    ({"requires_grad": False}, "triton"),  # inference: triton's forward was the faster
+    ({"dropout_p": 0.1}, "triton"),  # the cuda kernels have no dropout
+    ({"hidden": 512}, "triton"),  # outside the measured 768..4096
+    ({"hidden": 8192}, "triton"),
+    ({"dtype": torch.float32}, "triton"),
+])
+def test_auto_takes_the_cuda_add_layer_norm_only_where_it_was_measured_faster(cuda_auto, change, expected):
+    case = {**LN_TRAIN, **change}
+    assert backends.resolve("add_layer_norm", torch.device("cuda"), "auto", **case) == expected
+
+
+def test_auto_keeps_triton_add_layer_norm_without_the_loaded_module_or_off_hopper(cuda_auto, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert backends.resolve("add_layer_norm", torch.device("cuda"), "auto", **LN_TRAIN) == "triton"
+    backends.clear_plans()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(cuda_auto, "_module", None)
+    monkeypatch.setattr(cuda_auto, "_tried", True)
+    monkeypatch.setattr(cuda_auto, "_jit_build", lambda: pytest.fail("auto started the JIT build"))
+    assert backends.resolve("add_layer_norm", torch.device("cuda"), "auto", **LN_TRAIN) == "triton"
+    assert "not loaded" in cuda_auto._add_layer_norm_auto_unsupported(torch.device("cuda"), **LN_TRAIN)
+
+
 def test_auto_keeps_triton_when_the_cuda_module_is_not_loaded_and_never_builds_it(cuda_auto, monkeypatch):
     monkeypatch.setattr(cuda_auto, "_module", None)
     monkeypatch.setattr(cuda_auto, "_tried", True)  # a process where loading was tried and failed
