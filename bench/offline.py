@@ -41,12 +41,11 @@ def _as_launched(arg):
     share theirs)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    from fuseformer.kernels.launch import new_descriptor
+
     if arg.__class__ is not TensorDescriptor:
         return arg
-    copy = object.__new__(TensorDescriptor)
-    copy.base, copy.shape, copy.strides, copy.block_shape, copy.padding = (
-        arg.base, list(arg.shape), list(arg.strides), list(arg.block_shape), arg.padding)
-    return copy
+    return new_descriptor(arg.base, arg.shape, arg.strides, arg.block_shape, arg.padding)
 
 
 class OfflineDriver:

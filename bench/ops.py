@@ -193,12 +193,17 @@ def _cuda_cublaslt_impl(call) -> Impl:
     """The cuda backend's Linear+GELU on cuBLASLt alone (FUSEFORMER_CUDA_LINEAR_GELU=cublaslt:
     the epilogue for tanh, GEMM + bias and gelu.cu for erf), the default until the H200 run of
     2026-11-27 measured the CUTLASS kernel faster for erf: kept timing beside `auto`."""
+    return _cuda_variant_impl(call, "fuseformer-cuda-cublaslt", "cuBLASLt: GELU epilogue (tanh), GEMM + gelu.cu (erf)",
+                              linear_gelu="cublaslt")
+
+
+def _cuda_variant_impl(call, name: str, note: str, **switch) -> Impl:
+    """The cuda backend under one of its kernel switches (cuda_backend.variant(**switch)),
+    timed beside fuseformer-cuda, which runs the defaults."""
     from fuseformer.kernels import cuda_backend
 
-    return Impl("fuseformer-cuda-cublaslt", lambda inputs: call(inputs, "cuda"), kind=OURS,
-                available=(lambda: K.unavailable_reason("cuda")), timed_on_cpu=False,
-                context=(lambda: cuda_backend.variant(linear_gelu="cublaslt")),
-                note="cuBLASLt: GELU epilogue (tanh), GEMM + gelu.cu (erf)")
+    return Impl(name, lambda inputs: call(inputs, "cuda"), kind=OURS, available=(lambda: K.unavailable_reason("cuda")),
+                timed_on_cpu=False, context=(lambda: cuda_backend.variant(**switch)), note=note)
 
 
 def _cuda_cute_impl(call, head_dim: int) -> Impl:
@@ -224,12 +229,8 @@ def _cuda_wmma_impl(call) -> Impl:
     WMMA fragments, scores through shared memory), the default until the H100 run of
     2026-11-26 measured them 2.5-17x slower than cute and sm90: kept in the benchmark as the
     record of that gap."""
-    from fuseformer.kernels import cuda_backend
-
-    return Impl("fuseformer-cuda-wmma", lambda inputs: call(inputs, "cuda"), kind=OURS,
-                available=(lambda: K.unavailable_reason("cuda")), timed_on_cpu=False,
-                context=(lambda: cuda_backend.variant(attention="wmma")),
-                note="csrc/attention_forward.cu, attention_backward.cu: WMMA")
+    return _cuda_variant_impl(call, "fuseformer-cuda-wmma", "csrc/attention_forward.cu, attention_backward.cu: WMMA",
+                              attention="wmma")
 
 
 def _fa4_unavailable() -> str | None:

@@ -300,7 +300,6 @@ def profile_attention_descriptors(B: int, H: int, L: int, D: int, iters: int) ->
     import cProfile
     import pstats
 
-
     from fuseformer import kernels as K
     from fuseformer.kernels import attention as A
 
@@ -366,21 +365,16 @@ def profile_bert(B: int, L: int, iters: int, device: str = "cuda", config=None, 
             # forward returned after 4.1 ms (3.2) of host time: the time until the call
             # returns against the time per forward by events, per backend, says whether the
             # host, the GPU or a wait between them (a synchronisation) is the bound.
+            from fuseformer.bench.overhead import _forward_host_us
+
+            def forward():
+                return model(input_ids=ids, attention_mask=mask)
+
             for name in dict.fromkeys((backend, "torch")):
                 model.set_backend(name)
-
-                def forward():
-                    return model(input_ids=ids, attention_mask=mask)
-
-                host = []
-                for _ in range(5):
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    forward()
-                    host.append((time.perf_counter() - start) * 1e6)
                 print(f"[bert B{B} L{L} {dtype}] backend {name}: {_events_ms(forward, iters):.3f} ms per forward "
-                      f"(events, median); host {min(host):.0f} us until it returns (fastest of 5); "
-                      f"{_host_us(forward, iters):.0f} us per forward queued back to back")
+                      f"(events, median); host {_forward_host_us(forward, 5):.0f} us until it returns (fastest "
+                      f"of 5); {_host_us(forward, iters):.0f} us per forward queued back to back")
             model.set_backend(backend)
         with profile(activities=activities) as prof:
             for _ in range(iters):
@@ -412,16 +406,19 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
+    backends = [s.strip() for s in args.backends.split(",") if s.strip()]
+
+    def dims(text):  # "16384x768x3072" -> (16384, 768, 3072)
+        return tuple(int(v) for v in text.lower().split("x"))
+
     profile_bare_launch(args.iters)
-    profile_add_layer_norm(args.M, args.N, [s.strip() for s in args.backends.split(",") if s.strip()], args.iters)
+    profile_add_layer_norm(args.M, args.N, backends, args.iters)
     if args.linear_gelu:
-        M, K_in, N = (int(v) for v in args.linear_gelu.lower().split("x"))
-        profile_linear_gelu(M, K_in, N, [s.strip() for s in args.backends.split(",") if s.strip()], args.iters)
+        profile_linear_gelu(*dims(args.linear_gelu), backends, args.iters)
     if args.attention:
-        profile_attention_descriptors(*(int(v) for v in args.attention.lower().split("x")), iters=args.iters)
+        profile_attention_descriptors(*dims(args.attention), iters=args.iters)
     if args.bert:
-        B, L = (int(v) for v in args.bert.lower().split("x"))
-        profile_bert(B, L, iters=10)
+        profile_bert(*dims(args.bert), iters=10)
     return 0
 
 

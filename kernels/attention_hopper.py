@@ -55,7 +55,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._util import ensure_tma_allocator, launch_tuned, sm_count, tuned_config
-from .launch import launch as launch_plain
+from .launch import launch as launch_plain, new_descriptor
 from .attention_kernels import _flat_pid, _key_range, _prune, _scores, _seq_bounds
 from .backends import interpreting
 from .precompile import autotune
@@ -417,13 +417,9 @@ def host_descriptors(tensors, block_d: int):
     for t in tensors:
         if 0 in t.shape or 0 in t.stride():
             return None
-        # Filled in directly: TensorDescriptor's own constructor re-validates what
-        # unsupported_reason has checked (16-byte base and strides, unit last stride), ~3 µs a
-        # descriptor here. The box is a placeholder until set_boxes fits it to the config.
-        desc = object.__new__(TensorDescriptor)
-        desc.base, desc.shape, desc.strides, desc.block_shape = t, list(t.shape), list(t.stride()), [1, 1, 16, block_d]
-        desc.padding = "zero"
-        out.append(desc)
+        # unsupported_reason has checked what TensorDescriptor's constructor would. The box is
+        # a placeholder until set_boxes fits it to the config.
+        out.append(new_descriptor(t, t.shape, t.stride(), [1, 1, 16, block_d]))
     return out
 
 

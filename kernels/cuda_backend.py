@@ -514,6 +514,17 @@ def _add_layer_norm_unsupported(dtype=None, hidden=None, dropout_p=0.0, requires
     return None
 
 
+def _loaded_on_hopper(device) -> str | None:
+    """The conditions every `auto` rule of this backend shares: a compute capability 9.0
+    device (where the GPU runs measured it) and the module already loaded (`auto` never builds
+    it); None when both hold, else why not."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return "measured on compute capability 9.0 only"
+    if not loaded_without_build():
+        return "the csrc/ module is not loaded (auto never builds it: backend='cuda' or an ahead-of-time build does)"
+    return None
+
+
 def _add_layer_norm_auto_unsupported(device, dtype=None, hidden=None, dropout_p=0.0, requires_grad=False, **_):
     """Where `auto` takes this backend's add+LayerNorm over triton's: training (the forward
     and backward of one call), where both GPU runs measured it faster, and only with the
@@ -525,11 +536,7 @@ def _add_layer_norm_auto_unsupported(device, dtype=None, hidden=None, dropout_p=
     if not (requires_grad and dtype in (torch.float16, torch.bfloat16) and not dropout_p
             and hidden is not None and 768 <= hidden <= 4096):
         return "measured faster than triton only for fp16/bf16 training at hidden 768..4096 without dropout"
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
-        return "measured on compute capability 9.0 only"
-    if not loaded_without_build():
-        return "the csrc/ module is not loaded (auto never builds it: backend='cuda' or an ahead-of-time build does)"
-    return None
+    return _loaded_on_hopper(device)
 
 
 # ----------------------------------------------------------------------------- Linear + GELU
@@ -609,10 +616,9 @@ def _attention_auto_unsupported(device, dtype=None, head_dim=None, mask_kind="no
             and mask_kind == "none" and not is_causal and not gqa and not requires_grad and not dropout_p
             and lq_multiple_of_8):
         return "measured faster than triton only for head-dim-128 inference without mask or causal on sm_90a"
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
-        return "the sm_90a attention kernels need compute capability 9.0"
-    if not loaded_without_build():
-        return "the csrc/ module is not loaded (auto never builds it: backend='cuda' or an ahead-of-time build does)"
+    reason = _loaded_on_hopper(device)
+    if reason is not None:
+        return reason
     if not _module.attention_sm90_built():
         return "the csrc/ module was built without the sm_90a kernels"
     return None

@@ -147,6 +147,16 @@ def _descriptor_class():
     return _DESCRIPTOR[0]
 
 
+def new_descriptor(base, shape, strides, block_shape, padding="zero"):
+    """A host TensorDescriptor over `base`, filled in directly: its constructor re-validates
+    what the caller has checked already (16-byte base and strides, unit last stride), ~3 µs a
+    descriptor. The lists are copied: a launcher may re-fit a descriptor's box later."""
+    desc = object.__new__(_descriptor_class())
+    desc.base, desc.shape, desc.strides, desc.block_shape, desc.padding = (
+        base, list(shape), list(strides), list(block_shape), padding)
+    return desc
+
+
 _runtime_knobs = None  # triton.knobs.runtime, imported at the first call of _hooks_idle
 
 
@@ -343,10 +353,7 @@ class DescriptorBound(Bound):
                 shape, strides, box, padding = template
                 if list(t.shape) != shape or list(t.stride()) != strides:
                     return False
-                desc = object.__new__(_descriptor_class())  # the constructor's checks held for the bound call
-                desc.base, desc.shape, desc.strides, desc.block_shape, desc.padding = (
-                    t, list(shape), list(strides), list(box), padding)
-                t = desc
+                t = new_descriptor(t, shape, strides, box, padding)  # the checks held for the bound call
             described.append(t)
         return self._launch(leading, described)
 
