@@ -13,12 +13,11 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import outputs as O
 from .bert import BertEmbeddings, check_heads, classification_loss, gelu_approximate, post_ln_block, run_encoder
 from .checkpoint import CAT, COPY, HFConfig, PreTrainedModel
-from .layers import AddLayerNorm, BackendChoice, init_weights, linear_gelu
+from .layers import AddLayerNorm, BackendChoice, VocabLogits, init_weights, linear_gelu
 from .pretraining import masked_lm_loss, pretraining_loss
 
 
@@ -142,11 +141,12 @@ class AlbertMLMHead(BackendChoice, nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.decoder = None if config.tie_word_embeddings else nn.Linear(config.embedding_size, config.vocab_size, bias=False)
         self.approximate, self.backend = gelu_approximate(config.hidden_act), backend
+        self.vocab_logits = VocabLogits()
 
     def forward(self, h, word_embeddings):
         h = linear_gelu(h, self.dense.weight, self.dense.bias, self.approximate, self._backend, self.uses_torch(h))
         weight = word_embeddings if self.decoder is None else self.decoder.weight
-        return F.linear(self.LayerNorm(h), weight, self.bias)  # (B, T, V)
+        return self.vocab_logits(self.LayerNorm(h), weight, self.bias)  # (B, T, V)
 
 
 class AlbertSOPHead(nn.Module):

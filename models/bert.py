@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from . import outputs as O
 from .checkpoint import CAT, COPY, HFConfig, PreTrainedModel
-from .layers import AddLayerNorm, BackendChoice, TransformerBlock, attention_mask_for, init_weights, linear_gelu, wide
+from .layers import (AddLayerNorm, BackendChoice, TransformerBlock, VocabLogits, attention_mask_for, init_weights,
+                     linear_gelu, wide)
 from .pretraining import masked_lm_loss, pretraining_loss
 
 
@@ -294,10 +295,11 @@ class BertLMPredictionHead(nn.Module):
         self.transform = BertPredictionHeadTransform(config, backend)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.decoder = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.vocab_logits = VocabLogits()
 
     def forward(self, h, word_embeddings: torch.Tensor):
         weight = word_embeddings if self.decoder is None else self.decoder.weight
-        return F.linear(self.transform(h), weight, self.bias)  # (B, T, V)
+        return self.vocab_logits(self.transform(h), weight, self.bias)  # (B, T, V)
 
 
 class BertOnlyMLMHead(nn.Module):

@@ -21,7 +21,8 @@ from . import outputs as O
 from .bert import check_heads, check_ids, check_inputs, gelu_approximate
 from .checkpoint import COPY, TRANSPOSE, HFConfig, PreTrainedModel
 from .generation import generate
-from .layers import AddLayerNorm, TransformerBlock, attention_mask_for, init_weights, scale_residual_projections, wide
+from .layers import (AddLayerNorm, TransformerBlock, VocabLogits, attention_mask_for, init_weights,
+                     scale_residual_projections, wide)
 
 
 @dataclasses.dataclass
@@ -163,6 +164,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         self.config = config
         self.transformer = GPT2Model(config, backend)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.vocab_logits = VocabLogits()
         self._init()
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None,
@@ -170,7 +172,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         base = self.transformer(input_ids, past_key_values, attention_mask, position_ids, use_cache,
                                 output_hidden_states, inputs_embeds=inputs_embeds)
         weight = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(base.last_hidden_state, weight)  # (B, T, V)
+        logits = self.vocab_logits(base.last_hidden_state, weight)  # (B, T, V)
         loss = None
         if labels is not None:
             # Token t predicts token t + 1.

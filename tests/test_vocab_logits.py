@@ -1,0 +1,159 @@
+"""VocabLogits (models/layers.py): the vocabulary projection computed over rows padded to a
+multiple of 64 must give F.linear's logits and gradients, keep its padded copy only while the
+weight is unchanged, and give the models' heads the same outputs and losses as unpadded.
+
+On a CPU the rule pads nothing (it pads fp16/bf16 GPU weights whose row count is not a
+multiple of 8); these tests force it, as the GPU takes it, by replacing the rule."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fuseformer.models as M
+from fuseformer.models import layers
+
+
+@pytest.fixture
+def always_pad(monkeypatch):
+    monkeypatch.setattr(layers, "vocab_padding", lambda weight: -weight.shape[0] % layers.VOCAB_ALIGN)
+
+
+def _inputs(vocab=97, hidden=24, bias=True, grad=False):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 5, hidden, dtype=torch.float64, generator=g).requires_grad_(grad)
+    w = torch.randn(vocab, hidden, dtype=torch.float64, generator=g).requires_grad_(grad)
+    b = torch.randn(vocab, dtype=torch.float64, generator=g).requires_grad_(grad) if bias else None
+    return h, w, b
+
+
+def test_the_rule_pads_only_unaligned_gpu_half_weights():
+    assert layers.vocab_padding(torch.empty(30522, 8, dtype=torch.float16)) == 0  # a CPU tensor
+    assert layers.vocab_padding(torch.empty(30522, 8, dtype=torch.float32)) == 0
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        assert layers.vocab_padding(torch.empty(30522, 8, dtype=torch.bfloat16, device=cuda)) == 30528 - 30522
+        assert layers.vocab_padding(torch.empty(50257, 8, dtype=torch.float16, device=cuda)) == 50304 - 50257
+        assert layers.vocab_padding(torch.empty(30000, 8, dtype=torch.float16, device=cuda)) == 0  # 8 | 30000
+        assert layers.vocab_padding(torch.empty(50257, 8, dtype=torch.float32, device=cuda)) == 0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_padded_logits_and_gradients_equal_f_linear(always_pad, bias):
+    h, w, b = _inputs(bias=bias, grad=True)
+    out = layers.VocabLogits()(h, w, b)
+    assert out.shape == (3, 5, 97)
+    assert out.stride()[-2] == 128  # computed over 128 rows, the first 97 returned
+    ref = F.linear(h, w, b)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, [t for t in (h, w, b) if t is not None], dy)
+    ref_grads = torch.autograd.grad(ref, [t for t in (h, w, b) if t is not None], dy)
+    for got, want in zip(grads, ref_grads):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_aligned_or_unpadded_weights_take_f_linear_unchanged():
+    h, w, b = _inputs(vocab=96)
+    out = layers.VocabLogits()(h, w, b)  # the CPU rule: no padding
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(h, w, b), rtol=0, atol=0)
+
+
+def test_kept_copy_is_reused_and_dropped_when_the_weight_changes(always_pad):
+    h, w, b = _inputs()
+    logits = layers.VocabLogits()
+    with torch.no_grad():
+        first = logits(h, w, b)
+        kept = logits._kept[4]
+        torch.testing.assert_close(logits(h, w, b), first, rtol=0, atol=0)
+        assert logits._kept[4] is kept  # no new copy for an unchanged weight
+        w.add_(1.0)  # an optimizer step: the version counter moves
+        torch.testing.assert_close(logits(h, w, b), F.linear(h, w, b), rtol=1e-12, atol=1e-12)
+        assert logits._kept[4] is not kept
+        b.mul_(2.0)  # the bias alone changes
+        torch.testing.assert_close(logits(h, w, b), F.linear(h, w, b), rtol=1e-12, atol=1e-12)
+        other = w.clone()  # same values, another tensor
+        other[0] += 1.0
+        torch.testing.assert_close(logits(h, other, b), F.linear(h, other, b), rtol=1e-12, atol=1e-12)
+
+
+def test_copy_kept_in_inference_mode_serves_autograd_through_a_frozen_weight(always_pad):
+    h, w, b = _inputs()
+    logits = layers.VocabLogits()
+    with torch.inference_mode():
+        logits(h, w, b)  # keeps a copy
+    h.requires_grad_(True)  # a trained model under a frozen embedding: h needs a gradient, w not
+    out = logits(h, w, b)
+    (dh,) = torch.autograd.grad(out.sum(), [h])
+    torch.testing.assert_close(dh, F.linear(torch.ones_like(out), w.t()), rtol=1e-12, atol=1e-12)
+
+
+def test_inference_tensors_are_padded_without_keeping_a_copy(always_pad):
+    with torch.inference_mode():
+        h, w, b = _inputs()
+        logits = layers.VocabLogits()
+        torch.testing.assert_close(logits(h, w, b), F.linear(h, w, b), rtol=1e-12, atol=1e-12)
+        assert logits._kept is None  # no version counter to tell a change by
+
+
+def _tiny(name):
+    import transformers
+
+    torch.manual_seed(0)
+    if name == "gpt2":
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=101, n_embd=32, n_layer=2, n_head=2, n_positions=32, bos_token_id=1, eos_token_id=2))
+        return M.GPT2LMHeadModel.from_hf(hf.double())
+    if name == "bert":
+        hf = transformers.BertForMaskedLM(transformers.BertConfig(
+            vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
+        return M.BertForMaskedLM.from_hf(hf.double())
+    hf = transformers.AlbertForMaskedLM(transformers.AlbertConfig(
+        vocab_size=101, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64))
+    return M.AlbertForMaskedLM.from_hf(hf.double())
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "albert"])
+def test_model_heads_give_the_same_logits_loss_and_gradients_padded(monkeypatch, name):
+    pytest.importorskip("transformers")
+    model = _tiny(name)
+    model.eval()  # no dropout: the two runs must see the same network
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 101, (2, 9), generator=g)
+    labels = ids.clone()
+    labels[:, ::2] = -100
+
+    def run():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        return out.logits.detach(), out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                        if p.grad is not None}
+
+    logits, loss, grads = run()
+    monkeypatch.setattr(layers, "vocab_padding", lambda weight: -weight.shape[0] % layers.VOCAB_ALIGN)
+    padded_logits, padded_loss, padded_grads = run()
+    assert padded_logits.shape == logits.shape and padded_logits.stride()[-2] == 128
+    torch.testing.assert_close(padded_logits, logits, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(padded_loss, loss, rtol=1e-10, atol=1e-10)
+    assert padded_grads.keys() == grads.keys()
+    for n in grads:
+        torch.testing.assert_close(padded_grads[n], grads[n], rtol=1e-9, atol=1e-10, msg=n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_gpt2_sized_head_is_padded_and_matches_the_unpadded_matmul(dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(2, 33, 768, device="cuda", dtype=dtype, generator=g)
+    w = torch.randn(50257, 768, device="cuda", dtype=dtype, generator=g) * 0.02
+    logits = layers.VocabLogits()
+    with torch.no_grad():
+        out = logits(h, w)
+        again = logits(h, w)
+    assert out.shape == (2, 33, 50257) and out.stride()[-2] == 50304
+    torch.testing.assert_close(again, out, rtol=0, atol=0)  # the kept copy gives the same bits
+    ref = F.linear(h.double(), w.double())
+    err, torch_err = (out.double() - ref).abs().max(), (F.linear(h, w).double() - ref).abs().max()
+    assert err <= 2 * torch_err + 1e-3, (err, torch_err)  # the parity rule's form
