@@ -65,8 +65,9 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", default=str(THRESHOLDS), help="threshold rules for --check")
     p.add_argument("--list", action="store_true", help="list the cases this device would run, and exit")
     p.add_argument("--no-graph", dest="graph", action="store_false",
-                   help="on a GPU, skip the second timing of each ops-case implementation, replayed in a CUDA graph "
-                   "(its device time without the host's launch cost, the `graph ms` column)")
+                   help="on a GPU, skip the second timing of each implementation of an ops case or a training "
+                   "step, replayed in a CUDA graph (its device time without the host's launch cost, the `graph ms` "
+                   "column)")
     p.add_argument("--resume", action="store_true",
                    help="continue a cut-off run: keep the cases already in --out's results.json (same commit, "
                    "device, versions, dtype and --quick) and run the rest")
@@ -200,8 +201,8 @@ def _collect(suite: str, device_type: str):
     return cases
 
 
-GRAPH_NOTE = ("Each ops-case implementation is timed twice: eagerly (median ms: what a drop-in call costs, "
-              "including the host time the GPU waits for) and replayed in a CUDA graph (graph ms: the kernels' "
+GRAPH_NOTE = ("Each implementation of an ops case or a model training step is timed twice: eagerly (median "
+              "ms: what a drop-in call costs, including the host time the GPU waits for) and replayed in a CUDA graph (graph ms: the kernels' "
               "device time with the host out of the way; no L2 flush, inputs rotated over copies as in the eager "
               "timing). The summary's graph speedup compares the graph times.")
 

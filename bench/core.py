@@ -90,6 +90,12 @@ class Case:
     cpu_note: str = ""
     note: str = ""
 
+    @property
+    def graph_timed(self) -> bool:
+        """On a GPU, each implementation is timed a second time replayed in a CUDA graph
+        (runner._time_graphed): the ops cases; model cases say for themselves."""
+        return self.suite == "ops"
+
     def prepare(self, device: torch.device, dtype: torch.dtype, l2_bytes: int) -> Prepared:
         raise NotImplementedError
 

@@ -102,6 +102,15 @@ class ModelCase(Case):
     suite: str = "models"
     timed_on_cpu: bool = True
 
+    @property
+    def graph_timed(self) -> bool:
+        """Training steps are timed in a CUDA graph too (forward, loss and backward captured
+        together, every implementation alike), which an eager step cannot tell: how much of it
+        is the kernels' time, and whether the step synchronises with the host (time_graph
+        raises on a sync first, so the entry says "not graphed" and why). Inference has its
+        own graph implementations (fuseformer-fused-graphs, the runner), timed as such."""
+        return self.task == "train"
+
     def _inputs(self, device, vocab):
         gen = torch.Generator().manual_seed(7)
         ids = torch.randint(1, vocab, (self.B, self.L), generator=gen)

@@ -673,6 +673,18 @@ def test_gpu_run_times_each_ops_implementation_in_a_cuda_graph_too(monkeypatch, 
     assert "graph speedup" not in md and "graph ms" not in md
 
 
+def test_training_steps_are_graph_timed_and_inference_model_cases_are_not():
+    """A model training step gets the graph timing (its device time, and whether it syncs);
+    model inference has its own graph implementations instead; ops cases all get it."""
+    from fuseformer.bench import model_cases
+
+    assert model_cases.ModelCase(name="t", family="bert", task="train").graph_timed
+    assert not model_cases.ModelCase(name="i", family="bert", task="infer").graph_timed
+    assert _graph_case().graph_timed and not _graph_case("models").graph_timed
+    trains = [c for c in model_cases.cases("cuda") if c.task == "train"]
+    assert trains and all(c.graph_timed for c in trains)
+
+
 def test_no_graph_flag():
     assert cli._bench_parser().parse_args(["--no-graph"]).graph is False
     assert cli._bench_parser().parse_args([]).graph is True
