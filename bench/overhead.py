@@ -71,6 +71,7 @@ def _inputs(device, dtype, grad):
         q=randn(B, H, L, D), k=randn(B, H, L, D), v=randn(B, H, L, D), pad=pad,
         x=randn(8, C), r=randn(8, C), w=randn(C), b=randn(C),
         fc_w=randn(4 * C, C, scale=0.2), fc_b=randn(4 * C),
+        logits=randn(8, 4 * C), labels=torch.tensor([0, 5, -100, 127, 64, 3, -100, 9], device=device),
     )
 
 
@@ -108,6 +109,12 @@ def op_cases(device: torch.device, dtype: torch.dtype, backend: str, grad: bool)
             run(lambda: K.linear_gelu(t["x"], t["fc_w"], t["fc_b"], backend=backend)),
             run(lambda: F.gelu(F.linear(t["x"], t["fc_w"], t["fc_b"]))),
             "F.gelu(F.linear(...))",
+        ),
+        OverheadCase(
+            f"cross_entropy_{suffix}",
+            run(lambda: K.cross_entropy(t["logits"], t["labels"], backend=backend)),
+            run(lambda: F.cross_entropy(t["logits"].float(), t["labels"])),
+            "F.cross_entropy(logits.float(), labels)",
         ),
     ]
 

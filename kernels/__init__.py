@@ -1,4 +1,4 @@
-"""fuseformer.kernels: fused attention, add+LayerNorm and Linear+GELU.
+"""fuseformer.kernels: fused attention, add+LayerNorm, Linear+GELU and cross-entropy.
 
     from fuseformer import kernels as K
     out = K.scaled_dot_product_attention(q, k, v, attn_mask=pad_mask)
@@ -21,6 +21,7 @@ if __name__ != "fuseformer.kernels":
 else:
     from . import cuda_backend  # noqa: F401  (registers the cuda impls)
     from .add_layer_norm import add_layer_norm
+    from .cross_entropy import cross_entropy
     from .attention import scaled_dot_product_attention
     from .varlen_attention import varlen_attention
     from . import backends
@@ -47,6 +48,7 @@ __all__ = [
     "varlen_attention",
     "add_layer_norm",
     "linear_gelu",
+    "cross_entropy",
     "set_backend",
     "get_backend",
     "use_backend",

@@ -45,6 +45,7 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "varlen_attention": ("triton",),
     "add_layer_norm": ("cuda", "triton"),
     "linear_gelu": ("triton",),
+    "cross_entropy": ("triton",),
 }
 
 

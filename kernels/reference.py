@@ -145,3 +145,13 @@ def add_layer_norm(
 def linear_gelu(x, weight, bias=None, approximate="none"):
     """gelu(x @ weight^T + bias); approximate="none" is erf (BERT), "tanh" is GPT-2's gelu_new."""
     return F.gelu(F.linear(x, weight, bias), approximate=approximate)
+
+
+def cross_entropy(logits, labels, ignore_index=-100, reduction="mean"):
+    """Cross-entropy over the class scores in the last dim of `logits`, in float32 at least
+    (float64 stays float64). "mean" averages over the rows whose label is not ignore_index;
+    "none" gives each row's loss in labels' shape, 0 where ignored."""
+    wide = logits if logits.dtype == torch.float64 else logits.float()
+    rows = wide.reshape(labels.numel(), wide.shape[-1])  # (M, V); -1 cannot stand for M when V is 0
+    loss = F.cross_entropy(rows, labels.reshape(-1).long(), ignore_index=ignore_index, reduction=reduction)
+    return loss.view(labels.shape) if reduction == "none" else loss

@@ -18,7 +18,7 @@ from . import outputs as O
 from .bert import BertEmbeddings, check_heads, classification_loss, gelu_approximate, post_ln_block, run_encoder
 from .checkpoint import CAT, COPY, HFConfig, PreTrainedModel
 from .layers import AddLayerNorm, BackendChoice, VocabLogits, init_weights, linear_gelu
-from .pretraining import masked_lm_loss, pretraining_loss
+from .pretraining import pretraining_loss
 
 
 @dataclasses.dataclass
@@ -141,7 +141,7 @@ class AlbertMLMHead(BackendChoice, nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.decoder = None if config.tie_word_embeddings else nn.Linear(config.embedding_size, config.vocab_size, bias=False)
         self.approximate, self.backend = gelu_approximate(config.hidden_act), backend
-        self.vocab_logits = VocabLogits()
+        self.vocab_logits = VocabLogits(backend)
 
     def forward(self, h, word_embeddings):
         h = linear_gelu(h, self.dense.weight, self.dense.bias, self.approximate, self._backend, self.uses_torch(h))
@@ -179,7 +179,7 @@ class AlbertForPreTraining(AlbertPreTrainedModel):
                            inputs_embeds=inputs_embeds)
         logits = self.predictions(base.last_hidden_state, self.albert.embeddings.word_embeddings.weight)
         sop = self.sop_classifier(base.pooler_output)  # (B, 2)
-        loss = pretraining_loss(logits, labels, sop, sentence_order_label)
+        loss = pretraining_loss(logits, labels, sop, sentence_order_label, self.predictions.vocab_logits.loss)
         out = O.AlbertForPreTrainingOutput(loss, logits, sop, base.hidden_states)
         return out if return_dict else out.to_tuple()
 
@@ -200,7 +200,7 @@ class AlbertForMaskedLM(AlbertPreTrainedModel):
         base = self.albert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
                            inputs_embeds=inputs_embeds)
         logits = self.predictions(base.last_hidden_state, self.albert.embeddings.word_embeddings.weight)
-        loss = masked_lm_loss(logits, labels) if labels is not None else None
+        loss = self.predictions.vocab_logits.loss(logits, labels) if labels is not None else None
         out = O.MaskedLMOutput(loss, logits, base.hidden_states)
         return out if return_dict else out.to_tuple()
 

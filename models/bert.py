@@ -20,7 +20,7 @@ from . import outputs as O
 from .checkpoint import CAT, COPY, HFConfig, PreTrainedModel
 from .layers import (AddLayerNorm, BackendChoice, TransformerBlock, VocabLogits, attention_mask_for, init_weights,
                      linear_gelu, wide)
-from .pretraining import masked_lm_loss, pretraining_loss
+from .pretraining import pretraining_loss
 
 
 def gelu_approximate(hidden_act: str) -> str:
@@ -295,7 +295,7 @@ class BertLMPredictionHead(nn.Module):
         self.transform = BertPredictionHeadTransform(config, backend)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.decoder = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.vocab_logits = VocabLogits()
+        self.vocab_logits = VocabLogits(backend)
 
     def forward(self, h, word_embeddings: torch.Tensor):
         weight = word_embeddings if self.decoder is None else self.decoder.weight
@@ -351,7 +351,7 @@ class BertForPreTraining(BertPreTrainedModel):
                          inputs_embeds=inputs_embeds)
         logits = self.cls.predictions(base.last_hidden_state, self.bert.embeddings.word_embeddings.weight)
         nsp = self.cls.seq_relationship(base.pooler_output)  # (B, 2)
-        loss = pretraining_loss(logits, labels, nsp, next_sentence_label)
+        loss = pretraining_loss(logits, labels, nsp, next_sentence_label, self.cls.predictions.vocab_logits.loss)
         out = O.BertForPreTrainingOutput(loss, logits, nsp, base.hidden_states)
         return out if return_dict else out.to_tuple()
 
@@ -372,7 +372,7 @@ class BertForMaskedLM(BertPreTrainedModel):
         base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
                          inputs_embeds=inputs_embeds)
         logits = self.cls.predictions(base.last_hidden_state, self.bert.embeddings.word_embeddings.weight)
-        loss = masked_lm_loss(logits, labels) if labels is not None else None
+        loss = self.cls.predictions.vocab_logits.loss(logits, labels) if labels is not None else None
         out = O.MaskedLMOutput(loss, logits, base.hidden_states)
         return out if return_dict else out.to_tuple()
 

@@ -22,7 +22,7 @@ from .bert import check_heads, check_ids, check_inputs, gelu_approximate
 from .checkpoint import COPY, TRANSPOSE, HFConfig, PreTrainedModel
 from .generation import generate
 from .layers import (AddLayerNorm, TransformerBlock, VocabLogits, attention_mask_for, init_weights,
-                     scale_residual_projections, wide)
+                     scale_residual_projections)
 
 
 @dataclasses.dataclass
@@ -164,7 +164,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         self.config = config
         self.transformer = GPT2Model(config, backend)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.vocab_logits = VocabLogits()
+        self.vocab_logits = VocabLogits(backend)
         self._init()
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None,
@@ -175,9 +175,9 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         logits = self.vocab_logits(base.last_hidden_state, weight)  # (B, T, V)
         loss = None
         if labels is not None:
-            # Token t predicts token t + 1.
-            loss = F.cross_entropy(wide(logits[:, :-1].reshape(-1, logits.shape[-1])),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+            # Token t predicts token t + 1: the labels move one left, the last position has
+            # none (-100), and the logits are used as they are (slicing them would copy).
+            loss = self.vocab_logits.loss(logits, F.pad(labels[:, 1:], (0, 1), value=-100))
         out = O.CausalLMOutputWithPast(loss, logits, base.past_key_values, base.hidden_states)
         return out if return_dict else out.to_tuple()
 

@@ -326,10 +326,12 @@ def vocab_padding(weight: torch.Tensor) -> int:
     return -rows % VOCAB_ALIGN
 
 
-class VocabLogits:
-    """logits = F.linear(h, weight, bias) over a vocabulary, computed with the vocabulary
-    padded to a multiple of VOCAB_ALIGN rows on the GPU; the result is the first V columns of
-    the padded logits (a view: its rows are VOCAB_ALIGN-padded apart).
+class VocabLogits(BackendChoice, nn.Module):
+    """logits = F.linear(h, weight, bias) over a vocabulary, and the cross-entropy loss on them.
+
+    On the GPU the logits are computed with the vocabulary padded to a multiple of
+    VOCAB_ALIGN rows, and the result is the first V columns of the padded logits (a view: its
+    rows are VOCAB_ALIGN-padded apart).
 
     Why: the output's row stride is V elements, and BERT's 30522 and GPT-2's 50257 are not
     multiples of 8, so in fp16/bf16 the rows of the logits are not 16-byte aligned and cuBLAS
@@ -340,25 +342,44 @@ class VocabLogits:
     training step. On the H200 (2026-11-27) our GPT-2 B8 L512 inference took 5.22 ms in a CUDA
     graph against 2.81 for HF + torch.compile, whose layers are no faster than ours.
 
+    The padding rows have weight 0 and bias -inf: their logits are -inf, no probability, so
+    `loss` computes the cross-entropy over the whole padded logits (the view's columns are
+    the same classes) and its gradient reaches the GEMM in the GEMM's own layout, where
+    slicing would have copied it into a zero-filled padded buffer.
+
     The padded weight (and bias) is a copy. Where autograd does not track them it is kept and
     reused while the weight is unchanged (the same memory, shape, dtype and version counter:
     an optimizer step or a load bumps the version), so inference and generation copy it once;
     it costs one more weight's memory (77 MB for GPT-2 in fp16). Where autograd tracks them
     the pad is made per call, so the gradient of the padding is dropped by F.pad's backward."""
 
-    def __init__(self):
+    def __init__(self, backend: str | None = None):
+        super().__init__()
+        self.backend = backend
         self._kept = None  # (weight alias, its version, bias alias, its version, padded weight, padded bias)
 
-    def __call__(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         pad = vocab_padding(weight)
         if pad == 0 or torch.compiler.is_compiling():  # torch.compile pads matmuls itself
             return F.linear(h, weight, bias)
         w, b = self._padded(weight, bias, pad)
-        return F.linear(h, w, b)[..., :weight.shape[0]]
+        full = F.linear(h, w, b)
+        logits = full[..., :weight.shape[0]]
+        logits._fuseformer_padded = full  # for `loss`; the same memory, nothing more is kept
+        return logits
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean cross-entropy of `labels` (logits.shape[:-1]) under `logits`, on this module's
+        backend (fuseformer.kernels.cross_entropy): over the padded logits when `logits` is
+        this module's view of them (see the class docstring)."""
+        full = getattr(logits, "_fuseformer_padded", None)
+        if full is not None and full.data_ptr() == logits.data_ptr() and full.stride() == logits.stride():
+            logits = full
+        return K.cross_entropy(logits, labels, ignore_index, backend=self._backend)
 
     def _padded(self, weight, bias, pad):
         if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
-            return F.pad(weight, (0, 0, 0, pad)), None if bias is None else F.pad(bias, (0, pad))
+            return F.pad(weight, (0, 0, 0, pad)), _pad_bias(weight, bias, pad)
         kept = self._kept
         if kept is not None and _same(kept[0], kept[1], weight) and (
                 kept[2] is None if bias is None else _same(kept[2], kept[3], bias)):
@@ -367,7 +388,7 @@ class VocabLogits:
         # embedding under a trained model); without grad, so it is a leaf of nothing.
         with torch.inference_mode(False), torch.no_grad():
             w = F.pad(weight.detach(), (0, 0, 0, pad))
-            b = None if bias is None else F.pad(bias.detach(), (0, pad))
+            b = _pad_bias(weight, None if bias is None else bias.detach(), pad)
         versions = _version(weight), None if bias is None else _version(bias)
         # Kept only where a version tells a change (inference tensors have none), and not
         # while a CUDA graph is captured (its copy would live in the graph's memory pool).
@@ -375,6 +396,13 @@ class VocabLogits:
             # The aliases hold the weight's memory, so no other tensor can take its address.
             self._kept = (weight.detach(), versions[0], None if bias is None else bias.detach(), versions[1], w, b)
         return w, b
+
+
+def _pad_bias(weight: torch.Tensor, bias: torch.Tensor | None, pad: int) -> torch.Tensor:
+    """The bias of the padded projection: `bias` (zeros where there is none), then -inf."""
+    if bias is None:
+        bias = weight.new_zeros(weight.shape[0])
+    return F.pad(bias, (0, pad), value=float("-inf"))
 
 
 def _version(t: torch.Tensor) -> int | None:

@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import kernels as K
 from .layers import wide
 
 IGNORE_INDEX = -100
@@ -115,9 +116,10 @@ def collate(examples, pad_id: int = 0):
     return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "pair_labels": labels}
 
 
-def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the chosen tokens only (labels != -100)."""
-    return F.cross_entropy(wide(logits.reshape(-1, logits.shape[-1])), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the chosen tokens only (labels != -100), in float32 at least:
+    fuseformer.kernels.cross_entropy on `backend` (None: the backend in force)."""
+    return K.cross_entropy(logits, labels.reshape(logits.shape[:-1]), IGNORE_INDEX, backend=backend)
 
 
 def pair_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -125,12 +127,14 @@ def pair_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(wide(logits), labels.reshape(-1))
 
 
-def pretraining_loss(mlm_logits, mlm_labels, pair_logits, pair_labels) -> torch.Tensor | None:
+def pretraining_loss(mlm_logits, mlm_labels, pair_logits, pair_labels,
+                     mlm_loss=masked_lm_loss) -> torch.Tensor | None:
     """BERT / ALBERT pretraining loss: MLM + NSP (or SOP), summed as in the papers. A term
-    whose labels are None is left out, as Hugging Face's heads do; None when both are."""
+    whose labels are None is left out, as Hugging Face's heads do; None when both are.
+    mlm_loss(logits, labels): the models pass their head's VocabLogits.loss."""
     terms = []
     if mlm_labels is not None:
-        terms.append(masked_lm_loss(mlm_logits, mlm_labels))
+        terms.append(mlm_loss(mlm_logits, mlm_labels))
     if pair_labels is not None:
         terms.append(pair_loss(pair_logits, pair_labels))
     return sum(terms[1:], terms[0]) if terms else None

@@ -49,6 +49,7 @@ A = importlib.import_module("fuseformer.kernels.attention")
 HK = importlib.import_module("fuseformer.kernels.attention_hopper")
 LG = importlib.import_module("fuseformer.kernels.linear_gelu")
 ALN = importlib.import_module("fuseformer.kernels.add_layer_norm")
+CE = importlib.import_module("fuseformer.kernels.cross_entropy")
 
 
 def _randn(*shape, dtype=torch.bfloat16):
@@ -67,6 +68,17 @@ def case_add_layer_norm():
     x, r, w, b = _randn(32, 768), _randn(32, 768), _randn(768), _randn(768)
     y, stream, mean, rstd = ALN.forward(x, r, w, b, 1e-5, 0.0, None, True)
     ALN.backward(_randn(32, 768), None, stream, w, b, mean, rstd, 0.0, None, True)
+
+
+def case_cross_entropy():
+    """A vocabulary wider than one forward step (5000 > FWD_BLOCK), one ignored row, the
+    loss's gradient as a 0-d tensor (mean) and per row (none)."""
+    x = _randn(6, 5000)
+    y = torch.tensor([3, -100, 4999, 0, 17, 2500])
+    loss, lse, count, ok = CE.forward(x, y, -100, "mean")
+    CE.backward(torch.tensor(0.5), count, x, y, lse, -100, "mean")
+    rows, lse, count, ok = CE.forward(x, y, -100, "none")
+    CE.backward(torch.rand(6), count, x, y, lse, -100, "none")
 
 
 def case_attention(kernel, dq="pass", descriptors="device", autotune=True, causal=False, dropout_p=0.0):
@@ -103,6 +115,7 @@ CASES = {
     "linear_gelu_portable": lambda: case_linear_gelu("portable"),
     "linear_gelu_tma": lambda: case_linear_gelu("tma"),
     "add_layer_norm": case_add_layer_norm,
+    "cross_entropy": case_cross_entropy,
     "attention_portable": lambda: case_attention("portable"),
     "attention_portable_atomic_dq": lambda: case_attention("portable", dq="atomic"),
     "attention_hopper": lambda: case_attention("hopper"),

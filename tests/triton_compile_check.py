@@ -351,7 +351,8 @@ _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 KERNEL_MODULES = ("fuseformer.kernels.add_layer_norm_kernels", "fuseformer.kernels.attention_kernels",
                   "fuseformer.kernels.attention_hopper", "fuseformer.kernels.attention_hopper_bwd",
-                  "fuseformer.kernels.linear_gelu_kernels", "fuseformer.kernels.reduce")
+                  "fuseformer.kernels.linear_gelu_kernels", "fuseformer.kernels.reduce",
+                  "fuseformer.kernels.cross_entropy_kernels")
 # PTX instructions counted per compile, so tests can require them: Hopper tensor-core MMAs,
 # TMA copies (global <-> shared through a tensor map), 16-byte vector global loads/stores,
 # and register reallocation between warp-specialized partitions.

@@ -1,0 +1,238 @@
+"""Cross-entropy over the class scores in the last dim, fused in Triton, forward and backward.
+
+    loss = cross_entropy(logits, labels, ignore_index=-100, reduction="mean")
+    logits (..., V) fp16/bf16/fp32, any strides; labels (...) int64 or int32
+
+The same as F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1)) (classes in the
+last dim, as language-model heads produce them, not in dim 1), in float32 whatever the logits'
+dtype (float64 stays float64 on the torch backend). "mean" averages over the rows whose label
+is not ignore_index (nan when there is none, as torch), "sum" adds them, "none" returns the
+loss of each row in labels' shape (0 where ignored).
+
+Why a kernel: the models' masked-LM and causal-LM losses ran F.cross_entropy on fp32 copies of
+the logits (on bf16 logits directly, the log-probabilities lose ~1e-2 of the loss). At BERT's
+B32 L128 (4096 x 30522 logits, 250 MB in bf16) that moved ~5 GB a training step through the
+upcast, log_softmax, its backward and the downcast of the gradient; these kernels read the
+logits twice and write their gradient once (kernels/cross_entropy_kernels.py has the maths),
+at fp32 accuracy. Unmeasured on a GPU yet (the ops suite's cross_entropy cases time it).
+
+Launcher contract (logits2d (M, V) with any strides, labels1d (M,)):
+    forward(logits2d, labels1d, ignore_index, reduction) -> (loss, lse, count, ok)
+        loss: () fp32 for "mean"/"sum", each row's (M,) fp32 for "none"; lse (M,) fp32;
+        count () fp32: the rows not ignored; ok () int32: 1 when every label is in [0, V) or
+        ignore_index (the caller raises or asserts on it).
+    backward(g, count, logits2d, labels1d, lse, ignore_index, reduction) -> dlogits (M, V),
+        contiguous, the logits' dtype; g: the loss's gradient, () or (M,) ("none").
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backends, reference
+from ._util import cdiv, device_guard, new_output, next_pow2
+from .backends import Impl
+from .checks import check_tensor
+from .cross_entropy_kernels import _ce_bwd, _ce_fwd, _ce_reduce
+from .launch import launch, plan_table
+
+REDUCTIONS = ("mean", "sum", "none")
+LABEL_DTYPES = (torch.int64, torch.int32)
+# Scores a forward program holds per step of its row walk (16 fp32 per thread over 8 warps),
+# per backward program (one chunk each: V = 30522 gives 15 programs a row), and rows per step
+# of the one reducing program.
+FWD_BLOCK, BWD_BLOCK, REDUCE_BLOCK = 4096, 2048, 1024
+
+
+# ----------------------------------------------------------------------------- launchers
+# Each launch site keeps a launch plan per shape (kernels/launch.py): a repeated call only
+# allocates its outputs and re-launches with its tensors.
+_fwd_plans, _reduce_plans, _bwd_plans = plan_table(), plan_table(), plan_table()
+
+
+def forward(logits, labels, ignore_index, reduction):
+    M, V = logits.shape
+    device = logits.device
+    rows = new_output((M,), torch.float32, device)
+    lse = new_output((M,), torch.float32, device)
+    total = new_output((), torch.float32, device)
+    count = new_output((), torch.float32, device)
+    ok = torch.empty((), dtype=torch.int32, device=device)
+    # What the trailing arguments and constexprs derive from (the tensors' dtypes and
+    # alignment the plans check themselves).
+    key = (device, M, V, logits.stride(0), logits.stride(1), labels.stride(0), ignore_index, reduction)
+    if V == 0:  # no class: every label must be ignored (the reduction checks), each loss is 0
+        rows.zero_()
+        lse.zero_()
+    elif M:
+        block = min(FWD_BLOCK, next_pow2(V))
+        fwd = (logits, labels, rows, lse)
+        _fwd_plans.launch(key, ((_ce_fwd, fwd),), lambda: launch(
+            _ce_fwd, (M,), *fwd, V, logits.stride(0), logits.stride(1), labels.stride(0), ignore_index, BLOCK=block,
+            num_warps=8 if block >= 2048 else 4))
+    red = (rows, labels, total, count, ok)
+    _reduce_plans.launch(key, ((_ce_reduce, red),), lambda: launch(
+        _ce_reduce, (1,), *red, M, V, labels.stride(0), ignore_index, BLOCK=REDUCE_BLOCK, MEAN=reduction == "mean",
+        num_warps=4))
+    return rows if reduction == "none" else total, lse, count, ok
+
+
+def backward(g, count, logits, labels, lse, ignore_index, reduction):
+    M, V = logits.shape
+    dx = new_output((M, V), logits.dtype, logits.device)
+    if M == 0 or V == 0:
+        return dx
+    block = min(BWD_BLOCK, next_pow2(V))
+    stride_g = 0 if g.dim() == 0 else g.stride(0)
+    key = (dx.device, M, V, logits.stride(0), logits.stride(1), labels.stride(0), stride_g, ignore_index, reduction)
+    pointers = (logits, labels, lse, g, count, dx)
+    _bwd_plans.launch(key, ((_ce_bwd, pointers),), lambda: launch(
+        _ce_bwd, (M, cdiv(V, block)), *pointers, V, logits.stride(0), logits.stride(1), labels.stride(0), stride_g,
+        ignore_index, BLOCK=block, MEAN=reduction == "mean", num_warps=4 if block >= 1024 else 2))
+    return dx
+
+
+def unsupported(dtype=None, **_):
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {dtype} (the kernels take float16, bfloat16, float32)"
+    return None
+
+
+backends.register_impl("cross_entropy", "triton", Impl(forward, backward, unsupported))
+
+
+# ----------------------------------------------------------------------------- shared by both paths
+
+
+def _rows(logits, labels):
+    """(logits as (M, V) rows, labels as (M,)): views where the strides allow, else copies."""
+    return logits.reshape(labels.numel(), logits.shape[-1]), labels.reshape(-1)
+
+
+def _labels_ok(ok, labels, V, ignore_index):
+    """Raise (CPU) or assert on the device (GPU: reading the flag back would stall the host
+    until the GPU catches up, every call) that every label was in [0, V) or ignore_index;
+    `ok` None: look on the CPU (the torch backend, whose GPU path asserts by itself)."""
+    what = f"labels must lie in [0, {V}) (the classes of logits) or be ignore_index={ignore_index}"
+    if ok is not None and ok.device.type != "cpu":
+        torch._assert_async(ok, what)
+        return
+    if ok is not None and ok.item():
+        return
+    bad = ((labels < 0) | (labels >= V)) & (labels != ignore_index)
+    if bad.any():
+        raise ValueError(f"{what}, got {labels[bad][0].item()}")
+
+
+def _run_forward(backend, logits, labels, ignore_index, reduction):
+    """(loss, lse, count) after the label check; "none" gives the loss in labels' shape."""
+    x2, y1 = _rows(logits, labels)
+    with device_guard(logits):
+        loss, lse, count, ok = backends.get_impl("cross_entropy", backend).forward(x2, y1, ignore_index, reduction)
+    _labels_ok(ok, labels, logits.shape[-1], ignore_index)
+    return (loss.view(labels.shape) if reduction == "none" else loss), lse, count
+
+
+def _run_backward(backend, g, count, logits, labels, lse, ignore_index, reduction):
+    x2, y1 = _rows(logits, labels)
+    g = g.float().reshape(-1) if reduction == "none" else g.float()
+    with device_guard(logits):
+        dx = backends.get_impl("cross_entropy", backend).backward(g, count, x2, y1, lse, ignore_index, reduction)
+    return dx.view(logits.shape)
+
+
+# ----------------------------------------------------------------------------- eager path
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Autograd of the eager path: the launchers called directly."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, reduction, backend):
+        loss, lse, count = _run_forward(backend, logits, labels, ignore_index, reduction)
+        ctx.save_for_backward(logits, labels, lse, count)
+        ctx.ignore_index, ctx.reduction, ctx.backend = ignore_index, reduction, backend
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, labels, lse, count = ctx.saved_tensors
+        dx = _run_backward(ctx.backend, grad, count, logits, labels, lse, ctx.ignore_index, ctx.reduction)
+        return dx, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- compiled path
+# torch.compile sees this custom op (the launchers behind it), its fake and its autograd.
+
+
+@torch.library.custom_op("fuseformer::cross_entropy", mutates_args=())
+def _ce_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str,
+           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, each row's logsumexp, the count of rows not ignored)."""
+    return _run_forward(backend, logits, labels, ignore_index, reduction)
+
+
+@_ce_op.register_fake
+def _(logits, labels, ignore_index, reduction, backend):
+    loss = logits.new_empty(labels.shape if reduction == "none" else (), dtype=torch.float32)
+    return loss, logits.new_empty(labels.numel(), dtype=torch.float32), logits.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("fuseformer::cross_entropy_backward", mutates_args=())
+def _ce_bwd_op(g: torch.Tensor, count: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+               ignore_index: int, reduction: str, backend: str) -> torch.Tensor:
+    return _run_backward(backend, g, count, logits, labels, lse, ignore_index, reduction)
+
+
+@_ce_bwd_op.register_fake
+def _(g, count, logits, labels, lse, ignore_index, reduction, backend):
+    return logits.new_empty(logits.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, ignore_index, reduction, backend = inputs
+    ctx.save_for_backward(logits, labels, output[1], output[2])
+    ctx.ignore_index, ctx.reduction, ctx.backend = ignore_index, reduction, backend
+
+
+def _backward(ctx, grad, *_):
+    # The logsumexp and the count are bookkeeping: nothing differentiates through them.
+    logits, labels, lse, count = ctx.saved_tensors
+    dx = _ce_bwd_op(grad, count, logits, labels, lse, ctx.ignore_index, ctx.reduction, ctx.backend)
+    return dx, None, None, None, None
+
+
+_ce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public op
+
+
+def _check(logits, labels, ignore_index, reduction):
+    check_tensor("logits", logits, min_dim=1)
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be an int64 or int32 torch.Tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}; they must share a device")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"labels must have the shape of logits without its last (class) dim, "
+                         f"{tuple(logits.shape[:-1])}, got {tuple(labels.shape)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def cross_entropy(logits, labels, ignore_index=-100, reduction="mean", *, backend=None):
+    """Cross-entropy of `labels` under the class scores in the last dim of `logits` (the
+    module docstring); the loss in float32 (float64 for float64 logits)."""
+    _check(logits, labels, ignore_index, reduction)
+    name = backends.resolve("cross_entropy", logits.device, backend, dtype=logits.dtype)
+    if name == "torch":
+        if labels.device.type == "cpu":
+            _labels_ok(None, labels, logits.shape[-1], ignore_index)
+        return reference.cross_entropy(logits, labels, ignore_index, reduction)
+    if torch.compiler.is_compiling():
+        return _ce_op(logits, labels, ignore_index, reduction, name)[0]
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return CrossEntropyFunction.apply(logits, labels, ignore_index, reduction, name)
+    return _run_forward(name, logits, labels, ignore_index, reduction)[0]

@@ -1,0 +1,144 @@
+"""The Triton kernels of cross_entropy (launchers and autograd: kernels/cross_entropy.py).
+
+Over rows x_i of V class scores (the last dim of the logits) with labels y_i, in fp32:
+
+    lse_i  = log sum_j exp(x_ij)
+    loss_i = lse_i - x_i[y_i]                          0 where y_i == ignore_index
+    dx_ij  = g_i * (exp(x_ij - lse_i) - [j == y_i])    0 where y_i == ignore_index
+
+g_i is the gradient reaching loss_i: grad_out / (rows counted) for the mean, grad_out for the
+sum, grad_out[i] for reduction "none".
+
+- `_ce_fwd`: one program per row, walking its V scores in chunks of BLOCK with a running max
+  and a running sum rescaled to it (the one-pass form of the softmax's two reductions): one
+  read of the logits. It writes loss_i and keeps lse_i for the backward (4 bytes a row).
+- `_ce_reduce`: one program over the M rows' losses and labels, in a fixed order
+  (deterministic): the sum (or the mean over the counted rows), the count the backward
+  divides by, and whether every label is in [0, V) or ignored. One launch where torch ops
+  took ~8 (compares, combine, count, sum, divide) of host time each.
+- `_ce_bwd`: one program per (row, chunk of BLOCK scores): reads the chunk and lse_i, writes
+  the chunk's gradient in the logits' dtype. An ignored row's programs write zeros without
+  reading anything (a masked-LM batch ignores ~85% of its rows).
+
+A labelled row therefore costs two reads of its logits and one write of its gradient, where
+F.cross_entropy on fp32-upcast logits (the models' path before: half-precision
+log-probabilities cost ~1e-2 of accuracy in the loss) wrote and read fp32 copies, its
+log-probabilities and their gradient: ~10x the bytes.
+
+Labels outside [0, V) (other than ignore_index) are masked out of the loads, so memory stays
+safe; `_ce_reduce` reports them and the launcher raises (CPU) or asserts on the device (GPU).
+"""
+import math
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = 2^(x LOG2E): ex2 is the hardware's
+LN2 = tl.constexpr(math.log(2.0))
+
+
+@triton.jit
+def _ce_fwd(
+    X,  # (M, V) logits, any strides
+    Y,  # (M,) labels, int64 or int32
+    LOSS,  # (M,) fp32 out: loss_i (0 for an ignored row)
+    LSE,  # (M,) fp32 out: logsumexp of the row (0 for an ignored row)
+    V,  # classes per row
+    stride_xm,
+    stride_xv,
+    stride_y,
+    ignore_index,
+    BLOCK: tl.constexpr,  # scores per step of the row walk
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(Y + row * stride_y).to(tl.int64)
+    if label == ignore_index:
+        tl.store(LOSS + row, 0.0)
+        tl.store(LSE + row, 0.0)
+    else:
+        x_row = X + row * stride_xm
+        cols = tl.arange(0, BLOCK)
+        m = tl.full((), float("-inf"), tl.float32)
+        s = tl.zeros((), tl.float32)
+        for start in range(0, V, BLOCK):
+            c = start + cols
+            x = tl.load(x_row + c * stride_xv, mask=c < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            # While every score so far is -inf, so is m_new: shift by 0 instead, so that the
+            # exponentials are 0, not exp(-inf - -inf) = nan.
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp2((m - shift) * LOG2E) + tl.sum(tl.exp2((x - shift) * LOG2E), 0)
+            m = m_new
+        lse = m + tl.log2(s) * LN2
+        picked = tl.load(x_row + label * stride_xv, mask=(label >= 0) & (label < V), other=0.0).to(tl.float32)
+        tl.store(LOSS + row, lse - picked)
+        tl.store(LSE + row, lse)
+
+
+@triton.jit
+def _ce_reduce(
+    LOSS,  # (M,) fp32, each row's loss
+    Y,  # (M,) labels
+    OUT,  # () fp32 out: the sum, or the mean over the counted rows (MEAN)
+    COUNT,  # () fp32 out: rows whose label is not ignore_index
+    OK,  # () int32 out: 1 when every label is in [0, V) or ignore_index
+    M,
+    V,
+    stride_y,
+    ignore_index,
+    BLOCK: tl.constexpr,
+    MEAN: tl.constexpr,
+):
+    offs = tl.arange(0, BLOCK)
+    total = tl.zeros((BLOCK,), tl.float32)
+    count = tl.zeros((BLOCK,), tl.int32)
+    bad = tl.zeros((BLOCK,), tl.int32)
+    for start in range(0, M, BLOCK):
+        r = start + offs
+        inside = r < M
+        y = tl.load(Y + r.to(tl.int64) * stride_y, mask=inside, other=ignore_index).to(tl.int64)
+        counted = inside & (y != ignore_index)
+        bad += (counted & ((y < 0) | (y >= V))).to(tl.int32)
+        count += counted.to(tl.int32)
+        total += tl.load(LOSS + r, mask=counted, other=0.0)
+    tl.store(OK, (tl.sum(bad, 0) == 0).to(tl.int32))
+    n = tl.sum(count, 0).to(tl.float32)
+    s = tl.sum(total, 0)
+    if MEAN:
+        s = s / n  # 0 / 0 = nan when every row is ignored, as torch
+    tl.store(COUNT, n)
+    tl.store(OUT, s)
+
+
+@triton.jit
+def _ce_bwd(
+    X,  # (M, V) logits, any strides
+    Y,  # (M,) labels
+    LSE,  # (M,) fp32, from the forward
+    G,  # the loss's gradient: () (stride_g 0) or per row (M,), fp32
+    COUNT,  # () fp32: counted rows, the mean's divisor (MEAN)
+    DX,  # (M, V) out, contiguous, the logits' dtype
+    V,
+    stride_xm,
+    stride_xv,
+    stride_y,
+    stride_g,
+    ignore_index,
+    BLOCK: tl.constexpr,  # scores per program
+    MEAN: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < V
+    label = tl.load(Y + row * stride_y).to(tl.int64)
+    dx = DX + row * V + c
+    if label == ignore_index:
+        tl.store(dx, tl.zeros((BLOCK,), tl.float32).to(DX.dtype.element_ty), mask=mask)
+    else:
+        lse = tl.load(LSE + row)
+        g = tl.load(G + row * stride_g).to(tl.float32)
+        if MEAN:
+            g = g / tl.load(COUNT)
+        x = tl.load(X + row * stride_xm + c * stride_xv, mask=mask, other=0.0).to(tl.float32)
+        p = tl.exp2((x - lse) * LOG2E)
+        tl.store(dx, (g * (p - tl.where(c == label, 1.0, 0.0))).to(DX.dtype.element_ty), mask=mask)
