@@ -375,7 +375,12 @@ class VocabLogits(BackendChoice, nn.Module):
         full = getattr(logits, "_fuseformer_padded", None)
         if full is not None and full.data_ptr() == logits.data_ptr() and full.stride() == logits.stride():
             logits = full
-        return K.cross_entropy(logits, labels, ignore_index, backend=self._backend)
+        backend = self._backend
+        if (K.get_backend() if backend is None else backend) == "cuda":
+            # csrc/ has no cross-entropy: a model on the cuda backend takes auto's (the Triton
+            # kernel on a GPU) rather than failing at its loss.
+            backend = "auto"
+        return K.cross_entropy(logits, labels, ignore_index, backend=backend)
 
     def _padded(self, weight, bias, pad):
         if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):

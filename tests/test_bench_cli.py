@@ -241,6 +241,10 @@ def test_prewarm_interrupts_what_outlives_its_time_limit(tmp_path, monkeypatch):
     real_popen = subprocess.Popen
 
     def popen(cmd, **kwargs):
+        # subprocess.Popen is patched for the whole process: a thread's own call meanwhile (the
+        # csrc/ build ahead of the tests runs nvcc) must reach the real one, or its build is lost.
+        if cmd[1:3] != ["-m", "fuseformer.bench"]:
+            return real_popen(cmd, **kwargs)
         seen_env.append(kwargs["env"].get("FUSEFORMER_CUDA_NO_BUILD"))
         return real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs)
 
