@@ -190,3 +190,24 @@ def test_gpu_gpt2_sized_head_is_padded_and_matches_the_unpadded_matmul(dtype):
     ref = F.linear(h.double(), w.double())
     err, torch_err = (out.double() - ref).abs().max(), (F.linear(h, w).double() - ref).abs().max()
     assert err <= 2 * torch_err + 1e-3, (err, torch_err)  # the parity rule's form
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lm_losses_compile_fullgraph(backend):
+    """Under torch.compile the heads call F.linear unpadded and the loss traces as the custom
+    op (triton) or the reference (torch): no graph break, the eager loss."""
+    pytest.importorskip("transformers")
+    if backend == "triton" and "triton" not in layers.K.available_backends():
+        pytest.skip(str(layers.K.unavailable_reason("triton")))
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 101, (2, 9), generator=g)
+    for name in ("gpt2", "bert"):
+        model = _tiny(name).float().eval()
+        model.set_backend(backend)
+        labels = ids.clone()
+        if name == "bert":
+            labels[:, ::2] = -100
+        eager = model(input_ids=ids, labels=labels).loss
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=ids, labels=labels).loss
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
