@@ -57,9 +57,10 @@ def forward(logits, labels, ignore_index, reduction):
     total = new_output((), torch.float32, device)
     count = new_output((), torch.float32, device)
     ok = torch.empty((), dtype=torch.int32, device=device)
-    # What the trailing arguments and constexprs derive from (the tensors' dtypes and
-    # alignment the plans check themselves).
-    key = (device, M, V, logits.stride(0), logits.stride(1), labels.stride(0), ignore_index, reduction)
+    # What the trailing arguments and constexprs derive from, and the dtypes (a plan refuses
+    # other dtypes or alignments itself; keyed, each pair of dtypes keeps a plan of its own).
+    key = (device, logits.dtype, labels.dtype, M, V, logits.stride(0), logits.stride(1), labels.stride(0),
+           ignore_index, reduction)
     if V == 0:  # no class: every label must be ignored (the reduction checks), each loss is 0
         rows.zero_()
         lse.zero_()
@@ -83,7 +84,8 @@ def backward(g, count, logits, labels, lse, ignore_index, reduction):
         return dx
     block = min(BWD_BLOCK, next_pow2(V))
     stride_g = 0 if g.dim() == 0 else g.stride(0)
-    key = (dx.device, M, V, logits.stride(0), logits.stride(1), labels.stride(0), stride_g, ignore_index, reduction)
+    key = (dx.device, logits.dtype, labels.dtype, M, V, logits.stride(0), logits.stride(1), labels.stride(0), stride_g,
+           ignore_index, reduction)
     pointers = (logits, labels, lse, g, count, dx)
     _bwd_plans.launch(key, ((_ce_bwd, pointers),), lambda: launch(
         _ce_bwd, (M, cdiv(V, block)), *pointers, V, logits.stride(0), logits.stride(1), labels.stride(0), stride_g,
@@ -210,7 +212,8 @@ _ce_op.register_autograd(_backward, setup_context=_setup_context)
 def _check(logits, labels, ignore_index, reduction):
     check_tensor("logits", logits, min_dim=1)
     if not isinstance(labels, torch.Tensor) or labels.dtype not in LABEL_DTYPES:
-        raise TypeError(f"labels must be an int64 or int32 torch.Tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
+        got = getattr(labels, "dtype", type(labels).__name__)
+        raise TypeError(f"labels must be an int64 or int32 torch.Tensor, got {got}")
     if labels.device != logits.device:
         raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}; they must share a device")
     if tuple(labels.shape) != tuple(logits.shape[:-1]):

@@ -397,7 +397,8 @@ class VocabLogits(BackendChoice, nn.Module):
         versions = _version(weight), None if bias is None else _version(bias)
         # Kept only where a version tells a change (inference tensors have none), and not
         # while a CUDA graph is captured (its copy would live in the graph's memory pool).
-        if None not in versions[:1 + (bias is not None)] and not (w.is_cuda and torch.cuda.is_current_stream_capturing()):
+        capturing = w.is_cuda and torch.cuda.is_current_stream_capturing()
+        if None not in versions[:1 + (bias is not None)] and not capturing:
             # The aliases hold the weight's memory, so no other tensor can take its address.
             self._kept = (weight.detach(), versions[0], None if bias is None else bias.detach(), versions[1], w, b)
         return w, b
