@@ -14,8 +14,8 @@ sum, grad_out[i] for reduction "none".
   read of the logits. It writes loss_i and keeps lse_i for the backward (4 bytes a row).
 - `_ce_reduce`: one program over the M rows' losses and labels, in a fixed order
   (deterministic): the sum (or the mean over the counted rows), the count the backward
-  divides by, and whether every label is in [0, V) or ignored. One launch where torch ops
-  took ~8 (compares, combine, count, sum, divide) of host time each.
+  divides by, and whether every label is in [0, V) or ignored, in one 3-float buffer. One
+  launch where torch ops took ~8 (compares, combine, count, sum, divide) of host time each.
 - `_ce_bwd`: one program per (row, chunk of BLOCK scores): reads the chunk and lse_i, writes
   the chunk's gradient in the logits' dtype. An ignored row's programs write zeros without
   reading anything (a masked-LM batch ignores ~85% of its rows).
@@ -79,9 +79,8 @@ def _ce_fwd(
 def _ce_reduce(
     LOSS,  # (M,) fp32, each row's loss
     Y,  # (M,) labels
-    OUT,  # () fp32 out: the sum, or the mean over the counted rows (MEAN)
-    COUNT,  # () fp32 out: rows whose label is not ignore_index
-    OK,  # () int32 out: 1 when every label is in [0, V) or ignore_index
+    STATS,  # (3,) fp32 out: the sum (or the mean over the counted rows: MEAN), the count of rows
+    #         whose label is not ignore_index, and 1.0 when every label is in [0, V) or ignored
     M,
     V,
     stride_y,
@@ -101,13 +100,13 @@ def _ce_reduce(
         bad += (counted & ((y < 0) | (y >= V))).to(tl.int32)
         count += counted.to(tl.int32)
         total += tl.load(LOSS + r, mask=counted, other=0.0)
-    tl.store(OK, (tl.sum(bad, 0) == 0).to(tl.int32))
     n = tl.sum(count, 0).to(tl.float32)
     s = tl.sum(total, 0)
     if MEAN:
         s = s / n  # 0 / 0 = nan when every row is ignored, as torch
-    tl.store(COUNT, n)
-    tl.store(OUT, s)
+    tl.store(STATS, s)
+    tl.store(STATS + 1, n)
+    tl.store(STATS + 2, (tl.sum(bad, 0) == 0).to(tl.float32))
 
 
 @triton.jit
@@ -116,7 +115,7 @@ def _ce_bwd(
     Y,  # (M,) labels
     LSE,  # (M,) fp32, from the forward
     G,  # the loss's gradient: () (stride_g 0) or per row (M,), fp32
-    COUNT,  # () fp32: counted rows, the mean's divisor (MEAN)
+    STATS,  # _ce_reduce's: STATS[1] is the count of rows, the mean's divisor (MEAN)
     DX,  # (M, V) out, contiguous, the logits' dtype
     V,
     stride_xm,
@@ -138,7 +137,7 @@ def _ce_bwd(
         lse = tl.load(LSE + row)
         g = tl.load(G + row * stride_g).to(tl.float32)
         if MEAN:
-            g = g / tl.load(COUNT)
+            g = g / tl.load(STATS + 1)
         x = tl.load(X + row * stride_xm + c * stride_xv, mask=mask, other=0.0).to(tl.float32)
         p = tl.exp2((x - lse) * LOG2E)
         tl.store(dx, (g * (p - tl.where(c == label, 1.0, 0.0))).to(DX.dtype.element_ty), mask=mask)

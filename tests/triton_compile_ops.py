@@ -102,11 +102,11 @@ def add_jobs(jobs, check):
                  dict(X=Ptr(dt), Y=Ptr(lab), LOSS=Ptr("fp32"), LSE=Ptr("fp32"), **strides), dict(BLOCK=fwd_block),
                  options=dict(num_warps=8 if fwd_block >= 2048 else 4))
             _add(jobs, "ce_bwd", cek._ce_bwd, arch, f"{dt} V={V} {lab}",
-                 dict(X=Ptr(dt), Y=Ptr(lab), LSE=Ptr("fp32"), G=Ptr("fp32"), COUNT=Ptr("fp32"), DX=Ptr(dt),
+                 dict(X=Ptr(dt), Y=Ptr(lab), LSE=Ptr("fp32"), G=Ptr("fp32"), STATS=Ptr("fp32"), DX=Ptr(dt),
                       stride_g=0, **strides),
                  dict(BLOCK=bwd_block, MEAN=True), options=dict(num_warps=4 if bwd_block >= 1024 else 2))
             _add(jobs, "ce_reduce", cek._ce_reduce, arch, f"{lab}",
-                 dict(LOSS=Ptr("fp32"), Y=Ptr(lab), OUT=Ptr("fp32"), COUNT=Ptr("fp32"), OK=Ptr("i32"), M=4096, V=V,
+                 dict(LOSS=Ptr("fp32"), Y=Ptr(lab), STATS=Ptr("fp32"), M=4096, V=V,
                       stride_y=1, ignore_index=-100),
                  dict(BLOCK=ce.REDUCE_BLOCK, MEAN=True), options=dict(num_warps=4))
 
