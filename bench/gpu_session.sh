@@ -210,7 +210,7 @@ DEFAULT_MODELS_FILTER="bert_infer_B32_L128*,bert_train_B32_L128*,gpt2_infer_B8_L
 # persistent forward, the cross-entropy kernel (untimed); then the rest of the targets' cases.
 DEFAULT_OPS_FILTER="attn_fwd_pad_d64_L512,linear_gelu_fwd_erf_16384x768x3072,attn_fwd_bwd_d64_L2048,\
 attn_fwd_bwd_causal_d64_L2048,add_ln_fwd_bwd_16384x768,add_ln_fwd_16384x768,linear_gelu_fwd_bwd_erf_16384x768x3072,\
-cross_entropy_fwd_bwd_mlm_4096x30522,\
+cross_entropy_fwd_bwd_mlm_padded_4096x30522,\
 linear_gelu_fwd_tanh_16384x768x3072,add_ln_fwd_16384x4096,add_ln_fwd_bwd_16384x4096,attn_fwd_d128_L4096,\
 attn_fwd_d64_L4096,attn_fwd_causal_d64_L4096,attn_fwd_d64_L512,*"
 

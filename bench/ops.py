@@ -596,22 +596,28 @@ def linear_gelu_case(name, *, M, K_in, N, approximate="none", grad=False, device
 # --- cross-entropy ------------------------------------------------------------------------
 
 
-def cross_entropy_case(name, *, M, V, ignored=0.0, device_type="cuda", quick=False) -> OpCase:
+def cross_entropy_case(name, *, M, V, ignored=0.0, padded=False, device_type="cuda", quick=False) -> OpCase:
     """The loss of a language-model head and its gradient: mean cross-entropy of M rows of V
-    class scores, a share `ignored` of the rows labelled -100 (masked LM: 85%)."""
+    class scores, a share `ignored` of the rows labelled -100 (masked LM: 85%). `padded`: the
+    models' layout (models/layers.py VocabLogits), rows of V rounded up to a multiple of 64,
+    the extra columns -inf, ours told the real V (`classes`); every implementation gets the
+    same padded logits."""
+    width = -(-V // 64) * 64 if padded else V
 
     def make(device, dtype, gen):
         labels = torch.randint(0, V, (M,), device=device, generator=gen)
         if ignored:
             labels[torch.rand(M, device=device, generator=gen) < ignored] = -100
-        return {"logits": _randn((M, V), device, dtype, gen, 2.0, grad=True), "labels": labels,
+        logits = _randn((M, width), device, dtype, gen, 2.0)
+        logits[:, V:] = float("-inf")
+        return {"logits": logits.requires_grad_(True), "labels": labels,
                 "grad_out": torch.ones((), device=device, dtype=torch.float32)}
 
     def ref(i):
         return reference.cross_entropy(i["logits"], i["labels"])
 
     def ours(i, backend):
-        return K.cross_entropy(i["logits"], i["labels"], backend=backend)
+        return K.cross_entropy(i["logits"], i["labels"], classes=V, backend=backend)
 
     def upcast(i):
         return F.cross_entropy(i["logits"].float(), i["labels"])
@@ -629,11 +635,11 @@ def cross_entropy_case(name, *, M, V, ignored=0.0, device_type="cuda", quick=Fal
     labelled = 1.0 - ignored
     return OpCase(
         name=name, suite="ops", group="cross_entropy_fwd_bwd",
-        params={"M": M, "V": V, "ignored": ignored, "grad": True},
+        params={"M": M, "V": V, "width": width, "ignored": ignored, "grad": True},
         flops=None,
         # The labelled rows' logits read (twice by ours: forward, backward), every row's
         # gradient written: the least any implementation must move is one read and one write.
-        elements=(labelled + 1.0) * M * V,
+        elements=(labelled + 1.0) * M * width,
         x="V", quick=quick, cpu_note=CPU_NOTE, make_inputs=make, reference=ref, impls=impls,
         grad_inputs=("logits",),
     )
@@ -680,8 +686,10 @@ def gpu_cases() -> list[OpCase]:
     cases.append(linear_gelu_case("linear_gelu_fwd_tanh_16384x768x3072", M=16384, K_in=768, N=3072, approximate="tanh",
                                   device_type=d))
     cases.append(linear_gelu_case("linear_gelu_fwd_bwd_erf_16384x768x3072", M=16384, K_in=768, N=3072, grad=True, device_type=d))
-    # The heads' losses: BERT's masked LM at B32 L128 (85% of rows unlabelled), GPT-2's causal LM at B8 L512.
-    cases.append(cross_entropy_case("cross_entropy_fwd_bwd_mlm_4096x30522", M=4096, V=30522, ignored=0.85, device_type=d))
+    # The heads' losses: BERT's masked LM at B32 L128 (85% of rows unlabelled) in the models'
+    # padded layout, GPT-2's causal LM at B8 L512 on raw (unaligned) logits.
+    cases.append(cross_entropy_case("cross_entropy_fwd_bwd_mlm_padded_4096x30522", M=4096, V=30522, ignored=0.85,
+                                    padded=True, device_type=d))
     cases.append(cross_entropy_case("cross_entropy_fwd_bwd_lm_4096x50257", M=4096, V=50257, device_type=d))
     return cases
 
@@ -707,6 +715,7 @@ def cpu_cases() -> list[OpCase]:
         linear_gelu_case("linear_gelu_fwd_tanh_33x64x128", M=33, K_in=64, N=128, approximate="tanh", device_type=d),
         linear_gelu_case("linear_gelu_fwd_bwd_erf_17x40x80", M=17, K_in=40, N=80, grad=True, device_type=d, quick=True),
         cross_entropy_case("cross_entropy_fwd_bwd_17x97", M=17, V=97, ignored=0.3, device_type=d, quick=True),
+        cross_entropy_case("cross_entropy_fwd_bwd_padded_9x50", M=9, V=50, ignored=0.3, padded=True, device_type=d),
     ]
 
 

@@ -1,13 +1,15 @@
 """Cross-entropy over the class scores in the last dim, fused in Triton, forward and backward.
 
-    loss = cross_entropy(logits, labels, ignore_index=-100, reduction="mean")
+    loss = cross_entropy(logits, labels, ignore_index=-100, reduction="mean", *, classes=None)
     logits (..., V) fp16/bf16/fp32, any strides; labels (...) int64 or int32
 
 The same as F.cross_entropy(logits.float().reshape(-1, V), labels.reshape(-1)) (classes in the
 last dim, as language-model heads produce them, not in dim 1), in float32 whatever the logits'
 dtype (float64 stays float64 on the torch backend). "mean" averages over the rows whose label
 is not ignore_index (nan when there is none, as torch), "sum" adds them, "none" returns the
-loss of each row in labels' shape (0 where ignored).
+loss of each row in labels' shape (0 where ignored). `classes` (default V) is how many of the
+V columns are classes a label may name: the models pass their padded vocabulary's logits
+whole (the extra columns score -inf) with classes = the real vocabulary size.
 
 Why a kernel: the models' masked-LM and causal-LM losses ran F.cross_entropy on fp32 copies of
 the logits (on bf16 logits directly, the log-probabilities lose ~1e-2 of the loss). At BERT's
@@ -17,10 +19,10 @@ logits twice and write their gradient once (kernels/cross_entropy_kernels.py has
 at fp32 accuracy. Unmeasured on a GPU yet (the ops suite's cross_entropy cases time it).
 
 Launcher contract (logits2d (M, V) with any strides, labels1d (M,)):
-    forward(logits2d, labels1d, ignore_index, reduction) -> (loss, lse, stats)
-        loss: () fp32 for "mean"/"sum", each row's (M,) fp32 for "none"; lse (M,) fp32;
-        stats (3,) fp32: the sum or mean, the count of rows not ignored, and 1.0 when every
-        label is in [0, V) or ignore_index (the caller raises or asserts on it).
+    forward(logits2d, labels1d, ignore_index, reduction, classes) -> (loss, lse, stats)
+        loss: () fp32 for "mean"/"sum", each row's (M,) fp32 for "none", a tensor of its own;
+        lse (M,) fp32; stats (2,) fp32: the count of rows not ignored, and 1.0 when every
+        label is in [0, classes) or ignore_index (the caller raises or asserts on it).
     backward(g, stats, logits2d, labels1d, lse, ignore_index, reduction) -> dlogits (M, V),
         contiguous, the logits' dtype; g: the loss's gradient, () or (M,) ("none").
 """
@@ -49,14 +51,22 @@ FWD_BLOCK, BWD_BLOCK, REDUCE_BLOCK = 4096, 2048, 1024
 _fwd_plans, _reduce_plans, _bwd_plans = plan_table(), plan_table(), plan_table()
 
 
-def forward(logits, labels, ignore_index, reduction):
+def forward(logits, labels, ignore_index, reduction, classes):
     M, V = logits.shape
     device = logits.device
-    # Every fp32 output in one allocation (host time: one torch.empty costs ~1.5 µs here).
-    rows, lse, stats = new_output((2 * M + 3,), torch.float32, device).split_with_sizes((M, M, 3))
+    none = reduction == "none"
+    # The loss has a tensor of its own (a caller may change it in place, `loss /= steps`);
+    # the rest, kept for the backward, shares one allocation (a torch.empty costs ~1.5 µs of
+    # host time here).
+    loss = new_output((M,) if none else (), torch.float32, device)
+    if none:
+        rows = loss
+        lse, stats = new_output((M + 2,), torch.float32, device).split_with_sizes((M, 2))
+    else:
+        rows, lse, stats = new_output((2 * M + 2,), torch.float32, device).split_with_sizes((M, M, 2))
     # What the trailing arguments and constexprs derive from, and the dtypes (a plan refuses
     # other dtypes or alignments itself; keyed, each pair of dtypes keeps a plan of its own).
-    key = (device, logits.dtype, labels.dtype, M, V, logits.stride(0), logits.stride(1), labels.stride(0),
+    key = (device, logits.dtype, labels.dtype, M, V, classes, logits.stride(0), logits.stride(1), labels.stride(0),
            ignore_index, reduction)
     if V == 0:  # no class: every label must be ignored (the reduction checks), each loss is 0
         rows.zero_()
@@ -67,11 +77,11 @@ def forward(logits, labels, ignore_index, reduction):
         _fwd_plans.launch(key, ((_ce_fwd, fwd),), lambda: launch(
             _ce_fwd, (M,), *fwd, V, logits.stride(0), logits.stride(1), labels.stride(0), ignore_index, BLOCK=block,
             num_warps=8 if block >= 2048 else 4))
-    red = (rows, labels, stats)
+    red = (rows, labels, loss, stats)
     _reduce_plans.launch(key, ((_ce_reduce, red),), lambda: launch(
-        _ce_reduce, (1,), *red, M, V, labels.stride(0), ignore_index, BLOCK=REDUCE_BLOCK, MEAN=reduction == "mean",
-        num_warps=4))
-    return rows if reduction == "none" else stats[0], lse, stats
+        _ce_reduce, (1,), *red, M, classes, labels.stride(0), ignore_index, BLOCK=REDUCE_BLOCK, REDUCE=not none,
+        MEAN=reduction == "mean", num_warps=4))
+    return loss, lse, stats
 
 
 def backward(g, stats, logits, labels, lse, ignore_index, reduction):
@@ -125,13 +135,20 @@ def _labels_ok(ok, labels, V, ignore_index):
         raise ValueError(f"{what}, got {labels[bad][0].item()}")
 
 
-def _run_forward(backend, logits, labels, ignore_index, reduction):
-    """(loss, lse, stats) after the label check; "none" gives the loss in labels' shape."""
+def _run_forward(backend, logits, labels, ignore_index, reduction, classes):
+    """(loss, lse, stats) after the label check ("none": the loss of each row, (M,))."""
     x2, y1 = _rows(logits, labels)
     with device_guard(logits):
-        loss, lse, stats = backends.get_impl("cross_entropy", backend).forward(x2, y1, ignore_index, reduction)
-    _labels_ok(stats[2], labels, logits.shape[-1], ignore_index)
-    return (loss.view(labels.shape) if reduction == "none" else loss), lse, stats
+        loss, lse, stats = backends.get_impl("cross_entropy", backend).forward(x2, y1, ignore_index, reduction,
+                                                                               classes)
+    _labels_ok(stats[1], labels, classes, ignore_index)
+    return loss, lse, stats
+
+
+def _shaped(loss, labels):
+    """Reduction "none": each row's loss in labels' shape, viewed outside the autograd
+    Function and the custom op (a view made inside either could not be changed in place)."""
+    return loss.view(labels.shape) if loss.dim() != labels.dim() else loss
 
 
 def _run_backward(backend, g, stats, logits, labels, lse, ignore_index, reduction):
@@ -149,8 +166,8 @@ class CrossEntropyFunction(torch.autograd.Function):
     """Autograd of the eager path: the launchers called directly."""
 
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, reduction, backend):
-        loss, lse, stats = _run_forward(backend, logits, labels, ignore_index, reduction)
+    def forward(ctx, logits, labels, ignore_index, reduction, classes, backend):
+        loss, lse, stats = _run_forward(backend, logits, labels, ignore_index, reduction, classes)
         ctx.save_for_backward(logits, labels, lse, stats)
         ctx.ignore_index, ctx.reduction, ctx.backend = ignore_index, reduction, backend
         return loss
@@ -159,7 +176,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad):
         logits, labels, lse, stats = ctx.saved_tensors
         dx = _run_backward(ctx.backend, grad, stats, logits, labels, lse, ctx.ignore_index, ctx.reduction)
-        return dx, None, None, None, None
+        return dx, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- compiled path
@@ -167,19 +184,19 @@ class CrossEntropyFunction(torch.autograd.Function):
 
 
 @torch.library.custom_op("fuseformer::cross_entropy", mutates_args=())
-def _ce_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str,
+def _ce_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str, classes: int,
            backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, each row's logsumexp, the launcher's stats: sum or mean, count, labels' check)."""
-    # The three are views of the launcher's one buffer; a custom op's outputs may not alias
-    # each other: copies (M + 4 floats more, where the eager path copies nothing).
-    loss, lse, stats = _run_forward(backend, logits, labels, ignore_index, reduction)
-    return loss.clone(), lse.clone(), stats.clone()
+    """(loss, each row's logsumexp, the launcher's stats: count, labels' check)."""
+    # lse and stats are views of one buffer; a custom op's outputs may not alias each other:
+    # a copy of the stats (2 floats more, where the eager path copies nothing).
+    loss, lse, stats = _run_forward(backend, logits, labels, ignore_index, reduction, classes)
+    return loss, lse, stats.clone()
 
 
 @_ce_op.register_fake
-def _(logits, labels, ignore_index, reduction, backend):
-    loss = logits.new_empty(labels.shape if reduction == "none" else (), dtype=torch.float32)
-    return loss, logits.new_empty(labels.numel(), dtype=torch.float32), logits.new_empty(3, dtype=torch.float32)
+def _(logits, labels, ignore_index, reduction, classes, backend):
+    loss = logits.new_empty(labels.numel() if reduction == "none" else (), dtype=torch.float32)
+    return loss, logits.new_empty(labels.numel(), dtype=torch.float32), logits.new_empty(2, dtype=torch.float32)
 
 
 @torch.library.custom_op("fuseformer::cross_entropy_backward", mutates_args=())
@@ -194,7 +211,7 @@ def _(g, stats, logits, labels, lse, ignore_index, reduction, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, ignore_index, reduction, backend = inputs
+    logits, labels, ignore_index, reduction, classes, backend = inputs
     ctx.save_for_backward(logits, labels, output[1], output[2])
     ctx.ignore_index, ctx.reduction, ctx.backend = ignore_index, reduction, backend
 
@@ -203,7 +220,7 @@ def _backward(ctx, grad, *_):
     # The logsumexp and the stats are bookkeeping: nothing differentiates through them.
     logits, labels, lse, stats = ctx.saved_tensors
     dx = _ce_bwd_op(grad, stats, logits, labels, lse, ctx.ignore_index, ctx.reduction, ctx.backend)
-    return dx, None, None, None, None
+    return dx, None, None, None, None, None
 
 
 _ce_op.register_autograd(_backward, setup_context=_setup_context)
@@ -212,7 +229,7 @@ _ce_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- public op
 
 
-def _check(logits, labels, ignore_index, reduction):
+def _check(logits, labels, ignore_index, reduction, classes):
     check_tensor("logits", logits, min_dim=1)
     if not isinstance(labels, torch.Tensor) or labels.dtype not in LABEL_DTYPES:
         got = getattr(labels, "dtype", type(labels).__name__)
@@ -226,19 +243,32 @@ def _check(logits, labels, ignore_index, reduction):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    V = logits.shape[-1]
+    if classes is None:
+        return V
+    if isinstance(classes, bool) or not isinstance(classes, int) or not 0 <= classes <= V:
+        raise ValueError(f"classes must be an int in [0, {V}] (the last dim of logits), got {classes!r}")
+    return classes
 
 
-def cross_entropy(logits, labels, ignore_index=-100, reduction="mean", *, backend=None):
+def cross_entropy(logits, labels, ignore_index=-100, reduction="mean", *, classes=None, backend=None):
     """Cross-entropy of `labels` under the class scores in the last dim of `logits` (the
     module docstring); the loss in float32 (float64 for float64 logits)."""
-    _check(logits, labels, ignore_index, reduction)
+    classes = _check(logits, labels, ignore_index, reduction, classes)
     name = backends.resolve("cross_entropy", logits.device, backend, dtype=logits.dtype)
     if name == "torch":
-        if labels.device.type == "cpu" and not torch.compiler.is_compiling():  # (F.cross_entropy raises)
-            _labels_ok(None, labels, logits.shape[-1], ignore_index)
+        if torch.compiler.is_compiling():
+            pass  # no data-dependent check in a traced graph (F.cross_entropy raises past V)
+        elif labels.device.type == "cpu":
+            _labels_ok(None, labels, classes, ignore_index)
+        elif classes < logits.shape[-1]:  # labels past `classes` that F.cross_entropy would take
+            bad = ((labels < 0) | (labels >= classes)) & (labels != ignore_index)
+            torch._assert_async(~bad.any(), f"labels must lie in [0, {classes}) or be ignore_index={ignore_index}")
         return reference.cross_entropy(logits, labels, ignore_index, reduction)
     if torch.compiler.is_compiling():
-        return _ce_op(logits, labels, ignore_index, reduction, name)[0]
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return CrossEntropyFunction.apply(logits, labels, ignore_index, reduction, name)
-    return _run_forward(name, logits, labels, ignore_index, reduction)[0]
+        loss = _ce_op(logits, labels, ignore_index, reduction, classes, name)[0]
+    elif torch.is_grad_enabled() and logits.requires_grad:
+        loss = CrossEntropyFunction.apply(logits, labels, ignore_index, reduction, classes, name)
+    else:
+        loss = _run_forward(name, logits, labels, ignore_index, reduction, classes)[0]
+    return _shaped(loss, labels) if reduction == "none" else loss

@@ -14,8 +14,8 @@ sum, grad_out[i] for reduction "none".
   read of the logits. It writes loss_i and keeps lse_i for the backward (4 bytes a row).
 - `_ce_reduce`: one program over the M rows' losses and labels, in a fixed order
   (deterministic): the sum (or the mean over the counted rows), the count the backward
-  divides by, and whether every label is in [0, V) or ignored, in one 3-float buffer. One
-  launch where torch ops took ~8 (compares, combine, count, sum, divide) of host time each.
+  divides by, and whether every label names a class or is ignored. One launch where torch
+  ops took ~8 (compares, combine, count, sum, divide) of host time each.
 - `_ce_bwd`: one program per (row, chunk of BLOCK scores): reads the chunk and lse_i, writes
   the chunk's gradient in the logits' dtype. An ignored row's programs write zeros without
   reading anything (a masked-LM batch ignores ~85% of its rows).
@@ -26,7 +26,8 @@ log-probabilities cost ~1e-2 of accuracy in the loss) wrote and read fp32 copies
 log-probabilities and their gradient: ~10x the bytes.
 
 Labels outside [0, V) (other than ignore_index) are masked out of the loads, so memory stays
-safe; `_ce_reduce` reports them and the launcher raises (CPU) or asserts on the device (GPU).
+safe; `_ce_reduce` reports any outside [0, C) (C = V, or the real classes of padded logits)
+and the launcher raises (CPU) or asserts on the device (GPU).
 """
 import math
 
@@ -62,7 +63,8 @@ def _ce_fwd(
         s = tl.zeros((), tl.float32)
         for start in range(0, V, BLOCK):
             c = start + cols
-            x = tl.load(x_row + c * stride_xv, mask=c < V, other=float("-inf")).to(tl.float32)
+            # int64: c * stride_xv passes 2^31 for a transposed view of large logits.
+            x = tl.load(x_row + c.to(tl.int64) * stride_xv, mask=c < V, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, 0))
             # While every score so far is -inf, so is m_new: shift by 0 instead, so that the
             # exponentials are 0, not exp(-inf - -inf) = nan.
@@ -79,13 +81,15 @@ def _ce_fwd(
 def _ce_reduce(
     LOSS,  # (M,) fp32, each row's loss
     Y,  # (M,) labels
-    STATS,  # (3,) fp32 out: the sum (or the mean over the counted rows: MEAN), the count of rows
-    #         whose label is not ignore_index, and 1.0 when every label is in [0, V) or ignored
+    OUT,  # () fp32 out: the sum, or the mean over the counted rows (MEAN); unwritten for "none"
+    STATS,  # (2,) fp32 out: the count of rows whose label is not ignore_index, and 1.0 when
+    #         every label is in [0, C) or ignored, else 0.0
     M,
-    V,
+    C,  # classes a label may name: V, or fewer where the logits' extra columns are padding
     stride_y,
     ignore_index,
     BLOCK: tl.constexpr,
+    REDUCE: tl.constexpr,  # write OUT (reductions "mean" and "sum")
     MEAN: tl.constexpr,
 ):
     offs = tl.arange(0, BLOCK)
@@ -97,16 +101,18 @@ def _ce_reduce(
         inside = r < M
         y = tl.load(Y + r.to(tl.int64) * stride_y, mask=inside, other=ignore_index).to(tl.int64)
         counted = inside & (y != ignore_index)
-        bad += (counted & ((y < 0) | (y >= V))).to(tl.int32)
+        bad += (counted & ((y < 0) | (y >= C))).to(tl.int32)
         count += counted.to(tl.int32)
-        total += tl.load(LOSS + r, mask=counted, other=0.0)
+        if REDUCE:
+            total += tl.load(LOSS + r, mask=counted, other=0.0)
     n = tl.sum(count, 0).to(tl.float32)
-    s = tl.sum(total, 0)
-    if MEAN:
-        s = s / n  # 0 / 0 = nan when every row is ignored, as torch
-    tl.store(STATS, s)
-    tl.store(STATS + 1, n)
-    tl.store(STATS + 2, (tl.sum(bad, 0) == 0).to(tl.float32))
+    tl.store(STATS, n)
+    tl.store(STATS + 1, (tl.sum(bad, 0) == 0).to(tl.float32))
+    if REDUCE:
+        s = tl.sum(total, 0)
+        if MEAN:
+            s = s / n  # 0 / 0 = nan when every row is ignored, as torch
+        tl.store(OUT, s)
 
 
 @triton.jit
@@ -115,7 +121,7 @@ def _ce_bwd(
     Y,  # (M,) labels
     LSE,  # (M,) fp32, from the forward
     G,  # the loss's gradient: () (stride_g 0) or per row (M,), fp32
-    STATS,  # _ce_reduce's: STATS[1] is the count of rows, the mean's divisor (MEAN)
+    STATS,  # _ce_reduce's: STATS[0] is the count of rows, the mean's divisor (MEAN)
     DX,  # (M, V) out, contiguous, the logits' dtype
     V,
     stride_xm,
@@ -137,7 +143,7 @@ def _ce_bwd(
         lse = tl.load(LSE + row)
         g = tl.load(G + row * stride_g).to(tl.float32)
         if MEAN:
-            g = g / tl.load(STATS + 1)
-        x = tl.load(X + row * stride_xm + c * stride_xv, mask=mask, other=0.0).to(tl.float32)
+            g = g / tl.load(STATS)
+        x = tl.load(X + row * stride_xm + c.to(tl.int64) * stride_xv, mask=mask, other=0.0).to(tl.float32)
         p = tl.exp2((x - lse) * LOG2E)
         tl.store(dx, (g * (p - tl.where(c == label, 1.0, 0.0))).to(DX.dtype.element_ty), mask=mask)

@@ -313,15 +313,20 @@ def scale_residual_projections(module: nn.Module, std: float, n_residual_layers:
             nn.init.normal_(p, 0.0, std / math.sqrt(n_residual_layers))
 
 
-# The vocabulary projection's rows are padded to a multiple of this on the GPU (VocabLogits).
+# The vocabulary projection's rows are padded to a multiple of this on the GPU (VocabLogits),
+# for calls of at least VOCAB_PAD_MIN_TOKENS tokens.
 VOCAB_ALIGN = 64
+VOCAB_PAD_MIN_TOKENS = 1024
 
 
-def vocab_padding(weight: torch.Tensor) -> int:
-    """How many zero rows VocabLogits adds to a (V, C) projection `weight`: 0 off the GPU,
-    outside fp16/bf16, or when V is a multiple of 8 already."""
+def vocab_padding(weight: torch.Tensor, tokens: int) -> int:
+    """How many rows VocabLogits adds to a (V, C) projection `weight` for a call on `tokens`
+    tokens: 0 off the GPU, outside fp16/bf16, when V is a multiple of 8 already, or for fewer
+    than VOCAB_PAD_MIN_TOKENS tokens (a decoding step: there the GEMM is a read of the weight,
+    which a padded copy would triple)."""
     rows = weight.shape[0]
-    if not weight.is_cuda or weight.dtype not in (torch.float16, torch.bfloat16) or rows % 8 == 0:
+    if (tokens < VOCAB_PAD_MIN_TOKENS or not weight.is_cuda or weight.dtype not in (torch.float16, torch.bfloat16)
+            or rows % 8 == 0):
         return 0
     return -rows % VOCAB_ALIGN
 
@@ -329,9 +334,9 @@ def vocab_padding(weight: torch.Tensor) -> int:
 class VocabLogits(BackendChoice, nn.Module):
     """logits = F.linear(h, weight, bias) over a vocabulary, and the cross-entropy loss on them.
 
-    On the GPU the logits are computed with the vocabulary padded to a multiple of
-    VOCAB_ALIGN rows, and the result is the first V columns of the padded logits (a view: its
-    rows are VOCAB_ALIGN-padded apart).
+    On the GPU the logits of a call on many tokens are computed with the vocabulary padded to
+    a multiple of VOCAB_ALIGN rows, and the result is the first V columns of the padded logits
+    (a view: its rows are VOCAB_ALIGN-padded apart).
 
     Why: the output's row stride is V elements, and BERT's 30522 and GPT-2's 50257 are not
     multiples of 8, so in fp16/bf16 the rows of the logits are not 16-byte aligned and cuBLAS
@@ -342,36 +347,38 @@ class VocabLogits(BackendChoice, nn.Module):
     training step. On the H200 (2026-11-27) our GPT-2 B8 L512 inference took 5.22 ms in a CUDA
     graph against 2.81 for HF + torch.compile, whose layers are no faster than ours.
 
-    The padding rows have weight 0 and bias -inf: their logits are -inf, no probability, so
-    `loss` computes the cross-entropy over the whole padded logits (the view's columns are
-    the same classes) and its gradient reaches the GEMM in the GEMM's own layout, where
-    slicing would have copied it into a zero-filled padded buffer.
-
-    The padded weight (and bias) is a copy. Where autograd does not track them it is kept and
-    reused while the weight is unchanged (the same memory, shape, dtype and version counter:
-    an optimizer step or a load bumps the version), so inference and generation copy it once;
-    it costs one more weight's memory (77 MB for GPT-2 in fp16). Where autograd tracks them
-    the pad is made per call, so the gradient of the padding is dropped by F.pad's backward."""
+    The padded weight is made per call (F.pad: one read and one write of the weight, 77 MB
+    for GPT-2 in fp16, ~40 µs at H200 bandwidth, against a GEMM of milliseconds at 4096 tokens).
+    It is not kept between calls: a copy keyed on the weight's version counter would go stale
+    after a write through `.data` (EMA updates, weight initialisers), which no counter sees.
+    Its padding rows have weight 0 and bias -inf: their logits are -inf, no probability, so
+    `loss` computes the cross-entropy over the whole padded logits (with classes = V) and its
+    gradient reaches the GEMM in the GEMM's own layout, where slicing would have copied it
+    into a zero-filled padded buffer. F.pad's backward drops the padding's gradient."""
 
     def __init__(self, backend: str | None = None):
         super().__init__()
         self.backend = backend
-        self._kept = None  # (weight alias, its version, bias alias, its version, padded weight, padded bias)
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        pad = vocab_padding(weight)
+        V = weight.shape[0]
+        pad = vocab_padding(weight, h.numel() // max(h.shape[-1], 1))
         if pad == 0 or torch.compiler.is_compiling():  # torch.compile pads matmuls itself
             return F.linear(h, weight, bias)
-        w, b = self._padded(weight, bias, pad)
-        full = F.linear(h, w, b)
-        logits = full[..., :weight.shape[0]]
+        if bias is None:
+            bias = weight.new_zeros(V)
+        full = F.linear(h, F.pad(weight, (0, 0, 0, pad)), F.pad(bias, (0, pad), value=float("-inf")))
+        logits = full[..., :V]
         logits._fuseformer_padded = full  # for `loss`; the same memory, nothing more is kept
         return logits
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Mean cross-entropy of `labels` (logits.shape[:-1]) under `logits`, on this module's
-        backend (fuseformer.kernels.cross_entropy): over the padded logits when `logits` is
-        this module's view of them (see the class docstring)."""
+        """Mean cross-entropy of `labels` (logits.shape[:-1], or as many tokens flattened)
+        under `logits`, on this module's backend (fuseformer.kernels.cross_entropy): over the
+        padded logits when `logits` is this module's view of them (see the class docstring)."""
+        V = logits.shape[-1]
+        if labels.shape != logits.shape[:-1] and labels.numel() == logits.numel() // max(V, 1):
+            labels = labels.reshape(logits.shape[:-1])  # flattened labels, as transformers takes them
         full = getattr(logits, "_fuseformer_padded", None)
         if full is not None and full.data_ptr() == logits.data_ptr() and full.stride() == logits.stride():
             logits = full
@@ -380,48 +387,7 @@ class VocabLogits(BackendChoice, nn.Module):
             # csrc/ has no cross-entropy: a model on the cuda backend takes auto's (the Triton
             # kernel on a GPU) rather than failing at its loss.
             backend = "auto"
-        return K.cross_entropy(logits, labels, ignore_index, backend=backend)
-
-    def _padded(self, weight, bias, pad):
-        if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
-            return F.pad(weight, (0, 0, 0, pad)), _pad_bias(weight, bias, pad)
-        kept = self._kept
-        if kept is not None and _same(kept[0], kept[1], weight) and (
-                kept[2] is None if bias is None else _same(kept[2], kept[3], bias)):
-            return kept[4], kept[5]
-        # Made outside inference mode, so that a kept copy may meet autograd later (a frozen
-        # embedding under a trained model); without grad, so it is a leaf of nothing.
-        with torch.inference_mode(False), torch.no_grad():
-            w = F.pad(weight.detach(), (0, 0, 0, pad))
-            b = _pad_bias(weight, None if bias is None else bias.detach(), pad)
-        versions = _version(weight), None if bias is None else _version(bias)
-        # Kept only where a version tells a change (inference tensors have none), and not
-        # while a CUDA graph is captured (its copy would live in the graph's memory pool).
-        capturing = w.is_cuda and torch.cuda.is_current_stream_capturing()
-        if None not in versions[:1 + (bias is not None)] and not capturing:
-            # The aliases hold the weight's memory, so no other tensor can take its address.
-            self._kept = (weight.detach(), versions[0], None if bias is None else bias.detach(), versions[1], w, b)
-        return w, b
-
-
-def _pad_bias(weight: torch.Tensor, bias: torch.Tensor | None, pad: int) -> torch.Tensor:
-    """The bias of the padded projection: `bias` (zeros where there is none), then -inf."""
-    if bias is None:
-        bias = weight.new_zeros(weight.shape[0])
-    return F.pad(bias, (0, pad), value=float("-inf"))
-
-
-def _version(t: torch.Tensor) -> int | None:
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor: no version counter
-        return None
-
-
-def _same(alias: torch.Tensor, version: int, t: torch.Tensor) -> bool:
-    """`t` is the tensor `alias` was taken of, unchanged since (version: its version then)."""
-    return (alias.data_ptr() == t.data_ptr() and alias.dtype == t.dtype and alias.shape == t.shape
-            and alias.stride() == t.stride() and alias.device == t.device and _version(t) == version)
+        return K.cross_entropy(logits, labels, ignore_index, classes=V, backend=backend)
 
 
 def wide(t: torch.Tensor) -> torch.Tensor:

@@ -155,6 +155,47 @@ def test_ignore_index_other_than_minus_100():
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_the_loss_may_be_changed_in_place(reduction):
+    """`loss /= steps` (gradient accumulation) works as on F.cross_entropy's loss: the loss is
+    a tensor of its own, not a view of the buffer the backward reads."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(2, 3, 20, generator=g).to(DEVICE)
+    labels = _labels((2, 3), 20, g, ignored=[(1, 1)]).to(DEVICE)
+    x = logits.clone().requires_grad_(True)
+    loss = K.cross_entropy(x, labels, reduction=reduction, backend="triton")
+    loss /= 4
+    loss.sum().backward()
+    xr = logits.double().requires_grad_(True)
+    (reference.cross_entropy(xr, labels, reduction=reduction) / 4).sum().backward()
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_classes_below_the_width_for_padded_logits(backend):
+    """A padded vocabulary's logits (the extra columns -inf) with classes = the real size: the
+    loss and gradient of the unpadded logits, and a label past `classes` refused by name."""
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(5, 45, generator=g).to(DEVICE)
+    labels = _labels((5,), 45, g, ignored=[2]).to(DEVICE)
+    padded = torch.cat([logits, torch.full((5, 19), float("-inf"), device=DEVICE)], dim=1).requires_grad_(True)
+    plain = logits.clone().requires_grad_(True)
+    loss = K.cross_entropy(padded, labels, classes=45, backend=backend)
+    ref = K.cross_entropy(plain, labels, backend=backend)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(padded.grad[:, :45], plain.grad, rtol=1e-6, atol=1e-7)
+    assert torch.equal(padded.grad[:, 45:], torch.zeros(5, 19, device=DEVICE))
+    bad = labels.clone()
+    bad[0] = 50  # a padding column
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 45\).*got 50"):
+        K.cross_entropy(padded, bad, classes=45, backend=backend)
+    for wrong in (65, -1, 2.0, True):
+        with pytest.raises(ValueError, match=r"classes must be an int in \[0, 64\]"):
+            K.cross_entropy(padded, labels, classes=wrong, backend=backend)
+
+
 def test_torch_backend_is_the_reference_and_auto_on_cpu_is_torch():
     logits = torch.randn(5, 9, dtype=torch.float64)
     labels = torch.tensor([0, 8, -100, 3, 3])
@@ -215,8 +256,7 @@ def test_compiles_without_graph_break_and_matches_eager():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_bert_vocabulary(dtype):
-    """BERT's 30522 classes over 512 rows, 85% ignored as in masked-LM training; a bad label
-    is a device-side assert, not a wrong answer."""
+    """BERT's 30522 classes over 512 rows, 85% ignored as in masked-LM training."""
     g = torch.Generator().manual_seed(7)
     logits = (3 * torch.randn(512, 30522, generator=g)).to("cuda", dtype)
     labels = _labels((512,), 30522, g).cuda()

@@ -45,10 +45,8 @@ TUNED = {
 # forward and dgelu, or the TMA forward) and of the attention, portable and Hopper, varlen
 # too (forward, preprocess, dK/dV, and dQ unless atomic), host descriptors or not (a plan of
 # a launch through host descriptors makes new ones over each call's tensors: DescriptorBound).
-# cross_entropy: 6 launches a run, and the second forward's plan already bound in the run
-# through Triton's path (its kernel kept by the first forward there).
 PLAN_LAUNCHES = {
-    "linear_gelu_portable": 2, "linear_gelu_tma": 1, "add_layer_norm": 3, "cross_entropy": 7,
+    "linear_gelu_portable": 2, "linear_gelu_tma": 1, "add_layer_norm": 3, "cross_entropy": 6,
     "attention_portable": 4, "attention_portable_atomic_dq": 3, "attention_portable_default_config": 4,
     "attention_portable_dropout": 4, "attention_hopper": 4, "attention_hopper_host": 4,
     "attention_hopper_auto_descriptors": 4,

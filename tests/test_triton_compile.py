@@ -173,6 +173,16 @@ def test_multi_row_layer_norm_moves_16_byte_vectors(compiled):
         assert r["ptx"]["ld_v4"] > 0 and r["ptx"]["st_v4"] > 0, f"no 16-byte vector access in {_where(r)}: {r['ptx']}"
 
 
+def test_cross_entropy_moves_16_byte_vectors_on_padded_rows(compiled):
+    """On the models' padded vocabulary (rows of 30528 bf16, a multiple of 8 elements), the
+    cross-entropy's forward loads and its backward loads and stores 16-byte vectors."""
+    for kernel, store in (("ce_fwd", False), ("ce_bwd", True)):
+        for r in _of(compiled, kernel):
+            if "bf16" in r["case"]:
+                ptx = r["ptx"]
+                assert ptx["ld_v4"] > 0 and (ptx["st_v4"] > 0 or not store), f"scalar access in {_where(r)}: {ptx}"
+
+
 def test_pipelined_layer_norm_loops_prefetch_and_only_they(compiled):
     """The pipelined add+LN variants (STAGES > 1, and the column sums of their backward) copy the
     next tile's or rows' inputs into shared memory in 16-byte cp.async while the current one is

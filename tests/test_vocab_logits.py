@@ -1,9 +1,11 @@
 """VocabLogits (models/layers.py): the vocabulary projection computed over rows padded to a
-multiple of 64 must give F.linear's logits and gradients, keep its padded copy only while the
-weight is unchanged, and give the models' heads the same outputs and losses as unpadded.
+multiple of 64 (weight 0, bias -inf) must give F.linear's logits and gradients, its loss must
+run over the padded logits with the real vocabulary's label check, and the models' heads must
+give the same outputs, losses and gradients as unpadded.
 
 On a CPU the rule pads nothing (it pads fp16/bf16 GPU weights whose row count is not a
-multiple of 8); these tests force it, as the GPU takes it, by replacing the rule."""
+multiple of 8, for calls of 1024 tokens or more); these tests force it, as the GPU takes it,
+by replacing the rule."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,7 @@ from fuseformer.models import layers
 
 @pytest.fixture
 def always_pad(monkeypatch):
-    monkeypatch.setattr(layers, "vocab_padding", lambda weight: -weight.shape[0] % layers.VOCAB_ALIGN)
+    monkeypatch.setattr(layers, "vocab_padding", lambda weight, tokens: -weight.shape[0] % layers.VOCAB_ALIGN)
 
 
 def _inputs(vocab=97, hidden=24, bias=True, grad=False):
@@ -25,15 +27,16 @@ def _inputs(vocab=97, hidden=24, bias=True, grad=False):
     return h, w, b
 
 
-def test_the_rule_pads_only_unaligned_gpu_half_weights():
-    assert layers.vocab_padding(torch.empty(30522, 8, dtype=torch.float16)) == 0  # a CPU tensor
-    assert layers.vocab_padding(torch.empty(30522, 8, dtype=torch.float32)) == 0
+def test_the_rule_pads_only_unaligned_gpu_half_weights_on_many_tokens():
+    assert layers.vocab_padding(torch.empty(30522, 8, dtype=torch.float16), 4096) == 0  # a CPU tensor
+    assert layers.vocab_padding(torch.empty(30522, 8, dtype=torch.float32), 4096) == 0
     if torch.cuda.is_available():
         cuda = torch.device("cuda")
-        assert layers.vocab_padding(torch.empty(30522, 8, dtype=torch.bfloat16, device=cuda)) == 30528 - 30522
-        assert layers.vocab_padding(torch.empty(50257, 8, dtype=torch.float16, device=cuda)) == 50304 - 50257
-        assert layers.vocab_padding(torch.empty(30000, 8, dtype=torch.float16, device=cuda)) == 0  # 8 | 30000
-        assert layers.vocab_padding(torch.empty(50257, 8, dtype=torch.float32, device=cuda)) == 0
+        assert layers.vocab_padding(torch.empty(30522, 8, dtype=torch.bfloat16, device=cuda), 4096) == 30528 - 30522
+        assert layers.vocab_padding(torch.empty(50257, 8, dtype=torch.float16, device=cuda), 1024) == 50304 - 50257
+        assert layers.vocab_padding(torch.empty(50257, 8, dtype=torch.float16, device=cuda), 1023) == 0  # decoding
+        assert layers.vocab_padding(torch.empty(30000, 8, dtype=torch.float16, device=cuda), 4096) == 0  # 8 | 30000
+        assert layers.vocab_padding(torch.empty(50257, 8, dtype=torch.float32, device=cuda), 4096) == 0
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -59,41 +62,17 @@ def test_aligned_or_unpadded_weights_take_f_linear_unchanged():
     torch.testing.assert_close(out, F.linear(h, w, b), rtol=0, atol=0)
 
 
-def test_kept_copy_is_reused_and_dropped_when_the_weight_changes(always_pad):
+def test_writes_through_data_reach_the_next_call(always_pad):
+    """Nothing is kept between calls: a write no version counter sees (`.data`, as EMA updates
+    and weight initialisers do it) is in the next call's logits."""
     h, w, b = _inputs()
-    logits = layers.VocabLogits()
+    head = layers.VocabLogits()
     with torch.no_grad():
-        first = logits(h, w, b)
-        kept = logits._kept[4]
-        torch.testing.assert_close(logits(h, w, b), first, rtol=0, atol=0)
-        assert logits._kept[4] is kept  # no new copy for an unchanged weight
-        w.add_(1.0)  # an optimizer step: the version counter moves
-        torch.testing.assert_close(logits(h, w, b), F.linear(h, w, b), rtol=1e-12, atol=1e-12)
-        assert logits._kept[4] is not kept
-        b.mul_(2.0)  # the bias alone changes
-        torch.testing.assert_close(logits(h, w, b), F.linear(h, w, b), rtol=1e-12, atol=1e-12)
-        other = w.clone()  # same values, another tensor
-        other[0] += 1.0
-        torch.testing.assert_close(logits(h, other, b), F.linear(h, other, b), rtol=1e-12, atol=1e-12)
-
-
-def test_copy_kept_in_inference_mode_serves_autograd_through_a_frozen_weight(always_pad):
-    h, w, b = _inputs()
-    logits = layers.VocabLogits()
-    with torch.inference_mode():
-        logits(h, w, b)  # keeps a copy
-    h.requires_grad_(True)  # a trained model under a frozen embedding: h needs a gradient, w not
-    out = logits(h, w, b)
-    (dh,) = torch.autograd.grad(out.sum(), [h])
-    torch.testing.assert_close(dh, F.linear(torch.ones_like(out), w.t()), rtol=1e-12, atol=1e-12)
-
-
-def test_inference_tensors_are_padded_without_keeping_a_copy(always_pad):
-    with torch.inference_mode():
-        h, w, b = _inputs()
-        logits = layers.VocabLogits()
-        torch.testing.assert_close(logits(h, w, b), F.linear(h, w, b), rtol=1e-12, atol=1e-12)
-        assert logits._kept is None  # no version counter to tell a change by
+        head(h, w, b)
+    w.data.add_(1.0)
+    b.data.mul_(2.0)
+    with torch.no_grad():
+        torch.testing.assert_close(head(h, w, b), F.linear(h, w, b), rtol=1e-12, atol=1e-12)
 
 
 def _tiny(name):
@@ -136,6 +115,18 @@ def test_padding_rows_score_minus_infinity_and_the_loss_runs_over_the_padded_log
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     head.loss(logits[:, 1:], labels[:, 1:])  # a slice of the view: the plain logits
     assert seen[-1] == (3, 4, 97)
+    head.loss(logits, labels.reshape(-1))  # flattened labels, as transformers takes them
+    assert seen[-1] == (3, 5, 128)
+    # A label past the vocabulary names a padding column (score -inf): refused, not an inf loss.
+    bad = labels.clone()
+    bad[0, 0] = 100
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 97\)"):
+        head.loss(logits, bad)
+    # The loss is a tensor of its own: changed in place, it still backpropagates.
+    again = head.loss(head(h, w, b), labels)  # a new graph: the grads above freed the first
+    again /= 2
+    (dh,) = torch.autograd.grad(again, [h])
+    torch.testing.assert_close(dh, grads[0] / 2, rtol=1e-10, atol=1e-12)
     # csrc/ has no cross-entropy: a head on the cuda backend takes auto's, not an error.
     torch.testing.assert_close(layers.VocabLogits("cuda").loss(logits, labels), loss)
 
@@ -164,7 +155,7 @@ def test_model_heads_give_the_same_logits_loss_and_gradients_padded(monkeypatch,
                                                         if p.grad is not None}
 
     logits, loss, grads = run()
-    monkeypatch.setattr(layers, "vocab_padding", lambda weight: -weight.shape[0] % layers.VOCAB_ALIGN)
+    monkeypatch.setattr(layers, "vocab_padding", lambda weight, tokens: -weight.shape[0] % layers.VOCAB_ALIGN)
     padded_logits, padded_loss, padded_grads = run()
     assert padded_logits.shape == logits.shape and padded_logits.stride()[-2] == 128
     tol = dict(rtol=1e-10, atol=1e-10) if backend == "torch" else dict(rtol=1e-5, atol=1e-6)
@@ -179,14 +170,11 @@ def test_model_heads_give_the_same_logits_loss_and_gradients_padded(monkeypatch,
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_gpt2_sized_head_is_padded_and_matches_the_unpadded_matmul(dtype):
     g = torch.Generator(device="cuda").manual_seed(0)
-    h = torch.randn(2, 33, 768, device="cuda", dtype=dtype, generator=g)
+    h = torch.randn(2, 600, 768, device="cuda", dtype=dtype, generator=g)  # 1200 tokens: padded
     w = torch.randn(50257, 768, device="cuda", dtype=dtype, generator=g) * 0.02
-    logits = layers.VocabLogits()
     with torch.no_grad():
-        out = logits(h, w)
-        again = logits(h, w)
-    assert out.shape == (2, 33, 50257) and out.stride()[-2] == 50304
-    torch.testing.assert_close(again, out, rtol=0, atol=0)  # the kept copy gives the same bits
+        out = layers.VocabLogits()(h, w)
+    assert out.shape == (2, 600, 50257) and out.stride()[-2] == 50304
     ref = F.linear(h.double(), w.double())
     err, torch_err = (out.double() - ref).abs().max(), (F.linear(h, w).double() - ref).abs().max()
     assert err <= 2 * torch_err + 1e-3, (err, torch_err)  # the parity rule's form

@@ -91,13 +91,14 @@ def add_jobs(jobs, check):
         ln_bwd(90, "fp16", chunked_n, res=False, drop=False)
 
     # --- cross-entropy: BERT's vocabulary (30522: the forward's row walk, 15 backward chunks)
-    # in bf16 with int64 labels, a small fp32 one with int32 labels.
+    # in bf16 with int64 labels, its rows 30528 apart as the models pad them (16-byte aligned
+    # rows: vector loads); a small fp32 one with int32 labels.
     ce = importlib.import_module("fuseformer.kernels.cross_entropy")
     cek = importlib.import_module("fuseformer.kernels.cross_entropy_kernels")
     for arch in ARCHS:
-        for dt, V, lab in (("bf16", 30522, "i64"), ("fp32", 1000, "i32")):
+        for dt, V, row, lab in (("bf16", 30528, 30528, "i64"), ("fp32", 1000, 1000, "i32")):
             fwd_block, bwd_block = min(ce.FWD_BLOCK, triton_next_pow2(V)), min(ce.BWD_BLOCK, triton_next_pow2(V))
-            strides = dict(V=V, stride_xm=V, stride_xv=1, stride_y=1, ignore_index=-100)
+            strides = dict(V=V, stride_xm=row, stride_xv=1, stride_y=1, ignore_index=-100)
             _add(jobs, "ce_fwd", cek._ce_fwd, arch, f"{dt} V={V} {lab}",
                  dict(X=Ptr(dt), Y=Ptr(lab), LOSS=Ptr("fp32"), LSE=Ptr("fp32"), **strides), dict(BLOCK=fwd_block),
                  options=dict(num_warps=8 if fwd_block >= 2048 else 4))
@@ -106,9 +107,9 @@ def add_jobs(jobs, check):
                       stride_g=0, **strides),
                  dict(BLOCK=bwd_block, MEAN=True), options=dict(num_warps=4 if bwd_block >= 1024 else 2))
             _add(jobs, "ce_reduce", cek._ce_reduce, arch, f"{lab}",
-                 dict(LOSS=Ptr("fp32"), Y=Ptr(lab), STATS=Ptr("fp32"), M=4096, V=V,
-                      stride_y=1, ignore_index=-100),
-                 dict(BLOCK=ce.REDUCE_BLOCK, MEAN=True), options=dict(num_warps=4))
+                 dict(LOSS=Ptr("fp32"), Y=Ptr(lab), OUT=Ptr("fp32"), STATS=Ptr("fp32"), M=4096, C=V, stride_y=1,
+                      ignore_index=-100),
+                 dict(BLOCK=ce.REDUCE_BLOCK, REDUCE=True, MEAN=True), options=dict(num_warps=4))
 
     # --- Linear + GELU. BERT-base FFN (K=768, EVEN_K) and a ragged K (masked tail).
     def fast_tag(fast):
