@@ -319,16 +319,20 @@ VOCAB_ALIGN = 64
 VOCAB_PAD_MIN_TOKENS = 1024
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def vocab_padding(weight: torch.Tensor, tokens: int) -> int:
     """How many rows VocabLogits adds to a (V, C) projection `weight` for a call on `tokens`
-    tokens: 0 off the GPU, outside fp16/bf16, when V is a multiple of 8 already, or for fewer
-    than VOCAB_PAD_MIN_TOKENS tokens (a decoding step: there the GEMM is a read of the weight,
-    which a padded copy would triple)."""
+    tokens: 0 off the GPU, for a matmul outside fp16/bf16 (the weight's dtype, or autocast's
+    under autocast: mixed-precision training keeps fp32 weights), when V is a multiple of 8
+    already, or for fewer than VOCAB_PAD_MIN_TOKENS tokens (a decoding step: there the GEMM
+    is a read of the weight, which a padded copy would triple)."""
     rows = weight.shape[0]
-    if (tokens < VOCAB_PAD_MIN_TOKENS or not weight.is_cuda or weight.dtype not in (torch.float16, torch.bfloat16)
-            or rows % 8 == 0):
+    if tokens < VOCAB_PAD_MIN_TOKENS or not weight.is_cuda or rows % 8 == 0:
         return 0
-    return -rows % VOCAB_ALIGN
+    half = weight.dtype in _HALF or (torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in _HALF)
+    return -rows % VOCAB_ALIGN if half else 0
 
 
 class VocabLogits(BackendChoice, nn.Module):
@@ -362,8 +366,9 @@ class VocabLogits(BackendChoice, nn.Module):
 
     def forward(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         V = weight.shape[0]
-        pad = vocab_padding(weight, h.numel() // max(h.shape[-1], 1))
-        if pad == 0 or torch.compiler.is_compiling():  # torch.compile pads matmuls itself
+        # torch.compile pads matmuls itself (pad_mm).
+        pad = 0 if torch.compiler.is_compiling() else vocab_padding(weight, h.numel() // max(h.shape[-1], 1))
+        if pad == 0:
             return F.linear(h, weight, bias)
         if bias is None:
             bias = weight.new_zeros(V)

@@ -199,3 +199,18 @@ def test_lm_losses_compile_fullgraph(backend):
         eager = model(input_ids=ids, labels=labels).loss
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=ids, labels=labels).loss
         torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_autocast_with_fp32_weights_is_padded():
+    """Mixed-precision training keeps fp32 weights and runs the matmul in bf16 under autocast:
+    the head pads there too, and gives autocast's unpadded logits."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    h = torch.randn(4, 300, 256, device="cuda", generator=g)  # 1200 tokens
+    w = torch.randn(30522, 256, device="cuda", generator=g) * 0.05
+    b = torch.randn(30522, device="cuda", generator=g) * 0.1
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+        out = layers.VocabLogits()(h, w, b)
+        ref = F.linear(h, w, b)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape and out.stride()[-2] == 30528
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
