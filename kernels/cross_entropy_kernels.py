@@ -44,7 +44,7 @@ def _ce_fwd(
     Y,  # (M,) labels, int64 or int32
     LOSS,  # (M,) fp32 out: loss_i (0 for an ignored row)
     LSE,  # (M,) fp32 out: logsumexp of the row (0 for an ignored row)
-    V,  # classes per row
+    V,  # scores per row (the last dim of the logits)
     stride_xm,
     stride_xv,
     stride_y,
