@@ -6,7 +6,8 @@
 #   bash bench/gpu_session.sh prewarm    # bench/prewarm.py in the background: the bench's compiles, in parallel
 #   bash bench/gpu_session.sh tests      # test_compile first (full tracebacks), the gpu-marked tests, the suite
 #   bash bench/gpu_session.sh profile    # bench/profile_calls.py: where add+LN fwd+bwd's time goes, triton vs cuda;
-#                                        # the kernels of a BERT-base forward by device time
+#                                        # the kernels of a BERT-base forward and bf16 MLM training
+#                                        # step by device time
 #   bash bench/gpu_session.sh overhead   # `fuseformer bench --filter overhead`: host µs per eager call
 #   bash bench/gpu_session.sh sanitize   # compute-sanitizer memcheck + racecheck, one test per kernel
 #   bash bench/gpu_session.sh compile    # first-call time of the autotuned attention forward: its configs compiled
@@ -280,7 +281,7 @@ profile)
     prewarm_wait
     timed profile timeout -s INT -k 10 "$(box "${PROFILE_TIMEOUT:-120}")" python3 -m fuseformer.bench.profile_calls \
         >"$OUT/profile.txt" 2>&1
-    tail -n 60 "$OUT/profile.txt"
+    tail -n 90 "$OUT/profile.txt"
     ;;
 overhead)
     cuda_build_wait  # a build beside it would be timed as host overhead

@@ -28,10 +28,12 @@ BxHxLxD): event and host times per call, and where a host-descriptor call spends
 
 Last, a BERT-base fp16 inference forward (--bert BxL, default 32x128, backend auto): its kernels
 by device time per forward, to say which of them the CUDA-graph target (2x HF + torch.compile)
-must shrink.
+must shrink; and the same for a bf16 masked-LM training step (--bert-train BxL, default 32x128:
+the training target, 1.3x HF sdpa, stood at 0.76x on the H200 with host and kernels untold).
 
     python -m fuseformer.bench.profile_calls [--M 16384] [--N 768] [--backends triton,cuda] [--bert 32x128]
-                                             [--linear-gelu 16384x768x3072] [--attention 16x16x1024x64]
+                                             [--bert-train 32x128] [--linear-gelu 16384x768x3072]
+                                             [--attention 16x16x1024x64]
 """
 from __future__ import annotations
 
@@ -338,26 +340,47 @@ def profile_attention_descriptors(B: int, H: int, L: int, D: int, iters: int) ->
         print(_profiled(causal_fwd).table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60))
 
 
-def profile_bert(B: int, L: int, iters: int, device: str = "cuda", config=None, backend: str = "auto") -> None:
+def profile_bert(B: int, L: int, iters: int, device: str = "cuda", config=None, backend: str = "auto",
+                 train: bool = False) -> None:
     """Where the GPU time of one BERT-base fp16 inference forward goes (the CUDA-graph target
     of the eager-speed issue: 1.89 ms at B32 L128 on the H100, where HF + torch.compile took
     2.77): the kernels by device time per forward, ours (Triton/csrc) and torch's (cuBLAS
-    GEMMs, copies) alike. Eager forwards: the kernels are the ones a CUDA graph replays."""
+    GEMMs, copies) alike. Eager forwards: the kernels are the ones a CUDA graph replays.
+    train=True: a bf16 masked-LM training step (15% of tokens labelled, forward, loss and
+    backward) instead, "per forward" then meaning per step."""
+    import contextlib
+
     from torch.profiler import ProfilerActivity, profile
 
-    from fuseformer.models import BertConfig, BertModel
+    from fuseformer.models import BertConfig, BertForMaskedLM, BertModel
 
     torch.manual_seed(0)
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    model = BertModel(config or BertConfig(), add_pooling_layer=True).to(device=device, dtype=dtype).eval()
+    dtype = (torch.bfloat16 if train else torch.float16) if device == "cuda" else torch.float32
+    if train:
+        model = BertForMaskedLM(config or BertConfig()).to(device=device, dtype=dtype).train()
+    else:
+        model = BertModel(config or BertConfig(), add_pooling_layer=True).to(device=device, dtype=dtype).eval()
     model.set_backend(backend)
     ids = torch.randint(1, model.config.vocab_size, (B, L), device=device)
     mask = torch.ones(B, L, dtype=torch.long, device=device)
+    labels = torch.where(torch.rand(B, L, device=device) < 0.15, ids, torch.full_like(ids, -100))
+    params = [p for p in model.parameters() if p.requires_grad]
+    label = f"[bert{' train' if train else ''} B{B} L{L} {dtype}]"
+
+    def step():
+        if not train:
+            return model(input_ids=ids, attention_mask=mask)
+        for p in params:
+            p.grad = None
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        return loss
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    with torch.inference_mode():
+    with contextlib.nullcontext() if train else torch.inference_mode():
         for _ in range(3):  # compiles, autotuning, allocator
-            model(input_ids=ids, attention_mask=mask)
+            step()
         sync()
         if device == "cuda":
             # The H200 run of 2026-11-27 timed this forward eagerly at 9.30 ms (fused) and 5.77
@@ -367,24 +390,21 @@ def profile_bert(B: int, L: int, iters: int, device: str = "cuda", config=None, 
             # host, the GPU or a wait between them (a synchronisation) is the bound.
             from fuseformer.bench.overhead import _forward_host_us
 
-            def forward():
-                return model(input_ids=ids, attention_mask=mask)
-
             for name in dict.fromkeys((backend, "torch")):
                 model.set_backend(name)
-                print(f"[bert B{B} L{L} {dtype}] backend {name}: {_events_ms(forward, iters):.3f} ms per forward "
-                      f"(events, median); host {_forward_host_us(forward, 5):.0f} us until it returns (fastest "
-                      f"of 5); {_host_us(forward, iters):.0f} us per forward queued back to back")
+                print(f"{label} backend {name}: {_events_ms(step, iters):.3f} ms per forward "
+                      f"(events, median); host {_forward_host_us(step, 5):.0f} us until it returns (fastest "
+                      f"of 5); {_host_us(step, iters):.0f} us per forward queued back to back")
             model.set_backend(backend)
         with profile(activities=activities) as prof:
             for _ in range(iters):
-                model(input_ids=ids, attention_mask=mask)
+                step()
             sync()
     events = prof.key_averages()
     kernels = [e for e in events if getattr(e, "self_device_time_total", 0.0) > 0]
     total = sum(e.self_device_time_total for e in kernels) / iters
-    print(f"[bert B{B} L{L} {dtype}] device time per forward: {total:.1f} us over {len(kernels)} kernels")
-    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:20]:
+    print(f"{label} device time per forward: {total:.1f} us over {len(kernels)} kernels")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:25 if train else 20]:
         per = e.self_device_time_total / iters
         print(f"  {per:8.1f} us {100 * per / total:5.1f}%  x{e.count // iters:<3d} {e.key[:110]}")
     if not kernels:
@@ -398,6 +418,8 @@ def main(argv=None) -> int:
     p.add_argument("--backends", default="triton,cuda")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--bert", default="32x128", help="BxL of the BERT-base forward to profile ('' skips it)")
+    p.add_argument("--bert-train", default="32x128",
+                   help="BxL of the BERT-base bf16 masked-LM training step to profile ('' skips it)")
     p.add_argument("--linear-gelu", default="16384x768x3072",
                    help="MxKxN of the Linear+GELU forward+backward to profile ('' skips it)")
     p.add_argument("--attention", default="16x16x1024x64",
@@ -419,6 +441,8 @@ def main(argv=None) -> int:
         profile_attention_descriptors(*dims(args.attention), iters=args.iters)
     if args.bert:
         profile_bert(*dims(args.bert), iters=10)
+    if args.bert_train:
+        profile_bert(*dims(args.bert_train), iters=5, train=True)
     return 0
 
 

@@ -13,6 +13,9 @@ def test_profile_bert_on_the_cpu(capsys):
     profile_calls.profile_bert(2, 8, iters=1, device="cpu", config=config, backend="torch")
     out = capsys.readouterr().out
     assert "[bert B2 L8 torch.float32]" in out and "aten::" in out  # the CPU-side table (no device kernels)
+    profile_calls.profile_bert(2, 8, iters=1, device="cpu", config=config, backend="torch", train=True)
+    out = capsys.readouterr().out
+    assert "[bert train B2 L8 torch.float32]" in out and "aten::" in out
 
 
 def test_main_needs_a_gpu():
