@@ -120,20 +120,22 @@ def _rows(logits, labels):
     return logits.reshape(labels.numel(), logits.shape[-1]), labels.reshape(-1)
 
 
+def _bad_labels(labels, V, ignore_index):
+    return ((labels < 0) | (labels >= V)) & (labels != ignore_index)
+
+
 def _labels_ok(ok, labels, V, ignore_index):
     """Raise (CPU) or assert on the device (GPU: reading the flag back would stall the host
     until the GPU catches up, every call) that every label was in [0, V) or ignore_index: `ok`
-    (nonzero when they were); None: look on the CPU (the torch backend, whose GPU path asserts
-    by itself)."""
+    is the reducing kernel's flag (nonzero when they were), or None (the torch backend: the
+    labels are looked at here)."""
     what = f"labels must lie in [0, {V}) (the classes of logits) or be ignore_index={ignore_index}"
-    if ok is not None and ok.device.type != "cpu":
-        torch._assert_async(ok, what)
-        return
-    if ok is not None and ok.item():
-        return
-    bad = ((labels < 0) | (labels >= V)) & (labels != ignore_index)
-    if bad.any():
-        raise ValueError(f"{what}, got {labels[bad][0].item()}")
+    if labels.device.type != "cpu":
+        torch._assert_async(ok if ok is not None else ~_bad_labels(labels, V, ignore_index).any(), what)
+    elif ok is None or not ok.item():
+        bad = _bad_labels(labels, V, ignore_index)
+        if bad.any():
+            raise ValueError(f"{what}, got {labels[bad][0].item()}")
 
 
 def _run_forward(backend, logits, labels, ignore_index, reduction, classes):
@@ -258,13 +260,10 @@ def cross_entropy(logits, labels, ignore_index=-100, reduction="mean", *, classe
     classes = _check(logits, labels, ignore_index, reduction, classes)
     name = backends.resolve("cross_entropy", logits.device, backend, dtype=logits.dtype)
     if name == "torch":
-        if torch.compiler.is_compiling():
-            pass  # no data-dependent check in a traced graph (F.cross_entropy raises past V)
-        elif labels.device.type == "cpu":
+        # Not while tracing (no data-dependent check in a graph); on a GPU only where F.cross_entropy,
+        # which asserts up to the width itself, would take labels past `classes`.
+        if not torch.compiler.is_compiling() and (labels.device.type == "cpu" or classes < logits.shape[-1]):
             _labels_ok(None, labels, classes, ignore_index)
-        elif classes < logits.shape[-1]:  # labels past `classes` that F.cross_entropy would take
-            bad = ((labels < 0) | (labels >= classes)) & (labels != ignore_index)
-            torch._assert_async(~bad.any(), f"labels must lie in [0, {classes}) or be ignore_index={ignore_index}")
         return reference.cross_entropy(logits, labels, ignore_index, reduction)
     if torch.compiler.is_compiling():
         loss = _ce_op(logits, labels, ignore_index, reduction, classes, name)[0]
