@@ -9,7 +9,9 @@ dtype (float64 stays float64 on the torch backend). "mean" averages over the row
 is not ignore_index (nan when there is none, as torch), "sum" adds them, "none" returns the
 loss of each row in labels' shape (0 where ignored). `classes` (default V) is how many of the
 V columns are classes a label may name: the models pass their padded vocabulary's logits
-whole (the extra columns score -inf) with classes = the real vocabulary size.
+whole (the extra columns score -inf) with classes = the real vocabulary size. A label outside
+[0, classes) other than ignore_index raises a ValueError on a CPU; on a GPU it fails the
+stream with a device-side assert, as F.cross_entropy does (no host sync spent checking).
 
 Why a kernel: the models' masked-LM and causal-LM losses ran F.cross_entropy on fp32 copies of
 the logits (on bf16 logits directly, the log-probabilities lose ~1e-2 of the loss: HF's bf16
@@ -20,11 +22,13 @@ logits twice and write their gradient once (kernels/cross_entropy_kernels.py has
 at fp32 accuracy. Unmeasured on a GPU yet (the ops suite's cross_entropy cases time it).
 
 Launcher contract (logits2d (M, V) with any strides, labels1d (M,)):
-    forward(logits2d, labels1d, ignore_index, reduction, classes) -> (loss, lse, stats)
+    forward(logits2d, labels1d, ignore_index, reduction, classes) -> (loss, aux)
         loss: () fp32 for "mean"/"sum", each row's (M,) fp32 for "none", a tensor of its own;
-        lse (M,) fp32; stats (2,) fp32: the count of rows not ignored, and 1.0 when every
-        label is in [0, classes) or ignore_index (the caller raises or asserts on it).
-    backward(g, stats, logits2d, labels1d, lse, ignore_index, reduction) -> dlogits (M, V),
+        aux: fp32, what the backward reads: each row's logsumexp at [0, M), then the count of
+        rows not ignored at M, and at M + 1 a flag, 1.0 when every label is in [0, classes)
+        or ignore_index (the caller raises on it on a CPU; a compiled kernel asserts on the
+        device itself); its layout is the kernels' (kernels/cross_entropy_kernels.py).
+    backward(g, aux, logits2d, labels1d, ignore_index, reduction) -> dlogits (M, V),
         contiguous, the logits' dtype; g: the loss's gradient, () or (M,) ("none").
 """
 from __future__ import annotations
@@ -44,6 +48,7 @@ LABEL_DTYPES = (torch.int64, torch.int32)
 # per backward program (one chunk each: V = 30522 gives 15 programs a row), and rows per step
 # of the one reducing program.
 FWD_BLOCK, BWD_BLOCK, REDUCE_BLOCK = 4096, 2048, 1024
+_INTERPRET = backends.interpreting()  # read at import, as Triton reads it
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -57,48 +62,55 @@ def forward(logits, labels, ignore_index, reduction, classes):
     device = logits.device
     none = reduction == "none"
     # The loss has a tensor of its own (a caller may change it in place, `loss /= steps`);
-    # the rest, kept for the backward, shares one allocation (a torch.empty costs ~1.5 µs of
-    # host time here).
+    # everything else is one allocation the kernels address by offsets (a torch.empty costs
+    # ~1.5 µs of host time here, a view of it ~0.7).
     loss = new_output((M,) if none else (), torch.float32, device)
-    if none:
-        rows = loss
-        lse, stats = new_output((M + 2,), torch.float32, device).split_with_sizes((M, 2))
-    else:
-        rows, lse, stats = new_output((2 * M + 2,), torch.float32, device).split_with_sizes((M, M, 2))
+    aux = new_output((M + 2 if none else 2 * M + 2,), torch.float32, device)
+    rows, loss_at = (loss, 0) if none else (aux, M + 2)
     # What the trailing arguments and constexprs derive from, and the dtypes (a plan refuses
     # other dtypes or alignments itself; keyed, each pair of dtypes keeps a plan of its own).
-    key = (device, logits.dtype, labels.dtype, M, V, classes, logits.stride(0), logits.stride(1), labels.stride(0),
-           ignore_index, reduction)
+    key = (device, logits.dtype, labels.dtype, M, V, classes, logits.stride(), labels.stride(0), ignore_index,
+           reduction)
     if V == 0:  # no class: every label must be ignored (the reduction checks), each loss is 0
         rows.zero_()
-        lse.zero_()
+        aux.zero_()
     elif M:
-        block = min(FWD_BLOCK, next_pow2(V))
-        fwd = (logits, labels, rows, lse)
-        _fwd_plans.launch(key, ((_ce_fwd, fwd),), lambda: launch(
-            _ce_fwd, (M,), *fwd, V, logits.stride(0), logits.stride(1), labels.stride(0), ignore_index, BLOCK=block,
-            num_warps=8 if block >= 2048 else 4))
-    red = (rows, labels, loss, stats)
+        fwd = (logits, labels, rows, aux)
+        _fwd_plans.launch(key, ((_ce_fwd, fwd),), lambda: _launch_fwd(fwd, M, V, ignore_index, loss_at))
+    red = (rows, labels, loss, aux)
     _reduce_plans.launch(key, ((_ce_reduce, red),), lambda: launch(
-        _ce_reduce, (1,), *red, M, classes, labels.stride(0), ignore_index, BLOCK=REDUCE_BLOCK, REDUCE=not none,
-        MEAN=reduction == "mean", num_warps=4))
-    return loss, lse, stats
+        _ce_reduce, (1,), *red, M, classes, labels.stride(0), ignore_index, loss_at, BLOCK=REDUCE_BLOCK,
+        REDUCE=not none, MEAN=reduction == "mean", CHECK=not _INTERPRET, num_warps=4,
+        sanitize_overflow=False))
+    return loss, aux
 
 
-def backward(g, stats, logits, labels, lse, ignore_index, reduction):
+def _launch_fwd(pointers, M, V, ignore_index, loss_at):
+    logits, labels = pointers[:2]
+    block = min(FWD_BLOCK, next_pow2(V))
+    launch(_ce_fwd, (M,), *pointers, V, logits.stride(0), logits.stride(1), labels.stride(0), ignore_index, loss_at,
+           BLOCK=block, num_warps=8 if block >= 2048 else 4)
+
+
+def backward(g, aux, logits, labels, ignore_index, reduction):
     M, V = logits.shape
     dx = new_output((M, V), logits.dtype, logits.device)
     if M == 0 or V == 0:
         return dx
-    block = min(BWD_BLOCK, next_pow2(V))
     stride_g = 0 if g.dim() == 0 else g.stride(0)
-    key = (dx.device, logits.dtype, labels.dtype, M, V, logits.stride(0), logits.stride(1), labels.stride(0), stride_g,
-           ignore_index, reduction)
-    pointers = (logits, labels, lse, g, stats, dx)
-    _bwd_plans.launch(key, ((_ce_bwd, pointers),), lambda: launch(
-        _ce_bwd, (M, cdiv(V, block)), *pointers, V, logits.stride(0), logits.stride(1), labels.stride(0), stride_g,
-        ignore_index, BLOCK=block, MEAN=reduction == "mean", num_warps=4 if block >= 1024 else 2))
+    key = (dx.device, logits.dtype, labels.dtype, M, V, logits.stride(), labels.stride(0), stride_g, ignore_index,
+           reduction)
+    pointers = (logits, labels, aux, g, dx)
+    _bwd_plans.launch(key, ((_ce_bwd, pointers),), lambda: _launch_bwd(pointers, stride_g, ignore_index, reduction))
     return dx
+
+
+def _launch_bwd(pointers, stride_g, ignore_index, reduction):
+    logits, labels = pointers[:2]
+    M, V = logits.shape
+    block = min(BWD_BLOCK, next_pow2(V))
+    launch(_ce_bwd, (M, cdiv(V, block)), *pointers, V, logits.stride(0), logits.stride(1), labels.stride(0), stride_g,
+           ignore_index, BLOCK=block, MEAN=reduction == "mean", num_warps=4 if block >= 1024 else 2)
 
 
 def unsupported(dtype=None, **_):
@@ -125,27 +137,30 @@ def _bad_labels(labels, V, ignore_index):
 
 
 def _labels_ok(ok, labels, V, ignore_index):
-    """Raise (CPU) or assert on the device (GPU: reading the flag back would stall the host
-    until the GPU catches up, every call) that every label was in [0, V) or ignore_index: `ok`
-    is the reducing kernel's flag (nonzero when they were), or None (the torch backend: the
-    labels are looked at here)."""
-    what = f"labels must lie in [0, {V}) (the classes of logits) or be ignore_index={ignore_index}"
+    """Raise (CPU) or assert on the device (GPU: reading a flag back would stall the host until
+    the GPU catches up, every call) that every label was in [0, V) or ignore_index: `ok` is the
+    reducing kernel's flag (nonzero when they were; CPU tensors only: on a GPU the kernel
+    asserts itself), or None (the torch backend: the labels are looked at here)."""
     if labels.device.type != "cpu":
-        torch._assert_async(ok if ok is not None else ~_bad_labels(labels, V, ignore_index).any(), what)
+        torch._assert_async(~_bad_labels(labels, V, ignore_index).any(), _what(V, ignore_index))
     elif ok is None or not ok.item():
         bad = _bad_labels(labels, V, ignore_index)
         if bad.any():
-            raise ValueError(f"{what}, got {labels[bad][0].item()}")
+            raise ValueError(f"{_what(V, ignore_index)}, got {labels[bad][0].item()}")
+
+
+def _what(V, ignore_index):
+    return f"labels must lie in [0, {V}) (the classes of logits) or be ignore_index={ignore_index}"
 
 
 def _run_forward(backend, logits, labels, ignore_index, reduction, classes):
-    """(loss, lse, stats) after the label check ("none": the loss of each row, (M,))."""
+    """(loss, aux) after the label check ("none": the loss of each row, (M,))."""
     x2, y1 = _rows(logits, labels)
     with device_guard(logits):
-        loss, lse, stats = backends.get_impl("cross_entropy", backend).forward(x2, y1, ignore_index, reduction,
-                                                                               classes)
-    _labels_ok(stats[1], labels, classes, ignore_index)
-    return loss, lse, stats
+        loss, aux = backends.get_impl("cross_entropy", backend).forward(x2, y1, ignore_index, reduction, classes)
+    if not logits.is_cuda:  # on a GPU the reducing kernel asserts on the labels itself
+        _labels_ok(aux[y1.shape[0] + 1], labels, classes, ignore_index)
+    return loss, aux
 
 
 def _shaped(loss, labels):
@@ -154,11 +169,11 @@ def _shaped(loss, labels):
     return loss.view(labels.shape) if loss.dim() != labels.dim() else loss
 
 
-def _run_backward(backend, g, stats, logits, labels, lse, ignore_index, reduction):
+def _run_backward(backend, g, aux, logits, labels, ignore_index, reduction):
     x2, y1 = _rows(logits, labels)
     g = g.float().reshape(-1) if reduction == "none" else g.float()
     with device_guard(logits):
-        dx = backends.get_impl("cross_entropy", backend).backward(g, stats, x2, y1, lse, ignore_index, reduction)
+        dx = backends.get_impl("cross_entropy", backend).backward(g, aux, x2, y1, ignore_index, reduction)
     return dx.view(logits.shape)
 
 
@@ -170,15 +185,15 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, reduction, classes, backend):
-        loss, lse, stats = _run_forward(backend, logits, labels, ignore_index, reduction, classes)
-        ctx.save_for_backward(logits, labels, lse, stats)
+        loss, aux = _run_forward(backend, logits, labels, ignore_index, reduction, classes)
+        ctx.save_for_backward(logits, labels, aux)
         ctx.ignore_index, ctx.reduction, ctx.backend = ignore_index, reduction, backend
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        logits, labels, lse, stats = ctx.saved_tensors
-        dx = _run_backward(ctx.backend, grad, stats, logits, labels, lse, ctx.ignore_index, ctx.reduction)
+        logits, labels, aux = ctx.saved_tensors
+        dx = _run_backward(ctx.backend, grad, aux, logits, labels, ctx.ignore_index, ctx.reduction)
         return dx, None, None, None, None, None
 
 
@@ -188,41 +203,40 @@ class CrossEntropyFunction(torch.autograd.Function):
 
 @torch.library.custom_op("fuseformer::cross_entropy", mutates_args=())
 def _ce_op(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str, classes: int,
-           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, each row's logsumexp, the launcher's stats: count, labels' check)."""
-    # lse and stats are views of one buffer; a custom op's outputs may not alias each other:
-    # a copy of the stats (2 floats more, where the eager path copies nothing).
-    loss, lse, stats = _run_forward(backend, logits, labels, ignore_index, reduction, classes)
-    return loss, lse, stats.clone()
+           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, the launcher's aux: each row's logsumexp, the count, the labels' check)."""
+    return _run_forward(backend, logits, labels, ignore_index, reduction, classes)
 
 
 @_ce_op.register_fake
 def _(logits, labels, ignore_index, reduction, classes, backend):
-    loss = logits.new_empty(labels.numel() if reduction == "none" else (), dtype=torch.float32)
-    return loss, logits.new_empty(labels.numel(), dtype=torch.float32), logits.new_empty(2, dtype=torch.float32)
+    M = labels.numel()
+    none = reduction == "none"
+    loss = logits.new_empty(M if none else (), dtype=torch.float32)
+    return loss, logits.new_empty(M + 2 if none else 2 * M + 2, dtype=torch.float32)
 
 
 @torch.library.custom_op("fuseformer::cross_entropy_backward", mutates_args=())
-def _ce_bwd_op(g: torch.Tensor, stats: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-               ignore_index: int, reduction: str, backend: str) -> torch.Tensor:
-    return _run_backward(backend, g, stats, logits, labels, lse, ignore_index, reduction)
+def _ce_bwd_op(g: torch.Tensor, aux: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+               reduction: str, backend: str) -> torch.Tensor:
+    return _run_backward(backend, g, aux, logits, labels, ignore_index, reduction)
 
 
 @_ce_bwd_op.register_fake
-def _(g, stats, logits, labels, lse, ignore_index, reduction, backend):
+def _(g, aux, logits, labels, ignore_index, reduction, backend):
     return logits.new_empty(logits.shape)
 
 
 def _setup_context(ctx, inputs, output):
     logits, labels, ignore_index, reduction, classes, backend = inputs
-    ctx.save_for_backward(logits, labels, output[1], output[2])
+    ctx.save_for_backward(logits, labels, output[1])
     ctx.ignore_index, ctx.reduction, ctx.backend = ignore_index, reduction, backend
 
 
 def _backward(ctx, grad, *_):
-    # The logsumexp and the stats are bookkeeping: nothing differentiates through them.
-    logits, labels, lse, stats = ctx.saved_tensors
-    dx = _ce_bwd_op(grad, stats, logits, labels, lse, ctx.ignore_index, ctx.reduction, ctx.backend)
+    # aux is bookkeeping: nothing differentiates through it.
+    logits, labels, aux = ctx.saved_tensors
+    dx = _ce_bwd_op(grad, aux, logits, labels, ctx.ignore_index, ctx.reduction, ctx.backend)
     return dx, None, None, None, None, None
 
 

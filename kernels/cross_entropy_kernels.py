@@ -12,6 +12,13 @@ sum, grad_out[i] for reduction "none".
 - `_ce_fwd`: one program per row, walking its V scores in chunks of BLOCK with a running max
   and a running sum rescaled to it (the one-pass form of the softmax's two reductions): one
   read of the logits. It writes loss_i and keeps lse_i for the backward (4 bytes a row).
+
+What the kernels keep between them lives in one fp32 buffer AUX, addressed by offsets rather
+than passed as views of it (a view costs the host ~0.7 µs a call; the launcher makes none):
+    AUX[0 : M]        lse_i
+    AUX[M : M + 2]    the count of rows not ignored, and the labels' check flag
+    AUX[M + 2 : ...]  loss_i, where the loss is reduced (LOSS is AUX, loss_at M + 2; for
+                      reduction "none" LOSS is the returned loss itself, loss_at 0)
 - `_ce_reduce`: one program over the M rows' losses and labels, in a fixed order
   (deterministic): the sum (or the mean over the counted rows), the count the backward
   divides by, and whether every label names a class or is ignored. One launch where torch
@@ -26,8 +33,8 @@ log-probabilities cost ~1e-2 of accuracy in the loss) wrote and read fp32 copies
 log-probabilities and their gradient: ~10x the bytes.
 
 Labels outside [0, V) (other than ignore_index) are masked out of the loads, so memory stays
-safe; `_ce_reduce` reports any outside [0, C) (C = V, or the real classes of padded logits)
-and the launcher raises (CPU) or asserts on the device (GPU).
+safe; `_ce_reduce` flags any outside [0, C) (C = V, or the real classes of padded logits): a
+device-side assert where the kernel is compiled, and a flag the launcher raises on (CPU).
 """
 import math
 
@@ -42,20 +49,22 @@ LN2 = tl.constexpr(math.log(2.0))
 def _ce_fwd(
     X,  # (M, V) logits, any strides
     Y,  # (M,) labels, int64 or int32
-    LOSS,  # (M,) fp32 out: loss_i (0 for an ignored row)
-    LSE,  # (M,) fp32 out: logsumexp of the row (0 for an ignored row)
+    LOSS,  # fp32 out at loss_at + row: loss_i (0 for an ignored row)
+    AUX,  # fp32 out at row: logsumexp of the row (0 for an ignored row)
     V,  # scores per row (the last dim of the logits)
     stride_xm,
     stride_xv,
     stride_y,
     ignore_index,
+    loss_at,
     BLOCK: tl.constexpr,  # scores per step of the row walk
 ):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(Y + row * stride_y).to(tl.int64)
+    LOSS += loss_at
     if label == ignore_index:
         tl.store(LOSS + row, 0.0)
-        tl.store(LSE + row, 0.0)
+        tl.store(AUX + row, 0.0)
     else:
         x_row = X + row * stride_xm
         cols = tl.arange(0, BLOCK)
@@ -74,23 +83,28 @@ def _ce_fwd(
         lse = m + tl.log2(s) * LN2
         picked = tl.load(x_row + label * stride_xv, mask=(label >= 0) & (label < V), other=0.0).to(tl.float32)
         tl.store(LOSS + row, lse - picked)
-        tl.store(LSE + row, lse)
+        tl.store(AUX + row, lse)
 
 
-@triton.jit
+# debug=True compiles its tl.device_assert (Triton drops them otherwise); nothing else in this
+# kernel is one.
+@triton.jit(debug=True)
 def _ce_reduce(
-    LOSS,  # (M,) fp32, each row's loss
+    LOSS,  # fp32 at loss_at: each row's loss (read when REDUCE)
     Y,  # (M,) labels
     OUT,  # () fp32 out: the sum, or the mean over the counted rows (MEAN); unwritten for "none"
-    STATS,  # (2,) fp32 out: the count of rows whose label is not ignore_index, and 1.0 when
-    #         every label is in [0, C) or ignored, else 0.0
+    AUX,  # fp32 out at M, M + 1: the count of rows whose label is not ignore_index, and 1.0
+    #       when every label is in [0, C) or ignored, else 0.0
     M,
     C,  # classes a label may name: V, or fewer where the logits' extra columns are padding
     stride_y,
     ignore_index,
+    loss_at,
     BLOCK: tl.constexpr,
     REDUCE: tl.constexpr,  # write OUT (reductions "mean" and "sum")
     MEAN: tl.constexpr,
+    CHECK: tl.constexpr,  # a device-side assert on the labels too (compiled kernels; the
+    #                       interpreter's would raise an AssertionError before the host's check)
 ):
     offs = tl.arange(0, BLOCK)
     total = tl.zeros((BLOCK,), tl.float32)
@@ -104,10 +118,16 @@ def _ce_reduce(
         bad += (counted & ((y < 0) | (y >= C))).to(tl.int32)
         count += counted.to(tl.int32)
         if REDUCE:
-            total += tl.load(LOSS + r, mask=counted, other=0.0)
+            total += tl.load(LOSS + loss_at + r, mask=counted, other=0.0)
     n = tl.sum(count, 0).to(tl.float32)
-    tl.store(STATS, n)
-    tl.store(STATS + 1, (tl.sum(bad, 0) == 0).to(tl.float32))
+    tl.store(AUX + M, n)
+    ok = tl.sum(bad, 0) == 0
+    tl.store(AUX + M + 1, ok.to(tl.float32))
+    if CHECK:
+        # What F.cross_entropy does on a GPU: the stream fails with "device-side assert
+        # triggered", no host sync spent on the check. One fewer launch than a
+        # torch._assert_async on the flag.
+        tl.device_assert(ok, "cross_entropy: labels must lie in [0, classes) or be ignore_index")
     if REDUCE:
         s = tl.sum(total, 0)
         if MEAN:
@@ -119,9 +139,9 @@ def _ce_reduce(
 def _ce_bwd(
     X,  # (M, V) logits, any strides
     Y,  # (M,) labels
-    LSE,  # (M,) fp32, from the forward
+    AUX,  # fp32, from the forward: lse_i at row; at M (the grid's rows) the count of rows,
+    #       the mean's divisor (MEAN)
     G,  # the loss's gradient: () (stride_g 0) or per row (M,), fp32
-    STATS,  # _ce_reduce's: STATS[0] is the count of rows, the mean's divisor (MEAN)
     DX,  # (M, V) out, contiguous, the logits' dtype
     V,
     stride_xm,
@@ -140,10 +160,10 @@ def _ce_bwd(
     if label == ignore_index:
         tl.store(dx, tl.zeros((BLOCK,), tl.float32).to(DX.dtype.element_ty), mask=mask)
     else:
-        lse = tl.load(LSE + row)
+        lse = tl.load(AUX + row)
         g = tl.load(G + row * stride_g).to(tl.float32)
         if MEAN:
-            g = g / tl.load(STATS)
+            g = g / tl.load(AUX + tl.num_programs(0))
         x = tl.load(X + row * stride_xm + c.to(tl.int64) * stride_xv, mask=mask, other=0.0).to(tl.float32)
         p = tl.exp2((x - lse) * LOG2E)
         tl.store(dx, (g * (p - tl.where(c == label, 1.0, 0.0))).to(DX.dtype.element_ty), mask=mask)

@@ -75,10 +75,10 @@ def case_cross_entropy():
     loss's gradient as a 0-d tensor (mean) and per row (none)."""
     x = _randn(6, 5000)
     y = torch.tensor([3, -100, 4999, 0, 17, 2500])
-    loss, lse, stats = CE.forward(x, y, -100, "mean", 5000)
-    CE.backward(torch.tensor(0.5), stats, x, y, lse, -100, "mean")
-    rows, lse, stats = CE.forward(x, y, -100, "none", 5000)
-    CE.backward(torch.rand(6), stats, x, y, lse, -100, "none")
+    loss, aux = CE.forward(x, y, -100, "mean", 5000)
+    CE.backward(torch.tensor(0.5), aux, x, y, -100, "mean")
+    rows, aux = CE.forward(x, y, -100, "none", 5000)
+    CE.backward(torch.rand(6), aux, x, y, -100, "none")
 
 
 def case_attention(kernel, dq="pass", descriptors="device", autotune=True, causal=False, dropout_p=0.0):

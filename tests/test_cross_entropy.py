@@ -262,3 +262,24 @@ def test_gpu_bert_vocabulary(dtype):
     labels = _labels((512,), 30522, g).cuda()
     labels[torch.rand(512, generator=g).cuda() < 0.85] = -100
     check(logits, labels)
+
+
+@pytest.mark.gpu
+def test_gpu_bad_label_fails_the_stream_with_a_device_side_assert():
+    """On a GPU the reducing kernel asserts on the labels itself (as F.cross_entropy's kernels
+    do): the stream fails, and the host learns it at its next sync. In a child process: a
+    device-side assert leaves the CUDA context unusable."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom fuseformer import kernels as K\n"
+            "x = torch.randn(4, 10, device='cuda')\n"
+            "ok = K.cross_entropy(x, torch.tensor([1, -100, 9, 0], device='cuda'), backend='triton')\n"
+            "torch.cuda.synchronize()\nprint('valid ok', flush=True)\n"
+            "K.cross_entropy(x, torch.tensor([1, 10, 3, 4], device='cuda'), backend='triton')\n"
+            "torch.cuda.synchronize()\nprint('bad label passed', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert "valid ok" in out, out[-2000:]
+    assert proc.returncode != 0 and "bad label passed" not in out, out[-2000:]
+    assert "device-side assert" in out or "labels must lie" in out, out[-2000:]

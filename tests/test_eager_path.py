@@ -58,6 +58,22 @@ def test_stubbed_launches_run_no_kernel():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU form of the group (launches stubbed)")
+def test_stubbed_cross_entropy_reads_a_written_label_flag(monkeypatch):
+    # cross_entropy's reducing kernel has a stand-in under the stub that writes its label flag:
+    # a valid call never falls into the search for a bad label, as a real one does not.
+    ce = importlib.import_module("fuseformer.kernels.cross_entropy")
+
+    def searched(*args):
+        raise AssertionError("the stubbed call searched for a bad label")
+
+    monkeypatch.setattr(ce, "_bad_labels", searched)
+    # Outputs zeroed: a flag left unwritten reads "a bad label" (poisoned, NaN would not).
+    monkeypatch.setattr(ce, "new_output", lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
+    with overhead.stubbed_launches():
+        K.cross_entropy(torch.randn(3, 7), torch.tensor([0, -100, 6]), backend="triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU form of the group (launches stubbed)")
 def test_overhead_group_measures_every_op_on_cpu():
     rows = overhead.measure_ops(torch.device("cpu"), torch.float32, calls=2, repeats=1)
     names = {r["case"] for r in rows}

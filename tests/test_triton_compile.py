@@ -173,6 +173,16 @@ def test_multi_row_layer_norm_moves_16_byte_vectors(compiled):
         assert r["ptx"]["ld_v4"] > 0 and r["ptx"]["st_v4"] > 0, f"no 16-byte vector access in {_where(r)}: {r['ptx']}"
 
 
+def test_cross_entropy_checks_labels_on_the_device(compiled):
+    """The reducing kernel asserts on the labels on the device (so a GPU call makes no launch
+    for the check), and nothing else in it does (debug mode adds no other assert)."""
+    for r in _of(compiled, "ce_reduce"):
+        assert r["ptx"]["assertfail"] == 1, f"{_where(r)}: {r['ptx']}"
+    for kernel in ("ce_fwd", "ce_bwd"):
+        for r in _of(compiled, kernel):
+            assert r["ptx"]["assertfail"] == 0, f"{_where(r)}: {r['ptx']}"
+
+
 def test_cross_entropy_moves_16_byte_vectors_on_padded_rows(compiled):
     """On the models' padded vocabulary (rows of 30528 bf16, a multiple of 8 elements), the
     cross-entropy's forward loads and its backward loads and stores 16-byte vectors."""

@@ -372,6 +372,8 @@ PTX_FEATURES = {
     "ex2_approx_ftz": re.compile(r"\bex2\.approx\.ftz\.f32"),
     # A software-pipelined loop's prefetch: 16-byte asynchronous copies global -> shared (sm_80+).
     "cp_async_16": re.compile(r"\bcp\.async\.cg\.shared\.global\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(?:0x10|16)\b"),
+    # A device-side assert (tl.device_assert, compiled in debug mode): a call of CUDA's __assertfail.
+    "assertfail": re.compile(r"\bcall(?:\.uni)?\s*(?:\(\s*\)\s*,\s*)?__assertfail"),
 }
 
 

@@ -100,16 +100,18 @@ def add_jobs(jobs, check):
             fwd_block, bwd_block = min(ce.FWD_BLOCK, triton_next_pow2(V)), min(ce.BWD_BLOCK, triton_next_pow2(V))
             strides = dict(V=V, stride_xm=row, stride_xv=1, stride_y=1, ignore_index=-100)
             _add(jobs, "ce_fwd", cek._ce_fwd, arch, f"{dt} V={V} {lab}",
-                 dict(X=Ptr(dt), Y=Ptr(lab), LOSS=Ptr("fp32"), LSE=Ptr("fp32"), **strides), dict(BLOCK=fwd_block),
+                 dict(X=Ptr(dt), Y=Ptr(lab), LOSS=Ptr("fp32"), AUX=Ptr("fp32"), **strides, loss_at=4098),
+                 dict(BLOCK=fwd_block),
                  options=dict(num_warps=8 if fwd_block >= 2048 else 4))
             _add(jobs, "ce_bwd", cek._ce_bwd, arch, f"{dt} V={V} {lab}",
-                 dict(X=Ptr(dt), Y=Ptr(lab), LSE=Ptr("fp32"), G=Ptr("fp32"), STATS=Ptr("fp32"), DX=Ptr(dt),
+                 dict(X=Ptr(dt), Y=Ptr(lab), AUX=Ptr("fp32"), G=Ptr("fp32"), DX=Ptr(dt),
                       stride_g=0, **strides),
                  dict(BLOCK=bwd_block, MEAN=True), options=dict(num_warps=4 if bwd_block >= 1024 else 2))
             _add(jobs, "ce_reduce", cek._ce_reduce, arch, f"{lab}",
-                 dict(LOSS=Ptr("fp32"), Y=Ptr(lab), OUT=Ptr("fp32"), STATS=Ptr("fp32"), M=4096, C=V, stride_y=1,
-                      ignore_index=-100),
-                 dict(BLOCK=ce.REDUCE_BLOCK, REDUCE=True, MEAN=True), options=dict(num_warps=4))
+                 dict(LOSS=Ptr("fp32"), Y=Ptr(lab), OUT=Ptr("fp32"), AUX=Ptr("fp32"), M=4096, C=V, stride_y=1,
+                      ignore_index=-100, loss_at=4098),
+                 dict(BLOCK=ce.REDUCE_BLOCK, REDUCE=True, MEAN=True, CHECK=True),
+                 options=dict(num_warps=4, debug=True, sanitize_overflow=False))  # as the launcher compiles it
 
     # --- Linear + GELU. BERT-base FFN (K=768, EVEN_K) and a ragged K (masked tail).
     def fast_tag(fast):
