@@ -127,7 +127,8 @@ class OfflineDriver:
 @contextlib.contextmanager
 def empty_linears():
     """nn.Linear's forward as an allocation of its output (and its backward as one of the
-    input's gradient), for measuring or compiling our fused ops inside a model on a CPU: there
+    input's gradient), and likewise the linear layers of a block that runs as one fused node
+    (models/fused_block.py), for measuring or compiling our fused ops inside a model on a CPU: there
     a GEMM is a real computation of milliseconds (minutes in fp16 at the benchmark's shapes),
     where on a GPU it is a cuBLAS launch of a few µs of host time."""
     from unittest import mock
@@ -144,7 +145,16 @@ def empty_linears():
         def backward(ctx, grad):
             return grad.new_empty(ctx.shape), None
 
-    with mock.patch.object(nn.Linear, "forward", lambda self, x: Empty.apply(x, self.out_features)):
+    from fuseformer.models import fused_block
+
+    def empty_grads(dy2d, x2d, weight, need_x, need_w, need_b):
+        return (dy2d.new_empty(dy2d.shape[0], weight.shape[1]) if need_x else None,
+                weight.new_empty(weight.shape) if need_w else None,
+                dy2d.new_empty(weight.shape[0]) if need_b else None)
+
+    with mock.patch.object(nn.Linear, "forward", lambda self, x: Empty.apply(x, self.out_features)), \
+            mock.patch.object(fused_block, "_linear", lambda x, w, b: x.new_empty(*x.shape[:-1], w.shape[0])), \
+            mock.patch.object(fused_block, "_linear_grads", empty_grads):
         yield
 
 

@@ -216,10 +216,15 @@ def measure_launch_floor(device: torch.device, dtype: torch.dtype, calls: int = 
 @contextlib.contextmanager
 def _timed_ops(totals: dict):
     """Accumulate the host time spent inside each public fused op (the models call them as
-    attributes of fuseformer.kernels, so patching the package reaches every layer)."""
+    attributes of fuseformer.kernels, so patching the package reaches every layer), and inside
+    each post-LN block that runs as one fused node (models/fused_block.py's run: its ops are
+    not public calls)."""
+    from fuseformer.models import fused_block
+
     patches = []
-    for name in ("scaled_dot_product_attention", "varlen_attention", "add_layer_norm", "linear_gelu"):
-        fn = getattr(K, name)
+    for owner, name in ((K, "scaled_dot_product_attention"), (K, "varlen_attention"), (K, "add_layer_norm"),
+                        (K, "linear_gelu"), (fused_block, "run")):
+        fn = getattr(owner, name)
 
         def timed(*args, _fn=fn, _name=name, **kwargs):
             start = time.perf_counter()
@@ -229,7 +234,7 @@ def _timed_ops(totals: dict):
                 totals[_name] = totals.get(_name, 0.0) + time.perf_counter() - start
                 totals["calls"] = totals.get("calls", 0) + 1
 
-        patches.append(mock.patch.object(K, name, timed))
+        patches.append(mock.patch.object(owner, name, timed))
     with contextlib.ExitStack() as stack:
         for p in patches:
             stack.enter_context(p)
@@ -241,7 +246,8 @@ def measure_bert_forward(device: torch.device, dtype: torch.dtype, repeats: int 
 
     On a CUDA device: the host time until the forward returns (it returns before the GPU
     ends), fused (backend auto) against the same model on the torch backend, and fused again
-    on Triton's own launch path (`fused`) and on the fast launch (`fused_fast_launch`, the default).
+    on Triton's own launch path (`fused`) and on the fast launch (`fused_fast_launch`, the default),
+    and with the post-LN blocks op by op instead of one fused node each (`fused_per_op`).
     On the CPU: the host time spent inside the fused ops per forward, launches stubbed (the
     rest of the forward computes on garbage there, so its time would mean nothing). It
     includes the CPU allocator's cost for BERT-sized outputs (large buffers come from mmap
@@ -249,16 +255,23 @@ def measure_bert_forward(device: torch.device, dtype: torch.dtype, repeats: int 
     model, forward = _bert_b1_l16(device, dtype)
     with torch.inference_mode():
         if device.type != "cuda":
+            from .offline import empty_linears
+
             model.set_backend("triton")
-            with stubbed_launches():
+            # Linear layers as allocations: a post-LN block runs its own inside the fused node.
+            with stubbed_launches(), empty_linears():
                 forward()
                 best = min(_fused_ops_us(forward) for _ in range(repeats))
             return {"backend": "triton (launches stubbed)", "fused_ops_us": best[0], "fused_calls": best[1]}
+        from fuseformer.models import fused_block
+
         result = {"backend": "auto"}
-        for label, backend, fast in (("fused", "auto", False), ("torch", "torch", False),
-                                     ("fused_fast_launch", "auto", True)):
+        # fused_per_op: the post-LN blocks op by op instead of as one fused node each.
+        for label, backend, fast, block in (("fused", "auto", False, True), ("torch", "torch", False, True),
+                                            ("fused_fast_launch", "auto", True, True),
+                                            ("fused_per_op", "auto", True, False)):
             model.set_backend(backend)
-            with use_fast_launch(fast):
+            with use_fast_launch(fast), fused_block.use(block):
                 result[f"{label}_us"] = _forward_host_us(forward, repeats)
         return result
 
@@ -375,24 +388,30 @@ def measure_offline(calls: int = 200, repeats: int = 7, only: str = "") -> dict:
 def _bert_fused_ops_us(repeats: int) -> dict:
     """Host µs inside the fused ops of one eager BERT-base forward (B1 L16, 4 padded tokens,
     fp16 as the GPU runs it, so the same kernels are chosen: the TMA Linear+GELU among them;
-    backend triton), on Triton's launch path and on the fast launch: the fastest of `repeats`
-    forwards each, the two taking turns. The model's nn.Linear layers return empty outputs
-    instead of computing: on a GPU each is a launch of a few µs of host time, here a real GEMM
-    of a millisecond that would leave the fused calls after it with cold caches."""
+    backend triton), on Triton's launch path and on the fast launch, and on the fast launch with
+    the post-LN blocks op by op instead of one fused node each: the fastest of `repeats`
+    forwards each, taking turns. The linear layers return empty outputs instead of computing:
+    on a GPU each is a launch of a few µs of host time, here a real GEMM of a millisecond that
+    would leave the fused calls after it with cold caches."""
+    from fuseformer.models import fused_block
+
     from .offline import empty_linears
 
     model, forward = _bert_b1_l16(torch.device("cpu"), torch.float16)
     model.set_backend("triton")
-    best = {False: (float("inf"), 0), True: (float("inf"), 0)}
+    ways = ((False, True), (True, True), (True, False))  # (fast launch, one node per block)
+    best = {way: (float("inf"), 0) for way in ways}
     with torch.inference_mode(), empty_linears():
-        for fast in (False, True, False, True):  # compiles, then each path's kept kernels
-            with use_fast_launch(fast):
+        for way in ways * 2:  # compiles, then each path's kept kernels
+            with use_fast_launch(way[0]), fused_block.use(way[1]):
                 forward()
         for _ in range(repeats):
-            for fast in (False, True):
-                with use_fast_launch(fast):
-                    best[fast] = min(best[fast], _fused_ops_us(forward))
-    return {"fused_calls": best[True][1], "triton_launch_us": best[False][0], "fast_launch_us": best[True][0]}
+            for way in ways:
+                with use_fast_launch(way[0]), fused_block.use(way[1]):
+                    best[way] = min(best[way], _fused_ops_us(forward))
+    return {"fused_calls": best[(True, True)][1], "triton_launch_us": best[(False, True)][0],
+            "fast_launch_us": best[(True, True)][0], "per_op_calls": best[(True, False)][1],
+            "fast_launch_per_op_us": best[(True, False)][0]}
 
 
 def _offline_rows(quick: bool) -> dict:

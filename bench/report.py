@@ -305,7 +305,9 @@ def overhead_lines(doc: dict) -> list[str]:
         lines += ["", f"BERT-base eager forward (B1 L16), host µs until it returns: fused (auto) "
                       f"{bert['fused_us']:.0f}, torch backend {bert['torch_us']:.0f}"
                       + (f", fused with the fast launch {bert['fused_fast_launch_us']:.0f}"
-                         if "fused_fast_launch_us" in bert else "") + "."]
+                         if "fused_fast_launch_us" in bert else "")
+                      + (f", the same with the post-LN blocks op by op {bert['fused_per_op_us']:.0f}"
+                         if "fused_per_op_us" in bert else "") + "."]
     floor = group.get("launch_floor")
     if floor:
         lines += ["", f"add_layer_norm: ours {floor['ours_us']:.1f} µs"
@@ -320,9 +322,12 @@ def overhead_lines(doc: dict) -> list[str]:
         lines += _overhead_table(offline["rows"]) if "rows" in offline else [f"Not measured: {offline['skipped']}."]
         bert = offline.get("bert_base_forward")
         if bert:
-            lines += ["", f"BERT-base eager forward (B1 L16, fp16, nn.Linear stubbed), host µs inside its "
-                          f"{bert['fused_calls']} fused-op calls: Triton's launch {bert['triton_launch_us']:.0f}, "
-                          f"fast launch {bert['fast_launch_us']:.0f}."]
+            lines += ["", f"BERT-base eager forward (B1 L16, fp16, linear layers stubbed), host µs inside its "
+                          f"{bert['fused_calls']} fused calls: Triton's launch {bert['triton_launch_us']:.0f}, "
+                          f"fast launch {bert['fast_launch_us']:.0f}"
+                          + (f"; the post-LN blocks op by op ({bert['per_op_calls']} calls), fast launch "
+                             f"{bert['fast_launch_per_op_us']:.0f}" if "fast_launch_per_op_us" in bert else "")
+                          + "."]
     return lines
 
 

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from .. import kernels as K
 from ..kernels.backends import check_name
+from ..kernels.checks import same_floats
+from . import fused_block
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, nh, S, hs)
 
@@ -246,6 +248,10 @@ class TransformerBlock(nn.Module):
     def forward(self, x, residual=None, attn_mask=None, past_kv=None, use_cache=False, packed=None):
         """`packed` = (cu_seqlens, max_seqlen) runs post-LN attention on packed (total, C) tokens."""
         if not self.prenorm:
+            if packed is None and past_kv is None and not use_cache and fused_block.enabled():
+                y = _post_ln_block_call(self, x, attn_mask)
+                if y is not None:
+                    return y
             if packed is not None:
                 a = self.attn.forward_packed(x, *packed)
             else:
@@ -258,6 +264,60 @@ class TransformerBlock(nn.Module):
         h, residual = self.ffn_norm(a, residual, prenorm=True)
         y = self.ffn(h)
         return (y, residual, kv) if use_cache else (y, residual)
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+_GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks,
+                 nn.modules.module._global_backward_hooks, nn.modules.module._global_backward_pre_hooks)
+
+
+def _post_ln_block_call(block: TransformerBlock, x: torch.Tensor, attn_mask: torch.Tensor | None):
+    """block(x, attn_mask) as one fused node (models/fused_block.py), or None where this call
+    must take the per-op path: modules of other types (a LoRA layer in place of a Linear, say)
+    or with hooks (the fused node would skip them), torch.compile (it traces the per-op path's
+    custom ops), autocast (the per-op path casts per op), anything but a (B, T, C) input of one
+    floating dtype with the weights, a causal block, or an op that resolves to torch."""
+    # Submodules and parameters through their dicts: nn.Module.__getattr__ costs ~1 µs a
+    # lookup here, ~40 of them for a block's twelve parameters.
+    mods = block._modules
+    attn, n1, ffn, n2 = mods["attn"], mods["attn_norm"], mods["ffn"], mods["ffn_norm"]
+    if (type(attn) is not MultiHeadSelfAttention or type(n1) is not AddLayerNorm or type(ffn) is not FeedForward
+            or type(n2) is not AddLayerNorm or attn.causal or torch.compiler.is_compiling() or x.dim() != 3
+            or torch.is_autocast_enabled(x.device.type) or any(_GLOBAL_HOOKS)):
+        return None
+    qkv, proj = attn._modules["qkv"], attn._modules["proj"]
+    fc, fc2 = ffn._modules["fc"], ffn._modules["proj"]
+    # Exact types: a subclass (LoRA, a parametrized weight) computes something else.
+    if (type(qkv) is not nn.Linear or type(proj) is not nn.Linear or type(fc) is not nn.Linear
+            or type(fc2) is not nn.Linear or any(_hooked(m) for m in (attn, qkv, proj, n1, ffn, fc, fc2, n2))):
+        return None
+    backend = attn._backend
+    if n1._backend != backend or ffn._backend != backend or n2._backend != backend or attn.uses_torch(x):
+        return None
+    params = tuple(m._parameters[name] for m in (qkv, proj, n1, fc, fc2, n2) for name in ("weight", "bias"))
+    # Whatever the per-op path would refuse, it refuses with its own message.
+    if not same_floats(x, *params) or x.numel() == 0 or x.shape[-1] != params[0].shape[1]:
+        return None
+    if attn_mask is not None and (attn_mask.requires_grad or attn_mask.device != x.device
+                                  or attn_mask.dtype not in (torch.bool, x.dtype)):
+        return None
+    training = block.training
+    pa = attn.attn_dropout if training else 0.0
+    p1 = n1.dropout if training else 0.0
+    p2 = n2.dropout if training else 0.0
+    if max(pa, p1, p2) >= 1.0:
+        return None
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
+    planned = fused_block.plan(x, attn_mask, attn.num_heads, pa, p1, p2, params[6].shape[0], ffn.approximate,
+                               backend, grad)
+    if planned is None:
+        return None
+    mask4, names = planned
+    cfg = (attn.num_heads, float(n1.eps), float(n2.eps), float(pa), float(p1), float(p2), ffn.approximate)
+    return fused_block.run(x, mask4, params, cfg, names, grad)
 
 
 def attention_mask_for(attention_mask: torch.Tensor | None, batch: int, length: int, dtype: torch.dtype,

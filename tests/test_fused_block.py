@@ -1,0 +1,222 @@
+"""A post-LN block as one fused autograd node (models/fused_block.py) against the per-op path it
+replaces, and against float64 by the parity rule: forward and every gradient, with padding
+masks, dropout, frozen weights and a shared (ALBERT) block; and the calls that must keep the
+per-op path (hooks, subclassed layers, the torch backend, torch.compile, the switch)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fuseformer.kernels.parity import assert_parity
+from fuseformer.models import AlbertConfig, AlbertModel, BertConfig, BertModel, fused_block
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+
+
+def _bert(dropout=0.0, layers=2, dtype=torch.float32, backend="triton"):
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=72, max_position_embeddings=32, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout)
+    model = BertModel(cfg, add_pooling_layer=False).to(DEVICE, dtype)
+    model.set_backend(backend)
+    return model
+
+
+def _batch(B=2, T=11, padded=True):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 97, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    if padded:
+        mask[1, T - 4:] = 0
+    return ids.to(DEVICE), mask.to(DEVICE)
+
+
+def _step(model, ids, mask, block: bool, seed=5):
+    """Output and every parameter's gradient of a weighted sum of the last hidden state."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same dropout seeds on both paths
+    with fused_block.use(block):
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    weights = torch.linspace(-1, 1, out.numel(), device=out.device).view(out.shape)
+    (out.float() * weights).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads, out.grad_fn
+
+
+@pytest.mark.parametrize("dropout,padded", [(0.0, True), (0.0, False), (0.25, True)])
+def test_block_computes_what_the_per_op_path_computes(dropout, padded):
+    model = _bert(dropout).train()
+    ids, mask = _batch(padded=padded)
+    out, grads, fn = _step(model, ids, mask, block=True)
+    ref, ref_grads, ref_fn = _step(model, ids, mask, block=False)
+    assert type(fn).__name__ == "PostLNBlockBackward" and type(ref_fn).__name__ == "AddLayerNormFunctionBackward"
+    # The same launchers and matmuls in the same order: the forward is the same bits. dW is
+    # dY^T X here where autograd computes (X^T dY)^T: equal up to the GEMM's rounding.
+    assert torch.equal(out, ref)
+    assert grads.keys() == ref_grads.keys() and len(grads) == len(list(model.parameters()))
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_block_meets_the_parity_rule_against_float64():
+    """Our fp32 block against the float64 model on the torch backend, with fp32 on the torch
+    backend as the yardstick (kernels/parity.py)."""
+    model = _bert().eval()
+    ids, mask = _batch()
+    ref64 = copy.deepcopy(model).double()
+    ref64.set_backend("torch")
+    torch32 = copy.deepcopy(model)
+    torch32.set_backend("torch")
+    out, grads, _ = _step(model, ids, mask, block=True)
+    out64, grads64, _ = _step(ref64, ids, mask, block=True)
+    out32, grads32, _ = _step(torch32, ids, mask, block=True)
+    keep = mask.bool()[..., None]
+    assert_parity(out, out64, out32, torch.float32, keep, what="last_hidden_state")
+    for name in grads64:
+        assert_parity(grads[name], grads64[name], grads32[name], torch.float32, None, what=f"grad {name}")
+
+
+def test_inference_takes_the_block_without_an_autograd_node():
+    model = _bert().eval()
+    ids, mask = _batch()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        with fused_block.use(False):
+            ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert out.grad_fn is None and torch.equal(out, ref)
+
+
+def test_one_autograd_node_per_block():
+    model = _bert(layers=3).train()
+    ids, mask = _batch()
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    seen, todo, names = set(), [out.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo.extend(n for n, _ in node.next_functions)
+    assert names.count("PostLNBlockBackward") == 3
+    assert not any(n in names for n in ("AttentionFunctionBackward", "LinearGeluFunctionBackward"))
+
+
+def test_frozen_weights_get_no_gradient_and_the_rest_are_unchanged():
+    model = _bert().train()
+    ids, mask = _batch()
+    frozen = model.encoder.layer[0].attn.qkv
+    frozen.weight.requires_grad_(False)
+    frozen.bias.requires_grad_(False)
+    _, grads, _ = _step(model, ids, mask, block=True)
+    _, ref_grads, _ = _step(model, ids, mask, block=False)
+    assert frozen.weight.grad is None and "encoder.layer.0.attn.qkv.weight" not in grads
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_shared_albert_block_accumulates_every_layer():
+    torch.manual_seed(0)
+    cfg = AlbertConfig(vocab_size=97, embedding_size=16, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                       intermediate_size=72, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0)
+    model = AlbertModel(cfg, add_pooling_layer=False).to(DEVICE).train()
+    model.set_backend("triton")
+    ids, mask = _batch()
+    out, grads, fn = _step(model, ids, mask, block=True)
+    ref, ref_grads, _ = _step(model, ids, mask, block=False)
+    assert type(fn).__name__ == "PostLNBlockBackward" and torch.equal(out, ref)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+class _Scaled(nn.Linear):
+    """A Linear subclass that computes something else (as a LoRA layer would)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _last_node(model, ids, mask):
+    return type(model(input_ids=ids, attention_mask=mask).last_hidden_state.grad_fn).__name__
+
+
+def test_hooks_subclassed_layers_and_the_switch_keep_the_per_op_path():
+    ids, mask = _batch()
+    model = _bert().train()
+    calls = []
+    # The per-op path calls qkv as a module: its hook must run, so layer 0 takes that path.
+    handle = model.encoder.layer[0].attn.qkv.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert calls == [(2, 11, 96)]
+    handle.remove()
+    # layer 0 took the per-op path, layer 1 (the last) the block
+    assert type(out.grad_fn).__name__ == "PostLNBlockBackward"
+    model.encoder.layer[1].attn.proj.__class__ = _Scaled
+    assert _last_node(model, ids, mask) == "AddLayerNormFunctionBackward"
+    model.encoder.layer[1].attn.proj.__class__ = nn.Linear
+    assert _last_node(model, ids, mask) == "PostLNBlockBackward"
+    with fused_block.use(False):
+        assert _last_node(model, ids, mask) == "AddLayerNormFunctionBackward"
+    assert fused_block.enabled()
+
+
+def test_the_torch_backend_never_takes_the_block():
+    model = _bert(backend="torch").train()
+    ids, mask = _batch()
+    assert _last_node(model, ids, mask) == "NativeLayerNormBackward0"
+
+
+def test_torch_compile_traces_the_per_op_path():
+    torch._dynamo.reset()
+    model = _bert().eval()
+    ids, mask = _batch()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        out = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_block_against_the_per_op_path_without_a_sync():
+    model = _bert(dropout=0.1, layers=2, dtype=torch.bfloat16).train()
+    ids, mask = _batch(B=4, T=128)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, grads, fn = _step(model, ids, mask, block=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref, ref_grads, _ = _step(model, ids, mask, block=False)
+    assert type(fn).__name__ == "PostLNBlockBackward"
+    assert torch.equal(out, ref)
+    for name, g in grads.items():
+        torch.testing.assert_close(g.float(), ref_grads[name].float(), rtol=2e-2, atol=2e-2, msg=name)
+
+
+def test_bad_input_to_a_block_gets_the_per_op_paths_errors():
+    from fuseformer.models import TransformerBlock
+
+    block = TransformerBlock(32, 2, 72, backend="triton").to(DEVICE).train()
+    x = torch.randn(2, 5, 32, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="attn_mask of shape"):
+        block(x, attn_mask=torch.ones(3, 1, 1, 5, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(RuntimeError, match="dtype"):  # nn.Linear's own error, as without the block
+        block(x.double())
+    good = block(x, attn_mask=torch.ones(2, 1, 1, 5, dtype=torch.bool, device=DEVICE))
+    assert type(good.grad_fn).__name__ == "PostLNBlockBackward"
+
+
+def test_a_double_backward_through_the_block_raises():
+    model = _bert().train()
+    ids, mask = _batch()
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    (g,) = torch.autograd.grad(out.float().pow(2).sum(), model.encoder.layer[0].ffn_norm.weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
