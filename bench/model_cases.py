@@ -224,12 +224,11 @@ class ModelCase(Case):
             # worth, forward and backward.
             variants["fuseformer-fused-triton-launch"] = (OURS, fused, False)
             contexts["fuseformer-fused-triton-launch"] = lambda: use_fast_launch(False)
-            if self.family != "gpt2":
-                # The post-LN blocks op by op (four Python autograd nodes a layer) instead of
-                # one fused node each (models/fused_block.py, the default): what the fused node
-                # is worth, forward and backward. GPT-2's pre-LN blocks always run op by op.
-                variants["fuseformer-fused-per-op"] = (OURS, fused, False)
-                contexts["fuseformer-fused-per-op"] = lambda: fused_block.use(False)
+            # The blocks op by op (four Python autograd nodes a layer) instead of one fused node
+            # each (models/fused_block.py, the default): what the fused node is worth, forward
+            # and backward.
+            variants["fuseformer-fused-per-op"] = (OURS, fused, False)
+            contexts["fuseformer-fused-per-op"] = lambda: fused_block.use(False)
             # Every op on csrc/ (named: `auto` never builds it), whose launches cross pybind11
             # once instead of Triton's Python launcher: the other way to less host time per op.
             variants["fuseformer-fused-cuda"] = (OURS, cuda_model, False)

@@ -11,7 +11,7 @@ what `auto` ran; if none runs them, it was `torch`.
 
 The probe runs the op once more per call. Use it on one call of a model (the parity call),
 never on a timed one. It stays off during CUDA-graph capture, which must not record it. A
-post-LN block that runs as one fused node records the backends its plan resolved.
+block that runs as one fused node records the backends its plan resolved.
 """
 from __future__ import annotations
 
@@ -82,14 +82,14 @@ def record_backends() -> Iterator[dict[str, dict[str, int]]]:
 
     block_run = fused_block.run
 
-    def block(x, mask4, params, cfg, names, grad):
-        # A post-LN block as one fused node (models/fused_block.py) calls no public op: its
+    def block(x, residual, mask4, params, cfg, names, grad):
+        # A block as one fused node (models/fused_block.py) calls no public op: its
         # plan names the backend of each of its ops (resolved as the public ops resolve them;
         # a block with an op on torch takes the per-op path, which the wrappers above see).
         for op, ran in zip(("attention", "add_layer_norm", "linear_gelu", "add_layer_norm"), names):
             counts = seen.setdefault(op, {})
             counts[ran] = counts.get(ran, 0) + 1
-        return block_run(x, mask4, params, cfg, names, grad)
+        return block_run(x, residual, mask4, params, cfg, names, grad)
 
     for name, fn in originals.items():
         setattr(K, name, traced(name, fn))

@@ -217,7 +217,7 @@ def measure_launch_floor(device: torch.device, dtype: torch.dtype, calls: int = 
 def _timed_ops(totals: dict):
     """Accumulate the host time spent inside each public fused op (the models call them as
     attributes of fuseformer.kernels, so patching the package reaches every layer), and inside
-    each post-LN block that runs as one fused node (models/fused_block.py's run: its ops are
+    each block that runs as one fused node (models/fused_block.py's run: its ops are
     not public calls)."""
     from fuseformer.models import fused_block
 
@@ -258,7 +258,7 @@ def measure_bert_forward(device: torch.device, dtype: torch.dtype, repeats: int 
             from .offline import empty_linears
 
             model.set_backend("triton")
-            # Linear layers as allocations: a post-LN block runs its own inside the fused node.
+            # Linear layers as allocations: a block runs its own inside the fused node.
             with stubbed_launches(), empty_linears():
                 forward()
                 best = min(_fused_ops_us(forward) for _ in range(repeats))

@@ -155,14 +155,18 @@ class MultiHeadSelfAttention(BackendChoice, nn.Module):
                 diag = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
                 attn_mask = and_causal(attn_mask, diag)
                 is_causal = False
-        elif self.causal and attn_mask is not None:
-            # torch's SDPA takes a mask or is_causal, not both: fold the causal part in.
-            T_k = k.shape[2]
-            attn_mask = and_causal(attn_mask, torch.ones(T, T_k, dtype=torch.bool, device=x.device).tril())
-            is_causal = False
+        else:
+            attn_mask, is_causal = self.mask_and_causal(attn_mask, T, x.device)
         y = self.attend(q, k, v, attn_mask, is_causal)  # (B, nh, T, hs)
         y = self.proj(y.transpose(1, 2).reshape(B, T, C))
         return (y, (k, v)) if use_cache else y
+
+    def mask_and_causal(self, attn_mask, T: int, device):
+        """(mask, is_causal) for self-attention over T tokens: torch's SDPA takes a mask or
+        is_causal, not both, so a causal block folds the causal part into a mask it is given."""
+        if self.causal and attn_mask is not None:
+            return and_causal(attn_mask, torch.ones(T, T, dtype=torch.bool, device=device).tril()), False
+        return attn_mask, self.causal
 
     def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         """x (total, C): sequences packed back to back, no padding (varlen attention)."""
@@ -247,11 +251,11 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, residual=None, attn_mask=None, past_kv=None, use_cache=False, packed=None):
         """`packed` = (cu_seqlens, max_seqlen) runs post-LN attention on packed (total, C) tokens."""
+        if packed is None and past_kv is None and not use_cache and fused_block.enabled():
+            out = _fused_block_call(self, x, residual, attn_mask)
+            if out is not None:
+                return out
         if not self.prenorm:
-            if packed is None and past_kv is None and not use_cache and fused_block.enabled():
-                y = _post_ln_block_call(self, x, attn_mask)
-                if y is not None:
-                    return y
             if packed is not None:
                 a = self.attn.forward_packed(x, *packed)
             else:
@@ -274,18 +278,19 @@ _GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._glo
                  nn.modules.module._global_backward_hooks, nn.modules.module._global_backward_pre_hooks)
 
 
-def _post_ln_block_call(block: TransformerBlock, x: torch.Tensor, attn_mask: torch.Tensor | None):
-    """block(x, attn_mask) as one fused node (models/fused_block.py), or None where this call
-    must take the per-op path: modules of other types (a LoRA layer in place of a Linear, say)
-    or with hooks (the fused node would skip them), torch.compile (it traces the per-op path's
-    custom ops), autocast (the per-op path casts per op), anything but a (B, T, C) input of one
-    floating dtype with the weights, a causal block, or an op that resolves to torch."""
+def _fused_block_call(block: TransformerBlock, x: torch.Tensor, residual: torch.Tensor | None,
+                      attn_mask: torch.Tensor | None):
+    """block(x, residual, attn_mask) as one fused node (models/fused_block.py), or None where
+    this call must take the per-op path: modules of other types (a LoRA layer in place of a
+    Linear, say) or with hooks (the fused node would skip them), torch.compile (it traces the
+    per-op path's custom ops), autocast (the per-op path casts per op), anything but (B, T, C)
+    inputs of one floating dtype and device with the weights, or an op that resolves to torch."""
     # Submodules and parameters through their dicts: nn.Module.__getattr__ costs ~1 µs a
     # lookup here, ~40 of them for a block's twelve parameters.
     mods = block._modules
     attn, n1, ffn, n2 = mods["attn"], mods["attn_norm"], mods["ffn"], mods["ffn_norm"]
     if (type(attn) is not MultiHeadSelfAttention or type(n1) is not AddLayerNorm or type(ffn) is not FeedForward
-            or type(n2) is not AddLayerNorm or attn.causal or torch.compiler.is_compiling() or x.dim() != 3
+            or type(n2) is not AddLayerNorm or torch.compiler.is_compiling() or x.dim() != 3
             or torch.is_autocast_enabled(x.device.type) or any(_GLOBAL_HOOKS)):
         return None
     qkv, proj = attn._modules["qkv"], attn._modules["proj"]
@@ -298,26 +303,35 @@ def _post_ln_block_call(block: TransformerBlock, x: torch.Tensor, attn_mask: tor
     if n1._backend != backend or ffn._backend != backend or n2._backend != backend or attn.uses_torch(x):
         return None
     params = tuple(m._parameters[name] for m in (qkv, proj, n1, fc, fc2, n2) for name in ("weight", "bias"))
+    prenorm = block.prenorm
+    if not prenorm:
+        residual = None  # a post-LN block's residual is x itself
     # Whatever the per-op path would refuse, it refuses with its own message.
-    if not same_floats(x, *params) or x.numel() == 0 or x.shape[-1] != params[0].shape[1]:
+    if (not same_floats(x, residual, *params) or x.numel() == 0 or x.shape[-1] != params[0].shape[1]
+            or (residual is not None and residual.shape != x.shape)):
         return None
     if attn_mask is not None and (attn_mask.requires_grad or attn_mask.device != x.device
                                   or attn_mask.dtype not in (torch.bool, x.dtype)):
         return None
     training = block.training
     pa = attn.attn_dropout if training else 0.0
-    p1 = n1.dropout if training else 0.0
+    # AddLayerNorm's rule: dropout on the branch added to a residual (none in a pre-LN block's
+    # first LN without one).
+    p1 = n1.dropout if training and (residual is not None or not prenorm) else 0.0
     p2 = n2.dropout if training else 0.0
     if max(pa, p1, p2) >= 1.0:
         return None
-    grad = torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params))
-    planned = fused_block.plan(x, attn_mask, attn.num_heads, pa, p1, p2, params[6].shape[0], ffn.approximate,
-                               backend, grad)
+    grad = torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)
+                                        or any(p is not None and p.requires_grad for p in params))
+    mask, is_causal = attn.mask_and_causal(attn_mask, x.shape[1], x.device)
+    planned = fused_block.plan(x, mask, is_causal, attn.num_heads, pa, p1, p2, params[6].shape[0],
+                               ffn.approximate, backend, grad)
     if planned is None:
         return None
     mask4, names = planned
-    cfg = (attn.num_heads, float(n1.eps), float(n2.eps), float(pa), float(p1), float(p2), ffn.approximate)
-    return fused_block.run(x, mask4, params, cfg, names, grad)
+    cfg = (prenorm, attn.num_heads, is_causal, float(n1.eps), float(n2.eps), float(pa), float(p1), float(p2),
+           ffn.approximate)
+    return fused_block.run(x, residual, mask4, params, cfg, names, grad)
 
 
 def attention_mask_for(attention_mask: torch.Tensor | None, batch: int, length: int, dtype: torch.dtype,

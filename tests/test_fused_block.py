@@ -1,7 +1,8 @@
-"""A post-LN block as one fused autograd node (models/fused_block.py) against the per-op path it
-replaces, and against float64 by the parity rule: forward and every gradient, with padding
-masks, dropout, frozen weights and a shared (ALBERT) block; and the calls that must keep the
-per-op path (hooks, subclassed layers, the torch backend, torch.compile, the switch)."""
+"""A transformer block as one fused autograd node (models/fused_block.py) against the per-op path
+it replaces, and against float64 by the parity rule: forward and every gradient, post-LN (BERT,
+ALBERT's shared block) and pre-LN (GPT-2, causal), with padding masks, dropout and frozen
+weights; and the calls that must keep the per-op path (hooks, subclassed layers, the torch
+backend, torch.compile, a KV cache, the switch)."""
 from __future__ import annotations
 
 import copy
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from fuseformer.kernels.parity import assert_parity
-from fuseformer.models import AlbertConfig, AlbertModel, BertConfig, BertModel, fused_block
+from fuseformer.models import AlbertConfig, AlbertModel, BertConfig, BertModel, GPT2Config, GPT2Model, fused_block
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -185,16 +186,20 @@ def test_torch_compile_traces_the_per_op_path():
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_block_against_the_per_op_path_without_a_sync():
-    model = _bert(dropout=0.1, layers=2, dtype=torch.bfloat16).train()
-    ids, mask = _batch(B=4, T=128)
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_gpu_bf16_block_against_the_per_op_path_without_a_sync(family):
+    if family == "bert":
+        model = _bert(dropout=0.1, layers=2, dtype=torch.bfloat16).train()
+    else:
+        model = _gpt2(dropout=0.1).to(torch.bfloat16).train()
+    ids, mask = _batch(B=4, T=32)
     torch.cuda.set_sync_debug_mode("error")
     try:
         out, grads, fn = _step(model, ids, mask, block=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     ref, ref_grads, _ = _step(model, ids, mask, block=False)
-    assert type(fn).__name__ == "PostLNBlockBackward"
+    assert type(fn).__name__ == ("PostLNBlockBackward" if family == "bert" else "AddLayerNormFunctionBackward")
     assert torch.equal(out, ref)
     for name, g in grads.items():
         torch.testing.assert_close(g.float(), ref_grads[name].float(), rtol=2e-2, atol=2e-2, msg=name)
@@ -220,3 +225,65 @@ def test_a_double_backward_through_the_block_raises():
     (g,) = torch.autograd.grad(out.float().pow(2).sum(), model.encoder.layer[0].ffn_norm.weight, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         g.sum().backward()
+
+
+def _gpt2(dropout=0.0, layers=2):
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=97, n_embd=32, n_layer=layers, n_head=2, n_positions=32, resid_pdrop=dropout,
+                     attn_pdrop=dropout, embd_pdrop=0.0)
+    model = GPT2Model(cfg).to(DEVICE)
+    model.set_backend("triton")
+    return model
+
+
+def _nodes(out):
+    seen, todo, names = set(), [out.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo.extend(n for n, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("dropout,padded", [(0.0, False), (0.0, True), (0.2, True)])
+def test_pre_ln_gpt2_block_computes_what_the_per_op_path_computes(dropout, padded):
+    """Causal attention (with a padding mask folded into a dense one), the stream as a second
+    output, the first block without a residual."""
+    model = _gpt2(dropout).train()
+    ids, mask = _batch(padded=padded)
+    out, grads, fn = _step(model, ids, mask, block=True)
+    ref, ref_grads, _ = _step(model, ids, mask, block=False)
+    assert torch.equal(out, ref)
+    assert grads.keys() == ref_grads.keys() and len(grads) == len(list(model.parameters()))
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    names = _nodes(model(input_ids=ids, attention_mask=mask).last_hidden_state)
+    assert names.count("PreLNBlockBackward") == 2 and "AttentionFunctionBackward" not in names
+
+
+def test_pre_ln_block_meets_the_parity_rule_against_float64():
+    model = _gpt2().eval()
+    ids, mask = _batch()
+    ref64 = copy.deepcopy(model).double()
+    ref64.set_backend("torch")
+    torch32 = copy.deepcopy(model)
+    torch32.set_backend("torch")
+    out, grads, _ = _step(model, ids, mask, block=True)
+    out64, grads64, _ = _step(ref64, ids, mask, block=True)
+    out32, grads32, _ = _step(torch32, ids, mask, block=True)
+    assert_parity(out, out64, out32, torch.float32, mask.bool()[..., None], what="last_hidden_state")
+    for name in grads64:
+        assert_parity(grads[name], grads64[name], grads32[name], torch.float32, None, what=f"grad {name}")
+
+
+def test_a_kv_cache_keeps_the_per_op_path():
+    model = _gpt2().eval()
+    ids, _ = _batch(padded=False)
+    with torch.no_grad():
+        full = model(input_ids=ids).last_hidden_state
+        first = model(input_ids=ids[:, :-1], use_cache=True)
+        last = model(input_ids=ids[:, -1:], past_key_values=first.past_key_values).last_hidden_state
+    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
