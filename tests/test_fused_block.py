@@ -49,6 +49,18 @@ def _step(model, ids, mask, block: bool, seed=5):
     return out.detach(), grads, out.grad_fn
 
 
+def _nodes(out):
+    seen, todo, names = set(), [out.grad_fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo.extend(n for n, _ in node.next_functions)
+    return names
+
+
 @pytest.mark.parametrize("dropout,padded", [(0.0, True), (0.0, False), (0.25, True)])
 def test_block_computes_what_the_per_op_path_computes(dropout, padded):
     model = _bert(dropout).train()
@@ -64,11 +76,9 @@ def test_block_computes_what_the_per_op_path_computes(dropout, padded):
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_block_meets_the_parity_rule_against_float64():
+def _parity_against_float64(model, ids, mask):
     """Our fp32 block against the float64 model on the torch backend, with fp32 on the torch
-    backend as the yardstick (kernels/parity.py)."""
-    model = _bert().eval()
-    ids, mask = _batch()
+    backend as the yardstick (kernels/parity.py): the output and every gradient."""
     ref64 = copy.deepcopy(model).double()
     ref64.set_backend("torch")
     torch32 = copy.deepcopy(model)
@@ -76,10 +86,13 @@ def test_block_meets_the_parity_rule_against_float64():
     out, grads, _ = _step(model, ids, mask, block=True)
     out64, grads64, _ = _step(ref64, ids, mask, block=True)
     out32, grads32, _ = _step(torch32, ids, mask, block=True)
-    keep = mask.bool()[..., None]
-    assert_parity(out, out64, out32, torch.float32, keep, what="last_hidden_state")
+    assert_parity(out, out64, out32, torch.float32, mask.bool()[..., None], what="last_hidden_state")
     for name in grads64:
         assert_parity(grads[name], grads64[name], grads32[name], torch.float32, None, what=f"grad {name}")
+
+
+def test_block_meets_the_parity_rule_against_float64():
+    _parity_against_float64(_bert().eval(), *_batch())
 
 
 def test_inference_takes_the_block_without_an_autograd_node():
@@ -94,16 +107,7 @@ def test_inference_takes_the_block_without_an_autograd_node():
 
 def test_one_autograd_node_per_block():
     model = _bert(layers=3).train()
-    ids, mask = _batch()
-    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    seen, todo, names = set(), [out.grad_fn], []
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(type(node).__name__)
-        todo.extend(n for n, _ in node.next_functions)
+    names = _nodes(model(input_ids=_batch()[0], attention_mask=_batch()[1]).last_hidden_state)
     assert names.count("PostLNBlockBackward") == 3
     assert not any(n in names for n in ("AttentionFunctionBackward", "LinearGeluFunctionBackward"))
 
@@ -236,18 +240,6 @@ def _gpt2(dropout=0.0, layers=2):
     return model
 
 
-def _nodes(out):
-    seen, todo, names = set(), [out.grad_fn], []
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(type(node).__name__)
-        todo.extend(n for n, _ in node.next_functions)
-    return names
-
-
 @pytest.mark.parametrize("dropout,padded", [(0.0, False), (0.0, True), (0.2, True)])
 def test_pre_ln_gpt2_block_computes_what_the_per_op_path_computes(dropout, padded):
     """Causal attention (with a padding mask folded into a dense one), the stream as a second
@@ -265,18 +257,7 @@ def test_pre_ln_gpt2_block_computes_what_the_per_op_path_computes(dropout, padde
 
 
 def test_pre_ln_block_meets_the_parity_rule_against_float64():
-    model = _gpt2().eval()
-    ids, mask = _batch()
-    ref64 = copy.deepcopy(model).double()
-    ref64.set_backend("torch")
-    torch32 = copy.deepcopy(model)
-    torch32.set_backend("torch")
-    out, grads, _ = _step(model, ids, mask, block=True)
-    out64, grads64, _ = _step(ref64, ids, mask, block=True)
-    out32, grads32, _ = _step(torch32, ids, mask, block=True)
-    assert_parity(out, out64, out32, torch.float32, mask.bool()[..., None], what="last_hidden_state")
-    for name in grads64:
-        assert_parity(grads[name], grads64[name], grads32[name], torch.float32, None, what=f"grad {name}")
+    _parity_against_float64(_gpt2().eval(), *_batch())
 
 
 def test_a_kv_cache_keeps_the_per_op_path():
