@@ -313,12 +313,11 @@ def _fused_block_call(block: TransformerBlock, x: torch.Tensor, residual: torch.
     if attn_mask is not None and (attn_mask.requires_grad or attn_mask.device != x.device
                                   or attn_mask.dtype not in (torch.bool, x.dtype)):
         return None
-    training = block.training
-    pa = attn.attn_dropout if training else 0.0
-    # AddLayerNorm's rule: dropout on the branch added to a residual (none in a pre-LN block's
-    # first LN without one).
-    p1 = n1.dropout if training and (residual is not None or not prenorm) else 0.0
-    p2 = n2.dropout if training else 0.0
+    # Each module's own training flag, as the per-op path reads them; AddLayerNorm's rule:
+    # dropout on the branch added to a residual (none in a pre-LN block's first LN without one).
+    pa = attn.attn_dropout if attn.training else 0.0
+    p1 = n1.dropout if n1.training and (residual is not None or not prenorm) else 0.0
+    p2 = n2.dropout if n2.training else 0.0
     if max(pa, p1, p2) >= 1.0:
         return None
     grad = torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)
