@@ -8,14 +8,14 @@
 Why: eager training on the fused ops lost to Hugging Face (H200, 2026-11-27: BERT-base bf16
 MLM step 27.87 ms against HF sdpa 21.12 and our torch backend 17.4), and the host time per op
 accounts for it. Each fused op is a Python autograd Function: forward and backward through
-autograd cost ~230-240 µs more host time than the PyTorch calls they replace on that machine's
+autograd cost 160-242 µs more host time than the PyTorch calls they replace on that machine's
 host (the overhead group: add+LN fwd+bwd 503 against 261 µs, attention 563 against 331,
 Linear+GELU 419 against 259), ~0.87 ms a layer over four ops, ~10.5 ms over 12 layers: the
-whole gap to our torch backend. The launcher took 47.3 ms on Triton's own launch path against
-27.9 on the fast launch, so that step is host-bound. GPT-2 (B8 L512) alike: 37.72 ms fused,
+whole gap to our torch backend. The step took 47.3 ms on Triton's own launch path against
+27.9 on the fast launch, so it is host-bound. GPT-2 (B8 L512) alike: 37.72 ms fused,
 26.04 on our torch backend, 30.17 HF sdpa. Here the block's four fused ops and its
-four linear layers run under one Function: one autograd node a layer instead of twelve (four
-of them Python), one set of decisions (backends, seeds), and the backward calls the same
+four linear layers run under one Function: one autograd node a layer instead of about a dozen
+(four of them Python), one set of decisions (backends, seeds), and the backward calls the same
 launchers and the same matmuls autograd would, in the order it would. Inference takes the
 same path without the node. Unmeasured on a GPU yet: the models suite times the block against
 the per-op path (fuseformer-fused-per-op).
