@@ -327,6 +327,9 @@ def overhead_lines(doc: dict) -> list[str]:
                           f"fast launch {bert['fast_launch_us']:.0f}"
                           + (f"; the post-LN blocks op by op ({bert['per_op_calls']} calls), fast launch "
                              f"{bert['fast_launch_per_op_us']:.0f}" if "fast_launch_per_op_us" in bert else "")
+                          + (f". The whole forward on the fast launch (the two comparable): one fused node per "
+                             f"block {bert['forward_us']:.0f}, op by op {bert['forward_per_op_us']:.0f}"
+                             if "forward_per_op_us" in bert else "")
                           + "."]
     return lines
 

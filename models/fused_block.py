@@ -111,8 +111,9 @@ def run(x, residual, mask4, params, cfg, names, grad):
 # drawn in the same order from torch's generator (so dropout draws the same masks).
 
 
-def _attention_forward(x, mask4, params, cfg, na):
-    """proj(attention(qkv(x))) -> (a, saved)."""
+def _attention_forward(x, mask4, params, cfg, na, keep):
+    """proj(attention(qkv(x))) -> (a, saved); nothing saved without `keep` (inference frees
+    qkv and the attention output here, as the per-op path does)."""
     wqkv, bqkv, wo, bo = params[:4]
     heads, is_causal, pa = cfg[1], cfg[2], cfg[5]
     B, T, C = x.shape
@@ -123,7 +124,7 @@ def _attention_forward(x, mask4, params, cfg, na):
         att, lse = backends.get_impl("attention", na).forward(q, k, v, mask4, is_causal, 1.0 / math.sqrt(C // heads),
                                                               pa, seed)
     a_in = att.transpose(1, 2).reshape(B, T, C)
-    return _linear(a_in, wo, bo), (q, k, v, att, lse, seed, a_in)
+    return _linear(a_in, wo, bo), ((q, k, v, att, lse, seed, a_in) if keep else ())
 
 
 def _attention_backward(da, x, saved, mask4, wqkv, wo, cfg, na, need):
@@ -147,7 +148,7 @@ def _ffn_forward(h, params, cfg, nl, keep):
     """fc2(gelu(fc1(h))) -> (f, saved): pre stored where the per-op path stores it."""
     w1, c1, w2, c2 = params[6:10]
     g, pre = _lg._run_forward(nl, h, w1, c1, cfg[8], keep and _lg._save_preact(nl))
-    return _linear(g, w2, c2), (pre, g)
+    return _linear(g, w2, c2), ((pre, g) if keep else ())
 
 
 def _ffn_backward(df, h, saved, w1, c1, w2, cfg, nl, need):
@@ -191,7 +192,7 @@ def _post_ln_forward(x, mask4, params, cfg, names, keep):
     g1, b1, g2, b2 = params[4], params[5], params[10], params[11]
     eps1, eps2, p1, p2 = cfg[3], cfg[4], cfg[6], cfg[7]
     na, n1, nl, n2 = names
-    a, sa = _attention_forward(x, mask4, params, cfg, na)
+    a, sa = _attention_forward(x, mask4, params, cfg, na, keep)
     seed1 = draw_seed(x.device) if p1 > 0.0 else None
     # keep: the stream (x + dropout(a)) and the statistics the backward reads, as the per-op
     # path's autograd Function keeps them; inference writes neither.
@@ -241,7 +242,7 @@ def _pre_ln_forward(x, residual, mask4, params, cfg, names, keep):
     seed1 = draw_seed(x.device) if p1 > 0.0 else None
     # prenorm: the stream is an output; the statistics only when the backward needs them.
     h, s1, m1, r1 = _aln._run_forward(n1, x, residual, g1, b1, eps1, p1, seed1, True, keep)
-    a, sa = _attention_forward(h, mask4, params, cfg, na)
+    a, sa = _attention_forward(h, mask4, params, cfg, na, keep)
     seed2 = draw_seed(x.device) if p2 > 0.0 else None
     h2, s2, m2, r2 = _aln._run_forward(n2, a, s1, g2, b2, eps2, p2, seed2, True, keep)
     y, sf = _ffn_forward(h2, params, cfg, nl, keep)

@@ -278,6 +278,16 @@ _GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._glo
                  nn.modules.module._global_backward_hooks, nn.modules.module._global_backward_pre_hooks)
 
 
+def _positive(v) -> bool:
+    return type(v) in (float, int) and v > 0
+
+
+def _probability(p) -> bool:
+    """A dropout probability the fused node runs as the per-op path would: [0, 1) (the per-op
+    path refuses a negative one, and runs p = 1 on the reference)."""
+    return type(p) in (float, int) and 0.0 <= p < 1.0
+
+
 def _fused_block_call(block: TransformerBlock, x: torch.Tensor, residual: torch.Tensor | None,
                       attn_mask: torch.Tensor | None):
     """block(x, residual, attn_mask) as one fused node (models/fused_block.py), or None where
@@ -310,26 +320,32 @@ def _fused_block_call(block: TransformerBlock, x: torch.Tensor, residual: torch.
     if (not same_floats(x, residual, *params) or x.numel() == 0 or x.shape[-1] != params[0].shape[1]
             or (residual is not None and residual.shape != x.shape)):
         return None
-    if attn_mask is not None and (attn_mask.requires_grad or attn_mask.device != x.device
-                                  or attn_mask.dtype not in (torch.bool, x.dtype)):
+    if attn_mask is not None and (not isinstance(attn_mask, torch.Tensor) or attn_mask.requires_grad
+                                  or attn_mask.device != x.device or attn_mask.dtype not in (torch.bool, x.dtype)):
+        return None
+    eps1, eps2, approximate = n1.eps, n2.eps, ffn.approximate
+    if not (_positive(eps1) and _positive(eps2)) or approximate not in ("none", "tanh"):
         return None
     # Each module's own training flag, as the per-op path reads them; AddLayerNorm's rule:
     # dropout on the branch added to a residual (none in a pre-LN block's first LN without one).
     pa = attn.attn_dropout if attn.training else 0.0
     p1 = n1.dropout if n1.training and (residual is not None or not prenorm) else 0.0
     p2 = n2.dropout if n2.training else 0.0
-    if max(pa, p1, p2) >= 1.0:
+    if not (_probability(pa) and _probability(p1) and _probability(p2)):
         return None
-    grad = torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)
-                                        or any(p is not None and p.requires_grad for p in params))
+    # Per op, the per-op path trains (keeps activations, may pick other kernels) when that op's
+    # inputs require grad: all four do once the block's input does. A block whose input does
+    # not but some of whose weights do (frozen layers below trainable ones) mixes the two.
+    grad = torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad))
+    if not grad and torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+        return None
     mask, is_causal = attn.mask_and_causal(attn_mask, x.shape[1], x.device)
-    planned = fused_block.plan(x, mask, is_causal, attn.num_heads, pa, p1, p2, params[6].shape[0],
-                               ffn.approximate, backend, grad)
+    planned = fused_block.plan(x, mask, is_causal, attn.num_heads, pa, p1, p2, params[6].shape[0], approximate,
+                               backend, grad)
     if planned is None:
         return None
     mask4, names = planned
-    cfg = (prenorm, attn.num_heads, is_causal, float(n1.eps), float(n2.eps), float(pa), float(p1), float(p2),
-           ffn.approximate)
+    cfg = (prenorm, attn.num_heads, is_causal, float(eps1), float(eps2), float(pa), float(p1), float(p2), approximate)
     return fused_block.run(x, residual, mask4, params, cfg, names, grad)
 
 

@@ -268,3 +268,41 @@ def test_a_kv_cache_keeps_the_per_op_path():
         first = model(input_ids=ids[:, :-1], use_cache=True)
         last = model(input_ids=ids[:, -1:], past_key_values=first.past_key_values).last_hidden_state
     torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_layers_below_trainable_ones_keep_the_per_op_path_there():
+    """A block whose input needs no gradient but some of whose weights do: per op, the ops
+    before the first trainable weight run as inference there, so that block keeps the per-op
+    path; the block above it (its input now needs a gradient) runs as one node."""
+    model = _bert().train()
+    ids, mask = _batch()
+    for p in model.embeddings.parameters():
+        p.requires_grad_(False)
+    low = model.encoder.layer[0]
+    for m in (low.attn, low.attn_norm, low.ffn.fc):
+        for p in m.parameters():
+            p.requires_grad_(False)
+    out, grads, _ = _step(model, ids, mask, block=True)
+    ref, ref_grads, _ = _step(model, ids, mask, block=False)
+    assert torch.equal(out, ref) and grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    names = _nodes(model(input_ids=ids, attention_mask=mask).last_hidden_state)
+    assert names.count("PostLNBlockBackward") == 1 and "AddLayerNormFunctionBackward" in names
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert model(input_ids=ids, attention_mask=mask).last_hidden_state.grad_fn is None
+
+
+@pytest.mark.parametrize("change,error", [
+    (lambda b: setattr(b.attn_norm, "eps", 0.0), "eps must be a float > 0"),
+    (lambda b: setattr(b.ffn_norm, "dropout", -0.5), "dropout_p"),
+    (lambda b: setattr(b.ffn, "approximate", "sigmoid"), "approximate"),
+])
+def test_settings_the_per_op_path_refuses_are_refused_by_name(change, error):
+    from fuseformer.models import TransformerBlock
+
+    block = TransformerBlock(32, 2, 72, backend="triton").to(DEVICE).train()
+    change(block)
+    with pytest.raises(ValueError, match=error):
+        block(torch.randn(2, 5, 32, device=DEVICE, requires_grad=True))
