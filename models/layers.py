@@ -467,21 +467,26 @@ class VocabLogits(BackendChoice, nn.Module):
         return logits
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Mean cross-entropy of `labels` (logits.shape[:-1], or as many tokens flattened)
-        under `logits`, on this module's backend (fuseformer.kernels.cross_entropy): over the
-        padded logits when `logits` is this module's view of them (see the class docstring)."""
-        V = logits.shape[-1]
-        if labels.shape != logits.shape[:-1] and labels.numel() == logits.numel() // max(V, 1):
-            labels = labels.reshape(logits.shape[:-1])  # flattened labels, as transformers takes them
-        full = getattr(logits, "_fuseformer_padded", None)
-        if full is not None and full.data_ptr() == logits.data_ptr() and full.stride() == logits.stride():
-            logits = full
-        backend = self._backend
-        if (K.get_backend() if backend is None else backend) == "cuda":
-            # csrc/ has no cross-entropy: a model on the cuda backend takes auto's (the Triton
-            # kernel on a GPU) rather than failing at its loss.
-            backend = "auto"
-        return K.cross_entropy(logits, labels, ignore_index, classes=V, backend=backend)
+        """vocab_loss on this module's backend."""
+        return vocab_loss(logits, labels, ignore_index, self._backend)
+
+
+def vocab_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+               backend: str | None = None) -> torch.Tensor:
+    """Mean cross-entropy of `labels` (logits.shape[:-1], or as many tokens flattened) under
+    `logits`, on `backend` (None: the backend in force; fuseformer.kernels.cross_entropy): over
+    the padded logits when `logits` is VocabLogits' view of them (see its docstring)."""
+    V = logits.shape[-1]
+    if labels.shape != logits.shape[:-1] and labels.numel() == logits.numel() // max(V, 1):
+        labels = labels.reshape(logits.shape[:-1])  # flattened labels, as transformers takes them
+    full = getattr(logits, "_fuseformer_padded", None)
+    if full is not None and full.data_ptr() == logits.data_ptr() and full.stride() == logits.stride():
+        logits = full
+    if (K.get_backend() if backend is None else backend) == "cuda":
+        # csrc/ has no cross-entropy: a model on the cuda backend takes auto's (the Triton
+        # kernel on a GPU) rather than failing at its loss.
+        backend = "auto"
+    return K.cross_entropy(logits, labels, ignore_index, classes=V, backend=backend)
 
 
 def wide(t: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import kernels as K
-from .layers import wide
+from .layers import vocab_loss, wide
 
 IGNORE_INDEX = -100
 
@@ -118,8 +117,8 @@ def collate(examples, pad_id: int = 0):
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """Mean cross-entropy over the chosen tokens only (labels != -100), in float32 at least:
-    fuseformer.kernels.cross_entropy on `backend` (None: the backend in force)."""
-    return K.cross_entropy(logits, labels.reshape(logits.shape[:-1]), IGNORE_INDEX, backend=backend)
+    the heads' own loss (models/layers.py vocab_loss) on `backend` (None: the backend in force)."""
+    return vocab_loss(logits, labels, IGNORE_INDEX, backend)
 
 
 def pair_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
