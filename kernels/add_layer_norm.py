@@ -330,6 +330,16 @@ def _shared_grad(has_residual: bool, dropout_p: float) -> bool:
     return has_residual and dropout_p == 0.0
 
 
+def _run_backward_both(backend, dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has_residual):
+    """(d x, d residual, dw, db), d residual the very tensor d x where they are equal
+    (_shared_grad) and None without a residual: the eager Function's backward, and a fused
+    block's (models/fused_block.py)."""
+    shared = _shared_grad(has_residual, dropout_p)
+    dx, dres, dw, db = _run_backward(backend, dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed,
+                                     has_residual and not shared)
+    return dx, dx if shared else dres, dw, db
+
+
 # ----------------------------------------------------------------------------- eager path
 
 
@@ -349,12 +359,9 @@ class AddLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dstream=None):
         stream, weight, bias, mean, rstd, seed = ctx.saved_tensors
-        shared = _shared_grad(ctx.has_residual, ctx.dropout_p)
-        dx, dres, dw, db = _run_backward(
-            ctx.backend, dy, dstream if ctx.prenorm else None, stream, weight, bias, mean, rstd, ctx.dropout_p, seed,
-            ctx.has_residual and not shared,
-        )
-        return dx, dx if shared else dres, dw, db, None, None, None, None
+        dx, dres, dw, db = _run_backward_both(ctx.backend, dy, dstream if ctx.prenorm else None, stream, weight, bias,
+                                              mean, rstd, ctx.dropout_p, seed, ctx.has_residual)
+        return dx, dres, dw, db, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- compiled path

@@ -176,15 +176,6 @@ def _linear_grads(dy2d, x2d, weight, need_x, need_w, need_b):
     return dx, dw, db
 
 
-def _ln_backward(name, dy, dstream, stream, g, b, mean, rstd, p, seed, has_residual):
-    """AddLayerNormFunction's backward: (d branch, d residual (the same tensor without dropout;
-    None without a residual), dw, db)."""
-    shared = _aln._shared_grad(has_residual, p)
-    dx, dres, dw, db = _aln._run_backward(name, dy, dstream, stream, g, b, mean, rstd, p, seed,
-                                          has_residual and not shared)
-    return dx, (dx if shared else dres), dw, db
-
-
 # ----------------------------------------------------------------------------- post-LN
 
 
@@ -222,9 +213,9 @@ class PostLNBlock(torch.autograd.Function):
         cfg, (na, n1, nl, n2) = ctx.cfg, ctx.names
         need = ctx.needs_input_grad[4:]  # per parameter, in run()'s order
         p1, p2 = cfg[6], cfg[7]
-        df, dy1, dg2, db2 = _ln_backward(n2, dy, None, s2, g2, b2, m2, r2, p2, seed2, True)
+        df, dy1, dg2, db2 = _aln._run_backward_both(n2, dy, None, s2, g2, b2, m2, r2, p2, seed2, True)
         dh, dw1, dc1, dw2, dc2 = _ffn_backward(df, y1, sf, w1, c1, w2, cfg, nl, need[8:10])
-        da, dx, dg1, db1 = _ln_backward(n1, dy1 + dh, None, s1, g1, b1, m1, r1, p1, seed1, True)
+        da, dx, dg1, db1 = _aln._run_backward_both(n1, dy1 + dh, None, s1, g1, b1, m1, r1, p1, seed1, True)
         dx_attn, dwqkv, dbqkv, dwo, dbo = _attention_backward(da, x, sa, mask4, wqkv, wo, cfg, na,
                                                               (ctx.needs_input_grad[0], *need[:4]))
         if dx_attn is not None:
@@ -269,7 +260,7 @@ class PreLNBlock(torch.autograd.Function):
         need = ctx.needs_input_grad[5:]
         p1, p2 = cfg[6], cfg[7]
         dh2, dw1, dc1, dw2, dc2 = _ffn_backward(dy, h2, sf, w1, c1, w2, cfg, nl, need[8:10])
-        da, ds1, dg2, db2 = _ln_backward(n2, dh2, ds2, s2, g2, b2, m2, r2, p2, seed2, True)
+        da, ds1, dg2, db2 = _aln._run_backward_both(n2, dh2, ds2, s2, g2, b2, m2, r2, p2, seed2, True)
         dh, dwqkv, dbqkv, dwo, dbo = _attention_backward(da, h, sa, mask4, wqkv, wo, cfg, na, (True, *need[:4]))
-        dx, dres, dg1, db1 = _ln_backward(n1, dh, ds1, s1, g1, b1, m1, r1, p1, seed1, ctx.has_residual)
+        dx, dres, dg1, db1 = _aln._run_backward_both(n1, dh, ds1, s1, g1, b1, m1, r1, p1, seed1, ctx.has_residual)
         return (dx, dres, None, None, None, dwqkv, dbqkv, dwo, dbo, dg1, db1, dw1, dc1, dw2, dc2, dg2, db2)
