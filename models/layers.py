@@ -73,9 +73,17 @@ class BackendChoice:
 
 
 def attention(q, k, v, attn_mask, dropout_p: float, is_causal: bool, scale, backend, use_torch: bool):
-    """softmax(q k^T * scale + mask) v. On the torch backend PyTorch's SDPA computes the same as
-    the reference without its L x L matrix."""
+    """softmax(q k^T * scale + mask) v, causal (top-left) and masked when both are given. On the
+    torch backend PyTorch's SDPA computes the same as the reference without its L x L matrix;
+    it takes a mask or is_causal, not both, so there the causal part is folded into the mask.
+    The fused op takes both: a causal model's key-padding mask (GPT-2 given an attention_mask)
+    stays a (B, 1, 1, S) row that its kernels read once per program, and they still skip the
+    tiles past the diagonal; folded, it was a dense (B, 1, T, S) mask built every layer, read
+    per tile, with every tile computed."""
     if use_torch:
+        if is_causal and attn_mask is not None:
+            diag = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+            attn_mask, is_causal = and_causal(attn_mask, diag), False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale)
     return K.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
@@ -148,25 +156,17 @@ class MultiHeadSelfAttention(BackendChoice, nn.Module):
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)  # (B, nh, S, hs)
             v = torch.cat([past_kv[1], v], dim=2)
-            if self.causal:
+            if self.causal and T > 1:
                 # The cache shifts the diagonal: query i sits at position S - T + i, so a
-                # top-left causal mask would be wrong; build the bottom-right one.
+                # top-left causal mask would be wrong; build the bottom-right one. One new
+                # token (a decoding step) sits last and sees every key: no mask to build.
                 S = k.shape[2]
                 diag = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
                 attn_mask = and_causal(attn_mask, diag)
-                is_causal = False
-        else:
-            attn_mask, is_causal = self.mask_and_causal(attn_mask, T, x.device)
+            is_causal = False
         y = self.attend(q, k, v, attn_mask, is_causal)  # (B, nh, T, hs)
         y = self.proj(y.transpose(1, 2).reshape(B, T, C))
         return (y, (k, v)) if use_cache else y
-
-    def mask_and_causal(self, attn_mask, T: int, device):
-        """(mask, is_causal) for self-attention over T tokens: torch's SDPA takes a mask or
-        is_causal, not both, so a causal block folds the causal part into a mask it is given."""
-        if self.causal and attn_mask is not None:
-            return and_causal(attn_mask, torch.ones(T, T, dtype=torch.bool, device=device).tril()), False
-        return attn_mask, self.causal
 
     def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         """x (total, C): sequences packed back to back, no padding (varlen attention)."""
@@ -339,13 +339,12 @@ def _fused_block_call(block: TransformerBlock, x: torch.Tensor, residual: torch.
     grad = torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad))
     if not grad and torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
         return None
-    mask, is_causal = attn.mask_and_causal(attn_mask, x.shape[1], x.device)
-    planned = fused_block.plan(x, mask, is_causal, attn.num_heads, pa, p1, p2, params[6].shape[0], approximate,
+    planned = fused_block.plan(x, attn_mask, attn.causal, attn.num_heads, pa, p1, p2, params[6].shape[0], approximate,
                                backend, grad)
     if planned is None:
         return None
     mask4, names = planned
-    cfg = (prenorm, attn.num_heads, is_causal, float(eps1), float(eps2), float(pa), float(p1), float(p2), approximate)
+    cfg = (prenorm, attn.num_heads, attn.causal, float(eps1), float(eps2), float(pa), float(p1), float(p2), approximate)
     return fused_block.run(x, residual, mask4, params, cfg, names, grad)
 
 

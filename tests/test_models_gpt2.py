@@ -1,5 +1,6 @@
 """GPT-2: parity with transformers (from_hf, patch_hf, save_pretrained round trip), the KV
 cache in generate(), Conv1D transposes, initialisation, bad input."""
+import copy
 import math
 
 import pytest
@@ -37,6 +38,46 @@ def test_patch_hf_matches_transformers():
     hf = transformers.GPT2LMHeadModel(hf_config()).double()
     kw, mask = inputs()
     check_against_hf(hf, M.patch_hf, kw, ["logits"], mask)
+
+
+@pytest.mark.parametrize("backend,block", [("triton", True), ("triton", False), ("torch", False)])
+def test_padding_mask_stays_a_key_row_with_causal(monkeypatch, backend, block):
+    """An attention_mask reaches the fused attention as a key-padding row (B, 1, 1, S) with
+    is_causal=True (its kernels skip the tiles past the diagonal and read the row once), not
+    folded into a dense (B, 1, T, S) mask, in the one-node block and op by op; the torch
+    backend folds it (torch's SDPA takes one or the other). Left padding, whose first rows
+    attend no key at all, matches transformers at the real tokens either way."""
+    import fuseformer.kernels.attention as A
+    import fuseformer.models.fused_block as FB
+    import fuseformer.models.layers as L
+
+    seen = []
+    fused, plan = L.K.scaled_dot_product_attention, FB.plan
+
+    def spy_op(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        seen.append((A.mask_kind(None if attn_mask is None else attn_mask.expand(*q.shape[:-1], k.shape[-2])),
+                     is_causal))
+        return fused(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+
+    def spy_plan(x, mask, is_causal, *args):
+        out = plan(x, mask, is_causal, *args)
+        seen.append((A.mask_kind(out[0]), is_causal))
+        return out
+
+    monkeypatch.setattr(L.K, "scaled_dot_product_attention", spy_op)
+    monkeypatch.setattr(FB, "plan", spy_plan)
+    torch.manual_seed(4)
+    hf = transformers.GPT2LMHeadModel(hf_config()).double().eval()
+    hf32 = copy.deepcopy(hf).float()
+    ours = M.GPT2LMHeadModel.from_hf(copy.deepcopy(hf32), backend=backend)
+    ids, right, _ = padded_batch()
+    left = right.flip(1)  # the same lengths, padded on the left
+    for mask in (right, left):
+        seen.clear()
+        kw = dict(input_ids=ids, attention_mask=mask)
+        with torch.no_grad(), FB.use(block):
+            compare_outputs(ours(**kw), hf(**kw), hf32(**kw), ["logits"], mask, torch.float32)
+        assert seen == ([] if backend == "torch" else [("key_padding", True)] * 3)
 
 
 def test_conv1d_weights_are_transposed_and_tied():
