@@ -3,7 +3,7 @@
 What is swapped (parameters, their names and the model's state dict are untouched):
 - attention: registered with transformers' AttentionInterface as "fuseformer", so every
   BERT / GPT-2 / ALBERT attention layer calls K.scaled_dot_product_attention (key-padding
-  masks reach it as (B, 1, 1, S), the fast path);
+  masks reach it as (B, 1, 1, S), the fast path, with is_causal=True in GPT-2);
 - add + LayerNorm: BERT's SelfOutput/Output, ALBERT's attention output and FFN, GPT-2's
   block (the residual add is fused with ln_2) and every other LayerNorm;
 - Linear + GELU: BERT's Intermediate, GPT-2's MLP (Conv1D weight is (in, out): passed
@@ -43,30 +43,54 @@ def fuseformer_attention(module, query, key, value, attention_mask, dropout=0.0,
     causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
     causal = bool(causal) and query.shape[2] > 1 and attention_mask is None
     mask = attention_mask
-    if mask is not None and mask.dim() == 4 and mask.shape[-2] > 1 and mask.stride(-2) == 0:
+    use_torch = _torch(module, query)
+    # A padded causal mask (_key_padding_mask_interface): its key row and is_causal for the fused
+    # kernels; torch's SDPA, which takes one or the other, keeps the dense mask.
+    row = None if use_torch else getattr(mask, "_fuseformer_key_row", None)
+    if row is not None and row.shape[0] == query.shape[0] and query.shape[2] == key.shape[2] == row.shape[-1]:
+        mask, causal = row, True
+    elif mask is not None and mask.dim() == 4 and mask.shape[-2] > 1 and mask.stride(-2) == 0:
         # Every query row is the same row, expanded: hand the kernel its (B, 1, 1, S) fast path.
         # Decided from the strides alone; comparing the rows' values would synchronise with
         # the GPU on every call. Key-padding masks arrive as (B, 1, 1, S) already (_key_padding_mask_interface).
         mask = mask[:, :, :1, :]
-    y = L.attention(query, key, value, mask, dropout, causal, scaling, _backend(module), _torch(module, query))
+    y = L.attention(query, key, value, mask, dropout, causal, scaling, _backend(module), use_torch)
     return y.transpose(1, 2).contiguous(), None
 
 
 def _key_padding_mask_interface():
     """transformers' mask interface for "fuseformer": its own sdpa_mask (bool, True = attend),
-    except a padded bidirectional mask, given as what it is: key padding (B, 1, 1, S), not a
-    (B, 1, L, S) copy of it per query row."""
+    except
+    - a padded bidirectional mask, given as what it is: key padding (B, 1, 1, S), not a
+      (B, 1, L, S) copy of it per query row;
+    - a padded causal mask without a cache (GPT-2's forward on a padded batch): transformers'
+      dense (B, 1, L, L) mask, carrying its key-padding row as `_fuseformer_key_row`, which
+      fuseformer_attention hands the kernels with is_causal=True: they read one row per batch
+      and skip the key tiles past the diagonal, where the dense mask is read per tile and
+      every tile computed. The dense mask stays correct on its own wherever the row is not
+      picked up (torch.compile, which this leaves to transformers' own path). An unpadded
+      batch still gets no mask, as from transformers (which checks that on the host: torch's
+      SDPA then runs its flash kernel).
+    A bidirectional all-ones mask stays a mask: transformers drops it after checking that on
+    the host, which synchronises with the GPU every forward."""
     from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
     def mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
              attention_mask=None, **kwargs):
-        if mask_function is bidirectional_mask_function and attention_mask is not None and attention_mask.dim() == 2:
-            # Even an all-ones mask stays a mask: transformers drops it after checking that on
-            # the host, which synchronises with the GPU every forward.
+        padded = attention_mask is not None and attention_mask.dim() == 2
+        if mask_function is bidirectional_mask_function and padded:
             keep = attention_mask.bool()
             if keep.shape[-1] < kv_offset + kv_length:  # as transformers' prepare_padding_mask
                 keep = torch.nn.functional.pad(keep, (0, kv_offset + kv_length - keep.shape[-1]))
             return keep[:, None, None, kv_offset:kv_offset + kv_length]
+        if (mask_function is causal_mask_function and padded and not torch.compiler.is_compiling()
+                and type(q_offset) is int and type(kv_offset) is int and q_offset == kv_offset == 0
+                and q_length == kv_length == attention_mask.shape[-1] and kwargs.get("local_size") is None):
+            dense = sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                              **kwargs)
+            if dense is not None:  # None: no padding (transformers checked), is_causal alone
+                dense._fuseformer_key_row = attention_mask.bool()[:, None, None, :]
+            return dense
         return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
                          **kwargs)
 

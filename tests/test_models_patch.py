@@ -88,3 +88,30 @@ def test_gpt2_patched_uses_no_deprecated_keyword():
             out = hf(**kw_of(hf), use_cache=True)
             cache = out.cache if hasattr(out, "cache") else out.past_key_values  # named as this version names it
             hf(torch.zeros(3, 1, dtype=torch.long), cache)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gpt2_padded_batch_reaches_fused_attention_as_key_row_and_causal(monkeypatch, backend):
+    """A patched GPT-2 on a padded batch: the fused attention gets the key-padding row
+    (B, 1, 1, S) with is_causal=True (tiles past the diagonal skipped, one row read per batch),
+    not transformers' dense (B, 1, L, L) mask; torch's SDPA keeps the dense mask. Right and left
+    padding give the stock model's logits at the real tokens; an unpadded batch gets no mask
+    but is_causal, as from transformers."""
+    stock = gpt2().float()
+    hf = M.patch_hf(copy.deepcopy(stock), backend=backend)
+    seen = []
+    real = layers.attention
+    monkeypatch.setattr(layers, "attention", lambda q, k, v, m, p, causal, *a: seen.append(
+        (None if m is None else tuple(m.shape), causal)) or real(q, k, v, m, p, causal, *a))
+    ids, right, _ = padded_batch(vocab=VOCAB, seq=9)
+    B, S = ids.shape
+    for mask in (right, right.flip(1), torch.ones_like(right)):
+        seen.clear()
+        with torch.no_grad():
+            ours, theirs = hf(input_ids=ids, attention_mask=mask).logits, stock(input_ids=ids, attention_mask=mask).logits
+        real_tokens = mask.bool()
+        torch.testing.assert_close(ours[real_tokens], theirs[real_tokens], rtol=1e-4, atol=1e-4)
+        if not mask.all():
+            assert seen == ([((B, 1, S, S), False)] if backend == "torch" else [((B, 1, 1, S), True)]) * 2
+        else:
+            assert seen == [(None, True)] * 2
