@@ -29,11 +29,12 @@ BxHxLxD): event and host times per call, and where a host-descriptor call spends
 Last, a BERT-base fp16 inference forward (--bert BxL, default 32x128, backend auto): its kernels
 by device time per forward, to say which of them the CUDA-graph target (2x HF + torch.compile)
 must shrink; and the same for a bf16 masked-LM training step (--bert-train BxL, default 32x128:
-the training target, 1.3x HF sdpa, stood at 0.76x on the H200 with host and kernels untold).
+the training target, 1.3x HF sdpa, stood at 0.76x on the H200 with host and kernels untold);
+and GPT-2 small's fp16 LM forward (--gpt2 BxL, default 8x512, the models suite's case).
 
     python -m fuseformer.bench.profile_calls [--M 16384] [--N 768] [--backends triton,cuda] [--bert 32x128]
                                              [--bert-train 32x128] [--linear-gelu 16384x768x3072]
-                                             [--attention 16x16x1024x64]
+                                             [--attention 16x16x1024x64] [--gpt2 8x512]
 """
 from __future__ import annotations
 
@@ -341,31 +342,36 @@ def profile_attention_descriptors(B: int, H: int, L: int, D: int, iters: int) ->
 
 
 def profile_bert(B: int, L: int, iters: int, device: str = "cuda", config=None, backend: str = "auto",
-                 train: bool = False) -> None:
+                 train: bool = False, family: str = "bert") -> None:
     """Where the GPU time of one BERT-base fp16 inference forward goes (the CUDA-graph target
     of the eager-speed issue: 1.89 ms at B32 L128 on the H100, where HF + torch.compile took
     2.77): the kernels by device time per forward, ours (Triton/csrc) and torch's (cuBLAS
     GEMMs, copies) alike. Eager forwards: the kernels are the ones a CUDA graph replays.
     train=True: a bf16 masked-LM training step (15% of tokens labelled, forward, loss and
-    backward) instead, "per forward" then meaning per step."""
+    backward) instead, "per forward" then meaning per step. family="gpt2": GPT-2 small's LM
+    forward (the models suite's gpt2_infer case: 5.22 ms in CUDA graphs on the H200 against HF
+    + torch.compile's 2.81, kernels untold) or its LM training step."""
     import contextlib
 
     from torch.profiler import ProfilerActivity, profile
 
-    from fuseformer.models import BertConfig, BertForMaskedLM, BertModel
+    from fuseformer.models import BertConfig, BertForMaskedLM, BertModel, GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     dtype = (torch.bfloat16 if train else torch.float16) if device == "cuda" else torch.float32
-    if train:
+    if family == "gpt2":
+        model = GPT2LMHeadModel(config or GPT2Config()).to(device=device, dtype=dtype).train(train)
+    elif train:
         model = BertForMaskedLM(config or BertConfig()).to(device=device, dtype=dtype).train()
     else:
         model = BertModel(config or BertConfig(), add_pooling_layer=True).to(device=device, dtype=dtype).eval()
     model.set_backend(backend)
     ids = torch.randint(1, model.config.vocab_size, (B, L), device=device)
     mask = torch.ones(B, L, dtype=torch.long, device=device)
-    labels = torch.where(torch.rand(B, L, device=device) < 0.15, ids, torch.full_like(ids, -100))
+    labels = ids if family == "gpt2" else torch.where(torch.rand(B, L, device=device) < 0.15, ids,
+                                                      torch.full_like(ids, -100))
     params = [p for p in model.parameters() if p.requires_grad]
-    label = f"[bert{' train' if train else ''} B{B} L{L} {dtype}]"
+    label = f"[{family}{' train' if train else ''} B{B} L{L} {dtype}]"
 
     def step():
         if not train:
@@ -420,6 +426,7 @@ def main(argv=None) -> int:
     p.add_argument("--bert", default="32x128", help="BxL of the BERT-base forward to profile ('' skips it)")
     p.add_argument("--bert-train", default="32x128",
                    help="BxL of the BERT-base bf16 masked-LM training step to profile ('' skips it)")
+    p.add_argument("--gpt2", default="8x512", help="BxL of the GPT-2 fp16 LM forward to profile ('' skips it)")
     p.add_argument("--linear-gelu", default="16384x768x3072",
                    help="MxKxN of the Linear+GELU forward+backward to profile ('' skips it)")
     p.add_argument("--attention", default="16x16x1024x64",
@@ -443,6 +450,8 @@ def main(argv=None) -> int:
         profile_bert(*dims(args.bert), iters=10)
     if args.bert_train:
         profile_bert(*dims(args.bert_train), iters=5, train=True)
+    if args.gpt2:
+        profile_bert(*dims(args.gpt2), iters=10, family="gpt2")
     return 0
 
 

@@ -18,6 +18,15 @@ def test_profile_bert_on_the_cpu(capsys):
     assert "[bert train B2 L8 torch.float32]" in out and "aten::" in out
 
 
+def test_profile_gpt2_on_the_cpu(capsys):
+    from fuseformer.models import GPT2Config
+
+    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=16)
+    profile_calls.profile_bert(2, 8, iters=1, device="cpu", config=config, backend="torch", family="gpt2")
+    out = capsys.readouterr().out
+    assert "[gpt2 B2 L8 torch.float32]" in out and "aten::" in out
+
+
 def test_main_needs_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is here")
