@@ -80,6 +80,37 @@ def test_padding_mask_stays_a_key_row_with_causal(monkeypatch, backend, block):
         assert seen == ([] if backend == "torch" else [("key_padding", True)] * 3)
 
 
+@pytest.mark.parametrize("block", [True, False])
+def test_padded_causal_training_matches_the_folded_mask(block):
+    """Forward and backward of a left- and right-padded batch over 70 tokens (several key tiles,
+    so a query block's first attended tile can lie past its diagonal), the key-padding row
+    with is_causal on the triton backend, one node per block or op by op, against the torch
+    backend, which folds the two into one dense mask: the same logits at the real tokens and
+    the same gradients of every parameter."""
+    import fuseformer.models.fused_block as FB
+
+    torch.manual_seed(5)
+    base = M.GPT2LMHeadModel.from_hf(transformers.GPT2LMHeadModel(hf_config(
+        n_positions=80, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)), backend="torch")  # deterministic
+    ids = torch.randint(5, VOCAB, (3, 70))
+    lengths = torch.tensor([70, 41, 3])
+    right = (torch.arange(70)[None, :] < lengths[:, None]).long()
+    mask = torch.cat([right[:2], right[2:].flip(1)])  # the last row left-padded, 67 pads first
+    labels = ids.masked_fill(mask == 0, -100)
+    grads, logits = [], []
+    for backend in ("torch", "triton"):
+        model = copy.deepcopy(base).train()
+        model.set_backend(backend)
+        with FB.use(block):
+            out = model(input_ids=ids, attention_mask=mask, labels=labels)
+            out.loss.backward()
+        logits.append(out.logits.detach()[mask.bool()])
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-3, atol=1e-5, msg=name)
+
+
 def test_conv1d_weights_are_transposed_and_tied():
     hf = transformers.GPT2LMHeadModel(hf_config())
     ours = M.GPT2LMHeadModel.from_hf(hf)
