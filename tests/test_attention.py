@@ -113,6 +113,9 @@ CASES = [
     (torch.float32, 3, 2, 70, 257, 16, False, "short_padding"),
     (torch.float16, 3, 1, 150, 150, 40, True, "short_padding"),
     (torch.float32, 2, 2, 30, 200, 32, False, "left_padding"),
+    # GPT-2's prefill of a left-padded batch (models/layers.py: key-padding row + is_causal):
+    # rows before a batch's first key attend nothing, later query blocks start past a diagonal.
+    (torch.float16, 3, 2, 70, 70, 32, True, "left_padding"),
 ]
 
 
