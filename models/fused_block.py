@@ -22,7 +22,8 @@ the per-op path (fuseformer-fused-per-op).
 
 TransformerBlock (models/layers.py, `_fused_block_call`) decides per call whether its call can
 run here (our own module types, no hooks on them, every op resolving to a fused backend, no
-torch.compile, no autocast, no KV cache, not packed) and otherwise takes the per-op path, which
+torch.compile, no autocast, a KV cache only in a pre-LN block's inference, not packed) and
+otherwise takes the per-op path, which
 computes the same. FUSEFORMER_FUSED_BLOCK=0 (read at import) or set_enabled(False) turns it off.
 
 The launchers are the public ops' own (their launcher contracts, kernels/backends.py), so every
@@ -69,14 +70,16 @@ def use(on: bool = True):
         set_enabled(previous)
 
 
-def plan(x, mask, is_causal, heads, attn_p, p1, p2, intermediate, approximate, backend, grad):
-    """(mask as (B, heads, T, T), (attention, LN1, Linear+GELU, LN2) backend names) for this
-    call, or None where the per-op path must run it: a mask it refuses (by name), or an op that
-    resolves to torch (with its fallback warning there)."""
+def plan(x, mask, is_causal, heads, attn_p, p1, p2, intermediate, approximate, backend, grad, keys=None):
+    """(mask as (B, heads, T, keys), (attention, LN1, Linear+GELU, LN2) backend names) for
+    this call, or None where the per-op path must run it: a mask it refuses (by name), or an op
+    that resolves to torch (with its fallback warning there). keys: T, or past + T with a KV
+    cache."""
     B, T, C = x.shape
-    if mask is not None and not _attn._broadcasts(mask.shape, (B, heads, T, T)):
+    S = T if keys is None else keys
+    if mask is not None and not _attn._broadcasts(mask.shape, (B, heads, T, S)):
         return None
-    mask4 = None if mask is None else mask.expand(B, heads, T, T)
+    mask4 = None if mask is None else mask.expand(B, heads, T, S)
     device, dtype = x.device, x.dtype
     na = backends.resolve("attention", device, backend, dtype=dtype, head_dim=C // heads,
                           mask_kind=_attn.mask_kind(mask4), dropout_p=attn_p, requires_grad=grad, is_causal=is_causal,
@@ -91,16 +94,20 @@ def plan(x, mask, is_causal, heads, attn_p, p1, p2, intermediate, approximate, b
     return mask4, (na, n1, nl, n2)
 
 
-def run(x, residual, mask4, params, cfg, names, grad):
+def run(x, residual, mask4, params, cfg, names, grad, past_kv=None, use_cache=False):
     """The block on x (B, T, C): through PostLNBlock / PreLNBlock (one autograd node) when
     `grad`, else directly. residual: None for a post-LN block; for a pre-LN one the stream (or
     None in the first block). params: (qkv W, b, proj W, b, LN1 w, b, fc1 W, b, fc2 W, b, LN2 w,
     b), biases may be None; cfg: (prenorm, heads, is_causal, LN1 eps, LN2 eps, attention
-    dropout, LN1 dropout, LN2 dropout, approximate); names: plan()'s."""
+    dropout, LN1 dropout, LN2 dropout, approximate); names: plan()'s. past_kv / use_cache
+    (pre-LN inference only): the keys and values of earlier tokens, (B, heads, past, head
+    dim) each, put before this call's; use_cache also returns them with this call's, as
+    (y, stream, (k, v))."""
     if cfg[0]:
         if grad:
             return PreLNBlock.apply(x, residual, mask4, cfg, names, *params)
-        return _pre_ln_forward(x, residual, mask4, params, cfg, names, keep=False)[0]
+        out, _, kv = _pre_ln_forward(x, residual, mask4, params, cfg, names, keep=False, past_kv=past_kv)
+        return (*out, kv) if use_cache else out
     if grad:
         return PostLNBlock.apply(x, mask4, cfg, names, *params)
     return _post_ln_forward(x, mask4, params, cfg, names, keep=False)[0]
@@ -111,20 +118,23 @@ def run(x, residual, mask4, params, cfg, names, grad):
 # drawn in the same order from torch's generator (so dropout draws the same masks).
 
 
-def _attention_forward(x, mask4, params, cfg, na, keep):
-    """proj(attention(qkv(x))) -> (a, saved); nothing saved without `keep` (inference frees
-    qkv and the attention output here, as the per-op path does)."""
+def _attention_forward(x, mask4, params, cfg, na, keep, past_kv=None):
+    """proj(attention(qkv(x))) -> (a, saved, (k, v)); nothing saved without `keep` (inference
+    frees qkv and the attention output here, as the per-op path does); k, v after past_kv's."""
     wqkv, bqkv, wo, bo = params[:4]
     heads, is_causal, pa = cfg[1], cfg[2], cfg[5]
     B, T, C = x.shape
     qkv = _linear(x, wqkv, bqkv)
     q, k, v = qkv.view(B, T, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    if past_kv is not None:
+        k = torch.cat([past_kv[0], k], dim=2)  # (B, heads, past + T, head dim), as the per-op path
+        v = torch.cat([past_kv[1], v], dim=2)
     seed = _attn._draw_seed(pa, x.device)
     with device_guard(x):
         att, lse = backends.get_impl("attention", na).forward(q, k, v, mask4, is_causal, 1.0 / math.sqrt(C // heads),
                                                               pa, seed)
     a_in = att.transpose(1, 2).reshape(B, T, C)
-    return _linear(a_in, wo, bo), ((q, k, v, att, lse, seed, a_in) if keep else ())
+    return _linear(a_in, wo, bo), ((q, k, v, att, lse, seed, a_in) if keep else ()), (k, v)
 
 
 def _attention_backward(da, x, saved, mask4, wqkv, wo, cfg, na, need):
@@ -183,7 +193,7 @@ def _post_ln_forward(x, mask4, params, cfg, names, keep):
     g1, b1, g2, b2 = params[4], params[5], params[10], params[11]
     eps1, eps2, p1, p2 = cfg[3], cfg[4], cfg[6], cfg[7]
     na, n1, nl, n2 = names
-    a, sa = _attention_forward(x, mask4, params, cfg, na, keep)
+    a, sa, _ = _attention_forward(x, mask4, params, cfg, na, keep)
     seed1 = draw_seed(x.device) if p1 > 0.0 else None
     # keep: the stream (x + dropout(a)) and the statistics the backward reads, as the per-op
     # path's autograd Function keeps them; inference writes neither.
@@ -226,18 +236,18 @@ class PostLNBlock(torch.autograd.Function):
 # ----------------------------------------------------------------------------- pre-LN
 
 
-def _pre_ln_forward(x, residual, mask4, params, cfg, names, keep):
+def _pre_ln_forward(x, residual, mask4, params, cfg, names, keep, past_kv=None):
     g1, b1, g2, b2 = params[4], params[5], params[10], params[11]
     eps1, eps2, p1, p2 = cfg[3], cfg[4], cfg[6], cfg[7]
     na, n1, nl, n2 = names
     seed1 = draw_seed(x.device) if p1 > 0.0 else None
     # prenorm: the stream is an output; the statistics only when the backward needs them.
     h, s1, m1, r1 = _aln._run_forward(n1, x, residual, g1, b1, eps1, p1, seed1, True, keep)
-    a, sa = _attention_forward(h, mask4, params, cfg, na, keep)
+    a, sa, kv = _attention_forward(h, mask4, params, cfg, na, keep, past_kv)
     seed2 = draw_seed(x.device) if p2 > 0.0 else None
     h2, s2, m2, r2 = _aln._run_forward(n2, a, s1, g2, b2, eps2, p2, seed2, True, keep)
     y, sf = _ffn_forward(h2, params, cfg, nl, keep)
-    return (y, s2), (h, s1, m1, r1, seed1, *sa, h2, s2, m2, r2, seed2, mask4, *sf)
+    return (y, s2), (h, s1, m1, r1, seed1, *sa, h2, s2, m2, r2, seed2, mask4, *sf), kv
 
 
 class PreLNBlock(torch.autograd.Function):
@@ -245,7 +255,7 @@ class PreLNBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, mask4, cfg, names, *params):
-        out, saved = _pre_ln_forward(x, residual, mask4, params, cfg, names, keep=True)
+        out, saved, _ = _pre_ln_forward(x, residual, mask4, params, cfg, names, keep=True)
         ctx.save_for_backward(*saved, *params)
         ctx.cfg, ctx.names, ctx.has_residual = cfg, names, residual is not None
         return out

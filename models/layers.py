@@ -152,21 +152,27 @@ class MultiHeadSelfAttention(BackendChoice, nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
-        is_causal = self.causal
+        past = None if past_kv is None else past_kv[0].shape[2]
+        attn_mask, is_causal = self.cache_mask(attn_mask, T, past, x.device)
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)  # (B, nh, S, hs)
             v = torch.cat([past_kv[1], v], dim=2)
-            if self.causal and T > 1:
-                # The cache shifts the diagonal: query i sits at position S - T + i, so a
-                # top-left causal mask would be wrong; build the bottom-right one. One new
-                # token (a decoding step) sits last and sees every key: no mask to build.
-                S = k.shape[2]
-                diag = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-                attn_mask = and_causal(attn_mask, diag)
-            is_causal = False
         y = self.attend(q, k, v, attn_mask, is_causal)  # (B, nh, T, hs)
         y = self.proj(y.transpose(1, 2).reshape(B, T, C))
         return (y, (k, v)) if use_cache else y
+
+    def cache_mask(self, attn_mask, T: int, past: int | None, device):
+        """(mask, is_causal) for T queries after `past` cached keys (None: no cache), here and
+        in the one-node block (models/fused_block.py)."""
+        if past is None:
+            return attn_mask, self.causal
+        if self.causal and T > 1:
+            # The cache shifts the diagonal: query i sits at position past + i, so a top-left
+            # causal mask would be wrong; build the bottom-right one. One new token (a decoding
+            # step) sits last and sees every key: no mask to build.
+            diag = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
+            attn_mask = and_causal(attn_mask, diag)
+        return attn_mask, False
 
     def forward_packed(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
         """x (total, C): sequences packed back to back, no padding (varlen attention)."""
@@ -251,8 +257,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, residual=None, attn_mask=None, past_kv=None, use_cache=False, packed=None):
         """`packed` = (cu_seqlens, max_seqlen) runs post-LN attention on packed (total, C) tokens."""
-        if packed is None and past_kv is None and not use_cache and fused_block.enabled():
-            out = _fused_block_call(self, x, residual, attn_mask)
+        if packed is None and fused_block.enabled():
+            out = _fused_block_call(self, x, residual, attn_mask, past_kv, use_cache)
             if out is not None:
                 return out
         if not self.prenorm:
@@ -289,12 +295,14 @@ def _probability(p) -> bool:
 
 
 def _fused_block_call(block: TransformerBlock, x: torch.Tensor, residual: torch.Tensor | None,
-                      attn_mask: torch.Tensor | None):
-    """block(x, residual, attn_mask) as one fused node (models/fused_block.py), or None where
-    this call must take the per-op path: modules of other types (a LoRA layer in place of a
-    Linear, say) or with hooks (the fused node would skip them), torch.compile (it traces the
-    per-op path's custom ops), autocast (the per-op path casts per op), anything but (B, T, C)
-    inputs of one floating dtype and device with the weights, or an op that resolves to torch."""
+                      attn_mask: torch.Tensor | None, past_kv=None, use_cache: bool = False):
+    """block(x, residual, attn_mask, past_kv, use_cache) as one fused node
+    (models/fused_block.py), or None where this call must take the per-op path: modules of
+    other types (a LoRA layer in place of a Linear, say) or with hooks (the fused node would
+    skip them), torch.compile (it traces the per-op path's custom ops), autocast (the per-op
+    path casts per op), anything but (B, T, C) inputs of one floating dtype and device with the
+    weights, an op that resolves to torch, or a KV cache anywhere but in a pre-LN block's
+    inference (GPT-2's generate: each decoding step is host time only)."""
     # Submodules and parameters through their dicts: nn.Module.__getattr__ costs ~1 µs a
     # lookup here, ~40 of them for a block's twelve parameters.
     mods = block._modules
@@ -339,13 +347,27 @@ def _fused_block_call(block: TransformerBlock, x: torch.Tensor, residual: torch.
     grad = torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad))
     if not grad and torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
         return None
-    planned = fused_block.plan(x, attn_mask, attn.causal, attn.num_heads, pa, p1, p2, params[6].shape[0], approximate,
-                               backend, grad)
+    past = None
+    if past_kv is not None or use_cache:
+        if grad or not prenorm:
+            return None
+        if past_kv is not None:
+            # Whatever torch.cat would refuse, it refuses on the per-op path.
+            B, T, C = x.shape
+            shape = (B, attn.num_heads, None, C // attn.num_heads)
+            if (not isinstance(past_kv, (tuple, list)) or len(past_kv) != 2 or not same_floats(x, *past_kv)
+                    or any(t.dim() != 4 or (t.shape[0], t.shape[1], None, t.shape[3]) != shape for t in past_kv)
+                    or past_kv[0].shape[2] != past_kv[1].shape[2]):
+                return None
+            past = past_kv[0].shape[2]
+    mask, is_causal = attn.cache_mask(attn_mask, x.shape[1], past, x.device)
+    planned = fused_block.plan(x, mask, is_causal, attn.num_heads, pa, p1, p2, params[6].shape[0], approximate,
+                               backend, grad, keys=x.shape[1] + (past or 0))
     if planned is None:
         return None
     mask4, names = planned
-    cfg = (prenorm, attn.num_heads, attn.causal, float(eps1), float(eps2), float(pa), float(p1), float(p2), approximate)
-    return fused_block.run(x, residual, mask4, params, cfg, names, grad)
+    cfg = (prenorm, attn.num_heads, is_causal, float(eps1), float(eps2), float(pa), float(p1), float(p2), approximate)
+    return fused_block.run(x, residual, mask4, params, cfg, names, grad, past_kv, use_cache)
 
 
 def attention_mask_for(attention_mask: torch.Tensor | None, batch: int, length: int, dtype: torch.dtype,

@@ -242,7 +242,7 @@ def _gpt2(dropout=0.0, layers=2):
 
 @pytest.mark.parametrize("dropout,padded", [(0.0, False), (0.0, True), (0.2, True)])
 def test_pre_ln_gpt2_block_computes_what_the_per_op_path_computes(dropout, padded):
-    """Causal attention (with a padding mask folded into a dense one), the stream as a second
+    """Causal attention (with a key-padding row beside is_causal), the stream as a second
     output, the first block without a residual."""
     model = _gpt2(dropout).train()
     ids, mask = _batch(padded=padded)
@@ -260,14 +260,42 @@ def test_pre_ln_block_meets_the_parity_rule_against_float64():
     _parity_against_float64(_gpt2().eval(), *_batch())
 
 
-def test_a_kv_cache_keeps_the_per_op_path():
+def test_a_kv_cache_in_inference_takes_the_block(monkeypatch):
+    """GPT-2's generate: a padded prefill that keeps its cache, a decoding step (one token) and a
+    chunk of three after the cache, through the block (the per-op attention module is never
+    called), each the same bits as op by op, cache included; the last token of the steps is
+    the full forward's. With gradients a cache keeps the per-op path."""
+    from fuseformer.models.layers import MultiHeadSelfAttention
+
     model = _gpt2().eval()
-    ids, _ = _batch(padded=False)
+    ids, mask = _batch(T=11)
+    cat = lambda a, b: torch.cat([a, b], dim=1)  # noqa: E731
+    calls = [(ids[:, :7], mask[:, :7], None), (ids[:, 7:8], mask[:, :8], 7), (ids[:, 8:], mask, 8)]
     with torch.no_grad():
-        full = model(input_ids=ids).last_hidden_state
-        first = model(input_ids=ids[:, :-1], use_cache=True)
-        last = model(input_ids=ids[:, -1:], past_key_values=first.past_key_values).last_hidden_state
-    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+        results = {}
+        for block in (False, True):
+            past, outs = None, []
+            with fused_block.use(block), monkeypatch.context() as m:
+                if block:
+                    m.setattr(MultiHeadSelfAttention, "forward", lambda *a, **k: pytest.fail("the per-op path ran"))
+                for step_ids, step_mask, seen in calls:
+                    assert (past is None) == (seen is None)
+                    out = model(input_ids=step_ids, attention_mask=step_mask, past_key_values=past, use_cache=True)
+                    past = out.past_key_values
+                    outs.append(out.last_hidden_state)
+            results[block] = (outs, past)
+        full = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    (outs, past), (ref_outs, ref_past) = results[True], results[False]
+    for a, b in zip(outs, ref_outs):
+        assert torch.equal(a, b)
+    for (k, v), (rk, rv) in zip(past, ref_past):
+        assert torch.equal(k, rk) and torch.equal(v, rv) and k.shape[2] == ids.shape[1]
+    real = mask.bool()
+    torch.testing.assert_close(cat(cat(*outs[:2]), outs[2])[real], full[real], rtol=1e-5, atol=1e-5)
+    model.train()
+    first = model(input_ids=ids[:, :7], use_cache=True)
+    names = _nodes(model(input_ids=ids[:, 7:8], past_key_values=first.past_key_values).last_hidden_state)
+    assert "PreLNBlockBackward" not in names and "AttentionFunctionBackward" in names
 
 
 def test_frozen_layers_below_trainable_ones_keep_the_per_op_path_there():

@@ -59,8 +59,8 @@ def test_padding_mask_stays_a_key_row_with_causal(monkeypatch, backend, block):
                      is_causal))
         return fused(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
 
-    def spy_plan(x, mask, is_causal, *args):
-        out = plan(x, mask, is_causal, *args)
+    def spy_plan(x, mask, is_causal, *args, **kw):
+        out = plan(x, mask, is_causal, *args, **kw)
         seen.append((A.mask_kind(out[0]), is_causal))
         return out
 
