@@ -47,6 +47,16 @@ fastest (H100, bf16, 16384 x 768 -> 3072, bench/results/h100/):
                      epilogues, dgelu passes). Within 2.4e-7 of the float64 GELU;
                      linear_gelu_kernels.py has the maths and the accuracy.
              "exact" libdevice's erf, sigmoid by an IEEE division.
+    tanh     "cublaslt" (FUSEFORMER_LINEAR_GELU_TANH) tanh GELU without a pre-activation to
+                        store (inference), fp16/bf16 with a bias on a GPU: cuBLASLt's GELU
+                        epilogue (torch._addmm_activation, the tanh approximation on CUDA), one
+                        GEMM as ours, which the H200 run timed faster than our best kernel
+                        (16384 x 768 -> 3072: 0.1358 against 0.1588 ms for the TMA kernel with
+                        the fast maths, bench/results/h200/). The cuda backend's Linear+GELU
+                        takes that epilogue for tanh too. The erf GELU (BERT's) has no such
+                        epilogue: our kernel is its only one-pass path.
+             "triton"   our kernels for tanh as for erf (the bench times it as
+                        fuseformer-triton-fused-tanh).
 In every variant the two backward GEMMs are cuBLAS (torch.mm): dx = dpre W, dW = dpre^T x.
 """
 from __future__ import annotations
@@ -69,12 +79,13 @@ APPROXIMATIONS = ("none", "tanh")
 # ----------------------------------------------------------------------------- variants
 
 VARIANTS = {"forward": ("auto", "portable", "tma"), "dgelu": ("elementwise", "fused_db"),
-            "preact": ("store", "recompute"), "gelu": ("fast", "exact")}
+            "preact": ("store", "recompute"), "gelu": ("fast", "exact"), "tanh": ("cublaslt", "triton")}
 # Read once from the environment; the launchers read this dict per call.
 VARIANT = backends.Variants("linear_gelu", VARIANTS, {"forward": "FUSEFORMER_LINEAR_GELU_FWD",
                                                       "dgelu": "FUSEFORMER_LINEAR_GELU_DGELU",
                                                       "preact": "FUSEFORMER_LINEAR_GELU_PREACT",
-                                                      "gelu": "FUSEFORMER_LINEAR_GELU_MATH"})
+                                                      "gelu": "FUSEFORMER_LINEAR_GELU_MATH",
+                                                      "tanh": "FUSEFORMER_LINEAR_GELU_TANH"})
 # Choose linear_gelu's kernels: forward=, dgelu=, preact= (see the module docstring); returns
 # the previous settings. `variant(...)` does the same inside a block.
 set_variant = VARIANT.set
@@ -197,10 +208,20 @@ def _launch_tma_tuned(x2d, weight, bias, out, pre, dout, db_part, approximate, M
 _TMA_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _linear_gelu_tma.configs)
 
 
+def _tanh_epilogue(x2d, weight, bias, approximate, save_preact) -> bool:
+    """Does this forward take cuBLASLt's tanh GELU epilogue (VARIANT["tanh"])? CUDA only: on
+    the CPU torch._addmm_activation computes the erf GELU."""
+    return (approximate == "tanh" and not save_preact and bias is not None and x2d.is_cuda
+            and VARIANT["tanh"] == "cublaslt" and x2d.dtype in (torch.float16, torch.bfloat16)
+            and x2d.numel() > 0 and weight.shape[0] > 0)
+
+
 def forward(x2d, weight, bias, approximate, save_preact):
     M, K, sxm, sxk = _rows(x2d)
     N = weight.shape[0]
     shape = (*x2d.shape[:-1], N)  # out and pre come out in x's leading shape, contiguous
+    if _tanh_epilogue(x2d, weight, bias, approximate, save_preact):
+        return torch._addmm_activation(bias, x2d.reshape(M, K), weight.t(), use_gelu=True).view(shape), None
     out = new_output(shape, x2d.dtype, x2d.device)
     pre = new_output(shape, x2d.dtype, x2d.device) if save_preact else None
     if M == 0 or N == 0:

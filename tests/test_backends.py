@@ -108,15 +108,17 @@ def test_kernel_variant_settings_read_once_from_the_environment():
     case, spaces around), a bad value refused there naming the variable and the choices."""
     # importlib: the package's add_layer_norm and linear_gelu are the functions, not the modules.
     code = ("import importlib; m = lambda name: importlib.import_module('fuseformer.kernels.' + name); "
-            "print(m('add_layer_norm').VARIANT, m('linear_gelu').VARIANT['gelu'], m('attention').VARIANT, "
+            "print(m('add_layer_norm').VARIANT, m('linear_gelu').VARIANT['gelu'], m('linear_gelu').VARIANT['tanh'], "
+            "m('attention').VARIANT, "
             "m('cuda_backend').VARIANT)")
     res = _run_python(code, FUSEFORMER_ADD_LN_BWD=" Pipelined ", FUSEFORMER_LINEAR_GELU_MATH=" Exact",
+                      FUSEFORMER_LINEAR_GELU_TANH="Triton ",
                       FUSEFORMER_ATTENTION_KERNEL="HOPPER", FUSEFORMER_ATTENTION_DQ="atomic",
                       FUSEFORMER_HOPPER_DESCRIPTORS="host", FUSEFORMER_CUDA_ATTENTION="CuTe",
                       FUSEFORMER_CUDA_LINEAR_GELU=" cutlass")
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\n")[0] == (
-        "{'forward': 'row', 'backward': 'pipelined'} exact "
+        "{'forward': 'row', 'backward': 'pipelined'} exact triton "
         "{'kernel': 'hopper', 'dq': 'atomic', 'descriptors': 'host'} {'attention': 'cute', 'linear_gelu': 'cutlass'}")
     for variable, bad, good in (("FUSEFORMER_ADD_LN_BWD", "prefetch", "pipelined"),
                                 ("FUSEFORMER_ATTENTION_KERNEL", "sm90", "hopper"),

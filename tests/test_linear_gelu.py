@@ -304,7 +304,8 @@ def test_variant_setting_is_checked():
         lg.set_variant(forward="cutlass")
     with pytest.raises(ValueError, match="unknown setting"):
         lg.set_variant(backward="x")
-    assert lg.VARIANT == {"forward": "auto", "dgelu": "elementwise", "preact": "store", "gelu": "fast"}  # measured
+    assert lg.VARIANT == {"forward": "auto", "dgelu": "elementwise", "preact": "store", "gelu": "fast",
+                          "tanh": "cublaslt"}  # measured
 
 
 # ----------------------------------------------------------------------------- fast GELU maths
@@ -431,6 +432,49 @@ def test_bf16_variants_on_gpu(choice, approximate, launched, device):
         check_parity(*_make(300, 768, 1000, device), approximate, torch.bfloat16)
     if choice.get("forward") == "tma" and torch.cuda.get_device_capability()[0] >= 9:
         assert "_linear_gelu_tma" in launched
+
+
+def _inference_parity(x, w, b, approximate, dtype):
+    from fuseformer.kernels.parity import assert_parity
+
+    with torch.no_grad():
+        out = K.linear_gelu(x.to(dtype), w.to(dtype), b.to(dtype), approximate=approximate, backend="triton")
+        ref64 = reference.linear_gelu(x.double(), w.double(), b.double(), approximate=approximate)
+        torch_d = reference.linear_gelu(x.to(dtype), w.to(dtype), b.to(dtype), approximate=approximate)
+    assert out.dtype == dtype and out.shape == ref64.shape
+    assert_parity(out, ref64, torch_d, dtype)
+
+
+def test_tanh_inference_runs_our_kernel_off_the_gpu(launched, device):
+    """cuBLASLt's tanh epilogue (VARIANT["tanh"]) is a CUDA path: on the CPU torch's
+    _addmm_activation computes the erf GELU, so our kernel runs there whatever the setting."""
+    if device != "cpu":
+        pytest.skip("the CPU's side of the rule")
+    x, w, b = _make(5, 40, 24, device)
+    assert not lg._tanh_epilogue(x.half(), w.half(), b.half(), "tanh", False)
+    _inference_parity(x, w, b, "tanh", torch.float16)
+    assert launched and launched[0] in ("_linear_gelu_tma", "_linear_gelu_fwd")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_tanh_inference_takes_cublaslt_epilogue(launched, dtype, device):
+    """Inference with tanh GELU and a bias: cuBLASLt's GELU epilogue, no Triton kernel, within
+    the parity rule, also for a 3-D x; our kernel under tanh="triton", for erf, without a bias
+    and when autograd needs the pre-activation."""
+    x, w, b = _make(300, 768, 1000, device)
+    _inference_parity(x, w, b, "tanh", dtype)
+    _inference_parity(x.view(3, 100, 768), w, b, "tanh", dtype)
+    assert launched == []
+    with lg.variant(tanh="triton"):
+        _inference_parity(x, w, b, "tanh", dtype)
+    _inference_parity(x, w, b, "none", dtype)
+    assert len(launched) == 2
+    with torch.no_grad():
+        K.linear_gelu(x.to(dtype), w.to(dtype), approximate="tanh", backend="triton")
+    assert len(launched) == 3
+    check_parity(x, w, b, "tanh", dtype)
+    assert len(launched) > 4  # forward, dgelu
 
 
 def test_allocator_for_device_side_descriptors_is_set_where_missing_and_never_replaced(monkeypatch):
