@@ -30,11 +30,13 @@ Last, a BERT-base fp16 inference forward (--bert BxL, default 32x128, backend au
 by device time per forward, to say which of them the CUDA-graph target (2x HF + torch.compile)
 must shrink; and the same for a bf16 masked-LM training step (--bert-train BxL, default 32x128:
 the training target, 1.3x HF sdpa, stood at 0.76x on the H200 with host and kernels untold);
-and GPT-2 small's fp16 LM forward (--gpt2 BxL, default 8x512, the models suite's case).
+GPT-2 small's fp16 LM forward (--gpt2 BxL, default 8x512, the models suite's case); and its
+greedy generate per token against transformers' (--generate BxPROMPTxNEW, default 1x128x64).
 
     python -m fuseformer.bench.profile_calls [--M 16384] [--N 768] [--backends triton,cuda] [--bert 32x128]
                                              [--bert-train 32x128] [--linear-gelu 16384x768x3072]
                                              [--attention 16x16x1024x64] [--gpt2 8x512]
+                                             [--generate 1x128x64]
 """
 from __future__ import annotations
 
@@ -417,6 +419,54 @@ def profile_bert(B: int, L: int, iters: int, device: str = "cuda", config=None, 
         print(events.table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
 
 
+def profile_generate(B: int, prompt: int, new: int, iters: int, device: str = "cuda", config=None,
+                     backend: str = "auto") -> None:
+    """GPT-2 small's greedy generate (fp16, random weights, no padding, `new` tokens after a
+    `prompt`-token prompt, no early stop): wall ms per generated token for ours (one node per
+    block, and op by op) and transformers' sdpa model on the same weights, and how many of the
+    generated tokens agree with transformers' (fp16 greedy decoding may part ways at a near
+    tie; a sanity figure, not the parity rule). Each decoding step is host time: what the one
+    node per block (its KV-cache path) and the launch paths are worth there."""
+    import transformers
+
+    from fuseformer.models import GPT2LMHeadModel, fused_block
+
+    torch.manual_seed(0)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    config = config or transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.set_attn_implementation("sdpa")
+    ours = GPT2LMHeadModel.from_hf(hf, backend=backend).to(device=device, dtype=dtype).eval()
+    hf = hf.to(device=device, dtype=dtype)
+    ids = torch.randint(0, config.vocab_size, (B, prompt), device=device)
+    mask = torch.ones_like(ids)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    runs = {
+        "ours, one node per block": lambda: ours.generate(ids, new, attention_mask=mask, eos_token_id=[]),
+        "ours, op by op": lambda: ours.generate(ids, new, attention_mask=mask, eos_token_id=[]),
+        "transformers sdpa": lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                                 do_sample=False, pad_token_id=0),
+    }
+    label = f"[gpt2 generate B{B} prompt {prompt} +{new} {dtype}]"
+    outputs = {}
+    with torch.inference_mode():
+        for name, run in runs.items():
+            with fused_block.use(name != "ours, op by op"):
+                run()  # compiles, autotuning, allocator
+                sync()
+                best = float("inf")
+                for _ in range(iters):
+                    start = time.perf_counter()
+                    outputs[name] = run()
+                    sync()
+                    best = min(best, time.perf_counter() - start)
+            print(f"{label} {name}: {1e3 * best / new:.3f} ms per token (fastest of {iters})")
+    theirs = outputs["transformers sdpa"][:, prompt:]
+    for name in ("ours, one node per block", "ours, op by op"):
+        same = (outputs[name][:, prompt:] == theirs).float().mean().item()
+        print(f"{label} {name}: {100 * same:.1f}% of the generated tokens as transformers'")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fuseformer.bench.profile_calls", description=__doc__.split("\n\n")[0])
     p.add_argument("--M", type=int, default=16384)
@@ -427,6 +477,8 @@ def main(argv=None) -> int:
     p.add_argument("--bert-train", default="32x128",
                    help="BxL of the BERT-base bf16 masked-LM training step to profile ('' skips it)")
     p.add_argument("--gpt2", default="8x512", help="BxL of the GPT-2 fp16 LM forward to profile ('' skips it)")
+    p.add_argument("--generate", default="1x128x64",
+                   help="BxPROMPTxNEW of GPT-2 small's greedy generate to time per token ('' skips it)")
     p.add_argument("--linear-gelu", default="16384x768x3072",
                    help="MxKxN of the Linear+GELU forward+backward to profile ('' skips it)")
     p.add_argument("--attention", default="16x16x1024x64",
@@ -452,6 +504,8 @@ def main(argv=None) -> int:
         profile_bert(*dims(args.bert_train), iters=5, train=True)
     if args.gpt2:
         profile_bert(*dims(args.gpt2), iters=10, family="gpt2")
+    if args.generate:
+        profile_generate(*dims(args.generate), iters=3)
     return 0
 
 

@@ -32,3 +32,13 @@ def test_main_needs_a_gpu():
         pytest.skip("a CUDA device is here")
     with pytest.raises(SystemExit):
         profile_calls.main(["--bert", ""])
+
+
+def test_profile_generate_on_the_cpu(capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0)
+    profile_calls.profile_generate(2, 5, 3, iters=1, device="cpu", config=config, backend="torch")
+    out = capsys.readouterr().out
+    assert "ours, one node per block:" in out and "transformers sdpa:" in out
+    assert "% of the generated tokens as transformers'" in out
