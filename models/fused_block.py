@@ -23,8 +23,8 @@ the per-op path (fuseformer-fused-per-op).
 TransformerBlock (models/layers.py, `_fused_block_call`) decides per call whether its call can
 run here (our own module types, no hooks on them, every op resolving to a fused backend, no
 torch.compile, no autocast, a KV cache only in a pre-LN block's inference, not packed) and
-otherwise takes the per-op path, which
-computes the same. FUSEFORMER_FUSED_BLOCK=0 (read at import) or set_enabled(False) turns it off.
+otherwise takes the per-op path, which computes the same. FUSEFORMER_FUSED_BLOCK=0 (read at
+import) or set_enabled(False) turns it off.
 
 The launchers are the public ops' own (their launcher contracts, kernels/backends.py), so every
 kernel, variant and launch plan is the one the per-op path would use.

@@ -355,8 +355,8 @@ def _fused_block_call(block: TransformerBlock, x: torch.Tensor, residual: torch.
             # Whatever torch.cat would refuse, it refuses on the per-op path.
             B, T, C = x.shape
             shape = (B, attn.num_heads, None, C // attn.num_heads)
-            if (not isinstance(past_kv, (tuple, list)) or len(past_kv) != 2 or not same_floats(x, *past_kv)
-                    or any(t.dim() != 4 or (t.shape[0], t.shape[1], None, t.shape[3]) != shape for t in past_kv)
+            if (not isinstance(past_kv, (tuple, list)) or len(past_kv) != 2 or None in past_kv
+                    or not same_floats(x, *past_kv) or any(t.dim() != 4 or (t.shape[0], t.shape[1], None, t.shape[3]) != shape for t in past_kv)
                     or past_kv[0].shape[2] != past_kv[1].shape[2]):
                 return None
             past = past_kv[0].shape[2]
