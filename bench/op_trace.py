@@ -82,14 +82,14 @@ def record_backends() -> Iterator[dict[str, dict[str, int]]]:
 
     block_run = fused_block.run
 
-    def block(x, residual, mask4, params, cfg, names, grad):
+    def block(x, residual, mask4, params, cfg, names, *rest):
         # A block as one fused node (models/fused_block.py) calls no public op: its
         # plan names the backend of each of its ops (resolved as the public ops resolve them;
         # a block with an op on torch takes the per-op path, which the wrappers above see).
         for op, ran in zip(("attention", "add_layer_norm", "linear_gelu", "add_layer_norm"), names):
             counts = seen.setdefault(op, {})
             counts[ran] = counts.get(ran, 0) + 1
-        return block_run(x, residual, mask4, params, cfg, names, grad)
+        return block_run(x, residual, mask4, params, cfg, names, *rest)
 
     for name, fn in originals.items():
         setattr(K, name, traced(name, fn))

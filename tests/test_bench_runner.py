@@ -354,6 +354,22 @@ def test_op_trace_records_the_backend_each_op_ran(monkeypatch, device):
     assert op_trace.summary({"attention": {"triton": 3}}, fused=True) is None
 
 
+def test_op_trace_counts_the_ops_of_a_fused_block(device):
+    """A block run as one fused node (models/fused_block.py) calls no public op: the trace
+    counts its plan's backends, for every call the gate makes, a KV-cache step included (the
+    models suite's parity call runs under the trace)."""
+    from fuseformer.bench import op_trace
+    from fuseformer.models import GPT2Config, GPT2Model, fused_block
+
+    model = GPT2Model(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=16)).to(device).eval()
+    model.set_backend("triton")
+    ids = torch.randint(0, 50, (1, 5), device=device)
+    with torch.no_grad(), fused_block.use(True), op_trace.record_backends() as ran:
+        past = model(input_ids=ids[:, :4], use_cache=True).past_key_values
+        model(input_ids=ids[:, 4:], past_key_values=past, use_cache=True)
+    assert ran == {"attention": {"triton": 4}, "add_layer_norm": {"triton": 8 + 2}, "linear_gelu": {"triton": 4}}
+
+
 def test_missing_model_of_ours_is_an_error(roofline, monkeypatch):
     monkeypatch.setitem(model_cases.FAMILIES, ("bert", "infer"), ("BertModelThatDoesNotExist", "BertModel"))
     case = model_cases._case("bert", "infer", 2, 16, "cpu")
