@@ -330,7 +330,8 @@ bench)
     # that a slow ops run cannot starve the models (MODELS_TIMEOUT, OPS_TIMEOUT seconds).
     # --resume: a second call after a cut-off run continues where the first one stopped, when
     # that run's results.json travels back in .gpu/bench_<suite>/ (carry .gpu; same commit only).
-    for suite in models ops; do
+    # BENCH_SUITES picks the suites (default both; a follow-up call on a warm machine may run "ops" alone).
+    for suite in ${BENCH_SUITES:-models ops}; do
         mkdir -p "$OUT/bench_$suite"
         [ -f ".gpu/bench_$suite/results.json" ] && cp ".gpu/bench_$suite/results.json" "$OUT/bench_$suite/"
         if [ "$suite" = models ]; then
