@@ -355,7 +355,9 @@ def _fused_block_call(block: TransformerBlock, x: torch.Tensor, residual: torch.
             # Whatever torch.cat would refuse, it refuses on the per-op path.
             B, T, C = x.shape
             shape = (B, attn.num_heads, None, C // attn.num_heads)
-            if (not isinstance(past_kv, (tuple, list)) or len(past_kv) != 2 or None in past_kv
+            # `is None` each, not `None in past_kv`: that compares each tensor with None through
+            # Tensor.__eq__'s exception path, ~12 µs a tensor, every decoding step of every block.
+            if (not isinstance(past_kv, (tuple, list)) or len(past_kv) != 2 or past_kv[0] is None or past_kv[1] is None
                     or not same_floats(x, *past_kv) or any(t.dim() != 4 or (t.shape[0], t.shape[1], None, t.shape[3]) != shape for t in past_kv)
                     or past_kv[0].shape[2] != past_kv[1].shape[2]):
                 return None
