@@ -4,7 +4,8 @@
 # stages, in order:
 #
 #   bash bench/gpu_session.sh prewarm    # bench/prewarm.py in the background: the bench's compiles, in parallel
-#   bash bench/gpu_session.sh tests      # test_compile first (full tracebacks), the gpu-marked tests, the suite
+#   bash bench/gpu_session.sh tests      # the gpu-marked tests (while csrc/ builds), test_compile (full tracebacks),
+#                                        # the csrc/ ones, the suite
 #   bash bench/gpu_session.sh profile    # bench/profile_calls.py: where add+LN fwd+bwd's time goes, triton vs cuda;
 #                                        # the kernels of a BERT-base forward and bf16 MLM training
 #                                        # step by device time
@@ -46,6 +47,13 @@
 #   SESSION_SECONDS=585 COMPILE_TIMEOUT=60 GPU_TESTS_TIMEOUT=130 CSRC_TESTS_TIMEOUT=40 SUITE_TIMEOUT=0 \
 #     PREWARM_TIMEOUT=240 PROFILE_TIMEOUT=80 OVERHEAD_TIMEOUT=40 MODELS_TIMEOUT=140 OPS_TIMEOUT=600 BENCH_QUICK=1 \
 #     bash bench/gpu_session.sh prewarm tests profile overhead bench )
+# (H200, 2026-11-27 evening, bench/results/h200/session_timings.txt: `prewarm tests profile bench`
+# with COMPILE_TIMEOUT=45 GPU_TESTS_TIMEOUT=120 CSRC_TESTS_TIMEOUT=35 PROFILE_TIMEOUT=110
+# MODELS_TIMEOUT=150 ran in 558 s: builds 105 s and 182 s, prewarm 105 s and 204 s (699 kernels
+# still compiled there), the gpu-marked tests cut at 120 s (67 passed), test_compile waiting on
+# the build (now after it), profile 79 s, models cut at 154 s with 5 of 7 cases, the whole ops
+# suite (29 cases) in 90 s; a second call finished the models (BENCH_SUITES=models, the first
+# call's results.json carried in .gpu/bench_models/) in 70 s, warm.)
 #
 # Before a session, on the CPU machine, in a Python with triton 3.6 (the GPU machines' release),
 # and a Python 3.12 (theirs) with the same triton for Triton's C launcher modules:
@@ -89,6 +97,15 @@ triton_cache_report() {
         echo "compiled here, by kernel (torch.compile's own are named triton_*):"
         echo "$names" | grep . | sort | uniq -c | sort -rn
     } >"$OUT/triton_cache_compiled.txt"
+    # Their metadata (the kernel's name, constants and options, a few KB each): what a CPU
+    # machine needs to see why the carried archive missed them (1042 carried, 699 still
+    # compiled here on 2026-11-27).
+    local entry_dir
+    for entry in $new; do
+        for entry_dir in "$TRITON_CACHE_DIR/$entry"/*.json; do
+            [ -f "$entry_dir" ] && echo "$entry/$(basename "$entry_dir")"
+        done
+    done | tar czf "$OUT/triton_cache_compiled_meta.tar.gz" -C "$TRITON_CACHE_DIR" -T - 2>/dev/null
 }
 if [ -n "${OUT:-}" ]; then
     RESULT_DIR=$OUT
@@ -247,17 +264,18 @@ prewarm)
     ;;
 tests)
     cuda_build_start
-    # test_compile.py failed on the last GPU run with its traceback lost: full tracebacks,
-    # in a file of its own. It needs no csrc/, so it runs while that builds.
-    timed pytest-compile timeout -s INT -k 10 "$(box "${COMPILE_TIMEOUT:-120}")" python3 -m pytest tests/test_compile.py tests/test_eager_path.py -q -rfE -n 4 \
-        --tb=long >"$OUT/pytest_compile.txt" 2>&1
     # The gpu-marked tests of the Triton kernels and models (bf16, large shapes, graphs, no
-    # host sync) before those of csrc/, each group in its own box: the csrc/ group is ten times
-    # larger and must not starve the first.
+    # host sync) first, while csrc/ builds, and before those of csrc/, each group in its own
+    # box: the csrc/ group is ten times larger and must not starve the first.
     timed pytest-gpu timeout -s INT -k 10 "$(box "${GPU_TESTS_TIMEOUT:-200}")" python3 -m pytest -m gpu -q -rfE -n 4 --durations=10 \
         --ignore=tests/test_cuda_backend.py --ignore=tests/test_cuda_gemm.py --junitxml="$OUT/pytest_gpu.xml" \
         >"$OUT/pytest_gpu.txt" 2>&1
     cuda_build_wait
+    # test_compile.py failed on an earlier GPU run with its traceback lost: full tracebacks, in
+    # a file of its own. After the csrc/ build: on 2026-11-27 its four workers spent their
+    # whole 45 s box waiting on that build's lock, and no test ran.
+    timed pytest-compile timeout -s INT -k 10 "$(box "${COMPILE_TIMEOUT:-120}")" python3 -m pytest tests/test_compile.py tests/test_eager_path.py -q -rfE -n 4 \
+        --tb=long >"$OUT/pytest_compile.txt" 2>&1
     timed pytest-gpu-csrc timeout -s INT -k 10 "$(box "${CSRC_TESTS_TIMEOUT:-200}")" python3 -m pytest -m gpu -q -rfE -n 8 --durations=10 \
         tests/test_cuda_backend.py tests/test_cuda_gemm.py --junitxml="$OUT/pytest_gpu_csrc.xml" \
         >"$OUT/pytest_gpu_csrc.txt" 2>&1

@@ -182,9 +182,38 @@ def profile_add_layer_norm(M: int, N: int, backends: list[str], iters: int) -> N
                 print(f"[{backend}]{label} bwd launcher, another thread: host "
                       f"{_thread_host_us(bwd_direct, iters):.1f} us/call")
         events = _profiled(fwd_bwd)
-        device_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 10
+        device_us = sum(e.self_device_time_total for e in _device_events(events)) / 10
         print(f"[{backend}] kernels' device time per fwd+bwd (profiler): {device_us:.1f} us")
         print(events.table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=60))
+
+
+def _print_cprofile(title: str, fn, calls: int, sync, rows: int = 22, sort: str = "tottime") -> None:
+    """cProfile of `calls` calls of fn (synchronised after): the top `rows` Python functions by
+    `sort` (pstats' keys: "tottime", own time; "cumulative", with their callees')."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    sync()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats(sort).print_stats(rows)
+    print(f"{title} (cProfile, by {sort}):")
+    print("\n".join(line for line in out.getvalue().splitlines() if line.strip()))
+
+
+def _device_events(events) -> list:
+    """The profiler's device-side events (kernels, copies, memsets) with device time. The CPU
+    ops that launched them (aten::addmm, our autograd Functions) carry the same self device
+    time in torch 2.11's profiler: summing every event counted each kernel twice (the H200 run
+    of 2026-11-27 printed 152 us for add+LN's forward+backward, whose CUDA graph took 78)."""
+    from torch.autograd import DeviceType
+
+    return [e for e in events if e.device_type != DeviceType.CPU and e.self_device_time_total > 0]
 
 
 def profile_linear_gelu(M: int, K_in: int, N: int, backends: list[str], iters: int) -> None:
@@ -302,9 +331,6 @@ def profile_attention_descriptors(B: int, H: int, L: int, D: int, iters: int) ->
     then, for the host-descriptor causal forward, the Python functions by cumulative time
     (cProfile) and torch.profiler's CPU-side table (driver calls such as
     cuTensorMapEncodeTiled or cuLaunchKernelEx, and any synchronisation)."""
-    import cProfile
-    import pstats
-
     from fuseformer import kernels as K
     from fuseformer.kernels import attention as A
 
@@ -332,14 +358,8 @@ def profile_attention_descriptors(B: int, H: int, L: int, D: int, iters: int) ->
 
         causal_fwd()
         torch.cuda.synchronize()
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(iters):
-            causal_fwd()
-        profiler.disable()
-        torch.cuda.synchronize()
-        print(f"[attention host descriptors, causal fwd] Python functions over {iters} calls (cProfile, cumulative):")
-        pstats.Stats(profiler).sort_stats("cumulative").print_stats(18)
+        _print_cprofile(f"[attention host descriptors, causal fwd] Python functions over {iters} calls", causal_fwd,
+                        iters, torch.cuda.synchronize, rows=18, sort="cumulative")
         print(_profiled(causal_fwd).table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60))
 
 
@@ -404,12 +424,15 @@ def profile_bert(B: int, L: int, iters: int, device: str = "cuda", config=None, 
                       f"(events, median); host {_forward_host_us(step, 5):.0f} us until it returns (fastest "
                       f"of 5); {_host_us(step, iters):.0f} us per forward queued back to back")
             model.set_backend(backend)
+            # Where that host time goes, by Python function (the CPU machine's offline driver
+            # stubs the launches and GEMMs: only this shows the GPU machine's own costs).
+            _print_cprofile(f"{label} backend {backend}, host by function over 3 forwards", step, 3, sync)
         with profile(activities=activities) as prof:
             for _ in range(iters):
                 step()
             sync()
     events = prof.key_averages()
-    kernels = [e for e in events if getattr(e, "self_device_time_total", 0.0) > 0]
+    kernels = _device_events(events)
     total = sum(e.self_device_time_total for e in kernels) / iters
     print(f"{label} device time per forward: {total:.1f} us over {len(kernels)} kernels")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:25 if train else 20]:

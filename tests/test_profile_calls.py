@@ -42,3 +42,13 @@ def test_profile_generate_on_the_cpu(capsys):
     out = capsys.readouterr().out
     assert "ours, one node per block:" in out and "transformers sdpa:" in out
     assert "% of the generated tokens as transformers'" in out
+
+
+def test_print_cprofile_names_the_functions_it_timed(capsys):
+    def work():
+        return torch.arange(10).sum()
+
+    profile_calls._print_cprofile("[probe]", work, 3, lambda: None, rows=5)
+    out = capsys.readouterr().out
+    assert out.startswith("[probe] (cProfile, by tottime):")
+    assert "work" in out and "3 " in out.split("work")[0].splitlines()[-1]  # its row: called 3 times
