@@ -95,9 +95,10 @@ def _hopper_impl(call, varlen: bool = False, descriptors: str = "auto", dq: str 
     times them side by side. A case the
     Hopper kernel does not take (it would run the portable kernel) is refused, never timed
     under this name. descriptors: where the TMA descriptors are made
-    (attention_hopper.DESCRIPTOR_PLACES): "auto", the default, is fuseformer-triton-hopper;
-    "host" and "device" are timed as their own implementations, fuseformer-triton-hopper-host
-    and -hopper-device (the default until the H200 run of 2026-11-27). dq: how the backward
+    (attention_hopper.DESCRIPTOR_PLACES): "auto", the default (host descriptors), is
+    fuseformer-triton-hopper; "device" is timed as fuseformer-triton-hopper-device (the
+    default until the H200 runs of 2026-11-27; the host ones were timed as -hopper-host until
+    they became the default for the backward too). dq: how the backward
     makes dQ (attention.VARIANTS);
     "atomic" is fuseformer-triton-hopper-atomic-dq, for cases with a backward. The variant is
     held over the whole timed step (Impl.context): the backward reads it when autograd runs
@@ -124,8 +125,8 @@ def _hopper_impl(call, varlen: bool = False, descriptors: str = "auto", dq: str 
         return Impl("fuseformer-triton-hopper-atomic-dq", fn, kind=OURS, available=_hopper_unavailable,
                     timed_on_cpu=False, context=context,
                     note="the Hopper kernels, dQ summed by the dK/dV pass in fp32 atomics")
-    if descriptors in ("host", "device"):
-        return Impl(f"fuseformer-triton-hopper-{descriptors}", fn, kind=OURS, available=_hopper_unavailable,
+    if descriptors == "device":
+        return Impl("fuseformer-triton-hopper-device", fn, kind=OURS, available=_hopper_unavailable,
                     timed_on_cpu=False, context=context,
                     note=f"the Hopper kernels, every TMA descriptor made on the {descriptors}")
     return Impl("fuseformer-triton-hopper", fn, kind=OURS, available=_hopper_unavailable, timed_on_cpu=False,
@@ -333,7 +334,7 @@ def attention_case(name, *, B, H, L, D, Hk=None, Lk=None, causal=False, pad=0.0,
     impls = _ours(device_type, ours)
     if device_type == "cuda":
         impls += [_cuda_cute_impl(ours, D), _cuda_wmma_impl(ours), _hopper_impl(ours),
-                  _hopper_impl(ours, descriptors="host"), _hopper_impl(ours, descriptors="device"),
+                  _hopper_impl(ours, descriptors="device"),
                   _portable_impl(ours)]
         if grad:
             impls += [_atomic_dq_impl(ours), _hopper_impl(ours, dq="atomic")]

@@ -79,9 +79,12 @@ def set_autotune(enabled: bool) -> None:
 #     descriptors' host time, attention_hopper.DESCRIPTOR_PLACES, decides the eager call), the
 #     BERT key-padding case (0.201 against 0.088). The H100 run of 2026-11-26 had set the
 #     first rule (keys >= 4096; head dim 128 without causal from 1024 keys) with device
-#     descriptors. The backward: forward+backward on the Hopper kernels with device
-#     descriptors was 1.00x/1.03x the portable one on the H200 (non-causal/causal d64 L2048),
-#     with host descriptors eagerly 1.16x/0.70x: the portable backward stays.
+#     descriptors. The backward: the Hopper one (host descriptors) for head dim 64 without
+#     causal from 2048 keys, the portable one elsewhere. Forward+backward at d64 L2048 on the
+#     H200, eager ms, the Hopper backward against the portable one after the same forward:
+#     1.347 against 1.536 (the run of a3eeca9, 2026-11-27 evening; 1.354 against 1.573 in the
+#     morning's); causal 1.057 against 0.951 (eagerly slower; in a CUDA graph 0.807 against
+#     0.949). Not measured: head dim 128, causal beyond 2048 keys.
 #     "portable": attention_kernels.py, every GPU.
 #     "hopper": attention_hopper*.py (TMA, wgmma), forward and backward; used only on
 #     capability (9, 0), for the cases _hopper_reason accepts.
@@ -97,8 +100,8 @@ def set_autotune(enabled: bool) -> None:
 #     run measures it (`fuseformer bench` times fuseformer-triton-atomic-dq and
 #     -hopper-atomic-dq).
 # descriptors (FUSEFORMER_HOPPER_DESCRIPTORS): where the Hopper kernels make their TMA
-#     descriptors, "auto" (the forward's on the host, the backward's on the device), "device"
-#     or "host" (attention_hopper.DESCRIPTOR_PLACES says why).
+#     descriptors, "auto" (on the host, as "host"; packed varlen sequences on the device),
+#     "device" or "host" (attention_hopper.DESCRIPTOR_PLACES says why).
 VARIANTS = {"kernel": ("auto", "portable", "hopper"), "dq": ("pass", "atomic"),
             "descriptors": _hopper.DESCRIPTOR_PLACES}
 # Read once from the environment; the launchers read this dict per call.
@@ -153,11 +156,15 @@ def _hopper_forward_measured_faster(head_dim: int, lk: int, is_causal: bool) -> 
     return head_dim == 64 and not is_causal and lk >= 2048
 
 
-def _host_descriptors(forward: bool, varlen: bool) -> bool:
-    """Do the Hopper kernels of this pass (the forward, or the backward's) take host
-    descriptors (attention_hopper.DESCRIPTOR_PLACES)? Never for packed varlen sequences."""
-    place = VARIANT["descriptors"]
-    return not varlen and (place == "host" or (place == "auto" and forward))
+def _hopper_backward_measured_faster(head_dim: int, lk: int, is_causal: bool) -> bool:
+    """Where kernel="auto" takes the Hopper backward (see VARIANTS)."""
+    return head_dim == 64 and not is_causal and lk >= 2048
+
+
+def _host_descriptors(varlen: bool) -> bool:
+    """Do the Hopper kernels take host descriptors (attention_hopper.DESCRIPTOR_PLACES)? Never
+    for packed varlen sequences."""
+    return not varlen and VARIANT["descriptors"] != "device"
 
 
 
@@ -296,7 +303,7 @@ def _launch_fwd_hopper(q, k, v, out, lse, mask, is_causal, scale, nbatch, lq, lk
     bucket = _bucket(lq, lk, nbatch * H)
     lse_s = lse.stride()
     descs = None
-    if _host_descriptors(True, varlen):
+    if _host_descriptors(varlen):
         descs = _hopper.host_descriptors((q, k, v, out), flags["BLOCK_D"])
     args = (
         *(descs or (q, k, v, out)), lse, m, cu_q if varlen else lse, cu_k if varlen else lse,
@@ -331,7 +338,9 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
                           H, lq,
                           HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], VARLEN=varlen, BLOCK_M=64,
                       ))
-    if (VARIANT["kernel"] == "hopper" and flags["BLOCK_D"] <= _hopper_bwd.MAX_BLOCK_D
+    kernel = VARIANT["kernel"]
+    hopper = kernel == "hopper" or (kernel == "auto" and _hopper_backward_measured_faster(q.shape[-1], lk, is_causal))
+    if (hopper and flags["BLOCK_D"] <= _hopper_bwd.MAX_BLOCK_D
             and _hopper_reason(q, k, v, dout, mask, dropout_p, dq, dk, dv) is None):
         _launch_bwd_hopper(dout, q, k, v, lse, delta, dq, dk, dv, mask, is_causal, scale, nbatch, lq, lk,
                            cu_q_arg, cu_k_arg, lse_s, flags, varlen, plan)
@@ -401,7 +410,7 @@ def _launch_bwd_hopper(dout, q, k, v, lse, delta, dq, dk, dv, mask, is_causal, s
             _, ms, kind, is_float = _mask_args(mask, q)
             bucket = _bucket(lq, lk, nbatch * H)
             descs = None
-            if _host_descriptors(False, varlen):
+            if _host_descriptors(varlen):
                 descs = _hopper.host_descriptors((q, k, v, dout, dk, dv) if atomic else (q, k, v, dout, dk, dv, dq),
                                                  flags["BLOCK_D"])
             # The tensors as the kernels take them: host descriptors, or the tensors themselves.

@@ -382,22 +382,20 @@ def unsupported_reason(q, k, v, out, mask_kind: str, dropout_p: float, *more) ->
 
 
 # Where the Hopper kernels' tensor descriptors are made (forward, and both backward passes):
-# "auto" (the default since the H200 run of 2026-11-27): "host" for the forward, "device" for
-#     the backward passes, by that run's measurements (bench/results/h200/):
+# "auto" (the default): on the host, as "host", by the H200 runs of 2026-11-27
+#     (bench/results/h200/ and its 2026-11-27-5e53e2b/):
 #     - forward: host descriptors were faster on the device in 12 of 15 cases (CUDA-graph
 #       geomean 1.15x over device ones; d128 L4096 0.491 against 0.512 ms, GQA d128 causal L2048
 #       0.308 against 0.365), and eagerly in every case where kernel="auto" takes the Hopper
 #       forward (0.615 against 0.651 ms at d64 L4096);
-#     - backward: faster on the device (graph 1.340 against 1.586 ms at d64 L2048, 0.8125
-#       against 0.922 causal), but eagerly the causal step lost (1.374 against 0.925 ms).
-#       With host descriptors eager times exceeded graph times by up to 0.56 ms (up to 0.24 ms
-#       in forwards at 512-2048 keys), with device ones by under 0.01 ms: host time, far more
-#       than this CPU measures for the same Python path, not understood yet. (That run sent
-#       host-descriptor launches through Triton's JITFunction.run: ~50 µs a forward here,
-#       ~153 a forward+backward. The fast launch and its plans take them since, making new
-#       descriptors per call (launch.DescriptorBound): ~18 and ~56 µs here, against ~13 and
-#       ~38 with device descriptors; bench/profile_calls.py times both on the next GPU.)
-#       The backward, whose eager step showed it, keeps device descriptors until it is.
+#     - backward: faster on the device in both runs (graph 1.357 against 1.549 ms at d64
+#       L2048, 0.807 against 0.891 causal, in the evening's). The morning's run sent
+#       host-descriptor launches through Triton's JITFunction.run and its eager causal step
+#       lost (1.374 against 0.925 ms), so the backward kept device descriptors; since then the
+#       fast launch and its plans take them (launch.DescriptorBound: new descriptors per call,
+#       ~56 µs a forward+backward of host time on this project's CPU against ~38 with device
+#       ones), and eagerly the evening's run measured 1.347 against 1.552 ms (non-causal) and
+#       1.057 against 1.023 (causal).
 # "device": every program writes its own into global scratch (tl.make_tensor_descriptor) and
 #     fences them for the TMA unit (4 fence.proxy.tensormap per forward program, 6 per dK/dV and
 #     5 per dQ program in the sm_90a PTX) before using them. Packed varlen sequences, whose
@@ -405,8 +403,8 @@ def unsupported_reason(q, k, v, out, mask_kind: str, dropout_p: float, *more) ->
 # "host": one 4-D (B, H, L, D) TensorDescriptor per tensor per call (~5 µs of host time for the
 #     forward's four on this project's CPU), passed as kernel parameters, so a program's first
 #     instruction can be its Q load: FlashAttention-3's and the Triton tutorial's way.
-# The setting is attention.VARIANT["descriptors"]; the bench times all three
-# (fuseformer-triton-hopper, -hopper-device, -hopper-host).
+# The setting is attention.VARIANT["descriptors"]; the bench times the default
+# (fuseformer-triton-hopper) and device descriptors (-hopper-device).
 DESCRIPTOR_PLACES = ("auto", "device", "host")  # [0] is the default
 
 

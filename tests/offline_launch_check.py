@@ -120,7 +120,7 @@ CASES = {
     "attention_portable_atomic_dq": lambda: case_attention("portable", dq="atomic"),
     "attention_hopper": lambda: case_attention("hopper"),
     "attention_hopper_host": lambda: case_attention("hopper", descriptors="host"),
-    # The default place: the forward's descriptors on the host, the backward's on the device.
+    # The default place: every descriptor on the host (as "host"), varlen's on the device.
     "attention_hopper_auto_descriptors": lambda: case_attention("hopper", descriptors="auto"),
     "attention_hopper_atomic_dq": lambda: case_attention("hopper", dq="atomic"),
     # FUSEFORMER_AUTOTUNE=0 (GPU CI): the default configs, no autotuner.

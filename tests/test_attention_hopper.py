@@ -182,8 +182,9 @@ def test_switch(launches, monkeypatch):
 def test_auto_takes_the_hopper_forward_only_where_it_was_measured_faster(launches, monkeypatch):
     """"auto" (the default): the Hopper forward from 4096 keys, from 1024 at head dim 128
     without causal and 2048 with it, from 2048 at head dim 64 without causal (the H200's faster
-    cases); the portable kernel elsewhere and for every backward. The rule is checked as
-    written, then the routing through it on small shapes."""
+    cases); the portable kernel elsewhere, and for the backward where its own rule says so
+    (test_auto_takes_the_hopper_backward_only_where_it_was_measured_faster). The rule is
+    checked as written, then the routing through it on small shapes."""
     assert A.VARIANTS["kernel"][0] == "auto"
     rule = A._hopper_forward_measured_faster
     assert rule(64, 4096, False) and rule(64, 4096, True) and rule(128, 1024, False) and rule(128, 2048, True)
@@ -201,11 +202,32 @@ def test_auto_takes_the_hopper_forward_only_where_it_was_measured_faster(launche
     assert len(launches) == 1 and backward_launches == []  # the Hopper forward, the portable backward
 
 
+def test_auto_takes_the_hopper_backward_only_where_it_was_measured_faster(launches, monkeypatch):
+    """"auto": the Hopper backward at head dim 64 without causal from 2048 keys (1.347 against
+    1.536 ms eagerly on the H200 at L2048), the portable one elsewhere (causal L2048: 1.057
+    against 0.951; head dim 128 and longer causal spans unmeasured). The rule as written, then
+    the routing through it, with parity, on a small shape."""
+    rule = A._hopper_backward_measured_faster
+    assert rule(64, 2048, False) and rule(64, 16384, False)
+    assert not rule(64, 2048, True) and not rule(64, 1024, False) and not rule(128, 4096, False)
+    assert not rule(80, 4096, False)
+    monkeypatch.setitem(A.VARIANT, "kernel", "auto")
+    monkeypatch.setitem(A.VARIANT, "dq", "pass")
+    q, k, v = _qkv(1, 2, 20, 24, 64)
+    check_sdpa(q, k, v, dtype=torch.float16)
+    assert launches == [] and backward_launches == []  # 24 keys: portable both ways
+    monkeypatch.setattr(A, "_hopper_backward_measured_faster", lambda head_dim, lk, is_causal: True)
+    backward_passes.clear()
+    check_sdpa(q, k, v, dtype=torch.float16)
+    assert launches == [] and backward_passes == ["dkdv", "dq"]  # the portable forward, the Hopper backward
+    assert [kw["HOST_DESC"] for kw in backward_launches] == [A.VARIANT["descriptors"] != "device"]
+
+
 @pytest.mark.parametrize("varlen", [False, True])
-def test_auto_descriptors_split_by_pass(varlen, launches, monkeypatch):
-    """descriptors="auto" (the default): the forward's on the host, both backward passes' on
-    the device (attention_hopper.DESCRIPTOR_PLACES says why); packed varlen sequences keep
-    device descriptors in the forward too. Parity on the way."""
+def test_auto_descriptors_are_made_on_the_host_but_for_varlen(varlen, launches, monkeypatch):
+    """descriptors="auto" (the default): the forward's and both backward passes' on the host
+    (attention_hopper.DESCRIPTOR_PLACES says why); packed varlen sequences keep device
+    descriptors. Parity on the way."""
     assert HK.DESCRIPTOR_PLACES[0] == "auto"
     monkeypatch.setitem(A.VARIANT, "descriptors", "auto")
     monkeypatch.setitem(A.VARIANT, "dq", "pass")
@@ -219,7 +241,7 @@ def test_auto_descriptors_split_by_pass(varlen, launches, monkeypatch):
         q, k, v = _qkv(2, 2, 33, 40, 64)
         check_sdpa(q, k, v, causal=True, dtype=torch.float16)
     assert [kw["HOST_DESC"] for kw in launches] == [not varlen]
-    assert [kw["HOST_DESC"] for kw in backward_launches] == [False] and backward_passes == ["dkdv", "dq"]
+    assert [kw["HOST_DESC"] for kw in backward_launches] == [not varlen] and backward_passes == ["dkdv", "dq"]
 
 
 def test_head_dim_above_128_runs_the_portable_backward(launches):
@@ -278,7 +300,7 @@ def test_gpu_bf16_autotuned(launches, monkeypatch, D, causal, mask):
 
 
 def test_bench_peer_runs_the_hopper_kernel_or_refuses(launches, monkeypatch):
-    """`fuseformer bench`'s fuseformer-triton-hopper (and its -host and -atomic-dq variants): the
+    """`fuseformer bench`'s fuseformer-triton-hopper (and its -device and -atomic-dq variants): the
     Hopper kernels, forward and backward, inside the step the bench times (Impl.context wraps
     both: the backward reads the switches when autograd runs it, after the forward returned),
     every switch restored after; a refusal, not a portable-kernel timing, for a case it does
@@ -303,30 +325,28 @@ def test_bench_peer_runs_the_hopper_kernel_or_refuses(launches, monkeypatch):
     inputs = {"q": q, "k": k, "v": v, "mask": None}
     before = dict(A.VARIANT)
     # (implementation, the forward's and the backward's HOST_DESC, atomic dQ)
-    for impl, host, host_bwd, atomic in ((ops._hopper_impl(call), True, False, False),
-                                         (ops._hopper_impl(call, descriptors="host"), True, True, False),
+    for impl, host, host_bwd, atomic in ((ops._hopper_impl(call), True, True, False),
                                          (ops._hopper_impl(call, descriptors="device"), False, False, False),
-                                         (ops._hopper_impl(call, dq="atomic"), True, False, True)):
+                                         (ops._hopper_impl(call, dq="atomic"), True, True, True)):
         step(impl, inputs)
         assert launches[-1]["HOST_DESC"] == host and backward_launches[-1]["HOST_DESC"] == host_bwd, impl.name
         assert backward_launches[-1]["ATOMIC_DQ"] == atomic, impl.name
         assert A.VARIANT == before, impl.name  # restored after the step
-    assert len(launches) == len(backward_launches) == 4
-    assert [i.name for i in (ops._hopper_impl(call), ops._hopper_impl(call, descriptors="host"),
-                             ops._hopper_impl(call, descriptors="device"), ops._hopper_impl(call, dq="atomic"))] == [
-        "fuseformer-triton-hopper", "fuseformer-triton-hopper-host", "fuseformer-triton-hopper-device",
-        "fuseformer-triton-hopper-atomic-dq"]
+    assert len(launches) == len(backward_launches) == 3
+    assert [i.name for i in (ops._hopper_impl(call), ops._hopper_impl(call, descriptors="device"),
+                             ops._hopper_impl(call, dq="atomic"))] == [
+        "fuseformer-triton-hopper", "fuseformer-triton-hopper-device", "fuseformer-triton-hopper-atomic-dq"]
     # fuseformer-triton-portable: the portable kernels forward and backward, whatever the switch.
     monkeypatch.setitem(A.VARIANT, "kernel", "hopper")
     step(ops._portable_impl(call), inputs)
-    assert len(launches) == len(backward_launches) == 4 and A.VARIANT["kernel"] == "hopper"
+    assert len(launches) == len(backward_launches) == 3 and A.VARIANT["kernel"] == "hopper"
     monkeypatch.setitem(A.VARIANT, "kernel", "portable")
     with pytest.raises(Refused, match="does not take this case: dtype torch.float32"):
         step(ops._hopper_impl(call), {"q": q.float(), "k": k.float(), "v": v.float(), "mask": None})
     wide = [torch.randn(1, 2, 20, 80, dtype=torch.float16, requires_grad=True) for _ in range(3)]
     with pytest.raises(Refused, match="atomic dQ is for head dims up to 64 in the hopper kernels"):
         step(ops._hopper_impl(call, dq="atomic"), {"q": wide[0], "k": wide[1], "v": wide[2], "mask": None})
-    assert len(launches) == 4
+    assert len(launches) == 3
 
 
 def test_atomic_dq_is_for_head_dims_up_to_64(monkeypatch):
