@@ -68,18 +68,20 @@ def set_autotune(enabled: bool) -> None:
 # pass the same parity tests). The first of each is the default.
 # kernel (FUSEFORMER_ATTENTION_KERNEL): the triton backend's kernels on a Hopper GPU:
 #     "auto": the Hopper forward (with its default descriptors, host ones) where the GPU runs
-#     measured it faster than the portable one, eagerly, and the portable one elsewhere and for
-#     every backward. H200, 2026-11-27 (bench/results/h200/, bf16, eager ms, Hopper with host
-#     descriptors against portable): keys >= 4096 (d64 0.615 against 0.690, causal 0.358
+#     measured it faster than the portable one, eagerly, and the portable one elsewhere.
+#     H200, 2026-11-27 (bench/results/h200/2026-11-27-5e53e2b/, bf16, eager ms, Hopper with
+#     host descriptors against portable): keys >= 4096 (d64 0.615 against 0.690, causal 0.358
 #     against 0.408, d128 0.495 against 0.589, L16384 2.353 against 2.625); head dim 128 from
 #     1024 keys without causal (0.156 against 0.186) and from 2048 with it (GQA 32/8: 0.312
-#     against 0.387); head dim 64 from 2048 keys without causal (0.323 against 0.345). Not:
-#     d64 at 512-1024 keys, causal d64 below 4096 (0.333 against 0.220 at 2048: on the device
-#     the Hopper forward is faster there too, 0.194 against 0.218 in a graph, but its host
-#     descriptors' host time, attention_hopper.DESCRIPTOR_PLACES, decides the eager call), the
-#     BERT key-padding case (0.201 against 0.088). The H100 run of 2026-11-26 had set the
-#     first rule (keys >= 4096; head dim 128 without causal from 1024 keys) with device
-#     descriptors. The backward: the Hopper one (host descriptors) for head dim 64 without
+#     against 0.387). Head dim 64 from 1024 keys, causal or not, by the evening's run
+#     (bench/results/h200/, a3eeca9, where the fast launch's plans took host descriptors):
+#     0.179 against 0.191 at 1024 keys, 0.320 against 0.346 at 2048, causal 0.122 against
+#     0.132 and 0.198 against 0.221 (the morning's run, through Triton's own launch path for
+#     host descriptors, had the causal ones the other way round, 0.333 against 0.220 at 2048).
+#     Not: 512 keys (0.122 against 0.113; 0.104 against 0.109 in a CUDA graph: host time
+#     decides), the BERT key-padding case (0.121 against 0.091). The H100 run of 2026-11-26
+#     had set the first rule (keys >= 4096; head dim 128 without causal from 1024 keys) with
+#     device descriptors. The backward: the Hopper one (host descriptors) for head dim 64 without
 #     causal from 2048 keys, the portable one elsewhere. Forward+backward at d64 L2048 on the
 #     H200, eager ms, the Hopper backward against the portable one after the same forward:
 #     1.347 against 1.536 (the run of a3eeca9, 2026-11-27 evening; 1.354 against 1.573 in the
@@ -153,7 +155,7 @@ def _hopper_forward_measured_faster(head_dim: int, lk: int, is_causal: bool) -> 
         return True
     if head_dim == 128:
         return lk >= (2048 if is_causal else 1024)
-    return head_dim == 64 and not is_causal and lk >= 2048
+    return head_dim == 64 and lk >= 1024
 
 
 def _hopper_backward_measured_faster(head_dim: int, lk: int, is_causal: bool) -> bool:
