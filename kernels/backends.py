@@ -70,8 +70,9 @@ class Impl:
 
 
 _IMPLS: dict[tuple[str, str], Impl] = {}
-# (op, device, requested name or None, backend in force, case items) -> backend name.
-_plans: dict[tuple, str] = {}
+# (op, device, requested name or None, backend in force, case items) -> backend name; and
+# memo's (key, backend in force) -> its caller's answer.
+_plans: dict[tuple, object] = {}
 
 
 def register_impl(op: str, backend: str, impl: Impl) -> None:
@@ -280,6 +281,18 @@ def resolve(op: str, device: torch.device, requested: str | None = None, **case)
     if name is None:
         name = _plans[key] = _decide(op, device, requested, case)
     return name
+
+
+def memo(key: tuple, decide):
+    """decide() for this key under the backend in force, cached beside resolve's decisions (and
+    forgotten with them by clear_plans): for callers that derive one answer from several
+    resolve calls (models/fused_block.py's plan). An exception from decide() is not cached."""
+    key = (key, _scoped[-1] if _scoped else _default)
+    try:
+        return _plans[key]
+    except KeyError:
+        value = _plans[key] = decide()
+        return value
 
 
 def clear_plans() -> None:

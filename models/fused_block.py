@@ -77,6 +77,20 @@ def plan(x, mask, is_causal, heads, attn_p, p1, p2, intermediate, approximate, b
     cache."""
     B, T, C = x.shape
     S = T if keys is None else keys
+    # Decided once per key (backends.memo, forgotten with resolve's own decisions): the mask
+    # enters by what its kind and broadcast derive from, never by its values.
+    key = ("fused_block", x.shape, x.dtype, x.device, None if mask is None else (mask.shape, mask.dtype, mask.stride()),
+           is_causal, heads, attn_p, p1, p2, intermediate, approximate, backend, grad, S)
+    names = backends.memo(key, lambda: _names(x, mask, is_causal, heads, attn_p, p1, p2, intermediate, approximate,
+                                              backend, grad, S))
+    if names is None:
+        return None
+    return (None if mask is None else mask.expand(B, heads, T, S)), names
+
+
+def _names(x, mask, is_causal, heads, attn_p, p1, p2, intermediate, approximate, backend, grad, S):
+    """plan()'s backend names, or None."""
+    B, T, C = x.shape
     if mask is not None and not _attn._broadcasts(mask.shape, (B, heads, T, S)):
         return None
     mask4 = None if mask is None else mask.expand(B, heads, T, S)
@@ -91,7 +105,7 @@ def plan(x, mask, is_causal, heads, attn_p, p1, p2, intermediate, approximate, b
                           approximate=approximate, requires_grad=grad)
     if "torch" in (na, n1, n2, nl):
         return None
-    return mask4, (na, n1, nl, n2)
+    return na, n1, nl, n2
 
 
 def run(x, residual, mask4, params, cfg, names, grad, past_kv=None, use_cache=False):

@@ -276,10 +276,6 @@ class TransformerBlock(nn.Module):
         return (y, residual, kv) if use_cache else (y, residual)
 
 
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
-
 _GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks,
                  nn.modules.module._global_backward_hooks, nn.modules.module._global_backward_pre_hooks)
 
@@ -315,8 +311,11 @@ def _fused_block_call(block: TransformerBlock, x: torch.Tensor, residual: torch.
     fc, fc2 = ffn._modules["fc"], ffn._modules["proj"]
     # Exact types: a subclass (LoRA, a parametrized weight) computes something else.
     if (type(qkv) is not nn.Linear or type(proj) is not nn.Linear or type(fc) is not nn.Linear
-            or type(fc2) is not nn.Linear or any(_hooked(m) for m in (attn, qkv, proj, n1, ffn, fc, fc2, n2))):
+            or type(fc2) is not nn.Linear):
         return None
+    for m in (attn, qkv, proj, n1, ffn, fc, fc2, n2):  # a loop, not any(genexpr): ~1 µs less a block
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return None
     backend = attn._backend
     if n1._backend != backend or ffn._backend != backend or n2._backend != backend or attn.uses_torch(x):
         return None

@@ -178,6 +178,38 @@ def test_the_torch_backend_never_takes_the_block():
     assert _last_node(model, ids, mask) == "NativeLayerNormBackward0"
 
 
+def test_the_plan_is_decided_once_per_key_and_follows_the_backend_in_force(monkeypatch):
+    """fused_block.plan decides its backends once per key (backends.memo): a repeated call
+    resolves nothing, a mask of another layout or a scoped backend change is a new key, and
+    clear_plans forgets it. The mask expanded per call is the call's own mask, not a cached one."""
+    from fuseformer.kernels import backends
+
+    backends.clear_plans()
+    x = torch.randn(2, 5, 32, device=DEVICE)
+    calls = []
+    resolve = backends.resolve
+    monkeypatch.setattr(backends, "resolve", lambda *a, **k: calls.append(a[0]) or resolve(*a, **k))
+    row = torch.ones(2, 1, 1, 5, dtype=torch.bool, device=DEVICE)
+
+    def plan(mask, backend="triton"):
+        return fused_block.plan(x, mask, False, 2, 0.0, 0.0, 0.0, 72, "none", backend, False)
+
+    mask4, names = plan(row)
+    assert names == ("triton",) * 4 and len(calls) == 3  # attention, add+LN (both), Linear+GELU
+    other = row.clone()
+    other[1, ..., 3:] = False
+    mask4, again = plan(other)
+    assert again == names and len(calls) == 3 and mask4.data_ptr() == other.data_ptr()
+    assert mask4.shape == (2, 2, 5, 5) and not mask4[1, 0, 0, 4]
+    plan(torch.ones(2, 1, 5, 5, dtype=torch.bool, device=DEVICE))  # a dense mask: another key
+    assert len(calls) == 6
+    with backends.use_backend("torch"):
+        assert plan(row, backend=None) is None  # the torch backend in force: the per-op path
+    backends.clear_plans()
+    plan(row)
+    assert len(calls) == 12
+
+
 def test_torch_compile_traces_the_per_op_path():
     torch._dynamo.reset()
     model = _bert().eval()
