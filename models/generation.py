@@ -72,13 +72,19 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
              attention_mask: torch.Tensor | None = None, max_length: int | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eos_token_id: int | list[int] | None = None,
-             pad_token_id: int | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             pad_token_id: int | None = None, use_cache: bool = True, static_cache: bool = False,
+             cuda_graph: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, P) prompt -> (B, P + n) ids, n <= max_new_tokens (default 20, or max_length - P).
 
     Greedy unless do_sample. eos_token_id / pad_token_id default to the model's config; with
     no pad token the eos token pads finished rows, as in transformers. With the cache each
-    step feeds only the newest token; use_cache=False reruns the whole prefix (for checking)."""
+    step feeds only the newest token; use_cache=False reruns the whole prefix (for checking).
+
+    static_cache=True decodes on a StaticKVCache (models/layers.py): buffers for P + n tokens
+    allocated after the prompt's forward, each step writing its slot in place. cuda_graph=True
+    (CUDA, eval mode, implies static_cache) captures that step once in a CUDA graph and replays
+    it per token: a step then costs one graph launch instead of a Python call and a launch per
+    op (an eager step is host time only at small batches)."""
     config = model.config
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError(f"input_ids must be a (batch, prompt_length) integer tensor, "
@@ -92,6 +98,15 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
         pad = eos[0]
     device = input_ids.device
     eos_t = torch.tensor(eos, device=device)
+    if cuda_graph:
+        static_cache = True
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model and input_ids on a CUDA device, got {device}")
+        if model.training:
+            raise ValueError("cuda_graph=True needs the model in eval mode (model.eval()): a CUDA graph replays "
+                             "one fixed dropout pattern")
+    if static_cache and not use_cache:
+        raise ValueError("static_cache=True decodes on a cache: it needs use_cache=True")
 
     positions = None
     if attention_mask is not None:
@@ -103,15 +118,24 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
 
     ids, past = input_ids, None
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    step = step_ids = None  # the static cache's decoding step (a CUDA graph's replay with cuda_graph)
     for _ in range(budget):
-        if use_cache and past is not None:
-            step_ids, step_pos = ids[:, -1:], positions[:, -1:] if positions is not None else None
+        if step is not None:
+            step_ids.copy_(ids[:, -1:])
+            logits = step()[:, -1, :].float()  # (B, V)
         else:
-            step_ids, step_pos = ids, positions
-        out = model(step_ids, past_key_values=past, attention_mask=attention_mask, position_ids=step_pos,
-                    use_cache=use_cache)
-        past = out.past_key_values if use_cache else None
-        logits = out.logits[:, -1, :].float()  # (B, V)
+            if use_cache and past is not None:
+                step_ids, step_pos = ids[:, -1:], positions[:, -1:] if positions is not None else None
+            else:
+                step_ids, step_pos = ids, positions
+            out = model(step_ids, past_key_values=past, attention_mask=attention_mask, position_ids=step_pos,
+                        use_cache=use_cache)
+            past = out.past_key_values if use_cache else None
+            logits = out.logits[:, -1, :].float()  # (B, V)
+            if static_cache and budget > 1:
+                # After the prompt: its cache moves into buffers for every token to come.
+                following = positions[:, -1:] + 1 if positions is not None else torch.full((B, 1), P, device=device)
+                step, step_ids = _static_step(model, past, P + budget, attention_mask, following, cuda_graph)
         if do_sample:
             probs = next_token_logits_filter(logits, temperature, top_k, top_p).softmax(-1)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
@@ -120,7 +144,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
         if eos:
             nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad))
         ids = torch.cat([ids, nxt[:, None]], dim=1)
-        if attention_mask is not None:
+        if attention_mask is not None and step is None:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
             positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
         if eos:
@@ -128,6 +152,33 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
             if not bool(unfinished.any()):  # one read per step, as transformers does
                 break
     return ids
+
+
+def _static_step(model, past, max_length: int, prompt_mask, positions, cuda_graph: bool):
+    """(step, step_ids): step() feeds step_ids (B, 1) at `positions` (B, 1), the next token's
+    positions, advanced by each step, to `model` on a StaticKVCache built from the prompt's
+    cache, and returns the logits (B, 1, V). With cuda_graph the step is captured once (its
+    warm-up calls run on the buffers, which are then reset) and replayed: the returned logits
+    are the graph's static output, overwritten by the next step."""
+    from .graphs import capture_cuda_graph
+    from .layers import StaticKVCache
+
+    cache = StaticKVCache(past, max_length, prompt_mask)
+    step_ids = torch.zeros(positions.shape, dtype=torch.long, device=positions.device)
+    step_pos, first = positions.clone(), positions.clone()
+
+    def call():
+        with torch.no_grad():
+            logits = model(step_ids, past_key_values=cache, position_ids=step_pos, use_cache=True).logits
+        step_pos.add_(1)
+        return logits
+
+    if not cuda_graph:
+        return call, step_ids
+    replay = capture_cuda_graph(call)
+    cache.reset()
+    step_pos.copy_(first)
+    return replay, step_ids
 
 
 __all__ = ["generate"]

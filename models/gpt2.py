@@ -21,7 +21,7 @@ from . import outputs as O
 from .bert import check_heads, check_ids, check_inputs, gelu_approximate
 from .checkpoint import COPY, TRANSPOSE, HFConfig, PreTrainedModel
 from .generation import generate
-from .layers import (AddLayerNorm, TransformerBlock, VocabLogits, attention_mask_for, init_weights,
+from .layers import (AddLayerNorm, StaticKVCache, TransformerBlock, VocabLogits, attention_mask_for, init_weights,
                      scale_residual_projections)
 
 
@@ -117,13 +117,23 @@ class GPT2Model(GPT2PreTrainedModel):
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, position_ids=None,
                 use_cache=False, output_hidden_states=False, return_dict=True, inputs_embeds=None):
-        """past_key_values: one (k, v) per block, each (B, nh, S_past, hs).
+        """past_key_values: one (k, v) per block, each (B, nh, S_past, hs), or a StaticKVCache
+        (one token a step, its position_ids given; the cache itself is returned as the new one).
         attention_mask: (B, S_past + T), 1 = attend, or a 4-D bool / additive float mask."""
         c = self.config
         B, T = check_inputs(input_ids, inputs_embeds, c.n_embd)
         if past_key_values is not None and len(past_key_values) != c.n_layer:
             raise ValueError(f"past_key_values must hold one (k, v) per layer ({c.n_layer}), got {len(past_key_values)}")
-        past = past_key_values[0][0].shape[2] if past_key_values is not None else 0
+        static = isinstance(past_key_values, StaticKVCache)
+        if static:
+            # A decoding step on preallocated buffers (generate(cuda_graph=True)): its slot and
+            # positions live on the device, so nothing here reads a length back.
+            if T != 1 or position_ids is None or attention_mask is not None:
+                raise ValueError("a StaticKVCache step takes one token (B, 1) with its position_ids and no "
+                                 "attention_mask (the cache's key_mask is the mask)")
+            past = 0
+        else:
+            past = past_key_values[0][0].shape[2] if past_key_values is not None else 0
         if past + T > c.n_positions:
             raise ValueError(f"input_ids reaches position {past + T}, beyond the position table (n_positions={c.n_positions})")
         check_ids("input_ids", input_ids, c.vocab_size, "vocab_size")
@@ -132,14 +142,21 @@ class GPT2Model(GPT2PreTrainedModel):
             inputs_embeds = self.wte(input_ids)  # (B, T, C)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None]  # (1, T)
-        mask = attention_mask_for(attention_mask, B, past + T, inputs_embeds.dtype)  # (B, 1, 1, S) or None
+        if static:
+            past_key_values.key_mask.index_fill_(3, past_key_values.position, True)  # this step's own slot
+            mask = past_key_values.key_mask
+        else:
+            mask = attention_mask_for(attention_mask, B, past + T, inputs_embeds.dtype)  # (B, 1, 1, S) or None
 
         h = self.drop(inputs_embeds + self.wpe(position_ids))  # (B, T, C)
         residual, presents, states = None, [], []
         for i, block in enumerate(self.h):
             if output_hidden_states:
                 states.append(h if residual is None else residual + h)
-            kv = past_key_values[i] if past_key_values is not None else None
+            if static:
+                kv = past_key_values.layer(i)
+            else:
+                kv = past_key_values[i] if past_key_values is not None else None
             out = block(h, residual, attn_mask=mask, past_kv=kv, use_cache=use_cache)
             if use_cache:
                 h, residual, kv = out
@@ -149,7 +166,12 @@ class GPT2Model(GPT2PreTrainedModel):
         x = self.ln_f(h, residual)  # LN(residual + drop(h)): the last block's add, fused
         if output_hidden_states:
             states.append(x)
-        out = O.BaseModelOutputWithPast(x, tuple(presents) if use_cache else None,
+        if static:
+            past_key_values.position.add_(1)
+            presents = past_key_values
+        elif use_cache:
+            presents = tuple(presents)
+        out = O.BaseModelOutputWithPast(x, presents if use_cache else None,
                                         tuple(states) if output_hidden_states else None)
         return out if return_dict else out.to_tuple()
 

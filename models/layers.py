@@ -23,6 +23,66 @@ from . import fused_block
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (B, nh, S, hs)
 
+
+class StaticKVCache:
+    """Every layer's keys and values in buffers allocated once, (B, heads, max_length, head
+    dim), for decoding one token a step with no new shape or address: what a CUDA graph of the
+    decoding step needs (GPT2LMHeadModel.generate(cuda_graph=True)).
+
+    Built from a prefill's cache (one (k, v) per layer, each (B, heads, P, head dim)), copied
+    into slots 0..P-1. `key_mask` (B, 1, 1, max_length) bool: the slots a query may attend (the
+    prompt's real tokens, from `prompt_mask` (B, P), and each generated token once its step
+    has run); `position` ((1,) long, on the device): the slot the next step writes. A step
+    (GPT2Model.forward with this cache) marks its slot in key_mask, writes its key and value
+    there in every layer, attends over the whole buffer under key_mask, and advances position:
+    all on the device, no value read back."""
+
+    def __init__(self, past, max_length: int, prompt_mask: torch.Tensor | None = None):
+        if not past or any(not isinstance(kv, (tuple, list)) or len(kv) != 2 for kv in past):
+            raise ValueError("past must hold one (k, v) per layer")
+        k0 = past[0][0]
+        B, H, P, D = k0.shape
+        if max_length < P:
+            raise ValueError(f"max_length ({max_length}) must be at least the cached length ({P})")
+        if prompt_mask is not None and tuple(prompt_mask.shape) != (B, P):
+            raise ValueError(f"prompt_mask must have shape ({B}, {P}), got {tuple(prompt_mask.shape)}")
+        self.keys, self.values = [], []
+        for k, v in past:
+            if k.shape != k0.shape or v.shape != k0.shape:
+                raise ValueError(f"every layer's k and v must have shape {tuple(k0.shape)}")
+            for cached, into in ((k, self.keys), (v, self.values)):
+                buffer = cached.new_zeros(B, H, max_length, D)
+                buffer[:, :, :P].copy_(cached)
+                into.append(buffer)
+        self.key_mask = torch.zeros(B, 1, 1, max_length, dtype=torch.bool, device=k0.device)
+        self.position = torch.empty(1, dtype=torch.long, device=k0.device)
+        self.prompt_length, self.max_length = P, max_length
+        self._prompt_mask = None if prompt_mask is None else prompt_mask.to(k0.device, torch.bool)
+        self.reset()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def layer(self, i: int) -> "StaticLayerKV":
+        return StaticLayerKV(self.keys[i], self.values[i], self.position)
+
+    def reset(self) -> None:
+        """Back to the state after the prompt: later slots unmarked, position = P (their keys and
+        values stay, masked, until overwritten)."""
+        P = self.prompt_length
+        self.key_mask.zero_()
+        self.key_mask[:, 0, 0, :P] = True if self._prompt_mask is None else self._prompt_mask
+        self.position.fill_(P)
+
+
+class StaticLayerKV:
+    """One layer's view of a StaticKVCache: its key and value buffers and the shared position."""
+
+    __slots__ = ("k", "v", "position")
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor):
+        self.k, self.v, self.position = k, v, position
+
 # Any change of the global backend (set_backend, use_backend) moves this counter, so a module
 # bound to backend=None notices it with one comparison.
 _backend_version = K.backend_version
@@ -152,6 +212,17 @@ class MultiHeadSelfAttention(BackendChoice, nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        if isinstance(past_kv, StaticLayerKV):
+            # One token into its slot of the static buffers, then attention over all of them
+            # under the cache's key mask (attn_mask): the token sits at the latest marked slot,
+            # so it may see every marked key and no causal mask is needed.
+            if T != 1:
+                raise ValueError(f"a StaticKVCache takes one token a step, got {T}")
+            past_kv.k.index_copy_(2, past_kv.position, k)
+            past_kv.v.index_copy_(2, past_kv.position, v)
+            y = self.attend(q, past_kv.k, past_kv.v, attn_mask, False)
+            y = self.proj(y.transpose(1, 2).reshape(B, T, C))
+            return (y, past_kv) if use_cache else y
         past = None if past_kv is None else past_kv[0].shape[2]
         attn_mask, is_causal = self.cache_mask(attn_mask, T, past, x.device)
         if past_kv is not None:

@@ -123,3 +123,106 @@ def test_bad_arguments_are_named(kw, match):
     _, ours = twins()
     with pytest.raises(ValueError, match=match):
         ours.generate(torch.zeros(1, 2, dtype=torch.long), **kw)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_static_cache_decodes_the_tokens_of_the_growing_cache(backend):
+    """generate(static_cache=True): the prompt's cache copied into buffers for every token to
+    come, each step writing its slot in place and attending under the cache's key mask. Greedy
+    and seeded-sampled tokens, left padding and eos padding, as the growing cache gives them
+    (itself checked against transformers above)."""
+    hf, ours = twins()
+    if backend == "triton":  # the interpreter's kernels, in float32
+        ours = ours.float()
+    ours.set_backend(backend)
+    ids, mask = left_padded()
+    greedy = ours.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0,
+                                     static_cache=True), greedy)
+    if backend == "torch":
+        theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert torch.equal(greedy, theirs)
+    sampled = [ours.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, temperature=1.5,
+                             static_cache=static, generator=torch.Generator().manual_seed(4)) for static in (False, True)]
+    assert torch.equal(*sampled)
+    assert len(set(sampled[0][0, 7:].tolist())) > 3  # sampled tokens vary: the check has teeth
+    eos = _eos_of(ours, ids[:1, :])
+    stopped = [ours.generate(ids, max_new_tokens=12, eos_token_id=eos, pad_token_id=7, static_cache=static)
+               for static in (False, True)]
+    assert torch.equal(*stopped) and (stopped[0] == 7).any()
+
+
+def test_a_static_cache_step_computes_the_growing_caches_logits():
+    """One decoding step on a StaticKVCache against the same step on the growing (k, v) cache,
+    three steps in a row on a left-padded batch, float64: the logits, the slot written, the
+    mask marked and the position advanced."""
+    from fuseformer.models.layers import StaticKVCache
+
+    _, ours = twins()
+    ids, mask = left_padded()
+    B, P = ids.shape
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        out = ours(ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        past = out.past_key_values
+        cache = StaticKVCache(past, P + 5, mask)
+        assert cache.position.tolist() == [P] and cache.key_mask[:, 0, 0, :P].equal(mask.bool())
+        pos, grown = positions[:, -1:] + 1, mask
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        for i in range(3):
+            grown = torch.cat([grown, torch.ones(B, 1, dtype=torch.long)], dim=1)
+            want = ours(token, past_key_values=past, attention_mask=grown, position_ids=pos, use_cache=True)
+            got = ours(token, past_key_values=cache, position_ids=pos, use_cache=True)
+            assert got.past_key_values is cache and cache.position.tolist() == [P + i + 1]
+            torch.testing.assert_close(got.logits, want.logits, rtol=1e-12, atol=1e-12)
+            assert cache.key_mask[:, 0, 0, :P + i + 1].equal(grown.bool()) and not cache.key_mask[..., P + i + 1:].any()
+            past = want.past_key_values
+            torch.testing.assert_close(cache.keys[0][:, :, :P + i + 1], past[0][0], rtol=0, atol=0)
+            token, pos = want.logits[:, -1].argmax(-1, keepdim=True), pos + 1
+
+
+def test_static_cache_bad_use_is_named():
+    from fuseformer.models.layers import StaticKVCache
+
+    _, ours = twins()
+    ids = torch.randint(3, VOCAB, (2, 4))
+    with torch.no_grad():
+        past = ours(ids, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=r"max_length \(3\) must be at least the cached length \(4\)"):
+        StaticKVCache(past, 3)
+    with pytest.raises(ValueError, match=r"prompt_mask must have shape \(2, 4\), got \(2, 5\)"):
+        StaticKVCache(past, 8, torch.ones(2, 5))
+    cache = StaticKVCache(past, 8)
+    pos = torch.full((2, 1), 4)
+    with pytest.raises(ValueError, match="takes one token .* with its position_ids and no attention_mask"):
+        ours(ids[:, :2], past_key_values=cache, position_ids=pos.expand(2, 2))
+    with pytest.raises(ValueError, match="takes one token .* with its position_ids"):
+        ours(ids[:, :1], past_key_values=cache)
+    with pytest.raises(ValueError, match="takes one token .* and no attention_mask"):
+        ours(ids[:, :1], past_key_values=cache, position_ids=pos, attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model and input_ids on a CUDA device, got cpu"):
+        ours.generate(ids, 2, cuda_graph=True)
+    with pytest.raises(ValueError, match="static_cache=True decodes on a cache: it needs use_cache=True"):
+        ours.generate(ids, 2, static_cache=True, use_cache=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_cuda_graph_decoding_replays_the_static_step(dtype):
+    """generate(cuda_graph=True): the static step captured once and replayed per token gives
+    the tokens of the same step run eagerly (the same kernels on the same shapes), and, in
+    float32, those of the growing cache; sampling too, with the generator on the GPU."""
+    _, ours = twins(eos=None)
+    ours = ours.to("cuda", dtype).eval()
+    ours.set_backend("auto")
+    ids, mask = (t.cuda() for t in left_padded())
+    graphed = ours.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, cuda_graph=True)
+    eager = ours.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, static_cache=True)
+    assert torch.equal(graphed, eager)
+    if dtype == torch.float32:
+        assert torch.equal(graphed, ours.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0))
+    sampled = [ours.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, pad_token_id=0,
+                             generator=torch.Generator("cuda").manual_seed(3), **kw)
+               for kw in ({"cuda_graph": True}, {"static_cache": True})]
+    assert torch.equal(*sampled)
