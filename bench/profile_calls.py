@@ -30,13 +30,15 @@ Last, a BERT-base fp16 inference forward (--bert BxL, default 32x128, backend au
 by device time per forward, to say which of them the CUDA-graph target (2x HF + torch.compile)
 must shrink; and the same for a bf16 masked-LM training step (--bert-train BxL, default 32x128:
 the training target, 1.3x HF sdpa, stood at 0.76x on the H200 with host and kernels untold);
-GPT-2 small's fp16 LM forward (--gpt2 BxL, default 8x512, the models suite's case); and its
+GPT-2 small's fp16 LM forward (--gpt2 BxL, default 8x512, the models suite's case); its causal
+attention by kernel against SDPA's (--causal-attention BxHxLxD, default 8x12x512x64); and its
 greedy generate per token against transformers' (--generate BxPROMPTxNEW, default 1x128x64).
+Each eager model section also prints a cProfile of the host time.
 
     python -m fuseformer.bench.profile_calls [--M 16384] [--N 768] [--backends triton,cuda] [--bert 32x128]
                                              [--bert-train 32x128] [--linear-gelu 16384x768x3072]
                                              [--attention 16x16x1024x64] [--gpt2 8x512]
-                                             [--generate 1x128x64]
+                                             [--causal-attention 8x12x512x64] [--generate 1x128x64]
 """
 from __future__ import annotations
 
@@ -363,6 +365,53 @@ def profile_attention_descriptors(B: int, H: int, L: int, D: int, iters: int) ->
         print(_profiled(causal_fwd).table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60))
 
 
+def profile_causal_attention(B: int, H: int, L: int, D: int) -> None:
+    """GPT-2's attention (fp16, causal, its all-ones attention_mask as a key-padding row): the
+    H200 run of a3eeca9 saw it take 30.6 µs a layer at B8 H12 L512 d64 inside the GPT-2 forward,
+    ~105 TFLOP/s over the causal half, where the ops suite's causal cases reach 282-392 from
+    1024 keys. Device time (CUDA-graph replay) of ours, portable and Hopper kernels, with and
+    without the key row, against torch's SDPA backends with is_causal; then the configs the
+    portable forward's autotuner chose."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fuseformer import kernels as K
+    from fuseformer.bench.timing import time_graph
+    from fuseformer.kernels import attention as A
+    from fuseformer.kernels.attention_kernels import attn_fwd_tuned
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, device="cuda", dtype=torch.float16) for _ in range(3))
+    row = torch.ones(B, 1, 1, L, dtype=torch.bool, device="cuda")
+    flops = 4 * B * H * L * L * D / 2
+    label = f"[causal attention B{B} H{H} L{L} d{D} fp16]"
+    runs = []
+    for kernel in ("portable", "hopper"):
+        for mask in (None, row):
+            runs.append((f"ours {kernel}, {'key row' if mask is not None else 'no mask'}",
+                         lambda kernel=kernel, mask=mask: _within_variant(
+                             A, kernel, lambda: K.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True,
+                                                                               backend="triton"))))
+    for name, sdpa in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        def call(sdpa=sdpa):
+            with sdpa_kernel(sdpa):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        runs.append((f"sdpa {name}", call))
+    for name, fn in runs:
+        try:
+            ms = time_graph(fn, _events_ms(fn, 5), quick=True).median_ms
+            print(f"{label} {name}: {1e3 * ms:.1f} us, {flops / ms / 1e9:.0f} TFLOP/s (graph)")
+        except Exception as err:  # a refused backend: say so and go on
+            print(f"{label} {name}: not timed ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
+    for key, config in getattr(attn_fwd_tuned, "cache", {}).items():
+        print(f"{label} portable forward autotuned: key {key} -> {config}")
+
+
+def _within_variant(A, kernel: str, fn):
+    with A.variant(kernel=kernel):
+        return fn()
+
+
 def profile_bert(B: int, L: int, iters: int, device: str = "cuda", config=None, backend: str = "auto",
                  train: bool = False, family: str = "bert") -> None:
     """Where the GPU time of one BERT-base fp16 inference forward goes (the CUDA-graph target
@@ -505,6 +554,8 @@ def main(argv=None) -> int:
     p.add_argument("--bert-train", default="32x128",
                    help="BxL of the BERT-base bf16 masked-LM training step to profile ('' skips it)")
     p.add_argument("--gpt2", default="8x512", help="BxL of the GPT-2 fp16 LM forward to profile ('' skips it)")
+    p.add_argument("--causal-attention", default="8x12x512x64",
+                   help="BxHxLxD of GPT-2's causal attention to time by kernel ('' skips it)")
     p.add_argument("--generate", default="1x128x64",
                    help="BxPROMPTxNEW of GPT-2 small's greedy generate to time per token ('' skips it)")
     p.add_argument("--linear-gelu", default="16384x768x3072",
@@ -532,6 +583,8 @@ def main(argv=None) -> int:
         profile_bert(*dims(args.bert_train), iters=5, train=True)
     if args.gpt2:
         profile_bert(*dims(args.gpt2), iters=10, family="gpt2")
+    if args.causal_attention:
+        profile_causal_attention(*dims(args.causal_attention))
     if args.generate:
         profile_generate(*dims(args.generate), iters=3)
     return 0
