@@ -1,12 +1,13 @@
 """fuseformer.models: BERT, GPT-2 and ALBERT on the fused kernels, interchangeable with
 Hugging Face checkpoints (from_pretrained from a folder or a cached hub id / from_hf /
 save_pretrained) and models (patch_hf / unpatch); CUDAGraphRunner replays a model from CUDA
-graphs captured per (batch, length) bucket. docs/models.md has the details.
+graphs captured per (batch, length) bucket, and GPT-2's generate(cuda_graph=True) its decoding
+step on a StaticKVCache. docs/models.md has the details.
 
 transformers is optional: only from_hf, patch_hf and loading our saved folders back into
 transformers need it.
 """
-from .layers import AddLayerNorm, FeedForward, MultiHeadSelfAttention, TransformerBlock
+from .layers import AddLayerNorm, FeedForward, MultiHeadSelfAttention, StaticKVCache, TransformerBlock
 from .checkpoint import CheckpointMismatchError
 from .bert import (
     BertConfig,
@@ -37,5 +38,6 @@ __all__ = [
     "GPT2Config", "GPT2Model", "GPT2LMHeadModel",
     "AlbertConfig", "AlbertModel", "AlbertForPreTraining", "AlbertForMaskedLM", "AlbertForSequenceClassification",
     "patch_hf", "unpatch", "MultiHeadSelfAttention", "AddLayerNorm", "FeedForward", "TransformerBlock",
-    "CheckpointMismatchError", "CheckpointWarning", "CUDAGraphRunner", "pretraining", "cpu_speed_case",
+    "CheckpointMismatchError", "CheckpointWarning", "CUDAGraphRunner", "StaticKVCache", "pretraining",
+    "cpu_speed_case",
 ]
