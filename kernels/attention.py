@@ -79,7 +79,9 @@ def set_autotune(enabled: bool) -> None:
 #     0.132 and 0.198 against 0.221 (the morning's run, through Triton's own launch path for
 #     host descriptors, had the causal ones the other way round, 0.333 against 0.220 at 2048).
 #     Not: 512 keys (0.122 against 0.113; 0.104 against 0.109 in a CUDA graph: host time
-#     decides), the BERT key-padding case (0.121 against 0.091). The H100 run of 2026-11-26
+#     decides), the BERT key-padding case (0.121 against 0.091). Every measured case had as
+#     many queries as keys, so the rules read the shorter of the two (a decoding step's one
+#     query over a long cache stays portable). The H100 run of 2026-11-26
 #     had set the first rule (keys >= 4096; head dim 128 without causal from 1024 keys) with
 #     device descriptors. The backward: the Hopper one (host descriptors) for head dim 64 without
 #     causal from 2048 keys, the portable one elsewhere. Forward+backward at d64 L2048 on the
@@ -150,7 +152,8 @@ def _check_kernel_scale(scale: float) -> None:
 
 
 def _hopper_forward_measured_faster(head_dim: int, lk: int, is_causal: bool) -> bool:
-    """Where kernel="auto" takes the Hopper forward (see VARIANTS)."""
+    """Where kernel="auto" takes the Hopper forward (see VARIANTS); lk: the shorter of the
+    query and key lengths."""
     if lk >= 4096:
         return True
     if head_dim == 128:
@@ -259,7 +262,10 @@ def _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, nbat
     """All tensors 4-D (B, H, L, D) views (lse 3-D); with cu_q the batch dim has size 1."""
     _check_kernel_scale(scale)
     kernel = VARIANT["kernel"]
-    hopper = kernel == "hopper" or (kernel == "auto" and _hopper_forward_measured_faster(q.shape[-1], lk, is_causal))
+    # The rules' lengths: the shorter of queries and keys. Every measured case had as many of
+    # each; a decoding step (one query over a long cache) is not one of them.
+    hopper = kernel == "hopper" or (kernel == "auto" and _hopper_forward_measured_faster(q.shape[-1], min(lq, lk),
+                                                                                          is_causal))
     if hopper and _hopper_reason(q, k, v, out, mask, dropout_p) is None:
         return _launch_fwd_hopper(q, k, v, out, lse, mask, is_causal, scale, nbatch, lq, lk, cu_q, cu_k)
     varlen = cu_q is not None
@@ -341,7 +347,8 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
                           HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], VARLEN=varlen, BLOCK_M=64,
                       ))
     kernel = VARIANT["kernel"]
-    hopper = kernel == "hopper" or (kernel == "auto" and _hopper_backward_measured_faster(q.shape[-1], lk, is_causal))
+    hopper = kernel == "hopper" or (kernel == "auto" and _hopper_backward_measured_faster(q.shape[-1], min(lq, lk),
+                                                                                           is_causal))
     if (hopper and flags["BLOCK_D"] <= _hopper_bwd.MAX_BLOCK_D
             and _hopper_reason(q, k, v, dout, mask, dropout_p, dq, dk, dv) is None):
         _launch_bwd_hopper(dout, q, k, v, lse, delta, dq, dk, dv, mask, is_causal, scale, nbatch, lq, lk,

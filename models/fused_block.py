@@ -77,10 +77,17 @@ def plan(x, mask, is_causal, heads, attn_p, p1, p2, intermediate, approximate, b
     cache."""
     B, T, C = x.shape
     S = T if keys is None else keys
-    # Decided once per key (backends.memo, forgotten with resolve's own decisions): the mask
-    # enters by what its kind and broadcast derive from, never by its values.
-    key = ("fused_block", x.shape, x.dtype, x.device, None if mask is None else (mask.shape, mask.dtype, mask.stride()),
-           is_causal, heads, attn_p, p1, p2, intermediate, approximate, backend, grad, S)
+    # Decided once per key (backends.memo, forgotten with resolve's own decisions). The mask
+    # enters by what its broadcast and kind derive from (its leading sizes, which of their
+    # strides are 0, whether its last size fits S), never by its values nor by S itself: a
+    # decoding step's S grows every step, and the answer does not depend on it.
+    if mask is None:
+        layout = None
+    else:
+        shape, stride = mask.shape, mask.stride()
+        layout = (mask.dtype, shape[:-1], tuple(st == 0 for st in stride[:-1]), shape[-1] in (S, 1))
+    key = ("fused_block", x.shape, x.dtype, x.device, layout, is_causal, heads, attn_p, p1, p2, intermediate,
+           approximate, backend, grad)
     names = backends.memo(key, lambda: _names(x, mask, is_causal, heads, attn_p, p1, p2, intermediate, approximate,
                                               backend, grad, S))
     if names is None:

@@ -136,6 +136,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
                 # After the prompt: its cache moves into buffers for every token to come.
                 following = positions[:, -1:] + 1 if positions is not None else torch.full((B, 1), P, device=device)
                 step, step_ids = _static_step(model, past, P + budget, attention_mask, following, cuda_graph)
+                past = out = None  # the prompt's cache lives on in the static buffers only
         if do_sample:
             probs = next_token_logits_filter(logits, temperature, top_k, top_p).softmax(-1)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
@@ -157,9 +158,11 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
 def _static_step(model, past, max_length: int, prompt_mask, positions, cuda_graph: bool):
     """(step, step_ids): step() feeds step_ids (B, 1) at `positions` (B, 1), the next token's
     positions, advanced by each step, to `model` on a StaticKVCache built from the prompt's
-    cache, and returns the logits (B, 1, V). With cuda_graph the step is captured once (its
-    warm-up calls run on the buffers, which are then reset) and replayed: the returned logits
-    are the graph's static output, overwritten by the next step."""
+    cache, and returns the logits (B, 1, V). With cuda_graph the step is captured once and
+    replayed: the returned logits are the graph's static output, overwritten by the next step.
+    Each warm-up call before the capture starts from the state after the prompt (three calls
+    in a row would write slots past the buffers when only two tokens are asked for), and so
+    does the first replay."""
     from .graphs import capture_cuda_graph
     from .layers import StaticKVCache
 
@@ -173,11 +176,18 @@ def _static_step(model, past, max_length: int, prompt_mask, positions, cuda_grap
         step_pos.add_(1)
         return logits
 
+    def restart():
+        cache.reset()
+        step_pos.copy_(first)
+
+    def warm():  # every warm-up from the state after the prompt: its slot and positions exist
+        restart()
+        return call()
+
     if not cuda_graph:
         return call, step_ids
-    replay = capture_cuda_graph(call)
-    cache.reset()
-    step_pos.copy_(first)
+    replay = capture_cuda_graph(call, warm=warm)
+    restart()
     return replay, step_ids
 
 

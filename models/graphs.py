@@ -24,15 +24,17 @@ _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _PER_TOKEN = {"last_hidden_state", "hidden_states", "prediction_logits", "start_logits", "end_logits"}
 
 
-def capture_cuda_graph(fn: Callable[[], object], pool=None, warmup: int = 3) -> Callable[[], object]:
-    """Run `fn` `warmup` times on a side stream (autotuning, lazy allocations and cuBLAS
-    workspaces happen outside the graph), capture one call, and return `replay()` -> the
-    captured call's (static) outputs."""
+def capture_cuda_graph(fn: Callable[[], object], pool=None, warmup: int = 3,
+                       warm: Callable[[], object] | None = None) -> Callable[[], object]:
+    """Run `fn` (or `warm`, which must launch what fn does) `warmup` times on a side stream
+    (autotuning, lazy allocations and cuBLAS workspaces happen outside the graph), capture one
+    call of fn, and return `replay()` -> the captured call's (static) outputs. `warm` is for
+    a fn that changes state a warm-up must start from again (a decoding step's slot)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(warmup):
-            fn()
+            (warm or fn)()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-# "device" and "host" in every test; "auto" (host for the forward, device for the backward) in
-# test_auto_descriptors_split_by_pass.
+# "device" and "host" in every test; "auto" (host ones, but for varlen) in
+# test_auto_descriptors_are_made_on_the_host_but_for_varlen.
 PLACES = ("device", "host")
 
 
@@ -194,10 +194,15 @@ def test_auto_takes_the_hopper_forward_only_where_it_was_measured_faster(launche
     q, k, v = (t.half().requires_grad_(True) for t in _qkv(1, 1, 8, 8, 16))
     K.scaled_dot_product_attention(q, k, v, backend="triton")
     assert launches == []  # 8 keys: portable
-    monkeypatch.setattr(A, "_hopper_forward_measured_faster", lambda head_dim, lk, is_causal: True)
+    asked = []
+    monkeypatch.setattr(A, "_hopper_forward_measured_faster",
+                        lambda head_dim, lk, is_causal: asked.append((head_dim, lk, is_causal)) or True)
     out = K.scaled_dot_product_attention(q, k, v, backend="triton")
     out.float().sum().backward()
     assert len(launches) == 1 and backward_launches == []  # the Hopper forward, the portable backward
+    # The rule sees the shorter length: one query over 8 keys (a decoding step) is asked as 1.
+    K.scaled_dot_product_attention(q[:, :, :1].detach(), k.detach(), v.detach(), backend="triton")
+    assert asked == [(16, 8, False), (16, 1, False)]
 
 
 def test_auto_takes_the_hopper_backward_only_where_it_was_measured_faster(launches, monkeypatch):

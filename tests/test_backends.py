@@ -155,8 +155,11 @@ def test_available_backends():
         assert isinstance(reason, str) and reason
 
 
-@pytest.mark.skipif("cuda" in K.available_backends(), reason="the cuda backend is available here")
 def test_cuda_by_name_raises_with_reason():
+    # Asked here, not in a skipif at import: on a GPU machine that would build csrc/ while
+    # pytest collects (bench/gpu_session.sh runs the gpu-marked tests beside that build).
+    if "cuda" in K.available_backends():
+        pytest.skip("the cuda backend is available here")
     x, w = _lg_inputs()
     with pytest.raises(K.BackendUnsupportedError, match="backend 'cuda' cannot run linear_gelu") as err:
         K.linear_gelu(x, w, backend="cuda")

@@ -181,6 +181,37 @@ def test_a_static_cache_step_computes_the_growing_caches_logits():
             token, pos = want.logits[:, -1].argmax(-1, keepdim=True), pos + 1
 
 
+@pytest.mark.parametrize("new", [2, 4])
+def test_the_graphed_steps_warm_ups_leave_the_cache_as_the_prompt_left_it(new, monkeypatch):
+    """generate(cuda_graph=True)'s step with a stand-in capture (the warm-up calls run, the
+    capture records and runs nothing, a replay runs the step): every warm-up starts from the
+    state after the prompt, so with buffers for only two new tokens none writes past them, and
+    the first replayed steps give the growing cache's logits."""
+    from fuseformer.models import generation, graphs
+
+    def stand_in(fn, pool=None, warmup=3, warm=None):
+        for _ in range(warmup):
+            (warm or fn)()
+        return fn
+
+    monkeypatch.setattr(graphs, "capture_cuda_graph", stand_in)
+    _, ours = twins(eos=None)
+    ids, mask = left_padded()
+    B, P = ids.shape
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        out = ours(ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        step, step_ids = generation._static_step(ours, out.past_key_values, P + new, mask, positions[:, -1:] + 1, True)
+        past, grown, pos = out.past_key_values, mask, positions[:, -1:] + 1
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(new - 1):  # generate replays the step for every token after the first
+            grown = torch.cat([grown, torch.ones(B, 1, dtype=torch.long)], dim=1)
+            want = ours(token, past_key_values=past, attention_mask=grown, position_ids=pos, use_cache=True)
+            step_ids.copy_(token)
+            torch.testing.assert_close(step(), want.logits, rtol=1e-12, atol=1e-12)
+            past, pos, token = want.past_key_values, pos + 1, want.logits[:, -1].argmax(-1, keepdim=True)
+
+
 def test_static_cache_bad_use_is_named():
     from fuseformer.models.layers import StaticKVCache
 
