@@ -273,7 +273,9 @@ tests)
     cuda_build_wait
     # test_compile.py failed on an earlier GPU run with its traceback lost: full tracebacks, in
     # a file of its own. After the csrc/ build: on 2026-11-27 its four workers spent their
-    # whole 45 s box waiting on that build's lock, and no test ran.
+    # whole 45 s box waiting on that build's lock, and no test ran (test modules that asked
+    # K.available_backends() at import built csrc/ while pytest collected; they ask only
+    # triton's reason since, so the gpu-marked tests above run beside the build).
     timed pytest-compile timeout -s INT -k 10 "$(box "${COMPILE_TIMEOUT:-120}")" python3 -m pytest tests/test_compile.py tests/test_eager_path.py -q -rfE -n 4 \
         --tb=long >"$OUT/pytest_compile.txt" 2>&1
     timed pytest-gpu-csrc timeout -s INT -k 10 "$(box "${CSRC_TESTS_TIMEOUT:-200}")" python3 -m pytest -m gpu -q -rfE -n 8 --durations=10 \
