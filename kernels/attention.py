@@ -162,7 +162,7 @@ def _hopper_forward_measured_faster(head_dim: int, lk: int, is_causal: bool) -> 
 
 
 def _hopper_backward_measured_faster(head_dim: int, lk: int, is_causal: bool) -> bool:
-    """Where kernel="auto" takes the Hopper backward (see VARIANTS)."""
+    """Where kernel="auto" takes the Hopper backward (see VARIANTS); lk as for the forward."""
     return head_dim == 64 and not is_causal and lk >= 2048
 
 

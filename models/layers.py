@@ -83,6 +83,7 @@ class StaticLayerKV:
     def __init__(self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor):
         self.k, self.v, self.position = k, v, position
 
+
 # Any change of the global backend (set_backend, use_backend) moves this counter, so a module
 # bound to backend=None notices it with one comparison.
 _backend_version = K.backend_version
