@@ -84,7 +84,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
     allocated after the prompt's forward, each step writing its slot in place. cuda_graph=True
     (CUDA, eval mode, implies static_cache) captures that step once in a CUDA graph and replays
     it per token: a step then costs one graph launch instead of a Python call and a launch per
-    op (an eager step is host time only at small batches)."""
+    op (at small batches an eager step is mostly host time)."""
     config = model.config
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError(f"input_ids must be a (batch, prompt_length) integer tensor, "
