@@ -495,8 +495,8 @@ def profile_generate(B: int, prompt: int, new: int, iters: int, device: str = "c
                      backend: str = "auto") -> None:
     """GPT-2 small's greedy generate (fp16, random weights, no padding, `new` tokens after a
     `prompt`-token prompt, no early stop): wall ms per generated token for ours (one node per
-    block, op by op, and on a StaticKVCache whose step is captured in a CUDA graph, the capture
-    included) and transformers' sdpa model on the same weights, and how many of the
+    block, op by op, and on a StaticKVCache whose step is replayed from a CUDA graph) and
+    transformers' sdpa model on the same weights, and how many of the
     generated tokens agree with transformers' (fp16 greedy decoding may part ways at a near
     tie; a sanity figure, not the parity rule). Each decoding step is host time: what the one
     node per block (its KV-cache path) and the launch paths are worth there."""
@@ -517,8 +517,8 @@ def profile_generate(B: int, prompt: int, new: int, iters: int, device: str = "c
     runs = {
         "ours, one node per block": lambda: ours.generate(ids, new, attention_mask=mask, eos_token_id=[]),
         "ours, op by op": lambda: ours.generate(ids, new, attention_mask=mask, eos_token_id=[]),
-        # On a GPU each call captures its step anew (3 warm-up steps and the capture, counted
-        # here); on the CPU the static cache's step runs eagerly.
+        # On a GPU the first call captures the step (its warm-up run below), later ones replay
+        # it; on the CPU the static cache's step runs eagerly.
         "ours, static cache, a CUDA graph per step": lambda: ours.generate(
             ids, new, attention_mask=mask, eos_token_id=[], static_cache=True, cuda_graph=device == "cuda"),
         "transformers sdpa": lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,

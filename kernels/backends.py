@@ -112,6 +112,9 @@ def env_choice(variable: str, options, default: str, what: str) -> str:
     return choice(os.environ.get(variable, "").strip() or default, options, what, variable)
 
 
+_VARIANT_SETS: list = []  # every op's Variants, for settings_signature
+
+
 class Variants(dict):
     """The kernel-variant settings of one op: setting -> chosen option, the first option of
     each being the default (the measured path). Each is read once, at import, from its
@@ -123,6 +126,7 @@ class Variants(dict):
         self.op, self.options = op, options
         for what, choices in options.items():
             self[what] = env_choice(env[what], choices, choices[0], f"{op} {what} variant")
+        _VARIANT_SETS.append(self)
 
     def set(self, **choices) -> dict:
         """Change the named settings; returns all the previous ones (a dict for `update`)."""
@@ -281,6 +285,13 @@ def resolve(op: str, device: torch.device, requested: str | None = None, **case)
     if name is None:
         name = _plans[key] = _decide(op, device, requested, case)
     return name
+
+
+def settings_signature() -> tuple:
+    """The backend in force and every op's kernel-variant settings: what a captured sequence
+    of launches (generate's CUDA graph) was chosen under, beyond its tensors."""
+    return (_scoped[-1] if _scoped else _default, backend_version(),
+            tuple((v.op, tuple(v.items())) for v in _VARIANT_SETS))
 
 
 def memo(key: tuple, decide):

@@ -7,6 +7,8 @@ step, and a row that produced eos_token_id is filled with pad_token_id until all
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -155,20 +157,50 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
     return ids
 
 
+# generate(cuda_graph=True)'s captured steps, per model (dropped with it): (batch, buffer
+# length, dtype, device, the tensors' addresses, the settings) -> (cache, step_ids, step_pos,
+# first positions, replay), the latest _KEEP_STEPS of them. A later call of the same bucket
+# loads its prompt into the same buffers and replays the same graph: no warm-up, no capture.
+_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_KEEP_STEPS = 2
+
+
+def _buffer_length(needed: int, limit: int) -> int:
+    """Slots for `needed` tokens, rounded up to a power of two (at least 64, at most the position
+    table), so that calls of nearby lengths share one captured step. The kernels never load the
+    key tiles past the last marked slot, so the spare slots cost a mask row read."""
+    return min(limit, max(64, 1 << (needed - 1).bit_length()))
+
+
 def _static_step(model, past, max_length: int, prompt_mask, positions, cuda_graph: bool):
     """(step, step_ids): step() feeds step_ids (B, 1) at `positions` (B, 1), the next token's
     positions, advanced by each step, to `model` on a StaticKVCache built from the prompt's
-    cache, and returns the logits (B, 1, V). With cuda_graph the step is captured once and
-    replayed: the returned logits are the graph's static output, overwritten by the next step.
-    Each warm-up call before the capture starts from the state after the prompt (three calls
-    in a row would write slots past the buffers when only two tokens are asked for), and so
-    does the first replay."""
+    cache, and returns the logits (B, 1, V). With cuda_graph the step is captured once per
+    bucket (_STEPS) and replayed: the returned logits are the graph's static output,
+    overwritten by the next step. Each warm-up call before the capture starts from the state
+    after the prompt (three calls in a row would write slots past the buffers when only two
+    tokens are asked for), and so does the first replay."""
+    from ..kernels import backends
     from .graphs import capture_cuda_graph
     from .layers import StaticKVCache
 
-    cache = StaticKVCache(past, max_length, prompt_mask)
-    step_ids = torch.zeros(positions.shape, dtype=torch.long, device=positions.device)
-    step_pos, first = positions.clone(), positions.clone()
+    k0 = past[0][0]
+    # Rounded up eagerly too: the eager step then runs the graph's shapes (and kernels).
+    max_length = _buffer_length(max_length, model.config.n_positions)
+    entry = key = None
+    if cuda_graph:
+        tensors = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+        key = (positions.shape[0], max_length, k0.dtype, k0.device, tensors, backends.settings_signature())
+        steps = _STEPS.setdefault(model, {})
+        entry = steps.pop(key, None)
+    if entry is None:
+        cache = StaticKVCache(past, max_length, prompt_mask)
+        step_ids = torch.zeros(positions.shape, dtype=torch.long, device=positions.device)
+        step_pos, first = positions.clone(), positions.clone()
+    else:
+        cache, step_ids, step_pos, first, replay = entry
+        cache.load(past, prompt_mask)
+        first.copy_(positions)
 
     def call():
         with torch.no_grad():
@@ -186,8 +218,12 @@ def _static_step(model, past, max_length: int, prompt_mask, positions, cuda_grap
 
     if not cuda_graph:
         return call, step_ids
-    replay = capture_cuda_graph(call, warm=warm)
+    if entry is None:
+        replay = capture_cuda_graph(call, warm=warm)
     restart()
+    steps[key] = (cache, step_ids, step_pos, first, replay)  # the latest last
+    while len(steps) > _KEEP_STEPS:
+        del steps[next(iter(steps))]
     return replay, step_ids
 
 

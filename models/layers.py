@@ -38,25 +38,42 @@ class StaticKVCache:
     all on the device, no value read back."""
 
     def __init__(self, past, max_length: int, prompt_mask: torch.Tensor | None = None):
+        k0 = self._check(past, max_length, prompt_mask)
+        B, H, _, D = k0.shape
+        self.keys = [k0.new_zeros(B, H, max_length, D) for _ in past]
+        self.values = [k0.new_zeros(B, H, max_length, D) for _ in past]
+        self.key_mask = torch.zeros(B, 1, 1, max_length, dtype=torch.bool, device=k0.device)
+        self.position = torch.empty(1, dtype=torch.long, device=k0.device)
+        self.max_length = max_length
+        self.load(past, prompt_mask)
+
+    @staticmethod
+    def _check(past, max_length: int, prompt_mask):
         if not past or any(not isinstance(kv, (tuple, list)) or len(kv) != 2 for kv in past):
             raise ValueError("past must hold one (k, v) per layer")
         k0 = past[0][0]
-        B, H, P, D = k0.shape
+        B, _, P, _ = k0.shape
         if max_length < P:
             raise ValueError(f"max_length ({max_length}) must be at least the cached length ({P})")
         if prompt_mask is not None and tuple(prompt_mask.shape) != (B, P):
             raise ValueError(f"prompt_mask must have shape ({B}, {P}), got {tuple(prompt_mask.shape)}")
-        self.keys, self.values = [], []
         for k, v in past:
             if k.shape != k0.shape or v.shape != k0.shape:
                 raise ValueError(f"every layer's k and v must have shape {tuple(k0.shape)}")
-            for cached, into in ((k, self.keys), (v, self.values)):
-                buffer = cached.new_zeros(B, H, max_length, D)
-                buffer[:, :, :P].copy_(cached)
-                into.append(buffer)
-        self.key_mask = torch.zeros(B, 1, 1, max_length, dtype=torch.bool, device=k0.device)
-        self.position = torch.empty(1, dtype=torch.long, device=k0.device)
-        self.prompt_length, self.max_length = P, max_length
+        return k0
+
+    def load(self, past, prompt_mask: torch.Tensor | None = None) -> None:
+        """Another prompt's cache into the same buffers (same batch, heads, head dim and layer
+        count; its length up to max_length), then reset(): what a captured step replays on."""
+        k0 = self._check(past, self.max_length, prompt_mask)
+        if len(past) != len(self.keys) or (k0.shape[0], k0.shape[1], k0.shape[3]) != (
+                self.keys[0].shape[0], self.keys[0].shape[1], self.keys[0].shape[3]):
+            raise ValueError("past must have this cache's layers, batch, heads and head dim")
+        P = k0.shape[2]
+        for (k, v), kb, vb in zip(past, self.keys, self.values):
+            kb[:, :, :P].copy_(k)
+            vb[:, :, :P].copy_(v)
+        self.prompt_length = P
         self._prompt_mask = None if prompt_mask is None else prompt_mask.to(k0.device, torch.bool)
         self.reset()
 

@@ -212,6 +212,65 @@ def test_the_graphed_steps_warm_ups_leave_the_cache_as_the_prompt_left_it(new, m
             past, pos, token = want.past_key_values, pos + 1, want.logits[:, -1].argmax(-1, keepdim=True)
 
 
+def test_a_captured_step_is_replayed_by_later_calls_of_its_bucket(monkeypatch):
+    """generate(cuda_graph=True) keeps its captured step per model and bucket (batch, buffer
+    length rounded up to a power of two, dtype, device, the weights' addresses, the settings):
+    a later call loads its own prompt into the same buffers and replays without a capture,
+    giving its own growing cache's logits; new weights, another batch or another backend in
+    force capture anew; at most two steps are kept per model."""
+    from fuseformer import kernels as K
+    from fuseformer.models import generation, graphs
+
+    captures = []
+
+    def stand_in(fn, pool=None, warmup=3, warm=None):
+        captures.append(fn)
+        for _ in range(warmup):
+            (warm or fn)()
+        return fn
+
+    monkeypatch.setattr(graphs, "capture_cuda_graph", stand_in)
+    _, ours = twins(eos=None, n_positions=40)
+    assert generation._buffer_length(9, 40) == 40 and generation._buffer_length(9, 1024) == 64
+    assert generation._buffer_length(65, 1024) == 128
+
+    def check(ids, mask, new=3):
+        """Drive the static step as generate does; compare each step with the growing cache."""
+        B, P = ids.shape
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        with torch.no_grad():
+            out = ours(ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            step, step_ids = generation._static_step(ours, out.past_key_values, P + new, mask, positions[:, -1:] + 1,
+                                                     True)
+            past, grown, pos = out.past_key_values, mask, positions[:, -1:] + 1
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(new - 1):
+                grown = torch.cat([grown, torch.ones(B, 1, dtype=torch.long)], dim=1)
+                want = ours(token, past_key_values=past, attention_mask=grown, position_ids=pos, use_cache=True)
+                step_ids.copy_(token)
+                torch.testing.assert_close(step(), want.logits, rtol=1e-12, atol=1e-12)
+                past, pos, token = want.past_key_values, pos + 1, want.logits[:, -1].argmax(-1, keepdim=True)
+
+    ids, mask = left_padded()
+    check(ids, mask)
+    other = torch.randint(3, VOCAB, (3, 11), generator=torch.Generator().manual_seed(9))
+    other_mask = torch.ones(3, 11, dtype=torch.long)
+    other_mask[0, :6] = 0
+    check(other, other_mask, new=5)  # another prompt length and padding: the same step replayed
+    assert len(captures) == 1
+    ours.double()  # the same weights at the same addresses: replayed
+    check(ids, mask)
+    assert len(captures) == 1
+    ours.float().double()  # new tensors: captured anew
+    check(ids, mask)
+    assert len(captures) == 2
+    check(ids[:2], mask[:2])  # another batch
+    assert len(captures) == 3
+    with K.use_backend("torch"):  # another backend in force
+        check(ids, mask)
+    assert len(captures) == 4 and len(generation._STEPS[ours]) == 2  # the latest two kept
+
+
 def test_static_cache_bad_use_is_named():
     from fuseformer.models.layers import StaticKVCache
 
@@ -251,6 +310,12 @@ def test_gpu_cuda_graph_decoding_replays_the_static_step(dtype):
     graphed = ours.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, cuda_graph=True)
     eager = ours.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, static_cache=True)
     assert torch.equal(graphed, eager)
+    # Later calls of the bucket replay the captured step on their own prompt.
+    assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, cuda_graph=True),
+                       graphed)
+    shorter = [ours.generate(ids[:, 2:], attention_mask=mask[:, 2:], max_new_tokens=9, pad_token_id=0, **kw)
+               for kw in ({"cuda_graph": True}, {"static_cache": True})]
+    assert torch.equal(*shorter)
     if dtype == torch.float32:
         assert torch.equal(graphed, ours.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0))
     sampled = [ours.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, pad_token_id=0,
