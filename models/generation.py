@@ -190,17 +190,20 @@ def _static_step(model, past, max_length: int, prompt_mask, positions, cuda_grap
     entry = key = None
     if cuda_graph:
         tensors = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
-        key = (positions.shape[0], max_length, k0.dtype, k0.device, tensors, backends.settings_signature())
+        # Inference mode too: buffers made under it cannot be written outside it.
+        key = (positions.shape[0], max_length, k0.dtype, k0.device, tensors, backends.settings_signature(),
+               torch.is_inference_mode_enabled())
         steps = _STEPS.setdefault(model, {})
         entry = steps.pop(key, None)
-    if entry is None:
-        cache = StaticKVCache(past, max_length, prompt_mask)
-        step_ids = torch.zeros(positions.shape, dtype=torch.long, device=positions.device)
-        step_pos, first = positions.clone(), positions.clone()
-    else:
-        cache, step_ids, step_pos, first, replay = entry
-        cache.load(past, prompt_mask)
-        first.copy_(positions)
+    with torch.no_grad():  # the buffers hold values, never a graph of the prompt's forward
+        if entry is None:
+            cache = StaticKVCache(past, max_length, prompt_mask)
+            step_ids = torch.zeros(positions.shape, dtype=torch.long, device=positions.device)
+            step_pos, first = positions.clone(), positions.clone()
+        else:
+            cache, step_ids, step_pos, first, replay = entry
+            cache.load(past, prompt_mask)
+            first.copy_(positions)
 
     def call():
         with torch.no_grad():

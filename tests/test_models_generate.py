@@ -216,8 +216,8 @@ def test_a_captured_step_is_replayed_by_later_calls_of_its_bucket(monkeypatch):
     """generate(cuda_graph=True) keeps its captured step per model and bucket (batch, buffer
     length rounded up to a power of two, dtype, device, the weights' addresses, the settings):
     a later call loads its own prompt into the same buffers and replays without a capture,
-    giving its own growing cache's logits; new weights, another batch or another backend in
-    force capture anew; at most two steps are kept per model."""
+    giving its own growing cache's logits; new weights, another batch, another backend in
+    force or inference mode capture anew; at most two steps are kept per model."""
     from fuseformer import kernels as K
     from fuseformer.models import generation, graphs
 
@@ -269,6 +269,9 @@ def test_a_captured_step_is_replayed_by_later_calls_of_its_bucket(monkeypatch):
     with K.use_backend("torch"):  # another backend in force
         check(ids, mask)
     assert len(captures) == 4 and len(generation._STEPS[ours]) == 2  # the latest two kept
+    with torch.inference_mode():  # buffers made under it could not be written outside it
+        check(ids[:2], mask[:2])
+    assert len(captures) == 5
 
 
 def test_static_cache_bad_use_is_named():
