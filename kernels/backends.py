@@ -288,10 +288,13 @@ def resolve(op: str, device: torch.device, requested: str | None = None, **case)
 
 
 def settings_signature() -> tuple:
-    """The backend in force and every op's kernel-variant settings: what a captured sequence
-    of launches (generate's CUDA graph) was chosen under, beyond its tensors."""
-    return (_scoped[-1] if _scoped else _default, backend_version(),
-            tuple((v.op, tuple(v.items())) for v in _VARIANT_SETS))
+    """The backend in force, every op's kernel-variant settings and torch's matmul precision
+    flags (the linear_gelu launcher and cuBLAS read them): what a captured sequence of launches
+    (generate's CUDA graph) was chosen under, beyond its tensors and modules."""
+    matmul = torch.backends.cuda.matmul
+    return (_scoped[-1] if _scoped else _default, tuple((v.op, tuple(v.items())) for v in _VARIANT_SETS),
+            matmul.allow_tf32, matmul.allow_fp16_reduced_precision_reduction,
+            matmul.allow_bf16_reduced_precision_reduction, torch.get_float32_matmul_precision())
 
 
 def memo(key: tuple, decide):

@@ -167,8 +167,9 @@ _KEEP_STEPS = 2
 
 def _buffer_length(needed: int, limit: int) -> int:
     """Slots for `needed` tokens, rounded up to a power of two (at least 64, at most the position
-    table), so that calls of nearby lengths share one captured step. The kernels never load the
-    key tiles past the last marked slot, so the spare slots cost a mask row read."""
+    table), so that calls of nearby lengths share one captured step. Our attention kernels never
+    load the key tiles past the last marked slot (the spare slots cost a mask row read); the
+    torch backend's SDPA computes over all of them."""
     return min(limit, max(64, 1 << (needed - 1).bit_length()))
 
 
@@ -182,7 +183,7 @@ def _static_step(model, past, max_length: int, prompt_mask, positions, cuda_grap
     tokens are asked for), and so does the first replay."""
     from ..kernels import backends
     from .graphs import capture_cuda_graph
-    from .layers import StaticKVCache
+    from .layers import BackendChoice, StaticKVCache
 
     k0 = past[0][0]
     # Rounded up eagerly too: the eager step then runs the graph's shapes (and kernels).
@@ -190,10 +191,14 @@ def _static_step(model, past, max_length: int, prompt_mask, positions, cuda_grap
     entry = key = None
     if cuda_graph:
         tensors = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
-        # Inference mode too: buffers made under it cannot be written outside it.
-        key = (positions.shape[0], max_length, k0.dtype, k0.device, tensors, backends.settings_signature(),
+        # The modules' own backends (set_backend) as well as the global settings; inference
+        # mode too: buffers made under it cannot be written outside it.
+        chosen = tuple(m._backend for m in model.modules() if isinstance(m, BackendChoice))
+        key = (positions.shape[0], max_length, k0.dtype, k0.device, tensors, chosen, backends.settings_signature(),
                torch.is_inference_mode_enabled())
         steps = _STEPS.setdefault(model, {})
+        for stale in [k for k in steps if k[4] != tensors]:  # weights moved or recast: never replayed again
+            del steps[stale]
         entry = steps.pop(key, None)
     with torch.no_grad():  # the buffers hold values, never a graph of the prompt's forward
         if entry is None:
@@ -230,4 +235,12 @@ def _static_step(model, past, max_length: int, prompt_mask, positions, cuda_grap
     return replay, step_ids
 
 
-__all__ = ["generate"]
+def release_cuda_graphs(model) -> None:
+    """Drop `model`'s captured decoding steps (generate(cuda_graph=True)) and their buffers.
+    Needed after changing what a step computes other than through its weights' values, the
+    modules' backends or the kernel settings (those are part of a step's key): a module's
+    attribute such as a feed-forward's `approximate`, say."""
+    _STEPS.pop(model, None)
+
+
+__all__ = ["generate", "release_cuda_graphs"]

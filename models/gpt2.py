@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from . import outputs as O
 from .bert import check_heads, check_ids, check_inputs, gelu_approximate
 from .checkpoint import COPY, TRANSPOSE, HFConfig, PreTrainedModel
-from .generation import generate
+from .generation import generate, release_cuda_graphs
 from .layers import (AddLayerNorm, StaticKVCache, TransformerBlock, VocabLogits, attention_mask_for, init_weights,
                      scale_residual_projections)
 
@@ -208,6 +208,10 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         fuseformer.models.generation.generate (attention_mask, max_length, do_sample,
         temperature, top_k, top_p, eos_token_id, pad_token_id, ...)."""
         return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def release_cuda_graphs(self) -> None:
+        """Drop the decoding steps generate(cuda_graph=True) captured, and their buffers."""
+        release_cuda_graphs(self)
 
 
 __all__ = ["GPT2Config", "GPT2Model", "GPT2LMHeadModel"]

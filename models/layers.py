@@ -66,13 +66,20 @@ class StaticKVCache:
         """Another prompt's cache into the same buffers (same batch, heads, head dim and layer
         count; its length up to max_length), then reset(): what a captured step replays on."""
         k0 = self._check(past, self.max_length, prompt_mask)
+        buffer = self.keys[0]
         if len(past) != len(self.keys) or (k0.shape[0], k0.shape[1], k0.shape[3]) != (
-                self.keys[0].shape[0], self.keys[0].shape[1], self.keys[0].shape[3]):
+                buffer.shape[0], buffer.shape[1], buffer.shape[3]):
             raise ValueError("past must have this cache's layers, batch, heads and head dim")
+        if k0.dtype != buffer.dtype or k0.device != buffer.device:
+            raise ValueError(f"past must be {buffer.dtype} on {buffer.device}, got {k0.dtype} on {k0.device}")
         P = k0.shape[2]
         for (k, v), kb, vb in zip(past, self.keys, self.values):
             kb[:, :, :P].copy_(k)
             vb[:, :, :P].copy_(v)
+            # An earlier prompt's keys and values past P are masked, but a non-finite one would
+            # still reach the output as 0 * inf through the masked probabilities.
+            kb[:, :, P:].zero_()
+            vb[:, :, P:].zero_()
         self.prompt_length = P
         self._prompt_mask = None if prompt_mask is None else prompt_mask.to(k0.device, torch.bool)
         self.reset()

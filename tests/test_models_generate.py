@@ -1,5 +1,7 @@
 """GPT2LMHeadModel.generate against transformers' generate on the same random weights:
 left-padded batches, eos / pad from the config, max_length, sampling filters, limits."""
+import weakref
+
 import pytest
 import torch
 
@@ -195,9 +197,10 @@ def test_the_graphed_steps_warm_ups_leave_the_cache_as_the_prompt_left_it(new, m
         return fn
 
     monkeypatch.setattr(graphs, "capture_cuda_graph", stand_in)
-    _, ours = twins(eos=None)
+    monkeypatch.setattr(generation, "_STEPS", weakref.WeakKeyDictionary())  # the stand-in's steps hold the model
     ids, mask = left_padded()
     B, P = ids.shape
+    _, ours = twins(eos=None, n_positions=P + new)  # buffers of exactly P + new slots
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     with torch.no_grad():
         out = ours(ids, attention_mask=mask, position_ids=positions, use_cache=True)
@@ -216,8 +219,9 @@ def test_a_captured_step_is_replayed_by_later_calls_of_its_bucket(monkeypatch):
     """generate(cuda_graph=True) keeps its captured step per model and bucket (batch, buffer
     length rounded up to a power of two, dtype, device, the weights' addresses, the settings):
     a later call loads its own prompt into the same buffers and replays without a capture,
-    giving its own growing cache's logits; new weights, another batch, another backend in
-    force or inference mode capture anew; at most two steps are kept per model."""
+    giving its own growing cache's logits; new weights (the steps over the old ones dropped),
+    another batch, inference mode, another backend in force or the model's own capture anew;
+    at most two steps are kept per model, none after release_cuda_graphs."""
     from fuseformer import kernels as K
     from fuseformer.models import generation, graphs
 
@@ -230,6 +234,7 @@ def test_a_captured_step_is_replayed_by_later_calls_of_its_bucket(monkeypatch):
         return fn
 
     monkeypatch.setattr(graphs, "capture_cuda_graph", stand_in)
+    monkeypatch.setattr(generation, "_STEPS", weakref.WeakKeyDictionary())  # the stand-in's steps hold the model
     _, ours = twins(eos=None, n_positions=40)
     assert generation._buffer_length(9, 40) == 40 and generation._buffer_length(9, 1024) == 64
     assert generation._buffer_length(65, 1024) == 128
@@ -261,17 +266,24 @@ def test_a_captured_step_is_replayed_by_later_calls_of_its_bucket(monkeypatch):
     ours.double()  # the same weights at the same addresses: replayed
     check(ids, mask)
     assert len(captures) == 1
-    ours.float().double()  # new tensors: captured anew
+    ours.float().double()  # new tensors: captured anew, the step over the old ones dropped
     check(ids, mask)
-    assert len(captures) == 2
+    assert len(captures) == 2 and len(generation._STEPS[ours]) == 1
     check(ids[:2], mask[:2])  # another batch
     assert len(captures) == 3
-    with K.use_backend("torch"):  # another backend in force
-        check(ids, mask)
-    assert len(captures) == 4 and len(generation._STEPS[ours]) == 2  # the latest two kept
     with torch.inference_mode():  # buffers made under it could not be written outside it
         check(ids[:2], mask[:2])
+    assert len(captures) == 4
+    check(ids[:2], mask[:2])  # and the step made outside it replays
+    assert len(captures) == 4
+    with K.use_backend("torch"):  # another backend in force
+        check(ids, mask)
     assert len(captures) == 5
+    ours.set_backend("torch")  # the model's own backend
+    check(ids, mask)
+    assert len(captures) == 6 and len(generation._STEPS[ours]) == 2  # the latest two kept
+    ours.release_cuda_graphs()
+    assert ours not in generation._STEPS
 
 
 def test_static_cache_bad_use_is_named():
@@ -319,6 +331,8 @@ def test_gpu_cuda_graph_decoding_replays_the_static_step(dtype):
     shorter = [ours.generate(ids[:, 2:], attention_mask=mask[:, 2:], max_new_tokens=9, pad_token_id=0, **kw)
                for kw in ({"cuda_graph": True}, {"static_cache": True})]
     assert torch.equal(*shorter)
+    from fuseformer.models import generation
+    assert len(generation._STEPS[ours]) == 1  # one capture, replayed by the later calls
     if dtype == torch.float32:
         assert torch.equal(graphed, ours.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0))
     sampled = [ours.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, pad_token_id=0,
