@@ -292,7 +292,7 @@ def settings_signature() -> tuple:
     flags (the linear_gelu launcher and cuBLAS read them): what a captured sequence of launches
     (generate's CUDA graph) was chosen under, beyond its tensors and modules."""
     matmul = torch.backends.cuda.matmul
-    return (_scoped[-1] if _scoped else _default, tuple((v.op, tuple(v.items())) for v in _VARIANT_SETS),
+    return (get_backend(), tuple((v.op, tuple(v.items())) for v in _VARIANT_SETS),
             matmul.allow_tf32, matmul.allow_fp16_reduced_precision_reduction,
             matmul.allow_bf16_reduced_precision_reduction, torch.get_float32_matmul_precision())
 

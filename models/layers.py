@@ -245,17 +245,17 @@ class MultiHeadSelfAttention(BackendChoice, nn.Module):
                 raise ValueError(f"a StaticKVCache takes one token a step, got {T}")
             past_kv.k.index_copy_(2, past_kv.position, k)
             past_kv.v.index_copy_(2, past_kv.position, v)
-            y = self.attend(q, past_kv.k, past_kv.v, attn_mask, False)
-            y = self.proj(y.transpose(1, 2).reshape(B, T, C))
-            return (y, past_kv) if use_cache else y
-        past = None if past_kv is None else past_kv[0].shape[2]
-        attn_mask, is_causal = self.cache_mask(attn_mask, T, past, x.device)
-        if past_kv is not None:
-            k = torch.cat([past_kv[0], k], dim=2)  # (B, nh, S, hs)
-            v = torch.cat([past_kv[1], v], dim=2)
+            k, v, is_causal, present = past_kv.k, past_kv.v, False, past_kv
+        else:
+            past = None if past_kv is None else past_kv[0].shape[2]
+            attn_mask, is_causal = self.cache_mask(attn_mask, T, past, x.device)
+            if past_kv is not None:
+                k = torch.cat([past_kv[0], k], dim=2)  # (B, nh, S, hs)
+                v = torch.cat([past_kv[1], v], dim=2)
+            present = (k, v)
         y = self.attend(q, k, v, attn_mask, is_causal)  # (B, nh, T, hs)
         y = self.proj(y.transpose(1, 2).reshape(B, T, C))
-        return (y, (k, v)) if use_cache else y
+        return (y, present) if use_cache else y
 
     def cache_mask(self, attn_mask, T: int, past: int | None, device):
         """(mask, is_causal) for T queries after `past` cached keys (None: no cache), here and
@@ -452,8 +452,9 @@ def _fused_block_call(block: TransformerBlock, x: torch.Tensor, residual: torch.
             shape = (B, attn.num_heads, None, C // attn.num_heads)
             # `is None` each, not `None in past_kv`: that compares each tensor with None through
             # Tensor.__eq__'s exception path, ~12 µs a tensor, every decoding step of every block.
-            if (not isinstance(past_kv, (tuple, list)) or len(past_kv) != 2 or past_kv[0] is None or past_kv[1] is None
-                    or not same_floats(x, *past_kv) or any(t.dim() != 4 or (t.shape[0], t.shape[1], None, t.shape[3]) != shape for t in past_kv)
+            if (not isinstance(past_kv, (tuple, list)) or len(past_kv) != 2
+                    or past_kv[0] is None or past_kv[1] is None or not same_floats(x, *past_kv)
+                    or any(t.dim() != 4 or (t.shape[0], t.shape[1], None, t.shape[3]) != shape for t in past_kv)
                     or past_kv[0].shape[2] != past_kv[1].shape[2]):
                 return None
             past = past_kv[0].shape[2]

@@ -183,47 +183,11 @@ def test_a_static_cache_step_computes_the_growing_caches_logits():
             token, pos = want.logits[:, -1].argmax(-1, keepdim=True), pos + 1
 
 
-@pytest.mark.parametrize("new", [2, 4])
-def test_the_graphed_steps_warm_ups_leave_the_cache_as_the_prompt_left_it(new, monkeypatch):
-    """generate(cuda_graph=True)'s step with a stand-in capture (the warm-up calls run, the
-    capture records and runs nothing, a replay runs the step): every warm-up starts from the
-    state after the prompt, so with buffers for only two new tokens none writes past them, and
-    the first replayed steps give the growing cache's logits."""
-    from fuseformer.models import generation, graphs
-
-    def stand_in(fn, pool=None, warmup=3, warm=None):
-        for _ in range(warmup):
-            (warm or fn)()
-        return fn
-
-    monkeypatch.setattr(graphs, "capture_cuda_graph", stand_in)
-    monkeypatch.setattr(generation, "_STEPS", weakref.WeakKeyDictionary())  # the stand-in's steps hold the model
-    ids, mask = left_padded()
-    B, P = ids.shape
-    _, ours = twins(eos=None, n_positions=P + new)  # buffers of exactly P + new slots
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    with torch.no_grad():
-        out = ours(ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        step, step_ids = generation._static_step(ours, out.past_key_values, P + new, mask, positions[:, -1:] + 1, True)
-        past, grown, pos = out.past_key_values, mask, positions[:, -1:] + 1
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        for _ in range(new - 1):  # generate replays the step for every token after the first
-            grown = torch.cat([grown, torch.ones(B, 1, dtype=torch.long)], dim=1)
-            want = ours(token, past_key_values=past, attention_mask=grown, position_ids=pos, use_cache=True)
-            step_ids.copy_(token)
-            torch.testing.assert_close(step(), want.logits, rtol=1e-12, atol=1e-12)
-            past, pos, token = want.past_key_values, pos + 1, want.logits[:, -1].argmax(-1, keepdim=True)
-
-
-def test_a_captured_step_is_replayed_by_later_calls_of_its_bucket(monkeypatch):
-    """generate(cuda_graph=True) keeps its captured step per model and bucket (batch, buffer
-    length rounded up to a power of two, dtype, device, the weights' addresses, the settings):
-    a later call loads its own prompt into the same buffers and replays without a capture,
-    giving its own growing cache's logits; new weights (the steps over the old ones dropped),
-    another batch, inference mode, another backend in force or the model's own capture anew;
-    at most two steps are kept per model, none after release_cuda_graphs."""
-    from fuseformer import kernels as K
-    from fuseformer.models import generation, graphs
+def _stand_in_capture(monkeypatch, generation):
+    """capture_cuda_graph replaced by what a capture does on the host: the warm-up calls run, the
+    capture records and runs nothing, a replay runs the step. Returns the list of captured
+    calls. The module's step registry is a fresh one (the stand-in's steps hold their model)."""
+    from fuseformer.models import graphs
 
     captures = []
 
@@ -234,27 +198,62 @@ def test_a_captured_step_is_replayed_by_later_calls_of_its_bucket(monkeypatch):
         return fn
 
     monkeypatch.setattr(graphs, "capture_cuda_graph", stand_in)
-    monkeypatch.setattr(generation, "_STEPS", weakref.WeakKeyDictionary())  # the stand-in's steps hold the model
+    monkeypatch.setattr(generation, "_STEPS", weakref.WeakKeyDictionary())
+    return captures
+
+
+def _drive_static_step(model, ids, mask, new):
+    """generate(cuda_graph=True)'s decoding as generate drives it, after the prompt's forward:
+    the captured step replayed for every token after the first, each step's logits compared
+    with the growing cache's (float64)."""
+    from fuseformer.models import generation
+
+    B, P = ids.shape
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        step, step_ids = generation._static_step(model, out.past_key_values, P + new, mask, positions[:, -1:] + 1,
+                                                 True)
+        past, grown, pos = out.past_key_values, mask, positions[:, -1:] + 1
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(new - 1):
+            grown = torch.cat([grown, torch.ones(B, 1, dtype=torch.long)], dim=1)
+            want = model(token, past_key_values=past, attention_mask=grown, position_ids=pos, use_cache=True)
+            step_ids.copy_(token)
+            torch.testing.assert_close(step(), want.logits, rtol=1e-12, atol=1e-12)
+            past, pos, token = want.past_key_values, pos + 1, want.logits[:, -1].argmax(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("new", [2, 4])
+def test_the_graphed_steps_warm_ups_leave_the_cache_as_the_prompt_left_it(new, monkeypatch):
+    """generate(cuda_graph=True)'s step with a stand-in capture: every warm-up starts from the
+    state after the prompt, so with buffers for only two new tokens none writes past them, and
+    the first replayed steps give the growing cache's logits."""
+    from fuseformer.models import generation
+
+    _stand_in_capture(monkeypatch, generation)
+    ids, mask = left_padded()
+    _, ours = twins(eos=None, n_positions=ids.shape[1] + new)  # buffers of exactly P + new slots
+    _drive_static_step(ours, ids, mask, new)
+
+
+def test_a_captured_step_is_replayed_by_later_calls_of_its_bucket(monkeypatch):
+    """generate(cuda_graph=True) keeps its captured step per model and bucket (batch, buffer
+    length rounded up to a power of two, dtype, device, the weights' addresses, the settings):
+    a later call loads its own prompt into the same buffers and replays without a capture,
+    giving its own growing cache's logits; new weights (the steps over the old ones dropped),
+    another batch, inference mode, another backend in force or the model's own capture anew;
+    at most two steps are kept per model, none after release_cuda_graphs."""
+    from fuseformer import kernels as K
+    from fuseformer.models import generation
+
+    captures = _stand_in_capture(monkeypatch, generation)
     _, ours = twins(eos=None, n_positions=40)
     assert generation._buffer_length(9, 40) == 40 and generation._buffer_length(9, 1024) == 64
     assert generation._buffer_length(65, 1024) == 128
 
     def check(ids, mask, new=3):
-        """Drive the static step as generate does; compare each step with the growing cache."""
-        B, P = ids.shape
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        with torch.no_grad():
-            out = ours(ids, attention_mask=mask, position_ids=positions, use_cache=True)
-            step, step_ids = generation._static_step(ours, out.past_key_values, P + new, mask, positions[:, -1:] + 1,
-                                                     True)
-            past, grown, pos = out.past_key_values, mask, positions[:, -1:] + 1
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            for _ in range(new - 1):
-                grown = torch.cat([grown, torch.ones(B, 1, dtype=torch.long)], dim=1)
-                want = ours(token, past_key_values=past, attention_mask=grown, position_ids=pos, use_cache=True)
-                step_ids.copy_(token)
-                torch.testing.assert_close(step(), want.logits, rtol=1e-12, atol=1e-12)
-                past, pos, token = want.past_key_values, pos + 1, want.logits[:, -1].argmax(-1, keepdim=True)
+        _drive_static_step(ours, ids, mask, new)
 
     ids, mask = left_padded()
     check(ids, mask)
