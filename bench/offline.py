@@ -38,25 +38,36 @@ class _OfflineUtils:
         return 0, 0, 32, 0, 1024  # module, function, registers, spills, max threads per block
 
 
-def _as_launched(arg):
-    """A launcher argument as the launch saw it. A real launcher encodes a host TMA descriptor
-    into a CUtensorMap during the launch, so what counts is its box then: a copy, since a
-    launcher may re-fit a descriptor's box for a later launch (attention's two backward passes
-    share theirs)."""
+def _as_launched(arg, pointer: bool):
+    """A launcher argument as the launch saw it. A pointer parameter's argument as
+    ("pointer", address), whether it came as a tensor (Triton's path) or as its data pointer
+    (the fast launch: kernels/launch.py); the kernel gets the address either way. A real
+    launcher encodes a host TMA descriptor into a CUtensorMap during the launch, so what counts
+    is its box then: a copy, since a launcher may re-fit a descriptor's box for a later launch
+    (attention's two backward passes share theirs)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from fuseformer.kernels.launch import new_descriptor
 
+    if pointer and arg is not None:
+        return "pointer", arg if arg.__class__ is int else arg.data_ptr()
     if arg.__class__ is not TensorDescriptor:
         return arg
     return new_descriptor(arg.base, arg.shape, arg.strides, arg.block_shape, arg.padding)
+
+
+def _pointer_params(src) -> tuple:
+    """Per kernel parameter (in the launcher's argument order), whether it is a pointer."""
+    signature = getattr(src, "signature", None) or {}
+    return tuple(str(kind).startswith("*") for kind in signature.values())
 
 
 def _ce_flag(rows, labels, loss, aux, M, *rest, **kwargs):
     """_ce_reduce's flag at aux[M + 1]: every label names a class (the overhead cases'). Written
     through its address (aux: fp32 host memory), ~0.3 µs where `aux[M + 1] = 1.0` costs ~2: a
     GPU kernel's write costs the host nothing."""
-    ctypes.c_float.from_address(aux.data_ptr() + 4 * (M + 1)).value = 1.0
+    address = aux if aux.__class__ is int else aux.data_ptr()  # the fast launch passes the address
+    ctypes.c_float.from_address(address + 4 * (M + 1)).value = 1.0
 
 
 # Kernels whose output the host reads back on a CPU, by name: a stand-in that writes what the
@@ -101,10 +112,12 @@ class OfflineDriver:
 
     def launcher_cls(self, src, metadata):
         stand_in = STAND_INS.get(metadata.name)
+        pointers = (False,) * LAUNCHER_LEADING + _pointer_params(src)
 
         def launch(*args):
             if self.record:
-                self.launches.append((metadata.name, tuple(_as_launched(a) for a in args)))
+                self.launches.append((metadata.name, tuple(
+                    _as_launched(a, i < len(pointers) and pointers[i]) for i, a in enumerate(args))))
             if stand_in is not None:
                 stand_in(*args[LAUNCHER_LEADING:])
         return launch

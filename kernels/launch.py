@@ -28,13 +28,31 @@ Triton specializes them on (dtype and block shape) and handed to the launcher as
 encodes each into a CUtensorMap per launch on both paths. Anything else (a grid function that
 reads other arguments, an installed launch hook, the interpreter) takes Triton's path.
 
-Why it is the default though no GPU has timed it yet: both halves of the case were measured
-without one.
+Tensors reach the launcher as their data pointers (ints), not as tensors. Given a tensor,
+Triton's launcher (its C code, triton 3.6 and 3.9 alike: getPointer / extractPointer) calls
+its data_ptr() and then asks the driver about that address (cuPointerGetAttribute,
+CU_POINTER_ATTRIBUTE_DEVICE_POINTER), once per tensor per launch, to refuse host memory with
+"cannot be accessed from Triton (cpu tensor?)"; given an int, it takes it as the device
+pointer with no driver call. Our public ops check every tensor's device before launching, and
+on a CUDA device (unified addressing) the device pointer of a CUDA tensor is its data_ptr(),
+so the driver's answer is known: asking it costs a driver call per tensor (attention's portable
+forward passes 9 tensors, its backward 29 over three kernels) on the host time this module
+exists to cut. The fast path reads each tensor's data_ptr() anyway (for the alignment in the
+key); which positions hold tensors is fixed by the key and kept with the kernel. The driver
+call is a GPU machine's cost: the stand-in driver's host timings on a CPU cannot show it, and
+no GPU has timed the change yet.
+
+Why it is the default: on the H200 (bench/results/h200/, 2026-11-27) the models suite's eager
+cases ran 1.41x faster (geomean) than on Triton's own launch path, and the overhead group's
+add+LN forward took 24.1 µs of host time against 40.2 (attention with a padding mask 50.4
+against 87.4). It was made the default before any GPU had timed it, on two measurements
+without one:
 - Same launches: every launcher of ours, run through Triton's real JIT path with a stand-in
   driver (tests/offline_launch_check.py, in CI), hands each kernel's launcher the same grid,
-  stream, function, metadata and arguments on the fast path as on Triton's, under triton 3.6
-  and 3.9; the launcher (Triton's C code) and the driver call after it are the same on both
-  paths, and it skips the hooks only where it gets None for them, as it does when none is set.
+  stream, function, metadata and arguments (a tensor's address where Triton's path hands the
+  tensor) on the fast path as on Triton's, under triton 3.6 and 3.9; the launcher (Triton's C
+  code) then makes the same driver launch on both paths, and it skips the hooks only where it
+  gets None for them, as it does when none is set.
 - Less host time: the same calls through Triton's launch path on this project's CPU (the
   overhead group's second table on a CPU), host µs per call, Triton's path -> fast launch:
   attention forward with a padding mask 77.9 -> 58.7, add+LN forward 30.8 -> 21.5,
@@ -64,7 +82,8 @@ _INTERPRET = backends.interpreting()  # read at import, as Triton reads it when 
 # kernel object too and a hit checks it is the same one, so an id that a freed kernel's
 # successor reuses never matches.
 # (id(kernel), device, options, constexprs, argument specializations) -> (CompiledKernel, tail,
-# kernel): `tail` holds the values of the parameters after the positional ones, in signature order.
+# kernel, tensor positions): `tail` holds the values of the parameters after the positional ones,
+# in signature order; the positions, which positional arguments are tensors (passed as pointers).
 _kernels: dict[tuple, tuple] = {}
 # Kernels whose fast launch raised once, id -> kernel: they take Triton's path from then on.
 _refused: dict = {}
@@ -95,7 +114,7 @@ _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
 
 
-def _spec(args):
+def _spec(args, pointers):
     """What Triton specializes the positional arguments on (or finer), one entry each; None
     when an argument is of a type the fast path does not know. Written for speed (attention
     passes ~30 arguments: a generic isinstance chain cost ~17 µs here, this ~3): dispatch on
@@ -108,7 +127,9 @@ def _spec(args):
       host TensorDescriptor  one entry, a tuple: its tensor's dtype, its block shape and its
               padding (Triton 3.6 and 3.9 specialize one on the first two alone,
               "tensordesc<bf16[1, 1, 128, 64]>"; its base, shape and strides are launch
-              arguments, which the kernel's launcher turns into a CUtensorMap each launch)"""
+              arguments, which the kernel's launcher turns into a CUtensorMap each launch)
+    `pointers` gets each tensor's data pointer, in order: the fast launch passes those (the
+    module docstring says why)."""
     out = []
     add = out.append
     for a in args:
@@ -121,8 +142,10 @@ def _spec(args):
             else:
                 add((16 if -0x8000000000000000 <= a <= 0x7FFFFFFFFFFFFFFF else 32) + (a & 15))
         elif c is _Tensor or c is _Parameter or (c is not float and c is not bool and isinstance(a, _Tensor)):
+            p = a.data_ptr()
             add(a.dtype)
-            add(a.data_ptr() & 15)
+            add(p & 15)
+            pointers.append(p)
         elif c is float:
             add(-2)
         elif a is None:
@@ -243,7 +266,8 @@ def launch(fn, grid, *args, **kwargs) -> None:
     if not isinstance(dims, tuple):
         fn[grid](*args, **kwargs)
         return
-    spec = _spec(args)
+    pointers = []
+    spec = _spec(args, pointers)
     if constexprs is None or spec is None or not _hooks_idle():
         fn[grid](*args, **kwargs)
         return
@@ -262,14 +286,18 @@ def launch(fn, grid, *args, **kwargs) -> None:
         # it, and returns it.
         compiled = fn[grid](*args, **kwargs)
         if compiled is not None:
-            _kernels[key] = (compiled, _tail(fn, len(args), kwargs), fn)
+            tensors_at = tuple(i for i, a in enumerate(args) if isinstance(a, _Tensor))
+            _kernels[key] = (compiled, _tail(fn, len(args), kwargs), fn, tensors_at)
         return
-    compiled, tail, _ = entry
+    compiled, tail, _, tensors_at = entry
     grid_1 = dims[1] if len(dims) > 1 else 1
     grid_2 = dims[2] if len(dims) > 2 else 1
+    passed = list(args)
+    for i, p in zip(tensors_at, pointers):  # the key pins which positions hold tensors
+        passed[i] = p
     try:
         compiled.run(dims[0], grid_1, grid_2, _driver[1](device), compiled.function, compiled.packed_metadata, None,
-                     None, None, *args, *tail)
+                     None, None, *passed, *tail)
     except Exception as err:  # noqa: BLE001 - the launcher refused the arguments before launching
         _refused.update({id(fn): fn, id(given): given})
         warnings.warn(f"fuseformer: the fast launch of {getattr(fn, '__name__', fn)} failed ({err}); it takes "
@@ -309,16 +337,22 @@ class Bound:
         self.classes = classes
 
     def __call__(self, *leading) -> bool:
-        return self._launch(leading, leading)
+        return self._launch(leading, None)
 
-    def _launch(self, leading, passed) -> bool:
-        """Launch with `passed` (the leading arguments as the kernel takes them) after checking
-        `leading` (their tensors) against the bound call's classes."""
+    def _launch(self, leading, described) -> bool:
+        """Launch with the leading tensors after checking them against the bound call's
+        classes: each passed as its data pointer (as the fast launch passes tensors), or as
+        its host descriptor where `described` has one."""
         if not _ENABLED or len(leading) != len(self.classes) or not _hooks_idle():
             return False
+        passed = []
         for t, (dtype, residue) in zip(leading, self.classes):
-            if t.dtype is not dtype or t.data_ptr() & 15 != residue:
+            p = t.data_ptr()
+            if t.dtype is not dtype or p & 15 != residue:
                 return False
+            passed.append(p)
+        if described is not None:
+            passed = [p if d is None else d for p, d in zip(passed, described)]
         device = _driver[0]()
         if device != self.device:
             return False
@@ -353,8 +387,9 @@ class DescriptorBound(Bound):
                 shape, strides, box, padding = template
                 if list(t.shape) != shape or list(t.stride()) != strides:
                     return False
-                t = new_descriptor(t, shape, strides, box, padding)  # the checks held for the bound call
-            described.append(t)
+                described.append(new_descriptor(t, shape, strides, box, padding))  # checks held for the bound call
+            else:
+                described.append(None)
         return self._launch(leading, described)
 
 

@@ -87,8 +87,24 @@ def test_the_second_call_of_a_specialization_goes_straight_to_the_kept_kernel(fa
     assert k.paths() == ["triton", "fast"]
     _, args = k.log[1]
     # grid padded to 3-D, the current stream, the kept kernel's handle and metadata, no launch
-    # metadata and no hooks, then every parameter in signature order, the default BLOCK included.
-    assert args == (3, 1, 1, 1234, "FUNCTION", "METADATA", None, None, None, x, y, 80, 2e-5, 2, 64)
+    # metadata and no hooks, then every parameter in signature order, the default BLOCK
+    # included; each tensor as its data pointer (an int: no driver query of the address).
+    assert args == (3, 1, 1, 1234, "FUNCTION", "METADATA", None, None, None, x.data_ptr(), y.data_ptr(), 80, 2e-5,
+                    2, 64)
+    assert k.log[0][2][:2] == (x, y)  # Triton's path got the tensors themselves
+
+
+def test_the_fast_path_passes_each_tensor_as_its_own_address(fast):
+    """Tensors at other positions of the same kernel (a None first, then a view at an offset),
+    each passed as its own data pointer, in its own place; the rest as given."""
+    k = FakeKernel()
+    x, y = _tensors()
+    L.launch(k, (2,), x, y, 64, 1e-5, MODE=1)
+    a, b = torch.zeros(32), torch.zeros(48)[16:]  # b: 64 bytes into its storage, still aligned
+    L.launch(k, (2,), b, a, 64, 1e-5, MODE=1)
+    assert k.paths() == ["triton", "fast"]
+    assert k.log[1][1][9:13] == (b.data_ptr(), a.data_ptr(), 64, 1e-5)
+    assert b.data_ptr() == b.untyped_storage().data_ptr() + 64
 
 
 @pytest.mark.parametrize("change", [
@@ -190,8 +206,9 @@ def test_a_plan_relaunches_the_bound_call_with_new_leading_tensors(fast):
     x2, y2 = _tensors()
     assert bound(x2, y2)
     _, args = k.log[-1]
-    assert args == (3, 1, 1, 1234, "FUNCTION", "METADATA", None, None, None, x2, y2, 64, 1e-5, 2, 64)
-    assert args[9:] == k.log[1][1][9:2] + (x2, y2) + k.log[1][1][11:]  # all but the tensors as bound
+    assert args == (3, 1, 1, 1234, "FUNCTION", "METADATA", None, None, None, x2.data_ptr(), y2.data_ptr(), 64, 1e-5,
+                    2, 64)
+    assert args[11:] == k.log[1][1][11:]  # all but the tensors as bound
 
 
 def test_a_plan_launches_nothing_where_the_fast_path_would_not_be_taken(fast, monkeypatch):
@@ -272,7 +289,7 @@ def test_a_plan_over_host_descriptors_makes_new_ones_over_the_new_tensors(fast):
     assert k.paths() == ["triton", "fast", "fast"]
     _, args = k.log[-1]
     passed = args[9]
-    assert passed is not first and passed.base is x2 and args[10] is y2
+    assert passed is not first and passed.base is x2 and args[10] == y2.data_ptr()
     assert (passed.shape, passed.strides, passed.block_shape, passed.padding) == ([4, 16], [16, 1], [2, 16], "zero")
     assert not bound(torch.zeros(2, 32), y2)  # another shape
     assert not bound(torch.zeros(16, 4).t(), y2)  # the same shape, other strides
@@ -315,7 +332,7 @@ def test_a_launch_site_through_its_table(fast):
     assert k.paths() == ["triton", "fast", "fast"] and list(table) == ["key"]
     x2, y2 = _tensors()
     site("key", x2, y2)
-    assert k.log[-1][1][9:11] == (x2, y2) and k.log[-1][1][11:] == k.log[1][1][11:]
+    assert k.log[-1][1][9:11] == (x2.data_ptr(), y2.data_ptr()) and k.log[-1][1][11:] == k.log[1][1][11:]
     site(None, x, y)
     with L.use_fast_launch(False):
         site("key", x, y)
