@@ -160,8 +160,8 @@ def empty_linears():
 
     from fuseformer.models import fused_block
 
-    def empty_grads(dy2d, x2d, weight, need_x, need_w, need_b):
-        return (dy2d.new_empty(dy2d.shape[0], weight.shape[1]) if need_x else None,
+    def empty_grads(dy2d, x2d, weight, need_x, need_w, need_b, acc=None):
+        return (dy2d.new_empty(dy2d.shape[0], weight.shape[1]) if need_x else acc,
                 weight.new_empty(weight.shape) if need_w else None,
                 dy2d.new_empty(weight.shape[0]) if need_b else None)
 

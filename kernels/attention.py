@@ -518,14 +518,22 @@ def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed):
     return out, lse
 
 
-def _backward(dout, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed):
+def _backward(dout, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, grads=None):
+    """grads: (dq, dk, dv) to write into (q, k, v's shapes, unit last stride, any other strides:
+    a fused block hands views of one (B, T, 3, H, D) buffer, the layout of its qkv GEMM, so
+    the gradients need no stacking); None: new tensors."""
     dout, q, k, v = _unit_last(dout), _unit_last(q), _unit_last(k), _unit_last(v)
-    # A k/v broadcast over the batch (stride 0) gets a dense gradient, one per batch entry
-    # (empty_like makes overlapping tensors contiguous); autograd of the expand sums them.
-    dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
+    if grads is None:
+        # A k/v broadcast over the batch (stride 0) gets a dense gradient, one per batch entry
+        # (empty_like makes overlapping tensors contiguous); autograd of the expand sums them.
+        dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
+    else:
+        dq, dk, dv = grads
+    plan = _bwd_plan(dout, q, k, v, out, lse, mask, is_causal, scale, dropout_p, None)
+    if plan is not None and grads is not None:
+        plan += (dq.stride(), dk.stride(), dv.stride())  # a plan keeps the strides it was bound with
     _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dropout_p, seed,
-                q.shape[0], q.shape[2], k.shape[2],
-                plan=_bwd_plan(dout, q, k, v, out, lse, mask, is_causal, scale, dropout_p, None))
+                q.shape[0], q.shape[2], k.shape[2], plan=plan)
     return dq, dk, dv
 
 
@@ -564,7 +572,7 @@ def _unsupported(dtype=None, head_dim=None, mask_kind="none", dropout_p=0.0, req
     return None
 
 
-register_impl("attention", "triton", Impl(_forward, _backward, _unsupported))
+register_impl("attention", "triton", Impl(_forward, _backward, _unsupported, backward_extras=frozenset({"grads"})))
 register_impl("varlen_attention", "triton", Impl(_varlen_forward, _varlen_backward, _unsupported))
 
 

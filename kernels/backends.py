@@ -67,6 +67,10 @@ class Impl:
     # Asked by `auto` alone, before anything that could build or load the backend:
     # auto_unsupported(device, **case) is None only where `auto` should prefer this backend.
     auto_unsupported: Callable[..., str | None] | None = None
+    # Keyword arguments `backward` takes beyond the op's contract, for callers that can use
+    # them (models/fused_block.py): "grads" (attention: writes dq, dk, dv into the given
+    # tensors, any strides), "acc" (linear_gelu: returns acc + dx, the add in the GEMM).
+    backward_extras: frozenset = frozenset()
 
 
 _IMPLS: dict[tuple[str, str], Impl] = {}

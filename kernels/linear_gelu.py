@@ -346,10 +346,12 @@ def _dgelu(dout, x2d, weight, preact, approximate, has_bias, bias):
     return dpre, dpre.sum(0, dtype=torch.float32).to(dpre.dtype) if has_bias else None
 
 
-def backward(dout, x2d, weight, preact, approximate, has_bias, bias=None):
-    """preact None (the "recompute" variant, triton only) needs bias (when there is one)."""
+def backward(dout, x2d, weight, preact, approximate, has_bias, bias=None, acc=None):
+    """preact None (the "recompute" variant, triton only) needs bias (when there is one).
+    acc: an (M, K) gradient to add to dx, in the GEMM's epilogue (beta = 1) rather than by an
+    add after it (a fused block's residual gradient)."""
     dpre, db = _dgelu(dout.contiguous(), x2d, weight, preact, approximate, has_bias, bias)  # (M, N)
-    dx = dpre @ weight  # (M, K)
+    dx = dpre @ weight if acc is None else torch.addmm(acc, dpre, weight)  # (M, K)
     dw = dpre.t() @ x2d  # (N, K)
     return dx, dw, db
 
@@ -360,7 +362,7 @@ def unsupported(dtype=None, in_features=None, out_features=None, approximate="no
     return None
 
 
-backends.register_impl("linear_gelu", "triton", Impl(forward, backward, unsupported))
+backends.register_impl("linear_gelu", "triton", Impl(forward, backward, unsupported, backward_extras=frozenset({"acc"})))
 
 
 # ----------------------------------------------------------------------------- shared by both paths
@@ -383,13 +385,19 @@ def _run_forward(backend, x, weight, bias, approximate, save_preact):
     return out, pre
 
 
-def _run_backward(backend, dout, x, weight, preact, approximate, has_bias, bias=None):
+def _run_backward(backend, dout, x, weight, preact, approximate, has_bias, bias=None, acc=None):
+    """acc (x's shape): added to dx, in the GEMM where the backend's launcher can."""
     impl = backends.get_impl("linear_gelu", backend)
     args = (as_rows(dout), as_rows(x), weight, as_rows(preact), approximate, has_bias)
+    # bias only for the recompute path: the cuda backend's launcher takes the six above.
+    kwargs = {} if preact is not None else {"bias": bias}
+    fold = acc is not None and "acc" in impl.backward_extras
+    if fold:
+        kwargs["acc"] = as_rows(acc)
     with device_guard(dout):
-        # bias only for the recompute path: the cuda backend's launcher takes the six above.
-        dx, dw, db = impl.backward(*args) if preact is not None else impl.backward(*args, bias=bias)
-    return dx.view(x.shape), dw, db
+        dx, dw, db = impl.backward(*args, **kwargs)
+    dx = dx.view(x.shape)
+    return (dx if fold or acc is None else dx + acc), dw, db
 
 
 def _save_preact(backend: str) -> bool:

@@ -100,6 +100,27 @@ def case_attention(kernel, dq="pass", descriptors="device", autotune=True, causa
         A.set_autotune(before)
 
 
+def case_attention_grads_into(kernel):
+    """q, k, v as views of one (B, L, 3, H, D) qkv buffer, as a fused block makes them; the
+    backward into new tensors, then into views of one dqkv buffer of that layout (a fused
+    block's `grads`), then into new ones again: a plan bound for one layout of dq/dk/dv must
+    never launch with the other's strides."""
+    B, H, L, D = 2, 4, 96, 64
+    qkv = _randn(B, L, 3, H, D)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    mask = torch.ones(B, 1, 1, L, dtype=torch.bool)
+    mask[1, ..., 70:] = False
+    mask4 = mask.expand(B, H, L, L)
+    dout = _randn(B, H, L, D)
+    with A.variant(kernel=kernel, descriptors="host" if kernel == "hopper" else "auto"):
+        out, lse = A._forward(q, k, v, mask4, False, 0.125, 0.0, None)
+        A._backward(dout, q, k, v, out, lse, mask4, False, 0.125, 0.0, None)
+        dqkv = _randn(B, L, 3, H, D)
+        A._backward(dout, q, k, v, out, lse, mask4, False, 0.125, 0.0, None,
+                    grads=tuple(dqkv[:, :, i].transpose(1, 2) for i in range(3)))
+        A._backward(dout, q, k, v, out, lse, mask4, False, 0.125, 0.0, None)
+
+
 def case_varlen(kernel):
     """Three packed sequences of 40, 17 and 64 tokens, causal, forward and backward."""
     lengths = (40, 17, 64)
@@ -128,6 +149,8 @@ CASES = {
     "attention_portable_default_config": lambda: case_attention("portable", autotune=False, causal=True),
     "attention_hopper_default_config": lambda: case_attention("hopper", autotune=False, causal=True),
     "attention_portable_dropout": lambda: case_attention("portable", causal=True, dropout_p=0.1),
+    "attention_portable_grads_into": lambda: case_attention_grads_into("portable"),
+    "attention_hopper_grads_into": lambda: case_attention_grads_into("hopper"),
     "varlen_portable": lambda: case_varlen("portable"),
     "varlen_hopper": lambda: case_varlen("hopper"),
 }

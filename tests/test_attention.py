@@ -698,3 +698,26 @@ def test_grids_fit_cuda_limits_for_huge_batch_times_heads(monkeypatch, varlen):
         assert all(g <= 65535 for g in grid[1:]), f"{name}: grid {grid} exceeds CUDA's 65535 on axis 1/2"
         # Every (block, batch*head) pair still gets a program.
         assert math.prod(grid) >= nseq * H, (name, grid)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_writes_into_the_gradient_views_it_is_given(causal):
+    """`grads` (Impl.backward_extras; models/fused_block.py hands views of one (B, T, 3, H, D)
+    buffer, the layout of its qkv GEMM): the launcher writes every element of each view (the
+    buffer starts as NaN), exactly what it returns without `grads`, and returns the views."""
+    B, H, L, D = 2, 2, 19, 16
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(B, L, 3, H, D, generator=g).to(DEVICE)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    mask = torch.ones(B, 1, 1, L, dtype=torch.bool, device=DEVICE)
+    mask[1, ..., 13:] = False
+    mask4 = mask.expand(B, H, L, L)
+    dout = torch.randn(B, H, L, D, generator=g).to(DEVICE)
+    out, lse = A._forward(q, k, v, mask4, causal, 0.25, 0.0, None)
+    ref = A._backward(dout, q, k, v, out, lse, mask4, causal, 0.25, 0.0, None)
+    dqkv = torch.full((B, L, 3, H, D), float("nan"), device=DEVICE)
+    views = tuple(t.transpose(1, 2) for t in dqkv.unbind(2))
+    got = A._backward(dout, q, k, v, out, lse, mask4, causal, 0.25, 0.0, None, grads=views)
+    assert all(a is b for a, b in zip(got, views)) and not dqkv.isnan().any()
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)

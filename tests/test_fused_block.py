@@ -76,6 +76,38 @@ def test_block_computes_what_the_per_op_path_computes(dropout, padded):
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_backend_without_the_backward_extras_computes_the_same(monkeypatch):
+    """The block's backward hands the attention launcher views of one dqkv buffer ("grads")
+    and folds the residual gradients into the dX GEMMs ("acc") where the launchers take them
+    (kernels/backends.py: Impl.backward_extras; the triton ones do); a backend whose
+    launchers take neither (the cuda backend's) gets new gradients, stacked, and plain adds:
+    the same gradients, either way."""
+    from dataclasses import replace
+
+    from fuseformer.kernels import backends
+
+    model = _bert().train()
+    ids, mask = _batch()
+    out, grads, _ = _step(model, ids, mask, block=True)
+    calls = []
+    for op in ("attention", "linear_gelu"):
+        impl = backends.get_impl(op, "triton")
+        assert impl.backward_extras  # what the block's default path relies on
+
+        def plain(*args, _backward=impl.backward, _op=op, **kwargs):
+            assert not {"grads", "acc"} & kwargs.keys()
+            calls.append(_op)
+            return _backward(*args, **kwargs)
+
+        monkeypatch.setitem(backends._IMPLS, (op, "triton"),
+                            replace(impl, backward=plain, backward_extras=frozenset()))
+    ref, ref_grads, fn = _step(model, ids, mask, block=True)
+    assert type(fn).__name__ == "PostLNBlockBackward" and sorted(set(calls)) == ["attention", "linear_gelu"]
+    assert torch.equal(out, ref) and grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def _parity_against_float64(model, ids, mask):
     """Our fp32 block against the float64 model on the torch backend, with fp32 on the torch
     backend as the yardstick (kernels/parity.py): the output and every gradient."""

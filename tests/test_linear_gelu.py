@@ -559,3 +559,19 @@ def test_inference_takes_a_contiguous_x_of_any_rank_in_place(forward, shape, lau
             assert_parity(out, ref64, reference.linear_gelu(x, w16, b16), torch.float16, what="out")
         else:
             torch.testing.assert_close(out.double(), ref64, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_backward_adds_acc_to_dx_in_its_gemm(stored):
+    """`acc` (Impl.backward_extras; a fused block's residual gradient): dx comes back as
+    acc + dx, the add done by the dX GEMM, with pre stored or recomputed; dW and db unchanged."""
+    g = torch.Generator().manual_seed(4)
+    x, w, b = (torch.randn(*s, generator=g).to(DEVICE) for s in ((13, 24), (40, 24), (40,)))
+    dout, acc = torch.randn(13, 40, generator=g).to(DEVICE), torch.randn(13, 24, generator=g).to(DEVICE)
+    _, pre = lg.forward(x, w, b, "none", True)
+    pre = pre if stored else None
+    bias = None if stored else b
+    dx, dw, db = lg.backward(dout, x, w, pre, "none", True, bias=bias)
+    dx2, dw2, db2 = lg.backward(dout, x, w, pre, "none", True, bias=bias, acc=acc)
+    torch.testing.assert_close(dx2, acc + dx, rtol=1e-5, atol=1e-5)
+    assert torch.equal(dw2, dw) and torch.equal(db2, db)
