@@ -187,6 +187,15 @@ def profile_add_layer_norm(M: int, N: int, backends: list[str], iters: int) -> N
         device_us = sum(e.self_device_time_total for e in _device_events(events)) / 10
         print(f"[{backend}] kernels' device time per fwd+bwd (profiler): {device_us:.1f} us")
         print(events.table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=60))
+        if backend == "triton":
+            # The H200 (2026-11-27) timed this fwd+bwd at 558 us of host time with the backward
+            # on the engine's device thread and 329 on the calling thread, where a bare Python
+            # Function differs by 53: by function, each way (cProfile follows every thread on
+            # Python 3.12+, whose profiler runs on sys.monitoring; on older ones the engine
+            # thread's functions are missing from the first table).
+            for where, fn in (("engine thread", fwd_bwd), ("calling thread", _on_calling_thread(fwd_bwd))):
+                _print_cprofile(f"[{backend}] [fast launch] fwd+bwd, backward on the {where}, over 50 calls", fn, 50,
+                                torch.cuda.synchronize, rows=16)
 
 
 def _print_cprofile(title: str, fn, calls: int, sync, rows: int = 22, sort: str = "tottime") -> None:
@@ -266,6 +275,7 @@ def profile_bare_launch(iters: int) -> None:
     for what, fn in (("triton launch", triton_launch), ("torch add_", torch_add)):
         print(f"[bare] {what}: main thread {_host_us(fn, iters):.1f} us/call, another thread "
               f"{_thread_host_us(fn, iters):.1f} us/call")
+    _profile_launcher_pointers(iters)
 
     class InBackward(torch.autograd.Function):
         """Calls `fn` `iters` times inside its backward and times them there."""
@@ -320,6 +330,43 @@ def profile_bare_launch(iters: int) -> None:
     for what, fn in (("autograd.Function with a Python backward", python_step), ("torch multiply", cpp_step)):
         print(f"[bare] fwd+bwd of a {what}: host {_host_us(fn, iters):.1f} us/call on the engine's thread, "
               f"{_host_us(_on_calling_thread(fn), iters):.1f} on the calling thread")
+
+
+def _profile_launcher_pointers(iters: int) -> None:
+    """What a tensor argument costs Triton's launcher over its address (kernels/launch.py's
+    docstring: given a tensor, the launcher asks the driver about its pointer,
+    cuPointerGetAttribute, per tensor per launch; the fast launch passes addresses): a kernel
+    of 8 pointers launched through Triton's path, through our fast launch, and by its
+    compiled launcher directly with the 8 tensors and with their 8 addresses."""
+    import triton
+    import triton.language as tl
+
+    from fuseformer.kernels.launch import launch
+
+    @triton.jit
+    def _bump8(A, B, C, D, E, F, G, H):
+        tl.store(A, tl.load(A) + 1)
+        tl.store(B, tl.load(B) + 1)
+        tl.store(C, tl.load(C) + 1)
+        tl.store(D, tl.load(D) + 1)
+        tl.store(E, tl.load(E) + 1)
+        tl.store(F, tl.load(F) + 1)
+        tl.store(G, tl.load(G) + 1)
+        tl.store(H, tl.load(H) + 1)
+
+    ts = [torch.zeros(1, device="cuda") for _ in range(8)]
+    ptrs = [t.data_ptr() for t in ts]
+    compiled = _bump8[(1,)](*ts)
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def direct(args):
+        return lambda: compiled.run(1, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                                    *args)
+
+    rows = (("Triton's path", lambda: _bump8[(1,)](*ts)), ("fast launch", lambda: launch(_bump8, (1,), *ts)),
+            ("its launcher, 8 tensors", direct(ts)), ("its launcher, 8 addresses", direct(ptrs)))
+    print("[bare] a kernel of 8 pointers: " + ", ".join(f"{what} {_host_us(fn, iters):.1f}" for what, fn in rows)
+          + " us/call")
 
 
 def profile_attention_descriptors(B: int, H: int, L: int, D: int, iters: int) -> None:
