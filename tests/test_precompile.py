@@ -37,6 +37,9 @@ TUNED = {
     "attention_portable_default_config": set(),  # FUSEFORMER_AUTOTUNE=0: no autotuner
     "attention_hopper_default_config": set(),
     "attention_portable_dropout": {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"},
+    # Their keys were tuned by the attention_portable / attention_hopper_host cases before.
+    "attention_portable_grads_into": set(),
+    "attention_hopper_grads_into": set(),
     "varlen_portable": {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"},
     "varlen_hopper": {"_attn_fwd_hopper", "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper"},
 }
@@ -51,6 +54,11 @@ PLAN_LAUNCHES = {
     "attention_portable_dropout": 4, "attention_hopper": 4, "attention_hopper_host": 4,
     "attention_hopper_auto_descriptors": 4,
     "attention_hopper_atomic_dq": 3, "attention_hopper_default_config": 4, "varlen_portable": 4, "varlen_hopper": 4,
+    # A forward and three backwards (new gradients, into views, new again) a run, 10 launches:
+    # the second run (fast path) re-launches all nine backward launches through the plans the
+    # first run bound, the third all ten. A plan keyed without the gradients' strides would
+    # hand the views' call the new tensors' strides: same_launch_args catches it.
+    "attention_portable_grads_into": 19, "attention_hopper_grads_into": 19,
 }
 
 
