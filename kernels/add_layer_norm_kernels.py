@@ -25,12 +25,20 @@ Forward kernels:
 import triton
 import triton.language as tl
 
+from .philox import keep_bits
+
 
 @triton.jit
-def _keep(seed, row, cols, dropout_p):
-    # Per-row Philox key (seed + row) and counter = column: int32 counters stay valid for
-    # any M * N, and forward, backward and dropout_mask() all draw the very same bits.
-    return tl.rand(seed + row, cols) >= dropout_p
+def _keep(seed, row, col0, dropout_p, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # Columns col0 .. col0 + BLOCK - 1 under a per-row Philox key (seed + row), four columns
+    # a counter (kernels/philox.py): forward, backward and dropout_mask() all draw the very
+    # same bits. ROWS == 0: one row (row a scalar), [BLOCK]; else row is [ROWS, 1] and the
+    # bits [ROWS, BLOCK]. col0: a multiple of BLOCK (every caller's chunks start there).
+    if ROWS == 0:
+        keep = tl.reshape(keep_bits(seed + row, 0, col0, dropout_p, 1, BLOCK), [BLOCK])
+    else:
+        keep = keep_bits(seed + row, 0, col0, dropout_p, ROWS, BLOCK)
+    return keep
 
 
 @triton.jit
@@ -44,10 +52,12 @@ def _mul_rounded(a, b):
 
 
 @triton.jit
-def _load_stream_chunk(X, RES, seed, row, row_off, cols, mask, dropout_p, HAS_RES: tl.constexpr, DROPOUT: tl.constexpr):
+def _load_stream_chunk(X, RES, seed, row, row_off, cols, col0, mask, dropout_p, HAS_RES: tl.constexpr,
+                       DROPOUT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # cols: col0 + arange(BLOCK), as [BLOCK] (ROWS == 0, row a scalar) or [1, BLOCK].
     s = tl.load(X + row_off + cols, mask=mask, other=0.0).to(tl.float32)
     if DROPOUT:
-        s = tl.where(_keep(seed, row, cols, dropout_p), s / (1.0 - dropout_p), 0.0)
+        s = tl.where(_keep(seed, row, col0, dropout_p, ROWS, BLOCK), s / (1.0 - dropout_p), 0.0)
     if HAS_RES:
         s += tl.load(RES + row_off + cols, mask=mask, other=0.0).to(tl.float32)
     # Round to the stream's dtype, as the reference does: the statistics must describe the
@@ -86,7 +96,7 @@ def _add_ln_fwd(
     cols = tl.arange(0, BLOCK)
     if SINGLE:
         mask = cols < N
-        s = _load_stream_chunk(X, RES, seed, row, row_off, cols, mask, dropout_p, HAS_RES, DROPOUT)
+        s = _load_stream_chunk(X, RES, seed, row, row_off, cols, 0, mask, dropout_p, HAS_RES, DROPOUT, 0, BLOCK)
         if SAVE_STREAM:
             tl.store(STREAM + row_off + cols, s.to(STREAM.dtype.element_ty), mask=mask)
         mean = tl.sum(s, axis=0) / N
@@ -104,7 +114,7 @@ def _add_ln_fwd(
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
             c = start + cols
-            s = _load_stream_chunk(X, RES, seed, row, row_off, c, c < N, dropout_p, HAS_RES, DROPOUT)
+            s = _load_stream_chunk(X, RES, seed, row, row_off, c, start, c < N, dropout_p, HAS_RES, DROPOUT, 0, BLOCK)
             if SAVE_STREAM:
                 tl.store(STREAM + row_off + c, s.to(STREAM.dtype.element_ty), mask=c < N)
             acc += s
@@ -112,13 +122,13 @@ def _add_ln_fwd(
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, N, BLOCK):
             c = start + cols
-            s = _load_stream_chunk(X, RES, seed, row, row_off, c, c < N, dropout_p, HAS_RES, DROPOUT)
+            s = _load_stream_chunk(X, RES, seed, row, row_off, c, start, c < N, dropout_p, HAS_RES, DROPOUT, 0, BLOCK)
             d = tl.where(c < N, s - mean, 0.0)
             acc += d * d
         rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
         for start in range(0, N, BLOCK):
             c = start + cols
-            s = _load_stream_chunk(X, RES, seed, row, row_off, c, c < N, dropout_p, HAS_RES, DROPOUT)
+            s = _load_stream_chunk(X, RES, seed, row, row_off, c, start, c < N, dropout_p, HAS_RES, DROPOUT, 0, BLOCK)
             y = (s - mean) * rstd
             if HAS_W:
                 y = y * tl.load(W + c, mask=c < N, other=0.0).to(tl.float32)
@@ -187,8 +197,8 @@ def _add_ln_fwd_rows(
         # JIT's own specialisation only proves when N is a multiple of 16.
         row_off = tl.multiple_of(rows.to(tl.int64) * N, ALIGN)
         mask = rmask[:, None] & cmask[None, :]
-        s = _load_stream_chunk(X, RES, seed, rows[:, None], row_off[:, None], cols[None, :], mask, dropout_p, HAS_RES,
-                               DROPOUT)
+        s = _load_stream_chunk(X, RES, seed, rows[:, None], row_off[:, None], cols[None, :], 0, mask, dropout_p, HAS_RES,
+                               DROPOUT, ROWS, BLOCK)
         offs = row_off[:, None] + cols[None, :]
         if SAVE_STREAM:
             tl.store(STREAM + offs, s.to(STREAM.dtype.element_ty), mask=mask)
@@ -263,7 +273,7 @@ def _add_ln_bwd(
             if HAS_RES:
                 tl.store(DRES + row_off + cols, ds.to(DRES.dtype.element_ty), mask=mask)
             if DROPOUT:
-                ds = tl.where(_keep(seed, row, cols, dropout_p), ds / (1.0 - dropout_p), 0.0)
+                ds = tl.where(_keep(seed, row, 0, dropout_p, 0, BLOCK), ds / (1.0 - dropout_p), 0.0)
             tl.store(DX + row_off + cols, ds.to(DX.dtype.element_ty), mask=mask)
             dw_acc += dy * xhat
             db_acc += dy
@@ -306,7 +316,7 @@ def _add_ln_bwd(
                 if HAS_RES:
                     tl.store(DRES + row_off + c, ds.to(DRES.dtype.element_ty), mask=m)
                 if DROPOUT:
-                    ds = tl.where(_keep(seed, row, c, dropout_p), ds / (1.0 - dropout_p), 0.0)
+                    ds = tl.where(_keep(seed, row, start, dropout_p, 0, BLOCK), ds / (1.0 - dropout_p), 0.0)
                 tl.store(DX + row_off + c, ds.to(DX.dtype.element_ty), mask=m)
                 if HAS_W:
                     p = tl.load(dw_part + c, mask=m, other=0.0)
@@ -320,7 +330,7 @@ def _add_ln_bwd(
 def _keep_mask_kernel(SEED, OUT, N, dropout_p, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    keep = _keep(tl.load(SEED), row, cols, dropout_p)
+    keep = _keep(tl.load(SEED), row, tl.program_id(1) * BLOCK, dropout_p, 0, BLOCK)
     tl.store(OUT + row.to(tl.int64) * N + cols, keep.to(tl.int8), mask=cols < N)
 
 

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .backends import interpreting
+from .philox import keep_bits
 from .precompile import autotune
 
 LOG2E = 1.4426950408889634
@@ -46,11 +47,13 @@ def _dot(a, b, acc, EXACT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _keep(seed, bh, rows, cols, LQ, LK, dropout_p):
-    # One Philox counter per (batch*head, row, col): forward, backward and the mask helper
-    # regenerate the same bits from the seed, so no mask is ever stored.
-    offsets = (bh.to(tl.int64) * LQ + rows[:, None]) * LK + cols[None, :]
-    return tl.rand(seed, offsets) >= dropout_p
+def _keep(seed, bh, rows, col0, LQ, LK, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Keys col0 .. col0 + BLOCK_N - 1 of query rows `rows` of head bh: each (batch*head, row)
+    # has its own run of cdiv(LK, 4) Philox counters, four keys a counter (kernels/philox.py).
+    # Forward, backward and the mask helper regenerate the same bits from the seed, so no mask
+    # is ever stored. col0: a multiple of BLOCK_N (every caller's key tiles start there).
+    base = (bh.to(tl.int64) * LQ + rows[:, None]) * ((LK + 3) // 4)
+    return keep_bits(seed, base, col0, dropout_p, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -207,7 +210,7 @@ def _fwd_tiles(
         acc = acc * alpha[:, None]
         if DROPOUT:
             # The softmax normaliser counts every key; dropout only thins what reaches V.
-            p = tl.where(_keep(seed, bh, rows, cols, LQ, LK, dropout_p), p, 0.0)
+            p = tl.where(_keep(seed, bh, rows, start_n, LQ, LK, dropout_p, BLOCK_M, BLOCK_N), p, 0.0)
         acc = _dot(p.to(v.dtype), v, acc, EXACT_FP32)
         m_i = m_new
     return acc, l_i, m_i
@@ -461,7 +464,7 @@ def _attn_bwd_dkdv(
             p = tl.exp2(s * to_scale - lse2[:, None])
             dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32)
             if DROPOUT:
-                keep = _keep(seed, b * H + h, rows, cols, LQ, LK, dropout_p)
+                keep = _keep(seed, b * H + h, rows, start_n, LQ, LK, dropout_p, BLOCK_M, BLOCK_N)
                 p_dropped = tl.where(keep, p * inv_keep, 0.0)
                 dp = tl.where(keep, dp * inv_keep, 0.0)
             else:
@@ -558,7 +561,7 @@ def _attn_bwd_dq(
         p = tl.exp2(s * to_scale - lse2[:, None])
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32)
         if DROPOUT:
-            keep = _keep(seed, bh, rows, cols, LQ, LK, dropout_p)
+            keep = _keep(seed, bh, rows, start_n, LQ, LK, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, EXACT_FP32)
@@ -580,7 +583,7 @@ def _dropout_keep_kernel(
     bh = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep(tl.load(SEED), bh, rows, cols, LQ, LK, dropout_p)
+    keep = _keep(tl.load(SEED), bh, rows, tl.program_id(2) * BLOCK_N, LQ, LK, dropout_p, BLOCK_M, BLOCK_N)
     offsets = (bh.to(tl.int64) * LQ + rows[:, None]) * LK + cols[None, :]
     tl.store(OUT + offsets, keep.to(tl.uint8), mask=(rows < LQ)[:, None] & (cols < LK)[None, :])
 

@@ -165,6 +165,31 @@ def test_dropout_keep_fraction_and_scaling(device):
     torch.testing.assert_close(stream[mask], x[mask] / (1 - p))
 
 
+def test_dropout_bits_serve_four_columns_each_and_do_not_depend_on_the_block(device):
+    """One Philox call's four words serve four consecutive columns (kernels/philox.py): each
+    column position within a group of four keeps at 1 - p on its own, two neighbours agree
+    only as often as independent draws would, and the mask is the same whatever block the
+    kernel walks the row in (the wide path's chunks, a narrow row's per-lane words)."""
+    from fuseformer.kernels.add_layer_norm_kernels import _keep_mask_kernel
+
+    seed, p = torch.tensor([77], device=device), 0.5
+    M, N = 64, 512
+    keep = aln.dropout_mask(seed, (M, N), p).view(M, N // 4, 4).float()
+    for lane in range(4):
+        assert abs(keep[..., lane].mean().item() - (1 - p)) < 0.04
+    same = (keep[..., 0] == keep[..., 1]).float().mean().item()
+    assert abs(same - 0.5) < 0.05  # p^2 + (1 - p)^2 for independent draws
+    rows = 3  # the interpreter runs each program in turn: few of them
+    for width, blocks in ((40, (8, 16, 64)), (6, (1, 2, 4, 8)), (3, (1, 2, 4))):
+        masks = []
+        for block in blocks:
+            out = torch.empty(rows, width, dtype=torch.int8, device=device)
+            _keep_mask_kernel[(rows, -(-width // block))](seed, out, width, p, BLOCK=block)
+            masks.append(out)
+        assert all(torch.equal(m, masks[0]) for m in masks[1:]), width
+    assert torch.equal(masks[0].bool(), aln.dropout_mask(seed, (rows, 3), p))
+
+
 def test_dropout_determinism(device):
     x, r, w, b = _inputs((6, 128), torch.float32, device)
     torch.manual_seed(11)

@@ -260,6 +260,24 @@ def test_dropout_keep_fraction_and_determinism():
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
 
 
+def test_dropout_bits_serve_four_keys_each_and_do_not_depend_on_the_tile():
+    """Four consecutive keys share one Philox call, one word each (kernels/philox.py): each
+    key position within a group of four keeps at 1 - p, neighbours agree only as often as
+    independent draws, and the mask is the same whatever tile shape draws it (the kernels'
+    configs differ from the helper's 64 x 64); a key count that is not a multiple of 4 too."""
+    seed = torch.tensor([99], device=DEVICE)
+    B, H, Lq, Lk, p = 1, 2, 64, 130, 0.5
+    keep = A.dropout_keep_mask(seed, B, H, Lq, Lk, p)
+    quads = keep[..., :128].reshape(B, H, Lq, 32, 4).float()
+    for lane in range(4):
+        assert abs(quads[..., lane].mean().item() - (1 - p)) < 0.04
+    assert abs((quads[..., 0] == quads[..., 1]).float().mean().item() - 0.5) < 0.04
+    for bm, bn in ((32, 16), (64, 128), (64, 32)):
+        out = torch.empty(B * H, Lq, Lk, dtype=torch.uint8, device=DEVICE)
+        A.dropout_keep_kernel[(B * H, -(-Lq // bm), -(-Lk // bn))](out, seed, Lq, Lk, p, BLOCK_M=bm, BLOCK_N=bn)
+        assert torch.equal(out.view(B, H, Lq, Lk).bool(), keep), (bm, bn)
+
+
 def test_dropout_same_seed_same_output(seeds, monkeypatch):
     q, k, v = _qkv(1, 2, 40, 40, 16)
     out1 = K.scaled_dot_product_attention(q, k, v, dropout_p=0.5, backend="triton")
