@@ -13,8 +13,9 @@ mask None or a (B, Hq, Lq, Lk) expanded view (bool or q.dtype); seed None or an 
 tensor; out (B, Hq, Lq, D) in q.dtype, allocated (B, Lq, Hq, D) so merging heads afterwards
 is free (the fake op promises these strides); lse fp32 (B, Hq, Lq) in natural log, +inf on a
 row with every key masked.
-Dropout keeps element (b, h, i, j) iff Philox(seed, ((b*Hq + h)*Lq + i)*Lk + j) >= p, the
-kept values scaled by 1/(1-p); `dropout_keep_mask` rebuilds that mask for the reference.
+Dropout keeps element (b, h, i, j) iff word j % 4 of Philox4x32(seed, counter
+((b*Hq + h)*Lq + i) * cdiv(Lk, 4) + j // 4), as a uniform in [0, 1), is >= p (kernels/philox.py),
+the kept values scaled by 1/(1-p); `dropout_keep_mask` rebuilds that mask for the reference.
 """
 import math
 import os
