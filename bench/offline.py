@@ -40,17 +40,20 @@ class _OfflineUtils:
 
 def _as_launched(arg, pointer: bool):
     """A launcher argument as the launch saw it. A pointer parameter's argument as
-    ("pointer", address), whether it came as a tensor (Triton's path) or as its data pointer
-    (the fast launch: kernels/launch.py); the kernel gets the address either way. A real
-    launcher encodes a host TMA descriptor into a CUtensorMap during the launch, so what counts
-    is its box then: a copy, since a launcher may re-fit a descriptor's box for a later launch
-    (attention's two backward passes share theirs)."""
+    ("pointer", address, (dtype, shape, strides) of the tensor or None): the kernel gets the
+    address, whether it came as a tensor (Triton's path) or as that tensor's data pointer
+    (the fast launch: kernels/launch.py; no tensor to describe then). A real launcher encodes a
+    host TMA descriptor into a CUtensorMap during the launch, so what counts is its box then: a
+    copy, since a launcher may re-fit a descriptor's box for a later launch (attention's two
+    backward passes share theirs)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from fuseformer.kernels.launch import new_descriptor
 
     if pointer and arg is not None:
-        return "pointer", arg if arg.__class__ is int else arg.data_ptr()
+        if arg.__class__ is int:
+            return "pointer", arg, None
+        return "pointer", arg.data_ptr(), (arg.dtype, tuple(arg.shape), arg.stride())
     if arg.__class__ is not TensorDescriptor:
         return arg
     return new_descriptor(arg.base, arg.shape, arg.strides, arg.block_shape, arg.padding)

@@ -530,6 +530,10 @@ def _backward(dout, q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, 
         dq, dk, dv = new_output_like(q), new_output_like(k), new_output_like(v)
     else:
         dq, dk, dv = grads
+        for name, g, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+            if g.shape != like.shape or g.stride(-1) != 1 or g.dtype != like.dtype or g.device != like.device:
+                raise ValueError(f"grads: {name} must have {name[1]}'s shape {tuple(like.shape)}, dtype and device, "
+                                 f"unit last stride, got {tuple(g.shape)} {g.dtype} strides {g.stride()}")
     plan = _bwd_plan(dout, q, k, v, out, lse, mask, is_causal, scale, dropout_p, None)
     if plan is not None and grads is not None:
         plan += (dq.stride(), dk.stride(), dv.stride())  # a plan keeps the strides it was bound with

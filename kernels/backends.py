@@ -69,7 +69,8 @@ class Impl:
     auto_unsupported: Callable[..., str | None] | None = None
     # Keyword arguments `backward` takes beyond the op's contract, for callers that can use
     # them (models/fused_block.py): "grads" (attention: writes dq, dk, dv into the given
-    # tensors, any strides), "acc" (linear_gelu: returns acc + dx, the add in the GEMM).
+    # tensors, unit last stride, any others), "acc" (linear_gelu: returns acc + dx, the add
+    # in the GEMM).
     backward_extras: frozenset = frozenset()
 
 

@@ -250,7 +250,9 @@ def _post_ln_forward(x, mask4, params, cfg, names, keep):
 
 
 class PostLNBlock(torch.autograd.Function):
-    """A post-LN block's autograd node; its backward is the per-op path's, op by op."""
+    """A post-LN block's autograd node; its backward is the per-op path's, op by op, but
+    for the residual adds done in the dX GEMMs and dq/dk/dv written in place (module
+    docstring)."""
 
     @staticmethod
     def forward(ctx, x, mask4, cfg, names, *params):

@@ -15,16 +15,17 @@ garbage; what counts:
   times: once to compile and tune, then three times with the fast launch on: the first of
   those through Triton's path (which keeps each compiled kernel), the second through the fast
   path where it applies (a launcher with plans binds one there), the third through the plans.
-  The driver records every launcher call; the last three runs' calls must match (pointers
-  compared by alignment, since each run allocates its outputs anew and the fast launch passes
-  addresses where Triton's path passes tensors).
+  The driver records every launcher call; the last three runs' calls must match (tensors
+  compared by dtype, shape, strides and alignment, since each run allocates its outputs anew;
+  where the fast launch hands the launcher a tensor's address, the tensor it took at that
+  place, which must be the one at that address).
 
     python tests/offline_launch_check.py [--configs 2] [--only NAME,...]
 
 Prints one JSON line per case: the autotuned kernels it reached, the configs precompiled, the
-compiles by who asked, the launches of the last run and how many took the fast path. Exit
-status 1 on an error, an extra compile or a launch mismatch. Run it without TRITON_INTERPRET
-(tests/test_precompile.py does, in a subprocess).
+compiles by who asked, the launches of the last run (and its kernels' names) and how many took
+the fast path. Exit status 1 on an error, an extra compile or a launch mismatch. Run it
+without TRITON_INTERPRET (tests/test_precompile.py does, in a subprocess).
 """
 from __future__ import annotations
 
@@ -156,14 +157,52 @@ CASES = {
 }
 
 
+# The fast launch hands the launcher each tensor's address (kernels/launch.py), so the driver
+# sees an int where Triton's path hands it the tensor. To compare the two as tensors, the
+# positional arguments of the latest fast launch (or a plan's leading tensors) are kept here as
+# it is made, and every launcher call is recorded with them (_Recorder).
+_ORIGIN = [()]
+
+
+def _capture_origins():
+    spec, bound_launch = launch_module._spec, launch_module.Bound._launch
+
+    def capturing_spec(args, pointers):
+        _ORIGIN[0] = args
+        return spec(args, pointers)
+
+    def capturing_launch(self, leading, described):
+        _ORIGIN[0] = leading
+        return bound_launch(self, leading, described)
+
+    launch_module._spec = capturing_spec
+    launch_module.Bound._launch = capturing_launch
+
+
+class _Recorder(list):
+    """The stand-in driver's record of launcher calls, each with _ORIGIN as it was then."""
+
+    def append(self, item):
+        super().append((*item, _ORIGIN[0]))
+
+
+def _pointer(arg, origin, i):
+    """A ("pointer", address, tensor description or None) record as a tensor: described by
+    the driver (Triton's path handed the tensor), or by the tensor the fast launch took at
+    position i, which must be the one at that address."""
+    _, address, described = arg
+    if described is None:
+        t = origin[i] if i < len(origin) else None
+        if not isinstance(t, torch.Tensor) or t.data_ptr() != address:
+            return "pointer", address, "not the address of the tensor passed at its place"
+        described = (t.dtype, tuple(t.shape), t.stride())
+    return ("tensor", *described, address % 16 == 0)
+
+
 def _comparable(arg):
-    """A launcher argument as two runs of the same call both give it: a pointer (the stand-in
-    driver records a pointer parameter's argument as its address, tensor and int alike; new
-    outputs each run) by its 16-byte alignment, host descriptors by their tensor and boxes,
-    anything else as it is. Which address goes where is kernels/launch.py's unit tests' to pin
-    down (tests/test_launch.py)."""
-    if arg.__class__ is tuple and len(arg) == 2 and arg[0] == "pointer":
-        return "pointer", arg[1] % 16 == 0
+    """A launcher argument as two runs of the same call both give it: tensors (new outputs
+    each run) by dtype, shape, strides and 16-byte alignment, host descriptors by their
+    tensor and boxes, anything else as it is."""
     if isinstance(arg, torch.Tensor):
         return ("tensor", arg.dtype, tuple(arg.shape), arg.stride(), arg.data_ptr() % 16 == 0)
     if hasattr(arg, "block_shape") and hasattr(arg, "base"):
@@ -174,7 +213,10 @@ def _comparable(arg):
 def _calls(launches):
     """(kernel, grid, stream, function, packed metadata, arguments...) of each launcher call:
     positions 6-8 (launch metadata and hooks) are what the fast path leaves out on purpose."""
-    return [(name, *args[:5], id(args[5]), *map(_comparable, args[9:])) for name, args in launches]
+    return [(name, *args[:5], id(args[5]),
+             *(_pointer(a, origin, i) if a.__class__ is tuple and a[:1] == ("pointer",) else _comparable(a)
+               for i, a in enumerate(args[9:])))
+            for name, args, origin in launches]
 
 
 def _trim(configs: int):
@@ -197,6 +239,8 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET"):
         raise SystemExit("run without TRITON_INTERPRET")
     driver = install()
+    driver.launches = _Recorder()
+    _capture_origins()
     pretend_sm90()
     if args.configs:
         _trim(args.configs)
@@ -206,7 +250,7 @@ def main(argv=None) -> int:
     counts.install()
     for name in names:
         counts.reset()
-        error, same, launches, fast = None, False, 0, 0
+        error, same, launches, fast, launched = None, False, 0, 0, []
         launch_module.clear()  # no kernel kept or plan bound by an earlier case
         try:
             with use_fast_launch(False):
@@ -223,6 +267,7 @@ def main(argv=None) -> int:
                 driver.launches.clear()
                 CASES[name]()  # the launch plans bound by the run before
                 planned = _calls(driver.launches)
+                launched = sorted({call[0] for call in planned})
                 same = triton_path == fast_path == planned
                 if not same:
                     other = fast_path if fast_path != triton_path else planned
@@ -234,7 +279,7 @@ def main(argv=None) -> int:
             driver.record = False
             driver.launches.clear()
         row = {"case": name, "tuned": sorted(counts.tuned), "precompiled": counts.precompiled, **counts.by,
-               "launches": launches, "fast_launches": fast, "plan_launches": counts.plan_launches,
+               "launches": launches, "kernels": launched, "fast_launches": fast, "plan_launches": counts.plan_launches,
                "same_launch_args": same, "threads": P.THREADS,
                "triton": triton.__version__, "error": error}
         failed |= error is not None or counts.by["autotuner"] > 0

@@ -190,6 +190,29 @@ def test_dropout_bits_serve_four_columns_each_and_do_not_depend_on_the_block(dev
     assert torch.equal(masks[0].bool(), aln.dropout_mask(seed, (rows, 3), p))
 
 
+def test_dropout_bits_follow_the_documented_formula(device):
+    """kernels/add_layer_norm_kernels.py's _keep: column c of row r is kept iff word c % 4 of
+    Philox4x32 under the key seed + r at counter c // 4, as tl.rand maps a word, is >= p.
+    Written out here per element, apart from kernels/philox.py's tiles."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def formula(OUT, SEED, N, BLOCK: tl.constexpr):
+        r = tl.program_id(0)
+        c = tl.arange(0, BLOCK)
+        q = (c // 4).to(tl.uint32)
+        w0, w1, w2, w3 = tl.philox(tl.load(SEED) + r, q, q * 0, q * 0, q * 0)
+        lane = c % 4
+        word = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
+        tl.store(OUT + r * N + c, tl.random.uint_to_uniform_float(word), mask=c < N)
+
+    seed, (M, N), p = torch.tensor([31], device=device), (5, 45), 0.3
+    u = torch.empty(M, N, device=device)
+    formula[(M,)](u, seed, N, BLOCK=64)
+    assert torch.equal(aln.dropout_mask(seed, (M, N), p), u >= p)
+
+
 def test_dropout_determinism(device):
     x, r, w, b = _inputs((6, 128), torch.float32, device)
     torch.manual_seed(11)

@@ -278,6 +278,30 @@ def test_dropout_bits_serve_four_keys_each_and_do_not_depend_on_the_tile():
         assert torch.equal(out.view(B, H, Lq, Lk).bool(), keep), (bm, bn)
 
 
+def test_dropout_bits_follow_the_documented_formula():
+    """attention.py's docstring: element (b, h, i, j) is kept iff word j % 4 of
+    Philox4x32(seed, counter ((b*H + h)*Lq + i) * cdiv(Lk, 4) + j // 4), as tl.rand maps a
+    word, is >= p. Written out here per element, apart from kernels/philox.py's tiles."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def formula(OUT, SEED, LQ, LK, BLOCK: tl.constexpr):
+        bh, i = tl.program_id(0), tl.program_id(1)
+        j = tl.arange(0, BLOCK)
+        counter = (bh.to(tl.int64) * LQ + i) * ((LK + 3) // 4) + j // 4
+        lo = counter.to(tl.uint32)
+        w0, w1, w2, w3 = tl.philox(tl.load(SEED), lo, (counter >> 32).to(tl.uint32), lo * 0, lo * 0)
+        lane = j % 4
+        word = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
+        tl.store(OUT + (bh * LQ + i) * LK + j, tl.random.uint_to_uniform_float(word), mask=j < LK)
+
+    seed, (B, H, Lq, Lk), p = torch.tensor([2024], device=DEVICE), (1, 2, 8, 70), 0.4
+    u = torch.empty(B * H, Lq, Lk, device=DEVICE)
+    formula[(B * H, Lq)](u, seed, Lq, Lk, BLOCK=128)
+    assert torch.equal(A.dropout_keep_mask(seed, B, H, Lq, Lk, p), (u >= p).view(B, H, Lq, Lk))
+
+
 def test_dropout_same_seed_same_output(seeds, monkeypatch):
     q, k, v = _qkv(1, 2, 40, 40, 16)
     out1 = K.scaled_dot_product_attention(q, k, v, dropout_p=0.5, backend="triton")
@@ -739,3 +763,7 @@ def test_backward_writes_into_the_gradient_views_it_is_given(causal):
     assert all(a is b for a, b in zip(got, views)) and not dqkv.isnan().any()
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
+    # Columns the kernels cannot address (a last stride other than 1), or another shape: refused.
+    for bad in (views[0].transpose(2, 3).contiguous().transpose(2, 3), views[0][:, :, 1:]):
+        with pytest.raises(ValueError, match="grads: dq must have q's shape"):
+            A._backward(dout, q, k, v, out, lse, mask4, causal, 0.25, 0.0, None, grads=(bad, *views[1:]))

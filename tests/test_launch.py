@@ -99,11 +99,14 @@ def test_the_fast_path_passes_each_tensor_as_its_own_address(fast):
     each passed as its own data pointer, in its own place; the rest as given."""
     k = FakeKernel()
     x, y = _tensors()
-    L.launch(k, (2,), x, y, 64, 1e-5, MODE=1)
+    L.launch(k, (2,), None, y, 64, 1e-5, MODE=1)
+    L.launch(k, (2,), None, x, 64, 1e-5, MODE=1)
+    assert k.log[1][0] == "fast" and k.log[1][1][9:11] == (None, x.data_ptr())
+    L.launch(k, (2,), x, y, 64, 1e-5, MODE=1)  # a tensor where None was: Triton's path again
     a, b = torch.zeros(32), torch.zeros(48)[16:]  # b: 64 bytes into its storage, still aligned
     L.launch(k, (2,), b, a, 64, 1e-5, MODE=1)
-    assert k.paths() == ["triton", "fast"]
-    assert k.log[1][1][9:13] == (b.data_ptr(), a.data_ptr(), 64, 1e-5)
+    assert k.paths() == ["triton", "fast", "triton", "fast"]
+    assert k.log[3][1][9:13] == (b.data_ptr(), a.data_ptr(), 64, 1e-5)
     assert b.data_ptr() == b.untyped_storage().data_ptr() + 64
 
 

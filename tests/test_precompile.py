@@ -92,6 +92,11 @@ def test_every_launcher_through_tritons_jit_path_offline():
         assert row["same_launch_args"] and row["launches"] >= 1, name
         assert row["plan_launches"] == PLAN_LAUNCHES[name], name
         assert row["fast_launches"] == row["launches"], name
+    # The grads-into cases reach no autotuner (their keys were tuned before): their kernels.
+    assert rows["attention_portable_grads_into"]["kernels"] == [
+        "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_preprocess", "_attn_fwd"]
+    assert rows["attention_hopper_grads_into"]["kernels"] == [
+        "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper", "_attn_bwd_preprocess", "_attn_fwd_hopper"]
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
