@@ -220,16 +220,21 @@ def forward(x, residual, weight, bias, eps, dropout_p, seed, save_stream, save_s
     return y, stream, mean, rstd
 
 
-def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has_residual):
+def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has_residual, dx_sum=None):
+    """dx_sum (Impl.backward_extras): a dtype, or None; given, a fifth output, dx summed over
+    the rows in that dtype (the bias gradient of the linear layer whose output x was: a fused
+    block's), from the kernel's partial sums, not a pass over dx of its own."""
     M, N = row_count(dy), dy.shape[-1]
     dx = new_output(dy.shape, stream.dtype, dy.device)
     dres = new_output(dy.shape, stream.dtype, dy.device) if has_residual else None
     if M == 0 or N == 0:
         dw = None if weight is None else torch.zeros_like(weight)
         db = None if bias is None else torch.zeros_like(bias)
-        return dx, dres, dw, db
+        sums = () if dx_sum is None else (torch.zeros(N, dtype=dx_sum, device=dy.device),)
+        return (dx, dres, dw, db, *sums)
     block, single, stages, programs = backward_plan(M, N, VARIANT["backward"], dy.device)
-    groups = (weight is not None) + (bias is not None)
+    dtypes = [t.dtype for t in (weight, bias) if t is not None] + ([dx_sum] if dx_sum is not None else [])
+    groups = len(dtypes)
     part = None
     if groups:  # the chunked kernel adds into its partial rows: they start at zero
         alloc = new_output if single else (lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
@@ -250,17 +255,19 @@ def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has
     key = None
     if _bwd_plans.active():
         key = (dy.dtype, stream.dtype, None if weight is None else weight.dtype, dy.device, M, N,
-               dstream is not None, has_residual, bias is None, dropout_p, VARIANT["backward"])
+               dstream is not None, has_residual, bias is None, dx_sum is None, dropout_p, VARIANT["backward"])
     _bwd_plans.launch(key, ((_add_ln_bwd, pointers),), lambda: launch(
         _add_ln_bwd, (programs,), *pointers, M, N, float(dropout_p),
         HAS_DSTREAM=dstream is not None, HAS_RES=has_residual, HAS_W=weight is not None, HAS_B=bias is not None,
-        DROPOUT=dropout, BLOCK=block, SINGLE=single, STAGES=stages, num_warps=_num_warps(block)))
-    if groups == 2:
-        dw, db = sum_rows(part, weight.dtype, bias.dtype, stages=stages)
-    else:
-        dw = None if weight is None else sum_rows(part.view(programs, N), weight.dtype, stages=stages)
-        db = None if bias is None else sum_rows(part.view(programs, N), bias.dtype, stages=stages)
-    return dx, dres, dw, db
+        DX_SUM=dx_sum is not None, DROPOUT=dropout, BLOCK=block, SINGLE=single, STAGES=stages,
+        num_warps=_num_warps(block)))
+    sums = []
+    if groups:  # one launch for every sum (kernels/reduce.py)
+        sums = sum_rows(part if groups > 1 else part.view(programs, N), *dtypes, stages=stages)
+        sums = list(sums) if groups > 1 else [sums]
+    dw = sums.pop(0) if weight is not None else None
+    db = sums.pop(0) if bias is not None else None
+    return (dx, dres, dw, db, *sums)
 
 
 def unsupported(dtype=None, hidden=None, dropout_p=0.0, requires_grad=False, **_):
@@ -269,7 +276,8 @@ def unsupported(dtype=None, hidden=None, dropout_p=0.0, requires_grad=False, **_
     return None
 
 
-backends.register_impl("add_layer_norm", "triton", Impl(forward, backward, unsupported))
+backends.register_impl("add_layer_norm", "triton", Impl(forward, backward, unsupported,
+                                                        backward_extras=frozenset({"dx_sum"})))
 
 
 def dropout_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
@@ -308,18 +316,27 @@ def _run_forward(backend, x, residual, weight, bias, eps, dropout_p, seed, save_
     return y.view(shape), None if stream is None else stream.view(shape), mean, rstd
 
 
-def _run_backward(backend, dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has_residual):
+def _run_backward(backend, dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has_residual,
+                  dx_sum=None):
+    """dx_sum: None, or a dtype: then a fifth output, dx summed over the rows in it (by the
+    kernel where the launcher takes `dx_sum`, else by torch)."""
     impl = backends.get_impl("add_layer_norm", backend)
+    fold = dx_sum is not None and "dx_sum" in impl.backward_extras
     if backend == "triton":  # any rank, as in _run_forward
         with device_guard(dy):
-            return impl.backward(dy.contiguous(), None if dstream is None else dstream.contiguous(),
-                                 stream.contiguous(), weight, bias, mean, rstd, dropout_p, seed, has_residual)
-    shape = stream.shape
-    ds2 = None if dstream is None else as_rows(dstream).contiguous()
-    with device_guard(dy):
-        dx, dres, dw, db = impl.backward(as_rows(dy).contiguous(), ds2, as_rows(stream).contiguous(), weight, bias,
-                                         mean, rstd, dropout_p, seed, has_residual)
-    return dx.view(shape), None if dres is None else dres.view(shape), dw, db
+            out = impl.backward(dy.contiguous(), None if dstream is None else dstream.contiguous(),
+                                stream.contiguous(), weight, bias, mean, rstd, dropout_p, seed, has_residual,
+                                **({"dx_sum": dx_sum} if fold else {}))
+    else:
+        shape = stream.shape
+        ds2 = None if dstream is None else as_rows(dstream).contiguous()
+        with device_guard(dy):
+            dx, dres, dw, db = impl.backward(as_rows(dy).contiguous(), ds2, as_rows(stream).contiguous(), weight,
+                                             bias, mean, rstd, dropout_p, seed, has_residual)
+        out = dx.view(shape), None if dres is None else dres.view(shape), dw, db
+    if dx_sum is not None and not fold:
+        out = (*out, as_rows(out[0]).sum(0, dtype=torch.float32).to(dx_sum))
+    return out
 
 
 def _shared_grad(has_residual: bool, dropout_p: float) -> bool:
@@ -330,14 +347,16 @@ def _shared_grad(has_residual: bool, dropout_p: float) -> bool:
     return has_residual and dropout_p == 0.0
 
 
-def _run_backward_both(backend, dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has_residual):
+def _run_backward_both(backend, dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has_residual,
+                       dx_sum=None):
     """(d x, d residual, dw, db), d residual the very tensor d x where they are equal
     (_shared_grad) and None without a residual: the eager Function's backward, and a fused
-    block's (models/fused_block.py)."""
+    block's (models/fused_block.py), which may ask for dx_sum (a dtype: a fifth output, see
+    _run_backward)."""
     shared = _shared_grad(has_residual, dropout_p)
-    dx, dres, dw, db = _run_backward(backend, dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed,
-                                     has_residual and not shared)
-    return dx, dx if shared else dres, dw, db
+    out = _run_backward(backend, dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed,
+                        has_residual and not shared, dx_sum)
+    return (out[0], out[0] if shared else out[1], *out[2:])
 
 
 # ----------------------------------------------------------------------------- eager path

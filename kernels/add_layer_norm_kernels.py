@@ -9,11 +9,14 @@ Gradient maths (xhat = (s - mean) * rstd, g = dy * weight, means over the row of
     dresidual = ds
     dx        = ds * keep / (1 - p)          keep regenerated from the seed
     dweight   = sum over rows of dy * xhat,  dbias = sum over rows of dy
+    (DX_SUM)    sum over rows of dx: a fused block's bias gradient of the linear layer whose
+                output x is (models/fused_block.py), summed from partials like dbias, not by
+                a pass of its own over dx
 
-dweight/dbias are reduced in two steps: each backward program accumulates fp32 partial sums
-over its rows into its own rows of one (programs, G, N) buffer (G = 2 with both weight and
-bias: one allocation, and one launch of kernels/reduce.py, not two), which then sums them in
-a fixed order (deterministic: no atomics).
+dweight/dbias (and the dx sum) are reduced in two steps: each backward program accumulates
+fp32 partial sums over its rows into its own rows of one (programs, G, N) buffer (G = 2 with
+both weight and bias, 3 with the dx sum: one allocation, and one launch of kernels/reduce.py),
+which then sums them in a fixed order (deterministic: no atomics).
 
 Forward kernels:
 - `_add_ln_fwd`: one program per row (any N; rows wider than the fused block in chunks).
@@ -227,7 +230,8 @@ def _add_ln_bwd(
     SEED,  # int64[1], read only with DROPOUT
     DX,  # (M, N) gradient of x
     DRES,  # (M, N) gradient of the residual, written only with HAS_RES
-    PART,  # (programs, HAS_W + HAS_B, N) float32 partial sums: of dy * xhat (with HAS_W), then of dy
+    PART,  # (programs, HAS_W + HAS_B + DX_SUM, N) float32 partial sums: of dy * xhat (with HAS_W),
+    # of dy (with HAS_B), then of dx (with DX_SUM)
     M,
     N,
     dropout_p,
@@ -235,6 +239,7 @@ def _add_ln_bwd(
     HAS_RES: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
+    DX_SUM: tl.constexpr,  # also sum dx over the rows: the bias gradient of the layer that made x
     DROPOUT: tl.constexpr,
     BLOCK: tl.constexpr,
     SINGLE: tl.constexpr,
@@ -246,8 +251,9 @@ def _add_ln_bwd(
     if DROPOUT:
         seed = tl.load(SEED)
     cols = tl.arange(0, BLOCK)
-    dw_part = PART + pid.to(tl.int64) * ((HAS_W + HAS_B) * N)
-    db_part = dw_part + N if HAS_W else dw_part
+    dw_part = PART + pid.to(tl.int64) * ((HAS_W + HAS_B + DX_SUM) * N)
+    db_part = dw_part + HAS_W * N
+    dx_part = dw_part + (HAS_W + HAS_B) * N
     if SINGLE:
         mask = cols < N
         w = tl.full([BLOCK], 1.0, tl.float32)
@@ -255,6 +261,7 @@ def _add_ln_bwd(
             w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        dx_acc = tl.zeros([BLOCK], dtype=tl.float32)
         # A few programs per SM each walk ~M / (4 SMs) rows; with STAGES > 1 the next row's
         # stream, dy and statistics are copied in (cp.async) while this row is reduced.
         for row in tl.range(pid, M, programs, num_stages=STAGES):
@@ -277,10 +284,14 @@ def _add_ln_bwd(
             tl.store(DX + row_off + cols, ds.to(DX.dtype.element_ty), mask=mask)
             dw_acc += dy * xhat
             db_acc += dy
+            if DX_SUM:
+                dx_acc += ds
         if HAS_W:
             tl.store(dw_part + cols, dw_acc, mask=mask)
         if HAS_B:
             tl.store(db_part + cols, db_acc, mask=mask)
+        if DX_SUM:
+            tl.store(dx_part + cols, dx_acc, mask=mask)
     else:
         # Wide rows: one pass for the two row means, a second for the gradients. The
         # partial-sum rows start at zero (host side) and each belongs to one program only.
@@ -324,6 +335,9 @@ def _add_ln_bwd(
                 if HAS_B:
                     p = tl.load(db_part + c, mask=m, other=0.0)
                     tl.store(db_part + c, p + dy, mask=m)
+                if DX_SUM:
+                    p = tl.load(dx_part + c, mask=m, other=0.0)
+                    tl.store(dx_part + c, p + ds, mask=m)
 
 
 @triton.jit

@@ -70,7 +70,7 @@ class Impl:
     # Keyword arguments `backward` takes beyond the op's contract, for callers that can use
     # them (models/fused_block.py): "grads" (attention: writes dq, dk, dv into the given
     # tensors, unit last stride, any others), "acc" (linear_gelu: returns acc + dx, the add
-    # in the GEMM).
+    # in the GEMM), "dx_sum" (add_layer_norm: also returns dx summed over the rows).
     backward_extras: frozenset = frozenset()
 
 

@@ -1,9 +1,9 @@
 """Deterministic column sums of fp32 partial buffers: the second step of a two-step reduction.
 
 A backward kernel that needs a sum over all rows (LayerNorm's dweight/dbias, Linear's dbias)
-lets each program accumulate its own rows into its own row of a (P, N) fp32 buffer (or two
-such sums interleaved, (P, 2, N)); `sum_rows` then adds the P rows of every column in a fixed
-order. No atomics, so the result is the same bit for bit from run to run, and one launch
+lets each program accumulate its own rows into its own row of a (P, N) fp32 buffer (or up to
+three such sums interleaved, (P, G, N)); `sum_rows` then adds the P rows of every column in a
+fixed order. No atomics, so the result is the same bit for bit from run to run, and one launch
 replaces torch's `.sum(0)` plus the cast to the parameter's dtype (two kernels).
 """
 from __future__ import annotations
@@ -21,20 +21,21 @@ _BLOCK_P = 32  # partial rows summed per step
 
 @triton.jit
 def _sum_rows(
-    PART,  # (P, G, N) float32 partial sums, contiguous: G = 1, or 2 for two sums in one buffer
+    PART,  # (P, G, N) float32 partial sums, contiguous: G sums interleaved per program, 1 <= G <= 3
     OUT,  # (N,) column sums of group 0, in OUT's dtype
-    OUT2,  # (N,) column sums of group 1, in OUT2's dtype; read only with TWO
+    OUT2,  # (N,) column sums of group 1, in OUT2's dtype; written only with G >= 2
+    OUT3,  # (N,) column sums of group 2, in OUT3's dtype; written only with G == 3
     P,
     N,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    TWO: tl.constexpr,
+    G: tl.constexpr,
     STAGES: tl.constexpr,  # row blocks in flight: 1, or more to prefetch the next ones (cp.async)
 ):
     group = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
-    stride_p = N * 2 if TWO else N
+    stride_p = N * G
     base = PART + group * N
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
     # Fixed order: row block after row block, then one tree sum over BLOCK_P fixed by the
@@ -46,38 +47,46 @@ def _sum_rows(
         m = (rows < P)[:, None] & cmask[None, :]
         acc += tl.load(base + rows[:, None].to(tl.int64) * stride_p + cols[None, :], mask=m, other=0.0)
     total = tl.sum(acc, axis=0)
-    if TWO:
+    if G == 1:
+        tl.store(OUT + cols, total.to(OUT.dtype.element_ty), mask=cmask)
+    elif G == 2:
         if group == 1:
             tl.store(OUT2 + cols, total.to(OUT2.dtype.element_ty), mask=cmask)
         else:
             tl.store(OUT + cols, total.to(OUT.dtype.element_ty), mask=cmask)
     else:
-        tl.store(OUT + cols, total.to(OUT.dtype.element_ty), mask=cmask)
+        if group == 2:
+            tl.store(OUT3 + cols, total.to(OUT3.dtype.element_ty), mask=cmask)
+        elif group == 1:
+            tl.store(OUT2 + cols, total.to(OUT2.dtype.element_ty), mask=cmask)
+        else:
+            tl.store(OUT + cols, total.to(OUT.dtype.element_ty), mask=cmask)
 
 
 # Launch plans (kernels/launch.py's Bound) per (device, shape, dtypes, stages).
 _plans = plan_table()
 
 
-def sum_rows(part: torch.Tensor, dtype: torch.dtype, dtype2: torch.dtype | None = None, stages: int = 1):
+def sum_rows(part: torch.Tensor, dtype: torch.dtype, dtype2: torch.dtype | None = None,
+             dtype3: torch.dtype | None = None, stages: int = 1):
     """part (P, N) fp32 contiguous -> (N,) column sums in `dtype`.
 
-    With dtype2, part is (P, 2, N), two partial buffers interleaved per program (add+LN's
-    dweight and dbias): -> ((N,) in dtype, (N,) in dtype2) from one launch, where two
-    launches and two partial buffers cost twice the host time for the same memory traffic.
+    With dtype2 (and dtype3), part is (P, 2, N) (or (P, 3, N)): two (three) partial buffers
+    interleaved per program (add+LN's dweight and dbias, and a fused block's bias gradient of
+    the layer before): -> a tuple of (N,) sums, each in its dtype, from one launch, where a
+    launch per sum costs its host time again for the same memory traffic.
     `stages` > 1 software-pipelines the walk over the rows (same order, same bits)."""
-    two = dtype2 is not None
+    dtypes = (dtype,) if dtype2 is None else (dtype, dtype2) if dtype3 is None else (dtype, dtype2, dtype3)
+    G = len(dtypes)
     P, N = part.shape[0], part.shape[-1]
-    out = new_output((N,), dtype, part.device)
-    out2 = new_output((N,), dtype2, part.device) if two else None
+    outs = tuple(new_output((N,), d, part.device) for d in dtypes)
     if N != 0 and P == 0:
-        out.zero_()
-        if two:
-            out2.zero_()
+        for out in outs:
+            out.zero_()
     elif N != 0:
-        pointers = (part, out, out2 if two else out)
-        key = (part.device, P, N, dtype, dtype2, stages) if _plans.active() else None
+        pointers = (part, *outs, *(outs[0],) * (3 - G))
+        key = (part.device, P, N, dtypes, stages) if _plans.active() else None
         _plans.launch(key, ((_sum_rows, pointers),), lambda: launch(
-            _sum_rows, (cdiv(N, _BLOCK_N), 2 if two else 1), *pointers, P, N, BLOCK_P=_BLOCK_P, BLOCK_N=_BLOCK_N,
-            TWO=two, STAGES=stages, num_warps=4))
-    return (out, out2) if two else out
+            _sum_rows, (cdiv(N, _BLOCK_N), G), *pointers, P, N, BLOCK_P=_BLOCK_P, BLOCK_N=_BLOCK_N,
+            G=G, STAGES=stages, num_warps=4))
+    return outs if G > 1 else outs[0]

@@ -21,10 +21,13 @@ that autograd's graph forces: the two residual gradients (post-LN: y1's from LN2
 FFN, x's from LN1 and from the qkv GEMM) are added by the dX GEMM itself (beta = 1, on
 launchers that take `acc`), and the attention backward writes dq, dk, dv straight into the
 (B, T, 3, heads, head dim) layout the qkv GEMM's gradient reads (on launchers that take
-`grads`) instead of a stack. Per BERT training step: 24 adds and 12 stacks fewer, and 36
-allocations (host ops counted offline); on the device, at B32 L128 bf16, ~75 MB a layer
-not moved and ~13 MB more read by the two GEMMs: ~15 µs a layer at 4 TB/s, estimated from
-the bytes, not timed. Inference takes the
+`grads`) instead of a stack. And each LN backward sums its dx over the rows from its
+partials, beside dweight and dbias (`dx_sum`): the bias gradient of the linear layer before
+it (fc2 and proj post-LN, proj pre-LN), where autograd runs a column sum over that gradient.
+Per BERT training step (host ops counted offline): 24 adds, 12 stacks and 24 column sums
+fewer, 36 allocations fewer; on the device, at B32 L128 bf16, ~90 MB a layer not moved and
+~13 MB more read by the two GEMMs: ~20 µs a layer at 4 TB/s, estimated from the bytes, not
+timed. Inference takes the
 same path without the node. Unmeasured on a GPU yet: the models suite times the block against
 the per-op path (fuseformer-fused-per-op).
 
@@ -249,6 +252,16 @@ def _post_ln_forward(x, mask4, params, cfg, names, keep):
     return y, (x, mask4, *sa, s1, m1, r1, seed1, y1, *sf, s2, m2, r2, seed2)
 
 
+def _ln_backward(name, dy, ds, stream, w, b, mean, rstd, p, seed, has_residual, bias_before, needed):
+    """An LN's backward (d x, d residual, dw, db, d bias_before): its dx is the gradient of
+    the output of the linear layer before it, whose bias gradient is dx summed over the rows,
+    summed by the LN backward from its partials (kernels/add_layer_norm.py's dx_sum) where
+    that bias wants a gradient (`needed`), else None."""
+    dtype = bias_before.dtype if needed and bias_before is not None else None
+    out = _aln._run_backward_both(name, dy, ds, stream, w, b, mean, rstd, p, seed, has_residual, dtype)
+    return out if dtype is not None else (*out, None)
+
+
 class PostLNBlock(torch.autograd.Function):
     """A post-LN block's autograd node; its backward is the per-op path's, op by op, but
     for the residual adds done in the dX GEMMs and dq/dk/dv written in place (module
@@ -266,17 +279,19 @@ class PostLNBlock(torch.autograd.Function):
     def backward(ctx, dy):
         t = ctx.saved_tensors
         x, mask4, sa, (s1, m1, r1, seed1, y1), sf, (s2, m2, r2, seed2) = t[0], t[1], t[2:9], t[9:14], t[14:16], t[16:20]
-        wqkv, _, wo, _, g1, b1, w1, c1, w2, _, g2, b2 = t[20:]
+        wqkv, _, wo, bo, g1, b1, w1, c1, w2, c2, g2, b2 = t[20:]
         cfg, (na, n1, nl, n2) = ctx.cfg, ctx.names
         need = ctx.needs_input_grad[4:]  # per parameter, in run()'s order
         p1, p2 = cfg[6], cfg[7]
-        df, dy1, dg2, db2 = _aln._run_backward_both(n2, dy, None, s2, g2, b2, m2, r2, p2, seed2, True)
+        # Each LN's dx is the gradient of the linear layer before it (fc2, proj): the LN
+        # backward gives that layer's bias gradient too.
+        df, dy1, dg2, db2, dc2 = _ln_backward(n2, dy, None, s2, g2, b2, m2, r2, p2, seed2, True, c2, need[9])
         # y1 feeds LN2's residual and the FFN: dy1 + dh, the add in fc1's dX GEMM.
-        dy1, dw1, dc1, dw2, dc2 = _ffn_backward(df, y1, sf, w1, c1, w2, cfg, nl, need[8:10], acc=dy1)
-        da, dx, dg1, db1 = _aln._run_backward_both(n1, dy1, None, s1, g1, b1, m1, r1, p1, seed1, True)
+        dy1, dw1, dc1, dw2, _ = _ffn_backward(df, y1, sf, w1, c1, w2, cfg, nl, (need[8], False), acc=dy1)
+        da, dx, dg1, db1, dbo = _ln_backward(n1, dy1, None, s1, g1, b1, m1, r1, p1, seed1, True, bo, need[3])
         # x feeds LN1's residual and the qkv GEMM: the two gradients summed in that GEMM.
-        dx, dwqkv, dbqkv, dwo, dbo = _attention_backward(da, x, sa, mask4, wqkv, wo, cfg, na,
-                                                         (ctx.needs_input_grad[0], *need[:4]), acc=dx)
+        dx, dwqkv, dbqkv, dwo, _ = _attention_backward(da, x, sa, mask4, wqkv, wo, cfg, na,
+                                                       (ctx.needs_input_grad[0], *need[:3], False), acc=dx)
         return (dx, None, None, None, dwqkv, dbqkv, dwo, dbo, dg1, db1, dw1, dc1, dw2, dc2, dg2, db2)
 
 
@@ -312,12 +327,13 @@ class PreLNBlock(torch.autograd.Function):
     def backward(ctx, dy, ds2):
         t = ctx.saved_tensors
         (h, s1, m1, r1, seed1), sa, (h2, s2, m2, r2, seed2, mask4), sf = t[0:5], t[5:12], t[12:18], t[18:20]
-        wqkv, _, wo, _, g1, b1, w1, c1, w2, _, g2, b2 = t[20:]
+        wqkv, _, wo, bo, g1, b1, w1, c1, w2, _, g2, b2 = t[20:]
         cfg, (na, n1, nl, n2) = ctx.cfg, ctx.names
         need = ctx.needs_input_grad[5:]
         p1, p2 = cfg[6], cfg[7]
         dh2, dw1, dc1, dw2, dc2 = _ffn_backward(dy, h2, sf, w1, c1, w2, cfg, nl, need[8:10])
-        da, ds1, dg2, db2 = _aln._run_backward_both(n2, dh2, ds2, s2, g2, b2, m2, r2, p2, seed2, True)
-        dh, dwqkv, dbqkv, dwo, dbo = _attention_backward(da, h, sa, mask4, wqkv, wo, cfg, na, (True, *need[:4]))
+        # LN2's dx is the gradient of proj's output: proj's bias gradient from the LN backward.
+        da, ds1, dg2, db2, dbo = _ln_backward(n2, dh2, ds2, s2, g2, b2, m2, r2, p2, seed2, True, bo, need[3])
+        dh, dwqkv, dbqkv, dwo, _ = _attention_backward(da, h, sa, mask4, wqkv, wo, cfg, na, (True, *need[:3], False))
         dx, dres, dg1, db1 = _aln._run_backward_both(n1, dh, ds1, s1, g1, b1, m1, r1, p1, seed1, ctx.has_residual)
         return (dx, dres, None, None, None, dwqkv, dbqkv, dwo, dbo, dg1, db1, dw1, dc1, dw2, dc2, dg2, db2)

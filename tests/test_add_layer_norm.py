@@ -112,6 +112,30 @@ def test_chunked_rows_beyond_block_limit(monkeypatch, device):
     check_parity((3, 5000), torch.float32, device, p=0.2, prenorm=True)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("weight,bias,p", [(True, True, 0.0), (True, True, 0.3), (False, False, 0.0),
+                                           (True, False, 0.3)])
+def test_backward_sums_dx_over_the_rows_when_asked(monkeypatch, device, chunked, weight, bias, p):
+    """dx_sum (Impl.backward_extras; a fused block's bias gradient of the layer before the
+    LN): a fifth output, dx (after dropout) summed over the rows in the dtype asked, from the
+    kernel's partial sums beside dweight's and dbias's, which stay what they were; on the
+    one-block and the chunked path, with weight and bias or neither, and for no rows."""
+    if chunked:
+        monkeypatch.setattr(aln, "CHUNK", 128)
+    x, r, w, b = _inputs((7, 300), torch.float32, device, weight=weight, bias=bias)
+    dy = torch.randn(7, 300, device=device)
+    seed = draw_seed(device) if p else None
+    _, stream, mean, rstd = aln.forward(x, r, w, b, 1e-5, p, seed, True)
+    ref = aln.backward(dy, None, stream, w, b, mean, rstd, p, seed, True)
+    got = aln.backward(dy, None, stream, w, b, mean, rstd, p, seed, True, dx_sum=torch.float16)
+    assert len(ref) == 4 and len(got) == 5 and got[4].dtype == torch.float16 and got[4].shape == (300,)
+    for a, e in zip(got[:4], ref):
+        assert (a is None and e is None) or torch.equal(a, e)
+    torch.testing.assert_close(got[4], ref[0].double().sum(0).half(), rtol=2e-3, atol=2e-3)
+    empty = aln.backward(dy[:0], None, stream[:0], w, b, mean[:0], rstd[:0], p, seed, True, dx_sum=torch.float32)
+    assert torch.equal(empty[4], torch.zeros(300, device=device))
+
+
 def test_backward_chunked_while_forward_fits_one_block(monkeypatch, device):
     # Rows wider than CHUNK: the forward keeps the row in one block, the backward (which holds
     # more values per element) takes its two-pass chunked path.
@@ -463,6 +487,20 @@ def test_sum_rows_two_interleaved_sums(P, N, device):
     assert torch.equal(again[0], first) and torch.equal(again[1], second)
     empty = sum_rows(part[:0], torch.float16, torch.float32)
     assert all(torch.equal(t, torch.zeros_like(t)) for t in empty)
+
+
+def test_sum_rows_three_interleaved_sums(device):
+    """(P, 3, N) partials (add+LN's dweight, dbias and a fused block's dx sum) -> three sums
+    from one launch, each in its dtype; poisoned outputs, so one left unwritten shows."""
+    from fuseformer.kernels._util import poison_outputs
+    from fuseformer.kernels.reduce import sum_rows
+
+    part = torch.randn(70, 3, 130, device=device)
+    with poison_outputs():
+        sums = sum_rows(part, torch.float16, torch.float32, torch.bfloat16)
+    assert [t.dtype for t in sums] == [torch.float16, torch.float32, torch.bfloat16]
+    for g, t in enumerate(sums):
+        torch.testing.assert_close(t.double(), part[:, g].double().sum(0), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.gpu

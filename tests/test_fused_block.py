@@ -78,11 +78,12 @@ def test_block_computes_what_the_per_op_path_computes(dropout, padded):
 
 
 def test_a_backend_without_the_backward_extras_computes_the_same(monkeypatch):
-    """The block's backward hands the attention launcher views of one dqkv buffer ("grads")
-    and folds the residual gradients into the dX GEMMs ("acc") where the launchers take them
+    """The block's backward hands the attention launcher views of one dqkv buffer ("grads"),
+    folds the residual gradients into the dX GEMMs ("acc") and has each LN backward sum the
+    bias gradient of the linear layer before it ("dx_sum"), where the launchers take them
     (kernels/backends.py: Impl.backward_extras; the triton ones do); a backend whose
-    launchers take neither (the cuda backend's) gets new gradients, stacked, and plain adds:
-    the same gradients, either way."""
+    launchers take none (the cuda backend's) gets new gradients, stacked, plain adds and
+    torch's column sums: the same gradients, either way."""
     from dataclasses import replace
 
     from fuseformer.kernels import backends
@@ -91,19 +92,20 @@ def test_a_backend_without_the_backward_extras_computes_the_same(monkeypatch):
     ids, mask = _batch()
     out, grads, _ = _step(model, ids, mask, block=True)
     calls = []
-    for op in ("attention", "linear_gelu"):
+    for op in ("attention", "linear_gelu", "add_layer_norm"):
         impl = backends.get_impl(op, "triton")
         assert impl.backward_extras  # what the block's default path relies on
 
         def plain(*args, _backward=impl.backward, _op=op, **kwargs):
-            assert not {"grads", "acc"} & kwargs.keys()
+            assert not {"grads", "acc", "dx_sum"} & kwargs.keys()
             calls.append(_op)
             return _backward(*args, **kwargs)
 
         monkeypatch.setitem(backends._IMPLS, (op, "triton"),
                             replace(impl, backward=plain, backward_extras=frozenset()))
     ref, ref_grads, fn = _step(model, ids, mask, block=True)
-    assert type(fn).__name__ == "PostLNBlockBackward" and sorted(set(calls)) == ["attention", "linear_gelu"]
+    assert type(fn).__name__ == "PostLNBlockBackward"
+    assert sorted(set(calls)) == ["add_layer_norm", "attention", "linear_gelu"]
     assert torch.equal(out, ref) and grads.keys() == ref_grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)

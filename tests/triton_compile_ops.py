@@ -40,14 +40,15 @@ def add_jobs(jobs, check):
         _add(jobs, name, alnk._add_ln_fwd_rows, arch, f"{dt} N={N} {ln_flags(res, w, b, drop, save)}",
              ln_values(dt, drop, M=B * L, N=N), cx, options=dict(num_warps=aln._num_warps(rows * block)))
 
-    def ln_bwd(arch, dt, N, dstream=False, res=True, w=True, b=True, drop=False, variant="loop"):
+    def ln_bwd(arch, dt, N, dstream=False, res=True, w=True, b=True, drop=False, variant="loop", dx_sum=False):
         block, single, stages, _ = aln.backward_plan(B * L, N, variant, None)
         v = dict(DY=Ptr(dt), DSTREAM=Ptr(dt), STREAM=Ptr(dt), W=Ptr(dt), MEAN=Ptr("fp32"), RSTD=Ptr("fp32"),
                  SEED=Ptr("i64") if drop else Ptr("fp32"), DX=Ptr(dt), DRES=Ptr(dt), PART=Ptr("fp32"),
                  M=B * L, N=N, dropout_p=0.1 if drop else 0.0)
-        cx = dict(HAS_DSTREAM=dstream, HAS_RES=res, HAS_W=w, HAS_B=b, DROPOUT=drop, BLOCK=block, SINGLE=single,
-                  STAGES=stages)
-        flags = "".join(c for c, on in (("t", dstream), ("r", res), ("w", w), ("b", b), ("d", drop)) if on) or "-"
+        cx = dict(HAS_DSTREAM=dstream, HAS_RES=res, HAS_W=w, HAS_B=b, DX_SUM=dx_sum, DROPOUT=drop, BLOCK=block,
+                  SINGLE=single, STAGES=stages)
+        flags = "".join(c for c, on in (("t", dstream), ("r", res), ("w", w), ("b", b), ("d", drop), ("s", dx_sum))
+                        if on) or "-"
         name = "add_ln_bwd" if variant == "loop" else "add_ln_bwd_pipelined"
         _add(jobs, name, alnk._add_ln_bwd, arch, f"{dt} N={N} {flags}", v, cx,
              options=dict(num_warps=aln._num_warps(block)))
@@ -59,6 +60,8 @@ def add_jobs(jobs, check):
         ln_bwd(arch, "fp16", 768, dstream=True, drop=True)
         # BERT's training backward: no dropout, so d residual is d x, written once (HAS_RES off).
         ln_bwd(arch, "bf16", 768, res=False)
+        # A fused block's (models/fused_block.py): dropout, and the linear's bias gradient summed.
+        ln_bwd(arch, "bf16", 768, drop=True, dx_sum=True)
         _add(jobs, "ln_keep_mask", alnk._keep_mask_kernel, arch, "N=768",
              dict(SEED=Ptr("i64"), OUT=Ptr("i8"), N=768, dropout_p=0.1), dict(BLOCK=1024))
         # The multi-row kernel: BERT's 768 in bf16 (the 16-byte vector case the compile test
@@ -72,9 +75,12 @@ def add_jobs(jobs, check):
         ln_bwd(arch, "fp16", 768, dstream=True, drop=True, variant="pipelined")
         for stages in (1, aln.PIPELINE_STAGES):
             _add(jobs, "sum_rows" if stages == 1 else "sum_rows_pipelined", red._sum_rows, arch, "fp32->bf16,fp32",
-                 dict(PART=Ptr("fp32"), OUT=Ptr("bf16"), OUT2=Ptr("fp32"), P=528, N=768),
-                 dict(BLOCK_P=red._BLOCK_P, BLOCK_N=red._BLOCK_N, TWO=True, STAGES=stages),
+                 dict(PART=Ptr("fp32"), OUT=Ptr("bf16"), OUT2=Ptr("fp32"), OUT3=Ptr("bf16"), P=528, N=768),
+                 dict(BLOCK_P=red._BLOCK_P, BLOCK_N=red._BLOCK_N, G=2, STAGES=stages),
                  options=dict(num_warps=4))
+        _add(jobs, "sum_rows", red._sum_rows, arch, "fp32->bf16,bf16,bf16",
+             dict(PART=Ptr("fp32"), OUT=Ptr("bf16"), OUT2=Ptr("bf16"), OUT3=Ptr("bf16"), P=528, N=768),
+             dict(BLOCK_P=red._BLOCK_P, BLOCK_N=red._BLOCK_N, G=3, STAGES=1), options=dict(num_warps=4))
         if arch == 90 or FULL:
             ln_fwd_rows(arch, "bf16", 768, drop=True)
             ln_fwd_rows(arch, "bf16", 768, drop=True, stages=aln.PIPELINE_STAGES)
