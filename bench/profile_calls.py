@@ -519,6 +519,14 @@ def profile_bert(B: int, L: int, iters: int, device: str = "cuda", config=None, 
                 print(f"{label} backend {name}: {_events_ms(step, iters):.3f} ms per forward "
                       f"(events, median); host {_forward_host_us(step, 5):.0f} us until it returns (fastest "
                       f"of 5); {_host_us(step, iters):.0f} us per forward queued back to back")
+                if train:
+                    # The H200 (2026-11-27) timed add+LN's fwd+bwd at 558 us of host time with
+                    # the backward on autograd's engine thread and 329 on the calling thread: the
+                    # whole step both ways (our blocks' backward nodes are Python, torch's C++).
+                    calling = _on_calling_thread(step)
+                    print(f"{label} backend {name}, backward on the calling thread: {_events_ms(calling, iters):.3f} "
+                          f"ms per step (events, median); {_host_us(calling, iters):.0f} us per step queued back "
+                          "to back")
             model.set_backend(backend)
             # Where that host time goes, by Python function (the CPU machine's offline driver
             # stubs the launches and GEMMs: only this shows the GPU machine's own costs).
