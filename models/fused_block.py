@@ -27,9 +27,8 @@ it (fc2 and proj post-LN, proj pre-LN), where autograd runs a column sum over th
 Per BERT training step (host ops counted offline): 24 adds, 12 stacks and 24 column sums
 fewer, 36 allocations fewer; on the device, at B32 L128 bf16, ~90 MB a layer not moved and
 ~13 MB more read by the two GEMMs: ~20 µs a layer at 4 TB/s, estimated from the bytes, not
-timed. Inference takes the
-same path without the node. Unmeasured on a GPU yet: the models suite times the block against
-the per-op path (fuseformer-fused-per-op).
+timed. Inference takes the same path without the node. The H200 timed the block (before these
+three) against the per-op path (the models suite's fuseformer-fused-per-op): docs/models.md.
 
 TransformerBlock (models/layers.py, `_fused_block_call`) decides per call whether its call can
 run here (our own module types, no hooks on them, every op resolving to a fused backend, no
@@ -264,8 +263,8 @@ def _ln_backward(name, dy, ds, stream, w, b, mean, rstd, p, seed, has_residual, 
 
 class PostLNBlock(torch.autograd.Function):
     """A post-LN block's autograd node; its backward is the per-op path's, op by op, but
-    for the residual adds done in the dX GEMMs and dq/dk/dv written in place (module
-    docstring)."""
+    for the residual adds done in the dX GEMMs, dq/dk/dv written in place and the bias
+    gradients of fc2 and proj summed by the LN backwards (module docstring)."""
 
     @staticmethod
     def forward(ctx, x, mask4, cfg, names, *params):
