@@ -167,6 +167,15 @@ def _hopper_backward_measured_faster(head_dim: int, lk: int, is_causal: bool) ->
     return head_dim == 64 and not is_causal and lk >= 2048
 
 
+def _hopper_chosen(measured_faster, head_dim: int, lq: int, lk: int, is_causal: bool) -> bool:
+    """Does this pass take the Hopper kernels: always under kernel="hopper", under "auto" where
+    `measured_faster` (one of the two rules above) says so. The rules read the shorter of the
+    query and key lengths: every measured case had as many of each, and a decoding step (one
+    query over a long cache) is not one of them."""
+    kernel = VARIANT["kernel"]
+    return kernel == "hopper" or (kernel == "auto" and measured_faster(head_dim, min(lq, lk), is_causal))
+
+
 def _host_descriptors(varlen: bool) -> bool:
     """Do the Hopper kernels take host descriptors (attention_hopper.DESCRIPTOR_PLACES)? Never
     for packed varlen sequences."""
@@ -262,11 +271,7 @@ def _strides(t, varlen):
 def _launch_fwd(q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed, nbatch, lq, lk, cu_q=None, cu_k=None):
     """All tensors 4-D (B, H, L, D) views (lse 3-D); with cu_q the batch dim has size 1."""
     _check_kernel_scale(scale)
-    kernel = VARIANT["kernel"]
-    # The rules' lengths: the shorter of queries and keys. Every measured case had as many of
-    # each; a decoding step (one query over a long cache) is not one of them.
-    hopper = kernel == "hopper" or (kernel == "auto" and _hopper_forward_measured_faster(q.shape[-1], min(lq, lk),
-                                                                                          is_causal))
+    hopper = _hopper_chosen(_hopper_forward_measured_faster, q.shape[-1], lq, lk, is_causal)
     if hopper and _hopper_reason(q, k, v, out, mask, dropout_p) is None:
         return _launch_fwd_hopper(q, k, v, out, lse, mask, is_causal, scale, nbatch, lq, lk, cu_q, cu_k)
     varlen = cu_q is not None
@@ -347,9 +352,7 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
                           H, lq,
                           HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], VARLEN=varlen, BLOCK_M=64,
                       ))
-    kernel = VARIANT["kernel"]
-    hopper = kernel == "hopper" or (kernel == "auto" and _hopper_backward_measured_faster(q.shape[-1], min(lq, lk),
-                                                                                           is_causal))
+    hopper = _hopper_chosen(_hopper_backward_measured_faster, q.shape[-1], lq, lk, is_causal)
     if (hopper and flags["BLOCK_D"] <= _hopper_bwd.MAX_BLOCK_D
             and _hopper_reason(q, k, v, dout, mask, dropout_p, dq, dk, dv) is None):
         _launch_bwd_hopper(dout, q, k, v, lse, delta, dq, dk, dv, mask, is_causal, scale, nbatch, lq, lk,
