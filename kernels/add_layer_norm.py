@@ -233,7 +233,13 @@ def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has
         sums = () if dx_sum is None else (torch.zeros(N, dtype=dx_sum, device=dy.device),)
         return (dx, dres, dw, db, *sums)
     block, single, stages, programs = backward_plan(M, N, VARIANT["backward"], dy.device)
-    dtypes = [t.dtype for t in (weight, bias) if t is not None] + ([dx_sum] if dx_sum is not None else [])
+    dtypes = []  # of the sums, in the kernel's order of partials
+    if weight is not None:
+        dtypes.append(weight.dtype)
+    if bias is not None:
+        dtypes.append(bias.dtype)
+    if dx_sum is not None:
+        dtypes.append(dx_sum)
     groups = len(dtypes)
     part = None
     if groups:  # the chunked kernel adds into its partial rows: they start at zero
@@ -261,13 +267,14 @@ def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has
         HAS_DSTREAM=dstream is not None, HAS_RES=has_residual, HAS_W=weight is not None, HAS_B=bias is not None,
         DX_SUM=dx_sum is not None, DROPOUT=dropout, BLOCK=block, SINGLE=single, STAGES=stages,
         num_warps=_num_warps(block)))
-    sums = []
+    sums = ()
     if groups:  # one launch for every sum (kernels/reduce.py)
         sums = sum_rows(part if groups > 1 else part.view(programs, N), *dtypes, stages=stages)
-        sums = list(sums) if groups > 1 else [sums]
-    dw = sums.pop(0) if weight is not None else None
-    db = sums.pop(0) if bias is not None else None
-    return (dx, dres, dw, db, *sums)
+        if groups == 1:
+            sums = (sums,)
+    dw = sums[0] if weight is not None else None
+    db = sums[weight is not None] if bias is not None else None
+    return (dx, dres, dw, db) if dx_sum is None else (dx, dres, dw, db, sums[-1])
 
 
 def unsupported(dtype=None, hidden=None, dropout_p=0.0, requires_grad=False, **_):
@@ -323,10 +330,10 @@ def _run_backward(backend, dy, dstream, stream, weight, bias, mean, rstd, dropou
     impl = backends.get_impl("add_layer_norm", backend)
     fold = dx_sum is not None and "dx_sum" in impl.backward_extras
     if backend == "triton":  # any rank, as in _run_forward
+        args = (dy.contiguous(), None if dstream is None else dstream.contiguous(), stream.contiguous(), weight, bias,
+                mean, rstd, dropout_p, seed, has_residual)
         with device_guard(dy):
-            out = impl.backward(dy.contiguous(), None if dstream is None else dstream.contiguous(),
-                                stream.contiguous(), weight, bias, mean, rstd, dropout_p, seed, has_residual,
-                                **({"dx_sum": dx_sum} if fold else {}))
+            out = impl.backward(*args, dx_sum=dx_sum) if fold else impl.backward(*args)
     else:
         shape = stream.shape
         ds2 = None if dstream is None else as_rows(dstream).contiguous()

@@ -79,14 +79,15 @@ def sum_rows(part: torch.Tensor, dtype: torch.dtype, dtype2: torch.dtype | None 
     dtypes = (dtype,) if dtype2 is None else (dtype, dtype2) if dtype3 is None else (dtype, dtype2, dtype3)
     G = len(dtypes)
     P, N = part.shape[0], part.shape[-1]
-    outs = tuple(new_output((N,), d, part.device) for d in dtypes)
+    outs = [new_output((N,), d, part.device) for d in dtypes]
     if N != 0 and P == 0:
         for out in outs:
             out.zero_()
     elif N != 0:
-        pointers = (part, *outs, *(outs[0],) * (3 - G))
+        # OUT2 and OUT3 of groups not there: any output (the kernel writes them only for G >= 2, 3).
+        pointers = (part, outs[0], outs[G > 1], outs[G - 1])
         key = (part.device, P, N, dtypes, stages) if _plans.active() else None
         _plans.launch(key, ((_sum_rows, pointers),), lambda: launch(
             _sum_rows, (cdiv(N, _BLOCK_N), G), *pointers, P, N, BLOCK_P=_BLOCK_P, BLOCK_N=_BLOCK_N,
             G=G, STAGES=stages, num_warps=4))
-    return outs if G > 1 else outs[0]
+    return tuple(outs) if G > 1 else outs[0]
