@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from fuseformer.kernels import attention
 from fuseformer.kernels.launch import use_fast_launch
 from fuseformer.kernels.parity import Parity, parity
 from fuseformer.models import fused_block
@@ -237,6 +238,12 @@ class ModelCase(Case):
                 # nodes are Python; if the step is much faster here, that thread is the cost.
                 variants["fuseformer-fused-calling-thread"] = (OURS, fused, False)
                 contexts["fuseformer-fused-calling-thread"] = lambda: torch.autograd.set_multithreading_enabled(False)
+                if self.L <= max(attention.ONE_PASS_BLOCKS):
+                    # The attention backward as one kernel where every key fits one block
+                    # (attention.VARIANTS["dq"] "fused"; BERT's L128): one launch a layer instead
+                    # of three, and no dQ pass recomputing S and dP.
+                    variants["fuseformer-fused-dq-one-pass"] = (OURS, fused, False)
+                    contexts["fuseformer-fused-dq-one-pass"] = lambda: attention.variant(dq="fused")
             # Every op on csrc/ (named: `auto` never builds it), whose launches cross pybind11
             # once instead of Triton's Python launcher: the other way to less host time per op.
             variants["fuseformer-fused-cuda"] = (OURS, cuda_model, False)

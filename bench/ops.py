@@ -156,6 +156,30 @@ def _atomic_dq_impl(call) -> Impl:
                 note="dQ summed by the portable dK/dV pass in fp32 atomics, no dQ pass")
 
 
+def _fused_dq_impl(call) -> Impl:
+    """fuseformer-triton with the one-kernel backward (attention.VARIANTS dq "fused"): for the
+    cases whose keys fit one block of it and whose heads it takes; refused elsewhere, where it
+    would time the three-launch backward under its name."""
+    from fuseformer.kernels import attention as A
+
+    checked = []  # the same verdict for every copy of the inputs
+
+    def fn(inputs):
+        if not checked:
+            lk, block_d = inputs["k"].shape[-2], A._flags(inputs["q"])["BLOCK_D"]
+            with A.variant(dq="fused"):
+                if not A.one_pass_keys(lk, block_d):
+                    raise Refused(f"the one-kernel backward takes up to {A.ONE_PASS_BLOCKS[-1]} keys and head dims "
+                                  f"up to {A._ATOMIC_MAX_BLOCK_D['portable']}; this case has {lk} keys, head dim "
+                                  f"{block_d}")
+            checked.append(True)
+        return call(inputs, "triton")
+
+    return Impl("fuseformer-triton-fused-dq", fn, kind=OURS, available=lambda: K.unavailable_reason("triton"),
+                timed_on_cpu=False, context=lambda: K.attention.variant(dq="fused"),
+                note="the portable backward as one kernel: dK, dV, dQ and delta with every key in one block")
+
+
 def _portable_impl(call) -> Impl:
     """Our Triton backend with the portable attention kernels only (the default before the
     H100 run; "auto" now takes the Hopper forward for long sequences)."""
@@ -337,7 +361,7 @@ def attention_case(name, *, B, H, L, D, Hk=None, Lk=None, causal=False, pad=0.0,
                   _hopper_impl(ours, descriptors="device"),
                   _portable_impl(ours)]
         if grad:
-            impls += [_atomic_dq_impl(ours), _hopper_impl(ours, dq="atomic")]
+            impls += [_atomic_dq_impl(ours), _hopper_impl(ours, dq="atomic"), _fused_dq_impl(ours)]
         sdpa = _sdpa_impls(torch_sdpa) + [_fa4_impl(causal, gqa)]
         if quadratic_baselines:
             impls += [Impl("torch-eager", ref, note="reference.py: matmul, softmax, matmul")]
@@ -675,6 +699,10 @@ def gpu_cases() -> list[OpCase]:
     cases.append(attention_case("attn_fwd_causal_gqa_d128_L2048", B=4, H=32, Hk=8, L=2048, D=128, causal=True, device_type=d))
     cases.append(attention_case("attn_fwd_bwd_d64_L2048", B=8, H=16, L=2048, D=64, grad=True, device_type=d, quick=True))
     cases.append(attention_case("attn_fwd_bwd_causal_d64_L2048", B=8, H=16, L=2048, D=64, causal=True, grad=True, device_type=d))
+    # BERT-base pre-training's attention (B32 L128, 30% padded keys): the short-sequence
+    # backward, three launches a layer by default, one with the fused dQ variant.
+    cases.append(attention_case("attn_fwd_bwd_pad_d64_L128", B=32, H=12, L=128, D=64, pad=0.3, grad=True,
+                                device_type=d, quick=True))
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(154, 513, (32,), generator=gen).tolist()  # BERT L=512, ~30% padding
     cases.append(varlen_case("varlen_fwd_d64_L512", lengths=lengths, H=12, D=64, device_type=d))

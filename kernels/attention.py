@@ -36,7 +36,9 @@ from .attention_kernels import (
     attn_fwd_tuned,
     attn_bwd_dkdv_tuned,
     attn_bwd_dkdv_tuned_atomic,
+    attn_bwd_dkdv_tuned_one_pass,
     attn_bwd_dq_tuned,
+    ONE_PASS_BLOCKS,
     default_config,
     dropout_keep_kernel,
 )
@@ -104,10 +106,20 @@ def set_autotune(enabled: bool) -> None:
 #     (_ATOMIC_MAX_BLOCK_D); wider heads make dQ by the pass in either mode. Opt-in until a GPU
 #     run measures it (`fuseformer bench` times fuseformer-triton-atomic-dq and
 #     -hopper-atomic-dq).
+#     "fused": where every key fits one key block of the portable dK/dV pass (at most
+#     ONE_PASS_BLOCKS[-1] = 128 keys: BERT's L128, short sequences) and up to the same head dim
+#     as "atomic", that pass is the whole backward: each program holds all the keys, so dS K of
+#     a query tile is its whole dQ, stored once (no atomics, deterministic), and delta =
+#     rowsum(dO * O) comes from the O and dO tiles it loads. One launch instead of three
+#     (preprocess, dK/dV, dQ); the dQ pass's recomputation of S and dP and its second read of
+#     Q, K, V, dO, lse and delta are gone, for 384 programs where the two passes had 384 + 768
+#     at BERT's B32 H12 L128 (one per (batch, head) and key block, the dQ pass one per query
+#     block). Elsewhere (longer keys, wider heads, the Hopper kernels) as "pass". Written
+#     without a GPU: opt-in until a GPU run measures it (fuseformer-triton-fused-dq).
 # descriptors (FUSEFORMER_HOPPER_DESCRIPTORS): where the Hopper kernels make their TMA
 #     descriptors, "auto" (on the host, as "host"; packed varlen sequences on the device),
 #     "device" or "host" (attention_hopper.DESCRIPTOR_PLACES says why).
-VARIANTS = {"kernel": ("auto", "portable", "hopper"), "dq": ("pass", "atomic"),
+VARIANTS = {"kernel": ("auto", "portable", "hopper"), "dq": ("pass", "atomic", "fused"),
             "descriptors": _hopper.DESCRIPTOR_PLACES}
 # Read once from the environment; the launchers read this dict per call.
 VARIANT = backends.Variants("attention", VARIANTS, {"kernel": "FUSEFORMER_ATTENTION_KERNEL",
@@ -123,6 +135,15 @@ _ATOMIC_MAX_BLOCK_D = {"portable": 64, "hopper": _hopper_bwd.MAX_ATOMIC_BLOCK_D}
 def atomic_dq(kernels: str, block_d: int) -> bool:
     """Does the dK/dV pass of `kernels` ("portable" or "hopper") make dQ at this BLOCK_D?"""
     return VARIANT["dq"] == "atomic" and block_d <= _ATOMIC_MAX_BLOCK_D[kernels]
+
+
+def one_pass_keys(lk: int, block_d: int) -> int:
+    """The key block of the portable backward's one-kernel form (VARIANT dq "fused") for lk
+    keys, the smallest of ONE_PASS_BLOCKS that holds them all; 0 where it does not apply (not
+    "fused", lk out of range, or heads wider than the atomic dQ's)."""
+    if VARIANT["dq"] != "fused" or lk < 1 or block_d > _ATOMIC_MAX_BLOCK_D["portable"]:
+        return 0
+    return next((n for n in ONE_PASS_BLOCKS if lk <= n), 0)
 
 
 def _dq_accumulator(q, atomic: bool, placeholder, varlen: bool):
@@ -340,26 +361,30 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
     varlen = cu_q is not None
     H, Hk = q.shape[1], k.shape[1]
     flags = _flags(q)
-    delta = new_output_like(lse)
     cu_q_arg, cu_k_arg = (cu_q, cu_k) if varlen else (lse, lse)
     lse_s = (0 if varlen else lse.stride(0)), lse.stride(1)
-    # Each site's full launch is a function: with a plan, its ~40 arguments are never built.
-    _bwd_plans.launch(plan and (plan, "preprocess"), ((attn_bwd_preprocess, (out, dout, delta, cu_q_arg, cu_k_arg)),),
-                      lambda: launch(
-                          attn_bwd_preprocess, (cdiv(lq, 64) * nbatch * H,),
-                          out, dout, delta, cu_q_arg, cu_k_arg,
-                          *_strides(out, varlen), *_strides(dout, varlen), *lse_s,
-                          H, lq,
-                          HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], VARLEN=varlen, BLOCK_M=64,
-                      ))
-    hopper = _hopper_chosen(_hopper_backward_measured_faster, q.shape[-1], lq, lk, is_causal)
-    if (hopper and flags["BLOCK_D"] <= _hopper_bwd.MAX_BLOCK_D
-            and _hopper_reason(q, k, v, dout, mask, dropout_p, dq, dk, dv) is None):
+    hopper = (_hopper_chosen(_hopper_backward_measured_faster, q.shape[-1], lq, lk, is_causal)
+              and flags["BLOCK_D"] <= _hopper_bwd.MAX_BLOCK_D
+              and _hopper_reason(q, k, v, dout, mask, dropout_p, dq, dk, dv) is None)
+    one_pass = 0 if hopper else one_pass_keys(lk, flags["BLOCK_D"])
+    # The one-kernel backward makes its own delta: lse stands in for it there, never read.
+    delta = lse if one_pass else new_output_like(lse)
+    if not one_pass:
+        # Each site's full launch is a function: with a plan, its ~40 arguments are never built.
+        _bwd_plans.launch(plan and (plan, "preprocess"),
+                          ((attn_bwd_preprocess, (out, dout, delta, cu_q_arg, cu_k_arg)),), lambda: launch(
+                              attn_bwd_preprocess, (cdiv(lq, 64) * nbatch * H,),
+                              out, dout, delta, cu_q_arg, cu_k_arg,
+                              *_strides(out, varlen), *_strides(dout, varlen), *lse_s,
+                              H, lq,
+                              HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], VARLEN=varlen, BLOCK_M=64,
+                          ))
+    if hopper:
         _launch_bwd_hopper(dout, q, k, v, lse, delta, dq, dk, dv, mask, is_causal, scale, nbatch, lq, lk,
                            cu_q_arg, cu_k_arg, lse_s, flags, varlen, plan)
         return
     seed_arg = seed if dropout_p > 0.0 else q
-    atomic = atomic_dq("portable", flags["BLOCK_D"])
+    atomic = not one_pass and atomic_dq("portable", flags["BLOCK_D"])
     dq_acc, acc_arg, acc_s = _dq_accumulator(q, atomic, lse, varlen)
     m = _mask_tensor(mask, q)
 
@@ -378,12 +403,17 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
 
     def dkdv():
         bucket, common, tail, qkv_strides = shared()
+        tuned = (attn_bwd_dkdv_tuned_one_pass[one_pass] if one_pass else attn_bwd_dkdv_tuned_atomic if atomic
+                 else attn_bwd_dkdv_tuned)
+        # One pass: every config of its tuner (and its untuned one) holds one_pass >= lk keys,
+        # so the grid has one key block per (batch, kv head).
         _run(
-            "bwd", attn_bwd_dkdv_tuned_atomic if atomic else attn_bwd_dkdv_tuned, attn_bwd_dkdv,
+            one_pass or "bwd", tuned, attn_bwd_dkdv,
             lambda meta: (cdiv(lk, meta["BLOCK_N"]) * nbatch * Hk,), bucket,
-            q, k, v, dout, dk, dv, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg, acc_arg,
+            q, k, v, dout, dk, dv, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg, acc_arg, out, dq,
             *qkv_strides, *_strides(dk, varlen), *_strides(dv, varlen), *lse_s, *acc_s,
-            *tail, **common, ATOMIC_DQ=atomic,
+            *_strides(out, varlen), *_strides(dq, varlen),
+            *tail, **common, ATOMIC_DQ=atomic, ONE_PASS=bool(one_pass),
         )
 
     def dq_pass():
@@ -396,8 +426,11 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
         )
 
     _bwd_plans.launch(plan and (plan, "dkdv"),
-                      ((attn_bwd_dkdv, (q, k, v, dout, dk, dv, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg, acc_arg)),),
+                      ((attn_bwd_dkdv, (q, k, v, dout, dk, dv, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg, acc_arg,
+                                        out, dq)),),
                       dkdv)
+    if one_pass:
+        return
     if atomic:
         dq.copy_(dq_acc)
         return

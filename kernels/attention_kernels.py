@@ -364,6 +364,8 @@ def _attn_bwd_preprocess(
 def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, LSE, DELTA, MASK, SEED, CU_Q, CU_K,
     DQ_ACC,  # ATOMIC_DQ: fp32 (B, H, LQ, HEAD_D), contiguous, zeroed; unused otherwise
+    O,  # ONE_PASS: the forward's output, for delta (DELTA unused then); unused otherwise
+    DQ,  # ONE_PASS: dQ, written whole; unused otherwise
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -372,6 +374,8 @@ def _attn_bwd_dkdv(
     stride_dvb, stride_dvh, stride_dvn,
     stride_lb, stride_lh,
     stride_ab, stride_ah,
+    stride_ob, stride_oh, stride_om,
+    stride_dqb, stride_dqh, stride_dqm,
     stride_mb, stride_mh, stride_mm, stride_mn,
     H, GROUP, LQ, LK, TUNE_BUCKET,
     qk_scale, sm_scale, dropout_p,
@@ -385,19 +389,25 @@ def _attn_bwd_dkdv(
     UPCAST: tl.constexpr,
     EXACT_FP32: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
+    ONE_PASS: tl.constexpr,  # LK <= BLOCK_N: this program's key block is all the keys
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     # One program owns a block of keys of one key/value head and walks every query row of
     # every query head in its GQA group: dK and dV are summed in registers, no atomics.
     # With ATOMIC_DQ it also adds its share of dQ into DQ_ACC (attention.VARIANTS["dq"]).
+    # With ONE_PASS its block holds every key, so dS K of a query tile is that tile's whole
+    # dQ: it stores dQ itself and takes delta = rowsum(dO * O) from the tiles it loads, and
+    # the backward is this one kernel (no preprocess, no dQ pass recomputing S and dP).
     start_n, bhk = _flat_pid(LK, BLOCK_N)
     HK = H // GROUP
     b = bhk // HK
     hk = bhk % HK
     q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN)
-    if start_n >= k_len:
-        return
+    if not ONE_PASS:
+        # (ONE_PASS: dQ is this program's to write even for a sequence without keys: zeros.)
+        if start_n >= k_len:
+            return
 
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < k_len
@@ -426,8 +436,9 @@ def _attn_bwd_dkdv(
         # Rows above this key block never see it.
         lo = (start_n // BLOCK_M) * BLOCK_M
     q_hi = q_len
-    if MASK_KIND == 1:
-        # A block of padded keys has dK = dV = 0: skip every query row.
+    if MASK_KIND == 1 and not ONE_PASS:
+        # A block of padded keys has dK = dV = 0: skip every query row (with ONE_PASS their
+        # dQ, zeros, is still to be written).
         mrow = tl.load(MASK + b64 * stride_mb + cols * stride_mn, mask=col_ok, other=0)
         if MASK_FLOAT:
             live = col_ok & (mrow != float("-inf"))
@@ -458,7 +469,13 @@ def _attn_bwd_dkdv(
             lse_off = b64 * stride_lb + h64 * stride_lh + qrow
             # +inf for rows past the end makes their p exactly 0.
             lse2 = tl.load(LSE + lse_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
-            delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
+            if ONE_PASS:
+                # _attn_bwd_preprocess's sum, from the same values: no other program reads these rows.
+                o = tl.load(O + b64 * stride_ob + h64 * stride_oh + qrow[:, None] * stride_om + d[None, :],
+                            mask=qd_mask, other=0.0)
+                delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            else:
+                delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
             s, to_scale = _scores(q, k, rows, cols, row_ok, col_ok, mask_base, stride_mm, stride_mn, qk_scale,
                                   CAUSAL, MASK_KIND, MASK_FLOAT, EXACT_FP32, True, BLOCK_M, BLOCK_N)
             p = tl.exp2(s * to_scale - lse2[:, None])
@@ -475,6 +492,10 @@ def _attn_bwd_dkdv(
             if ATOMIC_DQ:
                 dq = _dot(ds.to(k.dtype), k, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), EXACT_FP32) * sm_scale
                 _add_dq(DQ_ACC + b64 * stride_ab + h64 * stride_ah + q0 * HEAD_D, dq, rows, row_ok, d, d_ok, HEAD_D)
+            if ONE_PASS:
+                dq = _dot(ds.to(k.dtype), k, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), EXACT_FP32) * sm_scale
+                tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + qrow[:, None] * stride_dqm + d[None, :],
+                         dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + kcol[:, None] * stride_dkn + d[None, :],
@@ -636,9 +657,24 @@ def _tuned(gpu_list, kernel, atomic=False):
                     prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
+# The one-kernel backward (ONE_PASS; attention.VARIANTS["dq"] "fused") needs every key in one
+# block: a tuner per key block, each config of it that wide (a config with fewer keys would
+# leave dQ to a second block). Keyed by BLOCK_N; the first config is the untuned launch's.
+# Short query tiles: the block's dK and dV (2 x keys x 64 fp32) stay in registers beside the
+# tile's S, dP and dQ; these compile without spills for sm_90 and sm_80 at head dim 64, with
+# and without dropout, where 64 x 64 tiles spilled 60-284 bytes and 64 x 128 ones 472-2516
+# (tests/triton_compile_check.py, triton 3.9; under triton 3.6 all but one of the sm_80
+# dropout compiles, 32 x 128 with 3 stages: 24 bytes).
+_ONE_PASS_GPU = {
+    64: [(32, 64, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2), (32, 64, 8, 2)],
+    128: [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2)],
+}
+ONE_PASS_BLOCKS = tuple(_ONE_PASS_GPU)  # the key counts the one-kernel backward takes, ascending
+
 attn_fwd_tuned = _tuned(_FWD_GPU, _attn_fwd)
 attn_bwd_dkdv_tuned = _tuned(_BWD_GPU, _attn_bwd_dkdv)
 attn_bwd_dkdv_tuned_atomic = _tuned(_BWD_GPU, _attn_bwd_dkdv, atomic=True)
+attn_bwd_dkdv_tuned_one_pass = {n: _tuned(configs, _attn_bwd_dkdv) for n, configs in _ONE_PASS_GPU.items()}
 attn_bwd_dq_tuned = _tuned(_BWD_GPU, _attn_bwd_dq)
 attn_fwd = _attn_fwd
 attn_bwd_dkdv = _attn_bwd_dkdv
@@ -648,7 +684,10 @@ attn_bwd_dq = _attn_bwd_dq
 def default_config(kind: str, block_d: int, itemsize: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) used without autotuning: under the
     interpreter, and on a GPU with FUSEFORMER_AUTOTUNE=0 (CI, where compiling every config
-    of every case would dominate). Sized to fit H100 shared memory at every head dim."""
+    of every case would dominate). Sized to fit H100 shared memory at every head dim. kind
+    "fwd", "bwd", or a key block of ONE_PASS_BLOCKS (the one-kernel backward's)."""
+    if isinstance(kind, int):  # the one-kernel backward over `kind` keys (_ONE_PASS_GPU)
+        return (64, kind, 4, 1) if interpreting() else _ONE_PASS_GPU[kind][0]
     if interpreting():
         return 64, 64, 4, 1
     wide = block_d * itemsize  # bytes of one row of q/k/v

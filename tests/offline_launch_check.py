@@ -101,7 +101,7 @@ def case_attention(kernel, dq="pass", descriptors="device", autotune=True, causa
         A.set_autotune(before)
 
 
-def case_attention_grads_into(kernel):
+def case_attention_grads_into(kernel, dq="pass"):
     """q, k, v as views of one (B, L, 3, H, D) qkv buffer, as a fused block makes them; the
     backward into new tensors, then into views of one dqkv buffer of that layout (a fused
     block's `grads`), then into new ones again: a plan bound for one layout of dq/dk/dv must
@@ -113,7 +113,7 @@ def case_attention_grads_into(kernel):
     mask[1, ..., 70:] = False
     mask4 = mask.expand(B, H, L, L)
     dout = _randn(B, H, L, D)
-    with A.variant(kernel=kernel, descriptors="host" if kernel == "hopper" else "auto"):
+    with A.variant(kernel=kernel, dq=dq, descriptors="host" if kernel == "hopper" else "auto"):
         out, lse = A._forward(q, k, v, mask4, False, 0.125, 0.0, None)
         A._backward(dout, q, k, v, out, lse, mask4, False, 0.125, 0.0, None)
         dqkv = _randn(B, L, 3, H, D)
@@ -141,6 +141,9 @@ CASES = {
     "cross_entropy": case_cross_entropy,
     "attention_portable": lambda: case_attention("portable"),
     "attention_portable_atomic_dq": lambda: case_attention("portable", dq="atomic"),
+    # 96 keys: the one-kernel backward over a 128-key block; its dQ into a strided view too.
+    "attention_portable_fused_dq": lambda: case_attention("portable", dq="fused"),
+    "attention_portable_fused_dq_grads_into": lambda: case_attention_grads_into("portable", dq="fused"),
     "attention_hopper": lambda: case_attention("hopper"),
     "attention_hopper_host": lambda: case_attention("hopper", descriptors="host"),
     # The default place: every descriptor on the host (as "host"), varlen's on the device.
@@ -221,7 +224,7 @@ def _calls(launches):
 
 def _trim(configs: int):
     for tuned in (A.attn_fwd_tuned, A.attn_bwd_dkdv_tuned, A.attn_bwd_dkdv_tuned_atomic, A.attn_bwd_dq_tuned,
-                  HK.attn_fwd_hopper_tuned, LG._linear_gelu_fwd, LG._linear_gelu_tma,
+                  *A.attn_bwd_dkdv_tuned_one_pass.values(), HK.attn_fwd_hopper_tuned, LG._linear_gelu_fwd, LG._linear_gelu_tma,
                   *_hopper_bwd_tuned()):
         tuned.configs = tuned.configs[:configs]
 

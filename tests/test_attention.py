@@ -364,6 +364,103 @@ def test_atomic_dq_gqa_and_varlen_parity(atomic_dq, seeds):
     assert atomic_dq == _atomic_passes(40) * 2
 
 
+# ----------------------------------------------------------------------------- one-kernel backward
+
+
+@pytest.fixture
+def fused_dq(monkeypatch):
+    """attention.VARIANT["dq"] "fused": record each backward launch of the portable kernels, as
+    ("one_pass", key block, ONE_PASS) for the one-kernel backward and (pass, ONE_PASS) else,
+    the preprocess among them."""
+    monkeypatch.setitem(A.VARIANT, "dq", "fused")
+    passes = []
+    run, plain_launch = A._run, A.launch
+
+    def recording(kind, tuned, plain, *args, **kwargs):
+        if kind != "fwd":
+            name = ("one_pass", kind) if isinstance(kind, int) else "dkdv" if plain is A.attn_bwd_dkdv else "dq"
+            passes.append((name, kwargs.get("ONE_PASS")))
+        return run(kind, tuned, plain, *args, **kwargs)
+
+    def launching(fn, *args, **kwargs):
+        if fn is A.attn_bwd_preprocess:
+            passes.append(("preprocess", None))
+        return plain_launch(fn, *args, **kwargs)
+
+    monkeypatch.setattr(A, "_run", recording)
+    monkeypatch.setattr(A, "launch", launching)
+    return passes
+
+
+def _fused_passes(lk, head_dim):
+    """One launch (the dK/dV kernel over all keys, 64 or 128 of them) where the keys fit one
+    block and the head is at most 64 wide; elsewhere the three of "pass"."""
+    if 1 <= lk <= 128 and head_dim <= 64:
+        return [(("one_pass", 64 if lk <= 64 else 128), True)]
+    return [("preprocess", None), ("dkdv", False), ("dq", None)]
+
+
+@pytest.mark.parametrize("dtype,B,H,Lq,Lk,D,causal,mask", CASES)
+def test_fused_dq_parity(fused_dq, dtype, B, H, Lq, Lk, D, causal, mask):
+    """Every case of test_parity (masks with dead rows and fully padded batches, causal, more
+    or fewer queries than keys) with the one-kernel backward where it applies."""
+    test_parity(dtype, B, H, Lq, Lk, D, causal, mask)
+    assert fused_dq == _fused_passes(Lk, D)
+
+
+@pytest.mark.parametrize("causal,gqa,mask", [(False, False, None), (True, True, "key_padding")])
+def test_fused_dq_dropout_parity(fused_dq, seeds, causal, gqa, mask):
+    test_dropout_parity(seeds, causal, gqa, mask)
+    assert fused_dq == _fused_passes(70, 32)
+
+
+def test_fused_dq_gqa_and_varlen_parity(fused_dq, seeds):
+    """GQA (each kv program writes dQ for every query head of its group) and packed sequences,
+    an empty one among them (its queries' dQ is written as zeros by the program of no keys)."""
+    test_gqa(True)
+    test_varlen_parity(seeds, [70, 0, 5], [70, 0, 9], 4, 2, 40, True, 0.0, torch.float16)
+    test_varlen_parity(seeds, [9, 4], [0, 120], 2, 1, 16, False, 0.0, torch.float32)
+    assert fused_dq == _fused_passes(50, 64) + _fused_passes(70, 40) + _fused_passes(120, 16)
+
+
+def _packed_qkv(H, L, D, live, seed):
+    """q, k, v as views of one (B, L, 3, H, D) buffer (a fused block's qkv GEMM output), a
+    key-padding mask keeping live[b] keys of batch b (B = len(live)), expanded to (B, H, L, L),
+    and an output gradient."""
+    B = len(live)
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, L, 3, H, D, generator=g).to(DEVICE)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    mask = (torch.arange(L)[None, :] < torch.tensor(live)[:, None]).to(DEVICE).view(B, 1, 1, L)
+    dout = torch.randn(B, H, L, D, generator=g).to(DEVICE)
+    return q, k, v, mask.expand(B, H, L, L), dout
+
+
+def _nan_grad_views(dout):
+    """A (B, L, 3, H, D) gradient buffer of NaN and its dq, dk, dv views, (B, H, L, D) each."""
+    B, H, L, D = dout.shape
+    dqkv = torch.full((B, L, 3, H, D), float("nan"), device=DEVICE)
+    return dqkv, tuple(t.transpose(1, 2) for t in dqkv.unbind(2))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_dq_equals_the_dq_pass(fused_dq, causal):
+    """Same maths as the two passes, so the same gradients to float32 rounding (the one-pass
+    dQ is one tile product, the pass's the same product), written into views of one qkv
+    gradient buffer as the fused block hands them (a strided dQ, NaN until written), a batch
+    with no key at all included."""
+    L, D = 100, 32
+    q, k, v, mask4, dout = _packed_qkv(2, L, D, live=(L, 61, 0), seed=5)  # the last batch: no key at all
+    out, lse = A._forward(q, k, v, mask4, causal, 0.25, 0.0, None)
+    dqkv, views = _nan_grad_views(dout)
+    got = A._backward(dout, q, k, v, out, lse, mask4, causal, 0.25, 0.0, None, grads=views)
+    assert fused_dq == _fused_passes(L, D) and not dqkv.isnan().any()
+    with A.variant(dq="pass"):
+        ref = A._backward(dout, q, k, v, out, lse, mask4, causal, 0.25, 0.0, None)
+    for name, a, b in zip(("dq", "dk", "dv"), got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 # ----------------------------------------------------------------------------- varlen
 
 
@@ -747,18 +844,10 @@ def test_backward_writes_into_the_gradient_views_it_is_given(causal):
     """`grads` (Impl.backward_extras; models/fused_block.py hands views of one (B, T, 3, H, D)
     buffer, the layout of its qkv GEMM): the launcher writes every element of each view (the
     buffer starts as NaN), exactly what it returns without `grads`, and returns the views."""
-    B, H, L, D = 2, 2, 19, 16
-    g = torch.Generator().manual_seed(3)
-    qkv = torch.randn(B, L, 3, H, D, generator=g).to(DEVICE)
-    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
-    mask = torch.ones(B, 1, 1, L, dtype=torch.bool, device=DEVICE)
-    mask[1, ..., 13:] = False
-    mask4 = mask.expand(B, H, L, L)
-    dout = torch.randn(B, H, L, D, generator=g).to(DEVICE)
+    q, k, v, mask4, dout = _packed_qkv(2, 19, 16, live=(19, 13), seed=3)
     out, lse = A._forward(q, k, v, mask4, causal, 0.25, 0.0, None)
     ref = A._backward(dout, q, k, v, out, lse, mask4, causal, 0.25, 0.0, None)
-    dqkv = torch.full((B, L, 3, H, D), float("nan"), device=DEVICE)
-    views = tuple(t.transpose(1, 2) for t in dqkv.unbind(2))
+    dqkv, views = _nan_grad_views(dout)
     got = A._backward(dout, q, k, v, out, lse, mask4, causal, 0.25, 0.0, None, grads=views)
     assert all(a is b for a, b in zip(got, views)) and not dqkv.isnan().any()
     for a, b in zip(got, ref):

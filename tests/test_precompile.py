@@ -29,6 +29,8 @@ TUNED = {
     "cross_entropy": set(),  # likewise
     "attention_portable": {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"},
     "attention_portable_atomic_dq": {"_attn_bwd_dkdv"},  # its forward was compiled by the case before
+    "attention_portable_fused_dq": {"_attn_bwd_dkdv"},  # the one-kernel backward's own tuner
+    "attention_portable_fused_dq_grads_into": set(),  # tuned by the case before
     "attention_hopper": {"_attn_fwd_hopper", "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper"},
     "attention_hopper_host": {"_attn_fwd_hopper", "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper"},
     # Its forward's key was tuned by attention_hopper_host's, its backward's by attention_hopper's.
@@ -59,6 +61,9 @@ PLAN_LAUNCHES = {
     # first run bound, the third all ten. A plan keyed without the gradients' strides would
     # hand the views' call the new tensors' strides: same_launch_args catches it.
     "attention_portable_grads_into": 19, "attention_hopper_grads_into": 19,
+    # The one-kernel backward: a forward and one backward launch a run; grads-into as above with
+    # one backward launch each: 3 + 4.
+    "attention_portable_fused_dq": 2, "attention_portable_fused_dq_grads_into": 7,
 }
 
 
@@ -97,6 +102,9 @@ def test_every_launcher_through_tritons_jit_path_offline():
         "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_preprocess", "_attn_fwd"]
     assert rows["attention_hopper_grads_into"]["kernels"] == [
         "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper", "_attn_bwd_preprocess", "_attn_fwd_hopper"]
+    # The one-kernel backward launches neither the preprocess nor a dQ pass.
+    for name in ("attention_portable_fused_dq", "attention_portable_fused_dq_grads_into"):
+        assert rows[name]["kernels"] == ["_attn_bwd_dkdv", "_attn_fwd"], name
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

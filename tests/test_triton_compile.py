@@ -141,7 +141,7 @@ def test_spill_report(compiled):
 # reductions, and the persistent TMA GEMM, whose configs were chosen not to).
 NO_SPILL = ("add_ln_fwd", "add_ln_fwd_rows", "add_ln_fwd_rows_pipelined", "add_ln_bwd", "add_ln_bwd_pipelined",
             "ln_keep_mask", "sum_rows", "sum_rows_pipelined", "gelu_bwd_db", "linear_gelu_tma", "ce_fwd", "ce_bwd",
-            "ce_reduce")
+            "ce_reduce", "attn_bwd_dkdv_one_pass64", "attn_bwd_dkdv_one_pass128")
 
 
 def _of(compiled, kernel):
@@ -233,13 +233,15 @@ def test_fast_gelu_uses_the_special_function_unit_and_only_it_does(compiled):
 
 def test_atomic_dq_adds_fp32_vectors_and_nothing_else_adds(compiled):
     """The portable dK/dV pass with ATOMIC_DQ (attention.VARIANTS["dq"]) sums dQ with 16-byte fp32
-    vector reductions on sm_90; without it, and in the dQ pass, nothing is added to memory."""
+    vector reductions on sm_90; without it, in the dQ pass and in the one-kernel backward (ONE_PASS,
+    which stores dQ), nothing is added to memory."""
     atomic = _of(compiled, "attn_bwd_dkdv_atomic")
     assert {r["arch"] for r in atomic} == {80, 90}
     for r in atomic:
         if r["arch"] == 90:
             assert r["ptx"]["add_v4_f32"] > 0, f"no fp32 vector add in {_where(r)}"
-    for r in _of(compiled, "attn_bwd_dkdv") + _of(compiled, "attn_bwd_dq"):
+    one_pass = _of(compiled, "attn_bwd_dkdv_one_pass64") + _of(compiled, "attn_bwd_dkdv_one_pass128")
+    for r in _of(compiled, "attn_bwd_dkdv") + _of(compiled, "attn_bwd_dq") + one_pass:
         assert r["ptx"]["add_v4_f32"] == 0, _where(r)
     spilling = [r for r in atomic if r["arch"] == 90 and r["case"] == "bf16 d64" and r["spill_bytes"]
                 and r["constexprs"].get("BLOCK_N") != 128]

@@ -228,7 +228,7 @@ def _attn_args(dt, D, mask="none", mask_float=False, dropout=False, varlen=False
     cx = dict(
         HEAD_D=D, BLOCK_D=max(16, triton_next_pow2(D)), CAUSAL=False,
         MASK_KIND={"none": 0, "key_padding": 1, "dense": 2}[mask], MASK_FLOAT=mask_float, DROPOUT=dropout,
-        VARLEN=varlen, UPCAST=False, EXACT_FP32=dt == "fp32", ATOMIC_DQ=False,
+        VARLEN=varlen, UPCAST=False, EXACT_FP32=dt == "fp32", ATOMIC_DQ=False, ONE_PASS=False,
     )
     return v, cx
 
@@ -261,6 +261,10 @@ def build_jobs():
         attn.append((name, kind, _unwrap(obj)[0], tuned))
     # The dK/dV pass with ATOMIC_DQ (attention.VARIANTS["dq"]): it also sums dQ, up to head dim 64.
     attn.append(("attn_bwd_dkdv_atomic", "bwd", _unwrap(ak.attn_bwd_dkdv)[0], ak.attn_bwd_dkdv_tuned_atomic))
+    # The one-kernel backward (VARIANTS["dq"] "fused"): the dK/dV pass over every key, one tuner
+    # per key block; its untuned launch's `kind` is that block (default_config).
+    for n, tuned in ak.attn_bwd_dkdv_tuned_one_pass.items():
+        attn.append((f"attn_bwd_dkdv_one_pass{n}", n, _unwrap(ak.attn_bwd_dkdv)[0], tuned))
     atomic_max_block_d = importlib.import_module("fuseformer.kernels.attention")._ATOMIC_MAX_BLOCK_D["portable"]
     itemsize = {"fp16": 2, "bf16": 2, "fp32": 4}
 
@@ -271,10 +275,11 @@ def build_jobs():
             if only and name not in only:
                 continue
             atomic = name == "attn_bwd_dkdv_atomic"
-            if atomic and cx["BLOCK_D"] > atomic_max_block_d:
+            one_pass = name.startswith("attn_bwd_dkdv_one_pass")
+            if (atomic or one_pass) and cx["BLOCK_D"] > atomic_max_block_d:
                 continue  # those head dims make dQ by the pass in either mode
             names = set(plain.arg_names)
-            vv, cc = _pick(v, names), _pick({**cx, "ATOMIC_DQ": atomic}, names)
+            vv, cc = _pick(v, names), _pick({**cx, "ATOMIC_DQ": atomic, "ONE_PASS": one_pass}, names)
             if tuned_configs is not None and tuned is not None:
                 _add(jobs, name, tuned, arch, case, vv, cc, configs=tuned_configs)
             elif hasattr(ak, "default_config"):
@@ -322,6 +327,12 @@ def build_jobs():
                   causal=True, dropout=True, only={"attn_bwd_dkdv_atomic"})
         if arch == 90:
             attn_case(arch, "bf16 d64", tuned_configs="all", dt="bf16", only={"attn_bwd_dkdv_atomic"})
+        # The one-kernel backward: every config of both tuners, plain and as BERT trains (key
+        # padding, dropout).
+        one_pass = {f"attn_bwd_dkdv_one_pass{n}" for n in ak.attn_bwd_dkdv_tuned_one_pass}
+        attn_case(arch, "bf16 d64", tuned_configs="all", dt="bf16", only=one_pass)
+        attn_case(arch, "bf16 d64 keypad-bool dropout", tuned_configs="all", dt="bf16", mask="key_padding",
+                  dropout=True, only=one_pass)
     # --- the Hopper kernels: sm_90 only (triton_compile_hopper.py).
     import triton_compile_hopper
 
