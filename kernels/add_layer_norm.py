@@ -342,7 +342,8 @@ def _run_backward(backend, dy, dstream, stream, weight, bias, mean, rstd, dropou
                                              bias, mean, rstd, dropout_p, seed, has_residual)
         out = dx.view(shape), None if dres is None else dres.view(shape), dw, db
     if dx_sum is not None and not fold:
-        out = (*out, as_rows(out[0]).sum(0, dtype=torch.float32).to(dx_sum))
+        # One reduction kernel: torch accumulates half types in fp32 and rounds once into dx_sum.
+        out = (*out, as_rows(out[0]).sum(0, dtype=dx_sum))
     return out
 
 

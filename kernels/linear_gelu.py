@@ -343,7 +343,9 @@ def _dgelu(dout, x2d, weight, preact, approximate, has_bias, bias):
     if VARIANT["dgelu"] == "fused_db":
         return _dgelu_fused_db(dout, preact, approximate, has_bias)
     dpre = gelu_backward(dout, preact, approximate)
-    return dpre, dpre.sum(0, dtype=torch.float32).to(dpre.dtype) if has_bias else None
+    # db: one reduction kernel (torch accumulates half types in fp32 and rounds once), not an
+    # fp32 sum and a cast (two launches a layer).
+    return dpre, dpre.sum(0) if has_bias else None
 
 
 def backward(dout, x2d, weight, preact, approximate, has_bias, bias=None, acc=None):
