@@ -423,6 +423,36 @@ def test_fused_dq_gqa_and_varlen_parity(fused_dq, seeds):
     assert fused_dq == _fused_passes(50, 64) + _fused_passes(70, 40) + _fused_passes(120, 16)
 
 
+def test_bench_peer_runs_the_one_kernel_backward_or_refuses(fused_dq, monkeypatch):
+    """`fuseformer bench`'s fuseformer-triton-fused-dq: the one-kernel backward inside the step
+    the bench times (its context holds the switch until autograd has run the backward), the
+    switch restored after; a refusal, not a three-launch timing under its name, for keys past
+    its block or a head past 64."""
+    from fuseformer.bench import core, ops
+    from fuseformer.bench.core import Refused
+
+    monkeypatch.setitem(A.VARIANT, "dq", "pass")
+
+    def call(inputs, backend):
+        return K.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], attn_mask=inputs["mask"],
+                                              backend=backend)
+
+    def step(impl, q, k, v):
+        def fwd_bwd(inputs):
+            out = impl.fn(inputs)
+            return torch.autograd.grad(out, [inputs["q"], inputs["k"], inputs["v"]], torch.ones_like(out))
+        return core._within(impl.context, fwd_bwd)({"q": q, "k": k, "v": v, "mask": None})
+
+    impl = ops._fused_dq_impl(call)
+    assert impl.name == "fuseformer-triton-fused-dq"
+    step(impl, *(t.requires_grad_() for t in _qkv(1, 2, 30, 100, 32)))
+    assert fused_dq == _fused_passes(100, 32) and A.VARIANT["dq"] == "pass"
+    for lk, d, what in ((200, 32, "this case has 200 keys, head dim 32"), (20, 80, "this case has 20 keys, head dim 128")):
+        with pytest.raises(Refused, match=what):
+            step(ops._fused_dq_impl(call), *(t.requires_grad_() for t in _qkv(1, 2, 20, lk, d)))
+    assert A.VARIANT["dq"] == "pass"
+
+
 def _packed_qkv(H, L, D, live, seed):
     """q, k, v as views of one (B, L, 3, H, D) buffer (a fused block's qkv GEMM output), a
     key-padding mask keeping live[b] keys of batch b (B = len(live)), expanded to (B, H, L, L),
