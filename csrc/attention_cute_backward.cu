@@ -12,7 +12,8 @@
 //               happens in registers: no atomics, no race on dK/dV). Per query tile it
 //               recomputes S^T = K Q^T, P^T = 2^(S^T scale log2e + bias log2e - lse log2e),
 //               dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q, and
-//               dQ_tile = dS K, which it adds into the fp32 accumulator with atomicAdd.
+//               dQ_tile = dS K, which it adds into the fp32 accumulator with atomicAdd
+//               (fp32x2 vectors on sm_90: add_dq).
 //   convert:    dq = scale * accumulator, in the input dtype.
 // Why atomics for dQ rather than a separate dQ kernel: a dQ kernel would recompute S and dP
 // (2 of the 7 GEMMs), i.e. 40% more tensor-core work than the 5 GEMMs here, and re-read K, V
@@ -101,6 +102,30 @@ struct CuteAttnBwdTraits {
                                     2 * kStages * kBlockM * int(sizeof(float));
   static_assert(kSmemBytes <= 99 * 1024, "over the 99 KB a block may have on sm_86/sm_89");
 };
+
+// dQ accumulator += acc, element i of the MMA's C fragment to address &gdq(i), rows at or past
+// q_rows (coordinate tile cdq) left out. On sm_90 two at a time: the fragment's values come in
+// pairs of neighbouring columns of one row (SM80's 16x8 C layout: (row g, columns 2t and 2t + 1),
+// then row g + 8), 8-byte aligned in the row-major accumulator, and Hopper has an fp32x2 vector
+// reduction (atomicAdd on float2, compute capability 9.x): half the atomics, each of 8 bytes.
+// Elsewhere one fp32 atomic per element.
+template <class Acc, class Gmem, class Coord>
+__device__ __forceinline__ void add_dq(const Acc& acc, Gmem& gdq, const Coord& cdq, int q_rows) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The pairing, from the layouts themselves: the fragment's first mode is (2 columns, 2 row
+  // halves) and its first value step is one column, 1 element apart in the accumulator.
+  static_assert(decltype(size<0, 0>(acc))::value == 2, "C fragment values do not come in column pairs");
+  static_assert(decltype(stride<0, 0>(gdq))::value == 1, "paired C values are not neighbours in the dQ accumulator");
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); i += 2)
+    if (get<0>(cdq(i)) < q_rows)
+      atomicAdd(reinterpret_cast<float2*>(&gdq(i)), make_float2(acc(i), acc(i + 1)));
+#else
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i)
+    if (get<0>(cdq(i)) < q_rows) atomicAdd(&gdq(i), acc(i));
+#endif
+}
 
 // delta = rowsum(dO * O) in fp32, one warp a row; also zeroes the row's dQ accumulator.
 template <typename Element>
@@ -370,9 +395,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) attention_backward_cute_ker
       clear(acc_dq);
       block_gemm<false>(acc_dq, tdQrdS, tdQrKt, tdQsdS, tdQsKt_at(chunk), mma_dq, copy_ds, thr_ds, copy_kt, thr_kt);
       Tensor tdQgdQ = thr_dq.partition_C(local_tile(gdQaccum, Shape<Int<kBlockM>, Int<kDqCols>>{}, make_coord(0, chunk)));
-      CUTE_UNROLL
-      for (int i = 0; i < size(acc_dq); ++i)
-        if (get<0>(tdQcdQ(i)) < q_rows) atomicAdd(&tdQgdQ(i), acc_dq(i));
+      add_dq(acc_dq, tdQgdQ, tdQcdQ, q_rows);
     }
   }
   cp_async_wait<0>();  // only empty groups remain; leave none behind

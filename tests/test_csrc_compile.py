@@ -362,7 +362,7 @@ def test_cute_attention_compiles_without_spills(cute_builds, name, arch):
 def test_cute_attention_uses_tensor_cores(cute_builds, name, arch):
     """Every tensor-core kernel's SASS holds the mma.sync HMMA.16816 with fp32 accumulation, as
     many as one loop iteration needs, and loads its tiles with cp.async (LDGSTS) and ldmatrix
-    (LDSM); the backward adds its dq into fp32 with atomics (RED)."""
+    (LDSM); the backward adds its dq into fp32 with atomics (RED), on sm_90a as fp32x2 vectors."""
     functions = re.split(r"\n\s*Function : ", _sass(*cute_builds[(name, arch)]))[1:]
     sass = {chunk.split("\n", 1)[0].strip(): chunk for chunk in functions}
     kind = next(k for k in CUTE_KERNELS[name] if k in HMMA_PER_ITERATION)
@@ -375,7 +375,13 @@ def test_cute_attention_uses_tensor_cores(cute_builds, name, arch):
         assert all(bool(k) == bf16 for k in hmma), f"{kernel}: HMMA of the wrong input type"
         assert "LDGSTS" in body and "LDSM" in body, f"{kernel}: no cp.async / ldmatrix in the SASS"
         if kind == "attention_backward_cute_kernel":
-            assert re.search(r"\bREDG?\.E\.ADD\.F32", body), f"{kernel}: no fp32 atomic add (dq) in the SASS"
+            # dq's fp32 atomics: on sm_90a two neighbouring columns a reduction (F32x2), none alone.
+            scalar = re.findall(r"\bREDG?\.E\.ADD\.F32\.", body)
+            pairs = re.findall(r"\bREDG?\.E\.ADD\.F32x2\.", body)
+            if arch == "sm_90a":
+                assert pairs and not scalar, f"{kernel}: {len(pairs)} fp32x2 and {len(scalar)} fp32 atomic adds"
+            else:
+                assert scalar, f"{kernel}: no fp32 atomic add (dq) in the SASS"
 
 
 def test_setup_aot_build_gets_the_cutlass_include():
