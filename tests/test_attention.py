@@ -811,6 +811,24 @@ def test_gpu_autotuned_atomic_dq(atomic_dq, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("L", [64, 128])
+def test_gpu_autotuned_fused_dq(fused_dq, seeds, monkeypatch, L):
+    """The one-kernel backward through its own tuners (every config of each holds L keys), at
+    BERT's training shape: bf16, key padding with a fully padded batch, dropout, GQA; parity
+    against float64 (same keep-masks) and the launches it makes, the tuning call and the kept
+    config alike."""
+    monkeypatch.setattr(A, "AUTOTUNE", True)
+    monkeypatch.setattr(_util, "_tuned_configs", {})
+    q, k, v = _qkv(3, 4, L, L, 64, Hk=2)
+    mask = torch.ones(3, 1, 1, L, dtype=torch.bool, device=DEVICE)
+    mask[1, ..., L // 3:] = False
+    mask[2] = False
+    for _ in range(2):
+        check_sdpa(q, k, v, mask, dropout_p=0.1, gqa=True, dtype=torch.bfloat16, seeds=seeds)
+    assert fused_dq == _fused_passes(L, 64) * 2
+
+
+@pytest.mark.gpu
 def test_gpu_bf16_dropout_varlen(seeds):
     q, k, v = _qkv(2, 4, 300, 300, 64)
     check_sdpa(q, k, v, causal=True, dropout_p=0.1, dtype=torch.bfloat16, seeds=seeds)
