@@ -241,7 +241,7 @@ class ModelCase(Case):
                 if self.L <= max(attention.ONE_PASS_BLOCKS):
                     # The attention backward as one kernel where every key fits one block
                     # (attention.VARIANTS["dq"] "fused"; BERT's L128): one launch a layer instead
-                    # of three, and no dQ pass recomputing S and dP.
+                    # of two, and no dQ pass recomputing S and dP.
                     variants["fuseformer-fused-dq-one-pass"] = (OURS, fused, False)
                     contexts["fuseformer-fused-dq-one-pass"] = lambda: attention.variant(dq="fused")
             # Every op on csrc/ (named: `auto` never builds it), whose launches cross pybind11

@@ -159,7 +159,7 @@ def _atomic_dq_impl(call) -> Impl:
 def _fused_dq_impl(call) -> Impl:
     """fuseformer-triton with the one-kernel backward (attention.VARIANTS dq "fused"): for the
     cases whose keys fit one block of it and whose heads it takes; refused elsewhere, where it
-    would time the three-launch backward under its name."""
+    would time the two-pass backward under its name."""
     from fuseformer.kernels import attention as A
 
     checked = []  # the same verdict for every copy of the inputs
@@ -700,7 +700,7 @@ def gpu_cases() -> list[OpCase]:
     cases.append(attention_case("attn_fwd_bwd_d64_L2048", B=8, H=16, L=2048, D=64, grad=True, device_type=d, quick=True))
     cases.append(attention_case("attn_fwd_bwd_causal_d64_L2048", B=8, H=16, L=2048, D=64, causal=True, grad=True, device_type=d))
     # BERT-base pre-training's attention (B32 L128, 30% padded keys): the short-sequence
-    # backward, three launches a layer by default, one with the fused dQ variant.
+    # backward, two launches a layer by default, one with the fused dQ variant.
     cases.append(attention_case("attn_fwd_bwd_pad_d64_L128", B=32, H=12, L=128, D=64, pad=0.3, grad=True,
                                 device_type=d, quick=True))
     gen = torch.Generator().manual_seed(0)

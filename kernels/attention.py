@@ -110,12 +110,15 @@ def set_autotune(enabled: bool) -> None:
 #     ONE_PASS_BLOCKS[-1] = 128 keys: BERT's L128, short sequences) and up to the same head dim
 #     as "atomic", that pass is the whole backward: each program holds all the keys, so dS K of
 #     a query tile is its whole dQ, stored once (no atomics, deterministic), and delta =
-#     rowsum(dO * O) comes from the O and dO tiles it loads. One launch instead of three
-#     (preprocess, dK/dV, dQ); the dQ pass's recomputation of S and dP and its second read of
-#     Q, K, V, dO, lse and delta are gone, for 384 programs where the two passes had 384 + 768
-#     at BERT's B32 H12 L128 (one per (batch, head) and key block, the dQ pass one per query
+#     rowsum(dO * O) comes from the O and dO tiles it loads. One launch instead of two (the dQ
+#     pass, then dK/dV); the dQ pass's recomputation of S and dP and its second read of Q, K,
+#     V, dO and lse are gone, for 384 programs where the two passes had 768 + 384 at BERT's
+#     B32 H12 L128 (the dQ pass one per query block, dK/dV one per (batch, head) and key
 #     block). Elsewhere (longer keys, wider heads, the Hopper kernels) as "pass". Written
 #     without a GPU: opt-in until a GPU run measures it (fuseformer-triton-fused-dq).
+#     In "pass" the portable dQ pass runs first and makes delta as it goes (its programs load
+#     their rows' dO anyway; delta is stored for the dK/dV pass): no preprocess kernel. The
+#     Hopper kernels and "atomic" (no dQ pass) keep the preprocess.
 # descriptors (FUSEFORMER_HOPPER_DESCRIPTORS): where the Hopper kernels make their TMA
 #     descriptors, "auto" (on the host, as "host"; packed varlen sequences on the device),
 #     "device" or "host" (attention_hopper.DESCRIPTOR_PLACES says why).
@@ -367,9 +370,12 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
               and flags["BLOCK_D"] <= _hopper_bwd.MAX_BLOCK_D
               and _hopper_reason(q, k, v, dout, mask, dropout_p, dq, dk, dv) is None)
     one_pass = 0 if hopper else one_pass_keys(lk, flags["BLOCK_D"])
-    # The one-kernel backward makes its own delta: lse stands in for it there, never read.
+    atomic = not (hopper or one_pass) and atomic_dq("portable", flags["BLOCK_D"])
+    # delta = rowsum(dO * O), by whoever reads dO first: the preprocess kernel before the Hopper
+    # passes and the atomic dK/dV pass; the portable dQ pass, which runs before its dK/dV pass
+    # and stores it for it; the one-kernel backward inline (lse stands in, never read).
     delta = lse if one_pass else new_output_like(lse)
-    if not one_pass:
+    if hopper or atomic:
         # Each site's full launch is a function: with a plan, its ~40 arguments are never built.
         _bwd_plans.launch(plan and (plan, "preprocess"),
                           ((attn_bwd_preprocess, (out, dout, delta, cu_q_arg, cu_k_arg)),), lambda: launch(
@@ -384,7 +390,6 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
                            cu_q_arg, cu_k_arg, lse_s, flags, varlen, plan)
         return
     seed_arg = seed if dropout_p > 0.0 else q
-    atomic = not one_pass and atomic_dq("portable", flags["BLOCK_D"])
     dq_acc, acc_arg, acc_s = _dq_accumulator(q, atomic, lse, varlen)
     m = _mask_tensor(mask, q)
 
@@ -420,22 +425,21 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
         bucket, common, tail, qkv_strides = shared()
         _run(
             "bwd", attn_bwd_dq_tuned, attn_bwd_dq, lambda meta: (cdiv(lq, meta["BLOCK_M"]) * nbatch * H,), bucket,
-            q, k, v, dout, dq, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg,
-            *qkv_strides, *_strides(dq, varlen), *lse_s,
+            q, k, v, dout, dq, lse, delta, out, m, seed_arg, cu_q_arg, cu_k_arg,
+            *qkv_strides, *_strides(dq, varlen), *_strides(out, varlen), *lse_s,
             *tail, **common,
         )
 
+    if not (one_pass or atomic):  # the dQ pass first: it makes delta for the dK/dV pass
+        _bwd_plans.launch(plan and (plan, "dq"),
+                          ((attn_bwd_dq, (q, k, v, dout, dq, lse, delta, out, m, seed_arg, cu_q_arg, cu_k_arg)),),
+                          dq_pass)
     _bwd_plans.launch(plan and (plan, "dkdv"),
                       ((attn_bwd_dkdv, (q, k, v, dout, dk, dv, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg, acc_arg,
                                         out, dq)),),
                       dkdv)
-    if one_pass:
-        return
     if atomic:
         dq.copy_(dq_acc)
-        return
-    _bwd_plans.launch(plan and (plan, "dq"),
-                      ((attn_bwd_dq, (q, k, v, dout, dq, lse, delta, m, seed_arg, cu_q_arg, cu_k_arg)),), dq_pass)
 
 
 def _launch_bwd_hopper(dout, q, k, v, lse, delta, dq, dk, dv, mask, is_causal, scale, nbatch, lq, lk,

@@ -1,4 +1,5 @@
-"""Triton kernels of flash attention: forward, backward (preprocess, dK/dV, dQ), dropout mask.
+"""Triton kernels of flash attention: forward, backward (dQ, then dK/dV, or dK/dV alone: see
+attention.VARIANTS["dq"]; a preprocess for delta where no dQ pass makes it), dropout mask.
 
 The maths, once (per query row i, key column j, in the natural-log domain):
 
@@ -506,12 +507,16 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, DQ, LSE, DELTA, MASK, SEED, CU_Q, CU_K,
+    Q, K, V, DO, DQ, LSE,
+    DELTA,  # written here: rowsum(dO * O) of this program's rows, for the dK/dV pass after it
+    O,
+    MASK, SEED, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
+    stride_ob, stride_oh, stride_om,
     stride_lb, stride_lh,
     stride_mb, stride_mh, stride_mm, stride_mn,
     H, GROUP, LQ, LK, TUNE_BUCKET,
@@ -552,7 +557,12 @@ def _attn_bwd_dq(
         do = do.to(tl.float32)
     lse_off = b64 * stride_lb + h64 * stride_lh + qrow
     lse2 = tl.load(LSE + lse_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
+    # The preprocess's delta, made here: this program is the only one of the pass on these
+    # rows and loads their dO already (one launch and one read of dO fewer than a preprocess).
+    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + qrow[:, None] * stride_om + d[None, :], mask=qd_mask,
+                other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + lse_off, delta, mask=row_ok)
     k_base = K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn
     v_base = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn
     mask_base = MASK + b64 * stride_mb + h64 * stride_mh

@@ -342,8 +342,9 @@ def atomic_dq(monkeypatch):
 
 
 def _atomic_passes(head_dim):
-    # Up to head dim 64 the dK/dV pass sums dQ and no dQ pass runs; wider, both passes.
-    return [("dkdv", True)] if head_dim <= 64 else [("dkdv", False), ("dq", None)]
+    # Up to head dim 64 the dK/dV pass sums dQ and no dQ pass runs; wider, both passes (the dQ
+    # pass first: it makes delta).
+    return [("dkdv", True)] if head_dim <= 64 else [("dq", None), ("dkdv", False)]
 
 
 @pytest.mark.parametrize("dtype,B,H,Lq,Lk,D,causal,mask", CASES)
@@ -394,10 +395,11 @@ def fused_dq(monkeypatch):
 
 def _fused_passes(lk, head_dim):
     """One launch (the dK/dV kernel over all keys, 64 or 128 of them) where the keys fit one
-    block and the head is at most 64 wide; elsewhere the three of "pass"."""
+    block and the head is at most 64 wide; elsewhere the two of "pass" (the dQ pass, which
+    makes delta, then the dK/dV pass)."""
     if 1 <= lk <= 128 and head_dim <= 64:
         return [(("one_pass", 64 if lk <= 64 else 128), True)]
-    return [("preprocess", None), ("dkdv", False), ("dq", None)]
+    return [("dq", None), ("dkdv", False)]
 
 
 @pytest.mark.parametrize("dtype,B,H,Lq,Lk,D,causal,mask", CASES)
@@ -867,15 +869,19 @@ def test_grids_fit_cuda_limits_for_huge_batch_times_heads(monkeypatch, varlen):
         monkeypatch.setattr(A, name, _GridRecorder(name, grids))
     nseq, H, L, D = 6000, 12, 97, 64
     meta = dict(device="meta", dtype=torch.float16)
-    if varlen:
-        q = torch.empty(nseq * L, H, D, **meta)
-        cu = torch.empty(nseq + 1, device="meta", dtype=torch.int32)
-        out, lse = A._varlen_forward(q, q, q, cu, cu, L, L, True, 0.125, 0.1, torch.empty(1, device="meta", dtype=torch.int64))
-        A._varlen_backward(out, q, q, q, out, lse, cu, cu, L, L, True, 0.125, 0.1, torch.empty(1, device="meta", dtype=torch.int64))
-    else:
-        q = torch.empty(nseq, H, L, D, **meta)
-        out, lse = A._forward(q, q, q, None, False, 0.125, 0.0, None)
-        A._backward(out, q, q, q, out, lse, None, False, 0.125, 0.0, None)
+    # Every backward form: the dQ pass (default), and the atomic dQ, whose delta a preprocess makes.
+    for dq in ("pass", "atomic"):
+        with A.variant(dq=dq):
+            if varlen:
+                q = torch.empty(nseq * L, H, D, **meta)
+                cu = torch.empty(nseq + 1, device="meta", dtype=torch.int32)
+                seed = torch.empty(1, device="meta", dtype=torch.int64)
+                out, lse = A._varlen_forward(q, q, q, cu, cu, L, L, True, 0.125, 0.1, seed)
+                A._varlen_backward(out, q, q, q, out, lse, cu, cu, L, L, True, 0.125, 0.1, seed)
+            else:
+                q = torch.empty(nseq, H, L, D, **meta)
+                out, lse = A._forward(q, q, q, None, False, 0.125, 0.0, None)
+                A._backward(out, q, q, q, out, lse, None, False, 0.125, 0.0, None)
     A.dropout_keep_mask(torch.empty(1, device="meta", dtype=torch.int64), nseq, H, 2, 2, 0.1)
     assert {name for name, _ in grids} == {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_preprocess",
                                            "dropout_keep_kernel"}

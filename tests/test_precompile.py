@@ -48,19 +48,21 @@ TUNED = {
 # The launches each case's last run makes through launch plans (kernels/launch.py's Bound):
 # every one of add+LN (forward, backward, the partial sums), of Linear+GELU (the portable
 # forward and dgelu, or the TMA forward) and of the attention, portable and Hopper, varlen
-# too (forward, preprocess, dK/dV, and dQ unless atomic), host descriptors or not (a plan of
-# a launch through host descriptors makes new ones over each call's tensors: DescriptorBound).
+# too (forward; the Hopper and atomic backwards' preprocess; dQ unless atomic, then dK/dV: the
+# portable dQ pass makes delta itself), host descriptors or not (a plan of a launch through
+# host descriptors makes new ones over each call's tensors: DescriptorBound).
 PLAN_LAUNCHES = {
     "linear_gelu_portable": 2, "linear_gelu_tma": 1, "add_layer_norm": 3, "cross_entropy": 6,
-    "attention_portable": 4, "attention_portable_atomic_dq": 3, "attention_portable_default_config": 4,
-    "attention_portable_dropout": 4, "attention_hopper": 4, "attention_hopper_host": 4,
+    "attention_portable": 3, "attention_portable_atomic_dq": 3, "attention_portable_default_config": 3,
+    "attention_portable_dropout": 3, "attention_hopper": 4, "attention_hopper_host": 4,
     "attention_hopper_auto_descriptors": 4,
-    "attention_hopper_atomic_dq": 3, "attention_hopper_default_config": 4, "varlen_portable": 4, "varlen_hopper": 4,
-    # A forward and three backwards (new gradients, into views, new again) a run, 10 launches:
-    # the second run (fast path) re-launches all nine backward launches through the plans the
-    # first run bound, the third all ten. A plan keyed without the gradients' strides would
-    # hand the views' call the new tensors' strides: same_launch_args catches it.
-    "attention_portable_grads_into": 19, "attention_hopper_grads_into": 19,
+    "attention_hopper_atomic_dq": 3, "attention_hopper_default_config": 4, "varlen_portable": 3, "varlen_hopper": 4,
+    # A forward and three backwards (new gradients, into views, new again) a run, 10 launches
+    # (Hopper; 7 portable): the second run (fast path) re-launches all nine (six) backward
+    # launches through the plans the first run bound, the third all ten (seven). A plan keyed
+    # without the gradients' strides would hand the views' call the new tensors' strides:
+    # same_launch_args catches it.
+    "attention_portable_grads_into": 13, "attention_hopper_grads_into": 19,
     # The one-kernel backward: a forward and one backward launch a run; grads-into as above with
     # one backward launch each: 3 + 4.
     "attention_portable_fused_dq": 2, "attention_portable_fused_dq_grads_into": 7,
@@ -98,8 +100,7 @@ def test_every_launcher_through_tritons_jit_path_offline():
         assert row["plan_launches"] == PLAN_LAUNCHES[name], name
         assert row["fast_launches"] == row["launches"], name
     # The grads-into cases reach no autotuner (their keys were tuned before): their kernels.
-    assert rows["attention_portable_grads_into"]["kernels"] == [
-        "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_preprocess", "_attn_fwd"]
+    assert rows["attention_portable_grads_into"]["kernels"] == ["_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd"]
     assert rows["attention_hopper_grads_into"]["kernels"] == [
         "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper", "_attn_bwd_preprocess", "_attn_fwd_hopper"]
     # The one-kernel backward launches neither the preprocess nor a dQ pass.
