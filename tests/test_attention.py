@@ -428,7 +428,7 @@ def test_fused_dq_gqa_and_varlen_parity(fused_dq, seeds):
 def test_bench_peer_runs_the_one_kernel_backward_or_refuses(fused_dq, monkeypatch):
     """`fuseformer bench`'s fuseformer-triton-fused-dq: the one-kernel backward inside the step
     the bench times (its context holds the switch until autograd has run the backward), the
-    switch restored after; a refusal, not a three-launch timing under its name, for keys past
+    switch restored after; a refusal, not a two-pass timing under its name, for keys past
     its block or a head past 64."""
     from fuseformer.bench import core, ops
     from fuseformer.bench.core import Refused
