@@ -331,6 +331,14 @@ def _add_dq(dq_base, dq, rows, row_ok, d, d_ok, HEAD_D: tl.constexpr):
 
 
 @triton.jit
+def _row_delta(O_head, qrow, stride_om, d, mask, do):
+    """delta = rowsum(dO * O) in fp32 for rows qrow of one (batch, head), whose O starts at
+    O_head: the preprocess's sum, and that of each kernel that makes delta itself."""
+    o = tl.load(O_head + qrow[:, None] * stride_om + d[None, :], mask=mask, other=0.0)
+    return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+
+
+@triton.jit
 def _attn_bwd_preprocess(
     O, DO, DELTA,  # delta laid out like lse
     CU_Q, CU_K,
@@ -355,9 +363,8 @@ def _attn_bwd_preprocess(
     qrow = (q0 + rows).to(tl.int64)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + qrow[:, None] * stride_om + d[None, :], mask=ok, other=0.0)
     do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + qrow[:, None] * stride_dom + d[None, :], mask=ok, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    delta = _row_delta(O + b64 * stride_ob + h64 * stride_oh, qrow, stride_om, d, ok, do)
     tl.store(DELTA + b64 * stride_lb + h64 * stride_lh + qrow, delta, mask=rows < q_len)
 
 
@@ -470,11 +477,8 @@ def _attn_bwd_dkdv(
             lse_off = b64 * stride_lb + h64 * stride_lh + qrow
             # +inf for rows past the end makes their p exactly 0.
             lse2 = tl.load(LSE + lse_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
-            if ONE_PASS:
-                # _attn_bwd_preprocess's sum, from the same values: no other program reads these rows.
-                o = tl.load(O + b64 * stride_ob + h64 * stride_oh + qrow[:, None] * stride_om + d[None, :],
-                            mask=qd_mask, other=0.0)
-                delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            if ONE_PASS:  # no other program reads these rows
+                delta = _row_delta(O + b64 * stride_ob + h64 * stride_oh, qrow, stride_om, d, qd_mask, do)
             else:
                 delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
             s, to_scale = _scores(q, k, rows, cols, row_ok, col_ok, mask_base, stride_mm, stride_mn, qk_scale,
@@ -490,13 +494,15 @@ def _attn_bwd_dkdv(
             dv = _dot(tl.trans(p_dropped.to(do.dtype)), do, dv, EXACT_FP32)
             ds = p * (dp - delta[:, None])
             dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, EXACT_FP32)
-            if ATOMIC_DQ:
+            if ATOMIC_DQ or ONE_PASS:
+                # This key block's share of the tile's dQ: with ONE_PASS all of it, stored.
                 dq = _dot(ds.to(k.dtype), k, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), EXACT_FP32) * sm_scale
-                _add_dq(DQ_ACC + b64 * stride_ab + h64 * stride_ah + q0 * HEAD_D, dq, rows, row_ok, d, d_ok, HEAD_D)
-            if ONE_PASS:
-                dq = _dot(ds.to(k.dtype), k, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), EXACT_FP32) * sm_scale
-                tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + qrow[:, None] * stride_dqm + d[None, :],
-                         dq.to(DQ.dtype.element_ty), mask=qd_mask)
+                if ATOMIC_DQ:
+                    _add_dq(DQ_ACC + b64 * stride_ab + h64 * stride_ah + q0 * HEAD_D, dq, rows, row_ok, d, d_ok,
+                            HEAD_D)
+                else:
+                    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + qrow[:, None] * stride_dqm + d[None, :],
+                             dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + kcol[:, None] * stride_dkn + d[None, :],
@@ -559,9 +565,7 @@ def _attn_bwd_dq(
     lse2 = tl.load(LSE + lse_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
     # The preprocess's delta, made here: this program is the only one of the pass on these
     # rows and loads their dO already (one launch and one read of dO fewer than a preprocess).
-    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + qrow[:, None] * stride_om + d[None, :], mask=qd_mask,
-                other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    delta = _row_delta(O + b64 * stride_ob + h64 * stride_oh, qrow, stride_om, d, qd_mask, do)
     tl.store(DELTA + lse_off, delta, mask=row_ok)
     k_base = K + b64 * stride_kb + hk64 * stride_kh + k0 * stride_kn
     v_base = V + b64 * stride_vb + hk64 * stride_vh + k0 * stride_vn
