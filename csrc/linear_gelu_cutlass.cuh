@@ -18,27 +18,24 @@ namespace cutlass_gelu {
 
 // ---------------------------------------------------------------------------------- GELU
 // Applied to fp32 values. Both CUTLASS epilogues call the scalar form (2.x) or the Array form
-// (3.x's Sm90Compute). CUTLASS's own GELU_taylor uses tanh.approx.f32 (relative error ~2^-11);
-// ours writes tanh through one exp, exact to ~1e-6 absolute where it matters:
-//   gelu_tanh(x) = x/2 (1 + tanh(u)) = x * sigmoid(2u) = x / (1 + exp(-2u)),
-//   u = sqrt(2/pi) (x + 0.044715 x^3).
-// For very negative u, exp(-2u) overflows to inf and the quotient is the right limit, -0.
-
-//
-// erf GELU (BERT's) without erff, whose ~34 instructions per element on sm_90 cost the
-// cooperative kernel's unoverlapped epilogue most of the time its tanh form saves (H100, 16384 x
-// 768 x 3072: erf 0.185 ms against tanh 0.166). The formula of kernels/linear_gelu_kernels.py's
-// fast GELU, Numerical Recipes' erfc (fractional error < 1.2e-7 for every argument) on two
-// special-function instructions:
-//   gelu_erf(x) = max(x, 0) - |x| h,  h = erfc(|x| / sqrt 2) / 2 = t 2^(P(t) - x^2 log2(e) / 2),
-//   t = 1 / (1 + |x| / (2 sqrt 2)),   P = log2(e) * (Numerical Recipes' polynomial) - 1.
-// Within 2.4e-7 of the float64 value over [-14, 14] (tests/test_linear_gelu.py holds the same
-// formula to that), and, unlike 0.5 x (1 + erff(x / sqrt 2)), accurate in the negative tail.
+// (3.x's Sm90Compute). Both GELUs are kernels/linear_gelu_kernels.py's fast form,
+//   gelu(x) = x sigmoid(2 z) = x / (1 + 2^(-2 log2(e) z)),  z = x P(x^2),
+// on two special-function instructions (ex2.approx.ftz, rcp.approx.ftz: a few ulps), with its P:
+// - tanh: the formula's own, z = sqrt(2/pi) (x + 0.044715 x^3), as x/2 (1 + tanh z) = x sigmoid(2 z).
+//   CUTLASS's own GELU_taylor uses tanh.approx.f32 (relative error ~2^-11); this is exact to the
+//   approximations' ulps.
+// - erf (BERT's): P fitted so that z ~ atanh(erf(x / sqrt 2)) (_ERF_P there; the same
+//   coefficients here). Without erff, whose ~34 instructions per element on sm_90 cost the
+//   cooperative kernel's unoverlapped epilogue most of the time the tanh form saved (H100,
+//   16384 x 768 x 3072: erf 0.185 ms against tanh 0.166). Within 3.2e-6 of the float64 value
+//   over [-14, 14] (tests/test_csrc_compile.py runs it on the host, as tests/test_linear_gelu.py
+//   the Triton form), the relative error growing only in the far negative tail
+//   (|gelu| < 1.3e-4), where erff's 0.5 x (1 + erf) loses its digits too.
+// For very negative x the power overflows to inf and the result is the right limit, -0.
 
 constexpr float kSqrt2OverPi = 0.79788456080286536f;
 constexpr float kTanhC = 0.044715f;
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kTSlope = 0.35355339059327376f;  // 1 / (2 sqrt 2)
 
 // 1 / x (kRcp) or 2^x as one special-function instruction, rcp.approx.ftz / ex2.approx.ftz (a few
 // ulps); the exact operations on the host.
@@ -59,31 +56,27 @@ CUTLASS_HOST_DEVICE float approx(float x) {
 #endif
 }
 
+// x sigmoid(2 z) from minus_2z_log2e = -2 log2(e) z.
+CUTLASS_HOST_DEVICE float x_sigmoid_2z(float x, float minus_2z_log2e) {
+  return x * approx<Approx::kRcp>(approx<Approx::kEx2>(minus_2z_log2e) + 1.f);
+}
+
+// P's coefficients are folded with -2 log2(e), the factor of z in the power, at compile time.
+constexpr float kArg = -2.f * kLog2e;
+
 CUTLASS_HOST_DEVICE float gelu_erf(float x) {
-  const float a = fabsf(x);
-  const float t = approx<Approx::kRcp>(1.f + kTSlope * a);
-  // Numerical Recipes' erfcc coefficients times log2(e); the constant term also takes the 1/2.
-  float p = 0.17087277f * kLog2e;
-  p = p * t - 0.82215223f * kLog2e;
-  p = p * t + 1.48851587f * kLog2e;
-  p = p * t - 1.13520398f * kLog2e;
-  p = p * t + 0.27886807f * kLog2e;
-  p = p * t - 0.18628806f * kLog2e;
-  p = p * t + 0.09678418f * kLog2e;
-  p = p * t + 0.37409196f * kLog2e;
-  p = p * t + 1.00002368f * kLog2e;
-  p = p * t + (-1.26551223f * kLog2e - 1.f);
-  const float h = t * approx<Approx::kEx2>(p - 0.5f * kLog2e * x * x);
-  return fmaxf(x, 0.f) - a * h;
+  const float w = x * x;
+  float p = 1.1193979563716294e-06f * kArg;  // highest power first
+  p = p * w + -3.0586269090783566e-05f * kArg;
+  p = p * w + -1.2483601351717986e-04f * kArg;
+  p = p * w + 0.03646875266574104f * kArg;
+  p = p * w + 0.7978281453743756f * kArg;
+  return x_sigmoid_2z(x, x * p);
 }
 
 CUTLASS_HOST_DEVICE float gelu_tanh(float x) {
-  const float minus_2u = -2.f * kSqrt2OverPi * (x + kTanhC * x * x * x);
-#if defined(__CUDA_ARCH__)
-  return __fdividef(x, 1.f + __expf(minus_2u));
-#else
-  return x / (1.f + expf(minus_2u));
-#endif
+  const float p = (kSqrt2OverPi * kTanhC * kArg) * (x * x) + kSqrt2OverPi * kArg;
+  return x_sigmoid_2z(x, x * p);
 }
 
 template <class T>

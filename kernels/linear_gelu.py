@@ -40,11 +40,13 @@ fastest (H100, bf16, 16384 x 768 -> 3072, bench/results/h100/):
     gelu     "fast" (FUSEFORMER_LINEAR_GELU_MATH; the default since the H200 run of
                      2026-11-27, bench/results/h200/: faster in 4 of 4 cases, eager geomean
                      1.08x, CUDA-graph 1.12x, erf forward 0.1652 against 0.1929 ms at 16384 x
-                     768 -> 3072) for fp16/bf16 (float32 stays exact): erf GELU by an erfc
-                     formula of two special-function ops (rcp.approx, ex2.approx) and ~18
-                     instructions per element instead of ~34, the tanh one by 1 / (1 + 2^x) on
-                     the same two ops, in every GELU and GELU' of the kernels (forward
-                     epilogues, dgelu passes). Within 2.4e-7 of the float64 GELU;
+                     768 -> 3072) for fp16/bf16 (float32 stays exact): both GELUs as
+                     u sigmoid(2 z(u)) on two special-function ops (ex2.approx, rcp.approx),
+                     z the tanh formula's or, for erf, a polynomial fitted to
+                     atanh(erf(u / sqrt 2)), in every GELU and GELU' of the kernels (forward
+                     epilogues, dgelu passes): erf GELU in 14.5 SASS instructions per element
+                     (an erfc polynomial until 2026-11-28: 21.5; libdevice: 36.5), tanh in
+                     11.5. erf GELU within 3.2e-6 of float64, GELU' within 1.6e-5;
                      linear_gelu_kernels.py has the maths and the accuracy.
              "exact" libdevice's erf, sigmoid by an IEEE division.
     tanh     "cublaslt" (FUSEFORMER_LINEAR_GELU_TANH) tanh GELU without a pre-activation to

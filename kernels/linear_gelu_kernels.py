@@ -57,34 +57,45 @@ def _configs():
 # ----------------------------------------------------------------------------- GELU maths
 # Two ways to evaluate GELU in the kernels' fp32 registers, picked by the FAST_GELU constexpr:
 #
-# exact (FAST_GELU False): erf from libdevice, sigmoid with an IEEE division. ~34 SASS
-#   instructions per element for erf GELU on sm_90 (counted with nvdisasm), ~18 for tanh.
-# fast (FAST_GELU True): the same functions from two special-function instructions each.
-#   erf:  Phi(u) = 1 - h for u >= 0 and h for u < 0, h = erfc(|u| / sqrt 2) / 2 by Numerical
-#         Recipes' erfcc (fractional error < 1.2e-7 for every argument: exp of a degree-9
-#         polynomial in t = 1 / (1 + |u| / (2 sqrt 2))), in base 2 with the 1/2 folded into the
-#         constant term; gelu(u) = max(u, 0) - |u| h, the one expression for both signs.
-#   tanh: u * sigmoid(2 z) as 1 / (1 + 2^(-2 z log2 e)).
-#   The reciprocal and exp2 are PTX's rcp.approx.ftz / ex2.approx.ftz (one MUFU op each, a
-#   few ulp); the interpreter, which runs no PTX, computes the same formulas with a division
-#   and tl.exp2. ~18 instructions per element for erf GELU. Accuracy: over u in [-14, 14] the
-#   fast erf GELU is within 2.4e-7 absolute of the float64 value, and within 1.7e-6 relative
-#   wherever |gelu| > 1e-5 (the tail, u < 0), where torch's own fp32 0.5 u (1 + erf) loses all
-#   its digits to cancellation (2.5% off at |gelu| = 1e-5).
-# Why it matters: the epilogue of the TMA GEMM is not overlapped with its MMAs. On the H100 its
-# tanh forward took 0.167 ms and its erf one 0.195 at 16384 x 768 x 3072; 16 instructions more
-# for each of the 50M GELUs, at 132 SMs x 128 lanes x 1.755 GHz, come to 0.027 ms: all of it.
+# exact (FAST_GELU False): erf from libdevice, tl.sigmoid.
+# fast (FAST_GELU True, 16-bit outputs only): both GELUs in one form,
+#       Phi(u) = sigmoid(2 z(u)),  gelu(u) = u s,  gelu'(u) = s + 2 u s (1 - s) z'(u),  s = sigmoid(2 z),
+#   z(u) = u P(u^2), an odd polynomial. For tanh, P is the formula's own, sqrt(2/pi) (1 + 0.044715 w),
+#   as (1 + tanh z) / 2 = sigmoid(2 z). For erf, P is a degree-4 polynomial in w = u^2, fitted
+#   (minimax of |u| |Phi error|, scipy, 2026-11-28) so that z(u) ~ atanh(erf(u / sqrt 2)); z' is
+#   that polynomial's own derivative, so gelu' needs no exp of its own. sigmoid(2 z) is then
+#   PTX's ex2.approx.ftz and rcp.approx.ftz (one MUFU op each, a few ulp); the interpreter, which
+#   runs no PTX, computes the same formulas with tl.exp2 and a division.
+#   Accuracy of the fast erf GELU against float64, u in [-14, 14]: gelu within 3.2e-6
+#   absolute, gelu' within 1.6e-5 (tests/test_linear_gelu.py, test_fast_gelu_maths): ~150x
+#   below half an fp16 ulp at 1 (4.9e-4), and ~150x closer to erf GELU than the tanh formula
+#   is (4.7e-4). The price is the far negative tail, where |gelu| < 1.3e-4 (u < -4): the
+#   relative error grows there (2% at u = -4, most of the value by u = -5), still under 3.2e-6
+#   absolute. gelu="exact" keeps fp32's accuracy there; so does every float32 call.
+# Why it matters: the epilogue of the TMA GEMM is not overlapped with its MMAs, so every
+#   instruction per element shows. At 16384 x 768 x 3072 the H100's tanh forward took 0.167 ms
+#   and its erf one (libdevice) 0.195; the H200's (a3eeca9, a degree-9 erfc polynomial then)
+#   0.131 and 0.164. SASS for sm_90 (nvdisasm) of an elementwise bf16 kernel, loads and stores
+#   included, per element: gelu erf 14.5 (was 21.5 with the erfc polynomial, 36.5 libdevice),
+#   tanh 11.5 (was 13.5); gelu' erf 24 (was 27.5, with a third MUFU op), tanh 18 (was 24).
 
 _PTX = tl.constexpr(not backends.interpreting())
 _LOG2E = 1.4426950408889634
-_ERFCC = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398, 1.48851587,
-          -0.82215223, 0.17087277)
-# log2(e) * coefficient; the constant term also takes the factor 1/2 (2^-1) of h.
-_C0, _C1, _C2, _C3, _C4, _C5, _C6, _C7, _C8, _C9 = (tl.constexpr(c * _LOG2E - (i == 0)) for i, c in enumerate(_ERFCC))
-_T_SLOPE = tl.constexpr(0.5 / math.sqrt(2.0))  # t = 1 / (1 + _T_SLOPE |u|)
-_NEG_HALF_LOG2E = tl.constexpr(-0.5 * _LOG2E)  # exp(-u^2 / 2) = 2^(_NEG_HALF_LOG2E u^2)
-_LOG2_INV_SQRT_2PI = tl.constexpr(-0.5 * math.log2(2.0 * math.pi))
-_NEG_2_LOG2E = tl.constexpr(-2.0 * _LOG2E)  # sigmoid(2 z) = 1 / (1 + 2^(_NEG_2_LOG2E z))
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+# P(w) of z(u) = u P(u^2), lowest power first.
+_TANH_P = (_SQRT_2_OVER_PI, _SQRT_2_OVER_PI * 0.044715)
+_ERF_P = (0.7978281453743756, 0.03646875266574104, -1.2483601351717986e-04, -3.0586269090783566e-05,
+          1.1193979563716294e-06)
+# The kernels evaluate -2 log2(e) z (the exponent of sigmoid(2 z) = 1 / (1 + 2^(-2 z log2 e)))
+# and 2 z' directly: the constant factors are folded into the coefficients, one multiply
+# fewer per element each.
+_ARG = tl.constexpr(-2.0 * _LOG2E)
+_NEG_LN2 = tl.constexpr(-math.log(2.0))  # 2 z = arg * -ln 2
+_TA0, _TA1 = (tl.constexpr(c * _ARG) for c in _TANH_P)
+_EA0, _EA1, _EA2, _EA3, _EA4 = (tl.constexpr(c * _ARG) for c in _ERF_P)
+# 2 z'(u) = 2 d(u P(u^2))/du = sum 2 (2k + 1) p_k w^k.
+_TD0, _TD1 = (tl.constexpr(2 * (2 * k + 1) * c) for k, c in enumerate(_TANH_P))
+_ED0, _ED1, _ED2, _ED3, _ED4 = (tl.constexpr(2 * (2 * k + 1) * c) for k, c in enumerate(_ERF_P))
 
 
 @triton.jit
@@ -100,42 +111,45 @@ def _approx(x, OP: tl.constexpr):
         return tl.exp2(x)
 
 
+# Tensors first in every product and sum below: the interpreter keeps a module-level constexpr
+# on the left as a constexpr wrapping the tensor, which exp2 and the division refuse.
 @triton.jit
-def _half_erfc(u):
-    """erfc(|u| / sqrt 2) / 2 = Phi(-|u|), to a fraction 1.2e-7 (plus the approximations' ulps)."""
-    # Tensors first in every product and sum: the interpreter keeps a module-level constexpr
-    # on the left as a constexpr wrapping the tensor, which exp2 and the division refuse.
-    t = _approx(tl.abs(u) * _T_SLOPE + 1.0, "rcp")
-    p = ((((((((t * _C9 + _C8) * t + _C7) * t + _C6) * t + _C5) * t + _C4) * t + _C3) * t + _C2) * t + _C1) * t + _C0
-    return t * _approx((u * u) * _NEG_HALF_LOG2E + p, "ex2")
-
-
-@triton.jit
-def _sigmoid_2z(u, FAST: tl.constexpr):
-    z = 0.7978845608028654 * (u + 0.044715 * u * u * u)
+def _sigmoid_2z(u, APPROX_TANH: tl.constexpr, FAST: tl.constexpr):
+    """Phi(u) = sigmoid(2 z(u)), z: tanh's formula or the erf fit (above)."""
+    w = u * u
+    if APPROX_TANH:
+        arg = u * (w * _TA1 + _TA0)
+    else:
+        arg = u * ((((w * _EA4 + _EA3) * w + _EA2) * w + _EA1) * w + _EA0)
     if FAST:
-        return _approx(_approx(z * _NEG_2_LOG2E, "ex2") + 1.0, "rcp")
-    return tl.sigmoid(2.0 * z)
+        return _approx(_approx(arg, "ex2") + 1.0, "rcp")
+    # tl.sigmoid, not 1 / (1 + 2^arg): an fp32 division in Triton is IEEE's div.rn, a
+    # subroutine call whose calling convention spilled 21 KB in a portable sm_80 GEMM tile.
+    return tl.sigmoid(arg * _NEG_LN2)
+
+
+@triton.jit
+def _two_dz(u, APPROX_TANH: tl.constexpr):
+    """2 z'(u)."""
+    w = u * u
+    if APPROX_TANH:
+        return w * _TD1 + _TD0
+    return (((w * _ED4 + _ED3) * w + _ED2) * w + _ED1) * w + _ED0
 
 
 @triton.jit
 def _gelu(u, APPROX_TANH: tl.constexpr, FAST: tl.constexpr):
-    if APPROX_TANH:
-        return u * _sigmoid_2z(u, FAST)
-    if FAST:
-        return tl.maximum(u, 0.0) - tl.abs(u) * _half_erfc(u)
+    if APPROX_TANH or FAST:
+        return u * _sigmoid_2z(u, APPROX_TANH, FAST)
     return 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
 
 
 @triton.jit
 def _gelu_grad(u, APPROX_TANH: tl.constexpr, FAST: tl.constexpr):
-    if APPROX_TANH:
-        s = _sigmoid_2z(u, FAST)
-        dz = 0.7978845608028654 * (1.0 + 0.134145 * u * u)
-        return s + 2.0 * u * s * (1.0 - s) * dz
-    if FAST:
-        h = _half_erfc(u)
-        return tl.where(u >= 0.0, 1.0 - h, h) + u * _approx((u * u) * _NEG_HALF_LOG2E + _LOG2_INV_SQRT_2PI, "ex2")
+    if APPROX_TANH or FAST:
+        # s + 2 u s (1 - s) z', with s (1 - s) as one fma.
+        s = _sigmoid_2z(u, APPROX_TANH, FAST)
+        return (s - s * s) * (u * _two_dz(u, APPROX_TANH)) + s
     cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
     return cdf + u * 0.3989422804014327 * tl.exp(-0.5 * u * u)
 

@@ -334,12 +334,14 @@ def _gelu64(u, approximate):
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_fast_gelu_maths(approximate, device):
-    """The fast formulas (erfc polynomial, 1 / (1 + 2^x)) as the kernels evaluate them in fp32
-    (the interpreter's division and exp2 standing in for rcp.approx and ex2.approx: their few
-    ulps count on a GPU, hence the slack) against float64 over u in [-14, 14]: GELU and GELU'
-    as close as the exact maths (errors scaled by max(|value|, 1)), and for erf within 5e-6
-    relative wherever |GELU| > 1e-5, out in the negative tail where the exact maths,
-    0.5 u (1 + erf(u / sqrt 2)) in fp32 as torch computes it too, has lost its digits."""
+    """The fast formulas (u sigmoid(2 z(u)) with 1 / (1 + 2^x), linear_gelu_kernels.py) as the
+    kernels evaluate them in fp32 (the interpreter's division and exp2 standing in for
+    rcp.approx and ex2.approx: their few ulps count on a GPU, hence the slack) against float64
+    over u in [-14, 14], errors scaled by max(|value|, 1). tanh: the formula itself, as close
+    as the exact maths. erf: a fitted z(u), within the bounds the kernels' comments state,
+    3.2e-6 for GELU and 1.6e-5 for GELU' (3.14e-6 and 1.51e-5 in the interpreter; the slack
+    is the GPU's approximate instructions; these maths serve 16-bit outputs only, and half an
+    fp16 ulp at 1 is 4.9e-4), the far negative tail included."""
     u = torch.linspace(-14, 14, 200_001, device=device)
     n = u.numel()
     ref, dref = _gelu64(u, approximate)
@@ -352,13 +354,14 @@ def test_fast_gelu_maths(approximate, device):
                                                  BLOCK=4096)
         errors[fast] = [((got.double() - want).abs() / want.abs().clamp_min(1)).max().item()
                         for got, want in ((y, ref), (dy, dref))]
-        if fast and approximate == "none":
-            tail = ref.abs() > 1e-5
-            assert ((y.double() - ref).abs() / ref.abs())[tail].max() < 5e-6
-        if not fast and approximate == "none":  # the tail problem "fast" does not have
-            assert ((y.double() - ref).abs() / ref.abs())[ref.abs() > 1e-5].max() > 1e-3
-    for what, fast_err, exact_err in zip(("gelu", "gelu'"), errors[True], errors[False]):
-        assert fast_err <= 2.0 * exact_err + 2e-7, (what, fast_err, exact_err)
+    if approximate == "tanh":
+        for what, fast_err, exact_err in zip(("gelu", "gelu'"), errors[True], errors[False]):
+            assert fast_err <= 2.0 * exact_err + 2e-7, (what, fast_err, exact_err)
+    else:
+        assert errors[True][0] <= 3.2e-6 and errors[True][1] <= 1.6e-5, errors[True]
+        assert max(errors[False]) < 1e-6, errors[False]  # the exact maths: fp32's own rounding
+        # The fit is a fit: it is measurably not erf (a check that it is not the exact path).
+        assert errors[True][0] > 1e-6, errors[True]
 
 
 @pytest.mark.gpu
