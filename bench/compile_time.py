@@ -30,7 +30,7 @@ def first_call(op: str, n_configs: int | None) -> dict:
 
     import torch
 
-    from fuseformer.kernels import attention as A
+    from fuseformer.kernels import attention_launchers as A
     from fuseformer.kernels import precompile as P
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from fuseformer.kernels import attention
+from fuseformer.kernels import attention, attention_launchers
 from fuseformer.kernels.launch import use_fast_launch
 from fuseformer.kernels.parity import Parity, parity
 from fuseformer.models import fused_block
@@ -238,7 +238,7 @@ class ModelCase(Case):
                 # nodes are Python; if the step is much faster here, that thread is the cost.
                 variants["fuseformer-fused-calling-thread"] = (OURS, fused, False)
                 contexts["fuseformer-fused-calling-thread"] = lambda: torch.autograd.set_multithreading_enabled(False)
-                if self.L <= max(attention.ONE_PASS_BLOCKS):
+                if self.L <= max(attention_launchers.ONE_PASS_BLOCKS):
                     # The attention backward as one kernel where every key fits one block
                     # (attention.VARIANTS["dq"] "fused"; BERT's L128): one launch a layer instead
                     # of two, and no dQ pass recomputing S and dP.

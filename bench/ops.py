@@ -103,7 +103,7 @@ def _hopper_impl(call, varlen: bool = False, descriptors: str = "auto", dq: str 
     "atomic" is fuseformer-triton-hopper-atomic-dq, for cases with a backward. The variant is
     held over the whole timed step (Impl.context): the backward reads it when autograd runs
     it, after the forward's call has returned."""
-    from fuseformer.kernels import attention as A
+    from fuseformer.kernels import attention_launchers as A
 
     checked = []  # the verdict depends on dtype, mask kind and alignment: the same for every copy
 
@@ -134,9 +134,9 @@ def _hopper_impl(call, varlen: bool = False, descriptors: str = "auto", dq: str 
 
 
 def _refuse_wide_atomic_dq(q, kernels: str) -> None:
-    """Atomic dQ is for head dims up to a limit (attention._ATOMIC_MAX_BLOCK_D); wider ones
+    """Atomic dQ is for head dims up to a limit (attention_launchers._ATOMIC_MAX_BLOCK_D); wider ones
     would run the dQ pass: refused rather than timed under the atomic name."""
-    from fuseformer.kernels import attention as A
+    from fuseformer.kernels import attention_launchers as A
 
     limit = A._ATOMIC_MAX_BLOCK_D[kernels]
     if A._flags(q)["BLOCK_D"] > limit:
@@ -160,7 +160,7 @@ def _fused_dq_impl(call) -> Impl:
     """fuseformer-triton with the one-kernel backward (attention.VARIANTS dq "fused"): for the
     cases whose keys fit one block of it and whose heads it takes; refused elsewhere, where it
     would time the two-pass backward under its name."""
-    from fuseformer.kernels import attention as A
+    from fuseformer.kernels import attention_launchers as A
 
     checked = []  # the same verdict for every copy of the inputs
 

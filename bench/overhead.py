@@ -319,7 +319,7 @@ def attention_default_configs():
     an H200."""
     import importlib
 
-    attention = importlib.import_module("fuseformer.kernels.attention")
+    attention = importlib.import_module("fuseformer.kernels.attention_launchers")
     autotune = attention.AUTOTUNE
     attention.set_autotune(False)
     try:

@@ -1,6 +1,6 @@
 """Hopper (sm_90) forward kernel of flash attention: TMA tensor-descriptor loads, pipelined K/V.
 
-Run by attention.py's "auto" setting (the default) where the H100 measured it faster than the
+Run by attention_launchers.py's "auto" setting (the default) where the H100 measured it faster than the
 portable kernel of attention_kernels.py (long sequences; see attention.VARIANTS), and
 everywhere it can under "hopper"; used only on a device of capability (9, 0), and under
 Triton's interpreter when a test forces it.
@@ -27,7 +27,7 @@ on a row with no attended key, so the portable backward kernels consume it uncha
 - Causal: query blocks run longest first (the diagonal's last block first), so the heavy
   programs do not form the tail of the grid.
 
-Not covered here, routed to the portable kernel by the launcher (attention._hopper_reason):
+Not covered here, routed to the portable kernel by the launcher (attention_launchers._hopper_reason):
 fp32 (needs IEEE dots, not wgmma), dropout, dense masks, and tensors whose base or strides are
 not 16-byte aligned (a TMA requirement). The backward: attention_hopper_bwd.py up to head dim
 128, the portable kernels above it.
@@ -209,7 +209,7 @@ def _attn_fwd_hopper(
     stride_lb, stride_lh,
     stride_mb, stride_mn,
     H, GROUP, LQ, LK,
-    TUNE_BUCKET,  # autotune key only: (length bucket, batch*heads bucket), see attention._bucket
+    TUNE_BUCKET,  # autotune key only: (length bucket, batch*heads bucket), see attention_launchers._bucket
     qk_scale,  # softmax scale * log2(e)
     HEAD_D: tl.constexpr,
     BLOCK_D: tl.constexpr,

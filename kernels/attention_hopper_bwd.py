@@ -28,7 +28,8 @@ import triton.language as tl
 from ._util import ensure_tma_allocator, launch_tuned, tuned_config
 from .launch import launch as launch_plain
 from .attention_hopper import _seq_desc, _store_tile, _tile, boxes_for, set_boxes
-from .attention_kernels import _add_dq, _flat_pid, _key_range, _prune, _scores, _seq_bounds, _walk_turn
+from .attention_bwd_kernels import _add_dq, _walk_turn
+from .attention_kernels import _flat_pid, _key_range, _prune, _scores, _seq_bounds
 from .backends import interpreting
 from .precompile import autotune
 

@@ -1,5 +1,5 @@
 """Attention over packed variable-length sequences (no padding tokens at all): the eager and
-compiled paths and the public `varlen_attention`, over attention.py's varlen launchers.
+compiled paths and the public `varlen_attention`, over attention_launchers.py's varlen launchers.
 
     q (total_q, H, D), k/v (total_k, Hk, D); sequence i owns rows cu_seqlens[i]:cu_seqlens[i+1].
 """

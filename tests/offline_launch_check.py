@@ -48,6 +48,7 @@ from fuseformer.kernels import launch as launch_module  # noqa: E402
 from fuseformer.kernels.launch import use_fast_launch  # noqa: E402
 
 A = importlib.import_module("fuseformer.kernels.attention")
+AL = importlib.import_module("fuseformer.kernels.attention_launchers")
 HK = importlib.import_module("fuseformer.kernels.attention_hopper")
 LG = importlib.import_module("fuseformer.kernels.linear_gelu")
 ALN = importlib.import_module("fuseformer.kernels.add_layer_norm")
@@ -91,12 +92,12 @@ def case_attention(kernel, dq="pass", descriptors="device", autotune=True, causa
     mask[1, ..., 70:] = False
     mask4 = mask.expand(B, H, L, L)
     seed = torch.tensor([1234], dtype=torch.int64) if dropout_p else None
-    before = A.AUTOTUNE
+    before = AL.AUTOTUNE
     A.set_autotune(autotune)
     try:
         with A.variant(kernel=kernel, dq=dq, descriptors=descriptors):
-            out, lse = A._forward(q, k, v, mask4, causal, 0.125, dropout_p, seed)
-            A._backward(_randn(B, H, L, D), q, k, v, out, lse, mask4, causal, 0.125, dropout_p, seed)
+            out, lse = AL._forward(q, k, v, mask4, causal, 0.125, dropout_p, seed)
+            AL._backward(_randn(B, H, L, D), q, k, v, out, lse, mask4, causal, 0.125, dropout_p, seed)
     finally:
         A.set_autotune(before)
 
@@ -114,12 +115,12 @@ def case_attention_grads_into(kernel, dq="pass"):
     mask4 = mask.expand(B, H, L, L)
     dout = _randn(B, H, L, D)
     with A.variant(kernel=kernel, dq=dq, descriptors="host" if kernel == "hopper" else "auto"):
-        out, lse = A._forward(q, k, v, mask4, False, 0.125, 0.0, None)
-        A._backward(dout, q, k, v, out, lse, mask4, False, 0.125, 0.0, None)
+        out, lse = AL._forward(q, k, v, mask4, False, 0.125, 0.0, None)
+        AL._backward(dout, q, k, v, out, lse, mask4, False, 0.125, 0.0, None)
         dqkv = _randn(B, L, 3, H, D)
-        A._backward(dout, q, k, v, out, lse, mask4, False, 0.125, 0.0, None,
+        AL._backward(dout, q, k, v, out, lse, mask4, False, 0.125, 0.0, None,
                     grads=tuple(dqkv[:, :, i].transpose(1, 2) for i in range(3)))
-        A._backward(dout, q, k, v, out, lse, mask4, False, 0.125, 0.0, None)
+        AL._backward(dout, q, k, v, out, lse, mask4, False, 0.125, 0.0, None)
 
 
 def case_varlen(kernel):
@@ -129,8 +130,8 @@ def case_varlen(kernel):
     cu = torch.tensor([0, 40, 57, 121], dtype=torch.int32)
     q, k, v = (_randn(total, H, D) for _ in range(3))
     with A.variant(kernel=kernel):
-        out, lse = A._varlen_forward(q, k, v, cu, cu, max(lengths), max(lengths), True, 0.125, 0.0, None)
-        A._varlen_backward(_randn(total, H, D), q, k, v, out, lse, cu, cu, max(lengths), max(lengths), True,
+        out, lse = AL._varlen_forward(q, k, v, cu, cu, max(lengths), max(lengths), True, 0.125, 0.0, None)
+        AL._varlen_backward(_randn(total, H, D), q, k, v, out, lse, cu, cu, max(lengths), max(lengths), True,
                            0.125, 0.0, None)
 
 
@@ -223,8 +224,8 @@ def _calls(launches):
 
 
 def _trim(configs: int):
-    for tuned in (A.attn_fwd_tuned, A.attn_bwd_dkdv_tuned, A.attn_bwd_dkdv_tuned_atomic, A.attn_bwd_dq_tuned,
-                  *A.attn_bwd_dkdv_tuned_one_pass.values(), HK.attn_fwd_hopper_tuned, LG._linear_gelu_fwd, LG._linear_gelu_tma,
+    for tuned in (AL.attn_fwd_tuned, AL.attn_bwd_dkdv_tuned, AL.attn_bwd_dkdv_tuned_atomic, AL.attn_bwd_dq_tuned,
+                  *AL.attn_bwd_dkdv_tuned_one_pass.values(), HK.attn_fwd_hopper_tuned, LG._linear_gelu_fwd, LG._linear_gelu_tma,
                   *_hopper_bwd_tuned()):
         tuned.configs = tuned.configs[:configs]
 

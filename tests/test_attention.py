@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from fuseformer.kernels import _util
 from fuseformer import kernels as K
 from fuseformer.kernels import attention as A
+from fuseformer.kernels import attention_launchers as AL
 from fuseformer.kernels import reference as R
 from fuseformer.kernels.backends import BackendUnsupportedError
 from fuseformer.kernels.parity import assert_parity
@@ -27,7 +28,7 @@ def _poison(monkeypatch):
     monkeypatch.setattr(_util, "_POISON", True)  # what FUSEFORMER_POISON=1 sets at import
     # On a GPU, one config per case: autotuning every case would spend the suite compiling.
     # test_gpu_autotuned covers the tuned path.
-    monkeypatch.setattr(A, "AUTOTUNE", False)
+    monkeypatch.setattr(AL, "AUTOTUNE", False)
 
 
 @pytest.fixture
@@ -213,7 +214,7 @@ def test_non_positive_scales(scale, causal, mask):
 def test_kernels_refuse_a_non_positive_scale():
     q, k, v = _qkv(1, 1, 4, 4, 16)
     with pytest.raises(ValueError, match="the attention kernels take scale > 0, got -0.5"):
-        A._forward(q, k, v, None, False, -0.5, 0.0, None)
+        AL._forward(q, k, v, None, False, -0.5, 0.0, None)
 
 
 def test_strided_head_dim():
@@ -274,7 +275,7 @@ def test_dropout_bits_serve_four_keys_each_and_do_not_depend_on_the_tile():
     assert abs((quads[..., 0] == quads[..., 1]).float().mean().item() - 0.5) < 0.04
     for bm, bn in ((32, 16), (64, 128), (64, 32)):
         out = torch.empty(B * H, Lq, Lk, dtype=torch.uint8, device=DEVICE)
-        A.dropout_keep_kernel[(B * H, -(-Lq // bm), -(-Lk // bn))](out, seed, Lq, Lk, p, BLOCK_M=bm, BLOCK_N=bn)
+        AL.dropout_keep_kernel[(B * H, -(-Lq // bm), -(-Lk // bn))](out, seed, Lq, Lk, p, BLOCK_M=bm, BLOCK_N=bn)
         assert torch.equal(out.view(B, H, Lq, Lk).bool(), keep), (bm, bn)
 
 
@@ -330,14 +331,14 @@ def atomic_dq(monkeypatch):
     (kernel, ATOMIC_DQ)."""
     monkeypatch.setitem(A.VARIANT, "dq", "atomic")
     passes = []
-    run = A._run
+    run = AL._run
 
     def recording(kind, tuned, plain, *args, **kwargs):
         if kind == "bwd":
-            passes.append(("dkdv" if plain is A.attn_bwd_dkdv else "dq", kwargs.get("ATOMIC_DQ")))
+            passes.append(("dkdv" if plain is AL.attn_bwd_dkdv else "dq", kwargs.get("ATOMIC_DQ")))
         return run(kind, tuned, plain, *args, **kwargs)
 
-    monkeypatch.setattr(A, "_run", recording)
+    monkeypatch.setattr(AL, "_run", recording)
     return passes
 
 
@@ -375,21 +376,21 @@ def fused_dq(monkeypatch):
     the preprocess among them."""
     monkeypatch.setitem(A.VARIANT, "dq", "fused")
     passes = []
-    run, plain_launch = A._run, A.launch
+    run, plain_launch = AL._run, AL.launch
 
     def recording(kind, tuned, plain, *args, **kwargs):
         if kind != "fwd":
-            name = ("one_pass", kind) if isinstance(kind, int) else "dkdv" if plain is A.attn_bwd_dkdv else "dq"
+            name = ("one_pass", kind) if isinstance(kind, int) else "dkdv" if plain is AL.attn_bwd_dkdv else "dq"
             passes.append((name, kwargs.get("ONE_PASS")))
         return run(kind, tuned, plain, *args, **kwargs)
 
     def launching(fn, *args, **kwargs):
-        if fn is A.attn_bwd_preprocess:
+        if fn is AL.attn_bwd_preprocess:
             passes.append(("preprocess", None))
         return plain_launch(fn, *args, **kwargs)
 
-    monkeypatch.setattr(A, "_run", recording)
-    monkeypatch.setattr(A, "launch", launching)
+    monkeypatch.setattr(AL, "_run", recording)
+    monkeypatch.setattr(AL, "launch", launching)
     return passes
 
 
@@ -483,12 +484,12 @@ def test_fused_dq_equals_the_dq_pass(fused_dq, causal):
     with no key at all included."""
     L, D = 100, 32
     q, k, v, mask4, dout = _packed_qkv(2, L, D, live=(L, 61, 0), seed=5)  # the last batch: no key at all
-    out, lse = A._forward(q, k, v, mask4, causal, 0.25, 0.0, None)
+    out, lse = AL._forward(q, k, v, mask4, causal, 0.25, 0.0, None)
     dqkv, views = _nan_grad_views(dout)
-    got = A._backward(dout, q, k, v, out, lse, mask4, causal, 0.25, 0.0, None, grads=views)
+    got = AL._backward(dout, q, k, v, out, lse, mask4, causal, 0.25, 0.0, None, grads=views)
     assert fused_dq == _fused_passes(L, D) and not dqkv.isnan().any()
     with A.variant(dq="pass"):
-        ref = A._backward(dout, q, k, v, out, lse, mask4, causal, 0.25, 0.0, None)
+        ref = AL._backward(dout, q, k, v, out, lse, mask4, causal, 0.25, 0.0, None)
     for name, a, b in zip(("dq", "dk", "dv"), got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -794,7 +795,7 @@ def test_gpu_large(dtype, L, D, causal, mask):
 @pytest.mark.gpu
 @pytest.mark.parametrize("D,dtype", [(64, torch.bfloat16), (256, torch.float32)])
 def test_gpu_autotuned(monkeypatch, D, dtype):
-    monkeypatch.setattr(A, "AUTOTUNE", True)
+    monkeypatch.setattr(AL, "AUTOTUNE", True)
     q, k, v = _qkv(2, 4, 1000, 1000, D)
     check_sdpa(q, k, v, _make_mask("key_padding", 2, 4, 1000, 1000, dtype), causal=True, dtype=dtype)
 
@@ -804,7 +805,7 @@ def test_gpu_autotuned_atomic_dq(atomic_dq, monkeypatch):
     """Atomic dQ through the autotuner: its timed runs of each config add into the same
     accumulator, which it must zero before each and once more before the real launch
     (reset_to_zero); a missed zeroing multiplies dQ."""
-    monkeypatch.setattr(A, "AUTOTUNE", True)
+    monkeypatch.setattr(AL, "AUTOTUNE", True)
     monkeypatch.setattr(_util, "_tuned_configs", {})
     q, k, v = _qkv(2, 4, 1000, 1000, 64)
     for _ in range(2):  # the tuning call, then the kept config
@@ -819,7 +820,7 @@ def test_gpu_autotuned_fused_dq(fused_dq, seeds, monkeypatch, L):
     BERT's training shape: bf16, key padding with a fully padded batch, dropout, GQA; parity
     against float64 (same keep-masks) and the launches it makes, the tuning call and the kept
     config alike."""
-    monkeypatch.setattr(A, "AUTOTUNE", True)
+    monkeypatch.setattr(AL, "AUTOTUNE", True)
     monkeypatch.setattr(_util, "_tuned_configs", {})
     q, k, v = _qkv(3, 4, L, L, 64, Hk=2)
     mask = torch.ones(3, 1, 1, L, dtype=torch.bool, device=DEVICE)
@@ -866,7 +867,7 @@ def test_grids_fit_cuda_limits_for_huge_batch_times_heads(monkeypatch, varlen):
     # for B*H > 65535 (e.g. 5462 packed sequences x 12 heads). Meta tensors: nothing runs.
     grids = []
     for name in ("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_preprocess", "dropout_keep_kernel"):
-        monkeypatch.setattr(A, name, _GridRecorder(name, grids))
+        monkeypatch.setattr(AL, name, _GridRecorder(name, grids))
     nseq, H, L, D = 6000, 12, 97, 64
     meta = dict(device="meta", dtype=torch.float16)
     # Every backward form: the dQ pass (default), and the atomic dQ, whose delta a preprocess makes.
@@ -876,12 +877,12 @@ def test_grids_fit_cuda_limits_for_huge_batch_times_heads(monkeypatch, varlen):
                 q = torch.empty(nseq * L, H, D, **meta)
                 cu = torch.empty(nseq + 1, device="meta", dtype=torch.int32)
                 seed = torch.empty(1, device="meta", dtype=torch.int64)
-                out, lse = A._varlen_forward(q, q, q, cu, cu, L, L, True, 0.125, 0.1, seed)
-                A._varlen_backward(out, q, q, q, out, lse, cu, cu, L, L, True, 0.125, 0.1, seed)
+                out, lse = AL._varlen_forward(q, q, q, cu, cu, L, L, True, 0.125, 0.1, seed)
+                AL._varlen_backward(out, q, q, q, out, lse, cu, cu, L, L, True, 0.125, 0.1, seed)
             else:
                 q = torch.empty(nseq, H, L, D, **meta)
-                out, lse = A._forward(q, q, q, None, False, 0.125, 0.0, None)
-                A._backward(out, q, q, q, out, lse, None, False, 0.125, 0.0, None)
+                out, lse = AL._forward(q, q, q, None, False, 0.125, 0.0, None)
+                AL._backward(out, q, q, q, out, lse, None, False, 0.125, 0.0, None)
     A.dropout_keep_mask(torch.empty(1, device="meta", dtype=torch.int64), nseq, H, 2, 2, 0.1)
     assert {name for name, _ in grids} == {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_preprocess",
                                            "dropout_keep_kernel"}
@@ -899,14 +900,14 @@ def test_backward_writes_into_the_gradient_views_it_is_given(causal):
     buffer, the layout of its qkv GEMM): the launcher writes every element of each view (the
     buffer starts as NaN), exactly what it returns without `grads`, and returns the views."""
     q, k, v, mask4, dout = _packed_qkv(2, 19, 16, live=(19, 13), seed=3)
-    out, lse = A._forward(q, k, v, mask4, causal, 0.25, 0.0, None)
-    ref = A._backward(dout, q, k, v, out, lse, mask4, causal, 0.25, 0.0, None)
+    out, lse = AL._forward(q, k, v, mask4, causal, 0.25, 0.0, None)
+    ref = AL._backward(dout, q, k, v, out, lse, mask4, causal, 0.25, 0.0, None)
     dqkv, views = _nan_grad_views(dout)
-    got = A._backward(dout, q, k, v, out, lse, mask4, causal, 0.25, 0.0, None, grads=views)
+    got = AL._backward(dout, q, k, v, out, lse, mask4, causal, 0.25, 0.0, None, grads=views)
     assert all(a is b for a, b in zip(got, views)) and not dqkv.isnan().any()
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
     # Columns the kernels cannot address (a last stride other than 1), or another shape: refused.
     for bad in (views[0].transpose(2, 3).contiguous().transpose(2, 3), views[0][:, :, 1:]):
         with pytest.raises(ValueError, match="grads: dq must have q's shape"):
-            A._backward(dout, q, k, v, out, lse, mask4, causal, 0.25, 0.0, None, grads=(bad, *views[1:]))
+            AL._backward(dout, q, k, v, out, lse, mask4, causal, 0.25, 0.0, None, grads=(bad, *views[1:]))

@@ -14,6 +14,7 @@ import torch
 from fuseformer import kernels as K
 from fuseformer.kernels import _util
 from fuseformer.kernels import attention as A
+from fuseformer.kernels import attention_launchers as AL
 from fuseformer.kernels import attention_hopper as HK
 from fuseformer.kernels import attention_hopper_bwd as HKB
 from test_attention import DEVICE, _bool_mask, _leaf, _make_mask, _qkv, _varlen_case, assert_varlen_parity, check_sdpa
@@ -37,10 +38,10 @@ def launches(monkeypatch, request):
     `backward_launches`, each backward one (and in `backward_passes`, its passes)."""
     place, dq_mode = request.param
     monkeypatch.setattr(_util, "_POISON", True)
-    monkeypatch.setattr(A, "AUTOTUNE", False)
+    monkeypatch.setattr(AL, "AUTOTUNE", False)
     # Every forward through the launcher recorded below: no launch plan re-launching a repeated
     # call past it (plans exist on a GPU only; tests/test_launch.py checks them there).
-    monkeypatch.setattr(A._fwd_plans, "enabled", False)
+    monkeypatch.setattr(AL._fwd_plans, "enabled", False)
     for setting, value in (("kernel", "hopper"), ("descriptors", place), ("dq", dq_mode)):
         monkeypatch.setitem(A.VARIANT, setting, value)
     seen = []
@@ -185,7 +186,7 @@ def test_auto_takes_the_hopper_forward_only_where_it_was_measured_faster(launche
     (test_auto_takes_the_hopper_backward_only_where_it_was_measured_faster). The rule is
     checked as written, then the routing through it on small shapes."""
     assert A.VARIANTS["kernel"][0] == "auto"
-    rule = A._hopper_forward_measured_faster
+    rule = AL._hopper_forward_measured_faster
     assert rule(64, 4096, False) and rule(64, 4096, True) and rule(128, 1024, False) and rule(128, 2048, True)
     assert rule(64, 2048, False) and rule(80, 4096, True) and rule(64, 1024, False) and rule(64, 1024, True)
     assert not rule(128, 1024, True) and not rule(128, 512, False) and not rule(80, 2048, False)
@@ -195,7 +196,7 @@ def test_auto_takes_the_hopper_forward_only_where_it_was_measured_faster(launche
     K.scaled_dot_product_attention(q, k, v, backend="triton")
     assert launches == []  # 8 keys: portable
     asked = []
-    monkeypatch.setattr(A, "_hopper_forward_measured_faster",
+    monkeypatch.setattr(AL, "_hopper_forward_measured_faster",
                         lambda head_dim, lk, is_causal: asked.append((head_dim, lk, is_causal)) or True)
     out = K.scaled_dot_product_attention(q, k, v, backend="triton")
     out.float().sum().backward()
@@ -210,7 +211,7 @@ def test_auto_takes_the_hopper_backward_only_where_it_was_measured_faster(launch
     1.536 ms eagerly on the H200 at L2048), the portable one elsewhere (causal L2048: 1.057
     against 0.951; head dim 128 and longer causal spans unmeasured). The rule as written, then
     the routing through it, with parity, on a small shape."""
-    rule = A._hopper_backward_measured_faster
+    rule = AL._hopper_backward_measured_faster
     assert rule(64, 2048, False) and rule(64, 16384, False)
     assert not rule(64, 2048, True) and not rule(64, 1024, False) and not rule(128, 4096, False)
     assert not rule(80, 4096, False)
@@ -219,7 +220,7 @@ def test_auto_takes_the_hopper_backward_only_where_it_was_measured_faster(launch
     q, k, v = _qkv(1, 2, 20, 24, 64)
     check_sdpa(q, k, v, dtype=torch.float16)
     assert launches == [] and backward_launches == []  # 24 keys: portable both ways
-    monkeypatch.setattr(A, "_hopper_backward_measured_faster", lambda head_dim, lk, is_causal: True)
+    monkeypatch.setattr(AL, "_hopper_backward_measured_faster", lambda head_dim, lk, is_causal: True)
     backward_passes.clear()
     check_sdpa(q, k, v, dtype=torch.float16)
     assert launches == [] and backward_passes == ["dkdv", "dq"]  # the portable forward, the Hopper backward
@@ -262,8 +263,8 @@ def test_autotuned_path_fits_the_host_descriptor_boxes(launches, monkeypatch):
     and then, the winner kept, straight to the kernel (the launcher fits the boxes itself). A
     box left at its placeholder would move 16 rows of every tile: the parity checks see it.
     The interpreter's autotuner has one config."""
-    monkeypatch.setattr(A, "AUTOTUNE", True)
-    monkeypatch.setattr(A, "interpreting", lambda: False)  # the launchers' autotune switch only
+    monkeypatch.setattr(AL, "AUTOTUNE", True)
+    monkeypatch.setattr(AL, "interpreting", lambda: False)  # the launchers' autotune switch only
     monkeypatch.setattr(_util, "_tuned_configs", {})
     q, k, v = _qkv(2, 2, 150, 150, 64)
     for _ in range(2):
@@ -296,7 +297,7 @@ def test_zero_stride_views_take_device_descriptors(launches):
 @pytest.mark.parametrize("D,causal,mask", [(64, False, "key_padding"), (128, True, None), (64, True, "left_padding")])
 def test_gpu_bf16_autotuned(launches, monkeypatch, D, causal, mask):
     """On an H100/H200: bf16 on the tensor cores, autotuned, at lengths that cross many tiles."""
-    monkeypatch.setattr(A, "AUTOTUNE", True)
+    monkeypatch.setattr(AL, "AUTOTUNE", True)
     q, k, v = _qkv(2, 4, 1000, 1000, D)
     check_sdpa(q, k, v, _padding(mask, 2, 1000) if mask else None, causal=causal, dtype=torch.bfloat16)
     assert len(launches) == 1 and len(backward_launches) == 1
@@ -355,6 +356,6 @@ def test_bench_peer_runs_the_hopper_kernel_or_refuses(launches, monkeypatch):
 def test_atomic_dq_is_for_head_dims_up_to_64(monkeypatch):
     monkeypatch.setitem(A.VARIANT, "dq", "atomic")
     for kernels in ("portable", "hopper"):
-        assert A.atomic_dq(kernels, 16) and A.atomic_dq(kernels, 64) and not A.atomic_dq(kernels, 128)
+        assert AL.atomic_dq(kernels, 16) and AL.atomic_dq(kernels, 64) and not AL.atomic_dq(kernels, 128)
     monkeypatch.setitem(A.VARIANT, "dq", "pass")
-    assert not A.atomic_dq("portable", 64) and not A.atomic_dq("hopper", 64)
+    assert not AL.atomic_dq("portable", 64) and not AL.atomic_dq("hopper", 64)

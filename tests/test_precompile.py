@@ -144,7 +144,7 @@ def test_threads_from_the_environment(monkeypatch, value, expected):
 
 def test_nothing_to_do_under_the_interpreter():
     """The interpreter runs no compile: precompile leaves the (single-config) autotuners alone."""
-    from fuseformer.kernels import attention as A
+    from fuseformer.kernels import attention_launchers as A
 
     assert P.precompile(A.attn_fwd_tuned, (1,), (), {}) == 0
 
@@ -159,7 +159,8 @@ def test_every_autotuner_of_ours_times_configs_with_the_short_bench(monkeypatch)
     from triton.runtime.autotuner import Autotuner
 
     modules = [importlib.import_module(f"fuseformer.kernels.{name}")
-               for name in ("attention_kernels", "attention_hopper", "attention_hopper_bwd", "linear_gelu_kernels")]
+               for name in ("attention_kernels", "attention_bwd_kernels", "attention_hopper", "attention_hopper_bwd",
+                            "linear_gelu_kernels")]
     tuners = {id(v): v for m in modules for v in vars(m).values() if isinstance(v, Autotuner)}
     names = {t.base_fn.__name__ for t in tuners.values()}
     assert {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd_hopper", "_attn_bwd_dkdv_hopper",

@@ -221,7 +221,7 @@ def _attn_args(dt, D, mask="none", mask_float=False, dropout=False, varlen=False
         LSE=Ptr("fp32"), DELTA=Ptr("fp32"), MASK=m_ptr, DQ_ACC=Ptr("fp32"),
         SEED=Ptr("i64") if dropout else Ptr(dt),
         CU_Q=Ptr("i32") if varlen else Ptr("fp32"), CU_K=Ptr("i32") if varlen else Ptr("fp32"),
-        # attention._bucket: length bucket * 1024 + batch*heads bucket
+        # attention_launchers._bucket: length bucket * 1024 + batch*heads bucket
         H=H, GROUP=group, LQ=lq, LK=lk, TUNE_BUCKET=triton_next_pow2(max(lq, lk)) * 1024 + min(512, B * H),
         qk_scale=0.125 * 1.4426950408889634, sm_scale=0.125, dropout_p=0.1 if dropout else 0.0,
     )
@@ -244,8 +244,12 @@ def _pick(values, fn_names):
 def build_jobs():
     import importlib
 
+    import types
+
     # import_module: the package re-exports functions under the same names as these modules.
-    ak = importlib.import_module("fuseformer.kernels.attention_kernels")
+    # The portable attention kernels, forward (and configs) and backward, as one namespace.
+    ak = types.SimpleNamespace(**{**vars(importlib.import_module("fuseformer.kernels.attention_kernels")),
+                                  **vars(importlib.import_module("fuseformer.kernels.attention_bwd_kernels"))})
 
     jobs = []
 
@@ -265,7 +269,7 @@ def build_jobs():
     # per key block; its untuned launch's `kind` is that block (default_config).
     for n, tuned in ak.attn_bwd_dkdv_tuned_one_pass.items():
         attn.append((f"attn_bwd_dkdv_one_pass{n}", n, _unwrap(ak.attn_bwd_dkdv)[0], tuned))
-    atomic_max_block_d = importlib.import_module("fuseformer.kernels.attention")._ATOMIC_MAX_BLOCK_D["portable"]
+    atomic_max_block_d = importlib.import_module("fuseformer.kernels.attention_launchers")._ATOMIC_MAX_BLOCK_D["portable"]
     itemsize = {"fp16": 2, "bf16": 2, "fp32": 4}
 
     def attn_case(arch, case, tuned_configs=None, dt="fp16", D=64, causal=False, only=None, **kw):
@@ -361,7 +365,8 @@ _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 KERNEL_MODULES = ("fuseformer.kernels.add_layer_norm_kernels", "fuseformer.kernels.attention_kernels",
-                  "fuseformer.kernels.attention_hopper", "fuseformer.kernels.attention_hopper_bwd",
+                  "fuseformer.kernels.attention_bwd_kernels", "fuseformer.kernels.attention_hopper",
+                  "fuseformer.kernels.attention_hopper_bwd",
                   "fuseformer.kernels.linear_gelu_kernels", "fuseformer.kernels.reduce",
                   "fuseformer.kernels.cross_entropy_kernels")
 # PTX instructions counted per compile, so tests can require them: Hopper tensor-core MMAs,
