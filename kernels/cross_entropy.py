@@ -48,6 +48,11 @@ LABEL_DTYPES = (torch.int64, torch.int32)
 # per backward program (one chunk each: V = 30522 gives 15 programs a row), and rows per step
 # of the one reducing program.
 FWD_BLOCK, BWD_BLOCK, REDUCE_BLOCK = 4096, 2048, 1024
+# A small problem, at most SMALL_SCORES scores in whole rows padded to a power of two (a
+# sequence-classification head's batch of a few classes, say), is one launch: the reducing
+# program computes the rows too, in tiles of SMALL_TILE scores (at most two steps: one
+# program's loads are latency-bound). Each launch saved is a launch's host time.
+SMALL_SCORES, SMALL_TILE = 8192, 4096
 _INTERPRET = backends.interpreting()  # read at import, as Triton reads it
 
 
@@ -69,26 +74,37 @@ def forward(logits, labels, ignore_index, reduction, classes):
     rows, loss_at = (loss, 0) if none else (aux, M + 2)
     # What the trailing arguments and constexprs derive from, and the dtypes (a plan refuses
     # other dtypes or alignments itself; keyed, each pair of dtypes keeps a plan of its own).
-    key = (device, logits.dtype, labels.dtype, M, V, classes, logits.stride(), labels.stride(0), ignore_index,
-           reduction)
+    # Built only where plans are kept (not under the interpreter): ~1 µs of host time.
+    key = None
+    if _fwd_plans.active():
+        key = (device, logits.dtype, labels.dtype, M, V, classes, logits.stride(), labels.stride(0), ignore_index,
+               reduction)
+    rows_v = _small(M, V)
     if V == 0:  # no class: every label must be ignored (the reduction checks), each loss is 0
         rows.zero_()
         aux.zero_()
-    elif M:
+    elif M and not rows_v:
         fwd = (logits, labels, rows, aux)
         _fwd_plans.launch(key, ((_ce_fwd, fwd),), lambda: _launch_fwd(fwd, M, V, ignore_index, loss_at))
-    red = (rows, labels, loss, aux)
+    red = (rows, labels, loss, aux, logits)
     _reduce_plans.launch(key, ((_ce_reduce, red),), lambda: launch(
-        _ce_reduce, (1,), *red, M, classes, labels.stride(0), ignore_index, loss_at, BLOCK=REDUCE_BLOCK,
-        REDUCE=not none, MEAN=reduction == "mean", CHECK=not _INTERPRET, num_warps=4,
-        sanitize_overflow=False))
+        _ce_reduce, (1,), *red, M, classes, labels.stride(0), ignore_index, loss_at, V, *logits.stride(),
+        BLOCK=SMALL_TILE // rows_v if rows_v else REDUCE_BLOCK, REDUCE=not none, MEAN=reduction == "mean",
+        CHECK=not _INTERPRET, ROWS_V=rows_v, num_warps=4, sanitize_overflow=False))
     return loss, aux
+
+
+def _small(M, V):
+    """next_pow2(V) where the M rows are a small problem for the reducing program alone (see
+    SMALL_SCORES), else 0."""
+    padded = next_pow2(V) if V else 0
+    return padded if padded <= SMALL_TILE and 0 < M * padded <= SMALL_SCORES else 0
 
 
 def _launch_fwd(pointers, M, V, ignore_index, loss_at):
     logits, labels = pointers[:2]
     block = min(FWD_BLOCK, next_pow2(V))
-    launch(_ce_fwd, (M,), *pointers, V, logits.stride(0), logits.stride(1), labels.stride(0), ignore_index, loss_at,
+    launch(_ce_fwd, (M,), *pointers, V, *logits.stride(), labels.stride(0), ignore_index, loss_at,
            BLOCK=block, num_warps=8 if block >= 2048 else 4)
 
 
@@ -98,8 +114,10 @@ def backward(g, aux, logits, labels, ignore_index, reduction):
     if M == 0 or V == 0:
         return dx
     stride_g = 0 if g.dim() == 0 else g.stride(0)
-    key = (dx.device, logits.dtype, labels.dtype, M, V, logits.stride(), labels.stride(0), stride_g, ignore_index,
-           reduction)
+    key = None
+    if _bwd_plans.active():
+        key = (dx.device, logits.dtype, labels.dtype, M, V, logits.stride(), labels.stride(0), stride_g, ignore_index,
+               reduction)
     pointers = (logits, labels, aux, g, dx)
     _bwd_plans.launch(key, ((_ce_bwd, pointers),), lambda: _launch_bwd(pointers, stride_g, ignore_index, reduction))
     return dx
@@ -109,7 +127,7 @@ def _launch_bwd(pointers, stride_g, ignore_index, reduction):
     logits, labels = pointers[:2]
     M, V = logits.shape
     block = min(BWD_BLOCK, next_pow2(V))
-    launch(_ce_bwd, (M, cdiv(V, block)), *pointers, V, logits.stride(0), logits.stride(1), labels.stride(0), stride_g,
+    launch(_ce_bwd, (M, cdiv(V, block)), *pointers, V, *logits.stride(), labels.stride(0), stride_g,
            ignore_index, BLOCK=block, MEAN=reduction == "mean", num_warps=4 if block >= 1024 else 2)
 
 
@@ -139,11 +157,11 @@ def _bad_labels(labels, V, ignore_index):
 def _labels_ok(ok, labels, V, ignore_index):
     """Raise (CPU) or assert on the device (GPU: reading a flag back would stall the host until
     the GPU catches up, every call) that every label was in [0, V) or ignore_index: `ok` is the
-    reducing kernel's flag (nonzero when they were; CPU tensors only: on a GPU the kernel
-    asserts itself), or None (the torch backend: the labels are looked at here)."""
+    reducing kernel's flag as a number (nonzero when they were; CPU tensors only: on a GPU the
+    kernel asserts itself), or None (the torch backend: the labels are looked at here)."""
     if labels.device.type != "cpu":
         torch._assert_async(~_bad_labels(labels, V, ignore_index).any(), _what(V, ignore_index))
-    elif ok is None or not ok.item():
+    elif ok is None or not ok:
         bad = _bad_labels(labels, V, ignore_index)
         if bad.any():
             raise ValueError(f"{_what(V, ignore_index)}, got {labels[bad][0].item()}")
@@ -159,7 +177,8 @@ def _run_forward(backend, logits, labels, ignore_index, reduction, classes):
     with device_guard(logits):
         loss, aux = backends.get_impl("cross_entropy", backend).forward(x2, y1, ignore_index, reduction, classes)
     if not logits.is_cuda:  # on a GPU the reducing kernel asserts on the labels itself
-        _labels_ok(aux[y1.shape[0] + 1], labels, classes, ignore_index)
+        # The flag through numpy: a CPU tensor's element without indexing a tensor (~0.5 µs).
+        _labels_ok(aux.numpy()[y1.shape[0] + 1], labels, classes, ignore_index)
     return loss, aux
 
 
@@ -253,7 +272,7 @@ def _check(logits, labels, ignore_index, reduction, classes):
         raise TypeError(f"labels must be an int64 or int32 torch.Tensor, got {got}")
     if labels.device != logits.device:
         raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}; they must share a device")
-    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+    if labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels must have the shape of logits without its last (class) dim, "
                          f"{tuple(logits.shape[:-1])}, got {tuple(labels.shape)}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -273,13 +292,14 @@ def cross_entropy(logits, labels, ignore_index=-100, reduction="mean", *, classe
     module docstring); the loss in float32 (float64 for float64 logits)."""
     classes = _check(logits, labels, ignore_index, reduction, classes)
     name = backends.resolve("cross_entropy", logits.device, backend, dtype=logits.dtype)
+    compiling = torch.compiler.is_compiling()
     if name == "torch":
         # Not while tracing (no data-dependent check in a graph); on a GPU only where F.cross_entropy,
         # which asserts up to the width itself, would take labels past `classes`.
-        if not torch.compiler.is_compiling() and (labels.device.type == "cpu" or classes < logits.shape[-1]):
+        if not compiling and (labels.device.type == "cpu" or classes < logits.shape[-1]):
             _labels_ok(None, labels, classes, ignore_index)
         return reference.cross_entropy(logits, labels, ignore_index, reduction)
-    if torch.compiler.is_compiling():
+    if compiling:
         loss = _ce_op(logits, labels, ignore_index, reduction, classes, name)[0]
     elif torch.is_grad_enabled() and logits.requires_grad:
         loss = CrossEntropyFunction.apply(logits, labels, ignore_index, reduction, classes, name)

@@ -22,7 +22,11 @@ than passed as views of it (a view costs the host ~0.7 µs a call; the launcher 
 - `_ce_reduce`: one program over the M rows' losses and labels, in a fixed order
   (deterministic): the sum (or the mean over the counted rows), the count the backward
   divides by, and whether every label names a class or is ignored. One launch where torch
-  ops took ~8 (compares, combine, count, sum, divide) of host time each.
+  ops took ~8 (compares, combine, count, sum, divide) of host time each. For a small
+  problem (ROWS_V: a classification head's few rows of few classes) it computes the rows'
+  losses and lse itself, tiles of whole rows, and _ce_fwd is not launched: one launch a
+  forward, not two (each costs the host a launch; one program reads a few KB in
+  microseconds).
 - `_ce_bwd`: one program per (row, chunk of BLOCK scores): reads the chunk and lse_i, writes
   the chunk's gradient in the logits' dtype. An ignored row's programs write zeros without
   reading anything (a masked-LM batch ignores ~85% of its rows).
@@ -90,21 +94,27 @@ def _ce_fwd(
 # kernel is one.
 @triton.jit(debug=True)
 def _ce_reduce(
-    LOSS,  # fp32 at loss_at: each row's loss (read when REDUCE)
+    LOSS,  # fp32 at loss_at: each row's loss (read when REDUCE, written with ROWS_V)
     Y,  # (M,) labels
     OUT,  # () fp32 out: the sum, or the mean over the counted rows (MEAN); unwritten for "none"
     AUX,  # fp32 out at M, M + 1: the count of rows whose label is not ignore_index, and 1.0
-    #       when every label is in [0, C) or ignored, else 0.0
+    #       when every label is in [0, C) or ignored, else 0.0; with ROWS_V at row: lse_i
+    X,  # (M, V) logits, any strides: read only with ROWS_V
     M,
     C,  # classes a label may name: V, or fewer where the logits' extra columns are padding
     stride_y,
     ignore_index,
     loss_at,
-    BLOCK: tl.constexpr,
+    V,
+    stride_xm,
+    stride_xv,
+    BLOCK: tl.constexpr,  # rows per step
     REDUCE: tl.constexpr,  # write OUT (reductions "mean" and "sum")
     MEAN: tl.constexpr,
     CHECK: tl.constexpr,  # a device-side assert on the labels too (compiled kernels; the
     #                       interpreter's would raise an AssertionError before the host's check)
+    ROWS_V: tl.constexpr,  # 0: _ce_fwd made the rows' losses; else next_pow2(V): a small
+    #                        problem, whose rows this program computes itself (one launch)
 ):
     offs = tl.arange(0, BLOCK)
     total = tl.zeros((BLOCK,), tl.float32)
@@ -117,7 +127,26 @@ def _ce_reduce(
         counted = inside & (y != ignore_index)
         bad += (counted & ((y < 0) | (y >= C))).to(tl.int32)
         count += counted.to(tl.int32)
-        if REDUCE:
+        if ROWS_V > 0:
+            # _ce_fwd's maths on a (BLOCK, ROWS_V) tile of whole rows: max, then the sum of
+            # exponentials shifted by it (0 where every score is -inf, so no nan), lse, and
+            # the label's score; an ignored row's loss and lse are 0.
+            cols = tl.arange(0, ROWS_V)
+            x_rows = X + r.to(tl.int64)[:, None] * stride_xm
+            x = tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xv, mask=counted[:, None] & (cols < V)[None, :],
+                        other=float("-inf")).to(tl.float32)
+            m = tl.max(x, 1)
+            shift = tl.where(m == float("-inf"), 0.0, m)
+            # (An uncounted row's sum is 0: log2 of 1 instead, no -inf to mask out.)
+            lse = shift + tl.log2(tl.where(counted, tl.sum(tl.exp2((x - shift[:, None]) * LOG2E), 1), 1.0)) * LN2
+            picked = tl.load(X + r.to(tl.int64) * stride_xm + y * stride_xv, mask=counted & (y >= 0) & (y < V),
+                             other=0.0).to(tl.float32)
+            loss = tl.where(counted, lse - picked, 0.0)
+            tl.store(LOSS + loss_at + r, loss, mask=inside)
+            tl.store(AUX + r, tl.where(counted, lse, 0.0), mask=inside)
+            if REDUCE:
+                total += loss
+        elif REDUCE:
             total += tl.load(LOSS + loss_at + r, mask=counted, other=0.0)
     n = tl.sum(count, 0).to(tl.float32)
     tl.store(AUX + M, n)

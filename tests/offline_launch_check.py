@@ -75,13 +75,18 @@ def case_add_layer_norm():
 
 def case_cross_entropy():
     """A vocabulary wider than one forward step (5000 > FWD_BLOCK), one ignored row, the
-    loss's gradient as a 0-d tensor (mean) and per row (none)."""
+    loss's gradient as a 0-d tensor (mean) and per row (none); then a small problem (8 rows of
+    100 classes: the reducing program makes the rows, one forward launch)."""
     x = _randn(6, 5000)
     y = torch.tensor([3, -100, 4999, 0, 17, 2500])
     loss, aux = CE.forward(x, y, -100, "mean", 5000)
     CE.backward(torch.tensor(0.5), aux, x, y, -100, "mean")
     rows, aux = CE.forward(x, y, -100, "none", 5000)
     CE.backward(torch.rand(6), aux, x, y, -100, "none")
+    xs, ys = _randn(8, 100), torch.tensor([3, -100, 99, 0, 17, 50, 1, 2])
+    assert CE._small(8, 100)
+    loss, aux = CE.forward(xs, ys, -100, "mean", 100)
+    CE.backward(torch.tensor(0.5), aux, xs, ys, -100, "mean")
 
 
 def case_attention(kernel, dq="pass", descriptors="device", autotune=True, causal=False, dropout_p=0.0):

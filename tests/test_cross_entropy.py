@@ -1,7 +1,9 @@
 """cross_entropy on the triton backend against the float64 reference (parity rule), forward
 and backward: odd vocabularies (one class, a row wider than a forward step), ignored rows,
 every reduction, int32 labels, strided logits (a padded vocabulary's view, a transpose),
-empty inputs, outputs poisoned before each launch, and bad input named."""
+empty inputs, outputs poisoned before each launch, and bad input named. Every test runs both
+forward forms: the reducing program computing a small problem's rows itself (one launch), and
+a program per row then the reducing one (two launches)."""
 import importlib
 
 import pytest
@@ -20,6 +22,42 @@ pytestmark = pytest.mark.skipif(K.unavailable_reason("triton") is not None, reas
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setattr(_util, "_POISON", True)  # an unwritten gradient element fails as NaN
+
+
+@pytest.fixture(autouse=True, params=["one_launch", "two_launches"])
+def forward_form(request, monkeypatch):
+    """The tests' problems are small: "one_launch" as they come (ce.SMALL_SCORES), and
+    "two_launches" with no problem small, so _ce_fwd makes every row."""
+    if request.param == "two_launches":
+        monkeypatch.setattr(ce, "SMALL_SCORES", 0)
+    return request.param
+
+
+def test_small_problems_take_one_launch_and_large_ones_two(monkeypatch, forward_form):
+    """The forward's launches, recorded: one (the reducing program makes the rows too) while
+    the rows' scores, padded to a power of two, fit ce.SMALL_SCORES in at most two tiles; two
+    beyond (a program per row first); the reducing program always last. And the same loss."""
+    launched = []
+    real = ce.launch
+
+    def recording(fn, grid, *args, **kwargs):
+        launched.append((getattr(fn, "__name__", None) or fn.fn.__name__, kwargs.get("ROWS_V")))
+        return real(fn, grid, *args, **kwargs)
+
+    monkeypatch.setattr(ce, "launch", recording)
+    small = forward_form == "one_launch"
+    g = torch.Generator().manual_seed(11)
+    for M, V, one in ((8, 128, small), (3, 1000, small), (1, 4096, small), (64, 128, small), (65, 128, False),
+                      (2, 4097, False)):
+        logits = torch.randn(M, V, generator=g).to(DEVICE)
+        labels = _labels((M,), V, g, ignored=[0] if M > 1 else []).to(DEVICE)
+        launched.clear()
+        loss = K.cross_entropy(logits, labels, backend="triton")
+        padded = 1 << (V - 1).bit_length()
+        expected = [("_ce_reduce", padded)] if one else [("_ce_fwd", None), ("_ce_reduce", 0)]
+        assert launched == expected, (M, V, launched)
+        torch.testing.assert_close(loss.double(), reference.cross_entropy(logits.double(), labels),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def _labels(shape, V, generator, ignored=(), dtype=torch.int64):

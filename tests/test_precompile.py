@@ -52,7 +52,7 @@ TUNED = {
 # portable dQ pass makes delta itself), host descriptors or not (a plan of a launch through
 # host descriptors makes new ones over each call's tensors: DescriptorBound).
 PLAN_LAUNCHES = {
-    "linear_gelu_portable": 2, "linear_gelu_tma": 1, "add_layer_norm": 3, "cross_entropy": 6,
+    "linear_gelu_portable": 2, "linear_gelu_tma": 1, "add_layer_norm": 3, "cross_entropy": 8,
     "attention_portable": 3, "attention_portable_atomic_dq": 3, "attention_portable_default_config": 3,
     "attention_portable_dropout": 3, "attention_hopper": 4, "attention_hopper_host": 4,
     "attention_hopper_auto_descriptors": 4,

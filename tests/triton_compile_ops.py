@@ -114,10 +114,19 @@ def add_jobs(jobs, check):
                       stride_g=0, **strides),
                  dict(BLOCK=bwd_block, MEAN=True), options=dict(num_warps=4 if bwd_block >= 1024 else 2))
             _add(jobs, "ce_reduce", cek._ce_reduce, arch, f"{lab}",
-                 dict(LOSS=Ptr("fp32"), Y=Ptr(lab), OUT=Ptr("fp32"), AUX=Ptr("fp32"), M=4096, C=V, stride_y=1,
-                      ignore_index=-100, loss_at=4098),
-                 dict(BLOCK=ce.REDUCE_BLOCK, REDUCE=True, MEAN=True, CHECK=True),
+                 dict(LOSS=Ptr("fp32"), Y=Ptr(lab), OUT=Ptr("fp32"), AUX=Ptr("fp32"), X=Ptr(dt), M=4096, C=V,
+                      stride_y=1, ignore_index=-100, loss_at=4098, V=V, stride_xm=row, stride_xv=1),
+                 dict(BLOCK=ce.REDUCE_BLOCK, REDUCE=True, MEAN=True, CHECK=True, ROWS_V=0),
                  options=dict(num_warps=4, debug=True, sanitize_overflow=False))  # as the launcher compiles it
+        # A small problem's one launch (ce.SMALL_SCORES): the reducing program making the rows,
+        # tiles of SMALL_TILE scores: 2 classes (a sequence-classification head) and 1000.
+        for dt, V, lab in (("bf16", 2, "i64"), ("fp32", 1000, "i32")):
+            rows_v = triton_next_pow2(V)
+            _add(jobs, "ce_reduce", cek._ce_reduce, arch, f"{dt} small V={V} {lab}",
+                 dict(LOSS=Ptr("fp32"), Y=Ptr(lab), OUT=Ptr("fp32"), AUX=Ptr("fp32"), X=Ptr(dt), M=8, C=V,
+                      stride_y=1, ignore_index=-100, loss_at=10, V=V, stride_xm=V, stride_xv=1),
+                 dict(BLOCK=ce.SMALL_TILE // rows_v, REDUCE=True, MEAN=True, CHECK=True, ROWS_V=rows_v),
+                 options=dict(num_warps=4, debug=True, sanitize_overflow=False))
 
     # --- Linear + GELU. BERT-base FFN (K=768, EVEN_K) and a ragged K (masked tail).
     def fast_tag(fast):
