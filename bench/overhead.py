@@ -319,13 +319,13 @@ def attention_default_configs():
     an H200."""
     import importlib
 
-    attention = importlib.import_module("fuseformer.kernels.attention_launchers")
-    autotune = attention.AUTOTUNE
-    attention.set_autotune(False)
+    launchers = importlib.import_module("fuseformer.kernels.attention_launchers")
+    autotune = launchers.AUTOTUNE
+    launchers.set_autotune(False)
     try:
         yield
     finally:
-        attention.set_autotune(autotune)
+        launchers.set_autotune(autotune)
 
 
 def run_group(device: torch.device, quick: bool = False) -> dict:

@@ -25,7 +25,8 @@ the keyword arguments (ours read BLOCK_M or BLOCK_N there). A triton.heuristics 
 values are computed from the arguments, as Heuristics.run does, and its kernel launched.
 Host tensor descriptors (triton.tools.tensor_descriptor.TensorDescriptor) are keyed on what
 Triton specializes them on (dtype and block shape) and handed to the launcher as they are: it
-encodes each into a CUtensorMap per launch on both paths. Anything else (a grid function that
+encodes each into a CUtensorMap per launch on both paths (except a launch plan's re-launch on
+triton 3.6, which expands them itself and keeps the encodings: DescriptorBound). Anything else (a grid function that
 reads other arguments, an installed launch hook, the interpreter) takes Triton's path.
 
 Tensors reach the launcher as their data pointers (ints), not as tensors. Given a tensor,
@@ -370,27 +371,113 @@ class DescriptorBound(Bound):
     box and padding. `templates`: per leading position, None (the tensor itself) or (shape,
     strides, block_shape, padding). It refuses a tensor of another shape or strides there
     (the launcher's key pins them; checked all the same: a descriptor of the wrong extent
-    would read out of bounds)."""
+    would read out of bounds).
 
-    __slots__ = ("templates",)
+    On triton 3.6 (what torch 2.11 pins) the launcher takes descriptors through a Python
+    wrapper (wrap_handle_tensordesc's `inner`): per launch it walks every argument in Python
+    and encodes each descriptor into a CUtensorMap again (fill_tma_descriptor), ~6.5 µs of
+    host time for attention's forward on this project's CPU before any encoding. Where that
+    wrapper is found (_TmaDirect), a re-launch hands the launcher beneath it the expanded
+    arguments itself: only the leading positions are expanded (the bound trailing arguments
+    hold no descriptor), each descriptor by the wrapper's own make_tensordesc_arg, and its
+    expansion (the CUtensorMap, shape and strides) is kept per data pointer, which a
+    descriptor's template and the kernel's metadata then determine wholly; steady-state calls,
+    whose tensors the caching allocator hands the same addresses, encode nothing. Triton 3.9
+    expands in C++: no wrapper to skip there."""
+
+    __slots__ = ("templates", "direct")
 
     def __init__(self, dims, device, compiled, rest, tail, classes, templates):
         super().__init__(dims, device, compiled, rest, tail, classes)
         self.templates = templates
+        self.direct = _TmaDirect.of(compiled, templates)
 
     def __call__(self, *leading) -> bool:
         if len(leading) != len(self.templates):
             return False
-        described = []
         for t, template in zip(leading, self.templates):
-            if template is not None:
-                shape, strides, box, padding = template
-                if list(t.shape) != shape or list(t.stride()) != strides:
-                    return False
-                described.append(new_descriptor(t, shape, strides, box, padding))  # checks held for the bound call
-            else:
-                described.append(None)
+            if template is not None and (list(t.shape) != template[0] or list(t.stride()) != template[1]):
+                return False
+        if self.direct is not None:
+            return self._launch_direct(leading)
+        described = [None if template is None else new_descriptor(t, *template)  # checks held for the bound call
+                     for t, template in zip(leading, self.templates)]
         return self._launch(leading, described)
+
+    def _launch_direct(self, leading) -> bool:
+        """_launch, with the launcher's descriptor wrapper done here (the class docstring)."""
+        if not _ENABLED or len(leading) != len(self.classes) or not _hooks_idle():
+            return False
+        direct = self.direct
+        expanded = []
+        for i, (t, (dtype, residue), template) in enumerate(zip(leading, self.classes, self.templates)):
+            p = t.data_ptr()
+            if t.dtype is not dtype or p & 15 != residue:
+                return False
+            if template is None:
+                expanded.append(p)
+            else:
+                parts = direct.known[i].get(p)
+                if parts is None:
+                    parts = direct.expand(i, t, template)
+                expanded.extend(parts)
+        device = _driver[0]()
+        if device != self.device:
+            return False
+        c = self.compiled
+        d = self.dims
+        direct.launcher(d[0], d[1], d[2], _driver[1](device), c.function, direct.cooperative, direct.pdl, None, None,
+                        c.packed_metadata, None, None, None, *expanded, *self.rest, *self.tail)
+        return True
+
+
+class _TmaDirect:
+    """What DescriptorBound needs to call a triton 3.6 launcher beneath its descriptor wrapper:
+    the C launcher, the launch flags CudaLauncher.__call__ passes, the wrapper's
+    make_tensordesc_arg and the descriptor metadata of each leading position, and per position
+    the expansions made so far, by data pointer (at most KEEP each)."""
+
+    KEEP = 64
+    __slots__ = ("launcher", "cooperative", "pdl", "make", "metas", "known")
+
+    @classmethod
+    def of(cls, compiled, templates):
+        """A _TmaDirect for `compiled`, or None where its launcher is not triton 3.6's
+        CudaLauncher with that wrapper exactly as expected (then the launch goes through it)."""
+        run = getattr(compiled, "run", None)
+        inner = getattr(run, "launch", None)
+        code = getattr(inner, "__code__", None)
+        if code is None or code.co_freevars != ("launcher", "tensordesc_indices", "tensordesc_meta"):
+            return None
+        cells = dict(zip(code.co_freevars, (c.cell_contents for c in inner.__closure__)))
+        glob = inner.__globals__
+        make, base = glob.get("make_tensordesc_arg"), glob.get("_BASE_ARGS_FORMAT_LEN")
+        indices, metas = sorted(cells["tensordesc_indices"]), cells["tensordesc_meta"]
+        described = [i for i, template in enumerate(templates) if template is not None]
+        # 13 leading launcher arguments (grid, stream, function, flags, scratch, metadata,
+        # hooks); no scratch to allocate (CudaLauncher.__call__ would); the descriptors among
+        # the leading positions are exactly the kernel's, each with its metadata.
+        if (make is None or base != 13 or getattr(run, "global_scratch_size", 1)
+                or getattr(run, "profile_scratch_size", 1) or indices != described
+                or not metas or len(metas) != len(indices) or any(m is None for m in metas)):
+            return None
+        self = object.__new__(cls)
+        self.launcher, self.make = cells["launcher"], make
+        self.cooperative, self.pdl = run.launch_cooperative_grid, run.launch_pdl
+        by_position = dict(zip(indices, metas))
+        self.metas = tuple(by_position.get(i) for i in range(len(templates)))
+        self.known = tuple({} if t is not None else None for t in templates)
+        return self
+
+    def expand(self, i, t, template):
+        """The wrapper's expansion of a descriptor of `t` at leading position i (CUtensorMap,
+        shape, strides), kept under t's data pointer."""
+        parts = self.make(new_descriptor(t, *template), self.metas[i])
+        known = self.known[i]
+        if len(known) >= self.KEEP:
+            known.clear()
+        known[t.data_ptr()] = parts
+        return parts
 
 
 def _same_tensor(a, b) -> bool:

@@ -319,6 +319,169 @@ def test_host_descriptors_are_keyed_on_what_triton_specializes_them_on(fast, cha
         assert k.paths() == ["triton", "triton"], change
 
 
+# ----------------------------------------------------------------------------- triton 3.6's descriptor wrapper
+# DescriptorBound's direct path (_TmaDirect): on triton 3.6 the launcher beneath the Python
+# wrapper that expands host descriptors (wrap_handle_tensordesc's `inner`), called with the
+# expansion done here and kept per data pointer. Below: a launcher shaped as 3.6's
+# CudaLauncher (no scratch), whose `launch` is 3.6's own wrapper where triton 3.6 is installed
+# (the GPU machines; torch 2.11 pins it), else a wrapper of the same shape made here, so that
+# CI (a newer triton) checks the plumbing too.
+
+_BASE_ARGS_FORMAT_LEN = 13  # read by the wrapper made here, through its globals, as 3.6's
+
+
+def make_tensordesc_arg(arg, metadata):
+    """The expansion of the wrapper made here: a token of what 3.6's encodes (its fill_tma_descriptor
+    arguments), then shape and strides."""
+    return [("MAP", arg.base.data_ptr(), metadata["block_size"], tuple(arg.shape), tuple(arg.strides)),
+            *arg.shape, *arg.strides]
+
+
+def _wrap_like_triton_3_6(launcher, tensordesc_indices, tensordesc_meta):
+    def inner(*args):  # 3.6's wrapper, in outline: every kernel argument looked at, descriptors expanded
+        final_args = list(args[:_BASE_ARGS_FORMAT_LEN])
+        k = 0
+        for i, arg in enumerate(args[_BASE_ARGS_FORMAT_LEN:]):
+            if i in tensordesc_indices:
+                final_args.extend(make_tensordesc_arg(arg, tensordesc_meta[k]))
+                k += 1
+            else:
+                final_args.append(arg)
+        return launcher(*final_args)
+
+    return inner
+
+
+class _Launcher36:
+    """triton 3.6's CudaLauncher for a kernel without scratch: __call__ as 3.6's."""
+
+    global_scratch_size = profile_scratch_size = 0
+    launch_cooperative_grid, launch_pdl = False, True
+
+    def __init__(self, launch):
+        self.launch = launch
+
+    def __call__(self, gx, gy, gz, stream, function, *args):
+        self.launch(gx, gy, gz, stream, function, self.launch_cooperative_grid, self.launch_pdl, None, None, *args)
+
+
+def _triton_36_wrapper(raw, fills, monkeypatch):
+    """3.6's own wrap_handle_tensordesc over `raw`, its fill_tma_descriptor recording into fills
+    and returning a token of its arguments; None on another triton."""
+    import triton
+
+    try:
+        from triton.backends.nvidia import driver as nvidia
+    except ImportError:
+        return None
+    if getattr(nvidia, "_BASE_ARGS_FORMAT_LEN", None) != 13 or not hasattr(nvidia, "wrap_handle_tensordesc"):
+        return None
+
+    class Utils:
+        def fill_tma_descriptor(self, *args):
+            fills.append(args)
+            return ("MAP", args[0], tuple(args[4]), tuple(args[5]), tuple(args[6]))
+
+    class Active:
+        utils = Utils()
+
+    monkeypatch.setattr(triton.runtime.driver, "_active", Active())  # restored after the test
+    signature = {"X": "tensordesc<fp32[2, 16]>", "Y": "*fp32", "Z": "tensordesc<fp32[2, 16]>", "n": "i32"}
+    meta = [dict(swizzle=64, elem_size=4, elem_type=7, block_size=[2, 16], fp4_padded=False)] * 2
+    return nvidia.wrap_handle_tensordesc(raw, signature, meta)
+
+
+@pytest.fixture(params=["triton 3.6's wrapper", "a wrapper shaped as 3.6's"])
+def launcher36(request, fast, monkeypatch):
+    """(a DescriptorBound over a kernel (X: descriptor, Y: pointer, Z: descriptor, n), the raw
+    launcher's log, the encodings made) with either wrapper."""
+    log, fills = [], []
+
+    def raw(*args):
+        log.append(args)
+
+    if request.param == "triton 3.6's wrapper":
+        inner = _triton_36_wrapper(raw, fills, monkeypatch)
+        if inner is None:
+            pytest.skip("triton 3.6 is not installed")
+    else:
+        meta = dict(swizzle=64, elem_size=4, elem_type=7, block_size=[2, 16], fp4_padded=False)
+        saved = make_tensordesc_arg
+
+        def recording(arg, metadata):
+            fills.append(arg.base.data_ptr())
+            return saved(arg, metadata)
+
+        globals()["make_tensordesc_arg"] = recording
+        inner = _wrap_like_triton_3_6(raw, {0, 2}, [meta, meta])
+    compiled = FakeCompiled([])
+    compiled.run = _Launcher36(inner)
+    template = ([4, 16], [16, 1], [2, 16], "zero")
+    bound = L.DescriptorBound((3, 1, 1), 0, compiled, (64,), ("TAIL",), ((torch.float32, 0),) * 3,
+                              (template, None, template))
+    yield bound, log, fills
+    if request.param != "triton 3.6's wrapper":
+        globals()["make_tensordesc_arg"] = saved
+
+
+def test_direct_descriptor_launch_hands_the_launcher_what_the_wrapper_would(launcher36):
+    """The direct path and the path through the wrapper give the raw launcher the same
+    arguments; a repeated call with tensors at the same addresses encodes nothing, one at a
+    new address encodes its descriptors once."""
+    bound, log, fills = launcher36
+    assert bound.direct is not None
+    x, y, z = torch.zeros(4, 16), torch.zeros(64), torch.zeros(4, 16)
+    assert bound(x, y, z)
+    direct = log.pop()
+    encoded = len(fills)
+    assert encoded == 2
+    saved, bound.direct = bound.direct, None
+    assert bound(x, y, z)  # through the wrapper, as on triton 3.6 before
+    assert log.pop() == direct
+    bound.direct = saved
+    fills.clear()
+    assert bound(x, y, z) and log.pop() == direct and fills == []  # kept: nothing encoded again
+    x2 = torch.zeros(4, 16)
+    assert bound(x2, y, z) and len(fills) == 1
+    again = log.pop()
+    bound.direct = None
+    assert bound(x2, y, z) and log.pop() == again
+    assert not bound(torch.zeros(2, 32), y, z) and log == []  # another shape: refused, nothing launched
+
+
+def test_direct_descriptor_launch_keeps_a_bounded_number_of_encodings(launcher36, monkeypatch):
+    bound, log, fills = launcher36
+    monkeypatch.setattr(L._TmaDirect, "KEEP", 3)
+    y, z = torch.zeros(64), torch.zeros(4, 16)
+    xs = [torch.zeros(4, 16) for _ in range(5)]
+    for x in xs:
+        assert bound(x, y, z)
+    assert len(bound.direct.known[0]) <= 3 and len(bound.direct.known[2]) == 1
+
+
+def test_direct_descriptor_launch_only_where_the_wrapper_is_as_expected(fast):
+    """No direct path where the launcher is not triton 3.6's (triton 3.9 expands descriptors in
+    C++; the stand-in drivers of the tests have no wrapper), where it would allocate scratch, where
+    a descriptor has no metadata (the frontend decomposed it), or where the kernel takes a
+    descriptor the bound call's leading tensors do not give."""
+    meta = dict(swizzle=64, elem_size=4, elem_type=7, block_size=[2, 16], fp4_padded=False)
+    template = ([4, 16], [16, 1], [2, 16], "zero")
+    templates = (template, None, template)
+
+    def direct(indices=(0, 2), metas=(meta, meta), scratch=0, templates=templates):
+        compiled = FakeCompiled([])
+        compiled.run = _Launcher36(_wrap_like_triton_3_6(lambda *a: None, set(indices), list(metas)))
+        compiled.run.global_scratch_size = scratch
+        return L._TmaDirect.of(compiled, templates)
+
+    assert direct() is not None
+    assert direct(scratch=128) is None
+    assert direct(metas=(meta, None)) is None
+    assert direct(indices=(0, 2, 3), metas=(meta, meta, meta)) is None
+    assert direct(templates=(template, None, None)) is None
+    assert L._TmaDirect.of(FakeCompiled([]), templates) is None  # a launcher without the wrapper
+
+
 def test_a_launch_site_through_its_table(fast):
     """PlanTable.launch, as the backward launchers call it per site: the full launch (Triton's
     path, then the fast one, which it binds), then the plan; no key or plans off: the full
@@ -437,8 +600,9 @@ def test_gpu_fast_launch_gives_the_same_bits_as_triton_s_launch(attention_kernel
             fast = run()
     assert L._kernels, "no kernel was kept: the fast path never ran"
     assert not L._refused, f"the fast launch failed for {L._refused}"
-    for op, tables in (("attention", ("_fwd_plans", "_bwd_plans")), ("add_layer_norm", ("_fwd_plans", "_bwd_plans")),
-                       ("reduce", ("_plans",)), ("linear_gelu", ("_fwd_plans", "_dgelu_plans"))):
+    for op, tables in (("attention_launchers", ("_fwd_plans", "_bwd_plans")),
+                       ("add_layer_norm", ("_fwd_plans", "_bwd_plans")), ("reduce", ("_plans",)),
+                       ("linear_gelu", ("_fwd_plans", "_dgelu_plans"))):
         for table in tables:
             assert getattr(importlib.import_module(f"fuseformer.kernels.{op}"), table), f"{op}.{table}: no plan bound"
     for a, b in zip(slow, fast):
