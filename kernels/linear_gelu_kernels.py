@@ -57,7 +57,7 @@ def _configs():
 # ----------------------------------------------------------------------------- GELU maths
 # Two ways to evaluate GELU in the kernels' fp32 registers, picked by the FAST_GELU constexpr:
 #
-# exact (FAST_GELU False): erf from libdevice, tl.sigmoid.
+# exact (FAST_GELU False): erf from libdevice; the tanh form's sigmoid by tl.sigmoid.
 # fast (FAST_GELU True, 16-bit outputs only): both GELUs in one form,
 #       Phi(u) = sigmoid(2 z(u)),  gelu(u) = u s,  gelu'(u) = s + 2 u s (1 - s) z'(u),  s = sigmoid(2 z),
 #   z(u) = u P(u^2), an odd polynomial. For tanh, P is the formula's own, sqrt(2/pi) (1 + 0.044715 w),
