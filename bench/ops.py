@@ -724,6 +724,9 @@ def gpu_cases() -> list[OpCase]:
     cases.append(cross_entropy_case("cross_entropy_fwd_bwd_mlm_padded_4096x30522", M=4096, V=30522, ignored=0.85,
                                     padded=True, device_type=d))
     cases.append(cross_entropy_case("cross_entropy_fwd_bwd_lm_4096x50257", M=4096, V=50257, device_type=d))
+    # A sequence-classification head's loss (B32, 3 classes): a small problem, one forward launch
+    # (kernels/cross_entropy.py SMALL_SCORES) where F.cross_entropy on upcast logits makes three.
+    cases.append(cross_entropy_case("cross_entropy_fwd_bwd_cls_32x3", M=32, V=3, device_type=d))
     return cases
 
 
@@ -747,8 +750,10 @@ def cpu_cases() -> list[OpCase]:
         linear_gelu_case("linear_gelu_fwd_erf_17x100x257", M=17, K_in=100, N=257, device_type=d, quick=True),
         linear_gelu_case("linear_gelu_fwd_tanh_33x64x128", M=33, K_in=64, N=128, approximate="tanh", device_type=d),
         linear_gelu_case("linear_gelu_fwd_bwd_erf_17x40x80", M=17, K_in=40, N=80, grad=True, device_type=d, quick=True),
+        # Small problems (one forward launch), and rows past SMALL_SCORES (a program per row first).
         cross_entropy_case("cross_entropy_fwd_bwd_17x97", M=17, V=97, ignored=0.3, device_type=d, quick=True),
         cross_entropy_case("cross_entropy_fwd_bwd_padded_9x50", M=9, V=50, ignored=0.3, padded=True, device_type=d),
+        cross_entropy_case("cross_entropy_fwd_bwd_70x200", M=70, V=200, ignored=0.3, device_type=d),
     ]
 
 
