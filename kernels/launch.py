@@ -26,8 +26,9 @@ values are computed from the arguments, as Heuristics.run does, and its kernel l
 Host tensor descriptors (triton.tools.tensor_descriptor.TensorDescriptor) are keyed on what
 Triton specializes them on (dtype and block shape) and handed to the launcher as they are: it
 encodes each into a CUtensorMap per launch on both paths (except a launch plan's re-launch on
-triton 3.6, which expands them itself and keeps the encodings: DescriptorBound). Anything else (a grid function that
-reads other arguments, an installed launch hook, the interpreter) takes Triton's path.
+triton 3.6, which expands them itself and keeps the encodings: DescriptorBound). Anything else
+(a grid function that reads other arguments, an installed launch hook, the interpreter) takes
+Triton's path.
 
 Tensors reach the launcher as their data pointers (ints), not as tensors. Given a tensor,
 Triton's launcher (its C code, triton 3.6 and 3.9 alike: getPointer / extractPointer) calls
