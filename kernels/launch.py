@@ -341,23 +341,31 @@ class Bound:
     def __call__(self, *leading) -> bool:
         return self._launch(leading, None)
 
-    def _launch(self, leading, described) -> bool:
-        """Launch with the leading tensors after checking them against the bound call's
-        classes: each passed as its data pointer (as the fast launch passes tensors), or as
-        its host descriptor where `described` has one."""
+    def _checked(self, leading):
+        """(the leading tensors' data pointers, the current device), or None where the fast
+        path would not be taken as for the bound call: the fast launch off, a hook installed,
+        a tensor of another dtype or 16-byte alignment class, another current device."""
         if not _ENABLED or len(leading) != len(self.classes) or not _hooks_idle():
-            return False
-        passed = []
+            return None
+        pointers = []
         for t, (dtype, residue) in zip(leading, self.classes):
             p = t.data_ptr()
             if t.dtype is not dtype or p & 15 != residue:
-                return False
-            passed.append(p)
+                return None
+            pointers.append(p)
+        device = _driver[0]()
+        return None if device != self.device else (pointers, device)
+
+    def _launch(self, leading, described) -> bool:
+        """Launch with the leading tensors after checking them (_checked): each passed as its
+        data pointer (as the fast launch passes tensors), or as its host descriptor where
+        `described` has one."""
+        checked = self._checked(leading)
+        if checked is None:
+            return False
+        passed, device = checked
         if described is not None:
             passed = [p if d is None else d for p, d in zip(passed, described)]
-        device = _driver[0]()
-        if device != self.device:
-            return False
         c = self.compiled
         d = self.dims
         c.run(d[0], d[1], d[2], _driver[1](device), c.function, c.packed_metadata, None, None, None, *passed,
@@ -407,14 +415,13 @@ class DescriptorBound(Bound):
 
     def _launch_direct(self, leading) -> bool:
         """_launch, with the launcher's descriptor wrapper done here (the class docstring)."""
-        if not _ENABLED or len(leading) != len(self.classes) or not _hooks_idle():
+        checked = self._checked(leading)
+        if checked is None:
             return False
+        pointers, device = checked
         direct = self.direct
         expanded = []
-        for i, (t, (dtype, residue), template) in enumerate(zip(leading, self.classes, self.templates)):
-            p = t.data_ptr()
-            if t.dtype is not dtype or p & 15 != residue:
-                return False
+        for i, (t, p, template) in enumerate(zip(leading, pointers, self.templates)):
             if template is None:
                 expanded.append(p)
             else:
@@ -422,9 +429,6 @@ class DescriptorBound(Bound):
                 if parts is None:
                     parts = direct.expand(i, t, template)
                 expanded.extend(parts)
-        device = _driver[0]()
-        if device != self.device:
-            return False
         c = self.compiled
         d = self.dims
         direct.launcher(d[0], d[1], d[2], _driver[1](device), c.function, direct.cooperative, direct.pdl, None, None,
