@@ -243,7 +243,7 @@ def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has
     groups = len(dtypes)
     part = None
     if groups:  # the chunked kernel adds into its partial rows: they start at zero
-        alloc = new_output if single else (lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
+        alloc = new_output if single else (lambda shape, dtype, device: torch.zeros(size=shape, dtype=dtype, device=device))
         part = alloc((programs, groups, N), torch.float32, dy.device)
     dropout = dropout_p > 0.0
     pointers = (
@@ -296,11 +296,11 @@ def dropout_mask(seed: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
     M = 1
     for d in shape[:-1]:
         M *= d
-    out = torch.empty((M, N), dtype=torch.int8, device=seed.device)
+    out = torch.empty(M, N, dtype=torch.int8, device=seed.device)
     if M and N:
         block = min(next_pow2(N), 4096)
         _keep_mask_kernel[(M, cdiv(N, block))](seed, out, N, float(dropout_p), BLOCK=block)
-    return out.bool().reshape(shape)
+    return out.bool().reshape(shape=shape)
 
 
 # ----------------------------------------------------------------------------- shared by both paths
@@ -320,7 +320,7 @@ def _run_forward(backend, x, residual, weight, bias, eps, dropout_p, seed, save_
     r2 = None if residual is None else as_rows(residual).contiguous()
     with device_guard(x):
         y, stream, mean, rstd = impl.forward(x2, r2, weight, bias, eps, dropout_p, seed, save_stream, save_stats)
-    return y.view(shape), None if stream is None else stream.view(shape), mean, rstd
+    return y.view(size=shape), None if stream is None else stream.view(size=shape), mean, rstd
 
 
 def _run_backward(backend, dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has_residual,
@@ -340,7 +340,7 @@ def _run_backward(backend, dy, dstream, stream, weight, bias, mean, rstd, dropou
         with device_guard(dy):
             dx, dres, dw, db = impl.backward(as_rows(dy).contiguous(), ds2, as_rows(stream).contiguous(), weight,
                                              bias, mean, rstd, dropout_p, seed, has_residual)
-        out = dx.view(shape), None if dres is None else dres.view(shape), dw, db
+        out = dx.view(size=shape), None if dres is None else dres.view(size=shape), dw, db
     if dx_sum is not None and not fold:
         # One reduction kernel: torch accumulates half types in fp32 and rounds once into dx_sum.
         out = (*out, as_rows(out[0]).sum(0, dtype=dx_sum))

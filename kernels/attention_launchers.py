@@ -145,7 +145,7 @@ def _dq_accumulator(q, atomic: bool, placeholder, varlen: bool):
     stride HEAD_D); otherwise None and `placeholder`, an fp32 tensor the kernel never reads."""
     if not atomic:
         return None, placeholder, (0, 0)
-    acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    acc = torch.zeros(size=q.shape, dtype=torch.float32, device=q.device)
     return acc, acc, _strides(acc, varlen)[:2]
 
 

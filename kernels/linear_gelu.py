@@ -223,7 +223,7 @@ def forward(x2d, weight, bias, approximate, save_preact):
     N = weight.shape[0]
     shape = (*x2d.shape[:-1], N)  # out and pre come out in x's leading shape, contiguous
     if _tanh_epilogue(x2d, weight, bias, approximate, save_preact):
-        return torch._addmm_activation(bias, x2d.reshape(M, K), weight.t(), use_gelu=True).view(shape), None
+        return torch._addmm_activation(bias, x2d.reshape(M, K), weight.t(), use_gelu=True).view(size=shape), None
     out = new_output(shape, x2d.dtype, x2d.device)
     pre = new_output(shape, x2d.dtype, x2d.device) if save_preact else None
     if M == 0 or N == 0:
@@ -335,7 +335,7 @@ def _dgelu(dout, x2d, weight, preact, approximate, has_bias, bias):
         if VARIANT["forward"] == "tma" and M and N and x2d.shape[1] and _tma_ok(x2d, weight):
             # The GEMM again, its epilogue writing dpre and db's per-tile partials.
             dpre = new_output((M, N), dout.dtype, dout.device)
-            db_part = torch.zeros((cdiv(M, _TMA_MIN_BLOCK_M), N), dtype=torch.float32, device=dout.device) \
+            db_part = torch.zeros(cdiv(M, _TMA_MIN_BLOCK_M), N, dtype=torch.float32, device=dout.device) \
                 if has_bias else None
             _launch_tma(x2d, weight, bias, dpre, None, dout, db_part, approximate)
             return dpre, sum_rows(db_part, dout.dtype) if has_bias else None
@@ -385,7 +385,7 @@ def _run_forward(backend, x, weight, bias, approximate, save_preact):
         out, pre = impl.forward(x2d, weight, bias, approximate, save_preact)
     if x.dim() != 2:
         shape = (*x.shape[:-1], weight.shape[0])
-        out, pre = out.view(shape), None if pre is None else pre.view(shape)
+        out, pre = out.view(size=shape), None if pre is None else pre.view(size=shape)
     return out, pre
 
 
@@ -400,7 +400,7 @@ def _run_backward(backend, dout, x, weight, preact, approximate, has_bias, bias=
         kwargs["acc"] = as_rows(acc)
     with device_guard(dout):
         dx, dw, db = impl.backward(*args, **kwargs)
-    dx = dx.view(x.shape)
+    dx = dx.view(size=x.shape)
     return (dx if fold or acc is None else dx + acc), dw, db
 
 

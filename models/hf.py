@@ -154,9 +154,9 @@ def _gpt2_block_forward(self, hidden_states, cache=None, attention_mask=None, en
 def _albert_attention_forward(self, hidden_states, attention_mask=None, **kwargs):
     B, T, _ = hidden_states.shape
     shape = (B, T, -1, self.attention_head_size)
-    q = self.query(hidden_states).view(shape).transpose(1, 2)  # (B, nh, T, hs)
-    k = self.key(hidden_states).view(shape).transpose(1, 2)
-    v = self.value(hidden_states).view(shape).transpose(1, 2)
+    q = self.query(hidden_states).view(size=shape).transpose(1, 2)  # (B, nh, T, hs)
+    k = self.key(hidden_states).view(size=shape).transpose(1, 2)
+    v = self.value(hidden_states).view(size=shape).transpose(1, 2)
     y, _ = fuseformer_attention(self, q, k, v, attention_mask, dropout=_p(self, self.attention_dropout.p),
                                 scaling=self.scaling)
     y = self.dense(y.reshape(B, T, -1))
