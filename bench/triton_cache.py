@@ -251,7 +251,7 @@ def run_model_case(case, tally: Tally) -> None:
 
     from fuseformer import models
 
-    from .model_cases import FAMILIES, hf_config
+    from .model_cases import FAMILIES, hf_config, mlm_rows_bound
     from .offline import empty_linears
 
     ours_name, hf_name = FAMILIES[(case.family, case.task)]
@@ -262,6 +262,8 @@ def run_model_case(case, tally: Tally) -> None:
     variants = [{}]
     if case.family == "bert" and case.pad and not train:
         variants.append({"unpad": True})  # the bench's fuseformer-fused-unpad
+    if mlm_rows_bound(case, inputs):
+        variants.append({"max_predictions_per_seq": mlm_rows_bound(case, inputs)})  # fuseformer-fused-mlm-rows
     for kwargs in variants:
 
         def call(kwargs=kwargs):

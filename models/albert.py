@@ -18,7 +18,7 @@ from . import outputs as O
 from .bert import BertEmbeddings, check_heads, classification_loss, gelu_approximate, post_ln_block, run_encoder
 from .checkpoint import CAT, COPY, HFConfig, PreTrainedModel
 from .layers import AddLayerNorm, BackendChoice, VocabLogits, init_weights, linear_gelu
-from .pretraining import pretraining_loss
+from .pretraining import check_max_predictions, predicted_rows, pretraining_loss
 
 
 @dataclasses.dataclass
@@ -164,12 +164,14 @@ class AlbertForPreTraining(AlbertPreTrainedModel):
 
     hf_architecture = "AlbertForPreTraining"
 
-    def __init__(self, config: AlbertConfig, backend: str | None = None, unpad: bool = False):
+    def __init__(self, config: AlbertConfig, backend: str | None = None, unpad: bool = False,
+                 max_predictions_per_seq: int | None = None):
         super().__init__()
         self.config = config
         self.albert = AlbertModel(config, True, backend, unpad)
         self.predictions = AlbertMLMHead(config, backend)
         self.sop_classifier = AlbertSOPHead(config)
+        self.max_predictions_per_seq = check_max_predictions(max_predictions_per_seq)  # see predicted_rows
         self._init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -177,7 +179,8 @@ class AlbertForPreTraining(AlbertPreTrainedModel):
                 inputs_embeds=None):
         base = self.albert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
                            inputs_embeds=inputs_embeds)
-        logits = self.predictions(base.last_hidden_state, self.albert.embeddings.word_embeddings.weight)
+        h, labels = predicted_rows(base.last_hidden_state, labels, self.max_predictions_per_seq)
+        logits = self.predictions(h, self.albert.embeddings.word_embeddings.weight)
         sop = self.sop_classifier(base.pooler_output)  # (B, 2)
         loss = pretraining_loss(logits, labels, sop, sentence_order_label, self.predictions.vocab_logits.loss)
         out = O.AlbertForPreTrainingOutput(loss, logits, sop, base.hidden_states)
@@ -187,11 +190,13 @@ class AlbertForPreTraining(AlbertPreTrainedModel):
 class AlbertForMaskedLM(AlbertPreTrainedModel):
     hf_architecture = "AlbertForMaskedLM"
 
-    def __init__(self, config: AlbertConfig, backend: str | None = None, unpad: bool = False):
+    def __init__(self, config: AlbertConfig, backend: str | None = None, unpad: bool = False,
+                 max_predictions_per_seq: int | None = None):
         super().__init__()
         self.config = config
         self.albert = AlbertModel(config, False, backend, unpad)
         self.predictions = AlbertMLMHead(config, backend)
+        self.max_predictions_per_seq = check_max_predictions(max_predictions_per_seq)  # see predicted_rows
         self._init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -199,7 +204,8 @@ class AlbertForMaskedLM(AlbertPreTrainedModel):
                 inputs_embeds=None):
         base = self.albert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
                            inputs_embeds=inputs_embeds)
-        logits = self.predictions(base.last_hidden_state, self.albert.embeddings.word_embeddings.weight)
+        h, labels = predicted_rows(base.last_hidden_state, labels, self.max_predictions_per_seq)
+        logits = self.predictions(h, self.albert.embeddings.word_embeddings.weight)
         loss = self.predictions.vocab_logits.loss(logits, labels) if labels is not None else None
         out = O.MaskedLMOutput(loss, logits, base.hidden_states)
         return out if return_dict else out.to_tuple()

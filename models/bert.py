@@ -20,7 +20,7 @@ from . import outputs as O
 from .checkpoint import CAT, COPY, HFConfig, PreTrainedModel
 from .layers import (AddLayerNorm, BackendChoice, TransformerBlock, VocabLogits, attention_mask_for, init_weights,
                      linear_gelu, wide)
-from .pretraining import pretraining_loss
+from .pretraining import check_max_predictions, predicted_rows, pretraining_loss
 
 
 def gelu_approximate(hidden_act: str) -> str:
@@ -337,11 +337,13 @@ class BertForPreTraining(BertPreTrainedModel):
 
     hf_architecture = "BertForPreTraining"
 
-    def __init__(self, config: BertConfig, backend: str | None = None, unpad: bool = False):
+    def __init__(self, config: BertConfig, backend: str | None = None, unpad: bool = False,
+                 max_predictions_per_seq: int | None = None):
         super().__init__()
         self.config = config
         self.bert = BertModel(config, True, backend, unpad)
         self.cls = BertPreTrainingHeads(config, backend)
+        self.max_predictions_per_seq = check_max_predictions(max_predictions_per_seq)  # see predicted_rows
         self._init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -349,7 +351,8 @@ class BertForPreTraining(BertPreTrainedModel):
                 inputs_embeds=None):
         base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
                          inputs_embeds=inputs_embeds)
-        logits = self.cls.predictions(base.last_hidden_state, self.bert.embeddings.word_embeddings.weight)
+        h, labels = predicted_rows(base.last_hidden_state, labels, self.max_predictions_per_seq)
+        logits = self.cls.predictions(h, self.bert.embeddings.word_embeddings.weight)
         nsp = self.cls.seq_relationship(base.pooler_output)  # (B, 2)
         loss = pretraining_loss(logits, labels, nsp, next_sentence_label, self.cls.predictions.vocab_logits.loss)
         out = O.BertForPreTrainingOutput(loss, logits, nsp, base.hidden_states)
@@ -359,11 +362,13 @@ class BertForPreTraining(BertPreTrainedModel):
 class BertForMaskedLM(BertPreTrainedModel):
     hf_architecture = "BertForMaskedLM"
 
-    def __init__(self, config: BertConfig, backend: str | None = None, unpad: bool = False):
+    def __init__(self, config: BertConfig, backend: str | None = None, unpad: bool = False,
+                 max_predictions_per_seq: int | None = None):
         super().__init__()
         self.config = config
         self.bert = BertModel(config, False, backend, unpad)
         self.cls = BertOnlyMLMHead(config, backend)
+        self.max_predictions_per_seq = check_max_predictions(max_predictions_per_seq)  # see predicted_rows
         self._init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -371,7 +376,8 @@ class BertForMaskedLM(BertPreTrainedModel):
                 inputs_embeds=None):
         base = self.bert(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
                          inputs_embeds=inputs_embeds)
-        logits = self.cls.predictions(base.last_hidden_state, self.bert.embeddings.word_embeddings.weight)
+        h, labels = predicted_rows(base.last_hidden_state, labels, self.max_predictions_per_seq)
+        logits = self.cls.predictions(h, self.bert.embeddings.word_embeddings.weight)
         loss = self.cls.predictions.vocab_logits.loss(logits, labels) if labels is not None else None
         out = O.MaskedLMOutput(loss, logits, base.hidden_states)
         return out if return_dict else out.to_tuple()

@@ -209,7 +209,7 @@ def _ffn_backward(df, h, saved, w1, c1, w2, cfg, nl, need, acc=None):
     pre, g = saved
     dg, dw2, dc2 = _linear_grads(df.reshape(-1, df.shape[-1]), g.reshape(-1, g.shape[-1]), w2, True, need[0], need[1])
     # pre stored, or recomputed from the bias (as LinearGeluFunction keeps one or the other)
-    dh, dw1, dc1 = _lg._run_backward(nl, dg.view(g.shape), h, w1, pre, cfg[8], c1 is not None,
+    dh, dw1, dc1 = _lg._run_backward(nl, dg.view(size=g.shape), h, w1, pre, cfg[8], c1 is not None,
                                      None if pre is not None else c1, acc)
     return dh, dw1, dc1, dw2, dc2
 

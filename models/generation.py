@@ -203,7 +203,7 @@ def _static_step(model, past, max_length: int, prompt_mask, positions, cuda_grap
     with torch.no_grad():  # the buffers hold values, never a graph of the prompt's forward
         if entry is None:
             cache = StaticKVCache(past, max_length, prompt_mask)
-            step_ids = torch.zeros(positions.shape, dtype=torch.long, device=positions.device)
+            step_ids = torch.zeros(size=positions.shape, dtype=torch.long, device=positions.device)
             step_pos, first = positions.clone(), positions.clone()
         else:
             cache, step_ids, step_pos, first, replay = entry

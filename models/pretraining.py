@@ -121,6 +121,51 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, backend: str | No
     return vocab_loss(logits, labels, IGNORE_INDEX, backend)
 
 
+def check_max_predictions(value) -> int | None:
+    """max_predictions_per_seq as the MLM models take it: None, or an int >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"max_predictions_per_seq must be None or an int >= 1, got {value!r}")
+    return value
+
+
+def predicted_rows(hidden: torch.Tensor, labels: torch.Tensor | None, max_predictions_per_seq: int | None,
+                   ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the hidden states the MLM head predicts, their labels).
+
+    Without labels or a bound: (hidden, labels) as they are, every token predicted (Hugging
+    Face's heads). With both: the B x min(T, max_predictions_per_seq) rows of `hidden` (B, T,
+    C) whose tokens carry a label first, in row-major order, then unlabelled ones to fill the
+    bound (their labels ignore_index: no loss), as a (rows, C) tensor, and their labels.
+
+    Why: the MLM head (the H x H transform and the H x V decoder GEMM, BERT's largest, a fifth
+    of a training step) and the cross-entropy over its logits only matter at the ~15% of
+    tokens that carry a label, so computing them there gives the same loss and gradients for
+    a fraction of the work (the original BERT's max_predictions_per_seq: 20 at L128, 80 at
+    L512; NVIDIA's and MosaicML's BERTs do the same). A bound fixed by the shapes, not the
+    labels' count, keeps the shapes static: no read-back of the count (no host sync), and a
+    CUDA graph or torch.compile captures it. The bound is on the batch's total: more labelled
+    tokens than B x max_predictions_per_seq is a ValueError on a CPU, a device-side assert
+    elsewhere and while compiling (the count never reaches the host there)."""
+    if labels is None or max_predictions_per_seq is None:
+        return hidden, labels
+    B, T, C = hidden.shape
+    if labels.numel() != B * T:
+        raise ValueError(f"labels must have one label per token, {B} x {T}, got shape {tuple(labels.shape)}")
+    flat = labels.reshape(-1)
+    bound = B * min(T, max_predictions_per_seq)
+    unlabelled = flat == ignore_index
+    what = f"max_predictions_per_seq={max_predictions_per_seq} allows at most {bound} labelled tokens in this batch"
+    if flat.device.type == "cpu" and not torch.compiler.is_compiling():
+        count = B * T - int(unlabelled.sum())
+        if count > bound:
+            raise ValueError(f"labels mark {count} tokens for prediction, but {what}")
+    else:
+        torch._assert_async(unlabelled.sum() >= B * T - bound, f"too many labelled tokens: {what}")
+    # Labelled tokens first: a stable sort on 0 (labelled) / 1 (not), a few launches.
+    rows = torch.argsort(unlabelled.to(torch.uint8), stable=True)[:bound]
+    return hidden.reshape(B * T, C).index_select(0, rows), flat.index_select(0, rows)
+
+
 def pair_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """NSP or SOP: two-way cross-entropy on the pooled [CLS]."""
     return F.cross_entropy(wide(logits), labels.reshape(-1))
@@ -186,4 +231,4 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 __all__ = ["distillation_loss", "electra_corrupt", "replaced_token_loss", "mask_tokens", "encode_pair", "next_sentence_pairs", "sentence_order_pairs", "collate",
-           "masked_lm_loss", "pair_loss", "pretraining_loss", "IGNORE_INDEX"]
+           "masked_lm_loss", "pair_loss", "pretraining_loss", "predicted_rows", "IGNORE_INDEX"]
