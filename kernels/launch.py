@@ -571,11 +571,19 @@ class PlanTable(dict):
         """One launch site through this table: the plan kept under `key` re-launched, or else
         `full()`, the launch as the launcher makes it without plans, kept for the next call.
         key None (a call the launcher keeps no plan for) or plans off: `full()` alone."""
-        if key is None or not self.active():
+        # active() and run() written out: this is every planned launch's path (~0.3 µs less).
+        if key is None or not (self.enabled and _ENABLED and not _INTERPRET):
             full()
-        elif not self.run(key, candidates):
-            full()
-            self.keep(key, candidates)
+            return
+        plan = self.get(key)
+        if plan is not None:
+            if plan[1](*candidates[plan[0]][1]):
+                return
+            full()  # refused: launched as without plans, and the plan stays for the next call
+            return
+        request_bind()
+        full()
+        self.keep(key, candidates)
 
 
 def plan_table() -> PlanTable:
