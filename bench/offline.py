@@ -144,9 +144,10 @@ class OfflineDriver:
 def empty_linears():
     """nn.Linear's forward as an allocation of its output (and its backward as one of the
     input's gradient), and likewise the linear layers of a block that runs as one fused node
-    (models/fused_block.py), for measuring or compiling our fused ops inside a model on a CPU: there
-    a GEMM is a real computation of milliseconds (minutes in fp16 at the benchmark's shapes),
-    where on a GPU it is a cuBLAS launch of a few µs of host time."""
+    (models/fused_block.py) and the GEMMs of Linear+GELU's backward (both through
+    kernels/_util.py's linear_grads), for measuring or compiling our fused ops inside a model on
+    a CPU: there a GEMM is a real computation of milliseconds (minutes in fp16 at the
+    benchmark's shapes), where on a GPU it is a cuBLAS launch of a few µs of host time."""
     from unittest import mock
 
     from torch import nn
@@ -161,6 +162,7 @@ def empty_linears():
         def backward(ctx, grad):
             return grad.new_empty(ctx.shape), None
 
+    from fuseformer.kernels import _util
     from fuseformer.models import fused_block
 
     def empty_grads(dy2d, x2d, weight, need_x, need_w, need_b, acc=None):
@@ -170,7 +172,7 @@ def empty_linears():
 
     with mock.patch.object(nn.Linear, "forward", lambda self, x: Empty.apply(x, self.out_features)), \
             mock.patch.object(fused_block, "_linear", lambda x, w, b: x.new_empty(*x.shape[:-1], w.shape[0])), \
-            mock.patch.object(fused_block, "_linear_grads", empty_grads):
+            mock.patch.object(_util, "linear_grads", empty_grads):
         yield
 
 

@@ -277,6 +277,30 @@ def measure_bert_forward(device: torch.device, dtype: torch.dtype, repeats: int 
         return result
 
 
+def measure_bert_train_step(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> dict:
+    """A CUDA device's host time until one eager BERT-base training step returns (B1 L16, 4
+    padded tokens, dropout 0.1, the loss the sum of the last hidden state; its kernels are a
+    few µs each, so this is the host's time): fused (backend auto), the same with the
+    backward on the calling thread instead of autograd's device thread, and the torch backend.
+    The CPU measures the part of it in our own code instead (_bert_train_nodes_us)."""
+    model, forward = _bert_b1_l16(device, dtype)
+    model.train()
+    params = list(model.parameters())
+
+    def step():
+        for p in params:
+            p.grad = None
+        forward().last_hidden_state.float().sum().backward()
+
+    result = {}
+    for label, backend, engine_thread in (("fused", "auto", True), ("fused_calling_thread", "auto", False),
+                                          ("torch", "torch", True)):
+        model.set_backend(backend)
+        with torch.autograd.set_multithreading_enabled(engine_thread):
+            result[f"{label}_us"] = _forward_host_us(step, repeats)
+    return result
+
+
 def _bert_b1_l16(device: torch.device, dtype: torch.dtype):
     """(BERT-base, its eager forward on B1 L16 with 4 padded tokens) for the overhead group."""
     from fuseformer.models import BertConfig, BertModel
@@ -345,6 +369,7 @@ def run_group(device: torch.device, quick: bool = False) -> dict:
         with attention_default_configs():
             rows = measure_ops(device, dtype, calls=calls, repeats=repeats)
             bert = measure_bert_forward(device, dtype, repeats=3 if quick else 5)
+            train = measure_bert_train_step(device, dtype, repeats=3 if quick else 5) if device.type == "cuda" else None
             floor = measure_launch_floor(device, dtype, calls=calls, repeats=repeats)
     finally:
         torch.set_num_threads(threads)
@@ -354,6 +379,7 @@ def run_group(device: torch.device, quick: bool = False) -> dict:
         "target_ratio": TARGET_RATIO,
         "rows": rows,
         "bert_base_forward": bert,
+        "bert_base_train_step": train,
         "launch_floor": floor,
     }
     if device.type != "cuda":
@@ -383,7 +409,65 @@ def measure_offline(calls: int = 200, repeats: int = 7, only: str = "") -> dict:
     torch.set_num_threads(1)
     with attention_default_configs():  # as run_group
         rows = measure_ops(torch.device("cpu"), torch.float32, calls=calls, repeats=repeats, stub=False, only=only)
-        return {"rows": rows, "bert_base_forward": None if only else _bert_fused_ops_us(max(3, repeats))}
+        if only:
+            return {"rows": rows, "bert_base_forward": None}
+        return {"rows": rows, "bert_base_forward": _bert_fused_ops_us(max(3, repeats)),
+                "bert_base_train_step": _bert_train_nodes_us(max(3, repeats))}
+
+
+def _bert_train_nodes_us(repeats: int) -> dict:
+    """Host µs inside the fused block nodes (models/fused_block.py's PostLNBlock, one a layer)
+    of one eager BERT-base training step (B1 L16, 4 padded tokens, fp16, dropout 0.1, backend
+    triton; the loss the sum of the last hidden state): their forward and their backward,
+    on Triton's launch path and on the fast launch, the fastest of `repeats` steps each,
+    taking turns. The linear layers and the GEMMs of the blocks' backward return empty
+    outputs (bench/offline.py's empty_linears). What a GPU's eager step waits on beyond the
+    kernels: the H200's BERT-base B32 L128 step took 30.2 ms eagerly and 7.6 ms in a CUDA
+    graph (bench/results/h200, a3eeca9), and the blocks' nodes hold the Python of all but the
+    embeddings, the head and autograd's own."""
+    from fuseformer.models import fused_block
+
+    from .offline import empty_linears
+
+    model, forward = _bert_b1_l16(torch.device("cpu"), torch.float16)
+    model.set_backend("triton")
+    model.train()
+    params = list(model.parameters())
+    spent = {"forward": 0.0, "backward": 0.0, "nodes": 0}
+    node = fused_block.PostLNBlock
+
+    def timed(fn, part):
+        def run(ctx, *args):
+            start = time.perf_counter()
+            try:
+                return fn(ctx, *args)
+            finally:
+                spent[part] += time.perf_counter() - start
+                spent["nodes"] += part == "forward"
+        return staticmethod(run)
+
+    def step():
+        for p in params:
+            p.grad = None
+        forward().last_hidden_state.float().sum().backward()
+
+    ways = (False, True)  # the fast launch off, on
+    best = {way: (float("inf"), float("inf")) for way in ways}
+    with empty_linears(), mock.patch.object(node, "forward", timed(node.forward, "forward")), \
+            mock.patch.object(node, "backward", timed(node.backward, "backward")):
+        for way in ways * 2:  # compiles, then each path's kept kernels and plans
+            with use_fast_launch(way):
+                step()
+        for _ in range(repeats):
+            for way in ways:
+                with use_fast_launch(way):
+                    spent.update(forward=0.0, backward=0.0, nodes=0)
+                    step()
+                    if spent["forward"] + spent["backward"] < sum(best[way]):
+                        best[way] = (spent["forward"], spent["backward"])
+    return {"nodes": spent["nodes"], "triton_launch_forward_us": best[False][0] * 1e6,
+            "triton_launch_backward_us": best[False][1] * 1e6, "fast_launch_forward_us": best[True][0] * 1e6,
+            "fast_launch_backward_us": best[True][1] * 1e6}
 
 
 def _bert_fused_ops_us(repeats: int) -> dict:

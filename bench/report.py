@@ -308,6 +308,11 @@ def overhead_lines(doc: dict) -> list[str]:
                          if "fused_fast_launch_us" in bert else "")
                       + (f", the same with the post-LN blocks op by op {bert['fused_per_op_us']:.0f}"
                          if "fused_per_op_us" in bert else "") + "."]
+    train = group.get("bert_base_train_step")
+    if train:
+        lines += ["", f"BERT-base eager training step (B1 L16), host µs until it returns: fused (auto) "
+                      f"{train['fused_us']:.0f}, its backward on the calling thread {train['fused_calling_thread_us']:.0f}, "
+                      f"torch backend {train['torch_us']:.0f}."]
     floor = group.get("launch_floor")
     if floor:
         lines += ["", f"add_layer_norm: ours {floor['ours_us']:.1f} µs"
@@ -331,6 +336,13 @@ def overhead_lines(doc: dict) -> list[str]:
                              f"block {bert['forward_us']:.0f}, op by op {bert['forward_per_op_us']:.0f}"
                              if "forward_per_op_us" in bert else "")
                           + "."]
+        train = offline.get("bert_base_train_step")
+        if train:
+            lines += ["", f"BERT-base eager training step (B1 L16, fp16, dropout 0.1, linear layers and their "
+                          f"gradients stubbed), host µs inside its {train['nodes']} fused block nodes, forward + "
+                          f"backward: Triton's launch {train['triton_launch_forward_us']:.0f} + "
+                          f"{train['triton_launch_backward_us']:.0f}, fast launch {train['fast_launch_forward_us']:.0f}"
+                          f" + {train['fast_launch_backward_us']:.0f}."]
     return lines
 
 

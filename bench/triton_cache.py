@@ -278,8 +278,8 @@ def run_model_case(case, tally: Tally) -> None:
 
 def run_overhead(tally: Tally) -> None:
     """The `overhead` group's calls (bench/overhead.py's run_group on a GPU): each op's tiny
-    float16 case forward and forward+backward, and the BERT-base B1 L16 forward, attention on
-    its default configs as there."""
+    float16 case forward and forward+backward, and the BERT-base B1 L16 forward and training
+    step, attention on its default configs as there."""
     import torch
 
     from . import overhead
@@ -298,6 +298,13 @@ def run_overhead(tally: Tally) -> None:
                 forward()
 
         tally.run("overhead bert_base_forward", bert)
+
+        def bert_train():  # measure_bert_train_step's step
+            model.train()
+            with empty_linears():
+                forward().last_hidden_state.float().sum().backward()
+
+        tally.run("overhead bert_base_train_step", bert_train)
 
 
 # What bench/gpu_session.sh's `tests` stage runs of the Triton kernels and models: its

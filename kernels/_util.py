@@ -82,6 +82,22 @@ def tuned_config(tuned, key: tuple):
     return _tuned_configs.get((tuned, key))
 
 
+def linear_grads(dy2d, x2d, weight, need_x, need_w, need_b, acc=None):
+    """F.linear's gradients as autograd computes them: dx = dy W, dW = dy^T x, db = sum dy,
+    each where wanted (dx where need_x, else acc). acc: a gradient of x from elsewhere, added
+    to dx in the GEMM (beta = 1): the residual add autograd would make after it, without its
+    own kernel. The GEMMs of Linear+GELU's backward and of the fused blocks' linear layers
+    (bench/offline.py's empty_linears replaces it on a CPU, where a GEMM would dominate a
+    host-time measurement)."""
+    if need_x:
+        dx = dy2d @ weight if acc is None else torch.addmm(acc, dy2d, weight)
+    else:
+        dx = acc
+    dw = dy2d.t() @ x2d if need_w else None
+    db = dy2d.sum(0) if need_b else None
+    return dx, dw, db
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1). triton.next_power_of_2 does the same
     through Triton's constexpr machinery, several microseconds per call on the hot path."""

@@ -67,7 +67,7 @@ from typing import Optional
 
 import torch
 
-from . import backends, reference
+from . import _util, backends, reference
 from ._util import (as_rows, cdiv, device_guard, ensure_tma_allocator, launch_tuned, new_output, next_pow2, row_count,
                     sm_count)
 from .launch import launch, plan_table
@@ -355,8 +355,7 @@ def backward(dout, x2d, weight, preact, approximate, has_bias, bias=None, acc=No
     acc: an (M, K) gradient to add to dx, in the GEMM's epilogue (beta = 1) rather than by an
     add after it (a fused block's residual gradient)."""
     dpre, db = _dgelu(dout.contiguous(), x2d, weight, preact, approximate, has_bias, bias)  # (M, N)
-    dx = dpre @ weight if acc is None else torch.addmm(acc, dpre, weight)  # (M, K)
-    dw = dpre.t() @ x2d  # (N, K)
+    dx, dw, _ = _util.linear_grads(dpre, x2d, weight, True, True, False, acc)  # (M, K), (N, K)
     return dx, dw, db
 
 

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..kernels import backends
+from ..kernels import _util, backends
 from ..kernels._util import device_guard, draw_seed, new_output
 
 _aln = importlib.import_module("fuseformer.kernels.add_layer_norm")
@@ -175,7 +175,7 @@ def _attention_backward(da, x, saved, mask4, wqkv, wo, cfg, na, need, acc=None):
     heads, is_causal, pa = cfg[1], cfg[2], cfg[5]
     B, T, C = x.shape
     da2 = da.reshape(-1, C)
-    da_in, dwo, dbo = _linear_grads(da2, a_in.reshape(-1, C), wo, True, need[3], need[4])
+    da_in, dwo, dbo = _util.linear_grads(da2, a_in.reshape(-1, C), wo, True, need[3], need[4])
     datt = da_in.view(B, T, heads, C // heads).transpose(1, 2)
     impl = backends.get_impl("attention", na)
     args = (datt, q, k, v, att, lse, mask4, is_causal, 1.0 / math.sqrt(C // heads), pa, seed)
@@ -190,7 +190,7 @@ def _attention_backward(da, x, saved, mask4, wqkv, wo, cfg, na, need, acc=None):
         with device_guard(x):
             dq, dk, dv = impl.backward(*args)
         dqkv = torch.stack((dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)), dim=2).view(-1, 3 * C)
-    dx, dwqkv, dbqkv = _linear_grads(dqkv, x.reshape(-1, C), wqkv, need[0], need[1], need[2],
+    dx, dwqkv, dbqkv = _util.linear_grads(dqkv, x.reshape(-1, C), wqkv, need[0], need[1], need[2],
                                      None if acc is None else acc.reshape(-1, C))
     return (None if dx is None else dx.view(B, T, C)), dwqkv, dbqkv, dwo, dbo
 
@@ -207,30 +207,19 @@ def _ffn_backward(df, h, saved, w1, c1, w2, cfg, nl, need, acc=None):
     gives fc1's always). acc (h's shape, or None): a gradient of h from elsewhere, added to
     dh (in fc1's dX GEMM where the launcher can)."""
     pre, g = saved
-    dg, dw2, dc2 = _linear_grads(df.reshape(-1, df.shape[-1]), g.reshape(-1, g.shape[-1]), w2, True, need[0], need[1])
+    dg, dw2, dc2 = _util.linear_grads(df.reshape(-1, df.shape[-1]), g.reshape(-1, g.shape[-1]), w2, True, need[0],
+                                      need[1])
     # pre stored, or recomputed from the bias (as LinearGeluFunction keeps one or the other)
     dh, dw1, dc1 = _lg._run_backward(nl, dg.view(size=g.shape), h, w1, pre, cfg[8], c1 is not None,
                                      None if pre is not None else c1, acc)
     return dh, dw1, dc1, dw2, dc2
 
 
-# The blocks' linear layers and their gradients go through these two (bench/offline.py's
-# empty_linears replaces them on a CPU, where a GEMM would dominate a host-time measurement).
+# The blocks' linear layers go through _linear, their gradients through kernels/_util.py's
+# linear_grads (bench/offline.py's empty_linears replaces both on a CPU, where a GEMM would
+# dominate a host-time measurement).
 def _linear(x, weight, bias):
     return F.linear(x, weight, bias)
-
-
-def _linear_grads(dy2d, x2d, weight, need_x, need_w, need_b, acc=None):
-    """F.linear's gradients as autograd computes them: dx = dy W, dW = dy^T x, db = sum dy.
-    acc: a gradient of x from elsewhere, added to dx in the GEMM (beta = 1): the residual add
-    autograd would make after it, without its own kernel."""
-    if need_x:
-        dx = dy2d @ weight if acc is None else torch.addmm(acc, dy2d, weight)
-    else:
-        dx = acc
-    dw = dy2d.t() @ x2d if need_w else None
-    db = dy2d.sum(0) if need_b else None
-    return dx, dw, db
 
 
 # ----------------------------------------------------------------------------- post-LN
