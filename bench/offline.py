@@ -167,7 +167,7 @@ def empty_linears():
 
     def empty_grads(dy2d, x2d, weight, need_x, need_w, need_b, acc=None):
         return (dy2d.new_empty(dy2d.shape[0], weight.shape[1]) if need_x else acc,
-                weight.new_empty(weight.shape) if need_w else None,
+                weight.new_empty(size=weight.shape) if need_w else None,
                 dy2d.new_empty(weight.shape[0]) if need_b else None)
 
     with mock.patch.object(nn.Linear, "forward", lambda self, x: Empty.apply(x, self.out_features)), \
