@@ -153,6 +153,15 @@ class ModelCase(Case):
             raise Refused(f"CUDAGraphRunner: {err}") from None
         return lambda: self._main_output(runner(**inputs))
 
+    def _train_step(self, model, inputs: dict) -> Callable[[], torch.Tensor]:
+        from fuseformer.models import CUDAGraphTrainStep
+
+        try:
+            step = CUDAGraphTrainStep(model, [(self.B, self.L)], input_names=tuple(inputs))
+        except (ValueError, TypeError) as err:  # it refuses what it cannot capture
+            raise Refused(f"CUDAGraphTrainStep: {err}") from None
+        return lambda: step(**inputs)
+
     def _main_output(self, out) -> torch.Tensor:
         if self.task == "train":
             return out.loss
@@ -216,7 +225,7 @@ class ModelCase(Case):
             ref64, ref64_grads = self._reference(hf_variant("eager", torch.float64), runnable)
             torch_d, torch_d_grads = self._reference(hf_variant("eager", dtype), runnable)
 
-        # name -> (kind, the model, captured in a CUDA graph: False, True (bare capture) or "runner")
+        # name -> (kind, the model, captured in a CUDA graph: False, True (bare capture), "runner" or "train-step")
         variants: dict[str, tuple[str, Callable[[], torch.nn.Module], bool | str]] = {
             "hf-eager": (BASELINE, lambda: hf_variant("eager", dtype), False),
             "hf-sdpa": (BASELINE, lambda: hf_variant("sdpa", dtype), False),
@@ -257,6 +266,10 @@ class ModelCase(Case):
                 # nodes are Python; if the step is much faster here, that thread is the cost.
                 variants["fuseformer-fused-calling-thread"] = (OURS, fused, False)
                 contexts["fuseformer-fused-calling-thread"] = lambda: torch.autograd.set_multithreading_enabled(False)
+                # The step replayed from a CUDA graph by the user-facing CUDAGraphTrainStep
+                # (models/graphs.py): forward and backward one launch, its inputs copied into
+                # the bucket's buffers and its gradients restored to the parameters each call.
+                variants["fuseformer-fused-train-graph"] = (OURS, lambda: ours_variant("auto"), "train-step")
                 if self.L <= max(attention_launchers.ONE_PASS_BLOCKS):
                     # The attention backward as one kernel where every key fits one block
                     # (attention.VARIANTS["dq"] "fused"; BERT's L128): one launch a layer instead
@@ -289,6 +302,9 @@ class ModelCase(Case):
                     model = make()
                     if graphed == "runner":
                         fn = self._graph_runner(model, inputs)
+                    elif graphed == "train-step":
+                        fn = self._train_step(model, inputs)
+                        details[name] = {"replays_own_graph": True}
                     else:
                         fn = _graphed(runnable(model)) if graphed else runnable(model)
                     out = fn()
@@ -303,7 +319,8 @@ class ModelCase(Case):
                 continue
             results[name] = checks
             # Building and first call: a torch.compile or CUDA-graph capture costs its time here.
-            details[name] = {"backends": ran, "first_call_seconds": time.perf_counter() - started}
+            details[name] = {**details.get(name, {}), "backends": ran,
+                             "first_call_seconds": time.perf_counter() - started}
             warning = op_trace.summary(ran, fused=name.startswith("fuseformer-fused"))
             if warning:
                 details[name]["backend_warning"] = warning
