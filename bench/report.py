@@ -311,8 +311,8 @@ def overhead_lines(doc: dict) -> list[str]:
     train = group.get("bert_base_train_step")
     if train:
         lines += ["", f"BERT-base eager training step (B1 L16), host µs until it returns: fused (auto) "
-                      f"{train['fused_us']:.0f}, its backward on the calling thread {train['fused_calling_thread_us']:.0f}, "
-                      f"torch backend {train['torch_us']:.0f}."]
+                      f"{train['fused_us']:.0f}, its backward on the calling thread "
+                      f"{train['fused_calling_thread_us']:.0f}, torch backend {train['torch_us']:.0f}."]
     floor = group.get("launch_floor")
     if floor:
         lines += ["", f"add_layer_norm: ours {floor['ours_us']:.1f} µs"

@@ -243,7 +243,8 @@ def backward(dy, dstream, stream, weight, bias, mean, rstd, dropout_p, seed, has
     groups = len(dtypes)
     part = None
     if groups:  # the chunked kernel adds into its partial rows: they start at zero
-        alloc = new_output if single else (lambda shape, dtype, device: torch.zeros(size=shape, dtype=dtype, device=device))
+        alloc = new_output if single else (
+            lambda shape, dtype, device: torch.zeros(size=shape, dtype=dtype, device=device))
         part = alloc((programs, groups, N), torch.float32, dy.device)
     dropout = dropout_p > 0.0
     pointers = (

@@ -39,6 +39,7 @@ __all__ = [
     "GPT2Config", "GPT2Model", "GPT2LMHeadModel",
     "AlbertConfig", "AlbertModel", "AlbertForPreTraining", "AlbertForMaskedLM", "AlbertForSequenceClassification",
     "patch_hf", "unpatch", "MultiHeadSelfAttention", "AddLayerNorm", "FeedForward", "TransformerBlock",
-    "CheckpointMismatchError", "CheckpointWarning", "CUDAGraphRunner", "CUDAGraphTrainStep", "StaticKVCache", "pretraining",
+    "CheckpointMismatchError", "CheckpointWarning", "CUDAGraphRunner", "CUDAGraphTrainStep", "StaticKVCache",
+    "pretraining",
     "cpu_speed_case",
 ]

@@ -84,7 +84,8 @@ def _check_inputs(inputs: dict, names: tuple[str, ...]) -> torch.Tensor:
                          "(pass input_names= to the runner, or call the model itself)")
     input_ids = inputs["input_ids"]
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be a (batch, seq_len) tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+        raise ValueError(f"input_ids must be a (batch, seq_len) tensor, "
+                         f"got {getattr(input_ids, 'shape', type(input_ids))}")
     for name, value in inputs.items():
         if value is not None and (not isinstance(value, torch.Tensor) or value.shape != input_ids.shape):
             raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, "

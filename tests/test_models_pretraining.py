@@ -148,11 +148,12 @@ def _mlm_models():
 
     bert = M.BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=32)
-    albert = M.AlbertConfig(vocab_size=61, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    albert = M.AlbertConfig(vocab_size=61, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                             classifier_dropout_prob=0.0, max_position_embeddings=32)
     return {"BertForMaskedLM": (M.BertForMaskedLM, bert), "BertForPreTraining": (M.BertForPreTraining, bert),
-            "AlbertForMaskedLM": (M.AlbertForMaskedLM, albert), "AlbertForPreTraining": (M.AlbertForPreTraining, albert)}
+            "AlbertForMaskedLM": (M.AlbertForMaskedLM, albert),
+            "AlbertForPreTraining": (M.AlbertForPreTraining, albert)}
 
 
 @pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), ("triton", torch.float32)])
