@@ -1,9 +1,10 @@
 """Hopper (sm_90) backward kernels of flash attention: the FA2 structure with TMA tiles.
 
 Used with the Hopper forward (attention_hopper.py, same switch and the same cases: fp16/bf16,
-no dropout, no dense mask, 16-byte aligned tensors) up to head dim 128 (MAX_BLOCK_D);
-delta = rowsum(dO * O) comes from the portable preprocess kernel. Two passes, nothing
-recomputed beyond what FlashAttention does:
+no dropout, no dense mask, 16-byte aligned tensors) up to head dim 128 (MAX_BLOCK_D). Two
+passes, nothing recomputed beyond what FlashAttention does; delta = rowsum(dO * O) is made by
+the dQ pass, which runs first and stores it for the dK/dV pass (with atomic dQ, by the
+portable preprocess kernel):
 - dK/dV: one program per key block of one key/value head; it walks every query tile of every
   query head of its GQA group, recomputing P^T (key-major, see _dkdv_tiles) from the saved
   log-sum-exp, and sums dK and dV in registers (no atomics).
@@ -28,7 +29,7 @@ import triton.language as tl
 from ._util import ensure_tma_allocator, launch_tuned, tuned_config
 from .launch import launch as launch_plain
 from .attention_hopper import _seq_desc, _store_tile, _tile, boxes_for, set_boxes
-from .attention_bwd_kernels import _add_dq, _walk_turn
+from .attention_bwd_kernels import _add_dq, _row_delta, _walk_turn
 from .attention_kernels import _flat_pid, _key_range, _prune, _scores, _seq_bounds
 from .backends import interpreting
 from .precompile import autotune
@@ -231,12 +232,16 @@ def _dq_tiles(
 @triton.jit
 def _attn_bwd_dq_hopper(
     Q, K, V, DO, DQ,  # with HOST_DESC: 4-D host TensorDescriptors
-    LSE, DELTA, MASK, CU_Q, CU_K,
+    LSE,
+    DELTA,  # written here: rowsum(dO * O) of this program's rows, for the dK/dV pass after it
+    MASK, CU_Q, CU_K,
+    O,  # the forward's output (a tensor: read once, by pointer, for delta)
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
+    stride_ob, stride_oh, stride_om,
     stride_lb, stride_lh,
     stride_mb, stride_mn,
     H, GROUP, LQ, LK, TUNE_BUCKET,
@@ -283,7 +288,13 @@ def _attn_bwd_dq_hopper(
     row_ok = rows < q_len
     lse_off = b64 * stride_lb + h64 * stride_lh + q0 + rows
     lse2 = tl.load(LSE + lse_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
+    # The preprocess's delta, made here (this pass runs first): this program is the only one
+    # of the pass on these rows and holds their dO already, so one launch and one read of dO
+    # fewer than a preprocess (the portable dQ pass does the same).
+    d = tl.arange(0, BLOCK_D)
+    qd_mask = row_ok[:, None] & (d < HEAD_D)[None, :]
+    delta = _row_delta(O + b64 * stride_ob + h64 * stride_oh, (q0 + rows).to(tl.int64), stride_om, d, qd_mask, do)
+    tl.store(DELTA + lse_off, delta, mask=row_ok)
     mask_row = MASK + b64 * stride_mb
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -382,13 +393,14 @@ _DQ_DESCS = ("Q", "K", "V", "DO", "DQ")
 
 
 def launch(which: str, grid, args, kwargs, key, autotune: bool) -> None:
-    """One pass, `which` "dkdv" or "dq" (the launcher has run the preprocess, and runs the
-    dK/dV pass first): autotuned once per key, or with the default config (the interpreter,
-    FUSEFORMER_AUTOTUNE=0). One pass a call, so that each is a launch site of its own for the
-    launcher's plans. With host descriptors (kwargs["HOST_DESC"]) the two passes share them:
-    each launch fits their boxes to its own config first (the launcher encodes the TMA maps at
-    launch, so the refit between the passes leaves the first alone). With kwargs["ATOMIC_DQ"]
-    the dK/dV pass also sums dQ into its DQ_ACC argument and there is no dQ pass."""
+    """One pass, `which` "dkdv" or "dq" (the launcher runs the dQ pass first, which makes
+    delta; with atomic dQ, the preprocess): autotuned once per key, or with the default config
+    (the interpreter, FUSEFORMER_AUTOTUNE=0). One pass a call, so that each is a launch site of
+    its own for the launcher's plans. With host descriptors (kwargs["HOST_DESC"]) the two passes
+    share them: each launch fits their boxes to its own config first (the launcher encodes the
+    TMA maps at launch, so the refit between the passes leaves the first alone). With
+    kwargs["ATOMIC_DQ"] the dK/dV pass also sums dQ into its DQ_ACC argument and there is no dQ
+    pass."""
     q = args[0]
     host = kwargs["HOST_DESC"]
     base = q.base if host else q

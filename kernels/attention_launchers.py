@@ -106,9 +106,9 @@ def set_autotune(enabled: bool) -> None:
 #     B32 H12 L128 (the dQ pass one per query block, dK/dV one per (batch, head) and key
 #     block). Elsewhere (longer keys, wider heads, the Hopper kernels) as "pass". Written
 #     without a GPU: opt-in until a GPU run measures it (fuseformer-triton-fused-dq).
-#     In "pass" the portable dQ pass runs first and makes delta as it goes (its programs load
-#     their rows' dO anyway; delta is stored for the dK/dV pass): no preprocess kernel. The
-#     Hopper kernels and "atomic" (no dQ pass) keep the preprocess.
+#     In "pass" the dQ pass (portable or Hopper) runs first and makes delta as it goes (its
+#     programs load their rows' dO anyway; delta is stored for the dK/dV pass): no preprocess
+#     kernel. "atomic" (no dQ pass) keeps the preprocess.
 # descriptors (FUSEFORMER_HOPPER_DESCRIPTORS): where the Hopper kernels make their TMA
 #     descriptors, "auto" (on the host, as "host"; packed varlen sequences on the device),
 #     "device" or "host" (attention_hopper.DESCRIPTOR_PLACES says why).
@@ -349,12 +349,13 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
               and flags["BLOCK_D"] <= _hopper_bwd.MAX_BLOCK_D
               and _hopper_reason(q, k, v, dout, mask, dropout_p, dq, dk, dv) is None)
     one_pass = 0 if hopper else one_pass_keys(lk, flags["BLOCK_D"])
-    atomic = not (hopper or one_pass) and atomic_dq("portable", flags["BLOCK_D"])
-    # delta = rowsum(dO * O), by whoever reads dO first: the preprocess kernel before the Hopper
-    # passes and the atomic dK/dV pass; the portable dQ pass, which runs before its dK/dV pass
-    # and stores it for it; the one-kernel backward inline (lse stands in, never read).
+    atomic = atomic_dq("hopper", flags["BLOCK_D"]) if hopper else (
+        not one_pass and atomic_dq("portable", flags["BLOCK_D"]))
+    # delta = rowsum(dO * O), by whoever reads dO first: the dQ pass (portable or Hopper), which
+    # runs before its dK/dV pass and stores it for it; the preprocess kernel before an atomic
+    # dK/dV pass (no dQ pass); the one-kernel backward inline (lse stands in, never read).
     delta = lse if one_pass else new_output_like(lse)
-    if hopper or atomic:
+    if atomic:
         # Each site's full launch is a function: with a plan, its ~40 arguments are never built.
         _bwd_plans.launch(plan and (plan, "preprocess"),
                           ((attn_bwd_preprocess, (out, dout, delta, cu_q_arg, cu_k_arg)),), lambda: launch(
@@ -365,8 +366,8 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
                               HEAD_D=flags["HEAD_D"], BLOCK_D=flags["BLOCK_D"], VARLEN=varlen, BLOCK_M=64,
                           ))
     if hopper:
-        _launch_bwd_hopper(dout, q, k, v, lse, delta, dq, dk, dv, mask, is_causal, scale, nbatch, lq, lk,
-                           cu_q_arg, cu_k_arg, lse_s, flags, varlen, plan)
+        _launch_bwd_hopper(dout, q, k, v, out, lse, delta, dq, dk, dv, mask, is_causal, scale, nbatch, lq, lk,
+                           cu_q_arg, cu_k_arg, lse_s, flags, varlen, atomic, plan)
         return
     seed_arg = seed if dropout_p > 0.0 else q
     dq_acc, acc_arg, acc_s = _dq_accumulator(q, atomic, lse, varlen)
@@ -421,14 +422,14 @@ def _launch_bwd(dout, q, k, v, out, lse, dq, dk, dv, mask, is_causal, scale, dro
         dq.copy_(dq_acc)
 
 
-def _launch_bwd_hopper(dout, q, k, v, lse, delta, dq, dk, dv, mask, is_causal, scale, nbatch, lq, lk,
-                       cu_q_arg, cu_k_arg, lse_s, flags, varlen, plan):
-    """The Hopper backward's dK/dV pass, then its dQ pass unless the first made dQ by atomics
-    (_launch_bwd has run the preprocess into `delta`), each a site of _bwd_plans as the
-    portable passes are. With host descriptors a plan makes new ones over each call's tensors
-    (launch.DescriptorBound); without a plan they are made here, once for both passes."""
+def _launch_bwd_hopper(dout, q, k, v, out, lse, delta, dq, dk, dv, mask, is_causal, scale, nbatch, lq, lk,
+                       cu_q_arg, cu_k_arg, lse_s, flags, varlen, atomic, plan):
+    """The Hopper backward: its dQ pass, which makes `delta` for the dK/dV pass after it; or
+    with `atomic` the dK/dV pass alone, which makes dQ by atomics (_launch_bwd has run the
+    preprocess into `delta`). Each a site of _bwd_plans as the portable passes are. With host
+    descriptors a plan makes new ones over each call's tensors (launch.DescriptorBound);
+    without a plan they are made here, once for both passes."""
     H, Hk = q.shape[1], k.shape[1]
-    atomic = atomic_dq("hopper", flags["BLOCK_D"])
     dq_acc, acc_arg, acc_s = _dq_accumulator(q, atomic, lse, varlen)
     m = _mask_tensor(mask, q)
     autotune = AUTOTUNE and not interpreting()
@@ -464,18 +465,18 @@ def _launch_bwd_hopper(dout, q, k, v, lse, delta, dq, dk, dv, mask, is_causal, s
     def dq_pass():
         tensors, dq_, strides, tail, kwargs, key = shared()
         _hopper_bwd.launch("dq", lambda meta: (cdiv(lq, meta["BLOCK_M"]) * nbatch * H,),
-                           (*tensors[:4], dq_, lse, delta, m, cu_q_arg, cu_k_arg, *strides, *_strides(dq, varlen),
-                            *lse_s, *tail), kwargs, key, autotune)
+                           (*tensors[:4], dq_, lse, delta, m, cu_q_arg, cu_k_arg, out, *strides,
+                            *_strides(dq, varlen), *_strides(out, varlen), *lse_s, *tail), kwargs, key, autotune)
 
+    if not atomic:  # the dQ pass first: it makes delta for the dK/dV pass
+        _bwd_plans.launch(plan and (plan, "hopper_dq"),
+                          ((_hopper_bwd.attn_bwd_dq_hopper, (q, k, v, dout, dq, lse, delta, m, cu_q_arg, cu_k_arg,
+                                                             out)),), dq_pass)
     _bwd_plans.launch(plan and (plan, "hopper_dkdv"),
                       ((_hopper_bwd.attn_bwd_dkdv_hopper, (q, k, v, dout, dk, dv, lse, delta, m, cu_q_arg, cu_k_arg,
                                                            acc_arg)),), dkdv)
     if atomic:
         dq.copy_(dq_acc)
-        return
-    _bwd_plans.launch(plan and (plan, "hopper_dq"),
-                      ((_hopper_bwd.attn_bwd_dq_hopper, (q, k, v, dout, dq, lse, delta, m, cu_q_arg, cu_k_arg)),),
-                      dq_pass)
 
 
 def _out_like(q):

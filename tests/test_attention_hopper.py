@@ -53,7 +53,7 @@ def launches(monkeypatch, request):
 
     def recording_bwd(which, *args):
         backward_passes.append(which)
-        if which == "dkdv":  # the pass every Hopper backward starts with: one entry a backward
+        if which == "dkdv":  # the pass every Hopper backward runs (after its dQ pass): one entry a backward
             backward_launches.append(args[-3])
         return launch_bwd(which, *args)
 
@@ -107,7 +107,7 @@ def test_parity(launches, dtype, B, H, Lq, Lk, D, causal, mask):
     # Atomic dQ up to head dim 64 (BLOCK_D <= MAX_ATOMIC_BLOCK_D); above, dQ's own pass.
     atomic = A.VARIANT["dq"] == "atomic" and D <= HKB.MAX_ATOMIC_BLOCK_D
     assert backward_launches[0]["ATOMIC_DQ"] == atomic
-    assert backward_passes == (["dkdv"] if atomic else ["dkdv", "dq"])
+    assert backward_passes == (["dkdv"] if atomic else ["dq", "dkdv"])  # the dQ pass makes delta first
 
 
 @pytest.mark.parametrize("scale,mask", [(-0.4, None), (0.0, "key_padding"), (-0.2, "holes")])
@@ -223,7 +223,7 @@ def test_auto_takes_the_hopper_backward_only_where_it_was_measured_faster(launch
     monkeypatch.setattr(AL, "_hopper_backward_measured_faster", lambda head_dim, lk, is_causal: True)
     backward_passes.clear()
     check_sdpa(q, k, v, dtype=torch.float16)
-    assert launches == [] and backward_passes == ["dkdv", "dq"]  # the portable forward, the Hopper backward
+    assert launches == [] and backward_passes == ["dq", "dkdv"]  # the portable forward, the Hopper backward
     assert [kw["HOST_DESC"] for kw in backward_launches] == [A.VARIANT["descriptors"] != "device"]
 
 
@@ -245,7 +245,7 @@ def test_auto_descriptors_are_made_on_the_host_but_for_varlen(varlen, launches, 
         q, k, v = _qkv(2, 2, 33, 40, 64)
         check_sdpa(q, k, v, causal=True, dtype=torch.float16)
     assert [kw["HOST_DESC"] for kw in launches] == [not varlen]
-    assert [kw["HOST_DESC"] for kw in backward_launches] == [not varlen] and backward_passes == ["dkdv", "dq"]
+    assert [kw["HOST_DESC"] for kw in backward_launches] == [not varlen] and backward_passes == ["dq", "dkdv"]
 
 
 def test_head_dim_above_128_runs_the_portable_backward(launches):

@@ -54,15 +54,15 @@ TUNED = {
 PLAN_LAUNCHES = {
     "linear_gelu_portable": 2, "linear_gelu_tma": 1, "add_layer_norm": 3, "cross_entropy": 8,
     "attention_portable": 3, "attention_portable_atomic_dq": 3, "attention_portable_default_config": 3,
-    "attention_portable_dropout": 3, "attention_hopper": 4, "attention_hopper_host": 4,
-    "attention_hopper_auto_descriptors": 4,
-    "attention_hopper_atomic_dq": 3, "attention_hopper_default_config": 4, "varlen_portable": 3, "varlen_hopper": 4,
-    # A forward and three backwards (new gradients, into views, new again) a run, 10 launches
-    # (Hopper; 7 portable): the second run (fast path) re-launches all nine (six) backward
-    # launches through the plans the first run bound, the third all ten (seven). A plan keyed
+    "attention_portable_dropout": 3, "attention_hopper": 3, "attention_hopper_host": 3,
+    "attention_hopper_auto_descriptors": 3,
+    "attention_hopper_atomic_dq": 3, "attention_hopper_default_config": 3, "varlen_portable": 3, "varlen_hopper": 3,
+    # A forward and three backwards (new gradients, into views, new again) a run, 7 launches
+    # (the dQ pass and the dK/dV pass each): the second run (fast path) re-launches all six
+    # backward launches through the plans the first run bound, the third all seven. A plan keyed
     # without the gradients' strides would hand the views' call the new tensors' strides:
     # same_launch_args catches it.
-    "attention_portable_grads_into": 13, "attention_hopper_grads_into": 19,
+    "attention_portable_grads_into": 13, "attention_hopper_grads_into": 13,
     # The one-kernel backward: a forward and one backward launch a run; grads-into as above with
     # one backward launch each: 3 + 4.
     "attention_portable_fused_dq": 2, "attention_portable_fused_dq_grads_into": 7,
@@ -102,7 +102,7 @@ def test_every_launcher_through_tritons_jit_path_offline():
     # The grads-into cases reach no autotuner (their keys were tuned before): their kernels.
     assert rows["attention_portable_grads_into"]["kernels"] == ["_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd"]
     assert rows["attention_hopper_grads_into"]["kernels"] == [
-        "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper", "_attn_bwd_preprocess", "_attn_fwd_hopper"]
+        "_attn_bwd_dkdv_hopper", "_attn_bwd_dq_hopper", "_attn_fwd_hopper"]  # no preprocess: the dQ pass makes delta
     # The one-kernel backward launches neither the preprocess nor a dQ pass.
     for name in ("attention_portable_fused_dq", "attention_portable_fused_dq_grads_into"):
         assert rows[name]["kernels"] == ["_attn_bwd_dkdv", "_attn_fwd"], name

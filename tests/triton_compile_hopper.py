@@ -26,6 +26,7 @@ def add_jobs(jobs: list, _add, _attn_args, _pick, Desc) -> None:
         v, cx = _attn_args(dt, D, **kw)
         cx["CAUSAL"] = causal
         cx["HOST_DESC"] = host
+        o_pointer = v.get("O")
         if host:  # 4-D host descriptors, boxed by BLOCK_M (query side) or BLOCK_N (key side)
             v.update({n: Desc(dt, "BLOCK_M") for n in ah._QUERY_ROWS})
             v.update({n: Desc(dt, "BLOCK_N") for n in ah._KEY_ROWS})
@@ -44,7 +45,9 @@ def add_jobs(jobs: list, _add, _attn_args, _pick, Desc) -> None:
                 if not chosen:
                     continue
             names = set(plain.arg_names)
-            vv, cc = _pick(v, names), _pick({**cx, "ATOMIC_DQ": atomic}, names)
+            # The dQ pass reads O by pointer (for delta) whatever the descriptors' place.
+            vv, cc = _pick({**v, "O": o_pointer} if name == "attn_bwd_dq_hopper" else v, names), \
+                _pick({**cx, "ATOMIC_DQ": atomic}, names)
             if configs:
                 _add(jobs, name, tuned, 90, case, vv, cc, configs=configs)
                 continue
