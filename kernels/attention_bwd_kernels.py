@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_kernels import (_BWD_GPU, _ONE_PASS_GPU, _dot, _flat_pid, _keep, _key_range, _scores, _seq_bounds,
+from .attention_kernels import (_BWD_GPU, _ONE_PASS_GPU, _dot, _keep, _key_range, _program_bounds, _scores,
                                 _tuned)
 
 @triton.jit
@@ -51,10 +51,7 @@ def _attn_bwd_preprocess(
     VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    start_m, bh = _flat_pid(LQ, BLOCK_M)
-    b = bh // H
-    h = bh % H
-    q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, LQ, LQ, VARLEN)
+    start_m, b, h, q0, q_len, k0, k_len = _program_bounds(CU_Q, CU_K, H, LQ, LQ, LQ, VARLEN, BLOCK_M)
     if start_m >= q_len:
         return
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -107,11 +104,7 @@ def _attn_bwd_dkdv(
     # With ONE_PASS its block holds every key, so dS K of a query tile is that tile's whole
     # dQ: it stores dQ itself and takes delta = rowsum(dO * O) from the tiles it loads, and
     # the backward is this one kernel (no preprocess, no dQ pass recomputing S and dP).
-    start_n, bhk = _flat_pid(LK, BLOCK_N)
-    HK = H // GROUP
-    b = bhk // HK
-    hk = bhk % HK
-    q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN)
+    start_n, b, hk, q0, q_len, k0, k_len = _program_bounds(CU_Q, CU_K, H // GROUP, LQ, LK, LK, VARLEN, BLOCK_N)
     if not ONE_PASS:
         # (ONE_PASS: dQ is this program's to write even for a sequence without keys: zeros.)
         if start_n >= k_len:
@@ -239,10 +232,7 @@ def _attn_bwd_dq(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    start_m, bh = _flat_pid(LQ, BLOCK_M)
-    b = bh // H
-    h = bh % H
-    q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN)
+    start_m, b, h, q0, q_len, k0, k_len = _program_bounds(CU_Q, CU_K, H, LQ, LK, LQ, VARLEN, BLOCK_M)
     if start_m >= q_len:
         return
 
@@ -296,7 +286,7 @@ def _attn_bwd_dq(
         p = tl.exp2(s * to_scale - lse2[:, None])
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), EXACT_FP32)
         if DROPOUT:
-            keep = _keep(seed, bh, rows, start_n, LQ, LK, dropout_p, BLOCK_M, BLOCK_N)
+            keep = _keep(seed, b * H + h, rows, start_n, LQ, LK, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, EXACT_FP32)

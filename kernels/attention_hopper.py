@@ -56,7 +56,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._util import ensure_tma_allocator, launch_tuned, sm_count, tuned_config
 from .launch import launch as launch_plain, new_descriptor
-from .attention_kernels import _flat_pid, _key_range, _prune, _scores, _seq_bounds
+from .attention_kernels import _key_range, _program_bounds, _prune, _scores
 from .backends import interpreting
 from .precompile import autotune
 
@@ -222,13 +222,10 @@ def _attn_fwd_hopper(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    start_m, bh = _flat_pid(LQ, BLOCK_M)
+    start_m, b, h, q0, q_len, k0, k_len = _program_bounds(CU_Q, CU_K, H, LQ, LK, LQ, VARLEN, BLOCK_M)
     if CAUSAL:
         # Longest first: with causal masking the last query block has the most key tiles.
         start_m = (tl.cdiv(LQ, BLOCK_M) - 1) * BLOCK_M - start_m
-    b = bh // H
-    h = bh % H
-    q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN)
     if start_m >= q_len:
         return
     b64 = b.to(tl.int64)

@@ -30,7 +30,7 @@ from ._util import ensure_tma_allocator, launch_tuned, tuned_config
 from .launch import launch as launch_plain
 from .attention_hopper import _seq_desc, _store_tile, _tile, boxes_for, set_boxes
 from .attention_bwd_kernels import _add_dq, _row_delta, _walk_turn
-from .attention_kernels import _flat_pid, _key_range, _prune, _scores, _seq_bounds
+from .attention_kernels import _key_range, _program_bounds, _prune, _scores
 from .backends import interpreting
 from .precompile import autotune
 
@@ -132,11 +132,7 @@ def _attn_bwd_dkdv_hopper(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    start_n, bhk = _flat_pid(LK, BLOCK_N)
-    HK = H // GROUP
-    b = bhk // HK
-    hk = bhk % HK
-    q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN)
+    start_n, b, hk, q0, q_len, k0, k_len = _program_bounds(CU_Q, CU_K, H // GROUP, LQ, LK, LK, VARLEN, BLOCK_N)
     if start_n >= k_len:
         return
     b64 = b.to(tl.int64)
@@ -257,12 +253,9 @@ def _attn_bwd_dq_hopper(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    start_m, bh = _flat_pid(LQ, BLOCK_M)
+    start_m, b, h, q0, q_len, k0, k_len = _program_bounds(CU_Q, CU_K, H, LQ, LK, LQ, VARLEN, BLOCK_M)
     if CAUSAL:
         start_m = (tl.cdiv(LQ, BLOCK_M) - 1) * BLOCK_M - start_m  # longest first
-    b = bh // H
-    h = bh % H
-    q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN)
     if start_m >= q_len:
         return
     b64 = b.to(tl.int64)

@@ -90,6 +90,17 @@ def _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN: tl.constexpr):
     return q0, q_len, k0, k_len
 
 
+
+@triton.jit
+def _program_bounds(CU_Q, CU_K, HEADS, LQ, LK, L, VARLEN: tl.constexpr, BLOCK: tl.constexpr):
+    """(block start, batch, head, q0, q_len, k0, k_len) of this program on a _flat_pid grid
+    over L (LQ for query blocks, LK for key blocks) in blocks of BLOCK, HEADS heads a batch
+    entry (query heads, or key/value heads on a key-block grid), and its sequence's bounds."""
+    start, bh = _flat_pid(L, BLOCK)
+    b = bh // HEADS
+    q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN)
+    return start, b, bh % HEADS, q0, q_len, k0, k_len
+
 @triton.jit
 def _key_range(mask_row, stride_mn, k_len, MASK_FLOAT: tl.constexpr, BLOCK_N: tl.constexpr):
     """[lo, hi) covering every attended key of a key-padding row, lo a multiple of BLOCK_N.
@@ -249,10 +260,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    start_m, bh = _flat_pid(LQ, BLOCK_M)
-    b = bh // H
-    h = bh % H
-    q0, q_len, k0, k_len = _seq_bounds(CU_Q, CU_K, b, LQ, LK, VARLEN)
+    start_m, b, h, q0, q_len, k0, k_len = _program_bounds(CU_Q, CU_K, H, LQ, LK, LQ, VARLEN, BLOCK_M)
     if start_m >= q_len:
         return
 
@@ -293,6 +301,7 @@ def _attn_fwd(
     else:
         mid = hi
     mid = tl.maximum((mid // BLOCK_N) * BLOCK_N, lo)
+    bh = b * H + h  # the dropout stream's (batch, head) index (_keep)
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mask_base, stride_mm, stride_mn,
         seed, bh, rows, row_ok, d, d_ok, k_len, LQ, LK, qk_scale, dropout_p, lo, mid,
