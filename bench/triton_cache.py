@@ -262,8 +262,9 @@ def run_model_case(case, tally: Tally) -> None:
     variants = [{}]
     if case.family == "bert" and case.pad and not train:
         variants.append({"unpad": True})  # the bench's fuseformer-fused-unpad
-    if mlm_rows_bound(case, inputs):
-        variants.append({"max_predictions_per_seq": mlm_rows_bound(case, inputs)})  # fuseformer-fused-mlm-rows
+    bound = mlm_rows_bound(case, inputs)
+    if bound:
+        variants.append({"max_predictions_per_seq": bound})  # fuseformer-fused-mlm-rows
     for kwargs in variants:
 
         def call(kwargs=kwargs):
