@@ -267,8 +267,16 @@ tests)
     # The gpu-marked tests of the Triton kernels and models (bf16, large shapes, graphs, no
     # host sync) first, while csrc/ builds, and before those of csrc/, each group in its own
     # box: the csrc/ group is ten times larger and must not starve the first.
+    # Files in GPU_TESTS_FIRST (default: those whose code changed since the last GPU run) are
+    # collected, and so handed to the workers, first: a box cut short has run them.
+    local first=${GPU_TESTS_FIRST:-"tests/test_attention_hopper.py tests/test_models_graphs.py tests/test_models_api.py tests/test_fused_block.py tests/test_attention.py"}
+    local files=$first f
+    for f in tests/test_*.py; do
+        case " $first tests/test_cuda_backend.py tests/test_cuda_gemm.py " in *" $f "*) ;; *) files="$files $f" ;; esac
+    done
+    # shellcheck disable=SC2086
     timed pytest-gpu timeout -s INT -k 10 "$(box "${GPU_TESTS_TIMEOUT:-200}")" python3 -m pytest -m gpu -q -rfE -n 4 --durations=10 \
-        --ignore=tests/test_cuda_backend.py --ignore=tests/test_cuda_gemm.py --junitxml="$OUT/pytest_gpu.xml" \
+        $files --junitxml="$OUT/pytest_gpu.xml" \
         >"$OUT/pytest_gpu.txt" 2>&1
     cuda_build_wait
     # test_compile.py failed on an earlier GPU run with its traceback lost: full tracebacks, in
