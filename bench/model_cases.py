@@ -262,7 +262,7 @@ class ModelCase(Case):
                 # The backward on the calling thread instead of autograd's CUDA device thread:
                 # on the H200 (2026-11-27) add+LN's eager fwd+bwd took 558 us of host time
                 # through the engine's thread and 329 without it, where a bare Python Function
-                # differs by 53 (bench/results/h200/profile_calls.txt). Our blocks' backward
+                # differs by 53 (bench/results/h200/2026-11-27-a3eeca9/profile_calls.txt). Our blocks' backward
                 # nodes are Python; if the step is much faster here, that thread is the cost.
                 variants["fuseformer-fused-calling-thread"] = (OURS, fused, False)
                 contexts["fuseformer-fused-calling-thread"] = lambda: torch.autograd.set_multithreading_enabled(False)

@@ -423,7 +423,7 @@ def _bert_train_nodes_us(repeats: int) -> dict:
     taking turns. The linear layers and the GEMMs of the blocks' backward return empty
     outputs (bench/offline.py's empty_linears). What a GPU's eager step waits on beyond the
     kernels: the H200's BERT-base B32 L128 step took 30.2 ms eagerly and 7.6 ms in a CUDA
-    graph (bench/results/h200, a3eeca9), and the blocks' nodes hold the Python of all but the
+    graph (bench/results/h200/2026-11-27-a3eeca9/), and the blocks' nodes hold the Python of all but the
     embeddings, the head and autograd's own."""
     from fuseformer.models import fused_block
 

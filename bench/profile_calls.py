@@ -370,7 +370,7 @@ def _profile_launcher_pointers(iters: int) -> None:
 
 
 def profile_attention_descriptors(B: int, H: int, L: int, D: int, iters: int) -> None:
-    """The question the H200 run of 2026-11-27 left open (bench/results/h200/README.md): the
+    """The question the H200 run of 2026-11-27 left open (bench/results/h200/2026-11-27-5e53e2b/README.md): the
     Hopper attention with host TMA descriptors ran faster than with device ones in CUDA graphs,
     yet eagerly its calls took up to 0.56 ms more than their graph replays (device
     descriptors: under 0.01 ms). This CPU, through the same Python path with a stand-in

@@ -36,8 +36,13 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 # do_bench budgets (ms of warm-up, ms of timed calls). Short: a sub-millisecond kernel still
 # gets hundreds of timed calls in 40 ms; MIN_RUNS below keeps slow ones from getting two.
+# MIN_RUNS decides the models suite's eager figures (a 30 ms training step gets no more). On
+# the H200 of 2026-11-28 (bench/results/h200/), 3-6 runs of a host-bound step put one
+# implementation up to 65% apart between two runs (HF sdpa's BERT step 20.8 -> 34.4 ms), and
+# one step's p20-p80 spanned 20.6-32.8 ms. 15 runs cost ~0.3 s more per implementation of a
+# model case, ~25 s for the quick suite's 7 cases.
 BUDGET_MS = {True: (5, 20), False: (10, 40)}
-MIN_RUNS = {True: 5, False: 10}
+MIN_RUNS = {True: 15, False: 30}
 
 
 def time_gpu(fn: Callable[[], Any], quick: bool) -> Timing:

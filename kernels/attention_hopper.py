@@ -380,7 +380,7 @@ def unsupported_reason(q, k, v, out, mask_kind: str, dropout_p: float, *more) ->
 
 # Where the Hopper kernels' tensor descriptors are made (forward, and both backward passes):
 # "auto" (the default): on the host, as "host", by the H200 runs of 2026-11-27
-#     (bench/results/h200/ and its 2026-11-27-5e53e2b/):
+#     (bench/results/h200/2026-11-27-a3eeca9/ and 2026-11-27-5e53e2b/):
 #     - forward: host descriptors were faster on the device in 12 of 15 cases (CUDA-graph
 #       geomean 1.15x over device ones; d128 L4096 0.491 against 0.512 ms, GQA d128 causal L2048
 #       0.308 against 0.365), and eagerly in every case where kernel="auto" takes the Hopper

@@ -67,7 +67,7 @@ def set_autotune(enabled: bool) -> None:
 #     against 0.408, d128 0.495 against 0.589, L16384 2.353 against 2.625); head dim 128 from
 #     1024 keys without causal (0.156 against 0.186) and from 2048 with it (GQA 32/8: 0.312
 #     against 0.387). Head dim 64 from 1024 keys, causal or not, by the evening's run
-#     (bench/results/h200/, a3eeca9, where the fast launch's plans took host descriptors):
+#     (bench/results/h200/2026-11-27-a3eeca9/, where the fast launch's plans took host descriptors):
 #     0.179 against 0.191 at 1024 keys, 0.320 against 0.346 at 2048, causal 0.122 against
 #     0.132 and 0.198 against 0.221 (the morning's run, through Triton's own launch path for
 #     host descriptors, had the causal ones the other way round, 0.333 against 0.220 at 2048).

@@ -19,7 +19,8 @@ BERT step's loss was 0.029 off float64 on the H200, ours 0.0002). At BERT's B32 
 30522 logits, 250 MB in bf16) that moved ~5 GB a training step by our count, through the
 upcast, log_softmax, its backward and the downcast of the gradient; these kernels read the
 logits twice and write their gradient once (kernels/cross_entropy_kernels.py has the maths),
-at fp32 accuracy. Unmeasured on a GPU yet (the ops suite's cross_entropy cases time it).
+at fp32 accuracy. On the H200 (bench/results/h200/, forward+backward, device time): BERT's MLM
+case 0.119 ms against torch.compile's 0.351, GPT-2's LM case (4096 x 50257) 0.435 against 0.703.
 
 Launcher contract (logits2d (M, V) with any strides, labels1d (M,)):
     forward(logits2d, labels1d, ignore_index, reduction, classes) -> (loss, aux)

@@ -44,7 +44,7 @@ Linear+GELU forward, chosen at import by FUSEFORMER_CUDA_LINEAR_GELU (or
            multiples of 8 and 16-byte aligned data; other cases, or a failed build (one warning),
            keep the cublaslt path. H100, bf16, 16384x768x3072: erf 0.185 ms against cublaslt's
            0.258 (GEMM, then gelu.cu), tanh 0.166 against cuBLASLt's epilogue 0.136, erf
-           forward+backward 0.627 against 0.686. H200 (bench/results/h200/): erf 0.1711 against
+           forward+backward 0.627 against 0.686. H200 (bench/results/h200/2026-11-27-5e53e2b/): erf 0.1711 against
            0.2501 at 768 -> 3072 and 0.3008 against 0.3731 at 1024 -> 4096, erf forward+backward
            0.598 against 0.754; tanh 0.1712 against the epilogue's 0.1332. Hence `auto`. Its
            module is a second build (one to three minutes of nvcc the first time on a machine):
@@ -63,7 +63,7 @@ backend and naming it explicitly raises BackendUnsupportedError with the reason)
                   epilogue, erf GELU as GEMM + bias and a fused elementwise kernel.
 
 STATUS: run on an H100 on 2026-11-26 (bench/results/h100/) and an H200 on 2026-11-27
-(bench/results/h200/): every op passed parity in the benchmark, and on the H200 all 435 csrc/
+(bench/results/h200/2026-11-27-5e53e2b/ and bench/results/h200/2026-11-27-a3eeca9/): every op passed parity in the benchmark, and on the H200 all 435 csrc/
 gpu tests passed (the argument checks that crashed on the H100 included); compute-sanitizer has
 not reached these kernels yet. `auto` takes the cuda backend only where those results show it
 faster than triton and only once the module is loaded (it never builds it): attention
@@ -528,7 +528,7 @@ def _loaded_on_hopper(device) -> str | None:
 def _add_layer_norm_auto_unsupported(device, dtype=None, hidden=None, dropout_p=0.0, requires_grad=False, **_):
     """Where `auto` takes this backend's add+LayerNorm over triton's: training (the forward
     and backward of one call), where both GPU runs measured it faster, and only with the
-    module already loaded. bf16, 16384 rows, forward+backward: H200 (bench/results/h200/)
+    module already loaded. bf16, 16384 rows, forward+backward: H200 (bench/results/h200/2026-11-27-5e53e2b/)
     0.610 against 0.726 ms eagerly at hidden 768 and 0.324 against 0.429 at 4096, 0.0665
     against 0.0776 and 0.293 against 0.354 in CUDA graphs (the backward kernel: 30 against
     41 µs at 768); H100 0.211 against 0.853 and 0.454 against 0.644. Inference stays on triton

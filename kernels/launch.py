@@ -44,7 +44,7 @@ key); which positions hold tensors is fixed by the key and kept with the kernel.
 call is a GPU machine's cost: the stand-in driver's host timings on a CPU cannot show it, and
 no GPU has timed the change yet.
 
-Why it is the default: on the H200 (bench/results/h200/, 2026-11-27) the models suite's eager
+Why it is the default: on the H200 (bench/results/h200/2026-11-27-a3eeca9/) the models suite's eager
 cases ran 1.41x faster (geomean) than on Triton's own launch path, and the overhead group's
 add+LN forward took 24.1 µs of host time against 40.2 (attention with a padding mask 50.4
 against 87.4). It was made the default before any GPU had timed it, on two measurements
