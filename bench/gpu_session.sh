@@ -35,7 +35,7 @@
 # (H100, 2026-11-26: the csrc builds took 75 s and 131 s side by side; test_compile's first test
 # alone 76 s; the gpu-marked Triton/model tests ran ~3 s each, hence 4 workers now; the csrc
 # ones 25 s on 8 workers; the ops suite's 21 headline cases 251 s.)
-# (H200, 2026-11-27, that command with the archive carried, bench/results/h200/session_timings.txt:
+# (H200, 2026-11-27, that command with the archive carried, bench/results/h200/2026-11-27-5e53e2b/session_timings.txt:
 # install 5 s, unpack 8 s, csrc builds 97 s and 176 s, test_compile + test_eager_path cut at
 # 130 s (14 passed), the gpu-marked Triton/model tests cut at 106 s (61 passed), the csrc ones
 # 21 s (435 passed), profile 14 s, overhead 34 s, models cut at 93 s with no case finished (HF +
@@ -47,13 +47,21 @@
 #   SESSION_SECONDS=585 COMPILE_TIMEOUT=60 GPU_TESTS_TIMEOUT=130 CSRC_TESTS_TIMEOUT=40 SUITE_TIMEOUT=0 \
 #     PREWARM_TIMEOUT=240 PROFILE_TIMEOUT=80 OVERHEAD_TIMEOUT=40 MODELS_TIMEOUT=140 OPS_TIMEOUT=600 BENCH_QUICK=1 \
 #     bash bench/gpu_session.sh prewarm tests profile overhead bench )
-# (H200, 2026-11-27 evening, bench/results/h200/session_timings.txt: `prewarm tests profile bench`
+# (H200, 2026-11-27 evening, bench/results/h200/2026-11-27-a3eeca9/session_timings.txt: `prewarm tests profile bench`
 # with COMPILE_TIMEOUT=45 GPU_TESTS_TIMEOUT=120 CSRC_TESTS_TIMEOUT=35 PROFILE_TIMEOUT=110
 # MODELS_TIMEOUT=150 ran in 558 s: builds 105 s and 182 s, prewarm 105 s and 204 s (699 kernels
 # still compiled there), the gpu-marked tests cut at 120 s (67 passed), test_compile waiting on
 # the build (now after it), profile 79 s, models cut at 154 s with 5 of 7 cases, the whole ops
 # suite (29 cases) in 90 s; a second call finished the models (BENCH_SUITES=models, the first
 # call's results.json carried in .gpu/bench_models/) in 70 s, warm.)
+#
+# (H200, 2026-11-28, bench/results/h200/session_timings.txt: `prewarm tests overhead bench` with
+# GPU_TESTS_TIMEOUT=150 OVERHEAD_TIMEOUT=45 MODELS_TIMEOUT=160 in SESSION_SECONDS=570: builds 159 s
+# and 225 s, prewarm 158 s and 251 s (699 kernels still compiled, the sm_80 attention's and
+# Linear+GELU's autotune configs mostly), 73 of 84 gpu-marked tests in their box, the overhead
+# group cut at 45 s (it keeps its rows when cut since), models cut at 164 s with 4 of 7 cases,
+# 11 s left for ops; a second call on the warm machine, `bench` alone, finished the models in
+# 82 s and the whole ops suite in 95 s: 814 device-seconds in all. Give the overhead group 90 s.)
 #
 # Before a session, on the CPU machine, in a Python with triton 3.6 (the GPU machines' release),
 # and a Python 3.12 (theirs) with the same triton for Triton's C launcher modules:

@@ -153,10 +153,12 @@ def _host_us(fns: list, device: torch.device, calls: int, repeats: int) -> list[
 
 
 def measure_ops(device: torch.device, dtype: torch.dtype, backend: str = "triton", calls: int = 200,
-                repeats: int = 7, stub: bool | None = None, only: str = "") -> list[dict]:
+                repeats: int = 7, stub: bool | None = None, only: str = "", rows: list | None = None) -> list[dict]:
     """Every row (or those whose name contains `only`); `stub` (default: on a CPU) replaces
-    each Triton launch with a no-op. Without it the fast launch is timed beside Triton's path."""
-    rows = []
+    each Triton launch with a no-op. Without it the fast launch is timed beside Triton's path.
+    Each row is appended to `rows` (a new list by default) as it is measured: a caller cut off
+    midway keeps the rows before."""
+    rows = [] if rows is None else rows
     stub = device.type != "cuda" if stub is None else stub
     for grad in (False, True):
         for case in op_cases(device, dtype, backend, grad):
@@ -365,25 +367,36 @@ def run_group(device: torch.device, quick: bool = False) -> dict:
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny tensors: intra-op threads only add noise to the baselines
-    try:
-        with attention_default_configs():
-            rows = measure_ops(device, dtype, calls=calls, repeats=repeats)
-            bert = measure_bert_forward(device, dtype, repeats=3 if quick else 5)
-            train = measure_bert_train_step(device, dtype, repeats=3 if quick else 5) if device.type == "cuda" else None
-            floor = measure_launch_floor(device, dtype, calls=calls, repeats=repeats)
-    finally:
-        torch.set_num_threads(threads)
     group = {
         "dtype": str(dtype).replace("torch.", ""),
         "launch": "stubbed (no kernel runs)" if device.type != "cuda" else "real",
         "target_ratio": TARGET_RATIO,
-        "rows": rows,
-        "bert_base_forward": bert,
-        "bert_base_train_step": train,
-        "launch_floor": floor,
+        "rows": [],
+        "bert_base_forward": None,
+        "bert_base_train_step": None,
+        "launch_floor": None,
     }
-    if device.type != "cuda":
-        group["offline"] = _offline_rows(quick)
+    # A time box ends the group with SIGINT (bench/gpu_session.sh): what was measured by then
+    # is returned, and written, with the part that was cut named. The H200 run of 2026-11-28
+    # lost the whole group to its 45 s box.
+    part = "rows"
+    try:
+        with attention_default_configs():
+            measure_ops(device, dtype, calls=calls, repeats=repeats, rows=group["rows"])
+            part = "bert_base_forward"
+            group[part] = measure_bert_forward(device, dtype, repeats=3 if quick else 5)
+            if device.type == "cuda":
+                part = "bert_base_train_step"
+                group[part] = measure_bert_train_step(device, dtype, repeats=3 if quick else 5)
+            part = "launch_floor"
+            group[part] = measure_launch_floor(device, dtype, calls=calls, repeats=repeats)
+        if device.type != "cuda":
+            part = "offline"
+            group[part] = _offline_rows(quick)
+    except KeyboardInterrupt:
+        group["cut"] = f"interrupted while measuring {part}, {len(group['rows'])} rows measured"
+    finally:
+        torch.set_num_threads(threads)
     return group
 
 

@@ -296,6 +296,8 @@ def overhead_lines(doc: dict) -> list[str]:
              f"Launches: {group['launch']}; {group['dtype']}; target: at most {group['target_ratio']}x the "
              "torch call each op replaces.", "",
              ]
+    if group.get("cut"):
+        lines += [f"Cut short: {group['cut']}.", ""]
     lines += _overhead_table(group["rows"])
     bert = group.get("bert_base_forward") or {}
     if "fused_ops_us" in bert:

@@ -157,6 +157,31 @@ def test_overhead_group_alone_runs_and_is_written(tmp_path, capsys):
     assert "add_layer_norm_fwd" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU form of the group needs the interpreter")
+def test_overhead_group_cut_short_keeps_its_rows_and_says_so(tmp_path, monkeypatch):
+    """A time box's SIGINT (bench/gpu_session.sh) during the BERT forward: the op rows measured
+    before it are written, with the part that was cut named, in the JSON and the markdown."""
+    import json
+
+    from fuseformer.bench import overhead
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    every = overhead.op_cases
+    monkeypatch.setattr(overhead, "op_cases",
+                        lambda *args: [c for c in every(*args) if c.name.startswith("add_layer_norm")])
+    monkeypatch.setattr(overhead, "measure_bert_forward", interrupted)
+    out = tmp_path / "res"
+    assert cli.bench_main(["--filter", "overhead", "--device", "cpu", "--quick", "--out", str(out)]) == 0
+    group = json.loads((out / "results.json").read_text())["overhead"]
+    assert [r["case"] for r in group["rows"]] == ["add_layer_norm_fwd", "add_layer_norm_fwd+bwd"]
+    assert group["cut"] == "interrupted while measuring bert_base_forward, 2 rows measured"
+    assert group["bert_base_forward"] is None and group["launch_floor"] is None
+    md = (out / "results.md").read_text()
+    assert "Cut short: interrupted while measuring bert_base_forward" in md and "| add_layer_norm_fwd |" in md
+
+
 def test_case_names_start_with_their_group():
     """--filter takes a group or a name: a case must read as a member of its group."""
     from fuseformer.bench import model_cases, ops
