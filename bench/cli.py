@@ -262,8 +262,11 @@ def _console():
 def run_bench(args, cases=None) -> int:
     from rich.markup import escape
 
+    from .triton_cache import log_compiles_from_env
+
     console = _console()
     device = _device(args.device)
+    log_compiles_from_env()  # FUSEFORMER_TRITON_COMPILE_LOG, set by bench/gpu_session.sh
     if device.type == "cpu" and "fuseformer.kernels" not in sys.modules:
         # Too late once the kernels are defined (compiled, in a process that has CUDA): then
         # setting it would only make fuseformer believe CPU tensors can run them.

@@ -135,6 +135,11 @@ else
     OUT=bench/results/gpu-session
 fi
 mkdir -p "$OUT"
+# Every Triton compile of ours in every process of this call (the tests' and the bench's), with
+# its key's parts and who asked, packed with the logs: on a CPU machine,
+# `python -m fuseformer.bench.triton_cache misses triton_compiles.jsonl` says which the carried
+# archive lacked and how each differs from the nearest kernel it holds.
+export FUSEFORMER_TRITON_COMPILE_LOG=${FUSEFORMER_TRITON_COMPILE_LOG:-$OUT/triton_compiles.jsonl}
 
 # box SECONDS: a step's time box, capped at what is left of SESSION_SECONDS (less 20 s: the
 # 10 s a step gets after its SIGINT, and the packing), never under 1 s. Steps end with SIGINT

@@ -58,6 +58,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 from unittest import mock
@@ -77,9 +78,29 @@ def _entry_name(key: str) -> str:
     return _base32(hashlib.sha256(key.encode("utf-8")).hexdigest())
 
 
+def describe_key(src, backend, options, env_vars) -> dict:
+    """The parts of a compile's cache key (Triton's get_cache_key arguments), readable: what
+    tells two specializations of one kernel apart when an archive misses one on a GPU."""
+    opts = getattr(options, "__dict__", {})
+    constants = getattr(src, "constants", {})
+    return {
+        "kernel": getattr(src, "name", "?"),
+        "source": getattr(getattr(src, "fn", None), "cache_key", "?")[:16],  # its code and first line
+        "signature": [v for _, v in sorted(getattr(src, "signature", {}).items())],
+        "constants": {str(k): getattr(v, "cache_key", str(v)) for k, v in sorted(constants.items())},
+        "attrs": str(getattr(src, "attrs", "")),
+        "options": {k: opts[k] for k in ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion",
+                                         "sanitize_overflow", "debug", "launch_pdl") if k in opts},
+        "options_hash": options.hash()[:16] if hasattr(options, "hash") else "?",
+        "backend": hashlib.sha256(backend.hash().encode()).hexdigest()[:16] if hasattr(backend, "hash") else "?",
+        "env": str(sorted(env_vars.items())) if env_vars else "",
+    }
+
+
 @contextlib.contextmanager
-def recorded_keys():
-    """Within: every compile's cache key, without the compiler build's part, by entry name."""
+def recorded_keys(details: dict | None = None):
+    """Within: every compile's cache key, without the compiler build's part, by entry name;
+    and into `details`, describe_key's account of each, by entry name."""
     import triton.compiler.compiler as C
     from triton.runtime.cache import triton_key
 
@@ -87,11 +108,14 @@ def recorded_keys():
     keys: dict[str, str] = {}
     original = C.get_cache_key
 
-    def get_cache_key(*args, **kwargs):
-        key = original(*args, **kwargs)
+    def get_cache_key(src, backend, options, env_vars, **kwargs):
+        key = original(src, backend, options, env_vars=env_vars, **kwargs)
         if not key.startswith(build):  # not an assert: the tests suite runs under python -O
             raise RuntimeError("Triton's cache key no longer starts with triton_key()")
-        keys[_entry_name(key)] = key[len(build):]
+        entry = _entry_name(key)
+        keys[entry] = key[len(build):]
+        if details is not None:
+            details[entry] = describe_key(src, backend, options, env_vars)
         return key
 
     C.get_cache_key = get_cache_key
@@ -99,6 +123,45 @@ def recorded_keys():
         yield keys
     finally:
         C.get_cache_key = original
+
+
+# FUSEFORMER_TRITON_COMPILE_LOG=PATH: every process of a GPU session (tests/conftest.py, the
+# bench's CLI) appends a line to PATH per Triton compile of ours, with describe_key's parts and
+# who asked (the test, the command). The H200 run of 2026-11-28 still compiled 699 kernels
+# beside an archive of 1055, the same configs in more specializations than the build had made;
+# `python -m fuseformer.bench.triton_cache misses LOG` sets such a log against the archive.
+COMPILE_LOG_ENV = "FUSEFORMER_TRITON_COMPILE_LOG"
+_log_lock = threading.Lock()
+
+
+def log_compiles_from_env() -> bool:
+    """Install the compile log when FUSEFORMER_TRITON_COMPILE_LOG names a file; once a process."""
+    path = os.environ.get(COMPILE_LOG_ENV, "").strip()
+    if not path:
+        return False
+    import triton.compiler.compiler as C
+    from triton.runtime.cache import triton_key
+
+    original = C.get_cache_key
+    if getattr(original, "_fuseformer_log", None):
+        return True
+    build = triton_key() + "-"
+
+    def get_cache_key(src, backend, options, env_vars, **kwargs):
+        key = original(src, backend, options, env_vars=env_vars, **kwargs)
+        name = getattr(src, "name", "")
+        if not name.startswith("triton_"):  # torch.compile's own kernels: not ours to carry
+            line = {"entry": _entry_name(key), "key": key[len(build):] if key.startswith(build) else key,
+                    **describe_key(src, backend, options, env_vars), "pid": os.getpid(),
+                    "test": os.environ.get("PYTEST_CURRENT_TEST", ""), "argv": sys.argv[:6],
+                    "time": round(time.time(), 1)}
+            with _log_lock, open(path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        return key
+
+    get_cache_key._fuseformer_log = True
+    C.get_cache_key = get_cache_key
+    return True
 
 
 # ----------------------------------------------------------------------------- C launchers
@@ -309,8 +372,10 @@ def run_overhead(tally: Tally) -> None:
 
 
 # What bench/gpu_session.sh's `tests` stage runs of the Triton kernels and models: its
-# test_eager_path.py whole, then the gpu-marked tests but csrc/'s.
-TEST_RUNS = (["tests/test_eager_path.py"],
+# test_compile.py and test_eager_path.py whole (the H200 run of 2026-11-28 compiled 50 kernels
+# of ours while those two ran, and this list lacked the first), then the gpu-marked tests but
+# csrc/'s.
+TEST_RUNS = (["tests/test_compile.py", "tests/test_eager_path.py"],
              ["-m", "gpu", "tests", "--ignore=tests/test_cuda_backend.py", "--ignore=tests/test_cuda_gemm.py"])
 
 
@@ -318,10 +383,11 @@ def run_tests(tally: Tally) -> None:
     """The GPU session's tests of our kernels and models, here, on CPU tensors (conftest.py's
     FUSEFORMER_OFFLINE_SM90: no interpreter, nothing skipped), so that their kernels compile as
     there. No kernel runs, so their checks cannot hold: the build runs these under `python -O`
-    and pytest's --assert=plain, where every assert is gone and a test goes on from its
-    forward to its backward. A test that fails all the same (a CUDA-only call, say) is listed
-    with the last line of its error, to be read, not counted as the build's error: only a run
-    that could not collect or start is one."""
+    and pytest's --assert=plain, where every assert is gone, and with torch.testing's
+    assert_close a no-op, so that a test goes on from its forward to its backward. A test that
+    fails all the same (a CUDA-only call, say) is listed with the last line of its error, to
+    be read, not counted as the build's error: only a run that could not collect or start is
+    one."""
     import pytest
 
     class Failures:
@@ -340,7 +406,8 @@ def run_tests(tally: Tally) -> None:
     for args in TEST_RUNS:
 
         def call(args=args):
-            with contextlib.chdir(root):
+            # Patched before collection, so that a module importing the name binds the no-op.
+            with contextlib.chdir(root), mock.patch("torch.testing.assert_close", lambda *a, **k: None):
                 code = pytest.main(["-q", "-p", "no:cacheprovider", "--tb=no", "--assert=plain", *args],
                                    plugins=[Failures()])
             if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
@@ -349,10 +416,12 @@ def run_tests(tally: Tally) -> None:
         tally.run("pytest " + " ".join(args), call)
 
 
-def harvest(suites: list[str], filter_text: str | None, tally: Tally) -> tuple[dict[str, str], dict]:
+def harvest(suites: list[str], filter_text: str | None, tally: Tally,
+            details: dict | None = None) -> tuple[dict[str, str], dict]:
     """Run the chosen cases' Triton implementations in this process (which must have no
     Triton interpreter and a fresh TRITON_CACHE_DIR); return the compiles' keys by entry, and
-    the C modules Triton would build for them on a GPU (recorded_launchers)."""
+    the C modules Triton would build for them on a GPU (recorded_launchers). `details` gets
+    describe_key's account of each entry."""
     from .cli import _collect, _select
     from .offline import Counts, admit_triton, install, pretend_sm90
 
@@ -365,7 +434,7 @@ def harvest(suites: list[str], filter_text: str | None, tally: Tally) -> tuple[d
     # each name need only match in one of them.
     cases = [c for suite in ("ops", "models") if suite in suites for c in _collect(suite, "cuda")]
     cases = _select(cases, filter_text or "*", False) if cases else []
-    with recorded_keys() as keys, recorded_launchers() as launchers:
+    with recorded_keys(details) as keys, recorded_launchers() as launchers:
         tally.log(f"{len(cases)} cases")
         for case in cases:
             (run_model_case if case.suite == "models" else run_op_case)(case, tally)
@@ -378,10 +447,12 @@ def harvest(suites: list[str], filter_text: str | None, tally: Tally) -> tuple[d
     return keys, launchers
 
 
-def pack(cache_dir: Path, keys: dict[str, str], out: Path, launchers: tuple[Path, dict] | None = None) -> dict:
+def pack(cache_dir: Path, keys: dict[str, str], out: Path, launchers: tuple[Path, dict] | None = None,
+         details: dict | None = None) -> dict:
     """A tar.xz of the entries in `keys`: metadata, binary and the key's tail of each (xz:
-    half of gzip's size on cubins, which counts against the device tool's 64 MiB); and with
-    `launchers` (build_launchers' cache folder and account) the C modules it built."""
+    half of gzip's size on cubins, which counts against the device tool's 64 MiB), with
+    describe_key's account of the key where `details` has it; and with `launchers`
+    (build_launchers' cache folder and account) the C modules it built."""
     import triton
 
     from .envinfo import _git
@@ -401,6 +472,8 @@ def pack(cache_dir: Path, keys: dict[str, str], out: Path, launchers: tuple[Path
             for child in kept.values():
                 tar.add(folder / child, arcname=f"{name}/{child}")
             entries[name] = {"key": rest, "files": kept}
+            if details and name in details:
+                entries[name]["detail"] = details[name]
         manifest = {"triton": triton.__version__, "python": sys.version.split()[0],
                     "commit": _git("rev-parse", "--short", "HEAD"),
                     "made": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "entries": entries,
@@ -430,6 +503,49 @@ def kernel_sources() -> dict[str, str]:
     folder = Path(list(spec.submodule_search_locations)[0])
     files = {p.name: p.read_bytes() for p in sorted(folder.glob("*.py"))}
     return {name: hashlib.sha256(data).hexdigest() for name, data in files.items() if b"@triton.jit" in data}
+
+
+def _manifest(archive: Path) -> dict:
+    with tarfile.open(archive, "r:xz") as tar:
+        return json.loads(tar.extractfile(MANIFEST).read())
+
+
+_PARTS = ("source", "signature", "constants", "attrs", "options", "options_hash", "backend", "env")
+
+
+def misses(log: Path, archive: Path) -> list[str]:
+    """The compiles in a GPU session's log whose key the archive lacks, grouped by kernel and
+    by who asked (the test, else the command); for each, the parts of its key that differ from
+    the nearest archive entry of the same kernel (fewest parts differing), with both values."""
+    entries = _manifest(archive)["entries"]
+    held = {e["key"] for e in entries.values()}
+    by_kernel: dict[str, list[dict]] = {}
+    for e in entries.values():
+        if "detail" in e:
+            by_kernel.setdefault(e["detail"]["kernel"], []).append(e["detail"])
+    lines, seen, groups = [], set(), {}
+    compiled = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    for c in compiled:
+        if c["key"] in held or c["key"] in seen:
+            continue
+        seen.add(c["key"])
+        who = c["test"].rsplit(" (", 1)[0] if c["test"] else " ".join(c["argv"][1:4])
+        groups.setdefault((c["kernel"], who), []).append(c)
+    lines.append(f"{len(compiled)} compiles logged, {len(seen)} distinct keys not in {archive} "
+                 f"({len(held)} entries)")
+    for (kernel, who), items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"\n{len(items)} x {kernel}, asked by {who}")
+        candidates = by_kernel.get(kernel, [])
+        for c in items[:3]:
+            if not candidates:
+                lines.append("    no entry of this kernel in the archive (or it was built without details)")
+                break
+            near = min(candidates, key=lambda d: sum(d.get(p) != c.get(p) for p in _PARTS))
+            for part in _PARTS:
+                if near.get(part) != c.get(part):
+                    lines.append(f"    {part}: here {c.get(part)!r}\n    {' ' * len(part)}  archive {near.get(part)!r}")
+            lines.append("    --")
+    return lines
 
 
 def unpack(archive: Path, dest: Path) -> str:
@@ -505,10 +621,17 @@ def main(argv=None) -> int:
     u = sub.add_parser("unpack", help="install an archive into a Triton cache folder")
     u.add_argument("archive", type=Path)
     u.add_argument("dest", type=Path)
+    m = sub.add_parser("misses", help="what a GPU session's compile log (FUSEFORMER_TRITON_COMPILE_LOG) compiled "
+                                      "that the archive does not hold, and how it differs from the nearest entry")
+    m.add_argument("log", type=Path)
+    m.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE)
     args = parser.parse_args(argv)
 
     if args.command == "unpack":
         print(unpack(args.archive, args.dest))
+        return 0
+    if args.command == "misses":
+        print("\n".join(misses(args.log, args.archive)))
         return 0
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
     unknown = set(suites) - set(SUITES)
@@ -526,7 +649,8 @@ def main(argv=None) -> int:
             return subprocess.call(child, env=env)
     started = time.perf_counter()
     tally = Tally()
-    keys, sources = harvest(suites, args.filter, tally)
+    details: dict = {}
+    keys, sources = harvest(suites, args.filter, tally, details)
     with tempfile.TemporaryDirectory(prefix="fuseformer_launchers_") as staging:
         launchers = None
         if args.launcher_python and not sources:
@@ -536,7 +660,7 @@ def main(argv=None) -> int:
                 launchers = Path(staging), build_launchers(sources, args.launcher_python, Path(staging))
             except (RuntimeError, subprocess.CalledProcessError) as err:
                 tally.errors.append(f"C modules: {err}")
-        manifest = pack(Path(os.environ["TRITON_CACHE_DIR"]), keys, args.out, launchers)
+        manifest = pack(Path(os.environ["TRITON_CACHE_DIR"]), keys, args.out, launchers, details)
     modules = f" and {len(manifest['launchers']['files'])} of its C modules" if launchers else ""
     print(f"{len(manifest['entries'])} kernels of triton {manifest['triton']}{modules} packed into {args.out} "
           f"({args.out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - started:.0f} s")

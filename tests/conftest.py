@@ -17,6 +17,11 @@ import pytest  # noqa: E402
 
 import compile_ahead  # noqa: E402
 
+if os.environ.get("FUSEFORMER_TRITON_COMPILE_LOG"):  # bench/gpu_session.sh: what a GPU session compiles
+    from fuseformer.bench.triton_cache import log_compiles_from_env
+
+    log_compiles_from_env()
+
 if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y"):  # as Triton reads it
     # Out-of-bounds loads/stores become errors naming the kernel instead of heap corruption.
     import interpreter_sanitizer

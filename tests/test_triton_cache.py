@@ -85,6 +85,37 @@ def test_carried_kernels_are_found_under_another_builds_keys(archive, tmp_path):
     assert len(_kernels(empty)) == 3
 
 
+def test_a_gpu_sessions_compile_log_names_what_the_archive_lacks_and_how_it_differs(archive, tmp_path):
+    """FUSEFORMER_TRITON_COMPILE_LOG in a process of another build (as on the GPU machine)
+    that runs CASE, which the archive holds, and another add+LN width, which it does not:
+    `misses` lists the second's kernels alone, each set against the archive's entry of the
+    same kernel, with the key's parts that differ."""
+    from fuseformer.bench import triton_cache as tc
+
+    with tarfile.open(archive) as tar:
+        entries = json.loads(tar.extractfile("manifest.json").read())["entries"]
+    kernels = {"_add_ln_fwd", "_add_ln_fwd_rows"}  # the row kernel; the rows one, plain and persistent
+    assert sorted(e["detail"]["kernel"] for e in entries.values()) == sorted([*kernels, "_add_ln_fwd_rows"])
+    log = tmp_path / "compiles.jsonl"
+    other = "add_ln_fwd_16384x2048"
+    args = ["build", "--child", "--suite", "ops", "--filter", f"{CASE},{other}", "--out", str(tmp_path / "x.tar.xz")]
+    _python(OTHER_BUILD + f"import os, sys; os.environ[{tc.COMPILE_LOG_ENV!r}] = {str(log)!r}; "
+            "from fuseformer.bench.triton_cache import log_compiles_from_env, main; "
+            f"assert log_compiles_from_env(); sys.exit(main({args!r}))", tmp_path / "cache")
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    held = {e["key"] for e in entries.values()}
+    new = {c["key"] for c in logged} - held
+    assert held <= {c["key"] for c in logged} and new, logged  # CASE's three found under this build too
+    said = tc.misses(log, archive)
+    assert said[0].startswith(f"{len(logged)} compiles logged, {len(new)} distinct keys not in"), said
+    counts = [int(line.split(" x ")[0]) for line in said[1:] if " x _add_ln_fwd" in line]
+    assert sum(counts) == len(new), said
+    # The same code, compiler back end and environment: what differs is the call's (N = 2048,
+    # not 768: its block, and the warps the launcher picks for it).
+    differing = {line.split(":")[0].strip() for line in said if line.startswith("    ") and ": here" in line}
+    assert "constants" in differing and not differing & {"source", "backend", "env"}, said
+
+
 def _rewritten(archive, path, edit):
     """A copy of `archive` with edit(manifest) applied to its manifest."""
     with tarfile.open(archive) as src, tarfile.open(path, "w:xz") as dst:
