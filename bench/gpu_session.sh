@@ -287,8 +287,10 @@ tests)
     for f in tests/test_*.py; do
         case " $first tests/test_cuda_backend.py tests/test_cuda_gemm.py " in *" $f "*) ;; *) files="$files $f" ;; esac
     done
+    # -v: each test's outcome by name as it ends. A box cut short kills pytest-xdist's controller
+    # before its junit file or summary is written (2026-11-28: 73 dots, no names).
     # shellcheck disable=SC2086
-    timed pytest-gpu timeout -s INT -k 10 "$(box "${GPU_TESTS_TIMEOUT:-200}")" python3 -m pytest -m gpu -q -rfE -n 4 --durations=10 \
+    timed pytest-gpu timeout -s INT -k 10 "$(box "${GPU_TESTS_TIMEOUT:-200}")" python3 -m pytest -m gpu -v -rfE -n 4 --durations=10 \
         $files --junitxml="$OUT/pytest_gpu.xml" \
         >"$OUT/pytest_gpu.txt" 2>&1
     cuda_build_wait
