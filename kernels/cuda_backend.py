@@ -62,13 +62,15 @@ backend and naming it explicitly raises BackendUnsupportedError with the reason)
   linear_gelu     forward and backward, fp16/bf16/fp32; tanh GELU through cuBLASLt's GELU
                   epilogue, erf GELU as GEMM + bias and a fused elementwise kernel.
 
-STATUS: run on an H100 on 2026-11-26 (bench/results/h100/) and an H200 on 2026-11-27
-(bench/results/h200/2026-11-27-5e53e2b/ and bench/results/h200/2026-11-27-a3eeca9/): every op passed parity in the benchmark, and on the H200 all 435 csrc/
-gpu tests passed (the argument checks that crashed on the H100 included); compute-sanitizer has
-not reached these kernels yet. `auto` takes the cuda backend only where those results show it
-faster than triton and only once the module is loaded (it never builds it): attention
-inference at head dim 128 on Hopper (`_attention_auto_unsupported`) and add+LayerNorm in
-training (`_add_layer_norm_auto_unsupported`).
+STATUS: run on an H100 on 2026-11-26 (bench/results/h100/) and an H200 on 2026-11-27 and
+2026-11-28 (bench/results/h200/ and its dated folders): every op passed parity in the benchmark,
+and on the H200 all 435 csrc/ gpu tests passed (the argument checks that crashed on the H100
+included); compute-sanitizer's memcheck and racecheck ran clean on the first parametrization
+of each csrc/ gpu test on 2026-11-27 (bench/results/h200/2026-11-27-a3eeca9/sanitizer.txt).
+`auto` takes the cuda backend only where those results show it faster than triton and only
+once the module is loaded (it never builds it): attention inference at head dim 128 on Hopper
+(`_attention_auto_unsupported`) and add+LayerNorm in training
+(`_add_layer_norm_auto_unsupported`).
 """
 from __future__ import annotations
 
