@@ -82,12 +82,17 @@ def describe_key(src, backend, options, env_vars) -> dict:
     """The parts of a compile's cache key (Triton's get_cache_key arguments), readable: what
     tells two specializations of one kernel apart when an archive misses one on a GPU."""
     opts = getattr(options, "__dict__", {})
-    constants = getattr(src, "constants", {})
+    fn = getattr(src, "fn", None)
+    names = getattr(fn, "arg_names", [])
+
+    def name(k):  # a constant's key: (argument index,) for a kernel argument, by name here
+        return names[k[0]] if isinstance(k, tuple) and len(k) == 1 and k[0] < len(names) else str(k)
+
     return {
         "kernel": getattr(src, "name", "?"),
-        "source": getattr(getattr(src, "fn", None), "cache_key", "?")[:16],  # its code and first line
-        "signature": [v for _, v in sorted(getattr(src, "signature", {}).items())],
-        "constants": {str(k): getattr(v, "cache_key", str(v)) for k, v in sorted(constants.items())},
+        "source": getattr(fn, "cache_key", "?")[:16],  # its code and first line
+        "signature": dict(getattr(src, "signature", {})),  # argument name -> type or "constexpr"
+        "constants": {name(k): getattr(v, "cache_key", str(v)) for k, v in getattr(src, "constants", {}).items()},
         "attrs": str(getattr(src, "attrs", "")),
         "options": {k: opts[k] for k in ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion",
                                          "sanitize_overflow", "debug", "launch_pdl") if k in opts},
@@ -529,7 +534,8 @@ def misses(log: Path, archive: Path) -> list[str]:
         if c["key"] in held or c["key"] in seen:
             continue
         seen.add(c["key"])
-        who = c["test"].rsplit(" (", 1)[0] if c["test"] else " ".join(c["argv"][1:4])
+        # pytest's "nodeid (call)"; else the command line (python -m fuseformer.bench ...).
+        who = c["test"].rsplit(" (", 1)[0] if c["test"] else " ".join(c["argv"][:4]) or "?"
         groups.setdefault((c["kernel"], who), []).append(c)
     lines.append(f"{len(compiled)} compiles logged, {len(seen)} distinct keys not in {archive} "
                  f"({len(held)} entries)")
@@ -542,8 +548,13 @@ def misses(log: Path, archive: Path) -> list[str]:
                 break
             near = min(candidates, key=lambda d: sum(d.get(p) != c.get(p) for p in _PARTS))
             for part in _PARTS:
-                if near.get(part) != c.get(part):
-                    lines.append(f"    {part}: here {c.get(part)!r}\n    {' ' * len(part)}  archive {near.get(part)!r}")
+                here, there = c.get(part), near.get(part)
+                if here == there:
+                    continue
+                if isinstance(here, dict) and isinstance(there, dict):  # the differing names only
+                    names = sorted(k for k in here.keys() | there.keys() if here.get(k) != there.get(k))
+                    here, there = {k: here.get(k) for k in names}, {k: there.get(k) for k in names}
+                lines.append(f"    {part}: here {here!r}\n    {' ' * len(part)}  archive {there!r}")
             lines.append("    --")
     return lines
 
