@@ -181,6 +181,8 @@ class OpCase(Case):
         return copies
 
     def prepare(self, device, dtype, l2_bytes):
+        from . import op_trace
+
         copies = self._copies(device, dtype, l2_bytes)
         first = copies[0]
         ref64 = self._reference_on({k: _upcast(v) for k, v in first.items()})
@@ -199,6 +201,7 @@ class OpCase(Case):
             if impl.context is not None:
                 run = _within(impl.context, run)
             caught = []
+            before = op_trace.tuned_keys()
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
@@ -215,6 +218,9 @@ class OpCase(Case):
                     errors[impl.name] = f"{type(err).__name__}: {err}".splitlines()[0]
                 continue
             details[impl.name] = {"first_call_seconds": time.perf_counter() - started}
+            tuned = op_trace.tuned_since(before)
+            if tuned:  # the autotuners' picks this first call made (op_trace.tuned_since says why)
+                details[impl.name]["tuned"] = tuned
             if impl.check:
                 results[impl.name] = _compare(out, ref64, torch_d, dtype, where, self.grad_inputs)
             if device.type == "cpu" and not (self.timed_on_cpu and impl.timed_on_cpu):

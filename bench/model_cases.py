@@ -294,6 +294,7 @@ class ModelCase(Case):
         for name, (kind, make, graphed) in variants.items():
             kinds[name] = kind
             started = time.perf_counter()
+            before = op_trace.tuned_keys()
             try:
                 with grad_ctx(), context_of(name)(), warnings.catch_warnings(), \
                         op_trace.record_backends() as ran:
@@ -324,6 +325,9 @@ class ModelCase(Case):
             warning = op_trace.summary(ran, fused=name.startswith("fuseformer-fused"))
             if warning:
                 details[name]["backend_warning"] = warning
+            tuned = op_trace.tuned_since(before)
+            if tuned:  # the autotuners' picks its first call made (op_trace.tuned_since says why)
+                details[name]["tuned"] = tuned
 
             def timed(fn=fn, context=context_of(name)):
                 with grad_ctx(), context():

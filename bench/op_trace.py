@@ -110,3 +110,40 @@ def summary(seen: dict[str, dict[str, int]], fused: bool) -> str | None:
     if fused and fallbacks:
         return "fell back to torch for: " + ", ".join(fallbacks)
     return None
+
+
+def tuned_keys() -> set:
+    """The (autotuner, key) pairs tuned so far in this process (kernels/_util.py keeps each
+    winner, so a key is tuned once per process: by the first case and implementation that
+    reaches it)."""
+    from fuseformer.kernels import _util
+
+    return set(_util._tuned_configs)
+
+
+def tuned_since(before: set) -> list[dict]:
+    """What the autotuners chose for each key tuned after `before` (tuned_keys()): the kernel,
+    the key, the winning config, and each config's time (ms) where the autotuner tuned one
+    key only in that span (its configs_timings then belong to that key).
+
+    Why: the H200 run of 2026-11-28 timed the TMA Linear+GELU at 4096 x 768 -> 3072 42% slower
+    than the run before (0.0464 -> 0.0661 ms) and its exact-maths variant 39% slower, where the
+    16384-row case was not: a results file that says which config each key took, against what
+    the others timed, tells a worse pick from a slower kernel."""
+    from fuseformer.kernels import _util
+
+    new = [(tuned, key) for (tuned, key) in _util._tuned_configs if (tuned, key) not in before]
+    per_tuner: dict = {}
+    for tuned, _ in new:
+        per_tuner[id(tuned)] = per_tuner.get(id(tuned), 0) + 1
+    out = []
+    for tuned, key in new:
+        entry = {"kernel": getattr(getattr(tuned, "fn", tuned), "__name__", str(tuned)), "key": repr(key),
+                 "config": {k: v for k, v in _util._tuned_configs[(tuned, key)].items()
+                            if isinstance(v, (int, float, bool, str, type(None)))}}
+        timings = getattr(tuned, "configs_timings", None)
+        if timings and per_tuner[id(tuned)] == 1:
+            entry["timings_ms"] = {str(config): (list(t) if isinstance(t, (list, tuple)) else t)
+                                   for config, t in timings.items()}
+        out.append(entry)
+    return out

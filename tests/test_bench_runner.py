@@ -4,6 +4,7 @@ import copy
 import json
 import pathlib
 import time
+import types
 
 import pytest
 import torch
@@ -53,6 +54,45 @@ def test_parity_failure_is_red_and_never_timed(roofline):
     assert "median_ms" not in entry  # a wrong answer has no time
     assert result["speedups"] == {}
     assert result["impls"]["baseline-fast"]["status"] == "timed"
+
+
+class _FakeTuner:
+    """An autotuned kernel as kernels/_util.py's launch_tuned sees one: its JITFunction's name,
+    and the timings Triton's Autotuner keeps of its last tuning."""
+
+    fn = types.SimpleNamespace(__name__="_fake_kernel")
+
+    configs_timings = {"BLOCK: 64, num_warps: 4": [0.5, 0.4, 0.6], "BLOCK: 128, num_warps: 8": [0.3, 0.2, 0.4]}
+
+
+def test_a_case_records_what_the_autotuners_picked_in_its_first_call(roofline, monkeypatch):
+    """Each implementation's first call stores the configs it tuned, with every config's time
+    where its autotuner tuned one key in that call, and nothing for keys tuned before it."""
+    from fuseformer.kernels import _util
+
+    monkeypatch.setattr(_util, "_tuned_configs", dict(_util._tuned_configs))
+    tuner, other = _FakeTuner(), _FakeTuner()
+    _util._tuned_configs[(other, ("before",))] = {"BLOCK": 32}
+
+    def tunes_one_key(i):
+        _util._tuned_configs[(tuner, (37, "bf16"))] = {"BLOCK": 128, "num_warps": 8, "pre_hook": None}
+        return i["x"] * 2
+
+    def tunes_two_keys(i):
+        for key in (("a",), ("b",)):
+            _util._tuned_configs[(other, key)] = {"BLOCK": 64}
+        return i["x"] * 2
+
+    case = fake_case("fake_tuned", tunes_one_key)
+    case.impls.append(Impl("fuseformer-fake-two", tunes_two_keys, kind=OURS))
+    impls = runner.run_case(case, runner.RunConfig(device=CPU, quick=True), roofline)["impls"]
+    assert impls["fuseformer-fake"]["tuned"] == [{
+        "kernel": "_fake_kernel", "key": "(37, 'bf16')", "config": {"BLOCK": 128, "num_warps": 8, "pre_hook": None},
+        "timings_ms": _FakeTuner.configs_timings}]
+    two = impls["fuseformer-fake-two"]["tuned"]
+    assert [t["key"] for t in two] == ["('a',)", "('b',)"]  # not ('before',): tuned before this call
+    assert all("timings_ms" not in t for t in two)  # two keys: the last timings belong to one only
+    assert "tuned" not in impls["baseline-fast"]
 
 
 def test_check_exits_nonzero_on_injected_parity_failure(tmp_path, capsys):
