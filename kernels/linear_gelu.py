@@ -38,13 +38,13 @@ fastest (H100, bf16, 16384 x 768 -> 3072, bench/results/h100/):
                         the TMA path applies, else the portable GEMM into a temporary pre.
                         Triton backend only (the cuda backend's launchers need pre).
     gelu     "fast" (FUSEFORMER_LINEAR_GELU_MATH; the default since the H200 run of
-                     2026-11-27, bench/results/h200/2026-11-27-5e53e2b/: faster in 4 of 4 cases, eager geomean
-                     1.08x, CUDA-graph 1.12x, erf forward 0.1652 against 0.1929 ms at 16384 x
-                     768 -> 3072) for fp16/bf16 (float32 stays exact): both GELUs as
-                     u sigmoid(2 z(u)) on two special-function ops (ex2.approx, rcp.approx),
-                     z the tanh formula's or, for erf, a polynomial fitted to
-                     atanh(erf(u / sqrt 2)), in every GELU and GELU' of the kernels (forward
-                     epilogues, dgelu passes): erf GELU in 14.5 SASS instructions per element
+                     2026-11-27, bench/results/h200/2026-11-27-5e53e2b/: faster in 4 of 4
+                     cases, eager geomean 1.08x, CUDA-graph 1.12x, erf forward 0.1652
+                     against 0.1929 ms at 16384 x 768 -> 3072) for fp16/bf16 (float32 stays
+                     exact): both GELUs as u sigmoid(2 z(u)) on two special-function ops
+                     (ex2.approx, rcp.approx), z the tanh formula's or, for erf, a polynomial
+                     fitted to atanh(erf(u / sqrt 2)), in every GELU and GELU' of the kernels
+                     (forward epilogues, dgelu passes): erf GELU in 14.5 SASS instructions per element
                      (an erfc polynomial until 2026-11-28: 21.5; libdevice: 36.5), tanh in
                      11.5. erf GELU within 3.2e-6 of float64, GELU' within 1.6e-5;
                      linear_gelu_kernels.py has the maths and the accuracy.
@@ -54,9 +54,9 @@ fastest (H100, bf16, 16384 x 768 -> 3072, bench/results/h100/):
                         epilogue (torch._addmm_activation, the tanh approximation on CUDA), one
                         GEMM as ours, which the H200 run timed faster than our best kernel
                         (16384 x 768 -> 3072: 0.1358 against 0.1588 ms for the TMA kernel with
-                        the fast maths, bench/results/h200/2026-11-27-5e53e2b/). The cuda backend's Linear+GELU
-                        takes that epilogue for tanh too. The erf GELU (BERT's) has no such
-                        epilogue: our kernel is its only one-pass path.
+                        the fast maths, bench/results/h200/2026-11-27-5e53e2b/). The cuda
+                        backend's Linear+GELU takes that epilogue for tanh too. The erf GELU
+                        (BERT's) has no such epilogue: our kernel is its only one-pass path.
              "triton"   our kernels for tanh as for erf (the bench times it as
                         fuseformer-triton-fused-tanh).
 In every variant the two backward GEMMs are cuBLAS (torch.mm): dx = dpre W, dW = dpre^T x.
