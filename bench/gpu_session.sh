@@ -299,7 +299,11 @@ tests)
     # whole 45 s box waiting on that build's lock, and no test ran (test modules that asked
     # K.available_backends() at import built csrc/ while pytest collected; they ask only
     # triton's reason since, so the gpu-marked tests above run beside the build).
-    timed pytest-compile timeout -s INT -k 10 "$(box "${COMPILE_TIMEOUT:-120}")" python3 -m pytest tests/test_compile.py tests/test_eager_path.py -q -rfE -n 4 \
+    # TORCHINDUCTOR_COMPILE_THREADS=1: inductor compiles in each worker's own process. With its
+    # subprocess pool, a worker hung at exit in the pool's shutdown (2026-11-28: all 26 tests had
+    # run, and the step sat out the rest of its 45 s box).
+    timed pytest-compile timeout -s INT -k 10 "$(box "${COMPILE_TIMEOUT:-120}")" env TORCHINDUCTOR_COMPILE_THREADS=1 \
+        python3 -m pytest tests/test_compile.py tests/test_eager_path.py -q -rfE -n 4 \
         --tb=long >"$OUT/pytest_compile.txt" 2>&1
     timed pytest-gpu-csrc timeout -s INT -k 10 "$(box "${CSRC_TESTS_TIMEOUT:-200}")" python3 -m pytest -m gpu -q -rfE -n 8 --durations=10 \
         tests/test_cuda_backend.py tests/test_cuda_gemm.py --junitxml="$OUT/pytest_gpu_csrc.xml" \
