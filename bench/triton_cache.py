@@ -152,16 +152,25 @@ def log_compiles_from_env() -> bool:
         return True
     build = triton_key() + "-"
 
+    failed = []
+
     def get_cache_key(src, backend, options, env_vars, **kwargs):
         key = original(src, backend, options, env_vars=env_vars, **kwargs)
         name = getattr(src, "name", "")
-        if not name.startswith("triton_"):  # torch.compile's own kernels: not ours to carry
-            line = {"entry": _entry_name(key), "key": key[len(build):] if key.startswith(build) else key,
-                    **describe_key(src, backend, options, env_vars), "pid": os.getpid(),
-                    "test": os.environ.get("PYTEST_CURRENT_TEST", ""), "argv": sys.argv[:6],
-                    "time": round(time.time(), 1)}
-            with _log_lock, open(path, "a") as f:
-                f.write(json.dumps(line) + "\n")
+        if not name.startswith("triton_") and not failed:  # torch.compile's own kernels: not ours to carry
+            try:
+                line = {"entry": _entry_name(key), "key": key[len(build):] if key.startswith(build) else key,
+                        **describe_key(src, backend, options, env_vars), "pid": os.getpid(),
+                        "test": os.environ.get("PYTEST_CURRENT_TEST", ""), "argv": sys.argv[:6],
+                        "time": round(time.time(), 1)}
+                with _log_lock, open(path, "a") as f:
+                    f.write(json.dumps(line, default=str) + "\n")
+            except Exception as err:  # noqa: BLE001 - a diagnostic log must never fail a compile
+                failed.append(err)
+                import warnings
+
+                warnings.warn(f"fuseformer: {COMPILE_LOG_ENV}={path}: compiles are no longer logged ({err})",
+                              stacklevel=2)
         return key
 
     get_cache_key._fuseformer_log = True

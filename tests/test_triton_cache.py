@@ -198,3 +198,42 @@ def test_c_modules_are_built_by_the_given_python_carried_and_placed_for_its_suff
                        lambda m: m["launchers"].update(suffix=".cpython-399-x86_64-linux-gnu.so"))
     said = tc.unpack(other, tmp_path / "not_placed")
     assert "not placed" in said and not (tmp_path / "not_placed" / built["files"][0]).exists(), said
+
+
+def test_a_compile_log_that_cannot_be_written_warns_once_and_never_fails_a_compile(tmp_path, monkeypatch):
+    import types
+    import warnings
+
+    import triton.compiler.compiler as C
+    from triton.runtime.cache import triton_key
+
+    from fuseformer.bench import triton_cache as tc
+
+    keys = []
+
+    def original(src, backend, options, env_vars=None):
+        keys.append(src.name)
+        return f"{triton_key()}-{src.name}"
+
+    monkeypatch.setattr(C, "get_cache_key", original)
+    monkeypatch.setenv(tc.COMPILE_LOG_ENV, str(tmp_path / "no such folder" / "log.jsonl"))
+    assert tc.log_compiles_from_env()
+    src = types.SimpleNamespace(name="_kernel", fn=None, signature={}, constants={}, attrs={})
+    backend = types.SimpleNamespace(hash=lambda: "backend")
+    options = types.SimpleNamespace(hash=lambda: "options", num_warps=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert C.get_cache_key(src, backend, options, env_vars={}) == f"{triton_key()}-_kernel"
+    assert keys == ["_kernel"] * 3
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1 and "compiles are no longer logged" in said[0], said
+    # Written where it can be: one JSON line a compile, with its key's parts.
+    monkeypatch.setattr(C, "get_cache_key", original)
+    log = tmp_path / "log.jsonl"
+    monkeypatch.setenv(tc.COMPILE_LOG_ENV, str(log))
+    assert tc.log_compiles_from_env()
+    C.get_cache_key(src, backend, options, env_vars={"TRITON_X": "1"})
+    line = json.loads(log.read_text())
+    assert line["kernel"] == "_kernel" and line["key"] == "_kernel" and line["options"] == {"num_warps": 4}
+    assert line["env"] == "[('TRITON_X', '1')]"
