@@ -25,7 +25,7 @@
 # is left of the whole call (20 s kept for a step's SIGINT and the packing), so the last stage gets the rest and ends
 # before the device tool's limit. BENCH_QUICK=1 gives the benchmark's shorter timings;
 # MODELS_FILTER / OPS_FILTER pick and order the cases (default: the targets' cases first, then
-# every other case). `prewarm` runs the bench's cases once in PREWARM_PROCS (4) + 2 processes at
+# every other case). `prewarm` runs the bench's cases once in PREWARM_PROCS (4) + PREWARM_MODEL_PROCS (3) processes at
 # once, beside the stages after it, so that the timed run finds Triton's autotune configs and
 # torch.compile's graphs in the on-disk caches (bench/prewarm.py says why); the stages that time
 # anything (profile, overhead, bench) first wait for it. Everything in one 600-second command:
@@ -255,8 +255,10 @@ prewarm_start() {
         --filter "${OPS_FILTER:-$DEFAULT_OPS_FILTER}" ${BENCH_QUICK:+--quick} --procs "${PREWARM_PROCS:-4}" \
         --seconds "$limit" --logs "$OUT/prewarm" >"$OUT/prewarm_ops.txt" 2>&1 &
     prewarm_pids="$!"
+    # Three processes for the models (two until 2026-11-28, when the one holding the training
+    # cases was cut at 245 s): prewarm.py deals the training cases apart now.
     timed prewarm-models timeout -s INT -k 10 "$((limit + 15))" python3 -m fuseformer.bench.prewarm --suite models \
-        --filter "${MODELS_FILTER:-$DEFAULT_MODELS_FILTER}" ${BENCH_QUICK:+--quick} --procs 2 \
+        --filter "${MODELS_FILTER:-$DEFAULT_MODELS_FILTER}" ${BENCH_QUICK:+--quick} --procs "${PREWARM_MODEL_PROCS:-3}" \
         --seconds "$limit" --logs "$OUT/prewarm" >"$OUT/prewarm_models.txt" 2>&1 &
     prewarm_pids="$prewarm_pids $!"
 }

@@ -231,17 +231,33 @@ def test_bad_backend_variable_is_one_line_and_status_2(value):
     assert len(lines) == 1 and "FUSEFORMER_BACKEND must be one of" in lines[0] and value in lines[0], proc.stderr
 
 
-def test_prewarm_plan_deals_the_cases_round_robin():
+def test_prewarm_plan_deals_the_cases_by_their_work():
     """bench/prewarm.py splits the timed run's cases (its filter and order) over the processes:
-    each case once, the headline ones spread over every group's start, no empty group."""
+    each case once, the headline ones spread over every group's start, no empty group, and
+    the cases with a backward (BACKWARD_WEIGHT each) spread too, not dealt by count."""
     from fuseformer.bench import prewarm
 
-    selected = [c.name for c in cli._select(cli._collect("ops", "cpu"), "add_ln,linear_gelu", False)]
+    selected = cli._select(cli._collect("ops", "cpu"), "add_ln,linear_gelu", False)
     groups = prewarm.plan("ops", "add_ln,linear_gelu", False, 3, "cpu")
     assert len(groups) == 3 and all(groups)
-    assert sorted(sum(groups, [])) == sorted(selected)
-    assert [g[0] for g in groups] == selected[:3]
+    assert sorted(sum(groups, [])) == sorted(c.name for c in selected)
+    assert [g[0] for g in groups] == [c.name for c in selected[:3]]
+    weight = {c.name: prewarm._weight(c) for c in selected}
+    assert set(weight.values()) == {1, prewarm.BACKWARD_WEIGHT}  # both kinds are in the split
+    work = [sum(weight[n] for n in g) for g in groups]
+    assert max(work) - min(work) <= prewarm.BACKWARD_WEIGHT, (groups, work)
     assert prewarm.plan("ops", TINY, False, 8, "cpu") == [[TINY]]  # never more processes than cases
+
+
+def test_prewarm_spreads_the_models_training_cases():
+    """The GPU models suite's three training cases, which dealt round-robin by count all fell in
+    one of two processes (2026-11-28), go to different processes of three."""
+    from fuseformer.bench import prewarm
+
+    groups = prewarm.plan("models", "bert_train_B32_L128*,bert_infer_B32_L128*,bert_infer_B8_L512_pad30,"
+                          "gpt2_infer_B8_L512,*", True, 3, "cuda")
+    train = [[n for n in g if "_train_" in n] for g in groups]
+    assert sum(len(t) for t in train) == 3 and max(len(t) for t in train) <= 2, groups
 
 
 def test_prewarm_runs_each_share_in_a_process_of_its_own(tmp_path):
