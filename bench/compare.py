@@ -81,6 +81,32 @@ def compare(old: dict, new: dict, tolerance: float) -> tuple[list[str], list[str
     return regressions, improvements
 
 
+def _picks(doc: dict) -> dict:
+    """(kernel, key) -> (winning config, the case and implementation that tuned it), over every
+    implementation's `tuned` record (bench/op_trace.py tuned_since)."""
+    picks = {}
+    for case in doc["cases"]:
+        for name, entry in case.get("impls", {}).items():
+            for t in entry.get("tuned", ()):
+                picks.setdefault((t["kernel"], t["key"]), (t["config"], f"{case['name']} / {name}"))
+    return picks
+
+
+def changed_picks(old: dict, new: dict) -> list[str]:
+    """The autotuned keys both runs tuned whose winning config differs, as printable lines:
+    a kernel that got slower with its code unchanged may only have been handed another config
+    (the H200 run of 2026-11-28 could not tell, bench/op_trace.py's tuned_since says why)."""
+    before, after = _picks(old), _picks(new)
+    lines = []
+    for (kernel, key), (config, where) in after.items():
+        prev = before.get((kernel, key))
+        if prev is not None and prev[0] != config:
+            diff = ", ".join(f"{k} {prev[0].get(k)} -> {config.get(k)}" for k in sorted(config.keys() | prev[0].keys())
+                             if prev[0].get(k) != config.get(k))
+            lines.append(f"{kernel} {key} ({where}): {diff}")
+    return lines
+
+
 def main(old_path: str, new_path: str, tolerance: float, console) -> int:
     from rich.markup import escape
     old, new = load(Path(old_path)), load(Path(new_path))
@@ -102,6 +128,8 @@ def main(old_path: str, new_path: str, tolerance: float, console) -> int:
                           f"ours count as slower only beyond {max(1.0, drift[1]) * (1 + tolerance):.2f}x")
     for line in improvements:
         console.print(f"[green]faster[/green]  {escape(line)}", highlight=False)
+    for line in changed_picks(old, new):
+        console.print(f"[yellow]autotune pick changed[/yellow]  {escape(line)}", highlight=False)
     for line in regressions:
         console.print(f"[red]REGRESSION[/red]  {escape(line)}", highlight=False)
     if regressions:

@@ -176,6 +176,22 @@ def test_roofline_fraction_and_plot_against_a_ceiling(tmp_path):
     assert "| roofline |" in (tmp_path / "results.md").read_text()
 
 
+def test_compare_names_an_autotune_pick_that_changed():
+    """`bench compare` says where both runs tuned a key and took different configs; a key
+    tuned in one run only, or to the same config, is not named."""
+    def doc(picks):
+        impls = {name: {"kind": OURS, "tuned": [{"kernel": "_k", "key": key, "config": cfg} for key, cfg in tuned]}
+                 for name, tuned in picks.items()}
+        return {"cases": [{"name": "c", "status": "ok", "impls": impls}]}
+
+    old = doc({"fuseformer-triton": [("(4096,)", {"BLOCK_N": 128, "num_warps": 8}), ("(16384,)", {"BLOCK_N": 256}),
+                                     ("(1,)", {"BLOCK_N": 64})]})
+    new = doc({"fuseformer-triton": [("(4096,)", {"BLOCK_N": 256, "num_warps": 8}), ("(16384,)", {"BLOCK_N": 256}),
+                                     ("(2,)", {"BLOCK_N": 64})]})
+    assert compare.changed_picks(old, new) == ["_k (4096,) (c / fuseformer-triton): BLOCK_N 128 -> 256"]
+    assert compare.changed_picks(old, old) == []
+
+
 def test_compare_finds_an_injected_regression(tmp_path, capsys, roofline):
     result = runner.run_case(fake_case("fake_c", _double), runner.RunConfig(CPU, quick=True), roofline)
     old = {"env": {"device_name": "x"}, "cases": [result]}
