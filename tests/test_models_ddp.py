@@ -41,6 +41,10 @@ def _worker(rank, port, out_dir):
             opt.step()
         params = torch.cat([p.detach().flatten() for p in model.parameters()])
         torch.save({"grads": grads, "params": params, "loss": loss.item()}, os.path.join(out_dir, f"{rank}.pt"))
+        # Both ranks done before either tears gloo down: a rank that destroyed its group while
+        # the other still held the connection aborted that one ("terminate called without an
+        # active exception", SIGABRT) once in CI, 2026-11-28.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
