@@ -48,7 +48,8 @@ BACKWARD_WEIGHT = 3
 
 
 def _weight(case) -> int:
-    return BACKWARD_WEIGHT if getattr(case, "task", "") == "train" or "_bwd" in case.name else 1
+    # An ops case with a backward names its grad_inputs (bench/core.py); a models one trains.
+    return BACKWARD_WEIGHT if getattr(case, "grad_inputs", ()) or getattr(case, "task", "") == "train" else 1
 
 
 def plan(suite: str, filter_text: str | None, quick: bool, procs: int, device_type: str) -> list[list[str]]:

@@ -153,12 +153,13 @@ def run_case(case: Case, config: RunConfig, roofline: timing.Roofline) -> dict:
             roof_seconds = max(roof_seconds, result["bytes"] / (roofline.copy_gbps * 1e9))
         entry["roofline_fraction"] = roof_seconds / seconds if roof_seconds and roofline.is_ceiling else None
         times[name] = t.median_ms
-        if config.device.type == "cuda" and config.graph and case.graph_timed and entry.get("replays_own_graph"):
-            entry["graph_error"] = "its call is a CUDA graph replay already (its eager time is the replay's)"
-        elif config.device.type == "cuda" and config.graph and case.graph_timed:
-            graph_ms = _time_graphed(entry, fn, t.median_ms, config.quick)
-            if graph_ms is not None:
-                graph_times[name] = graph_ms
+        if config.device.type == "cuda" and config.graph and case.graph_timed:
+            if entry.get("replays_own_graph"):
+                entry["graph_error"] = "its call is a CUDA graph replay already (its eager time is the replay's)"
+            else:
+                graph_ms = _time_graphed(entry, fn, t.median_ms, config.quick)
+                if graph_ms is not None:
+                    graph_times[name] = graph_ms
     del prepared
 
     ours = [n for n, e in impls.items() if e.get("kind") == OURS]

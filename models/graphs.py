@@ -24,9 +24,10 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from .pretraining import IGNORE_INDEX  # the label padding gets: no loss
+
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _TRAIN_INPUTS = _INPUTS + ("labels",)
-IGNORE_INDEX = -100  # the label padding gets: no loss (models/pretraining.py's)
 # Outputs whose second dimension is the sequence (sliced back to L); other outputs are per row.
 _PER_TOKEN = {"last_hidden_state", "hidden_states", "prediction_logits", "start_logits", "end_logits"}
 
