@@ -12,12 +12,15 @@
 // kernel writes the second copy itself because outputs of a torch custom op may not alias.
 //
 // A row lives in registers between the two reductions, so it is read from memory once. A
-// "row group" of THREADS_PER_ROW threads owns a row: a warp for N up to 1024 (reductions by
-// shuffles only), the whole block (256 or 512 threads) above that. Every global access of x,
+// "row group" of THREADS_PER_ROW threads owns a row: a warp (reductions by shuffles only) or the
+// whole block. The forward gives each thread one 16-byte vector of the row (pick_forward_config);
+// the backward, a warp for N up to 1024, 256 or 512 threads above (pick_config). Every global access of x,
 // residual, weight, bias, dy, the stream and the outputs is 16 bytes wide when the pointers and
 // N allow it (`aligned`), one element wide otherwise. The forward writes the stream and
 // mean/rstd only when given somewhere to put them. The backward writes one row of dw/db partial
 // sums per block; a second, small kernel adds those rows up.
+#include <type_traits>
+
 #include "common.cuh"
 #include "kernels.h"
 
@@ -45,24 +48,48 @@ __device__ __forceinline__ float group_sum(float v, float* scratch) {
   }
 }
 
-// Loads h = round_T(x + residual) for the columns this thread owns; zero outside the row.
+// Element j of a Vec of 16-bit values read as fp32, and VW fp32 values rounded into one, a pair
+// (one 32-bit register) at a time: the two-wide conversions (F2FP.*.PACK_AB) put both halves of
+// a register in one instruction, where rounding element by element then merges the halves
+// (PRMT). For bf16 the forward fits 32 registers a thread only this way (48 bytes spilled
+// element by element).
+template <typename T, int VW>
+__device__ __forceinline__ void round_into(Vec<T, VW>& dst, const float (&src)[VW]) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && VW % 2 == 0) {
+    auto* pairs = reinterpret_cast<__nv_bfloat162*>(dst.v);
+#pragma unroll
+    for (int j = 0; j < VW; j += 2) pairs[j / 2] = __floats2bfloat162_rn(src[j], src[j + 1]);
+  } else if constexpr (std::is_same_v<T, __half> && VW % 2 == 0) {
+    auto* pairs = reinterpret_cast<__half2*>(dst.v);
+#pragma unroll
+    for (int j = 0; j < VW; j += 2) pairs[j / 2] = __floats2half2_rn(src[j], src[j + 1]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VW; ++j) dst.v[j] = from_float<T>(src[j]);
+  }
+}
+
+// Loads h = round_T(x + residual) for the columns this thread owns; zero outside the row. h is
+// held in T, as the rounding leaves it: exact, and half the registers of fp32 for 16-bit types
+// (the forward's configs need that to fit 32 registers a thread, kFwdMinBlocks).
 template <typename T, int VW, int THREADS_PER_ROW, int VECS>
 __device__ __forceinline__ void load_stream(const T* __restrict__ x, const T* __restrict__ residual, int64_t row,
-                                            int N, int lane, float (&h)[VECS][VW]) {
+                                            int N, int lane, Vec<T, VW> (&h)[VECS]) {
 #pragma unroll
   for (int i = 0; i < VECS; ++i) {
     const int col = (i * THREADS_PER_ROW + lane) * VW;
     if (col < N) {
-      load_vec<T, VW>(x + row * N + col, h[i]);
+      h[i] = *reinterpret_cast<const Vec<T, VW>*>(x + row * N + col);
       if (residual != nullptr) {
-        float r[VW];
-        load_vec<T, VW>(residual + row * N + col, r);
+        const Vec<T, VW> r = *reinterpret_cast<const Vec<T, VW>*>(residual + row * N + col);
+        float sum[VW];
 #pragma unroll
-        for (int j = 0; j < VW; ++j) h[i][j] = to_float(from_float<T>(h[i][j] + r[j]));
+        for (int j = 0; j < VW; ++j) sum[j] = to_float(h[i].v[j]) + to_float(r.v[j]);
+        round_into<T, VW>(h[i], sum);
       }
     } else {
 #pragma unroll
-      for (int j = 0; j < VW; ++j) h[i][j] = 0.f;
+      for (int j = 0; j < VW; ++j) h[i].v[j] = from_float<T>(0.f);
     }
   }
 }
@@ -97,8 +124,16 @@ __device__ __forceinline__ void store_f32(float* __restrict__ dst, const float (
 
 // The launch bounds let ptxas budget registers for the real block size (a 512-thread block
 // must fit in 128 registers per thread, or the launch fails).
+// kFwdMinBlocks: the threads an SM should hold at once for the aligned forward configs, as ptxas
+// budgets registers for them: 1536 (at most 40 registers a thread) with one vector a thread, 1024
+// (64) with more (N > 4096 in 16 bits: those spilled at 40). At 32 registers (all 2048) the bf16
+// configs spilled 30-48 bytes. Every other config is budgeted for its block size alone.
+template <int VW, int THREADS_PER_ROW, int VECS>
+constexpr int kFwdMinBlocks = VW > 1 ? (VECS == 1 ? 1536 : 1024) / (THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_PER_ROW) : 1;
+
 template <typename T, int VW, int THREADS_PER_ROW, int VECS>
-__global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_PER_ROW) add_layer_norm_forward_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+__global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_PER_ROW,
+                                  kFwdMinBlocks<VW, THREADS_PER_ROW, VECS>) add_layer_norm_forward_kernel(const T* __restrict__ x, const T* __restrict__ residual,
                                               const T* __restrict__ weight, const T* __restrict__ bias,
                                               T* __restrict__ y, T* __restrict__ stream_out, float* __restrict__ mean_out,
                                               float* __restrict__ rstd_out, int64_t M, int N, float eps) {
@@ -110,14 +145,14 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
   // Every thread of a group runs the same rows, so the block-wide barriers inside group_sum
   // (block-per-row case) are reached by all threads together.
   for (int64_t row = (int64_t)blockIdx.x * kRowsPerBlock + group; row < M; row += (int64_t)gridDim.x * kRowsPerBlock) {
-    float h[VECS][VW];
+    Vec<T, VW> h[VECS];
     load_stream<T, VW, THREADS_PER_ROW, VECS>(x, residual, row, N, lane, h);
 
     float sum = 0.f;
 #pragma unroll
     for (int i = 0; i < VECS; ++i)
 #pragma unroll
-      for (int j = 0; j < VW; ++j) sum += h[i][j];
+      for (int j = 0; j < VW; ++j) sum += to_float(h[i].v[j]);
     const float mean = group_sum<THREADS_PER_ROW>(sum, scratch) / N;
 
     // Second pass over registers: exact centred variance, no E[x^2] - E[x]^2 cancellation.
@@ -127,7 +162,10 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
       const int col = (i * THREADS_PER_ROW + lane) * VW;
       if (col < N) {
 #pragma unroll
-        for (int j = 0; j < VW; ++j) sq += (h[i][j] - mean) * (h[i][j] - mean);
+        for (int j = 0; j < VW; ++j) {
+          const float d = to_float(h[i].v[j]) - mean;
+          sq += d * d;
+        }
       }
     }
     const float rstd = rsqrtf(group_sum<THREADS_PER_ROW>(sq, scratch) / N + eps);
@@ -136,18 +174,20 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
     for (int i = 0; i < VECS; ++i) {
       const int col = (i * THREADS_PER_ROW + lane) * VW;
       if (col >= N) continue;
-      if (stream_out != nullptr) store_vec<T, VW>(stream_out + row * N + col, h[i]);
-      float w[VW], b[VW], out[VW];
-      if (weight != nullptr) load_vec<T, VW>(weight + col, w);
-      if (bias != nullptr) load_vec<T, VW>(bias + col, b);
+      if (stream_out != nullptr) *reinterpret_cast<Vec<T, VW>*>(stream_out + row * N + col) = h[i];
+      // weight, bias and y as T too, converted one element at a time (32 registers, as above).
+      Vec<T, VW> w, b, out;
+      if (weight != nullptr) w = *reinterpret_cast<const Vec<T, VW>*>(weight + col);
+      if (bias != nullptr) b = *reinterpret_cast<const Vec<T, VW>*>(bias + col);
+      float v[VW];
 #pragma unroll
       for (int j = 0; j < VW; ++j) {
-        float v = (h[i][j] - mean) * rstd;
-        if (weight != nullptr) v *= w[j];
-        if (bias != nullptr) v += b[j];
-        out[j] = v;
+        v[j] = (to_float(h[i].v[j]) - mean) * rstd;
+        if (weight != nullptr) v[j] *= to_float(w.v[j]);
+        if (bias != nullptr) v[j] += to_float(b.v[j]);
       }
-      store_vec<T, VW>(y + row * N + col, out);
+      round_into<T, VW>(out, v);
+      *reinterpret_cast<Vec<T, VW>*>(y + row * N + col) = out;
     }
     if (lane == 0 && mean_out != nullptr) {  // null in inference: nothing reads them
       mean_out[row] = mean;
@@ -368,6 +408,29 @@ RowConfig pick_config(int N, bool aligned) {
   return {256, 32};
 }
 
+// The forward's aligned configs: one 16-byte vector a thread and tensor, as many threads as the
+// row has vectors (a power of two, 64 to 512: one row a block, as the Triton forward runs one row
+// a program), or a warp per row (four rows a block) for rows of at most 32 vectors; rows of more
+// than 512 vectors (N > 4096 in 16 bits, > 2048 in fp32) take 512 threads of up to kWideVecs.
+// Why not the backward's configs: the H200 (bench/results/h200/, 2026-11-28, 16384 rows, bf16,
+// device time) timed the forward on them at 70% of copy bandwidth at N = 768, 75% at 1024, 68%
+// at 2048 and 83% at 4096, where the Triton forward of the same shapes reached 87-95%. Room for
+// 2-4 vectors a lane, mostly unused (N = 2048 filled one of the 256-thread config's two), cost
+// 58-72 registers a thread there (ptxas, sm_90), so at most half of an SM's 2048 threads were
+// resident with their loads in flight; the Triton kernel compiles to 29. These hold the row as
+// T, not fp32, and ask for 1536 threads an SM (kFwdMinBlocks): 32-40 registers, no spills.
+// Untimed on a GPU.
+template <typename T>
+RowConfig pick_forward_config(int N, bool aligned) {
+  constexpr int kVW = kVecWidth<T>;
+  if (!aligned) return pick_config<T>(N, false);
+  const int vectors = (N + kVW - 1) / kVW;
+  if (vectors <= 32) return {32, 1};
+  int threads = 64;
+  while (threads < vectors && threads < 512) threads *= 2;
+  return {threads, vectors > 512 ? kWideVecs<T> : 1};
+}
+
 int rows_per_block(RowConfig c) { return (c.threads_per_row <= 32 ? kWarpBlock : c.threads_per_row) / c.threads_per_row; }
 int block_threads(RowConfig c) { return c.threads_per_row <= 32 ? kWarpBlock : c.threads_per_row; }
 
@@ -376,7 +439,15 @@ int64_t blocks_for(int64_t M, RowConfig c, int64_t cap) {
   return needed < cap ? (needed > 0 ? needed : 1) : cap;
 }
 
-// Every (VW, threads, vecs) instance pick_config can return, in one place.
+// Every (VW, threads, vecs) instance pick_config can return, in one place; the unaligned ones
+// are the forward's too.
+#define FUSEFORMER_LN_UNALIGNED(T, cfg, LAUNCH)                                   \
+  do {                                                                            \
+    if (cfg.threads_per_row == 32 && cfg.vecs == 8) LAUNCH(T, 1, 32, 8);          \
+    else if (cfg.threads_per_row == 32) LAUNCH(T, 1, 32, 32);                     \
+    else LAUNCH(T, 1, 256, 32);                                                   \
+  } while (0)
+
 #define FUSEFORMER_LN_DISPATCH(T, cfg, aligned, LAUNCH)                           \
   do {                                                                            \
     constexpr int kVW = kVecWidth<T>;                                             \
@@ -386,23 +457,34 @@ int64_t blocks_for(int64_t M, RowConfig c, int64_t cap) {
       else if (cfg.threads_per_row == 256) LAUNCH(T, kVW, 256, 2);                \
       else LAUNCH(T, kVW, 512, kWideVecs<T>);                                     \
     } else {                                                                      \
-      if (cfg.threads_per_row == 32 && cfg.vecs == 8) LAUNCH(T, 1, 32, 8);        \
-      else if (cfg.threads_per_row == 32) LAUNCH(T, 1, 32, 32);                   \
-      else LAUNCH(T, 1, 256, 32);                                                 \
+      FUSEFORMER_LN_UNALIGNED(T, cfg, LAUNCH);                                    \
     }                                                                             \
+  } while (0)
+
+// Every instance pick_forward_config can return.
+#define FUSEFORMER_LN_FORWARD_DISPATCH(T, cfg, aligned, LAUNCH)                   \
+  do {                                                                            \
+    constexpr int kVW = kVecWidth<T>;                                             \
+    if (!aligned) FUSEFORMER_LN_UNALIGNED(T, cfg, LAUNCH);                        \
+    else if (cfg.threads_per_row == 32) LAUNCH(T, kVW, 32, 1);                    \
+    else if (cfg.threads_per_row == 64) LAUNCH(T, kVW, 64, 1);                    \
+    else if (cfg.threads_per_row == 128) LAUNCH(T, kVW, 128, 1);                  \
+    else if (cfg.threads_per_row == 256) LAUNCH(T, kVW, 256, 1);                  \
+    else if (cfg.vecs == 1) LAUNCH(T, kVW, 512, 1);                               \
+    else LAUNCH(T, kVW, 512, kWideVecs<T>);                                       \
   } while (0)
 
 template <typename T>
 cudaError_t forward_typed(const void* x, const void* residual, const void* weight, const void* bias, void* y,
                           void* stream_out, float* mean, float* rstd, int64_t M, int N, float eps, bool aligned,
                           cudaStream_t stream) {
-  const RowConfig cfg = pick_config<T>(N, aligned);
+  const RowConfig cfg = pick_forward_config<T>(N, aligned);
   const int64_t blocks = blocks_for(M, cfg, int64_t{1} << 20);
 #define LAUNCH(TT, VW, TPR, VECS)                                                                              \
   add_layer_norm_forward_kernel<TT, VW, TPR, VECS><<<(unsigned)blocks, block_threads(cfg), 0, stream>>>(       \
       static_cast<const TT*>(x), static_cast<const TT*>(residual), static_cast<const TT*>(weight),             \
       static_cast<const TT*>(bias), static_cast<TT*>(y), static_cast<TT*>(stream_out), mean, rstd, M, N, eps)
-  FUSEFORMER_LN_DISPATCH(T, cfg, aligned, LAUNCH);
+  FUSEFORMER_LN_FORWARD_DISPATCH(T, cfg, aligned, LAUNCH);
 #undef LAUNCH
   return cudaGetLastError();
 }

@@ -56,6 +56,11 @@ inline float __bfloat162float(__nv_bfloat16 b) { uint32_t u = uint32_t(b.bits) <
 inline __nv_bfloat16 __float2bfloat16_rn(float v) {
   uint32_t u; std::memcpy(&u, &v, 4); u += 0x7fffu + ((u >> 16) & 1u); return {uint16_t(u >> 16)};
 }
+// Two 16-bit values in one 32-bit register (the pair conversions round each half as one would).
+struct alignas(4) __half2 { __half x, y; };
+inline __half2 __floats2half2_rn(float a, float b) { return {__float2half_rn(a), __float2half_rn(b)}; }
+struct alignas(4) __nv_bfloat162 { __nv_bfloat16 x, y; };
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)}; }
 namespace emu {
 inline long launches = 0;
 template <typename... P, typename... A>
