@@ -13,10 +13,9 @@
 //
 // A row lives in registers between the two reductions, so it is read from memory once. A
 // "row group" of THREADS_PER_ROW threads owns a row: a warp (reductions by shuffles only) or the
-// whole block. The forward gives each thread one 16-byte vector of the row (pick_forward_config);
-// the backward, a warp for N up to 1024, 256 or 512 threads above (pick_config). Every global access of x,
-// residual, weight, bias, dy, the stream and the outputs is 16 bytes wide when the pointers and
-// N allow it (`aligned`), one element wide otherwise. The forward writes the stream and
+// whole block; each thread holds one 16-byte vector of the row (pick_config). Every global access
+// of x, residual, weight, bias, dy, the stream and the outputs is 16 bytes wide when the pointers
+// and N allow it (`aligned`), one element wide otherwise. The forward writes the stream and
 // mean/rstd only when given somewhere to put them. The backward writes one row of dw/db partial
 // sums per block; a second, small kernel adds those rows up.
 #include <type_traits>
@@ -48,11 +47,9 @@ __device__ __forceinline__ float group_sum(float v, float* scratch) {
   }
 }
 
-// Element j of a Vec of 16-bit values read as fp32, and VW fp32 values rounded into one, a pair
-// (one 32-bit register) at a time: the two-wide conversions (F2FP.*.PACK_AB) put both halves of
-// a register in one instruction, where rounding element by element then merges the halves
-// (PRMT). For bf16 the forward fits 32 registers a thread only this way (48 bytes spilled
-// element by element).
+// VW fp32 values rounded into a Vec of T, a pair (one 32-bit register) at a time for 16-bit
+// types: the two-wide conversion (F2FP.*.PACK_AB) fills both halves of a register in one
+// instruction, where rounding element by element then merges the halves (PRMT).
 template <typename T, int VW>
 __device__ __forceinline__ void round_into(Vec<T, VW>& dst, const float (&src)[VW]) {
   if constexpr (std::is_same_v<T, __nv_bfloat16> && VW % 2 == 0) {
@@ -69,43 +66,38 @@ __device__ __forceinline__ void round_into(Vec<T, VW>& dst, const float (&src)[V
   }
 }
 
-// Loads h = round_T(x + residual) for the columns this thread owns; zero outside the row. h is
-// held in T, as the rounding leaves it: exact, and half the registers of fp32 for 16-bit types
-// (the forward's configs need that to fit 32 registers a thread, kFwdMinBlocks).
+// A row's vectors as stored (T), for the columns this thread owns; zero outside the row.
 template <typename T, int VW, int THREADS_PER_ROW, int VECS>
-__device__ __forceinline__ void load_stream(const T* __restrict__ x, const T* __restrict__ residual, int64_t row,
-                                            int N, int lane, Vec<T, VW> (&h)[VECS]) {
+__device__ __forceinline__ void load_packed(const T* __restrict__ src, int64_t row, int N, int lane,
+                                           Vec<T, VW> (&dst)[VECS]) {
 #pragma unroll
   for (int i = 0; i < VECS; ++i) {
     const int col = (i * THREADS_PER_ROW + lane) * VW;
     if (col < N) {
-      h[i] = *reinterpret_cast<const Vec<T, VW>*>(x + row * N + col);
-      if (residual != nullptr) {
-        const Vec<T, VW> r = *reinterpret_cast<const Vec<T, VW>*>(residual + row * N + col);
-        float sum[VW];
-#pragma unroll
-        for (int j = 0; j < VW; ++j) sum[j] = to_float(h[i].v[j]) + to_float(r.v[j]);
-        round_into<T, VW>(h[i], sum);
-      }
+      dst[i] = *reinterpret_cast<const Vec<T, VW>*>(src + row * N + col);
     } else {
 #pragma unroll
-      for (int j = 0; j < VW; ++j) h[i].v[j] = from_float<T>(0.f);
+      for (int j = 0; j < VW; ++j) dst[i].v[j] = from_float<T>(0.f);
     }
   }
 }
 
+// Loads h = round_T(x + residual) for the columns this thread owns; zero outside the row. h is
+// held in T, as the rounding leaves it: exact, and half the registers of fp32 for 16-bit types
+// (the forward's configs need that to fit 40 registers a thread, kFwdMinBlocks).
 template <typename T, int VW, int THREADS_PER_ROW, int VECS>
-__device__ __forceinline__ void load_row(const T* __restrict__ src, int64_t row, int N, int lane,
-                                         float (&dst)[VECS][VW]) {
+__device__ __forceinline__ void load_stream(const T* __restrict__ x, const T* __restrict__ residual, int64_t row,
+                                            int N, int lane, Vec<T, VW> (&h)[VECS]) {
+  load_packed<T, VW, THREADS_PER_ROW, VECS>(x, row, N, lane, h);
+  if (residual == nullptr) return;
+  Vec<T, VW> r[VECS];
+  load_packed<T, VW, THREADS_PER_ROW, VECS>(residual, row, N, lane, r);
 #pragma unroll
   for (int i = 0; i < VECS; ++i) {
-    const int col = (i * THREADS_PER_ROW + lane) * VW;
-    if (col < N) {
-      load_vec<T, VW>(src + row * N + col, dst[i]);
-    } else {
+    float sum[VW];
 #pragma unroll
-      for (int j = 0; j < VW; ++j) dst[i][j] = 0.f;
-    }
+    for (int j = 0; j < VW; ++j) sum[j] = to_float(h[i].v[j]) + to_float(r[i].v[j]);
+    round_into<T, VW>(h[i], sum);
   }
 }
 
@@ -123,8 +115,7 @@ __device__ __forceinline__ void store_f32(float* __restrict__ dst, const float (
 }
 
 // The launch bounds let ptxas budget registers for the real block size (a 512-thread block
-// must fit in 128 registers per thread, or the launch fails).
-// kFwdMinBlocks: the threads an SM should hold at once for the aligned forward configs, as ptxas
+// must fit in 128 registers per thread, or the launch fails). kFwdMinBlocks: the threads an SM should hold at once for the aligned forward configs, as ptxas
 // budgets registers for them: 1536 (at most 40 registers a thread) with one vector a thread, 1024
 // (64) with more (N > 4096 in 16 bits: those spilled at 40). At 32 registers (all 2048) the bf16
 // configs spilled 30-48 bytes. Every other config is budgeted for its block size alone.
@@ -213,14 +204,23 @@ __device__ __forceinline__ void add_f32(float* dst, const float (&src)[VW]) {
 }
 
 // Each group also sums dy * xhat and dy over the rows it visits, for dweight and dbias: in
-// registers when a block owns a row (one row group per block), in a shared-memory slice per
-// warp when warps own rows. There the four per-element arrays of a warp row (stream, dy and
-// the two sums, 4 x 32 fp32 at N = 1024) would need ~160 registers, 3 blocks per SM: one and a
-// third waves of the 4-blocks-per-SM grid. With the sums in shared memory (at most
-// 4 warps x 2 x 4 KB) a block fits 128 registers. Each block writes one partial row.
+// registers when a block owns a row (one row group per block: its threads keep their columns from
+// row to row), in a shared-memory slice per warp when warps own rows (several rows a block). Each
+// block writes one partial row of each. The stream, dy and weight stay in T as loaded (converted
+// element by element where used), and the next row's stream and dy are loaded before this row's
+// reductions, so each group has two rows of loads in flight: the H200 (bench/results/h200/,
+// 2026-11-28) timed the earlier backward, one row in flight, fp32 copies of both (93-117 registers
+// a thread, 4 blocks an SM), at 16384 x 768 and x 4096 bf16 forward+backward 0.0689 and 0.2919 ms,
+// 62% and 78% of copy bandwidth by the bench's byte count. Untimed on a GPU since.
+// kBwdMinBlocks: the aligned one-vector configs ask for 768 threads an SM (at most 85 registers a
+// thread; they take 60-95, no spills on sm_80 or sm_90). Unasked, ptxas gave some of them 64
+// registers and 8-20 bytes of spills; asked for 1024 threads, all of the 16-bit ones spilled.
+template <int VW, int THREADS_PER_ROW, int VECS>
+constexpr int kBwdMinBlocks = VW > 1 && VECS == 1 ? 768 / (THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_PER_ROW) : 1;
+
 template <typename T, int VW, int THREADS_PER_ROW, int VECS>
 __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_PER_ROW,
-                                  THREADS_PER_ROW <= 32 && VW > 1 ? 4 : 1) add_layer_norm_backward_kernel(
+                                  kBwdMinBlocks<VW, THREADS_PER_ROW, VECS>) add_layer_norm_backward_kernel(
     const T* __restrict__ dy, const T* __restrict__ dstream, const T* __restrict__ stream_in,
     const T* __restrict__ weight, const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
     T* __restrict__ dh, T* __restrict__ dh_copy, float* __restrict__ dweight_partial,
@@ -237,9 +237,11 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
   float* const sums_db = smem_sums + (kRowsPerBlock + group) * kRowFloats;
 
   float acc_dw[kSumsInSmem ? 1 : VECS][VW], acc_db[kSumsInSmem ? 1 : VECS][VW];
+  Vec<T, VW> w[VECS];  // the weight of this thread's columns, the same for every row
 #pragma unroll
   for (int i = 0; i < VECS; ++i) {
     const int col = (i * THREADS_PER_ROW + lane) * VW;
+    if (col < N && weight != nullptr) w[i] = *reinterpret_cast<const Vec<T, VW>*>(weight + col);
 #pragma unroll
     for (int j = 0; j < VW; ++j) {
       if constexpr (kSumsInSmem) {
@@ -249,11 +251,30 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
       }
     }
   }
+  // g = dy * weight, element j of vector i.
+  auto g_at = [&](const Vec<T, VW>(&d)[VECS], int i, int j) {
+    const float v = to_float(d[i].v[j]);
+    return weight != nullptr ? v * to_float(w[i].v[j]) : v;
+  };
 
-  for (int64_t row = (int64_t)blockIdx.x * kRowsPerBlock + group; row < M; row += (int64_t)gridDim.x * kRowsPerBlock) {
-    float h[VECS][VW], g[VECS][VW];
-    load_row<T, VW, THREADS_PER_ROW, VECS>(stream_in, row, N, lane, h);
-    load_row<T, VW, THREADS_PER_ROW, VECS>(dy, row, N, lane, g);
+  const int64_t step = (int64_t)gridDim.x * kRowsPerBlock;
+  int64_t row = (int64_t)blockIdx.x * kRowsPerBlock + group;
+  Vec<T, VW> s[VECS], d[VECS];  // this row's stream and dy
+  if (row < M) {
+    load_packed<T, VW, THREADS_PER_ROW, VECS>(stream_in, row, N, lane, s);
+    load_packed<T, VW, THREADS_PER_ROW, VECS>(dy, row, N, lane, d);
+  }
+  // The one-vector configs only: a second row of registers took the others (VW = 1, 8-32
+  // elements a lane; 2-4 vectors at N > 4096) from 96-212 registers a thread to 128-255, and
+  // spilled at 128.
+  constexpr bool kPrefetch = VW > 1 && VECS == 1;
+  for (; row < M; row += step) {
+    // The next row's loads first: in flight while this row is reduced.
+    Vec<T, VW> s_next[VECS], d_next[VECS];
+    if (kPrefetch && row + step < M) {
+      load_packed<T, VW, THREADS_PER_ROW, VECS>(stream_in, row + step, N, lane, s_next);
+      load_packed<T, VW, THREADS_PER_ROW, VECS>(dy, row + step, N, lane, d_next);
+    }
     const float mean = mean_in[row];
     const float rstd = rstd_in[row];
 
@@ -262,28 +283,23 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
     for (int i = 0; i < VECS; ++i) {
       const int col = (i * THREADS_PER_ROW + lane) * VW;
       if (col >= N) continue;
-      float w[VW], dw[VW];
-      if (weight != nullptr) load_vec<T, VW>(weight + col, w);
+      float dw[VW], db[VW];
 #pragma unroll
       for (int j = 0; j < VW; ++j) {
-        const float xhat = (h[i][j] - mean) * rstd;
-        dw[j] = g[i][j] * xhat;
+        const float xhat = (to_float(s[i].v[j]) - mean) * rstd;
+        db[j] = to_float(d[i].v[j]);
+        dw[j] = db[j] * xhat;
+        const float g = g_at(d, i, j);
+        sum_g += g;
+        sum_gx += g * xhat;
         if constexpr (!kSumsInSmem) {
           acc_dw[i][j] += dw[j];
-          acc_db[i][j] += g[i][j];
+          acc_db[i][j] += db[j];
         }
       }
       if constexpr (kSumsInSmem) {
         add_f32<VW>(sums_dw + col, dw);
-        add_f32<VW>(sums_db + col, g[i]);
-      }
-#pragma unroll
-      for (int j = 0; j < VW; ++j) {
-        const float xhat = (h[i][j] - mean) * rstd;
-        if (weight != nullptr) g[i][j] *= w[j];
-        h[i][j] = xhat;  // h is not needed any more; keep xhat in its registers
-        sum_g += g[i][j];
-        sum_gx += g[i][j] * xhat;
+        add_f32<VW>(sums_db + col, db);
       }
     }
     const float mean_g = group_sum<THREADS_PER_ROW>(sum_g, scratch) / N;
@@ -293,15 +309,28 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
     for (int i = 0; i < VECS; ++i) {
       const int col = (i * THREADS_PER_ROW + lane) * VW;
       if (col >= N) continue;
-      float extra[VW], out[VW];
-      if (dstream != nullptr) load_vec<T, VW>(dstream + row * N + col, extra);
+      Vec<T, VW> extra, out;
+      if (dstream != nullptr) extra = *reinterpret_cast<const Vec<T, VW>*>(dstream + row * N + col);
+      float v[VW];
 #pragma unroll
       for (int j = 0; j < VW; ++j) {
-        out[j] = rstd * (g[i][j] - mean_g - h[i][j] * mean_gx);
-        if (dstream != nullptr) out[j] += extra[j];
+        const float xhat = (to_float(s[i].v[j]) - mean) * rstd;
+        v[j] = rstd * (g_at(d, i, j) - mean_g - xhat * mean_gx);
+        if (dstream != nullptr) v[j] += to_float(extra.v[j]);
       }
-      store_vec<T, VW>(dh + row * N + col, out);
-      if (dh_copy != nullptr) store_vec<T, VW>(dh_copy + row * N + col, out);
+      round_into<T, VW>(out, v);
+      *reinterpret_cast<Vec<T, VW>*>(dh + row * N + col) = out;
+      if (dh_copy != nullptr) *reinterpret_cast<Vec<T, VW>*>(dh_copy + row * N + col) = out;
+    }
+    if constexpr (kPrefetch) {
+#pragma unroll
+      for (int i = 0; i < VECS; ++i) {
+        s[i] = s_next[i];
+        d[i] = d_next[i];
+      }
+    } else if (row + step < M) {
+      load_packed<T, VW, THREADS_PER_ROW, VECS>(stream_in, row + step, N, lane, s);
+      load_packed<T, VW, THREADS_PER_ROW, VECS>(dy, row + step, N, lane, d);
     }
   }
 
@@ -376,54 +405,41 @@ __global__ void __launch_bounds__(kSumCols * kSumSlices) add_layer_norm_sum_part
   }
 }
 
-// The (threads per row, vectors per thread) a hidden size N runs with. Each config holds just
-// enough vectors per thread to cover the widest N it is picked for, because ptxas budgets
-// registers for all of them: a warp per row up to N = 1024; then a 256-thread block, 2 vectors
-// each; then 512 threads up to kLayerNormMaxHidden. The backward keeps four per-element arrays
-// (stream, dy and two column sums) live, 4 * 16 fp32 per thread at the widest 16-bit rows,
-// which fits the 128 registers a 512-thread block allows (4 * 32 with 4 vectors spilled
-// ~300 bytes). Unaligned rows (VW = 1): 8 or 32 elements per lane of a warp up to N = 1024,
-// then 256 threads x 32.
+// The (threads per row, vectors per thread) a hidden size N runs with, forward and backward.
+// Aligned rows: one 16-byte vector a thread and tensor, as many threads as the row has vectors (a
+// power of two, 64 to 512: one row a block, as the Triton forward runs one row a program), or a
+// warp per row (four rows a block) for rows of at most 32 vectors; rows of more than 512 vectors
+// (N > 4096 in 16 bits, > 2048 in fp32) take 512 threads of up to kWideVecs. Unaligned rows
+// (VW = 1): 8 or 32 elements per lane of a warp up to N = 1024, then 256 threads x 32.
+//
+// Why: the H200 (bench/results/h200/, 2026-11-28, 16384 rows, bf16, device time) timed the
+// forward on the earlier configs (up to 4 vectors a lane of a warp per row up to N = 1024, then
+// 256 or 512 threads with room for 2) at 70% of copy bandwidth at N = 768, 75% at 1024, 68% at
+// 2048 and 83% at 4096, where the Triton forward of the same shapes reached 87-95%. Room for 2-4
+// vectors a lane, mostly unused (N = 2048 filled one of the 256-thread config's two), cost the
+// forward 58-72 registers a thread there (ptxas, sm_90) and the backward 93-117, so at most half
+// (forward) or a quarter (backward) of an SM's 2048 threads were resident with their loads in
+// flight; the Triton forward compiles to 29. With one vector a thread and rows held in T, the
+// forward fits 40 registers and asks for 1536 threads an SM (kFwdMinBlocks); the backward keeps
+// its column sums in registers at N > 256 and is launched on as many blocks as fit
+// (add_layer_norm_backward_blocks_per_sm). Untimed on a GPU.
 struct RowConfig {
   int threads_per_row;
   int vecs;
 };
 
 template <typename T> constexpr int kVecWidth = 16 / sizeof(T);
-template <typename T> constexpr int kWarpVecs = 1024 / (32 * kVecWidth<T>);                   // 4, or 8 for fp32
 template <typename T> constexpr int kWideVecs = kLayerNormMaxHidden / (512 * kVecWidth<T>);  // 2, or 4 for fp32
 static_assert(256 * 32 >= kLayerNormMaxHidden, "the unaligned block config must cover the widest row");
 
 template <typename T>
 RowConfig pick_config(int N, bool aligned) {
-  constexpr int kVW = kVecWidth<T>;
-  if (aligned) {
-    if (N <= 32 * kVW) return {32, 1};
-    if (N <= 1024) return {32, kWarpVecs<T>};
-    if (N <= 256 * 2 * kVW) return {256, 2};
-    return {512, kWideVecs<T>};
+  if (!aligned) {
+    if (N <= 32 * 8) return {32, 8};
+    if (N <= 1024) return {32, 32};
+    return {256, 32};
   }
-  if (N <= 32 * 8) return {32, 8};
-  if (N <= 1024) return {32, 32};
-  return {256, 32};
-}
-
-// The forward's aligned configs: one 16-byte vector a thread and tensor, as many threads as the
-// row has vectors (a power of two, 64 to 512: one row a block, as the Triton forward runs one row
-// a program), or a warp per row (four rows a block) for rows of at most 32 vectors; rows of more
-// than 512 vectors (N > 4096 in 16 bits, > 2048 in fp32) take 512 threads of up to kWideVecs.
-// Why not the backward's configs: the H200 (bench/results/h200/, 2026-11-28, 16384 rows, bf16,
-// device time) timed the forward on them at 70% of copy bandwidth at N = 768, 75% at 1024, 68%
-// at 2048 and 83% at 4096, where the Triton forward of the same shapes reached 87-95%. Room for
-// 2-4 vectors a lane, mostly unused (N = 2048 filled one of the 256-thread config's two), cost
-// 58-72 registers a thread there (ptxas, sm_90), so at most half of an SM's 2048 threads were
-// resident with their loads in flight; the Triton kernel compiles to 29. These hold the row as
-// T, not fp32, and ask for 1536 threads an SM (kFwdMinBlocks): 32-40 registers, no spills.
-// Untimed on a GPU.
-template <typename T>
-RowConfig pick_forward_config(int N, bool aligned) {
   constexpr int kVW = kVecWidth<T>;
-  if (!aligned) return pick_config<T>(N, false);
   const int vectors = (N + kVW - 1) / kVW;
   if (vectors <= 32) return {32, 1};
   int threads = 64;
@@ -439,34 +455,15 @@ int64_t blocks_for(int64_t M, RowConfig c, int64_t cap) {
   return needed < cap ? (needed > 0 ? needed : 1) : cap;
 }
 
-// Every (VW, threads, vecs) instance pick_config can return, in one place; the unaligned ones
-// are the forward's too.
-#define FUSEFORMER_LN_UNALIGNED(T, cfg, LAUNCH)                                   \
-  do {                                                                            \
-    if (cfg.threads_per_row == 32 && cfg.vecs == 8) LAUNCH(T, 1, 32, 8);          \
-    else if (cfg.threads_per_row == 32) LAUNCH(T, 1, 32, 32);                     \
-    else LAUNCH(T, 1, 256, 32);                                                   \
-  } while (0)
-
+// Every (VW, threads, vecs) instance pick_config can return, in one place.
 #define FUSEFORMER_LN_DISPATCH(T, cfg, aligned, LAUNCH)                           \
   do {                                                                            \
     constexpr int kVW = kVecWidth<T>;                                             \
-    if (aligned) {                                                                \
-      if (cfg.threads_per_row == 32 && cfg.vecs == 1) LAUNCH(T, kVW, 32, 1);      \
-      else if (cfg.threads_per_row == 32) LAUNCH(T, kVW, 32, kWarpVecs<T>);       \
-      else if (cfg.threads_per_row == 256) LAUNCH(T, kVW, 256, 2);                \
-      else LAUNCH(T, kVW, 512, kWideVecs<T>);                                     \
-    } else {                                                                      \
-      FUSEFORMER_LN_UNALIGNED(T, cfg, LAUNCH);                                    \
-    }                                                                             \
-  } while (0)
-
-// Every instance pick_forward_config can return.
-#define FUSEFORMER_LN_FORWARD_DISPATCH(T, cfg, aligned, LAUNCH)                   \
-  do {                                                                            \
-    constexpr int kVW = kVecWidth<T>;                                             \
-    if (!aligned) FUSEFORMER_LN_UNALIGNED(T, cfg, LAUNCH);                        \
-    else if (cfg.threads_per_row == 32) LAUNCH(T, kVW, 32, 1);                    \
+    if (!aligned) {                                                               \
+      if (cfg.threads_per_row == 32 && cfg.vecs == 8) LAUNCH(T, 1, 32, 8);        \
+      else if (cfg.threads_per_row == 32) LAUNCH(T, 1, 32, 32);                   \
+      else LAUNCH(T, 1, 256, 32);                                                 \
+    } else if (cfg.threads_per_row == 32) LAUNCH(T, kVW, 32, 1);                  \
     else if (cfg.threads_per_row == 64) LAUNCH(T, kVW, 64, 1);                    \
     else if (cfg.threads_per_row == 128) LAUNCH(T, kVW, 128, 1);                  \
     else if (cfg.threads_per_row == 256) LAUNCH(T, kVW, 256, 1);                  \
@@ -478,13 +475,13 @@ template <typename T>
 cudaError_t forward_typed(const void* x, const void* residual, const void* weight, const void* bias, void* y,
                           void* stream_out, float* mean, float* rstd, int64_t M, int N, float eps, bool aligned,
                           cudaStream_t stream) {
-  const RowConfig cfg = pick_forward_config<T>(N, aligned);
+  const RowConfig cfg = pick_config<T>(N, aligned);
   const int64_t blocks = blocks_for(M, cfg, int64_t{1} << 20);
 #define LAUNCH(TT, VW, TPR, VECS)                                                                              \
   add_layer_norm_forward_kernel<TT, VW, TPR, VECS><<<(unsigned)blocks, block_threads(cfg), 0, stream>>>(       \
       static_cast<const TT*>(x), static_cast<const TT*>(residual), static_cast<const TT*>(weight),             \
       static_cast<const TT*>(bias), static_cast<TT*>(y), static_cast<TT*>(stream_out), mean, rstd, M, N, eps)
-  FUSEFORMER_LN_FORWARD_DISPATCH(T, cfg, aligned, LAUNCH);
+  FUSEFORMER_LN_DISPATCH(T, cfg, aligned, LAUNCH);
 #undef LAUNCH
   return cudaGetLastError();
 }
@@ -503,6 +500,28 @@ cudaError_t backward_typed(const void* dy, const void* dstream, const void* stre
   FUSEFORMER_LN_DISPATCH(T, cfg, aligned, LAUNCH);
 #undef LAUNCH
   return cudaGetLastError();
+}
+
+// Blocks of the backward resident at once on one SM, up to kBackwardBlocksPerSm: the grid the
+// caller launches (add_layer_norm_backward's max_blocks) as one wave, each block walking its
+// rows. The cap is the price of the partial rows (one a block, written, then read by the sum
+// kernel). By ptxas's sm_90 figures: at N = 768 bf16 (128 threads, 80 registers) 6 blocks fit,
+// 12 rows of loads in flight an SM and 792 partial rows (4.9 MB beside the ~100 MB the backward
+// moves at 16384 rows), where the earlier backward ran 4 blocks of 4 warp rows, one row each; at
+// N = 4096 (512 threads, 95 registers) one block fits, 2 rows in flight.
+constexpr int kBackwardBlocksPerSm = 8;
+
+template <typename T>
+int backward_blocks_per_sm_typed(int N, bool aligned) {
+  const RowConfig cfg = pick_config<T>(N, aligned);
+  int blocks = 1;
+  cudaError_t status = cudaSuccess;
+#define LAUNCH(TT, VW, TPR, VECS) \
+  status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, add_layer_norm_backward_kernel<TT, VW, TPR, VECS>, block_threads(cfg), 0)
+  FUSEFORMER_LN_DISPATCH(T, cfg, aligned, LAUNCH);
+#undef LAUNCH
+  if (status != cudaSuccess || blocks < 1) return 1;
+  return blocks < kBackwardBlocksPerSm ? blocks : kBackwardBlocksPerSm;
 }
 
 template <typename T>
@@ -525,6 +544,15 @@ cudaError_t add_layer_norm_forward(DType dtype, const void* x, const void* resid
     case DType::F32: return forward_typed<float>(x, residual, weight, bias, y, stream_out, mean, rstd, M, N, eps, aligned, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+int add_layer_norm_backward_blocks_per_sm(DType dtype, int N, bool aligned) {
+  switch (dtype) {
+    case DType::F16: return backward_blocks_per_sm_typed<__half>(N, aligned);
+    case DType::BF16: return backward_blocks_per_sm_typed<__nv_bfloat16>(N, aligned);
+    case DType::F32: return backward_blocks_per_sm_typed<float>(N, aligned);
+  }
+  return 1;
 }
 
 int64_t add_layer_norm_partial_rows(DType dtype, int64_t M, int N, bool aligned, int max_blocks) {

@@ -158,9 +158,8 @@ py_add_layer_norm_backward(const at::Tensor& dy, const std::optional<at::Tensor>
   const bool aligned = (N * stream.element_size()) % 16 == 0 && aligned16(dy.data_ptr()) &&
                        aligned16(ptr_or_null(dstream)) && aligned16(stream.data_ptr()) &&
                        aligned16(ptr_or_null(weight)) && aligned16(dx.data_ptr()) && aligned16(ptr_or_null(dresidual));
-  // A few resident blocks per SM: enough to fill the GPU, few enough that summing the partial
-  // rows afterwards costs little.
-  const int max_blocks = 4 * multiprocessors(stream);
+  // One wave of as many blocks as fit (at most 8 an SM: each writes a partial row to be summed).
+  const int max_blocks = fuseformer::add_layer_norm_backward_blocks_per_sm(dtype, N, aligned) * multiprocessors(stream);
   const int64_t partial_rows = add_layer_norm_partial_rows(dtype, M, N, aligned, max_blocks);
   const auto f32 = stream.options().dtype(at::kFloat);
   std::optional<at::Tensor> dw_partial, db_partial;

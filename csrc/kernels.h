@@ -35,6 +35,10 @@ cudaError_t add_layer_norm_backward(DType dtype, const void* dy, const void* dst
                                     void* dh_copy, float* dweight_partial, float* dbias_partial, int64_t M, int N,
                                     bool aligned, int max_blocks, cudaStream_t stream);
 
+// Blocks of add_layer_norm_backward's kernel for these arguments that fit on one SM at once (by
+// the CUDA occupancy calculator, at most 8, at least 1): max_blocks is that times the SMs.
+int add_layer_norm_backward_blocks_per_sm(DType dtype, int N, bool aligned);
+
 // Rows of the partial-sum buffers add_layer_norm_backward writes for these arguments (0 when M is 0).
 int64_t add_layer_norm_partial_rows(DType dtype, int64_t M, int N, bool aligned, int max_blocks);
 
