@@ -206,17 +206,19 @@ __device__ __forceinline__ void add_f32(float* dst, const float (&src)[VW]) {
 // Each group also sums dy * xhat and dy over the rows it visits, for dweight and dbias: in
 // registers when a block owns a row (one row group per block: its threads keep their columns from
 // row to row), in a shared-memory slice per warp when warps own rows (several rows a block). Each
-// block writes one partial row of each. The stream, dy and weight stay in T as loaded (converted
-// element by element where used), and the next row's stream and dy are loaded before this row's
-// reductions, so each group has two rows of loads in flight: the H200 (bench/results/h200/,
-// 2026-11-28) timed the earlier backward, one row in flight, fp32 copies of both (93-117 registers
-// a thread, 4 blocks an SM), at 16384 x 768 and x 4096 bf16 forward+backward 0.0689 and 0.2919 ms,
-// 62% and 78% of copy bandwidth by the bench's byte count. Untimed on a GPU since.
-// kBwdMinBlocks: the aligned one-vector configs ask for 768 threads an SM (at most 85 registers a
-// thread; they take 60-95, no spills on sm_80 or sm_90). Unasked, ptxas gave some of them 64
-// registers and 8-20 bytes of spills; asked for 1024 threads, all of the 16-bit ones spilled.
+// block writes one partial row of each. The one-vector configs (N > 1024 in 16 bits, and rows of
+// at most 32 vectors) load the next row's stream and dy before this row's reductions: two rows of
+// loads in flight a group. The H200 (bench/results/h200/, 2026-11-28) timed the earlier backward
+// at 16384 x 768 and x 4096 bf16, forward+backward 0.0689 and 0.2919 ms, 62% and 78% of copy
+// bandwidth by the bench's byte count; at 4096 it ran 512 threads of room for two vectors (96
+// registers: one block, one row in flight an SM).
+// kBwdMinBlocks: the aligned one-vector configs ask for 1024 threads an SM (at most 64 registers
+// a thread: 48-64, no spills on sm_80 or sm_90; unasked, ptxas took up to 76), the warp configs of
+// 4-8 vectors a lane for 4 blocks (128 registers, as before).
 template <int VW, int THREADS_PER_ROW, int VECS>
-constexpr int kBwdMinBlocks = VW > 1 && VECS == 1 ? 768 / (THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_PER_ROW) : 1;
+constexpr int kBwdMinBlocks = VW == 1 ? 1
+                              : VECS == 1 ? 1024 / (THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_PER_ROW)
+                              : THREADS_PER_ROW <= 32 ? 4 : 1;
 
 template <typename T, int VW, int THREADS_PER_ROW, int VECS>
 __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_PER_ROW,
@@ -237,11 +239,9 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
   float* const sums_db = smem_sums + (kRowsPerBlock + group) * kRowFloats;
 
   float acc_dw[kSumsInSmem ? 1 : VECS][VW], acc_db[kSumsInSmem ? 1 : VECS][VW];
-  Vec<T, VW> w[VECS];  // the weight of this thread's columns, the same for every row
 #pragma unroll
   for (int i = 0; i < VECS; ++i) {
     const int col = (i * THREADS_PER_ROW + lane) * VW;
-    if (col < N && weight != nullptr) w[i] = *reinterpret_cast<const Vec<T, VW>*>(weight + col);
 #pragma unroll
     for (int j = 0; j < VW; ++j) {
       if constexpr (kSumsInSmem) {
@@ -251,25 +251,23 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
       }
     }
   }
-  // g = dy * weight, element j of vector i.
-  auto g_at = [&](const Vec<T, VW>(&d)[VECS], int i, int j) {
-    const float v = to_float(d[i].v[j]);
-    return weight != nullptr ? v * to_float(w[i].v[j]) : v;
-  };
 
+  // The one-vector configs load the next row's stream and dy before this row's reductions. The
+  // others (VW = 1, 8-32 elements a lane; 2-8 vectors a thread) load a row at a time: a second
+  // row of registers took them from 96-212 registers a thread to 128-255, and spilled at 128.
+  constexpr bool kPrefetch = VW > 1 && VECS == 1;
   const int64_t step = (int64_t)gridDim.x * kRowsPerBlock;
   int64_t row = (int64_t)blockIdx.x * kRowsPerBlock + group;
-  Vec<T, VW> s[VECS], d[VECS];  // this row's stream and dy
-  if (row < M) {
+  Vec<T, VW> s[VECS], d[VECS];  // this row's stream and dy, as loaded
+  if (kPrefetch && row < M) {
     load_packed<T, VW, THREADS_PER_ROW, VECS>(stream_in, row, N, lane, s);
     load_packed<T, VW, THREADS_PER_ROW, VECS>(dy, row, N, lane, d);
   }
-  // The one-vector configs only: a second row of registers took the others (VW = 1, 8-32
-  // elements a lane; 2-4 vectors at N > 4096) from 96-212 registers a thread to 128-255, and
-  // spilled at 128.
-  constexpr bool kPrefetch = VW > 1 && VECS == 1;
   for (; row < M; row += step) {
-    // The next row's loads first: in flight while this row is reduced.
+    if constexpr (!kPrefetch) {
+      load_packed<T, VW, THREADS_PER_ROW, VECS>(stream_in, row, N, lane, s);
+      load_packed<T, VW, THREADS_PER_ROW, VECS>(dy, row, N, lane, d);
+    }
     Vec<T, VW> s_next[VECS], d_next[VECS];
     if (kPrefetch && row + step < M) {
       load_packed<T, VW, THREADS_PER_ROW, VECS>(stream_in, row + step, N, lane, s_next);
@@ -277,29 +275,42 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
     }
     const float mean = mean_in[row];
     const float rstd = rstd_in[row];
+    float h[VECS][VW], g[VECS][VW];
+#pragma unroll
+    for (int i = 0; i < VECS; ++i)
+#pragma unroll
+      for (int j = 0; j < VW; ++j) h[i][j] = to_float(s[i].v[j]), g[i][j] = to_float(d[i].v[j]);
 
     float sum_g = 0.f, sum_gx = 0.f;
 #pragma unroll
     for (int i = 0; i < VECS; ++i) {
       const int col = (i * THREADS_PER_ROW + lane) * VW;
       if (col >= N) continue;
-      float dw[VW], db[VW];
+      float dw[VW];
 #pragma unroll
       for (int j = 0; j < VW; ++j) {
-        const float xhat = (to_float(s[i].v[j]) - mean) * rstd;
-        db[j] = to_float(d[i].v[j]);
-        dw[j] = db[j] * xhat;
-        const float g = g_at(d, i, j);
-        sum_g += g;
-        sum_gx += g * xhat;
+        const float xhat = (h[i][j] - mean) * rstd;
+        dw[j] = g[i][j] * xhat;
         if constexpr (!kSumsInSmem) {
           acc_dw[i][j] += dw[j];
-          acc_db[i][j] += db[j];
+          acc_db[i][j] += g[i][j];
         }
       }
       if constexpr (kSumsInSmem) {
         add_f32<VW>(sums_dw + col, dw);
-        add_f32<VW>(sums_db + col, db);
+        add_f32<VW>(sums_db + col, g[i]);
+      }
+      // The weight from memory each row (cached): held for the whole loop it cost the warp
+      // configs' 4-8 vectors a lane more registers than they have.
+      Vec<T, VW> w;
+      if (weight != nullptr) w = *reinterpret_cast<const Vec<T, VW>*>(weight + col);
+#pragma unroll
+      for (int j = 0; j < VW; ++j) {
+        const float xhat = (h[i][j] - mean) * rstd;
+        if (weight != nullptr) g[i][j] *= to_float(w.v[j]);
+        h[i][j] = xhat;  // h is not needed any more; keep xhat in its registers
+        sum_g += g[i][j];
+        sum_gx += g[i][j] * xhat;
       }
     }
     const float mean_g = group_sum<THREADS_PER_ROW>(sum_g, scratch) / N;
@@ -314,8 +325,7 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
       float v[VW];
 #pragma unroll
       for (int j = 0; j < VW; ++j) {
-        const float xhat = (to_float(s[i].v[j]) - mean) * rstd;
-        v[j] = rstd * (g_at(d, i, j) - mean_g - xhat * mean_gx);
+        v[j] = rstd * (g[i][j] - mean_g - h[i][j] * mean_gx);
         if (dstream != nullptr) v[j] += to_float(extra.v[j]);
       }
       round_into<T, VW>(out, v);
@@ -328,9 +338,6 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
         s[i] = s_next[i];
         d[i] = d_next[i];
       }
-    } else if (row + step < M) {
-      load_packed<T, VW, THREADS_PER_ROW, VECS>(stream_in, row + step, N, lane, s);
-      load_packed<T, VW, THREADS_PER_ROW, VECS>(dy, row + step, N, lane, d);
     }
   }
 
@@ -409,7 +416,10 @@ __global__ void __launch_bounds__(kSumCols * kSumSlices) add_layer_norm_sum_part
 // Aligned rows: one 16-byte vector a thread and tensor, as many threads as the row has vectors (a
 // power of two, 64 to 512: one row a block, as the Triton forward runs one row a program), or a
 // warp per row (four rows a block) for rows of at most 32 vectors; rows of more than 512 vectors
-// (N > 4096 in 16 bits, > 2048 in fp32) take 512 threads of up to kWideVecs. Unaligned rows
+// (N > 4096 in 16 bits, > 2048 in fp32) take 512 threads of up to kWideVecs. The backward keeps
+// a warp per row up to N = 1024 (kWarpVecs vectors a lane, column sums in shared memory): the
+// H200 timed that kernel at 30 us for 16384 x 768 bf16, where Triton's backward of one row a
+// program took 41 (kernels/cuda_backend.py, _add_layer_norm_auto_unsupported). Unaligned rows
 // (VW = 1): 8 or 32 elements per lane of a warp up to N = 1024, then 256 threads x 32.
 //
 // Why: the H200 (bench/results/h200/, 2026-11-28, 16384 rows, bf16, device time) timed the
@@ -417,23 +427,24 @@ __global__ void __launch_bounds__(kSumCols * kSumSlices) add_layer_norm_sum_part
 // 256 or 512 threads with room for 2) at 70% of copy bandwidth at N = 768, 75% at 1024, 68% at
 // 2048 and 83% at 4096, where the Triton forward of the same shapes reached 87-95%. Room for 2-4
 // vectors a lane, mostly unused (N = 2048 filled one of the 256-thread config's two), cost the
-// forward 58-72 registers a thread there (ptxas, sm_90) and the backward 93-117, so at most half
-// (forward) or a quarter (backward) of an SM's 2048 threads were resident with their loads in
-// flight; the Triton forward compiles to 29. With one vector a thread and rows held in T, the
-// forward fits 40 registers and asks for 1536 threads an SM (kFwdMinBlocks); the backward keeps
-// its column sums in registers at N > 256 and is launched on as many blocks as fit
-// (add_layer_norm_backward_blocks_per_sm). Untimed on a GPU.
+// forward 58-72 registers a thread there (ptxas, sm_90) and the backward above N = 1024 93-96,
+// so at most half (forward) or a quarter (backward) of an SM's 2048 threads were resident with
+// their loads in flight; the Triton forward compiles to 29. With one vector a thread and rows
+// held in T, the forward fits 40 registers and asks for 1536 threads an SM (kFwdMinBlocks); the
+// backward above N = 1024 fits 64 (1024 threads an SM, kBwdMinBlocks) and is launched on as many
+// blocks as fit (add_layer_norm_backward_blocks_per_sm). Untimed on a GPU.
 struct RowConfig {
   int threads_per_row;
   int vecs;
 };
 
 template <typename T> constexpr int kVecWidth = 16 / sizeof(T);
+template <typename T> constexpr int kWarpVecs = 1024 / (32 * kVecWidth<T>);                   // 4, or 8 for fp32
 template <typename T> constexpr int kWideVecs = kLayerNormMaxHidden / (512 * kVecWidth<T>);  // 2, or 4 for fp32
 static_assert(256 * 32 >= kLayerNormMaxHidden, "the unaligned block config must cover the widest row");
 
 template <typename T>
-RowConfig pick_config(int N, bool aligned) {
+RowConfig pick_config(int N, bool aligned, bool backward) {
   if (!aligned) {
     if (N <= 32 * 8) return {32, 8};
     if (N <= 1024) return {32, 32};
@@ -442,6 +453,7 @@ RowConfig pick_config(int N, bool aligned) {
   constexpr int kVW = kVecWidth<T>;
   const int vectors = (N + kVW - 1) / kVW;
   if (vectors <= 32) return {32, 1};
+  if (backward && N <= 1024) return {32, kWarpVecs<T>};
   int threads = 64;
   while (threads < vectors && threads < 512) threads *= 2;
   return {threads, vectors > 512 ? kWideVecs<T> : 1};
@@ -456,14 +468,16 @@ int64_t blocks_for(int64_t M, RowConfig c, int64_t cap) {
 }
 
 // Every (VW, threads, vecs) instance pick_config can return, in one place.
-#define FUSEFORMER_LN_DISPATCH(T, cfg, aligned, LAUNCH)                           \
+// WARP_VECS: kWarpVecs<T> for the backward, 1 for the forward (which has no such config).
+#define FUSEFORMER_LN_DISPATCH(T, cfg, aligned, WARP_VECS, LAUNCH)                \
   do {                                                                            \
     constexpr int kVW = kVecWidth<T>;                                             \
     if (!aligned) {                                                               \
       if (cfg.threads_per_row == 32 && cfg.vecs == 8) LAUNCH(T, 1, 32, 8);        \
       else if (cfg.threads_per_row == 32) LAUNCH(T, 1, 32, 32);                   \
       else LAUNCH(T, 1, 256, 32);                                                 \
-    } else if (cfg.threads_per_row == 32) LAUNCH(T, kVW, 32, 1);                  \
+    } else if (cfg.threads_per_row == 32 && cfg.vecs == 1) LAUNCH(T, kVW, 32, 1); \
+    else if (cfg.threads_per_row == 32) LAUNCH(T, kVW, 32, WARP_VECS);            \
     else if (cfg.threads_per_row == 64) LAUNCH(T, kVW, 64, 1);                    \
     else if (cfg.threads_per_row == 128) LAUNCH(T, kVW, 128, 1);                  \
     else if (cfg.threads_per_row == 256) LAUNCH(T, kVW, 256, 1);                  \
@@ -475,13 +489,13 @@ template <typename T>
 cudaError_t forward_typed(const void* x, const void* residual, const void* weight, const void* bias, void* y,
                           void* stream_out, float* mean, float* rstd, int64_t M, int N, float eps, bool aligned,
                           cudaStream_t stream) {
-  const RowConfig cfg = pick_config<T>(N, aligned);
+  const RowConfig cfg = pick_config<T>(N, aligned, false);
   const int64_t blocks = blocks_for(M, cfg, int64_t{1} << 20);
 #define LAUNCH(TT, VW, TPR, VECS)                                                                              \
   add_layer_norm_forward_kernel<TT, VW, TPR, VECS><<<(unsigned)blocks, block_threads(cfg), 0, stream>>>(       \
       static_cast<const TT*>(x), static_cast<const TT*>(residual), static_cast<const TT*>(weight),             \
       static_cast<const TT*>(bias), static_cast<TT*>(y), static_cast<TT*>(stream_out), mean, rstd, M, N, eps)
-  FUSEFORMER_LN_DISPATCH(T, cfg, aligned, LAUNCH);
+  FUSEFORMER_LN_DISPATCH(T, cfg, aligned, 1, LAUNCH);
 #undef LAUNCH
   return cudaGetLastError();
 }
@@ -490,35 +504,35 @@ template <typename T>
 cudaError_t backward_typed(const void* dy, const void* dstream, const void* stream_in, const void* weight,
                            const float* mean, const float* rstd, void* dh, void* dh_copy, float* dweight_partial, float* dbias_partial, int64_t M, int N, bool aligned,
                            int max_blocks, cudaStream_t stream) {
-  const RowConfig cfg = pick_config<T>(N, aligned);
+  const RowConfig cfg = pick_config<T>(N, aligned, true);
   const int64_t blocks = blocks_for(M, cfg, max_blocks);
 #define LAUNCH(TT, VW, TPR, VECS)                                                                             \
   add_layer_norm_backward_kernel<TT, VW, TPR, VECS><<<(unsigned)blocks, block_threads(cfg), 0, stream>>>(     \
       static_cast<const TT*>(dy), static_cast<const TT*>(dstream), static_cast<const TT*>(stream_in),         \
       static_cast<const TT*>(weight), mean, rstd, static_cast<TT*>(dh), static_cast<TT*>(dh_copy),           \
       dweight_partial, dbias_partial, M, N)
-  FUSEFORMER_LN_DISPATCH(T, cfg, aligned, LAUNCH);
+  FUSEFORMER_LN_DISPATCH(T, cfg, aligned, kWarpVecs<T>, LAUNCH);
 #undef LAUNCH
   return cudaGetLastError();
 }
 
 // Blocks of the backward resident at once on one SM, up to kBackwardBlocksPerSm: the grid the
 // caller launches (add_layer_norm_backward's max_blocks) as one wave, each block walking its
-// rows. The cap is the price of the partial rows (one a block, written, then read by the sum
-// kernel). By ptxas's sm_90 figures: at N = 768 bf16 (128 threads, 80 registers) 6 blocks fit,
-// 12 rows of loads in flight an SM and 792 partial rows (4.9 MB beside the ~100 MB the backward
-// moves at 16384 rows), where the earlier backward ran 4 blocks of 4 warp rows, one row each; at
-// N = 4096 (512 threads, 95 registers) one block fits, 2 rows in flight.
+// rows. The cap bounds the partial rows (one a block, written, then read by the sum kernel). By
+// the launch bounds: N = 768 bf16 (warp rows) 4 blocks of 4 rows, as before; N = 2048 (256
+// threads) 4 blocks, 8 rows of loads in flight an SM where the earlier backward had 2 blocks of
+// 1; N = 4096 (512 threads) 2 blocks, 4 rows where it had 1; rows of at most 32 vectors (128
+// threads of 4 warp rows) 8 blocks.
 constexpr int kBackwardBlocksPerSm = 8;
 
 template <typename T>
 int backward_blocks_per_sm_typed(int N, bool aligned) {
-  const RowConfig cfg = pick_config<T>(N, aligned);
+  const RowConfig cfg = pick_config<T>(N, aligned, true);
   int blocks = 1;
   cudaError_t status = cudaSuccess;
 #define LAUNCH(TT, VW, TPR, VECS) \
   status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, add_layer_norm_backward_kernel<TT, VW, TPR, VECS>, block_threads(cfg), 0)
-  FUSEFORMER_LN_DISPATCH(T, cfg, aligned, LAUNCH);
+  FUSEFORMER_LN_DISPATCH(T, cfg, aligned, kWarpVecs<T>, LAUNCH);
 #undef LAUNCH
   if (status != cudaSuccess || blocks < 1) return 1;
   return blocks < kBackwardBlocksPerSm ? blocks : kBackwardBlocksPerSm;
@@ -557,7 +571,7 @@ int add_layer_norm_backward_blocks_per_sm(DType dtype, int N, bool aligned) {
 
 int64_t add_layer_norm_partial_rows(DType dtype, int64_t M, int N, bool aligned, int max_blocks) {
   if (M == 0) return 0;
-  const RowConfig cfg = dtype == DType::F32 ? pick_config<float>(N, aligned) : pick_config<__half>(N, aligned);
+  const RowConfig cfg = dtype == DType::F32 ? pick_config<float>(N, aligned, true) : pick_config<__half>(N, aligned, true);
   return blocks_for(M, cfg, max_blocks);  // one partial row per block
 }
 
