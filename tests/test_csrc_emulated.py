@@ -8,8 +8,10 @@ absent, a grid small enough that row groups sum several rows.
 
 This proves the indexing, the reductions and the config dispatch, not speed, memory alignment or
 the absence of races (compute-sanitizer on a GPU does that). Emulated threads are slow: the
-default hidden sizes cover the warp-per-row configs in ~20 s; FUSEFORMER_EMULATE_HIDDEN="1 40 100
-768 1023 1536 4099 8192" (about 5 minutes) covers every config.
+default hidden sizes cover a warp per row (40 forward and backward, 768 backward), a 128-thread
+block per row (768 forward) and 256/512-thread blocks per row with the backward's next-row
+prefetch (1536) in ~50 s; FUSEFORMER_EMULATE_HIDDEN="1 40 100 256 264 768 1023 1024 1536 2048
+4096 4099 8192" (about 6 minutes) covers every config.
 """
 import os
 import pathlib
@@ -21,7 +23,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EMULATION = ROOT / "tests" / "csrc_emulation"
-DEFAULT_HIDDEN = "40 768"
+DEFAULT_HIDDEN = "40 768 1536"
 
 
 def _emulated_source(cu_text):
