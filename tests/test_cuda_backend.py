@@ -347,13 +347,15 @@ def _parity_with_grads(run_impl, run_ref, inputs, dtype, names, grad=True):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-# One shape per row config of csrc/add_layer_norm.cu's pick_config (16-bit / fp32): 1 and 40
-# unaligned or {32,1}; 100 unaligned / {32,1}; 1023 unaligned {32,32}; 768 {32,4} / {32,8};
-# 1536 {256,2}; 4096 {256,2} / {512,4}; 4099 unaligned {256,32}; 8192 {512,2} / {512,4}.
-# 2200 x 768 and 1100 x 1536 have more rows than the backward's grid (4 blocks per SM) holds,
-# so groups sum several rows' dw/db before the block adds up its warps.
-@pytest.mark.parametrize("M,N", [(3, 1), (17, 100), (5, 1023), (2200, 768), (1100, 1536), (3, 4096), (3, 4099),
-                                 (2, 8192), (257, 40)])
+# One shape per row config of csrc/add_layer_norm.cu's pick_config, (threads a row, vectors a
+# thread) for 16-bit / fp32, forward and backward alike unless named: 1 unaligned {32,8}; 40
+# {32,1}; 100 unaligned {32,8} / {32,1}; 512 {64,1} / {128,1}; 1023 unaligned {32,32}; 768
+# forward {128,1} / {256,1}, backward {32,4} / {32,8}; 1536 {256,1} / {512,1}; 4096 {512,1} /
+# {512,4}; 4099 unaligned {256,32}; 8192 {512,2} / {512,4}. 2200 x 768, 1100 x 1536 and 4500 x
+# 40 have more rows than the backward's grid (one wave, at most 8 blocks an SM) holds, so row
+# groups walk several rows: their dw/db sums, and the one-vector configs' next-row prefetch.
+@pytest.mark.parametrize("M,N", [(3, 1), (17, 100), (9, 512), (5, 1023), (2200, 768), (1100, 1536), (3, 4096),
+                                 (3, 4099), (2, 8192), (257, 40), (4500, 40)])
 @pytest.mark.parametrize("prenorm", [False, True])
 def test_gpu_add_layer_norm_parity(cuda_ext, dtype, M, N, prenorm):
     x, r = torch.randn(M, N, device=DEV), torch.randn(M, N, device=DEV)
