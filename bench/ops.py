@@ -472,15 +472,26 @@ def _liger_layer_norm():
 
 
 def _quack_layer_norm():
-    """QuACK's (quack-kernels) CuTe-DSL LayerNorm where installed: layernorm(x, weight_fp32,
-    eps), no bias, in the versions seen (its API moves; anything else is left out)."""
+    """(fn(h, weight, bias, eps) -> y on 2-D rows, note) for QuACK's (quack-kernels) CuTe-DSL
+    LayerNorm forward where installed, else None. Its API moves: 0.6 has
+    quack.rmsnorm.layernorm_fwd (fp32 weight and bias), earlier versions quack.layernorm.layernorm
+    (fp32 weight, no bias: the bias is then a torch add). Forward only: neither has an autograd
+    path for LayerNorm."""
     if importlib.util.find_spec("quack") is None:
         return None
+    try:  # an import that needs a GPU stack it lacks counts as "not installed"
+        from quack.rmsnorm import layernorm_fwd
+    except Exception:  # noqa: BLE001
+        layernorm_fwd = None
+    if layernorm_fwd is not None:
+        return ((lambda h, w, b, eps: layernorm_fwd(h, w.float(), b.float(), eps)),
+                "torch add, QuACK's layernorm_fwd (fp32 weight and bias)")
     try:
         from quack.layernorm import layernorm
-    except Exception:  # noqa: BLE001 - an import that needs a GPU stack it lacks is "not installed"
+    except Exception:  # noqa: BLE001
         return None
-    return layernorm
+    return ((lambda h, w, b, eps: layernorm(h, w.float(), eps) + b),
+            "torch add, QuACK's layernorm (fp32 weight, no bias: the bias is a torch add)")
 
 
 def _variant_impls(call, variants) -> list[Impl]:
@@ -534,11 +545,11 @@ def add_ln_case(name, *, M, N, grad=False, device_type="cuda", quick=False) -> O
             impls.append(Impl("liger", _on_cuda_only(
                 "Liger-Kernel", lambda i: liger.apply(i["x"] + i["residual"], i["weight"], i["bias"], eps)),
                 note="torch add, then Liger-Kernel's LayerNorm"))
-        quack = _quack_layer_norm()
+        quack = None if grad else _quack_layer_norm()
         if quack is not None:
+            fn, note = quack
             impls.append(Impl("quack", _on_cuda_only(
-                "QuACK", lambda i: quack(i["x"] + i["residual"], i["weight"].float(), eps) + i["bias"]),
-                note="torch add, QuACK's LayerNorm (fp32 weight, no bias: the bias is a torch add)"))
+                "QuACK", lambda i: fn(i["x"] + i["residual"], i["weight"], i["bias"], eps)), note=note))
     return OpCase(
         name=name, suite="ops", group="add_ln_fwd_bwd" if grad else "add_ln_fwd",
         params={"M": M, "N": N, "grad": grad},

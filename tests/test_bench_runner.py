@@ -575,6 +575,50 @@ def test_flash_attn_4_peer_calls_and_refusals(monkeypatch):
         ops._fa4_impl(False, False).fn({"q": q, "k": k, "v": v, "mask": torch.ones(2, 1, 1, 5, dtype=torch.bool)})
 
 
+@pytest.mark.parametrize("api", ["0.6", "earlier"])
+def test_quack_peer_takes_either_layer_norm_api(monkeypatch, api):
+    """quack-kernels is not installed here: stand-in modules of its two LayerNorm APIs (0.6's
+    quack.rmsnorm.layernorm_fwd with fp32 weight and bias, the earlier quack.layernorm.layernorm
+    with an fp32 weight and no bias) both give the add+LN forward case a peer that computes
+    LayerNorm(x + residual) with the bias; the forward+backward case gets none (no autograd)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from fuseformer.bench import ops
+
+    seen = []
+
+    def layer_norm(h, w, b, eps):
+        seen.append((w.dtype, None if b is None else b.dtype))
+        return torch.nn.functional.layer_norm(h.float(), h.shape[-1:], w, b, eps).to(h.dtype)
+
+    quack = types.ModuleType("quack")
+    quack.__spec__ = importlib.machinery.ModuleSpec("quack", None)
+    monkeypatch.setitem(sys.modules, "quack", quack)
+    if api == "0.6":
+        sub = types.ModuleType("quack.rmsnorm")
+        sub.layernorm_fwd = layer_norm
+        monkeypatch.setitem(sys.modules, "quack.rmsnorm", sub)
+    else:
+        sub = types.ModuleType("quack.layernorm")
+        sub.layernorm = lambda h, w, eps: layer_norm(h, w, None, eps)
+        monkeypatch.setitem(sys.modules, "quack.layernorm", sub)
+        monkeypatch.setitem(sys.modules, "quack.rmsnorm", None)  # 0.6's module absent: its import fails
+
+    fn, note = ops._quack_layer_norm()
+    assert "QuACK" in note
+    x, r = torch.randn(6, 16, dtype=torch.bfloat16), torch.randn(6, 16, dtype=torch.bfloat16)
+    w, b = torch.randn(16, dtype=torch.bfloat16), torch.randn(16, dtype=torch.bfloat16)
+    out = fn(x + r, w, b, 1e-5)
+    assert seen[-1] == ((torch.float32, torch.float32) if api == "0.6" else (torch.float32, None))
+    torch.testing.assert_close(out.float(), torch.nn.functional.layer_norm((x + r).float(), (16,), w.float(),
+                                                                           b.float(), 1e-5), atol=0.05, rtol=0.02)
+    fwd = ops.add_ln_case("q", M=6, N=16, device_type="cuda")
+    fwd_bwd = ops.add_ln_case("q", M=6, N=16, grad=True, device_type="cuda")
+    assert "quack" in [i.name for i in fwd.impls] and "quack" not in [i.name for i in fwd_bwd.impls]
+
+
 def _variant_case(name, times, parity_ok=None):
     impls = {}
     for impl, ms in times.items():
