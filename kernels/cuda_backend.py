@@ -534,7 +534,10 @@ def _add_layer_norm_auto_unsupported(device, dtype=None, hidden=None, dropout_p=
     0.610 against 0.726 ms eagerly at hidden 768 and 0.324 against 0.429 at 4096, 0.0665
     against 0.0776 and 0.293 against 0.354 in CUDA graphs (the backward kernel: 30 against
     41 µs at 768); H100 0.211 against 0.853 and 0.454 against 0.644. Inference stays on triton
-    (its forward was the faster: 0.0262 against 0.0311 ms at 768, 0.102 against 0.123 at 4096)."""
+    (its forward was the faster: 0.0262 against 0.0311 ms at 768, 0.102 against 0.123 at 4096).
+    Those figures are of csrc/add_layer_norm.cu before its row configs changed (one 16-byte vector
+    a thread: more rows in flight an SM; the backward at hidden 768 kept as timed); the bench
+    times both backends side by side, and the next GPU run decides whether this rule stands."""
     if not (requires_grad and dtype in (torch.float16, torch.bfloat16) and not dropout_p
             and hidden is not None and 768 <= hidden <= 4096):
         return "measured faster than triton only for fp16/bf16 training at hidden 768..4096 without dropout"
