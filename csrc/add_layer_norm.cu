@@ -115,10 +115,11 @@ __device__ __forceinline__ void store_f32(float* __restrict__ dst, const float (
 }
 
 // The launch bounds let ptxas budget registers for the real block size (a 512-thread block
-// must fit in 128 registers per thread, or the launch fails). kFwdMinBlocks: the threads an SM should hold at once for the aligned forward configs, as ptxas
-// budgets registers for them: 1536 (at most 40 registers a thread) with one vector a thread, 1024
-// (64) with more (N > 4096 in 16 bits: those spilled at 40). At 32 registers (all 2048) the bf16
-// configs spilled 30-48 bytes. Every other config is budgeted for its block size alone.
+// must fit in 128 registers per thread, or the launch fails). kFwdMinBlocks: the threads an SM
+// should hold at once for the aligned forward configs, as ptxas budgets registers for them: 1536
+// (at most 40 registers a thread) with one vector a thread, 1024 (64) with more (N > 4096 in 16
+// bits: those spilled at 40). At 32 registers (all 2048) the bf16 configs spilled 30-48 bytes.
+// Every other config is budgeted for its block size alone.
 template <int VW, int THREADS_PER_ROW, int VECS>
 constexpr int kFwdMinBlocks = VW > 1 ? (VECS == 1 ? 1536 : 1024) / (THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_PER_ROW) : 1;
 
@@ -166,7 +167,7 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
       const int col = (i * THREADS_PER_ROW + lane) * VW;
       if (col >= N) continue;
       if (stream_out != nullptr) *reinterpret_cast<Vec<T, VW>*>(stream_out + row * N + col) = h[i];
-      // weight, bias and y as T too, converted one element at a time (32 registers, as above).
+      // weight, bias and y as T too, converted one element at a time (the budget of kFwdMinBlocks).
       Vec<T, VW> w, b, out;
       if (weight != nullptr) w = *reinterpret_cast<const Vec<T, VW>*>(weight + col);
       if (bias != nullptr) b = *reinterpret_cast<const Vec<T, VW>*>(bias + col);
