@@ -29,24 +29,80 @@ __device__ __forceinline__ float gelu_grad(float x, bool approximate_tanh) {
   return 0.5f * (1.f + erff(x * kSqrtHalf)) + x * kInvSqrt2Pi * expf(-0.5f * x * x);
 }
 
-template <typename T>
+// Both kernels move VW elements per access: 16 bytes (VW = 16 / sizeof(T)) when every pointer is
+// 16-byte aligned, one element otherwise; the last n % VW elements go one at a time. Why: at one
+// element per access a 16-bit kernel issued 2-byte loads and stores (LDG.E.U16), eight times the
+// memory instructions of a 16-byte access for the same bytes, with fewer bytes in flight per
+// thread; the dGELU of every csrc/ Linear+GELU backward (16384 x 3072 bf16: ~300 MB) ran so.
+template <typename T, int VW>
 __global__ void gelu_forward_kernel(const T* __restrict__ pre, T* __restrict__ out, int64_t n, bool approximate_tanh) {
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t vectors = n / VW;
+  for (int64_t v = first; v < vectors; v += stride) {
+    const Vec<T, VW> p = *reinterpret_cast<const Vec<T, VW>*>(pre + v * VW);
+    Vec<T, VW> o;
+#pragma unroll
+    for (int j = 0; j < VW; ++j) o.v[j] = from_float<T>(gelu(to_float(p.v[j]), approximate_tanh));
+    *reinterpret_cast<Vec<T, VW>*>(out + v * VW) = o;
+  }
+  for (int64_t i = vectors * VW + first; i < n; i += stride)
     out[i] = from_float<T>(gelu(to_float(pre[i]), approximate_tanh));
 }
 
-template <typename T>
+template <typename T, int VW>
 __global__ void gelu_backward_kernel(const T* __restrict__ dout, const T* __restrict__ pre, T* __restrict__ dpre,
                                      int64_t n, bool approximate_tanh) {
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t vectors = n / VW;
+  for (int64_t v = first; v < vectors; v += stride) {
+    const Vec<T, VW> g = *reinterpret_cast<const Vec<T, VW>*>(dout + v * VW);
+    const Vec<T, VW> p = *reinterpret_cast<const Vec<T, VW>*>(pre + v * VW);
+    Vec<T, VW> o;
+#pragma unroll
+    for (int j = 0; j < VW; ++j) o.v[j] = from_float<T>(to_float(g.v[j]) * gelu_grad(to_float(p.v[j]), approximate_tanh));
+    *reinterpret_cast<Vec<T, VW>*>(dpre + v * VW) = o;
+  }
+  for (int64_t i = vectors * VW + first; i < n; i += stride)
     dpre[i] = from_float<T>(to_float(dout[i]) * gelu_grad(to_float(pre[i]), approximate_tanh));
 }
 
 constexpr int kThreads = 256;
 
-unsigned grid_for(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return (unsigned)(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);  // grid-stride beyond this
+// Blocks for n elements moved VW at a time (at least one; a grid-stride loop beyond 65536).
+unsigned grid_for(int64_t n, int vw) {
+  const int64_t work = n / vw > 0 ? n / vw : n;
+  const int64_t blocks = (work + kThreads - 1) / kThreads;
+  return (unsigned)(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T>
+void launch_forward(const void* pre, void* out, int64_t n, bool approximate_tanh, cudaStream_t stream) {
+  constexpr int kVW = 16 / sizeof(T);
+  const T* p = static_cast<const T*>(pre);
+  T* o = static_cast<T*>(out);
+  if (aligned16(pre) && aligned16(out)) {
+    gelu_forward_kernel<T, kVW><<<grid_for(n, kVW), kThreads, 0, stream>>>(p, o, n, approximate_tanh);
+  } else {
+    gelu_forward_kernel<T, 1><<<grid_for(n, 1), kThreads, 0, stream>>>(p, o, n, approximate_tanh);
+  }
+}
+
+template <typename T>
+void launch_backward(const void* dout, const void* pre, void* dpre, int64_t n, bool approximate_tanh,
+                     cudaStream_t stream) {
+  constexpr int kVW = 16 / sizeof(T);
+  const T* g = static_cast<const T*>(dout);
+  const T* p = static_cast<const T*>(pre);
+  T* d = static_cast<T*>(dpre);
+  if (aligned16(dout) && aligned16(pre) && aligned16(dpre)) {
+    gelu_backward_kernel<T, kVW><<<grid_for(n, kVW), kThreads, 0, stream>>>(g, p, d, n, approximate_tanh);
+  } else {
+    gelu_backward_kernel<T, 1><<<grid_for(n, 1), kThreads, 0, stream>>>(g, p, d, n, approximate_tanh);
+  }
 }
 
 }  // namespace
@@ -55,17 +111,10 @@ cudaError_t gelu_forward(DType dtype, const void* pre, void* out, int64_t n, boo
                          cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   switch (dtype) {
-    case DType::F16:
-      gelu_forward_kernel<__half><<<grid_for(n), kThreads, 0, stream>>>(static_cast<const __half*>(pre), static_cast<__half*>(out), n, approximate_tanh);
-      break;
-    case DType::BF16:
-      gelu_forward_kernel<__nv_bfloat16><<<grid_for(n), kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(pre), static_cast<__nv_bfloat16*>(out), n, approximate_tanh);
-      break;
-    case DType::F32:
-      gelu_forward_kernel<float><<<grid_for(n), kThreads, 0, stream>>>(static_cast<const float*>(pre), static_cast<float*>(out), n, approximate_tanh);
-      break;
-    default:
-      return cudaErrorInvalidValue;
+    case DType::F16: launch_forward<__half>(pre, out, n, approximate_tanh, stream); break;
+    case DType::BF16: launch_forward<__nv_bfloat16>(pre, out, n, approximate_tanh, stream); break;
+    case DType::F32: launch_forward<float>(pre, out, n, approximate_tanh, stream); break;
+    default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }
@@ -74,17 +123,10 @@ cudaError_t gelu_backward(DType dtype, const void* dout, const void* pre, void* 
                           bool approximate_tanh, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   switch (dtype) {
-    case DType::F16:
-      gelu_backward_kernel<__half><<<grid_for(n), kThreads, 0, stream>>>(static_cast<const __half*>(dout), static_cast<const __half*>(pre), static_cast<__half*>(dpre), n, approximate_tanh);
-      break;
-    case DType::BF16:
-      gelu_backward_kernel<__nv_bfloat16><<<grid_for(n), kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(dout), static_cast<const __nv_bfloat16*>(pre), static_cast<__nv_bfloat16*>(dpre), n, approximate_tanh);
-      break;
-    case DType::F32:
-      gelu_backward_kernel<float><<<grid_for(n), kThreads, 0, stream>>>(static_cast<const float*>(dout), static_cast<const float*>(pre), static_cast<float*>(dpre), n, approximate_tanh);
-      break;
-    default:
-      return cudaErrorInvalidValue;
+    case DType::F16: launch_backward<__half>(dout, pre, dpre, n, approximate_tanh, stream); break;
+    case DType::BF16: launch_backward<__nv_bfloat16>(dout, pre, dpre, n, approximate_tanh, stream); break;
+    case DType::F32: launch_backward<float>(dout, pre, dpre, n, approximate_tanh, stream); break;
+    default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }

@@ -11,6 +11,7 @@ here even on a runner that will never launch a kernel.
 - add_layer_norm.cu compiles the same way for sm_80 and sm_90 without spills or stack frames,
   its aligned configs move rows with 16-byte global loads and stores (LDG/STG.E.128), and its
   one-vector configs fit 40 registers a thread forward (1536 threads an SM), 64 backward (1024);
+- gelu.cu's aligned kernels move their elements 16 bytes an access (LDG/STG.E.128);
 - the Hopper attention (attention_sm90*.cu, CUTLASS's FMHA collectives) compiles for sm_90a
   with wgmma (HGMMA) and TMA (UTMALDG/UTMASTG) in its SASS, no spills, and no wgmma
   serialization warning from ptxas;
@@ -558,6 +559,38 @@ def test_add_layer_norm_uses_128bit_accesses(add_layer_norm_builds, arch):
         assert wide["STG"] >= vecs, f"{what}: {wide['STG']} STG.E.128"
         assert not [a for a in narrow if re.search(r"\.(U8|S8|U16|S16|64)\b", a)], f"{what}: narrow accesses {narrow}"
         assert len(narrow) <= 2, f"{what}: {len(narrow)} 32-bit global accesses (mean and rstd are 2): {sorted(set(narrow))}"
+
+
+# gelu_{forward,backward}_kernel<T, VW> as mangled.
+GELU_KERNEL = re.compile(r"gelu_(forward|backward)_kernelI(f|6__half|13__nv_bfloat16)Li(\d+)E")
+
+
+@compile_ahead.build
+def gelu_builds(tmp_path_factory):
+    """gelu.cu built as the JIT extension builds it (-O3) for sm_90, with ptxas's report."""
+    nvcc = _nvcc_or_skip()
+    out = tmp_path_factory.mktemp("gelu")
+    return _compile_all({"sm_90": _cubin_command(nvcc, "gelu.cu", "sm_90", [], out)}, timeout=300)["sm_90"]
+
+
+def test_gelu_vector_kernels_move_16_bytes_an_access(gelu_builds):
+    """The elementwise GELU and dGELU (every csrc/ Linear+GELU backward's dGELU, the cublaslt
+    path's erf forward) move their elements in 16-byte LDG.E.128 / STG.E.128 where pointers are
+    aligned; only their n % VW tail loop, and the VW = 1 kernels kept for unaligned pointers, go an
+    element at a time. Before, every access of a 16-bit kernel was 2 bytes wide (LDG.E.U16)."""
+    functions = re.split(r"\n\s*Function : ", _sass(*gelu_builds))[1:]
+    kernels = {m.groups(): chunk for chunk in functions if (m := GELU_KERNEL.search(chunk.split("\n", 1)[0]))}
+    assert {(d, t) for d, t, vw in kernels if int(vw) > 1} == {(d, t) for d in ("forward", "backward")
+                                                            for t in LN_DTYPES}, list(kernels)
+    assert all(int(vw) == 1 or int(vw) * (4 if t == "f" else 2) == 16 for _, t, vw in kernels)
+    for (direction, dtype, vw), body in kernels.items():
+        accesses = re.findall(r"\b(LDG|STG)\.E((?:\.\w+)*)", body)
+        wide = {op: sum(1 for o, mods in accesses if o == op and ".128" in mods) for op in ("LDG", "STG")}
+        what = f"{direction} {LN_DTYPES[dtype]} VW={vw}"
+        if int(vw) > 1:  # pre (and dout) in, out: one 16-byte access each in the vector loop
+            assert wide["LDG"] >= (2 if direction == "backward" else 1) and wide["STG"] >= 1, f"{what}: {wide}"
+        else:
+            assert wide == {"LDG": 0, "STG": 0}, f"{what}: {wide}"
 
 
 # ----------------------------------------------------------------------------- CUTLASS Linear+GELU

@@ -1,10 +1,12 @@
-"""csrc/add_layer_norm.cu run on the CPU: its kernels and host dispatch compiled with g++ against
+"""csrc/add_layer_norm.cu and csrc/gelu.cu run on the CPU: their kernels and host dispatch compiled with g++ against
 a stand-in for the CUDA runtime (tests/csrc_emulation/cuda_runtime.h: a thread per CUDA thread,
 barriers for __syncthreads and warp shuffles) and checked against a float64 reference by
 tests/csrc_emulation/add_layer_norm_driver.cpp: forward (y, stream, mean, rstd, and y again with
 the statistics skipped) and backward (dh, its copy, dweight and dbias through the partial-row
 kernel), fp32/fp16/bf16, aligned and unaligned row configs, optional arguments present and
-absent, a grid small enough that row groups sum several rows.
+absent, a grid small enough that row groups sum several rows; and by
+tests/csrc_emulation/gelu_driver.cpp: GELU and dGELU, both forms, 16-byte vector and element
+kernels, lengths around the vector width, nothing written past the end.
 
 This proves the indexing, the reductions and the config dispatch, not speed, memory alignment or
 the absence of races (compute-sanitizer on a GPU does that). Emulated threads are slow: the
@@ -26,24 +28,24 @@ EMULATION = ROOT / "tests" / "csrc_emulation"
 DEFAULT_HIDDEN = "40 768 1536"
 
 
-def _emulated_source(cu_text):
+def _emulated_source(cu_text, min_launches):
     text = cu_text.replace("__shared__ alignas(16)", "alignas(16) static").replace("__shared__", "static")
     text, launches = re.subn(r"(\w+<[^<>]*>)<<<(.*?)>>>\(", r"emu::launch(\1, \2, ", text)
-    assert launches >= 3, "expected the forward, backward and partial-sum launches"
+    assert launches >= min_launches, f"expected at least {min_launches} kernel launches, rewrote {launches}"
     return text
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
+def _build(tmp_path_factory, name, min_launches):
+    """csrc/NAME.cu with tests/csrc_emulation/NAME_driver.cpp, built with g++ against the stand-in."""
     cxx = shutil.which("g++")
     if cxx is None:
         pytest.skip("g++ not found")
     out = tmp_path_factory.mktemp("emulated")
-    source = out / "add_layer_norm_emulated.cpp"
-    source.write_text(_emulated_source((ROOT / "csrc" / "add_layer_norm.cu").read_text()))
-    binary = out / "add_layer_norm_emulated"
+    source = out / f"{name}_emulated.cpp"
+    source.write_text(_emulated_source((ROOT / "csrc" / f"{name}.cu").read_text(), min_launches))
+    binary = out / f"{name}_emulated"
     cmd = [cxx, "-std=c++20", "-O1", "-w", f"-I{EMULATION}", f"-I{ROOT / 'csrc'}", str(source),
-           str(EMULATION / "add_layer_norm_driver.cpp"), "-o", str(binary), "-pthread"]
+           str(EMULATION / f"{name}_driver.cpp"), "-o", str(binary), "-pthread"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if result.returncode != 0 and ("_Float16" in result.stderr or "<barrier>" in result.stderr):
         pytest.skip(f"this g++ lacks C++20 <barrier> or _Float16: {result.stderr[-300:]}")
@@ -51,8 +53,21 @@ def emulator(tmp_path_factory):
     return binary
 
 
-def test_add_layer_norm_kernels_match_the_reference_on_the_cpu(emulator):
-    hidden = os.environ.get("FUSEFORMER_EMULATE_HIDDEN", DEFAULT_HIDDEN).split()
-    result = subprocess.run([str(emulator), *hidden], capture_output=True, text=True, timeout=1800)
+def _run_ok(binary, *args):
+    result = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1].startswith("OK"), result.stdout[-3000:]
+
+
+def test_add_layer_norm_kernels_match_the_reference_on_the_cpu(tmp_path_factory):
+    # the forward, backward and partial-sum launches
+    binary = _build(tmp_path_factory, "add_layer_norm", 3)
+    _run_ok(binary, *os.environ.get("FUSEFORMER_EMULATE_HIDDEN", DEFAULT_HIDDEN).split())
+
+
+def test_gelu_kernels_match_the_reference_on_the_cpu(tmp_path_factory):
+    """csrc/gelu.cu's forward and dGELU, 16-byte vectors and one element at a time: every dtype,
+    both GELU forms, lengths around the vector width, aligned and one-element-off pointers,
+    nothing written past the end (tests/csrc_emulation/gelu_driver.cpp)."""
+    binary = _build(tmp_path_factory, "gelu", 4)  # forward and backward, vector and element kernels
+    _run_ok(binary)

@@ -2,56 +2,12 @@
 // (cuda_runtime.h here), against a float64 reference: each hidden size given on the command line,
 // every dtype, aligned and unaligned configs, optional arguments present and absent. Prints
 // "OK: ..." or "FAILED: ..." last; exit status 1 on a failure.
-#include <cmath>
-#include <cstdio>
-#include <cstdlib>
-#include <random>
-#include <string>
-#include <cstring>
 #include <type_traits>
 #include <vector>
-#include "kernels.h"
+
+#include "driver_util.h"
 
 using namespace fuseformer;
-static std::mt19937 rng(1234);
-
-template <typename T> float tof(T v);
-template <> float tof<float>(float v) { return v; }
-template <> float tof<__half>(__half v) { return __half2float(v); }
-template <> float tof<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> T fromf(float v);
-template <> float fromf<float>(float v) { return v; }
-template <> __half fromf<__half>(float v) { return __float2half_rn(v); }
-template <> __nv_bfloat16 fromf<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <typename T> DType dtype_of();
-template <> DType dtype_of<float>() { return DType::F32; }
-template <> DType dtype_of<__half>() { return DType::F16; }
-template <> DType dtype_of<__nv_bfloat16>() { return DType::BF16; }
-template <typename T> double tol();
-template <> double tol<float>() { return 2e-5; }
-template <> double tol<__half>() { return 4e-3; }
-template <> double tol<__nv_bfloat16>() { return 3e-2; }
-
-template <typename T> T* alloc(size_t n) {  // 64-byte aligned, NaN-poisoned
-  T* p = static_cast<T*>(std::aligned_alloc(64, ((n * sizeof(T) + 63) / 64) * 64 + 64));
-  std::memset(p, 0xff, n * sizeof(T));
-  return p;
-}
-template <typename T> T* random_tensor(size_t n, float scale, float shift) {
-  T* p = alloc<T>(n);
-  std::normal_distribution<float> d(0.f, 1.f);
-  for (size_t i = 0; i < n; ++i) p[i] = fromf<T>(shift + scale * d(rng));
-  return p;
-}
-
-static int failures = 0;
-static void check(const char* what, const std::string& ctx, double got, double want, double t) {
-  const double err = std::fabs(got - want);
-  if (!(err <= t * (1.0 + std::fabs(want)))) {
-    if (failures < 20) std::printf("FAIL %s %s: got %.6g want %.6g\n", ctx.c_str(), what, got, want);
-    ++failures;
-  }
-}
 
 template <typename T>
 void run_case(int64_t M, int N, bool aligned, bool all_args, int max_blocks) {

@@ -1,7 +1,7 @@
-// A CPU stand-in for the few CUDA features csrc/add_layer_norm.cu uses, so that its kernels and
-// host dispatch run, slowly, on a machine without a GPU (tests/test_csrc_emulated.py): one
-// std::thread per CUDA thread, a std::barrier per block (__syncthreads) and per warp (shuffles
-// through a shared buffer), blocks one after another. The test rewrites `__shared__` to a
+// A CPU stand-in for the few CUDA features csrc/add_layer_norm.cu and csrc/gelu.cu use, so that
+// their kernels and host dispatch run, slowly, on a machine without a GPU
+// (tests/test_csrc_emulated.py): one std::thread per CUDA thread, a std::barrier per block
+// (__syncthreads) and per warp (shuffles through a shared buffer), blocks one after another. The test rewrites `__shared__` to a
 // function-level `static` (shared by the block's threads) and `k<<<grid, block, smem, stream>>>(...)`
 // to `emu::launch(k, grid, block, smem, stream, ...)`. fp16 through the compiler's _Float16,
 // bf16 rounded to nearest even by hand. Not modelled: memory alignment faults, races between
