@@ -18,8 +18,6 @@
 // and N allow it (`aligned`), one element wide otherwise. The forward writes the stream and
 // mean/rstd only when given somewhere to put them. The backward writes one row of dw/db partial
 // sums per block; a second, small kernel adds those rows up.
-#include <type_traits>
-
 #include "common.cuh"
 #include "kernels.h"
 
@@ -47,25 +45,6 @@ __device__ __forceinline__ float group_sum(float v, float* scratch) {
   }
 }
 
-// VW fp32 values rounded into a Vec of T, a pair (one 32-bit register) at a time for 16-bit
-// types: the two-wide conversion (F2FP.*.PACK_AB) fills both halves of a register in one
-// instruction, where rounding element by element then merges the halves (PRMT).
-template <typename T, int VW>
-__device__ __forceinline__ void round_into(Vec<T, VW>& dst, const float (&src)[VW]) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16> && VW % 2 == 0) {
-    auto* pairs = reinterpret_cast<__nv_bfloat162*>(dst.v);
-#pragma unroll
-    for (int j = 0; j < VW; j += 2) pairs[j / 2] = __floats2bfloat162_rn(src[j], src[j + 1]);
-  } else if constexpr (std::is_same_v<T, __half> && VW % 2 == 0) {
-    auto* pairs = reinterpret_cast<__half2*>(dst.v);
-#pragma unroll
-    for (int j = 0; j < VW; j += 2) pairs[j / 2] = __floats2half2_rn(src[j], src[j + 1]);
-  } else {
-#pragma unroll
-    for (int j = 0; j < VW; ++j) dst.v[j] = from_float<T>(src[j]);
-  }
-}
-
 // A row's vectors as stored (T), for the columns this thread owns; zero outside the row.
 template <typename T, int VW, int THREADS_PER_ROW, int VECS>
 __device__ __forceinline__ void load_packed(const T* __restrict__ src, int64_t row, int N, int lane,
@@ -74,7 +53,7 @@ __device__ __forceinline__ void load_packed(const T* __restrict__ src, int64_t r
   for (int i = 0; i < VECS; ++i) {
     const int col = (i * THREADS_PER_ROW + lane) * VW;
     if (col < N) {
-      dst[i] = *reinterpret_cast<const Vec<T, VW>*>(src + row * N + col);
+      dst[i] = load_vec<VW>(src + row * N + col);
     } else {
 #pragma unroll
       for (int j = 0; j < VW; ++j) dst[i].v[j] = from_float<T>(0.f);
@@ -166,11 +145,11 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
     for (int i = 0; i < VECS; ++i) {
       const int col = (i * THREADS_PER_ROW + lane) * VW;
       if (col >= N) continue;
-      if (stream_out != nullptr) *reinterpret_cast<Vec<T, VW>*>(stream_out + row * N + col) = h[i];
+      if (stream_out != nullptr) store_vec(stream_out + row * N + col, h[i]);
       // weight, bias and y as T too, converted one element at a time (the budget of kFwdMinBlocks).
       Vec<T, VW> w, b, out;
-      if (weight != nullptr) w = *reinterpret_cast<const Vec<T, VW>*>(weight + col);
-      if (bias != nullptr) b = *reinterpret_cast<const Vec<T, VW>*>(bias + col);
+      if (weight != nullptr) w = load_vec<VW>(weight + col);
+      if (bias != nullptr) b = load_vec<VW>(bias + col);
       float v[VW];
 #pragma unroll
       for (int j = 0; j < VW; ++j) {
@@ -179,7 +158,7 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
         if (bias != nullptr) v[j] += to_float(b.v[j]);
       }
       round_into<T, VW>(out, v);
-      *reinterpret_cast<Vec<T, VW>*>(y + row * N + col) = out;
+      store_vec(y + row * N + col, out);
     }
     if (lane == 0 && mean_out != nullptr) {  // null in inference: nothing reads them
       mean_out[row] = mean;
@@ -304,7 +283,7 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
       // The weight from memory each row (cached): held for the whole loop it cost the warp
       // configs' 4-8 vectors a lane more registers than they have.
       Vec<T, VW> w;
-      if (weight != nullptr) w = *reinterpret_cast<const Vec<T, VW>*>(weight + col);
+      if (weight != nullptr) w = load_vec<VW>(weight + col);
 #pragma unroll
       for (int j = 0; j < VW; ++j) {
         const float xhat = (h[i][j] - mean) * rstd;
@@ -322,7 +301,7 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
       const int col = (i * THREADS_PER_ROW + lane) * VW;
       if (col >= N) continue;
       Vec<T, VW> extra, out;
-      if (dstream != nullptr) extra = *reinterpret_cast<const Vec<T, VW>*>(dstream + row * N + col);
+      if (dstream != nullptr) extra = load_vec<VW>(dstream + row * N + col);
       float v[VW];
 #pragma unroll
       for (int j = 0; j < VW; ++j) {
@@ -330,8 +309,8 @@ __global__ void __launch_bounds__(THREADS_PER_ROW <= 32 ? kWarpBlock : THREADS_P
         if (dstream != nullptr) v[j] += to_float(extra.v[j]);
       }
       round_into<T, VW>(out, v);
-      *reinterpret_cast<Vec<T, VW>*>(dh + row * N + col) = out;
-      if (dh_copy != nullptr) *reinterpret_cast<Vec<T, VW>*>(dh_copy + row * N + col) = out;
+      store_vec(dh + row * N + col, out);
+      if (dh_copy != nullptr) store_vec(dh_copy + row * N + col, out);
     }
     if constexpr (kPrefetch) {
 #pragma unroll

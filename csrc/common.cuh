@@ -7,6 +7,8 @@
 
 #include <stdint.h>
 
+#include <type_traits>
+
 namespace fuseformer {
 
 // fp16/bf16/fp32 <-> fp32. Every kernel does its arithmetic in fp32 and rounds once on store.
@@ -34,19 +36,34 @@ template <typename T, int VW> struct alignas(sizeof(T) * VW) Vec {
   T v[VW];
 };
 
-template <typename T, int VW>
-__device__ __forceinline__ void load_vec(const T* __restrict__ src, float (&dst)[VW]) {
-  Vec<T, VW> pack = *reinterpret_cast<const Vec<T, VW>*>(src);
-#pragma unroll
-  for (int i = 0; i < VW; ++i) dst[i] = to_float(pack.v[i]);
+// A Vec of VW elements at src / dst, as one access (src, dst aligned to the Vec).
+template <int VW, typename T>
+__device__ __forceinline__ Vec<T, VW> load_vec(const T* __restrict__ src) {
+  return *reinterpret_cast<const Vec<T, VW>*>(src);
 }
 
 template <typename T, int VW>
-__device__ __forceinline__ void store_vec(T* __restrict__ dst, const float (&src)[VW]) {
-  Vec<T, VW> pack;
+__device__ __forceinline__ void store_vec(T* __restrict__ dst, const Vec<T, VW>& src) {
+  *reinterpret_cast<Vec<T, VW>*>(dst) = src;
+}
+
+// VW fp32 values rounded into a Vec of T, a pair (one 32-bit register) at a time for 16-bit
+// types: the two-wide conversion (F2FP.*.PACK_AB) fills both halves of a register in one
+// instruction, where rounding element by element then merges the halves (PRMT).
+template <typename T, int VW>
+__device__ __forceinline__ void round_into(Vec<T, VW>& dst, const float (&src)[VW]) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && VW % 2 == 0) {
+    auto* pairs = reinterpret_cast<__nv_bfloat162*>(dst.v);
 #pragma unroll
-  for (int i = 0; i < VW; ++i) pack.v[i] = from_float<T>(src[i]);
-  *reinterpret_cast<Vec<T, VW>*>(dst) = pack;
+    for (int j = 0; j < VW; j += 2) pairs[j / 2] = __floats2bfloat162_rn(src[j], src[j + 1]);
+  } else if constexpr (std::is_same_v<T, __half> && VW % 2 == 0) {
+    auto* pairs = reinterpret_cast<__half2*>(dst.v);
+#pragma unroll
+    for (int j = 0; j < VW; j += 2) pairs[j / 2] = __floats2half2_rn(src[j], src[j + 1]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VW; ++j) dst.v[j] = from_float<T>(src[j]);
+  }
 }
 
 template <int WIDTH = 32>

@@ -40,11 +40,13 @@ __global__ void gelu_forward_kernel(const T* __restrict__ pre, T* __restrict__ o
   const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   const int64_t vectors = n / VW;
   for (int64_t v = first; v < vectors; v += stride) {
-    const Vec<T, VW> p = *reinterpret_cast<const Vec<T, VW>*>(pre + v * VW);
-    Vec<T, VW> o;
+    const Vec<T, VW> p = load_vec<VW>(pre + v * VW);
+    float y[VW];
 #pragma unroll
-    for (int j = 0; j < VW; ++j) o.v[j] = from_float<T>(gelu(to_float(p.v[j]), approximate_tanh));
-    *reinterpret_cast<Vec<T, VW>*>(out + v * VW) = o;
+    for (int j = 0; j < VW; ++j) y[j] = gelu(to_float(p.v[j]), approximate_tanh);
+    Vec<T, VW> o;
+    round_into<T, VW>(o, y);
+    store_vec(out + v * VW, o);
   }
   for (int64_t i = vectors * VW + first; i < n; i += stride)
     out[i] = from_float<T>(gelu(to_float(pre[i]), approximate_tanh));
@@ -57,12 +59,14 @@ __global__ void gelu_backward_kernel(const T* __restrict__ dout, const T* __rest
   const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   const int64_t vectors = n / VW;
   for (int64_t v = first; v < vectors; v += stride) {
-    const Vec<T, VW> g = *reinterpret_cast<const Vec<T, VW>*>(dout + v * VW);
-    const Vec<T, VW> p = *reinterpret_cast<const Vec<T, VW>*>(pre + v * VW);
-    Vec<T, VW> o;
+    const Vec<T, VW> g = load_vec<VW>(dout + v * VW);
+    const Vec<T, VW> p = load_vec<VW>(pre + v * VW);
+    float d[VW];
 #pragma unroll
-    for (int j = 0; j < VW; ++j) o.v[j] = from_float<T>(to_float(g.v[j]) * gelu_grad(to_float(p.v[j]), approximate_tanh));
-    *reinterpret_cast<Vec<T, VW>*>(dpre + v * VW) = o;
+    for (int j = 0; j < VW; ++j) d[j] = to_float(g.v[j]) * gelu_grad(to_float(p.v[j]), approximate_tanh);
+    Vec<T, VW> o;
+    round_into<T, VW>(o, d);
+    store_vec(dpre + v * VW, o);
   }
   for (int64_t i = vectors * VW + first; i < n; i += stride)
     dpre[i] = from_float<T>(to_float(dout[i]) * gelu_grad(to_float(pre[i]), approximate_tanh));
