@@ -519,9 +519,8 @@ def kernel_sources() -> dict[str, str]:
     return {name: hashlib.sha256(data).hexdigest() for name, data in files.items() if b"@triton.jit" in data}
 
 
-def _manifest(archive: Path) -> dict:
-    with tarfile.open(archive, "r:xz") as tar:
-        return json.loads(tar.extractfile(MANIFEST).read())
+def _manifest(tar: tarfile.TarFile) -> dict:
+    return json.loads(tar.extractfile(MANIFEST).read())
 
 
 _PARTS = ("source", "signature", "constants", "attrs", "options", "options_hash", "backend", "env")
@@ -531,7 +530,8 @@ def misses(log: Path, archive: Path) -> list[str]:
     """The compiles in a GPU session's log whose key the archive lacks, grouped by kernel and
     by who asked (the test, else the command); for each, the parts of its key that differ from
     the nearest archive entry of the same kernel (fewest parts differing), with both values."""
-    entries = _manifest(archive)["entries"]
+    with tarfile.open(archive, "r:xz") as tar:
+        entries = _manifest(tar)["entries"]
     held = {e["key"] for e in entries.values()}
     by_kernel: dict[str, list[dict]] = {}
     for e in entries.values():
@@ -578,7 +578,7 @@ def unpack(archive: Path, dest: Path) -> str:
 
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive) as tar:
-        manifest = json.loads(tar.extractfile(MANIFEST).read())
+        manifest = _manifest(tar)
         if manifest["triton"] != triton.__version__:
             return (f"not unpacked: the archive holds triton {manifest['triton']}'s kernels, this is triton "
                     f"{triton.__version__}")
