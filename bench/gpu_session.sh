@@ -356,12 +356,13 @@ sanitize)
         "tests/test_cuda_backend.py::test_gpu_attention_parity@cute-2-4-1-130-130-128" \
         "tests/test_cuda_backend.py::test_gpu_attention_parity@cute-3-2-2-65-70-128" \
         "tests/test_cuda_backend.py::test_gpu_sm90_attention@1000-1000" \
+        "tests/test_cuda_backend.py::test_gpu_sm90_attention_backward@1000-1000" \
         "tests/test_cuda_gemm.py::test_gpu_cutlass_linear_gelu_parity@97-128-256-True-True-none-bf16-sm80" \
         "tests/test_cuda_gemm.py::test_gpu_cutlass_linear_gelu_parity@97-128-256-True-True-none-bf16-sm90"; do
         # One parametrization each: the sanitizer slows a launch 10-100x. TARGET@TEXT picks the
         # first one whose id holds TEXT (the CuTe attention forward and backward at head dims 64
         # and 128; one with an all-padded batch, whose rows have lse = +inf; the sm_90a forward
-        # over a ragged multi-tile case; the CUTLASS Linear+GELU's two paths, bias and
+        # and backward over a ragged multi-tile case; the CUTLASS Linear+GELU's two paths, bias and
         # pre-activation store on, odd M; the csrc add+LN in bf16 on a 256-thread row block whose
         # backward prefetches the next row, and on warp rows with shared-memory column sums and
         # the prenorm stream's gradient, each group walking several rows).

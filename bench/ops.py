@@ -258,6 +258,17 @@ def _cuda_wmma_impl(call) -> Impl:
                               attention="wmma")
 
 
+def _cuda_sm90_backward_impl(call) -> Impl:
+    """The cuda backend with csrc/'s Hopper backward (FUSEFORMER_CUDA_ATTENTION_BACKWARD=sm90:
+    CUTLASS's FMHA backward collective, wgmma, TMA, dQ by TMA reduce-add) behind the default
+    sm90 forward, beside `fuseformer-cuda` (the same forward, the CuTe backward): opt-in until
+    this comparison says which backward is faster. Calls its kernels do not fit (masks, GQA,
+    other GPUs) run the CuTe backward under this name too."""
+    return _cuda_variant_impl(call, "fuseformer-cuda-sm90-bwd",
+                              "csrc/attention_sm90_backward.cuh: CUTLASS Hopper FMHA backward (wgmma, TMA)",
+                              attention="sm90", attention_backward="sm90")
+
+
 def _fa4_unavailable() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device"
@@ -361,7 +372,8 @@ def attention_case(name, *, B, H, L, D, Hk=None, Lk=None, causal=False, pad=0.0,
                   _hopper_impl(ours, descriptors="device"),
                   _portable_impl(ours)]
         if grad:
-            impls += [_atomic_dq_impl(ours), _hopper_impl(ours, dq="atomic"), _fused_dq_impl(ours)]
+            impls += [_atomic_dq_impl(ours), _hopper_impl(ours, dq="atomic"), _fused_dq_impl(ours),
+                      _cuda_sm90_backward_impl(ours)]
         sdpa = _sdpa_impls(torch_sdpa) + [_fa4_impl(causal, gqa)]
         if quadratic_baselines:
             impls += [Impl("torch-eager", ref, note="reference.py: matmul, softmax, matmul")]

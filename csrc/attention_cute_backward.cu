@@ -423,37 +423,63 @@ cudaError_t launch_main(const AttentionBackwardParams& bp, cudaStream_t stream) 
 }
 
 template <typename Element>
-cudaError_t run(DType dtype, AttentionBackwardParams bp, cudaStream_t stream) {
+cudaError_t launch_preprocess(const AttentionBackwardParams& bp, cudaStream_t stream) {
   const AttentionParams& p = bp.fwd;
   const int64_t rows = int64_t(p.B) * p.Hq * p.Lq;
+  if (rows == 0) return cudaSuccess;
+  constexpr int kRowsPerBlock = 256 / 32;
+  attention_backward_cute_preprocess_kernel<Element><<<unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock), 256, 0, stream>>>(bp);
+  return cudaGetLastError();
+}
+
+template <typename Element>
+cudaError_t launch_convert_dq(const AttentionBackwardParams& bp, float scale, cudaStream_t stream) {
+  const AttentionParams& p = bp.fwd;
+  const int64_t n = int64_t(p.B) * p.Hq * p.Lq * p.D;
+  if (n == 0) return cudaSuccess;
+  attention_backward_cute_convert_dq_kernel<Element>
+      <<<unsigned((n / 4 + 255) / 256), 256, 0, stream>>>(bp.dq_accum, static_cast<Element*>(bp.dq), n, scale);
+  return cudaGetLastError();
+}
+
+template <typename Element>
+cudaError_t run(DType dtype, AttentionBackwardParams bp, cudaStream_t stream) {
+  const AttentionParams& p = bp.fwd;
   if (!p.aligned) bp.dq_accum = nullptr;  // the WMMA backward below writes dq itself
-  if (rows > 0) {
-    constexpr int kRowsPerBlock = 256 / 32;
-    attention_backward_cute_preprocess_kernel<Element>
-        <<<unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock), 256, 0, stream>>>(bp);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
+  cudaError_t err = launch_preprocess<Element>(bp, stream);
+  if (err != cudaSuccess) return err;
   // cp.async moves 16 bytes at a time: rows that do not start 16-byte aligned take the WMMA
   // backward, which reads the delta just computed.
   if (!p.aligned) return attention_backward(dtype, bp, stream);
   if (p.Lk > 0) {  // a grid dimension of 0 is an invalid launch; with no key dq stays zero
-    cudaError_t err = p.D == 64 ? launch_main<Element, 64>(bp, stream)
-                      : p.D == 128 ? launch_main<Element, 128>(bp, stream)
-                                   : cudaErrorInvalidValue;  // bindings.cpp refuses these first, with the reason
+    err = p.D == 64 ? launch_main<Element, 64>(bp, stream)
+          : p.D == 128 ? launch_main<Element, 128>(bp, stream)
+                       : cudaErrorInvalidValue;  // bindings.cpp refuses these first, with the reason
     if (err != cudaSuccess) return err;
   }
-  if (rows > 0) {
-    const int64_t n = rows * p.D;
-    attention_backward_cute_convert_dq_kernel<Element>
-        <<<unsigned((n / 4 + 255) / 256), 256, 0, stream>>>(bp.dq_accum, static_cast<Element*>(bp.dq), n, p.scale);
-  }
-  return cudaGetLastError();
+  return launch_convert_dq<Element>(bp, p.scale, stream);
 }
 
 }  // namespace
 
 bool attention_backward_cute_supports_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
+
+cudaError_t attention_backward_preprocess(DType dtype, const AttentionBackwardParams& bp, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::F16: return launch_preprocess<cutlass::half_t>(bp, stream);
+    case DType::BF16: return launch_preprocess<cutlass::bfloat16_t>(bp, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t attention_backward_convert_dq(DType dtype, const AttentionBackwardParams& bp, float scale,
+                                          cudaStream_t stream) {
+  switch (dtype) {
+    case DType::F16: return launch_convert_dq<cutlass::half_t>(bp, scale, stream);
+    case DType::BF16: return launch_convert_dq<cutlass::bfloat16_t>(bp, scale, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 cudaError_t attention_backward_cute(DType dtype, const AttentionBackwardParams& bp, cudaStream_t stream) {
   if (bp.fwd.B == 0 || bp.fwd.Hq == 0) return cudaSuccess;

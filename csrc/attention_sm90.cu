@@ -1,9 +1,12 @@
-// The Hopper attention forward's entry point (FUSEFORMER_CUDA_ATTENTION=sm90): checks that the
-// call fits the sm_90a kernels of attention_sm90.cuh and launches the instantiation for its
+// The Hopper attention's entry points. The forward (FUSEFORMER_CUDA_ATTENTION=sm90) checks that
+// the call fits the sm_90a kernels of attention_sm90.cuh and launches the instantiation for its
 // dtype and head dim; any other call goes to the CuTe forward (head dims 64, 128) or the WMMA
 // one, so choosing sm90 never refuses a call the cuda backend takes. The kernels write what
-// the other forwards write (out, natural-log lse), so the backward is shared.
+// the other forwards write (out, natural-log lse), so every backward takes their output. The
+// backward (FUSEFORMER_CUDA_ATTENTION_BACKWARD=sm90, attention_sm90_backward.cuh) does the same
+// over the same scope, handing other calls to the CuTe backward.
 #include <climits>
+#include <cstdint>
 
 #include "attention_sm90.cuh"
 
@@ -65,6 +68,20 @@ const char* reason_on_device(DType dtype, const AttentionParams& p, DeviceFacts*
   return nullptr;
 }
 
+// The backward's scope is the forward's; on top of that, dout's strides and the contiguous
+// gradients' and workspace's (elements per batch and head) must fit the collective's ints.
+const char* backward_reason_on_device(DType dtype, const AttentionBackwardParams& bp, DeviceFacts* facts) {
+  const char* reason = reason_on_device(dtype, bp.fwd, facts);
+  if (reason != nullptr) return reason;
+  const AttentionParams& p = bp.fwd;
+  if (!fits_int(bp.dout_strides) || int64_t(p.Hq) * p.Lq * p.D > INT_MAX || int64_t(p.Hkv) * p.Lk * p.D > INT_MAX)
+    return "strides beyond 32 bits";
+  // TMA reads lse (and delta, which the caller allocates) as 16-byte aligned rows of fp32;
+  // Lq % 8 == 0 keeps every row so once the start is.
+  if (reinterpret_cast<uintptr_t>(p.lse) % 16 != 0) return "lse is not 16-byte aligned (TMA)";
+  return nullptr;
+}
+
 }  // namespace
 
 bool attention_forward_sm90_built() {
@@ -91,6 +108,36 @@ cudaError_t attention_forward_sm90(DType dtype, const AttentionParams& p, cudaSt
   auto forward = p.D == 64 ? (half ? sm90::forward_f16_d64 : sm90::forward_bf16_d64)
                            : (half ? sm90::forward_f16_d128 : sm90::forward_bf16_d128);
   return forward(p, facts.index, facts.sm_count, stream);
+#else
+  return cudaErrorNotSupported;  // unreachable: the reason above says "not compiled for sm_90a"
+#endif
+}
+
+}  // namespace fuseformer
+
+namespace fuseformer {
+
+const char* attention_backward_sm90_reason(DType dtype, const AttentionBackwardParams& bp) {
+  DeviceFacts facts;
+  return backward_reason_on_device(dtype, bp, &facts);
+}
+
+// delta and the zeroed fp32 dq buffer (the CuTe backward's preprocess), the sm_90a kernel, then
+// dq in the input dtype (the CuTe backward's convert, with a scale of 1: the collective's dS
+// already holds the softmax scale).
+cudaError_t attention_backward_sm90(DType dtype, const AttentionBackwardParams& bp, cudaStream_t stream) {
+  DeviceFacts facts;
+  if (backward_reason_on_device(dtype, bp, &facts) != nullptr) return attention_backward_cute(dtype, bp, stream);
+#if defined(FUSEFORMER_SM90A)
+  cudaError_t err = attention_backward_preprocess(dtype, bp, stream);
+  if (err != cudaSuccess) return err;
+  const AttentionParams& p = bp.fwd;
+  const bool half = dtype == DType::F16;
+  auto backward = p.D == 64 ? (half ? sm90::backward_f16_d64 : sm90::backward_bf16_d64)
+                            : (half ? sm90::backward_f16_d128 : sm90::backward_bf16_d128);
+  err = backward(bp, facts.index, facts.sm_count, stream);
+  if (err != cudaSuccess) return err;
+  return attention_backward_convert_dq(dtype, bp, 1.0f, stream);
 #else
   return cudaErrorNotSupported;  // unreachable: the reason above says "not compiled for sm_90a"
 #endif

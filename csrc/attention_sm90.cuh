@@ -130,12 +130,36 @@ inline StrideRows rows_stride(const int64_t strides[3]) {
                     cute::make_tuple(static_cast<int>(strides[0]), static_cast<int>(strides[1]))};
 }
 
+// Run a collective-built operation (the forward's or the backward's) with the caller's softmax
+// scale: Kernel::to_underlying_arguments builds the TMA descriptors, and the collectives fix the
+// scale at 1/sqrt(D), so it is written over their two fields (natural and base-2 units).
+template <class Op>
+cudaError_t run_with_scale(typename Op::Arguments const& args, float scale, int device, cudaStream_t stream) {
+  using Kernel = typename Op::Kernel;
+  typename Kernel::Params params = Kernel::to_underlying_arguments(args, nullptr);
+  params.mainloop.scale_softmax = scale;
+  params.mainloop.scale_softmax_log2 = scale * 1.4426950408889634f;
+  // Over 48 KB of shared memory needs the opt-in, once per device and kernel (Universal::initialize
+  // would do it once per process, missing a second GPU).
+  static bool smem_set[64] = {};
+  if (device >= 64 || !smem_set[device]) {
+    cudaError_t err = cudaFuncSetAttribute(cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(Kernel::SharedStorageSize));
+    if (err != cudaSuccess) return err;
+    if (device < 64) smem_set[device] = true;
+  }
+  if (Op::run(params, stream) != cutlass::Status::kSuccess) {
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? cudaErrorLaunchFailure : err;
+  }
+  return cudaSuccess;
+}
+
 // Launch one instantiation on the current device (its index and SM count, asked once by the
 // caller, attention_sm90.cu, which has also checked every size and stride).
 template <class Element, int kHeadDim, class Fusion>
 cudaError_t launch(const AttentionParams& p, int device, int sm_count, cudaStream_t stream) {
   using Op = Operation<Element, kHeadDim, Fusion>;
-  using Kernel = typename Op::Kernel;
   typename Op::Arguments args{
       {p.B, p.Hq, p.Lq, p.Lk, p.D},
       {static_cast<const Element*>(p.q), rows_stride(p.q_strides), static_cast<const Element*>(p.k),
@@ -145,26 +169,9 @@ cudaError_t launch(const AttentionParams& p, int device, int sm_count, cudaStrea
       cutlass::KernelHardwareInfo{device, sm_count}};
   if (Op::can_implement(args) != cutlass::Status::kSuccess || Op::get_workspace_size(args) != 0)
     return cudaErrorNotSupported;
-  // Kernel::to_underlying_arguments builds the TMA descriptors; the collectives fix the scale
-  // at 1/sqrt(D), so the caller's scale is written over it (the epilogue's lse reads the same
-  // field, so it stays the natural-log logsumexp of the scaled scores).
-  typename Kernel::Params params = Kernel::to_underlying_arguments(args, nullptr);
-  params.mainloop.scale_softmax = p.scale;
-  params.mainloop.scale_softmax_log2 = p.scale * 1.4426950408889634f;
-  // Over 48 KB of shared memory needs the opt-in, once per device (Universal::initialize
-  // would do it once per process, missing a second GPU).
-  static bool smem_set[64] = {};
-  if (device >= 64 || !smem_set[device]) {
-    cudaError_t err = cudaFuncSetAttribute(cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(Kernel::SharedStorageSize));
-    if (err != cudaSuccess) return err;
-    if (device < 64) smem_set[device] = true;
-  }
-  if (Op::run(params, stream) != cutlass::Status::kSuccess) {
-    const cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? cudaErrorLaunchFailure : err;
-  }
-  return cudaSuccess;
+  // The epilogue's lse reads the scale field too, so it stays the natural-log logsumexp of the
+  // scaled scores.
+  return run_with_scale<Op>(args, p.scale, device, stream);
 }
 
 // One (dtype, head dim): no mask and causal. Each combination lives in a file of its own so
@@ -195,4 +202,9 @@ cudaError_t forward_f16_d64(const AttentionParams& p, int device, int sm_count, 
 cudaError_t forward_f16_d128(const AttentionParams& p, int device, int sm_count, cudaStream_t stream);
 cudaError_t forward_bf16_d64(const AttentionParams& p, int device, int sm_count, cudaStream_t stream);
 cudaError_t forward_bf16_d128(const AttentionParams& p, int device, int sm_count, cudaStream_t stream);
+// The backward's four (attention_sm90_bwd_*.cu, from attention_sm90_backward.cuh).
+cudaError_t backward_f16_d64(const AttentionBackwardParams& bp, int device, int sm_count, cudaStream_t stream);
+cudaError_t backward_f16_d128(const AttentionBackwardParams& bp, int device, int sm_count, cudaStream_t stream);
+cudaError_t backward_bf16_d64(const AttentionBackwardParams& bp, int device, int sm_count, cudaStream_t stream);
+cudaError_t backward_bf16_d128(const AttentionBackwardParams& bp, int device, int sm_count, cudaStream_t stream);
 }  // namespace fuseformer::sm90

@@ -450,11 +450,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> py_attention_backward(
   return grads;
 }
 
-// The CuTe backward takes the forward's out instead of delta: its preprocess kernel computes delta.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> py_attention_backward_cute(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& key_bias, const std::optional<at::Tensor>& key_end,
-    bool is_causal, double scale) {
+// The CuTe and Hopper backwards take the forward's out instead of delta: the CuTe preprocess
+// kernel computes delta (and zeroes the fp32 dq workspace) for both.
+using AttentionBackwardFn = cudaError_t (*)(DType, const AttentionBackwardParams&, cudaStream_t);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_with_out(
+    AttentionBackwardFn backward, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_bias,
+    const std::optional<at::Tensor>& key_end, bool is_causal, double scale) {
   CHECK_DIM(q, 4);
   FF_CHECK_VALUE(attention_backward_cute_supports_head_dim(static_cast<int>(q.size(3))), "head dim ", q.size(3),
                  " has no CuTe attention backward (supported: 64, 128; the wmma kernel takes the others)");
@@ -471,8 +474,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> py_attention_backward_cute(
   for (int d = 0; d < 3; ++d) bp.fwd.out_strides[d] = out.stride(d);
   bp.delta = delta.data_ptr<float>();
   bp.dq_accum = dq_accum.data_ptr<float>();
-  CHECK_LAUNCH(fuseformer::attention_backward_cute(kernel_dtype(q, "q", false), bp, current_stream()));
+  CHECK_LAUNCH(backward(kernel_dtype(q, "q", false), bp, current_stream()));
   return grads;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> py_attention_backward_cute(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& key_bias, const std::optional<at::Tensor>& key_end,
+    bool is_causal, double scale) {
+  return attention_backward_with_out(&fuseformer::attention_backward_cute, dout, q, k, v, out, lse, key_bias, key_end,
+                                     is_causal, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> py_attention_backward_sm90(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& key_bias, const std::optional<at::Tensor>& key_end,
+    bool is_causal, double scale) {
+  return attention_backward_with_out(&fuseformer::attention_backward_sm90, dout, q, k, v, out, lse, key_bias, key_end,
+                                     is_causal, scale);
+}
+
+// Why attention_backward_sm90 would hand this call to the CuTe backward ("" when the sm_90a
+// kernels take it), as attention_sm90_reason for the forward.
+std::string py_attention_sm90_backward_reason(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                              const at::Tensor& v, const at::Tensor& lse,
+                                              const std::optional<at::Tensor>& key_bias,
+                                              const std::optional<at::Tensor>& key_end, bool is_causal) {
+  AttentionBackwardParams bp = attention_backward_params(dout, q, k, v, lse, key_bias, key_end, is_causal, 1.0);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const char* reason = fuseformer::attention_backward_sm90_reason(kernel_dtype(q, "q", false), bp);
+  return reason == nullptr ? "" : reason;
 }
 
 std::vector<int64_t> head_dims_where(bool (*supports)(int)) {
@@ -519,6 +550,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_backward_cute", &fuseformer::py_attention_backward_cute,
         "attention_backward on the CuTe kernels (head dims 64, 128); takes out, computes delta itself",
         "dout"_a, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "key_bias"_a, "key_end"_a, "is_causal"_a, "scale"_a);
+  m.def("attention_backward_sm90", &fuseformer::py_attention_backward_sm90,
+        "attention_backward on the Hopper (sm_90a) kernels where they fit, else the CuTe backward (head dims 64, 128)",
+        "dout"_a, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "key_bias"_a, "key_end"_a, "is_causal"_a, "scale"_a);
+  m.def("attention_sm90_backward_reason", &fuseformer::py_attention_sm90_backward_reason,
+        "why attention_backward_sm90 would hand this call to the CuTe backward ('' when it runs it)",
+        "dout"_a, "q"_a, "k"_a, "v"_a, "lse"_a, "key_bias"_a, "key_end"_a, "is_causal"_a);
   m.def("attention_head_dims", &fuseformer::py_attention_head_dims, "head dims the attention kernel is built for");
   m.def("attention_cute_head_dims", &fuseformer::py_attention_cute_head_dims, "head dims the CuTe attention forward is built for");
   m.def("attention_cute_backward_head_dims", &fuseformer::py_attention_cute_backward_head_dims,

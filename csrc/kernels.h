@@ -123,5 +123,19 @@ cudaError_t attention_backward(DType dtype, const AttentionBackwardParams& param
 // attention_backward after delta is computed.
 bool attention_backward_cute_supports_head_dim(int head_dim);
 cudaError_t attention_backward_cute(DType dtype, const AttentionBackwardParams& params, cudaStream_t stream);
+// Its first and last kernels, which the Hopper backward shares (fp16/bf16 only): delta =
+// rowsum(dO * O) in fp32 into params.delta, with params.dq_accum zeroed when not null; and
+// dq = scale * dq_accum in the input dtype.
+cudaError_t attention_backward_preprocess(DType dtype, const AttentionBackwardParams& params, cudaStream_t stream);
+cudaError_t attention_backward_convert_dq(DType dtype, const AttentionBackwardParams& params, float scale,
+                                          cudaStream_t stream);
+
+// ---- attention backward for Hopper (csrc/attention_sm90_backward.cuh, attention_sm90*.cu) ----
+// The same contract as attention_backward_cute (reads fwd.out, writes delta and dq_accum).
+// Runs the sm_90a kernels where the sm_90a forward would (attention_backward_sm90_reason
+// returns null: the same scope, dout included in `aligned`); hands every other call to
+// attention_backward_cute.
+const char* attention_backward_sm90_reason(DType dtype, const AttentionBackwardParams& params);
+cudaError_t attention_backward_sm90(DType dtype, const AttentionBackwardParams& params, cudaStream_t stream);
 
 }  // namespace fuseformer

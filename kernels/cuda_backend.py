@@ -29,7 +29,14 @@ default: faster than `cute` wherever it runs, and `cute` faster than `wmma` in a
 The backward follows the same switch: under `cute` and `sm90`, at CUTE_HEAD_DIMS,
 csrc/attention_cute_backward.cu (FlashAttention-2's backward on CuTe); otherwise
 csrc/attention_backward.cu. Every backward takes every forward's out and lse (same
-conventions).
+conventions). Under `cute` and `sm90` a second switch, FUSEFORMER_CUDA_ATTENTION_BACKWARD
+(`set_variant(attention_backward=...)`), picks between:
+  cute  (default, the measured one) the CuTe backward above.
+  sm90  csrc/attention_sm90_backward.cuh: FlashAttention-3's backward structure from CUTLASS's
+        Hopper FMHA backward collective (TMA loads, warp-specialized wgmma, dQ by TMA
+        reduce-add into fp32), over the sm90 forward's scope (compute capability 9.0, no mask,
+        no GQA, Lq % 8 == 0); other calls take the CuTe backward. Built and compile-checked
+        (tests/test_csrc_compile.py), not yet run on a GPU: opt-in until a GPU run times it.
 
 Linear+GELU forward, chosen at import by FUSEFORMER_CUDA_LINEAR_GELU (or
 `set_variant(linear_gelu=...)` / `variant(linear_gelu=...)`):
@@ -108,6 +115,10 @@ SOURCES = (
     "attention_sm90_f16_d128.cu",
     "attention_sm90_bf16_d64.cu",
     "attention_sm90_bf16_d128.cu",
+    "attention_sm90_bwd_f16_d64.cu",
+    "attention_sm90_bwd_f16_d128.cu",
+    "attention_sm90_bwd_bf16_d64.cu",
+    "attention_sm90_bwd_bf16_d128.cu",
 )
 # The CUTLASS GEMM module: its own extension, so the main one builds without CUTLASS 3.
 # One translation unit per sm90 dtype: ninja compiles the slow CUTLASS 3 instantiations at once.
@@ -115,6 +126,7 @@ GEMM_SOURCES = ("bindings_gemm.cpp", "linear_gelu_cutlass.cu", "linear_gelu_cutl
                 "linear_gelu_cutlass_sm90_f16.cu")
 GEMM_EXTENSION_NAME = "fuseformer_cuda_gemm"
 ATTENTION_KERNELS = ("sm90", "cute", "wmma")  # [0] is the default
+ATTENTION_BACKWARD_KERNELS = ("cute", "sm90")  # [0] is the default
 LINEAR_GELU_KERNELS = ("auto", "cublaslt", "cutlass")  # [0] is the default
 # Mirror of attention_{forward,backward}_cute_supports_head_dim (a gpu test compares).
 CUTE_HEAD_DIMS = (64, 128)
@@ -129,8 +141,11 @@ CUDA_FLAGS = ["-O3", "-lineinfo"]
 # FUSEFORMER_CUDA_LINEAR_GELU at import; set_variant(attention=, linear_gelu=) or the `variant`
 # context change them (the benchmark and the tests do). Changing linear_gelu builds nothing:
 # the CUTLASS module is built at the next availability check or forward.
-VARIANT = backends.Variants("cuda", {"attention": ATTENTION_KERNELS, "linear_gelu": LINEAR_GELU_KERNELS},
-                            {"attention": "FUSEFORMER_CUDA_ATTENTION", "linear_gelu": "FUSEFORMER_CUDA_LINEAR_GELU"})
+VARIANT = backends.Variants(
+    "cuda",
+    {"attention": ATTENTION_KERNELS, "attention_backward": ATTENTION_BACKWARD_KERNELS, "linear_gelu": LINEAR_GELU_KERNELS},
+    {"attention": "FUSEFORMER_CUDA_ATTENTION", "attention_backward": "FUSEFORMER_CUDA_ATTENTION_BACKWARD",
+     "linear_gelu": "FUSEFORMER_CUDA_LINEAR_GELU"})
 set_variant = VARIANT.set
 variant = VARIANT.using
 
@@ -460,9 +475,10 @@ def _attention_backward(dout, q, k, v, out, lse, mask, is_causal, scale, dropout
     dout, q, k, v, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, q, k, v, out))
     ext = module()
     if VARIANT["attention"] in ("cute", "sm90") and q.shape[-1] in CUTE_HEAD_DIMS:
-        # delta = rowsum(dout * out) is the CuTe backward's own preprocess kernel.
-        return ext.attention_backward_cute(dout, q, k, v, out, lse.contiguous(), key_bias, key_end, bool(is_causal),
-                                           scale)
+        # delta = rowsum(dout * out) is the CuTe backward's own preprocess kernel (the Hopper
+        # backward runs it too, and hands the calls its kernels do not fit to the CuTe one).
+        backward = ext.attention_backward_sm90 if VARIANT["attention_backward"] == "sm90" else ext.attention_backward_cute
+        return backward(dout, q, k, v, out, lse.contiguous(), key_bias, key_end, bool(is_causal), scale)
     # delta_i = sum_d dout_id * out_id: one cheap row reduction, kept out of the WMMA kernels.
     delta = (dout.float() * out.float()).sum(-1).contiguous()
     return ext.attention_backward(dout, q, k, v, lse.contiguous(), delta, key_bias, key_end, bool(is_causal), scale)

@@ -107,14 +107,14 @@ def _run(cmd, timeout=240):
 
 def test_sources_are_present():
     for name in ("bindings.cpp", "kernels.h", "common.cuh", "attention_common.cuh", "attention_cute.cuh",
-                 "attention_sm90.cuh", "cublaslt_gelu.cpp", "cublaslt_gelu.h", "bindings_gemm.cpp", *GEMM_HEADERS):
+                 "attention_sm90.cuh", "attention_sm90_backward.cuh", "cublaslt_gelu.cpp", "cublaslt_gelu.h", "bindings_gemm.cpp", *GEMM_HEADERS):
         assert (CSRC / name).is_file(), name
     assert {"add_layer_norm.cu", "gelu.cu", "attention_forward.cu", "attention_backward.cu", *CUTE_FILES,
             *CUTLASS_GEMM_FILES} <= set(CU_FILES)
 
 
 @pytest.mark.parametrize("name", CU_FILES + ["common.cuh", "attention_common.cuh", "attention_cute.cuh", "attention_sm90.cuh",
-                                  "kernels.h", *GEMM_HEADERS])
+                                  "attention_sm90_backward.cuh", "kernels.h", *GEMM_HEADERS])
 def test_kernels_do_not_include_torch(name):
     """The .cu side must stay compilable by nvcc alone: no torch, ATen, c10 or pybind headers."""
     text = (CSRC / name).read_text()
@@ -451,6 +451,60 @@ def test_sm90_attention_uses_wgmma_and_tma(sm90_build):
     pv_products = re.findall(r"\bHGMMA\.64x64x16\.F32\.BF16\b", sass)
     assert len(s_products) >= 4 and len(pv_products) >= 8, f"{len(s_products)} S, {len(pv_products)} PV HGMMAs"
     assert "UTMALDG" in sass and "UTMASTG" in sass, "no TMA loads/stores in the SASS"
+
+
+@compile_ahead.build
+def sm90_backward_build(tmp_path_factory):
+    """attention_sm90_bwd_bf16_d64.cu as the JIT build compiles it on an H100, its causal
+    instantiation alone (as sm90_build: about a minute of ptxas)."""
+    from fuseformer.kernels import cuda_backend
+
+    nvcc = _nvcc_or_skip()
+    include = cuda_backend.cutlass_include()
+    fmha = cuda_backend.cutlass_fmha_include(include)
+    if fmha is None:
+        pytest.skip("the nvidia-cutlass package with its Hopper FMHA collectives is not installed")
+    flags = ["-DFUSEFORMER_SM90A", "-DFUSEFORMER_SM90_CAUSAL_ONLY", f"-I{include}", f"-I{fmha}"]
+    command = _cubin_command(nvcc, "attention_sm90_bwd_bf16_d64.cu", "sm_90a", flags, tmp_path_factory.mktemp("sm90bwd"))
+    return _compile_all({"sm_90a": command}, timeout=900)["sm_90a"]
+
+
+# What ptxas reports for the Hopper backward's kernel (nvcc 13.0), all of it from CUTLASS's
+# collective as it is written, none from our parts: its 24-register producer warp spills 20
+# bytes, and the consumers keep one 32-float fragment (the tile's lse, filled by a loop the
+# collective does not unroll) in a 128-byte stack frame. Held as ceilings, so that a change of
+# ours that adds spills fails here.
+SM90_BACKWARD_MAX_SPILL_BYTES = 32
+SM90_BACKWARD_MAX_STACK_BYTES = 160
+
+
+def test_sm90_attention_backward_compiles_within_its_spill_ceiling(sm90_backward_build):
+    returncode, cmd, output, _ = sm90_backward_build
+    assert returncode == 0, f"{cmd}\n{output}"
+    reports = _kernel_reports(output)
+    kernels = {n: "\n".join(lines) for n, lines in reports.items() if "FmhaBwdMainloopTmaWarpSpecialized" in n}
+    assert len(kernels) == 1 and "CausalTailFusion" in next(iter(kernels)), list(reports)
+    text = next(iter(kernels.values()))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    stack = re.search(r"(\d+) bytes stack frame", text)
+    assert spills and stack, text
+    assert max(map(int, spills.groups())) <= SM90_BACKWARD_MAX_SPILL_BYTES, text
+    assert int(stack.group(1)) <= SM90_BACKWARD_MAX_STACK_BYTES, text
+    assert "serialized" not in output, output  # wgmma kept asynchronous (ptxas C7510), as the forward
+
+
+def test_sm90_attention_backward_uses_wgmma_and_tma(sm90_backward_build):
+    sass = _sass(*sm90_backward_build)
+    # Per query tile, in each consumer warpgroup (64 keys) at head dim 64: S^T = K Q^T and
+    # dP^T = V dO^T (64 x 64 x 64 each), dV += P^T dO and dK += dS^T Q (64 x 64 x 64 each),
+    # and in one of the two dQ = dS K (64 x 64 x 128): 4 + 4 + 4 + 4 + 8 products of k 16.
+    products = re.findall(r"\bHGMMA\.64x64x16\.F32\.BF16\b", sass)
+    assert len(products) >= 24, f"{len(products)} HGMMAs"
+    assert "HMMA" not in sass.replace("HGMMA", ""), "mma.sync in the Hopper backward"
+    assert "UTMALDG" in sass, "no TMA loads (Q, K, V, dO, lse, delta)"
+    assert re.search(r"\bUTMAREDG\.\w+\.ADD\b", sass), "no TMA reduce-add of dQ into its fp32 buffer"
+    assert "UTMASTG" in sass, "no TMA stores of dK, dV"
+    assert not re.search(r"\bREDG?\.E\.ADD\.F32", sass), "per-element fp32 atomics (dQ goes by TMA reduce)"
 
 
 @pytest.mark.parametrize("arch_list,capabilities,expected", [

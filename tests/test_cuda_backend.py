@@ -200,26 +200,37 @@ def test_kernel_switches():
     """csrc/'s kernel switches (backends.Variants): the defaults are what the GPU runs measured
     (sm90 attention; Linear+GELU `auto`: CUTLASS for erf, cuBLASLt's epilogue for tanh), a block
     restores what it found, an unknown name is refused and changes nothing."""
-    assert cuda_backend.VARIANT == {"attention": "sm90", "linear_gelu": "auto"}
-    with cuda_backend.variant(attention="cute", linear_gelu="cutlass"):
-        assert cuda_backend.VARIANT == {"attention": "cute", "linear_gelu": "cutlass"}
-    assert cuda_backend.VARIANT == {"attention": "sm90", "linear_gelu": "auto"}
+    defaults = {"attention": "sm90", "attention_backward": "cute", "linear_gelu": "auto"}
+    assert cuda_backend.VARIANT == defaults
+    with cuda_backend.variant(attention="cute", attention_backward="sm90", linear_gelu="cutlass"):
+        assert cuda_backend.VARIANT == {"attention": "cute", "attention_backward": "sm90", "linear_gelu": "cutlass"}
+    assert cuda_backend.VARIANT == defaults
     with pytest.raises(ValueError, match="unknown attention variant 'cutlass'"):
         cuda_backend.set_variant(attention="cutlass")
+    with pytest.raises(ValueError, match="unknown attention_backward variant 'wmma'"):
+        cuda_backend.set_variant(attention_backward="wmma")
     with pytest.raises(ValueError, match="unknown linear_gelu variant 'cute'"):
         cuda_backend.set_variant(linear_gelu="cute")
-    assert cuda_backend.VARIANT == {"attention": "sm90", "linear_gelu": "auto"}
+    assert cuda_backend.VARIANT == defaults
 
 
-@pytest.mark.parametrize("kernel,D,forward,cute_backward", [
-    ("wmma", 64, "attention_forward", False), ("cute", 64, "attention_forward_cute", True),
-    ("cute", 128, "attention_forward_cute", True), ("cute", 80, "attention_forward", False),
-    ("sm90", 64, "attention_forward_sm90", True), ("sm90", 80, "attention_forward_sm90", False)])
-def test_attention_dispatch(monkeypatch, kernel, D, forward, cute_backward):
-    """The switch picks the extension's entry points, forward and backward; head dims the CuTe
+@pytest.mark.parametrize("kernel,backward_kernel,D,forward,backward", [
+    ("wmma", "cute", 64, "attention_forward", "attention_backward"),
+    ("wmma", "sm90", 64, "attention_forward", "attention_backward"),
+    ("cute", "cute", 64, "attention_forward_cute", "attention_backward_cute"),
+    ("cute", "cute", 128, "attention_forward_cute", "attention_backward_cute"),
+    ("cute", "cute", 80, "attention_forward", "attention_backward"),
+    ("sm90", "cute", 64, "attention_forward_sm90", "attention_backward_cute"),
+    ("sm90", "sm90", 64, "attention_forward_sm90", "attention_backward_sm90"),
+    ("cute", "sm90", 128, "attention_forward_cute", "attention_backward_sm90"),
+    ("sm90", "sm90", 80, "attention_forward_sm90", "attention_backward")])
+def test_attention_dispatch(monkeypatch, kernel, backward_kernel, D, forward, backward):
+    """The switches pick the extension's entry points, forward and backward; head dims the CuTe
     kernels lack keep WMMA; the sm90 forward entry takes every call (it hands what its kernels do
-    not fit to cute/wmma itself) and pairs with the CuTe backward. The CuTe backward takes the
-    forward's out (it computes delta itself), the WMMA one a delta computed in torch."""
+    not fit to cute/wmma itself) and pairs with the CuTe backward, or with the Hopper backward
+    entry (which hands what its kernels do not fit to the CuTe one) under attention_backward=sm90.
+    Those two take the forward's out (they compute delta themselves), the WMMA one a delta
+    computed in torch."""
     calls = []
 
     class FakeExtension:
@@ -228,12 +239,12 @@ def test_attention_dispatch(monkeypatch, kernel, D, forward, cute_backward):
 
     monkeypatch.setattr(cuda_backend, "module", FakeExtension)
     q, out, lse = torch.randn(1, 2, 5, D), torch.randn(1, 2, 5, D), torch.randn(1, 2, 5)
-    with cuda_backend.variant(attention=kernel):
+    with cuda_backend.variant(attention=kernel, attention_backward=backward_kernel):
         assert cuda_backend._attention_forward(q, q, q, None, False, None, 0.0, None) == calls[-1][0]
         assert cuda_backend._attention_backward(q, q, q, q, out, lse, None, False, None, 0.0, None) == calls[-1][0]
-    assert [name for name, _ in calls] == [forward, "attention_backward_cute" if cute_backward else "attention_backward"]
+    assert [name for name, _ in calls] == [forward, backward]
     backward_args = calls[1][1]
-    if cute_backward:
+    if backward != "attention_backward":
         assert backward_args[4] is out
     else:
         torch.testing.assert_close(backward_args[5], (q * out).sum(-1))  # delta
@@ -552,11 +563,15 @@ def _sm90_inputs(B, H, Lq, Lk, D, layout, dtype):
     return torch.randn(B, H, Lq, D, device=DEV).to(dtype), *(torch.randn(B, H, Lk, D, device=DEV).to(dtype) for _ in range(2))
 
 
-@gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("B,H,Lq,Lk,layout", SM90_CASES)
+def sm90_cases(test):
+    """Every SM90_CASES shape at both dtypes and head dims, causal or not."""
+    for name, values in (("B,H,Lq,Lk,layout", SM90_CASES), ("causal", [False, True]), ("D", [64, 128]),
+                         ("dtype", [torch.float16, torch.bfloat16])):
+        test = pytest.mark.parametrize(name, values)(test)
+    return gpu(test)
+
+
+@sm90_cases
 def test_gpu_sm90_attention(cuda_ext, dtype, D, causal, B, H, Lq, Lk, layout):
     """The Hopper kernels themselves (the extension says it ran them, not a fallback): out and
     lse against the reference and torch's logsumexp, then dq, dk, dv through the shared backward."""
@@ -581,6 +596,56 @@ def test_gpu_sm90_attention(cuda_ext, dtype, D, causal, B, H, Lq, Lk, layout):
         )
 
 
+@sm90_cases
+def test_gpu_sm90_attention_backward(cuda_ext, dtype, D, causal, B, H, Lq, Lk, layout):
+    """The Hopper backward's kernels themselves (the extension says it runs them): dq, dk, dv of
+    the sm_90a forward's out and lse against the reference by the parity rule, on ragged last
+    key tiles and query tiles, more queries than keys and fewer, strided q/k/v/dout, and a scale
+    that is not the collective's built-in one; then the same through the op under
+    attention_backward=sm90."""
+    if torch.cuda.get_device_capability() != (9, 0) or not cuda_ext.attention_sm90_built():
+        pytest.skip("the sm_90a attention needs compute capability 9.0 and a build for sm_90a")
+    q, k, v = _sm90_inputs(B, H, Lq, Lk, D, layout, dtype)
+    dout = torch.randn(B, Lq, H, D, device=DEV).to(dtype).transpose(1, 2)  # strided rows
+    scale = 0.7 * D ** -0.5
+    out, lse = cuda_ext.attention_forward_sm90(q, k, v, None, None, causal, scale)
+    assert cuda_ext.attention_sm90_backward_reason(dout, q, k, v, lse, None, None, causal) == ""
+    grads = cuda_ext.attention_backward_sm90(dout, q, k, v, out, lse, None, None, causal, scale)
+
+    def reference_grads(dt):
+        leaves = [t.detach().to(dt).requires_grad_(True) for t in (q, k, v)]
+        o = reference.scaled_dot_product_attention(*leaves, None, 0.0, causal, scale)
+        return torch.autograd.grad(o, leaves, dout.to(dt))
+
+    ref64, torch_d = reference_grads(torch.float64), reference_grads(dtype)
+    for name, impl, r64, rd in zip(("dq", "dk", "dv"), grads, ref64, torch_d):
+        assert impl.dtype == dtype and impl.is_contiguous()
+        assert_parity(impl, r64, rd, dtype, what=name)
+    with cuda_backend.variant(attention="sm90", attention_backward="sm90"):
+        _parity_with_grads(
+            lambda q_, k_, v_: K.scaled_dot_product_attention(q_, k_, v_, None, 0.0, causal, scale, backend=BACKEND),
+            lambda q_, k_, v_: reference.scaled_dot_product_attention(q_, k_, v_, None, 0.0, causal, scale),
+            (q, k, v), dtype, ("dq", "dk", "dv"),
+        )
+
+
+@gpu
+def test_gpu_sm90_attention_backward_hands_other_calls_to_cute(cuda_ext):
+    """What the Hopper backward does not fit (a key-padding mask, GQA) names why and still
+    comes back right, from the CuTe backward."""
+    B, Hq, Hkv, L, D, dtype = 2, 4, 2, 136, 64, torch.bfloat16
+    q, dout = (torch.randn(B, Hq, L, D, device=DEV).to(dtype) for _ in range(2))
+    k, v = (torch.randn(B, Hkv, L, D, device=DEV).to(dtype) for _ in range(2))
+    mask = _key_padding(B, L)
+    bias, key_end = cuda_backend.key_padding_args(mask.expand(B, Hq, L, L))
+    out, lse = cuda_ext.attention_forward_cute(q, k, v, bias, key_end, False, D ** -0.5)
+    assert cuda_ext.attention_sm90_backward_reason(dout, q, k, v, lse, bias, key_end, False) != ""
+    grads = cuda_ext.attention_backward_sm90(dout, q, k, v, out, lse, bias, key_end, False, D ** -0.5)
+    expected = cuda_ext.attention_backward_cute(dout, q, k, v, out, lse, bias, key_end, False, D ** -0.5)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, expected):
+        torch.testing.assert_close(got, want, msg=name)  # not bitwise: dq's fp32 atomics sum in any order
+
+
 @gpu
 def test_gpu_sm90_attention_reasons(cuda_ext):
     """The calls the sm_90a kernels do not fit name why (and take cute/wmma, checked by
@@ -594,6 +659,12 @@ def test_gpu_sm90_attention_reasons(cuda_ext):
     assert "grouped-query" in cuda_ext.attention_sm90_reason(q, q[:, :1], q[:, :1], None, None, False)
     assert "multiple of 8" in cuda_ext.attention_sm90_reason(q[:, :, :63], q, q, None, None, False)
     assert "head dim" in cuda_ext.attention_sm90_reason(q[..., :32], q[..., :32], q[..., :32], None, None, False)
+    # The backward: the forward's reasons, and an lse the TMA cannot read.
+    lse = torch.zeros(2, 2, 64, device=DEV)
+    assert cuda_ext.attention_sm90_backward_reason(q, q, q, q, lse, None, None, False) == ""
+    assert "grouped-query" in cuda_ext.attention_sm90_backward_reason(q, q, q[:, :1], q[:, :1], lse, None, None, False)
+    unaligned = torch.zeros(2 * 2 * 64 + 1, device=DEV)[1:].view(2, 2, 64)
+    assert "16-byte" in cuda_ext.attention_sm90_backward_reason(q, q, q, q, unaligned, None, None, False)
 
 
 @gpu
@@ -688,10 +759,14 @@ def _bad_calls(ext):
          "lse and delta must be float32"),
         (lambda: ext.attention_backward_cute(q.bfloat16(), q, q, q, q, lse, None, None, False, 1.0), TypeError,
          "dout has dtype"),
+        (lambda: ext.attention_backward_sm90(q[..., :32], q[..., :32], q[..., :32], q[..., :32], q[..., :32], lse, None,
+                                             None, False, 1.0), ValueError, "head dim 32 has no CuTe attention backward"),
+        (lambda: ext.attention_backward_sm90(q, q, q, q, q[:, :1], lse, None, None, False, 1.0), ValueError,
+         "out must have shape"),
     ]
 
 
-N_BAD_CALLS = 24
+N_BAD_CALLS = 26
 
 
 @gpu
