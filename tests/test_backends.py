@@ -115,13 +115,15 @@ def test_kernel_variant_settings_read_once_from_the_environment():
                       FUSEFORMER_LINEAR_GELU_TANH="Triton ",
                       FUSEFORMER_ATTENTION_KERNEL="HOPPER", FUSEFORMER_ATTENTION_DQ="atomic",
                       FUSEFORMER_HOPPER_DESCRIPTORS="host", FUSEFORMER_CUDA_ATTENTION="CuTe",
-                      FUSEFORMER_CUDA_LINEAR_GELU=" cutlass")
+                      FUSEFORMER_CUDA_ATTENTION_BACKWARD="SM90 ", FUSEFORMER_CUDA_LINEAR_GELU=" cutlass")
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\n")[0] == (
         "{'forward': 'row', 'backward': 'pipelined'} exact triton "
-        "{'kernel': 'hopper', 'dq': 'atomic', 'descriptors': 'host'} {'attention': 'cute', 'linear_gelu': 'cutlass'}")
+        "{'kernel': 'hopper', 'dq': 'atomic', 'descriptors': 'host'} "
+        "{'attention': 'cute', 'attention_backward': 'sm90', 'linear_gelu': 'cutlass'}")
     for variable, bad, good in (("FUSEFORMER_ADD_LN_BWD", "prefetch", "pipelined"),
                                 ("FUSEFORMER_ATTENTION_KERNEL", "sm90", "hopper"),
+                                ("FUSEFORMER_CUDA_ATTENTION_BACKWARD", "wmma", "cute"),
                                 ("FUSEFORMER_CUDA_LINEAR_GELU", "cudnn", "cublaslt")):
         res = _run_python("import fuseformer.kernels", **{variable: bad})
         assert res.returncode != 0
