@@ -106,8 +106,9 @@ namespace fuseformer {
 namespace sm90 {
 
 // (BlockQ, BlockKV, D): 128 keys a block (64 a consumer warpgroup) and 64-row query tiles, the
-// example's tile at both head dims (its 128-row query tile at head dim 64 is the other it
-// offers; untimed which is faster here).
+// example's tile at both head dims. The other it offers at head dim 64, 128-row query tiles,
+// doubles the S and dP fragments and compiles (nvcc 13.0, bf16, causal) to a 368-byte stack
+// frame and 112 bytes of spills, against this tile's 160 and 20.
 template <int kHeadDim>
 using BwdTileShape = Shape<_64, _128, Int<kHeadDim>>;
 
