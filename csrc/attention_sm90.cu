@@ -59,6 +59,7 @@ const char* reason_on_device(DType dtype, const AttentionParams& p, DeviceFacts*
   if (p.D != 64 && p.D != 128) return "the head dim is not 64 or 128";
   if (p.key_bias != nullptr || p.key_end != nullptr) return "a key-padding mask (no per-batch mask in the fusion hook)";
   if (p.Hq != p.Hkv) return "grouped-query attention";
+  if (p.B <= 0 || p.Hq <= 0) return "no batch or no head (an empty grid)";
   if (p.Lq <= 0 || p.Lk <= 0 || p.Lq % 8 != 0) return "the query length is not a positive multiple of 8";
   if (!p.aligned) return "rows that are not 16-byte aligned (TMA)";
   if (p.B > 65535 || p.Hq > 65535) return "more than 65535 batches or heads (grid limit)";
@@ -112,10 +113,6 @@ cudaError_t attention_forward_sm90(DType dtype, const AttentionParams& p, cudaSt
   return cudaErrorNotSupported;  // unreachable: the reason above says "not compiled for sm_90a"
 #endif
 }
-
-}  // namespace fuseformer
-
-namespace fuseformer {
 
 const char* attention_backward_sm90_reason(DType dtype, const AttentionBackwardParams& bp) {
   DeviceFacts facts;

@@ -659,6 +659,7 @@ def test_gpu_sm90_attention_reasons(cuda_ext):
     assert "grouped-query" in cuda_ext.attention_sm90_reason(q, q[:, :1], q[:, :1], None, None, False)
     assert "multiple of 8" in cuda_ext.attention_sm90_reason(q[:, :, :63], q, q, None, None, False)
     assert "head dim" in cuda_ext.attention_sm90_reason(q[..., :32], q[..., :32], q[..., :32], None, None, False)
+    assert "no batch" in cuda_ext.attention_sm90_reason(q[:0], q[:0], q[:0], None, None, False)  # CuTe returns at once
     # The backward: the forward's reasons, and an lse the TMA cannot read.
     lse = torch.zeros(2, 2, 64, device=DEV)
     assert cuda_ext.attention_sm90_backward_reason(q, q, q, q, lse, None, None, False) == ""
