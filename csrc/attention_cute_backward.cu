@@ -6,7 +6,8 @@
 // Maths (s = scale q.k + bias in natural units, p = exp(s - lse), delta_i = sum_d dO_id O_id):
 //     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale dS K,   dK = scale dS^T Q
 // Three kernels:
-//   preprocess: delta = rowsum(dO * O) in fp32, one warp a row; zeroes the fp32 dQ accumulator.
+//   preprocess: delta = rowsum(dO * O) in fp32; zeroes the fp32 dQ accumulator
+//               (attention_backward_rows.cu, shared with the Hopper backward).
 //   main:       one block per (batch, kv head, kBlockN keys); dK and dV stay in registers while
 //               it walks the query tiles of every query head of the GQA group (the group sum
 //               happens in registers: no atomics, no race on dK/dV). Per query tile it
@@ -14,7 +15,7 @@
 //               dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q, and
 //               dQ_tile = dS K, which it adds into the fp32 accumulator with atomicAdd
 //               (fp32x2 vectors on sm_90: add_dq).
-//   convert:    dq = scale * accumulator, in the input dtype.
+//   convert:    dq = scale * accumulator, in the input dtype (attention_backward_rows.cu too).
 // Why atomics for dQ rather than a separate dQ kernel: a dQ kernel would recompute S and dP
 // (2 of the 7 GEMMs), i.e. 40% more tensor-core work than the 5 GEMMs here, and re-read K, V
 // for every query tile; the price is an fp32 buffer of dq's size and a dq summed in a
@@ -125,41 +126,6 @@ __device__ __forceinline__ void add_dq(const Acc& acc, Gmem& gdq, const Coord& c
   for (int i = 0; i < size(acc); ++i)
     if (get<0>(cdq(i)) < q_rows) atomicAdd(&gdq(i), acc(i));
 #endif
-}
-
-// delta = rowsum(dO * O) in fp32, one warp a row; also zeroes the row's dQ accumulator.
-template <typename Element>
-__global__ void __launch_bounds__(256) attention_backward_cute_preprocess_kernel(const AttentionBackwardParams bp) {
-  const AttentionParams& p = bp.fwd;
-  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= int64_t(p.B) * p.Hq * p.Lq) return;
-  const int i = int(row % p.Lq), h = int(row / p.Lq % p.Hq), b = int(row / p.Lq / p.Hq);
-  const auto* o = static_cast<const Element*>(p.out) + b * p.out_strides[0] + h * p.out_strides[1] + i * p.out_strides[2];
-  const auto* d = static_cast<const Element*>(bp.dout) + b * bp.dout_strides[0] + h * bp.dout_strides[1] +
-                  i * bp.dout_strides[2];
-  float sum = 0.f;
-  for (int c = lane; c < p.D; c += 32) sum += float(o[c]) * float(d[c]);
-  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffff, sum, offset);
-  if (lane == 0) bp.delta[row] = sum;
-  if (bp.dq_accum != nullptr)
-    for (int c = lane; c < p.D; c += 32) bp.dq_accum[row * p.D + c] = 0.f;
-}
-
-// dq = scale * accumulator, 4 elements a thread (head dims are multiples of 4).
-template <typename Element>
-__global__ void __launch_bounds__(256) attention_backward_cute_convert_dq_kernel(const float* __restrict__ acc,
-                                                                                 Element* __restrict__ dq, int64_t n,
-                                                                                 float scale) {
-  const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
-  if (i >= n) return;
-  const float4 v = *reinterpret_cast<const float4*>(acc + i);
-  cutlass::AlignedArray<Element, 4> out;
-  out[0] = Element(v.x * scale);
-  out[1] = Element(v.y * scale);
-  out[2] = Element(v.z * scale);
-  out[3] = Element(v.w * scale);
-  *reinterpret_cast<cutlass::AlignedArray<Element, 4>*>(dq + i) = out;
 }
 
 // Scores S^T (rows: keys, cols: queries) to probabilities P^T in place. `row_bias` holds each
@@ -423,30 +389,10 @@ cudaError_t launch_main(const AttentionBackwardParams& bp, cudaStream_t stream) 
 }
 
 template <typename Element>
-cudaError_t launch_preprocess(const AttentionBackwardParams& bp, cudaStream_t stream) {
-  const AttentionParams& p = bp.fwd;
-  const int64_t rows = int64_t(p.B) * p.Hq * p.Lq;
-  if (rows == 0) return cudaSuccess;
-  constexpr int kRowsPerBlock = 256 / 32;
-  attention_backward_cute_preprocess_kernel<Element><<<unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock), 256, 0, stream>>>(bp);
-  return cudaGetLastError();
-}
-
-template <typename Element>
-cudaError_t launch_convert_dq(const AttentionBackwardParams& bp, float scale, cudaStream_t stream) {
-  const AttentionParams& p = bp.fwd;
-  const int64_t n = int64_t(p.B) * p.Hq * p.Lq * p.D;
-  if (n == 0) return cudaSuccess;
-  attention_backward_cute_convert_dq_kernel<Element>
-      <<<unsigned((n / 4 + 255) / 256), 256, 0, stream>>>(bp.dq_accum, static_cast<Element*>(bp.dq), n, scale);
-  return cudaGetLastError();
-}
-
-template <typename Element>
 cudaError_t run(DType dtype, AttentionBackwardParams bp, cudaStream_t stream) {
   const AttentionParams& p = bp.fwd;
   if (!p.aligned) bp.dq_accum = nullptr;  // the WMMA backward below writes dq itself
-  cudaError_t err = launch_preprocess<Element>(bp, stream);
+  cudaError_t err = attention_backward_preprocess(dtype, bp, stream);
   if (err != cudaSuccess) return err;
   // cp.async moves 16 bytes at a time: rows that do not start 16-byte aligned take the WMMA
   // backward, which reads the delta just computed.
@@ -457,29 +403,12 @@ cudaError_t run(DType dtype, AttentionBackwardParams bp, cudaStream_t stream) {
                        : cudaErrorInvalidValue;  // bindings.cpp refuses these first, with the reason
     if (err != cudaSuccess) return err;
   }
-  return launch_convert_dq<Element>(bp, p.scale, stream);
+  return attention_backward_convert_dq(dtype, bp, p.scale, stream);
 }
 
 }  // namespace
 
 bool attention_backward_cute_supports_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
-
-cudaError_t attention_backward_preprocess(DType dtype, const AttentionBackwardParams& bp, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::F16: return launch_preprocess<cutlass::half_t>(bp, stream);
-    case DType::BF16: return launch_preprocess<cutlass::bfloat16_t>(bp, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-cudaError_t attention_backward_convert_dq(DType dtype, const AttentionBackwardParams& bp, float scale,
-                                          cudaStream_t stream) {
-  switch (dtype) {
-    case DType::F16: return launch_convert_dq<cutlass::half_t>(bp, scale, stream);
-    case DType::BF16: return launch_convert_dq<cutlass::bfloat16_t>(bp, scale, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
 
 cudaError_t attention_backward_cute(DType dtype, const AttentionBackwardParams& bp, cudaStream_t stream) {
   if (bp.fwd.B == 0 || bp.fwd.Hq == 0) return cudaSuccess;

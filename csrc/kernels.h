@@ -123,9 +123,10 @@ cudaError_t attention_backward(DType dtype, const AttentionBackwardParams& param
 // attention_backward after delta is computed.
 bool attention_backward_cute_supports_head_dim(int head_dim);
 cudaError_t attention_backward_cute(DType dtype, const AttentionBackwardParams& params, cudaStream_t stream);
-// Its first and last kernels, which the Hopper backward shares (fp16/bf16 only): delta =
-// rowsum(dO * O) in fp32 into params.delta, with params.dq_accum zeroed when not null; and
-// dq = scale * dq_accum in the input dtype.
+// ---- the row-wise kernels around the CuTe and Hopper backwards (csrc/attention_backward_rows.cu) -
+// fp16/bf16 only. Before them: delta = rowsum(dO * O) in fp32 into params.delta (fwd.out read
+// through fwd.out_strides), with params.dq_accum ((B, Hq, Lq, D) contiguous fp32) zeroed when
+// not null. After them: dq = scale * dq_accum in the input dtype.
 cudaError_t attention_backward_preprocess(DType dtype, const AttentionBackwardParams& params, cudaStream_t stream);
 cudaError_t attention_backward_convert_dq(DType dtype, const AttentionBackwardParams& params, float scale,
                                           cudaStream_t stream);

@@ -110,6 +110,7 @@ SOURCES = (
     "attention_backward.cu",
     "attention_cute.cu",
     "attention_cute_backward.cu",
+    "attention_backward_rows.cu",
     "attention_sm90.cu",
     "attention_sm90_f16_d64.cu",
     "attention_sm90_f16_d128.cu",

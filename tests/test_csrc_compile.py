@@ -236,12 +236,11 @@ HMMA_PER_ITERATION = {
     "attention_forward_cute_kernel": {64: 2 * 4 * 4 + 2 * 8 * 2, 128: 1 * 8 * 8 + 1 * 16 * 4},
     "attention_backward_cute_kernel": {64: 2 * 8 * 4 + 2 * 8 * 4 + 1 * 4 * 8, 128: 2 * 4 * 8 + 2 * 16 * 2 + 1 * 4 * 8},
 }
-# Kernels each CuTe file must hold (fp16 and bf16 each; the tensor-core ones at head dims 64
-# and 128): the backward's preprocess (delta) and dq conversion are elementwise.
+# Kernels each CuTe file must hold (fp16 and bf16 each, at head dims 64 and 128). The backward's
+# preprocess (delta) and dq conversion are row-wise, in attention_backward_rows.cu.
 CUTE_KERNELS = {
     "attention_cute.cu": {"attention_forward_cute_kernel": 4},
-    "attention_cute_backward.cu": {"attention_backward_cute_kernel": 4, "attention_backward_cute_preprocess_kernel": 2,
-                                   "attention_backward_cute_convert_dq_kernel": 2},
+    "attention_cute_backward.cu": {"attention_backward_cute_kernel": 4},
 }
 CUTE_ARCHS = ("sm_80", "sm_90a")
 CUTE_BUILDS = [(name, arch) for name in CUTE_FILES for arch in CUTE_ARCHS]
@@ -615,6 +614,12 @@ def test_add_layer_norm_uses_128bit_accesses(add_layer_norm_builds, arch):
         assert len(narrow) <= 2, f"{what}: {len(narrow)} 32-bit global accesses (mean and rstd are 2): {sorted(set(narrow))}"
 
 
+def _wide_accesses(body) -> dict:
+    """16-byte global loads and stores (LDG.E.128*, STG.E.128) in one kernel's SASS."""
+    accesses = re.findall(r"\b(LDG|STG)\.E((?:\.\w+)*)", body)
+    return {op: sum(1 for o, mods in accesses if o == op and ".128" in mods) for op in ("LDG", "STG")}
+
+
 # gelu_{forward,backward}_kernel<T, VW> as mangled.
 GELU_KERNEL = re.compile(r"gelu_(forward|backward)_kernelI(f|6__half|13__nv_bfloat16)Li(\d+)E")
 
@@ -638,13 +643,51 @@ def test_gelu_vector_kernels_move_16_bytes_an_access(gelu_builds):
                                                             for t in LN_DTYPES}, list(kernels)
     assert all(int(vw) == 1 or int(vw) * (4 if t == "f" else 2) == 16 for _, t, vw in kernels)
     for (direction, dtype, vw), body in kernels.items():
-        accesses = re.findall(r"\b(LDG|STG)\.E((?:\.\w+)*)", body)
-        wide = {op: sum(1 for o, mods in accesses if o == op and ".128" in mods) for op in ("LDG", "STG")}
+        wide = _wide_accesses(body)
         what = f"{direction} {LN_DTYPES[dtype]} VW={vw}"
         if int(vw) > 1:  # pre (and dout) in, out: one 16-byte access each in the vector loop
             assert wide["LDG"] >= (2 if direction == "backward" else 1) and wide["STG"] >= 1, f"{what}: {wide}"
         else:
             assert wide == {"LDG": 0, "STG": 0}, f"{what}: {wide}"
+
+
+# attention_backward_{preprocess_kernel<T, VW, G>, convert_dq_kernel<T, VW>} as mangled.
+ROWS_KERNEL = re.compile(r"attention_backward_(preprocess|convert_dq)_kernelI(6__half|13__nv_bfloat16)Li(\d+)E")
+
+
+@compile_ahead.build
+def rows_builds(tmp_path_factory):
+    """attention_backward_rows.cu built as the JIT extension builds it (-O3) for sm_90."""
+    nvcc = _nvcc_or_skip()
+    out = tmp_path_factory.mktemp("rows")
+    return _compile_all({"sm_90": _cubin_command(nvcc, "attention_backward_rows.cu", "sm_90", [], out)},
+                        timeout=300)["sm_90"]
+
+
+def test_attention_backward_row_kernels_move_16_bytes_an_access(rows_builds):
+    """The delta preprocess and the dq conversion around the CuTe and Hopper backwards: where rows
+    are 16-byte aligned, O and dO come in 16-byte loads and the zeroed fp32 accumulator goes out
+    in 16-byte stores (the preprocess was a warp a row at 2 bytes a lane), and dq is converted 8
+    elements a step; the VW = 1 kernels, for other rows and pointers, have no 16-byte access.
+    No spills."""
+    returncode, cmd, output, _ = rows_builds
+    assert returncode == 0, f"{cmd}\n{output}"
+    _assert_no_spills(_kernel_reports(output), "sm_90")
+    functions = re.split(r"\n\s*Function : ", _sass(*rows_builds))[1:]
+    kernels = {}
+    for chunk in functions:
+        found = ROWS_KERNEL.search(chunk.split("\n", 1)[0])
+        if found:
+            kernels.setdefault(found.groups(), []).append(chunk)
+    vector = {(kind, t) for kind, t, vw in kernels if vw == "8"}
+    assert vector == {(kind, t) for kind in ("preprocess", "convert_dq") for t in ("6__half", "13__nv_bfloat16")}, kernels
+    for (kind, dtype, vw), bodies in kernels.items():
+        for body in bodies:  # the preprocess has one kernel per threads-a-row count
+            wide = _wide_accesses(body)
+            if vw == "8":  # O and dO in, zeros out; or two fp32 halves in, dq out
+                assert wide["LDG"] >= 2 and wide["STG"] >= 1, f"{kind} {dtype}: {wide}"
+            else:
+                assert wide == {"LDG": 0, "STG": 0}, f"{kind} {dtype} VW=1: {wide}"
 
 
 # ----------------------------------------------------------------------------- CUTLASS Linear+GELU

@@ -1,4 +1,4 @@
-"""csrc/add_layer_norm.cu and csrc/gelu.cu run on the CPU: their kernels and host dispatch compiled with g++ against
+"""csrc/add_layer_norm.cu, csrc/gelu.cu and csrc/attention_backward_rows.cu run on the CPU: their kernels and host dispatch compiled with g++ against
 a stand-in for the CUDA runtime (tests/csrc_emulation/cuda_runtime.h: a thread per CUDA thread,
 barriers for __syncthreads and warp shuffles) and checked against a float64 reference by
 tests/csrc_emulation/add_layer_norm_driver.cpp: forward (y, stream, mean, rstd, and y again with
@@ -6,7 +6,9 @@ the statistics skipped) and backward (dh, its copy, dweight and dbias through th
 kernel), fp32/fp16/bf16, aligned and unaligned row configs, optional arguments present and
 absent, a grid small enough that row groups sum several rows; and by
 tests/csrc_emulation/gelu_driver.cpp: GELU and dGELU, both forms, 16-byte vector and element
-kernels, lengths around the vector width, nothing written past the end.
+kernels, lengths around the vector width, nothing written past the end; and by
+tests/csrc_emulation/attention_backward_rows_driver.cpp: the attention backwards' delta
+preprocess and dq conversion, every threads-a-row config, strided and misaligned rows.
 
 This proves the indexing, the reductions and the config dispatch, not speed, memory alignment or
 the absence of races (compute-sanitizer on a GPU does that). Emulated threads are slow: the
@@ -63,6 +65,12 @@ def test_add_layer_norm_kernels_match_the_reference_on_the_cpu(tmp_path_factory)
     # the forward, backward and partial-sum launches
     binary = _build(tmp_path_factory, "add_layer_norm", 3)
     _run_ok(binary, *os.environ.get("FUSEFORMER_EMULATE_HIDDEN", DEFAULT_HIDDEN).split())
+
+
+def test_attention_backward_row_kernels_match_the_reference_on_the_cpu(tmp_path_factory):
+    # the preprocess launch and the convert's two (vector and element)
+    binary = _build(tmp_path_factory, "attention_backward_rows", 3)
+    _run_ok(binary)
 
 
 def test_gelu_kernels_match_the_reference_on_the_cpu(tmp_path_factory):
