@@ -119,9 +119,9 @@ const char* attention_backward_sm90_reason(DType dtype, const AttentionBackwardP
   return backward_reason_on_device(dtype, bp, &facts);
 }
 
-// delta and the zeroed fp32 dq buffer (the CuTe backward's preprocess), the sm_90a kernel, then
-// dq in the input dtype (the CuTe backward's convert, with a scale of 1: the collective's dS
-// already holds the softmax scale).
+// delta and the zeroed fp32 dq buffer (attention_backward_rows.cu's preprocess, as the CuTe
+// backward), the sm_90a kernel, then dq in the input dtype (its convert, with a scale of 1: the
+// collective's dS already holds the softmax scale).
 cudaError_t attention_backward_sm90(DType dtype, const AttentionBackwardParams& bp, cudaStream_t stream) {
   DeviceFacts facts;
   if (backward_reason_on_device(dtype, bp, &facts) != nullptr) return attention_backward_cute(dtype, bp, stream);

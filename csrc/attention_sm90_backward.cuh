@@ -10,10 +10,11 @@
 // What is ours: the causal mask for the backward's (key block, query tile) walk (the example's
 // own stops at floor(Lq / 64) query tiles and so drops a ragged last one), the caller's softmax
 // scale written over the collective's fixed 1/sqrt(D), and the launch. delta = rowsum(dO * O)
-// and the zeroed dQ buffer come from the CuTe backward's preprocess kernel (the example's
-// multiplies O and dO in the input dtype, rounding each product to 8 mantissa bits in bf16);
-// the fp32 -> dtype conversion of dQ from its convert kernel with a scale of 1 (the collective's
-// dS already holds the softmax scale). See attention_sm90.cu for the dispatch.
+// and the zeroed dQ buffer come from the preprocess kernel the CuTe backward runs too
+// (attention_backward_rows.cu; the example's own multiplies O and dO in the input dtype,
+// rounding each product to 8 mantissa bits in bf16), and dQ's fp32 -> dtype conversion from
+// the convert kernel there, with a scale of 1 (the collective's dS already holds the softmax
+// scale). See attention_sm90.cu for the dispatch.
 //
 // Scope, as the forward's: fp16/bf16, head dims 64 and 128, no mask or causal (top-left), one
 // K/V head per query head, Lq % 8 == 0, 16-byte aligned rows, compiled for sm_90a only.

@@ -450,8 +450,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> py_attention_backward(
   return grads;
 }
 
-// The CuTe and Hopper backwards take the forward's out instead of delta: the CuTe preprocess
-// kernel computes delta (and zeroes the fp32 dq workspace) for both.
+// The CuTe and Hopper backwards take the forward's out instead of delta: their preprocess kernel
+// (attention_backward_rows.cu) computes delta and zeroes the fp32 dq workspace.
 using AttentionBackwardFn = cudaError_t (*)(DType, const AttentionBackwardParams&, cudaStream_t);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_with_out(

@@ -476,8 +476,8 @@ def _attention_backward(dout, q, k, v, out, lse, mask, is_causal, scale, dropout
     dout, q, k, v, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, q, k, v, out))
     ext = module()
     if VARIANT["attention"] in ("cute", "sm90") and q.shape[-1] in CUTE_HEAD_DIMS:
-        # delta = rowsum(dout * out) is the CuTe backward's own preprocess kernel (the Hopper
-        # backward runs it too, and hands the calls its kernels do not fit to the CuTe one).
+        # delta = rowsum(dout * out) is their own preprocess kernel (csrc/attention_backward_rows.cu);
+        # the Hopper entry hands the calls its kernels do not fit to the CuTe backward.
         backward = ext.attention_backward_sm90 if VARIANT["attention_backward"] == "sm90" else ext.attention_backward_cute
         return backward(dout, q, k, v, out, lse.contiguous(), key_bias, key_end, bool(is_causal), scale)
     # delta_i = sum_d dout_id * out_id: one cheap row reduction, kept out of the WMMA kernels.
