@@ -108,7 +108,10 @@ cudaError_t attention_forward_sm90(DType dtype, const AttentionParams& p, cudaSt
   const bool half = dtype == DType::F16;
   auto forward = p.D == 64 ? (half ? sm90::forward_f16_d64 : sm90::forward_bf16_d64)
                            : (half ? sm90::forward_f16_d128 : sm90::forward_bf16_d128);
-  return forward(p, facts.index, facts.sm_count, stream);
+  const cudaError_t err = forward(p, facts.index, facts.sm_count, stream);
+  // NotSupported: the collectives' own can_implement refused the call before launching anything
+  // (the reason above should have caught it); the CuTe forward still answers it.
+  return err == cudaErrorNotSupported ? attention_forward_cute(dtype, p, stream) : err;
 #else
   return cudaErrorNotSupported;  // unreachable: the reason above says "not compiled for sm_90a"
 #endif
@@ -133,6 +136,9 @@ cudaError_t attention_backward_sm90(DType dtype, const AttentionBackwardParams& 
   auto backward = p.D == 64 ? (half ? sm90::backward_f16_d64 : sm90::backward_bf16_d64)
                             : (half ? sm90::backward_f16_d128 : sm90::backward_bf16_d128);
   err = backward(bp, facts.index, facts.sm_count, stream);
+  // As the forward: refused before any launch, so the CuTe backward starts over (its preprocess
+  // writes delta and zeroes the dq buffer again).
+  if (err == cudaErrorNotSupported) return attention_backward_cute(dtype, bp, stream);
   if (err != cudaSuccess) return err;
   return attention_backward_convert_dq(dtype, bp, 1.0f, stream);
 #else
