@@ -231,6 +231,39 @@ cuda_build_wait() {
     build_pids=""
 }
 
+# Before a stage that times host work (overhead, bench): the eager figures are host-bound, so
+# anything else holding the CPU is timed with them. The H200 run of 2026-11-28 had eager figures
+# move by up to 65% between runs and within one, its first call's bench following stages cut by
+# their boxes (pytest-gpu killed, exit 137; test_compile hung in inductor's pool shutdown). So:
+# stop what cut-off test stages left behind (pytest and its xdist workers, inductor's compile
+# pool: never the benchmark's own processes), then record the load and the busiest processes
+# in load.txt, to read beside the figures.
+quiesce() {
+    local pids pid ancestors=" " up=$$
+    while [ "${up:-0}" -gt 1 ]; do  # this script and whatever started it are never stopped
+        ancestors="$ancestors$up "
+        up=$(awk '{print $4}' "/proc/$up/stat" 2>/dev/null)
+    done
+    # pytest (its controller), pytest-xdist's workers (execnet starts them as `python -c` reading
+    # their code from stdin), inductor's compile-pool workers.
+    pids=$(pgrep -f "python3 -m pytest|sys\.stdin\.readline|_inductor/compile_worker" | while read -r pid; do
+        case "$ancestors" in *" $pid "*) ;; *) echo "$pid" ;; esac
+    done)
+    if [ -n "$pids" ]; then
+        echo "# before $1: stopping leftovers: $(echo "$pids" | tr '\n' ' ')" >>"$OUT/load.txt"
+        for pid in $pids; do ps -o pid=,etime=,args= -p "$pid" >>"$OUT/load.txt" 2>/dev/null; done
+        # shellcheck disable=SC2086
+        kill -INT $pids 2>/dev/null
+        sleep 3
+        # shellcheck disable=SC2086
+        kill -KILL $pids 2>/dev/null
+    fi
+    {
+        echo "# before $1 at +${SECONDS}s: loadavg $(cat /proc/loadavg), $(nproc) CPUs"
+        ps -eo pid,pcpu,etime,args --sort=-pcpu | head -n 8 | cut -c1-160
+    } >>"$OUT/load.txt" 2>&1
+}
+
 # The benchmark's default order: the cases the issues' targets name first, so that a run cut
 # off by its time box has measured those; then '*', every other case.
 # GPT-2 inference early: its padded LM head (models/layers.py VocabLogits) is untimed yet.
@@ -335,6 +368,7 @@ profile)
 overhead)
     cuda_build_wait  # a build beside it would be timed as host overhead
     prewarm_wait
+    quiesce overhead
     timed overhead timeout -s INT -k 10 "$(box "${OVERHEAD_TIMEOUT:-120}")" python3 -m fuseformer.bench --filter overhead --out "$OUT/overhead" \
         >"$OUT/overhead.txt" 2>&1
     tail -n 30 "$OUT/overhead.txt"
@@ -393,6 +427,7 @@ bench)
         else
             limit=${OPS_TIMEOUT:-300} filter=${OPS_FILTER:-$DEFAULT_OPS_FILTER}
         fi
+        quiesce "bench-$suite"
         timed "bench-$suite" timeout -s INT -k 10 "$(box "$limit")" python3 -m fuseformer.bench --suite "$suite" --resume \
             --filter "$filter" ${BENCH_QUICK:+--quick} --out "$OUT/bench_$suite" >"$OUT/bench_$suite.txt" 2>&1
         tail -n 40 "$OUT/bench_$suite.txt"
