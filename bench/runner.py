@@ -80,6 +80,13 @@ def _best(times: dict[str, float], names) -> tuple[str, float] | None:
     return n, t
 
 
+def _host_load() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # no load average on this platform
+        return None
+
+
 def run_case(case: Case, config: RunConfig, roofline: timing.Roofline) -> dict:
     dtype = config.dtype_for(case)
     result = {
@@ -97,6 +104,9 @@ def run_case(case: Case, config: RunConfig, roofline: timing.Roofline) -> dict:
         "impls": {},
         "speedups": {},
         "seconds": None,
+        # The host's 1-minute load average as the case began: eager timings are host-bound, and a
+        # busy host (a leftover process, a build) slows them without touching the device times.
+        "host_load": _host_load(),
     }
     start = time.perf_counter()
     try:

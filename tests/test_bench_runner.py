@@ -114,6 +114,7 @@ def test_check_passes_a_correct_case(tmp_path):
 def test_speed_under_threshold_fails_the_gate(tmp_path, roofline):
     result = runner.run_case(fake_case("fake_slow", _slow), runner.RunConfig(CPU, quick=True), roofline)
     assert result["status"] == "ok"
+    assert result["host_load"] is None or result["host_load"] >= 0  # the host's load as the case began
     speedup = result["speedups"]["fuseformer-best"]["baseline-fast"]
     assert speedup < 0.5  # 3 ms of sleep against a few microseconds
     doc = {"cases": [result]}
