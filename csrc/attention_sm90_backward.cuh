@@ -85,10 +85,15 @@ struct FusionBwdAdapter<fuseformer::sm90::CausalTailFusion> {
     return ceil_div(get<2>(problem), get<0>(tile));
   }
   // Query tile m reaches key block n when its last query, (m + 1) BM - 1, is at or past the
-  // block's first key, n BN (top-left causal: key j attends query i when j <= i).
+  // block's first key, n BN (top-left causal: key j attends query i when j <= i). The last query
+  // tile is walked by every block all the same: with more keys than queries, a block past the
+  // last query would otherwise walk none, and the collective's dQ reducer warp then releases a
+  // pipeline stage it never received (its only tile-free exit), which can stall the consumers'
+  // pipeline tail. That tile is wholly masked there, so it adds zeros.
   template <class BlkCoord, class TileShape, class ProblemSize>
-  CUTLASS_DEVICE bool is_contributing(BlkCoord const& blk, TileShape const& tile, ProblemSize const&) {
-    return get<1>(blk) * get<1>(tile) < (get<0>(blk) + 1) * get<0>(tile);
+  CUTLASS_DEVICE bool is_contributing(BlkCoord const& blk, TileShape const& tile, ProblemSize const& problem) {
+    return get<1>(blk) * get<1>(tile) < (get<0>(blk) + 1) * get<0>(tile) ||
+           get<0>(blk) == ceil_div(get<2>(problem), get<0>(tile)) - 1;
   }
   // Keys past Lk, zero-filled by TMA, are masked too: with a score of 0 their probability
   // exp(-lse) could overflow and turn the (zero) K row's dQ contribution into NaN.
