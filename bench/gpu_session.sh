@@ -231,7 +231,7 @@ cuda_build_wait() {
     build_pids=""
 }
 
-# Before a stage that times host work (overhead, bench): the eager figures are host-bound, so
+# Before a stage that times host work (profile, overhead, bench): the eager figures are host-bound, so
 # anything else holding the CPU is timed with them. The H200 run of 2026-11-28 had eager figures
 # move by up to 65% between runs and within one, its first call's bench following stages cut by
 # their boxes (pytest-gpu killed, exit 137; test_compile hung in inductor's pool shutdown). So:
@@ -361,6 +361,7 @@ compile)
 profile)
     cuda_build_wait
     prewarm_wait
+    quiesce profile
     timed profile timeout -s INT -k 10 "$(box "${PROFILE_TIMEOUT:-120}")" python3 -m fuseformer.bench.profile_calls \
         >"$OUT/profile.txt" 2>&1
     tail -n 90 "$OUT/profile.txt"
