@@ -174,14 +174,24 @@ cudaError_t launch(const AttentionParams& p, int device, int sm_count, cudaStrea
   return run_with_scale<Op>(args, p.scale, device, stream);
 }
 
+// `launch(fusion)` with the fusion of the call's mask: causal or not (the forward's and the
+// backward's instantiations both come through here). FUSEFORMER_SM90_CAUSAL_ONLY: the compile
+// tests build the causal kernel alone.
+template <class Launch>
+cudaError_t with_fusion(bool causal, Launch&& launch) {
+#if !defined(FUSEFORMER_SM90_CAUSAL_ONLY)
+  if (!causal) return launch(TailFusion{});
+#endif
+  return launch(CausalTailFusion{});
+}
+
 // One (dtype, head dim): no mask and causal. Each combination lives in a file of its own so
 // that a JIT build compiles the four in parallel (one instantiation takes ptxas ~25-50 s).
 template <class Element, int kHeadDim>
 cudaError_t launch_any(const AttentionParams& p, int device, int sm_count, cudaStream_t stream) {
-#if !defined(FUSEFORMER_SM90_CAUSAL_ONLY)  // the compile test builds one instantiation
-  if (!p.causal) return launch<Element, kHeadDim, TailFusion>(p, device, sm_count, stream);
-#endif
-  return launch<Element, kHeadDim, CausalTailFusion>(p, device, sm_count, stream);
+  return with_fusion(p.causal, [&](auto fusion) {
+    return launch<Element, kHeadDim, decltype(fusion)>(p, device, sm_count, stream);
+  });
 }
 
 }  // namespace sm90

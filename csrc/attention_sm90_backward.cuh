@@ -156,10 +156,9 @@ cudaError_t launch_backward(const AttentionBackwardParams& bp, int device, int s
 
 template <class Element, int kHeadDim>
 cudaError_t launch_backward_any(const AttentionBackwardParams& bp, int device, int sm_count, cudaStream_t stream) {
-#if !defined(FUSEFORMER_SM90_CAUSAL_ONLY)  // the compile test builds one instantiation
-  if (!bp.fwd.causal) return launch_backward<Element, kHeadDim, TailFusion>(bp, device, sm_count, stream);
-#endif
-  return launch_backward<Element, kHeadDim, CausalTailFusion>(bp, device, sm_count, stream);
+  return with_fusion(bp.fwd.causal, [&](auto fusion) {
+    return launch_backward<Element, kHeadDim, decltype(fusion)>(bp, device, sm_count, stream);
+  });
 }
 
 }  // namespace sm90
