@@ -132,7 +132,12 @@ def test_static_cache_decodes_the_tokens_of_the_growing_cache(backend):
     """generate(static_cache=True): the prompt's cache copied into buffers for every token to
     come, each step writing its slot in place and attending under the cache's key mask. Greedy
     and seeded-sampled tokens, left padding and eos padding, as the growing cache gives them
-    (itself checked against transformers above)."""
+    (itself checked against transformers above).
+
+    On the triton backend greedy decoding alone: what that backend changes is the attention
+    over the cache's buffers under its key mask, which every greedy step runs. Sampling and eos
+    padding are decoding logic above the model, the same on every backend, and each
+    interpreted generation costs ~9 s of CI."""
     hf, ours = twins()
     if backend == "triton":  # the interpreter's kernels, in float32
         ours = ours.float()
@@ -141,9 +146,10 @@ def test_static_cache_decodes_the_tokens_of_the_growing_cache(backend):
     greedy = ours.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0)
     assert torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0,
                                      static_cache=True), greedy)
-    if backend == "torch":
-        theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
-        assert torch.equal(greedy, theirs)
+    if backend == "triton":
+        return
+    theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(greedy, theirs)
     sampled = [ours.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, temperature=1.5,
                              static_cache=static, generator=torch.Generator().manual_seed(4)) for static in (False, True)]
     assert torch.equal(*sampled)
