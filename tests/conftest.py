@@ -27,6 +27,11 @@ if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes"
     import interpreter_sanitizer
 
     interpreter_sanitizer.install()
+    # triton.language patched once per launch, not again at every jit helper call (a third of
+    # the interpreter's time went there).
+    import interpreter_calls
+
+    interpreter_calls.install()
 
 # The interpreter runs on numpy; two cores here, so keep torch from oversubscribing them.
 if not HAS_CUDA:
