@@ -114,12 +114,12 @@ inline unsigned next_random() {  // xorshift64*
   schedule_state ^= schedule_state >> 12, schedule_state ^= schedule_state << 25, schedule_state ^= schedule_state >> 27;
   return unsigned((schedule_state * 0x2545F4914F6CDD1Dull) >> 32);
 }
+// Stacks for as many fibers as the largest block so far, kept across launches of every kernel.
+// Pages a kernel never touches are never mapped, so 256 KB a fiber costs little.
+constexpr size_t kStack = 256 * 1024;
+inline std::vector<std::unique_ptr<char[]>> stacks;
 template <typename... P, typename... A>
 void launch(void (*kernel)(P...), unsigned grid, int block, int, cudaStream_t, A&&... args) {
-  // Stacks for as many fibers as the largest block so far, kept across launches. Pages a kernel
-  // never touches are never mapped, so 256 KB a fiber costs little.
-  constexpr size_t kStack = 256 * 1024;
-  static std::vector<std::unique_ptr<char[]>> stacks;
   if (block < 1 || block > kMaxThreads) {
     std::fprintf(stderr, "emu::launch: block of %d threads (1..%d)\n", block, kMaxThreads);
     std::abort();
