@@ -11,9 +11,10 @@ tests/csrc_emulation/attention_backward_rows_driver.cpp: the attention backwards
 preprocess and dq conversion, every threads-a-row config, strided and misaligned rows.
 
 This proves the indexing, the reductions, the config dispatch and the barriers, not speed,
-memory alignment or races between warps without a barrier (compute-sanitizer on a GPU does
-those). Each CUDA thread is a fiber, and a block's warps run in a random order, one as far
-ahead of the others as barriers let it: a missing __syncthreads gives wrong results
+memory alignment, or races between two warps' accesses inside one stretch between barriers
+(a fiber runs such a stretch without a switch; compute-sanitizer on a GPU checks those). Each
+CUDA thread is a fiber, and a block's warps run in a random order, one as far ahead of the
+others as barriers let it: a missing __syncthreads gives wrong results
 (tests/csrc_emulation/emulator_selftest.cpp checks the stand-in itself). Every add+LN hidden
 size that picks its own config runs by default (~20 s); FUSEFORMER_EMULATE_HIDDEN="..."
 chooses others.
