@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import sys
 import warnings
 from typing import Callable, Iterator
 
@@ -246,12 +245,24 @@ def unavailable_reason(backend: str) -> str | None:
     return cuda_backend.unavailable_reason()
 
 
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        return f"triton is not importable ({err})"
+    return None
+
+
+# Settled once, at import (the package's kernel modules import triton anyway), so that a call,
+# or a torch.compile trace of one, never reads sys.modules. Dynamo's trace of that read
+# iterated the dict while a test's background thread imported a module, and failed
+# ("dictionary changed size during iteration").
+_TRITON_IMPORT_ERROR = _triton_import_error()
+
+
 def _triton_reason() -> str | None:
-    if "triton" not in sys.modules:
-        try:
-            import triton  # noqa: F401
-        except ImportError as err:
-            return f"triton is not importable ({err})"
+    if _TRITON_IMPORT_ERROR is not None:
+        return _TRITON_IMPORT_ERROR
     if not (torch.cuda.is_available() or _INTERPRET):
         return "no CUDA device and TRITON_INTERPRET is not set"
     return None
