@@ -1,6 +1,6 @@
 // Checks the CPU stand-in for CUDA itself (cuda_runtime.h here), so that the csrc/ drivers'
 // verdicts can be trusted: a block-wide sum through warp shuffles and shared memory comes out
-// right in every thread, for whole and ragged warps; and the schedule is adversarial enough that
+// right in every thread, for one to 32 whole warps; and the schedule is adversarial enough that
 // the same sum with either of its two __syncthreads left out comes out wrong. `deadlock` as the
 // argument runs a kernel in which one thread returns before a barrier the others wait at; the
 // stand-in must abort with a message (exit status != 0) rather than hang.
