@@ -71,8 +71,6 @@ __global__ void __launch_bounds__(kThreads) attention_backward_convert_dq_kernel
   for (int64_t i = vectors * VW + first; i < n; i += stride) dq[i] = from_float<T>(acc[i] * scale);
 }
 
-bool aligned_to(const void* ptr, int bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
-
 // Rows of (B, H, L, D) at `ptr` with these strides all start 16-byte aligned (and D fills whole
 // vectors of VW elements).
 bool rows_vectorizable(const void* ptr, const int64_t strides[3], int D, int vw) {
@@ -110,10 +108,7 @@ cudaError_t launch_convert_dq(const AttentionBackwardParams& bp, float scale, cu
   if (n == 0) return cudaSuccess;
   constexpr int kVW = 16 / sizeof(T);  // one 16-byte store of dq, two of the fp32 buffer's loads
   const bool vector = aligned_to(bp.dq_accum, 16 * (sizeof(float) / sizeof(T))) && aligned_to(bp.dq, 16);
-  const int vw = vector ? kVW : 1;
-  const int64_t work = n / vw > 0 ? n / vw : n;
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  const unsigned grid = unsigned(blocks < 65536 ? blocks : 65536);
+  const unsigned grid = grid_stride_blocks(n, vector ? kVW : 1, kThreads);
   const float* acc = bp.dq_accum;
   T* dq = static_cast<T*>(bp.dq);
   if (vector) attention_backward_convert_dq_kernel<T, kVW><<<grid, kThreads, 0, stream>>>(acc, dq, n, scale);

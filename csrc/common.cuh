@@ -81,4 +81,15 @@ __device__ __forceinline__ float warp_max(float v) {
 
 __host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Host side: whether `ptr` is aligned to `bytes` (a power of two), i.e. may take the Vec path.
+inline bool aligned_to(const void* ptr, int bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+// Host side: blocks of `threads` for n elements moved `vw` at a time by a grid-stride kernel (at
+// least one; beyond 65536 blocks the stride loop takes the rest).
+inline unsigned grid_stride_blocks(int64_t n, int vw, int threads) {
+  const int64_t work = n / vw > 0 ? n / vw : n;
+  const int64_t blocks = (work + threads - 1) / threads;
+  return unsigned(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
+}
+
 }  // namespace fuseformer

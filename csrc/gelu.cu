@@ -74,24 +74,15 @@ __global__ void gelu_backward_kernel(const T* __restrict__ dout, const T* __rest
 
 constexpr int kThreads = 256;
 
-// Blocks for n elements moved VW at a time (at least one; a grid-stride loop beyond 65536).
-unsigned grid_for(int64_t n, int vw) {
-  const int64_t work = n / vw > 0 ? n / vw : n;
-  const int64_t blocks = (work + kThreads - 1) / kThreads;
-  return (unsigned)(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <typename T>
 void launch_forward(const void* pre, void* out, int64_t n, bool approximate_tanh, cudaStream_t stream) {
   constexpr int kVW = 16 / sizeof(T);
   const T* p = static_cast<const T*>(pre);
   T* o = static_cast<T*>(out);
-  if (aligned16(pre) && aligned16(out)) {
-    gelu_forward_kernel<T, kVW><<<grid_for(n, kVW), kThreads, 0, stream>>>(p, o, n, approximate_tanh);
+  if (aligned_to(pre, 16) && aligned_to(out, 16)) {
+    gelu_forward_kernel<T, kVW><<<grid_stride_blocks(n, kVW, kThreads), kThreads, 0, stream>>>(p, o, n, approximate_tanh);
   } else {
-    gelu_forward_kernel<T, 1><<<grid_for(n, 1), kThreads, 0, stream>>>(p, o, n, approximate_tanh);
+    gelu_forward_kernel<T, 1><<<grid_stride_blocks(n, 1, kThreads), kThreads, 0, stream>>>(p, o, n, approximate_tanh);
   }
 }
 
@@ -102,10 +93,10 @@ void launch_backward(const void* dout, const void* pre, void* dpre, int64_t n, b
   const T* g = static_cast<const T*>(dout);
   const T* p = static_cast<const T*>(pre);
   T* d = static_cast<T*>(dpre);
-  if (aligned16(dout) && aligned16(pre) && aligned16(dpre)) {
-    gelu_backward_kernel<T, kVW><<<grid_for(n, kVW), kThreads, 0, stream>>>(g, p, d, n, approximate_tanh);
+  if (aligned_to(dout, 16) && aligned_to(pre, 16) && aligned_to(dpre, 16)) {
+    gelu_backward_kernel<T, kVW><<<grid_stride_blocks(n, kVW, kThreads), kThreads, 0, stream>>>(g, p, d, n, approximate_tanh);
   } else {
-    gelu_backward_kernel<T, 1><<<grid_for(n, 1), kThreads, 0, stream>>>(g, p, d, n, approximate_tanh);
+    gelu_backward_kernel<T, 1><<<grid_stride_blocks(n, 1, kThreads), kThreads, 0, stream>>>(g, p, d, n, approximate_tanh);
   }
 }
 
