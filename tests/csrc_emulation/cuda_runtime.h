@@ -129,11 +129,11 @@ void launch(void (*kernel)(P...), unsigned grid, int block, int, cudaStream_t, A
   block_dim = {unsigned(block)};
   grid_dim = {grid};
   body = [&] { kernel(P(args)...); };
+  const int warps = (block + 31) / 32;
   block_barrier.expected = block;
-  for (int w = 0; w < (block + 31) / 32; ++w) warp_barriers[w].expected = block - 32 * w < 32 ? block - 32 * w : 32;
+  for (int w = 0; w < warps; ++w) warp_barriers[w].expected = block - 32 * w < 32 ? block - 32 * w : 32;
   for (unsigned b = 0; b < grid; ++b) {
     block_idx = {b};
-    const int warps = (block + 31) / 32;
     for (int t = 0; t < block; ++t) {
       thread_idx[t] = {unsigned(t)};
       getcontext(&fibers[t]);
@@ -168,7 +168,7 @@ void launch(void (*kernel)(P...), unsigned grid, int block, int, cudaStream_t, A
       swapcontext(&scheduler, &fibers[current]);
       live -= finished;
     }
-    for (int w = 0; w < (block + 31) / 32; ++w) warp_barriers[w].waiting.clear();
+    for (int w = 0; w < warps; ++w) warp_barriers[w].waiting.clear();
     block_barrier.waiting.clear();
   }
 }
